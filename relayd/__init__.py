@@ -1,0 +1,1 @@
+"""relayd: a durable ESMTP smart host built on Twisted."""

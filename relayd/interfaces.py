@@ -1,0 +1,93 @@
+"""
+The zope interfaces of relayd: policy phases and the spool.
+
+A policy implements only the phases it cares about.  Each check method
+returns a L{relayd.verdict.Verdict}, a L{Deferred} firing with one, or is a
+coroutine (C{async def}).  Policies run in config order; the first answer
+other than C{CONTINUE} ends the phase (see L{relayd.policy}).
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+__all__ = [
+    "IPolicy",
+    "IConnectionPolicy",
+    "IHeloPolicy",
+    "ISenderPolicy",
+    "IRecipientPolicy",
+    "IMessagePolicy",
+    "ISpool",
+]
+
+
+class IPolicy(Interface):
+    """Common to every policy: a name for log lines."""
+
+    name = Attribute("The policy's name as used in the config chain.")
+
+
+class IConnectionPolicy(IPolicy):
+    def checkConnection(session):
+        """
+        Called when a client connects, before the greeting.  ACCEPT lets the
+        session go on without asking later connection policies; REJECT and
+        TEMPFAIL send that reply instead of the greeting and close.
+        """
+
+
+class IHeloPolicy(IPolicy):
+    def checkHelo(session, name):
+        """Called on EHLO/HELO with the name given."""
+
+
+class ISenderPolicy(IPolicy):
+    def checkSender(session, envelope, sender):
+        """
+        Called on MAIL FROM after syntax and size checks.  C{envelope} is the
+        transaction about to start; C{sender} is an L{relayd.address.Address}.
+        """
+
+
+class IRecipientPolicy(IPolicy):
+    def checkRecipient(session, envelope, recipient):
+        """
+        Called on each RCPT TO.  Relaying is denied by default: unless some
+        recipient policy answers ACCEPT, the recipient gets C{554 5.7.1}.
+        """
+
+
+class IMessagePolicy(IPolicy):
+    def checkMessage(session, envelope, message):
+        """
+        Called at the end of DATA, before the message is committed to the
+        spool.  C{message} is a L{relayd.envelope.Message}.
+        """
+
+
+class ISpool(Interface):
+    """The durable queue between receiving and sending."""
+
+    def reserveOk(size):
+        """
+        Return True when the spool has room for C{size} more octets above
+        the configured free-space reserve.  Must not block (cached value).
+        """
+
+    def newQueueId():
+        """Return a new unique, sortable queue id (str)."""
+
+    def openMessage(queueId):
+        """
+        Start a message: return an L{IncomingMessage} (a writable binary file
+        under C{tmp/}).  Removing it with C{discard()} leaves no trace.
+        """
+
+    def commit(incoming, envelope):
+        """
+        Make the message durable: fsync data and JSON envelope, rename into
+        the queue, fsync the directories, all off the reactor thread.
+        Return a Deferred that fires with the queue id once it is durable,
+        or fails (then nothing of the message is left in the queue).
+        """

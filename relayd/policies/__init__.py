@@ -1,0 +1,1 @@
+"""Built-in policies, loaded through the C{relayd.policies} entry-point group."""

@@ -1,0 +1,112 @@
+"""
+The answer a policy gives: L{Verdict} and its constructors.
+
+A verdict is a value: an action, and for the actions that end a phase, the
+SMTP reply code, the RFC 3463 enhanced status code and the text.  Invalid
+combinations fail at construction, so a policy bug shows up in its own test
+and never as a malformed reply on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+__all__ = ["Action", "Verdict", "CONTINUE", "accept", "reject", "tempfail"]
+
+
+class Action(enum.Enum):
+    """What a policy wants done with the phase it was asked about."""
+
+    CONTINUE = "continue"
+    """No opinion: ask the next policy in the chain."""
+    ACCEPT = "accept"
+    """Accept now; later policies in this phase are not asked."""
+    REJECT = "reject"
+    """Permanent refusal (5xx)."""
+    TEMPFAIL = "tempfail"
+    """Temporary refusal (4xx)."""
+
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
+_CLASS = {Action.ACCEPT: "2", Action.REJECT: "5", Action.TEMPFAIL: "4"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """
+    A policy's answer.
+
+    @ivar action: the L{Action}.
+    @ivar code: the three-digit SMTP reply code (None for CONTINUE).
+    @ivar enhanced: the RFC 3463 enhanced status code, e.g. C{"5.7.1"}; its
+        class digit must match the first digit of C{code}.
+    @ivar text: the human-readable text, without the numbers.
+    @ivar disconnect: close the connection after sending the reply.
+    """
+
+    action: Action
+    code: int | None = None
+    enhanced: str | None = None
+    text: str = ""
+    disconnect: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.action, Action):
+            raise TypeError(f"action must be an Action, not {self.action!r}")
+        if self.action is Action.CONTINUE:
+            if self.code is not None or self.enhanced is not None:
+                raise ValueError("CONTINUE carries no reply code")
+            return
+        if not isinstance(self.code, int) or not 200 <= self.code <= 599:
+            raise ValueError(f"reply code must be 2xx-5xx, not {self.code!r}")
+        want = _CLASS[self.action]
+        if str(self.code)[0] != want:
+            raise ValueError(
+                f"{self.action.value} needs a {want}xx code, not {self.code}"
+            )
+        m = _ENHANCED.match(self.enhanced or "")
+        if not m:
+            raise ValueError(f"bad enhanced status code {self.enhanced!r}")
+        if m.group(1) != want:
+            raise ValueError(
+                f"enhanced code {self.enhanced} does not match reply {self.code}"
+            )
+        if "\r" in self.text or "\n" in self.text:
+            raise ValueError("verdict text must be a single line")
+
+    @property
+    def final(self) -> bool:
+        """True when this verdict ends the phase."""
+        return self.action is not Action.CONTINUE
+
+
+CONTINUE = Verdict(Action.CONTINUE)
+
+
+def accept(
+    code: int = 250, enhanced: str = "2.0.0", text: str = "Ok"
+) -> Verdict:
+    """Accept the phase now: later policies of this phase are not asked."""
+    return Verdict(Action.ACCEPT, code, enhanced, text)
+
+
+def reject(
+    code: int = 550,
+    enhanced: str = "5.7.1",
+    text: str = "Rejected by policy",
+    disconnect: bool = False,
+) -> Verdict:
+    """Refuse permanently (5xx)."""
+    return Verdict(Action.REJECT, code, enhanced, text, disconnect)
+
+
+def tempfail(
+    code: int = 451,
+    enhanced: str = "4.3.0",
+    text: str = "Temporary failure, try again later",
+    disconnect: bool = False,
+) -> Verdict:
+    """Refuse temporarily (4xx): the client should try again later."""
+    return Verdict(Action.TEMPFAIL, code, enhanced, text, disconnect)
