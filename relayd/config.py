@@ -1,0 +1,354 @@
+"""
+relayd's configuration: a TOML file read with the standard library's
+C{tomllib}, checked against a schema and turned into frozen values.
+
+Every problem becomes one L{ConfigError} naming the file, the key and what is
+wrong, so that C{twistd relayd} can stop with a single clear line instead of
+a traceback.  Relative paths in the file are relative to the directory that
+holds the file, so a config and its certificates can move together.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "ListenerConfig",
+    "load",
+    "LISTENER_MODES",
+]
+
+LISTENER_MODES = ("relay", "submission", "submissions")
+"""
+C{relay}: port 25 style, STARTTLS offered when TLS is configured, AUTH
+optional; C{submission}: port 587, STARTTLS, AUTH required before MAIL;
+C{submissions}: port 465, implicit TLS, AUTH required before MAIL.
+"""
+
+
+class ConfigError(Exception):
+    """
+    A configuration problem: which file, which key, what is wrong.
+
+    C{str()} gives the one line printed at startup.
+    """
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        super().__init__(path, key, problem)
+        self.path = path
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        where = f"{self.path}: {self.key}" if self.key else self.path
+        return f"{where}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    endpoint: str
+    mode: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration.  See C{etc/relayd.toml}."""
+
+    path: str
+    hostname: str
+    banner: str
+    listeners: tuple[ListenerConfig, ...]
+    tlsCertificate: str | None
+    tlsKey: str | None
+    usersFile: str | None
+    authMaxFailures: int
+    authFailureDelay: float
+    authThreads: int
+    spoolDirectory: str
+    spoolReserveBytes: int
+    spoolThreads: int
+    messageSize: int
+    maxRecipients: int
+    maxConnections: int
+    maxConnectionsPerClient: int
+    maxErrors: int
+    timeoutCommand: float
+    timeoutData: float
+    policyChain: tuple[str, ...]
+    policyTimeout: float
+    policyOptions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# --- schema -----------------------------------------------------------------
+
+
+class _Key:
+    """One key's expected type, default and extra check."""
+
+    def __init__(
+        self,
+        kind: type | tuple[type, ...],
+        default: Any = None,
+        required: bool = False,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.default = default
+        self.required = required
+        self.check = check
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _nonNegative(value: Any) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def _oneOf(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value in choices:
+            return None
+        return f"must be one of {', '.join(choices)} (got {value!r})"
+
+    return check
+
+
+def _stringList(value: Any) -> str | None:
+    if all(isinstance(v, str) and v for v in value):
+        return None
+    return "must be a list of non-empty strings"
+
+
+_NUMBER = (int, float)
+
+_SCHEMA: dict[str, dict[str, _Key]] = {
+    "server": {
+        "hostname": _Key(str),
+        "banner": _Key(str, "ESMTP relayd"),
+    },
+    "tls": {
+        "certificate": _Key(str),
+        "key": _Key(str),
+    },
+    "auth": {
+        "users_file": _Key(str),
+        "max_failures": _Key(int, 3, check=_positive),
+        "failure_delay": _Key(_NUMBER, 1.0, check=_nonNegative),
+        "threads": _Key(int, 2, check=_positive),
+    },
+    "spool": {
+        "directory": _Key(str, required=True),
+        "reserve_bytes": _Key(int, 100 * 1024 * 1024, check=_nonNegative),
+        "threads": _Key(int, 4, check=_positive),
+    },
+    "limits": {
+        "message_size": _Key(int, 35 * 1024 * 1024, check=_positive),
+        "recipients": _Key(int, 100, check=_positive),
+        "connections": _Key(int, 1000, check=_positive),
+        "connections_per_client": _Key(int, 20, check=_positive),
+        "errors": _Key(int, 20, check=_positive),
+    },
+    "timeouts": {
+        # RFC 5321 section 4.5.3.2.7: the server waits at least 5 minutes
+        # for the next command; 4.5.3.2.5 gives 3 minutes per DATA block.
+        "command": _Key(_NUMBER, 300.0, check=_positive),
+        "data": _Key(_NUMBER, 180.0, check=_positive),
+    },
+    "policy": {
+        "chain": _Key(list, ["mynetworks", "authenticated"], check=_stringList),
+        "timeout": _Key(_NUMBER, 30.0, check=_positive),
+    },
+}
+
+_LISTENER: dict[str, _Key] = {
+    "name": _Key(str),
+    "endpoint": _Key(str, required=True),
+    "mode": _Key(str, required=True, check=_oneOf(*LISTENER_MODES)),
+}
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    bool: "true or false",
+    list: "a list",
+    dict: "a table",
+    _NUMBER: "a number",
+}
+
+
+def _typeName(kind: type | tuple[type, ...]) -> str:
+    return _TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind)))  # type: ignore[arg-type]
+
+
+def _checkTable(
+    path: str, prefix: str, table: dict[str, Any], schema: dict[str, _Key]
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key in table:
+        if key not in schema:
+            known = ", ".join(sorted(schema))
+            raise ConfigError(path, prefix + key, f"unknown key (known: {known})")
+    for key, spec in schema.items():
+        name = prefix + key
+        if key not in table:
+            if spec.required:
+                raise ConfigError(path, name, "missing (required)")
+            values[key] = spec.default
+            continue
+        value = table[key]
+        # bool is an int subclass: never accept it for a number.
+        if isinstance(value, bool) and spec.kind is not bool:
+            raise ConfigError(path, name, f"must be {_typeName(spec.kind)}, not a boolean")
+        if not isinstance(value, spec.kind):
+            raise ConfigError(
+                path, name, f"must be {_typeName(spec.kind)}, not {type(value).__name__}"
+            )
+        if spec.check is not None:
+            problem = spec.check(value)
+            if problem:
+                raise ConfigError(path, name, problem)
+        values[key] = value
+    return values
+
+
+def _resolve(base: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _readable(path: str, key: str, file: str) -> None:
+    try:
+        with open(file, "rb"):
+            pass
+    except FileNotFoundError:
+        raise ConfigError(path, key, f"file not found: {file}") from None
+    except OSError as e:
+        raise ConfigError(path, key, f"cannot read {file}: {e.strerror}") from None
+
+
+def load(path: str) -> Config:
+    """
+    Read, check and freeze the configuration in C{path}.
+
+    Files named by the config (certificate, key, users file) must exist and
+    be readable; the spool directory is created at startup if missing.
+
+    @raise ConfigError: with file, key and problem, on any error.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "config file not found") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read config file: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    return fromDict(raw, path)
+
+
+def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
+    """Check and freeze an already parsed TOML document (see L{load})."""
+    known = set(_SCHEMA) | {"listeners", "policies"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(path, key, f"unknown section (known: {', '.join(sorted(known))})")
+    sections: dict[str, dict[str, Any]] = {}
+    for name, schema in _SCHEMA.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(path, name, "must be a table ([" + name + "])")
+        sections[name] = _checkTable(path, name + ".", table, schema)
+
+    base = os.path.dirname(os.path.abspath(path))
+
+    listenerList = raw.get("listeners")
+    if not isinstance(listenerList, list) or not listenerList:
+        raise ConfigError(path, "listeners", "at least one [[listeners]] table is required")
+    listeners = []
+    names: set[str] = set()
+    for i, table in enumerate(listenerList):
+        prefix = f"listeners[{i}]."
+        if not isinstance(table, dict):
+            raise ConfigError(path, prefix[:-1], "must be a table ([[listeners]])")
+        values = _checkTable(path, prefix, table, _LISTENER)
+        name = values["name"] or f"{values['mode']}{i}"
+        if name in names:
+            raise ConfigError(path, prefix + "name", f"duplicate listener name {name!r}")
+        names.add(name)
+        listeners.append(ListenerConfig(name, values["endpoint"], values["mode"]))
+
+    tls = sections["tls"]
+    cert, key = _resolve(base, tls["certificate"]), _resolve(base, tls["key"])
+    if (cert is None) != (key is None):
+        missing = "tls.key" if key is None else "tls.certificate"
+        raise ConfigError(path, missing, "tls.certificate and tls.key go together")
+    if cert is not None and key is not None:
+        _readable(path, "tls.certificate", cert)
+        _readable(path, "tls.key", key)
+    needsTls = [l for l in listeners if l.mode in ("submission", "submissions")]
+    if needsTls and cert is None:
+        raise ConfigError(
+            path, "tls.certificate",
+            f"listener {needsTls[0].name!r} ({needsTls[0].mode}) needs TLS: set [tls] certificate and key",
+        )
+
+    auth = sections["auth"]
+    usersFile = _resolve(base, auth["users_file"])
+    if usersFile is not None:
+        _readable(path, "auth.users_file", usersFile)
+    if any(l.mode != "relay" for l in listeners) and usersFile is None:
+        raise ConfigError(
+            path, "auth.users_file", "submission listeners need AUTH: set [auth] users_file"
+        )
+
+    server = sections["server"]
+    hostname = server["hostname"] or socket.getfqdn()
+    if not hostname or any(c.isspace() for c in hostname):
+        raise ConfigError(path, "server.hostname", "must be a host name without spaces")
+
+    policies = raw.get("policies", {})
+    if not isinstance(policies, dict):
+        raise ConfigError(path, "policies", "must be a table of [policies.NAME] tables")
+    for name, options in policies.items():
+        if not isinstance(options, dict):
+            raise ConfigError(path, f"policies.{name}", "must be a table")
+
+    spool, limits, timeouts, policy = (
+        sections["spool"], sections["limits"], sections["timeouts"], sections["policy"],
+    )
+    return Config(
+        path=path,
+        hostname=hostname,
+        banner=server["banner"],
+        listeners=tuple(listeners),
+        tlsCertificate=cert,
+        tlsKey=key,
+        usersFile=usersFile,
+        authMaxFailures=auth["max_failures"],
+        authFailureDelay=float(auth["failure_delay"]),
+        authThreads=auth["threads"],
+        spoolDirectory=_resolve(base, spool["directory"]) or "",
+        spoolReserveBytes=spool["reserve_bytes"],
+        spoolThreads=spool["threads"],
+        messageSize=limits["message_size"],
+        maxRecipients=limits["recipients"],
+        maxConnections=limits["connections"],
+        maxConnectionsPerClient=limits["connections_per_client"],
+        maxErrors=limits["errors"],
+        timeoutCommand=float(timeouts["command"]),
+        timeoutData=float(timeouts["data"]),
+        policyChain=tuple(policy["chain"]),
+        policyTimeout=float(policy["timeout"]),
+        policyOptions={k: dict(v) for k, v in policies.items()},
+    )
