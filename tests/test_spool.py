@@ -1,0 +1,676 @@
+"""
+Tests for L{relayd.spool}: the commit protocol, group commit, startup
+recovery, the free-space reserve and queue ids, on a real directory (and,
+when running as root, a real full file system).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from relayd import spool as spoolModule
+from relayd.interfaces import ISpool
+from relayd.spool import IncomingMessage, Spool, SpoolStopped, envelopeRecord
+
+MESSAGE = (
+    b"Received: from client.example (client.example [192.0.2.1])\r\n"
+    b"Subject: test\r\n"
+    b"\r\n"
+    + bytes(range(256))
+    + b"\r\n.. dot-stuffed line kept as received\r\n"
+)
+
+
+def record(queueId: str, size: int = len(MESSAGE)) -> dict:
+    """An envelope for a test message."""
+    return envelopeRecord(
+        queueId,
+        "sender@example.org",
+        ["a@example.com", "b@example.net"],
+        1700000000.25,
+        size,
+        "8BITMIME",
+        "192.0.2.1",
+        "client.example",
+        None,
+        "relay",
+    )
+
+
+def listing(directory: str) -> list[str]:
+    """The sorted names in C{directory}."""
+    return sorted(os.listdir(directory))
+
+
+class TestCase(unittest.TestCase):
+    """
+    A trial test case whose L{mktemp} is under the system's temporary
+    directory: trial's own is relative to the working directory, which under
+    pytest is the source checkout.
+    """
+
+    def mktemp(self):
+        """
+        Return a path that does not exist yet, in a fresh directory that is
+        removed after the test.
+        """
+        parent = tempfile.mkdtemp(prefix="relayd-test-spool-")
+        self.addCleanup(shutil.rmtree, parent, ignore_errors=True)
+        return os.path.join(parent, "spool")
+
+
+class SpoolTestMixin:
+    """Start spools on a temporary directory and stop them after the test."""
+
+    def startSpool(self, directory=None, reserveBytes=0):
+        """
+        Start a L{Spool} whose log events are collected in C{self.events}.
+
+        @return: the running spool; it is stopped in the test's cleanup.
+        """
+        if directory is None:
+            directory = self.mktemp()
+        self.events = []
+        log = Logger(namespace="relayd.spool", observer=self.events.append)
+        spool = Spool(directory, reserveBytes, reactor, threads=4, log=log)
+        spool.startService()
+        self.addCleanup(spool.stopService)
+        return spool
+
+    def receive(self, spool, data=MESSAGE):
+        """Open a message and write C{data} to it, as the SMTP server does."""
+        incoming = spool.openMessage(spool.newQueueId())
+        incoming.write(data)
+        return incoming
+
+    def eventsAbout(self, queueId):
+        """The collected log events that carry C{queue_id=queueId}."""
+        return [e for e in self.events if e.get("queue_id") == queueId]
+
+
+class CommitTests(SpoolTestMixin, TestCase):
+    """L{Spool.commit} makes a message durable and visible, atomically."""
+
+    def test_interface(self):
+        """L{Spool} provides L{ISpool}."""
+        spool = Spool(self.mktemp(), 0, reactor)
+        self.assertTrue(verifyObject(ISpool, spool))
+
+    def test_directories(self):
+        """Starting the spool creates all its directories."""
+        spool = self.startSpool()
+        self.assertEqual(
+            listing(spool.directory),
+            sorted(["tmp", "data", "incoming", "active", "deferred", "hold", "corrupt"]),
+        )
+
+    @inlineCallbacks
+    def test_commit(self):
+        """
+        A committed message has its data file in C{data/} and its envelope
+        in C{incoming/}; L{Spool.load} returns both byte-exact, and C{tmp/}
+        is empty again.
+        """
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        queueId = incoming.queueId
+        self.assertEqual(incoming.size, len(MESSAGE))
+        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [queueId])
+
+        result = yield spool.commit(incoming, record(queueId))
+
+        self.assertEqual(result, queueId)
+        self.assertEqual(spool.entries("incoming"), [queueId])
+        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+        self.assertEqual(listing(os.path.join(spool.directory, "data")), [queueId])
+        envelope, dataPath = spool.load(queueId)
+        self.assertEqual(envelope, record(queueId))
+        self.assertEqual(dataPath, os.path.join(spool.directory, "data", queueId))
+        with open(dataPath, "rb") as f:
+            self.assertEqual(f.read(), MESSAGE)
+        envelopePath = os.path.join(spool.directory, "incoming", queueId + ".json")
+        self.assertEqual(os.stat(envelopePath).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(dataPath).st_mode & 0o777, 0o600)
+        self.assertTrue(self.eventsAbout(queueId))
+
+    @inlineCallbacks
+    def test_commitSnapshotsEnvelope(self):
+        """
+        The envelope is serialised when C{commit} is called: changing the
+        dict afterwards does not change what is written.
+        """
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        envelope = record(incoming.queueId)
+        d = spool.commit(incoming, envelope)
+        envelope["sender"] = "changed@example.org"
+        yield d
+        stored, _ = spool.load(incoming.queueId)
+        self.assertEqual(stored["sender"], "sender@example.org")
+
+    @inlineCallbacks
+    def test_commitWrongEnvelope(self):
+        """
+        An envelope for another queue id fails the commit and leaves
+        nothing behind.
+        """
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        yield self.assertFailure(spool.commit(incoming, record("0OTHER")), ValueError)
+        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+        self.assertEqual(spool.entries("incoming"), [])
+
+    @inlineCallbacks
+    def test_commitTwice(self):
+        """A message cannot be committed twice."""
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        yield spool.commit(incoming, record(incoming.queueId))
+        yield self.assertFailure(
+            spool.commit(incoming, record(incoming.queueId)), ValueError
+        )
+        self.assertEqual(spool.entries("incoming"), [incoming.queueId])
+
+    def test_discard(self):
+        """
+        L{IncomingMessage.discard} removes the file; it is idempotent, and
+        the message can no longer be written.
+        """
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        self.assertTrue(os.path.exists(incoming.path))
+        incoming.discard()
+        self.assertFalse(os.path.exists(incoming.path))
+        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+        incoming.discard()
+        self.assertRaises(ValueError, incoming.write, b"more")
+
+    @inlineCallbacks
+    def test_discardDuringCommit(self):
+        """
+        Once handed to C{commit} the spool owns the message: C{discard} does
+        nothing and the commit goes through.
+        """
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        d = spool.commit(incoming, record(incoming.queueId))
+        incoming.discard()
+        result = yield d
+        self.assertEqual(spool.entries("incoming"), [result])
+        incoming.discard()
+        self.assertEqual(spool.entries("incoming"), [result])
+
+    def test_openMessageRejectsBadId(self):
+        """A queue id that could escape C{tmp/} is refused."""
+        spool = self.startSpool()
+        self.assertRaises(ValueError, spool.openMessage, "../incoming/X")
+        self.assertRaises(ValueError, spool.openMessage, "abc")
+
+    def test_openMessageExisting(self):
+        """An id already in use in C{tmp/} is refused, not overwritten."""
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        exc = self.assertRaises(OSError, spool.openMessage, incoming.queueId)
+        self.assertEqual(exc.errno, errno.EEXIST)
+        incoming.discard()
+
+    def test_loadMissing(self):
+        """L{Spool.load} raises L{KeyError} for an unknown or invalid id."""
+        spool = self.startSpool()
+        self.assertRaises(KeyError, spool.load, spool.newQueueId())
+        self.assertRaises(KeyError, spool.load, "../data/X")
+
+    def test_entriesUnknownState(self):
+        """L{Spool.entries} refuses a state that is not a spool directory."""
+        spool = self.startSpool()
+        self.assertRaises(ValueError, spool.entries, "tmp")
+        self.assertEqual(spool.entries("hold"), [])
+
+
+class GroupCommitTests(SpoolTestMixin, TestCase):
+    """Messages that finish together share a batch, and its fsyncs."""
+
+    @inlineCallbacks
+    def test_concurrentCommits(self):
+        """
+        Fifty concurrent commits all succeed, byte-exact, in fewer batches
+        than messages.
+        """
+        spool = self.startSpool()
+        messages = []
+        for i in range(50):
+            data = MESSAGE + b"message %d\r\n" % (i,)
+            messages.append((self.receive(spool, data), data))
+
+        results = yield gatherResults(
+            [spool.commit(incoming, record(incoming.queueId)) for incoming, _ in messages]
+        )
+
+        ids = [incoming.queueId for incoming, _ in messages]
+        self.assertEqual(results, ids)
+        self.assertEqual(spool.entries("incoming"), sorted(ids))
+        for incoming, data in messages:
+            _, dataPath = spool.load(incoming.queueId)
+            with open(dataPath, "rb") as f:
+                self.assertEqual(f.read(), data)
+        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+
+        batches = [e for e in self.events if "count" in e and "queue_ids" in e]
+        self.assertEqual(len(batches), spool.batchCount)
+        self.assertEqual(sum(e["count"] for e in batches), 50)
+        self.assertLess(spool.batchCount, 50)
+
+    @inlineCallbacks
+    def waitForReady(self, spool, count):
+        """Wait until C{count} messages are prepared and waiting for a batch."""
+        for _ in range(1000):
+            if len(spool._ready) >= count:
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"only {len(spool._ready)} of {count} messages got ready")
+
+    @inlineCallbacks
+    def test_failureIsolatedInBatch(self):
+        """
+        When one message of a batch fails (here: renaming its envelope into
+        C{incoming/}), only its Deferred fails, its data file is removed
+        again, and the others of the same batch are committed.
+        """
+        spool = self.startSpool()
+        messages = [self.receive(spool) for _ in range(5)]
+        victim = messages[2]
+        victimEnvelope = os.path.join(spool.directory, "incoming", victim.queueId + ".json")
+        realRename = os.rename
+
+        def rename(source, destination):
+            if destination == victimEnvelope:
+                raise OSError(errno.EIO, "injected failure", destination)
+            return realRename(source, destination)
+
+        self.patch(spoolModule.os, "rename", rename)
+
+        # Hold the batch back until all five are ready, so they share it.
+        spool._batchRunning = True
+        ds = [spool.commit(m, record(m.queueId)) for m in messages]
+        yield self.waitForReady(spool, 5)
+        spool._batchRunning = False
+        spool._maybeStartBatch()
+
+        failure = yield self.assertFailure(ds[2], OSError)
+        self.assertEqual(failure.errno, errno.EIO)
+        others = yield gatherResults(ds[:2] + ds[3:])
+        self.assertEqual(spool.batchCount, 1)
+        self.assertEqual(sorted(others), spool.entries("incoming"))
+        self.assertNotIn(victim.queueId, spool.entries("incoming"))
+        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+        self.assertEqual(listing(os.path.join(spool.directory, "data")), sorted(others))
+        self.assertRaises(KeyError, spool.load, victim.queueId)
+
+
+class RecoveryTests(SpoolTestMixin, TestCase):
+    """Startup recovery cleans up after a crash."""
+
+    @inlineCallbacks
+    def test_recovery(self):
+        """
+        On startup: C{tmp/} is emptied, C{active/} goes back to
+        C{incoming/}, unparsable envelopes and envelopes without data go to
+        C{corrupt/}, and data without an envelope is removed.  Everything
+        else is left alone.
+        """
+        directory = self.mktemp()
+        first = Spool(directory, 0, reactor)
+        first.startService()
+        committed = []
+        for _ in range(3):
+            incoming = self.receive(first)
+            committed.append((yield first.commit(incoming, record(incoming.queueId))))
+        yield first.stopService()
+        kept, wasActive, deferred = committed
+
+        def path(*parts):
+            return os.path.join(directory, *parts)
+
+        def create(name, content=b"x"):
+            with open(name, "wb") as f:
+                f.write(content)
+
+        # A crash while receiving, and one during a commit.
+        create(path("tmp", "0UNFINISHED"))
+        create(path("tmp", "0HALFCOMMIT"))
+        create(path("tmp", "0HALFCOMMIT.json"), b'{"queue_')
+        # A crash during delivery.
+        os.rename(path("incoming", wasActive + ".json"), path("active", wasActive + ".json"))
+        os.rename(path("incoming", deferred + ".json"), path("deferred", deferred + ".json"))
+        # An envelope that does not parse, with its data.
+        create(path("data", "0BADJSON"))
+        create(path("incoming", "0BADJSON.json"), b"{not json")
+        # A sound envelope whose data file is gone.
+        create(path("hold", "0NODATA.json"), json.dumps(record("0NODATA")).encode())
+        # An envelope named after another id.
+        create(path("data", "0MISNAMED"))
+        create(path("deferred", "0MISNAMED.json"), json.dumps(record("0OTHER")).encode())
+        # Data whose envelope never made it out of tmp/.
+        create(path("data", "0ORPHAN"))
+
+        spool = self.startSpool(directory)
+
+        self.assertEqual(listing(path("tmp")), [])
+        self.assertEqual(spool.entries("incoming"), sorted([kept, wasActive]))
+        self.assertEqual(spool.entries("active"), [])
+        self.assertEqual(spool.entries("deferred"), [deferred])
+        self.assertEqual(spool.entries("hold"), [])
+        self.assertEqual(
+            spool.entries("corrupt"), sorted(["0BADJSON", "0NODATA", "0MISNAMED"])
+        )
+        # Data of corrupt entries is kept for inspection; the orphan is gone.
+        self.assertEqual(
+            listing(path("data")), sorted(committed + ["0BADJSON", "0MISNAMED"])
+        )
+        for queueId in committed:
+            envelope, dataPath = spool.load(queueId)
+            self.assertEqual(envelope["queue_id"], queueId)
+            with open(dataPath, "rb") as f:
+                self.assertEqual(f.read(), MESSAGE)
+        for queueId in [
+            "0UNFINISHED",
+            "0HALFCOMMIT",
+            wasActive,
+            "0BADJSON",
+            "0NODATA",
+            "0MISNAMED",
+            "0ORPHAN",
+        ]:
+            self.assertTrue(self.eventsAbout(queueId), queueId)
+        self.assertEqual(self.eventsAbout(kept), [])
+
+    def test_corruptNameClash(self):
+        """
+        An entry moved to C{corrupt/} does not overwrite an earlier one of
+        the same name, and the data both refer to is kept.
+        """
+        directory = self.mktemp()
+        for name in ("corrupt", "incoming", "data"):
+            os.makedirs(os.path.join(directory, name))
+        with open(os.path.join(directory, "corrupt", "0DUP.json"), "wb") as f:
+            f.write(b"first")
+        with open(os.path.join(directory, "incoming", "0DUP.json"), "wb") as f:
+            f.write(b"second")
+        with open(os.path.join(directory, "data", "0DUP"), "wb") as f:
+            f.write(b"data")
+        spool = self.startSpool(directory)
+        self.assertEqual(
+            listing(os.path.join(directory, "corrupt")), ["0DUP.json", "0DUP.json.1"]
+        )
+        self.assertEqual(listing(os.path.join(directory, "data")), ["0DUP"])
+        self.assertEqual(spool.entries("incoming"), [])
+
+
+class ServiceTests(SpoolTestMixin, TestCase):
+    """Starting and stopping the spool."""
+
+    @inlineCallbacks
+    def test_stopWaitsForCommits(self):
+        """
+        L{Spool.stopService} lets commits in flight finish before it stops
+        the thread pool.
+        """
+        spool = self.startSpool()
+        incomings = [self.receive(spool) for _ in range(10)]
+        ds = [spool.commit(m, record(m.queueId)) for m in incomings]
+        yield spool.stopService()
+        self.assertEqual([d.called for d in ds], [True] * 10)
+        results = yield gatherResults(ds)
+        self.assertEqual(spool.entries("incoming"), sorted(results))
+        self.assertIsNone(spool._pool)
+
+    @inlineCallbacks
+    def test_commitAfterStop(self):
+        """
+        A stopped spool refuses commits with L{SpoolStopped}, an L{OSError},
+        and removes the message.
+        """
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        yield spool.stopService()
+        failure = yield self.assertFailure(
+            spool.commit(incoming, record(incoming.queueId)), SpoolStopped
+        )
+        self.assertIsInstance(failure, OSError)
+        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+
+    @inlineCallbacks
+    def test_restart(self):
+        """A stopped spool can be started again and keeps its messages."""
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        queueId = yield spool.commit(incoming, record(incoming.queueId))
+        yield spool.stopService()
+        spool.startService()
+        incoming = self.receive(spool)
+        second = yield spool.commit(incoming, record(incoming.queueId))
+        self.assertEqual(spool.entries("incoming"), [queueId, second])
+
+
+class ReserveTests(SpoolTestMixin, TestCase):
+    """L{Spool.reserveOk} compares cached free space with the reserve."""
+
+    def test_reserveOk(self):
+        """A small reserve leaves room for a small message."""
+        spool = self.startSpool(reserveBytes=1024)
+        self.assertTrue(spool.reserveOk(1024))
+
+    def test_reserveTooBig(self):
+        """A reserve larger than any disk leaves no room."""
+        spool = self.startSpool(reserveBytes=1 << 62)
+        self.assertFalse(spool.reserveOk(0))
+
+    def test_messageTooBig(self):
+        """A message larger than the free space does not fit."""
+        spool = self.startSpool()
+        self.assertFalse(spool.reserveOk(1 << 62))
+
+    def test_notStarted(self):
+        """Before the first measurement, nothing fits."""
+        spool = Spool(self.mktemp(), 0, reactor)
+        self.assertFalse(spool.reserveOk(0))
+
+    @inlineCallbacks
+    def test_refresh(self):
+        """L{Spool.refreshFreeSpace} measures again, in the thread pool."""
+        spool = self.startSpool()
+        spool._freeBytes = 0
+        self.assertFalse(spool.reserveOk(1))
+        yield spool.refreshFreeSpace()
+        self.assertTrue(spool.reserveOk(1))
+
+    @inlineCallbacks
+    def test_commitLowersFreeSpace(self):
+        """
+        Between two measurements a commit lowers the cached free space by
+        the size of the message, so bursts count against the reserve.
+        """
+        spool = self.startSpool()
+        spool._freeBytes = 1 << 40
+        incoming = self.receive(spool)
+        yield spool.commit(incoming, record(incoming.queueId))
+        self.assertLess(spool._freeBytes, (1 << 40) - len(MESSAGE))
+
+
+class QueueIdTests(TestCase):
+    """L{Spool.newQueueId} makes unique ids that sort by time."""
+
+    def test_uniqueAndSorted(self):
+        """Ten thousand ids in a row are distinct, well-formed and sorted."""
+        spool = Spool(self.mktemp(), 0, reactor)
+        ids = [spool.newQueueId() for _ in range(10000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertEqual(sorted(ids), ids)
+        for queueId in ids:
+            self.assertRegex(queueId, r"^[0-9A-Z]{16,20}$")
+        # Hex microseconds, then a random suffix.
+        self.assertRegex(ids[0], r"^[0-9A-F]{13}[0-9A-Z]{5}$")
+
+    def test_twoProcesses(self):
+        """
+        Two spools on the same directory, as two processes would have, do
+        not hand out the same id even in the same microsecond.
+        """
+        directory = self.mktemp()
+        first, second = Spool(directory, 0, reactor), Spool(directory, 0, reactor)
+        ids = []
+        for _ in range(5000):
+            ids.append(first.newQueueId())
+            ids.append(second.newQueueId())
+        self.assertEqual(len(set(ids)), len(ids))
+
+
+class EnvelopeRecordTests(TestCase):
+    """L{envelopeRecord} builds the version 1 envelope."""
+
+    def test_record(self):
+        """Every field is there, recipients pending, and it is JSON."""
+        envelope = record("0ABC")
+        self.assertEqual(
+            envelope,
+            {
+                "version": 1,
+                "queue_id": "0ABC",
+                "sender": "sender@example.org",
+                "recipients": [
+                    {
+                        "address": address,
+                        "state": "pending",
+                        "attempts": 0,
+                        "next_attempt": None,
+                        "last_reply": None,
+                    }
+                    for address in ["a@example.com", "b@example.net"]
+                ],
+                "arrival": 1700000000.25,
+                "size": len(MESSAGE),
+                "body": "8BITMIME",
+                "client": "192.0.2.1",
+                "helo": "client.example",
+                "user": None,
+                "listener": "relay",
+                "attempts": 0,
+                "next_attempt": 1700000000.25,
+            },
+        )
+        self.assertEqual(json.loads(json.dumps(envelope)), envelope)
+
+
+class DiskFullTests(SpoolTestMixin, TestCase):
+    """
+    A real full file system: a 64 KiB tmpfs as the spool.  Needs root to
+    mount it.
+    """
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise self.skipTest("mounting a tmpfs to fill up needs root")
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", self.directory],
+            check=True,
+        )
+        self.addCleanup(
+            subprocess.run, ["umount", self.directory], check=True
+        )
+
+    def assertNothingLeft(self, spool):
+        """Nothing of any message is in C{tmp/}, C{data/} or C{incoming/}."""
+        for name in ("tmp", "data", "incoming"):
+            self.assertEqual(listing(os.path.join(spool.directory, name)), [], name)
+
+    def fill(self):
+        """Fill the file system; return the filler's path."""
+        filler = os.path.join(self.directory, "filler")
+        with open(filler, "wb", buffering=0) as f:
+            while True:
+                try:
+                    f.write(b"\0" * 4096)
+                except OSError as e:
+                    self.assertEqual(e.errno, errno.ENOSPC)
+                    break
+        return filler
+
+    @inlineCallbacks
+    def test_commitOnFullDisk(self):
+        """
+        A message whose writes were only buffered fails in C{commit} with
+        C{ENOSPC}, and nothing of it is left.  Once there is room again the
+        spool works.
+        """
+        spool = self.startSpool(self.directory)
+        filler = self.fill()
+        yield spool.refreshFreeSpace()
+        self.assertFalse(spool.reserveOk(4096))
+        incoming = self.receive(spool, b"x" * 4096)
+
+        failure = yield self.assertFailure(
+            spool.commit(incoming, record(incoming.queueId, 4096)), OSError
+        )
+        self.assertEqual(failure.errno, errno.ENOSPC)
+        self.assertNothingLeft(spool)
+        self.assertTrue(
+            [e for e in self.eventsAbout(incoming.queueId) if "error" in e]
+        )
+
+        os.unlink(filler)
+        incoming = self.receive(spool)
+        queueId = yield spool.commit(incoming, record(incoming.queueId))
+        self.assertEqual(spool.entries("incoming"), [queueId])
+
+    @inlineCallbacks
+    def test_messageBiggerThanDisk(self):
+        """
+        A message bigger than the file system fails in C{write} or in
+        C{commit} with an L{OSError}; after C{discard} nothing is left.
+        """
+        spool = self.startSpool(self.directory)
+        self.assertFalse(spool.reserveOk(256 * 1024))
+        incoming = spool.openMessage(spool.newQueueId())
+        error = None
+        try:
+            for _ in range(32):
+                incoming.write(b"y" * 8192)
+        except OSError as e:
+            error = e
+            incoming.discard()
+        else:
+            error = yield self.assertFailure(
+                spool.commit(incoming, record(incoming.queueId, incoming.size)),
+                OSError,
+            )
+        self.assertEqual(error.errno, errno.ENOSPC)
+        self.assertNothingLeft(spool)
+
+
+class IncomingMessageTests(TestCase):
+    """L{IncomingMessage} counts what is written."""
+
+    def test_size(self):
+        """C{size} is the number of octets written so far."""
+        path = self.mktemp()
+        incoming = IncomingMessage("0ABC", path, open(path, "wb"))
+        incoming.write(b"abc")
+        incoming.write(b"de")
+        self.assertEqual(incoming.size, 5)
+        incoming.discard()
+        self.assertFalse(os.path.exists(path))
+
