@@ -1,0 +1,1046 @@
+"""
+relayd's ESMTP server: an explicit state machine on L{LineReceiver}.
+
+C{twisted.mail.smtp} is the behavioural reference, not the base class: the
+stock server has protocol-level gaps (DESIGN section 4) that a subclass would
+have to override nearly everywhere.  What this module does differently:
+
+  - Command lines end only with CRLF.  The delimiter is LF so that a bare LF
+    is noticed at once and answered C{500 5.5.2} instead of waiting forever;
+    a bare CR inside a line gets the same answer.
+  - DATA is read in raw mode, chunk by chunk, by L{DataReader}: only
+    C{CRLF.CRLF} ends it.  Bare CR, bare LF and NUL anywhere in the message,
+    over-long lines and over-size messages get the message refused after the
+    real end, never a second message (SMTP smuggling) and never a fall back
+    to command mode.
+  - C{STARTTLS} throws away everything the client pipelined after it
+    (CVE-2011-0411 class) and forgets EHLO, AUTH and the transaction.
+  - Pipelined commands are answered strictly in order: while a policy, the
+    password check or the spool commit is under way the protocol stops
+    reading (L{LineReceiver.pauseProducing}) and picks up where it left off.
+  - C{250} after DATA is sent only once the spool says the message is
+    durable; a spool failure answers 451/452, never 250 and never 5xx.
+
+Replies carry RFC 3463 enhanced status codes (RFC 2034), except the greeting,
+the EHLO/HELO answers and the 3xx intermediate replies, where RFC 2034
+section 3 leaves them out.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import ipaddress
+import secrets
+import time
+from email.utils import formatdate
+from typing import Any, Callable
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relayd.address import AddressError, parseParameters, parsePath
+from relayd.envelope import Envelope, Message, Session
+from relayd.verdict import Action, Verdict
+
+__all__ = ["DataReader", "SMTPServer", "SMTPFactory", "ConnectionLimits"]
+
+log = Logger(namespace="relayd.smtpd")
+
+COMMAND_LINE = 512
+"""RFC 5321 section 4.5.3.1.4: a command line, CRLF included."""
+MAIL_ALLOWANCE = 26 + 14 + 500
+"""
+Extra octets a MAIL line may use for the extensions relayd offers: SIZE
+(RFC 1870: 26), BODY=8BITMIME (14) and AUTH= (RFC 4954 section 5: 500).
+"""
+AUTH_LINE = 12288
+"""RFC 4954 section 4: an AUTH response line may be 12288 octets."""
+TEXT_LINE = 1000
+"""RFC 5321 section 4.5.3.1.6: a text line, CRLF included."""
+HTTP_VERBS = frozenset({"GET", "POST", "CONNECT", "HEAD", "PUT", "OPTIONS"})
+
+_END = b"\r\n.\r\n"
+
+
+class DataReader:
+    """
+    The DATA phase as a byte-stream parser.
+
+    It finds the end of the message (only C{CRLF.CRLF}), removes dot
+    stuffing (RFC 5321 section 4.5.2), counts the size and checks every line,
+    doing its work with C{bytes} methods over whole chunks rather than
+    Python code per line, so that receiving is limited by the disk.
+
+    The stream is treated as if preceded by a CRLF, so a C{.} on the very
+    first line is recognised both as end of data and as stuffing.  The
+    unprocessed tail (C{_carry}) always starts with that CRLF.
+
+    Once a problem is found the reader stops passing data on but keeps
+    looking for the end, so the client is answered after its real end of
+    data and the session stays in step.
+
+    @ivar problem: None while all is well, else one of C{"size"},
+        C{"line"}, C{"bare"}, C{"nul"}, C{"write"}.
+    @ivar error: the L{OSError} behind a C{"write"} problem.
+    @ivar size: octets of message passed on so far.
+    """
+
+    def __init__(self, write: Callable[[bytes], None], maxSize: int) -> None:
+        self._write = write
+        self.maxSize = maxSize
+        self._carry = b"\r\n"
+        self._started = False
+        self.size = 0
+        self.problem: str | None = None
+        self.error: OSError | None = None
+
+    def feed(self, data: bytes) -> bytes | None:
+        """
+        Take the next chunk.
+
+        @return: None while the end has not been seen; once it has, the
+            bytes that followed it (the next pipelined commands).
+        """
+        buf = self._carry + data
+        end = buf.find(_END)
+        if self.problem is not None:
+            if end < 0:
+                self._carry = buf[-4:]
+                return None
+            return buf[end + 5 :]
+        if end >= 0:
+            self._pass(buf[: end + 2])
+            return buf[end + 5 :]
+        cut = buf.rfind(b"\r\n")
+        if cut > 0:
+            self._pass(buf[:cut])
+            buf = buf[cut:]
+        if len(buf) - 2 > TEXT_LINE - 2 and self.problem is None:
+            self.problem = "line"
+        self._carry = buf if self.problem is None else buf[-4:]
+        return None
+
+    def _pass(self, segment: bytes) -> None:
+        """Check and un-stuff a run of whole lines that starts with CRLF."""
+        if self.problem is not None:
+            return
+        lines = segment.count(b"\r\n")
+        if segment.count(b"\n") != lines or segment.count(b"\r") != lines:
+            self.problem = "bare"
+            return
+        if b"\x00" in segment:
+            self.problem = "nul"
+            return
+        if len(segment) > TEXT_LINE and max(map(len, segment.split(b"\r\n"))) > TEXT_LINE - 2:
+            self.problem = "line"
+            return
+        out = segment.replace(b"\r\n.", b"\r\n")
+        if not self._started:
+            out = out[2:]
+            self._started = True
+        self.size += len(out)
+        if self.size > self.maxSize:
+            self.problem = "size"
+            return
+        try:
+            self._write(out)
+        except OSError as e:
+            self.problem = "write"
+            self.error = e
+
+
+class ConnectionLimits:
+    """
+    Connection counts shared by all listeners of one relayd: in total and
+    per client address.
+    """
+
+    def __init__(self, total: int, perClient: int) -> None:
+        self.total = total
+        self.perClient = perClient
+        self.current = 0
+        self.byClient: dict[str, int] = {}
+
+    def open(self, client: str) -> str | None:
+        """Count a new connection; return the reason when over a limit."""
+        if self.current >= self.total:
+            return "too many connections"
+        if self.byClient.get(client, 0) >= self.perClient:
+            return "too many connections from your address"
+        self.current += 1
+        self.byClient[client] = self.byClient.get(client, 0) + 1
+        return None
+
+    def close(self, client: str) -> None:
+        self.current -= 1
+        left = self.byClient.get(client, 1) - 1
+        if left:
+            self.byClient[client] = left
+        else:
+            self.byClient.pop(client, None)
+
+
+class SMTPFactory(ServerFactory):
+    """
+    Builds L{SMTPServer} sessions for one listener.
+
+    @ivar mode: C{"relay"}, C{"submission"} or C{"submissions"}.
+    @ivar implicitTLS: the listener's endpoint is wrapped in TLS (465).
+    @ivar tlsOptions: server TLS options for STARTTLS, or None.
+    @ivar portal: a L{twisted.cred.portal.Portal} for AUTH, or None.
+    @ivar avatarInterface: the interface asked of the portal.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Any,
+        listener: str,
+        mode: str,
+        spool: Any,
+        chain: Any,
+        portal: Any,
+        avatarInterface: Any,
+        tlsOptions: Any,
+        limits: ConnectionLimits,
+        clock: Any,
+    ) -> None:
+        self.config = config
+        self.listener = listener
+        self.mode = mode
+        self.implicitTLS = mode == "submissions"
+        self.spool = spool
+        self.chain = chain
+        self.portal = portal
+        self.avatarInterface = avatarInterface
+        self.tlsOptions = tlsOptions
+        self.limits = limits
+        self.clock = clock
+        self.sessions: set[SMTPServer] = set()
+
+    def buildProtocol(self, addr: Any) -> SMTPServer:
+        p = SMTPServer()
+        p.factory = self
+        return p
+
+
+def _clientAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _printable(text: str, limit: int = 255) -> str:
+    """What of a client-supplied name may go into a header or a log line."""
+    clean = "".join(c if "!" <= c <= "~" else "?" for c in text[:limit])
+    return clean or "unknown"
+
+
+@implementer(IHandshakeListener)
+class SMTPServer(LineReceiver, TimeoutMixin):
+    """
+    One SMTP session.  See the module docstring for the rules it keeps.
+
+    States: C{"connect"} until the greeting is sent, C{"command"}, C{"auth"}
+    while an AUTH exchange waits for the client, C{"data"} during DATA, and
+    C{"closed"}.  Whether HELO, MAIL and TLS have happened lives in
+    L{Session} and L{Envelope}.
+    """
+
+    delimiter = b"\n"
+    """LF, so a bare LF is seen at once; never use C{sendLine} (it would send it)."""
+    MAX_LENGTH = AUTH_LINE
+    factory: SMTPFactory
+
+    def __init__(self) -> None:
+        self.state = "connect"
+        self.session: Session | None = None
+        self.envelope: Envelope | None = None
+        self._errors = 0
+        self._authFailures = 0
+        self._authStep: Callable[[str], None] | None = None
+        self._reader: DataReader | None = None
+        self._incoming: Any = None
+        self._committing = False
+        self._counted = False
+        self._client = ""
+        self._paused = 0
+
+    # --- connection ----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        peer = self.transport.getPeer()
+        self._client = getattr(peer, "host", "0.0.0.0")
+        try:
+            address = _clientAddress(self._client)
+        except ValueError:
+            address = ipaddress.ip_address("0.0.0.0")
+        self.session = Session(
+            clientAddress=address,
+            clientPort=getattr(peer, "port", 0),
+            listener=f.listener,
+            mode=f.mode,
+            sessionId=secrets.token_hex(4).upper(),
+            tls=f.implicitTLS,
+        )
+        log.info(
+            "{session_id}: connect from [{client}]:{port} on {listener}",
+            session_id=self.session.sessionId,
+            client=str(address),
+            port=self.session.clientPort,
+            listener=f.listener,
+        )
+        refusal = f.limits.open(str(address))
+        if refusal is not None:
+            log.warn(
+                "{session_id}: refused [{client}]: {reason}",
+                session_id=self.session.sessionId,
+                client=str(address),
+                reason=refusal,
+            )
+            self.state = "closed"
+            self.reply(421, "4.7.0", f"{f.config.hostname} Error: {refusal}")
+            self.transport.loseConnection()
+            return
+        self._counted = True
+        f.sessions.add(self)
+        self.setTimeout(f.config.timeoutCommand)
+        self._hold()
+        f.chain.checkConnection(self.session).addCallback(self._greet)
+
+    def _greet(self, verdict: Verdict) -> None:
+        if self.state == "closed":
+            return
+        if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            self._log("connection", verdict)
+            self.state = "closed"
+            self.reply(verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
+            self.transport.loseConnection()
+            return
+        self.state = "command"
+        cfg = self.factory.config
+        self.transport.write(f"220 {cfg.hostname} {cfg.banner}\r\n".encode())
+        self._release()
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (STARTTLS or implicit): note version and cipher."""
+        assert self.session is not None
+        try:
+            conn = self.transport.getHandle()
+            self.session.tlsVersion = conn.get_protocol_version_name()
+            self.session.tlsCipher = conn.get_cipher_name()
+            bits = conn.get_cipher_bits()
+        except Exception:
+            bits = None
+        log.info(
+            "{session_id}: TLS established {tls_version} {tls_cipher} ({bits} bits)",
+            session_id=self.session.sessionId,
+            tls_version=self.session.tlsVersion,
+            tls_cipher=self.session.tlsCipher,
+            bits=bits,
+        )
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.setTimeout(None)
+        previous, self.state = self.state, "closed"
+        if self._incoming is not None and not self._committing:
+            self._incoming.discard()
+            self._incoming = None
+        if self._counted:
+            self._counted = False
+            self.factory.limits.close(str(self.session.clientAddress))  # type: ignore[union-attr]
+            self.factory.sessions.discard(self)
+        if self.session is not None:
+            log.info(
+                "{session_id}: disconnect from [{client}] in state {state}",
+                session_id=self.session.sessionId,
+                client=str(self.session.clientAddress),
+                state=previous,
+            )
+
+    def timeoutConnection(self) -> None:
+        assert self.session is not None
+        log.info(
+            "{session_id}: timeout in state {state} from [{client}]",
+            session_id=self.session.sessionId,
+            state=self.state,
+            client=str(self.session.clientAddress),
+        )
+        self.reply(421, "4.4.2", f"{self.factory.config.hostname} Error: timeout exceeded")
+        self._close()
+
+    def _close(self) -> None:
+        if self._incoming is not None and not self._committing:
+            self._incoming.discard()
+            self._incoming = None
+        self.state = "closed"
+        self._buffer = b""
+        self.transport.loseConnection()
+
+    # --- flow control ----------------------------------------------------
+
+    def _hold(self) -> None:
+        """Stop reading and processing input until L{_release}."""
+        self._paused += 1
+        if self._paused == 1:
+            self.pauseProducing()
+
+    def _release(self) -> None:
+        self._paused -= 1
+        if self._paused == 0 and self.state != "closed":
+            self.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if data:
+            self.resetTimeout()
+        super().dataReceived(data)
+
+    # --- replies ---------------------------------------------------------
+
+    def reply(self, code: int, enhanced: str | None, text: str) -> None:
+        """Send a one-line reply; C{enhanced} None only for 3xx replies."""
+        if enhanced:
+            line = f"{code} {enhanced} {text}"
+        else:
+            line = f"{code} {text}"
+        self.transport.write(line.encode("utf-8") + b"\r\n")
+
+    def fail(self, code: int, enhanced: str, text: str) -> None:
+        """Send an error reply; too many of them end the session."""
+        self.reply(code, enhanced, text)
+        self._errors += 1
+        if self._errors >= self.factory.config.maxErrors and self.state != "closed":
+            assert self.session is not None
+            log.warn(
+                "{session_id}: too many errors from [{client}]",
+                session_id=self.session.sessionId,
+                client=str(self.session.clientAddress),
+            )
+            self.reply(421, "4.7.0", f"{self.factory.config.hostname} Error: too many errors")
+            self._close()
+
+    def _answer(self, verdict: Verdict) -> None:
+        self.reply(verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
+        if verdict.disconnect:
+            self._close()
+
+    def _log(self, what: str, verdict: Verdict, **extra: Any) -> None:
+        assert self.session is not None
+        queueId = self.envelope.queueId if self.envelope else None
+        log.info(
+            "{session_id}: {what} {detail}-> {action} {code} {enhanced}",
+            session_id=self.session.sessionId,
+            queue_id=queueId,
+            what=what,
+            detail="".join(f"{k}={v} " for k, v in extra.items()),
+            action=verdict.action.value,
+            code=verdict.code,
+            enhanced=verdict.enhanced,
+            **extra,
+        )
+
+    # --- line mode -------------------------------------------------------
+
+    def lineReceived(self, raw: bytes) -> None:
+        if self.state == "closed":
+            return
+        if not raw.endswith(b"\r"):
+            self.fail(500, "5.5.2", "Error: bare LF received; lines must end with CRLF")
+            return
+        raw = raw[:-1]
+        if b"\r" in raw:
+            self.fail(500, "5.5.2", "Error: bare CR received; lines must end with CRLF")
+            return
+        line = raw.decode("latin-1")
+        if self.state == "auth":
+            self._authContinue(line)
+            return
+        verb, _, argument = line.partition(" ")
+        verb = verb.upper()
+        limit = COMMAND_LINE + (MAIL_ALLOWANCE if verb == "MAIL" else 0)
+        if len(raw) + 2 > limit:
+            self.fail(500, "5.5.2", "Error: line too long")
+            return
+        if verb in HTTP_VERBS:
+            assert self.session is not None
+            log.warn(
+                "{session_id}: HTTP command {verb} from [{client}]; closing",
+                session_id=self.session.sessionId,
+                verb=verb,
+                client=str(self.session.clientAddress),
+            )
+            self.reply(521, "5.7.0", "Error: this is an SMTP server")
+            self._close()
+            return
+        method = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        if method is None:
+            self.fail(502, "5.5.2", "Error: command not recognized")
+            return
+        method(argument.strip(" "))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """
+        More than L{MAX_LENGTH} octets without an end of line: a flood, not
+        a command.  Answer once and close; the buffer is already dropped.
+        """
+        self.reply(500, "5.5.2", "Error: line too long")
+        self._close()
+
+    # --- commands --------------------------------------------------------
+
+    def smtp_EHLO(self, argument: str) -> None:
+        self._hello(argument, esmtp=True)
+
+    def smtp_HELO(self, argument: str) -> None:
+        self._hello(argument, esmtp=False)
+
+    def _hello(self, argument: str, esmtp: bool) -> None:
+        assert self.session is not None
+        verb = "EHLO" if esmtp else "HELO"
+        if not argument:
+            self.fail(501, "5.5.4", f"Syntax: {verb} hostname")
+            return
+        name = _printable(argument.split(" ", 1)[0])
+        self._hold()
+        d = self.factory.chain.checkHelo(self.session, name)
+
+        def decided(verdict: Verdict) -> None:
+            if self.state == "closed":
+                return
+            if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+                self._log(verb, verdict, helo=name)
+                self._answer(verdict)
+                return
+            self.session.helo = name  # type: ignore[union-attr]
+            self.session.esmtp = esmtp  # type: ignore[union-attr]
+            self._reset()
+            hostname = self.factory.config.hostname
+            if not esmtp:
+                self.transport.write(f"250 {hostname}\r\n".encode())
+                return
+            lines = [hostname] + self._extensions()
+            out = [f"250-{l}" for l in lines[:-1]] + [f"250 {lines[-1]}"]
+            self.transport.write("\r\n".join(out).encode() + b"\r\n")
+
+        d.addCallback(decided)
+        d.addBoth(lambda _: self._release())
+
+    def _extensions(self) -> list[str]:
+        f = self.factory
+        assert self.session is not None
+        ext = ["PIPELINING", f"SIZE {f.config.messageSize}"]
+        if f.tlsOptions is not None and not self.session.tls:
+            ext.append("STARTTLS")
+        if self.session.tls and f.portal is not None and self.session.user is None:
+            ext.append("AUTH PLAIN LOGIN")
+        ext += ["ENHANCEDSTATUSCODES", "8BITMIME"]
+        return ext
+
+    def smtp_STARTTLS(self, argument: str) -> None:
+        assert self.session is not None
+        if argument:
+            self.fail(501, "5.5.4", "Syntax: STARTTLS")
+            return
+        if self.session.tls:
+            self.fail(503, "5.5.1", "Error: TLS already active")
+            return
+        if self.factory.tlsOptions is None:
+            self.fail(502, "5.5.1", "Error: STARTTLS not available")
+            return
+        if self.session.helo is None:
+            self.fail(503, "5.5.1", "Error: send EHLO first")
+            return
+        self.reply(220, "2.0.0", "Ready to start TLS")
+        # RFC 3207 section 4.2 and CVE-2011-0411: anything the client sent
+        # after STARTTLS in plaintext is discarded, never read as a command
+        # inside TLS; and the session starts over.
+        self._buffer = b""
+        self.transport.startTLS(self.factory.tlsOptions)
+        self.session.tls = True
+        self.session.helo = None
+        self.session.esmtp = False
+        self._reset()
+
+    def smtp_AUTH(self, argument: str) -> None:
+        f = self.factory
+        assert self.session is not None
+        if not self.session.tls:
+            self.fail(530, "5.7.0", "Error: must issue a STARTTLS command first")
+            return
+        if f.portal is None:
+            self.fail(502, "5.5.1", "Error: authentication not enabled")
+            return
+        if self.session.helo is None or not self.session.esmtp:
+            self.fail(503, "5.5.1", "Error: send EHLO first")
+            return
+        if self.session.user is not None:
+            self.fail(503, "5.5.1", "Error: already authenticated")
+            return
+        if self.envelope is not None:
+            self.fail(503, "5.5.1", "Error: MAIL transaction in progress")
+            return
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        initial = initial.strip(" ")
+        if mechanism == "PLAIN":
+            if initial:
+                self._authPlain(initial)
+            else:
+                self._expect(self._authPlain, "")
+        elif mechanism == "LOGIN":
+            if initial:
+                self._loginUser(initial)
+            else:
+                self._expect(self._loginUser, "VXNlcm5hbWU6")  # "Username:"
+        else:
+            self.fail(504, "5.5.4", "Error: unrecognized authentication type")
+
+    def _expect(self, step: Callable[[str], None], challenge: str) -> None:
+        self.state = "auth"
+        self._authStep = step
+        self.reply(334, None, challenge)
+
+    def _authContinue(self, line: str) -> None:
+        step, self._authStep = self._authStep, None
+        self.state = "command"
+        if line.strip() == "*":
+            self.fail(501, "5.7.0", "Error: authentication cancelled")
+            return
+        assert step is not None
+        step(line)
+
+    def _decode(self, text: str) -> str | None:
+        if text == "=":
+            return ""
+        try:
+            return base64.b64decode(text.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            self.fail(501, "5.5.2", "Error: cannot decode response")
+            return None
+
+    def _authPlain(self, text: str) -> None:
+        decoded = self._decode(text)
+        if decoded is None:
+            return
+        parts = decoded.split("\x00")
+        if len(parts) != 3:
+            self.fail(501, "5.5.2", "Error: malformed PLAIN response")
+            return
+        authzid, user, password = parts
+        if authzid and authzid != user:
+            self._authFailed("authorization identity differs")
+            return
+        self._login(user, password)
+
+    def _loginUser(self, text: str) -> None:
+        user = self._decode(text)
+        if user is None:
+            return
+        self._expect(lambda t: self._loginPassword(user, t), "UGFzc3dvcmQ6")  # "Password:"
+
+    def _loginPassword(self, user: str, text: str) -> None:
+        password = self._decode(text)
+        if password is None:
+            return
+        self._login(user, password)
+
+    def _login(self, user: str, password: str) -> None:
+        f = self.factory
+        credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        self._hold()
+        d = f.portal.login(credentials, None, f.avatarInterface)
+
+        def succeeded(result: Any) -> None:
+            if self.state == "closed":
+                return
+            _interface, avatar, logout = result
+            name = avatar if isinstance(avatar, str) else user
+            self.session.user = name  # type: ignore[union-attr]
+            log.info(
+                "{session_id}: AUTH success user={user}",
+                session_id=self.session.sessionId,  # type: ignore[union-attr]
+                user=name,
+            )
+            self.reply(235, "2.7.0", "Authentication successful")
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(UnauthorizedLogin):
+                log.failure("AUTH backend error", failure)
+                if self.state != "closed":
+                    self.fail(454, "4.7.0", "Temporary authentication failure")
+                return
+            self._authFailed("bad credentials")
+
+        d.addCallbacks(succeeded, failed)
+        d.addBoth(lambda _: self._release())
+
+    def _authFailed(self, why: str) -> None:
+        """
+        Answer C{535 5.7.8} after a delay that grows with each failure, and
+        close after too many (RFC 4954 section 6; no hint of which part was
+        wrong, so no user enumeration).
+        """
+        if self.state == "closed":
+            return
+        f = self.factory
+        self._authFailures += 1
+        assert self.session is not None
+        log.warn(
+            "{session_id}: AUTH failure {count} from [{client}]: {why}",
+            session_id=self.session.sessionId,
+            count=self._authFailures,
+            client=str(self.session.clientAddress),
+            why=why,
+        )
+        self._hold()
+
+        def answer() -> None:
+            if self.state == "closed":
+                return
+            self.fail(535, "5.7.8", "Error: authentication failed")
+            if self._authFailures >= f.config.authMaxFailures and self.state != "closed":
+                self.reply(421, "4.7.0", f"{f.config.hostname} Error: too many authentication failures")
+                self._close()
+            self._release()
+
+        f.clock.callLater(f.config.authFailureDelay * self._authFailures, answer)
+
+    def smtp_MAIL(self, argument: str) -> None:
+        f = self.factory
+        session = self.session
+        assert session is not None
+        if session.helo is None:
+            self.fail(503, "5.5.1", "Error: send EHLO/HELO first")
+            return
+        if self.envelope is not None:
+            self.fail(503, "5.5.1", "Error: nested MAIL command")
+            return
+        if f.mode != "relay" and session.user is None:
+            self.fail(530, "5.7.0", "Authentication required")
+            return
+        try:
+            sender, params = parsePath(argument, "FROM:", allowNull=True)
+            parameters = parseParameters(params)
+        except AddressError as e:
+            text = "path too long" if e.tooLong else "bad sender address syntax"
+            self.fail(501, "5.1.7", f"Error: {text}")
+            return
+        envelope = Envelope(sender=sender)
+        if parameters and not session.esmtp:
+            self.fail(555, "5.5.4", "Error: parameters need EHLO")
+            return
+        for key, value in parameters.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    self.fail(501, "5.5.4", "Error: bad SIZE parameter")
+                    return
+                envelope.declaredSize = int(value)
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    self.fail(501, "5.5.4", "Error: bad BODY parameter")
+                    return
+                envelope.body = value.upper()
+            elif key == "AUTH":
+                # RFC 4954 section 5: accepted; relayd does not trust it.
+                continue
+            else:
+                self.fail(555, "5.5.4", f"Error: unsupported parameter {key}")
+                return
+        declared = envelope.declaredSize or 0
+        if declared > f.config.messageSize:
+            self.fail(552, "5.3.4", "Error: message size exceeds fixed limit")
+            return
+        if not f.spool.reserveOk(declared):
+            log.warn(
+                "{session_id}: spool below free-space reserve; MAIL refused",
+                session_id=session.sessionId,
+            )
+            self.fail(452, "4.3.1", "Error: insufficient system storage")
+            return
+        self._hold()
+        d = f.chain.checkSender(session, envelope, sender)
+
+        def decided(verdict: Verdict) -> None:
+            if self.state == "closed":
+                return
+            self._log("MAIL", verdict if verdict.final else _OK_SENDER, sender=f"<{sender}>")
+            if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+                self._answer(verdict)
+                return
+            self.envelope = envelope
+            self.reply(250, "2.1.0", "Ok")
+
+        d.addCallback(decided)
+        d.addBoth(lambda _: self._release())
+
+    def smtp_RCPT(self, argument: str) -> None:
+        f = self.factory
+        session = self.session
+        envelope = self.envelope
+        assert session is not None
+        if envelope is None:
+            self.fail(503, "5.5.1", "Error: need MAIL command")
+            return
+        try:
+            recipient, params = parsePath(argument, "TO:", allowNull=False)
+            parameters = parseParameters(params)
+        except AddressError as e:
+            text = "path too long" if e.tooLong else "bad recipient address syntax"
+            self.fail(501, "5.1.3", f"Error: {text}")
+            return
+        if parameters:
+            self.fail(555, "5.5.4", f"Error: unsupported parameter {sorted(parameters)[0]}")
+            return
+        if len(envelope.recipients) >= f.config.maxRecipients:
+            self.fail(452, "4.5.3", "Error: too many recipients")
+            return
+        self._hold()
+        d = f.chain.checkRecipient(session, envelope, recipient)
+
+        def decided(verdict: Verdict) -> None:
+            if self.state == "closed" or self.envelope is not envelope:
+                return
+            if verdict.action is Action.CONTINUE:
+                # Relaying is denied by default (DESIGN section 3).
+                verdict = _RELAY_DENIED
+            self._log("RCPT", verdict, to=f"<{recipient}>", sender=f"<{envelope.sender}>")
+            if verdict.action is Action.ACCEPT:
+                if recipient not in envelope.recipients:
+                    envelope.recipients.append(recipient)
+                self._answer(verdict)
+            else:
+                self.fail(verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
+                if verdict.disconnect and self.state != "closed":
+                    self._close()
+
+        d.addCallback(decided)
+        d.addBoth(lambda _: self._release())
+
+    def smtp_DATA(self, argument: str) -> None:
+        f = self.factory
+        session = self.session
+        envelope = self.envelope
+        assert session is not None
+        if argument:
+            self.fail(501, "5.5.4", "Syntax: DATA")
+            return
+        if envelope is None:
+            self.fail(503, "5.5.1", "Error: need MAIL command")
+            return
+        if not envelope.recipients:
+            self.fail(554, "5.5.1", "Error: no valid recipients")
+            return
+        envelope.queueId = f.spool.newQueueId()
+        try:
+            self._incoming = f.spool.openMessage(envelope.queueId)
+            self._incoming.write(self._received(envelope))
+        except OSError as e:
+            self._spoolFailed(e, "open")
+            return
+        self.state = "data"
+        self._reader = DataReader(self._incoming.write, f.config.messageSize)
+        self.setTimeout(f.config.timeoutData)
+        self.reply(354, None, "End data with <CR><LF>.<CR><LF>")
+        self.setRawMode()
+
+    def _received(self, envelope: Envelope) -> bytes:
+        """The C{Received:} trace header (RFC 5321 section 4.4, RFC 3848)."""
+        session = self.session
+        assert session is not None
+        address = session.clientAddress
+        literal = f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
+        protocol = "ESMTP" if session.esmtp else "SMTP"
+        if session.tls:
+            protocol += "S"
+        if session.user is not None:
+            protocol += "A"
+        lines = [f"Received: from {session.helo} ({literal})"]
+        if session.tls:
+            lines.append(f"\t(using {session.tlsVersion} with cipher {session.tlsCipher})")
+        lines.append(f"\tby {self.factory.config.hostname} (relayd) with {protocol} id {envelope.queueId}")
+        stamp = formatdate(time.time(), localtime=False)
+        if len(envelope.recipients) == 1:
+            lines.append(f"\tfor <{envelope.recipients[0]}>; {stamp}")
+        else:
+            lines[-1] += ";"
+            lines.append(f"\t{stamp}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        assert self._reader is not None
+        rest = self._reader.feed(data)
+        if rest is None:
+            return
+        self._hold()
+        self.state = "command"
+        self.setTimeout(self.factory.config.timeoutCommand)
+        self.setLineMode(rest)
+        self._endOfData()
+
+    def _endOfData(self) -> None:
+        f = self.factory
+        reader, self._reader = self._reader, None
+        envelope, session, incoming = self.envelope, self.session, self._incoming
+        assert reader is not None and envelope is not None and session is not None
+        if reader.problem is not None:
+            self._incoming = None
+            incoming.discard()
+            self._refuseData(reader)
+            self._reset()
+            self._release()
+            return
+        try:
+            incoming.flush()
+        except OSError as e:
+            self._spoolFailed(e, "write")
+            self._release()
+            return
+        self._committing = True
+        d = f.chain.checkMessage(session, envelope, Message(incoming.path, incoming.size))
+
+        def decided(verdict: Verdict) -> Any:
+            if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+                self._log("DATA", verdict)
+                incoming.discard()
+                if self.state != "closed":
+                    self._answer(verdict)
+                return None
+            record = self._record(envelope, incoming.size)
+            return f.spool.commit(incoming, record).addCallbacks(committed, failed)
+
+        def committed(queueId: str) -> None:
+            log.info(
+                "{queue_id}: queued from=<{sender}> nrcpt={nrcpt} size={size} user={user} client=[{client}] session={session_id}",
+                queue_id=queueId,
+                sender=str(envelope.sender),
+                nrcpt=len(envelope.recipients),
+                size=incoming.size,
+                user=session.user,
+                client=str(session.clientAddress),
+                session_id=session.sessionId,
+            )
+            if self.state != "closed":
+                self.reply(250, "2.0.0", f"Ok: queued as {queueId}")
+
+        def failed(failure: Failure) -> None:
+            incoming.discard()
+            error = failure.value if isinstance(failure.value, OSError) else None
+            if error is None:
+                log.failure("{queue_id}: commit failed", failure, queue_id=envelope.queueId)
+            self._spoolFailed(error, "commit")
+
+        def done(_: Any) -> None:
+            self._committing = False
+            self._incoming = None
+            if self.envelope is envelope:
+                self._reset()
+            self._release()
+
+        d.addCallback(decided)
+        d.addErrback(lambda fl: failed(fl))
+        d.addBoth(done)
+
+    def _record(self, envelope: Envelope, size: int) -> dict[str, Any]:
+        from relayd.spool import envelopeRecord
+
+        session = self.session
+        assert session is not None and envelope.queueId is not None
+        return envelopeRecord(
+            queueId=envelope.queueId,
+            sender=str(envelope.sender),
+            recipients=[str(r) for r in envelope.recipients],
+            arrival=time.time(),
+            size=size,
+            body=envelope.body,
+            client=str(session.clientAddress),
+            helo=session.helo,
+            user=session.user,
+            listener=session.listener,
+        )
+
+    def _refuseData(self, reader: DataReader) -> None:
+        envelope, session = self.envelope, self.session
+        assert envelope is not None and session is not None
+        problem = reader.problem
+        log.warn(
+            "{queue_id}: message refused: {problem} from [{client}] session={session_id}",
+            queue_id=envelope.queueId,
+            problem=problem,
+            client=str(session.clientAddress),
+            session_id=session.sessionId,
+        )
+        if problem == "size":
+            self.fail(552, "5.3.4", "Error: message size exceeds fixed limit")
+        elif problem == "line":
+            self.fail(554, "5.6.0", "Error: message has a line longer than 998 octets")
+        elif problem == "bare":
+            self.fail(550, "5.5.2", "Error: bare CR or LF in message; lines must end with CRLF")
+        elif problem == "nul":
+            self.fail(554, "5.6.0", "Error: message contains NUL octets")
+        else:
+            self._spoolFailed(reader.error, "write")
+
+    def _spoolFailed(self, error: OSError | None, stage: str) -> None:
+        """A local storage problem: always temporary (DESIGN section 4.8)."""
+        envelope, session = self.envelope, self.session
+        assert session is not None
+        if self._incoming is not None and not self._committing:
+            self._incoming.discard()
+            self._incoming = None
+        log.error(
+            "{queue_id}: spool {stage} failed: {error}",
+            queue_id=envelope.queueId if envelope else None,
+            stage=stage,
+            error=error,
+        )
+        if self.state == "closed":
+            return
+        if error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.fail(452, "4.3.1", "Error: insufficient system storage")
+        else:
+            self.fail(451, "4.3.0", "Error: local error in processing")
+        self._reset()
+
+    def smtp_RSET(self, argument: str) -> None:
+        if argument:
+            self.fail(501, "5.5.4", "Syntax: RSET")
+            return
+        self._reset()
+        self.reply(250, "2.0.0", "Ok")
+
+    def _reset(self) -> None:
+        self.envelope = None
+
+    def smtp_NOOP(self, argument: str) -> None:
+        self.reply(250, "2.0.0", "Ok")
+
+    def smtp_QUIT(self, argument: str) -> None:
+        self.reply(221, "2.0.0", "Bye")
+        self._close()
+
+    def smtp_VRFY(self, argument: str) -> None:
+        if not argument:
+            self.fail(501, "5.5.4", "Syntax: VRFY address")
+            return
+        # RFC 5321 section 3.5.3: 252 tells nothing about the address.
+        self.reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def smtp_HELP(self, argument: str) -> None:
+        self.reply(
+            214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+        )
+
+
+_RELAY_DENIED = Verdict(Action.REJECT, 554, "5.7.1", "Relay access denied")
+_OK_SENDER = Verdict(Action.ACCEPT, 250, "2.1.0", "Ok")
