@@ -1,0 +1,155 @@
+"""
+Packaging: the wheel carries relayd's Twisted plugin without claiming
+Twisted's own packages (no C{twisted/__init__.py} or
+C{twisted/plugins/__init__.py}, which would shadow Twisted's when
+installed), and the C{relayd.policies} entry points; the installed
+C{twistd} knows the C{relayd} command.
+"""
+
+from __future__ import annotations
+
+import configparser
+import importlib.metadata
+import importlib.util
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+POLICIES = {
+    "mynetworks": "relayd.policies.mynetworks:MyNetworks",
+    "authenticated": "relayd.policies.authenticated:Authenticated",
+}
+
+
+def _major(distribution: str) -> int:
+    try:
+        return int(importlib.metadata.version(distribution).split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]:
+    """
+    Build the wheel from a copy of the checkout (so that build/ and the
+    egg-info never land in the working tree others use) and open it.
+    """
+    source = tmp_path_factory.mktemp("source") / "relayd"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "var",
+            "build",
+            "dist",
+            "tests",
+            "*.egg-info",
+            "__pycache__",
+            ".pytest_cache",
+            "_trial_temp*",
+            "dropin.cache",
+        ),
+    )
+    out = tmp_path_factory.mktemp("wheel")
+    # Without build isolation when this environment has what pyproject.toml
+    # asks for (scripts/test sees to that): quick, and no network needed.
+    isolated = _major("setuptools") < 68
+    if importlib.util.find_spec("build") is not None:
+        args = [sys.executable, "-m", "build", "--wheel", "--outdir", str(out)]
+        args += [] if isolated else ["--no-isolation"]
+    else:
+        args = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out)]
+        args += [] if isolated else ["--no-build-isolation"]
+    args.append(str(source))
+    result = subprocess.run(
+        args, capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
+    wheels = list(out.glob("relayd-*.whl"))
+    assert len(wheels) == 1, wheels
+    archive = zipfile.ZipFile(wheels[0])
+    yield archive
+    archive.close()
+
+
+def test_pluginWithoutNamespaceInit(wheel: zipfile.ZipFile) -> None:
+    """
+    The plugin file is in the wheel; C{twisted/__init__.py} and
+    C{twisted/plugins/__init__.py} are not, nor a stale C{dropin.cache}.
+    """
+    names = set(wheel.namelist())
+    assert "twisted/plugins/relayd_plugin.py" in names
+    assert "twisted/__init__.py" not in names
+    assert "twisted/plugins/__init__.py" not in names
+    assert not [n for n in names if n.endswith("dropin.cache")]
+    assert {n.split("/")[0] for n in names if not n.startswith("relayd-")} == {
+        "relayd",
+        "twisted",
+    }
+    assert "relayd/__init__.py" in names
+    assert "relayd/policies/__init__.py" in names
+
+
+def test_entryPoints(wheel: zipfile.ZipFile) -> None:
+    """
+    C{entry_points.txt} holds the built-in policies in group
+    C{relayd.policies}, each pointing at a module in the wheel, and the
+    C{relayd-passwd} script.
+    """
+    [name] = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    parser = configparser.ConfigParser()
+    parser.read_string(wheel.read(name).decode("utf-8"))
+    assert dict(parser["relayd.policies"]) == POLICIES
+    names = set(wheel.namelist())
+    for target in POLICIES.values():
+        module = target.split(":")[0]
+        assert module.replace(".", "/") + ".py" in names
+    assert parser["console_scripts"]["relayd-passwd"] == "relayd.passwd:main"
+
+
+def test_installedEntryPoints() -> None:
+    """The installed relayd registers its policies where the chain looks."""
+    installed = {
+        ep.name: ep.value
+        for ep in importlib.metadata.entry_points(group="relayd.policies")
+    }
+    for name, value in POLICIES.items():
+        assert installed.get(name) == value
+
+
+def test_twistdHelp(tmp_path: Path) -> None:
+    """
+    The installed C{twistd}, run away from the checkout, finds the plugin
+    and C{twistd relayd --help} lists C{--config}.
+    """
+    twistd = Path(sys.executable).with_name("twistd")
+    if twistd.exists():
+        args = [str(twistd)]
+    else:
+        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+    result = subprocess.run(
+        [*args, "relayd", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert "Unknown command: relayd" not in output, (
+        "twistd cannot find twisted/plugins/relayd_plugin.py.  An editable "
+        "install must put the checkout on sys.path: pip install "
+        "--config-settings editable_mode=compat -e . (as scripts/test does)"
+    )
+    assert result.returncode == 0, output
+    assert "--config" in result.stdout
+    assert "relayd" in result.stdout
