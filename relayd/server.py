@@ -439,7 +439,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         assert self.session is not None
         queueId = self.envelope.queueId if self.envelope else None
         log.info(
-            "{session_id}: {what} {detail}-> {action} {code} {enhanced}",
+            "{prefix}: {what} {detail}-> {action} {code} {enhanced} session={session_id}",
+            prefix=queueId or self.session.sessionId,
             session_id=self.session.sessionId,
             queue_id=queueId,
             what=what,
@@ -774,11 +775,15 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         def decided(verdict: Verdict) -> None:
             if self.state == "closed":
                 return
-            self._log("MAIL", verdict if verdict.final else _OK_SENDER, sender=f"<{sender}>")
             if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+                self._log("MAIL", verdict, sender=f"<{sender}>")
                 self._answer(verdict)
                 return
+            # Like Postfix, the queue id is given at MAIL, so that the MAIL
+            # and RCPT log lines already carry it.
+            envelope.queueId = f.spool.newQueueId()
             self.envelope = envelope
+            self._log("MAIL", verdict if verdict.final else _OK_SENDER, sender=f"<{sender}>")
             self.reply(250, "2.1.0", "Ok")
 
         d.addCallback(decided)
@@ -841,7 +846,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if not envelope.recipients:
             self.fail(554, "5.5.1", "Error: no valid recipients")
             return
-        envelope.queueId = f.spool.newQueueId()
+        assert envelope.queueId is not None
         try:
             self._incoming = f.spool.openMessage(envelope.queueId)
             self._incoming.write(self._received(envelope))

@@ -660,14 +660,14 @@ class Spool(Service):
                 if self._freeBytes is not None:
                     self._freeBytes -= pending.incoming.size + len(pending.payload)
                 self.log.info(
-                    "queued message {queue_id} ({size} octets)",
+                    "{queue_id}: durable in incoming ({size} octets)",
                     queue_id=pending.queueId,
                     size=pending.incoming.size,
                 )
                 pending.deferred.callback(pending.queueId)
             else:
                 self.log.warn(
-                    "could not queue message {queue_id}: {error}",
+                    "{queue_id}: could not queue message: {error}",
                     queue_id=pending.queueId,
                     error=failure.value,
                 )
@@ -716,7 +716,7 @@ class Spool(Service):
                 continue
             os.rename(os.path.join(active, name), os.path.join(self._incoming, name))
             self.log.info(
-                "recovery: returned {queue_id} from active to incoming",
+                "{queue_id}: recovery: returned from active to incoming",
                 queue_id=name.removesuffix(".json"),
             )
 
@@ -743,12 +743,12 @@ class Spool(Service):
             error = _unlinkQuietly(os.path.join(self._data, name))
             if error is None:
                 self.log.info(
-                    "recovery: removed data of uncommitted message {queue_id}",
+                    "{queue_id}: recovery: removed data of uncommitted message",
                     queue_id=name,
                 )
             else:
                 self.log.error(
-                    "recovery: could not remove orphan data {queue_id}: {error}",
+                    "{queue_id}: recovery: could not remove orphan data: {error}",
                     queue_id=name,
                     error=error,
                 )
@@ -789,7 +789,7 @@ class Spool(Service):
             target = os.path.join(corrupt, f"{name}.{counter}")
         os.rename(os.path.join(self.directory, state, name), target)
         self.log.error(
-            "recovery: moved {queue_id} from {state} to corrupt: {problem}",
+            "{queue_id}: recovery: moved from {state} to corrupt: {problem}",
             queue_id=name.removesuffix(".json"),
             state=state,
             problem=problem,

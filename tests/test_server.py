@@ -327,7 +327,15 @@ class DataTests(RelaydTestCase):
         self.assertTrue(stored.endswith(b"\r\n" + body) or stored.endswith(body))
         self.assertEqual(stored[stored.index(b"Subject"):], body)
         self.assertEqual(self.tmpFiles(), [])
-        self.assertTrue(any(e.get("queue_id") == queueId for e in self.events))
+        from twisted.logger import formatEvent
+
+        story = [formatEvent(e) for e in self.events if e.get("queue_id") == queueId]
+        # One grep for the queue id tells the message's story.
+        self.assertTrue(all(line.startswith(queueId + ": ") for line in story), story)
+        self.assertIn("MAIL sender=<a@example.org>", story[0])
+        self.assertIn("RCPT to=<b@example.org>", story[1])
+        self.assertTrue(any("durable in incoming" in line for line in story), story)
+        self.assertIn("queued from=<a@example.org> nrcpt=1", story[-1])
 
     @defer.inlineCallbacks
     def test_overSizeWithoutSizeParameter(self):
