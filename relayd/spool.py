@@ -266,6 +266,7 @@ class _PendingCommit:
         self.incoming = incoming
         self.payload = payload
         self.deferred: Deferred[str] = Deferred()
+        self.record: dict[str, Any] | None = None
         self.tmpData = incoming.path
         self.tmpEnvelope = os.path.join(spool._tmp, queueId + ".json")
         self.dataPath = os.path.join(spool._data, queueId)
@@ -319,6 +320,7 @@ class Spool(Service):
         self._busy = 0
         self._idleWaiters: list[Deferred[None]] = []
         self._lastIdTime = 0
+        self._observers: list[Any] = []
 
     # Service
 
@@ -509,6 +511,7 @@ class Spool(Service):
             return fail()
         incoming._committing = True
         pending = _PendingCommit(self, incoming, payload)
+        pending.record = record
         self._busy += 1
         d = self._inPool(self._prepare, pending)
         d.addCallbacks(self._prepared, self._prepareFailed, (pending,), None, (pending,))
@@ -664,6 +667,7 @@ class Spool(Service):
                     queue_id=pending.queueId,
                     size=pending.incoming.size,
                 )
+                self._notifyQueued(pending.queueId, pending.record)
                 pending.deferred.callback(pending.queueId)
             else:
                 self.log.warn(
@@ -713,6 +717,20 @@ class Spool(Service):
         active = os.path.join(self.directory, "active")
         for name in sorted(os.listdir(active)):
             if not name.endswith(".json"):
+                continue
+            newer = [
+                state for state in ("incoming", "deferred", "hold")
+                if os.path.exists(os.path.join(self.directory, state, name))
+            ]
+            if newer:
+                # A crash inside update(..., newState) after the new
+                # envelope was renamed into place: that one is newer.
+                os.unlink(os.path.join(active, name))
+                self.log.info(
+                    "{queue_id}: recovery: dropped stale copy in active (kept {state})",
+                    queue_id=name.removesuffix(".json"),
+                    state=newer[0],
+                )
                 continue
             os.rename(os.path.join(active, name), os.path.join(self._incoming, name))
             self.log.info(
@@ -831,3 +849,173 @@ class Spool(Service):
             for name in os.listdir(os.path.join(self.directory, state))
             if name.endswith(".json")
         )
+
+    # The delivery side (DESIGN section 5): the scheduler's view of the spool.
+
+    def addQueueObserver(self, observer: Any) -> None:
+        """
+        Call C{observer(queueId, record)} on the reactor thread each time a
+        message has become durable in C{incoming/}, so the scheduler can
+        attempt it at once instead of waiting for a sweep.
+        """
+        self._observers.append(observer)
+
+    def _notifyQueued(self, queueId: str, record: dict[str, Any] | None) -> None:
+        for observer in self._observers:
+            try:
+                observer(queueId, record)
+            except Exception:
+                self.log.failure("{queue_id}: queue observer failed", queue_id=queueId)
+
+    def _envelopePath(self, state: str, queueId: str) -> str:
+        if state not in STATES or not _QUEUE_ID.match(queueId):
+            raise ValueError(f"bad spool entry {state}/{queueId}")
+        return os.path.join(self.directory, state, queueId + ".json")
+
+    def dataPath(self, queueId: str) -> str:
+        """Where the bytes of C{queueId} live (they never move)."""
+        if not _QUEUE_ID.match(queueId):
+            raise ValueError(f"not a queue id: {queueId!r}")
+        return os.path.join(self._data, queueId)
+
+    def _tracked(self, f: Any, *args: Any) -> Deferred[Any]:
+        """Run C{f} in the pool, counted so L{stopService} waits for it."""
+        if self._pool is None:
+            return fail(SpoolStopped())
+        self._busy += 1
+        d = self._inPool(f, *args)
+
+        def done(result: Any) -> Any:
+            self._release()
+            return result
+
+        return d.addBoth(done)
+
+    def read(self, queueId: str, state: str) -> Deferred[dict[str, Any]]:
+        """Read the envelope of C{queueId} in C{state}, in the pool."""
+        path = self._envelopePath(state, queueId)
+
+        def read() -> dict[str, Any]:
+            with open(path, "rb") as f:
+                record: dict[str, Any] = json.loads(f.read())
+            return record
+
+        return self._tracked(read)
+
+    def scan(self) -> Deferred[list[tuple[str, str, float]]]:
+        """
+        In the pool: list every queued message as C{(queueId, state,
+        nextAttempt)} for the scheduler's index at startup.  C{hold/} is
+        included with an infinite next attempt.
+        """
+
+        def scan() -> list[tuple[str, str, float]]:
+            found = []
+            for state in QUEUED_STATES:
+                directory = os.path.join(self.directory, state)
+                for name in os.listdir(directory):
+                    if not name.endswith(".json"):
+                        continue
+                    queueId = name[:-5]
+                    try:
+                        with open(os.path.join(directory, name), "rb") as f:
+                            record = json.loads(f.read())
+                        when = float(record.get("next_attempt") or 0)
+                    except (OSError, ValueError, TypeError):
+                        continue
+                    if state == "hold":
+                        when = float("inf")
+                    found.append((queueId, state, when))
+            return found
+
+        return self._tracked(scan)
+
+    def update(
+        self, queueId: str, state: str, record: dict[str, Any], newState: str | None = None
+    ) -> Deferred[None]:
+        """
+        Durably replace the envelope of C{queueId} (now in C{state}) with
+        C{record}, moving it to C{newState} if given: write and fsync a new
+        file in C{tmp/}, rename it over the old one (or into the new state,
+        then remove the old), fsync the directories.  At every instant one
+        complete envelope exists: the old or the new.  (During a move a
+        crash can leave both; recovery keeps the newer state's, see
+        L{_recover}: so moves with a new record only ever leave C{active}.)
+
+        The record is serialised now, on the calling thread.
+        """
+        payload = (json.dumps(record, sort_keys=True) + "\n").encode("ascii")
+        old = self._envelopePath(state, queueId)
+        new = self._envelopePath(newState or state, queueId)
+        tmp = os.path.join(self._tmp, f"{queueId}.json.{secrets.token_hex(4)}")
+
+        def update() -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
+            try:
+                try:
+                    _writeAll(fd, payload)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, new)
+            except BaseException:
+                _unlinkQuietly(tmp)
+                raise
+            _fsyncDirectory(os.path.dirname(new))
+            if new != old:
+                os.unlink(old)
+                _fsyncDirectory(os.path.dirname(old))
+
+        return self._tracked(update)
+
+    def move(self, queueId: str, state: str, newState: str, durable: bool = True) -> Deferred[None]:
+        """
+        Move the envelope of C{queueId} between states with one rename.
+        With C{durable=False} the directory is not fsync'd: for moves whose
+        loss a crash may undo harmlessly (incoming to active: recovery puts
+        active back into incoming anyway).
+        """
+        old = self._envelopePath(state, queueId)
+        new = self._envelopePath(newState, queueId)
+
+        def move() -> None:
+            os.rename(old, new)
+            if durable:
+                _fsyncDirectory(os.path.dirname(new))
+                _fsyncDirectory(os.path.dirname(old))
+
+        return self._tracked(move)
+
+    def remove(self, queueId: str, state: str) -> Deferred[None]:
+        """
+        Remove a message that has left the queue for good (delivered,
+        bounced, or deleted by an operator): envelope first (the commit
+        point), then the data; a crash in between leaves orphan data that
+        recovery deletes.
+        """
+        envelope = self._envelopePath(state, queueId)
+        data = self.dataPath(queueId)
+
+        def remove() -> None:
+            os.unlink(envelope)
+            _fsyncDirectory(os.path.dirname(envelope))
+            _unlinkQuietly(data)
+
+        return self._tracked(remove)
+
+    def submit(self, record: dict[str, Any], data: bytes) -> Deferred[str]:
+        """
+        Queue a message relayd makes itself (a DSN): same durability as
+        mail received over SMTP.  C{record["queue_id"]} is filled in.
+
+        @return: a Deferred firing with the new queue id once durable.
+        """
+        queueId = self.newQueueId()
+        record = dict(record, queue_id=queueId)
+        try:
+            incoming = self.openMessage(queueId)
+            incoming.write(data)
+        except OSError:
+            return fail()
+        return self.commit(incoming, record)
+

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -674,3 +674,62 @@ class IncomingMessageTests(TestCase):
         incoming.discard()
         self.assertFalse(os.path.exists(path))
 
+
+
+class DeliverySideTests(unittest.TestCase):
+    """The API the scheduler uses: observers, read, scan, update, move, remove, submit."""
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.directory = tempfile.mkdtemp(prefix="relayd-spool-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.spool = Spool(self.directory, 0, reactor)
+        self.spool.startService()
+        self.addCleanup(self.spool.stopService)
+
+    def record(self, queueId):
+        return envelopeRecord(
+            queueId=queueId, sender="a@example.org", recipients=["b@example.org"],
+            arrival=1000.0, size=3, body="7BIT", client="127.0.0.1", helo="h",
+            user=None, listener="relay",
+        )
+
+    @defer.inlineCallbacks
+    def test_lifecycle(self):
+        seen = []
+        self.spool.addQueueObserver(lambda q, r: seen.append((q, r["sender"])))
+        queueId = yield self.spool.submit(self.record("X"), b"hi\r\n")
+        self.assertEqual(seen, [(queueId, "a@example.org")])
+        scanned = yield self.spool.scan()
+        self.assertEqual(scanned, [(queueId, "incoming", 1000.0)])
+        yield self.spool.move(queueId, "incoming", "active", durable=False)
+        record = yield self.spool.read(queueId, "active")
+        record["recipients"][0]["state"] = "deferred"
+        record["next_attempt"] = 2000.0
+        yield self.spool.update(queueId, "active", record, "deferred")
+        self.assertEqual(self.spool.entries("active"), [])
+        self.assertEqual(self.spool.entries("deferred"), [queueId])
+        again = yield self.spool.read(queueId, "deferred")
+        self.assertEqual(again["recipients"][0]["state"], "deferred")
+        self.assertEqual(os.listdir(os.path.join(self.directory, "tmp")), [])
+        yield self.spool.remove(queueId, "deferred")
+        self.assertEqual(os.listdir(os.path.join(self.directory, "data")), [])
+        self.assertEqual(self.spool.entries("deferred"), [])
+
+    @defer.inlineCallbacks
+    def test_recoveryKeepsNewerCopyOverActive(self):
+        queueId = yield self.spool.submit(self.record("X"), b"hi\r\n")
+        yield self.spool.move(queueId, "incoming", "active")
+        record = yield self.spool.read(queueId, "active")
+        record["next_attempt"] = 5.0
+        # What a crash inside update(..., "deferred") can leave: both copies.
+        with open(os.path.join(self.directory, "deferred", queueId + ".json"), "w") as f:
+            json.dump(record, f)
+        yield self.spool.stopService()
+        spool = Spool(self.directory, 0, self.spool._reactor)
+        spool.startService()
+        self.addCleanup(spool.stopService)
+        self.assertEqual(spool.entries("active"), [])
+        self.assertEqual(spool.entries("incoming"), [])
+        self.assertEqual(spool.entries("deferred"), [queueId])
