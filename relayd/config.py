@@ -84,6 +84,27 @@ class Config:
     policyChain: tuple[str, ...]
     policyTimeout: float
     policyOptions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    routes: tuple[Any, ...] = ()
+    deliveryEnabled: bool = True
+    deliveryPort: int = 25
+    mxTls: str = "opportunistic"
+    caFile: str | None = None
+    resolvers: tuple[str, ...] = ()
+    resolverPort: int = 53
+    dnsTimeout: float = 5.0
+    deliveryConcurrency: int = 20
+    perDestination: int = 5
+    messagesPerConnection: int = 100
+    idleTimeout: float = 10.0
+    connectTimeout: float = 30.0
+    commandTimeout: float = 300.0
+    dataTimeout: float = 600.0
+    retryInitial: float = 300.0
+    retryMax: float = 4200.0
+    lifetime: float = 432000.0
+    delayWarning: float = 14400.0
+    sweepInterval: float = 60.0
+    postmaster: str | None = None
 
 
 # --- schema -----------------------------------------------------------------
@@ -130,6 +151,13 @@ def _stringList(value: Any) -> str | None:
 
 _NUMBER = (int, float)
 
+TLS_MODES = ("none", "opportunistic", "required", "verify")
+"""Outbound TLS policies, see L{relayd.client}."""
+
+
+def _port(value: Any) -> str | None:
+    return None if 0 < value < 65536 else "must be a port number (1-65535)"
+
 _SCHEMA: dict[str, dict[str, _Key]] = {
     "server": {
         "hostname": _Key(str),
@@ -167,6 +195,46 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "chain": _Key(list, ["mynetworks", "authenticated"], check=_stringList),
         "timeout": _Key(_NUMBER, 30.0, check=_positive),
     },
+    "delivery": {
+        "enabled": _Key(bool, True),
+        # Where and how: RFC 5321 section 5.1 and DESIGN section 6.
+        "port": _Key(int, 25, check=_port),
+        "mx_tls": _Key(str, "opportunistic", check=_oneOf(*TLS_MODES)),
+        "ca_file": _Key(str),
+        "resolvers": _Key(list, [], check=_stringList),
+        "resolver_port": _Key(int, 53, check=_port),
+        "dns_timeout": _Key(_NUMBER, 5.0, check=_positive),
+        # How much at once.
+        "concurrency": _Key(int, 20, check=_positive),
+        "per_destination": _Key(int, 5, check=_positive),
+        "messages_per_connection": _Key(int, 100, check=_positive),
+        "idle_timeout": _Key(_NUMBER, 10.0, check=_positive),
+        # RFC 5321 section 4.5.3.2: client timeouts, in seconds.
+        "connect_timeout": _Key(_NUMBER, 30.0, check=_positive),
+        "command_timeout": _Key(_NUMBER, 300.0, check=_positive),
+        "data_timeout": _Key(_NUMBER, 600.0, check=_positive),
+        # Retries (RFC 5321 section 4.5.4.1), close to Postfix's defaults.
+        "retry_initial": _Key(_NUMBER, 300.0, check=_positive),
+        "retry_max": _Key(_NUMBER, 4200.0, check=_positive),
+        "lifetime": _Key(_NUMBER, 432000.0, check=_positive),
+        "delay_warning": _Key(_NUMBER, 14400.0, check=_nonNegative),
+        "sweep_interval": _Key(_NUMBER, 60.0, check=_positive),
+        "postmaster": _Key(str),
+    },
+}
+
+_ROUTE: dict[str, _Key] = {
+    "domains": _Key(list, required=True, check=_stringList),
+    "hops": _Key(list, required=True),
+}
+
+_HOP: dict[str, _Key] = {
+    "host": _Key(str, required=True),
+    "port": _Key(int, 25, check=_port),
+    "tls": _Key(str, "opportunistic", check=_oneOf(*TLS_MODES)),
+    "username": _Key(str),
+    "password": _Key(str),
+    "password_file": _Key(str),
 }
 
 _LISTENER: dict[str, _Key] = {
@@ -259,7 +327,7 @@ def load(path: str) -> Config:
 
 def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
     """Check and freeze an already parsed TOML document (see L{load})."""
-    known = set(_SCHEMA) | {"listeners", "policies"}
+    known = set(_SCHEMA) | {"listeners", "policies", "routes"}
     for key in raw:
         if key not in known:
             raise ConfigError(path, key, f"unknown section (known: {', '.join(sorted(known))})")
@@ -327,6 +395,13 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
     spool, limits, timeouts, policy = (
         sections["spool"], sections["limits"], sections["timeouts"], sections["policy"],
     )
+    delivery = sections["delivery"]
+    caFile = _resolve(base, delivery["ca_file"])
+    if caFile is not None:
+        _readable(path, "delivery.ca_file", caFile)
+    if delivery["retry_max"] < delivery["retry_initial"]:
+        raise ConfigError(path, "delivery.retry_max", "must not be less than delivery.retry_initial")
+    routes = _routes(path, base, raw.get("routes", []))
     return Config(
         path=path,
         hostname=hostname,
@@ -351,4 +426,64 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         policyChain=tuple(policy["chain"]),
         policyTimeout=float(policy["timeout"]),
         policyOptions={k: dict(v) for k, v in policies.items()},
+        routes=routes,
+        deliveryEnabled=delivery["enabled"],
+        deliveryPort=delivery["port"],
+        mxTls=delivery["mx_tls"],
+        caFile=caFile,
+        resolvers=tuple(delivery["resolvers"]),
+        resolverPort=delivery["resolver_port"],
+        dnsTimeout=float(delivery["dns_timeout"]),
+        deliveryConcurrency=delivery["concurrency"],
+        perDestination=delivery["per_destination"],
+        messagesPerConnection=delivery["messages_per_connection"],
+        idleTimeout=float(delivery["idle_timeout"]),
+        connectTimeout=float(delivery["connect_timeout"]),
+        commandTimeout=float(delivery["command_timeout"]),
+        dataTimeout=float(delivery["data_timeout"]),
+        retryInitial=float(delivery["retry_initial"]),
+        retryMax=float(delivery["retry_max"]),
+        lifetime=float(delivery["lifetime"]),
+        delayWarning=float(delivery["delay_warning"]),
+        sweepInterval=float(delivery["sweep_interval"]),
+        postmaster=delivery["postmaster"],
     )
+
+
+def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
+    """Check C{[[routes]]} and their C{[[routes.hops]]}."""
+    from relayd.routing import NextHopConfig, Route
+
+    if not isinstance(raw, list):
+        raise ConfigError(path, "routes", "must be a list of [[routes]] tables")
+    routes = []
+    for i, table in enumerate(raw):
+        prefix = f"routes[{i}]."
+        if not isinstance(table, dict):
+            raise ConfigError(path, prefix[:-1], "must be a table ([[routes]])")
+        values = _checkTable(path, prefix, table, _ROUTE)
+        if not values["domains"]:
+            raise ConfigError(path, prefix + "domains", "must name at least one domain (or \"*\")")
+        if not values["hops"]:
+            raise ConfigError(path, prefix + "hops", "at least one [[routes.hops]] table is required")
+        hops = []
+        for j, hop in enumerate(values["hops"]):
+            hprefix = f"{prefix}hops[{j}]."
+            if not isinstance(hop, dict):
+                raise ConfigError(path, hprefix[:-1], "must be a table ([[routes.hops]])")
+            h = _checkTable(path, hprefix, hop, _HOP)
+            password = h["password"]
+            if h["password_file"] is not None:
+                if password is not None:
+                    raise ConfigError(path, hprefix + "password_file", "give password or password_file, not both")
+                file = _resolve(base, h["password_file"]) or ""
+                _readable(path, hprefix + "password_file", file)
+                with open(file, encoding="utf-8") as f:
+                    password = f.read().strip("\r\n")
+            if (h["username"] is None) != (password is None):
+                raise ConfigError(path, hprefix + "username", "username and password go together")
+            if h["username"] is not None and h["tls"] == "none":
+                raise ConfigError(path, hprefix + "tls", "AUTH needs TLS: credentials are never sent in plain text")
+            hops.append(NextHopConfig(h["host"], h["port"], h["tls"], h["username"], password))
+        routes.append(Route(tuple(d.lower() for d in values["domains"]), tuple(hops)))
+    return tuple(routes)

@@ -19,6 +19,7 @@ __all__ = [
     "IRecipientPolicy",
     "IMessagePolicy",
     "ISpool",
+    "IMXResolver",
 ]
 
 
@@ -91,3 +92,19 @@ class ISpool(Interface):
         Return a Deferred that fires with the queue id once it is durable,
         or fails (then nothing of the message is left in the queue).
         """
+
+
+class IMXResolver(Interface):
+    """DNS lookups for routing (L{relayd.routing.MXResolver})."""
+
+    def lookupMX(domain):
+        """
+        Return a Deferred firing with C{[(preference, host), ...]} as the
+        server gave them (a null MX has host C{"."}), or failing with
+        L{relayd.routing.NXDOMAIN}, L{relayd.routing.NoData} or
+        L{relayd.routing.TemporaryDNSError}.
+        """
+
+    def lookupAddresses(host):
+        """Return a Deferred firing with the host's IPv4 then IPv6 addresses."""
+

@@ -7,6 +7,9 @@ Helpers for testing relayd and policies written for it, over real sockets.
   - L{InProcessRelayd} starts that config's service tree inside the test
     process (for C{twisted.trial} tests: the reactor is already running)
     and stops it again.
+  - L{DNSServer} is a real authoritative DNS server on 127.0.0.1 (UDP and
+    TCP) serving MX, A, AAAA records, null MX, NXDOMAIN and SERVFAIL as a
+    test sets them up; point C{[delivery] resolvers} at it.
   - L{SMTPClient} is a small blocking line-level client for dialogues that
     C{smtplib} refuses to have (bare LF, pipelining abuse, floods); run it
     in a thread (L{twisted.internet.threads.deferToThread}) next to an
@@ -34,7 +37,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
-__all__ = ["TestSetup", "InProcessRelayd", "SMTPClient", "freePort"]
+from relayd._testdns import DNSServer
+
+__all__ = ["TestSetup", "InProcessRelayd", "SMTPClient", "DNSServer", "freePort"]
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "correct horse battery staple"
@@ -105,6 +110,8 @@ class TestSetup:
             "auth": {"users_file": "users", "failure_delay": 0},
             "spool": {"directory": "spool", "reserve_bytes": 0},
             "policy": {"chain": chain if chain is not None else ["mynetworks", "authenticated"]},
+            # Inbound tests inspect incoming/: no scheduler unless asked for.
+            "delivery": {"enabled": False},
         }
         for name, values in (sections or {}).items():
             base.setdefault(name, {}).update(values)

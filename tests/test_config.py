@@ -401,6 +401,7 @@ def test_sampleLoads(tmp_path: Path, material: dict[str, Path]) -> None:
     raw["tls"]["key"] = str(material["key"])
     raw["auth"]["users_file"] = str(material["users"])
     raw["spool"]["directory"] = str(tmp_path / "spool")
+    raw["delivery"]["ca_file"] = str(material["cert"])
     config = fromDict(raw, str(tmp_path / "relayd.toml"))
     assert config.hostname == "mail.example.org"
     assert config.policyChain == ("mynetworks", "authenticated")
