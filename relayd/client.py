@@ -1,0 +1,986 @@
+"""
+relayd's outbound ESMTP client: one connection to one next hop.
+
+This is not C{twisted.mail.smtp.ESMTPClient}: the stock client dot-stuffs
+line by line across the chunks it is fed and can put C{CRLF.CRLF} on the
+wire before the real end of the message (DESIGN section 1).  Here the
+message goes through L{DotStuffer}, which works on whole chunks and keeps
+the state a chunk boundary needs.
+
+L{SMTPClient} is driven by L{relayd.delivery.Deliverer}:
+
+  1. L{SMTPClient.ready} fires once the session can take mail: greeting,
+     EHLO (HELO when EHLO gets a 5xx), STARTTLS as the hop's TLS mode asks,
+     EHLO again inside TLS, and AUTH when the hop has credentials.  Anything
+     that makes the hop unusable errbacks it with L{HopFailure}, so that the
+     caller tries the next hop.
+  2. L{SMTPClient.send} runs one mail transaction and returns one L{Reply}
+     per recipient; it never errbacks.
+  3. The connection may carry more transactions (RSET before each) and ends
+     with L{SMTPClient.quit}.
+
+Replies are matched to commands through a queue, which is what makes
+PIPELINING (RFC 2920) work: with it, MAIL, every RCPT and DATA go out in one
+write and the replies are taken in order.  Each queued command carries the
+RFC 5321 section 4.5.3.2 timeout for its reply (L{ClientTimeouts}).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections import deque
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IHandshakeListener, IPullProducer
+from twisted.internet.protocol import connectionDone
+from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relayd.routing import Hop
+
+__all__ = [
+    "CHUNK_SIZE",
+    "ClientTimeouts",
+    "DotStuffer",
+    "HopFailure",
+    "Reply",
+    "SMTPClient",
+    "Transaction",
+]
+
+log = Logger(namespace="relayd.smtp")
+
+CHUNK_SIZE = 65536
+"""Octets read from the spool data file at a time while sending DATA."""
+
+_LINE_START = 0
+_AFTER_CR = 1
+_MIDDLE = 2
+
+
+class DotStuffer:
+    """
+    Dot-stuffing for DATA (RFC 5321 section 4.5.2) as a stateful encoder.
+
+    Every line that begins with C{"."} gets one more C{"."} in front, so
+    that no line of the message can read as the end of data.  The work is
+    one C{bytes.replace} per chunk; the only state is where the previous
+    chunk left off: at the start of a line (after CRLF, or at the very start
+    of the message), just after a CR, or elsewhere.  That is what a C{"."}
+    at the start of the next chunk, or a C{"\\n."} after a chunk that ended
+    in CR, needs to be handled right.
+
+    The input is relayd's spool data, whose lines always end with CRLF; a
+    bare CR or LF is passed on as is.
+    """
+
+    def __init__(self) -> None:
+        self._state = _LINE_START
+
+    def encode(self, chunk: bytes) -> bytes:
+        """
+        Stuff the next chunk of the message.
+
+        @return: the bytes to send for C{chunk}.
+        """
+        if not chunk:
+            return b""
+        out = chunk.replace(b"\r\n.", b"\r\n..")
+        state = self._state
+        if state == _LINE_START and chunk[:1] == b".":
+            out = b"." + out
+        elif state == _AFTER_CR and chunk[:2] == b"\n.":
+            out = b"\n.." + out[2:]
+        if chunk.endswith(b"\r\n") or (chunk == b"\n" and state == _AFTER_CR):
+            self._state = _LINE_START
+        elif chunk.endswith(b"\r"):
+            self._state = _AFTER_CR
+        else:
+            self._state = _MIDDLE
+        return out
+
+    def finish(self) -> bytes:
+        """
+        End the message and make the encoder ready for the next one.
+
+        @return: the end-of-data indication C{".\\r\\n"}, preceded by a CRLF
+            when the message did not end with one (RFC 5321 section 4.1.1.4:
+            the message must end in CRLF before the final dot).  An empty
+            message gives just C{".\\r\\n"}.
+        """
+        state, self._state = self._state, _LINE_START
+        return b".\r\n" if state == _LINE_START else b"\r\n.\r\n"
+
+
+@dataclass(frozen=True)
+class ClientTimeouts:
+    """
+    How long to wait, in seconds, at each step (RFC 5321 section 4.5.3.2;
+    C{connect}, C{rset} and C{quit} follow Postfix's defaults).
+
+    @ivar connect: for the TCP connection to be made.
+    @ivar greeting: for the 220 greeting (RFC: 5 minutes).
+    @ivar helo: for replies to EHLO/HELO, STARTTLS and AUTH (RFC: 5 minutes).
+    @ivar mail: for the reply to MAIL (RFC: 5 minutes).
+    @ivar rcpt: for each reply to RCPT (RFC: 5 minutes).
+    @ivar dataInit: for the 354 reply to DATA (RFC: 2 minutes).
+    @ivar dataBlock: for each chunk of the message to be taken by the peer
+        (RFC: 3 minutes per TCP SEND).
+    @ivar dataDone: for the reply after the final dot (RFC: 10 minutes).
+    @ivar rset: for the reply to RSET.
+    @ivar quit: for the reply to QUIT.
+    """
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    helo: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    dataInit: float = 120.0
+    dataBlock: float = 180.0
+    dataDone: float = 600.0
+    rset: float = 20.0
+    quit: float = 300.0
+
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """
+    An SMTP reply, or an outcome relayd made up in the same shape.
+
+    @ivar code: the three-digit reply code.
+    @ivar enhanced: the RFC 3463 enhanced status code (RFC 2034), taken
+        from the reply, or C{"X.0.0"} for the code's class when the server
+        gave none.
+    @ivar text: the reply text without codes, lines joined by spaces: what
+        a DSN's Diagnostic-Code (RFC 3464 section 2.3.6) puts after them.
+    @ivar lines: the text of each line (for EHLO keywords).
+    @ivar remote: True when the peer sent this reply; False when relayd
+        describes what happened itself (connection lost, timeout, TLS
+        failure, a refusal of relayd's own).
+    """
+
+    code: int
+    enhanced: str
+    text: str
+    lines: tuple[str, ...] = ()
+    remote: bool = True
+
+    @classmethod
+    def parse(cls, lines: list[str]) -> Reply:
+        """Make a reply from its lines as received (C{"250-..."}, C{"250 ..."})."""
+        code = int(lines[-1][:3])
+        texts = tuple(line[4:] for line in lines)
+        enhanced = ""
+        parts = []
+        for text in texts:
+            match = _ENHANCED.match(text)
+            if match is not None and match.group(1) == str(code)[0]:
+                enhanced = enhanced or match.group(0).strip()
+                text = text[match.end() :]
+            if text:
+                parts.append(text)
+        return cls(code, enhanced or f"{code // 100}.0.0", " ".join(parts), texts)
+
+    @classmethod
+    def local(cls, code: int, enhanced: str, text: str) -> Reply:
+        """An outcome described by relayd rather than said by the peer."""
+        return cls(code, enhanced, text, (text,), remote=False)
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+class HopFailure(Exception):
+    """
+    This hop cannot take mail now: try the next one.
+
+    @ivar reply: the outcome to report if no other hop does better; always
+        a 4xx (a 5xx from the peer at this stage is reported as 4xx, as the
+        next attempt may reach a better-behaved hop).
+    @ivar connected: True when the TCP connection was made.
+    """
+
+    def __init__(self, reply: Reply, connected: bool = True) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.connected = connected
+
+
+class _SessionLost(Exception):
+    """The connection ended while a reply was awaited; C{reply} says how."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass
+class Transaction:
+    """
+    What one L{SMTPClient.send} came to.
+
+    @ivar replies: one per recipient, in the order given: the RCPT reply
+        for a refused recipient, the reply after the data for an accepted
+        one, or what ended the session.
+    @ivar stale: the connection failed before the MAIL command was
+        answered, so nothing was done: a cached connection that turns out
+        dead, and the message may go over a new one at once.
+    """
+
+    replies: list[Reply]
+    stale: bool = False
+
+
+@dataclass
+class _Waiter:
+    stage: str
+    timeout: float
+    deferred: Deferred[Reply]
+
+
+@implementer(IPullProducer)
+class _MessageProducer:
+    """
+    Feeds the spool data file through a L{DotStuffer} to the transport, one
+    L{CHUNK_SIZE} read each time the transport asks, so a large message
+    never sits in memory.  Reading happens on the reactor thread: the file
+    was written moments or minutes ago and is normally in the page cache.
+    """
+
+    def __init__(self, client: SMTPClient, file: IO[bytes]) -> None:
+        self._client = client
+        self._file: IO[bytes] | None = file
+        self._stuffer = DotStuffer()
+
+    def resumeProducing(self) -> None:
+        file = self._file
+        if file is None:
+            return
+        try:
+            chunk = file.read(CHUNK_SIZE)
+        except OSError as e:
+            self.stopProducing()
+            self._client._readFailed(e)
+            return
+        transport = self._client.transport
+        assert transport is not None
+        self._client._restartTimer()
+        if chunk:
+            transport.write(self._stuffer.encode(chunk))
+            return
+        self._file = None
+        transport.unregisterProducer()
+        transport.write(self._stuffer.finish())
+        self._client._dataSent()
+
+    def stopProducing(self) -> None:
+        self._file = None
+
+
+@implementer(IHandshakeListener)
+class SMTPClient(LineReceiver, TimeoutMixin):
+    """
+    One ESMTP session with one next hop.  See the module docstring.
+
+    Replies are read with LF as the delimiter and a trailing CR removed, so
+    a peer that ends reply lines with a bare LF is still understood; commands
+    always go out with CRLF, written directly (never C{sendLine}, which would
+    send the bare LF).
+
+    @ivar hop: where this connection goes.
+    @ivar ready: fires with this client once the session can take mail, or
+        errbacks with L{HopFailure}.
+    @ivar extensions: the EHLO keywords (upper case) and their parameters.
+    @ivar esmtp: True when EHLO was accepted, False after a HELO fallback.
+    @ivar tls: C{"<version> <cipher>"} once TLS is up, else None.
+    @ivar messages: transactions started on this connection.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 4096
+    transport: Any
+
+    def __init__(
+        self,
+        hop: Hop,
+        heloName: str,
+        timeouts: ClientTimeouts,
+        clock: Any,
+        trustRoot: Any = None,
+    ) -> None:
+        """
+        @param heloName: the name relayd gives in EHLO/HELO.
+        @param clock: the reactor (L{IReactorTime}) for timeouts.
+        @param trustRoot: the trust root for C{verify} TLS (an
+            C{IOpenSSLTrustRoot}); None for the system's (L{platformTrust}).
+        """
+        self.hop = hop
+        self.heloName = heloName
+        self.timeouts = timeouts
+        self.clock = clock
+        self.trustRoot = trustRoot
+        self.ready: Deferred[SMTPClient] = Deferred()
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.tls: str | None = None
+        self.messages = 0
+        self.peer = f"{hop.host}[{hop.address}]"
+        self._lines: list[str] = []
+        self._waiting: deque[_Waiter] = deque()
+        self._stage = "receiving the initial server greeting"
+        self._connected = False
+        self._closing = False
+        self._broken = False
+        self._needReset = False
+        self._tlsStarted = False
+        self._tlsInfo: str | None = None
+        self._lostReply: Reply | None = None
+        self._serverClosing: Reply | None = None
+        self._producer: _MessageProducer | None = None
+        self._whenClosed: list[Deferred[None]] = []
+
+    def callLater(self, period: float, func: Any) -> Any:
+        """L{TimeoutMixin}'s timer, on the reactor we were given."""
+        return self.clock.callLater(period, func)
+
+    def _setTimer(self, seconds: float | None) -> None:
+        """Wait at most C{seconds} for the peer (None: no limit)."""
+        self.setTimeout(seconds)  # type: ignore[no-untyped-call]
+
+    def _restartTimer(self) -> None:
+        """The peer made progress: the current wait starts over."""
+        self.resetTimeout()  # type: ignore[no-untyped-call]
+
+    # --- connection ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        greeting = self._expect(self._stage, self.timeouts.greeting)
+        d = self._open(greeting)
+        d.addErrback(self._openFailed)
+        d.chainDeferred(self.ready)
+
+    def handshakeCompleted(self) -> None:
+        """
+        Note the TLS version and cipher.  They become L{tls} only once the
+        peer has answered EHLO inside TLS: with C{verify}, a certificate
+        that does not match the host name is found just after the handshake
+        itself completes, and must not count as TLS established.
+        """
+        try:
+            connection = self.transport.getHandle()
+            self._tlsInfo = (
+                f"{connection.get_protocol_version_name()} "
+                f"{connection.get_cipher_name()}"
+            )
+        except Exception:
+            self._tlsInfo = "TLS"
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._setTimer(None)
+        self._connected = False
+        self._broken = True
+        if self._producer is not None:
+            self._producer.stopProducing()
+            self._producer = None
+        lost = self._lossReply(reason)
+        waiting, self._waiting = self._waiting, deque()
+        for waiter in waiting:
+            waiter.deferred.errback(_SessionLost(lost))
+        whenClosed, self._whenClosed = self._whenClosed, []
+        for d in whenClosed:
+            d.callback(None)
+
+    def _lossReply(self, reason: Failure) -> Reply:
+        """Describe why the session ended, Postfix-style, for the DSN."""
+        if self._lostReply is not None:
+            return self._lostReply
+        if self._serverClosing is not None:
+            return self._serverClosing
+        if (self._tlsStarted and self._tlsInfo is None) or reason.check(
+            SSL.Error, VerificationError
+        ):
+            return Reply.local(
+                451,
+                "4.7.5",
+                f"TLS handshake with {self.peer} failed: {_tlsError(reason)}",
+            )
+        return Reply.local(
+            451, "4.4.2", f"lost connection with {self.peer} while {self._stage}"
+        )
+
+    def timeoutConnection(self) -> None:
+        """No reply (or no progress sending data) in time: give up on the peer."""
+        self._lostReply = Reply.local(
+            451,
+            "4.4.1" if self._stage.startswith("receiving the initial") else "4.4.2",
+            f"conversation with {self.peer} timed out while {self._stage}",
+        )
+        log.warn("{peer}: {text}", peer=self.peer, text=self._lostReply.text)
+        assert self.transport is not None
+        self.transport.abortConnection()
+
+    def whenClosed(self) -> Deferred[None]:
+        """A Deferred that fires once the connection is gone."""
+        if not self._connected and self.transport is not None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._whenClosed.append(d)
+        return d
+
+    @property
+    def reusable(self) -> bool:
+        """True when the session is idle, in step and may take another message."""
+        return (
+            self._connected
+            and not self._closing
+            and not self._broken
+            and not self._waiting
+            and self.ready.called
+        )
+
+    def quit(self) -> Deferred[None]:
+        """
+        Say QUIT (when the session is in step), then close; fires once the
+        connection is gone.
+        """
+        closed = self.whenClosed()
+        if not self._connected or self._closing:
+            return closed
+        self._closing = True
+        assert self.transport is not None
+        if self._broken or self._waiting or self._producer is not None:
+            self.transport.loseConnection()
+            return closed
+        d = self._command(b"QUIT", "sending QUIT", self.timeouts.quit)
+        d.addErrback(lambda _: None)
+        d.addCallback(lambda _: self.transport.loseConnection())
+        return closed
+
+    def _abort(self, reply: Reply) -> None:
+        """Drop the connection; waiters get C{reply} as the reason."""
+        if self._lostReply is None:
+            self._lostReply = reply
+        self._broken = True
+        if self.transport is not None and self._connected:
+            self.transport.abortConnection()
+
+    # --- replies ---------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        text = line.decode("utf-8", "replace")
+        if len(text) < 3 or not text[:3].isdigit() or text[3:4] not in ("", " ", "-"):
+            self._abort(
+                Reply.local(
+                    451,
+                    "4.5.0",
+                    f"protocol error with {self.peer} while {self._stage}: "
+                    f"malformed reply {text[:80]!r}",
+                )
+            )
+            return
+        self._lines.append(text)
+        if text[3:4] == "-":
+            return
+        lines, self._lines = self._lines, []
+        self._replied(Reply.parse(lines))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._abort(
+            Reply.local(
+                451,
+                "4.5.0",
+                f"protocol error with {self.peer} while {self._stage}: reply line too long",
+            )
+        )
+
+    def _replied(self, reply: Reply) -> None:
+        if reply.code == 421:
+            # RFC 5321 section 3.8: the server is closing the connection;
+            # whatever else was pending ends with this reply.
+            self._serverClosing = reply
+            self._broken = True
+        if not self._waiting:
+            log.info(
+                "{peer}: unexpected reply: {reply}", peer=self.peer, reply=str(reply)
+            )
+            self._broken = True
+            assert self.transport is not None
+            self.transport.loseConnection()
+            return
+        waiter = self._waiting.popleft()
+        if self._waiting:
+            self._stage = self._waiting[0].stage
+            self._setTimer(self._waiting[0].timeout)
+        else:
+            self._setTimer(None)
+        if self._serverClosing is not None:
+            assert self.transport is not None
+            self.transport.loseConnection()
+        waiter.deferred.callback(reply)
+
+    # --- commands --------------------------------------------------------
+
+    def _expect(self, stage: str, timeout: float) -> Deferred[Reply]:
+        """Queue a wait for one more reply."""
+        waiter = _Waiter(stage, timeout, Deferred())
+        if not self._waiting:
+            self._stage = stage
+            self._setTimer(timeout)
+        self._waiting.append(waiter)
+        return waiter.deferred
+
+    def _commands(
+        self, commands: list[tuple[bytes, str, float]]
+    ) -> list[Deferred[Reply]]:
+        """
+        Send commands in one write and queue their replies: C{(line, stage,
+        timeout)} each, where C{stage} names the wait in error texts.
+        """
+        if not self._connected:
+            lost = self._lossReply(Failure(ConnectionError("not connected")))
+            return [_failed(lost) for _ in commands]
+        replies = [self._expect(stage, timeout) for _, stage, timeout in commands]
+        assert self.transport is not None
+        self.transport.write(b"".join(line + b"\r\n" for line, _, _ in commands))
+        return replies
+
+    def _command(self, line: bytes, stage: str, timeout: float) -> Deferred[Reply]:
+        return self._commands([(line, stage, timeout)])[0]
+
+    # --- session set-up --------------------------------------------------
+
+    @inlineCallbacks
+    def _open(
+        self, greeting: Deferred[Reply]
+    ) -> Generator[Deferred[Any], Any, SMTPClient]:
+        """
+        Greeting, EHLO, STARTTLS, EHLO, AUTH: everything before the first
+        MAIL.  Raises L{HopFailure} when this hop will not do.
+        """
+        reply = yield greeting
+        if reply.code // 100 != 2:
+            raise _refused(reply, self.peer, "refused to talk to me")
+        yield self._hello()
+        mode = self.hop.tls
+        if mode != "none":
+            if "STARTTLS" in self.extensions:
+                reply = yield self._command(
+                    b"STARTTLS", "sending STARTTLS", self.timeouts.helo
+                )
+                if reply.code == 220:
+                    self._startTLS()
+                    yield self._hello()
+                    self.tls = self._tlsInfo or "TLS"
+                    log.info(
+                        "{peer}: TLS established: {tls}", peer=self.peer, tls=self.tls
+                    )
+                elif mode != "opportunistic":
+                    raise _refused(reply, self.peer, "refused STARTTLS")
+                else:
+                    log.info(
+                        "{peer}: STARTTLS refused ({reply}); continuing without TLS",
+                        peer=self.peer,
+                        reply=str(reply),
+                    )
+            elif mode != "opportunistic":
+                raise HopFailure(
+                    Reply.local(
+                        451,
+                        "4.7.4",
+                        f"TLS is required, but was not offered by host {self.peer}",
+                    )
+                )
+        if self.hop.username is not None:
+            yield self._authenticate()
+        return self
+
+    def _openFailed(self, failure: Failure) -> Failure:
+        """Turn a failed set-up into L{HopFailure} and end the session."""
+        if failure.check(_SessionLost):
+            failure = Failure(HopFailure(failure.value.reply))  # type: ignore[union-attr]
+        elif not failure.check(HopFailure):
+            log.failure("{peer}: session set-up failed", failure, peer=self.peer)
+            failure = Failure(
+                HopFailure(
+                    Reply.local(451, "4.3.0", f"internal error talking to {self.peer}")
+                )
+            )
+        self.quit()
+        return failure
+
+    @inlineCallbacks
+    def _hello(self) -> Generator[Deferred[Any], Any, None]:
+        """EHLO, or HELO when the server answers EHLO with 5xx (RFC 5321 section 3.2)."""
+        name = self.heloName.encode("ascii")
+        reply = yield self._command(b"EHLO " + name, "sending EHLO", self.timeouts.helo)
+        if reply.code // 100 == 2:
+            self.esmtp = True
+            self.extensions = _extensions(reply.lines[1:])
+            return
+        if reply.code // 100 == 5:
+            reply = yield self._command(
+                b"HELO " + name, "sending HELO", self.timeouts.helo
+            )
+            if reply.code // 100 == 2:
+                self.esmtp = False
+                self.extensions = {}
+                return
+        raise _refused(
+            reply, self.peer, "refused to talk to me", "in reply to EHLO/HELO"
+        )
+
+    def _startTLS(self) -> None:
+        """
+        Start TLS after the 220 to STARTTLS.  Anything the peer sent after
+        that reply was sent in plaintext and is thrown away, never read as a
+        reply inside TLS (RFC 3207 section 4.2; CVE-2011-0411 seen from the
+        client's side).  A C{verify} hop checks the certificate against the
+        trust root and C{hop.host}; the other modes encrypt without checking
+        (RFC 7435 opportunistic security).
+        """
+        self.clearLineBuffer()  # type: ignore[no-untyped-call]
+        self._lines = []
+        self.extensions = {}
+        self._tlsStarted = True
+        if self.hop.tls == "verify":
+            trustRoot = (
+                self.trustRoot if self.trustRoot is not None else platformTrust()
+            )
+            options: Any = optionsForClientTLS(self.hop.host, trustRoot=trustRoot)
+        else:
+            options = CertificateOptions()
+        assert self.transport is not None
+        self.transport.startTLS(options)
+
+    @inlineCallbacks
+    def _authenticate(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        AUTH PLAIN (RFC 4616) or else LOGIN, only inside TLS: credentials
+        are never sent in plaintext, whatever the hop's TLS mode.
+        """
+        if self.tls is None:
+            raise HopFailure(
+                Reply.local(
+                    451,
+                    "4.7.4",
+                    f"refusing to send credentials to {self.peer} without TLS",
+                )
+            )
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        user = (self.hop.username or "").encode("utf-8")
+        password = (self.hop.password or "").encode("utf-8")
+        timeout = self.timeouts.helo
+        if "PLAIN" in mechanisms:
+            token = base64.b64encode(b"\0" + user + b"\0" + password)
+            reply = yield self._command(b"AUTH PLAIN " + token, "sending AUTH", timeout)
+        elif "LOGIN" in mechanisms:
+            reply = yield self._command(b"AUTH LOGIN", "sending AUTH", timeout)
+            if reply.code == 334:
+                reply = yield self._command(
+                    base64.b64encode(user), "sending the AUTH user name", timeout
+                )
+            if reply.code == 334:
+                reply = yield self._command(
+                    base64.b64encode(password), "sending the AUTH password", timeout
+                )
+        else:
+            offered = " ".join(mechanisms) or "none"
+            raise HopFailure(
+                Reply.local(
+                    451,
+                    "4.7.4",
+                    f"host {self.peer} offers no AUTH mechanism relayd can use "
+                    f"(PLAIN, LOGIN; offered: {offered})",
+                )
+            )
+        if reply.code != 235:
+            raise _refused(
+                reply, self.peer, "refused authentication", "in reply to AUTH"
+            )
+
+    # --- transactions ----------------------------------------------------
+
+    def send(
+        self,
+        sender: str,
+        recipients: list[str],
+        dataPath: str,
+        size: int,
+        eightBit: bool = False,
+    ) -> Deferred[Transaction]:
+        """
+        One mail transaction: RSET if the connection carried one before,
+        MAIL, RCPT for each recipient, DATA and the message.
+
+        C{MAIL} carries C{SIZE=} when the server offers SIZE (RFC 1870) and
+        C{BODY=8BITMIME} when the message has 8-bit octets and the server
+        offers 8BITMIME (RFC 6152).  An 8-bit message goes to a server that
+        does not offer 8BITMIME as it is, without C{BODY=}, as Postfix does:
+        converting it is beyond a relay, and refusing it would bounce mail
+        most servers take in practice.
+
+        @param sender: the reverse-path; C{""} for the null path C{<>}.
+        @param dataPath: the spool data file (CRLF line ends).
+        @param size: its size in octets.
+        @param eightBit: the message has octets above 127.
+        @return: a L{Transaction}; never errbacks.
+        """
+        d = self._transaction(sender, recipients, dataPath, size, eightBit)
+
+        def unexpected(failure: Failure) -> Transaction:
+            log.failure("{peer}: transaction failed", failure, peer=self.peer)
+            self._abort(Reply.local(451, "4.3.0", "internal error in delivery"))
+            reply = Reply.local(451, "4.3.0", f"internal error sending to {self.peer}")
+            return Transaction([reply] * len(recipients))
+
+        return d.addErrback(unexpected)
+
+    @inlineCallbacks
+    def _transaction(
+        self,
+        sender: str,
+        recipients: list[str],
+        dataPath: str,
+        size: int,
+        eightBit: bool,
+    ) -> Generator[Deferred[Any], Any, Transaction]:
+        replies: list[Reply | None] = [None] * len(recipients)
+        t = self.timeouts
+        mailAnswered = False
+        try:
+            file = open(dataPath, "rb")
+        except OSError as e:
+            reply = Reply.local(451, "4.3.0", f"cannot read queue file: {e.strerror}")
+            return Transaction([reply] * len(recipients))
+        try:
+            if self._needReset:
+                reply = yield self._command(b"RSET", "sending RSET", t.rset)
+                if reply.code // 100 != 2:
+                    self._abort(reply)
+                    return Transaction([reply] * len(recipients), stale=True)
+                self._needReset = False
+            self.messages += 1
+            limit = self._sizeLimit()
+            if limit and size > limit:
+                reply = Reply.local(
+                    552,
+                    "5.3.4",
+                    f"message size {size} exceeds size limit {limit} of server {self.peer}",
+                )
+                return Transaction([reply] * len(recipients))
+            self._needReset = True
+            mail = b"MAIL FROM:<" + sender.encode("utf-8") + b">"
+            if "SIZE" in self.extensions:
+                mail += b" SIZE=%d" % size
+            if eightBit and "8BITMIME" in self.extensions:
+                mail += b" BODY=8BITMIME"
+            rcpts = [
+                (b"RCPT TO:<" + r.encode("utf-8") + b">", "sending RCPT TO", t.rcpt)
+                for r in recipients
+            ]
+            dataReply: Reply | None = None
+            if "PIPELINING" in self.extensions:
+                pending = self._commands(
+                    [
+                        (mail, "sending MAIL FROM", t.mail),
+                        *rcpts,
+                        (b"DATA", "sending DATA", t.dataInit),
+                    ]
+                )
+                # Every reply is taken, even after the connection is lost,
+                # so that no Deferred is left with an unhandled error.
+                for d in pending:
+                    d.addErrback(_lostAsValue)
+                mailReply = _raiseLost((yield pending[0]))
+                mailAnswered = True
+                rcptReplies = []
+                for d in pending[1:-1]:
+                    rcptReplies.append((yield d))
+                dataReply = yield pending[-1]
+                for reply in [*rcptReplies, dataReply]:
+                    _raiseLost(reply)
+            else:
+                mailReply = yield self._command(mail, "sending MAIL FROM", t.mail)
+                mailAnswered = True
+                rcptReplies = []
+                if mailReply.code // 100 == 2:
+                    for command in rcpts:
+                        rcptReplies.append((yield self._command(*command)))
+            if mailReply.code // 100 != 2:
+                return Transaction([mailReply] * len(recipients))
+            accepted = []
+            for i, reply in enumerate(rcptReplies):
+                if reply.code // 100 == 2:
+                    accepted.append(i)
+                else:
+                    replies[i] = reply
+            if not accepted:
+                if dataReply is not None and dataReply.code == 354:
+                    # A server that says 354 with no valid recipient
+                    # (RFC 2920 section 3.1 says it must not): end the empty
+                    # message at once, it goes to nobody.
+                    yield self._endEmptyData()
+                reply = yield self._command(b"RSET", "sending RSET", t.rset)
+                self._needReset = reply.code // 100 != 2
+                return Transaction([r for r in replies if r is not None])
+            if dataReply is None:
+                dataReply = yield self._command(b"DATA", "sending DATA", t.dataInit)
+            if dataReply.code != 354:
+                if dataReply.code // 100 == 2:
+                    dataReply = _unexpected(dataReply, self.peer, "DATA")
+                for i in accepted:
+                    replies[i] = dataReply
+            else:
+                final = yield self._sendData(file)
+                if final.code // 100 not in (2, 4, 5):
+                    final = _unexpected(final, self.peer, "end of data")
+                for i in accepted:
+                    replies[i] = final
+        except _SessionLost as e:
+            return Transaction(
+                [r if r is not None else e.reply for r in replies],
+                stale=not mailAnswered,
+            )
+        finally:
+            file.close()
+        return Transaction([r for r in replies if r is not None])
+
+    def _sizeLimit(self) -> int:
+        value = self.extensions.get("SIZE", "")
+        return int(value) if value.isdigit() else 0
+
+    def _endEmptyData(self) -> Deferred[Reply]:
+        return self._command(b".", "sending end of data", self.timeouts.dataDone)
+
+    def _sendData(self, file: IO[bytes]) -> Deferred[Reply]:
+        """
+        Stream the message through a producer, then wait for the reply to
+        the final dot.  Until the last chunk is written, the timeout is the
+        data-block one and restarts with every chunk; then the final-dot
+        one.  A reply before the end (a server refusing mid-stream) ends the
+        stream and the connection, which is then out of step.
+        """
+        final = self._expect(
+            "sending end of data -- message may be sent more than once",
+            self.timeouts.dataDone,
+        )
+        self._stage = "sending message body"
+        self._setTimer(self.timeouts.dataBlock)
+        producer = _MessageProducer(self, file)
+        self._producer = producer
+
+        def replied(reply: Reply) -> Reply:
+            if self._producer is producer:
+                # Still sending: the reply came early.
+                self._producer = None
+                producer.stopProducing()
+                self._abort(reply)
+            return reply
+
+        final.addCallback(replied)
+        assert self.transport is not None
+        self.transport.registerProducer(producer, False)
+        return final
+
+    def _dataSent(self) -> None:
+        """The last chunk and the final dot are written."""
+        self._producer = None
+        if self._waiting:
+            self._stage = self._waiting[0].stage
+        self._setTimer(self.timeouts.dataDone)
+
+    def _readFailed(self, error: OSError) -> None:
+        """The spool file could not be read mid-message: never end the data."""
+        self._producer = None
+        self._abort(
+            Reply.local(451, "4.3.0", f"error reading queue file: {error.strerror}")
+        )
+
+
+def _extensions(lines: tuple[str, ...]) -> dict[str, str]:
+    """EHLO keywords and parameters (RFC 5321 section 4.1.1.1)."""
+    found: dict[str, str] = {}
+    for line in lines:
+        keyword, _, parameters = line.strip().partition(" ")
+        keyword = keyword.upper()
+        if keyword.startswith("AUTH="):
+            # The pre-RFC 4954 form some servers still send as well.
+            parameters = keyword[5:] + " " + parameters
+            keyword = "AUTH"
+        if keyword == "AUTH" and "AUTH" in found:
+            parameters = found["AUTH"] + " " + parameters
+        if keyword:
+            found[keyword] = parameters.strip()
+    return found
+
+
+def _refused(reply: Reply, peer: str, what: str, context: str = "") -> HopFailure:
+    """
+    A reply that makes this hop unusable.  A 4xx is kept as it is; a 5xx
+    becomes the matching 4xx, since the next attempt may reach another hop,
+    with the original reply quoted in the text.
+    """
+    if reply.code // 100 == 4:
+        return HopFailure(reply)
+    enhanced = reply.enhanced
+    if enhanced[:1] in ("4", "5"):
+        enhanced = "4" + enhanced[1:]
+    else:
+        enhanced = "4.0.0"
+    code = reply.code - 100 if reply.code // 100 == 5 else 451
+    suffix = f" ({context})" if context else ""
+    return HopFailure(
+        Reply.local(code, enhanced, f"host {peer} {what}: {reply}{suffix}")
+    )
+
+
+def _unexpected(reply: Reply, peer: str, command: str) -> Reply:
+    return Reply.local(
+        451, "4.5.0", f"protocol error: host {peer} said {reply} in reply to {command}"
+    )
+
+
+def _lostAsValue(failure: Failure) -> _SessionLost:
+    failure.trap(_SessionLost)
+    return failure.value  # type: ignore[return-value]
+
+
+def _raiseLost(reply: Reply | _SessionLost) -> Reply:
+    if isinstance(reply, _SessionLost):
+        raise reply
+    return reply
+
+
+def _failed(reply: Reply) -> Deferred[Reply]:
+    d: Deferred[Reply] = Deferred()
+    d.errback(_SessionLost(reply))
+    return d
+
+
+def _tlsError(reason: Failure) -> str:
+    """A short text for a failed TLS handshake."""
+    value = reason.value
+    if isinstance(value, VerificationError):
+        return "server certificate does not match the host name"
+    if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
+        texts = [str(e[-1]) for e in value.args[0] if isinstance(e, tuple) and e]
+        if texts:
+            return "; ".join(texts)
+    return reason.getErrorMessage()

@@ -1,0 +1,498 @@
+"""
+One delivery attempt: a message to the recipients of one destination, with
+an outcome for every recipient (DESIGN sections 1 and 6).
+
+L{Deliverer.deliver} tries the destination's hops in order, like Postfix's
+smtp(8) walking the MX list (RFC 5321 section 5.1): a refused or timed-out
+connection, a 4xx or 5xx greeting, a failed EHLO/HELO, AUTH or a TLS
+failure under C{required}/C{verify} moves on to the next hop.  Once a hop
+has accepted the session, its answers are the outcome: per recipient for
+RCPT, for all accepted recipients after the data.  When every hop fails, all
+recipients are deferred.
+
+The outcome never errbacks: whatever went wrong becomes a code, an enhanced
+code (RFC 3463) and a text that the scheduler can act on and the bounce
+module can put in a DSN's Diagnostic-Code (RFC 3464 section 2.3.6).
+
+Sessions are kept open for a while after a message, per hop, and reused for
+the next message to the same destination (Postfix's connection cache):
+fewer TCP and TLS handshakes for a smart host that takes most of the mail.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    inlineCallbacks,
+)
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
+from twisted.internet.error import (
+    ConnectionRefusedError,
+    DNSLookupError,
+    NoRouteError,
+    TCPTimedOutError,
+    TimeoutError,
+)
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relayd.client import (
+    CHUNK_SIZE,
+    ClientTimeouts,
+    HopFailure,
+    Reply,
+    SMTPClient,
+    Transaction,
+)
+from relayd.routing import Destination, Hop
+
+__all__ = ["RecipientResult", "AttemptResult", "Deliverer", "loadTrustRoot"]
+
+log = Logger(namespace="relayd.smtp")
+
+DEFAULT_TIMEOUTS = ClientTimeouts()
+"""The RFC 5321 section 4.5.3.2 timeouts."""
+
+_PEM_END = b"-----END CERTIFICATE-----"
+
+
+@dataclass
+class RecipientResult:
+    """
+    The outcome for one recipient.
+
+    @ivar status: C{"delivered"} (2xx after the data), C{"deferred"} (try
+        again later) or C{"failed"} (bounce).
+    @ivar code: the SMTP reply code, e.g. 250, 451, 550.
+    @ivar enhanced: the RFC 3463 code, e.g. C{"5.1.1"}; its class matches
+        C{status}.
+    @ivar text: the reply text without the codes (for a DSN:
+        C{"smtp; <code> <enhanced> <text>"}).
+    @ivar remoteHost: the host name of the next hop that gave this reply,
+        or None when relayd describes the outcome itself (connection
+        refused or lost, timeout, TLS failure): then C{text} names the host
+        and what happened, and a DSN should not present it as the remote
+        server's words.
+    """
+
+    recipient: str
+    status: str
+    code: int
+    enhanced: str
+    text: str
+    remoteHost: str | None
+
+
+@dataclass
+class AttemptResult:
+    """
+    The outcome of one L{Deliverer.deliver}.
+
+    @ivar results: one per recipient, in the order given.
+    @ivar hop: the hop whose session gave the results; when every hop
+        failed, the hop whose failure is reported; None only for a
+        destination without hops.
+    @ivar tls: C{"<version> <cipher>"} when the session used TLS.
+    """
+
+    results: list[RecipientResult]
+    hop: Hop | None
+    tls: str | None
+
+
+def loadTrustRoot(caFile: str) -> Any:
+    """
+    The CA certificates in a PEM file as a trust root for C{verify} hops.
+
+    @raise OSError: when the file cannot be read.
+    @raise ValueError: when it holds no certificate.
+    """
+    with open(caFile, "rb") as f:
+        data = f.read()
+    certificates = [
+        Certificate.loadPEM(block + _PEM_END + b"\n")
+        for block in data.split(_PEM_END)
+        if b"-----BEGIN CERTIFICATE-----" in block
+    ]
+    if not certificates:
+        raise ValueError(f"{caFile}: no PEM certificate found")
+    return trustRootFromCertificates(certificates)
+
+
+def _status(reply: Reply) -> str:
+    """2xx delivered, 5xx failed, anything else deferred (RFC 5321 section 4.2.1)."""
+    kind = reply.code // 100
+    if kind == 2:
+        return "delivered"
+    if kind == 5:
+        return "failed"
+    return "deferred"
+
+
+def _hasEightBit(path: str) -> bool:
+    """True when the message has an octet above 127 (RFC 6152 8BITMIME)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            if not chunk.isascii():
+                return True
+    return False
+
+
+def _connectError(hop: Hop, failure: Failure) -> Reply:
+    """Postfix's C{connect to host[address]:port: reason}, as a 4.4.1."""
+    if failure.check(ConnectionRefusedError):
+        why = "Connection refused"
+    elif failure.check(TimeoutError, TCPTimedOutError):
+        why = "Connection timed out"
+    elif failure.check(NoRouteError):
+        why = "No route to host"
+    elif failure.check(CancelledError):
+        why = "attempt cancelled: relayd is stopping"
+    elif failure.check(DNSLookupError):
+        why = "address lookup failed"
+    else:
+        why = failure.getErrorMessage()
+    return Reply.local(
+        451, "4.4.1", f"connect to {hop.host}[{hop.address}]:{hop.port}: {why}"
+    )
+
+
+@dataclass
+class _Idle:
+    client: SMTPClient
+    timer: Any
+
+
+class Deliverer:
+    """
+    Delivers messages over SMTP, one attempt at a time, reusing idle
+    sessions.
+
+    @ivar heloName: the name relayd gives in EHLO/HELO.
+    @ivar timeouts: the L{ClientTimeouts}.
+    @ivar maxMessagesPerConnection: transactions one connection may carry
+        before it is closed (Postfix's C{smtp_connection_reuse_count_limit}
+        is similar).
+    @ivar idleTimeout: seconds an unused connection stays open.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        heloName: str,
+        timeouts: ClientTimeouts = DEFAULT_TIMEOUTS,
+        caFile: str | None = None,
+        maxMessagesPerConnection: int = 100,
+        idleTimeout: float = 10.0,
+    ) -> None:
+        """
+        @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
+        @param caFile: PEM file of the CAs trusted for C{verify} hops; None
+            for the system's trust store.
+        @raise OSError: C{caFile} cannot be read.
+        @raise ValueError: C{caFile} holds no certificate.
+        """
+        self.reactor = reactor
+        self.heloName = heloName
+        self.timeouts = timeouts
+        self.maxMessagesPerConnection = maxMessagesPerConnection
+        self.idleTimeout = idleTimeout
+        self._trustRoot = loadTrustRoot(caFile) if caFile is not None else None
+        self._idle: dict[Hop, list[_Idle]] = {}
+        self._clients: set[SMTPClient] = set()
+        self._connecting: set[Deferred[Any]] = set()
+        self._stopping = False
+
+    # --- public ----------------------------------------------------------
+
+    def deliver(
+        self,
+        destination: Destination,
+        sender: str,
+        recipients: list[str],
+        dataPath: str,
+        size: int,
+        *,
+        queueId: str | None = None,
+    ) -> Deferred[AttemptResult]:
+        """
+        Make one attempt to deliver the message in C{dataPath}.
+
+        @param sender: the reverse-path; C{""} is the null reverse-path
+            (C{MAIL FROM:<>}, RFC 5321 section 4.5.5) of a bounce.
+        @param recipients: all for this destination; one transaction.
+        @param size: the size of C{dataPath}, for C{SIZE=} (RFC 1870).
+        @param queueId: for the log lines about this attempt.
+        @return: a Deferred that always fires with an L{AttemptResult},
+            never an error.
+        """
+        d = self._attempt(
+            destination, sender, list(recipients), dataPath, size, queueId
+        )
+
+        def unexpected(failure: Failure) -> AttemptResult:
+            log.failure(
+                "{queue_id}: delivery attempt failed", failure, queue_id=queueId
+            )
+            reply = Reply.local(451, "4.3.0", "internal error in relayd's delivery")
+            return self._result(recipients, reply, None, None)
+
+        return d.addErrback(unexpected)
+
+    def stop(self) -> Deferred[None]:
+        """
+        Close the idle connections (QUIT), cancel connection attempts, and
+        let the busy ones close after their transaction.  Fires once every
+        connection is gone.
+        """
+        self._stopping = True
+        for d in list(self._connecting):
+            d.cancel()
+        for entries in list(self._idle.values()):
+            for entry in list(entries):
+                self._dropIdle(entry)
+        self._idle.clear()
+        closing = [client.whenClosed() for client in list(self._clients)]
+        return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
+
+    # --- one attempt -----------------------------------------------------
+
+    @inlineCallbacks
+    def _attempt(
+        self,
+        destination: Destination,
+        sender: str,
+        recipients: list[str],
+        dataPath: str,
+        size: int,
+        queueId: str | None,
+    ) -> Generator[Deferred[Any], Any, AttemptResult]:
+        if not recipients:
+            return AttemptResult([], None, None)
+        try:
+            eightBit = _hasEightBit(dataPath)
+        except OSError as e:
+            reply = Reply.local(451, "4.3.0", f"cannot read queue file: {e.strerror}")
+            return self._result(recipients, reply, None, None)
+
+        cached = self._takeIdle(destination)
+        if cached is not None:
+            hop, client = cached
+            transaction = yield client.send(
+                sender, recipients, dataPath, size, eightBit
+            )
+            if not transaction.stale:
+                return self._finished(
+                    client, hop, recipients, transaction, queueId, True
+                )
+            log.info(
+                "{queue_id}: cached connection to {peer} is gone; connecting afresh",
+                queue_id=queueId,
+                peer=client.peer,
+            )
+            client.quit()
+
+        failure: tuple[Hop, HopFailure] | None = None
+        for hop in destination.hops:
+            if self._stopping:
+                break
+            try:
+                client = yield self._connect(hop)
+            except HopFailure as e:
+                log.info(
+                    "{queue_id}: {hop}: {text}",
+                    queue_id=queueId,
+                    hop=f"{hop.host}[{hop.address}]:{hop.port}",
+                    text=str(e.reply),
+                )
+                if failure is None or e.reply.remote or not failure[1].reply.remote:
+                    # A reply the peer actually sent is the better diagnosis
+                    # to report than a refused connection elsewhere.
+                    failure = (hop, e)
+                continue
+            transaction = yield client.send(
+                sender, recipients, dataPath, size, eightBit
+            )
+            return self._finished(client, hop, recipients, transaction, queueId, False)
+
+        if failure is None:
+            text = (
+                "relayd is stopping"
+                if self._stopping
+                else f"no next hop for destination {destination.key}"
+            )
+            return self._result(recipients, Reply.local(451, "4.4.1", text), None, None)
+        hop, error = failure
+        result = self._result(recipients, error.reply, hop, None)
+        self._log(queueId, result)
+        return result
+
+    @inlineCallbacks
+    def _connect(self, hop: Hop) -> Generator[Deferred[Any], Any, SMTPClient]:
+        """
+        Connect to C{hop} and set up the session.
+
+        @raise HopFailure: when the hop cannot take mail.
+        """
+        client = SMTPClient(
+            hop, self.heloName, self.timeouts, self.reactor, self._trustRoot
+        )
+        try:
+            isV6 = ipaddress.ip_address(hop.address.split("%", 1)[0]).version == 6
+        except ValueError:
+            isV6 = False
+        endpointType = TCP6ClientEndpoint if isV6 else TCP4ClientEndpoint
+        endpoint = endpointType(
+            self.reactor, hop.address, hop.port, timeout=self.timeouts.connect
+        )
+        connecting = connectProtocol(endpoint, client)
+        self._connecting.add(connecting)
+        try:
+            yield connecting
+        except Exception:
+            raise HopFailure(_connectError(hop, Failure()), connected=False) from None
+        finally:
+            self._connecting.discard(connecting)
+        self._clients.add(client)
+        client.whenClosed().addCallback(lambda _: self._forget(client))
+        yield client.ready
+        return client
+
+    def _finished(
+        self,
+        client: SMTPClient,
+        hop: Hop,
+        recipients: list[str],
+        transaction: Transaction,
+        queueId: str | None,
+        reused: bool,
+    ) -> AttemptResult:
+        """Turn the replies into results; keep or close the connection."""
+        results = [
+            RecipientResult(
+                recipient=recipient,
+                status=_status(reply),
+                code=reply.code,
+                enhanced=reply.enhanced,
+                text=reply.text,
+                remoteHost=hop.host if reply.remote else None,
+            )
+            for recipient, reply in zip(recipients, transaction.replies, strict=True)
+        ]
+        result = AttemptResult(results, hop, client.tls)
+        self._log(queueId, result, reused)
+        if (
+            client.reusable
+            and not self._stopping
+            and client.messages < self.maxMessagesPerConnection
+        ):
+            self._park(hop, client)
+        else:
+            client.quit()
+        return result
+
+    def _result(
+        self, recipients: list[str], reply: Reply, hop: Hop | None, tls: str | None
+    ) -> AttemptResult:
+        """Every recipient with the same outcome."""
+        remoteHost = hop.host if hop is not None and reply.remote else None
+        return AttemptResult(
+            [
+                RecipientResult(
+                    r,
+                    _status(reply),
+                    reply.code,
+                    reply.enhanced,
+                    reply.text,
+                    remoteHost,
+                )
+                for r in recipients
+            ],
+            hop,
+            tls,
+        )
+
+    def _log(
+        self, queueId: str | None, result: AttemptResult, reused: bool = False
+    ) -> None:
+        hop = result.hop
+        relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop is not None else "none"
+        for r in result.results:
+            log.info(
+                "{queue_id}: to=<{recipient}> relay={relay} status={status} "
+                "({code} {enhanced} {text}) tls={tls} reused={reused}",
+                queue_id=queueId,
+                recipient=r.recipient,
+                relay=relay,
+                status=r.status,
+                code=r.code,
+                enhanced=r.enhanced,
+                text=r.text,
+                tls=result.tls,
+                reused=reused,
+            )
+
+    # --- the connection cache ---------------------------------------------
+
+    def _takeIdle(self, destination: Destination) -> tuple[Hop, SMTPClient] | None:
+        """
+        An idle session to one of the destination's hops, if any.  A hop
+        with a session open worked moments ago, so it is used before any
+        earlier hop that would need a new connection.
+        """
+        for hop in destination.hops:
+            entries = self._idle.get(hop)
+            while entries:
+                entry = entries.pop()
+                if entry.timer.active():
+                    entry.timer.cancel()
+                if entry.client.reusable:
+                    if not entries:
+                        del self._idle[hop]
+                    return hop, entry.client
+                entry.client.quit()
+            self._idle.pop(hop, None)
+        return None
+
+    def _park(self, hop: Hop, client: SMTPClient) -> None:
+        entry = _Idle(client, None)
+        entry.timer = self.reactor.callLater(self.idleTimeout, self._expire, hop, entry)
+        self._idle.setdefault(hop, []).append(entry)
+
+    def _expire(self, hop: Hop, entry: _Idle) -> None:
+        entries = self._idle.get(hop, [])
+        if entry in entries:
+            entries.remove(entry)
+            if not entries:
+                del self._idle[hop]
+        entry.client.quit()
+
+    def _dropIdle(self, entry: _Idle) -> None:
+        if entry.timer.active():
+            entry.timer.cancel()
+        entry.client.quit()
+
+    def _forget(self, client: SMTPClient) -> None:
+        """A connection is gone: drop it from the cache."""
+        self._clients.discard(client)
+        entries = self._idle.get(client.hop)
+        if entries:
+            for entry in list(entries):
+                if entry.client is client:
+                    if entry.timer.active():
+                        entry.timer.cancel()
+                    entries.remove(entry)
+            if not entries:
+                del self._idle[client.hop]
