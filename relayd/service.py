@@ -14,15 +14,19 @@ import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relayd.config import Config, ConfigError
 from relayd.policy import PolicyChain, loadPolicies
 from relayd.server import ConnectionLimits, SMTPFactory
+
+log = Logger(namespace="relayd.service")
 
 __all__ = ["RelaydService", "ListenerService", "ThreadPoolService", "buildService"]
 
@@ -83,6 +87,28 @@ class RelaydService(MultiService):
         super().__init__()
         self.config = config
         self.factories: list[SMTPFactory] = []
+        self.scheduler: Any = None
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop the children one at a time, last started first, each after the
+        previous has finished: the listeners close, then the scheduler lets
+        its deliveries in flight record their outcome, then the spool
+        finishes its commits, then the thread pools stop.
+        """
+        Service.stopService(self)
+        children = list(self)
+
+        @inlineCallbacks
+        def stopInTurn() -> Any:
+            for child in reversed(children):
+                if child.running:
+                    try:
+                        yield maybeDeferred(child.stopService)
+                    except Exception:
+                        log.failure("stopping {service} failed", service=child)
+
+        return stopInTurn()
 
     def startService(self) -> None:
         try:
@@ -132,6 +158,8 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
         config.spoolDirectory, config.spoolReserveBytes, reactor, threads=config.spoolThreads
     )
     spool.setServiceParent(top)
+    if config.deliveryEnabled:
+        top.scheduler = _deliverySide(config, reactor, spool, top)
 
     limits = ConnectionLimits(config.maxConnections, config.maxConnectionsPerClient)
     for i, listener in enumerate(config.listeners):
@@ -161,3 +189,88 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
         svc.setName(f"listener:{listener.name}")
         svc.setServiceParent(top)
     return top
+
+
+class ResolverService(Service):
+    """Runs the DNS resolver's own thread pool with the service tree."""
+
+    def __init__(self, resolver: Any) -> None:
+        self.resolver = resolver
+
+    def startService(self) -> None:
+        super().startService()
+        self.resolver.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.resolver.stop()
+
+
+def _deliverySide(config: Config, reactor: Any, spool: Any, top: MultiService) -> Any:
+    """Resolver, router, deliverer and scheduler (DESIGN sections 1 and 6)."""
+    from relayd.client import ClientTimeouts
+    from relayd.delivery import Deliverer
+    from relayd.routing import MXResolver, Router
+    from relayd.scheduler import Scheduler
+
+    resolver = MXResolver(
+        reactor,
+        list(config.resolvers) or None,
+        port=config.resolverPort,
+        timeout=config.dnsTimeout,
+    )
+    ResolverService(resolver).setServiceParent(top)
+    router = Router(
+        resolver,
+        config.routes,
+        port=config.deliveryPort,
+        mxTls=config.mxTls,
+        localNames=(config.hostname,),
+    )
+    deliverer = Deliverer(
+        reactor,
+        config.hostname,
+        timeouts=_clientTimeouts(ClientTimeouts, config),
+        caFile=config.caFile,
+        maxMessagesPerConnection=config.messagesPerConnection,
+        idleTimeout=config.idleTimeout,
+    )
+    scheduler = Scheduler(
+        spool=spool,
+        router=router,
+        deliverer=deliverer,
+        clock=reactor,
+        hostname=config.hostname,
+        concurrency=config.deliveryConcurrency,
+        perDestination=config.perDestination,
+        retryInitial=config.retryInitial,
+        retryMax=config.retryMax,
+        lifetime=config.lifetime,
+        delayWarning=config.delayWarning,
+        sweepInterval=config.sweepInterval,
+        postmaster=config.postmaster,
+    )
+    scheduler.setServiceParent(top)
+    return scheduler
+
+
+def _clientTimeouts(kind: Any, config: Config) -> Any:
+    """
+    The outbound client's per-stage timeouts from the three config keys,
+    keeping RFC 5321 section 4.5.3.2's shorter stages (DATA initiation 2
+    minutes, each data block 3 minutes) when the configured ones are longer.
+    """
+    command = config.commandTimeout
+    return kind(
+        connect=config.connectTimeout,
+        greeting=command,
+        helo=command,
+        mail=command,
+        rcpt=command,
+        dataInit=min(120.0, command),
+        dataBlock=min(180.0, config.dataTimeout),
+        dataDone=config.dataTimeout,
+        rset=min(20.0, command),
+        quit=min(20.0, command),
+    )
+

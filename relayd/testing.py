@@ -10,6 +10,8 @@ Helpers for testing relayd and policies written for it, over real sockets.
   - L{DNSServer} is a real authoritative DNS server on 127.0.0.1 (UDP and
     TCP) serving MX, A, AAAA records, null MX, NXDOMAIN and SERVFAIL as a
     test sets them up; point C{[delivery] resolvers} at it.
+  - L{SinkServer} is an SMTP server that keeps what it is sent and can be
+    scripted to refuse, defer, hang or demand TLS and AUTH: a next hop.
   - L{SMTPClient} is a small blocking line-level client for dialogues that
     C{smtplib} refuses to have (bare LF, pipelining abuse, floods); run it
     in a thread (L{twisted.internet.threads.deferToThread}) next to an
@@ -38,8 +40,9 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 
 from relayd._testdns import DNSServer
+from relayd._testsink import SinkServer
 
-__all__ = ["TestSetup", "InProcessRelayd", "SMTPClient", "DNSServer", "freePort"]
+__all__ = ["TestSetup", "InProcessRelayd", "SMTPClient", "DNSServer", "SinkServer", "freePort"]
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "correct horse battery staple"
@@ -192,6 +195,8 @@ class InProcessRelayd:
 
         @inlineCallbacks
         def stop() -> Any:
+            if not self.service.running:
+                return
             for session in self.sessions:
                 session.transport.abortConnection()
             for _ in range(500):
