@@ -270,3 +270,61 @@ class SMTPClient:
             self.sock.close()
         except OSError:
             pass
+
+
+class PostfixSink:
+    """
+    Postfix's C{smtp-sink} as a real, independent next hop: it accepts
+    everything and dumps each message into L{dumps} (its own headers,
+    then the message with LF line ends).  C{scripts/test} installs it.
+    """
+
+    def __init__(self, directory: str, hostname: str = "postfix-sink.test",
+                 extra: tuple[str, ...] = ()) -> None:
+        import shutil
+        import subprocess
+        import time
+
+        binary = next(
+            (p for p in (shutil.which("smtp-sink"), "/usr/sbin/smtp-sink") if p and os.path.exists(p)),
+            None,
+        )
+        if binary is None:
+            raise AssertionError("Postfix's smtp-sink is not installed; scripts/test installs it")
+        self.dumps = os.path.join(directory, "dumps")
+        os.mkdir(self.dumps)
+        os.chmod(directory, 0o755)
+        os.chmod(self.dumps, 0o777)
+        self.port = freePort()
+        argv = [binary, "-d", os.path.join(self.dumps, "%H%M%S."), "-h", hostname, *extra]
+        if os.geteuid() == 0:
+            argv += ["-u", "nobody"]  # smtp-sink refuses to run as root otherwise
+        argv += [f"127.0.0.1:{self.port}", "10"]
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    output = self.process.stdout.read() if self.process.stdout else b""
+                    self.stop()
+                    raise AssertionError(f"smtp-sink did not start: {output!r}") from None
+                time.sleep(0.05)
+
+    def messages(self) -> list[bytes]:
+        """The dumps written so far (one per session), oldest first."""
+        names = sorted(os.listdir(self.dumps))
+        result = []
+        for name in names:
+            with open(os.path.join(self.dumps, name), "rb") as f:
+                result.append(f.read())
+        return result
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        if self.process.stdout:
+            self.process.stdout.close()

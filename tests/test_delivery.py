@@ -8,7 +8,6 @@ test ends: trial's dirty-reactor check runs after each one.
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 
@@ -26,6 +25,7 @@ from relayd.certificates import (
 from relayd.client import ClientTimeouts
 from relayd.delivery import Deliverer
 from relayd.routing import Destination, Hop
+from relayd.testing import PostfixSink
 
 FAST = ClientTimeouts(
     connect=2,
@@ -901,56 +901,13 @@ class ReuseTests(DeliveryTestCase):
         self.assertEqual(sink.verbs()[-1], "QUIT")
 
 
-def smtpSink() -> str:
-    for path in (shutil.which("smtp-sink"), "/usr/sbin/smtp-sink"):
-        if path and os.path.exists(path):
-            return path
-    raise AssertionError(
-        "Postfix's smtp-sink is not installed; scripts/test installs it"
-    )
-
-
 class PostfixSinkInteropTests(DeliveryTestCase):
     """relayd's client against Postfix's smtp-sink, which dumps what it got."""
 
     def startSmtpSink(self) -> tuple[int, str]:
-        dumps = self.path("dumps")
-        os.mkdir(dumps)
-        os.chmod(self.directory, 0o755)
-        os.chmod(dumps, 0o777)
-        port = freePort()
-        argv = [
-            smtpSink(),
-            "-d",
-            os.path.join(dumps, "%H%M%S."),
-            "-h",
-            "postfix-sink.test",
-        ]
-        if os.geteuid() == 0:
-            argv += ["-u", "nobody"]  # smtp-sink refuses to run as root otherwise
-        argv += [f"127.0.0.1:{port}", "10"]
-        process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-
-        def stop():
-            process.terminate()
-            process.wait(10)
-            process.stdout.close()
-
-        self.addCleanup(stop)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"smtp-sink did not start: {process.stdout.read()!r}"
-                    ) from None
-                time.sleep(0.05)
-        return port, dumps
+        sink = PostfixSink(self.directory)
+        self.addCleanup(sink.stop)
+        return sink.port, sink.dumps
 
     @defer.inlineCallbacks
     def test_deliverToSmtpSink(self):

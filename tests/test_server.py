@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import smtplib
-import socket
 import ssl
 import tempfile
 
