@@ -429,8 +429,11 @@ class Deliverer:
     ) -> None:
         hop = result.hop
         relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop is not None else "none"
+        # Debug level: the scheduler writes the operator's delivery log line
+        # per recipient (with the delay since arrival); this one adds
+        # whether the connection was reused.
         for r in result.results:
-            log.info(
+            log.debug(
                 "{queue_id}: to=<{recipient}> relay={relay} status={status} "
                 "({code} {enhanced} {text}) tls={tls} reused={reused}",
                 queue_id=queueId,
