@@ -24,7 +24,6 @@ import collections
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,6 +36,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
+from relayd.safeio import writeAtomically
 
 __all__ = [
     "IMailUser",
@@ -502,49 +502,6 @@ def _replaceUser(lines: Iterable[bytes], username: str, newLine: str) -> bytes:
     return b"".join(out)
 
 
-def _writeAtomically(path: str, data: bytes, like: os.stat_result | None) -> None:
-    """
-    Replace C{path} with C{data}: temp file in the same directory, fsync,
-    rename, fsync the directory.  Readers see the old file or the new one,
-    never half of it, and a crash leaves one of the two on disk.
-
-    @param like: the stat of the file being replaced, whose mode and (when
-        permitted) owner the new file keeps, so that a users file owned by
-        the relayd user stays readable by it after root changes a password.
-        None for a new file, which gets mode 0o600.
-    """
-    directory = os.path.dirname(path) or "."
-    fd, tempPath = tempfile.mkstemp(
-        dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if like is None:
-                os.fchmod(f.fileno(), 0o600)
-            else:
-                os.fchmod(f.fileno(), stat.S_IMODE(like.st_mode))
-                if (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):
-                    try:
-                        os.fchown(f.fileno(), like.st_uid, like.st_gid)
-                    except PermissionError:
-                        pass
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tempPath, path)
-    except BaseException:
-        try:
-            os.unlink(tempPath)
-        except OSError:
-            pass
-        raise
-    dirFd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dirFd)
-    finally:
-        os.close(dirFd)
-
-
 def setPassword(
     path: str, user: str, password: str, rounds: int = DEFAULT_ROUNDS
 ) -> None:
@@ -552,7 +509,7 @@ def setPassword(
     Set C{user}'s password in the users file at C{path}, adding the user
     if needed and creating the file (mode 0o600) if missing.
 
-    The file is rewritten atomically (see L{_writeAtomically}); the other
+    The file is rewritten atomically (see L{relayd.safeio.writeAtomically}); the other
     users' lines, comments and blank lines are kept byte for byte.  If
     C{path} is a symbolic link, the file it points to is replaced and the
     link kept.  Two concurrent runs on one file are not serialised: the
@@ -577,6 +534,6 @@ def setPassword(
         raise UsersFileError(path, f"cannot read: {e.strerror or e}") from None
     _parseUsers(path, data)
     try:
-        _writeAtomically(target, _replaceUser(_splitLines(data), user, newLine), like)
+        writeAtomically(target, _replaceUser(_splitLines(data), user, newLine), like=like)
     except OSError as e:
         raise UsersFileError(path, f"cannot write: {e.strerror or e}") from None

@@ -21,7 +21,6 @@ import datetime
 import ipaddress
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -36,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from relayd.safeio import writeAtomically
 
 __all__ = [
     "CertificateError",
@@ -284,43 +284,14 @@ def issueCertificate(
     return cert.public_bytes(serialization.Encoding.PEM), _keyPem(key)
 
 
-def _writeFile(path: str, data: bytes, mode: int) -> None:
-    """
-    Write C{data} to C{path} with C{mode} through a temp file and a rename,
-    so a server reading the file never sees half of it and the key is
-    never readable by others, even for a moment.
-    """
-    directory = os.path.dirname(path) or "."
-    try:
-        fd, tempPath = tempfile.mkstemp(
-            dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-        )
-    except OSError as e:
-        # Name the file the caller asked for, not the temp file.
-        raise OSError(e.errno, e.strerror, path) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tempPath, path)
-    except BaseException:
-        try:
-            os.unlink(tempPath)
-        except OSError:
-            pass
-        raise
-
-
 def writeKeyPair(certPath: str, keyPath: str, certPem: bytes, keyPem: bytes) -> None:
     """
     Write a certificate (mode 0o644) and its private key (mode 0o600),
     replacing existing files.  The key is written first, so that the
     certificate on disk never names a key that is not there yet.
     """
-    _writeFile(keyPath, keyPem, 0o600)
-    _writeFile(certPath, certPem, 0o644)
+    writeAtomically(keyPath, keyPem, 0o600)
+    writeAtomically(certPath, certPem, 0o644)
 
 
 # Loading for a server.

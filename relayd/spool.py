@@ -50,6 +50,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from relayd.interfaces import ISpool
+from relayd.safeio import fsyncDirectory
 
 __all__ = ["Spool", "IncomingMessage", "SpoolStopped", "envelopeRecord", "STATES"]
 
@@ -136,18 +137,6 @@ def envelopeRecord(
         "attempts": 0,
         "next_attempt": arrival,
     }
-
-
-def _fsyncDirectory(path: str) -> None:
-    """
-    Make the entries of directory C{path} (creations, renames, removals)
-    durable.  Blocking: call it from the spool's thread pool.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _writeAll(fd: int, data: bytes) -> None:
@@ -337,7 +326,7 @@ class Spool(Service):
             os.makedirs(
                 os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True
             )
-        _fsyncDirectory(self.directory)
+        fsyncDirectory(self.directory)
         self._recover()
         self._freeBytes = self._statFreeBytes()
         Service.startService(self)
@@ -593,7 +582,7 @@ class Spool(Service):
                 moved.append(index)
         if moved:
             try:
-                _fsyncDirectory(self._data)
+                fsyncDirectory(self._data)
             except Exception:
                 failure = Failure()
                 for index in moved:
@@ -614,7 +603,7 @@ class Spool(Service):
                 committed.append(index)
         if committed:
             try:
-                _fsyncDirectory(self._incoming)
+                fsyncDirectory(self._incoming)
             except Exception:
                 # The envelopes may or may not be on disk.  The client gets
                 # a temporary failure, so take them out again (envelope
@@ -772,7 +761,7 @@ class Spool(Service):
                 )
 
         for name in ("tmp", "data") + STATES:
-            _fsyncDirectory(os.path.join(self.directory, name))
+            fsyncDirectory(os.path.join(self.directory, name))
 
     def _checkEnvelope(self, name: str, path: str) -> str | None:
         """
@@ -961,10 +950,10 @@ class Spool(Service):
             except BaseException:
                 _unlinkQuietly(tmp)
                 raise
-            _fsyncDirectory(os.path.dirname(new))
+            fsyncDirectory(os.path.dirname(new))
             if new != old:
                 os.unlink(old)
-                _fsyncDirectory(os.path.dirname(old))
+                fsyncDirectory(os.path.dirname(old))
 
         return self._tracked(update)
 
@@ -981,8 +970,8 @@ class Spool(Service):
         def move() -> None:
             os.rename(old, new)
             if durable:
-                _fsyncDirectory(os.path.dirname(new))
-                _fsyncDirectory(os.path.dirname(old))
+                fsyncDirectory(os.path.dirname(new))
+                fsyncDirectory(os.path.dirname(old))
 
         return self._tracked(move)
 
@@ -998,7 +987,7 @@ class Spool(Service):
 
         def remove() -> None:
             os.unlink(envelope)
-            _fsyncDirectory(os.path.dirname(envelope))
+            fsyncDirectory(os.path.dirname(envelope))
             _unlinkQuietly(data)
 
         return self._tracked(remove)
