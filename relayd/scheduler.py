@@ -216,12 +216,21 @@ class Scheduler(Service):
         try:
             yield self._deliver(queueId, record)
         except Exception:
-            # Keep the message: retry later with what the envelope says.
-            log.failure("{queue_id}: attempt crashed; will retry", queue_id=queueId)
+            # Keep the message: retry later with what its envelope on disk
+            # says.  If even recording that fails (a full disk), leave it in
+            # active/ and come back to it there: never drop it from the index.
+            log.failure("{queue_id}: attempt failed; will retry", queue_id=queueId)
             when = self.clock.seconds() + self.retryInitial
-            record["next_attempt"] = when
-            yield self.spool.update(queueId, "active", record, "deferred")
-            self._schedule(queueId, "deferred", when)
+            try:
+                onDisk = yield self.spool.read(queueId, "active")
+                onDisk["next_attempt"] = when
+                yield self.spool.update(queueId, "active", onDisk, "deferred")
+            except Exception:
+                log.failure("{queue_id}: cannot reschedule on disk; retrying from active/",
+                            queue_id=queueId)
+                self._schedule(queueId, "active", when)
+            else:
+                self._schedule(queueId, "deferred", when)
 
     @inlineCallbacks
     def _deliver(self, queueId: str, record: dict[str, Any]) -> Any:

@@ -306,6 +306,31 @@ class SchedulerTests(unittest.TestCase):
         self.assertEqual(len(self.deliverer.calls), 6)
 
 
+    @defer.inlineCallbacks
+    def test_updateFailureKeepsMessage(self):
+        """Recording the outcome fails: the message is kept and retried."""
+        real = self.spool.update
+        failures = [OSError(28, "No space left on device")] * 2
+
+        def update(*args, **kwargs):
+            if failures:
+                return defer.fail(failures.pop())
+            return real(*args, **kwargs)
+
+        self.spool.update = update
+        self.deliverer.script["b@example.org"] = ["deferred", "delivered"]
+        yield self.start()
+        queueId = yield self.submit()
+        yield self.settle()
+        self.assertEqual(self.spool.entries("active"), [queueId])
+        self.assertEqual(self.scheduler._state[queueId], "active")
+        self.clock.advance(301)
+        yield self.settle()
+        self.assertEqual(len(self.deliverer.calls), 2)
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+        self.flushLoggedErrors(OSError)
+
+
 def test_backoff():
     rng = random.Random(3)
     delays = [backoff(n, 300, 4200, rng) for n in range(1, 8)]
@@ -313,3 +338,4 @@ def test_backoff():
         nominal = min(300 * 2 ** (n - 1), 4200)
         assert 0.9 * nominal <= delay <= 1.1 * nominal
     assert delays[-1] <= 4200 * 1.1
+
