@@ -97,9 +97,7 @@ class _Zone:
             auth=True,
         )
 
-    def answer(
-        self, name: str, qtype: int
-    ) -> tuple[int, list[dns.RRHeader], list[dns.RRHeader]]:
+    def answer(self, name: str, qtype: int) -> tuple[int, list[dns.RRHeader], list[dns.RRHeader]]:
         """
         Answer one question: C{(rCode, answers, authority)}.
         """
@@ -296,9 +294,7 @@ class DNSServer:
             if not rrsets:
                 self._zone.records.pop(name, None)
 
-    def setMX(
-        self, domain: str, records: list[tuple[int, str]], ttl: int | None = None
-    ) -> None:
+    def setMX(self, domain: str, records: list[tuple[int, str]], ttl: int | None = None) -> None:
         """
         Replace the MX records of C{domain} with C{(preference, exchange)}
         pairs; an exchange of C{"."} is the root (RFC 7505 null MX).  An
@@ -307,10 +303,7 @@ class DNSServer:
         self._set(
             domain,
             dns.MX,
-            [
-                dns.Record_MX(pref, _normalize(host).encode("ascii"))
-                for pref, host in records
-            ],
+            [dns.Record_MX(pref, _normalize(host).encode("ascii")) for pref, host in records],
             ttl,
         )
 
@@ -334,9 +327,7 @@ class DNSServer:
         Replace the TXT records of C{name} (one record per string, e.g. an
         SPF policy); an empty list removes them.
         """
-        self._set(
-            name, dns.TXT, [dns.Record_TXT(t.encode("utf-8")) for t in texts], ttl
-        )
+        self._set(name, dns.TXT, [dns.Record_TXT(t.encode("utf-8")) for t in texts], ttl)
 
     def setServfail(self, name: str, servfail: bool = True) -> None:
         """

@@ -423,9 +423,7 @@ class SinkServer:
     """
 
     def __init__(self) -> None:
-        self.rcptReply: (
-            dict[str, tuple[int, str]] | Callable[[str], tuple[int, str] | None]
-        ) = {}
+        self.rcptReply: dict[str, tuple[int, str]] | Callable[[str], tuple[int, str] | None] = {}
         self.dataReply: tuple[int, str] | None = None
         self.dataCommandReply: tuple[int, str] | None = None
         self.refuse: dict[str, tuple[int, str]] = {}
@@ -464,9 +462,7 @@ class SinkServer:
         """
         self.tlsOptions = tlsOptions
         self.users = users
-        self._listening = reactor.listenTCP(
-            port, _SinkFactory(self), interface=interface
-        )
+        self._listening = reactor.listenTCP(port, _SinkFactory(self), interface=interface)
         self.port = int(self._listening.getHost().port)
         return self.port
 

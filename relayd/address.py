@@ -84,9 +84,7 @@ def _parseMailbox(text: str, allowPostmaster: bool) -> Address:
         raise AddressError("address must be local@domain")
     if len(local.encode()) > MAX_LOCAL or not _LOCAL.match(local):
         raise AddressError("bad local part")
-    if len(domain) > MAX_DOMAIN or not (
-        _DOMAIN.match(domain) or _LITERAL.match(domain)
-    ):
+    if len(domain) > MAX_DOMAIN or not (_DOMAIN.match(domain) or _LITERAL.match(domain)):
         raise AddressError("bad domain")
     return Address(local, domain)
 

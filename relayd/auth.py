@@ -36,6 +36,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
+
 from relayd.safeio import writeAtomically
 
 __all__ = [
@@ -75,9 +76,9 @@ _BCRYPT_HASH = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
 # which is all an unknown user's attempt needs.  Making it costs one cost-4
 # hash (about a millisecond) at import, instead of a full-cost hash on the
 # reactor thread at every reload.
-_DUMMY_SALT_AND_DIGEST = bcrypt.hashpw(
-    os.urandom(32).hex().encode("ascii"), bcrypt.gensalt(4)
-)[7:].decode("ascii")
+_DUMMY_SALT_AND_DIGEST = bcrypt.hashpw(os.urandom(32).hex().encode("ascii"), bcrypt.gensalt(4))[
+    7:
+].decode("ascii")
 
 
 class IMailUser(Interface):
@@ -164,9 +165,7 @@ def _parseUsers(path: str, data: bytes) -> dict[str, str]:
             continue
         username, sep, hashed = line.partition(":")
         if not sep:
-            raise UsersFileError(
-                path, f"line {number}: expected 'user:bcrypt-hash', found no ':'"
-            )
+            raise UsersFileError(path, f"line {number}: expected 'user:bcrypt-hash', found no ':'")
         try:
             checkUsername(username)
         except ValueError as e:
@@ -182,8 +181,7 @@ def _parseUsers(path: str, data: bytes) -> dict[str, str]:
         if username in users:
             raise UsersFileError(
                 path,
-                f"line {number}: user {username!r} already defined on line "
-                f"{firstSeen[username]}",
+                f"line {number}: user {username!r} already defined on line {firstSeen[username]}",
             )
         users[username] = hashed.strip()
         firstSeen[username] = number
@@ -306,8 +304,7 @@ class UsersFile:
             users, signature = _readUsersFile(self.path)
         except UsersFileError as e:
             _log.error(
-                "Users file not reloaded, keeping the {count} users loaded "
-                "before: {problem}",
+                "Users file not reloaded, keeping the {count} users loaded before: {problem}",
                 count=len(self._users),
                 problem=str(e),
             )
@@ -395,7 +392,8 @@ class UsersFileChecker:
         self._threadpool = threadpool
         self._reactor = reactor
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
+    # Twisted annotates avatar ids as bytes; relayd's are the user name as str.
+    def requestAvatarId(self, credentials: Any) -> Deferred[str]:  # type: ignore[override]
         """
         Verify C{credentials} in the thread pool.
 
@@ -435,7 +433,8 @@ class Realm:
     that is the user name as a C{str}.
     """
 
-    def requestAvatar(
+    # Twisted annotates avatar ids as bytes; UsersFileChecker gives str.
+    def requestAvatar(  # type: ignore[override]
         self, avatarId: str | bytes, mind: object, *interfaces: Any
     ) -> tuple[Any, str, Callable[[], None]]:
         if IMailUser not in interfaces:
@@ -502,9 +501,7 @@ def _replaceUser(lines: Iterable[bytes], username: str, newLine: str) -> bytes:
     return b"".join(out)
 
 
-def setPassword(
-    path: str, user: str, password: str, rounds: int = DEFAULT_ROUNDS
-) -> None:
+def setPassword(path: str, user: str, password: str, rounds: int = DEFAULT_ROUNDS) -> None:
     """
     Set C{user}'s password in the users file at C{path}, adding the user
     if needed and creating the file (mode 0o600) if missing.

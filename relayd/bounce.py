@@ -202,16 +202,12 @@ class RecipientStatus:
 
     def __post_init__(self) -> None:
         if self.action not in _ACTIONS:
-            raise ValueError(
-                f"action must be 'failed' or 'delayed', not {self.action!r}"
-            )
+            raise ValueError(f"action must be 'failed' or 'delayed', not {self.action!r}")
         m = _STATUS.match(self.status)
         if m is None:
             raise ValueError(f"bad enhanced status code {self.status!r}")
         if m.group(1) not in _ACTIONS[self.action]:
-            raise ValueError(
-                f"status {self.status} does not go with action {self.action}"
-            )
+            raise ValueError(f"status {self.status} does not go with action {self.action}")
         _checkText("recipient address", self.address)
         if self.remoteMTA is not None:
             _checkText("remote MTA", self.remoteMTA, ascii=True)
@@ -311,9 +307,7 @@ def makeDSN(
         raise ValueError("the report needs a recipient")
 
     allDelayed = all(r.action == "delayed" for r in recipients)
-    original, originalType, originalEncoding = _original(
-        originalPath, returnFull, maxOriginal
-    )
+    original, originalType, originalEncoding = _original(originalPath, returnFull, maxOriginal)
     text = _explanation(
         reportingMTA=reportingMTA,
         sender=sender,
@@ -480,8 +474,7 @@ def _xtext(address: str) -> str:
     if address.isascii():
         return f"rfc822; {address}"
     encoded = "".join(
-        c if "!" <= c <= "~" and c not in "\\+=" else f"\\x{{{ord(c):02X}}}"
-        for c in address
+        c if "!" <= c <= "~" and c not in "\\+=" else f"\\x{{{ord(c):02X}}}" for c in address
     )
     return f"utf-8; {encoded}"
 
@@ -514,9 +507,7 @@ def _deliveryStatus(
         if recipient.remoteMTA:
             block += _fold("Remote-MTA", f"dns; {recipient.remoteMTA}")
         if recipient.diagnostic:
-            block += _fold(
-                "Diagnostic-Code", f"smtp; {_sevenBit(recipient.diagnostic)}"
-            )
+            block += _fold("Diagnostic-Code", f"smtp; {_sevenBit(recipient.diagnostic)}")
         if recipient.lastAttempt is not None:
             block.append(f"Last-Attempt-Date: {_date(recipient.lastAttempt)}")
         if recipient.action == "delayed" and retryUntil is not None:
@@ -557,8 +548,7 @@ def _explanation(
     elif forPostmaster:
         paragraphs.append(
             (
-                "This report goes to the postmaster; the message's sender "
-                f"is <{sender}>.",
+                f"This report goes to the postmaster; the message's sender is <{sender}>.",
                 False,
             )
         )

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+
 from relayd.safeio import writeAtomically
 
 __all__ = [
@@ -139,9 +140,7 @@ def _build(
         # accepts a certificate made a moment ago.
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(
-            x509.BasicConstraints(ca=isCA, path_length=pathLength), critical=True
-        )
+        .add_extension(x509.BasicConstraints(ca=isCA, path_length=pathLength), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(publicKey), False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuerKey.public_key()),
@@ -306,9 +305,7 @@ def _read(path: str, what: str) -> bytes:
     except IsADirectoryError:
         raise CertificateError(path, f"{what} file is a directory") from None
     except OSError as e:
-        raise CertificateError(
-            path, f"cannot read {what} file: {e.strerror or e}"
-        ) from None
+        raise CertificateError(path, f"cannot read {what} file: {e.strerror or e}") from None
 
 
 def _loadChain(path: str) -> list[x509.Certificate]:
@@ -319,18 +316,12 @@ def _loadChain(path: str) -> list[x509.Certificate]:
     """
     data = _read(path, "certificate")
     if _CERT_MARKER not in data:
-        raise CertificateError(
-            path, "no PEM certificate found (expected BEGIN CERTIFICATE)"
-        )
+        raise CertificateError(path, "no PEM certificate found (expected BEGIN CERTIFICATE)")
     try:
         chain = x509.load_pem_x509_certificates(data)
     except ValueError:
-        raise CertificateError(
-            path, "a PEM certificate in the file is corrupt"
-        ) from None
-    for number, (cert, issuer) in enumerate(
-        zip(chain[:-1], chain[1:], strict=True), start=1
-    ):
+        raise CertificateError(path, "a PEM certificate in the file is corrupt") from None
+    for number, (cert, issuer) in enumerate(zip(chain[:-1], chain[1:], strict=True), start=1):
         try:
             cert.verify_directly_issued_by(issuer)
         except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
@@ -345,9 +336,7 @@ def _loadChain(path: str) -> list[x509.Certificate]:
 def _loadKey(path: str) -> PrivateKeyTypes:
     data = _read(path, "key")
     if not any(marker in data for marker in _KEY_MARKERS):
-        raise CertificateError(
-            path, "no PEM private key found (expected BEGIN PRIVATE KEY)"
-        )
+        raise CertificateError(path, "no PEM private key found (expected BEGIN PRIVATE KEY)")
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -414,9 +403,7 @@ def loadServerOptions(certPath: str, keyPath: str) -> CertificateOptions:
             )
             options.getContext()
     except (SSL.Error, crypto.Error, ValueError, TypeError) as e:
-        raise CertificateError(
-            certPath, f"OpenSSL refused the certificate or key: {e}"
-        ) from None
+        raise CertificateError(certPath, f"OpenSSL refused the certificate or key: {e}") from None
     return options
 
 
@@ -429,15 +416,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Make a self-signed certificate and key for development.",
     )
     parser.add_argument("--hostname", required=True, help="name the certificate is for")
-    parser.add_argument(
-        "--cert", required=True, metavar="PATH", help="certificate file to write"
-    )
+    parser.add_argument("--cert", required=True, metavar="PATH", help="certificate file to write")
     parser.add_argument(
         "--key", required=True, metavar="PATH", help="key file to write (mode 0600)"
     )
-    parser.add_argument(
-        "--days", type=int, default=365, help="validity in days (default 365)"
-    )
+    parser.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     return parser
 

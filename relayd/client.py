@@ -384,8 +384,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         try:
             connection = self.transport.getHandle()
             self._tlsInfo = (
-                f"{connection.get_protocol_version_name()} "
-                f"{connection.get_cipher_name()}"
+                f"{connection.get_protocol_version_name()} {connection.get_cipher_name()}"
             )
         except Exception:
             self._tlsInfo = "TLS"
@@ -419,9 +418,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                 "4.7.5",
                 f"TLS handshake with {self.peer} failed: {_tlsError(reason)}",
             )
-        return Reply.local(
-            451, "4.4.2", f"lost connection with {self.peer} while {self._stage}"
-        )
+        return Reply.local(451, "4.4.2", f"lost connection with {self.peer} while {self._stage}")
 
     def timeoutConnection(self) -> None:
         """No reply (or no progress sending data) in time: give up on the peer."""
@@ -517,9 +514,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             self._serverClosing = reply
             self._broken = True
         if not self._waiting:
-            log.info(
-                "{peer}: unexpected reply: {reply}", peer=self.peer, reply=str(reply)
-            )
+            log.info("{peer}: unexpected reply: {reply}", peer=self.peer, reply=str(reply))
             self._broken = True
             assert self.transport is not None
             self.transport.loseConnection()
@@ -546,9 +541,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         self._waiting.append(waiter)
         return waiter.deferred
 
-    def _commands(
-        self, commands: list[tuple[bytes, str, float]]
-    ) -> list[Deferred[Reply]]:
+    def _commands(self, commands: list[tuple[bytes, str, float]]) -> list[Deferred[Reply]]:
         """
         Send commands in one write and queue their replies: C{(line, stage,
         timeout)} each, where C{stage} names the wait in error texts.
@@ -567,9 +560,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
     # --- session set-up --------------------------------------------------
 
     @inlineCallbacks
-    def _open(
-        self, greeting: Deferred[Reply]
-    ) -> Generator[Deferred[Any], Any, SMTPClient]:
+    def _open(self, greeting: Deferred[Reply]) -> Generator[Deferred[Any], Any, SMTPClient]:
         """
         Greeting, EHLO, STARTTLS, EHLO, AUTH: everything before the first
         MAIL.  Raises L{HopFailure} when this hop will not do.
@@ -581,16 +572,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         mode = self.hop.tls
         if mode != "none":
             if "STARTTLS" in self.extensions:
-                reply = yield self._command(
-                    b"STARTTLS", "sending STARTTLS", self.timeouts.helo
-                )
+                reply = yield self._command(b"STARTTLS", "sending STARTTLS", self.timeouts.helo)
                 if reply.code == 220:
                     self._startTLS()
                     yield self._hello()
                     self.tls = self._tlsInfo or "TLS"
-                    log.info(
-                        "{peer}: TLS established: {tls}", peer=self.peer, tls=self.tls
-                    )
+                    log.info("{peer}: TLS established: {tls}", peer=self.peer, tls=self.tls)
                 elif mode != "opportunistic":
                     raise _refused(reply, self.peer, "refused STARTTLS")
                 else:
@@ -618,9 +605,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         elif not failure.check(HopFailure):
             log.failure("{peer}: session set-up failed", failure, peer=self.peer)
             failure = Failure(
-                HopFailure(
-                    Reply.local(451, "4.3.0", f"internal error talking to {self.peer}")
-                )
+                HopFailure(Reply.local(451, "4.3.0", f"internal error talking to {self.peer}"))
             )
         self.quit()
         return failure
@@ -635,16 +620,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             self.extensions = _extensions(reply.lines[1:])
             return
         if reply.code // 100 == 5:
-            reply = yield self._command(
-                b"HELO " + name, "sending HELO", self.timeouts.helo
-            )
+            reply = yield self._command(b"HELO " + name, "sending HELO", self.timeouts.helo)
             if reply.code // 100 == 2:
                 self.esmtp = False
                 self.extensions = {}
                 return
-        raise _refused(
-            reply, self.peer, "refused to talk to me", "in reply to EHLO/HELO"
-        )
+        raise _refused(reply, self.peer, "refused to talk to me", "in reply to EHLO/HELO")
 
     def _startTLS(self) -> None:
         """
@@ -660,9 +641,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         self.extensions = {}
         self._tlsStarted = True
         if self.hop.tls == "verify":
-            trustRoot = (
-                self.trustRoot if self.trustRoot is not None else platformTrust()
-            )
+            trustRoot = self.trustRoot if self.trustRoot is not None else platformTrust()
             options: Any = optionsForClientTLS(self.hop.host, trustRoot=trustRoot)
         else:
             options = CertificateOptions()
@@ -711,9 +690,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                 )
             )
         if reply.code != 235:
-            raise _refused(
-                reply, self.peer, "refused authentication", "in reply to AUTH"
-            )
+            raise _refused(reply, self.peer, "refused authentication", "in reply to AUTH")
 
     # --- transactions ----------------------------------------------------
 
@@ -909,9 +886,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
     def _readFailed(self, error: OSError) -> None:
         """The spool file could not be read mid-message: never end the data."""
         self._producer = None
-        self._abort(
-            Reply.local(451, "4.3.0", f"error reading queue file: {error.strerror}")
-        )
+        self._abort(Reply.local(451, "4.3.0", f"error reading queue file: {error.strerror}"))
 
 
 def _extensions(lines: tuple[str, ...]) -> dict[str, str]:
@@ -946,9 +921,7 @@ def _refused(reply: Reply, peer: str, what: str, context: str = "") -> HopFailur
         enhanced = "4.0.0"
     code = reply.code - 100 if reply.code // 100 == 5 else 451
     suffix = f" ({context})" if context else ""
-    return HopFailure(
-        Reply.local(code, enhanced, f"host {peer} {what}: {reply}{suffix}")
-    )
+    return HopFailure(Reply.local(code, enhanced, f"host {peer} {what}: {reply}{suffix}"))
 
 
 def _unexpected(reply: Reply, peer: str, command: str) -> Reply:

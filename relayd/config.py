@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 __all__ = [
     "ConfigError",
@@ -158,6 +159,7 @@ TLS_MODES = ("none", "opportunistic", "required", "verify")
 def _port(value: Any) -> str | None:
     return None if 0 < value < 65536 else "must be a port number (1-65535)"
 
+
 _SCHEMA: dict[str, dict[str, _Key]] = {
     "server": {
         "hostname": _Key(str),
@@ -254,7 +256,7 @@ _TYPE_NAMES = {
 
 
 def _typeName(kind: type | tuple[type, ...]) -> str:
-    return _TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind)))  # type: ignore[arg-type]
+    return _TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind)))
 
 
 def _checkTable(
@@ -328,9 +330,9 @@ def load(path: str) -> Config:
 def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
     """Check and freeze an already parsed TOML document (see L{load})."""
     known = set(_SCHEMA) | {"listeners", "policies", "routes"}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(path, key, f"unknown section (known: {', '.join(sorted(known))})")
+    for section in raw:
+        if section not in known:
+            raise ConfigError(path, section, f"unknown section (known: {', '.join(sorted(known))})")
     sections: dict[str, dict[str, Any]] = {}
     for name, schema in _SCHEMA.items():
         table = raw.get(name, {})
@@ -364,18 +366,20 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
     if cert is not None and key is not None:
         _readable(path, "tls.certificate", cert)
         _readable(path, "tls.key", key)
-    needsTls = [l for l in listeners if l.mode in ("submission", "submissions")]
+    needsTls = [lc for lc in listeners if lc.mode in ("submission", "submissions")]
     if needsTls and cert is None:
         raise ConfigError(
-            path, "tls.certificate",
-            f"listener {needsTls[0].name!r} ({needsTls[0].mode}) needs TLS: set [tls] certificate and key",
+            path,
+            "tls.certificate",
+            f"listener {needsTls[0].name!r} ({needsTls[0].mode}) needs TLS: "
+            "set [tls] certificate and key",
         )
 
     auth = sections["auth"]
     usersFile = _resolve(base, auth["users_file"])
     if usersFile is not None:
         _readable(path, "auth.users_file", usersFile)
-    if any(l.mode != "relay" for l in listeners) and usersFile is None:
+    if any(lc.mode != "relay" for lc in listeners) and usersFile is None:
         raise ConfigError(
             path, "auth.users_file", "submission listeners need AUTH: set [auth] users_file"
         )
@@ -393,14 +397,19 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
             raise ConfigError(path, f"policies.{name}", "must be a table")
 
     spool, limits, timeouts, policy = (
-        sections["spool"], sections["limits"], sections["timeouts"], sections["policy"],
+        sections["spool"],
+        sections["limits"],
+        sections["timeouts"],
+        sections["policy"],
     )
     delivery = sections["delivery"]
     caFile = _resolve(base, delivery["ca_file"])
     if caFile is not None:
         _readable(path, "delivery.ca_file", caFile)
     if delivery["retry_max"] < delivery["retry_initial"]:
-        raise ConfigError(path, "delivery.retry_max", "must not be less than delivery.retry_initial")
+        raise ConfigError(
+            path, "delivery.retry_max", "must not be less than delivery.retry_initial"
+        )
     routes = _routes(path, base, raw.get("routes", []))
     return Config(
         path=path,
@@ -463,9 +472,11 @@ def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
             raise ConfigError(path, prefix[:-1], "must be a table ([[routes]])")
         values = _checkTable(path, prefix, table, _ROUTE)
         if not values["domains"]:
-            raise ConfigError(path, prefix + "domains", "must name at least one domain (or \"*\")")
+            raise ConfigError(path, prefix + "domains", 'must name at least one domain (or "*")')
         if not values["hops"]:
-            raise ConfigError(path, prefix + "hops", "at least one [[routes.hops]] table is required")
+            raise ConfigError(
+                path, prefix + "hops", "at least one [[routes.hops]] table is required"
+            )
         hops = []
         for j, hop in enumerate(values["hops"]):
             hprefix = f"{prefix}hops[{j}]."
@@ -475,7 +486,9 @@ def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
             password = h["password"]
             if h["password_file"] is not None:
                 if password is not None:
-                    raise ConfigError(path, hprefix + "password_file", "give password or password_file, not both")
+                    raise ConfigError(
+                        path, hprefix + "password_file", "give password or password_file, not both"
+                    )
                 file = _resolve(base, h["password_file"]) or ""
                 _readable(path, hprefix + "password_file", file)
                 with open(file, encoding="utf-8") as f:
@@ -483,7 +496,11 @@ def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
             if (h["username"] is None) != (password is None):
                 raise ConfigError(path, hprefix + "username", "username and password go together")
             if h["username"] is not None and h["tls"] == "none":
-                raise ConfigError(path, hprefix + "tls", "AUTH needs TLS: credentials are never sent in plain text")
+                raise ConfigError(
+                    path,
+                    hprefix + "tls",
+                    "AUTH needs TLS: credentials are never sent in plain text",
+                )
             hops.append(NextHopConfig(h["host"], h["port"], h["tls"], h["username"], password))
         routes.append(Route(tuple(d.lower() for d in values["domains"]), tuple(hops)))
     return tuple(routes)

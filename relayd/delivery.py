@@ -164,9 +164,7 @@ def _connectError(hop: Hop, failure: Failure) -> Reply:
         why = "address lookup failed"
     else:
         why = failure.getErrorMessage()
-    return Reply.local(
-        451, "4.4.1", f"connect to {hop.host}[{hop.address}]:{hop.port}: {why}"
-    )
+    return Reply.local(451, "4.4.1", f"connect to {hop.host}[{hop.address}]:{hop.port}: {why}")
 
 
 @dataclass
@@ -238,14 +236,10 @@ class Deliverer:
         @return: a Deferred that always fires with an L{AttemptResult},
             never an error.
         """
-        d = self._attempt(
-            destination, sender, list(recipients), dataPath, size, queueId
-        )
+        d = self._attempt(destination, sender, list(recipients), dataPath, size, queueId)
 
         def unexpected(failure: Failure) -> AttemptResult:
-            log.failure(
-                "{queue_id}: delivery attempt failed", failure, queue_id=queueId
-            )
+            log.failure("{queue_id}: delivery attempt failed", failure, queue_id=queueId)
             reply = Reply.local(451, "4.3.0", "internal error in relayd's delivery")
             return self._result(recipients, reply, None, None)
 
@@ -290,13 +284,9 @@ class Deliverer:
         cached = self._takeIdle(destination)
         if cached is not None:
             hop, client = cached
-            transaction = yield client.send(
-                sender, recipients, dataPath, size, eightBit
-            )
+            transaction = yield client.send(sender, recipients, dataPath, size, eightBit)
             if not transaction.stale:
-                return self._finished(
-                    client, hop, recipients, transaction, queueId, True
-                )
+                return self._finished(client, hop, recipients, transaction, queueId, True)
             log.info(
                 "{queue_id}: cached connection to {peer} is gone; connecting afresh",
                 queue_id=queueId,
@@ -322,9 +312,7 @@ class Deliverer:
                     # to report than a refused connection elsewhere.
                     failure = (hop, e)
                 continue
-            transaction = yield client.send(
-                sender, recipients, dataPath, size, eightBit
-            )
+            transaction = yield client.send(sender, recipients, dataPath, size, eightBit)
             return self._finished(client, hop, recipients, transaction, queueId, False)
 
         if failure is None:
@@ -346,17 +334,13 @@ class Deliverer:
 
         @raise HopFailure: when the hop cannot take mail.
         """
-        client = SMTPClient(
-            hop, self.heloName, self.timeouts, self.reactor, self._trustRoot
-        )
+        client = SMTPClient(hop, self.heloName, self.timeouts, self.reactor, self._trustRoot)
         try:
             isV6 = ipaddress.ip_address(hop.address.split("%", 1)[0]).version == 6
         except ValueError:
             isV6 = False
         endpointType = TCP6ClientEndpoint if isV6 else TCP4ClientEndpoint
-        endpoint = endpointType(
-            self.reactor, hop.address, hop.port, timeout=self.timeouts.connect
-        )
+        endpoint = endpointType(self.reactor, hop.address, hop.port, timeout=self.timeouts.connect)
         connecting = connectProtocol(endpoint, client)
         self._connecting.add(connecting)
         try:
@@ -424,9 +408,7 @@ class Deliverer:
             tls,
         )
 
-    def _log(
-        self, queueId: str | None, result: AttemptResult, reused: bool = False
-    ) -> None:
+    def _log(self, queueId: str | None, result: AttemptResult, reused: bool = False) -> None:
         hop = result.hop
         relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop is not None else "none"
         # Debug level: the scheduler writes the operator's delivery log line

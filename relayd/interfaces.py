@@ -9,7 +9,14 @@ other than C{CONTINUE} ends the phase (see L{relayd.policy}).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from relayd.spool import IncomingMessage
 
 __all__ = [
     "IPolicy",
@@ -30,7 +37,7 @@ class IPolicy(Interface):
 
 
 class IConnectionPolicy(IPolicy):
-    def checkConnection(session):
+    def checkConnection(session: Any) -> Any:
         """
         Called when a client connects, before the greeting.  ACCEPT lets the
         session go on without asking later connection policies; REJECT and
@@ -39,12 +46,12 @@ class IConnectionPolicy(IPolicy):
 
 
 class IHeloPolicy(IPolicy):
-    def checkHelo(session, name):
+    def checkHelo(session: Any, name: str) -> Any:
         """Called on EHLO/HELO with the name given."""
 
 
 class ISenderPolicy(IPolicy):
-    def checkSender(session, envelope, sender):
+    def checkSender(session: Any, envelope: Any, sender: Any) -> Any:
         """
         Called on MAIL FROM after syntax and size checks.  C{envelope} is the
         transaction about to start; C{sender} is an L{relayd.address.Address}.
@@ -52,7 +59,7 @@ class ISenderPolicy(IPolicy):
 
 
 class IRecipientPolicy(IPolicy):
-    def checkRecipient(session, envelope, recipient):
+    def checkRecipient(session: Any, envelope: Any, recipient: Any) -> Any:
         """
         Called on each RCPT TO.  Relaying is denied by default: unless some
         recipient policy answers ACCEPT, the recipient gets C{554 5.7.1}.
@@ -60,7 +67,7 @@ class IRecipientPolicy(IPolicy):
 
 
 class IMessagePolicy(IPolicy):
-    def checkMessage(session, envelope, message):
+    def checkMessage(session: Any, envelope: Any, message: Any) -> Any:
         """
         Called at the end of DATA, before the message is committed to the
         spool.  C{message} is a L{relayd.envelope.Message}.
@@ -70,22 +77,22 @@ class IMessagePolicy(IPolicy):
 class ISpool(Interface):
     """The durable queue between receiving and sending."""
 
-    def reserveOk(size):
+    def reserveOk(size: int) -> bool:
         """
         Return True when the spool has room for C{size} more octets above
         the configured free-space reserve.  Must not block (cached value).
         """
 
-    def newQueueId():
+    def newQueueId() -> str:
         """Return a new unique, sortable queue id (str)."""
 
-    def openMessage(queueId):
+    def openMessage(queueId: str) -> IncomingMessage:
         """
         Start a message: return an L{IncomingMessage} (a writable binary file
         under C{tmp/}).  Removing it with C{discard()} leaves no trace.
         """
 
-    def commit(incoming, envelope):
+    def commit(incoming: IncomingMessage, envelope: dict[str, Any]) -> Deferred[str]:
         """
         Make the message durable: fsync data and JSON envelope, rename into
         the queue, fsync the directories, all off the reactor thread.
@@ -97,7 +104,7 @@ class ISpool(Interface):
 class IMXResolver(Interface):
     """DNS lookups for routing (L{relayd.routing.MXResolver})."""
 
-    def lookupMX(domain):
+    def lookupMX(domain: str) -> Deferred[list[tuple[int, str]]]:
         """
         Return a Deferred firing with C{[(preference, host), ...]} as the
         server gave them (a null MX has host C{"."}), or failing with
@@ -105,6 +112,5 @@ class IMXResolver(Interface):
         L{relayd.routing.TemporaryDNSError}.
         """
 
-    def lookupAddresses(host):
+    def lookupAddresses(host: str) -> Deferred[list[str]]:
         """Return a Deferred firing with the host's IPv4 then IPv6 addresses."""
-

@@ -11,8 +11,9 @@ wrongly refuses it.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Any, Sequence
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import Logger
@@ -115,7 +116,9 @@ class PolicyChain:
         def call() -> Any:
             answer = getattr(policy, method)(*args)
             if not isinstance(answer, Deferred) and inspect.isawaitable(answer):
-                return ensureDeferred(answer)
+                # Any: ensureDeferred takes coroutines only; another awaitable
+                # makes it raise, which counts as a policy failure (below).
+                return ensureDeferred(cast(Any, answer))
             return answer
 
         d = maybeDeferred(call)
@@ -186,7 +189,8 @@ def loadPolicies(config: Config) -> list[Any]:
         phases = [p for p in PHASES if p in providedBy(policy).flattened()]
         if not phases:
             raise ConfigError(
-                config.path, "policy.chain",
+                config.path,
+                "policy.chain",
                 f"policy {name!r} provides none of the policy interfaces",
             )
         for phase in phases:
@@ -195,7 +199,8 @@ def loadPolicies(config: Config) -> list[Any]:
             except Invalid as e:
                 problem = " ".join(str(e).split())
                 raise ConfigError(
-                    config.path, "policy.chain",
+                    config.path,
+                    "policy.chain",
                     f"policy {name!r} does not implement {phase.__name__}: {problem}",
                 ) from None
         policies.append(policy)

@@ -17,10 +17,6 @@ Two pieces:
 
 from __future__ import annotations
 
-from zope.interface import implementer
-
-from relayd.interfaces import IMXResolver
-
 import ipaddress
 import random as randomModule
 from collections.abc import Sequence
@@ -36,6 +32,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from relayd.interfaces import IMXResolver
 
 __all__ = [
     "Hop",
@@ -327,9 +326,7 @@ class MXResolver:
         if literal is not None:
             return succeed([literal])
         lookups = [self._lookup("A", host), self._lookup("AAAA", host)]
-        return DeferredList(lookups, consumeErrors=True).addCallback(
-            self._combineAddresses
-        )
+        return DeferredList(lookups, consumeErrors=True).addCallback(self._combineAddresses)
 
     def _combineAddresses(self, results: list[tuple[bool, Any]]) -> list[str]:
         """
@@ -379,9 +376,9 @@ class MXResolver:
             waiting.append(result)
             return result
         self._waiting[key] = [result]
-        deferToThreadPool(
-            self._reactor, self._pool, self._query, rdtype, name, qname
-        ).addBoth(self._answered, key)
+        deferToThreadPool(self._reactor, self._pool, self._query, rdtype, name, qname).addBoth(
+            self._answered, key
+        )
         return result
 
     def _query(
@@ -393,17 +390,13 @@ class MXResolver:
         @return: C{(records, None, ttl)} or C{(None, error, ttl)}.
         """
         try:
-            answer = self._resolver.resolve(
-                qname, rdtype, search=False, raise_on_no_answer=True
-            )
+            answer = self._resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=True)
         except dns.resolver.NXDOMAIN as e:
             responses = list(e.kwargs.get("responses", {}).values())
             return (
                 None,
                 NXDOMAIN(name, rdtype, "no such domain"),
-                _negativeTTL(
-                    responses[0] if responses else None, self.defaultNegativeTTL
-                ),
+                _negativeTTL(responses[0] if responses else None, self.defaultNegativeTTL),
             )
         except dns.resolver.NoAnswer as e:
             response = e.kwargs.get("response")
@@ -527,9 +520,7 @@ def _addressLiteral(domain: str) -> str:
             return str(ipaddress.IPv6Address(inner[5:]))
         return str(ipaddress.IPv4Address(inner))
     except ValueError:
-        raise RoutingError(
-            True, "5.1.2", f"unusable address literal {domain}"
-        ) from None
+        raise RoutingError(True, "5.1.2", f"unusable address literal {domain}") from None
 
 
 class Router:
@@ -610,9 +601,7 @@ class Router:
         except Exception as e:
             # A bug: defer the mail rather than lose or bounce it.
             log.failure("Routing {domain} failed unexpectedly", domain=domain)
-            raise RoutingError(
-                False, "4.3.0", f"internal error routing {domain}"
-            ) from e
+            raise RoutingError(False, "4.3.0", f"internal error routing {domain}") from e
 
     async def _configuredRoute(self, index: int, domain: str) -> Destination:
         """
@@ -622,9 +611,7 @@ class Router:
         past a host whose DNS is broken.
         """
         configs = self.routes[index].hops
-        resolved = await gatherResults(
-            [self._addressesOrError(config.host) for config in configs]
-        )
+        resolved = await gatherResults([self._addressesOrError(config.host) for config in configs])
         hops: list[Hop] = []
         problems: list[str] = []
         for config, result in zip(configs, resolved, strict=True):
@@ -687,9 +674,7 @@ class Router:
             # the mail would loop.
             hosts = [(pref, host) for pref, host in hosts if pref < min(local)]
             if not hosts:
-                raise RoutingError(
-                    True, "5.4.6", f"mail for {domain} loops back to myself"
-                )
+                raise RoutingError(True, "5.4.6", f"mail for {domain} loops back to myself")
 
         names = [host for _, host in hosts]
         resolved = await gatherResults([self._addressesOrError(h) for h in names])

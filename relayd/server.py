@@ -34,8 +34,9 @@ import errno
 import ipaddress
 import secrets
 import time
+from collections.abc import Callable
 from email.utils import formatdate
-from typing import Any, Callable
+from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -189,7 +190,7 @@ class ConnectionLimits:
             self.byClient.pop(client, None)
 
 
-class SMTPFactory(ServerFactory):
+class SMTPFactory(ServerFactory["SMTPServer"]):
     """
     Builds L{SMTPServer} sessions for one listener.
 
@@ -261,6 +262,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     """LF, so a bare LF is seen at once; never use C{sendLine} (it would send it)."""
     MAX_LENGTH = AUTH_LINE
     factory: SMTPFactory
+    # The TCP transport, or TLSMemoryBIOProtocol for STARTTLS and port 465:
+    # ITransport plus ITLSTransport.startTLS and getHandle, which no single
+    # interface declares.  Set by makeConnection before any method runs.
+    transport: Any
 
     def __init__(self) -> None:
         self.state = "connect"
@@ -531,7 +536,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 self.transport.write(f"250 {hostname}\r\n".encode())
                 return
             lines = [hostname] + self._extensions()
-            out = [f"250-{l}" for l in lines[:-1]] + [f"250 {lines[-1]}"]
+            out = [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
             self.transport.write("\r\n".join(out).encode() + b"\r\n")
 
         d.addCallback(decided)
@@ -711,7 +716,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 return
             self.fail(535, "5.7.8", "Error: authentication failed")
             if self._authFailures >= f.config.authMaxFailures and self.state != "closed":
-                self.reply(421, "4.7.0", f"{f.config.hostname} Error: too many authentication failures")
+                self.reply(
+                    421, "4.7.0", f"{f.config.hostname} Error: too many authentication failures"
+                )
                 self._close()
             self._release()
 
@@ -873,7 +880,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         lines = [f"Received: from {session.helo} ({literal})"]
         if session.tls:
             lines.append(f"\t(using {session.tlsVersion} with cipher {session.tlsCipher})")
-        lines.append(f"\tby {self.factory.config.hostname} (relayd) with {protocol} id {envelope.queueId}")
+        lines.append(
+            f"\tby {self.factory.config.hostname} (relayd) with {protocol} id {envelope.queueId}"
+        )
         stamp = formatdate(time.time(), localtime=False)
         if len(envelope.recipients) == 1:
             lines.append(f"\tfor <{envelope.recipients[0]}>; {stamp}")
@@ -926,7 +935,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
         def committed(queueId: str) -> None:
             log.info(
-                "{queue_id}: queued from=<{sender}> nrcpt={nrcpt} size={size} user={user} client=[{client}] session={session_id}",
+                "{queue_id}: queued from=<{sender}> nrcpt={nrcpt} size={size} user={user} "
+                "client=[{client}] session={session_id}",
                 queue_id=queueId,
                 sender=str(envelope.sender),
                 nrcpt=len(envelope.recipients),
@@ -1043,7 +1053,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     def smtp_HELP(self, argument: str) -> None:
         self.reply(
-            214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+            214,
+            "2.0.0",
+            "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
         )
 
 

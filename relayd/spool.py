@@ -323,9 +323,7 @@ class Spool(Service):
         """
         os.makedirs(self.directory, mode=_DIRECTORY_MODE, exist_ok=True)
         for name in ("tmp", "data") + STATES:
-            os.makedirs(
-                os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True
-            )
+            os.makedirs(os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True)
         fsyncDirectory(self.directory)
         self._recover()
         self._freeBytes = self._statFreeBytes()
@@ -435,9 +433,7 @@ class Spool(Service):
         """
         now = max(time.time_ns() // 1000, self._lastIdTime + 1)
         self._lastIdTime = now
-        suffix = "".join(
-            secrets.choice(_ID_ALPHABET) for _ in range(_ID_SUFFIX_LENGTH)
-        )
+        suffix = "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_SUFFIX_LENGTH))
         return f"{now:013X}{suffix}"
 
     def openMessage(self, queueId: str) -> IncomingMessage:
@@ -503,7 +499,9 @@ class Spool(Service):
         pending.record = record
         self._busy += 1
         d = self._inPool(self._prepare, pending)
-        d.addCallbacks(self._prepared, self._prepareFailed, (pending,), None, (pending,))
+        d.addCallbacks(
+            self._prepared, self._prepareFailed, callbackArgs=(pending,), errbackArgs=(pending,)
+        )
         return pending.deferred
 
     def _prepare(self, pending: _PendingCommit) -> None:
@@ -556,7 +554,9 @@ class Spool(Service):
             queue_ids=[p.queueId for p in batch],
         )
         d = self._inPool(self._runBatch, batch)
-        d.addCallbacks(self._batchDone, self._batchFailed, (batch,), None, (batch,))
+        d.addCallbacks(
+            self._batchDone, self._batchFailed, callbackArgs=(batch,), errbackArgs=(batch,)
+        )
 
     def _runBatch(self, batch: list[_PendingCommit]) -> list[Failure | None]:
         """
@@ -632,7 +632,7 @@ class Spool(Service):
     def _batchDone(self, results: list[Failure | None], batch: list[_PendingCommit]) -> None:
         """Back on the reactor thread: fire every Deferred of the batch."""
         self._batchRunning = False
-        for pending, failure in zip(batch, results):
+        for pending, failure in zip(batch, results, strict=False):
             self._finish(pending, failure)
         self._maybeStartBatch()
 
@@ -708,7 +708,8 @@ class Spool(Service):
             if not name.endswith(".json"):
                 continue
             newer = [
-                state for state in ("incoming", "deferred", "hold")
+                state
+                for state in ("incoming", "deferred", "hold")
                 if os.path.exists(os.path.join(self.directory, state, name))
             ]
             if newer:
@@ -939,7 +940,9 @@ class Spool(Service):
         tmp = os.path.join(self._tmp, f"{queueId}.json.{secrets.token_hex(4)}")
 
         def update() -> None:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), _FILE_MODE
+            )
             try:
                 try:
                     _writeAll(fd, payload)
@@ -1007,4 +1010,3 @@ class Spool(Service):
         except OSError:
             return fail()
         return self.commit(incoming, record)
-

@@ -100,8 +100,10 @@ class TestSetup:
             f.write(caCert)
         cert, key = issueCertificate(caCert, caKey, "localhost", ipAddresses=("127.0.0.1",))
         writeKeyPair(
-            os.path.join(self.directory, "cert.pem"), os.path.join(self.directory, "key.pem"),
-            cert, key,
+            os.path.join(self.directory, "cert.pem"),
+            os.path.join(self.directory, "key.pem"),
+            cert,
+            key,
         )
         self.usersPath = os.path.join(self.directory, "users")
         setPassword(self.usersPath, DEMO_USER, DEMO_PASSWORD, rounds=4)
@@ -216,8 +218,13 @@ class SMTPClient:
     reply and returns C{(code, [lines])}.
     """
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0,
-                 context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        timeout: float = 10.0,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         self.sock: Any = socket.create_connection((host, port), timeout=timeout)
         if context is not None:
             self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
@@ -279,14 +286,19 @@ class PostfixSink:
     then the message with LF line ends).  C{scripts/test} installs it.
     """
 
-    def __init__(self, directory: str, hostname: str = "postfix-sink.test",
-                 extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, directory: str, hostname: str = "postfix-sink.test", extra: tuple[str, ...] = ()
+    ) -> None:
         import shutil
         import subprocess
         import time
 
         binary = next(
-            (p for p in (shutil.which("smtp-sink"), "/usr/sbin/smtp-sink") if p and os.path.exists(p)),
+            (
+                p
+                for p in (shutil.which("smtp-sink"), "/usr/sbin/smtp-sink")
+                if p and os.path.exists(p)
+            ),
             None,
         )
         if binary is None:

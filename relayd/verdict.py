@@ -63,16 +63,12 @@ class Verdict:
             raise ValueError(f"reply code must be 2xx-5xx, not {self.code!r}")
         want = _CLASS[self.action]
         if str(self.code)[0] != want:
-            raise ValueError(
-                f"{self.action.value} needs a {want}xx code, not {self.code}"
-            )
+            raise ValueError(f"{self.action.value} needs a {want}xx code, not {self.code}")
         m = _ENHANCED.match(self.enhanced or "")
         if not m:
             raise ValueError(f"bad enhanced status code {self.enhanced!r}")
         if m.group(1) != want:
-            raise ValueError(
-                f"enhanced code {self.enhanced} does not match reply {self.code}"
-            )
+            raise ValueError(f"enhanced code {self.enhanced} does not match reply {self.code}")
         if "\r" in self.text or "\n" in self.text:
             raise ValueError("verdict text must be a single line")
 
@@ -85,9 +81,7 @@ class Verdict:
 CONTINUE = Verdict(Action.CONTINUE)
 
 
-def accept(
-    code: int = 250, enhanced: str = "2.0.0", text: str = "Ok"
-) -> Verdict:
+def accept(code: int = 250, enhanced: str = "2.0.0", text: str = "Ok") -> Verdict:
     """Accept the phase now: later policies of this phase are not asked."""
     return Verdict(Action.ACCEPT, code, enhanced, text)
 

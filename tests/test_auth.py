@@ -155,12 +155,8 @@ class UsersFileTests(SynchronousTestCase):
 
     def assertMalformed(self, lineNumber: int, *lines: str) -> UsersFileError:
         writeUsers(self.path, *lines)
-        e: UsersFileError = self.assertRaises(
-            UsersFileError, UsersFile, self.path, self.clock
-        )
-        self.assertTrue(
-            e.problem.startswith(f"line {lineNumber}: "), f"unexpected: {e}"
-        )
+        e: UsersFileError = self.assertRaises(UsersFileError, UsersFile, self.path, self.clock)
+        self.assertTrue(e.problem.startswith(f"line {lineNumber}: "), f"unexpected: {e}")
         self.assertTrue(str(e).startswith(f"{self.path}: line {lineNumber}: "))
         self.assertNotIn(self.hash, str(e))
         return e
@@ -336,8 +332,7 @@ class SetPasswordTests(SynchronousTestCase):
         other = hashPassword("x", ROUNDS)
         old = hashPassword("old", ROUNDS)
         before = (
-            f"# users of relay\r\n\nbob:{other}\r\nalice:{old}\n"
-            f"  # trailing comment\ncarol:{other}"
+            f"# users of relay\r\n\nbob:{other}\r\nalice:{old}\n  # trailing comment\ncarol:{other}"
         ).encode("ascii")
         with open(self.path, "wb") as f:
             f.write(before)
@@ -407,9 +402,7 @@ class SetPasswordTests(SynchronousTestCase):
         """
         writeUsers(self.path, "# x", "nonsense")
         before = readBytes(self.path)
-        e = self.assertRaises(
-            UsersFileError, setPassword, self.path, "alice", "secret", ROUNDS
-        )
+        e = self.assertRaises(UsersFileError, setPassword, self.path, "alice", "secret", ROUNDS)
         self.assertIn("line 2", str(e))
         self.assertEqual(readBytes(self.path), before)
 
@@ -467,9 +460,7 @@ class CheckerTests(TestCase):
         The right password gives the user name as a str, for bytes (as
         from the wire) and str credentials alike.
         """
-        avatarId = yield self.checker.requestAvatarId(
-            UsernamePassword(b"alice", b"secret")
-        )
+        avatarId = yield self.checker.requestAvatarId(UsernamePassword(b"alice", b"secret"))
         self.assertEqual(avatarId, "alice")
         self.assertIsInstance(avatarId, str)
         avatarId = yield self.checker.requestAvatarId(
@@ -531,9 +522,7 @@ class CheckerTests(TestCase):
         writeUsers(self.path, "bob:$2y$" + hashed[4:], "carol:$2a$" + hashed[4:])
         self.clock.advance(1)
         for user in (b"bob", b"carol"):
-            avatarId = yield self.checker.requestAvatarId(
-                UsernamePassword(user, b"secret")
-            )
+            avatarId = yield self.checker.requestAvatarId(UsernamePassword(user, b"secret"))
             self.assertEqual(avatarId, user.decode())
             d = self.checker.requestAvatarId(UsernamePassword(user, b"wrong"))
             yield self.assertFailure(d, UnauthorizedLogin)
@@ -553,9 +542,7 @@ class CheckerTests(TestCase):
         )
         self.assertIn(b"dan:$2y$04$", readBytes(self.path))
         self.clock.advance(1)
-        avatarId = yield self.checker.requestAvatarId(
-            UsernamePassword(b"dan", b"pass word")
-        )
+        avatarId = yield self.checker.requestAvatarId(UsernamePassword(b"dan", b"pass word"))
         self.assertEqual(avatarId, "dan")
 
     @inlineCallbacks
@@ -582,20 +569,14 @@ class CheckerTests(TestCase):
         """
         setPassword(self.path, "alice", "changed", ROUNDS)
         setPassword(self.path, "bob", "bobpw", ROUNDS)
-        avatarId = yield self.checker.requestAvatarId(
-            UsernamePassword(b"alice", b"secret")
-        )
+        avatarId = yield self.checker.requestAvatarId(UsernamePassword(b"alice", b"secret"))
         self.assertEqual(avatarId, "alice", "reloaded before the interval")
         self.clock.advance(1)
         d = self.checker.requestAvatarId(UsernamePassword(b"alice", b"secret"))
         yield self.assertFailure(d, UnauthorizedLogin)
-        avatarId = yield self.checker.requestAvatarId(
-            UsernamePassword(b"alice", b"changed")
-        )
+        avatarId = yield self.checker.requestAvatarId(UsernamePassword(b"alice", b"changed"))
         self.assertEqual(avatarId, "alice")
-        avatarId = yield self.checker.requestAvatarId(
-            UsernamePassword(b"bob", b"bobpw")
-        )
+        avatarId = yield self.checker.requestAvatarId(UsernamePassword(b"bob", b"bobpw"))
         self.assertEqual(avatarId, "bob")
 
     def test_constructorErrors(self) -> None:
@@ -604,13 +585,9 @@ class CheckerTests(TestCase):
         L{UsersFileError}.
         """
         missing = tempPath(self)
-        self.assertRaises(
-            UsersFileError, UsersFileChecker, missing, self.pool, self.reactor
-        )
+        self.assertRaises(UsersFileError, UsersFileChecker, missing, self.pool, self.reactor)
         writeUsers(missing, "x")
-        e = self.assertRaises(
-            UsersFileError, UsersFileChecker, missing, self.pool, self.reactor
-        )
+        e = self.assertRaises(UsersFileError, UsersFileChecker, missing, self.pool, self.reactor)
         self.assertIn("line 1", str(e))
 
     @inlineCallbacks
@@ -633,12 +610,8 @@ class CheckerTests(TestCase):
         """
         The realm only provides L{IMailUser}.
         """
-        self.assertRaises(
-            NotImplementedError, auth.Realm().requestAvatar, "alice", None, Interface
-        )
-        self.assertEqual(
-            auth.Realm().requestAvatar(b"alice", None, IMailUser)[1], "alice"
-        )
+        self.assertRaises(NotImplementedError, auth.Realm().requestAvatar, "alice", None, Interface)
+        self.assertEqual(auth.Realm().requestAvatar(b"alice", None, IMailUser)[1], "alice")
 
 
 class PasswdCommandTests(TestCase):
@@ -649,9 +622,7 @@ class PasswdCommandTests(TestCase):
     def setUp(self) -> None:
         self.path = tempPath(self)
 
-    def runPasswd(
-        self, *args: str, stdin: bytes = b""
-    ) -> subprocess.CompletedProcess[bytes]:
+    def runPasswd(self, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
             [sys.executable, "-m", "relayd.passwd", *args],
             input=stdin,
@@ -708,23 +679,17 @@ class PasswdCommandTests(TestCase):
         An empty password and a malformed file fail with status 1 and one
         line on standard error.
         """
-        result = self.runPasswd(
-            "--rounds", "4", "--stdin", self.path, "alice", stdin=b"\n"
-        )
+        result = self.runPasswd("--rounds", "4", "--stdin", self.path, "alice", stdin=b"\n")
         self.assertEqual(result.returncode, 1)
         self.assertIn("password is empty", self.assertOneLineError(result))
 
         writeUsers(self.path, "ok", "")
-        result = self.runPasswd(
-            "--rounds", "4", "--stdin", self.path, "alice", stdin=b"pw\n"
-        )
+        result = self.runPasswd("--rounds", "4", "--stdin", self.path, "alice", stdin=b"pw\n")
         self.assertEqual(result.returncode, 1)
         self.assertIn(f"{self.path}: line 1:", self.assertOneLineError(result))
 
         missingDir = os.path.join(tempPath(self), "users")
-        result = self.runPasswd(
-            "--rounds", "4", "--stdin", missingDir, "alice", stdin=b"pw\n"
-        )
+        result = self.runPasswd("--rounds", "4", "--stdin", missingDir, "alice", stdin=b"pw\n")
         self.assertEqual(result.returncode, 1)
         self.assertIn(missingDir, self.assertOneLineError(result))
 
@@ -735,13 +700,9 @@ class PasswdCommandTests(TestCase):
         answers = iter(["one", "two"])
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
-        status = passwd.main(
-            ["--rounds", "4", self.path, "alice"], ask=lambda p: next(answers)
-        )
+        status = passwd.main(["--rounds", "4", self.path, "alice"], ask=lambda p: next(answers))
         self.assertEqual(status, 1)
-        self.assertEqual(
-            stderr.getvalue(), "relayd-passwd: the passwords do not match\n"
-        )
+        self.assertEqual(stderr.getvalue(), "relayd-passwd: the passwords do not match\n")
         self.assertFalse(os.path.exists(self.path))
 
         prompts = []

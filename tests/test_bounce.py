@@ -189,9 +189,7 @@ def test_headers(original: Path) -> None:
     assert message["Auto-Submitted"] == "auto-replied"
     assert message["MIME-Version"] == "1.0"
     assert parsedate_to_datetime(message["Date"]).timestamp() == NOW
-    assert re.match(
-        r"^<0A1B2C3D\.[^@<> ]+@relay\.example\.org>$", message["Message-ID"]
-    )
+    assert re.match(r"^<0A1B2C3D\.[^@<> ]+@relay\.example\.org>$", message["Message-ID"])
 
 
 def test_messageIdUnique(original: Path) -> None:
@@ -372,9 +370,7 @@ def test_longDiagnosticFolded(original: Path) -> None:
     """
     words = " ".join(f"word{i}" for i in range(400))
     reply = "550-5.7.1 first line\r\n550 5.7.1 " + words
-    recipient = RecipientStatus(
-        "bob@example.net", "failed", "5.7.1", "mx.example.net", reply, None
-    )
+    recipient = RecipientStatus("bob@example.net", "failed", "5.7.1", "mx.example.net", reply, None)
     data = dsn(original, recipients=[recipient])
     statusPart = data.split(b"Diagnostic-Code:", 1)[1].split(b"\r\n\r\n", 1)[0]
     assert statusPart.count(b"\r\n ") > 10
@@ -390,9 +386,7 @@ def test_longUnbrokenDiagnostic(original: Path) -> None:
     hold is cut so that no line exceeds 998 octets.
     """
     reply = "550 " + "x" * 5000
-    recipient = RecipientStatus(
-        "bob@example.net", "failed", "5.0.0", "mx.example.net", reply, None
-    )
+    recipient = RecipientStatus("bob@example.net", "failed", "5.0.0", "mx.example.net", reply, None)
     data = dsn(original, recipients=[recipient], returnFull=True)
     block = statusBlocks(parse(data))[1]
     assert block["Diagnostic-Code"].replace(" ", "") == "smtp;550" + "x" * 5000
@@ -443,9 +437,7 @@ def test_eightBitHeadersOnly(tmp_path: Path) -> None:
     the report stays 7-bit and needs no 8BITMIME; decoding it gives back
     the original octets.
     """
-    headers = (
-        b"From: =?utf-8?q?x?= <a@example.org>\r\nSubject: Gr\xc3\xbc\xc3\x9fe \xff\r\n"
-    )
+    headers = b"From: =?utf-8?q?x?= <a@example.org>\r\nSubject: Gr\xc3\xbc\xc3\x9fe \xff\r\n"
     path = tmp_path / "8bit"
     path.write_bytes(headers + b"\r\nBody \xc3\xa9\r\n")
     data = dsn(path)
@@ -528,9 +520,7 @@ def test_boundaryNotInContent(
     contain it (RFC 2046 section 5.1.1).
     """
     counter = itertools.count()
-    monkeypatch.setattr(
-        bounce.secrets, "token_hex", lambda n=32: f"{next(counter):0{2 * n}x}"
-    )
+    monkeypatch.setattr(bounce.secrets, "token_hex", lambda n=32: f"{next(counter):0{2 * n}x}")
     firstBoundary = "=_0A1B2C3D." + "0" * 24
     path = tmp_path / "evil"
     path.write_bytes(b"Subject: x\r\n\r\n--" + firstBoundary.encode() + b"\r\n")

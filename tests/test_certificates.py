@@ -86,14 +86,10 @@ class MakeTests(SynchronousTestCase):
         not a CA, and its key is unencrypted PEM that matches it.
         """
         certPem, keyPem = makeSelfSigned("localhost", days=10)
-        self.assertEqual(
-            alternativeNames(certPem), (["localhost"], ["127.0.0.1", "::1"])
-        )
+        self.assertEqual(alternativeNames(certPem), (["localhost"], ["127.0.0.1", "::1"]))
         cert = x509.load_pem_x509_certificate(certPem)
         self.assertEqual(cert.subject, cert.issuer)
-        self.assertFalse(
-            cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        )
+        self.assertFalse(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
         lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
         self.assertTrue(10 <= lifetime.days <= 11, lifetime)
         key = serialization.load_pem_private_key(keyPem, password=None)
@@ -105,12 +101,8 @@ class MakeTests(SynchronousTestCase):
         Another host name gets no IP address; an IP address given as host
         name goes in as an IP address, not a DNS name.
         """
-        self.assertEqual(
-            alternativeNames(makeSelfSigned("mx.example")[0]), (["mx.example"], [])
-        )
-        self.assertEqual(
-            alternativeNames(makeSelfSigned("192.0.2.7")[0]), ([], ["192.0.2.7"])
-        )
+        self.assertEqual(alternativeNames(makeSelfSigned("mx.example")[0]), (["mx.example"], []))
+        self.assertEqual(alternativeNames(makeSelfSigned("192.0.2.7")[0]), ([], ["192.0.2.7"]))
 
     def test_issue(self) -> None:
         """
@@ -119,18 +111,14 @@ class MakeTests(SynchronousTestCase):
         """
         caCert, caKey = makeCA("Test CA")
         ca = x509.load_pem_x509_certificate(caCert)
-        self.assertTrue(
-            ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        )
+        self.assertTrue(ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
         certPem, _ = issueCertificate(
             caCert,
             caKey,
             "mx.example",
             [ipaddress.ip_address("192.0.2.1"), "2001:db8::1"],
         )
-        self.assertEqual(
-            alternativeNames(certPem), (["mx.example"], ["192.0.2.1", "2001:db8::1"])
-        )
+        self.assertEqual(alternativeNames(certPem), (["mx.example"], ["192.0.2.1", "2001:db8::1"]))
         x509.load_pem_x509_certificate(certPem).verify_directly_issued_by(ca)
 
     def test_writeKeyPair(self) -> None:
@@ -191,12 +179,8 @@ class LoadServerOptionsTests(SynchronousTestCase):
         loadServerOptions(both, both)
 
     def test_missing(self) -> None:
-        self.assertProblem(
-            self.path("nope.pem"), self.keyPath, self.path("nope.pem"), "not found"
-        )
-        self.assertProblem(
-            self.certPath, self.path("nope.pem"), self.path("nope.pem"), "not found"
-        )
+        self.assertProblem(self.path("nope.pem"), self.keyPath, self.path("nope.pem"), "not found")
+        self.assertProblem(self.certPath, self.path("nope.pem"), self.path("nope.pem"), "not found")
 
     def test_directory(self) -> None:
         self.assertProblem(self.directory, self.keyPath, self.directory, "directory")
@@ -212,21 +196,15 @@ class LoadServerOptionsTests(SynchronousTestCase):
         A file that is not PEM, or swapped certificate and key, are told
         apart from corrupt PEM.
         """
-        der = x509.load_pem_x509_certificate(self.certPem).public_bytes(
-            serialization.Encoding.DER
-        )
+        der = x509.load_pem_x509_certificate(self.certPem).public_bytes(serialization.Encoding.DER)
         self.assertProblem(
             self.path("c.der", der),
             self.keyPath,
             self.path("c.der"),
             "no PEM certificate",
         )
-        self.assertProblem(
-            self.keyPath, self.certPath, self.keyPath, "no PEM certificate"
-        )
-        self.assertProblem(
-            self.certPath, self.certPath, self.certPath, "no PEM private key"
-        )
+        self.assertProblem(self.keyPath, self.certPath, self.keyPath, "no PEM certificate")
+        self.assertProblem(self.certPath, self.certPath, self.certPath, "no PEM private key")
         corrupt = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
         self.assertProblem(
             self.path("bad.pem", corrupt), self.keyPath, self.path("bad.pem"), "corrupt"
@@ -272,9 +250,7 @@ class LoadServerOptionsTests(SynchronousTestCase):
         options = loadServerOptions(chainPath, keyPath)
         self.assertEqual(len(options.extraCertChain), 1)
         # The root may be included at the end.
-        loadServerOptions(
-            self.path("full.pem", leafCert + intermediate[0] + root[0]), keyPath
-        )
+        loadServerOptions(self.path("full.pem", leafCert + intermediate[0] + root[0]), keyPath)
         wrong = self.path("wrong.pem", leafCert + root[0] + intermediate[0])
         self.assertProblem(
             wrong,
@@ -332,9 +308,7 @@ class CommandTests(SynchronousTestCase):
         """
         self.assertEqual(self.runCommand("--hostname", "localhost").returncode, 2)
         missing = os.path.join(tempDir(self), "no", "cert.pem")
-        result = self.runCommand(
-            "--hostname", "x", "--cert", missing, "--key", missing + ".key"
-        )
+        result = self.runCommand("--hostname", "x", "--cert", missing, "--key", missing + ".key")
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr.count(b"\n"), 1)
         self.assertNotIn(b"Traceback", result.stderr)
@@ -389,9 +363,7 @@ def _legacyContext(server: bool) -> ssl.SSLContext:
     """
 
     def make() -> ssl.SSLContext:
-        context = ssl.SSLContext(
-            ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT
-        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1
         context.maximum_version = ssl.TLSVersion.TLSv1_1
         context.set_ciphers("DEFAULT:@SECLEVEL=0")
@@ -493,9 +465,7 @@ class HandshakeTests(TestCase):
         return pool
 
     @inlineCallbacks
-    def twistedClient(
-        self, port: int, caPem: bytes, hostname: str = "localhost"
-    ) -> Any:
+    def twistedClient(self, port: int, caPem: bytes, hostname: str = "localhost") -> Any:
         """
         Connect with Twisted's client TLS, verifying the server against
         C{caPem} for C{hostname}.
@@ -543,9 +513,7 @@ class HandshakeTests(TestCase):
         """
         intermediate = makeCA("relayd test intermediate", signedBy=self.ca)
         leafCert, leafKey = issueCertificate(*intermediate, "localhost")
-        chainPath = writeFile(
-            os.path.join(self.directory, "chain.pem"), leafCert + intermediate[0]
-        )
+        chainPath = writeFile(os.path.join(self.directory, "chain.pem"), leafCert + intermediate[0])
         writeFile(self.keyPath, leafKey)
         port = yield self.listen(chainPath)
         version = yield self.twistedClient(port, self.ca[0])

@@ -19,9 +19,7 @@ def reference(message: bytes) -> bytes:
     lines = message.split(b"\r\n")
     if lines[-1] == b"":
         lines.pop()
-    stuffed = b"".join(
-        (b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines
-    )
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
     return stuffed + b".\r\n"
 
 
@@ -52,9 +50,7 @@ class DotStufferTests(unittest.TestCase):
         """A "." on the very first line is stuffed: the message starts a line."""
         self.check(b".\r\n", [])
         self.assertEqual(stuffInChunks(b".\r\n", []), b"..\r\n.\r\n")
-        self.assertEqual(
-            stuffInChunks(b".hidden\r\nx\r\n", []), b"..hidden\r\nx\r\n.\r\n"
-        )
+        self.assertEqual(stuffInChunks(b".hidden\r\nx\r\n", []), b"..hidden\r\nx\r\n.\r\n")
 
     def test_firstChunkIsJustDot(self):
         self.assertEqual(stuffInChunks(b".\r\n", [1]), b"..\r\n.\r\n")
@@ -113,17 +109,13 @@ class DotStufferTests(unittest.TestCase):
             for offset in range(-4, 5):
                 position = edge + offset  # where the "." goes
                 filler = b"x" * 70 + b"\r\n"
-                head = (filler * (position // len(filler) + 1))[
-                    : position - 2
-                ] + b"\r\n"
+                head = (filler * (position // len(filler) + 1))[: position - 2] + b"\r\n"
                 message = head + b".line\r\n.\r\ntail\r\n"
                 self.assertEqual(message[position : position + 1], b".")
                 for size in (16384, CHUNK_SIZE):
                     cuts = list(range(size, len(message), size))
                     self.check(message, cuts)
-                self.check(
-                    message, [position - 2, position - 1, position, position + 1]
-                )
+                self.check(message, [position - 2, position - 1, position, position + 1])
 
     def test_reuseAfterFinish(self):
         stuffer = DotStuffer()
@@ -149,9 +141,7 @@ class DotStufferTests(unittest.TestCase):
         ]
         for _ in range(3000):
             message = b"".join(rng.choice(tokens) for _ in range(rng.randint(0, 40)))
-            cuts = sorted(
-                rng.randint(0, len(message)) for _ in range(rng.randint(0, 8))
-            )
+            cuts = sorted(rng.randint(0, len(message)) for _ in range(rng.randint(0, 8)))
             wire = stuffInChunks(message, cuts)
             self.assertEqual(wire, reference(message), (message, cuts))
             endsOnlyAtEnd(self, wire)
@@ -161,14 +151,10 @@ class DotStufferTests(unittest.TestCase):
         for _ in range(20):
             lines = []
             for _ in range(rng.randint(1, 3000)):
-                line = bytes(
-                    rng.choice(b"..ab\xe9 ") for _ in range(rng.randint(0, 120))
-                )
+                line = bytes(rng.choice(b"..ab\xe9 ") for _ in range(rng.randint(0, 120)))
                 lines.append(line)
             message = b"\r\n".join(lines) + rng.choice([b"", b"\r\n"])
-            cuts = sorted(
-                rng.sample(range(len(message) + 1), min(len(message) + 1, 30))
-            )
+            cuts = sorted(rng.sample(range(len(message) + 1), min(len(message) + 1, 30)))
             self.assertEqual(stuffInChunks(message, cuts), reference(message))
 
 

@@ -297,9 +297,7 @@ def twistdRuns(
 @pytest.mark.parametrize("case", TWISTD_CASES)
 def test_twistdConfigError(
     case: str,
-    twistdRuns: dict[
-        str, tuple[Path, str, tuple[str, ...], subprocess.CompletedProcess[str]]
-    ],
+    twistdRuns: dict[str, tuple[Path, str, tuple[str, ...], subprocess.CompletedProcess[str]]],
 ) -> None:
     """
     C{twistd -n relayd --config BAD} exits non-zero having printed exactly
@@ -375,14 +373,13 @@ def test_sampleDocumentsEveryKey() -> None:
             )
             if spec.default is not None:
                 assert raw[section][key] == spec.default, (
-                    f"{name} = {raw[section][key]!r} in {SAMPLE}, but its default is {spec.default!r}"
+                    f"{name} = {raw[section][key]!r} in {SAMPLE}, "
+                    f"but its default is {spec.default!r}"
                 )
     for listener in raw["listeners"]:
         assert set(listener) == set(_LISTENER)
     for key in _LISTENER:
-        assert re.search(rf"^#\s+{key}\s", text, re.M), (
-            f"listener key {key} not described"
-        )
+        assert re.search(rf"^#\s+{key}\s", text, re.M), f"listener key {key} not described"
 
 
 def test_sampleLoads(tmp_path: Path, material: dict[str, Path]) -> None:

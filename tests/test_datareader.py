@@ -24,7 +24,7 @@ def feedAll(stream: bytes, chunkSize: int, maxSize=10**9):
 
 def stuff(body: bytes) -> bytes:
     lines = body.split(b"\r\n")
-    return b"\r\n".join(b"." + l if l.startswith(b".") else l for l in lines)
+    return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
 
 
 BODY = b"Subject: x\r\n\r\n.starts with dot\r\n..two dots\r\nplain\r\n.\r\nx.\r\n"

@@ -129,9 +129,7 @@ class DeliveryTestCase(unittest.TestCase):
             f.write(caCert)
         if otherCA:
             caCert, caKey = makeCA("some other CA")
-        cert, key = issueCertificate(
-            caCert, caKey, hostname, ipAddresses=("127.0.0.1",)
-        )
+        cert, key = issueCertificate(caCert, caKey, hostname, ipAddresses=("127.0.0.1",))
         writeKeyPair(self.path("cert.pem"), self.path("key.pem"), cert, key)
         return loadServerOptions(self.path("cert.pem"), self.path("key.pem")), caPath
 
@@ -224,9 +222,7 @@ class DataTests(DeliveryTestCase):
             self.destination(self.hop(sink.port)),
             ["a@example.net", "b@example.net", "c@example.net"],
         )
-        transaction = [
-            c for c in sink.commands if c.line.split()[0] in ("MAIL", "RCPT", "DATA")
-        ]
+        transaction = [c for c in sink.commands if c.line.split()[0] in ("MAIL", "RCPT", "DATA")]
         self.assertEqual(len(transaction), 5)
         self.assertEqual(len({c.read for c in transaction}), 1, transaction)
         self.assertEqual(len(sink.messages), 1)
@@ -245,9 +241,7 @@ class DataTests(DeliveryTestCase):
         )
         self.assertEqual([r.status for r in result.results], ["delivered"] * 2)
         self.assertEqual(sink.pipeliningViolations, 0)
-        transaction = [
-            c for c in sink.commands if c.line.split()[0] in ("MAIL", "RCPT", "DATA")
-        ]
+        transaction = [c for c in sink.commands if c.line.split()[0] in ("MAIL", "RCPT", "DATA")]
         self.assertEqual(len({c.read for c in transaction}), 4)
         self.assertEqual(sink.messages[0].data, data)
 
@@ -261,9 +255,7 @@ class DataTests(DeliveryTestCase):
             self.path("missing"),
             10,
         )
-        self.assertEqual(
-            self.statuses(result), [("a@example.net", "deferred", 451, "4.3.0")]
-        )
+        self.assertEqual(self.statuses(result), [("a@example.net", "deferred", 451, "4.3.0")])
         self.assertIsNone(result.results[0].remoteHost)
         self.assertEqual(sink.connections, 0)
 
@@ -275,9 +267,7 @@ class DataTests(DeliveryTestCase):
         result = yield self.deliver(
             self.deliverer(), self.destination(self.hop(sink.port)), ["a@example.net"]
         )
-        self.assertEqual(
-            self.statuses(result), [("a@example.net", "failed", 552, "5.3.4")]
-        )
+        self.assertEqual(self.statuses(result), [("a@example.net", "failed", 552, "5.3.4")])
         self.assertNotIn("MAIL", sink.verbs())
 
 
@@ -319,9 +309,7 @@ class OutcomeTests(DeliveryTestCase):
             self.destination(self.hop(sink.port)),
             ["later@example.net", "ok@example.net", "nobody@example.net"],
         )
-        self.assertEqual(
-            [r.status for r in result.results], ["deferred", "delivered", "failed"]
-        )
+        self.assertEqual([r.status for r in result.results], ["deferred", "delivered", "failed"])
         self.assertEqual(sink.pipeliningViolations, 0)
 
     @defer.inlineCallbacks
@@ -348,9 +336,7 @@ class OutcomeTests(DeliveryTestCase):
             self.destination(self.hop(sink.port)),
             ["nobody@example.net"],
         )
-        self.assertEqual(
-            self.statuses(result), [("nobody@example.net", "failed", 550, "5.1.1")]
-        )
+        self.assertEqual(self.statuses(result), [("nobody@example.net", "failed", 550, "5.1.1")])
         self.assertEqual(sink.verbs(), ["EHLO", "MAIL", "RCPT", "DATA", "RSET"])
         self.assertEqual(sink.messages, [])
 
@@ -392,9 +378,7 @@ class OutcomeTests(DeliveryTestCase):
         result = yield self.deliver(
             self.deliverer(), self.destination(self.hop(sink.port)), ["a@example.net"]
         )
-        self.assertEqual(
-            self.statuses(result), [("a@example.net", "failed", 554, "5.7.1")]
-        )
+        self.assertEqual(self.statuses(result), [("a@example.net", "failed", 554, "5.7.1")])
         self.assertEqual(result.results[0].text, "spam")
 
     @defer.inlineCallbacks
@@ -404,9 +388,7 @@ class OutcomeTests(DeliveryTestCase):
         result = yield self.deliver(
             self.deliverer(), self.destination(self.hop(sink.port)), ["a@example.net"]
         )
-        self.assertEqual(
-            self.statuses(result), [("a@example.net", "deferred", 452, "4.3.1")]
-        )
+        self.assertEqual(self.statuses(result), [("a@example.net", "deferred", 452, "4.3.1")])
 
     @defer.inlineCallbacks
     def test_421MidSession(self):
@@ -453,9 +435,7 @@ class HopTests(DeliveryTestCase):
         good = self.sink()
         result = yield self.deliver(
             self.deliverer(),
-            self.destination(
-                self.hop(busy.port, host="mx1.example"), self.hop(good.port)
-            ),
+            self.destination(self.hop(busy.port, host="mx1.example"), self.hop(good.port)),
             ["a@example.net"],
         )
         self.assertEqual(result.results[0].status, "delivered")
@@ -504,9 +484,7 @@ class HopTests(DeliveryTestCase):
             self.hop(busy.port, host="mx1.example"),
             self.hop(freePort(), host="mx2.example"),
         ]
-        result = yield self.deliver(
-            self.deliverer(), self.destination(*hops), ["a@example.net"]
-        )
+        result = yield self.deliver(self.deliverer(), self.destination(*hops), ["a@example.net"])
         [r] = result.results
         self.assertEqual(
             (r.status, r.code, r.enhanced, r.text),
@@ -638,9 +616,7 @@ class TLSTests(DeliveryTestCase):
         [message] = sink.messages
         self.assertTrue(message.tls.startswith("TLSv1."))
         self.assertEqual(message.user, "relay")
-        self.assertEqual(
-            sink.verbs(), ["EHLO", "STARTTLS", "EHLO", "AUTH", "MAIL", "RCPT", "DATA"]
-        )
+        self.assertEqual(sink.verbs(), ["EHLO", "STARTTLS", "EHLO", "AUTH", "MAIL", "RCPT", "DATA"])
 
     @defer.inlineCallbacks
     def test_largeMessageOverTLS(self):
@@ -707,9 +683,7 @@ class TLSTests(DeliveryTestCase):
         sink = self.sink(tlsOptions=options)
         result = yield self.deliver(
             self.deliverer(caFile=caPath),
-            self.destination(
-                self.hop(sink.port, tls="verify", host="smarthost.example")
-            ),
+            self.destination(self.hop(sink.port, tls="verify", host="smarthost.example")),
             ["a@example.net"],
         )
         [r] = result.results
@@ -724,9 +698,7 @@ class TLSTests(DeliveryTestCase):
         good = self.sink()
         result = yield self.deliver(
             self.deliverer(caFile=caPath),
-            self.destination(
-                self.hop(bad.port, tls="verify"), self.hop(good.port, tls="none")
-            ),
+            self.destination(self.hop(bad.port, tls="verify"), self.hop(good.port, tls="none")),
             ["a@example.net"],
         )
         self.assertEqual(result.results[0].status, "delivered")
@@ -788,9 +760,7 @@ class TLSTests(DeliveryTestCase):
         sink.authWithoutTLS = True
         for tls in ("none", "opportunistic"):
             hop = self.hop(sink.port, tls=tls, username="relay", password="s3cret")
-            result = yield self.deliver(
-                self.deliverer(), self.destination(hop), ["a@example.net"]
-            )
+            result = yield self.deliver(self.deliverer(), self.destination(hop), ["a@example.net"])
             [r] = result.results
             self.assertEqual((r.status, r.enhanced), ("deferred", "4.7.4"))
             self.assertIn("without TLS", r.text)
@@ -849,9 +819,7 @@ class ReuseTests(DeliveryTestCase):
     def test_idleTimeout(self):
         sink = self.sink()
         deliverer = self.deliverer(idleTimeout=0.2)
-        yield self.deliver(
-            deliverer, self.destination(self.hop(sink.port)), ["a@example.net"]
-        )
+        yield self.deliver(deliverer, self.destination(self.hop(sink.port)), ["a@example.net"])
         self.assertEqual(sink.openConnections, 1)
         yield sleep(0.6)
         self.assertEqual(sink.openConnections, 0)
@@ -892,9 +860,7 @@ class ReuseTests(DeliveryTestCase):
     def test_stopQuitsIdle(self):
         sink = self.sink()
         deliverer = self.deliverer()
-        yield self.deliver(
-            deliverer, self.destination(self.hop(sink.port)), ["a@example.net"]
-        )
+        yield self.deliver(deliverer, self.destination(self.hop(sink.port)), ["a@example.net"])
         self.assertEqual(sink.openConnections, 1)
         yield deliverer.stop()
         self.assertEqual(sink.openConnections, 0)
@@ -927,9 +893,7 @@ class PostfixSinkInteropTests(DeliveryTestCase):
             body,
             sender="s@example.org",
         )
-        self.assertEqual(
-            [(r.status, r.code) for r in result.results], [("delivered", 250)] * 2
-        )
+        self.assertEqual([(r.status, r.code) for r in result.results], [("delivered", 250)] * 2)
         # smtp-sink writes its dump when the session ends.
         deadline = time.monotonic() + 5
         while not os.listdir(dumps) and time.monotonic() < deadline:

@@ -24,7 +24,9 @@ from relayd.testing import DNSServer, InProcessRelayd, SinkServer, TestSetup, fr
 
 BODY = (
     b"Subject: e2e\r\nFrom: a@sender.test\r\n\r\n"
-    b".leading dot\r\n..two dots\r\n.\r\n8-bit \xc3\xa9\xe2\x82\xac\r\n" + b"y" * 998 + b"\r\nend\r\n"
+    b".leading dot\r\n..two dots\r\n.\r\n8-bit \xc3\xa9\xe2\x82\xac\r\n"
+    + b"y" * 998
+    + b"\r\nend\r\n"
 )
 
 
@@ -57,15 +59,25 @@ class DeliveryTestCase(unittest.TestCase):
         directory = tempfile.mkdtemp(prefix="relayd-e2e-")
         self.addCleanup(shutil.rmtree, directory, True)
         delivery = {
-            "enabled": True, "port": self.port, "resolvers": ["127.0.0.1"],
-            "resolver_port": self.dnsPort, "dns_timeout": 2, "retry_initial": 0.5,
-            "retry_max": 1, "lifetime": 60, "delay_warning": 0, "idle_timeout": 0.5,
-            "connect_timeout": 2, "command_timeout": 5, "data_timeout": 5,
+            "enabled": True,
+            "port": self.port,
+            "resolvers": ["127.0.0.1"],
+            "resolver_port": self.dnsPort,
+            "dns_timeout": 2,
+            "retry_initial": 0.5,
+            "retry_max": 1,
+            "lifetime": 60,
+            "delay_warning": 0,
+            "idle_timeout": 0.5,
+            "connect_timeout": 2,
+            "command_timeout": 5,
+            "data_timeout": 5,
         }
         delivery.update(self.delivery)
         self.directory = directory
         self.setup = TestSetup(
-            directory, modes=("relay",),
+            directory,
+            modes=("relay",),
             sections={"delivery": delivery, "server": {"hostname": "relayd.test"}},
         )
         if self.routes:
@@ -162,7 +174,10 @@ class MXTests(DeliveryTestCase):
         self.dns.setA("mx2.example.net", ["127.0.0.3"])
         for i in range(20):
             yield self.send([f"r{i}@example.net"], body=b"Subject: %d\r\n\r\nx\r\n" % i)
-        total = lambda: len(self.sinks["127.0.0.2"].messages) + len(self.sinks["127.0.0.3"].messages)
+
+        def total():
+            return len(self.sinks["127.0.0.2"].messages) + len(self.sinks["127.0.0.3"].messages)
+
         yield self.waitFor(lambda: total() == 20)
         self.assertGreater(len(self.sinks["127.0.0.2"].messages), 0)
         self.assertGreater(len(self.sinks["127.0.0.3"].messages), 0)
@@ -231,8 +246,10 @@ class MXTests(DeliveryTestCase):
         self.dns.setMX("example.net", [(10, "mx1.example.net")])
         self.dns.setA("mx1.example.net", ["127.0.0.2"])
         sink = self.sinks["127.0.0.2"]
-        sink.rcptReply = {"later@example.net": (451, "4.2.0 try later"),
-                          "no@example.net": (550, "5.1.1 unknown")}
+        sink.rcptReply = {
+            "later@example.net": (451, "4.2.0 try later"),
+            "no@example.net": (550, "5.1.1 unknown"),
+        }
         yield self.send(["ok@example.net", "later@example.net", "no@example.net"])
         yield self.waitFor(lambda: sink.messages and self.dsns())
         self.assertEqual(sink.messages[0].recipients, ["ok@example.net"])
@@ -262,10 +279,20 @@ class LifetimeTests(DeliveryTestCase):
 class SmartHostTests(DeliveryTestCase):
     """A route to an upstream smart host with AUTH, verified TLS."""
 
-    routes = [{"domains": ["*"], "hops": [
-        {"host": "smarthost.test", "port": 0, "tls": "verify",
-         "username": "relay", "password": "upstream secret"},
-    ]}]
+    routes = [
+        {
+            "domains": ["*"],
+            "hops": [
+                {
+                    "host": "smarthost.test",
+                    "port": 0,
+                    "tls": "verify",
+                    "username": "relay",
+                    "password": "upstream secret",
+                },
+            ],
+        }
+    ]
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -277,12 +304,18 @@ class SmartHostTests(DeliveryTestCase):
         with open(self.caPath, "wb") as f:
             f.write(ca[0])
         cert, key = issueCertificate(*ca, "smarthost.test")
-        writeKeyPair(os.path.join(self.tlsDir, "c.pem"), os.path.join(self.tlsDir, "k.pem"), cert, key)
+        writeKeyPair(
+            os.path.join(self.tlsDir, "c.pem"), os.path.join(self.tlsDir, "k.pem"), cert, key
+        )
         other = makeCA("someone else")
         bad, badKey = issueCertificate(*other, "smarthost.test")
-        writeKeyPair(os.path.join(self.tlsDir, "b.pem"), os.path.join(self.tlsDir, "bk.pem"), bad, badKey)
+        writeKeyPair(
+            os.path.join(self.tlsDir, "b.pem"), os.path.join(self.tlsDir, "bk.pem"), bad, badKey
+        )
         self.upstreamPort = freePort()
-        self.routes = [dict(self.routes[0], hops=[dict(self.routes[0]["hops"][0], port=self.upstreamPort)])]
+        self.routes = [
+            dict(self.routes[0], hops=[dict(self.routes[0]["hops"][0], port=self.upstreamPort)])
+        ]
         self.delivery = {"ca_file": self.caPath}
         yield super().setUp()
         self.dns.setA("smarthost.test", ["127.0.0.6"])
@@ -291,8 +324,13 @@ class SmartHostTests(DeliveryTestCase):
         sink = SinkServer()
         names = ("c.pem", "k.pem") if good else ("b.pem", "bk.pem")
         options = loadServerOptions(*(os.path.join(self.tlsDir, n) for n in names))
-        sink.start(reactor, interface="127.0.0.6", port=self.upstreamPort, tlsOptions=options,
-                   users={"relay": "upstream secret"})
+        sink.start(
+            reactor,
+            interface="127.0.0.6",
+            port=self.upstreamPort,
+            tlsOptions=options,
+            users={"relay": "upstream secret"},
+        )
         self.addCleanup(sink.stop)
         return sink
 
@@ -335,8 +373,15 @@ class RestartTests(DeliveryTestCase):
         spool.startService()
         for name in ("queued@example.net", "cut-off@example.net"):
             record = envelopeRecord(
-                queueId="", sender="a@sender.test", recipients=[name], arrival=time.time(),
-                size=len(BODY), body="8BITMIME", client="127.0.0.1", helo="h", user=None,
+                queueId="",
+                sender="a@sender.test",
+                recipients=[name],
+                arrival=time.time(),
+                size=len(BODY),
+                body="8BITMIME",
+                client="127.0.0.1",
+                helo="h",
+                user=None,
                 listener="relay",
             )
             queueId = yield spool.submit(record, BODY)
@@ -354,5 +399,7 @@ class RestartTests(DeliveryTestCase):
         yield deferLater(reactor, 1.5, lambda: None)
         delivered = sorted(r for m in sink.messages for r in m.recipients)
         # Nothing lost, nothing sent twice.
-        self.assertEqual(delivered, ["cut-off@example.net", "later@example.net",
-                                     "now@example.net", "queued@example.net"])
+        self.assertEqual(
+            delivered,
+            ["cut-off@example.net", "later@example.net", "now@example.net", "queued@example.net"],
+        )

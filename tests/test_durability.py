@@ -34,9 +34,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -64,11 +65,11 @@ QUEUED_AS = re.compile(r"\bqueued as ([0-9A-Z]+)$")
 TOKEN = re.compile(rb"^X-Durability-Token: (\S+)\r$", re.M)
 
 # The stages of a message, as far as its client knows.
-NEW = "new"          # not started
-MAIL = "mail"        # MAIL sent: the transaction has started
-DATA = "data"        # 354 received; part of the message may have been sent
-ENDED = "ended"      # the final "." is being or has been sent; no reply yet
-QUEUED = "queued"    # 250 received, queue id known
+NEW = "new"  # not started
+MAIL = "mail"  # MAIL sent: the transaction has started
+DATA = "data"  # 354 received; part of the message may have been sent
+ENDED = "ended"  # the final "." is being or has been sent; no reply yet
+QUEUED = "queued"  # 250 received, queue id known
 REFUSED = "refused"  # another reply to the end of data
 IN_FLIGHT = (MAIL, DATA, ENDED)
 
@@ -208,14 +209,25 @@ def makeMessage(rng: random.Random, runId: str, client: int, index: int) -> Sent
         f"X-Durability-Token: {token}".encode(),
     ]
     if eightBit:
-        lines += [b"MIME-Version: 1.0", b"Content-Type: text/plain; charset=utf-8",
-                  b"Content-Transfer-Encoding: 8bit"]
+        lines += [
+            b"MIME-Version: 1.0",
+            b"Content-Type: text/plain; charset=utf-8",
+            b"Content-Transfer-Encoding: 8bit",
+        ]
     lines.append(b"")
 
     def dotLines() -> list[bytes]:
         return rng.sample(
-            [b".", b"..", b"...", b".leading dot", b"..two leading dots", b". ",
-             b".\t.", b"." + randomText(rng, 40).encode()],
+            [
+                b".",
+                b"..",
+                b"...",
+                b".leading dot",
+                b"..two leading dots",
+                b". ",
+                b".\t.",
+                b"." + randomText(rng, 40).encode(),
+            ],
             k=rng.randint(2, 5),
         )
 
@@ -321,7 +333,9 @@ class Traffic:
                 self.queuedCount += 1
             else:
                 message.stage = REFUSED
-                self.errors.append(f"client {message.client}: {message.token} answered {code} {text}")
+                self.errors.append(
+                    f"client {message.client}: {message.token} answered {code} {text}"
+                )
 
     def failed(self, client: int, error: BaseException) -> None:
         with self.lock:
@@ -368,7 +382,7 @@ def runClient(traffic: Traffic, number: int, trickle: bool) -> None:
             if trickle:
                 # Cut at random octets: inside CRLFs, before and after dots.
                 cuts = sorted(rng.sample(range(1, len(stuffed)), k=min(40, len(stuffed) - 1)))
-                for start, end in zip([0] + cuts, cuts + [len(stuffed)]):
+                for start, end in zip([0] + cuts, cuts + [len(stuffed)], strict=False):
                     if traffic.stopping.is_set():
                         return
                     client.send(stuffed[start:end])
@@ -462,7 +476,9 @@ def checkSpool(spool: Path, traffic: Traffic) -> tuple[list[str], dict[str, int]
         found[message.token] = queueId
         if message.stage == QUEUED:
             if message.queueId != queueId:
-                problems.append(f"{where}: {message.token} got 250 as {message.queueId}, not this id")
+                problems.append(
+                    f"{where}: {message.token} got 250 as {message.queueId}, not this id"
+                )
         elif message.stage == ENDED:
             lostReplies += 1
         else:
@@ -472,13 +488,14 @@ def checkSpool(spool: Path, traffic: Traffic) -> tuple[list[str], dict[str, int]
             )
         if body != message.body:
             common = next(
-                (i for i, (a, b) in enumerate(zip(body, message.body)) if a != b),
+                (i for i, (a, b) in enumerate(zip(body, message.body, strict=False)) if a != b),
                 min(len(body), len(message.body)),
             )
             problems.append(
                 f"{where}: {message.token} content differs from what was sent: "
                 f"{len(body)} octets stored, {len(message.body)} sent, first difference at "
-                f"{common}: stored {body[common:common + 60]!r} sent {message.body[common:common + 60]!r}"
+                f"{common}: stored {body[common : common + 60]!r} "
+                f"sent {message.body[common : common + 60]!r}"
             )
         if not isinstance(record, dict):
             continue
@@ -529,8 +546,10 @@ def test_killedRelaydKeepsEveryAcceptedMessage(tmp_path: Path, relaydProcesses: 
     traffic = Traffic(first.port)
     threads = [
         threading.Thread(
-            target=runClient, args=(traffic, number, number == 0),
-            name=f"durability-client-{number}", daemon=True,
+            target=runClient,
+            args=(traffic, number, number == 0),
+            name=f"durability-client-{number}",
+            daemon=True,
         )
         for number in range(FAST_CLIENTS + 1)
     ]
@@ -551,7 +570,9 @@ def test_killedRelaydKeepsEveryAcceptedMessage(tmp_path: Path, relaydProcesses: 
         while True:
             with traffic.lock:
                 trickling = traffic.current.get(0)
-                partial = trickling is not None and trickling.stage == DATA and trickling.chunksSent > 0
+                partial = (
+                    trickling is not None and trickling.stage == DATA and trickling.chunksSent > 0
+                )
                 if partial or traffic.errors or time.monotonic() > deadline:
                     inFlight = [m for m in traffic.messages if m.stage in IN_FLIGHT]
                     stages = {s: traffic.count(s) for s in (MAIL, DATA, ENDED, QUEUED, REFUSED)}
@@ -568,8 +589,12 @@ def test_killedRelaydKeepsEveryAcceptedMessage(tmp_path: Path, relaydProcesses: 
             thread.join(max(0.0, end - time.monotonic()))
 
     assert not [t.name for t in threads if t.is_alive()], "client threads did not finish"
-    assert not traffic.errors, "clients failed before the kill:\n" + "\n".join(traffic.errors) + "\n" + first.log()
-    assert stages[QUEUED] >= MIN_QUEUED, f"only {stages[QUEUED]} messages queued before the kill\n{first.log()}"
+    assert not traffic.errors, (
+        "clients failed before the kill:\n" + "\n".join(traffic.errors) + "\n" + first.log()
+    )
+    assert stages[QUEUED] >= MIN_QUEUED, (
+        f"only {stages[QUEUED]} messages queued before the kill\n{first.log()}"
+    )
     assert partial, f"the trickle client was not mid-DATA at the kill: {stages}"
     assert inFlight, f"no client was in the middle of a transaction at the kill: {stages}"
 
@@ -584,7 +609,9 @@ def test_killedRelaydKeepsEveryAcceptedMessage(tmp_path: Path, relaydProcesses: 
     second.terminate()
     status = second.wait()
     # twistd ends by re-raising the signal it stopped on: -SIGTERM is clean.
-    assert status in (0, -signal.SIGTERM), f"restarted relayd exited with {status} on SIGTERM\n{second.log()}"
+    assert status in (0, -signal.SIGTERM), (
+        f"restarted relayd exited with {status} on SIGTERM\n{second.log()}"
+    )
 
     problems, counts = checkSpool(spool, traffic)
     summary = (

@@ -70,9 +70,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]
         args = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out)]
         args += [] if isolated else ["--no-build-isolation"]
     args.append(str(source))
-    result = subprocess.run(
-        args, capture_output=True, text=True, stdin=subprocess.DEVNULL
-    )
+    result = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
     wheels = list(out.glob("relayd-*.whl"))
     assert len(wheels) == 1, wheels
@@ -119,8 +117,7 @@ def test_entryPoints(wheel: zipfile.ZipFile) -> None:
 def test_installedEntryPoints() -> None:
     """The installed relayd registers its policies where the chain looks."""
     installed = {
-        ep.name: ep.value
-        for ep in importlib.metadata.entry_points(group="relayd.policies")
+        ep.name: ep.value for ep in importlib.metadata.entry_points(group="relayd.policies")
     }
     for name, value in POLICIES.items():
         assert installed.get(name) == value

@@ -80,9 +80,7 @@ class DNSTestCase(unittest.TestCase):
         Wait for C{d} to fail with a L{RoutingError} of that kind; return it.
         """
         error = yield self.assertFailure(d, RoutingError)
-        self.assertEqual(
-            (error.permanent, error.enhanced), (permanent, enhanced), error.text
-        )
+        self.assertEqual((error.permanent, error.enhanced), (permanent, enhanced), error.text)
         return error
 
 
@@ -98,9 +96,7 @@ class MXTests(DNSTestCase):
         (RFC 5321 section 5.1), each address of a host in turn, IPv4 first;
         hops carry the MX port and TLS mode; the key names the domain.
         """
-        self.dnsServer.setMX(
-            "Example.TEST", [(20, "mx2.example.test"), (10, "MX1.example.test")]
-        )
+        self.dnsServer.setMX("Example.TEST", [(20, "mx2.example.test"), (10, "MX1.example.test")])
         self.dnsServer.setA("mx1.example.test", ["127.0.0.1"])
         self.dnsServer.setAAAA("mx1.example.test", ["::1"])
         self.dnsServer.setA("mx2.example.test", ["127.0.0.2"])
@@ -178,9 +174,7 @@ class MXTests(DNSTestCase):
 
         self.dnsServer.setMX("other.test", [(10, "nowhere.other.test")])
         self.dnsServer.setA("other.test", ["127.0.0.9"])
-        error = yield self.assertRoutingError(
-            self.router().route("other.test"), False, "4.4.3"
-        )
+        error = yield self.assertRoutingError(self.router().route("other.test"), False, "4.4.3")
         self.assertIn("nowhere.other.test", error.text)
 
     @inlineCallbacks
@@ -208,9 +202,7 @@ class MXTests(DNSTestCase):
         """
         A domain that does not exist is a permanent failure, 5.1.2.
         """
-        error = yield self.assertRoutingError(
-            self.router().route("nowhere.test"), True, "5.1.2"
-        )
+        error = yield self.assertRoutingError(self.router().route("nowhere.test"), True, "5.1.2")
         self.assertIn("nowhere.test", error.text)
 
     @inlineCallbacks
@@ -222,9 +214,7 @@ class MXTests(DNSTestCase):
         """
         self.dnsServer.setNullMX("nomail.test")
         self.dnsServer.setA("nomail.test", ["127.0.0.1"])
-        yield self.assertRoutingError(
-            self.router().route("nomail.test"), True, "5.1.10"
-        )
+        yield self.assertRoutingError(self.router().route("nomail.test"), True, "5.1.10")
         self.dnsServer.setMX("mixed.test", [(0, "."), (10, "mx.mixed.test")])
         self.dnsServer.setA("mx.mixed.test", ["127.0.0.1"])
         yield self.assertRoutingError(self.router().route("mixed.test"), True, "5.1.10")
@@ -258,9 +248,7 @@ class MXTests(DNSTestCase):
             self.router(resolver=resolver).route("example.test"), False, "4.4.3"
         )
         self.assertIn("example.test", error.text)
-        yield self.assertFailure(
-            resolver.lookupAddresses("host.test"), TemporaryDNSError
-        )
+        yield self.assertFailure(resolver.lookupAddresses("host.test"), TemporaryDNSError)
 
     @inlineCallbacks
     def test_loopRuleDropsOwnPreferenceAndHigher(self):
@@ -281,9 +269,7 @@ class MXTests(DNSTestCase):
             self.dnsServer.setA(f"{host}.example.test", ["127.0.0.1"])
         router = self.router(localNames=["Relay.Example.Test."])
         destination = yield router.route("example.test")
-        self.assertEqual(
-            [hop.host for hop in destination.hops], ["primary.example.test"]
-        )
+        self.assertEqual([hop.host for hop in destination.hops], ["primary.example.test"])
 
     @inlineCallbacks
     def test_loopBackToMyself(self):
@@ -450,9 +436,7 @@ class RouteTests(DNSTestCase):
         """
         self.dnsServer.setA("broken.test", ["127.0.0.1"])
         self.dnsServer.setServfail("broken.test")
-        routes = [
-            Route(("*",), (NextHopConfig("gone.test"), NextHopConfig("broken.test")))
-        ]
+        routes = [Route(("*",), (NextHopConfig("gone.test"), NextHopConfig("broken.test")))]
         error = yield self.assertRoutingError(
             self.router(routes).route("example.com"), False, "4.4.3"
         )
@@ -499,9 +483,7 @@ class MXResolverTests(DNSTestCase):
         yield self.assertFailure(self.resolver.lookupMX("bad.test"), TemporaryDNSError)
         yield self.assertFailure(self.resolver.lookupAddresses("none.test"), NXDOMAIN)
         yield self.assertFailure(self.resolver.lookupAddresses("txt.test"), NoData)
-        yield self.assertFailure(
-            self.resolver.lookupAddresses("bad.test"), TemporaryDNSError
-        )
+        yield self.assertFailure(self.resolver.lookupAddresses("bad.test"), TemporaryDNSError)
         error = yield self.assertFailure(self.resolver.lookupMX("a..test"), NXDOMAIN)
         self.assertEqual((error.name, error.rdtype), ("a..test", "MX"))
 
@@ -558,9 +540,7 @@ class MXResolverTests(DNSTestCase):
         for _ in range(2):
             yield self.assertFailure(self.resolver.lookupMX("none.test"), NXDOMAIN)
             yield self.assertFailure(self.resolver.lookupMX("a.test"), NoData)
-            yield self.assertFailure(
-                self.resolver.lookupMX("bad.test"), TemporaryDNSError
-            )
+            yield self.assertFailure(self.resolver.lookupMX("bad.test"), TemporaryDNSError)
         self.assertEqual(self.dnsServer.queryCount("none.test", "MX"), 1)
         self.assertEqual(self.dnsServer.queryCount("a.test", "MX"), 1)
         self.assertEqual(self.dnsServer.queryCount("bad.test", "MX"), 2)
@@ -575,9 +555,7 @@ class MXResolverTests(DNSTestCase):
         Lookups of one question made while it is under way share its answer.
         """
         self.dnsServer.setMX("example.test", [(10, "mx.example.test")])
-        results = yield gatherResults(
-            [self.resolver.lookupMX("example.test") for _ in range(5)]
-        )
+        results = yield gatherResults([self.resolver.lookupMX("example.test") for _ in range(5)])
         self.assertEqual(results, [[(10, "mx.example.test")]] * 5)
         self.assertEqual(self.dnsServer.queryCount("example.test", "MX"), 1)
 
@@ -655,8 +633,6 @@ class MXResolverStopTests(unittest.TestCase):
         resolver.start()
         resolver.stop()
         resolver.stop()
-        error = yield self.assertFailure(
-            resolver.lookupMX("example.test"), TemporaryDNSError
-        )
+        error = yield self.assertFailure(resolver.lookupMX("example.test"), TemporaryDNSError)
         self.assertEqual(error.reason, "resolver stopped")
         yield self.assertFailure(Router(resolver).route("example.test"), RoutingError)

@@ -196,8 +196,12 @@ class CommandRulesTests(RelaydTestCase):
 
     @defer.inlineCallbacks
     def test_httpRequestsClosed(self):
-        for request in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"POST /x HTTP/1.0\r\n",
-                        b"CONNECT example.org:25 HTTP/1.1\r\n"):
+        for request in (
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /x HTTP/1.0\r\n",
+            b"CONNECT example.org:25 HTTP/1.1\r\n",
+        ):
+
             def dialogue(request=request):
                 c = self.connect()
                 c.send(request)
@@ -232,7 +236,10 @@ class CommandRulesTests(RelaydTestCase):
         def dialogue():
             c = self.connect()
             c.command("EHLO client.test")
-            bad = [c.command(f"MAIL FROM:{a}") for a in ("<a@@b>", "<a b@c>", "<@x>", "<a@-b>", "<ü@x.org>")]
+            bad = [
+                c.command(f"MAIL FROM:{a}")
+                for a in ("<a@@b>", "<a b@c>", "<@x>", "<a@-b>", "<ü@x.org>")
+            ]
             c.command("MAIL FROM:<a@example.org>")
             badr = [c.command(f"RCPT TO:{a}") for a in ("<>", "<x@>", "<x@y..z>", "<x")]
             return bad, badr
@@ -288,7 +295,7 @@ class CommandRulesTests(RelaydTestCase):
 
         replies = yield self.run_(dialogue)
         self.assertEqual([r[0] for r in replies], [252, 214, 250, 250, 221])
-        for code, lines in replies:
+        for _code, lines in replies:
             self.assertRegex(lines[-1], ENHANCED)
 
 
@@ -324,7 +331,7 @@ class DataTests(RelaydTestCase):
             stored = f.read()
         self.assertTrue(stored.startswith(b"Received: from client.test ([127.0.0.1])\r\n"))
         self.assertTrue(stored.endswith(b"\r\n" + body) or stored.endswith(body))
-        self.assertEqual(stored[stored.index(b"Subject"):], body)
+        self.assertEqual(stored[stored.index(b"Subject") :], body)
         self.assertEqual(self.tmpFiles(), [])
         from twisted.logger import formatEvent
 
@@ -395,7 +402,8 @@ class DataTests(RelaydTestCase):
         """Two whole transactions in one write: replies in order, two entries."""
         wire = (
             b"EHLO client.test\r\n"
-            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"
+            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
+            b"RCPT TO:<c@example.org>\r\nDATA\r\n"
             b"Subject: one\r\n\r\none\r\n.\r\n"
             b"MAIL FROM:<a@example.org>\r\nRCPT TO:<d@example.org>\r\nDATA\r\n"
             b"Subject: two\r\n\r\ntwo\r\n.\r\nQUIT\r\n"
@@ -436,8 +444,11 @@ class DataTests(RelaydTestCase):
     def test_oneEntryPerTransaction(self):
         def dialogue():
             with smtplib.SMTP("127.0.0.1", self.port()) as s:
-                return s.sendmail("a@example.org", [f"r{i}@example.org" for i in range(10)],
-                                  b"Subject: many\r\n\r\nbody\r\n")
+                return s.sendmail(
+                    "a@example.org",
+                    [f"r{i}@example.org" for i in range(10)],
+                    b"Subject: many\r\n\r\nbody\r\n",
+                )
 
         refused = yield self.run_(dialogue)
         self.assertEqual(refused, {})
@@ -479,8 +490,9 @@ class TLSTests(RelaydTestCase):
     @defer.inlineCallbacks
     def test_implicitTLSWithAuthLogin(self):
         def dialogue():
-            with smtplib.SMTP_SSL("127.0.0.1", self.port("submissions"),
-                                  context=self.setup.clientContext()) as s:
+            with smtplib.SMTP_SSL(
+                "127.0.0.1", self.port("submissions"), context=self.setup.clientContext()
+            ) as s:
                 s.ehlo("client.test")
                 starttls = s.has_extn("starttls")
                 s.user, s.password = DEMO_USER, DEMO_PASSWORD
@@ -504,7 +516,9 @@ class TLSTests(RelaydTestCase):
             except (ValueError, ssl.SSLError):
                 return "client cannot even offer TLS 1.1"
             try:
-                with smtplib.SMTP_SSL("127.0.0.1", self.port("submissions"), context=context, timeout=5):
+                with smtplib.SMTP_SSL(
+                    "127.0.0.1", self.port("submissions"), context=context, timeout=5
+                ):
                     return "connected"
             except (ssl.SSLError, OSError) as e:
                 return f"refused: {e}"
@@ -579,7 +593,7 @@ class AuthTests(RelaydTestCase):
             return ehlo, c.command("AUTH PLAIN " + plain())
 
         (code, lines), (auth, authLines) = yield self.run_(dialogue)
-        self.assertFalse(any(l.startswith("AUTH") for l in lines))
+        self.assertFalse(any(line.startswith("AUTH") for line in lines))
         self.assertIn(auth, (530, 538))
         self.assertEqual(authLines[0][:2], "5.")
 
@@ -781,10 +795,22 @@ class EnhancedCodeTests(RelaydTestCase):
         def dialogue():
             c = self.connect()
             replies = [c.command("HELO client.test")]
-            for line in ("EHLO client.test", "MAIL FROM:<a@example.org> SIZE=10",
-                         "RCPT TO:<b@example.org>", "RCPT TO:<bad", "VRFY x", "NOOP",
-                         "RSET", "FOO", "DATA", "MAIL FROM:<a@example.org>",
-                         "RCPT TO:<b@example.org>", "AUTH PLAIN", "STARTTLS x", "HELP"):
+            for line in (
+                "EHLO client.test",
+                "MAIL FROM:<a@example.org> SIZE=10",
+                "RCPT TO:<b@example.org>",
+                "RCPT TO:<bad",
+                "VRFY x",
+                "NOOP",
+                "RSET",
+                "FOO",
+                "DATA",
+                "MAIL FROM:<a@example.org>",
+                "RCPT TO:<b@example.org>",
+                "AUTH PLAIN",
+                "STARTTLS x",
+                "HELP",
+            ):
                 replies.append((line, c.command(line)))
             c.command("DATA")
             replies.append(("end", c.command(b"x\r\n.")))

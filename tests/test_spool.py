@@ -27,9 +27,7 @@ from relayd.spool import IncomingMessage, Spool, SpoolStopped, envelopeRecord
 MESSAGE = (
     b"Received: from client.example (client.example [192.0.2.1])\r\n"
     b"Subject: test\r\n"
-    b"\r\n"
-    + bytes(range(256))
-    + b"\r\n.. dot-stuffed line kept as received\r\n"
+    b"\r\n" + bytes(range(256)) + b"\r\n.. dot-stuffed line kept as received\r\n"
 )
 
 
@@ -178,9 +176,7 @@ class CommitTests(SpoolTestMixin, TestCase):
         spool = self.startSpool()
         incoming = self.receive(spool)
         yield spool.commit(incoming, record(incoming.queueId))
-        yield self.assertFailure(
-            spool.commit(incoming, record(incoming.queueId)), ValueError
-        )
+        yield self.assertFailure(spool.commit(incoming, record(incoming.queueId)), ValueError)
         self.assertEqual(spool.entries("incoming"), [incoming.queueId])
 
     def test_discard(self):
@@ -372,13 +368,9 @@ class RecoveryTests(SpoolTestMixin, TestCase):
         self.assertEqual(spool.entries("active"), [])
         self.assertEqual(spool.entries("deferred"), [deferred])
         self.assertEqual(spool.entries("hold"), [])
-        self.assertEqual(
-            spool.entries("corrupt"), sorted(["0BADJSON", "0NODATA", "0MISNAMED"])
-        )
+        self.assertEqual(spool.entries("corrupt"), sorted(["0BADJSON", "0NODATA", "0MISNAMED"]))
         # Data of corrupt entries is kept for inspection; the orphan is gone.
-        self.assertEqual(
-            listing(path("data")), sorted(committed + ["0BADJSON", "0MISNAMED"])
-        )
+        self.assertEqual(listing(path("data")), sorted(committed + ["0BADJSON", "0MISNAMED"]))
         for queueId in committed:
             envelope, dataPath = spool.load(queueId)
             self.assertEqual(envelope["queue_id"], queueId)
@@ -411,9 +403,7 @@ class RecoveryTests(SpoolTestMixin, TestCase):
         with open(os.path.join(directory, "data", "0DUP"), "wb") as f:
             f.write(b"data")
         spool = self.startSpool(directory)
-        self.assertEqual(
-            listing(os.path.join(directory, "corrupt")), ["0DUP.json", "0DUP.json.1"]
-        )
+        self.assertEqual(listing(os.path.join(directory, "corrupt")), ["0DUP.json", "0DUP.json.1"])
         self.assertEqual(listing(os.path.join(directory, "data")), ["0DUP"])
         self.assertEqual(spool.entries("incoming"), [])
 
@@ -588,9 +578,7 @@ class DiskFullTests(SpoolTestMixin, TestCase):
             ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", self.directory],
             check=True,
         )
-        self.addCleanup(
-            subprocess.run, ["umount", self.directory], check=True
-        )
+        self.addCleanup(subprocess.run, ["umount", self.directory], check=True)
 
     def assertNothingLeft(self, spool):
         """Nothing of any message is in C{tmp/}, C{data/} or C{incoming/}."""
@@ -627,9 +615,7 @@ class DiskFullTests(SpoolTestMixin, TestCase):
         )
         self.assertEqual(failure.errno, errno.ENOSPC)
         self.assertNothingLeft(spool)
-        self.assertTrue(
-            [e for e in self.eventsAbout(incoming.queueId) if "error" in e]
-        )
+        self.assertTrue([e for e in self.eventsAbout(incoming.queueId) if "error" in e])
 
         os.unlink(filler)
         incoming = self.receive(spool)
@@ -675,7 +661,6 @@ class IncomingMessageTests(TestCase):
         self.assertFalse(os.path.exists(path))
 
 
-
 class DeliverySideTests(unittest.TestCase):
     """The API the scheduler uses: observers, read, scan, update, move, remove, submit."""
 
@@ -690,9 +675,16 @@ class DeliverySideTests(unittest.TestCase):
 
     def record(self, queueId):
         return envelopeRecord(
-            queueId=queueId, sender="a@example.org", recipients=["b@example.org"],
-            arrival=1000.0, size=3, body="7BIT", client="127.0.0.1", helo="h",
-            user=None, listener="relay",
+            queueId=queueId,
+            sender="a@example.org",
+            recipients=["b@example.org"],
+            arrival=1000.0,
+            size=3,
+            body="7BIT",
+            client="127.0.0.1",
+            helo="h",
+            user=None,
+            listener="relay",
         )
 
     @defer.inlineCallbacks

@@ -52,14 +52,36 @@ class InteropTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_swaksSubmissionStarttlsAuthPlain(self):
-        result = yield deferToThread(run, [
-            self.swaks, "--server", f"127.0.0.1:{self.relayd.port('submission')}",
-            "--tls", "--tls-verify", "--tls-ca-path", self.setup.caPath,
-            "--tls-protocol", "tlsv1_2,tlsv1_3",
-            "--auth", "PLAIN", "--auth-user", DEMO_USER, "--auth-password", DEMO_PASSWORD,
-            "--ehlo", "swaks.test", "--from", "demo@example.org", "--to", "friend@example.net",
-            "--header", "Subject: via swaks", "--body", "line one\n.dot line\nline three",
-        ])
+        result = yield deferToThread(
+            run,
+            [
+                self.swaks,
+                "--server",
+                f"127.0.0.1:{self.relayd.port('submission')}",
+                "--tls",
+                "--tls-verify",
+                "--tls-ca-path",
+                self.setup.caPath,
+                "--tls-protocol",
+                "tlsv1_2,tlsv1_3",
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                DEMO_USER,
+                "--auth-password",
+                DEMO_PASSWORD,
+                "--ehlo",
+                "swaks.test",
+                "--from",
+                "demo@example.org",
+                "--to",
+                "friend@example.net",
+                "--header",
+                "Subject: via swaks",
+                "--body",
+                "line one\n.dot line\nline three",
+            ],
+        )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("<~  250 2.0.0 Ok: queued as", result.stdout)
         [(record, path)] = self.spooled()
@@ -72,23 +94,51 @@ class InteropTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_swaksImplicitTlsAuthLoginPipelined(self):
-        result = yield deferToThread(run, [
-            self.swaks, "--server", f"127.0.0.1:{self.relayd.port('submissions')}",
-            "--tlsc", "--pipeline",
-            "--auth", "LOGIN", "--auth-user", DEMO_USER, "--auth-password", DEMO_PASSWORD,
-            "--from", "demo@example.org", "--to", "a@example.net,b@example.net",
-        ])
+        result = yield deferToThread(
+            run,
+            [
+                self.swaks,
+                "--server",
+                f"127.0.0.1:{self.relayd.port('submissions')}",
+                "--tlsc",
+                "--pipeline",
+                "--auth",
+                "LOGIN",
+                "--auth-user",
+                DEMO_USER,
+                "--auth-password",
+                DEMO_PASSWORD,
+                "--from",
+                "demo@example.org",
+                "--to",
+                "a@example.net,b@example.net",
+            ],
+        )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         [(record, _)] = self.spooled()
         self.assertEqual(len(record["recipients"]), 2)
 
     @defer.inlineCallbacks
     def test_swaksWrongPassword(self):
-        result = yield deferToThread(run, [
-            self.swaks, "--server", f"127.0.0.1:{self.relayd.port('submission')}", "--tls",
-            "--auth", "PLAIN", "--auth-user", DEMO_USER, "--auth-password", "wrong",
-            "--from", "demo@example.org", "--to", "friend@example.net",
-        ])
+        result = yield deferToThread(
+            run,
+            [
+                self.swaks,
+                "--server",
+                f"127.0.0.1:{self.relayd.port('submission')}",
+                "--tls",
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                DEMO_USER,
+                "--auth-password",
+                "wrong",
+                "--from",
+                "demo@example.org",
+                "--to",
+                "friend@example.net",
+            ],
+        )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("535 5.7.8", result.stdout)
         self.assertEqual(self.spooled(), [])
@@ -97,14 +147,28 @@ class InteropTests(unittest.TestCase):
     def test_smtpSourceManySessions(self):
         """Postfix's load generator: 40 messages over 4 parallel sessions."""
         source = tool("smtp-source", "/usr/sbin/smtp-source")
-        result = yield deferToThread(run, [
-            source, "-s", "4", "-m", "40", "-l", "4096", "-r", "3",
-            "-f", "load@example.org", "-t", "sink@example.net",
-            f"127.0.0.1:{self.relayd.port('relay')}",
-        ])
+        result = yield deferToThread(
+            run,
+            [
+                source,
+                "-s",
+                "4",
+                "-m",
+                "40",
+                "-l",
+                "4096",
+                "-r",
+                "3",
+                "-f",
+                "load@example.org",
+                "-t",
+                "sink@example.net",
+                f"127.0.0.1:{self.relayd.port('relay')}",
+            ],
+        )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         entries = self.spooled()
         self.assertEqual(len(entries), 40)
-        for record, path in entries:
+        for record, _path in entries:
             self.assertEqual(record["sender"], "load@example.org")
             self.assertEqual(len(record["recipients"]), 3)

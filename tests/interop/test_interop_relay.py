@@ -16,7 +16,14 @@ from twisted.trial import unittest
 
 from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, PostfixSink, TestSetup
 
-BODY_LINES = ["Subject: swaks to smtp-sink", "", ".leading dot", "..two dots", "x" * 998, "last line"]
+BODY_LINES = [
+    "Subject: swaks to smtp-sink",
+    "",
+    ".leading dot",
+    "..two dots",
+    "x" * 998,
+    "last line",
+]
 
 
 class SwaksThroughRelaydToSmtpSinkTests(unittest.TestCase):
@@ -29,8 +36,14 @@ class SwaksThroughRelaydToSmtpSinkTests(unittest.TestCase):
         setup = TestSetup(
             directory + "/relayd",
             modes=("submission",),
-            sections={"delivery": {"enabled": True, "retry_initial": 1, "retry_max": 1,
-                                   "idle_timeout": 0.2}},
+            sections={
+                "delivery": {
+                    "enabled": True,
+                    "retry_initial": 1,
+                    "retry_max": 1,
+                    "idle_timeout": 0.2,
+                }
+            },
         )
         with open(setup.configPath, "a") as f:
             f.write(
@@ -42,18 +55,36 @@ class SwaksThroughRelaydToSmtpSinkTests(unittest.TestCase):
 
         swaks = shutil.which("swaks")
         self.assertIsNotNone(swaks, "swaks is not installed; scripts/test installs it")
-        result = yield deferToThread(subprocess.run, [
-            swaks, "--server", f"127.0.0.1:{relayd.port('submission')}", "--tls",
-            "--auth", "PLAIN", "--auth-user", DEMO_USER, "--auth-password", DEMO_PASSWORD,
-            "--from", "demo@example.org", "--to", "friend@example.net",
-            "--data", "\r\n".join(BODY_LINES) + "\r\n",
-        ], capture_output=True, text=True, timeout=60)
+        result = yield deferToThread(
+            subprocess.run,
+            [
+                swaks,
+                "--server",
+                f"127.0.0.1:{relayd.port('submission')}",
+                "--tls",
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                DEMO_USER,
+                "--auth-password",
+                DEMO_PASSWORD,
+                "--from",
+                "demo@example.org",
+                "--to",
+                "friend@example.net",
+                "--data",
+                "\r\n".join(BODY_LINES) + "\r\n",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         # What swaks put on the wire between 354 and the final dot (it adds
         # an empty line of its own before the dot), from its transcript, with
         # the dot-stuffing taken off.
         transcript = result.stdout.splitlines()
-        start = next(i for i, l in enumerate(transcript) if l.startswith("<~  354"))
+        start = next(i for i, line in enumerate(transcript) if line.startswith("<~  354"))
         end = next(i for i in range(start, len(transcript)) if transcript[i] == " ~> .")
         onWire = [line[4:] for line in transcript[start + 1 : end]]
         sent = [line[1:] if line.startswith(".") else line for line in onWire]

@@ -1,5 +1,3 @@
 from twisted.application.service import ServiceMaker
 
-relayd = ServiceMaker(
-    "relayd", "relayd.tap", "A durable ESMTP smart host", "relayd"
-)
+relayd = ServiceMaker("relayd", "relayd.tap", "A durable ESMTP smart host", "relayd")
