@@ -25,6 +25,7 @@ from twisted.python.threadpool import ThreadPool
 from relayd.config import Config, ConfigError
 from relayd.policy import PolicyChain, loadPolicies
 from relayd.server import ConnectionLimits, SMTPFactory
+from relayd.spool import SpoolLocked
 
 if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
@@ -116,12 +117,27 @@ class RelaydService(MultiService):
     def startService(self) -> None:
         try:
             super().startService()
+        except SpoolLocked as e:
+            self._fatal(f"spool.directory: {e}")
         except CannotListenError as e:
-            sys.stderr.write(
-                f"relayd: {self.config.path}: listeners: cannot listen on "
-                f"{e.interface or '*'}:{e.port}: {e.socketError}\n"
+            self._fatal(
+                f"listeners: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}"
             )
-            raise SystemExit(1) from None
+
+    def _fatal(self, problem: str) -> None:
+        """
+        Startup cannot go on: one line on stderr, stop what already started
+        (thread pools would otherwise keep the process alive), exit 1.
+        """
+        sys.stderr.write(f"relayd: {self.config.path}: {problem}\n")
+        sys.stderr.flush()
+        for child in reversed(list(self)):
+            if child.running:
+                try:
+                    child.stopService()
+                except Exception:
+                    pass
+        raise SystemExit(1)
 
 
 def buildService(config: Config, reactor: Any) -> RelaydService:

@@ -32,6 +32,7 @@ both, and the client, which never got its C{250}, sends the message again.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -52,7 +53,7 @@ from zope.interface import implementer
 from relayd.interfaces import ISpool
 from relayd.safeio import fsyncDirectory
 
-__all__ = ["Spool", "IncomingMessage", "SpoolStopped", "envelopeRecord", "STATES"]
+__all__ = ["Spool", "IncomingMessage", "SpoolStopped", "SpoolLocked", "envelopeRecord", "STATES"]
 
 STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 """The directories an envelope can be in, one at a time."""
@@ -80,6 +81,23 @@ class SpoolStopped(OSError):
 
     def __init__(self) -> None:
         super().__init__(errno.ESHUTDOWN, "spool is not running")
+
+
+class SpoolLocked(Exception):
+    """
+    Another process holds the spool's lock: two relayd instances must never
+    share a spool (each one's startup recovery would take the other's
+    messages in flight for crash debris).
+    """
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory)
+        self.directory = directory
+
+    def __str__(self) -> str:
+        return (
+            f"spool {self.directory} is in use by another relayd (lock file {self.directory}/lock)"
+        )
 
 
 def envelopeRecord(
@@ -322,6 +340,7 @@ class Spool(Service):
         message is accepted into a queue still holding a crash's debris.
         """
         os.makedirs(self.directory, mode=_DIRECTORY_MODE, exist_ok=True)
+        self._lock()
         for name in ("tmp", "data") + STATES:
             os.makedirs(os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True)
         fsyncDirectory(self.directory)
@@ -353,10 +372,36 @@ class Spool(Service):
         return self._whenIdle().addCallback(lambda _: self._stopPool())
 
     def _stopPool(self) -> None:
-        """Join the (now idle) threads of the pool."""
+        """Join the (now idle) threads of the pool; release the lock."""
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.stop()
+        self._unlock()
+
+    def _lock(self) -> None:
+        """
+        Take an exclusive C{flock} on C{<spool>/lock} for as long as this
+        spool runs; the kernel drops it when the process dies, even by
+        C{kill -9}, so a restart is never locked out.
+
+        @raise SpoolLocked: when another process holds it.
+        """
+        fd = os.open(
+            os.path.join(self.directory, "lock"),
+            os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+            _FILE_MODE,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(self.directory) from None
+        self._lockFd: int | None = fd
+
+    def _unlock(self) -> None:
+        fd, self._lockFd = getattr(self, "_lockFd", None), None
+        if fd is not None:
+            os.close(fd)
 
     def _whenIdle(self) -> Deferred[None]:
         """Return a Deferred firing when no pool work is outstanding."""

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 from twisted.internet import defer, reactor
@@ -107,11 +108,11 @@ class CommitTests(SpoolTestMixin, TestCase):
         self.assertTrue(verifyObject(ISpool, spool))
 
     def test_directories(self):
-        """Starting the spool creates all its directories."""
+        """Starting the spool creates all its directories (and its lock file)."""
         spool = self.startSpool()
         self.assertEqual(
             listing(spool.directory),
-            sorted(["tmp", "data", "incoming", "active", "deferred", "hold", "corrupt"]),
+            sorted(["tmp", "data", "incoming", "active", "deferred", "hold", "corrupt", "lock"]),
         )
 
     @inlineCallbacks
@@ -725,3 +726,50 @@ class DeliverySideTests(unittest.TestCase):
         self.assertEqual(spool.entries("active"), [])
         self.assertEqual(spool.entries("incoming"), [])
         self.assertEqual(spool.entries("deferred"), [queueId])
+
+
+class LockTests(unittest.TestCase):
+    """Two spools (two relayd processes) never share one directory."""
+
+    def test_secondSpoolRefused(self):
+        from relayd.spool import SpoolLocked
+
+        directory = tempfile.mkdtemp(prefix="relayd-lock-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        first = Spool(directory, 0, reactor)
+        first.startService()
+        second = Spool(directory, 0, reactor)
+        with self.assertRaises(SpoolLocked) as caught:
+            second.startService()
+        self.assertIn("in use by another relayd", str(caught.exception))
+
+        def again(_):
+            third = Spool(directory, 0, reactor)
+            third.startService()
+            return third.stopService()
+
+        return first.stopService().addCallback(again)
+
+    def test_lockHeldByAnotherProcess(self):
+        """The lock is the kernel's: a separate process holding it is seen."""
+        from relayd.spool import SpoolLocked
+
+        directory = tempfile.mkdtemp(prefix="relayd-lock-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, os, sys, time\n"
+                f"fd = os.open({os.path.join(directory, 'lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(30)\n",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.kill)
+        self.assertEqual(holder.stdout.readline().strip(), "locked")
+        with self.assertRaises(SpoolLocked):
+            Spool(directory, 0, reactor).startService()
+        holder.stdout.close()
