@@ -147,36 +147,23 @@ def _build(
             critical=False,
         )
     )
-    if isCA:
+    # A CA signs certificates and CRLs; a leaf only signs handshakes.
+    builder = builder.add_extension(
+        x509.KeyUsage(
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=isCA,
+            crl_sign=isCA,
+            encipher_only=False,
+            decipher_only=False,
+        ),
+        critical=True,
+    )
+    if not isCA:
         builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    else:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        ).add_extension(
             # clientAuth too: a relay may present the same certificate
             # when it connects to a next hop that asks for one.
             x509.ExtendedKeyUsage(
