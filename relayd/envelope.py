@@ -10,12 +10,14 @@ C{connection.notes} and C{transaction.notes}).
 from __future__ import annotations
 
 import ipaddress
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from relayd.address import Address
 
-__all__ = ["Session", "Envelope", "Message"]
+__all__ = ["Session", "Envelope", "Message", "Headers", "HeaderField"]
 
 
 @dataclass
@@ -73,26 +75,292 @@ class Envelope:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+_FIELD_NAME = re.compile(rb"^[!-9;-~]+[ \t]*:")
+"""RFC 5322 section 2.2: printable US-ASCII except colon; some mailers put
+white space before the colon (obsolete syntax, still seen)."""
+
+_HEADER_LIMIT = 1 << 20
+
+
 @dataclass
+class HeaderField:
+    """
+    One header field exactly as it is in the message.
+
+    @ivar name: the field name as written (compare with C{lower()}).
+    @ivar raw: the whole field: C{Name: value}, folded continuation lines
+        included, ending with CRLF.
+    """
+
+    name: str
+    raw: bytes
+
+    @property
+    def value(self) -> str:
+        """
+        The unfolded value without leading or trailing white space (RFC 5322
+        section 2.2.3).  Octets that are not UTF-8 are kept as surrogate
+        escapes, so C{value} can be compared but not all of it printed.
+        """
+        text = self.raw.split(b":", 1)[1].decode("utf-8", "surrogateescape")
+        return re.sub(r"\r\n(?=[ \t])", "", text).strip()
+
+
+def _isValidName(name: str) -> bool:
+    return bool(name) and _FIELD_NAME.match(name.encode("ascii", "replace") + b":") is not None
+
+
+def _fold(name: str, value: str) -> bytes:
+    """
+    Make one field from C{name} and C{value}.  A value with line breaks is
+    refused: headers added by policies must not be able to smuggle fields
+    or end the header section.
+    """
+    if not _isValidName(name) or name.strip() != name:
+        raise ValueError(f"bad header field name {name!r}")
+    if "\r" in value or "\n" in value:
+        raise ValueError("header value must not contain CR or LF; fold with no line breaks")
+    return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+
+
+class Headers:
+    """
+    The header section of a message as a list of L{HeaderField}s, in
+    message order, that message policies may edit.
+
+    Fields that are not changed keep their exact bytes (folding, case,
+    white space), and the body is never touched, so a rewrite changes only
+    what a policy asked for.
+
+    @ivar fields: the fields in order.
+    @ivar changed: True once any edit was made.
+    """
+
+    def __init__(self, fields: list[HeaderField]) -> None:
+        self.fields = fields
+        self.changed = False
+
+    @classmethod
+    def parse(cls, data: bytes) -> tuple[Headers, int]:
+        """
+        Split the start of a message into header fields.
+
+        The header section ends at the first empty line (which is consumed)
+        or at the first line that is neither a field nor a continuation
+        (which is left to the body), like Postfix's cleanup.
+
+        @return: the headers and the offset where the body starts.
+        """
+        fields: list[HeaderField] = []
+        pos = 0
+        n = len(data)
+        while pos < n:
+            end = data.find(b"\r\n", pos)
+            if end < 0:
+                break
+            line = data[pos : end + 2]
+            if line == b"\r\n":
+                return cls(fields), end + 2
+            if line[:1] in (b" ", b"\t") and fields:
+                fields[-1] = HeaderField(fields[-1].name, fields[-1].raw + line)
+            elif _FIELD_NAME.match(line):
+                name = line.split(b":", 1)[0].rstrip(b" \t").decode("ascii")
+                fields.append(HeaderField(name, line))
+            else:
+                break
+            pos = end + 2
+        return cls(fields), pos
+
+    def __iter__(self) -> Iterator[HeaderField]:
+        return iter(list(self.fields))
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def get(self, name: str) -> str | None:
+        """The value of the first field called C{name} (any case), or None."""
+        for f in self.fields:
+            if f.name.lower() == name.lower():
+                return f.value
+        return None
+
+    def getAll(self, name: str) -> list[str]:
+        """The values of every field called C{name}, in order."""
+        return [f.value for f in self.fields if f.name.lower() == name.lower()]
+
+    def add(self, name: str, value: str, *, top: bool = False) -> None:
+        """
+        Add a field at the end of the header section, or at the top with
+        C{top=True} (where trace fields and signatures go).
+
+        @raise ValueError: for a bad name or a value with line breaks.
+        """
+        field = HeaderField(name, _fold(name, value))
+        if top:
+            self.fields.insert(0, field)
+        else:
+            self.fields.append(field)
+        self.changed = True
+
+    def addRaw(self, raw: bytes, *, top: bool = False) -> None:
+        """
+        Add a field given as complete bytes (C{Name: value}, folded lines
+        included, ending with CRLF), e.g. a C{DKIM-Signature} from dkimpy.
+
+        @raise ValueError: when C{raw} is not exactly one well-formed field.
+        """
+        parsed, end = Headers.parse(raw + b"\r\n")
+        if len(parsed.fields) != 1 or end != len(raw) + 2:
+            raise ValueError("raw must be exactly one header field ending with CRLF")
+        if top:
+            self.fields.insert(0, parsed.fields[0])
+        else:
+            self.fields.append(parsed.fields[0])
+        self.changed = True
+
+    def remove(self, match: str | Callable[[HeaderField], bool]) -> int:
+        """
+        Remove every field called C{match} (any case), or for which
+        C{match(field)} is true.
+
+        @return: how many were removed.
+        """
+        test = match if callable(match) else (lambda f: f.name.lower() == match.lower())
+        kept = [f for f in self.fields if not test(f)]
+        removed = len(self.fields) - len(kept)
+        if removed:
+            self.fields = kept
+            self.changed = True
+        return removed
+
+    def replace(self, name: str, value: str, *, addMissing: bool = True) -> int:
+        """
+        Give every field called C{name} the value C{value}, in place (order
+        kept).  When there is none, add it at the end if C{addMissing}.
+
+        @return: how many fields were replaced.
+        """
+        raw = _fold(name, value)
+        count = 0
+        for i, f in enumerate(self.fields):
+            if f.name.lower() == name.lower():
+                self.fields[i] = HeaderField(f.name, f.name.encode("ascii") + raw[len(name) :])
+                count += 1
+        if count:
+            self.changed = True
+        elif addMissing:
+            self.add(name, value)
+        return count
+
+    def setRaw(self, index: int, raw: bytes) -> None:
+        """
+        Replace field C{index} with C{raw}: one or more complete CRLF-ended
+        lines forming a single field.  For rewrites that must keep a
+        field's own folding (e.g. address masquerading).
+
+        @raise ValueError: when C{raw} is not exactly one well-formed field.
+        """
+        parsed, end = Headers.parse(raw + b"\r\n")
+        if len(parsed.fields) != 1 or end != len(raw) + 2:
+            raise ValueError("raw must be exactly one header field ending with CRLF")
+        self.fields[index] = parsed.fields[0]
+        self.changed = True
+
+    def toBytes(self) -> bytes:
+        """The fields, concatenated (without the empty line)."""
+        return b"".join(f.raw for f in self.fields)
+
+
 class Message:
     """
-    The message as received, handed to message policies at end of DATA.
+    The message as received, handed to message policies at the end of DATA.
 
-    @ivar path: the file holding the message bytes (CRLF line ends, dot
-        unstuffed, with relayd's C{Received:} header first).  Read it; do
-        not write it.
-    @ivar size: its size in octets.
+    The bytes are in a file (CRLF line ends, dot-unstuffing done, relayd's
+    C{Received:} field first).  Policies read it through this object and may
+    edit L{headers}; when they do, the spool stores the edited header
+    section followed by the body bytes exactly as received.
+
+    @ivar path: the file holding the message as received.  Read it; do not
+        write it.
+    @ivar receivedSize: the size of the message as received.
     """
 
-    path: str
-    size: int
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.receivedSize = size
+        self._headers: Headers | None = None
+        self._bodyOffset = 0
+        self._separator = b""
 
-    def headerBytes(self, limit: int = 1 << 20) -> bytes:
+    def _load(self) -> Headers:
+        if self._headers is None:
+            with open(self.path, "rb") as f:
+                data = f.read(_HEADER_LIMIT)
+            headers, offset = Headers.parse(data)
+            if data[max(0, offset - 4) : offset] == b"\r\n\r\n" or (
+                offset == 2 and data[:2] == b"\r\n"
+            ):
+                self._separator = b"\r\n"  # the empty line ending the section
+            self._bodyOffset = offset
+            self._headers = headers
+        return self._headers
+
+    @property
+    def headers(self) -> Headers:
         """
-        Return the header section (up to and including the empty line), read
-        from the file.  Blocking file I/O: call from a thread for big inputs.
+        The header section, parsed on first use (a blocking read of at most
+        1 MiB from the page cache).
         """
+        return self._load()
+
+    @property
+    def bodyOffset(self) -> int:
+        """Where the body starts in L{path} (after the empty line, if any)."""
+        self._load()
+        return self._bodyOffset
+
+    @property
+    def changed(self) -> bool:
+        """True when a policy edited the headers."""
+        return self._headers is not None and self._headers.changed
+
+    @property
+    def size(self) -> int:
+        """The size of the message as it will be stored."""
+        if not self.changed:
+            return self.receivedSize
+        return len(self.headerBytes()) + self.receivedSize - self.bodyOffset
+
+    def headerBytes(self) -> bytes:
+        """
+        The header section as it now is, including the empty line that ends
+        it (when the message has one).
+        """
+        headers = self._load()
+        if not headers.changed:
+            with open(self.path, "rb") as f:
+                return f.read(self._bodyOffset)
+        return headers.toBytes() + self._separator
+
+    def iterBody(self, chunkSize: int = 1 << 16) -> Iterator[bytes]:
+        """
+        The body bytes, exactly as received, in chunks.  Blocking file I/O:
+        call from a thread (L{twisted.internet.threads.deferToThread}) for
+        big messages.
+        """
+        offset = self.bodyOffset
         with open(self.path, "rb") as f:
-            data = f.read(limit)
-        end = data.find(b"\r\n\r\n")
-        return data if end < 0 else data[: end + 4]
+            f.seek(offset)
+            while chunk := f.read(chunkSize):
+                yield chunk
+
+    def asBytes(self) -> bytes:
+        """The whole message as it will be stored (blocking; see L{iterBody})."""
+        return self.headerBytes() + b"".join(self.iterBody())
+
+    def open(self) -> IO[bytes]:
+        """The file as received, opened for reading (blocking)."""
+        return open(self.path, "rb")

@@ -25,6 +25,10 @@ __all__ = [
     "ISenderPolicy",
     "IRecipientPolicy",
     "IMessagePolicy",
+    "ITransactionObserver",
+    "IPolicyLifecycle",
+    "IReloadable",
+    "IRateCounterStore",
     "ISpool",
     "IMXResolver",
 ]
@@ -70,7 +74,77 @@ class IMessagePolicy(IPolicy):
     def checkMessage(session: Any, envelope: Any, message: Any) -> Any:
         """
         Called at the end of DATA, before the message is committed to the
-        spool.  C{message} is a L{relayd.envelope.Message}.
+        spool.  C{message} is a L{relayd.envelope.Message}: read its header
+        fields, read its body, and edit C{message.headers} (add, remove,
+        replace); the spool then stores the edited header section followed
+        by the body exactly as received.  Later policies see the edits of
+        earlier ones.  As in every phase, the first answer other than
+        CONTINUE ends it: rewriting and signing policies answer CONTINUE,
+        and go after the policies that may refuse (DKIM-sign last).
+        """
+
+
+class ITransactionObserver(IPolicy):
+    def transactionEnded(session: Any, envelope: Any, queued: bool) -> None:
+        """
+        Called exactly once for every transaction that MAIL started, when it
+        ends: C{queued} is True when the message got its C{250} (it is
+        durable in the spool), False when it ended any other way (RSET, a
+        new EHLO or STARTTLS, a refusal at DATA, a spool failure, the
+        client leaving).  C{envelope.recipients} holds the recipients that
+        were accepted.  For bookkeeping such as rate-limit counters that
+        must not charge refused mail; the return value is ignored and an
+        exception is logged.
+        """
+
+
+class IPolicyLifecycle(IPolicy):
+    def startPolicy(reactor: Any) -> Any:
+        """
+        Called once, when relayd starts (or when a reload brings the policy
+        in), before any session reaches it: open connections, start thread
+        pools.  May return a Deferred; a failure is logged.
+        """
+
+    def stopPolicy() -> Any:
+        """
+        Called once at shutdown, or when a reload drops or replaces the
+        policy.  May return a Deferred that fires when it has let go of its
+        resources.
+        """
+
+
+class IReloadable(IPolicy):
+    def reload() -> Any:
+        """
+        Called on SIGHUP when the policy's options did not change (so the
+        same instance stays in the chain): re-read the files its options
+        name.  Raise (or return a failing Deferred) to keep the old data;
+        the error is logged.
+        """
+
+
+class IRateCounterStore(Interface):
+    """
+    Where rate-limit counters live: in memory (one process) or Redis
+    (shared by every relayd behind a load balancer).
+    """
+
+    def reserve(counters: list[tuple[str, int, int, int]]) -> Deferred[Any]:
+        """
+        Atomically check and add to fixed-window counters.
+
+        @param counters: C{(key, amount, limit, windowSeconds)}; C{key}
+            already names the window.  Either every counter has room for
+            its C{amount} and all are increased, or none is.
+        @return: a Deferred firing with None when reserved, or with the
+            index in C{counters} of the first counter that is full.
+        """
+
+    def release(counters: list[tuple[str, int, int]]) -> Deferred[None]:
+        """
+        Give back C{(key, amount, windowSeconds)} reserved earlier, for a
+        transaction that did not end with a C{250}.
         """
 
 

@@ -10,8 +10,11 @@ wrongly refuses it.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, cast
 
@@ -27,15 +30,28 @@ from relayd.interfaces import (
     IConnectionPolicy,
     IHeloPolicy,
     IMessagePolicy,
+    IPolicyLifecycle,
     IRecipientPolicy,
+    IReloadable,
     ISenderPolicy,
+    ITransactionObserver,
 )
 from relayd.verdict import CONTINUE, Verdict, tempfail
 
-__all__ = ["PolicyChain", "PolicyOptionError", "loadPolicies", "ENTRY_POINT_GROUP"]
+__all__ = [
+    "PolicyChain",
+    "PolicyContext",
+    "PolicyOptionError",
+    "loadPolicies",
+    "installedPolicies",
+    "describeInstalled",
+    "ENTRY_POINT_GROUP",
+]
 
 ENTRY_POINT_GROUP = "relayd.policies"
 PHASES = (IConnectionPolicy, IHeloPolicy, ISenderPolicy, IRecipientPolicy, IMessagePolicy)
+HOOKS = (ITransactionObserver, IPolicyLifecycle, IReloadable)
+"""Optional interfaces beside the phases; C{verifyObject} checks them too."""
 
 log = Logger(namespace="relayd.policy")
 
@@ -54,6 +70,38 @@ class PolicyOptionError(ValueError):
         self.problem = problem
 
 
+@dataclass(frozen=True)
+class PolicyContext:
+    """
+    What a policy may want to know about the relayd loading it, passed as
+    the second argument of C{fromConfig(options, context)} to policies
+    whose C{fromConfig} takes two (C{fromConfig(options)} alone is fine).
+
+    @ivar configPath: the config file's path.
+    @ivar hostname: relayd's host name (C{[server] hostname}).
+    @ivar name: the policy's name in the chain.
+    """
+
+    configPath: str
+    hostname: str
+    name: str
+
+    def resolvePath(self, path: str) -> str:
+        """A path from the policy's options: relative ones are taken
+        against the config file's folder, like every path in the config."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.configPath)), path)
+
+
+def _callFromConfig(factory: Any, options: dict[str, Any], context: PolicyContext) -> Any:
+    try:
+        parameters = inspect.signature(factory.fromConfig).parameters
+    except (TypeError, ValueError):
+        parameters = {}  # type: ignore[assignment]
+    if len(parameters) >= 2:
+        return factory.fromConfig(options, context)
+    return factory.fromConfig(options)
+
+
 POLICY_FAILED = tempfail(451, "4.3.0", "Temporary policy failure, try again later")
 
 
@@ -65,13 +113,40 @@ class PolicyChain:
     L{Verdict} (L{CONTINUE} when nobody decided); it never fails.
     """
 
-    def __init__(self, policies: Sequence[Any], timeout: float, clock: Any) -> None:
+    def __init__(
+        self,
+        policies: Sequence[Any],
+        timeout: float,
+        clock: Any,
+        options: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """
+        @param options: each policy's options as given to C{fromConfig}, by
+            name; a reload keeps the instances whose options did not change.
+        """
         self.policies = list(policies)
         self.timeout = timeout
         self.clock = clock
-        self._byPhase = {
-            phase: [p for p in self.policies if phase.providedBy(p)] for phase in PHASES
+        self.options = dict(options or {})
+        self._byPhase: dict[Any, list[Any]] = {
+            phase: [p for p in self.policies if phase.providedBy(p)]
+            for phase in PHASES + (ITransactionObserver,)
         }
+
+    def transactionEnded(self, session: Any, envelope: Any, queued: bool) -> None:
+        """
+        Tell every L{ITransactionObserver} that a transaction ended; an
+        exception is logged and goes no further.
+        """
+        for policy in self._byPhase[ITransactionObserver]:
+            try:
+                policy.transactionEnded(session, envelope, queued)
+            except Exception:
+                log.failure(
+                    "policy {policy} failed in transactionEnded",
+                    policy=getattr(policy, "name", type(policy).__name__),
+                    queue_id=getattr(envelope, "queueId", None),
+                )
 
     def checkConnection(self, session: Any) -> Deferred[Verdict]:
         return self._run(IConnectionPolicy, "checkConnection", session)
@@ -148,11 +223,64 @@ def installedPolicies() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def loadPolicies(config: Config) -> list[Any]:
+def describeInstalled() -> list[tuple[str, str, str, str]]:
+    """
+    The installed policies as C{(name, distribution, version, object)},
+    sorted by name, without importing any of them.
+    """
+    rows = []
+    for name, ep in sorted(installedPolicies().items()):
+        dist = getattr(ep, "dist", None)
+        rows.append(
+            (
+                name,
+                dist.name if dist is not None else "?",
+                dist.version if dist is not None else "?",
+                ep.value,
+            )
+        )
+    return rows
+
+
+def startPolicies(policies: Sequence[Any], reactor: Any) -> Deferred[None]:
+    """Call C{startPolicy} on those that have it; failures are logged."""
+    return _each(policies, lambda p: p.startPolicy(reactor), "startPolicy")
+
+
+def stopPolicies(policies: Sequence[Any]) -> Deferred[None]:
+    """Call C{stopPolicy} on those that have it; failures are logged."""
+    return _each(policies, lambda p: p.stopPolicy(), "stopPolicy")
+
+
+def _logFailure(failure: Failure, name: str, method: str) -> None:
+    log.failure("policy {policy} failed in {method}", failure, policy=name, method=method)
+
+
+def _each(policies: Sequence[Any], call: Any, method: str) -> Deferred[None]:
+    from twisted.internet.defer import gatherResults
+
+    ds = []
+    for policy in policies:
+        if not IPolicyLifecycle.providedBy(policy):
+            continue
+        d = maybeDeferred(call, policy)
+        d.addErrback(_logFailure, getattr(policy, "name", "?"), method)
+        ds.append(d)
+    return gatherResults(ds).addCallback(lambda _: None)
+
+
+def loadPolicies(
+    config: Config, previous: PolicyChain | None = None
+) -> tuple[list[Any], dict[str, dict[str, Any]]]:
     """
     Build the configured policies, in chain order, through entry points.
 
-    Only the named entry points are imported.
+    Only the named entry points are imported.  With C{previous} (a reload),
+    a policy whose name and options are unchanged is kept as it is, so that
+    its state (rate-limit counters, open connections) survives; it is
+    asked to L{IReloadable.reload} its files by the caller.
+
+    @return: the policies and their options by name.
 
     @raise ConfigError: unknown name (listing the installed ones), a class
         that fails to import, does not provide a phase interface or fails
@@ -160,11 +288,20 @@ def loadPolicies(config: Config) -> list[Any]:
     """
     installed = installedPolicies()
     policies = []
+    allOptions: dict[str, dict[str, Any]] = {}
+    kept = {}
+    if previous is not None:
+        kept = {getattr(p, "name", None): p for p in previous.policies}
     seen = set()
     for name in config.policyChain:
         if name in seen:
             raise ConfigError(config.path, "policy.chain", f"policy {name!r} listed twice")
         seen.add(name)
+        options = copy.deepcopy(dict(config.policyOptions.get(name, {})))
+        allOptions[name] = options
+        if previous is not None and name in kept and previous.options.get(name) == options:
+            policies.append(kept[name])
+            continue
         ep = installed.get(name)
         if ep is None:
             names = ", ".join(sorted(installed)) or "none"
@@ -179,21 +316,23 @@ def loadPolicies(config: Config) -> list[Any]:
             ) from None
         key = f"policies.{name}"
         try:
-            policy = factory.fromConfig(dict(config.policyOptions.get(name, {})))
+            context = PolicyContext(config.path, config.hostname, name)
+            policy = _callFromConfig(factory, copy.deepcopy(options), context)
         except PolicyOptionError as e:
             raise ConfigError(config.path, f"{key}.{e.key}", e.problem) from None
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OSError) as e:
             raise ConfigError(config.path, key, str(e)) from None
         if getattr(policy, "name", None) is None:
             policy.name = name
-        phases = [p for p in PHASES if p in providedBy(policy).flattened()]
+        provided = list(providedBy(policy).flattened())
+        phases = [p for p in PHASES + (ITransactionObserver,) if p in provided]
         if not phases:
             raise ConfigError(
                 config.path,
                 "policy.chain",
                 f"policy {name!r} provides none of the policy interfaces",
             )
-        for phase in phases:
+        for phase in phases + [h for h in HOOKS if h in provided and h not in phases]:
             try:
                 verifyObject(phase, policy)
             except Invalid as e:
@@ -204,4 +343,4 @@ def loadPolicies(config: Config) -> list[Any]:
                     f"policy {name!r} does not implement {phase.__name__}: {problem}",
                 ) from None
         policies.append(policy)
-    return policies
+    return policies, allOptions

@@ -362,6 +362,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if self._incoming is not None and not self._committing:
             self._incoming.discard()
             self._incoming = None
+        if not self._committing:
+            # A commit in flight ends its transaction itself when it fires.
+            self._reset()
         if self._counted:
             self._counted = False
             self.factory.limits.close(str(self.session.clientAddress))  # type: ignore[union-attr]
@@ -921,7 +924,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._release()
             return
         self._committing = True
-        d = f.chain.checkMessage(session, envelope, Message(incoming.path, incoming.size))
+        message = Message(incoming.path, incoming.size)
+        d = f.chain.checkMessage(session, envelope, message)
+        outcome = {"queued": False}
 
         def decided(verdict: Verdict) -> Any:
             if verdict.action in (Action.REJECT, Action.TEMPFAIL):
@@ -930,10 +935,13 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 if self.state != "closed":
                     self._answer(verdict)
                 return None
+            if message.changed:
+                incoming.replaceHeader(message.headerBytes(), message.bodyOffset)
             record = self._record(envelope, incoming.size)
             return f.spool.commit(incoming, record).addCallbacks(committed, failed)
 
         def committed(queueId: str) -> None:
+            outcome["queued"] = True
             log.info(
                 "{queue_id}: queued from=<{sender}> nrcpt={nrcpt} size={size} user={user} "
                 "client=[{client}] session={session_id}",
@@ -959,7 +967,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._committing = False
             self._incoming = None
             if self.envelope is envelope:
-                self._reset()
+                self._reset(outcome["queued"])
             self._release()
 
         d.addCallback(decided)
@@ -1034,8 +1042,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._reset()
         self.reply(250, "2.0.0", "Ok")
 
-    def _reset(self) -> None:
-        self.envelope = None
+    def _reset(self, queued: bool = False) -> None:
+        """End the transaction in progress, if any, and tell the observers."""
+        envelope, self.envelope = self.envelope, None
+        if envelope is not None and self.session is not None:
+            self.factory.chain.transactionEnded(self.session, envelope, queued)
 
     def smtp_NOOP(self, argument: str) -> None:
         self.reply(250, "2.0.0", "Ok")

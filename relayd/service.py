@@ -14,7 +14,7 @@ import sys
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relayd.config import Config, ConfigError
-from relayd.policy import PolicyChain, loadPolicies
+from relayd.interfaces import IReloadable
+from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
 from relayd.server import ConnectionLimits, SMTPFactory
 from relayd.spool import SpoolLocked
 
@@ -92,6 +93,39 @@ class RelaydService(MultiService):
         self.config = config
         self.factories: list[SMTPFactory] = []
         self.scheduler: Any = None
+        self.policies: PolicyService | None = None
+        self.installSignalHandlers = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.installSignalHandlers:
+            import signal
+
+            from twisted.internet import reactor
+
+            def hup(signum: int, frame: Any) -> None:
+                cast(Any, reactor).callFromThread(self.reload)
+
+            signal.signal(signal.SIGHUP, hup)
+
+    def reload(self) -> Deferred[bool]:
+        """
+        Re-read the config file and apply what can change while running
+        (for now: the policy chain and the files its policies read).  An
+        invalid new config is refused with a log line; the old one stays.
+
+        @return: a Deferred firing with True when the new config is in force.
+        """
+        from relayd.config import load
+
+        log.info("reload: reading {path}", path=self.config.path)
+        try:
+            config = load(self.config.path)
+        except ConfigError as e:
+            log.error("reload refused, old config stays in force: {error}", error=str(e))
+            return succeed(False)
+        assert self.policies is not None
+        return self.policies.reload(config)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -171,7 +205,10 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
             raise ConfigError(config.path, "auth.users_file", str(e)) from None
         portal = makePortal(checker)
 
-    chain = PolicyChain(loadPolicies(config), config.policyTimeout, reactor)
+    policies, options = loadPolicies(config)
+    chain = PolicyChain(policies, config.policyTimeout, reactor, options)
+    top.policies = PolicyService(chain, reactor, top.factories)
+    top.policies.setServiceParent(top)
 
     spool = Spool(
         config.spoolDirectory, config.spoolReserveBytes, reactor, threads=config.spoolThreads
@@ -210,6 +247,58 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
         svc.setName(f"listener:{listener.name}")
         svc.setServiceParent(top)
     return top
+
+
+class PolicyService(Service):
+    """
+    Owns the policy chain: starts and stops the policies that have a
+    lifecycle, and swaps in a new chain on reload without dropping
+    sessions (a session in progress uses the new chain from its next
+    command on).
+    """
+
+    def __init__(self, chain: PolicyChain, reactor: Any, factories: list[Any]) -> None:
+        self.chain = chain
+        self.reactor = reactor
+        self.factories = factories
+
+    def startService(self) -> None:
+        super().startService()
+        startPolicies(self.chain.policies, self.reactor)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return stopPolicies(self.chain.policies)
+
+    @inlineCallbacks
+    def reload(self, config: Config) -> Any:
+        old = self.chain
+        try:
+            policies, options = loadPolicies(config, previous=old)
+        except ConfigError as e:
+            log.error("reload refused, old config stays in force: {error}", error=str(e))
+            return False
+        kept = [p for p in policies if any(p is q for q in old.policies)]
+        added = [p for p in policies if not any(p is q for q in old.policies)]
+        dropped = [p for p in old.policies if not any(p is q for q in policies)]
+        yield startPolicies(added, self.reactor)
+        for policy in kept:
+            if IReloadable.providedBy(policy):
+                try:
+                    yield maybeDeferred(policy.reload)
+                except Exception:
+                    log.failure(
+                        "policy {policy} could not reload; it keeps its old data",
+                        policy=getattr(policy, "name", "?"),
+                    )
+        self.chain = PolicyChain(policies, config.policyTimeout, self.reactor, options)
+        for factory in self.factories:
+            factory.chain = self.chain
+        yield stopPolicies(dropped)
+        log.info(
+            "reload: policy chain now {chain}", chain=" ".join(p.name for p in policies) or "empty"
+        )
+        return True
 
 
 class ResolverService(Service):

@@ -201,6 +201,21 @@ class IncomingMessage:
         self._file = file
         self._committing = False
         self._discarded = False
+        self._header: tuple[bytes, int] | None = None
+
+    def replaceHeader(self, header: bytes, bodyOffset: int) -> None:
+        """
+        Store C{header} instead of the first C{bodyOffset} octets: the
+        commit writes C{header} followed by the received bytes from
+        C{bodyOffset} on, so the body is stored exactly as received.  Used
+        when message policies edited the header section.
+        """
+        if self._committing or self._discarded:
+            raise ValueError(f"message {self.queueId} is no longer writable")
+        if not 0 <= bodyOffset <= self.size:
+            raise ValueError(f"body offset {bodyOffset} outside the message")
+        self._header = (header, bodyOffset)
+        self.size = len(header) + self.size - bodyOffset
 
     def write(self, data: bytes) -> None:
         """
@@ -556,9 +571,14 @@ class Spool(Service):
         """
         try:
             file = pending.incoming._file
-            file.flush()
-            os.fsync(file.fileno())
-            file.close()
+            if pending.incoming._header is not None:
+                file.flush()
+                file.close()
+                self._rewriteHeader(pending.tmpData, *pending.incoming._header)
+            else:
+                file.flush()
+                os.fsync(file.fileno())
+                file.close()
             fd = os.open(
                 pending.tmpEnvelope,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
@@ -573,6 +593,32 @@ class Spool(Service):
             pending.incoming._closeQuietly()
             self._removeFromThread(pending, pending.tmpData, pending.tmpEnvelope)
             raise
+
+    @staticmethod
+    def _rewriteHeader(path: str, header: bytes, bodyOffset: int) -> None:
+        """
+        In the pool: write C{header} and the body of C{path} (from
+        C{bodyOffset}) to a new file, fsync it and rename it over C{path}.
+        The directory is fsynced by the batch that renames the file into
+        C{data/}.
+        """
+        new = path + ".rw"
+        fd = os.open(
+            new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), _FILE_MODE
+        )
+        try:
+            _writeAll(fd, header)
+            with open(path, "rb") as old:
+                old.seek(bodyOffset)
+                while chunk := old.read(_WRITE_BUFFER):
+                    _writeAll(fd, chunk)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlinkQuietly(new)
+            raise
+        os.close(fd)
+        os.replace(new, path)
 
     def _prepared(self, _: None, pending: _PendingCommit) -> None:
         """The message is durable in C{tmp/}: queue it for the next batch."""

@@ -22,6 +22,29 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", "/etc/relayd/relayd.toml", "Path to the TOML configuration file."],
     ]
+    optFlags = [
+        [
+            "list-policies",
+            None,
+            "Print the installed policies (entry points of group relayd.policies) "
+            "with their distribution and version, and exit.",
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if self["list-policies"]:
+            from relayd.policy import describeInstalled
+
+            rows = describeInstalled()
+            widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(_HEADINGS)]
+            for row in [_HEADINGS, *rows]:
+                line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                sys.stdout.write(line.rstrip() + "\n")
+            sys.stdout.flush()
+            raise SystemExit(0)
+
+
+_HEADINGS = ("NAME", "DISTRIBUTION", "VERSION", "OBJECT")
 
 
 def makeService(options: Options):  # type: ignore[no-untyped-def]
@@ -35,7 +58,9 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
 
     try:
         config = load(options["config"])
-        return buildService(config, reactor)
+        service = buildService(config, reactor)
+        service.installSignalHandlers = True
+        return service
     except ConfigError as e:
         sys.stderr.write(f"relayd: config error: {e}\n")
         sys.stderr.flush()
