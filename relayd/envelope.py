@@ -106,8 +106,11 @@ class HeaderField:
         return re.sub(r"\r\n(?=[ \t])", "", text).strip()
 
 
+_NAME_ONLY = re.compile(r"[!-9;-~]+")
+
+
 def _isValidName(name: str) -> bool:
-    return bool(name) and _FIELD_NAME.match(name.encode("ascii", "replace") + b":") is not None
+    return _NAME_ONLY.fullmatch(name) is not None
 
 
 def _fold(name: str, value: str) -> bytes:
@@ -116,11 +119,21 @@ def _fold(name: str, value: str) -> bytes:
     refused: headers added by policies must not be able to smuggle fields
     or end the header section.
     """
-    if not _isValidName(name) or name.strip() != name:
+    if not _isValidName(name):
         raise ValueError(f"bad header field name {name!r}")
     if "\r" in value or "\n" in value:
         raise ValueError("header value must not contain CR or LF; fold with no line breaks")
     return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+
+
+def _oneField(raw: bytes) -> HeaderField:
+    """Parse C{raw} as exactly one complete field, or raise ValueError."""
+    parsed, end = Headers.parse(raw + b"\r\n")
+    if not raw.endswith(b"\r\n") or len(parsed.fields) != 1 or end != len(raw) + 2:
+        raise ValueError("raw must be exactly one header field ending with CRLF")
+    if b"\r" in raw.replace(b"\r\n", b"") or b"\n" in raw.replace(b"\r\n", b""):
+        raise ValueError("raw must not contain bare CR or LF")
+    return parsed.fields[0]
 
 
 class Headers:
@@ -212,13 +225,11 @@ class Headers:
 
         @raise ValueError: when C{raw} is not exactly one well-formed field.
         """
-        parsed, end = Headers.parse(raw + b"\r\n")
-        if len(parsed.fields) != 1 or end != len(raw) + 2:
-            raise ValueError("raw must be exactly one header field ending with CRLF")
+        field = _oneField(raw)
         if top:
-            self.fields.insert(0, parsed.fields[0])
+            self.fields.insert(0, field)
         else:
-            self.fields.append(parsed.fields[0])
+            self.fields.append(field)
         self.changed = True
 
     def remove(self, match: str | Callable[[HeaderField], bool]) -> int:
@@ -263,10 +274,8 @@ class Headers:
 
         @raise ValueError: when C{raw} is not exactly one well-formed field.
         """
-        parsed, end = Headers.parse(raw + b"\r\n")
-        if len(parsed.fields) != 1 or end != len(raw) + 2:
-            raise ValueError("raw must be exactly one header field ending with CRLF")
-        self.fields[index] = parsed.fields[0]
+        field = _oneField(raw)
+        self.fields[index] = field
         self.changed = True
 
     def toBytes(self) -> bytes:

@@ -1,0 +1,177 @@
+"""
+L{relayd.envelope.Headers} and L{relayd.envelope.Message}: the header
+editing API of message policies, and the spool storing an edited header
+section with the body bytes exactly as received.
+"""
+
+import os
+import shutil
+import tempfile
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from relayd.envelope import Headers, Message
+from relayd.spool import Spool, envelopeRecord
+
+RAW = (
+    b"Received: from client.test ([127.0.0.1])\r\n"
+    b"\tby relayd.test (relayd) with ESMTP id X; Sun, 22 Nov 2026 09:00:00 +0000\r\n"
+    b"From: Alice <alice@example.org>\r\n"
+    b"Subject: a folded\r\n"
+    b"  subject \xc3\xa9\r\n"
+    b"X-Trace :  odd spacing kept\r\n"
+    b"\r\n"
+    b"Body line 1\r\n"
+    b"From: not a header, this is body\r\n"
+)
+
+
+class HeadersTests(unittest.TestCase):
+    def test_parse(self):
+        headers, offset = Headers.parse(RAW)
+        self.assertEqual([f.name for f in headers], ["Received", "From", "Subject", "X-Trace"])
+        self.assertEqual(RAW[offset:], b"Body line 1\r\nFrom: not a header, this is body\r\n")
+        self.assertEqual(headers.get("subject"), "a folded  subject \xe9")
+        self.assertEqual(headers.get("x-trace"), "odd spacing kept")
+        self.assertEqual(headers.toBytes() + b"\r\n", RAW[:offset])
+        self.assertIn("FROM", headers)
+        self.assertNotIn("To", headers)
+
+    def test_parseStopsAtNonHeaderLine(self):
+        raw = b"Received: x\r\nnot a header line\r\nmore\r\n"
+        headers, offset = Headers.parse(raw)
+        self.assertEqual(len(headers), 1)
+        self.assertEqual(raw[offset:], b"not a header line\r\nmore\r\n")
+
+    def test_edits(self):
+        headers, _ = Headers.parse(RAW)
+        self.assertFalse(headers.changed)
+        headers.add("Message-ID", "<1@x>")
+        headers.add("X-Top", "1", top=True)
+        self.assertEqual(headers.replace("subject", "new"), 1)
+        self.assertEqual(headers.remove("x-trace"), 1)
+        self.assertEqual(headers.remove(lambda f: f.name == "Nope"), 0)
+        self.assertTrue(headers.changed)
+        self.assertEqual(
+            headers.toBytes(),
+            b"X-Top: 1\r\n"
+            + RAW[: RAW.index(b"Subject")]
+            + b"Subject: new\r\nMessage-ID: <1@x>\r\n",
+        )
+
+    def test_replaceAddsMissing(self):
+        headers, _ = Headers.parse(b"A: 1\r\n\r\n")
+        self.assertEqual(headers.replace("B", "2"), 0)
+        self.assertEqual(headers.replace("C", "3", addMissing=False), 0)
+        self.assertEqual(headers.toBytes(), b"A: 1\r\nB: 2\r\n")
+
+    def test_noSmuggling(self):
+        """
+        Values with line breaks and bad names are refused, so a policy
+        cannot add a second field or end the header section by mistake.
+        """
+        headers, _ = Headers.parse(RAW)
+        for name, value in [
+            ("X", "a\r\nBcc: victim@example.net"),
+            ("X", "a\nb"),
+            ("Bad Name", "v"),
+            ("Bad:Name", "v"),
+            ("", "v"),
+        ]:
+            self.assertRaises(ValueError, headers.add, name, value)
+        self.assertRaises(ValueError, headers.addRaw, b"X: 1\r\nY: 2\r\n")
+        self.assertRaises(ValueError, headers.addRaw, b"X: 1")
+        self.assertRaises(ValueError, headers.setRaw, 0, b"\r\n")
+        self.assertFalse(headers.changed)
+
+    def test_addRawFolded(self):
+        headers, _ = Headers.parse(b"A: 1\r\n\r\n")
+        headers.addRaw(b"DKIM-Signature: v=1;\r\n b=xyz\r\n", top=True)
+        self.assertEqual(headers.get("dkim-signature"), "v=1; b=xyz")
+        self.assertEqual(headers.toBytes(), b"DKIM-Signature: v=1;\r\n b=xyz\r\nA: 1\r\n")
+
+
+class MessageTests(unittest.TestCase):
+    def message(self, raw):
+        fd, path = tempfile.mkstemp()
+        os.write(fd, raw)
+        os.close(fd)
+        self.addCleanup(os.unlink, path)
+        return Message(path, len(raw))
+
+    def test_unchanged(self):
+        m = self.message(RAW)
+        self.assertEqual(m.headerBytes() + b"".join(m.iterBody(chunkSize=5)), RAW)
+        self.assertFalse(m.changed)
+        self.assertEqual(m.size, len(RAW))
+
+    def test_changedKeepsBody(self):
+        m = self.message(RAW)
+        m.headers.add("Date", "Sun, 22 Nov 2026 09:00:01 +0000")
+        expected = RAW.replace(b"\r\n\r\n", b"\r\nDate: Sun, 22 Nov 2026 09:00:01 +0000\r\n\r\n", 1)
+        self.assertEqual(m.asBytes(), expected)
+        self.assertEqual(m.size, len(expected))
+
+    def test_noSeparator(self):
+        """A message whose header section is not ended by an empty line."""
+        raw = b"Received: x\r\nbody without separator\r\n"
+        m = self.message(raw)
+        m.headers.add("X", "1")
+        self.assertEqual(m.asBytes(), b"Received: x\r\nX: 1\r\nbody without separator\r\n")
+
+    def test_emptyHeaderSection(self):
+        m = self.message(b"\r\nbody\r\n")
+        m.headers.add("X", "1")
+        self.assertEqual(m.asBytes(), b"X: 1\r\n\r\nbody\r\n")
+
+
+class SpoolRewriteTests(unittest.TestCase):
+    """The spool stores the edited header followed by the received body."""
+
+    @defer.inlineCallbacks
+    def test_commitWithReplacedHeader(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        spool = Spool(directory, 0, reactor, threads=1)
+        spool.startService()
+        self.addCleanup(spool.stopService)
+        queueId = spool.newQueueId()
+        incoming = spool.openMessage(queueId)
+        body = b"x" * 200000 + b"\r\n"
+        incoming.write(RAW + body)
+        incoming.flush()
+        m = Message(incoming.path, incoming.size)
+        m.headers.remove("x-trace")
+        incoming.replaceHeader(m.headerBytes(), m.bodyOffset)
+        expected = RAW.replace(b"X-Trace :  odd spacing kept\r\n", b"") + body
+        self.assertEqual(incoming.size, len(expected))
+        record = envelopeRecord(
+            queueId=queueId,
+            sender="a@example.org",
+            recipients=["b@example.net"],
+            arrival=0.0,
+            size=incoming.size,
+            body="8BITMIME",
+            client="127.0.0.1",
+            helo="client.test",
+            user=None,
+            listener="relay",
+        )
+        yield spool.commit(incoming, record)
+        with open(spool.dataPath(queueId), "rb") as f:
+            self.assertEqual(f.read(), expected)
+        self.assertEqual(os.listdir(os.path.join(directory, "tmp")), [])
+
+    @defer.inlineCallbacks
+    def test_replaceHeaderChecksOffset(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        spool = Spool(directory, 0, reactor, threads=1)
+        spool.startService()
+        self.addCleanup(spool.stopService)
+        incoming = spool.openMessage(spool.newQueueId())
+        self.addCleanup(incoming.discard)
+        incoming.write(b"A: 1\r\n\r\n")
+        self.assertRaises(ValueError, incoming.replaceHeader, b"B: 2\r\n\r\n", 100)
+        yield None
