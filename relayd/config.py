@@ -82,6 +82,8 @@ class Config:
     maxErrors: int
     timeoutCommand: float
     timeoutData: float
+    shutdownSessions: float
+    shutdownDeliveries: float
     policyChain: tuple[str, ...]
     policyTimeout: float
     policyOptions: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -192,6 +194,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         # for the next command; 4.5.3.2.5 gives 3 minutes per DATA block.
         "command": _Key(_NUMBER, 300.0, check=_positive),
         "data": _Key(_NUMBER, 180.0, check=_positive),
+        # Graceful shutdown (SIGTERM): how long sessions in DATA may take to
+        # finish, then how long deliveries in flight may take, before they
+        # are cut.  Keep their sum below systemd's TimeoutStopSec.
+        "shutdown_sessions": _Key(_NUMBER, 30.0, check=_positive),
+        "shutdown_deliveries": _Key(_NUMBER, 30.0, check=_positive),
     },
     "policy": {
         "chain": _Key(list, ["mynetworks", "authenticated"], check=_stringList),
@@ -432,6 +439,8 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         maxErrors=limits["errors"],
         timeoutCommand=float(timeouts["command"]),
         timeoutData=float(timeouts["data"]),
+        shutdownSessions=float(timeouts["shutdown_sessions"]),
+        shutdownDeliveries=float(timeouts["shutdown_deliveries"]),
         policyChain=tuple(policy["chain"]),
         policyTimeout=float(policy["timeout"]),
         policyOptions={k: dict(v) for k, v in policies.items()},

@@ -261,6 +261,22 @@ class Deliverer:
         closing = [client.whenClosed() for client in list(self._clients)]
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
+    def abort(self) -> None:
+        """
+        Cut every connection now (shutdown deadline): the attempts in flight
+        end with a temporary failure for their recipients, which stay
+        queued; a message cut before the server's final reply may arrive
+        twice, the accepted cost in SMTP (RFC 5321 section 6.1 prefers a
+        duplicate to a loss).
+        """
+        self._stopping = True
+        for d in list(self._connecting):
+            d.cancel()
+        for client in list(self._clients):
+            transport = getattr(client, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+
     # --- one attempt -----------------------------------------------------
 
     @inlineCallbacks

@@ -25,7 +25,7 @@ import random as randomModule
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -77,6 +77,7 @@ class Scheduler(Service):
         sweepInterval: float = 60.0,
         postmaster: str | None = None,
         random: randomModule.Random | None = None,
+        stopDeadline: float = 30.0,
     ) -> None:
         self.spool = spool
         self.router = router
@@ -92,6 +93,7 @@ class Scheduler(Service):
         self.sweepInterval = sweepInterval
         self.postmaster = postmaster
         self.random = random or randomModule.Random()
+        self.stopDeadline = stopDeadline
         self.attempts = 0
         self._due: list[tuple[float, int, str]] = []
         self._when: dict[str, float] = {}
@@ -116,7 +118,11 @@ class Scheduler(Service):
         self._sweep.start(self.sweepInterval, now=False)
 
     def stopService(self) -> Deferred[None]:
-        """Stop starting deliveries; let the ones in flight finish."""
+        """
+        Stop starting deliveries; let the ones in flight finish, for at most
+        L{stopDeadline} seconds, then cut their connections: their
+        recipients are recorded as deferred and tried again after restart.
+        """
         super().stopService()
         self._running = False
         if self._sweep is not None and self._sweep.running:
@@ -125,8 +131,30 @@ class Scheduler(Service):
             self._timer.cancel()
         self._timer = None
         inFlight = list(self._inFlight.values())
-        d: Deferred[Any] = DeferredList(inFlight, consumeErrors=True) if inFlight else succeed(None)
-        d.addCallback(lambda _: self.deliverer.stop())
+        if not inFlight:
+            return self.deliverer.stop().addCallback(lambda _: None)  # type: ignore[no-any-return]
+        log.info(
+            "shutdown: waiting up to {deadline}s for {count} deliveries in flight",
+            deadline=self.stopDeadline,
+            count=len(inFlight),
+        )
+        d: Deferred[Any] = DeferredList(inFlight, consumeErrors=True)
+
+        def late() -> None:
+            log.warn(
+                "shutdown: deadline reached; aborting {count} deliveries in flight",
+                count=len(self._inFlight),
+            )
+            self.deliverer.abort()
+
+        timer = self.clock.callLater(self.stopDeadline, late)
+
+        def finished(_: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return self.deliverer.stop()
+
+        d.addCallback(finished)
         return d.addCallback(lambda _: None)
 
     def whenIndexed(self) -> Deferred[None]:

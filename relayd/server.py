@@ -40,6 +40,7 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
@@ -227,11 +228,52 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         self.limits = limits
         self.clock = clock
         self.sessions: set[SMTPServer] = set()
+        self.shuttingDown = False
+        self._emptyWaiters: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         p = SMTPServer()
         p.factory = self
         return p
+
+    def sessionGone(self, session: SMTPServer) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            waiters, self._emptyWaiters = self._emptyWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def shutdown(self, deadline: float) -> Deferred[None]:
+        """
+        Graceful shutdown, once the listener stopped accepting: idle
+        sessions get C{421 4.3.2} now; a session receiving DATA or waiting
+        for its commit or a policy finishes that, gets its reply (the
+        C{250}, so nothing accepted is lost) and then the C{421}.  After
+        C{deadline} seconds the sessions still open are cut; a message cut
+        before its C{250} was never accepted, and the client retries.
+
+        @return: a Deferred firing when every session is gone.
+        """
+        self.shuttingDown = True
+        for session in list(self.sessions):
+            session.shutdown()
+        if not self.sessions:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._emptyWaiters.append(done)
+
+        def late() -> None:
+            for session in list(self.sessions):
+                session.abort()
+
+        timer = self.clock.callLater(deadline, late)
+
+        def finished(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return done.addCallback(finished)
 
 
 def _clientAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -280,6 +322,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._counted = False
         self._client = ""
         self._paused = 0
+        self._shuttingDown = False
 
     # --- connection ----------------------------------------------------
 
@@ -316,6 +359,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             )
             self.state = "closed"
             self.reply(421, "4.7.0", f"{f.config.hostname} Error: {refusal}")
+            self.transport.loseConnection()
+            return
+        if f.shuttingDown:
+            self.state = "closed"
+            self.reply(421, "4.3.2", f"{f.config.hostname} Service shutting down")
             self.transport.loseConnection()
             return
         self._counted = True
@@ -368,7 +416,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if self._counted:
             self._counted = False
             self.factory.limits.close(str(self.session.clientAddress))  # type: ignore[union-attr]
-            self.factory.sessions.discard(self)
+            self.factory.sessionGone(self)
         if self.session is not None:
             log.info(
                 "{session_id}: disconnect from [{client}] in state {state}",
@@ -387,6 +435,38 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         )
         self.reply(421, "4.4.2", f"{self.factory.config.hostname} Error: timeout exceeded")
         self._close()
+
+    def shutdown(self) -> None:
+        """
+        relayd is stopping: say goodbye now when idle, else after the
+        command in progress (DATA, its commit, a policy or AUTH check) has
+        been answered.
+        """
+        self._shuttingDown = True
+        if self.state == "closed" or self.state == "data" or self._paused:
+            return
+        self._goodbye()
+
+    def _goodbye(self) -> None:
+        assert self.session is not None
+        log.info(
+            "{session_id}: shutting down; closing session with [{client}] in state {state}",
+            session_id=self.session.sessionId,
+            client=str(self.session.clientAddress),
+            state=self.state,
+        )
+        self.reply(421, "4.3.2", f"{self.factory.config.hostname} Service shutting down")
+        self._close()
+
+    def abort(self) -> None:
+        """The shutdown deadline passed: cut the connection now."""
+        if self.session is not None:
+            log.warn(
+                "{session_id}: shutdown deadline reached; aborting session in state {state}",
+                session_id=self.session.sessionId,
+                state=self.state,
+            )
+        self.transport.abortConnection()
 
     def _close(self) -> None:
         if self._incoming is not None and not self._committing:
@@ -407,6 +487,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     def _release(self) -> None:
         self._paused -= 1
         if self._paused == 0 and self.state != "closed":
+            if self._shuttingDown and self.state != "data":
+                self._goodbye()
+                return
             self.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:

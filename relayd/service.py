@@ -217,6 +217,10 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
     if config.deliveryEnabled:
         top.scheduler = _deliverySide(config, reactor, spool, top)
 
+    # Stopped after the listeners (children stop in reverse order) and
+    # before the scheduler and the spool: the sessions in DATA still commit.
+    SessionsService(top.factories, config.shutdownSessions).setServiceParent(top)
+
     limits = ConnectionLimits(config.maxConnections, config.maxConnectionsPerClient)
     for i, listener in enumerate(config.listeners):
         factory = SMTPFactory(
@@ -247,6 +251,30 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
         svc.setName(f"listener:{listener.name}")
         svc.setServiceParent(top)
     return top
+
+
+class SessionsService(Service):
+    """
+    On shutdown, once the listeners are closed: ends the SMTP sessions
+    gracefully (L{SMTPFactory.shutdown}) within C{deadline} seconds.
+    """
+
+    def __init__(self, factories: list[SMTPFactory], deadline: float) -> None:
+        self.factories = factories
+        self.deadline = deadline
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        from twisted.internet.defer import gatherResults
+
+        count = sum(len(f.sessions) for f in self.factories)
+        if count:
+            log.info(
+                "shutdown: closing {count} SMTP sessions (deadline {deadline}s)",
+                count=count,
+                deadline=self.deadline,
+            )
+        return gatherResults([f.shutdown(self.deadline) for f in self.factories])
 
 
 class PolicyService(Service):
@@ -358,6 +386,7 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: MultiService) -
         lifetime=config.lifetime,
         delayWarning=config.delayWarning,
         sweepInterval=config.sweepInterval,
+        stopDeadline=config.shutdownDeliveries,
         postmaster=config.postmaster,
     )
     scheduler.setServiceParent(top)
