@@ -23,6 +23,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -34,7 +35,9 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from zope.interface import implementer
 
 from relayd.safeio import writeAtomically
 
@@ -340,6 +343,24 @@ def _publicBytes(publicKey: PublicKeyTypes) -> bytes:
     return publicKey.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+@implementer(IOpenSSLContextFactory)
+class ReloadableServerOptions:
+    """
+    Server TLS options whose certificate can be replaced while running
+    (SIGHUP): Twisted asks C{getContext()} for every new TLS connection,
+    both implicit TLS and STARTTLS, so new connections get the new
+    certificate and established ones keep theirs.
+
+    @ivar current: the L{CertificateOptions} in force.
+    """
+
+    def __init__(self, options: CertificateOptions) -> None:
+        self.current = options
+
+    def getContext(self) -> Any:
+        return self.current.getContext()
 
 
 def loadServerOptions(certPath: str, keyPath: str) -> CertificateOptions:

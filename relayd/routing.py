@@ -558,6 +558,16 @@ class Router:
             seeded one.
         """
         self._resolver = resolver
+        self._random = random if random is not None else randomModule.Random()
+        self.reconfigure(routes, port, mxTls, localNames)
+
+    def reconfigure(
+        self, routes: Sequence[Route], port: int, mxTls: str, localNames: Sequence[str]
+    ) -> None:
+        """
+        Put new routes and MX settings in force (config reload); lookups
+        already running finish with the old ones.
+        """
         self.routes = tuple(routes)
         self._patterns = [
             tuple(_normalizeDomain(d) for d in route.domains) for route in self.routes
@@ -565,7 +575,6 @@ class Router:
         self._port = port
         self._mxTls = mxTls
         self._localNames = frozenset(_normalizeDomain(n) for n in localNames)
-        self._random = random if random is not None else randomModule.Random()
 
     def route(self, domain: str) -> Deferred[Destination]:
         """

@@ -14,7 +14,7 @@ import sys
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -94,6 +94,9 @@ class RelaydService(MultiService):
         self.factories: list[SMTPFactory] = []
         self.scheduler: Any = None
         self.policies: PolicyService | None = None
+        self.tls: Any = None
+        self.checker: Any = None
+        self.reactor: Any = None
         self.installSignalHandlers = False
 
     def privilegedStartService(self) -> None:
@@ -110,22 +113,20 @@ class RelaydService(MultiService):
 
     def reload(self) -> Deferred[bool]:
         """
-        Re-read the config file and apply what can change while running
-        (for now: the policy chain and the files its policies read).  An
-        invalid new config is refused with a log line; the old one stays.
+        Re-read the config file and put in force what can change while
+        running: the policy chain (and the files its policies read), the
+        users file, the TLS certificate and key, the routes, and the
+        per-session settings (limits, timeouts, host name).  Sessions and
+        deliveries in progress go on; new ones use the new settings.
+
+        Everything is checked before anything changes: an invalid new
+        config is refused with one log line and the old one stays in force.
+        Changes that need a restart (listeners, spool, thread pools,
+        resolvers, delivery on/off) are named in a warning.
 
         @return: a Deferred firing with True when the new config is in force.
         """
-        from relayd.config import load
-
-        log.info("reload: reading {path}", path=self.config.path)
-        try:
-            config = load(self.config.path)
-        except ConfigError as e:
-            log.error("reload refused, old config stays in force: {error}", error=str(e))
-            return succeed(False)
-        assert self.policies is not None
-        return self.policies.reload(config)
+        return _reload(self)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -182,18 +183,22 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
     @raise ConfigError: on any of those problems.
     """
     from relayd.auth import IMailUser, UsersFileChecker, UsersFileError, makePortal
-    from relayd.certificates import CertificateError, loadServerOptions
+    from relayd.certificates import CertificateError, ReloadableServerOptions, loadServerOptions
     from relayd.spool import Spool
 
     top = RelaydService(config)
+    top.reactor = reactor
 
     tlsOptions = None
     if config.tlsCertificate and config.tlsKey:
         try:
-            tlsOptions = loadServerOptions(config.tlsCertificate, config.tlsKey)
+            tlsOptions = ReloadableServerOptions(
+                loadServerOptions(config.tlsCertificate, config.tlsKey)
+            )
         except CertificateError as e:
             key = "tls.key" if getattr(e, "path", None) == config.tlsKey else "tls.certificate"
             raise ConfigError(config.path, key, str(e)) from None
+        top.tls = tlsOptions
 
     portal = None
     if config.usersFile:
@@ -204,6 +209,7 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
         except UsersFileError as e:
             raise ConfigError(config.path, "auth.users_file", str(e)) from None
         portal = makePortal(checker)
+        top.checker = checker
 
     policies, options = loadPolicies(config)
     chain = PolicyChain(policies, config.policyTimeout, reactor, options)
@@ -251,6 +257,79 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
         svc.setName(f"listener:{listener.name}")
         svc.setServiceParent(top)
     return top
+
+
+_RESTART_FIELDS = {
+    "listeners": "listeners",
+    "spoolDirectory": "spool.directory",
+    "spoolThreads": "spool.threads",
+    "authThreads": "auth.threads",
+    "deliveryEnabled": "delivery.enabled",
+    "resolvers": "delivery.resolvers",
+    "resolverPort": "delivery.resolver_port",
+    "caFile": "delivery.ca_file",
+    "deliveryConcurrency": "delivery.concurrency",
+}
+
+
+@inlineCallbacks
+def _reload(top: RelaydService) -> Any:
+    from relayd.auth import UsersFile, UsersFileError
+    from relayd.certificates import CertificateError, loadServerOptions
+    from relayd.config import load
+
+    log.info("reload: reading {path}", path=top.config.path)
+
+    def refuse(problem: str) -> bool:
+        log.error("reload refused, the old config stays in force: {problem}", problem=problem)
+        return False
+
+    try:
+        config = load(top.config.path)
+    except ConfigError as e:
+        return refuse(str(e))
+    old = top.config
+    tlsOptions = None
+    if top.tls is not None and config.tlsCertificate and config.tlsKey:
+        try:
+            tlsOptions = loadServerOptions(config.tlsCertificate, config.tlsKey)
+        except CertificateError as e:
+            key = "tls.key" if getattr(e, "path", None) == config.tlsKey else "tls.certificate"
+            return refuse(f"{config.path}: {key}: {e}")
+    usersFile = None
+    if top.checker is not None and config.usersFile:
+        try:
+            usersFile = UsersFile(config.usersFile, top.reactor)
+        except UsersFileError as e:
+            return refuse(f"{config.path}: auth.users_file: {e}")
+    assert top.policies is not None
+    ok = yield top.policies.reload(config)
+    if not ok:
+        return False
+    # Checked; now put it in force.
+    if tlsOptions is not None and top.tls is not None:
+        top.tls.current = tlsOptions
+    if usersFile is not None and top.checker is not None:
+        top.checker.usersFile = usersFile
+    if top.scheduler is not None and config.deliveryEnabled:
+        top.scheduler.router.reconfigure(
+            config.routes, config.deliveryPort, config.mxTls, (config.hostname,)
+        )
+    for factory in top.factories:
+        factory.config = config
+    top.config = config
+    changed = [
+        key
+        for field, key in _RESTART_FIELDS.items()
+        if getattr(old, field) != getattr(config, field)
+    ]
+    if changed:
+        log.warn(
+            "reload: {keys} changed; that takes effect after a restart",
+            keys=", ".join(changed),
+        )
+    log.info("reload: new config in force")
+    return True
 
 
 class SessionsService(Service):
@@ -304,7 +383,7 @@ class PolicyService(Service):
         try:
             policies, options = loadPolicies(config, previous=old)
         except ConfigError as e:
-            log.error("reload refused, old config stays in force: {error}", error=str(e))
+            log.error("reload refused, the old config stays in force: {error}", error=str(e))
             return False
         kept = [p for p in policies if any(p is q for q in old.policies)]
         added = [p for p in policies if not any(p is q for q in old.policies)]
