@@ -49,7 +49,22 @@ class ListenerService(Service):
         self.factory = factory
         self.port: Any = None
 
+    def privilegedStartService(self) -> None:
+        """
+        Bind now, while twistd still has root (C{--uid}/C{--gid} drop it
+        right after): ports below 1024 need it.  Nothing is accepted before
+        the reactor runs, which is after L{startService} of every service,
+        spool recovery included.
+        """
+        super().privilegedStartService()
+        self._listen()
+
     def startService(self) -> None:
+        if self.port is None:
+            self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
         outcome: list[Any] = []
         self.endpoint.listen(self.factory).addBoth(outcome.append)
         if not outcome:
@@ -57,7 +72,6 @@ class ListenerService(Service):
         if isinstance(outcome[0], Failure):
             outcome[0].raiseException()
         self.port = outcome[0]
-        super().startService()
 
     def stopService(self) -> Any:
         super().stopService()
@@ -100,7 +114,12 @@ class RelaydService(MultiService):
         self.installSignalHandlers = False
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            self._fatal(
+                f"listeners: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}"
+            )
         if self.installSignalHandlers:
             import signal
 
