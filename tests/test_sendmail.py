@@ -374,6 +374,8 @@ class CallersTests(SendmailTestCase):
     callers = [
         # Debian cron
         ["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"],
+        # Vixie cron (BSD): the recipient is in the To field
+        ["-FCronDaemon", "-odi", "-oem", "-oi", "-t"],
         # cronie
         ["-FCronDaemon", "-i", "-odi", "-oem", "-oi", "-t", "-f", "root"],
         # PHP mail() default sendmail_path, and with additional_params -f
@@ -400,7 +402,7 @@ class CallersTests(SendmailTestCase):
         self.assertEqual(
             sorted(r["sender"] for r in records),
             sorted(
-                [f"{LOGIN}@{DOMAIN}"] * 6 + [f"root@{DOMAIN}", "www-data@example.org"],
+                [f"{LOGIN}@{DOMAIN}"] * 7 + [f"root@{DOMAIN}", "www-data@example.org"],
             ),
         )
         for record in records:
