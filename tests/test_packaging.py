@@ -112,6 +112,7 @@ def test_entryPoints(wheel: zipfile.ZipFile) -> None:
         module = target.split(":")[0]
         assert module.replace(".", "/") + ".py" in names
     assert parser["console_scripts"]["relayd-passwd"] == "relayd.passwd:main"
+    assert parser["console_scripts"]["relayd-sendmail"] == "relayd.sendmail:main"
 
 
 def test_installedEntryPoints() -> None:
