@@ -78,8 +78,9 @@ def readLines(path: str) -> Iterator[Line]:
 def normalizeDomain(domain: str) -> str:
     """
     The domain as compared: lower case, internationalized names as their
-    ASCII form (RFC 5890 A-labels, through Python's C{idna} codec), so
-    C{B\u00fccher.Example} and C{xn--bcher-kva.example} are the same.
+    ASCII form (A-labels, through Python's built-in C{idna} codec, which
+    is IDNA 2003, RFC 3490: L{relayd.address} has no IDNA of its own yet),
+    so C{B\u00fccher.Example} and C{xn--bcher-kva.example} are the same.
 
     @raise EntryError: when it is not a domain name.
     """
