@@ -24,6 +24,8 @@ from twisted.trial import unittest
 
 from relayd.config import ConfigError, load
 from relayd.envelope import Headers
+from relayd.policies.access import Access
+from relayd.policy import PolicyContext
 from relayd.service import buildService
 from relayd.testing import InProcessRelayd, SMTPClient, TestSetup
 
@@ -32,10 +34,10 @@ OUTSIDER = {"networks": ["192.0.2.0/24"]}
 """mynetworks options under which 127.0.0.1 may not relay."""
 
 
-def write(path: str, text: str) -> None:
+def write(path: str, text: str | bytes) -> None:
     """Replace C{path} the way an editor does: new file, renamed over."""
-    with open(path + ".new", "w") as f:
-        f.write(text)
+    with open(path + ".new", "wb") as f:
+        f.write(text if isinstance(text, bytes) else text.encode())
     os.replace(path + ".new", path)
 
 
@@ -206,12 +208,14 @@ class RecipientTests(AccessTestCase):
             "RCPT TO:<NoBody@example.net>",
             "RCPT TO:<postmaster@blocked.example>",
             "RCPT TO:<b@example.net>",
+            "RCPT TO:<Postmaster>",
         )
         self.assertEqual(
             replies[2:],
             [
                 (550, "5.7.1 Access denied"),
                 (550, "5.7.1 Access denied"),
+                (250, "2.1.5 Ok"),
                 (250, "2.1.5 Ok"),
                 (250, "2.1.5 Ok"),
             ],
@@ -391,10 +395,38 @@ class ConfigErrorTests(unittest.TestCase):
             "No such file or directory",
         )
 
+    def test_notUtf8(self):
+        self.assertEqual(
+            self.error({"client_deny_files": ["c.txt"]}, {"c.txt": b"192.0.2.1\n\xff\n"}),
+            "policies.access.client_deny_files: c.txt is not UTF-8 text",
+        )
+
     def test_badFileLine(self):
         self.assertEqual(
             self.error({"recipient_deny_files": ["r.txt"]}, {"r.txt": "# x\na@b.example\nnope\n"}),
             "policies.access.recipient_deny_files: r.txt:3: not an address: 'nope'",
+        )
+
+
+class UnstartedReloadTests(unittest.TestCase):
+    """
+    A policy built without relayd around it (as a plugin author's unit
+    test would) reloads in the global reactor's thread pool.
+    """
+
+    @defer.inlineCallbacks
+    def test_reload(self):
+        directory = tempfile.mkdtemp(prefix="relayd-access-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        write(os.path.join(directory, "d.txt"), "example.com\n")
+        context = PolicyContext(os.path.join(directory, "relayd.toml"), "relayd.test", "access")
+        policy = Access.fromConfig({"sender_domain_deny_files": ["d.txt"]}, context)
+        self.assertIsNotNone(policy.lists.find("sender_domain_deny", "example.com"))
+        write(os.path.join(directory, "d.txt"), ".example.com\n")
+        yield policy.reload()
+        self.assertIsNone(policy.lists.find("sender_domain_deny", "example.com"))
+        self.assertEqual(
+            policy.lists.find("sender_domain_deny", "a.example.com").entry, ".example.com"
         )
 
 

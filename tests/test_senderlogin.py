@@ -404,6 +404,8 @@ class ParseFromTests(unittest.TestCase):
             "Team: a@example.com, b@example.org;": ["a@example.com", "b@example.org"],
             "x@b\u00fccher.example": ["x@xn--bcher-kva.example"],
             '"quoted local"@example.com': ['"quoted local"@example.com'],
+            '"a \\"b\\" <c@d>" <a@example.com>': ["a@example.com"],
+            "(a (nested \\) comment)) a@example.com": ["a@example.com"],
         }
         for value, expected in cases.items():
             self.assertEqual(parseFrom([value]), expected, value)
@@ -428,6 +430,10 @@ class ParseFromTests(unittest.TestCase):
             "a@example.com\x00@evil.example",
             "a@\udce9vil.example",
             "<<a@example.com>>",
+            "x" * 65 + "@example.com",
+            "a..b@example.com",
+            '"a \\"b <m@evil.example>',
+            "a@example.com (x \\",
         ]:
             self.assertIsNone(parseFrom([value]), value)
         self.assertIsNone(parseFrom(["a@example.com", "garbage"]))
