@@ -1,0 +1,145 @@
+"""
+What the list-reading policies (C{access}, C{senderlogin}) share: reading
+entry files, and normalizing the domains and addresses they compare.
+
+An entry file holds one entry per line; blank lines are skipped and C{#}
+starts a comment when it begins the line or follows white space (so an
+address such as C{a#b@example.com}, where C{#} is valid, RFC 5322 section
+3.2.3, stays whole).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+
+__all__ = [
+    "Line",
+    "EntryError",
+    "readLines",
+    "normalizeDomain",
+    "normalizeAddress",
+    "stringList",
+    "inThread",
+]
+
+T = TypeVar("T")
+
+_COMMENT = re.compile(r"(?:^|[ \t])#.*$")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LOCAL = re.compile(
+    rf"^(?:{_ATEXT}+(?:\.{_ATEXT}+)*"
+    r'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")$'
+)
+
+
+class EntryError(ValueError):
+    """An entry, or a file of entries, that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Line:
+    """
+    One entry as written, and where: C{source} is the option name for an
+    inline entry, C{PATH:LINE} for one read from a file.
+    """
+
+    text: str
+    source: str
+
+
+def readLines(path: str) -> Iterator[Line]:
+    """
+    The entries of the file at C{path}, without comments and blank lines.
+
+    Blocking file I/O: call it at startup or from a thread.
+
+    @raise EntryError: when the file cannot be read or is not UTF-8.
+    """
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except OSError as e:
+        raise EntryError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise EntryError(f"{path} is not UTF-8 text") from None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = _COMMENT.sub("", raw).strip()
+        if line:
+            yield Line(line, f"{path}:{number}")
+
+
+def normalizeDomain(domain: str) -> str:
+    """
+    The domain as compared: lower case, internationalized names as their
+    ASCII form (A-labels, through Python's built-in C{idna} codec, which
+    is IDNA 2003, RFC 3490: L{relayd.address} has no IDNA of its own yet),
+    so C{B\u00fccher.Example} and C{xn--bcher-kva.example} are the same.
+
+    @raise EntryError: when it is not a domain name.
+    """
+    name = domain.lower()
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            raise EntryError(f"not a domain: {domain!r}") from None
+    if len(name) > 255 or not _DOMAIN.match(name):
+        raise EntryError(f"not a domain: {domain!r}")
+    return name
+
+
+def normalizeAddress(address: str) -> str:
+    """
+    The mailbox C{local@domain} as compared: the domain through
+    L{normalizeDomain} and the local part in lower case.  RFC 5321 section
+    2.4 lets a host treat local parts as case-sensitive, but no deployed
+    one does, and an access rule that a change of case walks around would
+    be worthless (Postfix access tables compare the same way).
+
+    @raise EntryError: when it is not a mailbox.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at or not local or len(local.encode("utf-8", "surrogateescape")) > 64:
+        raise EntryError(f"not an address: {address!r}")
+    if not _LOCAL.match(local):
+        raise EntryError(f"not an address: {address!r}")
+    try:
+        domain = normalizeDomain(domain)
+    except EntryError:
+        raise EntryError(f"not an address: {address!r}") from None
+    return f"{local.lower()}@{domain}"
+
+
+def stringList(options: dict[str, Any], key: str, example: str) -> list[str]:
+    """
+    Take option C{key} out of C{options}: a list of strings, empty when
+    absent.
+
+    @raise EntryError: when it is something else; the message shows
+        C{example}.
+    """
+    value = options.pop(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise EntryError(f"must be a list of strings like {example}")
+    return value
+
+
+def inThread(reactor: Any, f: Callable[..., T], *args: Any) -> Deferred[T]:
+    """
+    Run C{f(*args)} in C{reactor}'s thread pool (the global reactor's when
+    C{reactor} is None: a policy that was never started, as in a unit test).
+    """
+    from twisted.internet.threads import deferToThreadPool
+
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
