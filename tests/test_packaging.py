@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 POLICIES = {
     "mynetworks": "relayd.policies.mynetworks:MyNetworks",
     "authenticated": "relayd.policies.authenticated:Authenticated",
+    "headers": "relayd.policies.headers:HeaderRewrite",
+    "dkim": "relayd.policies.dkim:DKIMSign",
 }
 
 
