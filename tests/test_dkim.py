@@ -7,6 +7,7 @@ DNS server through dnspython.
 """
 
 import base64
+import ipaddress
 import os
 import re
 import shutil
@@ -26,8 +27,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
+from relayd.address import Address
 from relayd.config import ConfigError, load
-from relayd.envelope import Headers
+from relayd.envelope import Envelope, Headers, Message, Session
 from relayd.policies.dkim import DEFAULT_SIGN_HEADERS, DKIMSign, loadKey
 from relayd.policy import PolicyContext, PolicyOptionError, loadPolicies
 from relayd.service import buildService
@@ -39,6 +41,7 @@ from relayd.testing import (
     SMTPClient,
     TestSetup,
 )
+from relayd.verdict import CONTINUE
 
 REPO = Path(__file__).resolve().parent.parent
 _RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -531,6 +534,42 @@ class ConfigTests(unittest.TestCase):
         )
         self.assertEqual([s.domain for s in policy.signersFor("a.b.example.com")], [])
         self.assertEqual(policy.signersFor("EXAMPLE.com."), [signer])
+
+    @defer.inlineCallbacks
+    def test_authenticatedOnlyAndIDN(self):
+        """
+        With C{sessions = "authenticated"}, a session without AUTH is not
+        signed; a C{From:} domain in Unicode finds the key of its A-label
+        form; without oversigning, C{From} is still signed once.
+        """
+        setup = configDir(
+            self,
+            {
+                "domains": {"xn--bcher-kva.example": {"selector": "s", "key": "dkim/good.pem"}},
+                "sessions": "authenticated",
+                "oversign": [],
+            },
+            keys=GOOD_KEYS,
+        )
+        [policy] = [p for p in loadPolicies(load(setup.configPath))[0] if p.name == "dkim"]
+        policy.startPolicy(reactor)
+        self.addCleanup(policy.stopPolicy)
+        path = os.path.join(setup.directory, "message")
+        raw = "From: a@b\u00fccher.example\r\n\r\nbody\r\n".encode()
+        writeFile(path, raw)
+        envelope = Envelope(Address("a", "example.net"), queueId="Q1")
+        for user, signed in [(None, False), ("demo", True)]:
+            session = Session(
+                ipaddress.ip_address("127.0.0.1"), 1, "relay", "relay", "S", user=user
+            )
+            message = Message(path, len(raw))
+            verdict = yield policy.checkMessage(session, envelope, message)
+            self.assertIs(verdict, CONTINUE)
+            self.assertEqual(message.changed, signed)
+        [tags] = self.signatures(message.asBytes())
+        self.assertEqual((tags["d"], tags["h"]), ("xn--bcher-kva.example", "from"))
+
+    signatures = DKIMTestCase.signatures
 
     def test_twistd(self):
         """

@@ -383,6 +383,22 @@ class AddressDomainsTests(unittest.TestCase):
         self.assertEqual(self.domains(b" broken@ <>"), [])
 
 
+class MasqueradeRawTests(unittest.TestCase):
+    def test_quotedException(self):
+        """
+        Exceptions compare the local part unquoted and without regard to
+        case: C{"Root"@host} is C{root}; a quoted local part that is not
+        an exception is masqueraded and kept quoted.
+        """
+        policy = HeaderRewrite(
+            "relayd.test", masquerade=("example.com",), masqueradeExceptions=frozenset(["root"])
+        )
+        self.assertEqual(
+            policy._masqueradeRaw(b'From: "Root"@h.example.com, "a b"@h.example.com\r\n'),
+            b'From: "Root"@h.example.com, "a b"@example.com\r\n',
+        )
+
+
 def configWith(directory, options):
     setup = TestSetup(directory, chain=CHAIN, policies={"headers": options})
     return load(setup.configPath)
