@@ -325,9 +325,20 @@ class DNSServer:
     def setTXT(self, name: str, texts: list[str], ttl: int | None = None) -> None:
         """
         Replace the TXT records of C{name} (one record per string, e.g. an
-        SPF policy); an empty list removes them.
+        SPF policy or a DKIM public key); an empty list removes them.
+
+        A string longer than 255 octets is stored as several
+        character-strings of at most 255 octets in one record (RFC 1035
+        section 3.3.14), which readers of SPF and DKIM records join again
+        (RFC 7208 section 3.3, RFC 6376 section 3.6.2.2): a 2048-bit RSA
+        key does not fit in one.
         """
-        self._set(name, dns.TXT, [dns.Record_TXT(t.encode("utf-8")) for t in texts], ttl)
+        records = []
+        for text in texts:
+            data = text.encode("utf-8")
+            chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
+            records.append(dns.Record_TXT(*chunks))
+        self._set(name, dns.TXT, records, ttl)
 
     def setServfail(self, name: str, servfail: bool = True) -> None:
         """

@@ -332,6 +332,17 @@ class Message:
         return self._bodyOffset
 
     @property
+    def hasSeparator(self) -> bool:
+        """
+        True when an empty line ends the header section (RFC 5322 section
+        3.5).  False when the message ends inside the header section or a
+        line that is not a field ends it: the body then follows the last
+        field directly, which strict parsers (dkimpy among them) refuse.
+        """
+        self._load()
+        return self._separator == b"\r\n"
+
+    @property
     def changed(self) -> bool:
         """True when a policy edited the headers."""
         return self._headers is not None and self._headers.changed

@@ -125,6 +125,24 @@ class MessageTests(unittest.TestCase):
         m.headers.add("X", "1")
         self.assertEqual(m.asBytes(), b"X: 1\r\n\r\nbody\r\n")
 
+    def test_hasSeparator(self):
+        """
+        L{Message.hasSeparator} tells whether an empty line ends the header
+        section, whatever ended it and whether the headers were edited.
+        """
+        for raw, expected in [
+            (RAW, True),
+            (b"\r\nbody\r\n", True),
+            (b"Received: x\r\n\r\n", True),
+            (b"Received: x\r\nbody without separator\r\n", False),
+            (b"Received: x\r\nSubject: only headers\r\n", False),
+            (b"", False),
+        ]:
+            m = self.message(raw)
+            self.assertEqual(m.hasSeparator, expected, raw)
+            m.headers.add("X", "1")
+            self.assertEqual(m.hasSeparator, expected, raw)
+
 
 class SpoolRewriteTests(unittest.TestCase):
     """The spool stores the edited header followed by the received body."""

@@ -27,6 +27,8 @@ POLICIES = {
     "authenticated": "relayd.policies.authenticated:Authenticated",
     "access": "relayd.policies.access:Access",
     "senderlogin": "relayd.policies.senderlogin:SenderLogin",
+    "headers": "relayd.policies.headers:HeaderRewrite",
+    "dkim": "relayd.policies.dkim:DKIMSign",
 }
 
 
