@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relayd.config import Config, ConfigError
 from relayd.interfaces import IReloadable
+from relayd.metrics import NO_METRICS, Metrics, NoMetrics, metricsSite
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
 from relayd.server import ConnectionLimits, SMTPFactory
 from relayd.spool import SpoolLocked
@@ -44,9 +45,13 @@ class ListenerService(Service):
     port in L{port}, so tests can listen on port 0 and ask which it got.
     """
 
-    def __init__(self, endpoint: Any, factory: Any) -> None:
+    def __init__(self, endpoint: Any, factory: Any, configKey: str = "listeners") -> None:
+        """
+        @param configKey: the config key named when binding fails.
+        """
         self.endpoint = endpoint
         self.factory = factory
+        self.configKey = configKey
         self.port: Any = None
 
     def startService(self) -> None:
@@ -94,6 +99,7 @@ class RelaydService(MultiService):
         self.factories: list[SMTPFactory] = []
         self.scheduler: Any = None
         self.policies: PolicyService | None = None
+        self.metrics: NoMetrics = NO_METRICS
         self.installSignalHandlers = False
 
     def privilegedStartService(self) -> None:
@@ -154,9 +160,12 @@ class RelaydService(MultiService):
         except SpoolLocked as e:
             self._fatal(f"spool.directory: {e}")
         except CannotListenError as e:
-            self._fatal(
-                f"listeners: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}"
+            # Children start in order: the first listener not running failed.
+            failed = next(
+                (c for c in self if isinstance(c, ListenerService) and not c.running), None
             )
+            key = failed.configKey if failed is not None else "listeners"
+            self._fatal(f"{key}: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
 
     def _fatal(self, problem: str) -> None:
         """
@@ -186,6 +195,17 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
     from relayd.spool import Spool
 
     top = RelaydService(config)
+    metricsEndpoint = None
+    if config.metricsEndpoint:
+        try:
+            metricsEndpoint = serverFromString(reactor, config.metricsEndpoint)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(
+                config.path,
+                "metrics.endpoint",
+                f"bad endpoint {config.metricsEndpoint!r}: {e}",
+            ) from None
+        top.metrics = Metrics()
 
     tlsOptions = None
     if config.tlsCertificate and config.tlsKey:
@@ -206,8 +226,8 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
         portal = makePortal(checker)
 
     policies, options = loadPolicies(config)
-    chain = PolicyChain(policies, config.policyTimeout, reactor, options)
-    top.policies = PolicyService(chain, reactor, top.factories)
+    chain = PolicyChain(policies, config.policyTimeout, reactor, options, top.metrics)
+    top.policies = PolicyService(chain, reactor, top.factories, top.metrics)
     top.policies.setServiceParent(top)
 
     spool = Spool(
@@ -216,6 +236,14 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
     spool.setServiceParent(top)
     if config.deliveryEnabled:
         top.scheduler = _deliverySide(config, reactor, spool, top)
+        top.metrics.watchQueue(top.scheduler)
+    if metricsEndpoint is not None:
+        assert isinstance(top.metrics, Metrics)
+        svc = ListenerService(
+            metricsEndpoint, metricsSite(top.metrics.registry, reactor), "metrics.endpoint"
+        )
+        svc.setName("metrics")
+        svc.setServiceParent(top)
 
     limits = ConnectionLimits(config.maxConnections, config.maxConnectionsPerClient)
     for i, listener in enumerate(config.listeners):
@@ -230,6 +258,7 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
             tlsOptions=None if listener.mode == "submissions" else tlsOptions,
             limits=limits,
             clock=reactor,
+            metrics=top.metrics,
         )
         top.factories.append(factory)
         wrapped: Any = factory
@@ -257,10 +286,17 @@ class PolicyService(Service):
     command on).
     """
 
-    def __init__(self, chain: PolicyChain, reactor: Any, factories: list[Any]) -> None:
+    def __init__(
+        self,
+        chain: PolicyChain,
+        reactor: Any,
+        factories: list[Any],
+        metrics: NoMetrics = NO_METRICS,
+    ) -> None:
         self.chain = chain
         self.reactor = reactor
         self.factories = factories
+        self.metrics = metrics
 
     def startService(self) -> None:
         super().startService()
@@ -291,7 +327,9 @@ class PolicyService(Service):
                         "policy {policy} could not reload; it keeps its old data",
                         policy=getattr(policy, "name", "?"),
                     )
-        self.chain = PolicyChain(policies, config.policyTimeout, self.reactor, options)
+        self.chain = PolicyChain(
+            policies, config.policyTimeout, self.reactor, options, self.metrics
+        )
         for factory in self.factories:
             factory.chain = self.chain
         yield stopPolicies(dropped)
@@ -316,7 +354,7 @@ class ResolverService(Service):
         self.resolver.stop()
 
 
-def _deliverySide(config: Config, reactor: Any, spool: Any, top: MultiService) -> Any:
+def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) -> Any:
     """Resolver, router, deliverer and scheduler (DESIGN sections 1 and 6)."""
     from relayd.client import ClientTimeouts
     from relayd.delivery import Deliverer
@@ -359,6 +397,7 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: MultiService) -
         delayWarning=config.delayWarning,
         sweepInterval=config.sweepInterval,
         postmaster=config.postmaster,
+        metrics=top.metrics,
     )
     scheduler.setServiceParent(top)
     return scheduler
