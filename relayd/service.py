@@ -100,7 +100,21 @@ class RelaydService(MultiService):
         self.scheduler: Any = None
         self.policies: PolicyService | None = None
         self.metrics: NoMetrics = NO_METRICS
+        self.logObserver: Any = None
         self.installSignalHandlers = False
+
+    def setServiceParent(self, parent: Any) -> Any:
+        """
+        Join C{parent}; when it is twistd's application and relayd chose a
+        log observer (L{relayd.logs}), give it as the application's
+        C{ILogObserver} component, which twistd uses unless its own
+        C{--logger} option names another (the way a C{.tac} file sets it).
+        """
+        if self.logObserver is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.logObserver)
+        return super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
