@@ -108,6 +108,8 @@ class Config:
     delayWarning: float = 14400.0
     sweepInterval: float = 60.0
     postmaster: str | None = None
+    metricsEndpoint: str = ""
+    logFormat: str = "text"
 
 
 # --- schema -----------------------------------------------------------------
@@ -156,6 +158,10 @@ _NUMBER = (int, float)
 
 TLS_MODES = ("none", "opportunistic", "required", "verify")
 """Outbound TLS policies, see L{relayd.client}."""
+
+
+LOG_FORMATS = ("text", "json")
+"""Log line formats, see L{relayd.logs}."""
 
 
 def _port(value: Any) -> str | None:
@@ -229,6 +235,14 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "delay_warning": _Key(_NUMBER, 14400.0, check=_nonNegative),
         "sweep_interval": _Key(_NUMBER, 60.0, check=_positive),
         "postmaster": _Key(str),
+    },
+    "metrics": {
+        # A Twisted server endpoint string for the Prometheus scrape page
+        # (/metrics); empty: no metrics endpoint.  Checked in buildService.
+        "endpoint": _Key(str, ""),
+    },
+    "logging": {
+        "format": _Key(str, "text", check=_oneOf(*LOG_FORMATS)),
     },
 }
 
@@ -465,6 +479,8 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         delayWarning=float(delivery["delay_warning"]),
         sweepInterval=float(delivery["sweep_interval"]),
         postmaster=delivery["postmaster"],
+        metricsEndpoint=sections["metrics"]["endpoint"].strip(),
+        logFormat=sections["logging"]["format"],
     )
 
 

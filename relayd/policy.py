@@ -36,6 +36,7 @@ from relayd.interfaces import (
     ISenderPolicy,
     ITransactionObserver,
 )
+from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.verdict import CONTINUE, Verdict, tempfail
 
 __all__ = [
@@ -104,6 +105,15 @@ def _callFromConfig(factory: Any, options: dict[str, Any], context: PolicyContex
 
 POLICY_FAILED = tempfail(451, "4.3.0", "Temporary policy failure, try again later")
 
+_PHASE_NAMES = {
+    "checkConnection": "connect",
+    "checkHelo": "helo",
+    "checkSender": "mail",
+    "checkRecipient": "rcpt",
+    "checkMessage": "data",
+}
+"""The C{phase} label of L{relayd.metrics}' policy verdict counter."""
+
 
 class PolicyChain:
     """
@@ -119,15 +129,19 @@ class PolicyChain:
         timeout: float,
         clock: Any,
         options: dict[str, dict[str, Any]] | None = None,
+        metrics: NoMetrics = NO_METRICS,
     ) -> None:
         """
         @param options: each policy's options as given to C{fromConfig}, by
             name; a reload keeps the instances whose options did not change.
+        @param metrics: counts each deciding verdict by phase, policy and
+            action (L{relayd.metrics}); by default nowhere.
         """
         self.policies = list(policies)
         self.timeout = timeout
         self.clock = clock
         self.options = dict(options or {})
+        self.metrics = metrics
         self._byPhase: dict[Any, list[Any]] = {
             phase: [p for p in self.policies if phase.providedBy(p)]
             for phase in PHASES + (ITransactionObserver,)
@@ -167,8 +181,11 @@ class PolicyChain:
         policies = self._byPhase[phase]
         result: Deferred[Verdict] = Deferred()
 
+        phase = _PHASE_NAMES[method]
+
         def step(index: int) -> None:
             if index == len(policies):
+                self.metrics.policyVerdict(phase, "none", CONTINUE.action.value)
                 result.callback(CONTINUE)
                 return
             policy = policies[index]
@@ -176,6 +193,8 @@ class PolicyChain:
 
             def answered(verdict: Verdict) -> None:
                 if verdict.final:
+                    name = getattr(policy, "name", type(policy).__name__)
+                    self.metrics.policyVerdict(phase, name, verdict.action.value)
                     result.callback(verdict)
                 else:
                     step(index + 1)

@@ -33,8 +33,9 @@ from twisted.python.failure import Failure
 
 from relayd.bounce import RecipientStatus, makeDSN, shouldBounce
 from relayd.delivery import RecipientResult
+from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.routing import RoutingError
-from relayd.spool import envelopeRecord
+from relayd.spool import arrivalFromQueueId, envelopeRecord
 
 __all__ = ["Scheduler", "backoff"]
 
@@ -58,6 +59,8 @@ class Scheduler(Service):
     Delivers what the spool holds.
 
     @ivar attempts: number of delivery attempts started (for tests).
+    @ivar metrics: where delivery outcomes are counted (L{relayd.metrics});
+        by default nowhere.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Scheduler(Service):
         postmaster: str | None = None,
         random: randomModule.Random | None = None,
         stopDeadline: float = 30.0,
+        metrics: NoMetrics = NO_METRICS,
     ) -> None:
         self.spool = spool
         self.router = router
@@ -94,6 +98,7 @@ class Scheduler(Service):
         self.postmaster = postmaster
         self.random = random or randomModule.Random()
         self.stopDeadline = stopDeadline
+        self.metrics = metrics
         self.attempts = 0
         self._due: list[tuple[float, int, str]] = []
         self._when: dict[str, float] = {}
@@ -173,6 +178,18 @@ class Scheduler(Service):
 
     def _scanFailed(self, failure: Failure) -> None:
         log.failure("could not index the spool", failure)
+
+    def queueSummary(self) -> tuple[dict[str, int], float | None]:
+        """
+        From the in-memory index, never the disk (for L{relayd.metrics}):
+        the queued messages by spool state, and when the oldest arrived
+        (read from its queue id, which starts with the time it was made).
+        """
+        counts: dict[str, int] = {}
+        for state in self._state.values():
+            counts[state] = counts.get(state, 0) + 1
+        oldest = min(self._state) if self._state else None
+        return counts, arrivalFromQueueId(oldest) if oldest is not None else None
 
     def _queued(self, queueId: str, record: dict[str, Any] | None) -> None:
         """The spool committed a new message: attempt it now."""
@@ -369,18 +386,32 @@ class Scheduler(Service):
         hop = getattr(attempt, "hop", None)
         relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop is not None else "none"
         status = {"delivered": "sent", "failed": "bounced", "deferred": "deferred"}[r["state"]]
+        tls = getattr(attempt, "tls", None)
+        # With the hop's TLS mode "verify" a session only gets this far
+        # once the certificate matched the host name (relayd.client).
+        verified = tls is not None and getattr(hop, "tls", None) == "verify"
         log.info(
-            "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, tls={tls}, "
+            "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, tls={tls}{tls_trust}, "
             "status={status} ({reply}){expired}",
             queue_id=queueId,
             to=r["address"],
             relay=relay,
+            relay_host=getattr(hop, "host", None),
+            relay_address=getattr(hop, "address", None),
+            relay_port=getattr(hop, "port", None),
             delay=delay,
-            tls=getattr(attempt, "tls", None) or "none",
+            tls=tls or "none",
+            tls_verified=verified,
+            tls_trust="" if tls is None else " (verified)" if verified else " (unverified)",
             status=status,
+            code=result.code,
+            enhanced=result.enhanced,
             reply=r["last_reply"],
+            remote_host=result.remoteHost,
+            attempts=r.get("attempts"),
             expired=" (delivery time expired)" if expired and r.get("expired") else "",
         )
+        self.metrics.deliveryAttempt(status, delay if status == "sent" else None)
 
     @inlineCallbacks
     def _bounce(

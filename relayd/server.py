@@ -51,6 +51,7 @@ from zope.interface import implementer
 
 from relayd.address import AddressError, parseParameters, parsePath
 from relayd.envelope import Envelope, Message, Session
+from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.verdict import Action, Verdict
 
 __all__ = ["DataReader", "SMTPServer", "SMTPFactory", "ConnectionLimits"]
@@ -200,6 +201,8 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
     @ivar tlsOptions: server TLS options for STARTTLS, or None.
     @ivar portal: a L{twisted.cred.portal.Portal} for AUTH, or None.
     @ivar avatarInterface: the interface asked of the portal.
+    @ivar metrics: where connections, AUTH results and messages are
+        counted (L{relayd.metrics}); by default nowhere.
     """
 
     def __init__(
@@ -215,6 +218,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         tlsOptions: Any,
         limits: ConnectionLimits,
         clock: Any,
+        metrics: NoMetrics = NO_METRICS,
     ) -> None:
         self.config = config
         self.listener = listener
@@ -227,6 +231,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         self.tlsOptions = tlsOptions
         self.limits = limits
         self.clock = clock
+        self.metrics = metrics
         self.sessions: set[SMTPServer] = set()
         self.shuttingDown = False
         self._emptyWaiters: list[Deferred[None]] = []
@@ -320,6 +325,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._incoming: Any = None
         self._committing = False
         self._counted = False
+        self._metered = False
         self._client = ""
         self._paused = 0
         self._shuttingDown = False
@@ -349,6 +355,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             port=self.session.clientPort,
             listener=f.listener,
         )
+        self._metered = True
+        f.metrics.connectionOpened(f.listener)
         refusal = f.limits.open(str(address))
         if refusal is not None:
             log.warn(
@@ -417,6 +425,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._counted = False
             self.factory.limits.close(str(self.session.clientAddress))  # type: ignore[union-attr]
             self.factory.sessionGone(self)
+        if self._metered:
+            self._metered = False
+            self.factory.metrics.connectionClosed(self.factory.listener)
         if self.session is not None:
             log.info(
                 "{session_id}: disconnect from [{client}] in state {state}",
@@ -520,6 +531,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             )
             self.reply(421, "4.7.0", f"{self.factory.config.hostname} Error: too many errors")
             self._close()
+
+    def _refuse(self, stage: str, code: int, enhanced: str, text: str) -> None:
+        """L{fail} for a refused MAIL, RCPT or message, counted by stage and code."""
+        self.factory.metrics.messageRejected(stage, code)
+        self.fail(code, enhanced, text)
 
     def _answer(self, verdict: Verdict) -> None:
         self.reply(verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
@@ -764,11 +780,13 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 session_id=self.session.sessionId,  # type: ignore[union-attr]
                 user=name,
             )
+            f.metrics.authenticated(f.listener, "success")
             self.reply(235, "2.7.0", "Authentication successful")
 
         def failed(failure: Failure) -> None:
             if not failure.check(UnauthorizedLogin):
                 log.failure("AUTH backend error", failure)
+                f.metrics.authenticated(f.listener, "error")
                 if self.state != "closed":
                     self.fail(454, "4.7.0", "Temporary authentication failure")
                 return
@@ -787,6 +805,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         f = self.factory
         self._authFailures += 1
+        f.metrics.authenticated(f.listener, "failure")
         assert self.session is not None
         log.warn(
             "{session_id}: AUTH failure {count} from [{client}]: {why}",
@@ -853,14 +872,14 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 return
         declared = envelope.declaredSize or 0
         if declared > f.config.messageSize:
-            self.fail(552, "5.3.4", "Error: message size exceeds fixed limit")
+            self._refuse("mail", 552, "5.3.4", "Error: message size exceeds fixed limit")
             return
         if not f.spool.reserveOk(declared):
             log.warn(
                 "{session_id}: spool below free-space reserve; MAIL refused",
                 session_id=session.sessionId,
             )
-            self.fail(452, "4.3.1", "Error: insufficient system storage")
+            self._refuse("mail", 452, "4.3.1", "Error: insufficient system storage")
             return
         self._hold()
         d = f.chain.checkSender(session, envelope, sender)
@@ -870,13 +889,24 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 return
             if verdict.action in (Action.REJECT, Action.TEMPFAIL):
                 self._log("MAIL", verdict, sender=f"<{sender}>")
+                f.metrics.messageRejected("mail", verdict.code)  # type: ignore[arg-type]
                 self._answer(verdict)
                 return
             # Like Postfix, the queue id is given at MAIL, so that the MAIL
             # and RCPT log lines already carry it.
             envelope.queueId = f.spool.newQueueId()
             self.envelope = envelope
-            self._log("MAIL", verdict if verdict.final else _OK_SENDER, sender=f"<{sender}>")
+            # Where the message comes from, under its queue id (Postfix's
+            # "client=" line), so that one grep for the id tells it.
+            self._log(
+                "MAIL",
+                verdict if verdict.final else _OK_SENDER,
+                sender=f"<{sender}>",
+                client=str(session.clientAddress),
+                helo=session.helo,
+                tls=session.tlsVersion if session.tls else "none",
+                user=session.user or "none",
+            )
             self.reply(250, "2.1.0", "Ok")
 
         d.addCallback(decided)
@@ -901,7 +931,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self.fail(555, "5.5.4", f"Error: unsupported parameter {sorted(parameters)[0]}")
             return
         if len(envelope.recipients) >= f.config.maxRecipients:
-            self.fail(452, "4.5.3", "Error: too many recipients")
+            self._refuse("rcpt", 452, "4.5.3", "Error: too many recipients")
             return
         self._hold()
         d = f.chain.checkRecipient(session, envelope, recipient)
@@ -918,7 +948,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                     envelope.recipients.append(recipient)
                 self._answer(verdict)
             else:
-                self.fail(verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
+                self._refuse("rcpt", verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
                 if verdict.disconnect and self.state != "closed":
                     self._close()
 
@@ -1007,6 +1037,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._release()
             return
         self._committing = True
+        started = f.clock.seconds()
         message = Message(incoming.path, incoming.size)
         d = f.chain.checkMessage(session, envelope, message)
         outcome = {"queued": False}
@@ -1016,6 +1047,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 self._log("DATA", verdict)
                 incoming.discard()
                 if self.state != "closed":
+                    f.metrics.messageRejected("data", verdict.code)  # type: ignore[arg-type]
                     self._answer(verdict)
                 return None
             if message.changed:
@@ -1036,6 +1068,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 client=str(session.clientAddress),
                 session_id=session.sessionId,
             )
+            f.metrics.messageAccepted(session.listener, incoming.size, f.clock.seconds() - started)
             if self.state != "closed":
                 self.reply(250, "2.0.0", f"Ok: queued as {queueId}")
 
@@ -1087,13 +1120,15 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             session_id=session.sessionId,
         )
         if problem == "size":
-            self.fail(552, "5.3.4", "Error: message size exceeds fixed limit")
+            self._refuse("data", 552, "5.3.4", "Error: message size exceeds fixed limit")
         elif problem == "line":
-            self.fail(554, "5.6.0", "Error: message has a line longer than 998 octets")
+            self._refuse("data", 554, "5.6.0", "Error: message has a line longer than 998 octets")
         elif problem == "bare":
-            self.fail(550, "5.5.2", "Error: bare CR or LF in message; lines must end with CRLF")
+            self._refuse(
+                "data", 550, "5.5.2", "Error: bare CR or LF in message; lines must end with CRLF"
+            )
         elif problem == "nul":
-            self.fail(554, "5.6.0", "Error: message contains NUL octets")
+            self._refuse("data", 554, "5.6.0", "Error: message contains NUL octets")
         else:
             self._spoolFailed(reader.error, "write")
 
@@ -1113,9 +1148,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if self.state == "closed":
             return
         if error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            self.fail(452, "4.3.1", "Error: insufficient system storage")
+            self._refuse("data", 452, "4.3.1", "Error: insufficient system storage")
         else:
-            self.fail(451, "4.3.0", "Error: local error in processing")
+            self._refuse("data", 451, "4.3.0", "Error: local error in processing")
         self._reset()
 
     def smtp_RSET(self, argument: str) -> None:

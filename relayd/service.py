@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relayd.config import Config, ConfigError
 from relayd.interfaces import IReloadable
+from relayd.metrics import NO_METRICS, Metrics, NoMetrics, metricsSite
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
 from relayd.server import ConnectionLimits, SMTPFactory
 from relayd.spool import SpoolLocked
@@ -44,9 +45,13 @@ class ListenerService(Service):
     port in L{port}, so tests can listen on port 0 and ask which it got.
     """
 
-    def __init__(self, endpoint: Any, factory: Any) -> None:
+    def __init__(self, endpoint: Any, factory: Any, configKey: str = "listeners") -> None:
+        """
+        @param configKey: the config key named when binding fails.
+        """
         self.endpoint = endpoint
         self.factory = factory
+        self.configKey = configKey
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -111,15 +116,33 @@ class RelaydService(MultiService):
         self.tls: Any = None
         self.checker: Any = None
         self.reactor: Any = None
+        self.metrics: NoMetrics = NO_METRICS
+        self.logObserver: Any = None
         self.installSignalHandlers = False
+
+    def setServiceParent(self, parent: Any) -> Any:
+        """
+        Join C{parent}; when it is twistd's application and relayd chose a
+        log observer (L{relayd.logs}), give it as the application's
+        C{ILogObserver} component, which twistd uses unless its own
+        C{--logger} option names another (the way a C{.tac} file sets it).
+        """
+        if self.logObserver is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.logObserver)
+        return super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            self._fatal(
-                f"listeners: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}"
+            # Children bind in order: the first without a port failed.
+            failed = next(
+                (c for c in self if isinstance(c, ListenerService) and c.port is None), None
             )
+            key = failed.configKey if failed is not None else "listeners"
+            self._fatal(f"{key}: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
         if self.installSignalHandlers:
             import signal
 
@@ -174,9 +197,12 @@ class RelaydService(MultiService):
         except SpoolLocked as e:
             self._fatal(f"spool.directory: {e}")
         except CannotListenError as e:
-            self._fatal(
-                f"listeners: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}"
+            # Children start in order: the first listener not running failed.
+            failed = next(
+                (c for c in self if isinstance(c, ListenerService) and not c.running), None
             )
+            key = failed.configKey if failed is not None else "listeners"
+            self._fatal(f"{key}: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
 
     def _fatal(self, problem: str) -> None:
         """
@@ -207,6 +233,17 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
 
     top = RelaydService(config)
     top.reactor = reactor
+    metricsEndpoint = None
+    if config.metricsEndpoint:
+        try:
+            metricsEndpoint = serverFromString(reactor, config.metricsEndpoint)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(
+                config.path,
+                "metrics.endpoint",
+                f"bad endpoint {config.metricsEndpoint!r}: {e}",
+            ) from None
+        top.metrics = Metrics()
 
     tlsOptions = None
     if config.tlsCertificate and config.tlsKey:
@@ -231,8 +268,8 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
         top.checker = checker
 
     policies, options = loadPolicies(config)
-    chain = PolicyChain(policies, config.policyTimeout, reactor, options)
-    top.policies = PolicyService(chain, reactor, top.factories)
+    chain = PolicyChain(policies, config.policyTimeout, reactor, options, top.metrics)
+    top.policies = PolicyService(chain, reactor, top.factories, top.metrics)
     top.policies.setServiceParent(top)
 
     spool = Spool(
@@ -241,6 +278,14 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
     spool.setServiceParent(top)
     if config.deliveryEnabled:
         top.scheduler = _deliverySide(config, reactor, spool, top)
+        top.metrics.watchQueue(top.scheduler)
+    if metricsEndpoint is not None:
+        assert isinstance(top.metrics, Metrics)
+        svc = ListenerService(
+            metricsEndpoint, metricsSite(top.metrics.registry, reactor), "metrics.endpoint"
+        )
+        svc.setName("metrics")
+        svc.setServiceParent(top)
 
     # Stopped after the listeners (children stop in reverse order) and
     # before the scheduler and the spool: the sessions in DATA still commit.
@@ -259,6 +304,7 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
             tlsOptions=None if listener.mode == "submissions" else tlsOptions,
             limits=limits,
             clock=reactor,
+            metrics=top.metrics,
         )
         top.factories.append(factory)
         wrapped: Any = factory
@@ -383,10 +429,17 @@ class PolicyService(Service):
     command on).
     """
 
-    def __init__(self, chain: PolicyChain, reactor: Any, factories: list[Any]) -> None:
+    def __init__(
+        self,
+        chain: PolicyChain,
+        reactor: Any,
+        factories: list[Any],
+        metrics: NoMetrics = NO_METRICS,
+    ) -> None:
         self.chain = chain
         self.reactor = reactor
         self.factories = factories
+        self.metrics = metrics
 
     def startService(self) -> None:
         super().startService()
@@ -417,7 +470,9 @@ class PolicyService(Service):
                         "policy {policy} could not reload; it keeps its old data",
                         policy=getattr(policy, "name", "?"),
                     )
-        self.chain = PolicyChain(policies, config.policyTimeout, self.reactor, options)
+        self.chain = PolicyChain(
+            policies, config.policyTimeout, self.reactor, options, self.metrics
+        )
         for factory in self.factories:
             factory.chain = self.chain
         yield stopPolicies(dropped)
@@ -442,7 +497,7 @@ class ResolverService(Service):
         self.resolver.stop()
 
 
-def _deliverySide(config: Config, reactor: Any, spool: Any, top: MultiService) -> Any:
+def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) -> Any:
     """Resolver, router, deliverer and scheduler (DESIGN sections 1 and 6)."""
     from relayd.client import ClientTimeouts
     from relayd.delivery import Deliverer
@@ -486,6 +541,7 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: MultiService) -
         sweepInterval=config.sweepInterval,
         stopDeadline=config.shutdownDeliveries,
         postmaster=config.postmaster,
+        metrics=top.metrics,
     )
     scheduler.setServiceParent(top)
     return scheduler

@@ -53,7 +53,15 @@ from zope.interface import implementer
 from relayd.interfaces import ISpool
 from relayd.safeio import fsyncDirectory
 
-__all__ = ["Spool", "IncomingMessage", "SpoolStopped", "SpoolLocked", "envelopeRecord", "STATES"]
+__all__ = [
+    "Spool",
+    "IncomingMessage",
+    "SpoolStopped",
+    "SpoolLocked",
+    "envelopeRecord",
+    "arrivalFromQueueId",
+    "STATES",
+]
 
 STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 """The directories an envelope can be in, one at a time."""
@@ -98,6 +106,18 @@ class SpoolLocked(Exception):
         return (
             f"spool {self.directory} is in use by another relayd (lock file {self.directory}/lock)"
         )
+
+
+def arrivalFromQueueId(queueId: str) -> float | None:
+    """
+    When C{queueId} was made, in seconds since the epoch: its first 13
+    characters are the microseconds in hexadecimal (L{Spool.newQueueId}).
+    None for an id of another form.
+    """
+    try:
+        return int(queueId[:13], 16) / 1e6 if len(queueId) > 13 else None
+    except ValueError:
+        return None
 
 
 def envelopeRecord(

@@ -54,12 +54,15 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
     """
     from twisted.internet import reactor
 
+    from relayd.logs import observerFor
     from relayd.service import buildService
 
     try:
         config = load(options["config"])
         service = buildService(config, reactor)
         service.installSignalHandlers = True
+        # [logging] format: twistd's text, or relayd's JSON lines.
+        service.logObserver = observerFor(config, options.parent)
         return service
     except ConfigError as e:
         sys.stderr.write(f"relayd: config error: {e}\n")

@@ -175,6 +175,11 @@ class InProcessRelayd:
         svc = self.service.getServiceNamed(f"listener:{name}")
         return int(svc.port.getHost().port)
 
+    def metricsPort(self) -> int:
+        """The bound port of the Prometheus endpoint (C{[metrics] endpoint})."""
+        svc = self.service.getServiceNamed("metrics")
+        return int(svc.port.getHost().port)
+
     @property
     def spool(self) -> Any:
         from relayd.spool import Spool

@@ -1,0 +1,123 @@
+"""
+relayd's log formats: twistd's readable text lines (the default), or JSON
+lines, one flat object per event, for log shippers (C{[logging] format}).
+
+Every event relayd logs about a message carries its queue id as the field
+C{queue_id} and in the text, so one C{grep QUEUEID} over either format tells
+the message's story: client, MAIL, RCPT, queued, each delivery attempt,
+removed (Postfix's habit).
+
+How the format reaches twistd: L{relayd.tap.makeService} hands the observer
+from L{observerFor} to the service tree, which sets it as the application's
+C{ILogObserver} component when twistd adds it to the application.  twistd
+looks for that component before building its own text observer, and its
+own C{--logger} option still wins over it.  The JSON observer writes where
+twistd would have written: standard output with C{-n} (unless
+C{--logfile} names a file), else C{--logfile} or C{twistd.log}, with
+twistd's rotation (1 MB, and on SIGUSR1).  With C{--syslog} twistd's syslog
+text lines are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.logger import FileLogObserver, ILogObserver, formatEvent
+
+__all__ = ["eventAsJSON", "jsonFileLogObserver", "observerFor"]
+
+_RESERVED = ("time", "level", "namespace", "message")
+# Keys that the legacy twisted.python.log API (twistd's own messages, parts
+# of Twisted) puts in events, already rendered into the message text; its
+# "message" is a tuple.
+_LEGACY = frozenset({"isError", "system", "time", "format", "why", "failure"})
+
+
+def eventAsJSON(event: Mapping[str, Any]) -> str:
+    """
+    One log event as one line of JSON: a flat object with C{time} (UTC,
+    ISO 8601), C{level}, C{namespace} and C{message} (the formatted text,
+    as the text format shows it), then the event's own fields (such as
+    C{queue_id}, C{session_id}, C{to}, C{relay}, C{status}); a field whose
+    name is taken gets a C{_} appended.  For an event with a failure,
+    C{error} and C{traceback}.  Values JSON cannot hold are given as text.
+    """
+    level = event.get("log_level")
+    stamp = event.get("log_time")
+    record: dict[str, Any] = {
+        "time": (
+            datetime.fromtimestamp(stamp, UTC).isoformat(timespec="microseconds")
+            if isinstance(stamp, (int, float))
+            else None
+        ),
+        "level": getattr(level, "name", None),
+        "namespace": event.get("log_namespace"),
+        "message": formatEvent(dict(event)),
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in _LEGACY:
+            continue
+        if key == "message" and isinstance(value, tuple):
+            continue
+        record[key + "_" if key in _RESERVED else key] = value
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["error"] = failure.getErrorMessage()
+        record["traceback"] = failure.getTraceback()
+    return json.dumps(record, default=str, ensure_ascii=False) + "\n"
+
+
+def jsonFileLogObserver(outFile: IO[Any]) -> ILogObserver:
+    """
+    An observer writing L{eventAsJSON} lines to C{outFile}, flushed after
+    each event.  (Twisted's own C{jsonFileLogObserver} writes its
+    round-trip format instead: nested, with a record separator.)
+    """
+    observer: ILogObserver = FileLogObserver(outFile, eventAsJSON)
+    return observer
+
+
+def observerFor(config: Any, twistdOptions: Mapping[str, Any] | None = None) -> Any:
+    """
+    The log observer that C{[logging] format} asks for, or None to leave
+    twistd's own (text) choice alone.
+
+    @param config: a L{relayd.config.Config}.
+    @param twistdOptions: twistd's parsed options (C{logfile},
+        C{nodaemon}, C{syslog}, C{logger}); None when not run by twistd.
+    """
+    if config.logFormat != "json":
+        return None
+    options = twistdOptions or {"nodaemon": True}
+    if options.get("logger") or options.get("syslog"):
+        return None
+    logfile = options.get("logfile") or ""
+    if logfile == "-" and not options.get("nodaemon"):
+        return None  # twistd itself refuses this, with its own message
+    if logfile == "-" or (not logfile and options.get("nodaemon")):
+        # Captured now: once logging starts, a daemon's sys.stdout is
+        # redirected into the log system itself.
+        return jsonFileLogObserver(sys.stdout)
+    return jsonFileLogObserver(_rotatingFile(logfile or "twistd.log"))
+
+
+def _rotatingFile(path: str) -> Any:
+    """twistd's log file: rotated at 1 MB, and on SIGUSR1."""
+    import signal
+
+    from twisted.python.logfile import LogFile
+
+    logFile = LogFile.fromFullPath(path)
+    if not signal.getsignal(signal.SIGUSR1):
+
+        def rotate(signum: int, frame: Any) -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return logFile
