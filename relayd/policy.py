@@ -290,8 +290,11 @@ def loadPolicies(
     policies = []
     allOptions: dict[str, dict[str, Any]] = {}
     kept = {}
-    if previous is not None:
-        kept = {getattr(p, "name", None): p for p in previous.policies}
+    if previous is not None and len(previous.options) == len(previous.policies):
+        # By chain name (previous.options is in chain order, like its
+        # policies), not by each policy's own name attribute: one class may
+        # be configured under two names, and both instances then share it.
+        kept = dict(zip(previous.options, previous.policies, strict=True))
     seen = set()
     for name in config.policyChain:
         if name in seen:
@@ -315,6 +318,12 @@ def loadPolicies(
                 config.path, "policy.chain", f"policy {name!r} failed to import: {e}"
             ) from None
         key = f"policies.{name}"
+        if not callable(getattr(factory, "fromConfig", None)):
+            raise ConfigError(
+                config.path,
+                "policy.chain",
+                f"policy {name!r} ({ep.value}) has no fromConfig(options) to build it with",
+            )
         try:
             context = PolicyContext(config.path, config.hostname, name)
             policy = _callFromConfig(factory, copy.deepcopy(options), context)
@@ -322,8 +331,6 @@ def loadPolicies(
             raise ConfigError(config.path, f"{key}.{e.key}", e.problem) from None
         except (ValueError, TypeError, OSError) as e:
             raise ConfigError(config.path, key, str(e)) from None
-        if getattr(policy, "name", None) is None:
-            policy.name = name
         provided = list(providedBy(policy).flattened())
         phases = [p for p in PHASES + (ITransactionObserver,) if p in provided]
         if not phases:
@@ -332,6 +339,8 @@ def loadPolicies(
                 "policy.chain",
                 f"policy {name!r} provides none of the policy interfaces",
             )
+        if getattr(policy, "name", None) is None:
+            policy.name = name
         for phase in phases + [h for h in HOOKS if h in provided and h not in phases]:
             try:
                 verifyObject(phase, policy)
