@@ -60,8 +60,20 @@ class PolicyOptionError(ValueError):
     """
     Raised by a policy's C{fromConfig} for a bad option.
 
+    relayd turns it into one line and refuses to start (or, on SIGHUP,
+    keeps the old config)::
+
+        relayd: config error: FILE: policies.NAME.KEY: PROBLEM
+
+    For example C{raise PolicyOptionError("tarpit", "must be a number of
+    seconds")} in the policy configured as C{[policies.example]}.  Use it
+    for unknown keys too, so that a typo in the config is caught at
+    startup.  Other exceptions from C{fromConfig}: a C{ValueError},
+    C{TypeError} or C{OSError} also gives one line (naming only
+    C{policies.NAME}); anything else is a bug and shows a traceback.
+
     @ivar key: the option's name within the policy's table.
-    @ivar problem: what is wrong with it.
+    @ivar problem: what is wrong with it, without the key.
     """
 
     def __init__(self, key: str, problem: str) -> None:
@@ -75,11 +87,20 @@ class PolicyContext:
     """
     What a policy may want to know about the relayd loading it, passed as
     the second argument of C{fromConfig(options, context)} to policies
-    whose C{fromConfig} takes two (C{fromConfig(options)} alone is fine).
+    whose C{fromConfig} takes two parameters (C{fromConfig(options)} alone
+    is fine: relayd looks at the signature).
+
+    A policy whose options name files should resolve them with
+    L{resolvePath}, so that relative paths mean the same as everywhere
+    else in the config::
+
+        @classmethod
+        def fromConfig(cls, options, context):
+            path = context.resolvePath(options.pop("file", "domains"))
 
     @ivar configPath: the config file's path.
     @ivar hostname: relayd's host name (C{[server] hostname}).
-    @ivar name: the policy's name in the chain.
+    @ivar name: the policy's name in the chain (its entry-point name).
     """
 
     configPath: str
@@ -121,8 +142,14 @@ class PolicyChain:
         options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """
+        @param policies: the policy objects, in chain order.
+        @param timeout: seconds each policy may take to answer.
+        @param clock: the reactor (or a L{twisted.internet.task.Clock}) for
+            the timeouts.
         @param options: each policy's options as given to C{fromConfig}, by
-            name; a reload keeps the instances whose options did not change.
+            chain name and in the order of C{policies} (what
+            L{loadPolicies} returns); a reload keeps the instances whose
+            options did not change.
         """
         self.policies = list(policies)
         self.timeout = timeout
@@ -149,18 +176,26 @@ class PolicyChain:
                 )
 
     def checkConnection(self, session: Any) -> Deferred[Verdict]:
+        """Ask the L{IConnectionPolicy} policies, in order."""
         return self._run(IConnectionPolicy, "checkConnection", session)
 
     def checkHelo(self, session: Any, name: str) -> Deferred[Verdict]:
+        """Ask the L{IHeloPolicy} policies, in order."""
         return self._run(IHeloPolicy, "checkHelo", session, name)
 
     def checkSender(self, session: Any, envelope: Any, sender: Any) -> Deferred[Verdict]:
+        """Ask the L{ISenderPolicy} policies, in order."""
         return self._run(ISenderPolicy, "checkSender", session, envelope, sender)
 
     def checkRecipient(self, session: Any, envelope: Any, recipient: Any) -> Deferred[Verdict]:
+        """
+        Ask the L{IRecipientPolicy} policies, in order.  CONTINUE from all
+        of them means nobody vouched: the server denies relaying.
+        """
         return self._run(IRecipientPolicy, "checkRecipient", session, envelope, recipient)
 
     def checkMessage(self, session: Any, envelope: Any, message: Any) -> Deferred[Verdict]:
+        """Ask the L{IMessagePolicy} policies, in order; they may edit C{message}."""
         return self._run(IMessagePolicy, "checkMessage", session, envelope, message)
 
     def _run(self, phase: Any, method: str, *args: Any) -> Deferred[Verdict]:
@@ -219,7 +254,15 @@ class PolicyChain:
 
 
 def installedPolicies() -> dict[str, Any]:
-    """Entry points of group C{relayd.policies}, by name."""
+    """
+    Entry points of group C{relayd.policies}, by name (none is imported).
+    A package makes a policy available by declaring one, e.g. in its
+    C{setup.cfg}::
+
+        [options.entry_points]
+        relayd.policies =
+            example = relayd_policy_example:ExamplePolicy
+    """
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
