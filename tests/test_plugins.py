@@ -223,6 +223,20 @@ class LoadPoliciesTests(unittest.TestCase):
             "policy.chain: policy 'nointerface' provides none of the policy interfaces",
         )
 
+    def test_importFails(self):
+        self.assertEqual(
+            self.configError(["missing"]),
+            "policy.chain: policy 'missing' failed to import: "
+            "No module named 'relayd_testpolicies_missing'",
+        )
+
+    def test_fromConfigValueError(self):
+        """Not a PolicyOptionError: one line naming the policy's table."""
+        self.assertEqual(
+            self.configError(["recorder"], {"recorder": {"valueError": "no good"}}),
+            "policies.recorder: no good",
+        )
+
     def test_listedTwice(self):
         self.assertEqual(
             self.configError(["mynetworks", "mynetworks"]),
@@ -531,3 +545,63 @@ class SighupTests(unittest.TestCase):
         process.wait(30)
         output = process.stdout.read().decode("utf-8", "replace")
         self.assertIn("reload: policy chain now example mynetworks", output)
+
+
+class FailingHookTests(unittest.TestCase):
+    """
+    Hooks that raise are logged with the policy's name and change nothing
+    else: relayd starts, answers, queues, reloads and stops as usual.
+    """
+
+    @defer.inlineCallbacks
+    def test_failuresLogged(self):
+        from twisted.logger import globalLogPublisher
+
+        usePolicyDist(self)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        setup = TestSetup(
+            tempDirectory(self),
+            chain=["recorder", "mynetworks"],
+            policies={"recorder": {"fail": True}},
+            modes=("relay",),
+        )
+        relayd = yield InProcessRelayd.start(setup)
+        self.addCleanup(relayd.stop)  # does nothing once stopped
+        recorder = policyNamed(relayd, "recorder")
+
+        def dialogue():
+            c = SMTPClient(relayd.port("relay"))
+            try:
+                c.reply()
+                steps = ["EHLO client.test", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>"]
+                replies = [c.command(step) for step in steps]
+                replies.append(c.command("DATA"))
+                replies.append(c.command(b"Subject: x\r\n\r\nbody\r\n."))
+                replies.append(c.command("NOOP"))
+                return [code for code, _ in replies]
+            finally:
+                c.close()
+
+        codes = yield deferToThread(dialogue)
+        self.assertEqual(codes, [250, 250, 250, 354, 250, 250])
+        self.assertEqual(len(relayd.spool.entries("incoming")), 1)
+        reloaded = yield relayd.service.reload()
+        self.assertTrue(reloaded)
+        self.assertIs(policyNamed(relayd, "recorder"), recorder)
+        yield relayd.stop()
+        self.assertEqual([e[0] for e in recorder.events], ["start", "ended", "reload", "stop"])
+        failures = [
+            e for e in events if e.get("log_failure") is not None and e.get("policy") == "recorder"
+        ]
+        self.assertEqual(
+            sorted(e.get("method") or e["log_format"] for e in failures),
+            [
+                "policy {policy} could not reload; it keeps its old data",
+                "policy {policy} failed in transactionEnded",
+                "startPolicy",
+                "stopPolicy",
+            ],
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 4)

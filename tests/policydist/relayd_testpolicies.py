@@ -27,6 +27,9 @@ class Recorder:
     whose Subject is C{refuse}.  Registered twice (C{recorder} and
     C{recorder2}), like a third-party class an operator configures under
     two names; its class-level L{name} is the first.
+
+    Options: C{fail = true} makes every hook raise after recording its
+    call; C{valueError = "text"} makes C{fromConfig} raise ValueError.
     """
 
     name = "recorder"
@@ -38,20 +41,27 @@ class Recorder:
 
     @classmethod
     def fromConfig(cls, options: dict[str, Any], context: Any) -> Recorder:
+        if "valueError" in options:
+            raise ValueError(options["valueError"])
         return cls(options, context)
 
+    def _record(self, *event: Any) -> None:
+        self.events.append(event)
+        if self.options.get("fail"):
+            raise RuntimeError(f"{event[0]} failed on purpose")
+
     def startPolicy(self, reactor: Any) -> None:
-        self.events.append(("start", reactor))
+        self._record("start", reactor)
 
     def stopPolicy(self) -> None:
-        self.events.append(("stop",))
+        self._record("stop")
 
     def reload(self) -> None:
-        self.events.append(("reload",))
+        self._record("reload")
 
     def transactionEnded(self, session: Any, envelope: Any, queued: bool) -> None:
         recipients = [str(r) for r in envelope.recipients]
-        self.events.append(("ended", envelope.queueId, recipients, queued))
+        self._record("ended", envelope.queueId, recipients, queued)
 
     def checkMessage(self, session: Any, envelope: Any, message: Any) -> Any:
         if message.headers.get("subject") == "refuse":
