@@ -1,10 +1,21 @@
 """
-Per-connection and per-transaction state handed to policies.
+Per-connection and per-transaction state handed to policies, and the
+message with its editable header section.
 
 L{Session} lives as long as the SMTP connection; L{Envelope} as long as one
 mail transaction (MAIL to end of DATA, or RSET).  Both carry a C{notes} dict
 where policies may keep what they learn for later phases (Haraka's
-C{connection.notes} and C{transaction.notes}).
+C{connection.notes} and C{transaction.notes}).  Key your notes by your
+policy's name (C{session.notes["example.score"]}) so that policies do not
+trip over each other.
+
+L{Message} is what message policies get at the end of DATA; its L{Headers}
+(a list of L{HeaderField}s) may be edited, and the spool stores the edited
+header section followed by the body exactly as received.
+
+Policies read these objects and must not change their other attributes:
+relayd's server owns them (it sets C{helo}, C{tls}, C{user},
+C{recipients}...).
 """
 
 from __future__ import annotations
@@ -23,21 +34,29 @@ __all__ = ["Session", "Envelope", "Message", "Headers", "HeaderField"]
 @dataclass
 class Session:
     """
-    One SMTP connection.
+    One SMTP connection, from connect to disconnect.
 
-    @ivar clientAddress: the peer's IP address.
+    @ivar clientAddress: the peer's IP address (an L{ipaddress.IPv4Address}
+        or L{ipaddress.IPv6Address}; with a C{haproxy:} endpoint, the
+        address the proxy reported).
     @ivar clientPort: the peer's TCP port.
-    @ivar listener: the name of the listener that accepted the connection.
-    @ivar mode: the listener mode: C{"relay"}, C{"submission"} or
-        C{"submissions"}.
-    @ivar helo: the name given with EHLO/HELO, or None.
+    @ivar listener: the name of the listener that accepted the connection
+        (C{[[listeners]] name}).
+    @ivar mode: the listener mode: C{"relay"} (port 25 style, no AUTH
+        required), C{"submission"} (STARTTLS then AUTH required) or
+        C{"submissions"} (implicit TLS, AUTH required).
+    @ivar helo: the name given with EHLO/HELO, or None before it (and
+        again after STARTTLS, which starts the session over).
     @ivar esmtp: True after EHLO, False after HELO.
-    @ivar tls: True once the connection is encrypted.
-    @ivar tlsVersion: e.g. C{"TLSv1.3"} when encrypted.
-    @ivar tlsCipher: the cipher name when encrypted.
-    @ivar user: the authenticated user name, or None.
+    @ivar tls: True once the connection is encrypted (from the start on a
+        C{submissions} listener, after STARTTLS otherwise).
+    @ivar tlsVersion: e.g. C{"TLSv1.3"} once the TLS handshake is done.
+    @ivar tlsCipher: the cipher name once the TLS handshake is done.
+    @ivar user: the authenticated user name (SMTP AUTH), or None.  On
+        submission listeners MAIL is refused until it is set.
     @ivar sessionId: a short id for log lines about this connection.
-    @ivar notes: free-form storage for policies.
+    @ivar notes: free-form storage for policies, kept for the whole
+        connection.
     """
 
     clientAddress: ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -57,14 +76,21 @@ class Session:
 @dataclass
 class Envelope:
     """
-    One mail transaction.
+    One mail transaction: from MAIL FROM to the end of DATA (or RSET, a new
+    EHLO, STARTTLS, or the client leaving).
 
-    @ivar sender: the reverse-path; C{Address.null()} for C{MAIL FROM:<>}.
-    @ivar recipients: accepted forward-paths, in RCPT order.
-    @ivar declaredSize: the SIZE= parameter, or None.
-    @ivar body: C{"7BIT"} or C{"8BITMIME"} (the BODY= parameter).
-    @ivar queueId: assigned when DATA starts.
-    @ivar notes: free-form storage for policies.
+    @ivar sender: the reverse-path, an L{Address}; C{Address.null()} (whose
+        C{isNull} is True) for C{MAIL FROM:<>}.
+    @ivar recipients: the L{Address}es accepted so far, in RCPT order,
+        without duplicates.  Refused recipients are not in it.
+    @ivar declaredSize: the SIZE= parameter (RFC 1870), or None.  The
+        client's claim, not the real size (see L{Message.receivedSize}).
+    @ivar body: C{"7BIT"} or C{"8BITMIME"} (the BODY= parameter, RFC 6152).
+    @ivar queueId: the spool's id for the message, given once the
+        transaction starts, so None only in C{checkSender}.  Put it in
+        every log line about the message.
+    @ivar notes: free-form storage for policies, for this transaction
+        only.
     """
 
     sender: Address
@@ -86,6 +112,9 @@ _HEADER_LIMIT = 1 << 20
 class HeaderField:
     """
     One header field exactly as it is in the message.
+
+    Do not change a field in place; use the L{Headers} methods, which
+    check what they add and mark the header section as changed.
 
     @ivar name: the field name as written (compare with C{lower()}).
     @ivar raw: the whole field: C{Name: value}, folded continuation lines
@@ -113,6 +142,25 @@ def _isValidName(name: str) -> bool:
     return _NAME_ONLY.fullmatch(name) is not None
 
 
+MAX_LINE = 998
+"""
+RFC 5322 section 2.1.1: octets in a line, CRLF not counted.  relayd
+refuses longer lines from clients, so policies must not make any.
+"""
+
+
+def _checkLines(raw: bytes) -> bytes:
+    """
+    Refuse a field relayd would refuse from a client: a NUL, or a line
+    over L{MAX_LINE} octets.
+    """
+    if b"\0" in raw:
+        raise ValueError("header field must not contain NUL")
+    if any(len(line) > MAX_LINE for line in raw.split(b"\r\n")):
+        raise ValueError(f"header field has a line over {MAX_LINE} octets; fold it and use addRaw")
+    return raw
+
+
 def _fold(name: str, value: str) -> bytes:
     """
     Make one field from C{name} and C{value}.  A value with line breaks is
@@ -122,8 +170,8 @@ def _fold(name: str, value: str) -> bytes:
     if not _isValidName(name):
         raise ValueError(f"bad header field name {name!r}")
     if "\r" in value or "\n" in value:
-        raise ValueError("header value must not contain CR or LF; fold with no line breaks")
-    return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+        raise ValueError("header value must not contain CR or LF (for a folded field, use addRaw)")
+    return _checkLines(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
 
 
 def _oneField(raw: bytes) -> HeaderField:
@@ -133,6 +181,7 @@ def _oneField(raw: bytes) -> HeaderField:
         raise ValueError("raw must be exactly one header field ending with CRLF")
     if b"\r" in raw.replace(b"\r\n", b"") or b"\n" in raw.replace(b"\r\n", b""):
         raise ValueError("raw must not contain bare CR or LF")
+    _checkLines(raw)
     return parsed.fields[0]
 
 
@@ -145,7 +194,19 @@ class Headers:
     white space), and the body is never touched, so a rewrite changes only
     what a policy asked for.
 
-    @ivar fields: the fields in order.
+    Names are compared case-insensitively everywhere.  Reading:
+    C{headers.get("subject")}, C{headers.getAll("received")}, C{"DKIM-
+    Signature" in headers}, C{for field in headers} (a snapshot: editing
+    while iterating is safe), C{len(headers)}.  Editing: L{add},
+    L{addRaw}, L{remove}, L{replace}, L{setRaw}.  Everything added is
+    checked: a bad field name, a value with CR or LF, a NUL or a line over
+    998 octets raises C{ValueError} and changes nothing, so a policy cannot
+    add a second field, end the header section or make a line relayd
+    would refuse from a client (RFC 5322 sections 2.1.1 and 2.2).  Values
+    are not folded for you; a long value goes in as a folded field with
+    L{addRaw}.
+
+    @ivar fields: the fields in order (read it; edit through the methods).
     @ivar changed: True once any edit was made.
     """
 
@@ -194,7 +255,10 @@ class Headers:
         return isinstance(name, str) and self.get(name) is not None
 
     def get(self, name: str) -> str | None:
-        """The value of the first field called C{name} (any case), or None."""
+        """
+        The value of the first field called C{name} (any case), or None;
+        unfolded and stripped (see L{HeaderField.value}).
+        """
         for f in self.fields:
             if f.name.lower() == name.lower():
                 return f.value
@@ -209,7 +273,12 @@ class Headers:
         Add a field at the end of the header section, or at the top with
         C{top=True} (where trace fields and signatures go).
 
-        @raise ValueError: for a bad name or a value with line breaks.
+        @param name: the field name: printable US-ASCII, no colon or space.
+        @param value: the value, on one line; it is written after C{": "}
+            and encoded as UTF-8 (keep it ASCII unless you know the next
+            hops accept UTF-8 headers, RFC 6532).
+        @raise ValueError: for a bad name, a value with CR, LF or NUL, or
+            a field longer than 998 octets.
         """
         field = HeaderField(name, _fold(name, value))
         if top:
@@ -222,8 +291,11 @@ class Headers:
         """
         Add a field given as complete bytes (C{Name: value}, folded lines
         included, ending with CRLF), e.g. a C{DKIM-Signature} from dkimpy.
+        Continuation lines start with a space or a tab (RFC 5322 section
+        2.2.3).
 
-        @raise ValueError: when C{raw} is not exactly one well-formed field.
+        @raise ValueError: when C{raw} is not exactly one well-formed field,
+            has a bare CR or LF or a NUL, or a line over 998 octets.
         """
         field = _oneField(raw)
         if top:
@@ -250,9 +322,11 @@ class Headers:
     def replace(self, name: str, value: str, *, addMissing: bool = True) -> int:
         """
         Give every field called C{name} the value C{value}, in place (order
-        kept).  When there is none, add it at the end if C{addMissing}.
+        kept; each keeps its name's original case).  When there is none,
+        add it at the end if C{addMissing}.
 
         @return: how many fields were replaced.
+        @raise ValueError: as for L{add}.
         """
         raw = _fold(name, value)
         count = 0
@@ -270,9 +344,15 @@ class Headers:
         """
         Replace field C{index} with C{raw}: one or more complete CRLF-ended
         lines forming a single field.  For rewrites that must keep a
-        field's own folding (e.g. address masquerading).
+        field's own folding (e.g. address masquerading)::
 
-        @raise ValueError: when C{raw} is not exactly one well-formed field.
+            for i, field in enumerate(headers.fields):
+                if field.name.lower() == "from":
+                    headers.setRaw(i, field.raw.replace(b"@host.", b"@"))
+
+        @param index: the field's position in L{fields}.
+        @raise ValueError: as for L{addRaw}.
+        @raise IndexError: when there is no field C{index}.
         """
         field = _oneField(raw)
         self.fields[index] = field
@@ -290,11 +370,18 @@ class Message:
     The bytes are in a file (CRLF line ends, dot-unstuffing done, relayd's
     C{Received:} field first).  Policies read it through this object and may
     edit L{headers}; when they do, the spool stores the edited header
-    section followed by the body bytes exactly as received.
+    section followed by the body bytes exactly as received.  The message
+    has already passed relayd's own checks: size limit, no bare CR or LF,
+    no NUL, no line over 998 octets.
+
+    Reading is blocking file I/O.  The header section is read once (at
+    most 1 MiB) on first use of L{headers}, which is fine on the reactor
+    thread; read the body of a big message in a thread, e.g.
+    C{await deferToThread(message.asBytes)}.
 
     @ivar path: the file holding the message as received.  Read it; do not
-        write it.
-    @ivar receivedSize: the size of the message as received.
+        write it: edit L{headers} instead.
+    @ivar receivedSize: the size of the message as received, in octets.
     """
 
     def __init__(self, path: str, size: int) -> None:

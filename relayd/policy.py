@@ -61,8 +61,20 @@ class PolicyOptionError(ValueError):
     """
     Raised by a policy's C{fromConfig} for a bad option.
 
+    relayd turns it into one line and refuses to start (or, on SIGHUP,
+    keeps the old config)::
+
+        relayd: config error: FILE: policies.NAME.KEY: PROBLEM
+
+    For example C{raise PolicyOptionError("tarpit", "must be a number of
+    seconds")} in the policy configured as C{[policies.example]}.  Use it
+    for unknown keys too, so that a typo in the config is caught at
+    startup.  Other exceptions from C{fromConfig}: a C{ValueError},
+    C{TypeError} or C{OSError} also gives one line (naming only
+    C{policies.NAME}); anything else is a bug and shows a traceback.
+
     @ivar key: the option's name within the policy's table.
-    @ivar problem: what is wrong with it.
+    @ivar problem: what is wrong with it, without the key.
     """
 
     def __init__(self, key: str, problem: str) -> None:
@@ -76,11 +88,20 @@ class PolicyContext:
     """
     What a policy may want to know about the relayd loading it, passed as
     the second argument of C{fromConfig(options, context)} to policies
-    whose C{fromConfig} takes two (C{fromConfig(options)} alone is fine).
+    whose C{fromConfig} takes two parameters (C{fromConfig(options)} alone
+    is fine: relayd looks at the signature).
+
+    A policy whose options name files should resolve them with
+    L{resolvePath}, so that relative paths mean the same as everywhere
+    else in the config::
+
+        @classmethod
+        def fromConfig(cls, options, context):
+            path = context.resolvePath(options.pop("file", "domains"))
 
     @ivar configPath: the config file's path.
     @ivar hostname: relayd's host name (C{[server] hostname}).
-    @ivar name: the policy's name in the chain.
+    @ivar name: the policy's name in the chain (its entry-point name).
     """
 
     configPath: str
@@ -132,8 +153,14 @@ class PolicyChain:
         metrics: NoMetrics = NO_METRICS,
     ) -> None:
         """
+        @param policies: the policy objects, in chain order.
+        @param timeout: seconds each policy may take to answer.
+        @param clock: the reactor (or a L{twisted.internet.task.Clock}) for
+            the timeouts.
         @param options: each policy's options as given to C{fromConfig}, by
-            name; a reload keeps the instances whose options did not change.
+            chain name and in the order of C{policies} (what
+            L{loadPolicies} returns); a reload keeps the instances whose
+            options did not change.
         @param metrics: counts each deciding verdict by phase, policy and
             action (L{relayd.metrics}); by default nowhere.
         """
@@ -163,18 +190,26 @@ class PolicyChain:
                 )
 
     def checkConnection(self, session: Any) -> Deferred[Verdict]:
+        """Ask the L{IConnectionPolicy} policies, in order."""
         return self._run(IConnectionPolicy, "checkConnection", session)
 
     def checkHelo(self, session: Any, name: str) -> Deferred[Verdict]:
+        """Ask the L{IHeloPolicy} policies, in order."""
         return self._run(IHeloPolicy, "checkHelo", session, name)
 
     def checkSender(self, session: Any, envelope: Any, sender: Any) -> Deferred[Verdict]:
+        """Ask the L{ISenderPolicy} policies, in order."""
         return self._run(ISenderPolicy, "checkSender", session, envelope, sender)
 
     def checkRecipient(self, session: Any, envelope: Any, recipient: Any) -> Deferred[Verdict]:
+        """
+        Ask the L{IRecipientPolicy} policies, in order.  CONTINUE from all
+        of them means nobody vouched: the server denies relaying.
+        """
         return self._run(IRecipientPolicy, "checkRecipient", session, envelope, recipient)
 
     def checkMessage(self, session: Any, envelope: Any, message: Any) -> Deferred[Verdict]:
+        """Ask the L{IMessagePolicy} policies, in order; they may edit C{message}."""
         return self._run(IMessagePolicy, "checkMessage", session, envelope, message)
 
     def _run(self, phase: Any, method: str, *args: Any) -> Deferred[Verdict]:
@@ -238,7 +273,15 @@ class PolicyChain:
 
 
 def installedPolicies() -> dict[str, Any]:
-    """Entry points of group C{relayd.policies}, by name."""
+    """
+    Entry points of group C{relayd.policies}, by name (none is imported).
+    A package makes a policy available by declaring one, e.g. in its
+    C{setup.cfg}::
+
+        [options.entry_points]
+        relayd.policies =
+            example = relayd_policy_example:ExamplePolicy
+    """
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
@@ -309,8 +352,11 @@ def loadPolicies(
     policies = []
     allOptions: dict[str, dict[str, Any]] = {}
     kept = {}
-    if previous is not None:
-        kept = {getattr(p, "name", None): p for p in previous.policies}
+    if previous is not None and len(previous.options) == len(previous.policies):
+        # By chain name (previous.options is in chain order, like its
+        # policies), not by each policy's own name attribute: one class may
+        # be configured under two names, and both instances then share it.
+        kept = dict(zip(previous.options, previous.policies, strict=True))
     seen = set()
     for name in config.policyChain:
         if name in seen:
@@ -334,6 +380,12 @@ def loadPolicies(
                 config.path, "policy.chain", f"policy {name!r} failed to import: {e}"
             ) from None
         key = f"policies.{name}"
+        if not callable(getattr(factory, "fromConfig", None)):
+            raise ConfigError(
+                config.path,
+                "policy.chain",
+                f"policy {name!r} ({ep.value}) has no fromConfig(options) to build it with",
+            )
         try:
             context = PolicyContext(config.path, config.hostname, name)
             policy = _callFromConfig(factory, copy.deepcopy(options), context)
@@ -341,8 +393,6 @@ def loadPolicies(
             raise ConfigError(config.path, f"{key}.{e.key}", e.problem) from None
         except (ValueError, TypeError, OSError) as e:
             raise ConfigError(config.path, key, str(e)) from None
-        if getattr(policy, "name", None) is None:
-            policy.name = name
         provided = list(providedBy(policy).flattened())
         phases = [p for p in PHASES + (ITransactionObserver,) if p in provided]
         if not phases:
@@ -351,6 +401,8 @@ def loadPolicies(
                 "policy.chain",
                 f"policy {name!r} provides none of the policy interfaces",
             )
+        if getattr(policy, "name", None) is None:
+            policy.name = name
         for phase in phases + [h for h in HOOKS if h in provided and h not in phases]:
             try:
                 verifyObject(phase, policy)

@@ -71,16 +71,24 @@ def _toml(value: Any) -> str:
 
 
 class TestSetup:
-    __test__ = False  # not a pytest test class
-
     """
     A config directory for tests: certificates, users file, relayd.toml.
+
+    The config has C{[server] hostname = "relayd.test"}, the users file
+    holds the user L{DEMO_USER} with L{DEMO_PASSWORD}, delivery is off (so
+    accepted mail stays in the spool's C{incoming/} for the test to read),
+    and the policy chain is C{["mynetworks", "authenticated"]} unless
+    C{chain} says otherwise.  Each listener is named after its mode.
 
     @ivar directory: where everything lives.
     @ivar configPath: the written C{relayd.toml}.
     @ivar caPath: the test CA certificate (trust it in clients).
-    @ivar ports: mode to port, fixed when the file is written.
+    @ivar spoolPath: the spool directory.
+    @ivar ports: mode to port, fixed when the file is written (0: the
+        system picks one when relayd listens; ask L{InProcessRelayd.port}).
     """
+
+    __test__ = False  # not a pytest test class
 
     def __init__(
         self,
@@ -92,6 +100,17 @@ class TestSetup:
         modes: tuple[str, ...] = ("relay", "submission", "submissions"),
         portZero: bool = True,
     ) -> None:
+        """
+        @param directory: where to write everything (it is created).
+        @param sections: more config, by section, merged over the defaults,
+            e.g. C{{"policy": {"timeout": 5}}}.
+        @param chain: the policy chain.
+        @param policies: each policy's options, by name: the
+            C{[policies.NAME]} tables.
+        @param modes: the listeners to make, one per mode.
+        @param portZero: listen on port 0 (the default), or on free ports
+            chosen now (for a C{twistd} subprocess the test must reach).
+        """
         from relayd.auth import setPassword
         from relayd.certificates import issueCertificate, makeCA, writeKeyPair
 

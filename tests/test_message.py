@@ -85,6 +85,28 @@ class HeadersTests(unittest.TestCase):
         self.assertRaises(ValueError, headers.setRaw, 0, b"\r\n")
         self.assertFalse(headers.changed)
 
+    def test_nothingRelaydWouldRefuse(self):
+        """
+        No NUL and no line over 998 octets (RFC 5322 section 2.1.1): relayd
+        refuses both from clients, so a policy must not be able to add them.
+        A long value folded by the policy goes in with addRaw.
+        """
+        headers, _ = Headers.parse(RAW)
+        longest = "x" * (998 - len("X: "))
+        headers.add("X", longest)
+        self.assertRaises(ValueError, headers.add, "X", longest + "x")
+        self.assertRaises(ValueError, headers.replace, "Subject", longest + "x")
+        self.assertRaises(ValueError, headers.add, "X", "a\0b")
+        self.assertRaises(ValueError, headers.addRaw, b"X: a\0b\r\n")
+        self.assertRaises(ValueError, headers.addRaw, b"X: " + b"y" * 996 + b"\r\n")
+        self.assertRaises(ValueError, headers.setRaw, 0, b"X: 1\r\n " + b"y" * 998 + b"\r\n")
+        folded = b"X: " + b"y" * 995 + b"\r\n " + b"z" * 997 + b"\r\n"
+        headers.addRaw(folded)
+        self.assertEqual(headers.fields[-1].raw, folded)
+        self.assertEqual(
+            [f.raw for f in headers if f.name == "X"][0], b"X: " + longest.encode() + b"\r\n"
+        )
+
     def test_addRawFolded(self):
         headers, _ = Headers.parse(b"A: 1\r\n\r\n")
         headers.addRaw(b"DKIM-Signature: v=1;\r\n b=xyz\r\n", top=True)

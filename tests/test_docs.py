@@ -1,0 +1,109 @@
+"""
+The Python blocks of docs/plugins.md are real: they run here, in order, as
+one module, like a reader pasting them into a file.  Every policy class
+they define is checked against the interfaces it declares, and the trial
+test cases they define are collected and run as tests of this module.
+"""
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from twisted.trial import unittest
+from zope.interface import implementedBy
+from zope.interface.verify import verifyClass
+
+from relayd.interfaces import IPolicy
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
+BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def runBlocks():
+    namespace = {"__name__": "docs_plugins"}
+    blocks = BLOCK.findall(DOC.read_text())
+    for number, source in enumerate(blocks, 1):
+        code = compile(source, f"{DOC}, python block {number}", "exec")
+        exec(code, namespace)
+    return blocks, namespace
+
+
+BLOCKS, NAMESPACE = runBlocks()
+
+
+def collectTestCases():
+    """Make the documented test cases tests of this module."""
+    for name, value in list(NAMESPACE.items()):
+        if isinstance(value, type) and issubclass(value, unittest.TestCase):
+            globals()[f"Doc{name}"] = value
+
+
+collectTestCases()
+
+
+class DocumentedPoliciesTests(unittest.TestCase):
+    def test_blocksFound(self):
+        self.assertGreaterEqual(len(BLOCKS), 8)
+
+    def test_policiesImplementWhatTheyDeclare(self):
+        policies = [
+            value
+            for value in NAMESPACE.values()
+            if isinstance(value, type) and IPolicy.implementedBy(value)
+        ]
+        self.assertEqual(
+            sorted(p.__name__ for p in policies),
+            ["HeaderHygiene", "HourlyQuota", "LocalDomains", "NoReply", "SenderDomainResolves"],
+        )
+        for policy in policies:
+            self.assertTrue(callable(policy.fromConfig))
+            for interface in implementedBy(policy):
+                verifyClass(interface, policy)
+
+    def test_headerHygiene(self):
+        from relayd.envelope import Message
+
+        fd, path = tempfile.mkstemp()
+        os.close(fd)
+        self.addCleanup(os.unlink, path)
+        raw = (
+            b"Received: by relayd.test\r\nFrom: a@example.org\r\n"
+            b"X-Internal-Score: 9\r\n\r\nbody\r\n"
+        )
+        with open(path, "wb") as f:
+            f.write(raw)
+        session = NAMESPACE["submissionSession"]("alice")
+        policy = NAMESPACE["HeaderHygiene"].fromConfig({})
+        message = Message(path, len(raw))
+        self.assertIs(policy.checkMessage(session, None, message), NAMESPACE["CONTINUE"])
+        self.assertEqual(
+            message.asBytes(),
+            b"Received: by relayd.test\r\nFrom: a@example.org\r\n"
+            b"X-Relayed-By: relayd\r\nX-Authenticated-User: alice\r\n\r\nbody\r\n",
+        )
+        with open(path, "wb") as f:
+            f.write(b"Subject: no From\r\n\r\n")
+        verdict = policy.checkMessage(session, None, Message(path, 20))
+        self.assertEqual((verdict.code, verdict.enhanced), (550, "5.6.0"))
+
+    def test_senderDomainResolves(self):
+        from twisted.internet import defer, reactor
+
+        from relayd.address import Address
+        from relayd.envelope import Envelope
+
+        policy = NAMESPACE["SenderDomainResolves"].fromConfig({"threads": 1})
+        policy.startPolicy(reactor)
+        self.addCleanup(policy.stopPolicy)
+        session = NAMESPACE["submissionSession"](None)
+
+        def check(sender):
+            envelope = Envelope(sender=sender)
+            return defer.ensureDeferred(policy.checkSender(session, envelope, sender))
+
+        d = check(Address("a", "localhost"))
+        d.addCallback(self.assertIs, NAMESPACE["CONTINUE"])
+        d.addCallback(lambda _: check(Address.null()))
+        d.addCallback(self.assertIs, NAMESPACE["CONTINUE"])
+        return d
