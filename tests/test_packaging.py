@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 POLICIES = {
     "mynetworks": "relayd.policies.mynetworks:MyNetworks",
     "authenticated": "relayd.policies.authenticated:Authenticated",
+    "ratelimit": "relayd.policies.ratelimit:RateLimit",
 }
 
 
