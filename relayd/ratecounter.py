@@ -19,6 +19,7 @@ import heapq
 import math
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -33,6 +34,7 @@ __all__ = [
     "RateStoreError",
     "WallClock",
     "windowStart",
+    "withoutPassword",
     "windowEnd",
 ]
 
@@ -58,6 +60,18 @@ def windowStart(now: float, window: int) -> int:
 def windowEnd(now: float, window: int) -> int:
     """The end of the window that holds C{now} (the start of the next)."""
     return windowStart(now, window) + window
+
+
+def withoutPassword(url: str) -> str:
+    """C{url} fit for a log line: any user name and password dropped."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    query = "&".join(
+        p
+        for p in parts.query.split("&")
+        if p.split("=", 1)[0].lower() not in ("password", "username")
+    )
+    return f"{parts.scheme}://{host}{parts.path}" + (f"?{query}" if query else "")
 
 
 class RateStoreError(Exception):
@@ -207,6 +221,7 @@ class RedisStore:
         from redis.retry import Retry
 
         self.url = url
+        self.where = withoutPassword(url)
         self.timeout = timeout
         self.threads = threads
         self.clock = WallClock() if clock is None else clock
@@ -259,7 +274,7 @@ class RedisStore:
             except Exception as e:
                 # redis.RedisError and OSError alike: one error type for the
                 # policy, the cause in the text for the log line.
-                raise RateStoreError(f"Redis {self.url}: {type(e).__name__}: {e}") from e
+                raise RateStoreError(f"Redis {self.where}: {type(e).__name__}: {e}") from e
 
         return deferToThreadPool(self._reactor, pool, work)
 

@@ -29,7 +29,14 @@ from relayd.envelope import Session
 from relayd.interfaces import IMessagePolicy, IRateCounterStore, IRecipientPolicy
 from relayd.policies.ratelimit import RateLimit, Rule, parseLimit
 from relayd.policy import PolicyChain
-from relayd.ratecounter import MemoryStore, RateStoreError, RedisStore, windowEnd, windowStart
+from relayd.ratecounter import (
+    MemoryStore,
+    RateStoreError,
+    RedisStore,
+    windowEnd,
+    windowStart,
+    withoutPassword,
+)
 from relayd.service import buildService
 from relayd.testing import (
     DEMO_PASSWORD,
@@ -38,6 +45,7 @@ from relayd.testing import (
     RedisServer,
     SMTPClient,
     TestSetup,
+    freePort,
 )
 from relayd.verdict import CONTINUE, reject
 
@@ -807,6 +815,31 @@ class RedisStoreTests(unittest.TestCase):
         self.store.stop()
         with self.assertRaises(RateStoreError):
             yield self.store.reserve([("t:d", 1, 5, 60)])
+
+
+class RedisPasswordTests(unittest.TestCase):
+    def test_passwordNotLogged(self):
+        """Errors name the Redis server without its credentials."""
+        port = freePort()
+        store = RedisStore(f"redis://relayd:s3cret@127.0.0.1:{port}/0", timeout=1.0)
+        store.start(reactor)
+        self.addCleanup(store.stop)
+        d = store.reserve([("k", 1, 1, 60)])
+
+        def failed(failure):
+            failure.trap(RateStoreError)
+            message = failure.getErrorMessage()
+            self.assertIn(f"redis://127.0.0.1:{port}/0", message)
+            self.assertNotIn("s3cret", message)
+
+        return d.addCallbacks(lambda _: self.fail("reserved without Redis"), failed)
+
+    def test_withoutPassword(self):
+        self.assertEqual(withoutPassword("redis://:pw@h:1/0"), "redis://h:1/0")
+        self.assertEqual(
+            withoutPassword("unix:///run/r.sock?db=1&password=pw"), "unix:///run/r.sock?db=1"
+        )
+        self.assertEqual(withoutPassword("rediss://h/2"), "rediss://h/2")
 
 
 class MemoryStoreTests(unittest.TestCase):

@@ -27,7 +27,7 @@ up a limit:
 Limits are fixed windows aligned to the epoch: the counter key contains the
 window start, so the moment a limit resets is exact and said in the reply
 (C{450 4.7.1} for messages, C{452 4.5.3} for recipients, RFC 3463; both
-temporary, RFC 5321 section 4.2.5: the client tries again later).
+temporary, RFC 5321 section 4.2.1: the client tries again later).
 
 Counters live in memory (one process, exact) or in Redis (shared by every
 relayd behind a load balancer): L{relayd.ratecounter}.
@@ -56,7 +56,14 @@ from relayd.interfaces import (
     ITransactionObserver,
 )
 from relayd.policy import PolicyOptionError
-from relayd.ratecounter import MemoryStore, RedisStore, WallClock, windowEnd, windowStart
+from relayd.ratecounter import (
+    MemoryStore,
+    RedisStore,
+    WallClock,
+    windowEnd,
+    windowStart,
+    withoutPassword,
+)
 from relayd.verdict import CONTINUE, Verdict, tempfail
 
 __all__ = ["RateLimit", "Rule", "Limit", "parseLimit"]
@@ -300,7 +307,7 @@ class RateLimit:
             try:
                 store = RedisStore(url, float(timeout), threads)
             except ValueError as e:
-                raise PolicyOptionError("redis_url", f"{url!r}: {e}") from None
+                raise PolicyOptionError("redis_url", f"{withoutPassword(url)!r}: {e}") from None
         else:
             store = MemoryStore()
         return cls(store, rules, onError, keyPrefix)
