@@ -7,8 +7,10 @@ C{redis-server}), and its config errors.
 import base64
 import ipaddress
 import math
+import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -704,6 +706,23 @@ class RedisTests(RedisCase):
         self.assertEqual(result["data"][0], 250)
         self.assertEqual(self.get(self.key("per-client", "m", 3600, "127.0.0.1")), 1)
 
+    @defer.inlineCallbacks
+    def test_releaseFailureLogged(self):
+        """Redis gone before a release: an error line, the session goes on."""
+
+        def reserve():
+            c = self.connectUser()
+            assert c.command("MAIL FROM:<demo@example.org>")[0] == 250
+            assert c.command("RCPT TO:<a@example.net>")[0] == 250
+            return c
+
+        c = yield self.run_(reserve)
+        self.redis.halt()
+        code, _ = yield self.run_(c.command, "RSET")
+        yield self.policy().whenIdle()
+        self.assertEqual(code, 250)
+        self.assertTrue(self.logged(["ratelimit could not give back 1 counter(s)", "Redis"]))
+
 
 class RedisFailClosedTests(RedisCase):
     onError = "tempfail"
@@ -759,6 +778,66 @@ class RedisFailClosedTests(RedisCase):
             connection.close()
             tries += 1
         self.assertEqual(tries, 1)
+
+
+class RedisSlowTests(RedisCase):
+    """
+    A Redis slower than the chain's policy timeout (the process is
+    stopped with SIGSTOP, then continued): the RCPT gets 451 from the
+    chain, and the reservation that completes afterwards is still given
+    back.
+    """
+
+    rules = [{"name": "per-client", "key": "client", "recipients": ["10/hour"]}]
+    sections = {"policy": {"timeout": 1}}
+
+    def setUp(self):
+        d = RedisCase.setUp(self)
+        self.options["redis_timeout"] = 30.0
+        return d
+
+    def pause(self):
+        os.kill(self.redis.process.pid, signal.SIGSTOP)
+        self.addCleanup(self.resume)
+
+    def resume(self):
+        if self.redis.running:
+            os.kill(self.redis.process.pid, signal.SIGCONT)
+
+    def count(self):
+        return self.get(self.key("per-client", "r", 3600, "127.0.0.1"))
+
+    @defer.inlineCallbacks
+    def test_lateReservationGivenBack(self):
+        c = yield self.run_(self.connect)
+        yield self.run_(c.command, "MAIL FROM:<a@example.org>")
+        self.pause()
+        code, lines = yield self.run_(c.command, "RCPT TO:<x@example.net>")
+        self.assertEqual((code, lines[0][:5]), (451, "4.3.0"))
+        self.assertEqual(len(self.flushLoggedErrors(defer.TimeoutError)), 1)
+        self.resume()
+        yield self.policy().whenIdle()
+        self.assertEqual(self.count(), 1)  # reserved late, not yet settled
+        yield self.run_(c.command, "RSET")
+        yield self.policy().whenIdle()
+        self.assertEqual(self.count(), 0)
+
+    @defer.inlineCallbacks
+    def test_reservationAfterTransactionEnded(self):
+        c = yield self.run_(self.connect)
+        yield self.run_(c.command, "MAIL FROM:<a@example.org>")
+        self.pause()
+        code, _ = yield self.run_(c.command, "RCPT TO:<x@example.net>")
+        self.assertEqual(code, 451)
+        self.assertEqual(len(self.flushLoggedErrors(defer.TimeoutError)), 1)
+        yield self.run_(c.command, "QUIT")
+        for _ in range(500):
+            if not self.relayd.sessions:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.resume()
+        yield self.policy().whenIdle()
+        self.assertEqual(self.count(), 0)
 
 
 class RedisStoreTests(unittest.TestCase):

@@ -390,7 +390,7 @@ class RateLimit:
     def _release(self, charge: Charge, queueId: str | None) -> None:
         if not charge:
             return
-        d = self._track(self.store.release(charge))
+        d = self.store.release(charge)
 
         def failed(failure: Failure) -> None:
             log.error(
@@ -400,7 +400,7 @@ class RateLimit:
                 error=failure.getErrorMessage(),
             )
 
-        d.addErrback(failed)
+        self._track(d.addErrback(failed))
 
     def _state(self, envelope: Any) -> _Reservations:
         state = envelope.notes.get(self.name)
@@ -482,7 +482,8 @@ class RateLimit:
             if not answer.called:
                 answer.callback(verdict)
 
-        self._track(call(self._asks(counters))).addCallbacks(decided, failed)
+        # Tracked after decided: a release it starts keeps the policy busy.
+        self._track(call(self._asks(counters)).addCallbacks(decided, failed))
         return answer
 
     # --- phases --------------------------------------------------------
