@@ -289,6 +289,15 @@ class IRateCounterStore(Interface):
             index in C{counters} of the first counter that is full.
         """
 
+    def peek(counters: list[tuple[str, int, int, int]]) -> Deferred[Any]:
+        """
+        Check, without changing anything, whether every counter has room.
+
+        @param counters: as for L{reserve}.
+        @return: a Deferred firing with None when every counter has room
+            for its C{amount}, or with the index of the first that has not.
+        """
+
     def release(counters: list[tuple[str, int, int]]) -> Deferred[None]:
         """
         Give back C{(key, amount, windowSeconds)} reserved earlier, for a

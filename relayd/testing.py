@@ -12,6 +12,8 @@ Helpers for testing relayd and policies written for it, over real sockets.
     test sets them up; point C{[delivery] resolvers} at it.
   - L{SinkServer} is an SMTP server that keeps what it is sent and can be
     scripted to refuse, defer, hang or demand TLS and AUTH: a next hop.
+  - L{RedisServer} is a real C{redis-server} on a free loopback port, with
+    persistence off, that a test starts, stops and restarts.
   - L{SMTPClient} is a small blocking line-level client for dialogues that
     C{smtplib} refuses to have (bare LF, pipelining abuse, floods); run it
     in a thread (L{twisted.internet.threads.deferToThread}) next to an
@@ -40,9 +42,18 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 
 from relayd._testdns import DNSServer
+from relayd._testredis import RedisServer
 from relayd._testsink import SinkServer
 
-__all__ = ["TestSetup", "InProcessRelayd", "SMTPClient", "DNSServer", "SinkServer", "freePort"]
+__all__ = [
+    "TestSetup",
+    "InProcessRelayd",
+    "SMTPClient",
+    "DNSServer",
+    "SinkServer",
+    "RedisServer",
+    "freePort",
+]
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "correct horse battery staple"

@@ -29,6 +29,7 @@ POLICIES = {
     "senderlogin": "relayd.policies.senderlogin:SenderLogin",
     "headers": "relayd.policies.headers:HeaderRewrite",
     "dkim": "relayd.policies.dkim:DKIMSign",
+    "ratelimit": "relayd.policies.ratelimit:RateLimit",
 }
 
 
