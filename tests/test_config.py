@@ -437,3 +437,49 @@ def test_devConfig(tmp_path: Path, material: dict[str, Path]) -> None:
     assert config.policyOptions["mynetworks"]["networks"] == ["127.0.0.0/8", "::1/128"]
     service = buildService(config, MemoryReactorClock())
     assert [f.mode for f in service.factories] == ["relay", "submission", "submissions"]
+
+
+def test_sampleExampleChainLoads(tmp_path: Path, material: dict[str, Path]) -> None:
+    """
+    The commented example chain in C{etc/relayd.toml} (a typical internal
+    smart host), uncommented and with the files it names created, loads:
+    every policy accepts its options and the service tree builds.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    text = SAMPLE.read_text()
+    block = text.split("# (example begins)\n", 1)[1].split("# (example ends)\n", 1)[0]
+    example = "\n".join(line[2:] if line.startswith("# ") else "" for line in block.splitlines())
+    raw = tomllib.loads(SAMPLE.read_text())
+    raw.update(tomllib.loads(example))
+    raw["tls"]["certificate"] = str(material["cert"])
+    raw["tls"]["key"] = str(material["key"])
+    raw["auth"]["users_file"] = str(material["users"])
+    raw["spool"]["directory"] = str(tmp_path / "spool")
+    raw["delivery"]["ca_file"] = str(material["cert"])
+    (tmp_path / "access").mkdir()
+    (tmp_path / "access" / "clients-deny.txt").write_text("# none yet\n192.0.2.0/24\n")
+    (tmp_path / "senders.txt").write_text("bob  bob@example.com, @bob.example.com\n")
+    (tmp_path / "dkim").mkdir()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "dkim" / "example.com.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    config = fromDict(raw, str(tmp_path / "relayd.toml"))
+    assert config.policyChain == (
+        "access",
+        "senderlogin",
+        "ratelimit",
+        "mynetworks",
+        "authenticated",
+        "headers",
+        "dkim",
+    )
+    service = buildService(config, MemoryReactorClock())
+    assert service.policies is not None
+    assert [p.name for p in service.policies.chain.policies] == list(config.policyChain)
