@@ -23,7 +23,11 @@ __all__ = [
     "ListenerConfig",
     "load",
     "LISTENER_MODES",
+    "CONTROL_SOCKET_NAME",
 ]
+
+CONTROL_SOCKET_NAME = "control.sock"
+"""The control socket's name inside the spool directory, by default."""
 
 LISTENER_MODES = ("relay", "submission", "submissions")
 """
@@ -106,6 +110,7 @@ class Config:
     delayWarning: float = 14400.0
     sweepInterval: float = 60.0
     postmaster: str | None = None
+    controlSocket: str = ""
 
 
 # --- schema -----------------------------------------------------------------
@@ -222,6 +227,10 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "delay_warning": _Key(_NUMBER, 14400.0, check=_nonNegative),
         "sweep_interval": _Key(_NUMBER, 60.0, check=_positive),
         "postmaster": _Key(str),
+    },
+    "control": {
+        # relayctl's UNIX socket; default: CONTROL_SOCKET_NAME in the spool.
+        "socket": _Key(str, check=lambda v: None if v else "must not be empty"),
     },
 }
 
@@ -411,6 +420,8 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
             path, "delivery.retry_max", "must not be less than delivery.retry_initial"
         )
     routes = _routes(path, base, raw.get("routes", []))
+    spoolDirectory = _resolve(base, spool["directory"]) or ""
+    controlSocket = _resolve(base, sections["control"]["socket"])
     return Config(
         path=path,
         hostname=hostname,
@@ -422,7 +433,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         authMaxFailures=auth["max_failures"],
         authFailureDelay=float(auth["failure_delay"]),
         authThreads=auth["threads"],
-        spoolDirectory=_resolve(base, spool["directory"]) or "",
+        spoolDirectory=spoolDirectory,
         spoolReserveBytes=spool["reserve_bytes"],
         spoolThreads=spool["threads"],
         messageSize=limits["message_size"],
@@ -456,6 +467,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         delayWarning=float(delivery["delay_warning"]),
         sweepInterval=float(delivery["sweep_interval"]),
         postmaster=delivery["postmaster"],
+        controlSocket=controlSocket or os.path.join(spoolDirectory, CONTROL_SOCKET_NAME),
     )
 
 

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relayd.config import Config, ConfigError
+from relayd.control import ControlService, ControlSocketError
 from relayd.interfaces import IReloadable
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
 from relayd.server import ConnectionLimits, SMTPFactory
@@ -95,6 +96,7 @@ class RelaydService(MultiService):
         self.scheduler: Any = None
         self.policies: PolicyService | None = None
         self.installSignalHandlers = False
+        self.reloadError: str | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -114,18 +116,28 @@ class RelaydService(MultiService):
         (for now: the policy chain and the files its policies read).  An
         invalid new config is refused with a log line; the old one stays.
 
-        @return: a Deferred firing with True when the new config is in force.
+        @return: a Deferred firing with True when the new config is in force;
+            when False, L{reloadError} says why.
         """
         from relayd.config import load
 
         log.info("reload: reading {path}", path=self.config.path)
+        self.reloadError = None
         try:
             config = load(self.config.path)
         except ConfigError as e:
             log.error("reload refused, old config stays in force: {error}", error=str(e))
+            self.reloadError = str(e)
             return succeed(False)
         assert self.policies is not None
-        return self.policies.reload(config)
+        policies = self.policies
+
+        def done(applied: bool) -> bool:
+            if not applied:
+                self.reloadError = policies.reloadError
+            return applied
+
+        return policies.reload(config).addCallback(done)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -157,6 +169,8 @@ class RelaydService(MultiService):
             self._fatal(
                 f"listeners: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}"
             )
+        except ControlSocketError as e:
+            self._fatal(f"control.socket: {e}")
 
     def _fatal(self, problem: str) -> None:
         """
@@ -246,6 +260,8 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
         svc = ListenerService(endpoint, wrapped)
         svc.setName(f"listener:{listener.name}")
         svc.setServiceParent(top)
+    # Last: it starts once the spool holds its lock, and stops first.
+    ControlService(top, spool, reactor).setServiceParent(top)
     return top
 
 
@@ -261,6 +277,7 @@ class PolicyService(Service):
         self.chain = chain
         self.reactor = reactor
         self.factories = factories
+        self.reloadError: str | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -273,10 +290,12 @@ class PolicyService(Service):
     @inlineCallbacks
     def reload(self, config: Config) -> Any:
         old = self.chain
+        self.reloadError = None
         try:
             policies, options = loadPolicies(config, previous=old)
         except ConfigError as e:
             log.error("reload refused, old config stays in force: {error}", error=str(e))
+            self.reloadError = str(e)
             return False
         kept = [p for p in policies if any(p is q for q in old.policies)]
         added = [p for p in policies if not any(p is q for q in old.policies)]
