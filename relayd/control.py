@@ -693,7 +693,10 @@ class ControlService(Service):
         directory = self.spool.directory
 
         def show() -> dict[str, Any]:
-            found = findMessage(directory, queueId)
+            try:
+                found = findMessage(directory, queueId)
+            except (OSError, ValueError) as e:
+                raise ControlError(f"{queueId}: unreadable envelope: {e}") from None
             if found is None:
                 raise ControlError(f"{queueId}: no such message in the queue")
             state, record = found

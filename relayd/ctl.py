@@ -65,7 +65,7 @@ _PROG = "relayctl"
 DEFAULT_CONFIG = "/etc/relayd/relayd.toml"
 """The config file relayctl reads unless told otherwise (as C{twistd relayd})."""
 
-PAGE = 500
+PAGE = 2000
 """Messages per L{QueueList} request."""
 
 LIVE_TIMEOUT = 30.0
@@ -335,7 +335,10 @@ def _queueShow(ctx: _Context) -> None:
     except NotRunning as e:
 
         def read(spool: str) -> dict[str, Any]:
-            found = findMessage(spool, queueId)
+            try:
+                found = findMessage(spool, queueId)
+            except ValueError as e:
+                raise _Failure(f"{queueId}: unreadable envelope: {e}") from None
             if found is None:
                 raise _Failure(f"{queueId}: no such message in the queue")
             state, record = found

@@ -150,6 +150,12 @@ class RelayctlTestCase(unittest.TestCase):
         yield self.waitFor(lambda: len(self.inState("deferred")) == count)
         return [i for i in self.inState("deferred") if i not in before]
 
+    def gone(self, queueId: str) -> bool:
+        """The message has left the queue, and no attempt is under way."""
+        return not self.relayd.service.scheduler.isDelivering(queueId) and not any(
+            queueId in self.inState(state) for state in ("incoming", "active", "deferred")
+        )
+
     def envelopeFiles(self) -> dict[str, bytes]:
         """Every file under the spool's state and data directories, by path."""
         found = {}
@@ -349,7 +355,7 @@ class QueueTests(RelayctlTestCase):
         self.assertEqual((status, out, err), (0, f"{one}: to be attempted now\n", ""))
         yield self.waitFor(lambda: len(sink.messages) == 1)
         self.assertEqual(sink.messages[0].recipients, ["a@example.net"])
-        yield self.waitFor(lambda: one not in self.inState("deferred"))
+        yield self.waitFor(lambda: self.gone(one))
         self.assertEqual(self.inState("deferred"), [two, three])
 
         status, out, err, _ = yield self.ctl("queue", "flush")
@@ -1103,3 +1109,75 @@ def test_consoleScript() -> None:
     assert result.returncode == 0
     for command in ("status", "queue", "reload", "check-config", "passwd"):
         assert command in result.stdout
+
+
+# --- without a daemon at all --------------------------------------------------------
+
+
+def test_configProblems(tmp_path: Path) -> None:
+    """
+    relayctl reads only what it needs from the config, resolving relative
+    paths against its directory; what it cannot read is one line, status 1.
+    """
+    config = tmp_path / "relayd.toml"
+    config.write_text('[spool]\ndirectory = "spool"\n[control]\nsocket = "run/ctl.sock"\n')
+    status, _, err, _ = run(["--config", str(config), "status"])
+    assert status == 1
+    assert err == (
+        f"relayctl: relayd is not running (nothing listens on {tmp_path}/run/ctl.sock): "
+        "relayctl status needs the running daemon\n"
+    )
+    for content, expected in (
+        ("[spool\n", "not valid TOML"),
+        ("[server]\n", "spool.directory: missing (required)"),
+        ("[spool]\ndirectory = 3\n", "spool.directory: must be a non-empty string"),
+    ):
+        config.write_text(content)
+        status, out, err, _ = run(["--config", str(config), "queue", "list"])
+        assert (status, out) == (1, ""), err
+        assert err.startswith(f"relayctl: config error: {config}: "), err
+        assert expected in err
+        assert err.count("\n") == 1
+    status, _, err, _ = run(["--config", str(tmp_path / "missing.toml"), "reload"])
+    assert status == 1
+    assert "config file not found" in err
+
+
+def test_hungDaemonTimesOut(tmp_path: Path) -> None:
+    """A daemon that takes the connection but never answers: one line, status 1."""
+    config = tmp_path / "relayd.toml"
+    config.write_text('[spool]\ndirectory = "spool"\n')
+    os.makedirs(tmp_path / "spool")
+    with socket.socket(socket.AF_UNIX) as hung:
+        hung.bind(str(tmp_path / "spool" / "control.sock"))
+        hung.listen()
+        started = time.monotonic()
+        status, out, err, _ = run(["--config", str(config), "--timeout", "0.5", "status"])
+    assert (status, out) == (1, "")
+    assert err == "relayctl: no answer from relayd within 0.5 seconds\n"
+    assert time.monotonic() - started < 30
+
+
+def test_offlineUnreadableEnvelope(tmp_path: Path) -> None:
+    """
+    Read from the spool directly, an envelope that is not JSON is listed
+    with the problem rather than stopping the listing, and nothing is
+    written.
+    """
+    config = tmp_path / "relayd.toml"
+    config.write_text('[spool]\ndirectory = "spool"\n')
+    for name in ("data", "incoming", "active", "deferred", "hold", "corrupt"):
+        os.makedirs(tmp_path / "spool" / name)
+    (tmp_path / "spool" / "hold" / "0ABC.json").write_bytes(b"{not json")
+    (tmp_path / "spool" / "data" / "0ABC").write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    status, out, err, _ = run(["--config", str(config), "queue", "list"])
+    assert status == 0, err
+    [line] = [one for one in out.splitlines() if one.startswith("0ABC")]
+    assert "hold" in line and "(unreadable envelope: " in line
+    assert "reading the spool" in err
+    status, _, err, _ = run(["--config", str(config), "queue", "show", "0abc"])
+    assert status == 1
+    note, error = err.splitlines()
+    assert "reading the spool" in note
+    assert error.startswith("relayctl: 0ABC: unreadable envelope: ")
+    assert (tmp_path / "spool" / "hold" / "0ABC.json").read_bytes() == b"{not json"
