@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from relayd.config import CONTROL_SOCKET_NAME
 from relayd.spool import QUEUED_STATES, STATES
 
 __all__ = [
@@ -535,7 +536,9 @@ class ControlService(Service):
         self.top = top
         self.spool = spool
         self.reactor = reactor
-        self.path: str = top.config.controlSocket
+        self.path: str = top.config.controlSocket or os.path.join(
+            spool.directory, CONTROL_SOCKET_NAME
+        )
         self.startedAt: float | None = None
         self.connections: set[ControlProtocol] = set()
         self._port: Any = None

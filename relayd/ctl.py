@@ -572,8 +572,9 @@ async def _checkUpstreams(config: Any, reactor: Any) -> list[_Report]:
     from relayd.delivery import loadTrustRoot
     from relayd.routing import MXResolver, ResolverError
 
+    step = min(LIVE_TIMEOUT, config.commandTimeout)
     timeouts = ClientTimeouts(
-        *(min(LIVE_TIMEOUT, t) for t in (config.connectTimeout,) + (config.commandTimeout,) * 9)
+        connect=min(LIVE_TIMEOUT, config.connectTimeout), greeting=step, helo=step, quit=step
     )
     trustRoot = loadTrustRoot(config.caFile) if config.caFile else None
     resolver = MXResolver(
