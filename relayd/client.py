@@ -308,6 +308,10 @@ class SMTPClient(LineReceiver, TimeoutMixin):
     @ivar esmtp: True when EHLO was accepted, False after a HELO fallback.
     @ivar tls: C{"<version> <cipher>"} once TLS is up, else None.
     @ivar messages: transactions started on this connection.
+    @ivar steps: the set-up steps that succeeded, in order: C{"greeting"},
+        C{"ehlo"} (EHLO or the HELO fallback), C{"starttls"} (TLS up and
+        EHLO answered inside it), C{"auth"}; for reports such as
+        C{relayctl check-config --live}.
     """
 
     delimiter = b"\n"
@@ -338,6 +342,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         self.esmtp = False
         self.tls: str | None = None
         self.messages = 0
+        self.steps: list[str] = []
         self.peer = f"{hop.host}[{hop.address}]"
         self._lines: list[str] = []
         self._waiting: deque[_Waiter] = deque()
@@ -568,7 +573,9 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         reply = yield greeting
         if reply.code // 100 != 2:
             raise _refused(reply, self.peer, "refused to talk to me")
+        self.steps.append("greeting")
         yield self._hello()
+        self.steps.append("ehlo")
         mode = self.hop.tls
         if mode != "none":
             if "STARTTLS" in self.extensions:
@@ -577,6 +584,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     self._startTLS()
                     yield self._hello()
                     self.tls = self._tlsInfo or "TLS"
+                    self.steps.append("starttls")
                     log.info("{peer}: TLS established: {tls}", peer=self.peer, tls=self.tls)
                 elif mode != "opportunistic":
                     raise _refused(reply, self.peer, "refused STARTTLS")
@@ -596,6 +604,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                 )
         if self.hop.username is not None:
             yield self._authenticate()
+            self.steps.append("auth")
         return self
 
     def _openFailed(self, failure: Failure) -> Failure:

@@ -23,7 +23,11 @@ __all__ = [
     "ListenerConfig",
     "load",
     "LISTENER_MODES",
+    "CONTROL_SOCKET_NAME",
 ]
+
+CONTROL_SOCKET_NAME = "control.sock"
+"""The control socket's name inside the spool directory, by default."""
 
 LISTENER_MODES = ("relay", "submission", "submissions")
 """
@@ -110,6 +114,7 @@ class Config:
     postmaster: str | None = None
     metricsEndpoint: str = ""
     logFormat: str = "text"
+    controlSocket: str = ""
 
 
 # --- schema -----------------------------------------------------------------
@@ -243,6 +248,10 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "logging": {
         "format": _Key(str, "text", check=_oneOf(*LOG_FORMATS)),
+    },
+    "control": {
+        # relayctl's UNIX socket; default: CONTROL_SOCKET_NAME in the spool.
+        "socket": _Key(str, check=lambda v: None if v else "must not be empty"),
     },
 }
 
@@ -432,6 +441,8 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
             path, "delivery.retry_max", "must not be less than delivery.retry_initial"
         )
     routes = _routes(path, base, raw.get("routes", []))
+    spoolDirectory = _resolve(base, spool["directory"]) or ""
+    controlSocket = _resolve(base, sections["control"]["socket"])
     return Config(
         path=path,
         hostname=hostname,
@@ -443,7 +454,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         authMaxFailures=auth["max_failures"],
         authFailureDelay=float(auth["failure_delay"]),
         authThreads=auth["threads"],
-        spoolDirectory=_resolve(base, spool["directory"]) or "",
+        spoolDirectory=spoolDirectory,
         spoolReserveBytes=spool["reserve_bytes"],
         spoolThreads=spool["threads"],
         messageSize=limits["message_size"],
@@ -481,6 +492,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         postmaster=delivery["postmaster"],
         metricsEndpoint=sections["metrics"]["endpoint"].strip(),
         logFormat=sections["logging"]["format"],
+        controlSocket=controlSocket or os.path.join(spoolDirectory, CONTROL_SOCKET_NAME),
     )
 
 

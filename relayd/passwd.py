@@ -22,13 +22,17 @@ from typing import BinaryIO
 
 from relayd.auth import DEFAULT_ROUNDS, UsersFileError, checkUsername, setPassword
 
-__all__ = ["main"]
+__all__ = ["main", "readPassword", "PasswordError"]
 
 _PROG = "relayd-passwd"
 
 
 class _Failure(Exception):
     """A problem to report on one line, exiting with status 1."""
+
+
+PasswordError = _Failure
+"""Raised by L{readPassword}: no password, or no matching pair (one line)."""
 
 
 def _rounds(text: str) -> int:
@@ -92,6 +96,23 @@ def _askTwice(ask: Callable[[str], str]) -> str:
     return first
 
 
+def readPassword(
+    fromStdin: bool,
+    stdin: BinaryIO | None = None,
+    ask: Callable[[str], str] = getpass.getpass,
+) -> str:
+    """
+    Get a new password the way C{relayd-passwd} does (C{relayctl passwd}
+    shares it): asked twice without echo, or one UTF-8 line from C{stdin}.
+
+    @raise PasswordError: nothing given, interrupted, not UTF-8, or the
+        two answers differ.
+    """
+    if fromStdin:
+        return _readFromStdin(sys.stdin.buffer if stdin is None else stdin)
+    return _askTwice(ask)
+
+
 def main(
     argv: Sequence[str] | None = None,
     stdin: BinaryIO | None = None,
@@ -114,10 +135,7 @@ def main(
     except ValueError as e:
         parser.error(f"invalid USER {options.user!r}: {e}")
     try:
-        if options.stdin:
-            password = _readFromStdin(sys.stdin.buffer if stdin is None else stdin)
-        else:
-            password = _askTwice(ask)
+        password = readPassword(options.stdin, stdin, ask)
         try:
             setPassword(options.usersFile, options.user, password, options.rounds)
         except ValueError as e:

@@ -242,6 +242,72 @@ class Scheduler(Service):
 
         d.addBoth(done)
 
+    # --- operator control (relayctl, relayd.control) ---------------------------
+
+    def delivering(self) -> list[str]:
+        """The queue ids of the messages being delivered right now."""
+        return sorted(self._inFlight)
+
+    def isDelivering(self, queueId: str) -> bool:
+        """True while an attempt to deliver C{queueId} is under way."""
+        return queueId in self._inFlight
+
+    def withdraw(self, queueId: str) -> tuple[str, float] | None:
+        """
+        Take a message that is not being delivered out of the schedule, so
+        that no attempt starts while an operator moves or removes its files;
+        L{reschedule} puts it back.  Check L{isDelivering} first: a message
+        in delivery cannot be withdrawn.
+
+        @return: its state and next attempt time as the index had them, or
+            None when the index does not know it.
+        @raise ValueError: when it is being delivered.
+        """
+        if queueId in self._inFlight:
+            raise ValueError(f"{queueId} is being delivered")
+        if queueId not in self._state:
+            return None
+        return self._state.pop(queueId), self._when.pop(queueId, float("inf"))
+
+    def reschedule(self, queueId: str, state: str, when: float | None = None) -> None:
+        """
+        Put a message (now in C{state} on disk) into the schedule, to be
+        attempted at C{when} (default: now); a message in C{hold} is never
+        attempted until it is rescheduled in another state.
+        """
+        if state == "hold":
+            when = float("inf")
+        elif when is None:
+            when = self.clock.seconds()
+        self._schedule(queueId, state, when)
+        self._kick()
+
+    def flush(self, queueIds: list[str] | None = None) -> dict[str, str]:
+        """
+        Attempt the given messages (all queued ones when None) now, whatever
+        their backoff says (Postfix's C{postqueue -f} and C{-i}); the
+        concurrency limits still apply.
+
+        @return: per queue id: C{"scheduled"}, C{"delivering"} (an attempt is
+            under way already), C{"hold"} (on hold: release it first) or
+            C{"unknown"} (not queued).
+        """
+        now = self.clock.seconds()
+        results = {}
+        for queueId in sorted(self._state) if queueIds is None else queueIds:
+            state = self._state.get(queueId)
+            if queueId in self._inFlight:
+                results[queueId] = "delivering"
+            elif state is None:
+                results[queueId] = "unknown"
+            elif state == "hold":
+                results[queueId] = "hold"
+            else:
+                self._schedule(queueId, state, now)
+                results[queueId] = "scheduled"
+        self._kick()
+        return results
+
     # --- one attempt -----------------------------------------------------------
 
     @inlineCallbacks

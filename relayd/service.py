@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relayd.config import Config, ConfigError
+from relayd.control import ControlService, ControlSocketError
 from relayd.interfaces import IReloadable
 from relayd.metrics import NO_METRICS, Metrics, NoMetrics, metricsSite
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
@@ -119,6 +120,7 @@ class RelaydService(MultiService):
         self.metrics: NoMetrics = NO_METRICS
         self.logObserver: Any = None
         self.installSignalHandlers = False
+        self.reloadError: str | None = None
 
     def setServiceParent(self, parent: Any) -> Any:
         """
@@ -166,7 +168,8 @@ class RelaydService(MultiService):
         Changes that need a restart (listeners, spool, thread pools,
         resolvers, delivery on/off) are named in a warning.
 
-        @return: a Deferred firing with True when the new config is in force.
+        @return: a Deferred firing with True when the new config is in force;
+            when False, L{reloadError} says why.
         """
         return _reload(self)
 
@@ -203,6 +206,8 @@ class RelaydService(MultiService):
             )
             key = failed.configKey if failed is not None else "listeners"
             self._fatal(f"{key}: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
+        except ControlSocketError as e:
+            self._fatal(f"control.socket: {e}")
 
     def _fatal(self, problem: str) -> None:
         """
@@ -321,6 +326,8 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
         svc = ListenerService(endpoint, wrapped)
         svc.setName(f"listener:{listener.name}")
         svc.setServiceParent(top)
+    # Last: it starts once the spool holds its lock, and stops first.
+    ControlService(top, spool, reactor).setServiceParent(top)
     return top
 
 
@@ -345,8 +352,11 @@ def _reload(top: RelaydService) -> Any:
 
     log.info("reload: reading {path}", path=top.config.path)
 
+    top.reloadError = None
+
     def refuse(problem: str) -> bool:
         log.error("reload refused, the old config stays in force: {problem}", problem=problem)
+        top.reloadError = problem
         return False
 
     try:
@@ -370,6 +380,7 @@ def _reload(top: RelaydService) -> Any:
     assert top.policies is not None
     ok = yield top.policies.reload(config)
     if not ok:
+        top.reloadError = top.policies.reloadError
         return False
     # Checked; now put it in force.
     if tlsOptions is not None and top.tls is not None:
@@ -440,6 +451,7 @@ class PolicyService(Service):
         self.reactor = reactor
         self.factories = factories
         self.metrics = metrics
+        self.reloadError: str | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -452,10 +464,12 @@ class PolicyService(Service):
     @inlineCallbacks
     def reload(self, config: Config) -> Any:
         old = self.chain
+        self.reloadError = None
         try:
             policies, options = loadPolicies(config, previous=old)
         except ConfigError as e:
             log.error("reload refused, the old config stays in force: {error}", error=str(e))
+            self.reloadError = str(e)
             return False
         kept = [p for p in policies if any(p is q for q in old.policies)]
         added = [p for p in policies if not any(p is q for q in old.policies)]
