@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 __all__ = [
+    "FileBacked",
     "Line",
     "EntryError",
     "readLines",
@@ -143,3 +145,72 @@ def inThread(reactor: Any, f: Callable[..., T], *args: Any) -> Deferred[T]:
 
         reactor = globalReactor
     return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+
+class FileBacked:
+    """
+    The reload plumbing shared by policies whose data comes from inline
+    options plus files (C{access}, C{senderlogin}): the data is read at
+    startup, and again on SIGHUP (L{relayd.interfaces.IReloadable}) in the
+    reactor's thread pool, then swapped in at once.  When a file cannot be
+    read or holds a bad entry, the reload fails and the old data stays.
+    Reloads run one at a time, so an older read never replaces a newer one.
+
+    Subclasses set L{what} and implement L{_readData} and L{_describe}.
+
+    @ivar data: the data in force.
+    """
+
+    what = "data"
+    """How log lines name the data ("lists", "map")."""
+
+    def __init__(self, name: str, inline: Any, files: Any) -> None:
+        from twisted.internet.defer import DeferredLock
+
+        self.name = name
+        self.inline = inline
+        self.files = files
+        self.data = self._readData(inline, files)
+        self._reactor: Any = None
+        self._reloading = DeferredLock()
+        self._log = Logger(namespace=type(self).__module__)
+
+    @staticmethod
+    def _readData(inline: Any, files: Any) -> Any:
+        """Read the data (blocking); raise for a bad entry or file."""
+        raise NotImplementedError
+
+    def _describe(self, data: Any) -> str:
+        """A short summary of C{data} for log lines."""
+        raise NotImplementedError
+
+    def startPolicy(self, reactor: Any) -> None:
+        """Keep the reactor: L{reload} reads files in its thread pool."""
+        self._reactor = reactor
+        self._log.info(
+            "{policy}: {what} loaded: {summary}",
+            policy=self.name,
+            what=self.what,
+            summary=self._describe(self.data),
+        )
+
+    def stopPolicy(self) -> None:
+        """Nothing to let go of."""
+
+    def reload(self) -> Deferred[None]:
+        """Re-read the files in a thread and swap the new data in at once."""
+
+        def read() -> Deferred[Any]:
+            return inThread(self._reactor, self._readData, self.inline, self.files)
+
+        def swap(data: Any) -> None:
+            self.data = data
+            self._log.info(
+                "{policy}: {what} reloaded: {summary}",
+                policy=self.name,
+                what=self.what,
+                summary=self._describe(data),
+            )
+
+        d: Deferred[None] = self._reloading.run(read).addCallback(swap)
+        return d

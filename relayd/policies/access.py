@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -52,8 +51,8 @@ from relayd.interfaces import (
 )
 from relayd.policies._entries import (
     EntryError,
+    FileBacked,
     Line,
-    inThread,
     normalizeAddress,
     normalizeDomain,
     readLines,
@@ -221,14 +220,14 @@ def _read(inline: dict[str, list[Line]], files: dict[str, list[str]]) -> AccessL
 
 
 @implementer(IConnectionPolicy, ISenderPolicy, IRecipientPolicy, IReloadable, IPolicyLifecycle)
-class Access:
+class Access(FileBacked):
     """
-    The C{access} policy.  Build it with L{fromConfig}.
-
-    @ivar lists: the L{AccessLists} in force.
+    The C{access} policy.  Build it with L{fromConfig}.  Reading and
+    reloading the lists is L{FileBacked}'s.
     """
 
     name = "access"
+    what = "lists"
 
     def __init__(
         self, inline: dict[str, list[Line]], files: dict[str, list[str]], name: str = "access"
@@ -240,12 +239,17 @@ class Access:
         @param files: list name to the absolute paths of its files.
         @raise PolicyOptionError: for a bad entry or a file that cannot be read.
         """
-        self.name = name
-        self.inline = inline
-        self.files = files
-        self.lists = _read(inline, files)
-        self._reactor: Any = None
-        self._reloading = DeferredLock()
+        super().__init__(name, inline, files)
+
+    _readData = staticmethod(_read)
+
+    def _describe(self, data: AccessLists) -> str:
+        return str(data.describe())
+
+    @property
+    def lists(self) -> AccessLists:
+        """The L{AccessLists} in force."""
+        return self.data  # type: ignore[no-any-return]
 
     @classmethod
     def fromConfig(cls, options: dict[str, Any], context: PolicyContext) -> Access:
@@ -275,36 +279,6 @@ class Access:
                 f"unknown option (known: {', '.join(LISTS)}, each also with _files)",
             )
         return cls(inline, files, context.name)
-
-    # --- lifecycle and reload ---------------------------------------------
-
-    def startPolicy(self, reactor: Any) -> None:
-        """Keep the reactor: L{reload} reads files in its thread pool."""
-        self._reactor = reactor
-        log.info("{policy}: lists loaded: {counts}", policy=self.name, counts=self.lists.describe())
-
-    def stopPolicy(self) -> None:
-        """Nothing to let go of."""
-
-    def reload(self) -> Deferred[None]:
-        """
-        Re-read the files in a thread and swap the new lists in at once.
-        When a file cannot be read or holds a bad entry, the Deferred fails
-        and the old lists stay in force.  Reloads run one at a time, so an
-        older read never replaces a newer one.
-        """
-
-        def read() -> Deferred[AccessLists]:
-            return inThread(self._reactor, _read, self.inline, self.files)
-
-        def swap(lists: AccessLists) -> None:
-            self.lists = lists
-            log.info(
-                "{policy}: lists reloaded: {counts}", policy=self.name, counts=lists.describe()
-            )
-
-        d: Deferred[None] = self._reloading.run(read).addCallback(swap)
-        return d
 
     # --- the checks -------------------------------------------------------
 

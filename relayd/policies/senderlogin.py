@@ -48,15 +48,14 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from relayd.interfaces import IMessagePolicy, IPolicyLifecycle, IReloadable, ISenderPolicy
 from relayd.policies._entries import (
     EntryError,
+    FileBacked,
     Line,
-    inThread,
     normalizeAddress,
     normalizeDomain,
     readLines,
@@ -242,10 +241,14 @@ def parseFrom(values: list[str]) -> list[str] | None:
 
 
 @implementer(ISenderPolicy, IMessagePolicy, IReloadable, IPolicyLifecycle)
-class SenderLogin:
-    """The C{senderlogin} policy.  Build it with L{fromConfig}."""
+class SenderLogin(FileBacked):
+    """
+    The C{senderlogin} policy.  Build it with L{fromConfig}.  Reading and
+    reloading the map is L{FileBacked}'s.
+    """
 
     name = "senderlogin"
+    what = "map"
 
     def __init__(
         self,
@@ -261,13 +264,18 @@ class SenderLogin:
         @param files: absolute paths of map files.
         @raise PolicyOptionError: for a bad entry or an unreadable file.
         """
-        self.name = name
-        self.inline = inline
-        self.files = files
+        super().__init__(name, inline, files)
         self.checkHeaderFrom = checkHeaderFrom
-        self.senders = _read(inline, files)
-        self._reactor: Any = None
-        self._reloading = DeferredLock()
+
+    _readData = staticmethod(_read)
+
+    def _describe(self, data: SenderMap) -> str:
+        return f"{len(data.users)} users"
+
+    @property
+    def senders(self) -> SenderMap:
+        """The L{SenderMap} in force."""
+        return self.data  # type: ignore[no-any-return]
 
     @classmethod
     def fromConfig(cls, options: dict[str, Any], context: PolicyContext) -> SenderLogin:
@@ -299,35 +307,6 @@ class SenderLogin:
         return cls(inline, [context.resolvePath(p) for p in files], check, context.name)
 
     # --- lifecycle and reload ---------------------------------------------
-
-    def startPolicy(self, reactor: Any) -> None:
-        """Keep the reactor: L{reload} reads files in its thread pool."""
-        self._reactor = reactor
-        log.info(
-            "{policy}: map loaded: {users} users", policy=self.name, users=len(self.senders.users)
-        )
-
-    def stopPolicy(self) -> None:
-        """Nothing to let go of."""
-
-    def reload(self) -> Deferred[None]:
-        """
-        Re-read the map files in a thread and swap the new map in at once.
-        When a file cannot be read or holds a bad line, the Deferred fails
-        and the old map stays in force.  Reloads run one at a time.
-        """
-
-        def read() -> Deferred[SenderMap]:
-            return inThread(self._reactor, _read, self.inline, self.files)
-
-        def swap(senders: SenderMap) -> None:
-            self.senders = senders
-            log.info(
-                "{policy}: map reloaded: {users} users", policy=self.name, users=len(senders.users)
-            )
-
-        d: Deferred[None] = self._reloading.run(read).addCallback(swap)
-        return d
 
     # --- the checks -------------------------------------------------------
 
