@@ -295,48 +295,41 @@ class Access(FileBacked):
         Look C{lookups} (list name, value) up: any allow list matching
         exempts, else the first deny list matching refuses.
         """
-        lists = self.lists
         queueId = getattr(envelope, "queueId", None)
-        prefix = queueId or session.sessionId
-        for name, value in lookups:
-            if name.endswith("_allow"):
-                match = lists.find(name, value)
-                if match is not None:
-                    log.debug(
-                        "{prefix}: {policy}: {subject} {what} exempted by {list} entry "
-                        "{entry} ({source}) session={session_id}",
-                        prefix=prefix,
-                        policy=self.name,
-                        subject=subject,
-                        what=what,
-                        list=name,
-                        entry=match.entry,
-                        source=match.source,
-                        session_id=session.sessionId,
-                        queue_id=queueId,
-                    )
-                    return CONTINUE
-        for name, value in lookups:
-            if name.endswith("_deny"):
-                match = lists.find(name, value)
-                if match is not None:
-                    log.info(
-                        "{prefix}: {policy}: {subject} {what} denied by {list} entry "
-                        "{entry} ({source}) -> {code} {enhanced} session={session_id}",
-                        prefix=prefix,
-                        policy=self.name,
-                        subject=subject,
-                        what=what,
-                        list=name,
-                        entry=match.entry,
-                        source=match.source,
-                        code=refusal.code,
-                        enhanced=refusal.enhanced,
-                        session_id=session.sessionId,
-                        queue_id=queueId,
-                    )
-                    return refusal
+        for suffix, verdict, level in (("_allow", CONTINUE, "debug"), ("_deny", refusal, "info")):
+            found = self._find(lookups, suffix)
+            if found is None:
+                continue
+            name, match = found
+            action = "exempted" if verdict is CONTINUE else "denied"
+            detail = "" if verdict is CONTINUE else f" -> {refusal.code} {refusal.enhanced}"
+            getattr(log, level)(
+                "{prefix}: {policy}: {subject} {what} {action} by {list} entry "
+                "{entry} ({source}){detail} session={session_id}",
+                prefix=queueId or session.sessionId,
+                policy=self.name,
+                subject=subject,
+                what=what,
+                action=action,
+                list=name,
+                entry=match.entry,
+                source=match.source,
+                detail=detail,
+                session_id=session.sessionId,
+                queue_id=queueId,
+            )
+            return verdict
         return CONTINUE
+
+    def _find(self, lookups: Any, suffix: str) -> tuple[str, Match] | None:
+        """The first list ending in C{suffix} that matches its value."""
+        lists = self.lists
+        for name, value in lookups:
+            if name.endswith(suffix):
+                match = lists.find(name, value)
+                if match is not None:
+                    return name, match
+        return None
 
     def checkConnection(self, session: Any) -> Verdict:
         """Refuse a client in C{client_deny} (and not in C{client_allow})."""
