@@ -86,6 +86,7 @@ class Config:
     maxErrors: int
     timeoutCommand: float
     timeoutData: float
+    timeoutClose: float
     shutdownSessions: float
     shutdownDeliveries: float
     policyChain: tuple[str, ...]
@@ -205,6 +206,10 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         # for the next command; 4.5.3.2.5 gives 3 minutes per DATA block.
         "command": _Key(_NUMBER, 300.0, check=_positive),
         "data": _Key(_NUMBER, 180.0, check=_positive),
+        # Once relayd has decided to close a session (QUIT, an error or AUTH
+        # limit, a timeout), how long the close may take (a TLS close_notify,
+        # the client reading its last reply) before the connection is cut.
+        "close": _Key(_NUMBER, 10.0, check=_positive),
         # Graceful shutdown (SIGTERM): how long sessions in DATA may take to
         # finish, then how long deliveries in flight may take, before they
         # are cut.  Keep their sum below systemd's TimeoutStopSec.
@@ -464,6 +469,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         maxErrors=limits["errors"],
         timeoutCommand=float(timeouts["command"]),
         timeoutData=float(timeouts["data"]),
+        timeoutClose=float(timeouts["close"]),
         shutdownSessions=float(timeouts["shutdown_sessions"]),
         shutdownDeliveries=float(timeouts["shutdown_deliveries"]),
         policyChain=tuple(policy["chain"]),

@@ -329,6 +329,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._client = ""
         self._paused = 0
         self._shuttingDown = False
+        self._closing = False
 
     # --- connection ----------------------------------------------------
 
@@ -365,14 +366,12 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 client=str(address),
                 reason=refusal,
             )
-            self.state = "closed"
             self.reply(421, "4.7.0", f"{f.config.hostname} Error: {refusal}")
-            self.transport.loseConnection()
+            self._close()
             return
         if f.shuttingDown:
-            self.state = "closed"
             self.reply(421, "4.3.2", f"{f.config.hostname} Service shutting down")
-            self.transport.loseConnection()
+            self._close()
             return
         self._counted = True
         f.sessions.add(self)
@@ -385,9 +384,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         if verdict.action in (Action.REJECT, Action.TEMPFAIL):
             self._log("connection", verdict)
-            self.state = "closed"
             self.reply(verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
-            self.transport.loseConnection()
+            self._close()
             return
         self.state = "command"
         cfg = self.factory.config
@@ -438,6 +436,16 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         assert self.session is not None
+        if self.state == "closed":
+            # The close did not complete in time: the client neither read
+            # its last reply nor answered the TLS close_notify.  Cut it.
+            log.info(
+                "{session_id}: close timed out; aborting connection with [{client}]",
+                session_id=self.session.sessionId,
+                client=str(self.session.clientAddress),
+            )
+            self.transport.abortConnection()
+            return
         log.info(
             "{session_id}: timeout in state {state} from [{client}]",
             session_id=self.session.sessionId,
@@ -480,12 +488,28 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self.transport.abortConnection()
 
     def _close(self) -> None:
+        """
+        End the session: every path that ends one comes here (or to
+        L{abort}), whatever state reading is in.
+
+        Reading is resumed even if a policy, the AUTH delay or a commit
+        still holds it paused: a TLS close needs the client's close_notify
+        (or its FIN) to be read before C{connectionLost} runs and the
+        connection's slot is given back.  What arrives from now on is
+        dropped (L{dataReceived}).  The close gets L{timeoutClose} seconds;
+        then the connection is aborted (L{timeoutConnection}).
+        """
         if self._incoming is not None and not self._committing:
             self._incoming.discard()
             self._incoming = None
+        if self.state == "closed" and self._closing:
+            return
         self.state = "closed"
+        self._closing = True
         self._buffer = b""
         self.transport.loseConnection()
+        self.transport.resumeProducing()
+        self.setTimeout(self.factory.config.timeoutClose)
 
     # --- flow control ----------------------------------------------------
 
@@ -504,6 +528,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.state == "closed":
+            return
         if data:
             self.resetTimeout()
         super().dataReceived(data)
