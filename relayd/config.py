@@ -10,6 +10,7 @@ holds the file, so a config and its certificates can move together.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -57,9 +58,18 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ListenerConfig:
+    """
+    One C{[[listeners]]} table.
+
+    @ivar proxyFrom: with C{proxyProtocol}, the networks of the load
+        balancers allowed to send a PROXY header (L{relayd.proxy}).
+    """
+
     name: str
     endpoint: str
     mode: str
+    proxyProtocol: bool = False
+    proxyFrom: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ class Config:
     timeoutCommand: float
     timeoutData: float
     timeoutClose: float
+    timeoutProxyHeader: float
     shutdownSessions: float
     shutdownDeliveries: float
     policyChain: tuple[str, ...]
@@ -210,6 +221,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         # limit, a timeout), how long the close may take (a TLS close_notify,
         # the client reading its last reply) before the connection is cut.
         "close": _Key(_NUMBER, 10.0, check=_positive),
+        # Listeners with proxy_protocol: how long the load balancer may take
+        # to send the whole PROXY header.
+        "proxy_header": _Key(_NUMBER, 10.0, check=_positive),
         # Graceful shutdown (SIGTERM): how long sessions in DATA may take to
         # finish, then how long deliveries in flight may take, before they
         # are cut.  Keep their sum below systemd's TimeoutStopSec.
@@ -278,6 +292,10 @@ _LISTENER: dict[str, _Key] = {
     "name": _Key(str),
     "endpoint": _Key(str, required=True),
     "mode": _Key(str, required=True, check=_oneOf(*LISTENER_MODES)),
+    # PROXY protocol v1/v2 (relayd.proxy): every connection must start with
+    # a header from one of proxy_from's networks.
+    "proxy_protocol": _Key(bool, False),
+    "proxy_from": _Key(list, [], check=_stringList),
 }
 
 _TYPE_NAMES = {
@@ -391,7 +409,36 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         if name in names:
             raise ConfigError(path, prefix + "name", f"duplicate listener name {name!r}")
         names.add(name)
-        listeners.append(ListenerConfig(name, values["endpoint"], values["mode"]))
+        endpoint = values["endpoint"]
+        if endpoint.strip().lower().startswith("haproxy:"):
+            raise ConfigError(
+                path,
+                prefix + "endpoint",
+                "the haproxy: endpoint is not supported (it reports the proxy's address "
+                "until the header is read); write the endpoint without haproxy: and set "
+                'proxy_protocol = true and proxy_from = ["<load balancer networks>"]',
+            )
+        proxyFrom = []
+        for value in values["proxy_from"]:
+            try:
+                proxyFrom.append(ipaddress.ip_network(value, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    path, prefix + "proxy_from", f"not a network: {value!r}"
+                ) from None
+        if values["proxy_protocol"] and not proxyFrom:
+            raise ConfigError(
+                path,
+                prefix + "proxy_from",
+                "proxy_protocol = true needs the load balancers' networks in proxy_from",
+            )
+        if proxyFrom and not values["proxy_protocol"]:
+            raise ConfigError(path, prefix + "proxy_from", "is set but proxy_protocol is not true")
+        listeners.append(
+            ListenerConfig(
+                name, endpoint, values["mode"], values["proxy_protocol"], tuple(proxyFrom)
+            )
+        )
 
     tls = sections["tls"]
     cert, key = _resolve(base, tls["certificate"]), _resolve(base, tls["key"])
@@ -470,6 +517,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         timeoutCommand=float(timeouts["command"]),
         timeoutData=float(timeouts["data"]),
         timeoutClose=float(timeouts["close"]),
+        timeoutProxyHeader=float(timeouts["proxy_header"]),
         shutdownSessions=float(timeouts["shutdown_sessions"]),
         shutdownDeliveries=float(timeouts["shutdown_deliveries"]),
         policyChain=tuple(policy["chain"]),

@@ -349,12 +349,17 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             sessionId=secrets.token_hex(4).upper(),
             tls=f.implicitTLS,
         )
+        # Behind a load balancer (relayd.proxy), getPeer() is the client
+        # the PROXY header named; the proxy's own address is logged too.
+        proxy = getattr(self.transport, "proxyPeer", None)
         log.info(
-            "{session_id}: connect from [{client}]:{port} on {listener}",
+            "{session_id}: connect from [{client}]:{port} on {listener}{via}",
             session_id=self.session.sessionId,
             client=str(address),
             port=self.session.clientPort,
             listener=f.listener,
+            via=f" via proxy [{proxy.host}]" if proxy is not None else "",
+            proxy=proxy.host if proxy is not None else None,
         )
         self._metered = True
         f.metrics.connectionOpened(f.listener)

@@ -27,6 +27,7 @@ from relayd.control import ControlService, ControlSocketError
 from relayd.interfaces import IReloadable
 from relayd.metrics import NO_METRICS, Metrics, NoMetrics, metricsSite
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
+from relayd.proxy import ProxyFactory
 from relayd.server import ConnectionLimits, SMTPFactory
 from relayd.spool import SpoolLocked
 
@@ -317,6 +318,15 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
             # load() refuses a submissions listener without [tls], so the
             # options are there; cast rather than check, to keep behaviour.
             wrapped = TLSMemoryBIOFactory(cast("CertificateOptions", tlsOptions), False, factory)
+        if listener.proxyProtocol:
+            # The PROXY header comes first, before TLS on port 465.
+            wrapped = ProxyFactory(
+                wrapped,
+                networks=listener.proxyFrom,
+                timeout=config.timeoutProxyHeader,
+                clock=reactor,
+                listener=listener.name,
+            )
         try:
             endpoint = serverFromString(reactor, listener.endpoint)
         except (ValueError, TypeError, KeyError) as e:
