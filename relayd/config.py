@@ -79,6 +79,7 @@ class Config:
     path: str
     hostname: str
     banner: str
+    processes: int
     listeners: tuple[ListenerConfig, ...]
     tlsCertificate: str | None
     tlsKey: str | None
@@ -181,6 +182,27 @@ LOG_FORMATS = ("text", "json")
 """Log line formats, see L{relayd.logs}."""
 
 
+def _processes(path: str, value: int, chain: list[str], policies: dict[str, Any]) -> int:
+    """
+    How many processes receive mail (C{[server] processes}): 0 means one
+    per CPU core.  Rate counters kept in memory are one process's own, so a
+    C{ratelimit} policy with the memory backend needs a single process: the
+    automatic choice is then 1, and an explicit number above 1 is refused.
+    """
+    options = policies.get("ratelimit", {})
+    local = "ratelimit" in chain and options.get("backend", "memory") == "memory"
+    if value == 0:
+        return 1 if local else max(1, os.cpu_count() or 1)
+    if value > 1 and local:
+        raise ConfigError(
+            path,
+            "server.processes",
+            f"{value} processes would each count rate limits on their own: use "
+            'policies.ratelimit.backend = "redis" or processes = 1',
+        )
+    return value
+
+
 def _port(value: Any) -> str | None:
     return None if 0 < value < 65536 else "must be a port number (1-65535)"
 
@@ -189,6 +211,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "server": {
         "hostname": _Key(str),
         "banner": _Key(str, "ESMTP relayd"),
+        # Receiving processes sharing the listening sockets (relayd.receivers);
+        # 0: one per CPU core.
+        "processes": _Key(int, 0, check=_nonNegative),
     },
     "tls": {
         "certificate": _Key(str),
@@ -499,6 +524,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         path=path,
         hostname=hostname,
         banner=server["banner"],
+        processes=_processes(path, server["processes"], policy["chain"], policies),
         listeners=tuple(listeners),
         tlsCertificate=cert,
         tlsKey=key,

@@ -55,6 +55,7 @@ class ListenerService(Service):
         self.factory = factory
         self.configKey = configKey
         self.port: Any = None
+        self.listenerName = ""
 
     def privilegedStartService(self) -> None:
         """
@@ -122,6 +123,8 @@ class RelaydService(MultiService):
         self.logObserver: Any = None
         self.installSignalHandlers = False
         self.reloadError: str | None = None
+        self.spool: Any = None
+        self.receivers: Any = None
 
     def setServiceParent(self, parent: Any) -> Any:
         """
@@ -172,6 +175,9 @@ class RelaydService(MultiService):
         @return: a Deferred firing with True when the new config is in force;
             when False, L{reloadError} says why.
         """
+        if self.receivers is not None:
+            # Each receiver reads the file again itself.
+            self.receivers.reload()
         return _reload(self)
 
     def stopService(self) -> Deferred[None]:
@@ -183,6 +189,10 @@ class RelaydService(MultiService):
         """
         Service.stopService(self)
         children = list(self)
+        if self.receivers is not None:
+            # They stop in parallel with this process's own sessions; the
+            # pool's stopService (in turn, below) waits for them.
+            self.receivers.terminate()
 
         @inlineCallbacks
         def stopInTurn() -> Any:
@@ -226,11 +236,19 @@ class RelaydService(MultiService):
         raise SystemExit(1)
 
 
-def buildService(config: Config, reactor: Any) -> RelaydService:
+def buildService(
+    config: Config, reactor: Any, receiver: dict[str, Any] | None = None
+) -> RelaydService:
     """
     Make the whole service tree, checking everything that can be checked
     before listening: certificates, users file, policies, endpoint strings.
 
+    @param receiver: None for the queue manager (the process twistd runs,
+        which starts C{config.processes - 1} receivers beside itself); in a
+        receiver process (L{relayd.receivers}), the endpoints of the
+        inherited listening sockets by listener name: that tree only
+        receives (no delivery, control socket or metrics) and its spool
+        only commits.
     @raise ConfigError: on any of those problems.
     """
     from relayd.auth import IMailUser, UsersFileChecker, UsersFileError, makePortal
@@ -240,7 +258,7 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
     top = RelaydService(config)
     top.reactor = reactor
     metricsEndpoint = None
-    if config.metricsEndpoint:
+    if config.metricsEndpoint and receiver is None:
         try:
             metricsEndpoint = serverFromString(reactor, config.metricsEndpoint)
         except (ValueError, TypeError, KeyError) as e:
@@ -279,10 +297,15 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
     top.policies.setServiceParent(top)
 
     spool = Spool(
-        config.spoolDirectory, config.spoolReserveBytes, reactor, threads=config.spoolThreads
+        config.spoolDirectory,
+        config.spoolReserveBytes,
+        reactor,
+        threads=config.spoolThreads,
+        receiver=receiver is not None,
     )
     spool.setServiceParent(top)
-    if config.deliveryEnabled:
+    top.spool = spool
+    if config.deliveryEnabled and receiver is None:
         top.scheduler = _deliverySide(config, reactor, spool, top)
         top.metrics.watchQueue(top.scheduler)
     if metricsEndpoint is not None:
@@ -298,6 +321,7 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
     SessionsService(top.factories, config.shutdownSessions).setServiceParent(top)
 
     limits = ConnectionLimits(config.maxConnections, config.maxConnectionsPerClient)
+    listeners: list[ListenerService] = []
     for i, listener in enumerate(config.listeners):
         factory = SMTPFactory(
             config=config,
@@ -327,15 +351,38 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
                 clock=reactor,
                 listener=listener.name,
             )
-        try:
-            endpoint = serverFromString(reactor, listener.endpoint)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(
-                config.path, f"listeners[{i}].endpoint", f"bad endpoint {listener.endpoint!r}: {e}"
-            ) from None
+        if receiver is not None:
+            if listener.name not in receiver:
+                continue  # not handed to this receiver: the queue manager's alone
+            endpoint = receiver[listener.name]
+        else:
+            try:
+                endpoint = serverFromString(reactor, listener.endpoint)
+            except (ValueError, TypeError, KeyError) as e:
+                raise ConfigError(
+                    config.path,
+                    f"listeners[{i}].endpoint",
+                    f"bad endpoint {listener.endpoint!r}: {e}",
+                ) from None
         svc = ListenerService(endpoint, wrapped)
         svc.setName(f"listener:{listener.name}")
+        svc.listenerName = listener.name
         svc.setServiceParent(top)
+        listeners.append(svc)
+    if receiver is not None:
+        return top
+    if config.processes > 1:
+        from relayd.receivers import ReceiverPool
+
+        top.receivers = ReceiverPool(
+            configPath=config.path,
+            count=config.processes - 1,
+            listeners=listeners,
+            spool=spool,
+            reactor=reactor,
+            stopDeadline=config.shutdownSessions + 10,
+        )
+        top.receivers.setServiceParent(top)
     # Last: it starts once the spool holds its lock, and stops first.
     ControlService(top, spool, reactor).setServiceParent(top)
     return top

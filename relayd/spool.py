@@ -336,6 +336,7 @@ class Spool(Service):
         reactor: Any,
         threads: int = 4,
         log: Logger | None = None,
+        receiver: bool = False,
     ) -> None:
         """
         @param directory: the spool's root directory, created if missing.
@@ -343,6 +344,11 @@ class Spool(Service):
         @param reactor: the reactor: timers, and delivery of thread results.
         @param threads: the size of the spool's thread pool.
         @param log: the logger to use; by default namespace C{relayd.spool}.
+        @param receiver: this is a receiving process beside the queue
+            manager (L{relayd.receivers}): it only commits new messages into
+            C{incoming/}, each under its own name, and leaves the lock and
+            startup recovery to the queue manager, which owns the spool and
+            alone moves, updates and removes what is in it.
         """
         self.directory = os.path.abspath(directory)
         self.reserveBytes = reserveBytes
@@ -363,6 +369,7 @@ class Spool(Service):
         self._idleWaiters: list[Deferred[None]] = []
         self._lastIdTime = 0
         self._observers: list[Any] = []
+        self.receiver = receiver
 
     # Service
 
@@ -375,11 +382,12 @@ class Spool(Service):
         message is accepted into a queue still holding a crash's debris.
         """
         os.makedirs(self.directory, mode=_DIRECTORY_MODE, exist_ok=True)
-        self._lock()
-        for name in ("tmp", "data") + STATES:
-            os.makedirs(os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True)
-        fsyncDirectory(self.directory)
-        self._recover()
+        if not self.receiver:
+            self._lock()
+            for name in ("tmp", "data") + STATES:
+                os.makedirs(os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True)
+            fsyncDirectory(self.directory)
+            self._recover()
         self._freeBytes = self._statFreeBytes()
         Service.startService(self)
         self._pool = ThreadPool(0, self._threads, "relayd-spool")
@@ -960,6 +968,14 @@ class Spool(Service):
         attempt it at once instead of waiting for a sweep.
         """
         self._observers.append(observer)
+
+    def announce(self, queueId: str) -> None:
+        """
+        Another process (a receiver, L{relayd.receivers}) committed
+        C{queueId} into C{incoming/}: tell the queue observers, as for a
+        commit of this process's own.
+        """
+        self._notifyQueued(queueId, None)
 
     def _notifyQueued(self, queueId: str, record: dict[str, Any] | None) -> None:
         for observer in self._observers:

@@ -143,7 +143,7 @@ class TestSetup:
 
         self.ports = {mode: (0 if portZero else freePort()) for mode in modes}
         base: dict[str, dict[str, Any]] = {
-            "server": {"hostname": "relayd.test"},
+            "server": {"hostname": "relayd.test", "processes": 1},
             "tls": {"certificate": "cert.pem", "key": "key.pem"},
             "auth": {"users_file": "users", "failure_delay": 0},
             "spool": {"directory": "spool", "reserve_bytes": 0},

@@ -1,0 +1,267 @@
+"""
+Several receiving processes around one queue manager (L{relayd.receivers},
+issue 14): a real C{twistd relayd} with C{[server] processes = 3} shares
+its listening socket with two receiver processes.
+
+Mail accepted by any process is delivered (to Postfix's smtp-sink) by the
+queue manager, promptly and completely; more than one process takes
+connections; SIGHUP and SIGTERM reach the receivers; a receiver that dies
+is started again; when the queue manager is killed with SIGKILL the
+receivers stop by themselves, and a restart delivers everything that got a
+C{250}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import smtplib
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+
+from relayd.config import ConfigError, load
+from relayd.testing import PostfixSink, TestSetup
+
+TOKEN = re.compile(rb"X-Token: ([0-9a-f-]+)")
+PROCESSES = 3
+
+
+def receiverPids(parent: int) -> list[int]:
+    """The pids of C{parent}'s children running C{relayd.receivers}."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"relayd.receivers" in cmdline:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def waitFor(predicate, timeout: float, what: str, log=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {timeout}s\n{log()}")
+        time.sleep(0.05)
+
+
+def waitReady(relayd: RelaydProcess) -> None:
+    """Until every receiver has said it is receiving."""
+    for index in range(1, PROCESSES):
+        waitFor(
+            lambda i=index: (
+                f"[receiver-{i} relayd.receivers#info] receiver-{i} receiving" in relayd.log(10**7)
+            ),
+            30,
+            f"receiver-{index} not ready",
+            relayd.log,
+        )
+
+
+def tokensAt(sink: PostfixSink) -> set[str]:
+    found: set[str] = set()
+    for text in sink.messages():
+        found.update(t.decode() for t in TOKEN.findall(text))
+    return found
+
+
+def sendMany(port: int, count: int, clients: int = 6) -> list[str]:
+    """C{count} messages from C{clients} threads; the tokens that got a 250."""
+    accepted: list[str] = []
+    lock = threading.Lock()
+    per = count // clients
+
+    def client(n: int) -> None:
+        for i in range(per):
+            token = f"{n}-{i}-{secrets.token_hex(4)}"
+            message = f"Subject: {token}\r\nX-Token: {token}\r\n\r\nhello\r\n".encode()
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+                    s.sendmail(f"c{n}@example.org", [f"r{n}@example.net"], message)
+            except (smtplib.SMTPException, OSError):
+                continue
+            with lock:
+                accepted.append(token)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return accepted
+
+
+@pytest.fixture
+def sink():
+    # smtp-sink runs as nobody: its folder must not be under pytest's 0700 tmp_path.
+    directory = tempfile.mkdtemp(prefix="relayd-receivers-sink-")
+    sink = PostfixSink(directory)
+    yield sink
+    sink.stop()
+    shutil.rmtree(directory, True)
+
+
+def relaydWith(tmp_path: Path, sinkPort: int, processes: int = PROCESSES) -> TestSetup:
+    setup = TestSetup(
+        str(tmp_path / "relayd"),
+        modes=("relay",),
+        portZero=False,
+        sections={
+            "server": {"processes": processes},
+            "delivery": {"enabled": True, "retry_initial": 1, "retry_max": 1},
+            "timeouts": {"shutdown_sessions": 5, "shutdown_deliveries": 2},
+        },
+    )
+    with open(setup.configPath, "a") as f:
+        f.write(
+            '\n[[routes]]\ndomains = ["*"]\n[[routes.hops]]\n'
+            f'host = "127.0.0.1"\nport = {sinkPort}\ntls = "none"\n'
+        )
+    return setup
+
+
+def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
+    setup = relaydWith(tmp_path, sink.port)
+    relayd = RelaydProcess(setup, tmp_path / "relayd.log")
+    relaydProcesses.append(relayd)
+    relayd.waitListening()
+    waitFor(
+        lambda: len(receiverPids(relayd.process.pid)) == PROCESSES - 1,
+        20,
+        "receivers did not start",
+        relayd.log,
+    )
+    waitReady(relayd)
+
+    accepted = sendMany(relayd.port, 240)
+    assert len(accepted) == 240, relayd.log()
+    waitFor(lambda: tokensAt(sink) >= set(accepted), 60, "not all delivered", relayd.log)
+    assert tokensAt(sink) == set(accepted)
+
+    text = relayd.log(10**7)
+    byReceivers = len(re.findall(r"\[receiver-\d relayd\.smtpd#info\] \w+: connect from", text))
+    byManager = len(re.findall(r"\[relayd\.smtpd#info\] \w+: connect from", text))
+    assert byReceivers > 0 and byManager + byReceivers >= 240, (byManager, byReceivers)
+    # The receivers' messages were attempted at once (the notice pipe),
+    # not found by a sweep minutes later; every one was removed.
+    assert "could not" not in text, text[-5000:]
+    for state in ("incoming", "active", "deferred"):
+        assert os.listdir(os.path.join(setup.spoolPath, state)) == []
+
+
+def test_signalsReachReceivers(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
+    setup = relaydWith(tmp_path, sink.port)
+    relayd = RelaydProcess(setup, tmp_path / "relayd.log")
+    relaydProcesses.append(relayd)
+    relayd.waitListening()
+    parent = relayd.process.pid
+    waitFor(lambda: len(receiverPids(parent)) == PROCESSES - 1, 20, "no receivers", relayd.log)
+    waitReady(relayd)
+
+    os.kill(parent, signal.SIGHUP)
+    for index in range(1, PROCESSES):
+        waitFor(
+            lambda i=index: (
+                f"[receiver-{i} relayd.service#info] reload: new config in force"
+                in relayd.log(10**7)
+            ),
+            20,
+            f"receiver-{index} did not reload",
+            relayd.log,
+        )
+
+    # A receiver killed outright is started again.
+    victim = receiverPids(parent)[0]
+    os.kill(victim, signal.SIGKILL)
+    waitFor(
+        lambda: len(receiverPids(parent)) == PROCESSES - 1 and victim not in receiverPids(parent),
+        20,
+        "the killed receiver was not replaced",
+        relayd.log,
+    )
+    assert "exited" in relayd.log(10**7)
+
+    children = receiverPids(parent)
+    relayd.terminate()
+    status = relayd.wait(30)
+    assert status in (0, -signal.SIGTERM), relayd.log()
+    for pid in children:
+        waitFor(lambda p=pid: not os.path.exists(f"/proc/{p}"), 10, f"receiver {pid} left over")
+
+
+def test_queueManagerKilledReceiversStop(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
+    """
+    SIGKILL to the queue manager under load: the receivers notice (end of
+    file on their standard input) and stop; nothing that got a 250 is lost,
+    the next start delivers it.
+    """
+    setup = relaydWith(tmp_path, sink.port)
+    first = RelaydProcess(setup, tmp_path / "first.log")
+    relaydProcesses.append(first)
+    first.waitListening()
+    parent = first.process.pid
+    waitFor(lambda: len(receiverPids(parent)) == PROCESSES - 1, 20, "no receivers", first.log)
+    waitReady(first)
+    children = receiverPids(parent)
+
+    accepted: list[str] = []
+    done = threading.Event()
+
+    def load() -> None:
+        accepted.extend(sendMany(first.port, 120))
+        done.set()
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    time.sleep(0.5)
+    first.kill()
+    first.wait(10)
+    for pid in children:
+        waitFor(lambda p=pid: not os.path.exists(f"/proc/{p}"), 20, "receiver outlived its manager")
+    loader.join(120)
+
+    second = RelaydProcess(setup, tmp_path / "second.log")
+    relaydProcesses.append(second)
+    second.waitListening()
+    waitFor(lambda: tokensAt(sink) >= set(accepted), 60, "accepted mail lost", lambda: second.log())
+
+
+def test_processesConfig(tmp_path) -> None:
+    setup = TestSetup(str(tmp_path / "a"), modes=("relay",), sections={"server": {"processes": 0}})
+    assert load(setup.configPath).processes == max(1, os.cpu_count() or 1)
+    # Memory rate counters are one process's own: automatic means 1,
+    # an explicit number above 1 is refused.
+    setup = TestSetup(
+        str(tmp_path / "b"),
+        modes=("relay",),
+        chain=["ratelimit", "mynetworks"],
+        sections={"server": {"processes": 0}},
+        policies={"ratelimit": {"rules": []}},
+    )
+    assert load(setup.configPath).processes == 1
+    setup = TestSetup(
+        str(tmp_path / "c"),
+        modes=("relay",),
+        chain=["ratelimit", "mynetworks"],
+        sections={"server": {"processes": 2}},
+        policies={"ratelimit": {"rules": []}},
+    )
+    with pytest.raises(ConfigError) as caught:
+        load(setup.configPath)
+    assert caught.value.key == "server.processes"
+    assert 'backend = "redis"' in caught.value.problem
