@@ -36,6 +36,11 @@ Metric names, all prefixed C{relayd_} (see also README.md):
     recipient; C{outcome} is C{sent}, C{deferred} or C{bounced}.
   - C{relayd_delivery_latency_seconds}: histogram, arrival to delivery of
     each recipient delivered.
+  - C{relayd_spool_errors_total{operation}}: spool operations of the
+    delivery side that failed; C{operation} is C{read} or C{move}.  Each is one log
+    line, and the message is tried again with backoff.
+  - C{relayd_queue_stuck_total}: queued messages that the sweep found in
+    the spool but not in the schedule (stuck mail), and scheduled again.
   - C{relayd_queue_messages{state}}: queued messages by spool state
     (C{incoming}, C{active}, C{deferred}, C{hold}).
   - C{relayd_queue_oldest_message_age_seconds}: age of the oldest queued
@@ -126,6 +131,12 @@ class NoMetrics:
         C{bounced}; C{latency} is arrival to delivery, for C{sent}.
         """
 
+    def spoolError(self, operation: str) -> None:
+        """A spool C{operation} of the delivery side failed (see the module docstring)."""
+
+    def queueStuck(self) -> None:
+        """The sweep found a queued message that the schedule had lost."""
+
     def watchQueue(self, source: QueueSource) -> None:
         """Report the queue from C{source} at each scrape."""
 
@@ -204,6 +215,18 @@ class Metrics(NoMetrics):
             registry=r,
         )
 
+        self.spoolErrors = Counter(
+            "relayd_spool_errors",
+            "Failed spool operations of the delivery side (read, move).",
+            ["operation"],
+            registry=r,
+        )
+        self.stuck = Counter(
+            "relayd_queue_stuck",
+            "Queued messages the sweep found in the spool but not in the schedule.",
+            registry=r,
+        )
+
     def connectionOpened(self, listener: str) -> None:
         self.connections.labels(listener).inc()
         self.connectionsOpen.labels(listener).inc()
@@ -229,6 +252,12 @@ class Metrics(NoMetrics):
         self.deliveries.labels(outcome).inc()
         if latency is not None:
             self.deliveryLatency.observe(max(latency, 0.0))
+
+    def spoolError(self, operation: str) -> None:
+        self.spoolErrors.labels(operation).inc()
+
+    def queueStuck(self) -> None:
+        self.stuck.inc()
 
     def watchQueue(self, source: QueueSource) -> None:
         self.registry.register(QueueCollector(source, self._now))

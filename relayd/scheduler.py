@@ -4,7 +4,10 @@ The scheduler: picks queued messages whose time has come and delivers them
 
   - The spool tells the scheduler about each newly committed message, so
     it is attempted at once; the in-memory index is rebuilt from the spool
-    at startup, and a periodic sweep is only a safety net.
+    at startup, and a periodic sweep is only a safety net: every
+    C{sweepInterval} it lists the spool's directories (in the spool's
+    threads, names only) and schedules again any message the index lost,
+    logged and counted as stuck.
   - The index is a heap of (next attempt, queue id): the work per tick is
     O(log n) in the number of due messages, never a directory scan.
   - Recipients of one message are grouped by destination (L{Destination.key}),
@@ -16,6 +19,9 @@ The scheduler: picks queued messages whose time has come and delivers them
     restart repeats no delivered recipient and forgets no pending one.
   - Retries back off exponentially with jitter; when the lifetime runs out
     the remaining recipients bounce; an optional delay warning is sent once.
+  - When the spool fails before delivery (a read, a move: EACCES, EROFS),
+    the message stays scheduled and backs off like a deferral; each
+    failure is one log line and a count (L{relayd.metrics}).
 """
 
 from __future__ import annotations
@@ -110,6 +116,14 @@ class Scheduler(Service):
         self._sweep: LoopingCall | None = None
         self._running = False
         self._ready: Deferred[None] | None = None
+        # Spool failures in a row, per message: how far the next try backs off.
+        self._troubles: dict[str, int] = {}
+        # Taken out of the schedule by an operator (withdraw) and not yet back.
+        self._withdrawn: set[str] = set()
+        # While a sweep's listing runs: the messages changed since it began,
+        # whose state on disk the listing may no longer tell.
+        self._touched: set[str] | None = None
+        self._listing: Deferred[Any] | None = None
 
     # --- service -----------------------------------------------------------
 
@@ -118,7 +132,7 @@ class Scheduler(Service):
         self._running = True
         self.spool.addQueueObserver(self._queued)
         self._ready = self.spool.scan().addCallbacks(self._indexed, self._scanFailed)
-        self._sweep = LoopingCall(self._kick)
+        self._sweep = LoopingCall(self._sweepNow)
         self._sweep.clock = self.clock
         self._sweep.start(self.sweepInterval, now=False)
 
@@ -199,11 +213,31 @@ class Scheduler(Service):
     # --- the index -----------------------------------------------------------
 
     def _schedule(self, queueId: str, state: str, when: float) -> None:
+        self._touch(queueId)
         self._state[queueId] = state
         self._when[queueId] = when
         if when != float("inf"):
             self._sequence += 1
             heapq.heappush(self._due, (when, self._sequence, queueId))
+
+    def _forget(self, queueId: str) -> None:
+        """The message has left the queue (or this state): drop what we know."""
+        self._touch(queueId)
+        self._state.pop(queueId, None)
+        self._when.pop(queueId, None)
+        self._troubles.pop(queueId, None)
+
+    def _touch(self, queueId: str) -> None:
+        if self._touched is not None:
+            self._touched.add(queueId)
+
+    def _backOff(self, queueId: str) -> float:
+        """
+        One more spool failure in a row for C{queueId}: the seconds to wait
+        before trying it again, growing like a deferral's.
+        """
+        failures = self._troubles[queueId] = self._troubles.get(queueId, 0) + 1
+        return backoff(failures, self.retryInitial, self.retryMax, self.random)
 
     def _kick(self) -> None:
         """Start every due message the limits allow; arm the timer for the next."""
@@ -231,16 +265,125 @@ class Scheduler(Service):
 
     def _start(self, queueId: str) -> None:
         self.attempts += 1
+        self._touch(queueId)
         d = self._attempt(queueId)
         self._inFlight[queueId] = d
 
         def done(result: Any) -> None:
             self._inFlight.pop(queueId, None)
+            self._touch(queueId)
             if isinstance(result, Failure):
+                # A bug, not the spool (that is handled in _attempt): keep
+                # the traceback, and the message in the schedule.
                 log.failure("{queue_id}: delivery attempt failed", result, queue_id=queueId)
+                state = self._state.get(queueId)
+                if state is not None and queueId not in self._when:
+                    self._schedule(queueId, state, self.clock.seconds() + self._backOff(queueId))
             self._kick()
 
         d.addBoth(done)
+
+    # --- the sweep -------------------------------------------------------------
+
+    def _sweepNow(self) -> None:
+        """
+        The safety net, every L{sweepInterval}: start what is due, put back
+        anything the index holds but has no attempt planned for, and list
+        the spool's directories (in the spool's threads, never here) to
+        find messages the index lost.  The listing is names only, once per
+        interval, and at most one at a time.
+        """
+        self._kick()
+        now = self.clock.seconds()
+        for queueId, state in sorted(self._state.items()):
+            if queueId not in self._when and queueId not in self._inFlight:
+                self._stuck(queueId, state, now)
+        if self._listing is not None or not self._running:
+            return
+        self._touched = set()
+        listing = self._listing = self.spool.listQueued()
+
+        def done(result: Any) -> None:
+            self._listing = None
+            self._touched = None
+            if isinstance(result, Failure):
+                log.failure("sweep: could not list the spool", result)
+
+        listing.addCallback(self._listed)
+        listing.addBoth(done)
+
+    def _listed(self, listing: tuple[dict[str, list[str]], list[tuple[str, str]]]) -> None:
+        """
+        Compare the spool's directories with the index.  Messages changed
+        since the listing began are left to the next sweep: what the
+        listing says of them may be out of date already.
+        """
+        found, problems = listing
+        for state, error in problems:
+            log.warn("sweep: cannot list {state}/ of the spool: {error}", state=state, error=error)
+        if not self._running:
+            return
+        touched = self._touched or set()
+        now = self.clock.seconds()
+        lost = []
+        for queueId, states in sorted(found.items()):
+            if queueId in touched or queueId in self._inFlight or queueId in self._withdrawn:
+                continue
+            # Two states only after a move that failed half-way: as in the
+            # spool's recovery, the one that is not active/ is the newer.
+            state = next((s for s in states if s != "active"), states[0])
+            known = self._state.get(queueId)
+            if known is None:
+                lost.append((queueId, state))
+            elif known not in states:
+                log.warn(
+                    "{queue_id}: the schedule had it in {known}, the spool has it in {state}; "
+                    "corrected",
+                    queue_id=queueId,
+                    known=known,
+                    state=state,
+                )
+                when = self._when.get(queueId, now)
+                self._schedule(queueId, state, float("inf") if state == "hold" else when)
+        self._withdrawn -= {q for q in self._withdrawn if q not in found and q not in touched}
+        for queueId, state in lost:
+            self._rescue(queueId, state)
+        self._kick()
+
+    @inlineCallbacks
+    def _rescue(self, queueId: str, state: str) -> Any:
+        """A message on disk that the index lost: read when it is due, schedule it."""
+        when = self.clock.seconds()
+        try:
+            record = yield self.spool.read(queueId, state)
+            when = float(record.get("next_attempt") or when)
+        except Exception:
+            pass  # try it now; the attempt says what is wrong with it
+        if (
+            not self._running
+            or queueId in self._state
+            or queueId in self._inFlight
+            or queueId in self._withdrawn
+        ):
+            return  # it came back by itself meanwhile
+        self._stuck(queueId, state, when)
+        self._kick()
+
+    def _stuck(self, queueId: str, state: str, when: float) -> None:
+        """Schedule a message that had no attempt planned; say so."""
+        if state == "hold":
+            self._schedule(queueId, state, float("inf"))
+            return
+        when = max(when, self.clock.seconds())
+        log.warn(
+            "{queue_id}: found in {state} but not in the schedule (stuck); next attempt in "
+            "{delay:.0f}s",
+            queue_id=queueId,
+            state=state,
+            delay=when - self.clock.seconds(),
+        )
+        self.metrics.queueStuck()
+        self._schedule(queueId, state, when)
 
     # --- operator control (relayctl, relayd.control) ---------------------------
 
@@ -265,6 +408,9 @@ class Scheduler(Service):
         """
         if queueId in self._inFlight:
             raise ValueError(f"{queueId} is being delivered")
+        # Until it is rescheduled, the sweep leaves it alone too.
+        self._withdrawn.add(queueId)
+        self._touch(queueId)
         if queueId not in self._state:
             return None
         return self._state.pop(queueId), self._when.pop(queueId, float("inf"))
@@ -279,6 +425,7 @@ class Scheduler(Service):
             when = float("inf")
         elif when is None:
             when = self.clock.seconds()
+        self._withdrawn.discard(queueId)
         self._schedule(queueId, state, when)
         self._kick()
 
@@ -312,17 +459,30 @@ class Scheduler(Service):
 
     @inlineCallbacks
     def _attempt(self, queueId: str) -> Any:
+        """
+        One attempt at C{queueId}.  A spool failure before delivery backs
+        off (L{_spoolFailed}), never drops the message.
+        """
         state = self._state[queueId]
-        del self._when[queueId]
+        self._when.pop(queueId, None)
         try:
             record = yield self.spool.read(queueId, state)
-        except Exception:
-            log.failure("{queue_id}: cannot read envelope in {state}", queue_id=queueId, state=state)
-            self._state.pop(queueId, None)
+        except FileNotFoundError:
+            # Deleted, or the index had its state wrong: if it is
+            # anywhere else in the spool, the next sweep finds it.
+            log.info("{queue_id}: no longer in {state}", queue_id=queueId, state=state)
+            self._forget(queueId)
+            return
+        except Exception as e:
+            self._spoolFailed(queueId, state, "read", f"cannot read its envelope in {state}", e)
             return
         if state != "active":
             # Not fsync'd: after a crash, active/ goes back to incoming/ anyway.
-            yield self.spool.move(queueId, state, "active", durable=False)
+            try:
+                yield self.spool.move(queueId, state, "active", durable=False)
+            except Exception as e:
+                self._spoolFailed(queueId, state, "move", f"cannot move it from {state} to active", e)
+                return
             self._state[queueId] = "active"
         try:
             yield self._deliver(queueId, record)
@@ -342,6 +502,26 @@ class Scheduler(Service):
                 self._schedule(queueId, "active", when)
             else:
                 self._schedule(queueId, "deferred", when)
+
+    def _spoolFailed(
+        self, queueId: str, state: str, operation: str, what: str, error: Exception,
+    ) -> None:
+        """
+        A spool operation before delivery failed: nothing was sent, the
+        message stays where it is, and is tried again with backoff.  One
+        log line, no traceback: the error says it all.
+        """
+        delay = self._backOff(queueId)
+        self.metrics.spoolError(operation)
+        log.error(
+            "{queue_id}: spool trouble: {what}: {error}; next attempt in {delay:.0f}s",
+            queue_id=queueId,
+            what=what,
+            operation=operation,
+            error=error,
+            delay=delay,
+        )
+        self._schedule(queueId, state, self.clock.seconds() + delay)
 
     @inlineCallbacks
     def _deliver(self, queueId: str, record: dict[str, Any]) -> Any:
@@ -433,6 +613,7 @@ class Scheduler(Service):
             when = min(when, record["arrival"] + self.lifetime) if not expired else when
             record["next_attempt"] = when
             yield self.spool.update(queueId, "active", record, "deferred")
+            self._troubles.pop(queueId, None)
             self._schedule(queueId, "deferred", when)
             log.info(
                 "{queue_id}: deferred, {count} recipients left, next attempt in {delay:.0f}s",
@@ -442,7 +623,7 @@ class Scheduler(Service):
             )
         else:
             yield self.spool.remove(queueId, "active")
-            self._state.pop(queueId, None)
+            self._forget(queueId)
             log.info("{queue_id}: removed", queue_id=queueId)
 
     def _logRecipient(

@@ -6,6 +6,8 @@ end-to-end tests in test_delivery_e2e.py use real DNS and real SMTP sinks).
 
 import email
 import email.policy
+import json
+import os
 import random
 import shutil
 import tempfile
@@ -13,9 +15,11 @@ import time
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from relayd.delivery import AttemptResult, RecipientResult
+from relayd.metrics import Metrics
 from relayd.routing import Destination, Hop, RoutingError
 from relayd.scheduler import Scheduler, backoff
 from relayd.spool import Spool, envelopeRecord
@@ -65,7 +69,9 @@ class ScriptedDeliverer:
         return defer.succeed(None)
 
 
-class SchedulerTests(unittest.TestCase):
+class SchedulerTestCase(unittest.TestCase):
+    """A real spool in a temporary directory and a scheduler on a L{Clock}."""
+
     def setUp(self):
         self.directory = tempfile.mkdtemp(prefix="relayd-sched-")
         self.addCleanup(shutil.rmtree, self.directory, True)
@@ -111,6 +117,8 @@ class SchedulerTests(unittest.TestCase):
     def queued(self):
         return {state: self.spool.entries(state) for state in ("incoming", "active", "deferred")}
 
+
+class SchedulerTests(SchedulerTestCase):
     @defer.inlineCallbacks
     def test_newMessageAttemptedAtOnce(self):
         yield self.start()
@@ -305,7 +313,6 @@ class SchedulerTests(unittest.TestCase):
         yield self.settle()
         self.assertEqual(len(self.deliverer.calls), 6)
 
-
     @defer.inlineCallbacks
     def test_updateFailureKeepsMessage(self):
         """Recording the outcome fails: the message is kept and retried."""
@@ -329,6 +336,136 @@ class SchedulerTests(unittest.TestCase):
         self.assertEqual(len(self.deliverer.calls), 2)
         self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
         self.flushLoggedErrors(OSError)
+
+
+class SpoolTroubleCase(SchedulerTestCase):
+    """
+    The spool fails under the scheduler, for real: a state directory that
+    is not a directory for a while (a failed rename, as EACCES or EROFS
+    would make it, and which root cannot chmod its way into), a file
+    system that is full, a message the index never heard of.  Nothing that
+    got its 250 is left behind, nothing delivered is sent twice, and each
+    failure is one log line and a count, not a traceback.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.metrics = Metrics()
+
+    def breakDirectory(self, state):
+        """Put a file where C{<spool>/<state>/} was: renames into it fail (ENOTDIR)."""
+        path = os.path.join(self.directory, state)
+        os.rename(path, path + ".away")
+        with open(path, "w") as f:
+            f.write("not a directory\n")
+        self.addCleanup(self.repairDirectory, state)
+
+    def repairDirectory(self, state):
+        path = os.path.join(self.directory, state)
+        if os.path.isdir(path + ".away"):
+            os.unlink(path)
+            os.rename(path + ".away", path)
+
+    def errors(self, queueId):
+        return [e for e in self.events
+                if e.get("queue_id") == queueId and e["log_level"] >= LogLevel.error]
+
+    def count(self, name, **labels):
+        return self.metrics.registry.get_sample_value(name, labels) or 0
+
+
+class SpoolTroubleTests(SpoolTroubleCase):
+    @defer.inlineCallbacks
+    def test_failedMoveRetriedWithBackoff(self):
+        """
+        incoming/ to active/ fails: the message stays in incoming/ and in
+        the schedule, comes back with backoff, and goes once the spool
+        works again; each failure is one error line, no traceback.
+        """
+        yield self.start(metrics=self.metrics)
+        self.breakDirectory("active")
+        queueId = yield self.submit()
+        yield self.settle()
+        self.assertEqual(self.deliverer.calls, [])
+        self.assertEqual(self.spool.entries("incoming"), [queueId])
+        [error] = self.errors(queueId)
+        self.assertNotIn("log_failure", error)
+        text = formatEvent(error)
+        self.assertIn("incoming to active", text)
+        self.assertIn("Not a directory", text)
+        self.assertEqual(self.count("relayd_spool_errors_total", operation="move"), 1)
+        # The first retry (300 s +-10%) fails too; the next waits longer.
+        self.clock.advance(331)
+        yield self.settle()
+        self.assertEqual(len(self.errors(queueId)), 2)
+        self.clock.advance(500)
+        yield self.settle()
+        self.assertEqual(len(self.errors(queueId)), 2)
+        self.repairDirectory("active")
+        self.clock.advance(200)
+        yield self.settle()
+        self.assertEqual(self.deliverer.calls, [("mx:example.org", "a@example.org", ["b@example.org"])])
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+        self.assertEqual(self.count("relayd_spool_errors_total", operation="move"), 2)
+
+    @defer.inlineCallbacks
+    def test_failedReadRetriedWithBackoff(self):
+        """
+        A deferred message whose envelope cannot be read when its retry
+        comes stays scheduled (it was dropped from the index) and goes once
+        the spool can be read again.
+        """
+        self.deliverer.script["b@example.org"] = ["deferred", "delivered"]
+        yield self.start(metrics=self.metrics)
+        queueId = yield self.submit()
+        yield self.settle()
+        self.assertEqual(self.spool.entries("deferred"), [queueId])
+        self.breakDirectory("deferred")
+        self.clock.advance(331)
+        yield self.settle()
+        self.assertEqual(len(self.deliverer.calls), 1)
+        [error] = self.errors(queueId)
+        self.assertNotIn("log_failure", error)
+        self.assertIn("cannot read its envelope in deferred", formatEvent(error))
+        self.assertEqual(self.count("relayd_spool_errors_total", operation="read"), 1)
+        self.repairDirectory("deferred")
+        self.clock.advance(700)
+        yield self.settle()
+        self.assertEqual(len(self.deliverer.calls), 2)
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+
+    @defer.inlineCallbacks
+    def test_sweepFindsWhatTheIndexLost(self):
+        """
+        A message on disk that the schedule does not know (here: put in
+        place by hand, as by a restore into a running relayd) is found by
+        the sweep's directory listing, counted as stuck, logged and sent.
+        """
+        yield self.start(metrics=self.metrics, sweepInterval=60)
+        queueId = self.spool.newQueueId()
+        record = envelopeRecord(
+            queueId=queueId, sender="a@example.org", recipients=["b@example.org"],
+            arrival=self.clock.seconds(), size=8, body="7BIT", client="127.0.0.1", helo="h",
+            user=None, listener="relay",
+        )
+        with open(self.spool.dataPath(queueId), "wb") as f:
+            f.write(b"\r\nbody\r\n")
+        with open(os.path.join(self.directory, "incoming", queueId + ".json"), "w") as f:
+            json.dump(record, f)
+        self.clock.advance(30)
+        yield self.settle()
+        self.assertEqual(self.deliverer.calls, [])
+        self.clock.advance(30)
+        yield self.settle()
+        self.assertEqual(self.deliverer.calls, [("mx:example.org", "a@example.org", ["b@example.org"])])
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+        self.assertEqual(self.count("relayd_queue_stuck_total"), 1)
+        [warning] = [e for e in self.events
+                     if e.get("queue_id") == queueId and e["log_level"] == LogLevel.warn]
+        self.assertIn("not in the schedule", formatEvent(warning))
 
 
 def test_backoff():
