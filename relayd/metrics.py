@@ -37,8 +37,13 @@ Metric names, all prefixed C{relayd_} (see also README.md):
   - C{relayd_delivery_latency_seconds}: histogram, arrival to delivery of
     each recipient delivered.
   - C{relayd_spool_errors_total{operation}}: spool operations of the
-    delivery side that failed; C{operation} is C{read} or C{move}.  Each is one log
+    delivery side that failed; C{operation} is C{read}, C{move}, C{update},
+    C{remove} or C{bounce} (a DSN could not be queued).  Each is one log
     line, and the message is tried again with backoff.
+  - C{relayd_delivery_outcomes_unrecorded_total}: delivery attempts whose
+    recipient outcomes could not be written to the spool; they are kept in
+    memory (no delivered recipient is sent to again while relayd runs) and
+    written at the next attempt, which backs off.
   - C{relayd_queue_stuck_total}: queued messages that the sweep found in
     the spool but not in the schedule (stuck mail), and scheduled again.
   - C{relayd_queue_messages{state}}: queued messages by spool state
@@ -134,6 +139,9 @@ class NoMetrics:
     def spoolError(self, operation: str) -> None:
         """A spool C{operation} of the delivery side failed (see the module docstring)."""
 
+    def outcomesUnrecorded(self) -> None:
+        """The outcomes of a delivery attempt could not be written; kept in memory."""
+
     def queueStuck(self) -> None:
         """The sweep found a queued message that the schedule had lost."""
 
@@ -217,8 +225,13 @@ class Metrics(NoMetrics):
 
         self.spoolErrors = Counter(
             "relayd_spool_errors",
-            "Failed spool operations of the delivery side (read, move).",
+            "Failed spool operations of the delivery side (read, move, update, remove, bounce).",
             ["operation"],
+            registry=r,
+        )
+        self.unrecorded = Counter(
+            "relayd_delivery_outcomes_unrecorded",
+            "Delivery attempts whose outcomes could not be written to the spool (kept in memory).",
             registry=r,
         )
         self.stuck = Counter(
@@ -255,6 +268,9 @@ class Metrics(NoMetrics):
 
     def spoolError(self, operation: str) -> None:
         self.spoolErrors.labels(operation).inc()
+
+    def outcomesUnrecorded(self) -> None:
+        self.unrecorded.inc()
 
     def queueStuck(self) -> None:
         self.stuck.inc()

@@ -19,8 +19,11 @@ The scheduler: picks queued messages whose time has come and delivers them
     restart repeats no delivered recipient and forgets no pending one.
   - Retries back off exponentially with jitter; when the lifetime runs out
     the remaining recipients bounce; an optional delay warning is sent once.
-  - When the spool fails before delivery (a read, a move: EACCES, EROFS),
-    the message stays scheduled and backs off like a deferral; each
+  - When the spool fails (a read, a move, writing the outcome: EACCES,
+    EROFS, ENOSPC), the message stays scheduled and backs off like a
+    deferral; outcomes that could not be written stay in memory, so no
+    recipient known to be delivered is sent to again while the process
+    lives (after a restart, at-least-once allows a duplicate).  Each
     failure is one log line and a count (L{relayd.metrics}).
 """
 
@@ -116,6 +119,8 @@ class Scheduler(Service):
         self._sweep: LoopingCall | None = None
         self._running = False
         self._ready: Deferred[None] | None = None
+        # Envelopes newer than their copy on disk: outcomes not yet durable.
+        self._unrecorded: dict[str, dict[str, Any]] = {}
         # Spool failures in a row, per message: how far the next try backs off.
         self._troubles: dict[str, int] = {}
         # Taken out of the schedule by an operator (withdraw) and not yet back.
@@ -225,6 +230,7 @@ class Scheduler(Service):
         self._touch(queueId)
         self._state.pop(queueId, None)
         self._when.pop(queueId, None)
+        self._unrecorded.pop(queueId, None)
         self._troubles.pop(queueId, None)
 
     def _touch(self, queueId: str) -> None:
@@ -345,6 +351,10 @@ class Scheduler(Service):
                 )
                 when = self._when.get(queueId, now)
                 self._schedule(queueId, state, float("inf") if state == "hold" else when)
+        # Forget what is kept in memory about messages that are gone.
+        for queueId in list(self._unrecorded):
+            if queueId not in found and queueId not in touched and queueId not in self._state:
+                self._forget(queueId)
         self._withdrawn -= {q for q in self._withdrawn if q not in found and q not in touched}
         for queueId, state in lost:
             self._rescue(queueId, state)
@@ -460,22 +470,26 @@ class Scheduler(Service):
     @inlineCallbacks
     def _attempt(self, queueId: str) -> Any:
         """
-        One attempt at C{queueId}.  A spool failure before delivery backs
-        off (L{_spoolFailed}), never drops the message.
+        One attempt at C{queueId}.  Every way out leaves the message either
+        gone from the queue or scheduled again: a spool failure backs off
+        (L{_spoolFailed}, L{_unrecordable}), never drops it.
         """
         state = self._state[queueId]
         self._when.pop(queueId, None)
-        try:
-            record = yield self.spool.read(queueId, state)
-        except FileNotFoundError:
-            # Deleted, or the index had its state wrong: if it is
-            # anywhere else in the spool, the next sweep finds it.
-            log.info("{queue_id}: no longer in {state}", queue_id=queueId, state=state)
-            self._forget(queueId)
-            return
-        except Exception as e:
-            self._spoolFailed(queueId, state, "read", f"cannot read its envelope in {state}", e)
-            return
+        # Outcomes that could not be written are newer than the disk's copy.
+        record = self._unrecorded.get(queueId)
+        if record is None:
+            try:
+                record = yield self.spool.read(queueId, state)
+            except FileNotFoundError:
+                # Deleted, or the index had its state wrong: if it is
+                # anywhere else in the spool, the next sweep finds it.
+                log.info("{queue_id}: no longer in {state}", queue_id=queueId, state=state)
+                self._forget(queueId)
+                return
+            except Exception as e:
+                self._spoolFailed(queueId, state, "read", f"cannot read its envelope in {state}", e)
+                return
         if state != "active":
             # Not fsync'd: after a crash, active/ goes back to incoming/ anyway.
             try:
@@ -484,24 +498,7 @@ class Scheduler(Service):
                 self._spoolFailed(queueId, state, "move", f"cannot move it from {state} to active", e)
                 return
             self._state[queueId] = "active"
-        try:
-            yield self._deliver(queueId, record)
-        except Exception:
-            # Keep the message: retry later with what its envelope on disk
-            # says.  If even recording that fails (a full disk), leave it in
-            # active/ and come back to it there: never drop it from the index.
-            log.failure("{queue_id}: attempt failed; will retry", queue_id=queueId)
-            when = self.clock.seconds() + self.retryInitial
-            try:
-                onDisk = yield self.spool.read(queueId, "active")
-                onDisk["next_attempt"] = when
-                yield self.spool.update(queueId, "active", onDisk, "deferred")
-            except Exception:
-                log.failure("{queue_id}: cannot reschedule on disk; retrying from active/",
-                            queue_id=queueId)
-                self._schedule(queueId, "active", when)
-            else:
-                self._schedule(queueId, "deferred", when)
+        yield self._deliver(queueId, record)
 
     def _spoolFailed(
         self, queueId: str, state: str, operation: str, what: str, error: Exception,
@@ -523,10 +520,43 @@ class Scheduler(Service):
         )
         self._schedule(queueId, state, self.clock.seconds() + delay)
 
+    def _unrecordable(
+        self, queueId: str, record: dict[str, Any], operation: str, error: Exception, when: float,
+    ) -> None:
+        """
+        The outcomes of an attempt could not be written (a full or
+        read-only spool): keep them in memory, so that the next attempt
+        starts from them and no recipient known to be delivered is sent to
+        again, and back off until the spool takes them.  The envelope is in
+        active/ still (or, after a move that failed half-way, the sweep
+        finds where it is).
+        """
+        self._unrecorded[queueId] = record
+        now = self.clock.seconds()
+        when = max(when, now + self._backOff(queueId))
+        self.metrics.spoolError(operation)
+        self.metrics.outcomesUnrecorded()
+        log.error(
+            "{queue_id}: cannot record the delivery outcome ({operation}): {error}; "
+            "kept in memory, next attempt in {delay:.0f}s",
+            queue_id=queueId,
+            operation=operation,
+            error=error,
+            delay=when - now,
+        )
+        self._schedule(queueId, "active", when)
+
     @inlineCallbacks
     def _deliver(self, queueId: str, record: dict[str, Any]) -> Any:
-        sender = record["sender"]
         waiting = [r for r in record["recipients"] if r["state"] not in FINAL]
+        if waiting:
+            yield self._send(queueId, record, waiting)
+        yield self._record(queueId, record)
+
+    @inlineCallbacks
+    def _send(self, queueId: str, record: dict[str, Any], waiting: list[dict[str, Any]]) -> Any:
+        """Deliver to the C{waiting} recipients; note their outcomes in C{record}."""
+        sender = record["sender"]
         outcomes: dict[str, tuple[RecipientResult, Any]] = {}
 
         byDomain: dict[str, list[str]] = {}
@@ -597,7 +627,22 @@ class Scheduler(Service):
                 newlyFailed.append(r)
 
         if newlyFailed:
-            yield self._bounce(queueId, record, newlyFailed, "failed", now)
+            try:
+                yield self._bounce(queueId, record, newlyFailed, "failed", now)
+            except Exception as e:
+                # Never final without a durable DSN: they stay queued, and
+                # the next attempt bounces them again.
+                for r in newlyFailed:
+                    r["state"] = "deferred"
+                    r.pop("expired", None)
+                self.metrics.spoolError("bounce")
+                log.error(
+                    "{queue_id}: cannot queue the non-delivery notice: {error}; "
+                    "{count} failed recipients stay queued",
+                    queue_id=queueId,
+                    error=e,
+                    count=len(newlyFailed),
+                )
         stillWaiting = [r for r in record["recipients"] if r["state"] not in FINAL]
         if (
             stillWaiting
@@ -605,14 +650,39 @@ class Scheduler(Service):
             and not record.get("delay_warned")
             and now - record["arrival"] >= self.delayWarning
         ):
-            yield self._bounce(queueId, record, stillWaiting, "delayed", now)
-            record["delay_warned"] = True
-
+            try:
+                yield self._bounce(queueId, record, stillWaiting, "delayed", now)
+            except Exception as e:
+                self.metrics.spoolError("bounce")
+                log.error(
+                    "{queue_id}: cannot queue the delay notice: {error}; will try again",
+                    queue_id=queueId,
+                    error=e,
+                )
+            else:
+                record["delay_warned"] = True
         if stillWaiting:
             when = now + backoff(record["attempts"], self.retryInitial, self.retryMax, self.random)
             when = min(when, record["arrival"] + self.lifetime) if not expired else when
             record["next_attempt"] = when
-            yield self.spool.update(queueId, "active", record, "deferred")
+
+    @inlineCallbacks
+    def _record(self, queueId: str, record: dict[str, Any]) -> Any:
+        """
+        Write the outcomes durably: the envelope to deferred/ while some
+        recipients are left, else the message out of the spool.  When the
+        spool refuses, L{_unrecordable} keeps them in memory.
+        """
+        stillWaiting = [r for r in record["recipients"] if r["state"] not in FINAL]
+        now = self.clock.seconds()
+        if stillWaiting:
+            when = float(record.get("next_attempt") or now)
+            try:
+                yield self.spool.update(queueId, "active", record, "deferred")
+            except Exception as e:
+                self._unrecordable(queueId, record, "update", e, when)
+                return
+            self._unrecorded.pop(queueId, None)
             self._troubles.pop(queueId, None)
             self._schedule(queueId, "deferred", when)
             log.info(
@@ -622,7 +692,11 @@ class Scheduler(Service):
                 delay=when - now,
             )
         else:
-            yield self.spool.remove(queueId, "active")
+            try:
+                yield self.spool.remove(queueId, "active")
+            except Exception as e:
+                self._unrecordable(queueId, record, "remove", e, now)
+                return
             self._forget(queueId)
             log.info("{queue_id}: removed", queue_id=queueId)
 

@@ -6,6 +6,7 @@ end-to-end tests in test_delivery_e2e.py use real DNS and real SMTP sinks).
 
 import email
 import email.policy
+import errno
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import shutil
 import tempfile
 import time
 
+from test_diskfull import mountTmpfs
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -313,30 +315,6 @@ class SchedulerTests(SchedulerTestCase):
         yield self.settle()
         self.assertEqual(len(self.deliverer.calls), 6)
 
-    @defer.inlineCallbacks
-    def test_updateFailureKeepsMessage(self):
-        """Recording the outcome fails: the message is kept and retried."""
-        real = self.spool.update
-        failures = [OSError(28, "No space left on device")] * 2
-
-        def update(*args, **kwargs):
-            if failures:
-                return defer.fail(failures.pop())
-            return real(*args, **kwargs)
-
-        self.spool.update = update
-        self.deliverer.script["b@example.org"] = ["deferred", "delivered"]
-        yield self.start()
-        queueId = yield self.submit()
-        yield self.settle()
-        self.assertEqual(self.spool.entries("active"), [queueId])
-        self.assertEqual(self.scheduler._state[queueId], "active")
-        self.clock.advance(301)
-        yield self.settle()
-        self.assertEqual(len(self.deliverer.calls), 2)
-        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
-        self.flushLoggedErrors(OSError)
-
 
 class SpoolTroubleCase(SchedulerTestCase):
     """
@@ -466,6 +444,115 @@ class SpoolTroubleTests(SpoolTroubleCase):
         [warning] = [e for e in self.events
                      if e.get("queue_id") == queueId and e["log_level"] == LogLevel.warn]
         self.assertIn("not in the schedule", formatEvent(warning))
+
+
+class FullSpoolTests(SpoolTroubleCase):
+    """The scheduler's spool on a tiny tmpfs that the test fills up."""
+
+    def setUp(self):
+        mounted = mountTmpfs(self, "256k")
+        super().setUp()
+        self.spool.stopService()
+        self.spool = Spool(mounted, 0, reactor)
+        self.spool.startService()
+        self.addCleanup(self.spool.stopService)
+        self.directory = mounted
+
+    def fill(self):
+        """Take every free block of the file system."""
+        path = os.path.join(self.directory, "filler")
+        self.addCleanup(self.free)
+        with open(path, "wb", buffering=0) as f:
+            for size in (65536, 4096, 512, 1):
+                try:
+                    while True:
+                        f.write(b"\0" * size)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+
+    def free(self):
+        if os.path.exists(os.path.join(self.directory, "filler")):
+            os.unlink(os.path.join(self.directory, "filler"))
+
+    @defer.inlineCallbacks
+    def test_fullSpoolNeverResendsDelivered(self):
+        """
+        One recipient delivered, one deferred, and the outcome cannot be
+        written: the delivered one is never sent again, the retries back
+        off, and once space is back the rest goes and the message leaves.
+        """
+        self.deliverer.script = {"ok@x.test": ["delivered"], "later@x.test": ["deferred"]}
+        self.deliverer.hold = True
+        yield self.start(metrics=self.metrics, retryInitial=5, retryMax=300)
+        queueId = yield self.submit(recipients=("ok@x.test", "later@x.test"))
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.fill()
+        self.deliverer.hold = False
+        [(d, result)] = self.deliverer.held
+        self.deliverer.held.clear()
+        d.callback(result)
+        yield self.settle()
+        self.assertEqual(self.spool.entries("active"), [queueId])
+        for _ in range(40):
+            self.clock.advance(1)
+            yield self.settle()
+        sentTo = [r for call in self.deliverer.calls for r in call[2]]
+        self.assertEqual(sentTo.count("ok@x.test"), 1)
+        # 5, 10, 20 s: at most three retries in 40 s, not eight.
+        self.assertIn(sentTo.count("later@x.test"), (2, 3, 4))
+        errors = self.errors(queueId)
+        self.assertEqual(len(errors), sentTo.count("later@x.test"))
+        for error in errors:
+            self.assertNotIn("log_failure", error)
+            self.assertIn("No space left on device", formatEvent(error))
+        self.assertEqual(self.count("relayd_delivery_outcomes_unrecorded_total"),
+                         len(errors))
+        # Space again: the deferred recipient goes, the message leaves.
+        self.free()
+        self.deliverer.script["later@x.test"] = ["delivered"]
+        self.clock.advance(400)
+        yield self.settle()
+        sentTo = [r for call in self.deliverer.calls for r in call[2]]
+        self.assertEqual(sentTo.count("ok@x.test"), 1)
+        self.assertEqual(self.deliverer.calls[-1], ("mx:x.test", "a@example.org", ["later@x.test"]))
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+
+    @defer.inlineCallbacks
+    def test_fullSpoolKeepsFailedRecipientUntilItsDSN(self):
+        """
+        One recipient delivered, one refused for good, and the DSN cannot
+        be queued: the refused one is not final without its DSN, the
+        delivered one is never sent again; with space back, the DSN is
+        queued and the message leaves.
+        """
+        self.deliverer.script = {"ok@x.test": ["delivered"], "no@x.test": ["failed"]}
+        self.deliverer.hold = True
+        yield self.start(metrics=self.metrics, retryInitial=5, retryMax=300)
+        queueId = yield self.submit(recipients=("ok@x.test", "no@x.test"))
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.fill()
+        self.deliverer.hold = False
+        [(d, result)] = self.deliverer.held
+        self.deliverer.held.clear()
+        d.callback(result)
+        yield self.settle()
+        errors = self.errors(queueId)
+        self.assertTrue(errors)
+        self.assertIn("cannot queue the non-delivery notice", formatEvent(errors[0]))
+        self.assertEqual(self.count("relayd_spool_errors_total", operation="bounce"), 1)
+        self.clock.advance(30)
+        yield self.settle()
+        self.free()
+        self.clock.advance(400)
+        yield self.settle()
+        sentTo = [r for call in self.deliverer.calls if call[1] for r in call[2]]
+        self.assertEqual(sentTo.count("ok@x.test"), 1)
+        dsnCalls = [c for c in self.deliverer.calls if c[1] == ""]
+        self.assertEqual(dsnCalls, [("mx:example.org", "", ["a@example.org"])])
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+        for error in self.errors(queueId):
+            self.assertNotIn("log_failure", error)
 
 
 def test_backoff():
