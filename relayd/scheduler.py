@@ -306,6 +306,8 @@ class Scheduler(Service):
                 self._stuck(queueId, state, now)
         if self._listing is not None or not self._running:
             return
+        if self._ready is None or not self._ready.called:
+            return  # the startup index is still being built: all would look lost
         self._touched = set()
         listing = self._listing = self.spool.listQueued()
 
@@ -313,7 +315,10 @@ class Scheduler(Service):
             self._listing = None
             self._touched = None
             if isinstance(result, Failure):
-                log.failure("sweep: could not list the spool", result)
+                if result.check(OSError):
+                    log.error("sweep: could not list the spool: {error}", error=result.value)
+                else:
+                    log.failure("sweep: could not list the spool", result)
 
         listing.addCallback(self._listed)
         listing.addBoth(done)
