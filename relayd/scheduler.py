@@ -156,6 +156,7 @@ class Scheduler(Service):
         self._timer = None
         inFlight = list(self._inFlight.values())
         if not inFlight:
+            self._warnUnrecorded()
             return self.deliverer.stop().addCallback(lambda _: None)  # type: ignore[no-any-return]
         log.info(
             "shutdown: waiting up to {deadline}s for {count} deliveries in flight",
@@ -176,10 +177,24 @@ class Scheduler(Service):
         def finished(_: Any) -> Any:
             if timer.active():
                 timer.cancel()
+            self._warnUnrecorded()
             return self.deliverer.stop()
 
         d.addCallback(finished)
         return d.addCallback(lambda _: None)
+
+    def _warnUnrecorded(self) -> None:
+        """
+        Name the messages whose outcomes only memory held (the spool would
+        not take them): after the restart they are attempted from their
+        older envelope on disk.
+        """
+        for queueId in sorted(self._unrecorded):
+            log.warn(
+                "{queue_id}: stopping with delivery outcomes the spool did not record; "
+                "recipients already delivered may get the message again",
+                queue_id=queueId,
+            )
 
     def whenIndexed(self) -> Deferred[None]:
         """Fires once the startup index of the spool is built (for tests)."""

@@ -519,6 +519,29 @@ class FullSpoolTests(SpoolTroubleCase):
         self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
 
     @defer.inlineCallbacks
+    def test_stopWithUnrecordedOutcomesSaysSo(self):
+        """
+        Stopping while outcomes are only in memory loses them (at-least-once
+        allows the duplicate after the restart): one warning names the message.
+        """
+        self.deliverer.script = {"ok@x.test": ["delivered"], "later@x.test": ["deferred"]}
+        self.deliverer.hold = True
+        yield self.start(metrics=self.metrics)
+        queueId = yield self.submit(recipients=("ok@x.test", "later@x.test"))
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.fill()
+        self.deliverer.hold = False
+        [(d, result)] = self.deliverer.held
+        self.deliverer.held.clear()
+        d.callback(result)
+        yield self.settle()
+        self.assertEqual(self.count("relayd_delivery_outcomes_unrecorded_total"), 1)
+        yield self.scheduler.stopService()
+        [warning] = [e for e in self.events
+                     if e.get("queue_id") == queueId and e["log_level"] == LogLevel.warn]
+        self.assertIn("outcomes the spool did not record", formatEvent(warning))
+
+    @defer.inlineCallbacks
     def test_fullSpoolKeepsFailedRecipientUntilItsDSN(self):
         """
         One recipient delivered, one refused for good, and the DSN cannot
