@@ -50,6 +50,9 @@ Metric names, all prefixed C{relayd_} (see also README.md):
     (C{incoming}, C{active}, C{deferred}, C{hold}).
   - C{relayd_queue_oldest_message_age_seconds}: age of the oldest queued
     message, 0 when the queue is empty.
+  - C{relayd_queue_stuck_messages}: queued messages whose last spool
+    operation failed (a read, a move, writing their outcome), waiting for
+    their retry: mail stuck now.  0 once the spool works again.
 """
 
 from __future__ import annotations
@@ -104,6 +107,9 @@ class QueueSource(Protocol):
 
     def queueSummary(self) -> tuple[dict[str, int], float | None]:
         """Messages by state, and the arrival time (epoch) of the oldest."""
+
+    def stuckMessages(self) -> int:
+        """Queued messages whose last spool operation failed (waiting for the disk)."""
 
 
 class NoMetrics:
@@ -291,13 +297,13 @@ class QueueCollector:
 
     def describe(self) -> Iterable[Metric]:
         """The metric names, without asking the source (registration)."""
-        return self._families({}, None)
+        return self._families({}, None, 0)
 
     def collect(self) -> Iterable[Metric]:
         counts, oldest = self.source.queueSummary()
-        return self._families(counts, oldest)
+        return self._families(counts, oldest, self.source.stuckMessages())
 
-    def _families(self, counts: dict[str, int], oldest: float | None) -> list[Metric]:
+    def _families(self, counts: dict[str, int], oldest: float | None, stuck: int) -> list[Metric]:
         size = GaugeMetricFamily(
             "relayd_queue_messages", "Queued messages by spool state.", labels=["state"]
         )
@@ -309,7 +315,12 @@ class QueueCollector:
             "Age of the oldest queued message; 0 when the queue is empty.",
             value=age,
         )
-        return [size, oldestAge]
+        stuckNow = GaugeMetricFamily(
+            "relayd_queue_stuck_messages",
+            "Queued messages whose last spool operation failed; retried with backoff.",
+            value=stuck,
+        )
+        return [size, oldestAge, stuckNow]
 
 
 class MetricsResource(Resource):

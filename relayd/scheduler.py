@@ -225,6 +225,14 @@ class Scheduler(Service):
         oldest = min(self._state) if self._state else None
         return counts, arrivalFromQueueId(oldest) if oldest is not None else None
 
+    def stuckMessages(self) -> int:
+        """
+        How many queued messages had their last spool operation fail (a
+        read, a move, writing their outcome) and wait for a retry: mail
+        stuck now, for L{relayd.metrics}.
+        """
+        return len(self._troubles)
+
     def _queued(self, queueId: str, record: dict[str, Any] | None) -> None:
         """The spool committed a new message: attempt it now."""
         self._schedule(queueId, "incoming", self.clock.seconds())
@@ -372,7 +380,7 @@ class Scheduler(Service):
                 when = self._when.get(queueId, now)
                 self._schedule(queueId, state, float("inf") if state == "hold" else when)
         # Forget what is kept in memory about messages that are gone.
-        for queueId in list(self._unrecorded):
+        for queueId in list(self._unrecorded) + list(self._troubles):
             if queueId not in found and queueId not in touched and queueId not in self._state:
                 self._forget(queueId)
         self._withdrawn -= {q for q in self._withdrawn if q not in found and q not in touched}
@@ -531,8 +539,9 @@ class Scheduler(Service):
         delay = self._backOff(queueId)
         self.metrics.spoolError(operation)
         log.error(
-            "{queue_id}: spool trouble: {what}: {error}; next attempt in {delay:.0f}s",
+            "{queue_id}: stuck in {state}: {what}: {error}; next attempt in {delay:.0f}s",
             queue_id=queueId,
+            state=state,
             what=what,
             operation=operation,
             error=error,

@@ -364,6 +364,7 @@ class SpoolTroubleTests(SpoolTroubleCase):
         works again; each failure is one error line, no traceback.
         """
         yield self.start(metrics=self.metrics)
+        self.metrics.watchQueue(self.scheduler)
         self.breakDirectory("active")
         queueId = yield self.submit()
         yield self.settle()
@@ -372,9 +373,10 @@ class SpoolTroubleTests(SpoolTroubleCase):
         [error] = self.errors(queueId)
         self.assertNotIn("log_failure", error)
         text = formatEvent(error)
-        self.assertIn("incoming to active", text)
+        self.assertIn("stuck in incoming: cannot move it from incoming to active", text)
         self.assertIn("Not a directory", text)
         self.assertEqual(self.count("relayd_spool_errors_total", operation="move"), 1)
+        self.assertEqual(self.count("relayd_queue_stuck_messages"), 1)
         # The first retry (300 s +-10%) fails too; the next waits longer.
         self.clock.advance(331)
         yield self.settle()
@@ -388,6 +390,7 @@ class SpoolTroubleTests(SpoolTroubleCase):
         self.assertEqual(self.deliverer.calls, [("mx:example.org", "a@example.org", ["b@example.org"])])
         self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
         self.assertEqual(self.count("relayd_spool_errors_total", operation="move"), 2)
+        self.assertEqual(self.count("relayd_queue_stuck_messages"), 0)
 
     @defer.inlineCallbacks
     def test_failedReadRetriedWithBackoff(self):
@@ -485,6 +488,7 @@ class FullSpoolTests(SpoolTroubleCase):
         self.deliverer.script = {"ok@x.test": ["delivered"], "later@x.test": ["deferred"]}
         self.deliverer.hold = True
         yield self.start(metrics=self.metrics, retryInitial=5, retryMax=300)
+        self.metrics.watchQueue(self.scheduler)
         queueId = yield self.submit(recipients=("ok@x.test", "later@x.test"))
         yield deferLater(reactor, 0.1, lambda: None)
         self.fill()
@@ -508,6 +512,7 @@ class FullSpoolTests(SpoolTroubleCase):
             self.assertIn("No space left on device", formatEvent(error))
         self.assertEqual(self.count("relayd_delivery_outcomes_unrecorded_total"),
                          len(errors))
+        self.assertEqual(self.count("relayd_queue_stuck_messages"), 1)
         # Space again: the deferred recipient goes, the message leaves.
         self.free()
         self.deliverer.script["later@x.test"] = ["delivered"]
@@ -517,6 +522,7 @@ class FullSpoolTests(SpoolTroubleCase):
         self.assertEqual(sentTo.count("ok@x.test"), 1)
         self.assertEqual(self.deliverer.calls[-1], ("mx:x.test", "a@example.org", ["later@x.test"]))
         self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+        self.assertEqual(self.count("relayd_queue_stuck_messages"), 0)
 
     @defer.inlineCallbacks
     def test_stopWithUnrecordedOutcomesSaysSo(self):
