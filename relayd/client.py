@@ -212,12 +212,16 @@ class HopFailure(Exception):
         a 4xx (a 5xx from the peer at this stage is reported as 4xx, as the
         next attempt may reach a better-behaved hop).
     @ivar connected: True when the TCP connection was made.
+    @ivar tls: the session's C{"<version> <cipher>"} when TLS was up at the
+        time (e.g. a smart host refusing AUTH inside TLS), else None; for
+        the log line of the attempt.
     """
 
-    def __init__(self, reply: Reply, connected: bool = True) -> None:
+    def __init__(self, reply: Reply, connected: bool = True, tls: str | None = None) -> None:
         super().__init__(str(reply))
         self.reply = reply
         self.connected = connected
+        self.tls = tls
 
 
 class _SessionLost(Exception):
@@ -616,6 +620,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             failure = Failure(
                 HopFailure(Reply.local(451, "4.3.0", f"internal error talking to {self.peer}"))
             )
+        hopFailure = failure.value
+        assert isinstance(hopFailure, HopFailure)
+        if hopFailure.tls is None:
+            # Set here, where the session knows, not where it is raised:
+            # every refusal after STARTTLS (AUTH, a later EHLO) carries it.
+            hopFailure.tls = self.tls
         self.quit()
         return failure
 

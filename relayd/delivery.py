@@ -339,7 +339,7 @@ class Deliverer:
             )
             return self._result(recipients, Reply.local(451, "4.4.1", text), None, None)
         hop, error = failure
-        result = self._result(recipients, error.reply, hop, None)
+        result = self._result(recipients, error.reply, hop, error.tls)
         self._log(queueId, result)
         return result
 

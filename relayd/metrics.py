@@ -36,10 +36,23 @@ Metric names, all prefixed C{relayd_} (see also README.md):
     recipient; C{outcome} is C{sent}, C{deferred} or C{bounced}.
   - C{relayd_delivery_latency_seconds}: histogram, arrival to delivery of
     each recipient delivered.
+  - C{relayd_spool_errors_total{operation}}: spool operations of the
+    delivery side that failed; C{operation} is C{read}, C{move}, C{update},
+    C{remove} or C{bounce} (a DSN could not be queued).  Each is one log
+    line, and the message is tried again with backoff.
+  - C{relayd_delivery_outcomes_unrecorded_total}: delivery attempts whose
+    recipient outcomes could not be written to the spool; they are kept in
+    memory (no delivered recipient is sent to again while relayd runs) and
+    written at the next attempt, which backs off.
+  - C{relayd_queue_stuck_total}: queued messages that the sweep found in
+    the spool but not in the schedule (stuck mail), and scheduled again.
   - C{relayd_queue_messages{state}}: queued messages by spool state
     (C{incoming}, C{active}, C{deferred}, C{hold}).
   - C{relayd_queue_oldest_message_age_seconds}: age of the oldest queued
     message, 0 when the queue is empty.
+  - C{relayd_queue_stuck_messages}: queued messages whose last spool
+    operation failed (a read, a move, writing their outcome), waiting for
+    their retry: mail stuck now.  0 once the spool works again.
 """
 
 from __future__ import annotations
@@ -95,6 +108,9 @@ class QueueSource(Protocol):
     def queueSummary(self) -> tuple[dict[str, int], float | None]:
         """Messages by state, and the arrival time (epoch) of the oldest."""
 
+    def stuckMessages(self) -> int:
+        """Queued messages whose last spool operation failed (waiting for the disk)."""
+
 
 class NoMetrics:
     """
@@ -125,6 +141,15 @@ class NoMetrics:
         One recipient's delivery attempt ended: C{sent}, C{deferred} or
         C{bounced}; C{latency} is arrival to delivery, for C{sent}.
         """
+
+    def spoolError(self, operation: str) -> None:
+        """A spool C{operation} of the delivery side failed (see the module docstring)."""
+
+    def outcomesUnrecorded(self) -> None:
+        """The outcomes of a delivery attempt could not be written; kept in memory."""
+
+    def queueStuck(self) -> None:
+        """The sweep found a queued message that the schedule had lost."""
 
     def watchQueue(self, source: QueueSource) -> None:
         """Report the queue from C{source} at each scrape."""
@@ -204,6 +229,23 @@ class Metrics(NoMetrics):
             registry=r,
         )
 
+        self.spoolErrors = Counter(
+            "relayd_spool_errors",
+            "Failed spool operations of the delivery side (read, move, update, remove, bounce).",
+            ["operation"],
+            registry=r,
+        )
+        self.unrecorded = Counter(
+            "relayd_delivery_outcomes_unrecorded",
+            "Delivery attempts whose outcomes could not be written to the spool (kept in memory).",
+            registry=r,
+        )
+        self.stuck = Counter(
+            "relayd_queue_stuck",
+            "Queued messages the sweep found in the spool but not in the schedule.",
+            registry=r,
+        )
+
     def connectionOpened(self, listener: str) -> None:
         self.connections.labels(listener).inc()
         self.connectionsOpen.labels(listener).inc()
@@ -230,6 +272,15 @@ class Metrics(NoMetrics):
         if latency is not None:
             self.deliveryLatency.observe(max(latency, 0.0))
 
+    def spoolError(self, operation: str) -> None:
+        self.spoolErrors.labels(operation).inc()
+
+    def outcomesUnrecorded(self) -> None:
+        self.unrecorded.inc()
+
+    def queueStuck(self) -> None:
+        self.stuck.inc()
+
     def watchQueue(self, source: QueueSource) -> None:
         self.registry.register(QueueCollector(source, self._now))
 
@@ -246,13 +297,13 @@ class QueueCollector:
 
     def describe(self) -> Iterable[Metric]:
         """The metric names, without asking the source (registration)."""
-        return self._families({}, None)
+        return self._families({}, None, 0)
 
     def collect(self) -> Iterable[Metric]:
         counts, oldest = self.source.queueSummary()
-        return self._families(counts, oldest)
+        return self._families(counts, oldest, self.source.stuckMessages())
 
-    def _families(self, counts: dict[str, int], oldest: float | None) -> list[Metric]:
+    def _families(self, counts: dict[str, int], oldest: float | None, stuck: int) -> list[Metric]:
         size = GaugeMetricFamily(
             "relayd_queue_messages", "Queued messages by spool state.", labels=["state"]
         )
@@ -264,7 +315,12 @@ class QueueCollector:
             "Age of the oldest queued message; 0 when the queue is empty.",
             value=age,
         )
-        return [size, oldestAge]
+        stuckNow = GaugeMetricFamily(
+            "relayd_queue_stuck_messages",
+            "Queued messages whose last spool operation failed; retried with backoff.",
+            value=stuck,
+        )
+        return [size, oldestAge, stuckNow]
 
 
 class MetricsResource(Resource):

@@ -4,7 +4,10 @@ The scheduler: picks queued messages whose time has come and delivers them
 
   - The spool tells the scheduler about each newly committed message, so
     it is attempted at once; the in-memory index is rebuilt from the spool
-    at startup, and a periodic sweep is only a safety net.
+    at startup, and a periodic sweep is only a safety net: every
+    C{sweepInterval} it lists the spool's directories (in the spool's
+    threads, names only) and schedules again any message the index lost,
+    logged and counted as stuck.
   - The index is a heap of (next attempt, queue id): the work per tick is
     O(log n) in the number of due messages, never a directory scan.
   - Recipients of one message are grouped by destination (L{Destination.key}),
@@ -16,6 +19,12 @@ The scheduler: picks queued messages whose time has come and delivers them
     restart repeats no delivered recipient and forgets no pending one.
   - Retries back off exponentially with jitter; when the lifetime runs out
     the remaining recipients bounce; an optional delay warning is sent once.
+  - When the spool fails (a read, a move, writing the outcome: EACCES,
+    EROFS, ENOSPC), the message stays scheduled and backs off like a
+    deferral; outcomes that could not be written stay in memory, so no
+    recipient known to be delivered is sent to again while the process
+    lives (after a restart, at-least-once allows a duplicate).  Each
+    failure is one log line and a count (L{relayd.metrics}).
 """
 
 from __future__ import annotations
@@ -110,6 +119,16 @@ class Scheduler(Service):
         self._sweep: LoopingCall | None = None
         self._running = False
         self._ready: Deferred[None] | None = None
+        # Envelopes newer than their copy on disk: outcomes not yet durable.
+        self._unrecorded: dict[str, dict[str, Any]] = {}
+        # Spool failures in a row, per message: how far the next try backs off.
+        self._troubles: dict[str, int] = {}
+        # Taken out of the schedule by an operator (withdraw) and not yet back.
+        self._withdrawn: set[str] = set()
+        # While a sweep's listing runs: the messages changed since it began,
+        # whose state on disk the listing may no longer tell.
+        self._touched: set[str] | None = None
+        self._listing: Deferred[Any] | None = None
 
     # --- service -----------------------------------------------------------
 
@@ -118,7 +137,7 @@ class Scheduler(Service):
         self._running = True
         self.spool.addQueueObserver(self._queued)
         self._ready = self.spool.scan().addCallbacks(self._indexed, self._scanFailed)
-        self._sweep = LoopingCall(self._kick)
+        self._sweep = LoopingCall(self._sweepNow)
         self._sweep.clock = self.clock
         self._sweep.start(self.sweepInterval, now=False)
 
@@ -137,6 +156,7 @@ class Scheduler(Service):
         self._timer = None
         inFlight = list(self._inFlight.values())
         if not inFlight:
+            self._warnUnrecorded()
             return self.deliverer.stop().addCallback(lambda _: None)  # type: ignore[no-any-return]
         log.info(
             "shutdown: waiting up to {deadline}s for {count} deliveries in flight",
@@ -157,10 +177,24 @@ class Scheduler(Service):
         def finished(_: Any) -> Any:
             if timer.active():
                 timer.cancel()
+            self._warnUnrecorded()
             return self.deliverer.stop()
 
         d.addCallback(finished)
         return d.addCallback(lambda _: None)
+
+    def _warnUnrecorded(self) -> None:
+        """
+        Name the messages whose outcomes only memory held (the spool would
+        not take them): after the restart they are attempted from their
+        older envelope on disk.
+        """
+        for queueId in sorted(self._unrecorded):
+            log.warn(
+                "{queue_id}: stopping with delivery outcomes the spool did not record; "
+                "recipients already delivered may get the message again",
+                queue_id=queueId,
+            )
 
     def whenIndexed(self) -> Deferred[None]:
         """Fires once the startup index of the spool is built (for tests)."""
@@ -191,6 +225,14 @@ class Scheduler(Service):
         oldest = min(self._state) if self._state else None
         return counts, arrivalFromQueueId(oldest) if oldest is not None else None
 
+    def stuckMessages(self) -> int:
+        """
+        How many queued messages had their last spool operation fail (a
+        read, a move, writing their outcome) and wait for a retry: mail
+        stuck now, for L{relayd.metrics}.
+        """
+        return len(self._troubles)
+
     def _queued(self, queueId: str, record: dict[str, Any] | None) -> None:
         """The spool committed a new message: attempt it now."""
         self._schedule(queueId, "incoming", self.clock.seconds())
@@ -199,11 +241,32 @@ class Scheduler(Service):
     # --- the index -----------------------------------------------------------
 
     def _schedule(self, queueId: str, state: str, when: float) -> None:
+        self._touch(queueId)
         self._state[queueId] = state
         self._when[queueId] = when
         if when != float("inf"):
             self._sequence += 1
             heapq.heappush(self._due, (when, self._sequence, queueId))
+
+    def _forget(self, queueId: str) -> None:
+        """The message has left the queue (or this state): drop what we know."""
+        self._touch(queueId)
+        self._state.pop(queueId, None)
+        self._when.pop(queueId, None)
+        self._unrecorded.pop(queueId, None)
+        self._troubles.pop(queueId, None)
+
+    def _touch(self, queueId: str) -> None:
+        if self._touched is not None:
+            self._touched.add(queueId)
+
+    def _backOff(self, queueId: str) -> float:
+        """
+        One more spool failure in a row for C{queueId}: the seconds to wait
+        before trying it again, growing like a deferral's.
+        """
+        failures = self._troubles[queueId] = self._troubles.get(queueId, 0) + 1
+        return backoff(failures, self.retryInitial, self.retryMax, self.random)
 
     def _kick(self) -> None:
         """Start every due message the limits allow; arm the timer for the next."""
@@ -231,16 +294,134 @@ class Scheduler(Service):
 
     def _start(self, queueId: str) -> None:
         self.attempts += 1
+        self._touch(queueId)
         d = self._attempt(queueId)
         self._inFlight[queueId] = d
 
         def done(result: Any) -> None:
             self._inFlight.pop(queueId, None)
+            self._touch(queueId)
             if isinstance(result, Failure):
+                # A bug, not the spool (that is handled in _attempt): keep
+                # the traceback, and the message in the schedule.
                 log.failure("{queue_id}: delivery attempt failed", result, queue_id=queueId)
+                state = self._state.get(queueId)
+                if state is not None and queueId not in self._when:
+                    self._schedule(queueId, state, self.clock.seconds() + self._backOff(queueId))
             self._kick()
 
         d.addBoth(done)
+
+    # --- the sweep -------------------------------------------------------------
+
+    def _sweepNow(self) -> None:
+        """
+        The safety net, every L{sweepInterval}: start what is due, put back
+        anything the index holds but has no attempt planned for, and list
+        the spool's directories (in the spool's threads, never here) to
+        find messages the index lost.  The listing is names only, once per
+        interval, and at most one at a time.
+        """
+        self._kick()
+        now = self.clock.seconds()
+        for queueId, state in sorted(self._state.items()):
+            if queueId not in self._when and queueId not in self._inFlight:
+                self._stuck(queueId, state, now)
+        if self._listing is not None or not self._running:
+            return
+        if self._ready is None or not self._ready.called:
+            return  # the startup index is still being built: all would look lost
+        self._touched = set()
+        listing = self._listing = self.spool.listQueued()
+
+        def done(result: Any) -> None:
+            self._listing = None
+            self._touched = None
+            if isinstance(result, Failure):
+                if result.check(OSError):
+                    log.error("sweep: could not list the spool: {error}", error=result.value)
+                else:
+                    log.failure("sweep: could not list the spool", result)
+
+        listing.addCallback(self._listed)
+        listing.addBoth(done)
+
+    def _listed(self, listing: tuple[dict[str, list[str]], list[tuple[str, str]]]) -> None:
+        """
+        Compare the spool's directories with the index.  Messages changed
+        since the listing began are left to the next sweep: what the
+        listing says of them may be out of date already.
+        """
+        found, problems = listing
+        for state, error in problems:
+            log.warn("sweep: cannot list {state}/ of the spool: {error}", state=state, error=error)
+        if not self._running:
+            return
+        touched = self._touched or set()
+        now = self.clock.seconds()
+        lost = []
+        for queueId, states in sorted(found.items()):
+            if queueId in touched or queueId in self._inFlight or queueId in self._withdrawn:
+                continue
+            # Two states only after a move that failed half-way: as in the
+            # spool's recovery, the one that is not active/ is the newer.
+            state = next((s for s in states if s != "active"), states[0])
+            known = self._state.get(queueId)
+            if known is None:
+                lost.append((queueId, state))
+            elif known not in states:
+                log.warn(
+                    "{queue_id}: the schedule had it in {known}, the spool has it in {state}; "
+                    "corrected",
+                    queue_id=queueId,
+                    known=known,
+                    state=state,
+                )
+                when = self._when.get(queueId, now)
+                self._schedule(queueId, state, float("inf") if state == "hold" else when)
+        # Forget what is kept in memory about messages that are gone.
+        for queueId in list(self._unrecorded) + list(self._troubles):
+            if queueId not in found and queueId not in touched and queueId not in self._state:
+                self._forget(queueId)
+        self._withdrawn -= {q for q in self._withdrawn if q not in found and q not in touched}
+        for queueId, state in lost:
+            self._rescue(queueId, state)
+        self._kick()
+
+    @inlineCallbacks
+    def _rescue(self, queueId: str, state: str) -> Any:
+        """A message on disk that the index lost: read when it is due, schedule it."""
+        when = self.clock.seconds()
+        try:
+            record = yield self.spool.read(queueId, state)
+            when = float(record.get("next_attempt") or when)
+        except Exception:
+            pass  # try it now; the attempt says what is wrong with it
+        if (
+            not self._running
+            or queueId in self._state
+            or queueId in self._inFlight
+            or queueId in self._withdrawn
+        ):
+            return  # it came back by itself meanwhile
+        self._stuck(queueId, state, when)
+        self._kick()
+
+    def _stuck(self, queueId: str, state: str, when: float) -> None:
+        """Schedule a message that had no attempt planned; say so."""
+        if state == "hold":
+            self._schedule(queueId, state, float("inf"))
+            return
+        when = max(when, self.clock.seconds())
+        log.warn(
+            "{queue_id}: found in {state} but not in the schedule (stuck); next attempt in "
+            "{delay:.0f}s",
+            queue_id=queueId,
+            state=state,
+            delay=when - self.clock.seconds(),
+        )
+        self.metrics.queueStuck()
+        self._schedule(queueId, state, when)
 
     # --- operator control (relayctl, relayd.control) ---------------------------
 
@@ -265,6 +446,9 @@ class Scheduler(Service):
         """
         if queueId in self._inFlight:
             raise ValueError(f"{queueId} is being delivered")
+        # Until it is rescheduled, the sweep leaves it alone too.
+        self._withdrawn.add(queueId)
+        self._touch(queueId)
         if queueId not in self._state:
             return None
         return self._state.pop(queueId), self._when.pop(queueId, float("inf"))
@@ -279,6 +463,7 @@ class Scheduler(Service):
             when = float("inf")
         elif when is None:
             when = self.clock.seconds()
+        self._withdrawn.discard(queueId)
         self._schedule(queueId, state, when)
         self._kick()
 
@@ -312,41 +497,95 @@ class Scheduler(Service):
 
     @inlineCallbacks
     def _attempt(self, queueId: str) -> Any:
+        """
+        One attempt at C{queueId}.  Every way out leaves the message either
+        gone from the queue or scheduled again: a spool failure backs off
+        (L{_spoolFailed}, L{_unrecordable}), never drops it.
+        """
         state = self._state[queueId]
-        del self._when[queueId]
-        try:
-            record = yield self.spool.read(queueId, state)
-        except Exception:
-            log.failure("{queue_id}: cannot read envelope in {state}", queue_id=queueId, state=state)
-            self._state.pop(queueId, None)
-            return
+        self._when.pop(queueId, None)
+        # Outcomes that could not be written are newer than the disk's copy.
+        record = self._unrecorded.get(queueId)
+        if record is None:
+            try:
+                record = yield self.spool.read(queueId, state)
+            except FileNotFoundError:
+                # Deleted, or the index had its state wrong: if it is
+                # anywhere else in the spool, the next sweep finds it.
+                log.info("{queue_id}: no longer in {state}", queue_id=queueId, state=state)
+                self._forget(queueId)
+                return
+            except Exception as e:
+                self._spoolFailed(queueId, state, "read", f"cannot read its envelope in {state}", e)
+                return
         if state != "active":
             # Not fsync'd: after a crash, active/ goes back to incoming/ anyway.
-            yield self.spool.move(queueId, state, "active", durable=False)
-            self._state[queueId] = "active"
-        try:
-            yield self._deliver(queueId, record)
-        except Exception:
-            # Keep the message: retry later with what its envelope on disk
-            # says.  If even recording that fails (a full disk), leave it in
-            # active/ and come back to it there: never drop it from the index.
-            log.failure("{queue_id}: attempt failed; will retry", queue_id=queueId)
-            when = self.clock.seconds() + self.retryInitial
             try:
-                onDisk = yield self.spool.read(queueId, "active")
-                onDisk["next_attempt"] = when
-                yield self.spool.update(queueId, "active", onDisk, "deferred")
-            except Exception:
-                log.failure("{queue_id}: cannot reschedule on disk; retrying from active/",
-                            queue_id=queueId)
-                self._schedule(queueId, "active", when)
-            else:
-                self._schedule(queueId, "deferred", when)
+                yield self.spool.move(queueId, state, "active", durable=False)
+            except Exception as e:
+                self._spoolFailed(queueId, state, "move", f"cannot move it from {state} to active", e)
+                return
+            self._state[queueId] = "active"
+        yield self._deliver(queueId, record)
+
+    def _spoolFailed(
+        self, queueId: str, state: str, operation: str, what: str, error: Exception,
+    ) -> None:
+        """
+        A spool operation before delivery failed: nothing was sent, the
+        message stays where it is, and is tried again with backoff.  One
+        log line, no traceback: the error says it all.
+        """
+        delay = self._backOff(queueId)
+        self.metrics.spoolError(operation)
+        log.error(
+            "{queue_id}: stuck in {state}: {what}: {error}; next attempt in {delay:.0f}s",
+            queue_id=queueId,
+            state=state,
+            what=what,
+            operation=operation,
+            error=error,
+            delay=delay,
+        )
+        self._schedule(queueId, state, self.clock.seconds() + delay)
+
+    def _unrecordable(
+        self, queueId: str, record: dict[str, Any], operation: str, error: Exception, when: float,
+    ) -> None:
+        """
+        The outcomes of an attempt could not be written (a full or
+        read-only spool): keep them in memory, so that the next attempt
+        starts from them and no recipient known to be delivered is sent to
+        again, and back off until the spool takes them.  The envelope is in
+        active/ still (or, after a move that failed half-way, the sweep
+        finds where it is).
+        """
+        self._unrecorded[queueId] = record
+        now = self.clock.seconds()
+        when = max(when, now + self._backOff(queueId))
+        self.metrics.spoolError(operation)
+        self.metrics.outcomesUnrecorded()
+        log.error(
+            "{queue_id}: cannot record the delivery outcome ({operation}): {error}; "
+            "kept in memory, next attempt in {delay:.0f}s",
+            queue_id=queueId,
+            operation=operation,
+            error=error,
+            delay=when - now,
+        )
+        self._schedule(queueId, "active", when)
 
     @inlineCallbacks
     def _deliver(self, queueId: str, record: dict[str, Any]) -> Any:
-        sender = record["sender"]
         waiting = [r for r in record["recipients"] if r["state"] not in FINAL]
+        if waiting:
+            yield self._send(queueId, record, waiting)
+        yield self._record(queueId, record)
+
+    @inlineCallbacks
+    def _send(self, queueId: str, record: dict[str, Any], waiting: list[dict[str, Any]]) -> Any:
+        """Deliver to the C{waiting} recipients; note their outcomes in C{record}."""
+        sender = record["sender"]
         outcomes: dict[str, tuple[RecipientResult, Any]] = {}
 
         byDomain: dict[str, list[str]] = {}
@@ -417,7 +656,22 @@ class Scheduler(Service):
                 newlyFailed.append(r)
 
         if newlyFailed:
-            yield self._bounce(queueId, record, newlyFailed, "failed", now)
+            try:
+                yield self._bounce(queueId, record, newlyFailed, "failed", now)
+            except Exception as e:
+                # Never final without a durable DSN: they stay queued, and
+                # the next attempt bounces them again.
+                for r in newlyFailed:
+                    r["state"] = "deferred"
+                    r.pop("expired", None)
+                self.metrics.spoolError("bounce")
+                log.error(
+                    "{queue_id}: cannot queue the non-delivery notice: {error}; "
+                    "{count} failed recipients stay queued",
+                    queue_id=queueId,
+                    error=e,
+                    count=len(newlyFailed),
+                )
         stillWaiting = [r for r in record["recipients"] if r["state"] not in FINAL]
         if (
             stillWaiting
@@ -425,14 +679,40 @@ class Scheduler(Service):
             and not record.get("delay_warned")
             and now - record["arrival"] >= self.delayWarning
         ):
-            yield self._bounce(queueId, record, stillWaiting, "delayed", now)
-            record["delay_warned"] = True
-
+            try:
+                yield self._bounce(queueId, record, stillWaiting, "delayed", now)
+            except Exception as e:
+                self.metrics.spoolError("bounce")
+                log.error(
+                    "{queue_id}: cannot queue the delay notice: {error}; will try again",
+                    queue_id=queueId,
+                    error=e,
+                )
+            else:
+                record["delay_warned"] = True
         if stillWaiting:
             when = now + backoff(record["attempts"], self.retryInitial, self.retryMax, self.random)
             when = min(when, record["arrival"] + self.lifetime) if not expired else when
             record["next_attempt"] = when
-            yield self.spool.update(queueId, "active", record, "deferred")
+
+    @inlineCallbacks
+    def _record(self, queueId: str, record: dict[str, Any]) -> Any:
+        """
+        Write the outcomes durably: the envelope to deferred/ while some
+        recipients are left, else the message out of the spool.  When the
+        spool refuses, L{_unrecordable} keeps them in memory.
+        """
+        stillWaiting = [r for r in record["recipients"] if r["state"] not in FINAL]
+        now = self.clock.seconds()
+        if stillWaiting:
+            when = float(record.get("next_attempt") or now)
+            try:
+                yield self.spool.update(queueId, "active", record, "deferred")
+            except Exception as e:
+                self._unrecordable(queueId, record, "update", e, when)
+                return
+            self._unrecorded.pop(queueId, None)
+            self._troubles.pop(queueId, None)
             self._schedule(queueId, "deferred", when)
             log.info(
                 "{queue_id}: deferred, {count} recipients left, next attempt in {delay:.0f}s",
@@ -441,8 +721,12 @@ class Scheduler(Service):
                 delay=when - now,
             )
         else:
-            yield self.spool.remove(queueId, "active")
-            self._state.pop(queueId, None)
+            try:
+                yield self.spool.remove(queueId, "active")
+            except Exception as e:
+                self._unrecordable(queueId, record, "remove", e, now)
+                return
+            self._forget(queueId)
             log.info("{queue_id}: removed", queue_id=queueId)
 
     def _logRecipient(

@@ -1047,6 +1047,35 @@ class Spool(Service):
 
         return self._tracked(scan)
 
+    def listQueued(self) -> Deferred[tuple[dict[str, list[str]], list[tuple[str, str]]]]:
+        """
+        In the pool: which queued states hold an envelope of which queue id,
+        from a listing of the directories (names only: no envelope is
+        opened), for the scheduler's sweep to find what its index lost.
+
+        @return: a Deferred firing with the states of each queue id (two
+            only while a move is under way, or after one failed half-way),
+            and C{(state, error)} for each directory that could not be
+            listed: reported, not fatal.
+        """
+
+        def listQueued() -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+            found: dict[str, list[str]] = {}
+            problems = []
+            for state in QUEUED_STATES:
+                try:
+                    names = os.listdir(os.path.join(self.directory, state))
+                except OSError as e:
+                    problems.append((state, str(e)))
+                    continue
+                for name in names:
+                    queueId = name.removesuffix(".json")
+                    if name.endswith(".json") and _QUEUE_ID.match(queueId):
+                        found.setdefault(queueId, []).append(state)
+            return found, problems
+
+        return self._tracked(listQueued)
+
     def update(
         self, queueId: str, state: str, record: dict[str, Any], newState: str | None = None
     ) -> Deferred[None]:
@@ -1058,6 +1087,8 @@ class Spool(Service):
         complete envelope exists: the old or the new.  (During a move a
         crash can leave both; recovery keeps the newer state's, see
         L{_recover}: so moves with a new record only ever leave C{active}.)
+        When the old envelope is already gone (a retry after a failure
+        that came after its removal), the move is done, not an error.
 
         The record is serialised now, on the calling thread.
         """
@@ -1082,7 +1113,10 @@ class Spool(Service):
                 raise
             fsyncDirectory(os.path.dirname(new))
             if new != old:
-                os.unlink(old)
+                try:
+                    os.unlink(old)
+                except FileNotFoundError:
+                    pass
                 fsyncDirectory(os.path.dirname(old))
 
         return self._tracked(update)

@@ -13,6 +13,7 @@ import time
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from relayd._testsink import SinkServer
@@ -659,6 +660,27 @@ class TLSTests(DeliveryTestCase):
         self.assertEqual((r.status, r.code, r.enhanced), ("deferred", 435, "4.7.8"))
         self.assertIn("535 5.7.8", r.text)
         self.assertNotIn("MAIL", sink.verbs())
+
+    @defer.inlineCallbacks
+    def test_authFailureReportsTLS(self):
+        """
+        A smart host that refuses AUTH inside TLS: the attempt says TLS was
+        up, in its result and in its log line (it said tls=None).
+        """
+        options, caPath = self.tls()
+        sink = self.sink(tlsOptions=options, users={"relay": "s3cret"})
+        hop = self.hop(sink.port, tls="verify", username="relay", password="wrong")
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        result = yield self.deliver(
+            self.deliverer(caFile=caPath), self.destination(hop), ["a@example.net"]
+        )
+        self.assertEqual(result.results[0].code, 435)
+        self.assertTrue((result.tls or "").startswith("TLSv1."), result.tls)
+        logged = [e for e in events if e.get("recipient") == "a@example.net"]
+        self.assertEqual([e["tls"] for e in logged], [result.tls])
+        self.assertIn("tls=TLSv1.", formatEvent(logged[0]))
 
     @defer.inlineCallbacks
     def test_verifyOtherCA(self):

@@ -6,16 +6,22 @@ end-to-end tests in test_delivery_e2e.py use real DNS and real SMTP sinks).
 
 import email
 import email.policy
+import errno
+import json
+import os
 import random
 import shutil
 import tempfile
 import time
 
+from test_diskfull import mountTmpfs
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from relayd.delivery import AttemptResult, RecipientResult
+from relayd.metrics import Metrics
 from relayd.routing import Destination, Hop, RoutingError
 from relayd.scheduler import Scheduler, backoff
 from relayd.spool import Spool, envelopeRecord
@@ -65,7 +71,9 @@ class ScriptedDeliverer:
         return defer.succeed(None)
 
 
-class SchedulerTests(unittest.TestCase):
+class SchedulerTestCase(unittest.TestCase):
+    """A real spool in a temporary directory and a scheduler on a L{Clock}."""
+
     def setUp(self):
         self.directory = tempfile.mkdtemp(prefix="relayd-sched-")
         self.addCleanup(shutil.rmtree, self.directory, True)
@@ -111,6 +119,8 @@ class SchedulerTests(unittest.TestCase):
     def queued(self):
         return {state: self.spool.entries(state) for state in ("incoming", "active", "deferred")}
 
+
+class SchedulerTests(SchedulerTestCase):
     @defer.inlineCallbacks
     def test_newMessageAttemptedAtOnce(self):
         yield self.start()
@@ -306,29 +316,272 @@ class SchedulerTests(unittest.TestCase):
         self.assertEqual(len(self.deliverer.calls), 6)
 
 
+class SpoolTroubleCase(SchedulerTestCase):
+    """
+    The spool fails under the scheduler, for real: a state directory that
+    is not a directory for a while (a failed rename, as EACCES or EROFS
+    would make it, and which root cannot chmod its way into), a file
+    system that is full, a message the index never heard of.  Nothing that
+    got its 250 is left behind, nothing delivered is sent twice, and each
+    failure is one log line and a count, not a traceback.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.metrics = Metrics()
+
+    def breakDirectory(self, state):
+        """Put a file where C{<spool>/<state>/} was: renames into it fail (ENOTDIR)."""
+        path = os.path.join(self.directory, state)
+        os.rename(path, path + ".away")
+        with open(path, "w") as f:
+            f.write("not a directory\n")
+        self.addCleanup(self.repairDirectory, state)
+
+    def repairDirectory(self, state):
+        path = os.path.join(self.directory, state)
+        if os.path.isdir(path + ".away"):
+            os.unlink(path)
+            os.rename(path + ".away", path)
+
+    def errors(self, queueId):
+        return [e for e in self.events
+                if e.get("queue_id") == queueId and e["log_level"] >= LogLevel.error]
+
+    def count(self, name, **labels):
+        return self.metrics.registry.get_sample_value(name, labels) or 0
+
+
+class SpoolTroubleTests(SpoolTroubleCase):
     @defer.inlineCallbacks
-    def test_updateFailureKeepsMessage(self):
-        """Recording the outcome fails: the message is kept and retried."""
-        real = self.spool.update
-        failures = [OSError(28, "No space left on device")] * 2
-
-        def update(*args, **kwargs):
-            if failures:
-                return defer.fail(failures.pop())
-            return real(*args, **kwargs)
-
-        self.spool.update = update
-        self.deliverer.script["b@example.org"] = ["deferred", "delivered"]
-        yield self.start()
+    def test_failedMoveRetriedWithBackoff(self):
+        """
+        incoming/ to active/ fails: the message stays in incoming/ and in
+        the schedule, comes back with backoff, and goes once the spool
+        works again; each failure is one error line, no traceback.
+        """
+        yield self.start(metrics=self.metrics)
+        self.metrics.watchQueue(self.scheduler)
+        self.breakDirectory("active")
         queueId = yield self.submit()
         yield self.settle()
-        self.assertEqual(self.spool.entries("active"), [queueId])
-        self.assertEqual(self.scheduler._state[queueId], "active")
-        self.clock.advance(301)
+        self.assertEqual(self.deliverer.calls, [])
+        self.assertEqual(self.spool.entries("incoming"), [queueId])
+        [error] = self.errors(queueId)
+        self.assertNotIn("log_failure", error)
+        text = formatEvent(error)
+        self.assertIn("stuck in incoming: cannot move it from incoming to active", text)
+        self.assertIn("Not a directory", text)
+        self.assertEqual(self.count("relayd_spool_errors_total", operation="move"), 1)
+        self.assertEqual(self.count("relayd_queue_stuck_messages"), 1)
+        # The first retry (300 s +-10%) fails too; the next waits longer.
+        self.clock.advance(331)
+        yield self.settle()
+        self.assertEqual(len(self.errors(queueId)), 2)
+        self.clock.advance(500)
+        yield self.settle()
+        self.assertEqual(len(self.errors(queueId)), 2)
+        self.repairDirectory("active")
+        self.clock.advance(200)
+        yield self.settle()
+        self.assertEqual(self.deliverer.calls, [("mx:example.org", "a@example.org", ["b@example.org"])])
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+        self.assertEqual(self.count("relayd_spool_errors_total", operation="move"), 2)
+        self.assertEqual(self.count("relayd_queue_stuck_messages"), 0)
+
+    @defer.inlineCallbacks
+    def test_failedReadRetriedWithBackoff(self):
+        """
+        A deferred message whose envelope cannot be read when its retry
+        comes stays scheduled (it was dropped from the index) and goes once
+        the spool can be read again.
+        """
+        self.deliverer.script["b@example.org"] = ["deferred", "delivered"]
+        yield self.start(metrics=self.metrics)
+        queueId = yield self.submit()
+        yield self.settle()
+        self.assertEqual(self.spool.entries("deferred"), [queueId])
+        self.breakDirectory("deferred")
+        self.clock.advance(331)
+        yield self.settle()
+        self.assertEqual(len(self.deliverer.calls), 1)
+        [error] = self.errors(queueId)
+        self.assertNotIn("log_failure", error)
+        self.assertIn("cannot read its envelope in deferred", formatEvent(error))
+        self.assertEqual(self.count("relayd_spool_errors_total", operation="read"), 1)
+        self.repairDirectory("deferred")
+        self.clock.advance(700)
         yield self.settle()
         self.assertEqual(len(self.deliverer.calls), 2)
         self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
-        self.flushLoggedErrors(OSError)
+
+    @defer.inlineCallbacks
+    def test_sweepFindsWhatTheIndexLost(self):
+        """
+        A message on disk that the schedule does not know (here: put in
+        place by hand, as by a restore into a running relayd) is found by
+        the sweep's directory listing, counted as stuck, logged and sent.
+        """
+        yield self.start(metrics=self.metrics, sweepInterval=60)
+        queueId = self.spool.newQueueId()
+        record = envelopeRecord(
+            queueId=queueId, sender="a@example.org", recipients=["b@example.org"],
+            arrival=self.clock.seconds(), size=8, body="7BIT", client="127.0.0.1", helo="h",
+            user=None, listener="relay",
+        )
+        with open(self.spool.dataPath(queueId), "wb") as f:
+            f.write(b"\r\nbody\r\n")
+        with open(os.path.join(self.directory, "incoming", queueId + ".json"), "w") as f:
+            json.dump(record, f)
+        self.clock.advance(30)
+        yield self.settle()
+        self.assertEqual(self.deliverer.calls, [])
+        self.clock.advance(30)
+        yield self.settle()
+        self.assertEqual(self.deliverer.calls, [("mx:example.org", "a@example.org", ["b@example.org"])])
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+        self.assertEqual(self.count("relayd_queue_stuck_total"), 1)
+        [warning] = [e for e in self.events
+                     if e.get("queue_id") == queueId and e["log_level"] == LogLevel.warn]
+        self.assertIn("not in the schedule", formatEvent(warning))
+
+
+class FullSpoolTests(SpoolTroubleCase):
+    """The scheduler's spool on a tiny tmpfs that the test fills up."""
+
+    def setUp(self):
+        mounted = mountTmpfs(self, "256k")
+        super().setUp()
+        self.spool.stopService()
+        self.spool = Spool(mounted, 0, reactor)
+        self.spool.startService()
+        self.addCleanup(self.spool.stopService)
+        self.directory = mounted
+
+    def fill(self):
+        """Take every free block of the file system."""
+        path = os.path.join(self.directory, "filler")
+        self.addCleanup(self.free)
+        with open(path, "wb", buffering=0) as f:
+            for size in (65536, 4096, 512, 1):
+                try:
+                    while True:
+                        f.write(b"\0" * size)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+
+    def free(self):
+        if os.path.exists(os.path.join(self.directory, "filler")):
+            os.unlink(os.path.join(self.directory, "filler"))
+
+    @defer.inlineCallbacks
+    def test_fullSpoolNeverResendsDelivered(self):
+        """
+        One recipient delivered, one deferred, and the outcome cannot be
+        written: the delivered one is never sent again, the retries back
+        off, and once space is back the rest goes and the message leaves.
+        """
+        self.deliverer.script = {"ok@x.test": ["delivered"], "later@x.test": ["deferred"]}
+        self.deliverer.hold = True
+        yield self.start(metrics=self.metrics, retryInitial=5, retryMax=300)
+        self.metrics.watchQueue(self.scheduler)
+        queueId = yield self.submit(recipients=("ok@x.test", "later@x.test"))
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.fill()
+        self.deliverer.hold = False
+        [(d, result)] = self.deliverer.held
+        self.deliverer.held.clear()
+        d.callback(result)
+        yield self.settle()
+        self.assertEqual(self.spool.entries("active"), [queueId])
+        for _ in range(40):
+            self.clock.advance(1)
+            yield self.settle()
+        sentTo = [r for call in self.deliverer.calls for r in call[2]]
+        self.assertEqual(sentTo.count("ok@x.test"), 1)
+        # 5, 10, 20 s: at most three retries in 40 s, not eight.
+        self.assertIn(sentTo.count("later@x.test"), (2, 3, 4))
+        errors = self.errors(queueId)
+        self.assertEqual(len(errors), sentTo.count("later@x.test"))
+        for error in errors:
+            self.assertNotIn("log_failure", error)
+            self.assertIn("No space left on device", formatEvent(error))
+        self.assertEqual(self.count("relayd_delivery_outcomes_unrecorded_total"),
+                         len(errors))
+        self.assertEqual(self.count("relayd_queue_stuck_messages"), 1)
+        # Space again: the deferred recipient goes, the message leaves.
+        self.free()
+        self.deliverer.script["later@x.test"] = ["delivered"]
+        self.clock.advance(400)
+        yield self.settle()
+        sentTo = [r for call in self.deliverer.calls for r in call[2]]
+        self.assertEqual(sentTo.count("ok@x.test"), 1)
+        self.assertEqual(self.deliverer.calls[-1], ("mx:x.test", "a@example.org", ["later@x.test"]))
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+        self.assertEqual(self.count("relayd_queue_stuck_messages"), 0)
+
+    @defer.inlineCallbacks
+    def test_stopWithUnrecordedOutcomesSaysSo(self):
+        """
+        Stopping while outcomes are only in memory loses them (at-least-once
+        allows the duplicate after the restart): one warning names the message.
+        """
+        self.deliverer.script = {"ok@x.test": ["delivered"], "later@x.test": ["deferred"]}
+        self.deliverer.hold = True
+        yield self.start(metrics=self.metrics)
+        queueId = yield self.submit(recipients=("ok@x.test", "later@x.test"))
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.fill()
+        self.deliverer.hold = False
+        [(d, result)] = self.deliverer.held
+        self.deliverer.held.clear()
+        d.callback(result)
+        yield self.settle()
+        self.assertEqual(self.count("relayd_delivery_outcomes_unrecorded_total"), 1)
+        yield self.scheduler.stopService()
+        [warning] = [e for e in self.events
+                     if e.get("queue_id") == queueId and e["log_level"] == LogLevel.warn]
+        self.assertIn("outcomes the spool did not record", formatEvent(warning))
+
+    @defer.inlineCallbacks
+    def test_fullSpoolKeepsFailedRecipientUntilItsDSN(self):
+        """
+        One recipient delivered, one refused for good, and the DSN cannot
+        be queued: the refused one is not final without its DSN, the
+        delivered one is never sent again; with space back, the DSN is
+        queued and the message leaves.
+        """
+        self.deliverer.script = {"ok@x.test": ["delivered"], "no@x.test": ["failed"]}
+        self.deliverer.hold = True
+        yield self.start(metrics=self.metrics, retryInitial=5, retryMax=300)
+        queueId = yield self.submit(recipients=("ok@x.test", "no@x.test"))
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.fill()
+        self.deliverer.hold = False
+        [(d, result)] = self.deliverer.held
+        self.deliverer.held.clear()
+        d.callback(result)
+        yield self.settle()
+        errors = self.errors(queueId)
+        self.assertTrue(errors)
+        self.assertIn("cannot queue the non-delivery notice", formatEvent(errors[0]))
+        self.assertEqual(self.count("relayd_spool_errors_total", operation="bounce"), 1)
+        self.clock.advance(30)
+        yield self.settle()
+        self.free()
+        self.clock.advance(400)
+        yield self.settle()
+        sentTo = [r for call in self.deliverer.calls if call[1] for r in call[2]]
+        self.assertEqual(sentTo.count("ok@x.test"), 1)
+        dsnCalls = [c for c in self.deliverer.calls if c[1] == ""]
+        self.assertEqual(dsnCalls, [("mx:example.org", "", ["a@example.org"])])
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+        for error in self.errors(queueId):
+            self.assertNotIn("log_failure", error)
 
 
 def test_backoff():

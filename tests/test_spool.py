@@ -727,6 +727,53 @@ class DeliverySideTests(unittest.TestCase):
         self.assertEqual(spool.entries("incoming"), [])
         self.assertEqual(spool.entries("deferred"), [queueId])
 
+    @defer.inlineCallbacks
+    def test_listQueued(self):
+        """
+        The sweep's view: which state directories hold which queue ids, from
+        names alone; a directory that cannot be listed is reported, and the
+        others are still listed.
+        """
+        first = yield self.spool.submit(self.record("X"), b"hi\r\n")
+        second = yield self.spool.submit(self.record("X"), b"hi\r\n")
+        yield self.spool.move(second, "incoming", "hold")
+        with open(os.path.join(self.directory, "incoming", "stray.txt"), "w") as f:
+            f.write("not an envelope\n")
+        found, problems = yield self.spool.listQueued()
+        self.assertEqual(found, {first: ["incoming"], second: ["hold"]})
+        self.assertEqual(problems, [])
+        # A state directory that is not one any more (renames into it fail).
+        deferred = os.path.join(self.directory, "deferred")
+        os.rename(deferred, deferred + ".away")
+        with open(deferred, "w") as f:
+            f.write("not a directory\n")
+        try:
+            found, problems = yield self.spool.listQueued()
+        finally:
+            os.unlink(deferred)
+            os.rename(deferred + ".away", deferred)
+        self.assertEqual(found, {first: ["incoming"], second: ["hold"]})
+        self.assertEqual([state for state, _ in problems], ["deferred"])
+        self.assertIn("Not a directory", problems[0][1])
+
+    @defer.inlineCallbacks
+    def test_updateAfterOldEnvelopeGone(self):
+        """
+        An update that moves the envelope out of active/ and finds it gone
+        there already (an earlier update got that far before failing) is
+        done, not an error: the new record is in the new state.
+        """
+        queueId = yield self.spool.submit(self.record("X"), b"hi\r\n")
+        yield self.spool.move(queueId, "incoming", "active")
+        record = yield self.spool.read(queueId, "active")
+        yield self.spool.move(queueId, "active", "deferred")
+        record["next_attempt"] = 3000.0
+        yield self.spool.update(queueId, "active", record, "deferred")
+        self.assertEqual(self.spool.entries("active"), [])
+        self.assertEqual(self.spool.entries("deferred"), [queueId])
+        again = yield self.spool.read(queueId, "deferred")
+        self.assertEqual(again["next_attempt"], 3000.0)
+
 
 class LockTests(unittest.TestCase):
     """Two spools (two relayd processes) never share one directory."""
