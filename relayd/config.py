@@ -127,6 +127,7 @@ class Config:
     postmaster: str | None = None
     metricsEndpoint: str = ""
     logFormat: str = "text"
+    logLevel: str = "info"
     controlSocket: str = ""
 
 
@@ -180,6 +181,9 @@ TLS_MODES = ("none", "opportunistic", "required", "verify")
 
 LOG_FORMATS = ("text", "json")
 """Log line formats, see L{relayd.logs}."""
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+"""The least severe level logged, see L{relayd.logs}."""
 
 
 def _processes(path: str, value: int, chain: list[str], policies: dict[str, Any]) -> int:
@@ -292,6 +296,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "logging": {
         "format": _Key(str, "text", check=_oneOf(*LOG_FORMATS)),
+        "level": _Key(str, "info", check=_oneOf(*LOG_LEVELS)),
     },
     "control": {
         # relayctl's UNIX socket; default: CONTROL_SOCKET_NAME in the spool.
@@ -572,6 +577,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         postmaster=delivery["postmaster"],
         metricsEndpoint=sections["metrics"]["endpoint"].strip(),
         logFormat=sections["logging"]["format"],
+        logLevel=sections["logging"]["level"],
         controlSocket=controlSocket or os.path.join(spoolDirectory, CONTROL_SOCKET_NAME),
     )
 

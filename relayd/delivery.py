@@ -35,7 +35,6 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    connectProtocol,
 )
 from twisted.internet.error import (
     ConnectionRefusedError,
@@ -44,6 +43,7 @@ from twisted.internet.error import (
     TCPTimedOutError,
     TimeoutError,
 )
+from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -165,6 +165,21 @@ def _connectError(hop: Hop, failure: Failure) -> Reply:
     else:
         why = failure.getErrorMessage()
     return Reply.local(451, "4.4.1", f"connect to {hop.host}[{hop.address}]:{hop.port}: {why}")
+
+
+class _QuietFactory(Factory):
+    """
+    connectProtocol's one-shot factory without its two log lines
+    ("Starting factory", "Stopping factory") per outbound connection.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.protocol
 
 
 @dataclass
@@ -357,7 +372,7 @@ class Deliverer:
             isV6 = False
         endpointType = TCP6ClientEndpoint if isV6 else TCP4ClientEndpoint
         endpoint = endpointType(self.reactor, hop.address, hop.port, timeout=self.timeouts.connect)
-        connecting = connectProtocol(endpoint, client)
+        connecting = endpoint.connect(_QuietFactory(client))
         self._connecting.add(connecting)
         try:
             yield connecting

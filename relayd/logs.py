@@ -26,9 +26,19 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, ILogObserver, formatEvent
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    ILogObserver,
+    LogLevel,
+    PredicateResult,
+    formatEvent,
+    textFileLogObserver,
+)
+from zope.interface import provider
 
-__all__ = ["eventAsJSON", "jsonFileLogObserver", "observerFor"]
+__all__ = ["eventAsJSON", "jsonFileLogObserver", "observerFor", "formatObserver", "levelFiltered"]
 
 _RESERVED = ("time", "level", "namespace", "message")
 # Keys that the legacy twisted.python.log API (twistd's own messages, parts
@@ -83,15 +93,18 @@ def jsonFileLogObserver(outFile: IO[Any]) -> ILogObserver:
 
 def observerFor(config: Any, twistdOptions: Mapping[str, Any] | None = None) -> Any:
     """
-    The log observer that C{[logging] format} asks for, or None to leave
-    twistd's own (text) choice alone.
+    The log observer that C{[logging] format} and C{level} ask for, writing
+    where twistd would have written; or None to leave twistd's own choice
+    alone (its C{--logger} and C{--syslog} options win).
+
+    Events below C{[logging] level} are dropped before they are formatted
+    or written: on the hot path every line costs, and debug lines are for
+    debugging.
 
     @param config: a L{relayd.config.Config}.
     @param twistdOptions: twistd's parsed options (C{logfile},
         C{nodaemon}, C{syslog}, C{logger}); None when not run by twistd.
     """
-    if config.logFormat != "json":
-        return None
     options = twistdOptions or {"nodaemon": True}
     if options.get("logger") or options.get("syslog"):
         return None
@@ -101,8 +114,34 @@ def observerFor(config: Any, twistdOptions: Mapping[str, Any] | None = None) -> 
     if logfile == "-" or (not logfile and options.get("nodaemon")):
         # Captured now: once logging starts, a daemon's sys.stdout is
         # redirected into the log system itself.
-        return jsonFileLogObserver(sys.stdout)
-    return jsonFileLogObserver(_rotatingFile(logfile or "twistd.log"))
+        out: Any = sys.stdout
+    else:
+        out = _rotatingFile(logfile or "twistd.log")
+    return levelFiltered(formatObserver(config.logFormat, out), config.logLevel)
+
+
+def formatObserver(logFormat: str, out: IO[Any]) -> ILogObserver:
+    """An observer writing C{logFormat} (C{"text"}, as twistd's, or C{"json"}) to C{out}."""
+    if logFormat == "json":
+        return jsonFileLogObserver(out)
+    observer: ILogObserver = textFileLogObserver(out)
+    return observer
+
+
+def levelFiltered(observer: ILogObserver, level: str) -> ILogObserver:
+    """C{observer}, passed only the events at C{level} (a L{LogLevel} name) or above."""
+    minimum = LogLevel.levelWithName(level)
+
+    @provider(ILogFilterPredicate)
+    def atLeast(event: Mapping[str, Any]) -> Any:
+        # An event without a level (rare: hand-made ones) is kept.
+        eventLevel = event.get("log_level")
+        if eventLevel is None or eventLevel >= minimum:
+            return PredicateResult.maybe
+        return PredicateResult.no
+
+    filtered: ILogObserver = FilteringLogObserver(observer, [atLeast])
+    return filtered
 
 
 def _rotatingFile(path: str) -> Any:

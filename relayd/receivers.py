@@ -313,10 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor, stdio
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
 
     from relayd.config import ConfigError, load
-    from relayd.logs import jsonFileLogObserver
+    from relayd.logs import formatObserver, levelFiltered
     from relayd.service import buildService
 
     label = f"receiver-{args.index}"
@@ -326,8 +326,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"relayd: {label}: config error: {e}\n")
         raise SystemExit(1) from None
     json = config.logFormat == "json"
-    base = jsonFileLogObserver(sys.stdout) if json else textFileLogObserver(sys.stdout)
-    globalLogBeginner.beginLoggingTo([_labelled(base, label, json)], redirectStandardIO=False)
+    observer = levelFiltered(
+        _labelled(formatObserver(config.logFormat, sys.stdout), label, json), config.logLevel
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     endpoints: dict[str, AdoptedEndpoint] = {}
     for item in args.listener:

@@ -114,8 +114,40 @@ def config(tmp_path: Path, fmt: str) -> Any:
     return load(setup.configPath)
 
 
-def test_textLeavesTwistdAlone(tmp_path: Path) -> None:
-    assert observerFor(config(tmp_path, "text"), {"nodaemon": True}) is None
+def test_textToStdoutAtInfo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    Text as twistd writes it, without the debug events: [logging] level
+    (default info) drops them before they are formatted.
+    """
+    observer = observerFor(config(tmp_path, "text"), {"nodaemon": True})
+    observer(
+        {
+            "log_format": "shown {n}",
+            "log_level": LogLevel.info,
+            "n": 1,
+            "log_time": 0.0,
+            "log_namespace": "t",
+        }
+    )
+    observer(
+        {"log_format": "hidden", "log_level": LogLevel.debug, "log_time": 0.0, "log_namespace": "t"}
+    )
+    out = capsys.readouterr().out
+    assert "shown 1" in out
+    assert "hidden" not in out
+
+
+def test_levelDebugShowsDebug(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    setup = TestSetup(
+        str(tmp_path),
+        modes=("relay",),
+        sections={"logging": {"format": "json", "level": "debug"}},
+    )
+    observer = observerFor(load(setup.configPath), {"nodaemon": True})
+    observer(
+        {"log_format": "detail", "log_level": LogLevel.debug, "log_time": 0.0, "log_namespace": "t"}
+    )
+    assert json.loads(capsys.readouterr().out)["message"] == "detail"
 
 
 def test_twistdOptionsWin(tmp_path: Path) -> None:
