@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relayd.envelope import DEFAULT_HEADER_SIZE
+
 __all__ = [
     "ConfigError",
     "Config",
@@ -91,6 +93,7 @@ class Config:
     spoolReserveBytes: int
     spoolThreads: int
     messageSize: int
+    maxHeaderSize: int
     maxRecipients: int
     maxConnections: int
     maxConnectionsPerClient: int
@@ -155,6 +158,13 @@ def _positive(value: Any) -> str | None:
 
 def _nonNegative(value: Any) -> str | None:
     return None if value >= 0 else "must be 0 or more"
+
+
+def _atLeast(least: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value >= least else f"must be at least {least}"
+
+    return check
 
 
 def _oneOf(*choices: str) -> Callable[[Any], str | None]:
@@ -232,6 +242,10 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "limits": {
         "message_size": _Key(int, 35 * 1024 * 1024, check=_positive),
+        # The header section is read whole or the message refused (552
+        # 5.3.4), so that no policy decides on part of it; relayd's own
+        # Received: field must fit.
+        "header_size": _Key(int, DEFAULT_HEADER_SIZE, check=_atLeast(1024)),
         "recipients": _Key(int, 100, check=_positive),
         "connections": _Key(int, 1000, check=_positive),
         "connections_per_client": _Key(int, 20, check=_positive),
@@ -536,6 +550,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         spoolReserveBytes=spool["reserve_bytes"],
         spoolThreads=spool["threads"],
         messageSize=limits["message_size"],
+        maxHeaderSize=limits["header_size"],
         maxRecipients=limits["recipients"],
         maxConnections=limits["connections"],
         maxConnectionsPerClient=limits["connections_per_client"],

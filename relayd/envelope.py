@@ -28,7 +28,15 @@ from typing import IO, Any
 
 from relayd.address import Address
 
-__all__ = ["Session", "Envelope", "Message", "Headers", "HeaderField"]
+__all__ = [
+    "Session",
+    "Envelope",
+    "Message",
+    "Headers",
+    "HeaderField",
+    "HeaderSectionTooLarge",
+    "DEFAULT_HEADER_SIZE",
+]
 
 
 @dataclass
@@ -105,7 +113,33 @@ _FIELD_NAME = re.compile(rb"^[!-9;-~]+[ \t]*:")
 """RFC 5322 section 2.2: printable US-ASCII except colon; some mailers put
 white space before the colon (obsolete syntax, still seen)."""
 
-_HEADER_LIMIT = 1 << 20
+DEFAULT_HEADER_SIZE = 1 << 20
+"""
+The default bound on a message's header section, in octets (C{[limits]
+header_size}): what L{Message} reads and parses.  relayd refuses a message
+whose header section is larger, so that no policy decides on part of it.
+"""
+
+_FIRST_READ = 1 << 16
+"""Octets read first: the whole header section of nearly every message."""
+
+
+class HeaderSectionTooLarge(Exception):
+    """
+    The message's header section is larger than the bound L{Message} was
+    given, so its fields cannot all be read.
+
+    relayd's server refuses such a message at the end of DATA (C{552
+    5.3.4}) before any policy is asked, so policies running in relayd never
+    see this.  It exists so that a L{Message} never hands out a header
+    section cut short, in which a C{From:} past the bound would go unseen.
+
+    @ivar limit: the bound, in octets.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"header section larger than {limit} octets")
+        self.limit = limit
 
 
 @dataclass
@@ -185,6 +219,33 @@ def _oneField(raw: bytes) -> HeaderField:
     return parsed.fields[0]
 
 
+def _scan(data: bytes) -> tuple[list[HeaderField], int, bool]:
+    """
+    L{Headers.parse}, also telling whether the header section ended within
+    C{data}: at an empty line or at a complete line that is not a field.
+    False means C{data} ran out first, so the section may go on after it.
+    """
+    fields: list[HeaderField] = []
+    pos = 0
+    n = len(data)
+    while pos < n:
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            break
+        line = data[pos : end + 2]
+        if line == b"\r\n":
+            return fields, end + 2, True
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] = HeaderField(fields[-1].name, fields[-1].raw + line)
+        elif _FIELD_NAME.match(line):
+            name = line.split(b":", 1)[0].rstrip(b" \t").decode("ascii")
+            fields.append(HeaderField(name, line))
+        else:
+            return fields, pos, True
+        pos = end + 2
+    return fields, pos, False
+
+
 class Headers:
     """
     The header section of a message as a list of L{HeaderField}s, in
@@ -225,25 +286,8 @@ class Headers:
 
         @return: the headers and the offset where the body starts.
         """
-        fields: list[HeaderField] = []
-        pos = 0
-        n = len(data)
-        while pos < n:
-            end = data.find(b"\r\n", pos)
-            if end < 0:
-                break
-            line = data[pos : end + 2]
-            if line == b"\r\n":
-                return cls(fields), end + 2
-            if line[:1] in (b" ", b"\t") and fields:
-                fields[-1] = HeaderField(fields[-1].name, fields[-1].raw + line)
-            elif _FIELD_NAME.match(line):
-                name = line.split(b":", 1)[0].rstrip(b" \t").decode("ascii")
-                fields.append(HeaderField(name, line))
-            else:
-                break
-            pos = end + 2
-        return cls(fields), pos
+        fields, offset, _ = _scan(data)
+        return cls(fields), offset
 
     def __iter__(self) -> Iterator[HeaderField]:
         return iter(list(self.fields))
@@ -374,41 +418,82 @@ class Message:
     has already passed relayd's own checks: size limit, no bare CR or LF,
     no NUL, no line over 998 octets.
 
-    Reading is blocking file I/O.  The header section is read once (at
-    most 1 MiB) on first use of L{headers}, which is fine on the reactor
-    thread; read the body of a big message in a thread, e.g.
+    Reading is blocking file I/O.  The header section is read once, whole
+    (at most C{maxHeaderSize} octets, 1 MiB unless C{[limits] header_size}
+    says otherwise), on first use of L{headers}, which is fine on the
+    reactor thread; read the body of a big message in a thread, e.g.
     C{await deferToThread(message.asBytes)}.
+
+    A header section larger than that bound is never handed out in part:
+    L{headers} and everything that needs the header section raise
+    L{HeaderSectionTooLarge}.  relayd's server refuses such messages
+    before the policies are asked (L{headerTooLarge}).
 
     @ivar path: the file holding the message as received.  Read it; do not
         write it: edit L{headers} instead.
     @ivar receivedSize: the size of the message as received, in octets.
+    @ivar maxHeaderSize: the bound on the header section, in octets.
     """
 
-    def __init__(self, path: str, size: int) -> None:
+    def __init__(self, path: str, size: int, maxHeaderSize: int = DEFAULT_HEADER_SIZE) -> None:
         self.path = path
         self.receivedSize = size
+        self.maxHeaderSize = maxHeaderSize
         self._headers: Headers | None = None
+        self._tooLarge = False
         self._bodyOffset = 0
         self._separator = b""
 
+    def _read(self) -> None:
+        """
+        Read and parse the header section, or find it larger than
+        L{maxHeaderSize}.  A line that starts within the bound ends within
+        C{MAX_LINE + 2} octets (relayd refuses longer lines), so reading
+        that much more tells where a section that fits ends.
+        """
+        limit = self.maxHeaderSize
+        want = limit + MAX_LINE + 2
+        with open(self.path, "rb") as f:
+            data = f.read(min(want, _FIRST_READ))
+            fields, offset, ended = _scan(data)
+            if not ended and len(data) < want and len(data) == _FIRST_READ:
+                data += f.read(want - len(data))
+                fields, offset, ended = _scan(data)
+        if offset > limit or (not ended and len(data) >= want):
+            self._tooLarge = True
+            return
+        if data[max(0, offset - 4) : offset] == b"\r\n\r\n" or (
+            offset == 2 and data[:2] == b"\r\n"
+        ):
+            self._separator = b"\r\n"  # the empty line ending the section
+        self._bodyOffset = offset
+        self._headers = Headers(fields)
+
     def _load(self) -> Headers:
+        if self._headers is None and not self._tooLarge:
+            self._read()
         if self._headers is None:
-            with open(self.path, "rb") as f:
-                data = f.read(_HEADER_LIMIT)
-            headers, offset = Headers.parse(data)
-            if data[max(0, offset - 4) : offset] == b"\r\n\r\n" or (
-                offset == 2 and data[:2] == b"\r\n"
-            ):
-                self._separator = b"\r\n"  # the empty line ending the section
-            self._bodyOffset = offset
-            self._headers = headers
+            raise HeaderSectionTooLarge(self.maxHeaderSize)
         return self._headers
+
+    @property
+    def headerTooLarge(self) -> bool:
+        """
+        True when the header section is larger than L{maxHeaderSize}
+        (reading it if that was not done yet; blocking).
+        """
+        if self._headers is None and not self._tooLarge:
+            self._read()
+        return self._tooLarge
 
     @property
     def headers(self) -> Headers:
         """
-        The header section, parsed on first use (a blocking read of at most
-        1 MiB from the page cache).
+        The header section, parsed on first use (a blocking read from the
+        page cache of at most L{maxHeaderSize} octets and one more line).
+
+        @raise HeaderSectionTooLarge: when the header section is larger than
+            L{maxHeaderSize}: its fields past the bound would go unseen.
         """
         return self._load()
 

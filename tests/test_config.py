@@ -117,6 +117,12 @@ CASES: dict[str, tuple[dict[str, str], str, str, tuple[str, ...]]] = {
         "limits.recipients",
         ("must be an integer",),
     ),
+    "header-size-too-small": (
+        {},
+        "[limits]\nheader_size = 512\n",
+        "limits.header_size",
+        ("must be at least 1024",),
+    ),
     "boolean-for-number": (
         {},
         "[timeouts]\ncommand = true\n",

@@ -11,7 +11,7 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from relayd.envelope import Headers, Message
+from relayd.envelope import DEFAULT_HEADER_SIZE, Headers, HeaderSectionTooLarge, Message
 from relayd.spool import Spool, envelopeRecord
 
 RAW = (
@@ -115,12 +115,12 @@ class HeadersTests(unittest.TestCase):
 
 
 class MessageTests(unittest.TestCase):
-    def message(self, raw):
+    def message(self, raw, maxHeaderSize=DEFAULT_HEADER_SIZE):
         fd, path = tempfile.mkstemp()
         os.write(fd, raw)
         os.close(fd)
         self.addCleanup(os.unlink, path)
-        return Message(path, len(raw))
+        return Message(path, len(raw), maxHeaderSize)
 
     def test_unchanged(self):
         m = self.message(RAW)
@@ -164,6 +164,78 @@ class MessageTests(unittest.TestCase):
             self.assertEqual(m.hasSeparator, expected, raw)
             m.headers.add("X", "1")
             self.assertEqual(m.hasSeparator, expected, raw)
+
+
+PAD = b"X-Pad: " + b"p" * 90 + b"\r\n"
+
+
+class HeaderBoundTests(unittest.TestCase):
+    """
+    L{Message} gives the whole header section or refuses: never the part
+    that fits in its bound.
+    """
+
+    message = MessageTests.message
+
+    def assertRefused(self, m):
+        self.assertTrue(m.headerTooLarge)
+        for read in (
+            lambda: m.headers,
+            lambda: m.bodyOffset,
+            lambda: m.hasSeparator,
+            m.headerBytes,
+            m.asBytes,
+        ):
+            self.assertRaises(HeaderSectionTooLarge, read)
+        self.assertFalse(m.changed)
+
+    def test_fromPastTheBound(self):
+        """
+        A From: after more header than the bound: refused, where a parse
+        of the first bound octets would have shown no From: at all.
+        """
+        raw = PAD * 1000 + b"From: ceo@example.com\r\n\r\nbody\r\n"
+        self.assertRefused(self.message(raw, 64 * 1024))
+        m = self.message(raw, 128 * 1024)
+        self.assertFalse(m.headerTooLarge)
+        self.assertEqual(m.headers.get("From"), "ceo@example.com")
+        self.assertEqual(m.asBytes(), raw)
+
+    def test_exactlyTheBound(self):
+        """
+        The bound counts the header section with the empty line ending it:
+        a section of exactly the bound is read, one octet more is not.
+        """
+        head = PAD * 20 + b"From: a@example.com\r\n\r\n"
+        raw = head + b"body\r\n" * 500
+        m = self.message(raw, len(head))
+        self.assertEqual((m.bodyOffset, m.headers.get("from")), (len(head), "a@example.com"))
+        self.assertRefused(self.message(raw, len(head) - 1))
+
+    def test_endedByEndOfMessage(self):
+        """A message that is all header section: its size is what counts."""
+        raw = PAD * 20
+        m = self.message(raw, len(raw))
+        self.assertEqual((len(m.headers), m.hasSeparator), (20, False))
+        self.assertRefused(self.message(raw, len(raw) - 1))
+
+    def test_endedByBodyLine(self):
+        """A line that is no field ends the section, as in L{Headers.parse}."""
+        head = PAD * 20
+        raw = head + b"not a field\r\n" + PAD * 1000
+        m = self.message(raw, len(head))
+        self.assertEqual((len(m.headers), m.bodyOffset), (20, len(head)))
+        self.assertRefused(self.message(raw, len(head) - 1))
+
+    def test_default(self):
+        """1 MiB by default, as relayd's [limits] header_size."""
+        line = b"X-Pad: " + b"p" * 900 + b"\r\n"
+        raw = line * (DEFAULT_HEADER_SIZE // len(line) + 1) + b"From: x@example.com\r\n\r\n"
+        fd, path = tempfile.mkstemp()
+        os.write(fd, raw)
+        os.close(fd)
+        self.addCleanup(os.unlink, path)
+        self.assertRefused(Message(path, len(raw)))
 
 
 class SpoolRewriteTests(unittest.TestCase):
