@@ -94,6 +94,7 @@ class Config:
     spoolThreads: int
     messageSize: int
     maxHeaderSize: int
+    maxHops: int
     maxRecipients: int
     maxConnections: int
     maxConnectionsPerClient: int
@@ -246,6 +247,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         # 5.3.4), so that no policy decides on part of it; relayd's own
         # Received: field must fit.
         "header_size": _Key(int, DEFAULT_HEADER_SIZE, check=_atLeast(1024)),
+        # Received: fields allowed, relayd's own included: more is a mail
+        # loop (554 5.4.6).  Postfix's hopcount_limit.
+        "hops": _Key(int, 50, check=_positive),
         "recipients": _Key(int, 100, check=_positive),
         "connections": _Key(int, 1000, check=_positive),
         "connections_per_client": _Key(int, 20, check=_positive),
@@ -551,6 +555,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         spoolThreads=spool["threads"],
         messageSize=limits["message_size"],
         maxHeaderSize=limits["header_size"],
+        maxHops=limits["hops"],
         maxRecipients=limits["recipients"],
         maxConnections=limits["connections"],
         maxConnectionsPerClient=limits["connections_per_client"],

@@ -487,6 +487,17 @@ class Message:
         return self._tooLarge
 
     @property
+    def hopCount(self) -> int:
+        """
+        The number of C{Received:} fields in the header section, relayd's
+        own included: the hop count of RFC 5321 section 6.3, which a mail
+        loop makes grow.
+
+        @raise HeaderSectionTooLarge: see L{headers}.
+        """
+        return sum(1 for f in self._load().fields if f.name.lower() == "received")
+
+    @property
     def headers(self) -> Headers:
         """
         The header section, parsed on first use (a blocking read from the

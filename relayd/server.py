@@ -1137,9 +1137,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         """
         Refuse, before any policy is asked, a message whose header section
         is larger than C{[limits] header_size} (no policy may decide on
-        part of it: a C{From:} past the bound would go unseen).  Reads the
-        header section (blocking, at most the bound): the policies find it
-        parsed.
+        part of it: a C{From:} past the bound would go unseen) or that has
+        more C{Received:} fields than C{[limits] hops} (a mail loop, RFC
+        5321 section 6.3).  Reads the header section (blocking, at most
+        the bound): the policies find it parsed.
 
         @return: True when the message was refused.
         """
@@ -1147,6 +1148,12 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if message.headerTooLarge:
             problem = f"header section over {config.maxHeaderSize} octets (limits.header_size)"
             reply = (552, "5.3.4", "Error: message header section exceeds fixed limit")
+        elif message.hopCount > config.maxHops:
+            problem = (
+                f"{message.hopCount} Received: fields, more than {config.maxHops} "
+                "(limits.hops); a mail loop?"
+            )
+            reply = (554, "5.4.6", "Error: too many hops")
         else:
             return False
         envelope, session = self.envelope, self.session

@@ -123,6 +123,7 @@ CASES: dict[str, tuple[dict[str, str], str, str, tuple[str, ...]]] = {
         "limits.header_size",
         ("must be at least 1024",),
     ),
+    "hops-zero": ({}, "[limits]\nhops = 0\n", "limits.hops", ("must be greater than 0",)),
     "boolean-for-number": (
         {},
         "[timeouts]\ncommand = true\n",

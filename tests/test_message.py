@@ -165,6 +165,12 @@ class MessageTests(unittest.TestCase):
             m.headers.add("X", "1")
             self.assertEqual(m.hasSeparator, expected, raw)
 
+    def test_hopCount(self):
+        """Received: fields of the header section, in any case; not the body's."""
+        raw = b"Received: a\r\nreceived : b\r\n\tfolded\r\nX: 1\r\n\r\nReceived: body\r\n"
+        self.assertEqual(self.message(raw).hopCount, 2)
+        self.assertEqual(self.message(b"\r\nReceived: body\r\n").hopCount, 0)
+
 
 PAD = b"X-Pad: " + b"p" * 90 + b"\r\n"
 
@@ -183,6 +189,7 @@ class HeaderBoundTests(unittest.TestCase):
             lambda: m.headers,
             lambda: m.bodyOffset,
             lambda: m.hasSeparator,
+            lambda: m.hopCount,
             m.headerBytes,
             m.asBytes,
         ):
