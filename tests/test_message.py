@@ -5,13 +5,23 @@ section with the body bytes exactly as received.
 """
 
 import os
+import random
+import re
 import shutil
 import tempfile
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from relayd.envelope import DEFAULT_HEADER_SIZE, Headers, HeaderSectionTooLarge, Message
+from relayd.envelope import (
+    DEFAULT_HEADER_SIZE,
+    Headers,
+    HeaderSectionTooLarge,
+    Message,
+    _fields,
+    _hops,
+    _sectionEnd,
+)
 from relayd.spool import Spool, envelopeRecord
 
 RAW = (
@@ -170,6 +180,66 @@ class MessageTests(unittest.TestCase):
         raw = b"Received: a\r\nreceived : b\r\n\tfolded\r\nX: 1\r\n\r\nReceived: body\r\n"
         self.assertEqual(self.message(raw).hopCount, 2)
         self.assertEqual(self.message(b"\r\nReceived: body\r\n").hopCount, 0)
+
+
+def lineByLine(data):
+    """
+    The obvious reading of a header section, one line at a time (what
+    relayd did before it used C{re}): the fields as (name, raw), the body's
+    offset, and whether the section ended within C{data}.
+    """
+    fields = []
+    pos = 0
+    while pos < len(data):
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            break
+        line = data[pos : end + 2]
+        if line == b"\r\n":
+            return fields, end + 2, True
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] = (fields[-1][0], fields[-1][1] + line)
+        elif re.match(rb"[!-9;-~]+[ \t]*:", line):
+            fields.append((line.split(b":", 1)[0].rstrip(b" \t").decode("ascii"), line))
+        else:
+            return fields, pos, True
+        pos = end + 2
+    return fields, pos, False
+
+
+class SectionTests(unittest.TestCase):
+    def test_sameAsLineByLine(self):
+        """
+        The one-pass reading (where the section ends, its fields, its hop
+        count) agrees with the line-by-line one on many random inputs made
+        of the pieces that matter: fields, continuations, empty lines, body
+        lines, lone CR and LF, half a field name.
+        """
+        pieces = [
+            b"From: a\r\n",
+            b"Received: x\r\n",
+            b"received :y\r\n",
+            b" cont\r\n",
+            b"\tcont\r\n",
+            b"\r\n",
+            b"body\r\n",
+            b"X",
+            b":",
+            b" ",
+            b"\r",
+            b"\n",
+            b"Re",
+            b"ceived:",
+        ]
+        randomness = random.Random(5321)
+        for _ in range(20000):
+            data = b"".join(randomness.choice(pieces) for _ in range(randomness.randint(0, 12)))
+            fields, offset, ended = lineByLine(data)
+            self.assertEqual(_sectionEnd(data), (offset, ended), data)
+            section = data[:offset]
+            self.assertEqual([(f.name, f.raw) for f in _fields(section)], fields, data)
+            hops = sum(1 for name, _ in fields if name.lower() == "received")
+            self.assertEqual(_hops(section), hops, data)
 
 
 PAD = b"X-Pad: " + b"p" * 90 + b"\r\n"
