@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relayd.envelope import DEFAULT_HEADER_SIZE
+
 __all__ = [
     "ConfigError",
     "Config",
@@ -91,6 +93,8 @@ class Config:
     spoolReserveBytes: int
     spoolThreads: int
     messageSize: int
+    maxHeaderSize: int
+    maxHops: int
     maxRecipients: int
     maxConnections: int
     maxConnectionsPerClient: int
@@ -156,6 +160,13 @@ def _positive(value: Any) -> str | None:
 
 def _nonNegative(value: Any) -> str | None:
     return None if value >= 0 else "must be 0 or more"
+
+
+def _atLeast(least: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value >= least else f"must be at least {least}"
+
+    return check
 
 
 def _oneOf(*choices: str) -> Callable[[Any], str | None]:
@@ -236,6 +247,13 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "limits": {
         "message_size": _Key(int, 35 * 1024 * 1024, check=_positive),
+        # The header section is read whole or the message refused (552
+        # 5.3.4), so that no policy decides on part of it; relayd's own
+        # Received: field must fit.
+        "header_size": _Key(int, DEFAULT_HEADER_SIZE, check=_atLeast(1024)),
+        # Received: fields allowed, relayd's own included: more is a mail
+        # loop (554 5.4.6).  Postfix's hopcount_limit.
+        "hops": _Key(int, 50, check=_positive),
         "recipients": _Key(int, 100, check=_positive),
         "connections": _Key(int, 1000, check=_positive),
         "connections_per_client": _Key(int, 20, check=_positive),
@@ -523,6 +541,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
             path, "delivery.retry_max", "must not be less than delivery.retry_initial"
         )
     routes = _routes(path, base, raw.get("routes", []))
+    _refuseRoutesToSelf(path, routes, listeners, hostname)
     spoolDirectory = _resolve(base, spool["directory"]) or ""
     controlSocket = _resolve(base, sections["control"]["socket"])
     return Config(
@@ -541,6 +560,8 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         spoolReserveBytes=spool["reserve_bytes"],
         spoolThreads=spool["threads"],
         messageSize=limits["message_size"],
+        maxHeaderSize=limits["header_size"],
+        maxHops=limits["hops"],
         maxRecipients=limits["recipients"],
         maxConnections=limits["connections"],
         maxConnectionsPerClient=limits["connections_per_client"],
@@ -627,3 +648,111 @@ def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
             hops.append(NextHopConfig(h["host"], h["port"], h["tls"], h["username"], password))
         routes.append(Route(tuple(d.lower() for d in values["domains"]), tuple(hops)))
     return tuple(routes)
+
+
+def _endpointParts(description: str) -> list[str]:
+    """Split a Twisted endpoint string at its colons (backslash escapes one)."""
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for ch in description:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+_UNSPECIFIED = {
+    "tcp": ipaddress.ip_address("0.0.0.0"),
+    "ssl": ipaddress.ip_address("0.0.0.0"),
+    "tcp6": ipaddress.ip_address("::"),
+}
+
+
+def _listenAddress(
+    endpoint: str,
+) -> tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """
+    The port and interface a C{tcp:}, C{tcp6:} or C{ssl:} listener endpoint
+    listens on, or None when the string does not say (port 0, C{systemd:},
+    C{unix:}, a bad string: buildService reports those).
+    """
+    parts = _endpointParts(endpoint)
+    if len(parts) < 2 or parts[0].lower() not in _UNSPECIFIED:
+        return None
+    kind = parts[0].lower()
+    positional = [p for p in parts[1:] if "=" not in p]
+    keywords = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    port = keywords.get("port", positional[0] if positional else "")
+    interface = keywords.get("interface", "")
+    try:
+        number = int(port)
+        address = ipaddress.ip_address(interface) if interface else _UNSPECIFIED[kind]
+    except ValueError:
+        return None
+    if not 0 < number < 65536:
+        return None
+    return number, address
+
+
+def _reaches(
+    host: str, interface: ipaddress.IPv4Address | ipaddress.IPv6Address, hostname: str
+) -> bool:
+    """
+    Whether connecting to C{host} reaches a listener on C{interface},
+    judged without DNS: an address literal that is the interface (or, for a
+    listener on every address, a loopback or unspecified one), C{localhost}
+    (loopback), or this machine's own name (for a listener on every
+    address).  Other names are not resolved at startup; the hop limit
+    stops the loops they make.
+    """
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name.startswith("ipv6:"):
+        name = name[5:]
+    everywhere = interface.is_unspecified
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        if name == "localhost" or name.endswith(".localhost"):
+            return everywhere or interface.is_loopback
+        own = {hostname.rstrip(".").lower(), socket.gethostname().lower()}
+        return everywhere and name in own
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    if not everywhere:
+        return address == interface
+    if address.version != interface.version and interface.version == 4:
+        return False  # an IPv4 listener on every address does not take IPv6
+    return address.is_loopback or address.is_unspecified
+
+
+def _refuseRoutesToSelf(
+    path: str, routes: tuple[Any, ...], listeners: list[ListenerConfig], hostname: str
+) -> None:
+    """
+    A C{[[routes]]} hop that is one of relayd's own listeners sends every
+    message it routes back to relayd, which routes it there again: a mail
+    loop that only the hop limit would end, after filling the log and the
+    queue.  Refuse it with one line naming the hop.
+    """
+    own = [(lc, _listenAddress(lc.endpoint)) for lc in listeners]
+    for i, route in enumerate(routes):
+        for j, hop in enumerate(route.hops):
+            for listener, address in own:
+                if address is None or address[0] != hop.port:
+                    continue
+                if _reaches(hop.host, address[1], hostname):
+                    raise ConfigError(
+                        path,
+                        f"routes[{i}].hops[{j}]",
+                        f"{hop.host}:{hop.port} is relayd's own listener {listener.name!r} "
+                        f"({listener.endpoint}): mail routed there would loop",
+                    )

@@ -28,7 +28,15 @@ from typing import IO, Any
 
 from relayd.address import Address
 
-__all__ = ["Session", "Envelope", "Message", "Headers", "HeaderField"]
+__all__ = [
+    "Session",
+    "Envelope",
+    "Message",
+    "Headers",
+    "HeaderField",
+    "HeaderSectionTooLarge",
+    "DEFAULT_HEADER_SIZE",
+]
 
 
 @dataclass
@@ -101,11 +109,51 @@ class Envelope:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-_FIELD_NAME = re.compile(rb"^[!-9;-~]+[ \t]*:")
-"""RFC 5322 section 2.2: printable US-ASCII except colon; some mailers put
-white space before the colon (obsolete syntax, still seen)."""
+_LINE_REST = rb"[^\r]*(?:\r(?!\n)[^\r]*)*\r\n"
+"""The rest of a line, up to and with the first CRLF (a lone CR or LF is
+part of the line, as everywhere in this module)."""
+_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:" + _LINE_REST + rb"(?:[ \t]" + _LINE_REST + rb")*")
+"""
+One whole field: name, colon, value and its continuation lines (RFC 5322
+section 2.2: the name is printable US-ASCII except colon; some mailers put
+white space before the colon, obsolete syntax still seen; section 2.2.3:
+continuation lines start with white space).
+"""
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
+_NOT_FIELD = re.compile(rb"\r\n(?![ \t]|[!-9;-~]+[ \t]*:)")
+"""A CRLF followed by a line that is neither a field nor a continuation
+line (an empty line among them), or by nothing: where a header section
+ends, found by C{re} in one pass whatever the number of fields."""
+_RECEIVED = re.compile(rb"\r\nreceived[ \t]*:", re.IGNORECASE)
+_RECEIVED_FIRST = re.compile(rb"received[ \t]*:", re.IGNORECASE)
 
-_HEADER_LIMIT = 1 << 20
+DEFAULT_HEADER_SIZE = 1 << 20
+"""
+The default bound on a message's header section, in octets (C{[limits]
+header_size}): what L{Message} reads and parses.  relayd refuses a message
+whose header section is larger, so that no policy decides on part of it.
+"""
+
+_FIRST_READ = 1 << 16
+"""Octets read first: the whole header section of nearly every message."""
+
+
+class HeaderSectionTooLarge(Exception):
+    """
+    The message's header section is larger than the bound L{Message} was
+    given, so its fields cannot all be read.
+
+    relayd's server refuses such a message at the end of DATA (C{552
+    5.3.4}) before any policy is asked, so policies running in relayd never
+    see this.  It exists so that a L{Message} never hands out a header
+    section cut short, in which a C{From:} past the bound would go unseen.
+
+    @ivar limit: the bound, in octets.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"header section larger than {limit} octets")
+        self.limit = limit
 
 
 @dataclass
@@ -185,6 +233,49 @@ def _oneField(raw: bytes) -> HeaderField:
     return parsed.fields[0]
 
 
+def _sectionEnd(data: bytes) -> tuple[int, bool]:
+    """
+    Where the header section at the start of C{data} ends: after the
+    first empty line, or at the first complete line that is neither a
+    field nor a continuation line (left to the body), like Postfix's
+    cleanup.
+
+    @return: the offset where the body starts, and whether the section
+        ended within C{data}: False when C{data} ran out first (so the
+        section may go on after it), the offset then being where the last
+        complete field ends.
+    """
+    if _FIELD_START.match(data) is None:
+        # An empty line, a body line, or a continuation of nothing.
+        if data.startswith(b"\r\n"):
+            return 2, True
+        return 0, data.find(b"\r\n") >= 0
+    found = _NOT_FIELD.search(data)
+    if found is None:
+        # Each line starts a field or continues one; the last has no CRLF.
+        return data.rfind(b"\r\n") + 2 if b"\r\n" in data else 0, False
+    start = found.end()
+    if data.startswith(b"\r\n", start):
+        return start + 2, True
+    return start, data.find(b"\r\n", start) >= 0
+
+
+def _hops(section: bytes) -> int:
+    """The C{Received:} fields of a header section (see L{_sectionEnd})."""
+    first = 1 if _RECEIVED_FIRST.match(section) is not None else 0
+    return first + len(_RECEIVED.findall(section))
+
+
+def _fields(section: bytes) -> list[HeaderField]:
+    """The fields at the start of C{section}, in order."""
+    fields = []
+    pos = 0
+    while (match := _FIELD.match(section, pos)) is not None:
+        fields.append(HeaderField(match.group(1).decode("ascii"), match.group()))
+        pos = match.end()
+    return fields
+
+
 class Headers:
     """
     The header section of a message as a list of L{HeaderField}s, in
@@ -225,25 +316,8 @@ class Headers:
 
         @return: the headers and the offset where the body starts.
         """
-        fields: list[HeaderField] = []
-        pos = 0
-        n = len(data)
-        while pos < n:
-            end = data.find(b"\r\n", pos)
-            if end < 0:
-                break
-            line = data[pos : end + 2]
-            if line == b"\r\n":
-                return cls(fields), end + 2
-            if line[:1] in (b" ", b"\t") and fields:
-                fields[-1] = HeaderField(fields[-1].name, fields[-1].raw + line)
-            elif _FIELD_NAME.match(line):
-                name = line.split(b":", 1)[0].rstrip(b" \t").decode("ascii")
-                fields.append(HeaderField(name, line))
-            else:
-                break
-            pos = end + 2
-        return cls(fields), pos
+        offset, _ = _sectionEnd(data)
+        return cls(_fields(data[:offset])), offset
 
     def __iter__(self) -> Iterator[HeaderField]:
         return iter(list(self.fields))
@@ -374,41 +448,106 @@ class Message:
     has already passed relayd's own checks: size limit, no bare CR or LF,
     no NUL, no line over 998 octets.
 
-    Reading is blocking file I/O.  The header section is read once (at
-    most 1 MiB) on first use of L{headers}, which is fine on the reactor
-    thread; read the body of a big message in a thread, e.g.
+    Reading is blocking file I/O.  The header section is read once, whole
+    (at most C{maxHeaderSize} octets, 1 MiB unless C{[limits] header_size}
+    says otherwise), on first use of L{headers}, which is fine on the
+    reactor thread; read the body of a big message in a thread, e.g.
     C{await deferToThread(message.asBytes)}.
+
+    A header section larger than that bound is never handed out in part:
+    L{headers} and everything that needs the header section raise
+    L{HeaderSectionTooLarge}.  relayd's server refuses such messages
+    before the policies are asked (L{headerTooLarge}).
 
     @ivar path: the file holding the message as received.  Read it; do not
         write it: edit L{headers} instead.
     @ivar receivedSize: the size of the message as received, in octets.
+    @ivar maxHeaderSize: the bound on the header section, in octets.
     """
 
-    def __init__(self, path: str, size: int) -> None:
+    def __init__(self, path: str, size: int, maxHeaderSize: int = DEFAULT_HEADER_SIZE) -> None:
         self.path = path
         self.receivedSize = size
+        self.maxHeaderSize = maxHeaderSize
         self._headers: Headers | None = None
+        self._readDone = False
+        self._section = b""
+        self._tooLarge = False
+        self._hops = 0
         self._bodyOffset = 0
         self._separator = b""
 
+    def _read(self) -> None:
+        """
+        Read the header section and find where it ends and its hop count
+        (one pass of C{re} each, whatever the number of fields; the fields
+        themselves are made on first use of L{headers}), or find it larger
+        than L{maxHeaderSize}.  A line that starts within the bound ends
+        within C{MAX_LINE + 2} octets (relayd refuses longer lines), so
+        reading that much more tells where a section that fits ends.
+        """
+        if self._readDone:
+            return
+        self._readDone = True
+        limit = self.maxHeaderSize
+        want = limit + MAX_LINE + 2
+        with open(self.path, "rb") as f:
+            data = f.read(min(want, _FIRST_READ))
+            offset, ended = _sectionEnd(data)
+            if not ended and len(data) < want and len(data) == _FIRST_READ:
+                data += f.read(want - len(data))
+                offset, ended = _sectionEnd(data)
+        if offset > limit or (not ended and len(data) >= want):
+            self._tooLarge = True
+            return
+        if data[max(0, offset - 4) : offset] == b"\r\n\r\n" or (
+            offset == 2 and data[:2] == b"\r\n"
+        ):
+            self._separator = b"\r\n"  # the empty line ending the section
+        self._bodyOffset = offset
+        self._section = data[:offset]
+        self._hops = _hops(self._section)
+
     def _load(self) -> Headers:
         if self._headers is None:
-            with open(self.path, "rb") as f:
-                data = f.read(_HEADER_LIMIT)
-            headers, offset = Headers.parse(data)
-            if data[max(0, offset - 4) : offset] == b"\r\n\r\n" or (
-                offset == 2 and data[:2] == b"\r\n"
-            ):
-                self._separator = b"\r\n"  # the empty line ending the section
-            self._bodyOffset = offset
-            self._headers = headers
+            self._read()
+            if self._tooLarge:
+                raise HeaderSectionTooLarge(self.maxHeaderSize)
+            self._headers = Headers(_fields(self._section))
+            self._section = b""  # the fields hold it now
         return self._headers
+
+    @property
+    def headerTooLarge(self) -> bool:
+        """
+        True when the header section is larger than L{maxHeaderSize}
+        (reading it if that was not done yet; blocking).
+        """
+        self._read()
+        return self._tooLarge
+
+    @property
+    def hopCount(self) -> int:
+        """
+        The number of C{Received:} fields in the header section as
+        received, relayd's own included: the hop count of RFC 5321 section
+        6.3, which a mail loop makes grow.
+
+        @raise HeaderSectionTooLarge: see L{headers}.
+        """
+        self._read()
+        if self._tooLarge:
+            raise HeaderSectionTooLarge(self.maxHeaderSize)
+        return self._hops
 
     @property
     def headers(self) -> Headers:
         """
-        The header section, parsed on first use (a blocking read of at most
-        1 MiB from the page cache).
+        The header section, parsed on first use (a blocking read from the
+        page cache of at most L{maxHeaderSize} octets and one more line).
+
+        @raise HeaderSectionTooLarge: when the header section is larger than
+            L{maxHeaderSize}: its fields past the bound would go unseen.
         """
         return self._load()
 

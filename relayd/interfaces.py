@@ -195,7 +195,10 @@ class IMessagePolicy(IPolicy):
             is discarded, edits included.
 
         Reading the message is blocking file I/O: the header section is
-        small and read once, but read a big body in a thread (see
+        read once and whole (relayd refuses a message whose header section
+        is larger than C{[limits] header_size}, or that has more
+        C{Received:} fields than C{[limits] hops}, before any policy is
+        asked), but read a big body in a thread (see
         L{relayd.envelope.Message.iterBody}).
 
         @param session: the connection.

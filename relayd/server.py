@@ -1067,9 +1067,21 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._spoolFailed(e, "write")
             self._release()
             return
+        message = Message(incoming.path, incoming.size, f.config.maxHeaderSize)
+        try:
+            refused = self._refuseHeader(message)
+        except OSError as e:
+            self._spoolFailed(e, "read")
+            self._release()
+            return
+        if refused:
+            self._incoming = None
+            incoming.discard()
+            self._reset()
+            self._release()
+            return
         self._committing = True
         started = f.clock.seconds()
-        message = Message(incoming.path, incoming.size)
         d = f.chain.checkMessage(session, envelope, message)
         outcome = {"queued": False}
 
@@ -1120,6 +1132,41 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         d.addCallback(decided)
         d.addErrback(lambda fl: failed(fl))
         d.addBoth(done)
+
+    def _refuseHeader(self, message: Message) -> bool:
+        """
+        Refuse, before any policy is asked, a message whose header section
+        is larger than C{[limits] header_size} (no policy may decide on
+        part of it: a C{From:} past the bound would go unseen) or that has
+        more C{Received:} fields than C{[limits] hops} (a mail loop, RFC
+        5321 section 6.3).  Reads the header section (blocking, at most
+        the bound): the policies find it parsed.
+
+        @return: True when the message was refused.
+        """
+        config = self.factory.config
+        if message.headerTooLarge:
+            problem = f"header section over {config.maxHeaderSize} octets (limits.header_size)"
+            reply = (552, "5.3.4", "Error: message header section exceeds fixed limit")
+        elif message.hopCount > config.maxHops:
+            problem = (
+                f"{message.hopCount} Received: fields, more than {config.maxHops} "
+                "(limits.hops); a mail loop?"
+            )
+            reply = (554, "5.4.6", "Error: too many hops")
+        else:
+            return False
+        envelope, session = self.envelope, self.session
+        assert envelope is not None and session is not None
+        log.warn(
+            "{queue_id}: message refused: {problem} from [{client}] session={session_id}",
+            queue_id=envelope.queueId,
+            problem=problem,
+            client=str(session.clientAddress),
+            session_id=session.sessionId,
+        )
+        self._refuse("data", *reply)
+        return True
 
     def _record(self, envelope: Envelope, size: int) -> dict[str, Any]:
         from relayd.spool import envelopeRecord

@@ -117,6 +117,46 @@ CASES: dict[str, tuple[dict[str, str], str, str, tuple[str, ...]]] = {
         "limits.recipients",
         ("must be an integer",),
     ),
+    "header-size-too-small": (
+        {},
+        "[limits]\nheader_size = 512\n",
+        "limits.header_size",
+        ("must be at least 1024",),
+    ),
+    "hops-zero": ({}, "[limits]\nhops = 0\n", "limits.hops", ("must be greater than 0",)),
+    "route-to-own-listener": (
+        {
+            "listeners": '[[listeners]]\nendpoint = "tcp:25250:interface=127.0.0.1"\n'
+            'mode = "relay"\n'
+        },
+        '[[routes]]\ndomains = ["*"]\n[[routes.hops]]\nhost = "127.0.0.1"\nport = 25250\n',
+        "routes[0].hops[0]",
+        ("127.0.0.1:25250", "own listener 'relay0'", "tcp:25250:interface=127.0.0.1", "loop"),
+    ),
+    "route-to-localhost": (
+        {"listeners": '[[listeners]]\nname = "mx"\nendpoint = "tcp:25251"\nmode = "relay"\n'},
+        '[[routes]]\ndomains = ["example.org"]\n'
+        '[[routes.hops]]\nhost = "smart.example.net"\nport = 25251\n'
+        '[[routes.hops]]\nhost = "localhost"\nport = 25251\n',
+        "routes[0].hops[1]",
+        ("localhost:25251", "own listener 'mx'", "loop"),
+    ),
+    "route-to-own-hostname": (
+        {"listeners": '[[listeners]]\nendpoint = "tcp:25252"\nmode = "relay"\n'},
+        '[server]\nhostname = "mx.example.test"\n'
+        '[[routes]]\ndomains = ["*"]\n[[routes.hops]]\nhost = "MX.example.test."\nport = 25252\n',
+        "routes[0].hops[0]",
+        ("MX.example.test.:25252", "own listener 'relay0'", "loop"),
+    ),
+    "route-to-own-ipv6": (
+        {
+            "listeners": "[[listeners]]\nendpoint = 'tcp6:port=25253:interface=\\:\\:1'\n"
+            "mode = 'relay'\n"
+        },
+        '[[routes]]\ndomains = ["*"]\n[[routes.hops]]\nhost = "[::1]"\nport = 25253\n',
+        "routes[0].hops[0]",
+        ("[::1]:25253", "own listener 'relay0'", "loop"),
+    ),
     "boolean-for-number": (
         {},
         "[timeouts]\ncommand = true\n",
@@ -201,6 +241,7 @@ TWISTD_CASES = (
     "unknown-key",
     "key-not-pem",
     "unknown-policy",
+    "route-to-own-listener",
 )
 
 
@@ -249,6 +290,26 @@ def test_loadError(case: str, tmp_path: Path, material: dict[str, Path]) -> None
     assert error.path == str(path)
     assert error.key == key
     checkLine(f"relayd: config error: {error}", path, key, words)
+
+
+def test_routesNotToSelf(tmp_path: Path, material: dict[str, Path]) -> None:
+    """
+    Hops that only look like relayd's listeners load: another port,
+    another loopback address than the one listened on, IPv6 to an IPv4
+    listener, a name relayd does not know as its own (not resolved).
+    """
+    listeners = (
+        '[[listeners]]\nendpoint = "tcp:25260:interface=127.0.0.1"\nmode = "relay"\n'
+        '[[listeners]]\nendpoint = "tcp:25261"\nmode = "relay"\n'
+        '[[listeners]]\nendpoint = "systemd:domain=INET:index=0"\nmode = "relay"\n'
+    )
+    hops = [("127.0.0.1", 25262), ("127.0.0.2", 25260), ("::1", 25261), ("mx.example.net", 25261)]
+    routes = "".join(
+        f'[[routes]]\ndomains = ["d{i}.example"]\n[[routes.hops]]\nhost = "{h}"\nport = {p}\n'
+        for i, (h, p) in enumerate(hops)
+    )
+    config = load(str(writeConfig(tmp_path, material, {"listeners": listeners}, routes)))
+    assert [r.hops[0].host for r in config.routes] == [h for h, _ in hops]
 
 
 def test_baseIsValid(tmp_path: Path, material: dict[str, Path]) -> None:

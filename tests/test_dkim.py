@@ -331,6 +331,43 @@ class SigningTests(DKIMTestCase):
             self.assertEqual(len(warnings), 1)
 
 
+class LargeHeaderTests(DKIMTestCase):
+    @defer.inlineCallbacks
+    def test_headerSectionOverLimitRefused(self):
+        """
+        A From: after more header than relayd parses is never signed
+        unseen (the key would be picked from the envelope): the message is
+        refused with 552 5.3.4, and the session goes on.
+        """
+        line = b"X-Pad: " + b"p" * 900 + b"\r\n"
+        big = line * (1_100_000 // len(line) + 1) + MESSAGE
+
+        def dialogue():
+            c = SMTPClient(self.relayd.port("relay"))
+            try:
+                assert c.reply()[0] == 220
+                assert c.command("EHLO client.test")[0] == 250
+                replies = []
+                for data in (big, MESSAGE):
+                    assert c.command("MAIL FROM:<alice@example.com>")[0] == 250
+                    assert c.command("RCPT TO:<bob@example.net>")[0] == 250
+                    assert c.command("DATA")[0] == 354
+                    c.send(dotStuff(data))
+                    code, lines = c.reply()
+                    replies.append((code, lines[0]))
+                return replies
+            finally:
+                c.close()
+
+        refused, after = yield deferToThread(dialogue)
+        self.assertEqual(refused, (552, "5.3.4 Error: message header section exceeds fixed limit"))
+        self.assertEqual(after[0], 250)
+        [queueId] = self.relayd.spool.entries("incoming")
+        data, _ = self.stored(queueId)
+        self.assertNotIn(b"X-Pad", data)
+        self.assertTrue((yield self.verify(data)))
+
+
 class HeadersThenDKIMTests(DKIMTestCase):
     """The C{headers} policy edits, C{dkim} (last) signs the result."""
 

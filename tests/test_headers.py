@@ -165,6 +165,50 @@ class RulesTests(HeadersTestCase):
         self.assertEqual(rest, expected)
 
 
+def padded(size: int = 1_100_000) -> bytes:
+    """
+    A message with C{size} octets of C{X-Pad:} fields before its C{From:},
+    C{Date:} and C{Message-ID:}: more header than relayd's default bound
+    (1 MiB).
+    """
+    line = b"X-Pad: " + b"p" * 900 + b"\r\n"
+    return line * (size // len(line) + 1) + MESSAGE
+
+
+def sendTwo(port, first, second):
+    """Two messages in one relay session: the replies to each end of DATA."""
+    c = SMTPClient(port)
+    try:
+        assert c.reply()[0] == 220
+        assert c.command("EHLO client.test")[0] == 250
+        replies = []
+        for data in (first, second):
+            assert c.command("MAIL FROM:<alice@example.org>")[0] == 250
+            assert c.command("RCPT TO:<bob@example.net>")[0] == 250
+            assert c.command("DATA")[0] == 354
+            c.send(dotStuff(data))
+            code, lines = c.reply()
+            replies.append((code, lines[0]))
+        return replies
+    finally:
+        c.close()
+
+
+class LargeHeaderTests(HeadersTestCase):
+    @defer.inlineCallbacks
+    def test_headerSectionOverLimitRefused(self):
+        """
+        The policy is never handed a header section cut short: one over
+        the bound is refused (552 5.3.4) before it could rewrite or add
+        fields in the middle of it; the session goes on.
+        """
+        refused, after = yield deferToThread(sendTwo, self.relayd.port("relay"), padded(), MESSAGE)
+        self.assertEqual(refused, (552, "5.3.4 Error: message header section exceeds fixed limit"))
+        self.assertEqual(after[0], 250)
+        data, _ = self.stored()
+        self.assertNotIn(b"X-Pad", data)
+
+
 class OwnTraceTests(HeadersTestCase):
     policies = {"remove": ["Received"], "replace": {"/^rec/": "x"}}
 

@@ -5,13 +5,23 @@ section with the body bytes exactly as received.
 """
 
 import os
+import random
+import re
 import shutil
 import tempfile
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from relayd.envelope import Headers, Message
+from relayd.envelope import (
+    DEFAULT_HEADER_SIZE,
+    Headers,
+    HeaderSectionTooLarge,
+    Message,
+    _fields,
+    _hops,
+    _sectionEnd,
+)
 from relayd.spool import Spool, envelopeRecord
 
 RAW = (
@@ -115,12 +125,12 @@ class HeadersTests(unittest.TestCase):
 
 
 class MessageTests(unittest.TestCase):
-    def message(self, raw):
+    def message(self, raw, maxHeaderSize=DEFAULT_HEADER_SIZE):
         fd, path = tempfile.mkstemp()
         os.write(fd, raw)
         os.close(fd)
         self.addCleanup(os.unlink, path)
-        return Message(path, len(raw))
+        return Message(path, len(raw), maxHeaderSize)
 
     def test_unchanged(self):
         m = self.message(RAW)
@@ -164,6 +174,145 @@ class MessageTests(unittest.TestCase):
             self.assertEqual(m.hasSeparator, expected, raw)
             m.headers.add("X", "1")
             self.assertEqual(m.hasSeparator, expected, raw)
+
+    def test_hopCount(self):
+        """Received: fields of the header section, in any case; not the body's."""
+        raw = b"Received: a\r\nreceived : b\r\n\tfolded\r\nX: 1\r\n\r\nReceived: body\r\n"
+        self.assertEqual(self.message(raw).hopCount, 2)
+        self.assertEqual(self.message(b"\r\nReceived: body\r\n").hopCount, 0)
+
+
+def lineByLine(data):
+    """
+    The obvious reading of a header section, one line at a time (what
+    relayd did before it used C{re}): the fields as (name, raw), the body's
+    offset, and whether the section ended within C{data}.
+    """
+    fields = []
+    pos = 0
+    while pos < len(data):
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            break
+        line = data[pos : end + 2]
+        if line == b"\r\n":
+            return fields, end + 2, True
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] = (fields[-1][0], fields[-1][1] + line)
+        elif re.match(rb"[!-9;-~]+[ \t]*:", line):
+            fields.append((line.split(b":", 1)[0].rstrip(b" \t").decode("ascii"), line))
+        else:
+            return fields, pos, True
+        pos = end + 2
+    return fields, pos, False
+
+
+class SectionTests(unittest.TestCase):
+    def test_sameAsLineByLine(self):
+        """
+        The one-pass reading (where the section ends, its fields, its hop
+        count) agrees with the line-by-line one on many random inputs made
+        of the pieces that matter: fields, continuations, empty lines, body
+        lines, lone CR and LF, half a field name.
+        """
+        pieces = [
+            b"From: a\r\n",
+            b"Received: x\r\n",
+            b"received :y\r\n",
+            b" cont\r\n",
+            b"\tcont\r\n",
+            b"\r\n",
+            b"body\r\n",
+            b"X",
+            b":",
+            b" ",
+            b"\r",
+            b"\n",
+            b"Re",
+            b"ceived:",
+        ]
+        randomness = random.Random(5321)
+        for _ in range(20000):
+            data = b"".join(randomness.choice(pieces) for _ in range(randomness.randint(0, 12)))
+            fields, offset, ended = lineByLine(data)
+            self.assertEqual(_sectionEnd(data), (offset, ended), data)
+            section = data[:offset]
+            self.assertEqual([(f.name, f.raw) for f in _fields(section)], fields, data)
+            hops = sum(1 for name, _ in fields if name.lower() == "received")
+            self.assertEqual(_hops(section), hops, data)
+
+
+PAD = b"X-Pad: " + b"p" * 90 + b"\r\n"
+
+
+class HeaderBoundTests(unittest.TestCase):
+    """
+    L{Message} gives the whole header section or refuses: never the part
+    that fits in its bound.
+    """
+
+    message = MessageTests.message
+
+    def assertRefused(self, m):
+        self.assertTrue(m.headerTooLarge)
+        for read in (
+            lambda: m.headers,
+            lambda: m.bodyOffset,
+            lambda: m.hasSeparator,
+            lambda: m.hopCount,
+            m.headerBytes,
+            m.asBytes,
+        ):
+            self.assertRaises(HeaderSectionTooLarge, read)
+        self.assertFalse(m.changed)
+
+    def test_fromPastTheBound(self):
+        """
+        A From: after more header than the bound: refused, where a parse
+        of the first bound octets would have shown no From: at all.
+        """
+        raw = PAD * 1000 + b"From: ceo@example.com\r\n\r\nbody\r\n"
+        self.assertRefused(self.message(raw, 64 * 1024))
+        m = self.message(raw, 128 * 1024)
+        self.assertFalse(m.headerTooLarge)
+        self.assertEqual(m.headers.get("From"), "ceo@example.com")
+        self.assertEqual(m.asBytes(), raw)
+
+    def test_exactlyTheBound(self):
+        """
+        The bound counts the header section with the empty line ending it:
+        a section of exactly the bound is read, one octet more is not.
+        """
+        head = PAD * 20 + b"From: a@example.com\r\n\r\n"
+        raw = head + b"body\r\n" * 500
+        m = self.message(raw, len(head))
+        self.assertEqual((m.bodyOffset, m.headers.get("from")), (len(head), "a@example.com"))
+        self.assertRefused(self.message(raw, len(head) - 1))
+
+    def test_endedByEndOfMessage(self):
+        """A message that is all header section: its size is what counts."""
+        raw = PAD * 20
+        m = self.message(raw, len(raw))
+        self.assertEqual((len(m.headers), m.hasSeparator), (20, False))
+        self.assertRefused(self.message(raw, len(raw) - 1))
+
+    def test_endedByBodyLine(self):
+        """A line that is no field ends the section, as in L{Headers.parse}."""
+        head = PAD * 20
+        raw = head + b"not a field\r\n" + PAD * 1000
+        m = self.message(raw, len(head))
+        self.assertEqual((len(m.headers), m.bodyOffset), (20, len(head)))
+        self.assertRefused(self.message(raw, len(head) - 1))
+
+    def test_default(self):
+        """1 MiB by default, as relayd's [limits] header_size."""
+        line = b"X-Pad: " + b"p" * 900 + b"\r\n"
+        raw = line * (DEFAULT_HEADER_SIZE // len(line) + 1) + b"From: x@example.com\r\n\r\n"
+        fd, path = tempfile.mkstemp()
+        os.write(fd, raw)
+        os.close(fd)
+        self.addCleanup(os.unlink, path)
+        self.assertRefused(Message(path, len(raw)))
 
 
 class SpoolRewriteTests(unittest.TestCase):

@@ -595,7 +595,8 @@ class RedisCase(RateLimitCase):
         },
         {"name": "per-client", "key": "client", "messages": ["3/hour"]},
     ]
-    onError = "accept"
+    onError: str | None = "accept"
+    """C{on_error} as configured; None leaves it out (the default)."""
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -608,9 +609,10 @@ class RedisCase(RateLimitCase):
             "backend": "redis",
             "redis_url": self.redis.url,
             "redis_timeout": 2.0,
-            "on_error": self.onError,
             "rules": self.rules,
         }
+        if self.onError is not None:
+            self.options["on_error"] = self.onError
         yield RateLimitCase.setUp(self)
 
     def get(self, key):
@@ -722,6 +724,27 @@ class RedisTests(RedisCase):
         yield self.policy().whenIdle()
         self.assertEqual(code, 250)
         self.assertTrue(self.logged(["ratelimit could not give back 1 counter(s)", "Redis"]))
+
+
+class RedisDefaultTests(RedisCase):
+    onError = None
+
+    @defer.inlineCallbacks
+    def test_redisDownFailsClosedByDefault(self):
+        """
+        Without on_error, a Redis outage does not lift the limits: MAIL
+        gets 451 4.3.0 and nothing is queued uncounted.
+        """
+        self.redis.halt()
+
+        def send():
+            return transaction(self.connect(), "a@example.org", ["x@example.net"])
+
+        result = yield self.run_(send)
+        self.assertEqual(result["mail"][0], 451)
+        self.assertTrue(result["mail"][1].startswith("4.3.0 "), result["mail"][1])
+        self.assertEqual(self.relayd.spool.entries("incoming"), [])
+        self.assertTrue(self.logged(["ratelimit store failed at MAIL", "451 4.3.0"]))
 
 
 class RedisFailClosedTests(RedisCase):

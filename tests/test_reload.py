@@ -160,6 +160,32 @@ class InProcessReloadTests(unittest.TestCase):
             return s.sendmail("a@example.org", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
 
 
+class RouteToSelfReloadTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_routeToOwnListenerRefused(self):
+        """
+        A reload whose new [[routes]] hop is relayd's own listener is
+        refused with the config error naming the hop; the old config stays.
+        """
+        directory = tempfile.mkdtemp(prefix="relayd-reload-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        setup = TestSetup(directory, modes=("relay",), portZero=False)
+        relayd = yield InProcessRelayd.start(setup)
+        self.addCleanup(relayd.stop)
+        port = setup.ports["relay"]
+        with open(setup.configPath, "a") as f:
+            f.write('\n[[routes]]\ndomains = ["*"]\n[[routes.hops]]\nhost = "localhost"\n')
+            f.write(f"port = {port}\n")
+        ok = yield relayd.service.reload()
+        self.assertFalse(ok)
+        self.assertEqual(
+            relayd.service.reloadError,
+            f"{setup.configPath}: routes[0].hops[0]: localhost:{port} is relayd's own listener "
+            f"'relay' (tcp:{port}:interface=127.0.0.1): mail routed there would loop",
+        )
+        self.assertEqual(relayd.service.config.routes, ())
+
+
 def test_sighupReloadsRealTwistd(tmp_path: Path, relaydProcesses) -> None:  # noqa: F811
     """SIGHUP to a real twistd: a good config is applied, a bad one refused."""
     setup = TestSetup(str(tmp_path / "relayd"), modes=("relay",), portZero=False)

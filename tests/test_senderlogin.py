@@ -259,6 +259,58 @@ class HeaderTests(SenderLoginTestCase):
         self.assertEqual([c for c, _ in replies], [250, 250])
 
 
+def padded(fromValue: str, size: int = 1_100_000) -> bytes:
+    """
+    A message whose header section holds C{size} octets of C{X-Pad:}
+    fields before its C{From:}: more than relayd's default bound on the
+    header section (1 MiB).
+    """
+    line = b"X-Pad: " + b"p" * 900 + b"\r\n"
+    return line * (size // len(line) + 1) + message(fromValue)
+
+
+HEADER_TOO_LARGE = (552, "5.3.4 Error: message header section exceeds fixed limit")
+
+
+class LargeHeaderTests(SenderLoginTestCase):
+    @defer.inlineCallbacks
+    def test_fromAfterLargeHeaderRefused(self):
+        """
+        A From: hidden after more header than relayd parses is never
+        accepted unseen: the message is refused with 552 5.3.4 and a log
+        line, and the session goes on serving.
+        """
+
+        def dialogue():
+            with smtplib.SMTP("127.0.0.1", self.relayd.port("relay"), timeout=60) as s:
+                s.starttls(context=self.setup.clientContext())
+                s.ehlo()
+                s.login("alice", PASSWORD)
+                assert s.mail("alice@example.com")[0] == 250
+                assert s.rcpt("b@example.net")[0] == 250
+                code, text = s.data(padded("ceo@example.com"))
+                refused = (code, text.decode())
+                assert s.mail("alice@example.com")[0] == 250
+                assert s.rcpt("b@example.net")[0] == 250
+                return refused, s.data(message("alice@example.com"))[0]
+
+        refused, after = yield deferToThread(dialogue)
+        self.assertEqual(refused, HEADER_TOO_LARGE)
+        self.assertEqual(after, 250)
+        self.assertEqual(len(self.spooled()), 1)
+        lines = [
+            formatEvent(e)
+            for e in self.events
+            if e.get("log_namespace") == "relayd.smtpd" and "header section" in formatEvent(e)
+        ]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(
+            lines[0],
+            r"^[0-9A-Z]+: message refused: header section over 1048576 octets "
+            r"\(limits\.header_size\) from \[127\.0\.0\.1\] session=[0-9A-F]{8}$",
+        )
+
+
 class NoHeaderCheckTests(SenderLoginTestCase):
     options = {"map": MAP, "check_header_from": False}
 

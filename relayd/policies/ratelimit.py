@@ -31,6 +31,12 @@ temporary, RFC 5321 section 4.2.1: the client tries again later).
 
 Counters live in memory (one process, exact) or in Redis (shared by every
 relayd behind a load balancer): L{relayd.ratecounter}.
+
+When the store cannot answer (Redis down, or slower than C{redis_timeout}),
+C{on_error} decides.  The default, C{"tempfail"}, answers C{451 4.3.0}: a
+limit that lifts whenever Redis is unreachable is no limit, since an
+attacker who can slow Redis down (or wait for an outage) would send
+unmetered.  C{"accept"} is for those who prefer mail flow over limits.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ KEYS = ("client", "user", "sender", "sender_domain")
 
 BACKENDS = ("memory", "redis")
 ON_ERROR = ("accept", "tempfail")
+DEFAULT_ON_ERROR = "tempfail"
+"""Fail closed: an outage of the store must not lift every limit."""
 
 UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _LIMIT = re.compile(r"^\s*(\d+)\s*/\s*(?:(second|minute|hour|day)|(\d+)\s*s)\s*$")
@@ -246,8 +254,8 @@ class RateLimit:
 
     @ivar store: the L{IRateCounterStore}.
     @ivar rules: the L{Rule}s.
-    @ivar onError: C{"accept"} (fail open) or C{"tempfail"} (fail closed,
-        C{451 4.3.0}) when the store cannot answer.
+    @ivar onError: C{"tempfail"} (fail closed, C{451 4.3.0}; the default)
+        or C{"accept"} (fail open) when the store cannot answer.
     @ivar keyPrefix: put before every counter key.
     """
 
@@ -257,7 +265,7 @@ class RateLimit:
         self,
         store: Any,
         rules: list[Rule],
-        onError: str = "accept",
+        onError: str = DEFAULT_ON_ERROR,
         keyPrefix: str = "relayd:rl:",
         clock: Any = None,
     ) -> None:
@@ -286,7 +294,7 @@ class RateLimit:
         backend = options.get("backend", "memory")
         if backend not in BACKENDS:
             raise PolicyOptionError("backend", f"must be one of {_choices(BACKENDS)}")
-        onError = options.get("on_error", "accept")
+        onError = options.get("on_error", DEFAULT_ON_ERROR)
         if onError not in ON_ERROR:
             raise PolicyOptionError("on_error", f"must be one of {_choices(ON_ERROR)}")
         keyPrefix = options.get("key_prefix", "relayd:rl:")
