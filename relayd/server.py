@@ -87,6 +87,10 @@ class DataReader:
     first line is recognised both as end of data and as stuffing.  The
     unprocessed tail (C{_carry}) always starts with that CRLF.
 
+    A line may hold 998 octets (RFC 5321 section 4.5.3.1.6), counted after
+    the transparency dot is removed, and however TCP cut it: a CR at the end
+    of a chunk may be the first half of the line's CRLF.
+
     Once a problem is found the reader stops passing data on but keeps
     looking for the end, so the client is answered after its real end of
     data and the session stays in step.
@@ -127,8 +131,14 @@ class DataReader:
         if cut > 0:
             self._pass(buf[:cut])
             buf = buf[cut:]
-        if len(buf) - 2 > TEXT_LINE - 2 and self.problem is None:
-            self.problem = "line"
+        # buf is CRLF and the start of a line.  Refuse it now if it is
+        # already too long, which bounds the carry; but a CR at its end may
+        # be half of its CRLF, and a dot at its start is transparency
+        # (RFC 5321 section 4.5.3.1.6): neither counts.
+        if len(buf) > TEXT_LINE and self.problem is None:
+            length = len(buf) - 2 - buf.endswith(b"\r") - buf.startswith(b"\r\n.")
+            if length > TEXT_LINE - 2:
+                self.problem = "line"
         self._carry = buf if self.problem is None else buf[-4:]
         return None
 
@@ -143,10 +153,12 @@ class DataReader:
         if b"\x00" in segment:
             self.problem = "nul"
             return
-        if len(segment) > TEXT_LINE and max(map(len, segment.split(b"\r\n"))) > TEXT_LINE - 2:
+        out = segment.replace(b"\r\n.", b"\r\n")
+        # Measured without the transparency dots (RFC 5321 section
+        # 4.5.3.1.6); every CR and LF is part of a CRLF by now.
+        if len(out) > TEXT_LINE and max(map(len, out.split(b"\r\n"))) > TEXT_LINE - 2:
             self.problem = "line"
             return
-        out = segment.replace(b"\r\n.", b"\r\n")
         if not self._started:
             out = out[2:]
             self._started = True

@@ -10,8 +10,10 @@ import os
 import re
 import shutil
 import smtplib
+import socket
 import ssl
 import tempfile
+import time
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
@@ -373,6 +375,50 @@ class DataTests(RelaydTestCase):
             self.assertEqual((code, lines[0][:5]), (554, "5.6.0"))
             self.assertEqual(noop, 250, nooplines)
         self.assertEqual(self.spooled(), [])
+
+    @defer.inlineCallbacks
+    def test_limitLinesInSeparateSegments(self):
+        """
+        Lines of 998 octets are legal (RFC 5321 section 4.5.3.1.6) however
+        TCP cuts them: their CR and LF in different segments (issue 9 item
+        7), or a leading dot, doubled on the wire, that does not count
+        (issue 11).  Sent with TCP_NODELAY and pauses, segment by segment.
+        """
+        plainLine = b"p" * 998
+        dotLine = b"." + b"d" * 997
+        segments = [
+            b"Subject: limits\r\n\r\n",
+            plainLine,
+            b"\r",
+            b"\n.",
+            dotLine,
+            b"\r",
+            b"\n",
+            b"." * 999,
+            b"\r\n.\r",
+            b"\n",
+        ]
+        body = b"Subject: limits\r\n\r\n" + b"\r\n".join([plainLine, dotLine, b"." * 998]) + b"\r\n"
+
+        def dialogue():
+            c = self.connect()
+            c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c.command("EHLO client.test")
+            c.command("MAIL FROM:<a@example.org>")
+            c.command("RCPT TO:<b@example.org>")
+            assert c.command("DATA")[0] == 354
+            for segment in segments:
+                c.send(segment)
+                time.sleep(0.05)
+            return c.reply(), c.command("NOOP")
+
+        (code, lines), (noop, _) = yield self.run_(dialogue)
+        self.assertEqual((code, lines[0][:5]), (250, "2.0.0"), lines)
+        self.assertEqual(noop, 250)
+        [(_, path)] = self.spooled()
+        with open(path, "rb") as f:
+            stored = f.read()
+        self.assertEqual(stored[stored.index(b"Subject: limits") :], body)
 
     @defer.inlineCallbacks
     def test_smugglingVariants(self):
