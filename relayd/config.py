@@ -86,6 +86,8 @@ class Config:
     maxErrors: int
     timeoutCommand: float
     timeoutData: float
+    dataDeadline: float
+    dataMinRate: float
     timeoutClose: float
     shutdownSessions: float
     shutdownDeliveries: float
@@ -203,9 +205,15 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "timeouts": {
         # RFC 5321 section 4.5.3.2.7: the server waits at least 5 minutes
-        # for the next command; 4.5.3.2.5 gives 3 minutes per DATA block.
+        # for the next command (here: for the whole command line, however
+        # it is trickled); 4.5.3.2.5 gives 3 minutes per DATA block.
         "command": _Key(_NUMBER, 300.0, check=_positive),
         "data": _Key(_NUMBER, 180.0, check=_positive),
+        # A whole DATA transfer: this many seconds, plus one second for
+        # every data_min_rate octets received (Postfix's smtpd_timeout with
+        # smtpd_per_record_deadline and smtpd_min_data_rate).
+        "data_deadline": _Key(_NUMBER, 300.0, check=_positive),
+        "data_min_rate": _Key(_NUMBER, 500, check=_nonNegative),
         # Once relayd has decided to close a session (QUIT, an error or AUTH
         # limit, a timeout), how long the close may take (a TLS close_notify,
         # the client reading its last reply) before the connection is cut.
@@ -469,6 +477,8 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         maxErrors=limits["errors"],
         timeoutCommand=float(timeouts["command"]),
         timeoutData=float(timeouts["data"]),
+        dataDeadline=float(timeouts["data_deadline"]),
+        dataMinRate=float(timeouts["data_min_rate"]),
         timeoutClose=float(timeouts["close"]),
         shutdownSessions=float(timeouts["shutdown_sessions"]),
         shutdownDeliveries=float(timeouts["shutdown_deliveries"]),

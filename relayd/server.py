@@ -342,6 +342,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._paused = 0
         self._shuttingDown = False
         self._closing = False
+        self._dataStarted = 0.0
+        self._dataOctets = 0
+        self._dataTimer: Any = None
 
     # --- connection ----------------------------------------------------
 
@@ -424,6 +427,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
+        self._stopDataDeadline()
         previous, self.state = self.state, "closed"
         if self._incoming is not None and not self._committing:
             self._incoming.discard()
@@ -458,12 +462,22 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             )
             self.transport.abortConnection()
             return
-        log.info(
-            "{session_id}: timeout in state {state} from [{client}]",
-            session_id=self.session.sessionId,
-            state=self.state,
-            client=str(self.session.clientAddress),
-        )
+        if self._buffer and not self.paused and self.state in ("command", "auth"):
+            log.info(
+                "{session_id}: command line not complete after {seconds} s "
+                "({octets} octets) from [{client}]",
+                session_id=self.session.sessionId,
+                seconds=self.factory.config.timeoutCommand,
+                octets=len(self._buffer),
+                client=str(self.session.clientAddress),
+            )
+        else:
+            log.info(
+                "{session_id}: timeout in state {state} from [{client}]",
+                session_id=self.session.sessionId,
+                state=self.state,
+                client=str(self.session.clientAddress),
+            )
         self.reply(421, "4.4.2", f"{self.factory.config.hostname} Error: timeout exceeded")
         self._close()
 
@@ -514,6 +528,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if self._incoming is not None and not self._committing:
             self._incoming.discard()
             self._incoming = None
+        self._stopDataDeadline()
         if self.state == "closed" and self._closing:
             return
         self.state = "closed"
@@ -537,12 +552,20 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if self._shuttingDown and self.state != "data":
                 self._goodbye()
                 return
+            # Ready for the next command: its time starts now.
+            self.resetTimeout()
             self.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        """
+        In command mode the timeout is a deadline for each whole line
+        (L{lineReceived} and L{_release} restart it), so that octets
+        trickling in do not keep a connection open; in DATA it is an idle
+        limit per read, and L{_dataDeadline} bounds the whole transfer.
+        """
         if self.state == "closed":
             return
-        if data:
+        if self.state == "data" and data:
             self.resetTimeout()
         super().dataReceived(data)
 
@@ -601,6 +624,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     def lineReceived(self, raw: bytes) -> None:
         if self.state == "closed":
             return
+        self.resetTimeout()
         if not raw.endswith(b"\r"):
             self.fail(500, "5.5.2", "Error: bare LF received; lines must end with CRLF")
             return
@@ -1017,8 +1041,49 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self.state = "data"
         self._reader = DataReader(self._incoming.write, f.config.messageSize)
         self.setTimeout(f.config.timeoutData)
+        self._dataStarted = f.clock.seconds()
+        self._dataOctets = 0
+        self._dataTimer = f.clock.callLater(f.config.dataDeadline, self._dataDeadline)
         self.reply(354, None, "End data with <CR><LF>.<CR><LF>")
         self.setRawMode()
+
+    def _dataDeadline(self) -> None:
+        """
+        The DATA transfer has had C{dataDeadline} seconds: if the octets
+        received since have earned it more time (one second per
+        C{dataMinRate} octets), look again then; else end the session.
+        One timer per transfer, nothing per chunk but a sum.
+        """
+        f = self.factory
+        cfg = f.config
+        now = f.clock.seconds()
+        earned = self._dataOctets / cfg.dataMinRate if cfg.dataMinRate > 0 else 0.0
+        allowed = self._dataStarted + cfg.dataDeadline + earned
+        if now < allowed:
+            self._dataTimer = f.clock.callLater(allowed - now, self._dataDeadline)
+            return
+        self._dataTimer = None
+        envelope, session = self.envelope, self.session
+        assert session is not None
+        log.warn(
+            "{queue_id}: DATA deadline exceeded: {octets} octets in {seconds:.0f} s "
+            "(allowed {deadline} s plus 1 s per {rate} octets) from [{client}] "
+            "session={session_id}",
+            queue_id=envelope.queueId if envelope else None,
+            octets=self._dataOctets,
+            seconds=now - self._dataStarted,
+            deadline=cfg.dataDeadline,
+            rate=cfg.dataMinRate,
+            client=str(session.clientAddress),
+            session_id=session.sessionId,
+        )
+        self.reply(421, "4.4.2", f"{cfg.hostname} Error: timeout exceeded")
+        self._close()
+
+    def _stopDataDeadline(self) -> None:
+        timer, self._dataTimer = self._dataTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _received(self, envelope: Envelope) -> bytes:
         """The C{Received:} trace header (RFC 5321 section 4.4, RFC 3848)."""
@@ -1047,9 +1112,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     def rawDataReceived(self, data: bytes) -> None:
         assert self._reader is not None
+        self._dataOctets += len(data)
         rest = self._reader.feed(data)
         if rest is None:
             return
+        self._stopDataDeadline()
         self._hold()
         self.state = "command"
         self.setTimeout(self.factory.config.timeoutCommand)

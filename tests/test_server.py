@@ -8,6 +8,7 @@ of DESIGN section 4, and the good paths.
 import base64
 import os
 import re
+import select
 import shutil
 import smtplib
 import socket
@@ -759,6 +760,114 @@ class TimeoutTests(RelaydTestCase):
                 break
             yield deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(self.tmpFiles(), [])
+
+
+class SlowClientTests(RelaydTestCase):
+    """
+    Issue 9 item 5: trickling one octet at a time must not hold a slot:
+    a command line has C{command} seconds in all, and a DATA transfer
+    C{data_deadline} seconds plus what it earns at C{data_min_rate}.
+    """
+
+    sections = {
+        "timeouts": {"command": 1.0, "data": 3.0, "data_deadline": 1.0, "data_min_rate": 100}
+    }
+
+    def trickle(self, c, octets, interval=0.1):
+        """
+        Send C{octets} one at a time, C{interval} seconds apart, until the
+        server answers: the reply and how many octets went, or None and all
+        of them when it never answered while they were being sent.
+        """
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for sent in range(1, len(octets) + 1):
+            try:
+                c.send(octets[sent - 1 : sent])
+            except OSError:
+                return None, sent
+            readable, _, _ = select.select([c.sock], [], [], interval)
+            if readable:
+                return c.reply(), sent
+        return None, len(octets)
+
+    @defer.inlineCallbacks
+    def waitForNoSessions(self):
+        for _ in range(300):
+            if not self.relayd.sessions:
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.fail("sessions still open")
+
+    def assertStillServing(self):
+        def dialogue():
+            c = self.connect()
+            return c.command("EHLO other.test")[0]
+
+        return self.run_(dialogue).addCallback(self.assertEqual, 250)
+
+    @defer.inlineCallbacks
+    def test_commandLineTrickled(self):
+        octets = b"EHLO " + b"x" * 55
+
+        def dialogue():
+            c = self.connect()
+            reply, sent = self.trickle(c, octets)
+            return reply, sent, c.closed()
+
+        reply, sent, closed = yield self.run_(dialogue)
+        self.assertIsNotNone(reply, "still open after the whole line was trickled")
+        self.assertEqual((reply[0], reply[1][0][:5]), (421, "4.4.2"))
+        self.assertLess(sent, len(octets))
+        self.assertTrue(closed)
+        yield self.waitForNoSessions()
+        self.assertTrue(
+            [e for e in self.events if "command line not complete" in (e.get("log_format") or "")]
+        )
+        yield self.assertStillServing()
+
+    @defer.inlineCallbacks
+    def test_dataTrickled(self):
+        octets = b"Subject: slow\r\n\r\n" + b"y" * 50
+
+        def dialogue():
+            c = self.connect()
+            c.command("EHLO client.test")
+            c.command("MAIL FROM:<a@example.org>")
+            c.command("RCPT TO:<b@example.org>")
+            assert c.command("DATA")[0] == 354
+            reply, sent = self.trickle(c, octets)
+            return reply, sent, c.closed()
+
+        reply, sent, closed = yield self.run_(dialogue)
+        self.assertIsNotNone(reply, "still open after the whole message was trickled")
+        self.assertEqual((reply[0], reply[1][0][:5]), (421, "4.4.2"))
+        self.assertLess(sent, len(octets))
+        self.assertTrue(closed)
+        yield self.waitForNoSessions()
+        self.assertEqual(self.tmpFiles(), [])
+        self.assertEqual(self.spooled(), [])
+        self.assertTrue([e for e in self.events if "DATA deadline" in (e.get("log_format") or "")])
+        yield self.assertStillServing()
+
+    @defer.inlineCallbacks
+    def test_dataAboveMinimumRateMayTakeLonger(self):
+        """Each octet earns 1/data_min_rate seconds: slow but steady is fine."""
+        body = b"Subject: steady\r\n\r\n" + (b"z" * 98 + b"\r\n") * 20
+
+        def dialogue():
+            c = self.connect()
+            c.command("EHLO client.test")
+            c.command("MAIL FROM:<a@example.org>")
+            c.command("RCPT TO:<b@example.org>")
+            assert c.command("DATA")[0] == 354
+            for i in range(0, len(body), 100):
+                c.send(body[i : i + 100])
+                time.sleep(0.1)
+            c.send(b".\r\n")
+            return c.reply()
+
+        code, lines = yield self.run_(dialogue)
+        self.assertEqual((code, lines[0][:5]), (250, "2.0.0"))
 
 
 class ConnectionLimitTests(RelaydTestCase):
