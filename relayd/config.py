@@ -76,6 +76,9 @@ class Config:
     authMaxFailures: int
     authFailureDelay: float
     authThreads: int
+    authFailureWindow: int
+    authClientFailureLimit: int
+    authUserFailureLimit: int
     spoolDirectory: str
     spoolReserveBytes: int
     spoolThreads: int
@@ -190,6 +193,12 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max_failures": _Key(int, 3, check=_positive),
         "failure_delay": _Key(_NUMBER, 1.0, check=_nonNegative),
         "threads": _Key(int, 2, check=_positive),
+        # Across connections (relayd.auth.Lockout): failures per client
+        # address (IPv6: /64) and per user name at that address, in fixed
+        # windows; above a limit AUTH gets 454 4.7.0 until the window ends.
+        "failure_window": _Key(int, 900, check=_positive),
+        "client_failure_limit": _Key(int, 30, check=_nonNegative),
+        "user_failure_limit": _Key(int, 10, check=_nonNegative),
     },
     "spool": {
         "directory": _Key(str, required=True),
@@ -467,6 +476,9 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         authMaxFailures=auth["max_failures"],
         authFailureDelay=float(auth["failure_delay"]),
         authThreads=auth["threads"],
+        authFailureWindow=auth["failure_window"],
+        authClientFailureLimit=auth["client_failure_limit"],
+        authUserFailureLimit=auth["user_failure_limit"],
         spoolDirectory=spoolDirectory,
         spoolReserveBytes=spool["reserve_bytes"],
         spoolThreads=spool["threads"],

@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.address import AddressError, parseParameters, parsePath
+from relayd.auth import Lockout
 from relayd.envelope import Envelope, Message, Session
 from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.verdict import Action, Verdict
@@ -215,6 +216,8 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
     @ivar avatarInterface: the interface asked of the portal.
     @ivar metrics: where connections, AUTH results and messages are
         counted (L{relayd.metrics}); by default nowhere.
+    @ivar lockout: AUTH failures across connections (L{relayd.auth.Lockout}),
+        shared by the listeners of one relayd.
     """
 
     def __init__(
@@ -231,6 +234,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         limits: ConnectionLimits,
         clock: Any,
         metrics: NoMetrics = NO_METRICS,
+        lockout: Lockout | None = None,
     ) -> None:
         self.config = config
         self.listener = listener
@@ -244,6 +248,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         self.limits = limits
         self.clock = clock
         self.metrics = metrics
+        self.lockout = Lockout(clock) if lockout is None else lockout
         self.sessions: set[SMTPServer] = set()
         self.shuttingDown = False
         self._emptyWaiters: list[Deferred[None]] = []
@@ -809,7 +814,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         authzid, user, password = parts
         if authzid and authzid != user:
-            self._authFailed("authorization identity differs")
+            self._authFailed("authorization identity differs", user)
             return
         self._login(user, password)
 
@@ -826,10 +831,44 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._login(user, password)
 
     def _login(self, user: str, password: str) -> None:
+        """
+        Check the password, unless this client (or this user at this
+        client) has failed too often lately, across connections
+        (L{relayd.auth.Lockout}): then C{454 4.7.0} without checking it, so
+        that a locked-out guesser learns nothing, even from a right guess.
+        """
+        f = self.factory
+        session = self.session
+        assert session is not None
+        self._hold()
+        d = f.lockout.refused(f.chain, session.clientAddress, user, f.config)
+
+        def decided(scope: str | None) -> Any:
+            if self.state == "closed":
+                return None
+            if scope is None:
+                return self._checkPassword(user, password)
+            log.warn(
+                "{session_id}: AUTH refused for [{client}] user={user}: too many failures "
+                "from this {scope} within {window} s",
+                session_id=session.sessionId,
+                client=str(session.clientAddress),
+                user=_printable(user, 64),
+                scope="address" if scope == "client" else "user at this address",
+                window=f.config.authFailureWindow,
+            )
+            f.metrics.authLockedOut(f.listener, scope)
+            self.fail(454, "4.7.0", "Temporary authentication failure")
+            return None
+
+        d.addCallback(decided)
+        d.addBoth(lambda _: self._release())
+
+    def _checkPassword(self, user: str, password: str) -> Deferred[None]:
         f = self.factory
         credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
         self._hold()
-        d = f.portal.login(credentials, None, f.avatarInterface)
+        d: Deferred[Any] = f.portal.login(credentials, None, f.avatarInterface)
 
         def succeeded(result: Any) -> None:
             if self.state == "closed":
@@ -852,20 +891,23 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 if self.state != "closed":
                     self.fail(454, "4.7.0", "Temporary authentication failure")
                 return
-            self._authFailed("bad credentials")
+            self._authFailed("bad credentials", user)
 
         d.addCallbacks(succeeded, failed)
-        d.addBoth(lambda _: self._release())
+        return d.addBoth(lambda _: self._release())
 
-    def _authFailed(self, why: str) -> None:
+    def _authFailed(self, why: str, user: str) -> None:
         """
         Answer C{535 5.7.8} after a delay that grows with each failure, and
         close after too many (RFC 4954 section 6; no hint of which part was
-        wrong, so no user enumeration).
+        wrong, so no user enumeration).  The failure also counts across
+        connections (L{relayd.auth.Lockout}).
         """
+        f = self.factory
+        assert self.session is not None
+        f.lockout.failed(f.chain, self.session.clientAddress, user, f.config)
         if self.state == "closed":
             return
-        f = self.factory
         self._authFailures += 1
         f.metrics.authenticated(f.listener, "failure")
         assert self.session is not None

@@ -232,7 +232,7 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
 
     @raise ConfigError: on any of those problems.
     """
-    from relayd.auth import IMailUser, UsersFileChecker, UsersFileError, makePortal
+    from relayd.auth import IMailUser, Lockout, UsersFileChecker, UsersFileError, makePortal
     from relayd.certificates import CertificateError, ReloadableServerOptions, loadServerOptions
     from relayd.spool import Spool
 
@@ -297,6 +297,7 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
     SessionsService(top.factories, config.shutdownSessions).setServiceParent(top)
 
     limits = ConnectionLimits(config.maxConnections, config.maxConnectionsPerClient)
+    lockout = Lockout(reactor)
     for i, listener in enumerate(config.listeners):
         factory = SMTPFactory(
             config=config,
@@ -310,6 +311,7 @@ def buildService(config: Config, reactor: Any) -> RelaydService:
             limits=limits,
             clock=reactor,
             metrics=top.metrics,
+            lockout=lockout,
         )
         top.factories.append(factory)
         wrapped: Any = factory

@@ -25,7 +25,14 @@ from zope.interface import implementer
 
 from relayd.interfaces import IRecipientPolicy
 from relayd.policy import PolicyChain
-from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import (
+    DEMO_PASSWORD,
+    DEMO_USER,
+    InProcessRelayd,
+    RedisServer,
+    SMTPClient,
+    TestSetup,
+)
 
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
 
@@ -697,6 +704,143 @@ class AuthTests(RelaydTestCase):
 
         unknown, wrong = yield self.run_(dialogue)
         self.assertEqual(unknown, wrong)
+
+
+class AuthLockoutTests(RelaydTestCase):
+    """
+    Issue 9 item 8: AUTH failures count across connections, per client
+    address and per user name at that address; above a limit AUTH gets
+    454 4.7.0 without the password being checked, and other addresses are
+    not locked out.
+    """
+
+    sections = {
+        "auth": {
+            "max_failures": 2,
+            "failure_window": 3600,
+            "user_failure_limit": 3,
+            "client_failure_limit": 5,
+        },
+        "metrics": {"endpoint": "tcp:0:interface=127.0.0.1"},
+    }
+
+    def client(self, source=None):
+        c = SMTPClient(self.port("submissions"), context=self.setup.clientContext(), source=source)
+        self.addCleanup(c.close)
+        assert c.reply()[0] == 220
+        assert c.command("EHLO client.test")[0] == 250
+        return c
+
+    def lockouts(self, scope):
+        value = self.relayd.service.metrics.registry.get_sample_value(
+            "relayd_auth_lockouts_total", {"listener": "submissions", "scope": scope}
+        )
+        return value or 0
+
+    @defer.inlineCallbacks
+    def test_userLockedOutAtThisAddressOnly(self):
+        def dialogue():
+            first = self.client()
+            guesses = [first.command("AUTH PLAIN " + plain(password=f"guess{i}")) for i in (1, 2)]
+            cut = first.reply()
+            second = self.client()
+            guesses.append(second.command("AUTH PLAIN " + plain(password="guess3")))
+            # The right password, from the guesser's address: refused unchecked.
+            locked = second.command("AUTH PLAIN " + plain())
+            # The real user from another address is not locked out.
+            elsewhere = self.client(source="127.0.0.2").command("AUTH PLAIN " + plain())
+            return guesses, cut, locked, elsewhere
+
+        guesses, cut, locked, elsewhere = yield self.run_(dialogue)
+        self.assertEqual([(c, lines[0][:5]) for c, lines in guesses], [(535, "5.7.8")] * 3)
+        self.assertEqual((cut[0], cut[1][0][:5]), (421, "4.7.0"))
+        self.assertEqual(locked, (454, ["4.7.0 Temporary authentication failure"]))
+        self.assertEqual((elsewhere[0], elsewhere[1][0][:5]), (235, "2.7.0"))
+        self.assertEqual(self.lockouts("user"), 1)
+        refusals = [e for e in self.events if "AUTH refused" in (e.get("log_format") or "")]
+        self.assertEqual(len(refusals), 1)
+        self.assertEqual((refusals[0]["client"], refusals[0]["user"]), ("127.0.0.1", DEMO_USER))
+
+    @defer.inlineCallbacks
+    def test_addressLockedOutForEveryUser(self):
+        def dialogue():
+            replies = []
+            for user in ("u1", "u2", "u3"):
+                c = self.client()
+                replies += [c.command("AUTH PLAIN " + plain(user=user)) for _ in range(2)]
+            return replies, self.client().command("AUTH PLAIN " + plain())
+
+        replies, locked = yield self.run_(dialogue)
+        # Five failures, then the address is over its limit for every user.
+        self.assertEqual([c for c, _ in replies], [535] * 5 + [454])
+        self.assertEqual(locked, (454, ["4.7.0 Temporary authentication failure"]))
+        self.assertEqual(self.lockouts("client"), 2)
+
+
+class AuthLockoutSharedTests(unittest.TestCase):
+    """
+    With the ratelimit policy on Redis, two relayds share the AUTH failure
+    counts: guesses at one instance lock the guesser out at the other.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.stop)
+        self.instances = []
+        for _ in range(2):
+            directory = tempfile.mkdtemp(prefix="relayd-test-")
+            self.addCleanup(shutil.rmtree, directory, True)
+            setup = TestSetup(
+                directory,
+                sections={"auth": {"max_failures": 5, "user_failure_limit": 3}},
+                chain=["ratelimit", "mynetworks", "authenticated"],
+                policies={
+                    "ratelimit": {
+                        "backend": "redis",
+                        "redis_url": self.redis.url,
+                        "redis_timeout": 2.0,
+                        "rules": [{"name": "per-client", "key": "client", "messages": ["99/hour"]}],
+                    }
+                },
+                modes=("submissions",),
+            )
+            relayd = yield InProcessRelayd.start(setup)
+            self.addCleanup(relayd.stop)
+            self.instances.append((setup, relayd))
+
+    def client(self, index):
+        setup, relayd = self.instances[index]
+        c = SMTPClient(relayd.port("submissions"), context=setup.clientContext())
+        self.addCleanup(c.close)
+        assert c.reply()[0] == 220
+        assert c.command("EHLO client.test")[0] == 250
+        return c
+
+    @defer.inlineCallbacks
+    def test_guessesAtOneInstanceCountAtTheOther(self):
+        def dialogue():
+            c = self.client(0)
+            return [c.command("AUTH PLAIN " + plain(password=f"guess{i}"))[0] for i in range(3)]
+
+        codes = yield deferToThread(dialogue)
+        self.assertEqual(codes, [535, 535, 535])
+        # The count goes to Redis in a thread of the store: wait for it.
+        keys = self.redis.client()
+        self.addCleanup(keys.close)
+        for _ in range(200):
+            counted = [int(keys.get(k)) for k in keys.keys("relayd:authfail:u:*")]
+            if counted == [3]:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(counted, [3])
+
+        def other():
+            return self.client(1).command("AUTH PLAIN " + plain())
+
+        locked = yield deferToThread(other)
+        self.assertEqual(locked, (454, ["4.7.0 Temporary authentication failure"]))
 
 
 class RelayDeniedTests(RelaydTestCase):
