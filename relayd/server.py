@@ -20,6 +20,14 @@ have to override nearly everywhere.  What this module does differently:
     reading (L{LineReceiver.pauseProducing}) and picks up where it left off.
   - C{250} after DATA is sent only once the spool says the message is
     durable; a spool failure answers 451/452, never 250 and never 5xx.
+  - Timeouts are deadlines, not reset by every octet: a command line must
+    be complete C{timeouts.command} seconds after relayd is ready for it,
+    and a DATA transfer within C{timeouts.data_deadline} plus what its
+    octets earn at C{timeouts.data_min_rate}, so a client trickling octets
+    cannot hold its connection slot for ever.
+  - AUTH failures also count across connections, per client address and
+    per user name at that address (L{relayd.auth.Lockout}); above a limit
+    AUTH gets C{454 4.7.0} before any password is checked.
 
 Replies carry RFC 3463 enhanced status codes (RFC 2034), except the greeting,
 the EHLO/HELO answers and the 3xx intermediate replies, where RFC 2034
