@@ -685,6 +685,31 @@ class Lockout:
         if store is not None:
             store.reserve(counters).addErrback(_storeFailed, "count")
 
+    def succeeded(
+        self,
+        chain: Any,
+        client: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        user: str,
+        config: Any,
+    ) -> None:
+        """
+        C{user} logged in from C{client}: forget that user's failures at
+        that address, so a real user's earlier typos do not add up to a
+        lockout.  The address's own count stays: one account of one's own
+        must not wipe the record of guessing at others.
+        """
+        counters = [
+            (key, _UNLIMITED, window)
+            for scope, (key, _, _, window) in self._counters(client, user, config)
+            if scope == "user"
+        ]
+        if not counters:
+            return
+        self.memory.release(counters)
+        store = sharedStore(chain)
+        if store is not None:
+            store.release(counters).addErrback(_storeFailed, "reset")
+
 
 def _storeFailed(failure: Any, what: str) -> None:
     _log.warn(

@@ -884,6 +884,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             _interface, avatar, logout = result
             name = avatar if isinstance(avatar, str) else user
             self.session.user = name  # type: ignore[union-attr]
+            f.lockout.succeeded(f.chain, self.session.clientAddress, user, f.config)  # type: ignore[union-attr]
             log.info(
                 "{session_id}: AUTH success user={user}",
                 session_id=self.session.sessionId,  # type: ignore[union-attr]

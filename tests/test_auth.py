@@ -783,6 +783,17 @@ class LockoutTests(SynchronousTestCase):
         self.clock.advance(900)
         self.assertIsNone(self.refused("192.0.2.1", "alice"))
 
+    def test_successForgetsTheUsersFailuresOnly(self) -> None:
+        """A login clears that user's count at that address, not the address's."""
+        self.failures("192.0.2.1", "alice")
+        self.lockout.succeeded(None, self.ip("192.0.2.1"), "alice", self.config)
+        self.failures("192.0.2.1", "alice")
+        self.assertIsNone(self.refused("192.0.2.1", "alice"))
+        # The address's count kept the failure from before the login.
+        self.failures("192.0.2.1", "bob")
+        self.failures("192.0.2.1", "mallory")
+        self.assertEqual(self.refused("192.0.2.1", "carol"), "client")
+
     def test_zeroMeansNoLimit(self) -> None:
         self.config.authUserFailureLimit = 0
         self.config.authClientFailureLimit = 0
