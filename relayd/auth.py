@@ -16,11 +16,18 @@ thread only looks names up in a dict and stats the file.
 No user enumeration (DESIGN.md section 4, rule 6): an unknown user costs
 the same bcrypt work as a known one, against a dummy hash of the usual
 cost, and fails with the same L{UnauthorizedLogin}.
+
+Password guessing over many connections: L{Lockout} counts failures per
+client address and per user name at that address, across connections (and
+across relayd instances when they share a Redis), so the server can refuse
+AUTH for a while before any password is checked.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import ipaddress
 import os
 import re
 import stat
@@ -32,11 +39,12 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from relayd.ratecounter import MemoryStore, RedisStore, windowStart
 from relayd.safeio import writeAtomically
 
 __all__ = [
@@ -49,6 +57,7 @@ __all__ = [
     "hashPassword",
     "setPassword",
     "checkUsername",
+    "Lockout",
     "DEFAULT_ROUNDS",
     "MAX_PASSWORD_BYTES",
 ]
@@ -534,3 +543,177 @@ def setPassword(path: str, user: str, password: str, rounds: int = DEFAULT_ROUND
         writeAtomically(target, _replaceUser(_splitLines(data), user, newLine), like=like)
     except OSError as e:
         raise UsersFileError(path, f"cannot write: {e.strerror or e}") from None
+
+
+LOCKOUT_KEY_PREFIX = "relayd:authfail:"
+"""Put before every AUTH failure counter key (in memory and in Redis)."""
+
+LOCKOUT_PREFIX_V6 = 64
+"""
+An IPv6 client is counted by its /64, the smallest network a site is
+usually given: one host can use any address in it.
+"""
+
+_UNLIMITED = 10**12
+"""The limit given with an increment, which must always be taken."""
+
+
+def clientNetwork(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """What an AUTH failure is counted under: the IPv4 address, or the IPv6 /64."""
+    if address.version == 6:
+        network = ipaddress.ip_network(f"{address}/{LOCKOUT_PREFIX_V6}", strict=False)
+        return str(network)
+    return str(address)
+
+
+def sharedStore(chain: Any) -> RedisStore | None:
+    """
+    The Redis store of the C{ratelimit} policy in C{chain}, if it uses one:
+    then every relayd behind the same Redis shares the AUTH failure counts.
+    """
+    for policy in getattr(chain, "policies", ()):
+        store = getattr(policy, "store", None)
+        if isinstance(store, RedisStore):
+            return store
+    return None
+
+
+class Lockout:
+    """
+    AUTH failures counted across connections, so that password guessing
+    spread over many connections is stopped, not only slowed per
+    connection (issue 9 item 8).
+
+    Two counters, each in fixed windows of C{failureWindow} seconds aligned
+    to the epoch (as the C{ratelimit} policy's), in an
+    L{relayd.interfaces.IRateCounterStore}:
+
+      - per client (its IPv4 address or IPv6 /64), over every user name:
+        one address cannot guess many users' passwords;
+      - per user name I{at that client}: one address cannot guess one
+        user's password, and a NAT shared by many users does not lock them
+        all out for one user's mistakes.
+
+    Above either limit AUTH from that client (for that user) is refused
+    until the window ends, before any password is checked.  Neither counter
+    is per user name alone, so guessing from one address never locks the
+    real user out of the addresses they use.
+
+    The counts are kept in this process's memory, and also in the Redis of
+    the C{ratelimit} policy when the chain has one (L{sharedStore}), so
+    instances share them; when Redis cannot answer, this instance's counts
+    still apply.  Nothing here blocks: memory answers at once, Redis in
+    its own threads.
+
+    @ivar memory: the in-process L{MemoryStore}.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        """@param clock: provides C{seconds()} (the reactor)."""
+        self.clock = clock
+        self.memory = MemoryStore(clock)
+
+    def _counters(
+        self, client: ipaddress.IPv4Address | ipaddress.IPv6Address, user: str, config: Any
+    ) -> list[tuple[str, tuple[str, int, int, int]]]:
+        window = config.authFailureWindow
+        start = windowStart(self.clock.seconds(), window)
+        net = clientNetwork(client)
+        # A digest: bounded keys whatever the client sent as a user name.
+        name = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        counters = []
+        if config.authClientFailureLimit:
+            key = f"{LOCKOUT_KEY_PREFIX}c:{window}:{start}:{net}"
+            counters.append(("client", (key, 1, config.authClientFailureLimit, window)))
+        if config.authUserFailureLimit:
+            key = f"{LOCKOUT_KEY_PREFIX}u:{window}:{start}:{net}:{name}"
+            counters.append(("user", (key, 1, config.authUserFailureLimit, window)))
+        return counters
+
+    def refused(
+        self,
+        chain: Any,
+        client: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        user: str,
+        config: Any,
+    ) -> Deferred[str | None]:
+        """
+        Whether AUTH as C{user} from C{client} is refused now.
+
+        @param chain: the policy chain, to find a shared store.
+        @param config: the L{relayd.config.Config} with the limits.
+        @return: a Deferred firing with C{"client"} or C{"user"}, the
+            counter over its limit, or None; it never fails.
+        """
+        named = self._counters(client, user, config)
+        if not named:
+            return succeed(None)
+        counters = [counter for _, counter in named]
+
+        def scope(index: int | None) -> str | None:
+            return None if index is None else named[index][0]
+
+        def local(index: int | None) -> Any:
+            if index is not None:
+                return scope(index)
+            store = sharedStore(chain)
+            if store is None:
+                return None
+            d = store.peek(counters)
+            d.addCallback(scope)
+            d.addErrback(_storeFailed, "check")
+            return d
+
+        return self.memory.peek(counters).addCallback(local)
+
+    def failed(
+        self,
+        chain: Any,
+        client: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        user: str,
+        config: Any,
+    ) -> None:
+        """Count one failed AUTH as C{user} from C{client}."""
+        counters = [
+            (key, 1, _UNLIMITED, window)
+            for _, (key, _, _, window) in self._counters(client, user, config)
+        ]
+        if not counters:
+            return
+        self.memory.reserve(counters)
+        store = sharedStore(chain)
+        if store is not None:
+            store.reserve(counters).addErrback(_storeFailed, "count")
+
+    def succeeded(
+        self,
+        chain: Any,
+        client: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        user: str,
+        config: Any,
+    ) -> None:
+        """
+        C{user} logged in from C{client}: forget that user's failures at
+        that address, so a real user's earlier typos do not add up to a
+        lockout.  The address's own count stays: one account of one's own
+        must not wipe the record of guessing at others.
+        """
+        counters = [
+            (key, _UNLIMITED, window)
+            for scope, (key, _, _, window) in self._counters(client, user, config)
+            if scope == "user"
+        ]
+        if not counters:
+            return
+        self.memory.release(counters)
+        store = sharedStore(chain)
+        if store is not None:
+            store.release(counters).addErrback(_storeFailed, "reset")
+
+
+def _storeFailed(failure: Any, what: str) -> None:
+    _log.warn(
+        "AUTH failure counts: cannot {what} in Redis, using this instance's counts: {error}",
+        what=what,
+        error=failure.getErrorMessage(),
+    )

@@ -89,6 +89,9 @@ class Config:
     authMaxFailures: int
     authFailureDelay: float
     authThreads: int
+    authFailureWindow: int
+    authClientFailureLimit: int
+    authUserFailureLimit: int
     spoolDirectory: str
     spoolReserveBytes: int
     spoolThreads: int
@@ -101,6 +104,8 @@ class Config:
     maxErrors: int
     timeoutCommand: float
     timeoutData: float
+    dataDeadline: float
+    dataMinRate: float
     timeoutClose: float
     timeoutProxyHeader: float
     shutdownSessions: float
@@ -239,6 +244,12 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max_failures": _Key(int, 3, check=_positive),
         "failure_delay": _Key(_NUMBER, 1.0, check=_nonNegative),
         "threads": _Key(int, 2, check=_positive),
+        # Across connections (relayd.auth.Lockout): failures per client
+        # address (IPv6: /64) and per user name at that address, in fixed
+        # windows; above a limit AUTH gets 454 4.7.0 until the window ends.
+        "failure_window": _Key(int, 900, check=_positive),
+        "client_failure_limit": _Key(int, 30, check=_nonNegative),
+        "user_failure_limit": _Key(int, 10, check=_nonNegative),
     },
     "spool": {
         "directory": _Key(str, required=True),
@@ -261,9 +272,15 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "timeouts": {
         # RFC 5321 section 4.5.3.2.7: the server waits at least 5 minutes
-        # for the next command; 4.5.3.2.5 gives 3 minutes per DATA block.
+        # for the next command (here: for the whole command line, however
+        # it is trickled); 4.5.3.2.5 gives 3 minutes per DATA block.
         "command": _Key(_NUMBER, 300.0, check=_positive),
         "data": _Key(_NUMBER, 180.0, check=_positive),
+        # A whole DATA transfer: this many seconds, plus one second for
+        # every data_min_rate octets received (Postfix's smtpd_timeout with
+        # smtpd_per_record_deadline and smtpd_min_data_rate).
+        "data_deadline": _Key(_NUMBER, 300.0, check=_positive),
+        "data_min_rate": _Key(_NUMBER, 500, check=_nonNegative),
         # Once relayd has decided to close a session (QUIT, an error or AUTH
         # limit, a timeout), how long the close may take (a TLS close_notify,
         # the client reading its last reply) before the connection is cut.
@@ -556,6 +573,9 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         authMaxFailures=auth["max_failures"],
         authFailureDelay=float(auth["failure_delay"]),
         authThreads=auth["threads"],
+        authFailureWindow=auth["failure_window"],
+        authClientFailureLimit=auth["client_failure_limit"],
+        authUserFailureLimit=auth["user_failure_limit"],
         spoolDirectory=spoolDirectory,
         spoolReserveBytes=spool["reserve_bytes"],
         spoolThreads=spool["threads"],
@@ -568,6 +588,8 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         maxErrors=limits["errors"],
         timeoutCommand=float(timeouts["command"]),
         timeoutData=float(timeouts["data"]),
+        dataDeadline=float(timeouts["data_deadline"]),
+        dataMinRate=float(timeouts["data_min_rate"]),
         timeoutClose=float(timeouts["close"]),
         timeoutProxyHeader=float(timeouts["proxy_header"]),
         shutdownSessions=float(timeouts["shutdown_sessions"]),

@@ -20,6 +20,10 @@ Metric names, all prefixed C{relayd_} (see also README.md):
   - C{relayd_auth_attempts_total{listener,result}}: AUTH exchanges that
     reached the password check; C{result} is C{success}, C{failure} (535)
     or C{error} (454, the users file could not be checked).
+  - C{relayd_auth_lockouts_total{listener,scope}}: AUTH refused with 454
+    before any password check, for too many failures across connections
+    (L{relayd.auth.Lockout}); C{scope} is C{client} (the address) or
+    C{user} (that user name at that address).
   - C{relayd_policy_verdicts_total{phase,policy,action}}: the deciding
     verdict of each policy chain run; C{phase} is C{connect}, C{helo},
     C{mail}, C{rcpt} or C{data}; when every policy said CONTINUE, C{policy}
@@ -127,6 +131,9 @@ class NoMetrics:
     def authenticated(self, listener: str, result: str) -> None:
         """An AUTH exchange ended: C{success}, C{failure} or C{error}."""
 
+    def authLockedOut(self, listener: str, scope: str) -> None:
+        """AUTH was refused for too many failures: C{scope} C{client} or C{user}."""
+
     def policyVerdict(self, phase: str, policy: str, action: str) -> None:
         """The policy chain decided a phase (see the module docstring)."""
 
@@ -187,6 +194,12 @@ class Metrics(NoMetrics):
             "relayd_auth_attempts",
             "AUTH exchanges checked: success, failure (535) or error (454).",
             ["listener", "result"],
+            registry=r,
+        )
+        self.lockouts = Counter(
+            "relayd_auth_lockouts",
+            "AUTH refused (454) for too many failures, by scope: client or user.",
+            ["listener", "scope"],
             registry=r,
         )
         self.verdicts = Counter(
@@ -255,6 +268,9 @@ class Metrics(NoMetrics):
 
     def authenticated(self, listener: str, result: str) -> None:
         self.auth.labels(listener, result).inc()
+
+    def authLockedOut(self, listener: str, scope: str) -> None:
+        self.lockouts.labels(listener, scope).inc()
 
     def policyVerdict(self, phase: str, policy: str, action: str) -> None:
         self.verdicts.labels(phase, policy, action).inc()

@@ -20,6 +20,14 @@ have to override nearly everywhere.  What this module does differently:
     reading (L{LineReceiver.pauseProducing}) and picks up where it left off.
   - C{250} after DATA is sent only once the spool says the message is
     durable; a spool failure answers 451/452, never 250 and never 5xx.
+  - Timeouts are deadlines, not reset by every octet: a command line must
+    be complete C{timeouts.command} seconds after relayd is ready for it,
+    and a DATA transfer within C{timeouts.data_deadline} plus what its
+    octets earn at C{timeouts.data_min_rate}, so a client trickling octets
+    cannot hold its connection slot for ever.
+  - AUTH failures also count across connections, per client address and
+    per user name at that address (L{relayd.auth.Lockout}); above a limit
+    AUTH gets C{454 4.7.0} before any password is checked.
 
 Replies carry RFC 3463 enhanced status codes (RFC 2034), except the greeting,
 the EHLO/HELO answers and the 3xx intermediate replies, where RFC 2034
@@ -50,6 +58,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.address import AddressError, parseParameters, parsePath
+from relayd.auth import Lockout
 from relayd.envelope import Envelope, Message, Session
 from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.verdict import Action, Verdict
@@ -86,6 +95,10 @@ class DataReader:
     The stream is treated as if preceded by a CRLF, so a C{.} on the very
     first line is recognised both as end of data and as stuffing.  The
     unprocessed tail (C{_carry}) always starts with that CRLF.
+
+    A line may hold 998 octets (RFC 5321 section 4.5.3.1.6), counted after
+    the transparency dot is removed, and however TCP cut it: a CR at the end
+    of a chunk may be the first half of the line's CRLF.
 
     Once a problem is found the reader stops passing data on but keeps
     looking for the end, so the client is answered after its real end of
@@ -127,8 +140,14 @@ class DataReader:
         if cut > 0:
             self._pass(buf[:cut])
             buf = buf[cut:]
-        if len(buf) - 2 > TEXT_LINE - 2 and self.problem is None:
-            self.problem = "line"
+        # buf is CRLF and the start of a line.  Refuse it now if it is
+        # already too long, which bounds the carry; but a CR at its end may
+        # be half of its CRLF, and a dot at its start is transparency
+        # (RFC 5321 section 4.5.3.1.6): neither counts.
+        if len(buf) > TEXT_LINE and self.problem is None:
+            length = len(buf) - 2 - buf.endswith(b"\r") - buf.startswith(b"\r\n.")
+            if length > TEXT_LINE - 2:
+                self.problem = "line"
         self._carry = buf if self.problem is None else buf[-4:]
         return None
 
@@ -143,10 +162,12 @@ class DataReader:
         if b"\x00" in segment:
             self.problem = "nul"
             return
-        if len(segment) > TEXT_LINE and max(map(len, segment.split(b"\r\n"))) > TEXT_LINE - 2:
+        out = segment.replace(b"\r\n.", b"\r\n")
+        # Measured without the transparency dots (RFC 5321 section
+        # 4.5.3.1.6); every CR and LF is part of a CRLF by now.
+        if len(out) > TEXT_LINE and max(map(len, out.split(b"\r\n"))) > TEXT_LINE - 2:
             self.problem = "line"
             return
-        out = segment.replace(b"\r\n.", b"\r\n")
         if not self._started:
             out = out[2:]
             self._started = True
@@ -203,6 +224,8 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
     @ivar avatarInterface: the interface asked of the portal.
     @ivar metrics: where connections, AUTH results and messages are
         counted (L{relayd.metrics}); by default nowhere.
+    @ivar lockout: AUTH failures across connections (L{relayd.auth.Lockout}),
+        shared by the listeners of one relayd.
     """
 
     def __init__(
@@ -219,6 +242,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         limits: ConnectionLimits,
         clock: Any,
         metrics: NoMetrics = NO_METRICS,
+        lockout: Lockout | None = None,
     ) -> None:
         self.config = config
         self.listener = listener
@@ -232,6 +256,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         self.limits = limits
         self.clock = clock
         self.metrics = metrics
+        self.lockout = Lockout(clock) if lockout is None else lockout
         self.sessions: set[SMTPServer] = set()
         self.shuttingDown = False
         self._emptyWaiters: list[Deferred[None]] = []
@@ -330,6 +355,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._paused = 0
         self._shuttingDown = False
         self._closing = False
+        self._dataStarted = 0.0
+        self._dataOctets = 0
+        self._dataTimer: Any = None
 
     # --- connection ----------------------------------------------------
 
@@ -417,6 +445,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
+        self._stopDataDeadline()
         previous, self.state = self.state, "closed"
         if self._incoming is not None and not self._committing:
             self._incoming.discard()
@@ -451,12 +480,22 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             )
             self.transport.abortConnection()
             return
-        log.info(
-            "{session_id}: timeout in state {state} from [{client}]",
-            session_id=self.session.sessionId,
-            state=self.state,
-            client=str(self.session.clientAddress),
-        )
+        if self._buffer and not self.paused and self.state in ("command", "auth"):
+            log.info(
+                "{session_id}: command line not complete after {seconds} s "
+                "({octets} octets) from [{client}]",
+                session_id=self.session.sessionId,
+                seconds=self.factory.config.timeoutCommand,
+                octets=len(self._buffer),
+                client=str(self.session.clientAddress),
+            )
+        else:
+            log.info(
+                "{session_id}: timeout in state {state} from [{client}]",
+                session_id=self.session.sessionId,
+                state=self.state,
+                client=str(self.session.clientAddress),
+            )
         self.reply(421, "4.4.2", f"{self.factory.config.hostname} Error: timeout exceeded")
         self._close()
 
@@ -507,6 +546,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if self._incoming is not None and not self._committing:
             self._incoming.discard()
             self._incoming = None
+        self._stopDataDeadline()
         if self.state == "closed" and self._closing:
             return
         self.state = "closed"
@@ -530,12 +570,20 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if self._shuttingDown and self.state != "data":
                 self._goodbye()
                 return
+            # Ready for the next command: its time starts now.
+            self.resetTimeout()
             self.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        """
+        In command mode the timeout is a deadline for each whole line
+        (L{lineReceived} and L{_release} restart it), so that octets
+        trickling in do not keep a connection open; in DATA it is an idle
+        limit per read, and L{_dataDeadline} bounds the whole transfer.
+        """
         if self.state == "closed":
             return
-        if data:
+        if self.state == "data" and data:
             self.resetTimeout()
         super().dataReceived(data)
 
@@ -594,6 +642,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     def lineReceived(self, raw: bytes) -> None:
         if self.state == "closed":
             return
+        self.resetTimeout()
         if not raw.endswith(b"\r"):
             self.fail(500, "5.5.2", "Error: bare LF received; lines must end with CRLF")
             return
@@ -778,7 +827,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         authzid, user, password = parts
         if authzid and authzid != user:
-            self._authFailed("authorization identity differs")
+            self._authFailed("authorization identity differs", user)
             return
         self._login(user, password)
 
@@ -795,10 +844,44 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._login(user, password)
 
     def _login(self, user: str, password: str) -> None:
+        """
+        Check the password, unless this client (or this user at this
+        client) has failed too often lately, across connections
+        (L{relayd.auth.Lockout}): then C{454 4.7.0} without checking it, so
+        that a locked-out guesser learns nothing, even from a right guess.
+        """
+        f = self.factory
+        session = self.session
+        assert session is not None
+        self._hold()
+        d = f.lockout.refused(f.chain, session.clientAddress, user, f.config)
+
+        def decided(scope: str | None) -> Any:
+            if self.state == "closed":
+                return None
+            if scope is None:
+                return self._checkPassword(user, password)
+            log.warn(
+                "{session_id}: AUTH refused for [{client}] user={user}: too many failures "
+                "from this {scope} within {window} s",
+                session_id=session.sessionId,
+                client=str(session.clientAddress),
+                user=_printable(user, 64),
+                scope="address" if scope == "client" else "user at this address",
+                window=f.config.authFailureWindow,
+            )
+            f.metrics.authLockedOut(f.listener, scope)
+            self.fail(454, "4.7.0", "Temporary authentication failure")
+            return None
+
+        d.addCallback(decided)
+        d.addBoth(lambda _: self._release())
+
+    def _checkPassword(self, user: str, password: str) -> Deferred[None]:
         f = self.factory
         credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
         self._hold()
-        d = f.portal.login(credentials, None, f.avatarInterface)
+        d: Deferred[Any] = f.portal.login(credentials, None, f.avatarInterface)
 
         def succeeded(result: Any) -> None:
             if self.state == "closed":
@@ -806,6 +889,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             _interface, avatar, logout = result
             name = avatar if isinstance(avatar, str) else user
             self.session.user = name  # type: ignore[union-attr]
+            f.lockout.succeeded(f.chain, self.session.clientAddress, user, f.config)  # type: ignore[union-attr]
             log.info(
                 "{session_id}: AUTH success user={user}",
                 session_id=self.session.sessionId,  # type: ignore[union-attr]
@@ -821,20 +905,23 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 if self.state != "closed":
                     self.fail(454, "4.7.0", "Temporary authentication failure")
                 return
-            self._authFailed("bad credentials")
+            self._authFailed("bad credentials", user)
 
         d.addCallbacks(succeeded, failed)
-        d.addBoth(lambda _: self._release())
+        return d.addBoth(lambda _: self._release())
 
-    def _authFailed(self, why: str) -> None:
+    def _authFailed(self, why: str, user: str) -> None:
         """
         Answer C{535 5.7.8} after a delay that grows with each failure, and
         close after too many (RFC 4954 section 6; no hint of which part was
-        wrong, so no user enumeration).
+        wrong, so no user enumeration).  The failure also counts across
+        connections (L{relayd.auth.Lockout}).
         """
+        f = self.factory
+        assert self.session is not None
+        f.lockout.failed(f.chain, self.session.clientAddress, user, f.config)
         if self.state == "closed":
             return
-        f = self.factory
         self._authFailures += 1
         f.metrics.authenticated(f.listener, "failure")
         assert self.session is not None
@@ -1010,8 +1097,49 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self.state = "data"
         self._reader = DataReader(self._incoming.write, f.config.messageSize)
         self.setTimeout(f.config.timeoutData)
+        self._dataStarted = f.clock.seconds()
+        self._dataOctets = 0
+        self._dataTimer = f.clock.callLater(f.config.dataDeadline, self._dataDeadline)
         self.reply(354, None, "End data with <CR><LF>.<CR><LF>")
         self.setRawMode()
+
+    def _dataDeadline(self) -> None:
+        """
+        The DATA transfer has had C{dataDeadline} seconds: if the octets
+        received since have earned it more time (one second per
+        C{dataMinRate} octets), look again then; else end the session.
+        One timer per transfer, nothing per chunk but a sum.
+        """
+        f = self.factory
+        cfg = f.config
+        now = f.clock.seconds()
+        earned = self._dataOctets / cfg.dataMinRate if cfg.dataMinRate > 0 else 0.0
+        allowed = self._dataStarted + cfg.dataDeadline + earned
+        if now < allowed:
+            self._dataTimer = f.clock.callLater(allowed - now, self._dataDeadline)
+            return
+        self._dataTimer = None
+        envelope, session = self.envelope, self.session
+        assert session is not None
+        log.warn(
+            "{queue_id}: DATA deadline exceeded: {octets} octets in {seconds:.0f} s "
+            "(allowed {deadline} s plus 1 s per {rate} octets) from [{client}] "
+            "session={session_id}",
+            queue_id=envelope.queueId if envelope else None,
+            octets=self._dataOctets,
+            seconds=now - self._dataStarted,
+            deadline=cfg.dataDeadline,
+            rate=cfg.dataMinRate,
+            client=str(session.clientAddress),
+            session_id=session.sessionId,
+        )
+        self.reply(421, "4.4.2", f"{cfg.hostname} Error: timeout exceeded")
+        self._close()
+
+    def _stopDataDeadline(self) -> None:
+        timer, self._dataTimer = self._dataTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _received(self, envelope: Envelope) -> bytes:
         """The C{Received:} trace header (RFC 5321 section 4.4, RFC 3848)."""
@@ -1040,9 +1168,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     def rawDataReceived(self, data: bytes) -> None:
         assert self._reader is not None
+        self._dataOctets += len(data)
         rest = self._reader.feed(data)
         if rest is None:
             return
+        self._stopDataDeadline()
         self._hold()
         self.state = "command"
         self.setTimeout(self.factory.config.timeoutCommand)

@@ -251,7 +251,7 @@ def buildService(
         only commits.
     @raise ConfigError: on any of those problems.
     """
-    from relayd.auth import IMailUser, UsersFileChecker, UsersFileError, makePortal
+    from relayd.auth import IMailUser, Lockout, UsersFileChecker, UsersFileError, makePortal
     from relayd.certificates import CertificateError, ReloadableServerOptions, loadServerOptions
     from relayd.spool import Spool
 
@@ -322,6 +322,7 @@ def buildService(
 
     limits = ConnectionLimits(config.maxConnections, config.maxConnectionsPerClient)
     listeners: list[ListenerService] = []
+    lockout = Lockout(reactor)
     for i, listener in enumerate(config.listeners):
         factory = SMTPFactory(
             config=config,
@@ -335,6 +336,7 @@ def buildService(
             limits=limits,
             clock=reactor,
             metrics=top.metrics,
+            lockout=lockout,
         )
         top.factories.append(factory)
         wrapped: Any = factory

@@ -262,8 +262,15 @@ class SMTPClient:
         host: str = "127.0.0.1",
         timeout: float = 10.0,
         context: ssl.SSLContext | None = None,
+        source: str | None = None,
     ) -> None:
-        self.sock: Any = socket.create_connection((host, port), timeout=timeout)
+        """
+        @param source: the local address to connect from, e.g. another
+            loopback address (C{127.0.0.2}) to be a second client.
+        """
+        self.sock: Any = socket.create_connection(
+            (host, port), timeout=timeout, source_address=None if source is None else (source, 0)
+        )
         if context is not None:
             self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
         self._buf = b""

@@ -729,3 +729,78 @@ class PasswdCommandTests(TestCase):
 
             self.assertEqual(passwd.main([self.path, "alice"], ask=ask), 1)
         self.assertFalse(os.path.exists(self.path))
+
+
+class _LockoutConfig:
+    authFailureWindow = 900
+    authClientFailureLimit = 4
+    authUserFailureLimit = 2
+
+
+class LockoutTests(SynchronousTestCase):
+    """L{auth.Lockout}: AUTH failures counted across connections, in memory."""
+
+    def setUp(self) -> None:
+        import ipaddress
+
+        self.ip = ipaddress.ip_address
+        self.clock = Clock()
+        self.clock.advance(10 * 900)
+        self.lockout = auth.Lockout(self.clock)
+        self.config = _LockoutConfig()
+
+    def refused(self, client: str, user: str) -> Any:
+        return self.successResultOf(self.lockout.refused(None, self.ip(client), user, self.config))
+
+    def failures(self, client: str, user: str, times: int = 1) -> None:
+        for _ in range(times):
+            self.lockout.failed(None, self.ip(client), user, self.config)
+
+    def test_userAtOneAddress(self) -> None:
+        """The user's failures at one address do not lock them out elsewhere."""
+        self.failures("192.0.2.1", "alice")
+        self.assertIsNone(self.refused("192.0.2.1", "alice"))
+        self.failures("192.0.2.1", "alice")
+        self.assertEqual(self.refused("192.0.2.1", "alice"), "user")
+        self.assertIsNone(self.refused("192.0.2.2", "alice"))
+        self.assertIsNone(self.refused("192.0.2.1", "bob"))
+
+    def test_addressOverAllUsers(self) -> None:
+        for user in ("a", "b", "c", "d"):
+            self.failures("192.0.2.1", user)
+        self.assertEqual(self.refused("192.0.2.1", "e"), "client")
+        self.assertIsNone(self.refused("192.0.2.9", "e"))
+
+    def test_ipv6CountedByItsSlash64(self) -> None:
+        self.failures("2001:db8:1:2::1", "alice")
+        self.failures("2001:db8:1:2:ffff::7", "alice")
+        self.assertEqual(self.refused("2001:db8:1:2::99", "alice"), "user")
+        self.assertIsNone(self.refused("2001:db8:1:3::1", "alice"))
+
+    def test_windowEndsTheLockout(self) -> None:
+        self.failures("192.0.2.1", "alice", 2)
+        self.assertEqual(self.refused("192.0.2.1", "alice"), "user")
+        self.clock.advance(900)
+        self.assertIsNone(self.refused("192.0.2.1", "alice"))
+
+    def test_successForgetsTheUsersFailuresOnly(self) -> None:
+        """A login clears that user's count at that address, not the address's."""
+        self.failures("192.0.2.1", "alice")
+        self.lockout.succeeded(None, self.ip("192.0.2.1"), "alice", self.config)
+        self.failures("192.0.2.1", "alice")
+        self.assertIsNone(self.refused("192.0.2.1", "alice"))
+        # The address's count kept the failure from before the login.
+        self.failures("192.0.2.1", "bob")
+        self.failures("192.0.2.1", "mallory")
+        self.assertEqual(self.refused("192.0.2.1", "carol"), "client")
+
+    def test_zeroMeansNoLimit(self) -> None:
+        self.config.authUserFailureLimit = 0
+        self.config.authClientFailureLimit = 0
+        self.failures("192.0.2.1", "alice", 50)
+        self.assertIsNone(self.refused("192.0.2.1", "alice"))
+        self.assertEqual(len(self.lockout.memory), 0)
+
+    def test_keysBoundedWhateverTheUserName(self) -> None:
+        self.failures("192.0.2.1", "x" * 5000)
+        self.assertTrue(all(len(key) < 200 for key in self.lockout.memory._counts))

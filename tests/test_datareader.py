@@ -147,3 +147,76 @@ def test_write_error_recorded():
     assert rest == b""
     assert reader.problem == "write"
     assert reader.error.errno == 28
+
+
+def splitFeeds(wire: bytes, cuts):
+    """Feed C{wire} to a fresh reader in pieces ending at C{cuts}."""
+    out = []
+    reader = DataReader(out.append, 10**9)
+    rest = None
+    start = 0
+    for cut in list(cuts) + [len(wire)]:
+        if cut <= start:
+            continue
+        rest = reader.feed(wire[start:cut])
+        start = cut
+        if rest is not None:
+            rest += wire[cut:]
+            break
+    return reader, b"".join(out), rest
+
+
+# Text lines around the limit (RFC 5321 section 4.5.3.1.6: 998 octets plus
+# CRLF), with and without a leading dot, which the client doubles on the
+# wire (section 4.5.2) and which does not count.
+LIMIT_LINES = [
+    (b"x" * 997, True),
+    (b"x" * 998, True),
+    (b"x" * 999, False),
+    (b"." + b"x" * 996, True),
+    (b"." + b"x" * 997, True),
+    (b"." + b"x" * 998, False),
+    (b"." * 998, True),
+    (b"." * 999, False),
+]
+
+
+def _lineId(value):
+    if isinstance(value, bytes):
+        return f"{len(value)}{'-dot' if value.startswith(b'.') else ''}"
+    return "legal" if value else "too-long"
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-line", "after-a-line"])
+@pytest.mark.parametrize(("line", "legal"), LIMIT_LINES, ids=_lineId)
+def test_line_limit_at_every_split(line, legal, first):
+    """
+    A line at the limit is judged the same however the stream is cut: its
+    CR and LF in different segments (issue 9 item 7), its transparency dot
+    alone in a segment, or any other cut (issue 11).
+    """
+    body = (b"" if first else b"Subject: limit\r\n\r\n") + line + b"\r\n"
+    wire = stuff(body) + b".\r\nNOOP\r\n"
+    for cut in range(1, len(wire)):
+        reader, out, rest = splitFeeds(wire, [cut])
+        assert rest == b"NOOP\r\n", cut
+        if legal:
+            assert reader.problem is None, cut
+            assert out == body, cut
+        else:
+            assert reader.problem == "line", cut
+
+
+@pytest.mark.parametrize(("line", "legal"), LIMIT_LINES, ids=_lineId)
+def test_line_limit_at_every_pair_of_cuts_near_its_end(line, legal):
+    """Three segments, both cuts anywhere in the last octets of the line."""
+    body = b"a\r\n" + line + b"\r\nb\r\n"
+    wire = stuff(body) + b".\r\n"
+    end = wire.index(b"\r\nb\r\n") + 2
+    for first in range(end - 6, end + 1):
+        for second in range(first + 1, end + 3):
+            reader, out, rest = splitFeeds(wire, [first, second])
+            assert rest == b"", (first, second)
+            assert (reader.problem is None) is legal, (first, second)
+            if legal:
+                assert out == body

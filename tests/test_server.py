@@ -8,10 +8,13 @@ of DESIGN section 4, and the good paths.
 import base64
 import os
 import re
+import select
 import shutil
 import smtplib
+import socket
 import ssl
 import tempfile
+import time
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
@@ -22,7 +25,14 @@ from zope.interface import implementer
 
 from relayd.interfaces import IRecipientPolicy
 from relayd.policy import PolicyChain
-from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import (
+    DEMO_PASSWORD,
+    DEMO_USER,
+    InProcessRelayd,
+    RedisServer,
+    SMTPClient,
+    TestSetup,
+)
 
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
 
@@ -375,6 +385,50 @@ class DataTests(RelaydTestCase):
         self.assertEqual(self.spooled(), [])
 
     @defer.inlineCallbacks
+    def test_limitLinesInSeparateSegments(self):
+        """
+        Lines of 998 octets are legal (RFC 5321 section 4.5.3.1.6) however
+        TCP cuts them: their CR and LF in different segments (issue 9 item
+        7), or a leading dot, doubled on the wire, that does not count
+        (issue 11).  Sent with TCP_NODELAY and pauses, segment by segment.
+        """
+        plainLine = b"p" * 998
+        dotLine = b"." + b"d" * 997
+        segments = [
+            b"Subject: limits\r\n\r\n",
+            plainLine,
+            b"\r",
+            b"\n.",
+            dotLine,
+            b"\r",
+            b"\n",
+            b"." * 999,
+            b"\r\n.\r",
+            b"\n",
+        ]
+        body = b"Subject: limits\r\n\r\n" + b"\r\n".join([plainLine, dotLine, b"." * 998]) + b"\r\n"
+
+        def dialogue():
+            c = self.connect()
+            c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c.command("EHLO client.test")
+            c.command("MAIL FROM:<a@example.org>")
+            c.command("RCPT TO:<b@example.org>")
+            assert c.command("DATA")[0] == 354
+            for segment in segments:
+                c.send(segment)
+                time.sleep(0.05)
+            return c.reply(), c.command("NOOP")
+
+        (code, lines), (noop, _) = yield self.run_(dialogue)
+        self.assertEqual((code, lines[0][:5]), (250, "2.0.0"), lines)
+        self.assertEqual(noop, 250)
+        [(_, path)] = self.spooled()
+        with open(path, "rb") as f:
+            stored = f.read()
+        self.assertEqual(stored[stored.index(b"Subject: limits") :], body)
+
+    @defer.inlineCallbacks
     def test_smugglingVariants(self):
         variants = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\n", b"\r.\r\n", b"\r\n\x00.\r\n"]
         for variant in variants:
@@ -652,6 +706,143 @@ class AuthTests(RelaydTestCase):
         self.assertEqual(unknown, wrong)
 
 
+class AuthLockoutTests(RelaydTestCase):
+    """
+    Issue 9 item 8: AUTH failures count across connections, per client
+    address and per user name at that address; above a limit AUTH gets
+    454 4.7.0 without the password being checked, and other addresses are
+    not locked out.
+    """
+
+    sections = {
+        "auth": {
+            "max_failures": 2,
+            "failure_window": 3600,
+            "user_failure_limit": 3,
+            "client_failure_limit": 5,
+        },
+        "metrics": {"endpoint": "tcp:0:interface=127.0.0.1"},
+    }
+
+    def client(self, source=None):
+        c = SMTPClient(self.port("submissions"), context=self.setup.clientContext(), source=source)
+        self.addCleanup(c.close)
+        assert c.reply()[0] == 220
+        assert c.command("EHLO client.test")[0] == 250
+        return c
+
+    def lockouts(self, scope):
+        value = self.relayd.service.metrics.registry.get_sample_value(
+            "relayd_auth_lockouts_total", {"listener": "submissions", "scope": scope}
+        )
+        return value or 0
+
+    @defer.inlineCallbacks
+    def test_userLockedOutAtThisAddressOnly(self):
+        def dialogue():
+            first = self.client()
+            guesses = [first.command("AUTH PLAIN " + plain(password=f"guess{i}")) for i in (1, 2)]
+            cut = first.reply()
+            second = self.client()
+            guesses.append(second.command("AUTH PLAIN " + plain(password="guess3")))
+            # The right password, from the guesser's address: refused unchecked.
+            locked = second.command("AUTH PLAIN " + plain())
+            # The real user from another address is not locked out.
+            elsewhere = self.client(source="127.0.0.2").command("AUTH PLAIN " + plain())
+            return guesses, cut, locked, elsewhere
+
+        guesses, cut, locked, elsewhere = yield self.run_(dialogue)
+        self.assertEqual([(c, lines[0][:5]) for c, lines in guesses], [(535, "5.7.8")] * 3)
+        self.assertEqual((cut[0], cut[1][0][:5]), (421, "4.7.0"))
+        self.assertEqual(locked, (454, ["4.7.0 Temporary authentication failure"]))
+        self.assertEqual((elsewhere[0], elsewhere[1][0][:5]), (235, "2.7.0"))
+        self.assertEqual(self.lockouts("user"), 1)
+        refusals = [e for e in self.events if "AUTH refused" in (e.get("log_format") or "")]
+        self.assertEqual(len(refusals), 1)
+        self.assertEqual((refusals[0]["client"], refusals[0]["user"]), ("127.0.0.1", DEMO_USER))
+
+    @defer.inlineCallbacks
+    def test_addressLockedOutForEveryUser(self):
+        def dialogue():
+            replies = []
+            for user in ("u1", "u2", "u3"):
+                c = self.client()
+                replies += [c.command("AUTH PLAIN " + plain(user=user)) for _ in range(2)]
+            return replies, self.client().command("AUTH PLAIN " + plain())
+
+        replies, locked = yield self.run_(dialogue)
+        # Five failures, then the address is over its limit for every user.
+        self.assertEqual([c for c, _ in replies], [535] * 5 + [454])
+        self.assertEqual(locked, (454, ["4.7.0 Temporary authentication failure"]))
+        self.assertEqual(self.lockouts("client"), 2)
+
+
+class AuthLockoutSharedTests(unittest.TestCase):
+    """
+    With the ratelimit policy on Redis, two relayds share the AUTH failure
+    counts: guesses at one instance lock the guesser out at the other.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.stop)
+        self.instances = []
+        for _ in range(2):
+            directory = tempfile.mkdtemp(prefix="relayd-test-")
+            self.addCleanup(shutil.rmtree, directory, True)
+            setup = TestSetup(
+                directory,
+                sections={"auth": {"max_failures": 5, "user_failure_limit": 3}},
+                chain=["ratelimit", "mynetworks", "authenticated"],
+                policies={
+                    "ratelimit": {
+                        "backend": "redis",
+                        "redis_url": self.redis.url,
+                        "redis_timeout": 2.0,
+                        "rules": [{"name": "per-client", "key": "client", "messages": ["99/hour"]}],
+                    }
+                },
+                modes=("submissions",),
+            )
+            relayd = yield InProcessRelayd.start(setup)
+            self.addCleanup(relayd.stop)
+            self.instances.append((setup, relayd))
+
+    def client(self, index):
+        setup, relayd = self.instances[index]
+        c = SMTPClient(relayd.port("submissions"), context=setup.clientContext())
+        self.addCleanup(c.close)
+        assert c.reply()[0] == 220
+        assert c.command("EHLO client.test")[0] == 250
+        return c
+
+    @defer.inlineCallbacks
+    def test_guessesAtOneInstanceCountAtTheOther(self):
+        def dialogue():
+            c = self.client(0)
+            return [c.command("AUTH PLAIN " + plain(password=f"guess{i}"))[0] for i in range(3)]
+
+        codes = yield deferToThread(dialogue)
+        self.assertEqual(codes, [535, 535, 535])
+        # The count goes to Redis in a thread of the store: wait for it.
+        keys = self.redis.client()
+        self.addCleanup(keys.close)
+        for _ in range(200):
+            counted = [int(keys.get(k)) for k in keys.keys("relayd:authfail:u:*")]
+            if counted == [3]:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(counted, [3])
+
+        def other():
+            return self.client(1).command("AUTH PLAIN " + plain())
+
+        locked = yield deferToThread(other)
+        self.assertEqual(locked, (454, ["4.7.0 Temporary authentication failure"]))
+
+
 class RelayDeniedTests(RelaydTestCase):
     """127.0.0.1 is not trusted here, so it is an outsider."""
 
@@ -713,6 +904,114 @@ class TimeoutTests(RelaydTestCase):
                 break
             yield deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(self.tmpFiles(), [])
+
+
+class SlowClientTests(RelaydTestCase):
+    """
+    Issue 9 item 5: trickling one octet at a time must not hold a slot:
+    a command line has C{command} seconds in all, and a DATA transfer
+    C{data_deadline} seconds plus what it earns at C{data_min_rate}.
+    """
+
+    sections = {
+        "timeouts": {"command": 1.0, "data": 3.0, "data_deadline": 1.0, "data_min_rate": 100}
+    }
+
+    def trickle(self, c, octets, interval=0.1):
+        """
+        Send C{octets} one at a time, C{interval} seconds apart, until the
+        server answers: the reply and how many octets went, or None and all
+        of them when it never answered while they were being sent.
+        """
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for sent in range(1, len(octets) + 1):
+            try:
+                c.send(octets[sent - 1 : sent])
+            except OSError:
+                return None, sent
+            readable, _, _ = select.select([c.sock], [], [], interval)
+            if readable:
+                return c.reply(), sent
+        return None, len(octets)
+
+    @defer.inlineCallbacks
+    def waitForNoSessions(self):
+        for _ in range(300):
+            if not self.relayd.sessions:
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.fail("sessions still open")
+
+    def assertStillServing(self):
+        def dialogue():
+            c = self.connect()
+            return c.command("EHLO other.test")[0]
+
+        return self.run_(dialogue).addCallback(self.assertEqual, 250)
+
+    @defer.inlineCallbacks
+    def test_commandLineTrickled(self):
+        octets = b"EHLO " + b"x" * 55
+
+        def dialogue():
+            c = self.connect()
+            reply, sent = self.trickle(c, octets)
+            return reply, sent, c.closed()
+
+        reply, sent, closed = yield self.run_(dialogue)
+        self.assertIsNotNone(reply, "still open after the whole line was trickled")
+        self.assertEqual((reply[0], reply[1][0][:5]), (421, "4.4.2"))
+        self.assertLess(sent, len(octets))
+        self.assertTrue(closed)
+        yield self.waitForNoSessions()
+        self.assertTrue(
+            [e for e in self.events if "command line not complete" in (e.get("log_format") or "")]
+        )
+        yield self.assertStillServing()
+
+    @defer.inlineCallbacks
+    def test_dataTrickled(self):
+        octets = b"Subject: slow\r\n\r\n" + b"y" * 50
+
+        def dialogue():
+            c = self.connect()
+            c.command("EHLO client.test")
+            c.command("MAIL FROM:<a@example.org>")
+            c.command("RCPT TO:<b@example.org>")
+            assert c.command("DATA")[0] == 354
+            reply, sent = self.trickle(c, octets)
+            return reply, sent, c.closed()
+
+        reply, sent, closed = yield self.run_(dialogue)
+        self.assertIsNotNone(reply, "still open after the whole message was trickled")
+        self.assertEqual((reply[0], reply[1][0][:5]), (421, "4.4.2"))
+        self.assertLess(sent, len(octets))
+        self.assertTrue(closed)
+        yield self.waitForNoSessions()
+        self.assertEqual(self.tmpFiles(), [])
+        self.assertEqual(self.spooled(), [])
+        self.assertTrue([e for e in self.events if "DATA deadline" in (e.get("log_format") or "")])
+        yield self.assertStillServing()
+
+    @defer.inlineCallbacks
+    def test_dataAboveMinimumRateMayTakeLonger(self):
+        """Each octet earns 1/data_min_rate seconds: slow but steady is fine."""
+        body = b"Subject: steady\r\n\r\n" + (b"z" * 98 + b"\r\n") * 20
+
+        def dialogue():
+            c = self.connect()
+            c.command("EHLO client.test")
+            c.command("MAIL FROM:<a@example.org>")
+            c.command("RCPT TO:<b@example.org>")
+            assert c.command("DATA")[0] == 354
+            for i in range(0, len(body), 100):
+                c.send(body[i : i + 100])
+                time.sleep(0.1)
+            c.send(b".\r\n")
+            return c.reply()
+
+        code, lines = yield self.run_(dialogue)
+        self.assertEqual((code, lines[0][:5]), (250, "2.0.0"))
 
 
 class ConnectionLimitTests(RelaydTestCase):

@@ -45,6 +45,10 @@ SECTIONS = {
     "limits": {"connections_per_client": PER_CLIENT, "errors": ERRORS},
     "timeouts": {"command": 2, "data": 2, "close": 1},
     "metrics": {"endpoint": "tcp:0:interface=127.0.0.1"},
+    # Sessions end on the AUTH failure limit again and again from 127.0.0.1:
+    # no lockout across connections (tests/test_server.py tests it), which
+    # would answer 454 before the per-connection cut-off.
+    "auth": {"user_failure_limit": 0, "client_failure_limit": 0},
 }
 # 127.0.0.1 is not trusted, so every RCPT on the relay listener is refused
 # by the server after the policy chain answered: a session that ends on its
