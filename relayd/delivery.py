@@ -193,7 +193,7 @@ class Deliverer:
         timeouts: ClientTimeouts = DEFAULT_TIMEOUTS,
         caFile: str | None = None,
         maxMessagesPerConnection: int = 100,
-        idleTimeout: float = 10.0,
+        idleTimeout: float = 2.0,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
