@@ -115,6 +115,7 @@ class Config:
     perDestination: int = 20
     messagesPerConnection: int = 100
     idleTimeout: float = 2.0
+    reuseTimeLimit: float = 300.0
     connectTimeout: float = 30.0
     commandTimeout: float = 300.0
     dataTimeout: float = 600.0
@@ -250,6 +251,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "per_destination": _Key(int, 20, check=_positive),
         "messages_per_connection": _Key(int, 100, check=_positive),
         "idle_timeout": _Key(_NUMBER, 2.0, check=_positive),
+        "reuse_time_limit": _Key(_NUMBER, 300.0, check=_positive),
         # RFC 5321 section 4.5.3.2: client timeouts, in seconds.
         "connect_timeout": _Key(_NUMBER, 30.0, check=_positive),
         "command_timeout": _Key(_NUMBER, 300.0, check=_positive),
@@ -537,6 +539,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         perDestination=delivery["per_destination"],
         messagesPerConnection=delivery["messages_per_connection"],
         idleTimeout=float(delivery["idle_timeout"]),
+        reuseTimeLimit=float(delivery["reuse_time_limit"]),
         connectTimeout=float(delivery["connect_timeout"]),
         commandTimeout=float(delivery["command_timeout"]),
         dataTimeout=float(delivery["data_timeout"]),

@@ -190,6 +190,9 @@ class Deliverer:
         before it is closed (Postfix's C{smtp_connection_reuse_count_limit}
         is similar).
     @ivar idleTimeout: seconds an unused connection stays open.
+    @ivar reuseTimeLimit: seconds from the start of a connection during
+        which it may be parked for another message (Postfix's
+        C{smtp_connection_reuse_time_limit}).
     @ivar hopDownTime: seconds a hop that could not take a session (refused
         or timed-out connection, 4xx/5xx greeting, failed EHLO, TLS or AUTH)
         goes behind the destination's other hops, so that messages are not
@@ -206,6 +209,7 @@ class Deliverer:
         caFile: str | None = None,
         maxMessagesPerConnection: int = 100,
         idleTimeout: float = 2.0,
+        reuseTimeLimit: float = 300.0,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
@@ -219,11 +223,12 @@ class Deliverer:
         self.timeouts = timeouts
         self.maxMessagesPerConnection = maxMessagesPerConnection
         self.idleTimeout = idleTimeout
+        self.reuseTimeLimit = reuseTimeLimit
         self._trustRoot = loadTrustRoot(caFile) if caFile is not None else None
         self._idle: dict[Hop, list[_Idle]] = {}
         self._downUntil: dict[Hop, float] = {}
         self._downPurgeAt = 64
-        self._clients: set[SMTPClient] = set()
+        self._clients: dict[SMTPClient, float] = {}
         self._connecting: set[Deferred[Any]] = set()
         self._stopping = False
 
@@ -375,6 +380,7 @@ class Deliverer:
             isV6 = False
         endpointType = TCP6ClientEndpoint if isV6 else TCP4ClientEndpoint
         endpoint = endpointType(self.reactor, hop.address, hop.port, timeout=self.timeouts.connect)
+        started = self.reactor.seconds()
         connecting = connectProtocol(endpoint, client)
         self._connecting.add(connecting)
         try:
@@ -383,7 +389,7 @@ class Deliverer:
             raise HopFailure(_connectError(hop, Failure()), connected=False) from None
         finally:
             self._connecting.discard(connecting)
-        self._clients.add(client)
+        self._clients[client] = started
         client.whenClosed().addCallback(lambda _: self._forget(client))
         yield client.ready
         return client
@@ -411,10 +417,13 @@ class Deliverer:
         ]
         result = AttemptResult(results, hop, client.tls)
         self._log(queueId, result, reused)
+        started = self._clients.get(client)
         if (
             client.reusable
             and not self._stopping
             and client.messages < self.maxMessagesPerConnection
+            and started is not None
+            and self.reactor.seconds() - started < self.reuseTimeLimit
         ):
             self._park(hop, client)
         else:
@@ -529,7 +538,7 @@ class Deliverer:
 
     def _forget(self, client: SMTPClient) -> None:
         """A connection is gone: drop it from the cache."""
-        self._clients.discard(client)
+        self._clients.pop(client, None)
         entries = self._idle.get(client.hop)
         if entries:
             for entry in list(entries):

@@ -816,6 +816,24 @@ class ReuseTests(DeliveryTestCase):
         self.assertEqual(len(sink.messages), 3)
 
     @defer.inlineCallbacks
+    def test_reuseTimeLimit(self):
+        """
+        A connection older than C{reuseTimeLimit} carries the message it
+        has, then closes; the next message gets a new one, which is reused.
+        """
+        sink = self.sink()
+        deliverer = self.deliverer(reuseTimeLimit=0.3)
+        destination = self.destination(self.hop(sink.port))
+        yield self.deliver(deliverer, destination, ["a@example.net"])
+        yield self.deliver(deliverer, destination, ["b@example.net"])
+        self.assertEqual(sink.connections, 1)
+        yield sleep(0.4)
+        yield self.deliver(deliverer, destination, ["c@example.net"])
+        yield self.deliver(deliverer, destination, ["d@example.net"])
+        self.assertEqual(sink.connections, 2)
+        self.assertEqual(len(sink.messages), 4)
+
+    @defer.inlineCallbacks
     def test_idleTimeout(self):
         sink = self.sink()
         deliverer = self.deliverer(idleTimeout=0.2)
