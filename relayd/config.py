@@ -121,10 +121,11 @@ class Config:
     resolvers: tuple[str, ...] = ()
     resolverPort: int = 53
     dnsTimeout: float = 5.0
-    deliveryConcurrency: int = 20
-    perDestination: int = 5
+    deliveryConcurrency: int = 100
+    perDestination: int = 20
     messagesPerConnection: int = 100
-    idleTimeout: float = 10.0
+    idleTimeout: float = 2.0
+    reuseTimeLimit: float = 300.0
     connectTimeout: float = 30.0
     commandTimeout: float = 300.0
     dataTimeout: float = 600.0
@@ -307,11 +308,14 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "resolvers": _Key(list, [], check=_stringList),
         "resolver_port": _Key(int, 53, check=_port),
         "dns_timeout": _Key(_NUMBER, 5.0, check=_positive),
-        # How much at once.
-        "concurrency": _Key(int, 20, check=_positive),
-        "per_destination": _Key(int, 5, check=_positive),
+        # How much at once: Postfix's default_process_limit (100) and
+        # default_destination_concurrency_limit (20); idle connections are
+        # kept as long as its smtp_connection_cache_time_limit (2 s).
+        "concurrency": _Key(int, 100, check=_positive),
+        "per_destination": _Key(int, 20, check=_positive),
         "messages_per_connection": _Key(int, 100, check=_positive),
-        "idle_timeout": _Key(_NUMBER, 10.0, check=_positive),
+        "idle_timeout": _Key(_NUMBER, 2.0, check=_positive),
+        "reuse_time_limit": _Key(_NUMBER, 300.0, check=_positive),
         # RFC 5321 section 4.5.3.2: client timeouts, in seconds.
         "connect_timeout": _Key(_NUMBER, 30.0, check=_positive),
         "command_timeout": _Key(_NUMBER, 300.0, check=_positive),
@@ -609,6 +613,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         perDestination=delivery["per_destination"],
         messagesPerConnection=delivery["messages_per_connection"],
         idleTimeout=float(delivery["idle_timeout"]),
+        reuseTimeLimit=float(delivery["reuse_time_limit"]),
         connectTimeout=float(delivery["connect_timeout"]),
         commandTimeout=float(delivery["command_timeout"]),
         dataTimeout=float(delivery["data_timeout"]),

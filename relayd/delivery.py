@@ -15,8 +15,14 @@ code (RFC 3463) and a text that the scheduler can act on and the bounce
 module can put in a DSN's Diagnostic-Code (RFC 3464 section 2.3.6).
 
 Sessions are kept open for a while after a message, per hop, and reused for
-the next message to the same destination (Postfix's connection cache):
-fewer TCP and TLS handshakes for a smart host that takes most of the mail.
+the next message to the same hop (Postfix's connection cache): fewer TCP and
+TLS handshakes for a smart host that takes most of the mail.  The hop is
+chosen first and the cache consulted after, never the other way round: the
+first hop of the destination that is not known to be down, which routing
+picks at random among equal-preference MX hosts for every message.  So load
+spreads over them as RFC 5321 section 5.1 asks however long connections
+live; a cache asked first would send everything to whichever host the first
+connection happened to reach (issue 14).
 """
 
 from __future__ import annotations
@@ -199,7 +205,16 @@ class Deliverer:
         before it is closed (Postfix's C{smtp_connection_reuse_count_limit}
         is similar).
     @ivar idleTimeout: seconds an unused connection stays open.
+    @ivar reuseTimeLimit: seconds from the start of a connection during
+        which it may be parked for another message (Postfix's
+        C{smtp_connection_reuse_time_limit}).
+    @ivar hopDownTime: seconds a hop that could not take a session (refused
+        or timed-out connection, 4xx/5xx greeting, failed EHLO, TLS or AUTH)
+        goes behind the destination's other hops, so that messages are not
+        each held up by it; afterwards one attempt at a time probes it.
     """
+
+    hopDownTime = 60.0
 
     def __init__(
         self,
@@ -208,7 +223,8 @@ class Deliverer:
         timeouts: ClientTimeouts = DEFAULT_TIMEOUTS,
         caFile: str | None = None,
         maxMessagesPerConnection: int = 100,
-        idleTimeout: float = 10.0,
+        idleTimeout: float = 2.0,
+        reuseTimeLimit: float = 300.0,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
@@ -222,9 +238,12 @@ class Deliverer:
         self.timeouts = timeouts
         self.maxMessagesPerConnection = maxMessagesPerConnection
         self.idleTimeout = idleTimeout
+        self.reuseTimeLimit = reuseTimeLimit
         self._trustRoot = loadTrustRoot(caFile) if caFile is not None else None
         self._idle: dict[Hop, list[_Idle]] = {}
-        self._clients: set[SMTPClient] = set()
+        self._downUntil: dict[Hop, float] = {}
+        self._downPurgeAt = 64
+        self._clients: dict[SMTPClient, float] = {}
         self._connecting: set[Deferred[Any]] = set()
         self._stopping = False
 
@@ -312,23 +331,25 @@ class Deliverer:
             reply = Reply.local(451, "4.3.0", f"cannot read queue file: {e.strerror}")
             return self._result(recipients, reply, None, None)
 
-        cached = self._takeIdle(destination)
-        if cached is not None:
-            hop, client = cached
-            transaction = yield client.send(sender, recipients, dataPath, size, eightBit)
-            if not transaction.stale:
-                return self._finished(client, hop, recipients, transaction, queueId, True)
-            log.info(
-                "{queue_id}: cached connection to {peer} is gone; connecting afresh",
-                queue_id=queueId,
-                peer=client.peer,
-            )
-            client.quit()
-
         failure: tuple[Hop, HopFailure] | None = None
-        for hop in destination.hops:
+        for hop in self._order(destination):
             if self._stopping:
                 break
+            cached = self._takeIdle(hop)
+            if cached is not None:
+                transaction = yield cached.send(sender, recipients, dataPath, size, eightBit)
+                if not transaction.stale:
+                    return self._finished(cached, hop, recipients, transaction, queueId, True)
+                log.info(
+                    "{queue_id}: cached connection to {peer} is gone; connecting afresh",
+                    queue_id=queueId,
+                    peer=cached.peer,
+                )
+                cached.quit()
+            if hop in self._downUntil:
+                # A probe of a hop that was down (or the last resort): the
+                # other messages keep going elsewhere meanwhile.
+                self._downUntil[hop] = self.reactor.seconds() + self.hopDownTime
             try:
                 client = yield self._connect(hop)
             except HopFailure as e:
@@ -338,11 +359,13 @@ class Deliverer:
                     hop=f"{hop.host}[{hop.address}]:{hop.port}",
                     text=str(e.reply),
                 )
+                self._markDown(hop)
                 if failure is None or e.reply.remote or not failure[1].reply.remote:
                     # A reply the peer actually sent is the better diagnosis
                     # to report than a refused connection elsewhere.
                     failure = (hop, e)
                 continue
+            self._downUntil.pop(hop, None)
             transaction = yield client.send(sender, recipients, dataPath, size, eightBit)
             return self._finished(client, hop, recipients, transaction, queueId, False)
 
@@ -372,6 +395,7 @@ class Deliverer:
             isV6 = False
         endpointType = TCP6ClientEndpoint if isV6 else TCP4ClientEndpoint
         endpoint = endpointType(self.reactor, hop.address, hop.port, timeout=self.timeouts.connect)
+        started = self.reactor.seconds()
         connecting = endpoint.connect(_QuietFactory(client))
         self._connecting.add(connecting)
         try:
@@ -380,7 +404,7 @@ class Deliverer:
             raise HopFailure(_connectError(hop, Failure()), connected=False) from None
         finally:
             self._connecting.discard(connecting)
-        self._clients.add(client)
+        self._clients[client] = started
         client.whenClosed().addCallback(lambda _: self._forget(client))
         yield client.ready
         return client
@@ -408,10 +432,13 @@ class Deliverer:
         ]
         result = AttemptResult(results, hop, client.tls)
         self._log(queueId, result, reused)
+        started = self._clients.get(client)
         if (
             client.reusable
             and not self._stopping
             and client.messages < self.maxMessagesPerConnection
+            and started is not None
+            and self.reactor.seconds() - started < self.reuseTimeLimit
         ):
             self._park(hop, client)
         else:
@@ -462,24 +489,48 @@ class Deliverer:
 
     # --- the connection cache ---------------------------------------------
 
-    def _takeIdle(self, destination: Destination) -> tuple[Hop, SMTPClient] | None:
+    def _order(self, destination: Destination) -> list[Hop]:
         """
-        An idle session to one of the destination's hops, if any.  A hop
-        with a session open worked moments ago, so it is used before any
-        earlier hop that would need a new connection.
+        The destination's hops in the order to try them for one message:
+        routing's order (preference, equal preferences shuffled anew for
+        every message, or a route's order), except that hops known to be
+        down go last.  They stay in the list, so a message still reaches
+        them when nothing else answers.
         """
-        for hop in destination.hops:
-            entries = self._idle.get(hop)
-            while entries:
-                entry = entries.pop()
-                if entry.timer.active():
-                    entry.timer.cancel()
-                if entry.client.reusable:
-                    if not entries:
-                        del self._idle[hop]
-                    return hop, entry.client
-                entry.client.quit()
-            self._idle.pop(hop, None)
+        now = self.reactor.seconds()
+        up = [hop for hop in destination.hops if self._downUntil.get(hop, 0.0) <= now]
+        down = [hop for hop in destination.hops if self._downUntil.get(hop, 0.0) > now]
+        return up + down
+
+    def _markDown(self, hop: Hop) -> None:
+        """
+        Put C{hop} behind the others for L{hopDownTime} seconds.  Entries
+        long expired are dropped now and then, so that hops of domains no
+        longer mailed do not pile up.
+        """
+        now = self.reactor.seconds()
+        self._downUntil[hop] = now + self.hopDownTime
+        if len(self._downUntil) > self._downPurgeAt:
+            oldest = now - self.hopDownTime
+            self._downUntil = {h: t for h, t in self._downUntil.items() if t > oldest}
+            self._downPurgeAt = max(64, 2 * len(self._downUntil))
+
+    def _takeIdle(self, hop: Hop) -> SMTPClient | None:
+        """
+        An idle session to C{hop}, if any: the most recently parked, whose
+        server is the least likely to have given up on it.
+        """
+        entries = self._idle.get(hop)
+        while entries:
+            entry = entries.pop()
+            if entry.timer.active():
+                entry.timer.cancel()
+            if entry.client.reusable:
+                if not entries:
+                    del self._idle[hop]
+                return entry.client
+            entry.client.quit()
+        self._idle.pop(hop, None)
         return None
 
     def _park(self, hop: Hop, client: SMTPClient) -> None:
@@ -502,7 +553,7 @@ class Deliverer:
 
     def _forget(self, client: SMTPClient) -> None:
         """A connection is gone: drop it from the cache."""
-        self._clients.discard(client)
+        self._clients.pop(client, None)
         entries = self._idle.get(client.hop)
         if entries:
             for entry in list(entries):

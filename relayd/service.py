@@ -598,6 +598,7 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) 
         caFile=config.caFile,
         maxMessagesPerConnection=config.messagesPerConnection,
         idleTimeout=config.idleTimeout,
+        reuseTimeLimit=config.reuseTimeLimit,
     )
     scheduler = Scheduler(
         spool=spool,

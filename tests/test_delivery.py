@@ -838,6 +838,24 @@ class ReuseTests(DeliveryTestCase):
         self.assertEqual(len(sink.messages), 3)
 
     @defer.inlineCallbacks
+    def test_reuseTimeLimit(self):
+        """
+        A connection older than C{reuseTimeLimit} carries the message it
+        has, then closes; the next message gets a new one, which is reused.
+        """
+        sink = self.sink()
+        deliverer = self.deliverer(reuseTimeLimit=0.3)
+        destination = self.destination(self.hop(sink.port))
+        yield self.deliver(deliverer, destination, ["a@example.net"])
+        yield self.deliver(deliverer, destination, ["b@example.net"])
+        self.assertEqual(sink.connections, 1)
+        yield sleep(0.4)
+        yield self.deliver(deliverer, destination, ["c@example.net"])
+        yield self.deliver(deliverer, destination, ["d@example.net"])
+        self.assertEqual(sink.connections, 2)
+        self.assertEqual(len(sink.messages), 4)
+
+    @defer.inlineCallbacks
     def test_idleTimeout(self):
         sink = self.sink()
         deliverer = self.deliverer(idleTimeout=0.2)
@@ -887,6 +905,89 @@ class ReuseTests(DeliveryTestCase):
         yield deliverer.stop()
         self.assertEqual(sink.openConnections, 0)
         self.assertEqual(sink.verbs()[-1], "QUIT")
+
+
+class HopChoiceTests(DeliveryTestCase):
+    """
+    The hop is chosen first, then an idle connection to it reused or a new
+    one opened (issue 14): routing's order decides, not the cache, so
+    equal-preference MX hosts share the load (RFC 5321 section 5.1) even
+    while connections stay open.
+    """
+
+    @defer.inlineCallbacks
+    def test_chosenHopBeforeIdleConnection(self):
+        """
+        Routing shuffles equal-preference hosts for each message; here the
+        order alternates.  Each message goes to its first hop, over that
+        hop's one cached connection, though the other hop's is idle too.
+        """
+        one, two = self.sink(), self.sink()
+        a = self.hop(one.port, host="mx1.example")
+        b = self.hop(two.port, host="mx2.example")
+        deliverer = self.deliverer()
+        for hops in [(a, b), (b, a)] * 3:
+            result = yield self.deliver(deliverer, self.destination(*hops), ["r@example.net"])
+            self.assertEqual(result.hop, hops[0])
+        self.assertEqual((len(one.messages), len(two.messages)), (3, 3))
+        self.assertEqual((one.connections, two.connections), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_downHopGoesLast(self):
+        """
+        A hop that could not take a session is not tried first again for a
+        while: the next messages go straight to the next hop, over one
+        connection, instead of each waiting on the broken one.
+        """
+        busy, good = self.sink(), self.sink()
+        busy.greeting = "421 4.3.2 too busy"
+        hops = (self.hop(busy.port, host="mx1.example"), self.hop(good.port))
+        deliverer = self.deliverer()
+        for _ in range(3):
+            result = yield self.deliver(deliverer, self.destination(*hops), ["r@example.net"])
+            self.assertEqual(result.results[0].status, "delivered")
+            self.assertEqual(result.hop, hops[1])
+        self.assertEqual(busy.connections, 1)
+        self.assertEqual((good.connections, len(good.messages)), (1, 3))
+
+    @defer.inlineCallbacks
+    def test_downHopTriedAgainLater(self):
+        """
+        After C{hopDownTime} the hop comes first again: a primary that is
+        back gets its mail back, rather than a backup keeping it for as long
+        as its cached connection lives.
+        """
+        busy, good = self.sink(), self.sink()
+        busy.greeting = "421 4.3.2 too busy"
+        hops = (self.hop(busy.port, host="mx1.example"), self.hop(good.port))
+        deliverer = self.deliverer()
+        deliverer.hopDownTime = 0.3
+        result = yield self.deliver(deliverer, self.destination(*hops), ["r@example.net"])
+        self.assertEqual(result.hop, hops[1])
+        busy.greeting = None
+        result = yield self.deliver(deliverer, self.destination(*hops), ["r@example.net"])
+        self.assertEqual(result.hop, hops[1])
+        yield sleep(0.4)
+        result = yield self.deliver(deliverer, self.destination(*hops), ["r@example.net"])
+        self.assertEqual(result.hop, hops[0])
+        self.assertEqual(len(busy.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_everyHopDownStillTried(self):
+        """
+        Hops known to be down stay in the list, last: when nothing else
+        answers, a message still goes to one that has come back.
+        """
+        first, second = self.sink(), self.sink()
+        first.greeting = second.greeting = "421 4.3.2 too busy"
+        hops = (self.hop(first.port, host="mx1.example"), self.hop(second.port))
+        deliverer = self.deliverer()
+        result = yield self.deliver(deliverer, self.destination(*hops), ["r@example.net"])
+        self.assertEqual(result.results[0].status, "deferred")
+        first.greeting = None
+        result = yield self.deliver(deliverer, self.destination(*hops), ["r@example.net"])
+        self.assertEqual(result.results[0].status, "delivered")
+        self.assertEqual(result.hop, hops[0])
 
 
 class PostfixSinkInteropTests(DeliveryTestCase):

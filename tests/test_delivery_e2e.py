@@ -249,9 +249,9 @@ class MXTests(DeliveryTestCase):
 class EqualPreferenceTests(DeliveryTestCase):
     """
     RFC 5321 section 5.1: MX hosts of equal preference are tried in random
-    order, so both get traffic.  One message per connection here: with
-    reuse, an idle connection to whichever MX came first carries the next
-    message too (as in Postfix), and load spreads per connection instead.
+    order, so both get traffic.  One message per connection here, so every
+    message makes its own choice and connection; L{SpreadWhileReusingTests}
+    has the same with connections reused.
     """
 
     delivery = {"messages_per_connection": 1}
@@ -270,6 +270,59 @@ class EqualPreferenceTests(DeliveryTestCase):
         yield self.waitFor(lambda: total() == 20)
         self.assertGreater(len(self.sinks["127.0.0.2"].messages), 0)
         self.assertGreater(len(self.sinks["127.0.0.3"].messages), 0)
+
+
+class SpreadWhileReusingTests(DeliveryTestCase):
+    """
+    Issue 14: paced mail to a domain with two equal-preference MX hosts
+    must reach both (RFC 5321 section 5.1: equal preferences share the
+    load) while connections are still reused.  Before, whichever host the
+    first connection went to kept every message, since its idle connection
+    was always taken first.
+
+    The issue's scenario (5 messages every 3 s) scaled down in time to 5
+    every 0.3 s, with the default idle_timeout (2 s) longer than the pause:
+    the steady-traffic case, in which cached connections never expire and
+    only the choice of hop per message can spread the load.  Each message
+    is delivered before the next is sent (a trickle, one in flight), so no
+    burst opens extra connections that would spread the load by chance.
+    """
+
+    delivery = {"idle_timeout": 2}
+    messages = 50
+    batch = 5
+    pause = 0.3
+
+    @defer.inlineCallbacks
+    def test_pacedMailSpreadsOverEqualMXAndReuses(self):
+        """
+        Each message picks one of the two hosts at random (independently,
+        with probability 1/2, as both stay up), so the count at one host is
+        Binomial(50, 1/2).  "At least 10 each" (20%) fails only if one host
+        gets 9 or fewer: 2 * P(X <= 9) = 1.2e-6 per run.  Reuse: with one
+        message in flight, one connection per host would do; at most 10 for
+        50 messages leaves room for a reconnect or two, and without reuse
+        there would be 50.
+        """
+        self.dns.setMX("example.net", [(10, "mx1.example.net"), (10, "mx2.example.net")])
+        self.dns.setA("mx1.example.net", ["127.0.0.2"])
+        self.dns.setA("mx2.example.net", ["127.0.0.3"])
+        one, two = self.sinks["127.0.0.2"], self.sinks["127.0.0.3"]
+
+        def delivered():
+            return len(one.messages) + len(two.messages)
+
+        for i in range(self.messages):
+            yield self.send([f"r{i}@example.net"], body=b"Subject: %d\r\n\r\nx\r\n" % i)
+            yield self.waitFor(lambda n=i + 1: delivered() == n)
+            if i % self.batch == self.batch - 1:
+                yield deferLater(reactor, self.pause, lambda: None)
+        recipients = sorted(r for m in one.messages + two.messages for r in m.recipients)
+        self.assertEqual(recipients, sorted(f"r{i}@example.net" for i in range(self.messages)))
+        shares = (len(one.messages), len(two.messages))
+        self.assertGreaterEqual(min(shares), 10, f"messages per MX host: {shares}")
+        connections = one.connections + two.connections
+        self.assertLessEqual(connections, 10, f"connections for {shares} messages")
 
 
 class LifetimeTests(DeliveryTestCase):
