@@ -496,7 +496,7 @@ def _checkConfig(ctx: _Context) -> None:
         # Built, never started, on a reactor that only records: this checks
         # certificates, the users file, policies and endpoints as startup
         # does, without listening or touching the spool.
-        buildService(config, MemoryReactorClock())
+        buildService(config, MemoryReactorClock(), checkOnly=True)
     except ConfigError as e:
         raise _Failure(f"config error: {e}") from None
     except (OSError, ValueError) as e:

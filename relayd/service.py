@@ -236,8 +236,35 @@ class RelaydService(MultiService):
         raise SystemExit(1)
 
 
+def _serverEndpoint(reactor: Any, text: str, path: str, key: str, checkOnly: bool) -> Any:
+    """
+    The server endpoint C{text} describes, or a L{ConfigError} naming
+    C{key}.  A C{systemd:} endpoint needs the socket systemd passes
+    (C{LISTEN_FDS}, a C{.socket} unit); when only checking the config
+    (C{relayctl check-config}), its syntax is all there is to check.
+    """
+    try:
+        return serverFromString(reactor, text)
+    except (IndexError, KeyError) as e:
+        if text.strip().startswith("systemd:"):
+            if checkOnly:
+                return None
+            raise ConfigError(
+                path,
+                key,
+                f"{text!r}: systemd passed no such socket (LISTEN_FDS, LISTEN_FDNAMES); "
+                "start relayd from its .socket unit (etc/relayd.socket), or listen with tcp:",
+            ) from None
+        raise ConfigError(path, key, f"bad endpoint {text!r}: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(path, key, f"bad endpoint {text!r}: {e}") from None
+
+
 def buildService(
-    config: Config, reactor: Any, receiver: dict[str, Any] | None = None
+    config: Config,
+    reactor: Any,
+    receiver: dict[str, Any] | None = None,
+    checkOnly: bool = False,
 ) -> RelaydService:
     """
     Make the whole service tree, checking everything that can be checked
@@ -249,6 +276,9 @@ def buildService(
         inherited listening sockets by listener name: that tree only
         receives (no delivery, control socket or metrics) and its spool
         only commits.
+    @param checkOnly: the tree is built to check the config, never started
+        (C{relayctl check-config}): sockets systemd would pass are not
+        required.
     @raise ConfigError: on any of those problems.
     """
     from relayd.auth import IMailUser, Lockout, UsersFileChecker, UsersFileError, makePortal
@@ -259,14 +289,9 @@ def buildService(
     top.reactor = reactor
     metricsEndpoint = None
     if config.metricsEndpoint and receiver is None:
-        try:
-            metricsEndpoint = serverFromString(reactor, config.metricsEndpoint)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(
-                config.path,
-                "metrics.endpoint",
-                f"bad endpoint {config.metricsEndpoint!r}: {e}",
-            ) from None
+        metricsEndpoint = _serverEndpoint(
+            reactor, config.metricsEndpoint, config.path, "metrics.endpoint", checkOnly
+        )
         top.metrics = Metrics()
 
     tlsOptions = None
@@ -358,14 +383,9 @@ def buildService(
                 continue  # not handed to this receiver: the queue manager's alone
             endpoint = receiver[listener.name]
         else:
-            try:
-                endpoint = serverFromString(reactor, listener.endpoint)
-            except (ValueError, TypeError, KeyError) as e:
-                raise ConfigError(
-                    config.path,
-                    f"listeners[{i}].endpoint",
-                    f"bad endpoint {listener.endpoint!r}: {e}",
-                ) from None
+            endpoint = _serverEndpoint(
+                reactor, listener.endpoint, config.path, f"listeners[{i}].endpoint", checkOnly
+            )
         svc = ListenerService(endpoint, wrapped)
         svc.setName(f"listener:{listener.name}")
         svc.listenerName = listener.name
