@@ -68,6 +68,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -339,6 +340,73 @@ class QueueCollector:
         return [size, oldestAge, stuckNow]
 
 
+Samples = dict[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]
+"""Sample values by family name, then by (sample name, labels)."""
+
+
+def parseSamples(text: str, gauges: bool = True) -> Samples:
+    """
+    The samples of a scrape page (another process's, L{relayd.receivers}),
+    without C{_created} timestamps (which do not add up) and, unless
+    C{gauges}, without gauges (a gone process's open connections are not
+    open any more; its counts stay counted).
+    """
+    found: Samples = {}
+    for family in text_string_to_metric_families(text):
+        if family.type == "gauge" and not gauges:
+            continue
+        into = found.setdefault(family.name, {})
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            key = (sample.name, frozenset(sample.labels.items()))
+            into[key] = into.get(key, 0.0) + sample.value
+    return found
+
+
+def addSamples(total: Samples, more: Samples) -> None:
+    """Add C{more} into C{total}."""
+    for name, samples in more.items():
+        into = total.setdefault(name, {})
+        for key, value in samples.items():
+            into[key] = into.get(key, 0.0) + value
+
+
+class SummedRegistry:
+    """
+    What L{MetricsResource} serves with several processes: this process's
+    registry with the samples of the others (C{others()}, from
+    L{parseSamples}) added in, so one scrape counts the whole relayd.
+    """
+
+    def __init__(self, registry: CollectorRegistry, others: Callable[[], list[Samples]]) -> None:
+        self.registry = registry
+        self.others = others
+
+    def collect(self) -> Iterable[Metric]:
+        extra: Samples = {}
+        for samples in self.others():
+            addSamples(extra, samples)
+        for family in self.registry.collect():
+            more = extra.get(family.name)
+            if not more:
+                yield family
+                continue
+            merged = Metric(family.name, family.documentation, family.type, family.unit)
+            seen = set()
+            for sample in family.samples:
+                key = (sample.name, frozenset(sample.labels.items()))
+                seen.add(key)
+                value = sample.value
+                if not sample.name.endswith("_created"):
+                    value += more.get(key, 0.0)
+                merged.add_sample(sample.name, sample.labels, value, sample.timestamp)
+            for key, value in more.items():
+                if key not in seen:  # a label value only another process has seen
+                    merged.add_sample(key[0], dict(key[1]), value)
+            yield merged
+
+
 class MetricsResource(Resource):
     """
     The scrape page: the registry in the text format Prometheus asks for
@@ -352,7 +420,7 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry | SummedRegistry) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.registry = registry
 
@@ -380,7 +448,9 @@ class _QuietSite(Site):
         pass
 
 
-def metricsSite(registry: CollectorRegistry, reactor: Any, timeout: float = 30.0) -> Site:
+def metricsSite(
+    registry: CollectorRegistry | SummedRegistry, reactor: Any, timeout: float = 30.0
+) -> Site:
     """
     The HTTP factory to listen with: C{/metrics} serves the registry,
     anything else is 404.  An idle or slow client is dropped after

@@ -35,7 +35,10 @@ standard output and error, its lines marked C{receiver-N}.
 What is per process: the connection counts of C{[limits]} and in-memory
 counters (so a C{ratelimit} policy with the memory backend needs
 C{processes = 1}, see L{relayd.config}).  The metrics endpoint is the queue
-manager's: messages and sessions of the receivers are not in it.
+manager's, and it adds up everything: each receiver counts in a registry
+of its own and sends a snapshot every L{METRICS_INTERVAL} seconds (and as
+it stops) on the notice pipe; what a receiver that ended had counted stays
+in the totals, so no counter ever goes down.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd.metrics import Samples, addSamples, parseSamples
+
 __all__ = ["ReceiverPool", "AdoptedEndpoint", "main"]
 
 log = Logger(namespace="relayd.receivers")
@@ -61,6 +66,8 @@ LISTENER_FD_BASE = 10
 """A receiver gets listener number n on this fd + n."""
 NOTICE_FD = 3
 """The receiver's end of the pipe for C{queued <id>} notices."""
+METRICS_INTERVAL = 5.0
+"""Seconds between two snapshots of a receiver's metrics to the queue manager."""
 RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
 
@@ -93,6 +100,8 @@ class _Receiver(ProcessProtocol):
         self.ended: Deferred[None] = Deferred()
         self.ready = False
         self.generation = pool.generation
+        self._pendingMetrics = 0
+        self.metrics: Samples = {}
 
     def connectionMade(self) -> None:
         log.info(
@@ -104,12 +113,25 @@ class _Receiver(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != NOTICE_FD:
             return
-        lines = (self._notices + data).split(b"\n")
-        self._notices = lines.pop()
-        for line in lines:
-            word, _, queueId = line.decode("ascii", "replace").partition(" ")
-            if word == "queued" and queueId:
-                self.pool.queued(queueId)
+        buffer = self._notices + data
+        while True:
+            if self._pendingMetrics:
+                if len(buffer) < self._pendingMetrics:
+                    break
+                text = buffer[: self._pendingMetrics]
+                buffer = buffer[self._pendingMetrics :]
+                self._pendingMetrics = 0
+                self.metrics = parseSamples(text.decode("utf-8", "replace"))
+                continue
+            line, found, buffer = buffer.partition(b"\n")
+            if not found:
+                buffer = line
+                break
+            word, _, argument = line.decode("ascii", "replace").partition(" ")
+            if word == "metrics" and argument.isdigit():
+                self._pendingMetrics = int(argument)
+            elif word == "queued" and argument:
+                self.pool.queued(argument)
             elif word == "ready":
                 self.ready = True
                 if self.generation != self.pool.generation:
@@ -164,6 +186,7 @@ class ReceiverPool(Service):
         self._timers: dict[int, Any] = {}
         self._terminated = False
         self.generation = 0
+        self.retired: Samples = {}
 
     def startService(self) -> None:
         super().startService()
@@ -196,6 +219,14 @@ class ReceiverPool(Service):
             receiver, sys.executable, args, env=dict(os.environ), childFDs=childFDs
         )
 
+    def metricsSamples(self) -> list[Samples]:
+        """
+        What the receivers counted (their latest snapshots, a few seconds
+        old at most) and what those that have ended had counted, for the
+        queue manager's metrics page to add to its own.
+        """
+        return [self.retired] + [r.metrics for r in self.receivers.values()]
+
     def queued(self, queueId: str) -> None:
         """A receiver committed C{queueId}: tell the scheduler at once."""
         self.spool.announce(queueId)
@@ -203,6 +234,8 @@ class ReceiverPool(Service):
     def ended(self, receiver: _Receiver, reason: Failure) -> None:
         if self.receivers.get(receiver.index) is receiver:
             del self.receivers[receiver.index]
+        # Its counts stay counted (a total must not go down); its gauges go.
+        addSamples(self.retired, _withoutGauges(receiver.metrics))
         if not self.running:
             return
         # A receiver that dies soon after starting is restarted ever later.
@@ -289,6 +322,14 @@ class _Lifeline(Protocol):
         self.stop()
 
 
+def _withoutGauges(samples: Samples) -> Samples:
+    return {name: values for name, values in samples.items() if name not in _GAUGES}
+
+
+_GAUGES = frozenset({"relayd_connections_open"})
+"""The receivers' gauges (the rest are counters and histograms)."""
+
+
 def _labelled(observer: Any, label: str, json: bool) -> Any:
     """Mark each event of this process: C{receiver-N} in text, a field in JSON."""
 
@@ -347,6 +388,20 @@ def main(argv: list[str] | None = None) -> None:
         notices.write(f"queued {queueId}\n".encode("ascii"))
 
     service.spool.addQueueObserver(tell)
+
+    registry = getattr(service.metrics, "registry", None)
+    if registry is not None:
+        from prometheus_client.exposition import generate_latest
+        from twisted.internet.task import LoopingCall
+
+        def push() -> None:
+            page = generate_latest(registry)
+            notices.write(b"metrics %d\n" % len(page) + page)
+
+        pushing = LoopingCall(push)
+        pushing.start(METRICS_INTERVAL, now=False)
+        # A last snapshot as it stops, so the totals miss nothing.
+        reactor.addSystemEventTrigger("before", "shutdown", push)
 
     def hup(signum: int, frame: Any) -> None:
         reactor.callFromThread(service.reload)  # type: ignore[attr-defined]

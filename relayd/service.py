@@ -25,7 +25,7 @@ from twisted.python.threadpool import ThreadPool
 from relayd.config import Config, ConfigError
 from relayd.control import ControlService, ControlSocketError
 from relayd.interfaces import IReloadable
-from relayd.metrics import NO_METRICS, Metrics, NoMetrics, metricsSite
+from relayd.metrics import NO_METRICS, Metrics, NoMetrics, SummedRegistry, metricsSite
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
 from relayd.proxy import ProxyFactory
 from relayd.server import ConnectionLimits, SMTPFactory
@@ -288,10 +288,12 @@ def buildService(
     top = RelaydService(config)
     top.reactor = reactor
     metricsEndpoint = None
-    if config.metricsEndpoint and receiver is None:
-        metricsEndpoint = _serverEndpoint(
-            reactor, config.metricsEndpoint, config.path, "metrics.endpoint", checkOnly
-        )
+    if config.metricsEndpoint:
+        if receiver is None:
+            metricsEndpoint = _serverEndpoint(
+                reactor, config.metricsEndpoint, config.path, "metrics.endpoint", checkOnly
+            )
+        # A receiver counts too; the queue manager serves the sums.
         top.metrics = Metrics()
 
     tlsOptions = None
@@ -333,13 +335,12 @@ def buildService(
     if config.deliveryEnabled and receiver is None:
         top.scheduler = _deliverySide(config, reactor, spool, top)
         top.metrics.watchQueue(top.scheduler)
+    metricsService = None
     if metricsEndpoint is not None:
         assert isinstance(top.metrics, Metrics)
-        svc = ListenerService(
-            metricsEndpoint, metricsSite(top.metrics.registry, reactor), "metrics.endpoint"
-        )
-        svc.setName("metrics")
-        svc.setServiceParent(top)
+        metricsService = ListenerService(metricsEndpoint, None, "metrics.endpoint")
+        metricsService.setName("metrics")
+        metricsService.setServiceParent(top)
 
     # Stopped after the listeners (children stop in reverse order) and
     # before the scheduler and the spool: the sessions in DATA still commit.
@@ -405,6 +406,12 @@ def buildService(
             stopDeadline=config.shutdownSessions + 10,
         )
         top.receivers.setServiceParent(top)
+    if metricsService is not None:
+        assert isinstance(top.metrics, Metrics)
+        registry: Any = top.metrics.registry
+        if top.receivers is not None:
+            registry = SummedRegistry(registry, top.receivers.metricsSamples)
+        metricsService.factory = metricsSite(registry, reactor)
     # Last: it starts once the spool holds its lock, and stops first.
     ControlService(top, spool, reactor).setServiceParent(top)
     return top

@@ -22,13 +22,15 @@ import smtplib
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 from relayd.config import ConfigError, load
-from relayd.testing import PostfixSink, TestSetup
+from relayd.testing import PostfixSink, TestSetup, freePort
 
 TOKEN = re.compile(rb"X-Token: ([0-9a-f-]+)")
 PROCESSES = 3
@@ -116,12 +118,29 @@ def sink():
     shutil.rmtree(directory, True)
 
 
-def relaydWith(tmp_path: Path, sinkPort: int, processes: int = PROCESSES) -> TestSetup:
+def acceptedTotal(metricsPort: int) -> float:
+    """relayd_messages_accepted_total over every listener, from one scrape."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "relayd_messages_accepted_total"
+    )
+
+
+def relaydWith(
+    tmp_path: Path, sinkPort: int, processes: int = PROCESSES, metricsPort: int = 0
+) -> TestSetup:
     setup = TestSetup(
         str(tmp_path / "relayd"),
         modes=("relay",),
         portZero=False,
         sections={
+            "metrics": (
+                {"endpoint": f"tcp:{metricsPort}:interface=127.0.0.1"} if metricsPort else {}
+            ),
             "server": {"processes": processes},
             "delivery": {"enabled": True, "retry_initial": 1, "retry_max": 1},
             "timeouts": {"shutdown_sessions": 5, "shutdown_deliveries": 2},
@@ -136,7 +155,8 @@ def relaydWith(tmp_path: Path, sinkPort: int, processes: int = PROCESSES) -> Tes
 
 
 def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
-    setup = relaydWith(tmp_path, sink.port)
+    metricsPort = freePort()
+    setup = relaydWith(tmp_path, sink.port, metricsPort=metricsPort)
     relayd = RelaydProcess(setup, tmp_path / "relayd.log")
     relaydProcesses.append(relayd)
     relayd.waitListening()
@@ -162,6 +182,14 @@ def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesse
     assert "could not" not in text, text[-5000:]
     for state in ("incoming", "active", "deferred"):
         assert os.listdir(os.path.join(setup.spoolPath, state)) == []
+    # One metrics page counts every process (receivers send snapshots
+    # every few seconds); the sum never goes down when a receiver ends.
+    waitFor(lambda: acceptedTotal(metricsPort) == 240, 30, "metrics do not add up", relayd.log)
+    victim = receiverPids(relayd.process.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    waitFor(lambda: victim not in receiverPids(relayd.process.pid), 20, "not reaped")
+    waitFor(lambda: "exited (" in relayd.log(10**7), 20, "no exit line", relayd.log)
+    assert acceptedTotal(metricsPort) == 240
 
 
 def test_signalsReachReceivers(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
