@@ -93,6 +93,7 @@ class Bench:
         self.rounds: list[dict[str, Any]] = []
         self.rssRun: dict[str, Any] | None = None
         self.relaydPeak: dict[str, int] = {}
+        self.pids: list[int] = []  # every long-running process started
 
     def suts(self) -> dict[str, Relayd | PrivatePostfix]:
         return {"relayd": self.relayd, "postfix": self.postfix}
@@ -100,10 +101,13 @@ class Bench:
     def start(self) -> None:
         say(f"work directory {self.workdir}")
         self.sink.start()
+        self.pids.append(self.sink.pid)
         say(f"smtp-sink on {LOOPBACK}:{self.sink.port}")
         self.relayd.start()
+        self.pids.append(self.relayd.pid)
         say(f"relayd (pid {self.relayd.pid}) on {LOOPBACK}:{self.relayd.port}")
         self.postfix.start()
+        self.pids.append(self.postfix.masterPid() or 0)
         say(
             f"private postfix (master pid {self.postfix.masterPid()}) "
             f"on {LOOPBACK}:{self.postfix.port}"
@@ -272,6 +276,7 @@ class Bench:
         self.relayd.stop()
         self.relayd = fresh
         fresh.start()
+        self.pids.append(fresh.pid)
         say(f"memory: fresh relayd (pid {fresh.pid}), {messages} messages")
         samples: list[tuple[int, int]] = []  # (delivered since start, VmRSS KiB)
         base = self.sink.delivered
@@ -406,6 +411,10 @@ def report(bench: Bench, args: argparse.Namespace, started: str, commit: str) ->
         "median_ratio": medians,
         "relayd_rss_after_rounds_kib": bench.relaydPeak,
         "memory_run": bench.rssRun,
+        "processes": {
+            "pids": [pid for pid in bench.pids if pid],
+            "ports": [bench.sink.port, bench.relayd.port, bench.postfix.port],
+        },
     }
 
 
@@ -431,8 +440,17 @@ def table(result: dict[str, Any]) -> str:
             f"{'':28} {'':5} {'median':>5} {'':9} {'':9} "
             f"{result['median_ratio'][key]:15.2f}  ({better} is better for relayd)"
         )
-    peak = result["relayd_rss_after_rounds_kib"]
     lines.append("")
+    for r in result["rounds"]:
+        achieved = [
+            r[name]["latency_run"]["achieved_rate"] or 0.0 for name in ("relayd", "postfix")
+        ]
+        lines.append(
+            f"latency load, round {r['round']}: {r['latency_offered_rate']:.0f} msg/s offered, "
+            f"achieved relayd {achieved[0]:.0f}, postfix {achieved[1]:.0f} "
+            f"(at most {p['sessions']} sessions at once)"
+        )
+    peak = result["relayd_rss_after_rounds_kib"]
     if peak:
         lines.append(
             f"relayd RSS after the rounds: {peak['VmRSS'] / 1024:.1f} MiB, "
