@@ -168,6 +168,11 @@ class Sink:
                     self.delivered = int(counts[-1])
                     self._changed.notify_all()
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
     def waitFor(self, count: int, stall: float) -> float | None:
         """
         Wait until C{count} messages have arrived, and return the
