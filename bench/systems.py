@@ -210,6 +210,7 @@ class Relayd:
         self.perDestination = perDestination
         self.configPath = base / "relayd.toml"
         self.logPath = base / "relayd.log"
+        self.outputPath = base / "relayd.out"
         self._process: subprocess.Popen[bytes] | None = None
 
     def config(self) -> str:
@@ -253,30 +254,31 @@ tls = "none"
         self.base.mkdir(parents=True, exist_ok=True)
         self.configPath.write_text(self.config())
         twistd = Path(sys.executable).with_name("twistd")
-        self._process = subprocess.Popen(
-            [
-                str(twistd),
-                "-n",
-                "--pidfile=",
-                "--logfile",
-                str(self.logPath),
-                "relayd",
-                "--config",
-                str(self.configPath),
-            ],
-            cwd=self.base,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        with self.outputPath.open("wb") as output:
+            self._process = subprocess.Popen(
+                [
+                    str(twistd),
+                    "-n",
+                    "--pidfile=",
+                    "--logfile",
+                    str(self.logPath),
+                    "relayd",
+                    "--config",
+                    str(self.configPath),
+                ],
+                cwd=self.base,
+                stdin=subprocess.DEVNULL,
+                # A file, not a pipe nobody reads during the run: a full pipe
+                # would stall relayd.
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             waitForGreeting(self.port, 30, "relayd", self._process)
         except BenchError as e:
-            stderr = b""
-            if self._process.poll() is not None and self._process.stderr is not None:
-                stderr = self._process.stderr.read()
-            raise BenchError(f"{e}; {stderr.decode(errors='replace').strip()}") from None
+            said = self.outputPath.read_text(errors="replace")[-2000:].strip()
+            raise BenchError(f"{e}; {said}") from None
 
     def stop(self) -> None:
         # SIGTERM: relayd's graceful stop (sessions get 421, deliveries end).
