@@ -20,8 +20,9 @@ always favour the same one):
     this round (L{bench.latency}), p50 and p99.
 
 Then, in the full run, a fresh relayd takes a run of 20 000 messages while
-its VmRSS is sampled: the RSS after the first 2 000 messages against after
-all of them shows whether memory grows with the number of messages.
+the VmRSS of its processes (the queue manager and its receivers, summed) is
+sampled: the RSS after the first 2 000 messages against over all of them
+shows whether memory grows with the number of messages.
 
 Prints a table on stdout and writes everything, configs included, to a
 JSON file.  Run it through C{scripts/bench}, which installs what it needs.
@@ -52,7 +53,8 @@ from bench.systems import (
     PrivatePostfix,
     Relayd,
     Sink,
-    rss,
+    descendants,
+    treeRss,
     which,
 )
 
@@ -114,6 +116,10 @@ class Bench:
         )
 
     def stop(self) -> None:
+        try:
+            self.pids.extend(descendants(self.relayd.pid))
+        except AssertionError:
+            pass  # relayd never started
         for stop in (self.relayd.stop, self.postfix.stop, self.sink.stop):
             try:
                 stop()
@@ -268,56 +274,58 @@ class Bench:
 
     def memory(self, messages: int) -> dict[str, Any]:
         """
-        A fresh relayd takes C{messages} (one per connection) while its RSS
-        is sampled; RSS after the first tenth against after all of them.
+        A fresh relayd takes C{messages} (one per connection) while the RSS
+        of its processes (queue manager and receivers, summed) is sampled:
+        after the first tenth against over all of them.
         """
         checkpoint = messages // 10
         fresh = Relayd(self.workdir / "relayd-rss", self.sink.port, self.args.per_destination)
+        self.pids.extend([self.relayd.pid, *descendants(self.relayd.pid)])
         self.relayd.stop()
         self.relayd = fresh
         fresh.start()
-        self.pids.append(fresh.pid)
-        say(f"memory: fresh relayd (pid {fresh.pid}), {messages} messages")
+        time.sleep(1)  # the receiver processes start after the greeting
+        start = treeRss(fresh.pid)
+        say(f"memory: fresh relayd ({start['processes']} processes), {messages} messages")
         samples: list[tuple[int, int]] = []  # (delivered since start, VmRSS KiB)
         base = self.sink.delivered
         done = threading.Event()
 
         def sample() -> None:
-            while not done.wait(0.1):
-                try:
-                    samples.append((self.sink.delivered - base, rss(fresh.pid)["VmRSS"]))
-                except (OSError, KeyError):
-                    return
+            while not done.wait(0.2):
+                samples.append((self.sink.delivered - base, treeRss(fresh.pid)["VmRSS"]))
 
         sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
-        before = rss(fresh.pid)["VmRSS"]
         sampler.start()
-        start = time.monotonic()
+        began = time.monotonic()
         try:
             accepted = self.smtpSource(fresh.port, messages, many=False)
-            endToEnd = self.delivered("memory run", messages, start)
+            endToEnd = self.delivered("memory run", messages, began)
         finally:
             done.set()
             sampler.join()
-        status = rss(fresh.pid)
+        end = treeRss(fresh.pid)
         early = [kib for count, kib in samples if count <= checkpoint]
         atCheckpoint = next((kib for count, kib in samples if count >= checkpoint), None)
+        peak = max([kib for _, kib in samples] + [end["VmRSS"]])
         result = {
             "messages": messages,
             "checkpoint": checkpoint,
-            "rss_start_kib": before,
+            "processes": end["processes"],
+            "rss_start_kib": start["VmRSS"],
             "rss_at_checkpoint_kib": atCheckpoint,
             "peak_rss_to_checkpoint_kib": max(early, default=None),
-            "peak_rss_kib": status["VmHWM"],
-            "rss_end_kib": status["VmRSS"],
+            "peak_rss_kib": peak,
+            "rss_end_kib": end["VmRSS"],
+            "hwm_sum_kib": end["VmHWM"],
             "accept_rate": messages / accepted,
             "e2e_rate": messages / endToEnd,
             "samples": len(samples),
         }
         say(
-            f"memory: RSS {before / 1024:.0f} MiB at start, "
+            f"memory: RSS {start['VmRSS'] / 1024:.0f} MiB at start, "
             f"{(atCheckpoint or 0) / 1024:.0f} MiB after {checkpoint}, "
-            f"peak {status['VmHWM'] / 1024:.0f} MiB over {messages}"
+            f"peak {peak / 1024:.0f} MiB over {messages}"
         )
         return result
 
@@ -325,7 +333,7 @@ class Bench:
         self.start()
         for number in range(1, self.args.rounds + 1):
             self.rounds.append(self.round(number))
-        self.relaydPeak = rss(self.relayd.pid)
+        self.relaydPeak = treeRss(self.relayd.pid)
         if self.args.rss_messages:
             self.rssRun = self.memory(self.args.rss_messages)
         # A duplicate of the last phase's messages would arrive late.
@@ -415,7 +423,7 @@ def report(bench: Bench, args: argparse.Namespace, started: str, commit: str) ->
         "relayd_rss_after_rounds_kib": bench.relaydPeak,
         "memory_run": bench.rssRun,
         "processes": {
-            "pids": [pid for pid in bench.pids if pid],
+            "pids": sorted({pid for pid in bench.pids if pid}),
             "ports": [bench.sink.port, bench.relayd.port, bench.postfix.port],
         },
     }
@@ -456,13 +464,13 @@ def table(result: dict[str, Any]) -> str:
     peak = result["relayd_rss_after_rounds_kib"]
     if peak:
         lines.append(
-            f"relayd RSS after the rounds: {peak['VmRSS'] / 1024:.1f} MiB, "
-            f"peak {peak['VmHWM'] / 1024:.1f} MiB"
+            f"relayd RSS after the rounds ({peak['processes']} processes, summed): "
+            f"{peak['VmRSS'] / 1024:.1f} MiB, peaks {peak['VmHWM'] / 1024:.1f} MiB"
         )
     m = result["memory_run"]
     if m:
         lines.append(
-            f"relayd RSS, fresh process, {m['messages']} messages: "
+            f"relayd RSS ({m['processes']} processes, summed), fresh, {m['messages']} messages: "
             f"{m['rss_start_kib'] / 1024:.1f} MiB at start, "
             f"{(m['rss_at_checkpoint_kib'] or 0) / 1024:.1f} MiB after {m['checkpoint']}, "
             f"peak {m['peak_rss_kib'] / 1024:.1f} MiB over all "

@@ -26,11 +26,13 @@ from pathlib import Path
 
 __all__ = [
     "BenchError",
+    "descendants",
     "PrivatePostfix",
     "Relayd",
     "Sink",
     "freePort",
     "rss",
+    "treeRss",
     "waitForGreeting",
     "which",
 ]
@@ -90,6 +92,48 @@ def rss(pid: int) -> dict[str, int]:
                 name, value = line.split(":", 1)
                 found[name] = int(value.split()[0])
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """
+    The processes below C{pid} (children, their children, ...), from the
+    parent fields of /proc/*/stat.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = text[text.rfind(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found.extend(below)
+        todo.extend(below)
+    return found
+
+
+def treeRss(pid: int) -> dict[str, int]:
+    """
+    VmRSS and VmHWM summed over process C{pid} and its descendants (relayd's
+    receiver processes), in KiB, and how many processes that was.  The sum
+    of peaks is an upper bound of the tree's peak, which may not have come
+    at one moment.
+    """
+    total = {"VmRSS": 0, "VmHWM": 0, "processes": 0}
+    for one in [pid, *descendants(pid)]:
+        try:
+            figures = rss(one)
+        except OSError:
+            continue  # exited meanwhile
+        total["VmRSS"] += figures.get("VmRSS", 0)
+        total["VmHWM"] += figures.get("VmHWM", 0)
+        total["processes"] += 1
+    return total
 
 
 def which(name: str) -> str:
@@ -281,8 +325,16 @@ tls = "none"
             raise BenchError(f"{e}; {said}") from None
 
     def stop(self) -> None:
-        # SIGTERM: relayd's graceful stop (sessions get 421, deliveries end).
+        # SIGTERM: relayd's graceful stop (sessions get 421, deliveries end,
+        # the queue manager stops its receiver processes).
         _stopProcess(self._process, signal.SIGTERM, 40)
+        if self._process is not None:
+            # Any receiver left behind: the process group is relayd's own
+            # (start_new_session), its id the twistd process's.
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 class PrivatePostfix:
