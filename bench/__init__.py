@@ -1,0 +1,3 @@
+"""
+The benchmark: relayd beside a private Postfix (see L{bench.run}).
+"""

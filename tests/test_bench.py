@@ -1,0 +1,73 @@
+"""
+C{scripts/bench --quick} runs end to end and prints every figure.  Only
+that: how fast relayd is gets measured by the benchmark itself, against
+Postfix on the same machine, never asserted in a test (DESIGN section 7).
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+LABELS = [
+    "accept, 1 msg/conn",
+    "end to end, 1 msg/conn",
+    "accept, many msg/conn (-d)",
+    "end to end, many msg/conn",
+    "latency dot->250 p50",
+    "latency dot->250 p99",
+]
+KEYS = ["accept", "e2e", "accept_d", "e2e_d", "latency_p50", "latency_p99"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the private Postfix instance needs root")
+def test_quickRunPrintsTheFigures(tmp_path: Path) -> None:
+    """
+    One quick round: a table with each metric for relayd, Postfix and their
+    ratio, a median line per metric, relayd's RSS, and the same in JSON,
+    with every message counted at the sink (or the run would fail); and
+    afterwards no process it started still runs.
+    """
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [str(REPO / "scripts" / "bench"), "--quick", "--json", str(out)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = result.stdout
+    for label in LABELS:
+        [row] = [line for line in table.splitlines() if line.startswith(label)]
+        relayd, postfix, ratio = (float(v) for v in row.split()[-3:])
+        assert relayd > 0 and postfix > 0 and ratio > 0, row
+    assert table.count("median") == len(LABELS), table
+    assert "relayd/postfix" in table
+    assert "relayd RSS after the rounds" in table
+
+    figures = json.loads(out.read_text())
+    assert figures["failure"] is None
+    assert figures["parameters"]["rounds"] == 1
+    [round1] = figures["rounds"]
+    for key in KEYS:
+        assert round1["relayd"][key] > 0
+        assert round1["postfix"][key] > 0
+        assert not math.isnan(figures["median_ratio"][key])
+    assert "[[routes]]" in figures["configs"]["relayd.toml"]
+    assert "mynetworks = 127.0.0.0/8" in figures["configs"]["postfix main.cf"]
+    assert figures["relayd_rss_after_rounds_kib"]["VmHWM"] > 0
+
+    # Nothing the run started is left: no process, nothing listening.
+    started = figures["processes"]
+    for pid in started["pids"]:
+        assert not Path(f"/proc/{pid}").exists(), started
+    for port in started["ports"]:
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", port))
