@@ -61,14 +61,13 @@ from relayd.address import AddressError, parseParameters, parsePath
 from relayd.auth import Lockout
 from relayd.envelope import Envelope, Message, Session
 from relayd.metrics import NO_METRICS, NoMetrics
+from relayd.smtp.wire import COMMAND_LINE, DataReader
 from relayd.verdict import Action, Verdict
 
-__all__ = ["DataReader", "SMTPServer", "SMTPFactory", "ConnectionLimits"]
+__all__ = ["SMTPServer", "SMTPFactory", "ConnectionLimits"]
 
 log = Logger(namespace="relayd.smtpd")
 
-COMMAND_LINE = 512
-"""RFC 5321 section 4.5.3.1.4: a command line, CRLF included."""
 MAIL_ALLOWANCE = 26 + 14 + 500
 """
 Extra octets a MAIL line may use for the extensions relayd offers: SIZE
@@ -76,110 +75,7 @@ Extra octets a MAIL line may use for the extensions relayd offers: SIZE
 """
 AUTH_LINE = 12288
 """RFC 4954 section 4: an AUTH response line may be 12288 octets."""
-TEXT_LINE = 1000
-"""RFC 5321 section 4.5.3.1.6: a text line, CRLF included."""
 HTTP_VERBS = frozenset({"GET", "POST", "CONNECT", "HEAD", "PUT", "OPTIONS"})
-
-_END = b"\r\n.\r\n"
-
-
-class DataReader:
-    """
-    The DATA phase as a byte-stream parser.
-
-    It finds the end of the message (only C{CRLF.CRLF}), removes dot
-    stuffing (RFC 5321 section 4.5.2), counts the size and checks every line,
-    doing its work with C{bytes} methods over whole chunks rather than
-    Python code per line, so that receiving is limited by the disk.
-
-    The stream is treated as if preceded by a CRLF, so a C{.} on the very
-    first line is recognised both as end of data and as stuffing.  The
-    unprocessed tail (C{_carry}) always starts with that CRLF.
-
-    A line may hold 998 octets (RFC 5321 section 4.5.3.1.6), counted after
-    the transparency dot is removed, and however TCP cut it: a CR at the end
-    of a chunk may be the first half of the line's CRLF.
-
-    Once a problem is found the reader stops passing data on but keeps
-    looking for the end, so the client is answered after its real end of
-    data and the session stays in step.
-
-    @ivar problem: None while all is well, else one of C{"size"},
-        C{"line"}, C{"bare"}, C{"nul"}, C{"write"}.
-    @ivar error: the L{OSError} behind a C{"write"} problem.
-    @ivar size: octets of message passed on so far.
-    """
-
-    def __init__(self, write: Callable[[bytes], None], maxSize: int) -> None:
-        self._write = write
-        self.maxSize = maxSize
-        self._carry = b"\r\n"
-        self._started = False
-        self.size = 0
-        self.problem: str | None = None
-        self.error: OSError | None = None
-
-    def feed(self, data: bytes) -> bytes | None:
-        """
-        Take the next chunk.
-
-        @return: None while the end has not been seen; once it has, the
-            bytes that followed it (the next pipelined commands).
-        """
-        buf = self._carry + data
-        end = buf.find(_END)
-        if self.problem is not None:
-            if end < 0:
-                self._carry = buf[-4:]
-                return None
-            return buf[end + 5 :]
-        if end >= 0:
-            self._pass(buf[: end + 2])
-            return buf[end + 5 :]
-        cut = buf.rfind(b"\r\n")
-        if cut > 0:
-            self._pass(buf[:cut])
-            buf = buf[cut:]
-        # buf is CRLF and the start of a line.  Refuse it now if it is
-        # already too long, which bounds the carry; but a CR at its end may
-        # be half of its CRLF, and a dot at its start is transparency
-        # (RFC 5321 section 4.5.3.1.6): neither counts.
-        if len(buf) > TEXT_LINE and self.problem is None:
-            length = len(buf) - 2 - buf.endswith(b"\r") - buf.startswith(b"\r\n.")
-            if length > TEXT_LINE - 2:
-                self.problem = "line"
-        self._carry = buf if self.problem is None else buf[-4:]
-        return None
-
-    def _pass(self, segment: bytes) -> None:
-        """Check and un-stuff a run of whole lines that starts with CRLF."""
-        if self.problem is not None:
-            return
-        lines = segment.count(b"\r\n")
-        if segment.count(b"\n") != lines or segment.count(b"\r") != lines:
-            self.problem = "bare"
-            return
-        if b"\x00" in segment:
-            self.problem = "nul"
-            return
-        out = segment.replace(b"\r\n.", b"\r\n")
-        # Measured without the transparency dots (RFC 5321 section
-        # 4.5.3.1.6); every CR and LF is part of a CRLF by now.
-        if len(out) > TEXT_LINE and max(map(len, out.split(b"\r\n"))) > TEXT_LINE - 2:
-            self.problem = "line"
-            return
-        if not self._started:
-            out = out[2:]
-            self._started = True
-        self.size += len(out)
-        if self.size > self.maxSize:
-            self.problem = "size"
-            return
-        try:
-            self._write(out)
-        except OSError as e:
-            self.problem = "write"
-            self.error = e
 
 
 class ConnectionLimits:
