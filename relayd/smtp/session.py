@@ -61,6 +61,7 @@ from relayd.address import AddressError, parseParameters, parsePath
 from relayd.auth import Lockout
 from relayd.envelope import Envelope, Message, Session
 from relayd.metrics import NO_METRICS, NoMetrics
+from relayd.reply import Reply
 from relayd.smtp.wire import COMMAND_LINE, DataReader
 from relayd.verdict import Action, Verdict
 
@@ -313,7 +314,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         if verdict.action in (Action.REJECT, Action.TEMPFAIL):
             self._log("connection", verdict)
-            self.reply(verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
+            self.sendReply(verdict.reply)
             self._close()
             return
         self.state = "command"
@@ -485,17 +486,24 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     # --- replies ---------------------------------------------------------
 
+    def sendReply(self, reply: Reply) -> None:
+        """Send a one-line L{Reply}."""
+        self.transport.write(str(reply).encode("utf-8") + b"\r\n")
+
     def reply(self, code: int, enhanced: str | None, text: str) -> None:
-        """Send a one-line reply; C{enhanced} None only for 3xx replies."""
-        if enhanced:
-            line = f"{code} {enhanced} {text}"
-        else:
-            line = f"{code} {text}"
-        self.transport.write(line.encode("utf-8") + b"\r\n")
+        """
+        Send a one-line reply; C{enhanced} None only where RFC 2034 leaves
+        it out (L{Reply} checks).
+        """
+        self.sendReply(Reply(code, enhanced, text))
 
     def fail(self, code: int, enhanced: str, text: str) -> None:
         """Send an error reply; too many of them end the session."""
-        self.reply(code, enhanced, text)
+        self.failWith(Reply(code, enhanced, text))
+
+    def failWith(self, reply: Reply) -> None:
+        """L{fail} with a L{Reply}."""
+        self.sendReply(reply)
         self._errors += 1
         if self._errors >= self.factory.config.maxErrors and self.state != "closed":
             assert self.session is not None
@@ -509,11 +517,15 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     def _refuse(self, stage: str, code: int, enhanced: str, text: str) -> None:
         """L{fail} for a refused MAIL, RCPT or message, counted by stage and code."""
-        self.factory.metrics.messageRejected(stage, code)
-        self.fail(code, enhanced, text)
+        self._refuseWith(stage, Reply(code, enhanced, text))
+
+    def _refuseWith(self, stage: str, reply: Reply) -> None:
+        """L{_refuse} with a L{Reply}."""
+        self.factory.metrics.messageRejected(stage, reply.code)
+        self.failWith(reply)
 
     def _answer(self, verdict: Verdict) -> None:
-        self.reply(verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
+        self.sendReply(verdict.reply)
         if verdict.disconnect:
             self._close()
 
@@ -903,7 +915,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 return
             if verdict.action in (Action.REJECT, Action.TEMPFAIL):
                 self._log("MAIL", verdict, sender=f"<{sender}>")
-                f.metrics.messageRejected("mail", verdict.code)  # type: ignore[arg-type]
+                f.metrics.messageRejected("mail", verdict.reply.code)
                 self._answer(verdict)
                 return
             # Like Postfix, the queue id is given at MAIL, so that the MAIL
@@ -962,7 +974,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                     envelope.recipients.append(recipient)
                 self._answer(verdict)
             else:
-                self._refuse("rcpt", verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
+                self._refuseWith("rcpt", verdict.reply)
                 if verdict.disconnect and self.state != "closed":
                     self._close()
 
@@ -1116,7 +1128,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 self._log("DATA", verdict)
                 incoming.discard()
                 if self.state != "closed":
-                    f.metrics.messageRejected("data", verdict.code)  # type: ignore[arg-type]
+                    f.metrics.messageRejected("data", verdict.reply.code)
                     self._answer(verdict)
                 return None
             if message.changed:
@@ -1173,13 +1185,13 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         config = self.factory.config
         if message.headerTooLarge:
             problem = f"header section over {config.maxHeaderSize} octets (limits.header_size)"
-            reply = (552, "5.3.4", "Error: message header section exceeds fixed limit")
+            reply = Reply(552, "5.3.4", "Error: message header section exceeds fixed limit")
         elif message.hopCount > config.maxHops:
             problem = (
                 f"{message.hopCount} Received: fields, more than {config.maxHops} "
                 "(limits.hops); a mail loop?"
             )
-            reply = (554, "5.4.6", "Error: too many hops")
+            reply = Reply(554, "5.4.6", "Error: too many hops")
         else:
             return False
         envelope, session = self.envelope, self.session
@@ -1191,7 +1203,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             client=str(session.clientAddress),
             session_id=session.sessionId,
         )
-        self._refuse("data", *reply)
+        self._refuseWith("data", reply)
         return True
 
     def _record(self, envelope: Envelope, size: int) -> dict[str, Any]:
