@@ -46,6 +46,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+import relayd.reply
 from relayd.routing import Hop
 from relayd.smtp.wire import DotStuffer
 
@@ -100,9 +101,15 @@ _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
 
 
 @dataclass(frozen=True)
-class Reply:
+class Reply(relayd.reply.Reply):
     """
-    An SMTP reply, or an outcome relayd made up in the same shape.
+    An SMTP reply from a next hop, or an outcome relayd made up in the same
+    shape: a L{relayd.reply.Reply} with what the client also needs.
+
+    A reply the peer sent is kept as received, whatever its digits (the
+    checks of L{relayd.reply.Reply} are for replies relayd makes, and a
+    peer's odd reply is a fact to report, not an error of ours); one
+    relayd describes itself (C{remote} False) is checked.
 
     @ivar code: the three-digit reply code.
     @ivar enhanced: the RFC 3463 enhanced status code (RFC 2034), taken
@@ -116,11 +123,13 @@ class Reply:
         failure, a refusal of relayd's own).
     """
 
-    code: int
     enhanced: str
-    text: str
     lines: tuple[str, ...] = ()
     remote: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.remote:
+            super().__post_init__()
 
     @classmethod
     def parse(cls, lines: list[str]) -> Reply:
@@ -140,11 +149,14 @@ class Reply:
 
     @classmethod
     def local(cls, code: int, enhanced: str, text: str) -> Reply:
-        """An outcome described by relayd rather than said by the peer."""
+        """
+        An outcome described by relayd rather than said by the peer.  Line
+        breaks in C{text} (an exception's message may have some) become
+        spaces, so the reply stays one line.
+        """
+        if "\r" in text or "\n" in text:
+            text = " ".join(text.split())
         return cls(code, enhanced, text, (text,), remote=False)
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}"
 
 
 class HopFailure(Exception):

@@ -57,3 +57,20 @@ def test_frozen() -> None:
     reply = Reply(250, "2.0.0", "Ok")
     with pytest.raises(AttributeError):
         reply.code = 550  # type: ignore[misc]
+
+
+def test_clientReplyIsAReply() -> None:
+    """
+    The client's replies are Replies: a peer's is kept as received, even
+    with odd digits; one relayd makes itself is checked, on one line.
+    """
+    from relayd.client import Reply as ClientReply
+
+    peer = ClientReply.parse(["354 go ahead"])
+    assert isinstance(peer, Reply)
+    assert (peer.code, peer.enhanced, str(peer)) == (354, "3.0.0", "354 3.0.0 go ahead")
+    assert ClientReply.parse(["600 odd"]).code == 600
+    local = ClientReply.local(451, "4.4.1", "connect failed:\nrefused")
+    assert (str(local), local.remote) == ("451 4.4.1 connect failed: refused", False)
+    with pytest.raises(ValueError):
+        ClientReply.local(451, "5.4.1", "wrong class")
