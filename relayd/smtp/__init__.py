@@ -5,4 +5,6 @@ The receiving side of SMTP, one module per job (DESIGN section 2):
     the connection limits.
   - L{relayd.smtp.wire}: the DATA wire format both ways (L{DataReader} in,
     L{DotStuffer} out) and the RFC 5321 line limits.
+  - L{relayd.smtp.sasl}: the AUTH dialogue (PLAIN, LOGIN) as an object the
+    session drives.
 """

@@ -36,13 +36,10 @@ section 3 leaves them out.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
 import ipaddress
 import secrets
 import time
-from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -62,6 +59,7 @@ from relayd.auth import Lockout
 from relayd.envelope import Envelope, Message, Session
 from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.reply import Reply
+from relayd.smtp import sasl
 from relayd.smtp.wire import COMMAND_LINE, DataReader
 from relayd.verdict import Action, Verdict
 
@@ -74,8 +72,6 @@ MAIL_ALLOWANCE = 26 + 14 + 500
 Extra octets a MAIL line may use for the extensions relayd offers: SIZE
 (RFC 1870: 26), BODY=8BITMIME (14) and AUTH= (RFC 4954 section 5: 500).
 """
-AUTH_LINE = 12288
-"""RFC 4954 section 4: an AUTH response line may be 12288 octets."""
 HTTP_VERBS = frozenset({"GET", "POST", "CONNECT", "HEAD", "PUT", "OPTIONS"})
 
 
@@ -229,7 +225,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     delimiter = b"\n"
     """LF, so a bare LF is seen at once; never use C{sendLine} (it would send it)."""
-    MAX_LENGTH = AUTH_LINE
+    MAX_LENGTH = sasl.AUTH_LINE
     factory: SMTPFactory
     # The TCP transport, or TLSMemoryBIOProtocol for STARTTLS and port 465:
     # ITransport plus ITLSTransport.startTLS and getHandle, which no single
@@ -242,7 +238,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self.envelope: Envelope | None = None
         self._errors = 0
         self._authFailures = 0
-        self._authStep: Callable[[str], None] | None = None
+        self._exchange: sasl.Exchange | None = None
         self._reader: DataReader | None = None
         self._incoming: Any = None
         self._committing = False
@@ -687,69 +683,30 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self.fail(503, "5.5.1", "Error: MAIL transaction in progress")
             return
         mechanism, _, initial = argument.partition(" ")
-        mechanism = mechanism.upper()
-        initial = initial.strip(" ")
-        if mechanism == "PLAIN":
-            if initial:
-                self._authPlain(initial)
-            else:
-                self._expect(self._authPlain, "")
-        elif mechanism == "LOGIN":
-            if initial:
-                self._loginUser(initial)
-            else:
-                self._expect(self._loginUser, "VXNlcm5hbWU6")  # "Username:"
-        else:
+        exchange = sasl.start(mechanism)
+        if exchange is None:
             self.fail(504, "5.5.4", "Error: unrecognized authentication type")
+            return
+        self._authStep(exchange, exchange.begin(initial.strip(" ")))
 
-    def _expect(self, step: Callable[[str], None], challenge: str) -> None:
-        self.state = "auth"
-        self._authStep = step
-        self.reply(334, None, challenge)
+    def _authStep(self, exchange: sasl.Exchange, step: sasl.Step) -> None:
+        """Do what the AUTH exchange asks for next (L{relayd.smtp.sasl})."""
+        if isinstance(step, sasl.Challenge):
+            self.state = "auth"
+            self._exchange = exchange
+            self.reply(334, None, step.text)
+        elif isinstance(step, sasl.Refusal):
+            self.failWith(step.reply)
+        elif step.problem is not None:
+            self._authFailed(step.problem, step.user)
+        else:
+            self._login(step.user, step.password)
 
     def _authContinue(self, line: str) -> None:
-        step, self._authStep = self._authStep, None
+        exchange, self._exchange = self._exchange, None
         self.state = "command"
-        if line.strip() == "*":
-            self.fail(501, "5.7.0", "Error: authentication cancelled")
-            return
-        assert step is not None
-        step(line)
-
-    def _decode(self, text: str) -> str | None:
-        if text == "=":
-            return ""
-        try:
-            return base64.b64decode(text.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, ValueError):
-            self.fail(501, "5.5.2", "Error: cannot decode response")
-            return None
-
-    def _authPlain(self, text: str) -> None:
-        decoded = self._decode(text)
-        if decoded is None:
-            return
-        parts = decoded.split("\x00")
-        if len(parts) != 3:
-            self.fail(501, "5.5.2", "Error: malformed PLAIN response")
-            return
-        authzid, user, password = parts
-        if authzid and authzid != user:
-            self._authFailed("authorization identity differs", user)
-            return
-        self._login(user, password)
-
-    def _loginUser(self, text: str) -> None:
-        user = self._decode(text)
-        if user is None:
-            return
-        self._expect(lambda t: self._loginPassword(user, t), "UGFzc3dvcmQ6")  # "Password:"
-
-    def _loginPassword(self, user: str, text: str) -> None:
-        password = self._decode(text)
-        if password is None:
-            return
-        self._login(user, password)
+        assert exchange is not None
+        self._authStep(exchange, exchange.respond(line))
 
     def _login(self, user: str, password: str) -> None:
         """
