@@ -59,7 +59,7 @@ from relayd.auth import Lockout
 from relayd.envelope import Envelope, Message, Session
 from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.reply import Reply
-from relayd.smtp import sasl
+from relayd.smtp import extensions, sasl
 from relayd.smtp.wire import COMMAND_LINE, DataReader
 from relayd.verdict import Action, Verdict
 
@@ -67,11 +67,6 @@ __all__ = ["SMTPServer", "SMTPFactory", "ConnectionLimits"]
 
 log = Logger(namespace="relayd.smtpd")
 
-MAIL_ALLOWANCE = 26 + 14 + 500
-"""
-Extra octets a MAIL line may use for the extensions relayd offers: SIZE
-(RFC 1870: 26), BODY=8BITMIME (14) and AUTH= (RFC 4954 section 5: 500).
-"""
 HTTP_VERBS = frozenset({"GET", "POST", "CONNECT", "HEAD", "PUT", "OPTIONS"})
 
 
@@ -560,7 +555,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         verb, _, argument = line.partition(" ")
         verb = verb.upper()
-        limit = COMMAND_LINE + (MAIL_ALLOWANCE if verb == "MAIL" else 0)
+        limit = COMMAND_LINE + (extensions.MAIL_ALLOWANCE if verb == "MAIL" else 0)
         if len(raw) + 2 > limit:
             self.fail(500, "5.5.2", "Error: line too long")
             return
@@ -631,13 +626,15 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     def _extensions(self) -> list[str]:
         f = self.factory
         assert self.session is not None
-        ext = ["PIPELINING", f"SIZE {f.config.messageSize}"]
-        if f.tlsOptions is not None and not self.session.tls:
-            ext.append("STARTTLS")
-        if self.session.tls and f.portal is not None and self.session.user is None:
-            ext.append("AUTH PLAIN LOGIN")
-        ext += ["ENHANCEDSTATUSCODES", "8BITMIME"]
-        return ext
+        offer = extensions.Offer(
+            tls=self.session.tls,
+            tlsAvailable=f.tlsOptions is not None,
+            authAvailable=f.portal is not None,
+            authenticated=self.session.user is not None,
+            mode=f.mode,
+            messageSize=f.config.messageSize,
+        )
+        return extensions.advertise(offer)
 
     def smtp_STARTTLS(self, argument: str) -> None:
         assert self.session is not None
@@ -836,23 +833,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if parameters and not session.esmtp:
             self.fail(555, "5.5.4", "Error: parameters need EHLO")
             return
-        for key, value in parameters.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
-                    self.fail(501, "5.5.4", "Error: bad SIZE parameter")
-                    return
-                envelope.declaredSize = int(value)
-            elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    self.fail(501, "5.5.4", "Error: bad BODY parameter")
-                    return
-                envelope.body = value.upper()
-            elif key == "AUTH":
-                # RFC 4954 section 5: accepted; relayd does not trust it.
-                continue
-            else:
-                self.fail(555, "5.5.4", f"Error: unsupported parameter {key}")
-                return
+        refusal = extensions.parseMail(parameters, envelope)
+        if refusal is not None:
+            self.failWith(refusal)
+            return
         declared = envelope.declaredSize or 0
         if declared > f.config.messageSize:
             self._refuse("mail", 552, "5.3.4", "Error: message size exceeds fixed limit")
@@ -910,8 +894,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             text = "path too long" if e.tooLong else "bad recipient address syntax"
             self.fail(501, "5.1.3", f"Error: {text}")
             return
-        if parameters:
-            self.fail(555, "5.5.4", f"Error: unsupported parameter {sorted(parameters)[0]}")
+        refusal = extensions.parseRecipient(parameters, envelope)
+        if refusal is not None:
+            self.failWith(refusal)
             return
         if len(envelope.recipients) >= f.config.maxRecipients:
             self._refuse("rcpt", 452, "4.5.3", "Error: too many recipients")
