@@ -478,6 +478,74 @@ class AuthTests(DialogueTestCase):
         self.assertEqual(self.talk("AUTH PLAIN\r\n"), ["334 "])
         self.assertEqual(self.talk("*\r\n"), ["501 5.7.0 Error: authentication cancelled"])
 
+    def test_cutOffAfterFailures(self) -> None:
+        """
+        Each failure waits longer (delay times the count); after
+        C{[auth] max_failures} the session ends with 421 4.7.0.
+        """
+        self.ehlo()
+        self.starttls()
+        for count in range(1, self.config.authMaxFailures + 1):
+            self.assertEqual(self.talk("AUTH PLAIN AGFsaWNlAHdyb25n\r\n"), [])
+            self.clock.advance(self.config.authFailureDelay * count - 0.001)
+            self.assertEqual(self.read(), [])
+            self.clock.advance(0.001)
+            reply = self.read()
+            self.assertEqual(reply[0], "535 5.7.8 Error: authentication failed")
+        self.assertEqual(
+            reply[1:], ["421 4.7.0 relayd.test Error: too many authentication failures"]
+        )
+        self.assertTrue(self.closed())
+
+
+class LimitTests(DialogueTestCase):
+    """Rule 7: deadlines per state, and connections per client."""
+
+    def test_commandDeadline(self) -> None:
+        """
+        A command line must be complete C{[timeouts] command} seconds after
+        relayd is ready for it, however its octets trickle in.
+        """
+        deadline = self.config.timeoutCommand
+        self.send("NO")
+        self.clock.advance(deadline - 1)
+        self.send("O")
+        self.clock.advance(1)
+        self.assertEqual(self.read(), ["421 4.4.2 relayd.test Error: timeout exceeded"])
+        self.assertTrue(self.closed())
+
+    def test_dataDeadline(self) -> None:
+        """
+        A DATA transfer gets C{data_deadline} seconds plus one per
+        C{data_min_rate} octets: a trickle that keeps the idle timeout
+        away is cut all the same.
+        """
+        self.ehlo()
+        self.transaction()
+        step = self.config.timeoutData / 2
+        elapsed = 0.0
+        while not self.closed():
+            self.send("x")
+            self.clock.advance(step)
+            elapsed += step
+            self.assertLess(elapsed, self.config.dataDeadline + 2 * step)
+        self.assertEqual(self.read(), ["421 4.4.2 relayd.test Error: timeout exceeded"])
+        self.assertGreaterEqual(elapsed, self.config.dataDeadline)
+
+    def test_connectionsPerClient(self) -> None:
+        """Over C{[limits] connections_per_client}: 421 4.7.0 at once."""
+        self.factory.limits.perClient = 1
+        transport = Transport()
+        second = self.factory.buildProtocol(None)
+        second.callLater = self.clock.callLater
+        second.makeConnection(transport)
+        self.assertEqual(
+            transport.value(),
+            b"421 4.7.0 relayd.test Error: too many connections from your address\r\n",
+        )
+        self.assertTrue(transport.disconnecting)
+        second.connectionLost()
+
 
 class SpoolFailureTests(DialogueTestCase):
     """Rule 8: a spool failure is temporary, never 250 or 5xx."""
