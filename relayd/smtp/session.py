@@ -8,7 +8,8 @@ have to override nearly everywhere.  What this module does differently:
   - Command lines end only with CRLF.  The delimiter is LF so that a bare LF
     is noticed at once and answered C{500 5.5.2} instead of waiting forever;
     a bare CR inside a line gets the same answer.
-  - DATA is read in raw mode, chunk by chunk, by L{DataReader}: only
+  - DATA is read in raw mode, chunk by chunk, by
+    L{relayd.smtp.wire.DataReader}: only
     C{CRLF.CRLF} ends it.  Bare CR, bare LF and NUL anywhere in the message,
     over-long lines and over-size messages get the message refused after the
     real end, never a second message (SMTP smuggling) and never a fall back
@@ -31,7 +32,11 @@ have to override nearly everywhere.  What this module does differently:
 
 Replies carry RFC 3463 enhanced status codes (RFC 2034), except the greeting,
 the EHLO/HELO answers and the 3xx intermediate replies, where RFC 2034
-section 3 leaves them out.
+section 3 leaves them out; L{relayd.reply.Reply} checks each one.
+
+The session drives the other rooms of L{relayd.smtp}: the AUTH mechanisms'
+dialogue is L{relayd.smtp.sasl}, and what EHLO advertises and which MAIL
+and RCPT parameters are read is the table in L{relayd.smtp.extensions}.
 """
 
 from __future__ import annotations
