@@ -158,6 +158,9 @@ class Reply(relayd.reply.Reply):
             text = " ".join(text.split())
         return cls(code, enhanced, text, (text,), remote=False)
 
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
 
 class HopFailure(Exception):
     """
