@@ -46,7 +46,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+import relayd.reply
 from relayd.routing import Hop
+from relayd.smtp.wire import DotStuffer
 
 __all__ = [
     "CHUNK_SIZE",
@@ -62,64 +64,6 @@ log = Logger(namespace="relayd.smtp")
 
 CHUNK_SIZE = 65536
 """Octets read from the spool data file at a time while sending DATA."""
-
-_LINE_START = 0
-_AFTER_CR = 1
-_MIDDLE = 2
-
-
-class DotStuffer:
-    """
-    Dot-stuffing for DATA (RFC 5321 section 4.5.2) as a stateful encoder.
-
-    Every line that begins with C{"."} gets one more C{"."} in front, so
-    that no line of the message can read as the end of data.  The work is
-    one C{bytes.replace} per chunk; the only state is where the previous
-    chunk left off: at the start of a line (after CRLF, or at the very start
-    of the message), just after a CR, or elsewhere.  That is what a C{"."}
-    at the start of the next chunk, or a C{"\\n."} after a chunk that ended
-    in CR, needs to be handled right.
-
-    The input is relayd's spool data, whose lines always end with CRLF; a
-    bare CR or LF is passed on as is.
-    """
-
-    def __init__(self) -> None:
-        self._state = _LINE_START
-
-    def encode(self, chunk: bytes) -> bytes:
-        """
-        Stuff the next chunk of the message.
-
-        @return: the bytes to send for C{chunk}.
-        """
-        if not chunk:
-            return b""
-        out = chunk.replace(b"\r\n.", b"\r\n..")
-        state = self._state
-        if state == _LINE_START and chunk[:1] == b".":
-            out = b"." + out
-        elif state == _AFTER_CR and chunk[:2] == b"\n.":
-            out = b"\n.." + out[2:]
-        if chunk.endswith(b"\r\n") or (chunk == b"\n" and state == _AFTER_CR):
-            self._state = _LINE_START
-        elif chunk.endswith(b"\r"):
-            self._state = _AFTER_CR
-        else:
-            self._state = _MIDDLE
-        return out
-
-    def finish(self) -> bytes:
-        """
-        End the message and make the encoder ready for the next one.
-
-        @return: the end-of-data indication C{".\\r\\n"}, preceded by a CRLF
-            when the message did not end with one (RFC 5321 section 4.1.1.4:
-            the message must end in CRLF before the final dot).  An empty
-            message gives just C{".\\r\\n"}.
-        """
-        state, self._state = self._state, _LINE_START
-        return b".\r\n" if state == _LINE_START else b"\r\n.\r\n"
 
 
 @dataclass(frozen=True)
@@ -157,9 +101,15 @@ _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
 
 
 @dataclass(frozen=True)
-class Reply:
+class Reply(relayd.reply.Reply):
     """
-    An SMTP reply, or an outcome relayd made up in the same shape.
+    An SMTP reply from a next hop, or an outcome relayd made up in the same
+    shape: a L{relayd.reply.Reply} with what the client also needs.
+
+    A reply the peer sent is kept as received, whatever its digits (the
+    checks of L{relayd.reply.Reply} are for replies relayd makes, and a
+    peer's odd reply is a fact to report, not an error of ours); one
+    relayd describes itself (C{remote} False) is checked.
 
     @ivar code: the three-digit reply code.
     @ivar enhanced: the RFC 3463 enhanced status code (RFC 2034), taken
@@ -173,11 +123,13 @@ class Reply:
         failure, a refusal of relayd's own).
     """
 
-    code: int
     enhanced: str
-    text: str
     lines: tuple[str, ...] = ()
     remote: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.remote:
+            super().__post_init__()
 
     @classmethod
     def parse(cls, lines: list[str]) -> Reply:
@@ -197,7 +149,13 @@ class Reply:
 
     @classmethod
     def local(cls, code: int, enhanced: str, text: str) -> Reply:
-        """An outcome described by relayd rather than said by the peer."""
+        """
+        An outcome described by relayd rather than said by the peer.  Line
+        breaks in C{text} (an exception's message may have some) become
+        spaces, so the reply stays one line.
+        """
+        if "\r" in text or "\n" in text:
+            text = " ".join(text.split())
         return cls(code, enhanced, text, (text,), remote=False)
 
     def __str__(self) -> str:

@@ -28,7 +28,7 @@ from relayd.interfaces import IReloadable
 from relayd.metrics import NO_METRICS, Metrics, NoMetrics, SummedRegistry, metricsSite
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
 from relayd.proxy import ProxyFactory
-from relayd.server import ConnectionLimits, SMTPFactory
+from relayd.smtp.session import ConnectionLimits, SMTPFactory
 from relayd.spool import SpoolLocked
 
 if TYPE_CHECKING:

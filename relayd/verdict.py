@@ -2,7 +2,9 @@
 The answer a policy gives: L{Verdict} and its constructors.
 
 A verdict is a value: an action, and for the actions that end a phase, the
-SMTP reply code, the RFC 3463 enhanced status code and the text.  Invalid
+SMTP reply code, the RFC 3463 enhanced status code and the text, which make
+its L{Reply} (L{Verdict.reply}, the value the server, the client and
+delivery share: L{relayd.reply}).  Invalid
 combinations fail at construction, so a policy bug shows up in its own test
 and never as a malformed reply on the wire.
 
@@ -29,8 +31,9 @@ code; replies must be 2xx for ACCEPT, 5xx for REJECT, 4xx for TEMPFAIL
 from __future__ import annotations
 
 import enum
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from relayd.reply import Reply, checkReply
 
 __all__ = ["Action", "Verdict", "CONTINUE", "accept", "reject", "tempfail"]
 
@@ -48,7 +51,6 @@ class Action(enum.Enum):
     """Temporary refusal (4xx)."""
 
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 _CLASS = {Action.ACCEPT: "2", Action.REJECT: "5", Action.TEMPFAIL: "4"}
 
 
@@ -80,6 +82,8 @@ class Verdict:
     text: str = ""
     disconnect: bool = False
 
+    _reply: Reply | None = field(default=None, init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         if not isinstance(self.action, Action):
             raise TypeError(f"action must be an Action, not {self.action!r}")
@@ -92,13 +96,25 @@ class Verdict:
         want = _CLASS[self.action]
         if str(self.code)[0] != want:
             raise ValueError(f"{self.action.value} needs a {want}xx code, not {self.code}")
-        m = _ENHANCED.match(self.enhanced or "")
-        if not m:
+        if self.enhanced is None:
+            # A policy's reply always carries one (RFC 2034): it is never
+            # the greeting, an EHLO reply or a 3xx.
             raise ValueError(f"bad enhanced status code {self.enhanced!r}")
-        if m.group(1) != want:
-            raise ValueError(f"enhanced code {self.enhanced} does not match reply {self.code}")
+        checkReply(self.code, self.enhanced, "")
         if "\r" in self.text or "\n" in self.text:
             raise ValueError("verdict text must be a single line")
+        object.__setattr__(self, "_reply", Reply(self.code, self.enhanced, self.text))
+
+    @property
+    def reply(self) -> Reply:
+        """
+        The L{Reply} this verdict asks for (code, enhanced code, text).
+
+        @raise ValueError: for C{CONTINUE}, which carries none.
+        """
+        if self._reply is None:
+            raise ValueError("CONTINUE carries no reply")
+        return self._reply
 
     @property
     def final(self) -> bool:

@@ -1,11 +1,11 @@
 """
-L{relayd.server.DataReader}: end of data, dot stuffing, and the checks that
+L{relayd.smtp.wire.DataReader}: end of data, dot stuffing, and the checks that
 keep SMTP smuggling and over-long lines out, fed in every chunking.
 """
 
 import pytest
 
-from relayd.server import DataReader
+from relayd.smtp.wire import DataReader
 
 
 def feedAll(stream: bytes, chunkSize: int, maxSize=10**9):

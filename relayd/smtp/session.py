@@ -8,7 +8,8 @@ have to override nearly everywhere.  What this module does differently:
   - Command lines end only with CRLF.  The delimiter is LF so that a bare LF
     is noticed at once and answered C{500 5.5.2} instead of waiting forever;
     a bare CR inside a line gets the same answer.
-  - DATA is read in raw mode, chunk by chunk, by L{DataReader}: only
+  - DATA is read in raw mode, chunk by chunk, by
+    L{relayd.smtp.wire.DataReader}: only
     C{CRLF.CRLF} ends it.  Bare CR, bare LF and NUL anywhere in the message,
     over-long lines and over-size messages get the message refused after the
     real end, never a second message (SMTP smuggling) and never a fall back
@@ -31,18 +32,19 @@ have to override nearly everywhere.  What this module does differently:
 
 Replies carry RFC 3463 enhanced status codes (RFC 2034), except the greeting,
 the EHLO/HELO answers and the 3xx intermediate replies, where RFC 2034
-section 3 leaves them out.
+section 3 leaves them out; L{relayd.reply.Reply} checks each one.
+
+The session drives the other rooms of L{relayd.smtp}: the AUTH mechanisms'
+dialogue is L{relayd.smtp.sasl}, and what EHLO advertises and which MAIL
+and RCPT parameters are read is the table in L{relayd.smtp.extensions}.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
 import ipaddress
 import secrets
 import time
-from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -61,125 +63,16 @@ from relayd.address import AddressError, parseParameters, parsePath
 from relayd.auth import Lockout
 from relayd.envelope import Envelope, Message, Session
 from relayd.metrics import NO_METRICS, NoMetrics
+from relayd.reply import Reply
+from relayd.smtp import extensions, sasl
+from relayd.smtp.wire import COMMAND_LINE, DataReader
 from relayd.verdict import Action, Verdict
 
-__all__ = ["DataReader", "SMTPServer", "SMTPFactory", "ConnectionLimits"]
+__all__ = ["SMTPServer", "SMTPFactory", "ConnectionLimits"]
 
 log = Logger(namespace="relayd.smtpd")
 
-COMMAND_LINE = 512
-"""RFC 5321 section 4.5.3.1.4: a command line, CRLF included."""
-MAIL_ALLOWANCE = 26 + 14 + 500
-"""
-Extra octets a MAIL line may use for the extensions relayd offers: SIZE
-(RFC 1870: 26), BODY=8BITMIME (14) and AUTH= (RFC 4954 section 5: 500).
-"""
-AUTH_LINE = 12288
-"""RFC 4954 section 4: an AUTH response line may be 12288 octets."""
-TEXT_LINE = 1000
-"""RFC 5321 section 4.5.3.1.6: a text line, CRLF included."""
 HTTP_VERBS = frozenset({"GET", "POST", "CONNECT", "HEAD", "PUT", "OPTIONS"})
-
-_END = b"\r\n.\r\n"
-
-
-class DataReader:
-    """
-    The DATA phase as a byte-stream parser.
-
-    It finds the end of the message (only C{CRLF.CRLF}), removes dot
-    stuffing (RFC 5321 section 4.5.2), counts the size and checks every line,
-    doing its work with C{bytes} methods over whole chunks rather than
-    Python code per line, so that receiving is limited by the disk.
-
-    The stream is treated as if preceded by a CRLF, so a C{.} on the very
-    first line is recognised both as end of data and as stuffing.  The
-    unprocessed tail (C{_carry}) always starts with that CRLF.
-
-    A line may hold 998 octets (RFC 5321 section 4.5.3.1.6), counted after
-    the transparency dot is removed, and however TCP cut it: a CR at the end
-    of a chunk may be the first half of the line's CRLF.
-
-    Once a problem is found the reader stops passing data on but keeps
-    looking for the end, so the client is answered after its real end of
-    data and the session stays in step.
-
-    @ivar problem: None while all is well, else one of C{"size"},
-        C{"line"}, C{"bare"}, C{"nul"}, C{"write"}.
-    @ivar error: the L{OSError} behind a C{"write"} problem.
-    @ivar size: octets of message passed on so far.
-    """
-
-    def __init__(self, write: Callable[[bytes], None], maxSize: int) -> None:
-        self._write = write
-        self.maxSize = maxSize
-        self._carry = b"\r\n"
-        self._started = False
-        self.size = 0
-        self.problem: str | None = None
-        self.error: OSError | None = None
-
-    def feed(self, data: bytes) -> bytes | None:
-        """
-        Take the next chunk.
-
-        @return: None while the end has not been seen; once it has, the
-            bytes that followed it (the next pipelined commands).
-        """
-        buf = self._carry + data
-        end = buf.find(_END)
-        if self.problem is not None:
-            if end < 0:
-                self._carry = buf[-4:]
-                return None
-            return buf[end + 5 :]
-        if end >= 0:
-            self._pass(buf[: end + 2])
-            return buf[end + 5 :]
-        cut = buf.rfind(b"\r\n")
-        if cut > 0:
-            self._pass(buf[:cut])
-            buf = buf[cut:]
-        # buf is CRLF and the start of a line.  Refuse it now if it is
-        # already too long, which bounds the carry; but a CR at its end may
-        # be half of its CRLF, and a dot at its start is transparency
-        # (RFC 5321 section 4.5.3.1.6): neither counts.
-        if len(buf) > TEXT_LINE and self.problem is None:
-            length = len(buf) - 2 - buf.endswith(b"\r") - buf.startswith(b"\r\n.")
-            if length > TEXT_LINE - 2:
-                self.problem = "line"
-        self._carry = buf if self.problem is None else buf[-4:]
-        return None
-
-    def _pass(self, segment: bytes) -> None:
-        """Check and un-stuff a run of whole lines that starts with CRLF."""
-        if self.problem is not None:
-            return
-        lines = segment.count(b"\r\n")
-        if segment.count(b"\n") != lines or segment.count(b"\r") != lines:
-            self.problem = "bare"
-            return
-        if b"\x00" in segment:
-            self.problem = "nul"
-            return
-        out = segment.replace(b"\r\n.", b"\r\n")
-        # Measured without the transparency dots (RFC 5321 section
-        # 4.5.3.1.6); every CR and LF is part of a CRLF by now.
-        if len(out) > TEXT_LINE and max(map(len, out.split(b"\r\n"))) > TEXT_LINE - 2:
-            self.problem = "line"
-            return
-        if not self._started:
-            out = out[2:]
-            self._started = True
-        self.size += len(out)
-        if self.size > self.maxSize:
-            self.problem = "size"
-            return
-        try:
-            self._write(out)
-        except OSError as e:
-            self.problem = "write"
-            self.error = e
 
 
 class ConnectionLimits:
@@ -332,7 +225,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     delimiter = b"\n"
     """LF, so a bare LF is seen at once; never use C{sendLine} (it would send it)."""
-    MAX_LENGTH = AUTH_LINE
+    MAX_LENGTH = sasl.AUTH_LINE
     factory: SMTPFactory
     # The TCP transport, or TLSMemoryBIOProtocol for STARTTLS and port 465:
     # ITransport plus ITLSTransport.startTLS and getHandle, which no single
@@ -345,7 +238,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self.envelope: Envelope | None = None
         self._errors = 0
         self._authFailures = 0
-        self._authStep: Callable[[str], None] | None = None
+        self._exchange: sasl.Exchange | None = None
         self._reader: DataReader | None = None
         self._incoming: Any = None
         self._committing = False
@@ -417,7 +310,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         if verdict.action in (Action.REJECT, Action.TEMPFAIL):
             self._log("connection", verdict)
-            self.reply(verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
+            self.sendReply(verdict.reply)
             self._close()
             return
         self.state = "command"
@@ -589,17 +482,24 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     # --- replies ---------------------------------------------------------
 
+    def sendReply(self, reply: Reply) -> None:
+        """Send a one-line L{Reply}."""
+        self.transport.write(str(reply).encode("utf-8") + b"\r\n")
+
     def reply(self, code: int, enhanced: str | None, text: str) -> None:
-        """Send a one-line reply; C{enhanced} None only for 3xx replies."""
-        if enhanced:
-            line = f"{code} {enhanced} {text}"
-        else:
-            line = f"{code} {text}"
-        self.transport.write(line.encode("utf-8") + b"\r\n")
+        """
+        Send a one-line reply; C{enhanced} None only where RFC 2034 leaves
+        it out (L{Reply} checks).
+        """
+        self.sendReply(Reply(code, enhanced, text))
 
     def fail(self, code: int, enhanced: str, text: str) -> None:
         """Send an error reply; too many of them end the session."""
-        self.reply(code, enhanced, text)
+        self.failWith(Reply(code, enhanced, text))
+
+    def failWith(self, reply: Reply) -> None:
+        """L{fail} with a L{Reply}."""
+        self.sendReply(reply)
         self._errors += 1
         if self._errors >= self.factory.config.maxErrors and self.state != "closed":
             assert self.session is not None
@@ -613,11 +513,15 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     def _refuse(self, stage: str, code: int, enhanced: str, text: str) -> None:
         """L{fail} for a refused MAIL, RCPT or message, counted by stage and code."""
-        self.factory.metrics.messageRejected(stage, code)
-        self.fail(code, enhanced, text)
+        self._refuseWith(stage, Reply(code, enhanced, text))
+
+    def _refuseWith(self, stage: str, reply: Reply) -> None:
+        """L{_refuse} with a L{Reply}."""
+        self.factory.metrics.messageRejected(stage, reply.code)
+        self.failWith(reply)
 
     def _answer(self, verdict: Verdict) -> None:
-        self.reply(verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
+        self.sendReply(verdict.reply)
         if verdict.disconnect:
             self._close()
 
@@ -656,7 +560,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         verb, _, argument = line.partition(" ")
         verb = verb.upper()
-        limit = COMMAND_LINE + (MAIL_ALLOWANCE if verb == "MAIL" else 0)
+        limit = COMMAND_LINE + (extensions.MAIL_ALLOWANCE if verb == "MAIL" else 0)
         if len(raw) + 2 > limit:
             self.fail(500, "5.5.2", "Error: line too long")
             return
@@ -727,13 +631,15 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     def _extensions(self) -> list[str]:
         f = self.factory
         assert self.session is not None
-        ext = ["PIPELINING", f"SIZE {f.config.messageSize}"]
-        if f.tlsOptions is not None and not self.session.tls:
-            ext.append("STARTTLS")
-        if self.session.tls and f.portal is not None and self.session.user is None:
-            ext.append("AUTH PLAIN LOGIN")
-        ext += ["ENHANCEDSTATUSCODES", "8BITMIME"]
-        return ext
+        offer = extensions.Offer(
+            tls=self.session.tls,
+            tlsAvailable=f.tlsOptions is not None,
+            authAvailable=f.portal is not None,
+            authenticated=self.session.user is not None,
+            mode=f.mode,
+            messageSize=f.config.messageSize,
+        )
+        return extensions.advertise(offer)
 
     def smtp_STARTTLS(self, argument: str) -> None:
         assert self.session is not None
@@ -779,69 +685,30 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self.fail(503, "5.5.1", "Error: MAIL transaction in progress")
             return
         mechanism, _, initial = argument.partition(" ")
-        mechanism = mechanism.upper()
-        initial = initial.strip(" ")
-        if mechanism == "PLAIN":
-            if initial:
-                self._authPlain(initial)
-            else:
-                self._expect(self._authPlain, "")
-        elif mechanism == "LOGIN":
-            if initial:
-                self._loginUser(initial)
-            else:
-                self._expect(self._loginUser, "VXNlcm5hbWU6")  # "Username:"
-        else:
+        exchange = sasl.start(mechanism)
+        if exchange is None:
             self.fail(504, "5.5.4", "Error: unrecognized authentication type")
+            return
+        self._authStep(exchange, exchange.begin(initial.strip(" ")))
 
-    def _expect(self, step: Callable[[str], None], challenge: str) -> None:
-        self.state = "auth"
-        self._authStep = step
-        self.reply(334, None, challenge)
+    def _authStep(self, exchange: sasl.Exchange, step: sasl.Step) -> None:
+        """Do what the AUTH exchange asks for next (L{relayd.smtp.sasl})."""
+        if isinstance(step, sasl.Challenge):
+            self.state = "auth"
+            self._exchange = exchange
+            self.reply(334, None, step.text)
+        elif isinstance(step, sasl.Refusal):
+            self.failWith(step.reply)
+        elif step.problem is not None:
+            self._authFailed(step.problem, step.user)
+        else:
+            self._login(step.user, step.password)
 
     def _authContinue(self, line: str) -> None:
-        step, self._authStep = self._authStep, None
+        exchange, self._exchange = self._exchange, None
         self.state = "command"
-        if line.strip() == "*":
-            self.fail(501, "5.7.0", "Error: authentication cancelled")
-            return
-        assert step is not None
-        step(line)
-
-    def _decode(self, text: str) -> str | None:
-        if text == "=":
-            return ""
-        try:
-            return base64.b64decode(text.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, ValueError):
-            self.fail(501, "5.5.2", "Error: cannot decode response")
-            return None
-
-    def _authPlain(self, text: str) -> None:
-        decoded = self._decode(text)
-        if decoded is None:
-            return
-        parts = decoded.split("\x00")
-        if len(parts) != 3:
-            self.fail(501, "5.5.2", "Error: malformed PLAIN response")
-            return
-        authzid, user, password = parts
-        if authzid and authzid != user:
-            self._authFailed("authorization identity differs", user)
-            return
-        self._login(user, password)
-
-    def _loginUser(self, text: str) -> None:
-        user = self._decode(text)
-        if user is None:
-            return
-        self._expect(lambda t: self._loginPassword(user, t), "UGFzc3dvcmQ6")  # "Password:"
-
-    def _loginPassword(self, user: str, text: str) -> None:
-        password = self._decode(text)
-        if password is None:
-            return
-        self._login(user, password)
+        assert exchange is not None
+        self._authStep(exchange, exchange.respond(line))
 
     def _login(self, user: str, password: str) -> None:
         """
@@ -971,23 +838,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if parameters and not session.esmtp:
             self.fail(555, "5.5.4", "Error: parameters need EHLO")
             return
-        for key, value in parameters.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
-                    self.fail(501, "5.5.4", "Error: bad SIZE parameter")
-                    return
-                envelope.declaredSize = int(value)
-            elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    self.fail(501, "5.5.4", "Error: bad BODY parameter")
-                    return
-                envelope.body = value.upper()
-            elif key == "AUTH":
-                # RFC 4954 section 5: accepted; relayd does not trust it.
-                continue
-            else:
-                self.fail(555, "5.5.4", f"Error: unsupported parameter {key}")
-                return
+        refusal = extensions.parseMail(parameters, envelope)
+        if refusal is not None:
+            self.failWith(refusal)
+            return
         declared = envelope.declaredSize or 0
         if declared > f.config.messageSize:
             self._refuse("mail", 552, "5.3.4", "Error: message size exceeds fixed limit")
@@ -1007,7 +861,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 return
             if verdict.action in (Action.REJECT, Action.TEMPFAIL):
                 self._log("MAIL", verdict, sender=f"<{sender}>")
-                f.metrics.messageRejected("mail", verdict.code)  # type: ignore[arg-type]
+                f.metrics.messageRejected("mail", verdict.reply.code)
                 self._answer(verdict)
                 return
             # Like Postfix, the queue id is given at MAIL, so that the MAIL
@@ -1045,8 +899,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             text = "path too long" if e.tooLong else "bad recipient address syntax"
             self.fail(501, "5.1.3", f"Error: {text}")
             return
-        if parameters:
-            self.fail(555, "5.5.4", f"Error: unsupported parameter {sorted(parameters)[0]}")
+        refusal = extensions.parseRecipient(parameters, envelope)
+        if refusal is not None:
+            self.failWith(refusal)
             return
         if len(envelope.recipients) >= f.config.maxRecipients:
             self._refuse("rcpt", 452, "4.5.3", "Error: too many recipients")
@@ -1066,7 +921,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                     envelope.recipients.append(recipient)
                 self._answer(verdict)
             else:
-                self._refuse("rcpt", verdict.code, verdict.enhanced, verdict.text)  # type: ignore[arg-type]
+                self._refuseWith("rcpt", verdict.reply)
                 if verdict.disconnect and self.state != "closed":
                     self._close()
 
@@ -1220,7 +1075,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 self._log("DATA", verdict)
                 incoming.discard()
                 if self.state != "closed":
-                    f.metrics.messageRejected("data", verdict.code)  # type: ignore[arg-type]
+                    f.metrics.messageRejected("data", verdict.reply.code)
                     self._answer(verdict)
                 return None
             if message.changed:
@@ -1277,13 +1132,13 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         config = self.factory.config
         if message.headerTooLarge:
             problem = f"header section over {config.maxHeaderSize} octets (limits.header_size)"
-            reply = (552, "5.3.4", "Error: message header section exceeds fixed limit")
+            reply = Reply(552, "5.3.4", "Error: message header section exceeds fixed limit")
         elif message.hopCount > config.maxHops:
             problem = (
                 f"{message.hopCount} Received: fields, more than {config.maxHops} "
                 "(limits.hops); a mail loop?"
             )
-            reply = (554, "5.4.6", "Error: too many hops")
+            reply = Reply(554, "5.4.6", "Error: too many hops")
         else:
             return False
         envelope, session = self.envelope, self.session
@@ -1295,7 +1150,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             client=str(session.clientAddress),
             session_id=session.sessionId,
         )
-        self._refuse("data", *reply)
+        self._refuseWith("data", reply)
         return True
 
     def _record(self, envelope: Envelope, size: int) -> dict[str, Any]:

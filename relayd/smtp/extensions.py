@@ -1,0 +1,206 @@
+"""
+The SMTP service extensions relayd offers, as one table (RFC 5321 section
+2.2): for each, its EHLO keyword and arguments, when it is advertised, the
+MAIL and RCPT parameters it brings with their parsers, and how much longer
+it lets a MAIL line be.
+
+The session asks this table what to advertise (L{advertise}), how to read
+the parameters of MAIL and RCPT (L{parseMail}, L{parseRecipient}) and how
+long a MAIL line may be (L{MAIL_ALLOWANCE}); it has no list of its own.
+Adding an extension (SMTPUTF8, DSN, CHUNKING, REQUIRETLS) is a row here
+plus the session's handling of what the row's parsers record.
+
+A parameter is read whenever its extension is in the table, advertised on
+this connection or not: an C{AUTH=} before TLS is accepted and ignored, as
+relayd always did.  A row whose parameter must not be used unadvertised
+refuses it in its parser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from relayd.envelope import Envelope
+from relayd.reply import Reply
+from relayd.smtp import sasl
+
+__all__ = [
+    "EXTENSIONS",
+    "MAIL_ALLOWANCE",
+    "Extension",
+    "Offer",
+    "advertise",
+    "parseMail",
+    "parseRecipient",
+]
+
+
+@dataclass(frozen=True)
+class Offer:
+    """
+    What decides which extensions a session is offered now.
+
+    @ivar tls: the session is under TLS (STARTTLS done, or port 465).
+    @ivar tlsAvailable: the listener can start TLS (it has server options).
+    @ivar authAvailable: the listener can check passwords (a portal).
+    @ivar authenticated: the client has logged in.
+    @ivar mode: the listener's mode: C{"relay"}, C{"submission"} or
+        C{"submissions"}.
+    @ivar messageSize: the largest message accepted, in octets.
+    """
+
+    tls: bool
+    tlsAvailable: bool
+    authAvailable: bool
+    authenticated: bool
+    mode: str
+    messageSize: int
+
+
+Parser = Callable[[str | None, Envelope], Reply | None]
+"""
+Reads one MAIL or RCPT parameter's value (None for a bare keyword) into the
+envelope; returns the reply refusing it, or None when it is taken.
+"""
+
+
+def _always(offer: Offer) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Extension:
+    """
+    One row of the table.
+
+    @ivar keyword: the EHLO keyword.
+    @ivar rfc: where it is defined.
+    @ivar offered: whether to advertise it, given the session's L{Offer}.
+    @ivar arguments: the EHLO keyword's arguments (e.g. SIZE's limit), if any.
+    @ivar mail: MAIL FROM parameters, by upper-case keyword.
+    @ivar rcpt: RCPT TO parameters, by upper-case keyword.
+    @ivar mailAllowance: octets the extension's MAIL parameters may add to
+        the 512-octet command line (RFC 5321 section 4.5.3.1.4).
+    """
+
+    keyword: str
+    rfc: str
+    offered: Callable[[Offer], bool] = _always
+    arguments: Callable[[Offer], str] | None = None
+    mail: Mapping[str, Parser] = field(default_factory=dict)
+    rcpt: Mapping[str, Parser] = field(default_factory=dict)
+    mailAllowance: int = 0
+
+    def line(self, offer: Offer) -> str:
+        """The EHLO reply line (without the code) advertising it."""
+        if self.arguments is None:
+            return self.keyword
+        return f"{self.keyword} {self.arguments(offer)}"
+
+
+def _size(value: str | None, envelope: Envelope) -> Reply | None:
+    """RFC 1870: C{SIZE=<octets>}, the size the client expects to send."""
+    if value is None or not value.isdigit() or len(value) > 20:
+        return Reply(501, "5.5.4", "Error: bad SIZE parameter")
+    envelope.declaredSize = int(value)
+    return None
+
+
+def _body(value: str | None, envelope: Envelope) -> Reply | None:
+    """RFC 6152: C{BODY=7BIT} or C{BODY=8BITMIME}."""
+    if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+        return Reply(501, "5.5.4", "Error: bad BODY parameter")
+    envelope.body = value.upper()
+    return None
+
+
+def _authParameter(value: str | None, envelope: Envelope) -> Reply | None:
+    """RFC 4954 section 5: C{AUTH=<mailbox>} is accepted; relayd does not trust it."""
+    return None
+
+
+EXTENSIONS: tuple[Extension, ...] = (
+    Extension("PIPELINING", "RFC 2920"),
+    Extension(
+        "SIZE",
+        "RFC 1870",
+        arguments=lambda offer: str(offer.messageSize),
+        mail={"SIZE": _size},
+        mailAllowance=26,
+    ),
+    Extension(
+        "STARTTLS",
+        "RFC 3207",
+        offered=lambda offer: offer.tlsAvailable and not offer.tls,
+    ),
+    Extension(
+        "AUTH",
+        "RFC 4954",
+        # Only under TLS (DESIGN section 4.6), and only until it worked.
+        offered=lambda offer: offer.tls and offer.authAvailable and not offer.authenticated,
+        arguments=lambda offer: " ".join(sasl.MECHANISMS),
+        mail={"AUTH": _authParameter},
+        mailAllowance=500,
+    ),
+    Extension("ENHANCEDSTATUSCODES", "RFC 2034"),
+    Extension("8BITMIME", "RFC 6152", mail={"BODY": _body}, mailAllowance=14),
+)
+"""The extensions, in the order EHLO lists them."""
+
+MAIL_ALLOWANCE = sum(extension.mailAllowance for extension in EXTENSIONS)
+"""
+Extra octets a MAIL line may use for the extensions relayd offers: SIZE
+(RFC 1870: 26), BODY=8BITMIME (14) and AUTH= (RFC 4954 section 5: 500).
+"""
+
+_MAIL: Mapping[str, Parser] = MappingProxyType(
+    {name: parser for extension in EXTENSIONS for name, parser in extension.mail.items()}
+)
+_RCPT: Mapping[str, Parser] = MappingProxyType(
+    {name: parser for extension in EXTENSIONS for name, parser in extension.rcpt.items()}
+)
+
+
+def advertise(offer: Offer) -> list[str]:
+    """The EHLO reply lines after the greeting line, in table order."""
+    return [extension.line(offer) for extension in EXTENSIONS if extension.offered(offer)]
+
+
+def _unsupported(key: str) -> Reply:
+    return Reply(555, "5.5.4", f"Error: unsupported parameter {key}")
+
+
+def parseMail(parameters: Mapping[str, str | None], envelope: Envelope) -> Reply | None:
+    """
+    Read MAIL FROM's parameters into C{envelope}, in the client's order.
+
+    @return: the reply refusing the first bad or unknown parameter
+        (C{555 5.5.4} for an unknown one, RFC 5321 section 4.1.1.11), or
+        None when all were taken.
+    """
+    for key, value in parameters.items():
+        parser = _MAIL.get(key)
+        if parser is None:
+            return _unsupported(key)
+        refusal = parser(value, envelope)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def parseRecipient(parameters: Mapping[str, str | None], envelope: Envelope) -> Reply | None:
+    """
+    Check RCPT TO's parameters, in keyword order.
+
+    @return: the reply refusing the first bad or unknown one, or None.
+    """
+    for key in sorted(parameters):
+        parser = _RCPT.get(key)
+        if parser is None:
+            return _unsupported(key)
+        refusal = parser(parameters[key], envelope)
+        if refusal is not None:
+            return refusal
+    return None
