@@ -41,11 +41,13 @@ and RCPT parameters are read is the table in L{relayd.smtp.extensions}.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import ipaddress
+import re
 import secrets
 import time
-from email.utils import formatdate
+from email.utils import format_datetime
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
@@ -207,9 +209,41 @@ def _clientAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def _printable(text: str, limit: int = 255) -> str:
-    """What of a client-supplied name may go into a header or a log line."""
+    """What of a client-supplied name may go into a log line."""
     clean = "".join(c if "!" <= c <= "~" else "?" for c in text[:limit])
     return clean or "unknown"
+
+
+_ATEXT = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~"
+)
+_ADDRESS_LITERAL = re.compile(r"\[[!-Z^-~]+\]")
+
+
+def _receivedName(helo: str) -> str:
+    """
+    The EHLO/HELO name as one token of a C{Received:} field's FROM clause,
+    whatever the client sent (DESIGN section 4, rule 9).
+
+    RFC 5322 section 3.6.7 makes the field a list of words, domains and
+    addresses, then C{;} and the date: a C{(} opens a comment that runs to
+    its C{)}, a C{[} a domain literal, a C{"} a quoted string, and a C{;}
+    ends the list, so an EHLO argument copied as it came (C{x(}) swallows
+    the BY, WITH, ID and FOR clauses.  Postfix's smtpd replaces such
+    characters with C{?} (C{printable()}, then C{neuter()} of space and
+    C{<>()\\";@}); this keeps fewer: the result is a dot-atom (atext and
+    single dots between them, C{?} for anything else) or a whole domain
+    literal (C{[192.0.2.1]}, C{[IPv6:...]}).  The session, the envelope
+    record and the log keep the name as the client gave it, only its
+    non-printable octets replaced (L{_printable}), so what was changed
+    here stays visible there.
+    """
+    if _ADDRESS_LITERAL.fullmatch(helo):
+        return helo
+    name = "".join(c if c in _ATEXT or c == "." else "?" for c in helo)
+    if name.endswith(".") and len(name) > 1:
+        name = name[:-1]  # an FQDN's root dot: mail.example.org.
+    return ".".join(part or "?" for part in name.split(".")) or "?"
 
 
 @implementer(IHandshakeListener)
@@ -1007,13 +1041,15 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             protocol += "S"
         if session.user is not None:
             protocol += "A"
-        lines = [f"Received: from {session.helo} ({literal})"]
+        lines = [f"Received: from {_receivedName(session.helo or '')} ({literal})"]
         if session.tls:
             lines.append(f"\t(using {session.tlsVersion} with cipher {session.tlsCipher})")
         lines.append(
             f"\tby {self.factory.config.hostname} (relayd) with {protocol} id {envelope.queueId}"
         )
-        stamp = formatdate(time.time(), localtime=False)
+        # RFC 5322 section 3.3: "+0000" is UTC; "-0000" would say that
+        # the local time zone is unknown, which is not relayd's case.
+        stamp = format_datetime(datetime.datetime.now(datetime.UTC))
         if len(envelope.recipients) == 1:
             lines.append(f"\tfor <{envelope.recipients[0]}>; {stamp}")
         else:
