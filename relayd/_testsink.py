@@ -217,6 +217,10 @@ class _SinkSession(LineReceiver):
         self.transport.write("\r\n".join(out).encode() + b"\r\n")  # type: ignore[union-attr]
 
     def smtp_HELO(self, argument: str) -> None:
+        if "HELO" in self.sink.refuse:
+            code, text = self.sink.refuse["HELO"]
+            self.reply(code, text)
+            return
         self.helo = argument
         self._resetTransaction()
         self.reply(250, "sink.test")
@@ -399,7 +403,8 @@ class SinkServer:
     @ivar dataReply: C{(code, text)} to answer the final dot with instead
         of 250 (the message is then not kept).
     @ivar dataCommandReply: C{(code, text)} to answer DATA itself with.
-    @ivar refuse: command verb (C{"EHLO"}, C{"MAIL"}) to C{(code, text)}.
+    @ivar refuse: command verb (C{"EHLO"}, C{"HELO"}, C{"MAIL"}) to
+        C{(code, text)}.
     @ivar greeting: the whole greeting line instead of the 220, e.g.
         C{"421 4.3.2 busy"} (sent, then the connection closed) or
         C{"554 5.7.1 go away"} (then every command but QUIT gets 503).

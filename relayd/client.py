@@ -161,6 +161,23 @@ class Reply(relayd.reply.Reply):
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"
 
+    @property
+    def quoted(self) -> str:
+        """
+        The reply as the peer sent it, for quoting in relayd's own texts:
+        each line with its code and separator, joined by spaces (as
+        Postfix quotes a remote reply), without the C{X.0.0} that
+        L{enhanced} makes up when the peer gave no enhanced code.  An
+        outcome relayd describes itself is quoted as L{__str__}.
+        """
+        if not self.remote or not self.lines:
+            return str(self)
+        last = len(self.lines) - 1
+        return " ".join(
+            f"{self.code}{' ' if i == last else '-'}{line}".rstrip()
+            for i, line in enumerate(self.lines)
+        )
+
 
 class HopFailure(Exception):
     """
@@ -554,7 +571,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     log.info(
                         "{peer}: STARTTLS refused ({reply}); continuing without TLS",
                         peer=self.peer,
-                        reply=str(reply),
+                        reply=reply.quoted,
                     )
             elif mode != "opportunistic":
                 raise HopFailure(
@@ -667,7 +684,9 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                 )
             )
         if reply.code != 235:
-            raise _refused(reply, self.peer, "refused authentication", "in reply to AUTH")
+            raise _refused(
+                reply, self.peer, "refused authentication", "in reply to AUTH", AUTH_REFUSED
+            )
 
     # --- transactions ----------------------------------------------------
 
@@ -883,27 +902,47 @@ def _extensions(lines: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def _refused(reply: Reply, peer: str, what: str, context: str = "") -> HopFailure:
+AUTH_REFUSED = (454, "4.7.0")
+"""
+What relayd reports when a next hop refuses its AUTH: a deferral, with the
+code pair RFC 4954 gives a temporary authentication failure.  The peer's
+C{535 5.7.8} is quoted in the text; RFC 4954 pairs X.7.8 with 535 only, so
+there is no C{4.7.8} to turn it into.
+"""
+
+
+def _refused(
+    reply: Reply,
+    peer: str,
+    what: str,
+    context: str = "",
+    codes: tuple[int, str] | None = None,
+) -> HopFailure:
     """
-    A reply that makes this hop unusable.  A 4xx is kept as it is; a 5xx
-    becomes the matching 4xx, since the next attempt may reach another hop,
-    with the original reply quoted in the text.
+    A reply that makes this hop unusable: relayd defers, since the next
+    attempt may reach another hop or a mended one (Postfix's
+    C{smtp_skip_5xx_greeting}).  A 4xx is kept as the peer sent it.
+    Anything else becomes relayd's own deferral, with the peer's reply
+    quoted as it came: C{codes} when given, else C{451} (RFC 5321: "local
+    error in processing", what relayd says for every hop it gives up on)
+    with the peer's enhanced code in class 4, as Postfix reports it.  Never
+    a code made by arithmetic (C{535 - 100} is no reply code).
     """
     if reply.code // 100 == 4:
         return HopFailure(reply)
-    enhanced = reply.enhanced
-    if enhanced[:1] in ("4", "5"):
-        enhanced = "4" + enhanced[1:]
+    if codes is not None:
+        code, enhanced = codes
     else:
-        enhanced = "4.0.0"
-    code = reply.code - 100 if reply.code // 100 == 5 else 451
+        code = 451
+        enhanced = reply.enhanced
+        enhanced = "4" + enhanced[1:] if enhanced[:1] in ("4", "5") else "4.0.0"
     suffix = f" ({context})" if context else ""
-    return HopFailure(Reply.local(code, enhanced, f"host {peer} {what}: {reply}{suffix}"))
+    return HopFailure(Reply.local(code, enhanced, f"host {peer} {what}: {reply.quoted}{suffix}"))
 
 
 def _unexpected(reply: Reply, peer: str, command: str) -> Reply:
     return Reply.local(
-        451, "4.5.0", f"protocol error: host {peer} said {reply} in reply to {command}"
+        451, "4.5.0", f"protocol error: host {peer} said {reply.quoted} in reply to {command}"
     )
 
 

@@ -199,3 +199,23 @@ class ExtensionTests(unittest.TestCase):
         self.assertEqual(found["PIPELINING"], "")
         self.assertEqual(found["AUTH"].split(), ["PLAIN", "LOGIN", "CRAM-MD5"])
         self.assertIn("8BITMIME", found)
+
+
+class ReplyQuotingTests(unittest.TestCase):
+    """relayd quotes a peer's reply as it came, never with codes it made up."""
+
+    def test_noEnhancedCodeAdded(self):
+        reply = Reply.parse(["500 no"])
+        self.assertEqual(str(reply), "500 5.0.0 no")
+        self.assertEqual(reply.quoted, "500 no")
+
+    def test_multiLine(self):
+        reply = Reply.parse(["554-5.7.1 first", "554 5.7.1 second"])
+        self.assertEqual(reply.quoted, "554-5.7.1 first 554 5.7.1 second")
+
+    def test_bareCode(self):
+        self.assertEqual(Reply.parse(["421"]).quoted, "421")
+
+    def test_localOutcome(self):
+        reply = Reply.local(451, "4.4.1", "connect to x[192.0.2.1]:25: Connection refused")
+        self.assertEqual(reply.quoted, str(reply))

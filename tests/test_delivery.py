@@ -502,8 +502,51 @@ class HopTests(DeliveryTestCase):
             self.deliverer(), self.destination(self.hop(rude.port)), ["a@example.net"]
         )
         [r] = result.results
-        self.assertEqual((r.status, r.code, r.enhanced), ("deferred", 454, "4.7.1"))
-        self.assertIn("554 5.7.1 go away", r.text)
+        self.assertEqual((r.status, r.code, r.enhanced), ("deferred", 451, "4.7.1"))
+        self.assertTrue(r.text.endswith("refused to talk to me: 554 5.7.1 go away"), r.text)
+
+    @defer.inlineCallbacks
+    def test_setupRefusalsUseRealCodes(self):
+        """
+        A 5xx greeting or EHLO/HELO refusal defers with a reply code that
+        exists (it gave 400 for a 500 greeting: 500 - 100), and the text
+        and the log line quote the peer's reply as it came: no made-up
+        5.0.0 where the peer sent no enhanced code, every line of a
+        multi-line reply.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        cases = [
+            ("greeting", "500 no", "500 no", "4.0.0"),
+            ("greeting", "521 5.3.2 no mail here", "521 5.3.2 no mail here", "4.3.2"),
+            ("greeting", "550", "550", "4.0.0"),
+            (
+                "greeting",
+                "554-5.7.1 first\r\n554 5.7.1 second",
+                "554-5.7.1 first 554 5.7.1 second",
+                "4.7.1",
+            ),
+            ("EHLO", "501 who are you", "501 who are you", "4.0.0"),
+        ]
+        for stage, sent, quoted, enhanced in cases:
+            sink = self.sink()
+            if stage == "greeting":
+                sink.greeting = sent
+            else:
+                code, text = sent.split(" ", 1)
+                sink.refuse = {"EHLO": (int(code), text), "HELO": (int(code), text)}
+            del events[:]
+            result = yield self.deliver(
+                self.deliverer(), self.destination(self.hop(sink.port)), ["a@example.net"]
+            )
+            [r] = result.results
+            self.assertEqual((r.status, r.code, r.enhanced), ("deferred", 451, enhanced), sent)
+            self.assertIn(f"refused to talk to me: {quoted}", r.text)
+            self.assertIsNone(r.remoteHost)
+            [line] = [formatEvent(e) for e in events if e.get("hop")]
+            self.assertIn(f"451 {enhanced} host localhost[127.0.0.1] refused", line)
+            self.assertIn(quoted, line)
 
     @defer.inlineCallbacks
     def test_heloFallback(self):
@@ -657,8 +700,15 @@ class TLSTests(DeliveryTestCase):
             self.deliverer(caFile=caPath), self.destination(hop), ["a@example.net"]
         )
         [r] = result.results
-        self.assertEqual((r.status, r.code, r.enhanced), ("deferred", 435, "4.7.8"))
-        self.assertIn("535 5.7.8", r.text)
+        # RFC 4954's temporary authentication failure; it was "435 4.7.8",
+        # 535 - 100, a code that does not exist.
+        self.assertEqual((r.status, r.code, r.enhanced), ("deferred", 454, "4.7.0"))
+        self.assertTrue(
+            r.text.endswith(
+                "refused authentication: 535 5.7.8 Error: authentication failed (in reply to AUTH)"
+            ),
+            r.text,
+        )
         self.assertNotIn("MAIL", sink.verbs())
 
     @defer.inlineCallbacks
@@ -676,7 +726,7 @@ class TLSTests(DeliveryTestCase):
         result = yield self.deliver(
             self.deliverer(caFile=caPath), self.destination(hop), ["a@example.net"]
         )
-        self.assertEqual(result.results[0].code, 435)
+        self.assertEqual(result.results[0].code, 454)
         self.assertTrue((result.tls or "").startswith("TLSv1."), result.tls)
         logged = [e for e in events if e.get("recipient") == "a@example.net"]
         self.assertEqual([e["tls"] for e in logged], [result.tls])
