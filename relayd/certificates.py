@@ -23,6 +23,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -36,12 +37,20 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLContextFactory
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from zope.interface import implementer
 
+from relayd.config import INTERMEDIATE_CIPHERS, OPPORTUNISTIC_CIPHERS
 from relayd.safeio import writeAtomically
 
 __all__ = [
+    "INTERMEDIATE",
+    "INTERMEDIATE_CIPHERS",
+    "OPPORTUNISTIC",
+    "OPPORTUNISTIC_CIPHERS",
+    "TLS_VERSIONS",
+    "TLSProfile",
+    "cipherProblem",
     "CertificateError",
     "makeSelfSigned",
     "makeCA",
@@ -60,6 +69,60 @@ _KEY_MARKERS = (
     b"-----BEGIN RSA PRIVATE KEY-----",
     b"-----BEGIN ENCRYPTED PRIVATE KEY-----",
 )
+
+
+# --- TLS profiles ---------------------------------------------------------
+
+TLS_VERSIONS = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
+"""C{[tls] min_version}'s values (L{relayd.config.TLS_MIN_VERSIONS})."""
+
+
+def cipherProblem(ciphers: str) -> str | None:
+    """
+    Why OpenSSL cipher string C{ciphers} cannot be used, or None when it
+    names at least one TLS 1.2 suite this OpenSSL has.
+    """
+    problem = f"no TLS 1.2 cipher suite matches {ciphers!r} (an OpenSSL cipher string)"
+    if not ciphers.isascii():
+        return problem
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        context.set_cipher_list(ciphers.encode("ascii"))
+    except SSL.Error:
+        return problem
+    # TLS 1.3's suites are always listed; OpenSSL sets them apart.
+    names = SSL.Connection(context, None).get_cipher_list()
+    if all(name.startswith("TLS_") for name in names):
+        return problem
+    return None
+
+
+@dataclass(frozen=True)
+class TLSProfile:
+    """
+    Which TLS versions and cipher suites one side of relayd accepts.
+
+    @ivar ciphers: an OpenSSL cipher string for TLS 1.2 (L{cipherProblem}
+        says whether it is usable).
+    @ivar minVersion: a key of L{TLS_VERSIONS}.
+    """
+
+    ciphers: str = INTERMEDIATE_CIPHERS
+    minVersion: str = "TLSv1.2"
+
+    def certificateOptions(self) -> dict[str, Any]:
+        """Keyword arguments for L{CertificateOptions}."""
+        return {
+            "acceptableCiphers": AcceptableCiphers.fromOpenSSLCipherString(self.ciphers),
+            "raiseMinimumTo": TLS_VERSIONS[self.minVersion],
+        }
+
+
+INTERMEDIATE = TLSProfile()
+"""Mozilla's intermediate profile: TLS 1.2 with L{INTERMEDIATE_CIPHERS}, and 1.3."""
+
+OPPORTUNISTIC = TLSProfile(OPPORTUNISTIC_CIPHERS)
+"""Outbound opportunistic TLS's default: TLS 1.2 with L{OPPORTUNISTIC_CIPHERS}, and 1.3."""
 
 
 class CertificateError(Exception):
@@ -363,13 +426,17 @@ class ReloadableServerOptions:
         return self.current.getContext()
 
 
-def loadServerOptions(certPath: str, keyPath: str) -> CertificateOptions:
+def loadServerOptions(
+    certPath: str, keyPath: str, profile: TLSProfile = INTERMEDIATE
+) -> CertificateOptions:
     """
     Load a server's certificate chain and key as TLS options for a
     listener (implicit TLS or STARTTLS).
 
-    TLS 1.2 is the least version offered (RFC 8996 deprecates 1.0 and
-    1.1).  C{certPath} and C{keyPath} may be the same file holding both.
+    C{profile} says which versions and suites are offered: by default
+    Mozilla's intermediate profile, TLS 1.2 with forward secrecy and AEAD
+    suites only, and TLS 1.3 (RFC 8996 deprecates 1.0 and 1.1).
+    C{certPath} and C{keyPath} may be the same file holding both.
 
     @param certPath: PEM file with the server certificate first, then any
         intermediate certificates in order (sent as the chain).
@@ -394,7 +461,7 @@ def loadServerOptions(certPath: str, keyPath: str) -> CertificateOptions:
             privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
             certificate=crypto.X509.from_cryptography(chain[0]),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
-            raiseMinimumTo=TLSVersion.TLSv1_2,
+            **profile.certificateOptions(),
         )
         # Build the OpenSSL context now, so that whatever OpenSSL objects
         # to (a key too weak for its security level, say) stops startup

@@ -40,6 +40,47 @@ C{submissions}: port 465, implicit TLS, AUTH required before MAIL.
 """
 
 
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+"""
+The TLS 1.2 cipher suites of Mozilla's "intermediate" profile (Server Side
+TLS guidelines, version 5.7), as an OpenSSL cipher string: key exchange
+with forward secrecy (ECDHE, DHE) and AEAD ciphers (AES-GCM,
+ChaCha20-Poly1305) only, so no static RSA key exchange, no CBC and no SHA-1
+MAC.  The DHE suites need Diffie-Hellman parameters, which relayd does not
+load, so a listener negotiates the ECDHE ones (every TLS 1.2 client has
+them).  TLS 1.3's suites are OpenSSL's (all AEAD with forward secrecy);
+OpenSSL sets them apart from this string.  The listeners' default
+(C{[tls] ciphers}) and that of outbound C{required} and C{verify} TLS.
+"""
+
+OPPORTUNISTIC_CIPHERS = (
+    "ECDH+AESGCM:ECDH+CHACHA20:DH+AESGCM:DH+CHACHA20:ECDH+AES:DH+AES:"
+    "RSA+AESGCM:RSA+AES:!aNULL:!eNULL:!MD5:!DSS"
+)
+"""
+Outbound opportunistic TLS's default (C{[tls] opportunistic_ciphers}):
+forward secrecy and AEAD first, then what old servers still only have (CBC,
+static RSA key exchange), as Twisted's own default did.  With opportunistic
+TLS the certificate is not checked, so the choice of suites guards against
+passive eavesdropping only; a legacy suite still beats plain text, and a
+handshake that fails on suites relayd refuses defers the hop (relayd never
+retries it in plain text), so the mail would wait for a server that may
+never change.  Postfix makes the same trade (C{smtp_tls_ciphers = medium}
+for its C{may} level).
+"""
+
+TLS_MIN_VERSIONS = ("TLSv1.2", "TLSv1.3")
+"""
+C{[tls] min_version}'s values.  Nothing older: RFC 8996 deprecates TLS 1.0
+and 1.1.
+"""
+
+
 class ConfigError(Exception):
     """
     A configuration problem: which file, which key, what is wrong.
@@ -139,6 +180,9 @@ class Config:
     logFormat: str = "text"
     logLevel: str = "info"
     controlSocket: str = ""
+    tlsCiphers: str = INTERMEDIATE_CIPHERS
+    tlsMinVersion: str = "TLSv1.2"
+    tlsOpportunisticCiphers: str = OPPORTUNISTIC_CIPHERS
 
 
 # --- schema -----------------------------------------------------------------
@@ -196,6 +240,12 @@ TLS_MODES = ("none", "opportunistic", "required", "verify")
 """Outbound TLS policies, see L{relayd.client}."""
 
 
+def _cipherString(value: Any) -> str | None:
+    from relayd.certificates import cipherProblem
+
+    return cipherProblem(value)
+
+
 LOG_FORMATS = ("text", "json")
 """Log line formats, see L{relayd.logs}."""
 
@@ -239,6 +289,12 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "tls": {
         "certificate": _Key(str),
         "key": _Key(str),
+        # Versions and suites (DESIGN section 4, rule 10): for the listeners
+        # and outbound required/verify TLS ciphers, for all outbound TLS
+        # min_version; outbound opportunistic TLS has its own, wider suites.
+        "ciphers": _Key(str, INTERMEDIATE_CIPHERS, check=_cipherString),
+        "min_version": _Key(str, "TLSv1.2", check=_oneOf(*TLS_MIN_VERSIONS)),
+        "opportunistic_ciphers": _Key(str, OPPORTUNISTIC_CIPHERS, check=_cipherString),
     },
     "auth": {
         "users_file": _Key(str),
@@ -573,6 +629,9 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         listeners=tuple(listeners),
         tlsCertificate=cert,
         tlsKey=key,
+        tlsCiphers=tls["ciphers"],
+        tlsMinVersion=tls["min_version"],
+        tlsOpportunisticCiphers=tls["opportunistic_ciphers"],
         usersFile=usersFile,
         authMaxFailures=auth["max_failures"],
         authFailureDelay=float(auth["failure_delay"]),

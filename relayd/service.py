@@ -282,7 +282,12 @@ def buildService(
     @raise ConfigError: on any of those problems.
     """
     from relayd.auth import IMailUser, Lockout, UsersFileChecker, UsersFileError, makePortal
-    from relayd.certificates import CertificateError, ReloadableServerOptions, loadServerOptions
+    from relayd.certificates import (
+        CertificateError,
+        ReloadableServerOptions,
+        TLSProfile,
+        loadServerOptions,
+    )
     from relayd.spool import Spool
 
     top = RelaydService(config)
@@ -300,7 +305,11 @@ def buildService(
     if config.tlsCertificate and config.tlsKey:
         try:
             tlsOptions = ReloadableServerOptions(
-                loadServerOptions(config.tlsCertificate, config.tlsKey)
+                loadServerOptions(
+                    config.tlsCertificate,
+                    config.tlsKey,
+                    TLSProfile(config.tlsCiphers, config.tlsMinVersion),
+                )
             )
         except CertificateError as e:
             key = "tls.key" if getattr(e, "path", None) == config.tlsKey else "tls.certificate"
@@ -433,7 +442,7 @@ _RESTART_FIELDS = {
 @inlineCallbacks
 def _reload(top: RelaydService) -> Any:
     from relayd.auth import UsersFile, UsersFileError
-    from relayd.certificates import CertificateError, loadServerOptions
+    from relayd.certificates import CertificateError, TLSProfile, loadServerOptions
     from relayd.config import load
 
     log.info("reload: reading {path}", path=top.config.path)
@@ -453,7 +462,11 @@ def _reload(top: RelaydService) -> Any:
     tlsOptions = None
     if top.tls is not None and config.tlsCertificate and config.tlsKey:
         try:
-            tlsOptions = loadServerOptions(config.tlsCertificate, config.tlsKey)
+            tlsOptions = loadServerOptions(
+                config.tlsCertificate,
+                config.tlsKey,
+                TLSProfile(config.tlsCiphers, config.tlsMinVersion),
+            )
         except CertificateError as e:
             key = "tls.key" if getattr(e, "path", None) == config.tlsKey else "tls.certificate"
             return refuse(f"{config.path}: {key}: {e}")

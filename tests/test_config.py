@@ -201,6 +201,42 @@ CASES: dict[str, tuple[dict[str, str], str, str, tuple[str, ...]]] = {
         ("notpem.txt", "no PEM certificate"),
     ),
     "submission-without-tls": ({"tls": ""}, "", "tls.certificate", ("needs TLS",)),
+    "tls-min-version-sslv3": (
+        {"tls": "[tls]\ncertificate = '{cert}'\nkey = '{key}'\nmin_version = 'SSLv3'\n"},
+        "",
+        "tls.min_version",
+        ("must be one of", "TLSv1.2", "TLSv1.3", "'SSLv3'"),
+    ),
+    "tls-min-version-tls1": (
+        {"tls": "[tls]\ncertificate = '{cert}'\nkey = '{key}'\nmin_version = 'TLSv1'\n"},
+        "",
+        "tls.min_version",
+        ("must be one of", "'TLSv1'"),
+    ),
+    "tls-bad-ciphers": (
+        {"tls": "[tls]\ncertificate = '{cert}'\nkey = '{key}'\nciphers = 'NOPE-NOT-A-CIPHER'\n"},
+        "",
+        "tls.ciphers",
+        ("no TLS 1.2 cipher suite matches", "'NOPE-NOT-A-CIPHER'"),
+    ),
+    "tls-ciphers-only-tls13": (
+        {
+            "tls": "[tls]\ncertificate = '{cert}'\nkey = '{key}'\n"
+            "ciphers = 'TLS_AES_128_GCM_SHA256'\n"
+        },
+        "",
+        "tls.ciphers",
+        ("no TLS 1.2 cipher suite matches",),
+    ),
+    "tls-bad-opportunistic-ciphers": (
+        {
+            "tls": "[tls]\ncertificate = '{cert}'\nkey = '{key}'\n"
+            "opportunistic_ciphers = 'RC4-MD5'\n"
+        },
+        "",
+        "tls.opportunistic_ciphers",
+        ("no TLS 1.2 cipher suite matches", "'RC4-MD5'"),
+    ),
     "unknown-policy": (
         {},
         '[policy]\nchain = ["mynetworks", "nope"]\n',
@@ -240,6 +276,7 @@ TWISTD_CASES = (
     "invalid-toml",
     "unknown-key",
     "key-not-pem",
+    "tls-min-version-sslv3",
     "unknown-policy",
     "route-to-own-listener",
 )
