@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import relayd.reply
+from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
 from relayd.routing import Hop
 from relayd.smtp.wire import DotStuffer
 
@@ -304,18 +305,26 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         timeouts: ClientTimeouts,
         clock: Any,
         trustRoot: Any = None,
+        tlsProfile: TLSProfile = INTERMEDIATE,
+        opportunisticProfile: TLSProfile = OPPORTUNISTIC,
     ) -> None:
         """
         @param heloName: the name relayd gives in EHLO/HELO.
         @param clock: the reactor (L{IReactorTime}) for timeouts.
         @param trustRoot: the trust root for C{verify} TLS (an
             C{IOpenSSLTrustRoot}); None for the system's (L{platformTrust}).
+        @param tlsProfile: TLS versions and suites for C{required} and
+            C{verify} hops (C{[tls] ciphers}, C{min_version}).
+        @param opportunisticProfile: the same for C{opportunistic} hops
+            (C{[tls] opportunistic_ciphers}, C{min_version}).
         """
         self.hop = hop
         self.heloName = heloName
         self.timeouts = timeouts
         self.clock = clock
         self.trustRoot = trustRoot
+        self.tlsProfile = tlsProfile
+        self.opportunisticProfile = opportunisticProfile
         self.ready: Deferred[SMTPClient] = Deferred()
         self.extensions: dict[str, str] = {}
         self.esmtp = False
@@ -628,17 +637,24 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         reply inside TLS (RFC 3207 section 4.2; CVE-2011-0411 seen from the
         client's side).  A C{verify} hop checks the certificate against the
         trust root and C{hop.host}; the other modes encrypt without checking
-        (RFC 7435 opportunistic security).
+        (RFC 7435 opportunistic security).  C{required} and C{verify} hops
+        get L{tlsProfile}, C{opportunistic} ones the wider
+        L{opportunisticProfile} (L{relayd.config.OPPORTUNISTIC_CIPHERS} says
+        why).
         """
         self.clearLineBuffer()  # type: ignore[no-untyped-call]
         self._lines = []
         self.extensions = {}
         self._tlsStarted = True
+        profile = self.opportunisticProfile if self.hop.tls == "opportunistic" else self.tlsProfile
+        extra = profile.certificateOptions()
         if self.hop.tls == "verify":
             trustRoot = self.trustRoot if self.trustRoot is not None else platformTrust()
-            options: Any = optionsForClientTLS(self.hop.host, trustRoot=trustRoot)
+            options: Any = optionsForClientTLS(
+                self.hop.host, trustRoot=trustRoot, extraCertificateOptions=extra
+            )
         else:
-            options = CertificateOptions()
+            options = CertificateOptions(**extra)
         assert self.transport is not None
         self.transport.startTLS(options)
 

@@ -627,13 +627,22 @@ async def _checkHop(
 
     from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 
+    from relayd.certificates import TLSProfile
     from relayd.client import HopFailure, SMTPClient
     from relayd.routing import Hop
 
     host = hopConfig.host.strip("[]")
     hop = Hop(host, address, hopConfig.port, hopConfig.tls, hopConfig.username, hopConfig.password)
     report = _Report(f"{name} [{address}]", f"{title} [{address}]", [])
-    client = SMTPClient(hop, config.hostname, timeouts, reactor, trustRoot)
+    client = SMTPClient(
+        hop,
+        config.hostname,
+        timeouts,
+        reactor,
+        trustRoot,
+        TLSProfile(config.tlsCiphers, config.tlsMinVersion),
+        TLSProfile(config.tlsOpportunisticCiphers, config.tlsMinVersion),
+    )
     isV6 = ipaddress.ip_address(address.split("%", 1)[0]).version == 6
     endpoint = (TCP6ClientEndpoint if isV6 else TCP4ClientEndpoint)(
         reactor, address, hop.port, timeout=timeouts.connect

@@ -54,6 +54,7 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
 from relayd.client import (
     CHUNK_SIZE,
     ClientTimeouts,
@@ -225,11 +226,16 @@ class Deliverer:
         maxMessagesPerConnection: int = 100,
         idleTimeout: float = 2.0,
         reuseTimeLimit: float = 300.0,
+        tlsProfile: TLSProfile = INTERMEDIATE,
+        opportunisticProfile: TLSProfile = OPPORTUNISTIC,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
         @param caFile: PEM file of the CAs trusted for C{verify} hops; None
             for the system's trust store.
+        @param tlsProfile: TLS versions and suites for C{required} and
+            C{verify} hops; L{opportunisticProfile} for C{opportunistic}
+            ones (L{relayd.client.SMTPClient}).
         @raise OSError: C{caFile} cannot be read.
         @raise ValueError: C{caFile} holds no certificate.
         """
@@ -239,6 +245,8 @@ class Deliverer:
         self.maxMessagesPerConnection = maxMessagesPerConnection
         self.idleTimeout = idleTimeout
         self.reuseTimeLimit = reuseTimeLimit
+        self.tlsProfile = tlsProfile
+        self.opportunisticProfile = opportunisticProfile
         self._trustRoot = loadTrustRoot(caFile) if caFile is not None else None
         self._idle: dict[Hop, list[_Idle]] = {}
         self._downUntil: dict[Hop, float] = {}
@@ -388,7 +396,15 @@ class Deliverer:
 
         @raise HopFailure: when the hop cannot take mail.
         """
-        client = SMTPClient(hop, self.heloName, self.timeouts, self.reactor, self._trustRoot)
+        client = SMTPClient(
+            hop,
+            self.heloName,
+            self.timeouts,
+            self.reactor,
+            self._trustRoot,
+            self.tlsProfile,
+            self.opportunisticProfile,
+        )
         try:
             isV6 = ipaddress.ip_address(hop.address.split("%", 1)[0]).version == 6
         except ValueError:

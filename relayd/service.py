@@ -612,6 +612,7 @@ class ResolverService(Service):
 
 def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) -> Any:
     """Resolver, router, deliverer and scheduler (DESIGN sections 1 and 6)."""
+    from relayd.certificates import TLSProfile
     from relayd.client import ClientTimeouts
     from relayd.delivery import Deliverer
     from relayd.routing import MXResolver, Router
@@ -639,6 +640,8 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) 
         maxMessagesPerConnection=config.messagesPerConnection,
         idleTimeout=config.idleTimeout,
         reuseTimeLimit=config.reuseTimeLimit,
+        tlsProfile=TLSProfile(config.tlsCiphers, config.tlsMinVersion),
+        opportunisticProfile=TLSProfile(config.tlsOpportunisticCiphers, config.tlsMinVersion),
     )
     scheduler = Scheduler(
         spool=spool,

@@ -6,7 +6,8 @@ listeners and for outbound delivery.
 The listeners are scanned from outside with sslyze, whose own OpenSSL
 builds still offer what the system's refuses (SSL 3, TLS 1.0, static RSA,
 CBC with SHA-1), so a suite or version relayd would accept cannot hide
-behind the test machine's OpenSSL.
+behind the test machine's OpenSSL.  Outbound, relayd's client meets a next
+hop that only has a CBC suite with a SHA-1 MAC over TLS 1.2.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import datetime
 import os
 import shutil
 import tempfile
+import warnings
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
 from sslyze import (
     ProtocolWithOpportunisticTlsEnum,
     Scanner,
@@ -29,10 +32,16 @@ from sslyze import (
     ServerScanStatusEnum,
 )
 from sslyze import ScanCommand as C
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from relayd._testsink import SinkServer
+from relayd.certificates import issueCertificate, makeCA
+from relayd.client import ClientTimeouts
+from relayd.delivery import Deliverer
+from relayd.routing import Destination, Hop
 from relayd.testing import InProcessRelayd, TestSetup
 
 VERSIONS = {
@@ -43,6 +52,8 @@ VERSIONS = {
     "TLSv1.2": C.TLS_1_2_CIPHER_SUITES,
     "TLSv1.3": C.TLS_1_3_CIPHER_SUITES,
 }
+
+FAST = ClientTimeouts(**dict.fromkeys(ClientTimeouts.__dataclass_fields__, 5))
 
 
 def scan(ports: dict[str, int]) -> dict[str, dict[str, list[str]]]:
@@ -198,3 +209,71 @@ class ConfiguredCiphersTests(ListenerScanCase):
             self.assertEqual(
                 versions["TLSv1.2"], ["TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"], mode
             )
+
+
+class OutboundProfileTests(unittest.TestCase):
+    """
+    A next hop that only speaks TLS 1.2 with ECDHE-ECDSA-AES128-SHA (CBC,
+    SHA-1 MAC): refused where relayd was asked for security, accepted for
+    opportunistic TLS, where the alternative is no delivery at all.
+    """
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="relayd-tlsout-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        caCert, caKey = makeCA("outbound test CA")
+        self.caPath = os.path.join(self.directory, "ca.pem")
+        with open(self.caPath, "wb") as f:
+            f.write(caCert)
+        cert, key = issueCertificate(caCert, caKey, "localhost", ipAddresses=("127.0.0.1",))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            options = CertificateOptions(
+                privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, key),
+                certificate=crypto.load_certificate(crypto.FILETYPE_PEM, cert),
+                acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(
+                    "ECDHE-ECDSA-AES128-SHA"
+                ),
+                lowerMaximumSecurityTo=TLSVersion.TLSv1_2,
+            )
+            options.getContext()
+        self.sink = SinkServer()
+        self.sink.start(reactor, tlsOptions=options)
+        self.addCleanup(self.sink.stop)
+        self.dataPath = os.path.join(self.directory, "data")
+        with open(self.dataPath, "wb") as f:
+            f.write(b"Subject: hi\r\n\r\nbody\r\n")
+
+    def deliver(self, tls: str, **kwargs):
+        deliverer = Deliverer(reactor, "relay.test", timeouts=FAST, caFile=self.caPath, **kwargs)
+        self.addCleanup(deliverer.stop)
+        hop = Hop(host="localhost", address="127.0.0.1", port=self.sink.port, tls=tls)
+        return deliverer.deliver(
+            Destination("route:0", (hop,)), "a@example.org", ["b@example.net"], self.dataPath, 24
+        )
+
+    @defer.inlineCallbacks
+    def test_requiredAndVerifyRefuseWeakSuites(self):
+        for mode in ("required", "verify"):
+            result = yield self.deliver(mode)
+            [r] = result.results
+            self.assertEqual((r.status, r.code, r.enhanced), ("deferred", 451, "4.7.5"), mode)
+            self.assertIn("TLS handshake with localhost[127.0.0.1] failed", r.text)
+        self.assertEqual(self.sink.messages, [])
+
+    @defer.inlineCallbacks
+    def test_opportunisticTakesWeakSuites(self):
+        result = yield self.deliver("opportunistic")
+        [r] = result.results
+        self.assertEqual(r.status, "delivered")
+        self.assertEqual(result.tls, "TLSv1.2 ECDHE-ECDSA-AES128-SHA")
+        self.assertEqual([m.tls for m in self.sink.messages], ["TLSv1.2"])
+
+    @defer.inlineCallbacks
+    def test_opportunisticProfileConfigurable(self):
+        """The strict profile for opportunistic too, when configured so."""
+        from relayd.certificates import INTERMEDIATE
+
+        result = yield self.deliver("opportunistic", opportunisticProfile=INTERMEDIATE)
+        self.assertEqual(result.results[0].status, "deferred")
+        self.assertEqual(self.sink.messages, [])
