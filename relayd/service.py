@@ -490,6 +490,12 @@ def _reload(top: RelaydService) -> Any:
         top.scheduler.router.reconfigure(
             config.routes, config.deliveryPort, config.mxTls, (config.hostname,)
         )
+        # Read by each new outbound connection; open ones keep theirs.
+        deliverer = top.scheduler.deliverer
+        deliverer.tlsProfile = TLSProfile(config.tlsCiphers, config.tlsMinVersion)
+        deliverer.opportunisticProfile = TLSProfile(
+            config.tlsOpportunisticCiphers, config.tlsMinVersion
+        )
     for factory in top.factories:
         factory.config = config
     top.config = config

@@ -277,3 +277,27 @@ class OutboundProfileTests(unittest.TestCase):
         result = yield self.deliver("opportunistic", opportunisticProfile=INTERMEDIATE)
         self.assertEqual(result.results[0].status, "deferred")
         self.assertEqual(self.sink.messages, [])
+
+
+class ReloadTests(ListenerScanCase):
+    sections = {"delivery": {"enabled": True}}
+
+    @defer.inlineCallbacks
+    def test_reloadChangesProfile(self):
+        """
+        SIGHUP's reload puts new C{[tls]} values in force for new
+        connections: listeners and the deliverer alike.
+        """
+        with open(self.setup.configPath) as f:
+            text = f.read()
+        self.assertIn("[tls]\n", text)
+        with open(self.setup.configPath, "w") as f:
+            f.write(text.replace("[tls]\n", '[tls]\nmin_version = "TLSv1.3"\n', 1))
+        ok = yield self.relayd.service.reload()
+        self.assertTrue(ok, self.relayd.service.reloadError)
+        found = yield deferToThread(scan, {"submissions": self.relayd.port("submissions")})
+        accepted = [v for v, names in found["submissions"].items() if names]
+        self.assertEqual(accepted, ["TLSv1.3"])
+        deliverer = self.relayd.service.scheduler.deliverer
+        self.assertEqual(deliverer.tlsProfile.minVersion, "TLSv1.3")
+        self.assertEqual(deliverer.opportunisticProfile.minVersion, "TLSv1.3")
