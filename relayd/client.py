@@ -46,6 +46,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayd.queuefile import openRegion
 from relayd.routing import Hop
 
 __all__ = [
@@ -733,7 +734,8 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         most servers take in practice.
 
         @param sender: the reverse-path; C{""} for the null path C{<>}.
-        @param dataPath: the spool data file (CRLF line ends).
+        @param dataPath: the spool queue file (CRLF line ends); the message
+            is its first C{size} octets.
         @param size: its size in octets.
         @param eightBit: the message has octets above 127.
         @return: a L{Transaction}; never errbacks.
@@ -761,7 +763,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         t = self.timeouts
         mailAnswered = False
         try:
-            file = open(dataPath, "rb")
+            file = openRegion(dataPath, size)
         except OSError as e:
             reply = Reply.local(451, "4.3.0", f"cannot read queue file: {e.strerror}")
             return Transaction([reply] * len(recipients))
