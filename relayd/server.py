@@ -52,6 +52,7 @@ from zope.interface import implementer
 from relayd.address import AddressError, parseParameters, parsePath
 from relayd.envelope import Envelope, Message, Session
 from relayd.metrics import NO_METRICS, NoMetrics
+from relayd.queuefile import QueueRecord
 from relayd.verdict import Action, Verdict
 
 __all__ = ["DataReader", "SMTPServer", "SMTPFactory", "ConnectionLimits"]
@@ -1121,7 +1122,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         d.addErrback(lambda fl: failed(fl))
         d.addBoth(done)
 
-    def _record(self, envelope: Envelope, size: int) -> dict[str, Any]:
+    def _record(self, envelope: Envelope, size: int) -> QueueRecord:
         from relayd.spool import envelopeRecord
 
         session = self.session
