@@ -826,7 +826,7 @@ class ControlService(Service):
                 log.info("{queue_id}: released by relayctl", queue_id=queueId)
                 when = None
                 return "released", True
-            await self.spool.remove(queueId, state)
+            await self.spool.remove(queueId, state, durable=True)
             log.info("{queue_id}: deleted by relayctl (was {state})", queue_id=queueId, state=state)
             state = None
             return "deleted", True

@@ -45,9 +45,10 @@ Messages delivered at the first attempt, the common case, are never
 rewritten.  Moves (to C{active/} for an attempt, to and from C{hold/}) are
 single renames.
 
-Removal (L{Spool.remove}) is one C{unlink} and no directory fsync: a crash
-that loses the unlink brings the message back, to be delivered once more,
-which at-least-once delivery allows (Postfix does the same).
+Removal of a delivered or bounced message (L{Spool.remove}) is one
+C{unlink} and no directory fsync: a crash that loses the unlink brings the
+message back, to be delivered once more, which at-least-once delivery
+allows (Postfix does the same).  Only an operator's delete is fsync'd.
 
 Everything that can block runs in the spool's own thread pool, never on
 the reactor thread.  Receiving processes (L{relayd.receivers}) only create
@@ -1222,16 +1223,26 @@ class Spool(Service):
 
         return self._tracked(move)
 
-    def remove(self, queueId: str, state: str) -> Deferred[None]:
+    def remove(self, queueId: str, state: str, durable: bool = False) -> Deferred[None]:
         """
         Remove a message that has left the queue for good (delivered,
-        bounced, or deleted by an operator): one unlink, and no directory
-        fsync.  A crash that loses the unlink brings the message back and
-        it is delivered again: a duplicate, which at-least-once delivery
-        allows (DESIGN section 5; Postfix does not fsync removals either).
+        bounced, or deleted by an operator): one unlink.
+
+        @param durable: fsync the directory too.  Not for delivered mail: a
+            crash that loses the unlink brings the message back and it is
+            delivered again, a duplicate, which at-least-once delivery
+            allows (DESIGN section 5; Postfix does not fsync removals
+            either).  An operator's delete is durable: mail deleted on
+            purpose must not come back.
         """
         path = self._queuePath(state, queueId)
-        return self._tracked(os.unlink, path)
+
+        def remove() -> None:
+            os.unlink(path)
+            if durable:
+                fsyncDirectory(os.path.dirname(path))
+
+        return self._tracked(remove)
 
     def submit(self, record: QueueRecord, data: bytes) -> Deferred[str]:
         """

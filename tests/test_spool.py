@@ -757,6 +757,19 @@ class DeliverySideTests(unittest.TestCase):
         yield self.assertFailure(self.spool.remove(queueId, "incoming"), FileNotFoundError)
 
     @defer.inlineCallbacks
+    def test_removeDurable(self):
+        """
+        An operator's delete (C{durable=True}) fsyncs the directory: mail
+        deleted on purpose must not come back after a crash.
+        """
+        queueId = yield self.spool.submit(self.record("X"), b"hi\r\n")
+        fsynced = []
+        self.patch(spoolModule, "fsyncDirectory", fsynced.append)
+        yield self.spool.remove(queueId, "incoming", durable=True)
+        self.assertEqual(self.spool.entries("incoming"), [])
+        self.assertEqual(fsynced, [os.path.join(self.directory, "incoming")])
+
+    @defer.inlineCallbacks
     def test_listQueued(self):
         """
         The sweep's view: which state directories hold which queue ids, from
