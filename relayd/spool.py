@@ -868,8 +868,9 @@ class Spool(Service):
         The version-1 rule for an envelope found both in C{active/} and in
         another state (a crash inside an update) holds: the other one wins.
         An envelope that cannot be read, or has no data file, goes to
-        C{corrupt/} as before; the data files such entries name stay in
-        C{data/} for a human to look at, the others are removed.
+        C{corrupt/} as before, and the data file it names to
+        C{corrupt/<id>.data} beside it, for a human to look at; other data
+        files (never committed) are removed, and then C{data/} itself.
         """
         data = os.path.join(self.directory, "data")
         if not os.path.isdir(data):
@@ -923,21 +924,32 @@ class Spool(Service):
             fsyncDirectory(self._stateDirectory(state))
         for path in converted:
             os.unlink(path)
-        keep = {name.partition(".")[0] for name in os.listdir(self._stateDirectory("corrupt"))}
-        for name in os.listdir(data):
-            if name not in keep:
-                error = _unlinkQuietly(os.path.join(data, name))
-                if error is not None:
-                    self.log.error(
-                        "{queue_id}: recovery: could not remove {path}: {error}",
-                        queue_id=name,
-                        path=os.path.join(data, name),
-                        error=error,
-                    )
+        corrupt = self._stateDirectory(QueueState.CORRUPT)
+        keep = {name.partition(".")[0] for name in os.listdir(corrupt)}
+        for name in sorted(os.listdir(data)):
+            path = os.path.join(data, name)
+            if name in keep:
+                # Beside its envelope, for a human to look at.
+                aside = os.path.join(corrupt, name + ".data")
+                counter = 0
+                while os.path.lexists(aside):
+                    counter += 1
+                    aside = os.path.join(corrupt, f"{name}.data.{counter}")
+                os.rename(path, aside)
+                continue
+            error = _unlinkQuietly(path)
+            if error is not None:
+                self.log.error(
+                    "{queue_id}: recovery: could not remove {path}: {error}",
+                    queue_id=name,
+                    path=path,
+                    error=error,
+                )
+        fsyncDirectory(corrupt)
         try:
             os.rmdir(data)
-        except OSError:
-            pass  # data files of corrupt entries are left
+        except OSError as e:
+            self.log.error("recovery: could not remove {path}: {error}", path=data, error=e)
         fsyncDirectory(self.directory)
 
     def _writeConverted(self, record: QueueRecord, dataFile: str, state: str) -> None:

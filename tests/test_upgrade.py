@@ -60,8 +60,8 @@ class UpgradeTests(unittest.TestCase):
         Each message is a queue file in its state (active back in
         incoming; of the two copies a crash left, the newer); the message
         bytes and every field and recipient state are as the old relayd
-        wrote them; the old files are gone, except the corrupt entry and
-        the data it names.
+        wrote them; the old files are gone, except the corrupt entry, now
+        beside the data it names, and data/ itself is gone.
         """
         self.assertEqual(self.spool.entries("incoming"), sorted([IDS["incoming"], IDS["active"]]))
         self.assertEqual(self.spool.entries("deferred"), sorted([IDS["deferred"], IDS["twice"]]))
@@ -70,8 +70,10 @@ class UpgradeTests(unittest.TestCase):
             self.assertEqual([n for n in self.listing(state) if n.endswith(".json")], [], state)
         self.assertEqual(self.listing("active"), [])
         self.assertEqual(self.listing("tmp"), [])
-        self.assertEqual(self.listing("corrupt"), ["0BADJSON.json"])
-        self.assertEqual(self.listing("data"), ["0BADJSON"])
+        self.assertEqual(self.listing("corrupt"), ["0BADJSON.data", "0BADJSON.json"])
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "data")))
+        with open(os.path.join(self.directory, "corrupt", "0BADJSON.data"), "rb") as f:
+            self.assertEqual(f.read(), body("corrupt"))
 
         for name in ("active", "hold", "twice", "deferred"):
             self.assertEqual(self.spool.readData(IDS[name]), body(name), name)
@@ -125,6 +127,26 @@ class UpgradeTests(unittest.TestCase):
         }
         self.assertEqual(again, files)
         self.assertEqual([e for e in self.events if "convert" in e.get("log_format", "")], [])
+
+    @defer.inlineCallbacks
+    def test_crashBeforeCleanup(self) -> object:
+        """
+        A crash after a message's queue file was renamed into place but
+        before its old envelope and data were removed: the next start
+        keeps the queue file (which may be newer) and removes the old ones,
+        so the message is neither lost nor queued twice.
+        """
+        queueId = IDS["deferred"]
+        yield self.spool.stopService()
+        os.makedirs(os.path.join(self.directory, "data"))
+        shutil.copy(FIXTURE / "data" / queueId, os.path.join(self.directory, "data"))
+        shutil.copy(FIXTURE / "deferred" / f"{queueId}.json", os.path.join(self.directory, "hold"))
+        before = readRecord(os.path.join(self.directory, "deferred", queueId))
+        self.spool.startService()
+        self.assertEqual(self.listing("hold"), [IDS["hold"]])
+        self.assertEqual(self.spool.entries("deferred"), sorted([queueId, IDS["twice"]]))
+        self.assertEqual(self.spool.load(queueId)[0], before)
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "data")))
 
     def test_listedByRelayctl(self) -> None:
         """relayctl's readers list and show the converted messages."""
