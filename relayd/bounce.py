@@ -64,6 +64,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from relayd.queuefile import openRegion
+
 __all__ = [
     "RecipientStatus",
     "makeDSN",
@@ -242,6 +244,7 @@ def makeDSN(
     now: float,
     recipients: Sequence[RecipientStatus],
     originalPath: str,
+    originalSize: int | None = None,
     returnFull: bool = False,
     postmaster: str | None = None,
     maxOriginal: int = 10 * 1024 * 1024,
@@ -265,7 +268,10 @@ def makeDSN(
     @param now: the time of the report, for its C{Date}.
     @param recipients: the recipients to report on, in order; the others
         (delivered, still pending without delay notice) are left out.
-    @param originalPath: the spool data file of the original message.
+    @param originalPath: the spool queue file of the original message.
+    @param originalSize: the original's size: it is the first
+        C{originalSize} octets of C{originalPath} (L{relayd.queuefile});
+        None for the whole file.
     @param returnFull: include the whole original (C{RET=FULL}, RFC 3461
         section 4.3) instead of its header section; a message over
         C{maxOriginal} octets or with a line too long to be embedded gets
@@ -307,7 +313,12 @@ def makeDSN(
         raise ValueError("the report needs a recipient")
 
     allDelayed = all(r.action == "delayed" for r in recipients)
-    original, originalType, originalEncoding = _original(originalPath, returnFull, maxOriginal)
+    original, originalType, originalEncoding = _original(
+        originalPath,
+        os.path.getsize(originalPath) if originalSize is None else originalSize,
+        returnFull,
+        maxOriginal,
+    )
     text = _explanation(
         reportingMTA=reportingMTA,
         sender=sender,
@@ -614,15 +625,16 @@ def _describe(recipient: RecipientStatus) -> str:
     return text + "."
 
 
-def _original(path: str, returnFull: bool, maxOriginal: int) -> tuple[bytes, str, str]:
+def _original(path: str, size: int, returnFull: bool, maxOriginal: int) -> tuple[bytes, str, str]:
     """
-    Read what the report returns of the original message.
+    Read what the report returns of the original message, the first
+    C{size} octets of C{path}.
 
     @return: the body of the third part (CRLF line endings, ending with
         CRLF), its content type and its transfer encoding.
     """
-    if returnFull and os.path.getsize(path) <= maxOriginal:
-        with open(path, "rb") as f:
+    if returnFull and size <= maxOriginal:
+        with openRegion(path, size) as f:
             data = f.read(maxOriginal + 1)
         if len(data) <= maxOriginal:
             data = _crlf(data)
@@ -631,25 +643,26 @@ def _original(path: str, returnFull: bool, maxOriginal: int) -> tuple[bytes, str
             if all(len(line) <= MAX_LINE for line in data.split(b"\r\n")):
                 encoding = "7bit" if data.isascii() else "8bit"
                 return data, "message/rfc822", encoding
-    headers = _headerSection(path, MAX_HEADERS)
+    headers = _headerSection(path, size, MAX_HEADERS)
     if headers.isascii():
         return headers, "text/rfc822-headers", "7bit"
     return _quotedPrintable(headers), "text/rfc822-headers", "quoted-printable"
 
 
-def _headerSection(path: str, limit: int) -> bytes:
+def _headerSection(path: str, size: int, limit: int) -> bytes:
     """
     Read the header section of a message: every line up to the first empty
     one (RFC 5322 section 2.1), CRLF line endings, at most about C{limit}
-    octets (a message without a body separator is not read to its end).
+    octets (a message without a body separator is not read to its end),
+    from the first C{size} octets of C{path}.
     A line too long for the report is cut into continuation lines.
     """
     lines = []
-    size = 0
-    with open(path, "rb") as f:
-        while size < limit:
-            raw = f.readline(limit - size)
-            size += len(raw)
+    read = 0
+    with openRegion(path, size) as f:
+        while read < limit:
+            raw = f.readline(limit - read)
+            read += len(raw)
             line = raw.rstrip(b"\r\n")
             if not line:
                 break

@@ -48,6 +48,7 @@ from zope.interface import implementer
 
 import relayd.reply
 from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
+from relayd.queuefile import openRegion
 from relayd.routing import Hop
 from relayd.smtp.wire import DotStuffer
 
@@ -726,7 +727,8 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         most servers take in practice.
 
         @param sender: the reverse-path; C{""} for the null path C{<>}.
-        @param dataPath: the spool data file (CRLF line ends).
+        @param dataPath: the spool queue file (CRLF line ends); the message
+            is its first C{size} octets.
         @param size: its size in octets.
         @param eightBit: the message has octets above 127.
         @return: a L{Transaction}; never errbacks.
@@ -754,7 +756,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         t = self.timeouts
         mailAnswered = False
         try:
-            file = open(dataPath, "rb")
+            file = openRegion(dataPath, size)
         except OSError as e:
             reply = Reply.local(451, "4.3.0", f"cannot read queue file: {e.strerror}")
             return Transaction([reply] * len(recipients))

@@ -45,6 +45,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from relayd.config import CONTROL_SOCKET_NAME
+from relayd.queuefile import CorruptRecord, QueueRecord, openData, readRecord
 from relayd.spool import QUEUED_STATES, STATES
 
 __all__ = [
@@ -65,6 +66,8 @@ __all__ = [
     "findMessage",
     "countStates",
     "readMessage",
+    "showMessage",
+    "MessageNotFound",
     "matches",
     "summarize",
 ]
@@ -224,51 +227,49 @@ class Reload(amp.Command):
 # --- reading the spool (blocking; safe with or without the daemon) -------------
 
 
-def summarize(queueId: str, state: str, record: dict[str, Any]) -> dict[str, Any]:
+def summarize(queueId: str, state: str, record: QueueRecord | None) -> dict[str, Any]:
     """
     What C{relayctl queue list} shows of one message: the fields of its
-    envelope (see L{relayd.spool.envelopeRecord}) that tell where it
-    stands.  C{next_attempt} is None on hold; C{delivering} is filled in by
-    the daemon.
+    record (L{relayd.queuefile.QueueRecord}) that tell where it stands,
+    as JSON for the control socket.  C{next_attempt} is None on hold;
+    C{delivering} is filled in by the daemon.  With no record (it could
+    not be read) the fields are empty.
     """
+    if record is None:
+        record = QueueRecord(queueId=queueId, sender="", recipients=(), arrival=0.0, size=0)
+        arrival: float | None = None
+        size: int | None = None
+    else:
+        arrival, size = record.arrival, record.size
     return {
         "queue_id": queueId,
         "state": state,
         "delivering": False,
-        "size": record.get("size"),
-        "arrival": record.get("arrival"),
-        "sender": record.get("sender", ""),
-        "attempts": record.get("attempts", 0),
-        "next_attempt": None if state == "hold" else record.get("next_attempt"),
-        "user": record.get("user"),
-        "client": record.get("client"),
-        "listener": record.get("listener"),
+        "size": size,
+        "arrival": arrival,
+        "sender": record.sender,
+        "attempts": record.attempts,
+        "next_attempt": None if state == "hold" else record.nextAttempt,
+        "user": record.user,
+        "client": record.client or None,
+        "listener": record.listener or None,
         "recipients": [
             {
-                "address": r.get("address", ""),
-                "state": r.get("state", "pending"),
-                "attempts": r.get("attempts", 0),
-                "last_reply": r.get("last_reply"),
+                "address": r.address,
+                "state": r.state.value,
+                "attempts": r.attempts,
+                "last_reply": r.lastReply,
             }
-            for r in record.get("recipients", [])
-            if isinstance(r, dict)
+            for r in record.recipients
         ],
     }
 
 
-def _readRecord(path: str) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        record = json.loads(f.read())
-    if not isinstance(record, dict):
-        raise ValueError("envelope is not a JSON object")
-    return record
-
-
 def _queuedIds(directory: str) -> dict[str, str]:
     """
-    Every queued message's id and state.  An envelope found in C{active/}
-    and in another state (a crash inside L{relayd.spool.Spool.update}) is
-    in the other one, as startup recovery decides.
+    Every queued message's id and state.  A queue file listed in
+    C{active/} and in another state (the listing raced with a move) is in
+    the other one.
     """
     found: dict[str, str] = {}
     for state in QUEUED_STATES:
@@ -277,21 +278,19 @@ def _queuedIds(directory: str) -> dict[str, str]:
         except FileNotFoundError:
             continue
         for name in names:
-            queueId = name.removesuffix(".json")
-            if name.endswith(".json") and QUEUE_ID.match(queueId):
-                if found.get(queueId) in (None, "active"):
-                    found[queueId] = state
+            if QUEUE_ID.match(name) and found.get(name) in (None, "active"):
+                found[name] = state
     return found
 
 
-def findMessage(directory: str, queueId: str) -> tuple[str, dict[str, Any]] | None:
+def findMessage(directory: str, queueId: str) -> tuple[str, QueueRecord] | None:
     """
     Find a queued message in the spool at C{directory}.  Blocking; reads
     only.
 
-    @return: its state and envelope, or None when no queued state holds it.
-    @raise OSError: when the envelope is there but cannot be read.
-    @raise ValueError: when it is not valid JSON.
+    @return: its state and record, or None when no queued state holds it.
+    @raise OSError: when the queue file is there but cannot be read.
+    @raise ValueError: (L{CorruptRecord}) when it is not a sound queue file.
     """
     if not QUEUE_ID.match(queueId):
         return None
@@ -299,13 +298,13 @@ def findMessage(directory: str, queueId: str) -> tuple[str, dict[str, Any]] | No
         states = [
             state
             for state in QUEUED_STATES
-            if os.path.exists(os.path.join(directory, state, queueId + ".json"))
+            if os.path.exists(os.path.join(directory, state, queueId))
         ]
         if not states:
             return None
         state = next((s for s in states if s != "active"), states[0])
         try:
-            return state, _readRecord(os.path.join(directory, state, queueId + ".json"))
+            return state, readRecord(os.path.join(directory, state, queueId), queueId)
         except FileNotFoundError:
             continue  # moved on meanwhile: look again
     return None
@@ -319,7 +318,7 @@ def readQueue(
     (that is, by arrival), as L{summarize} gives them.  Blocking; reads only.
 
     The spool changes while it is read, so this is a snapshot of each
-    message, not of the whole queue at one instant.  An envelope that
+    message, not of the whole queue at one instant.  A queue file that
     cannot be read is listed with an C{error}.
 
     @param after: only messages whose queue id sorts after this one.
@@ -334,15 +333,19 @@ def readQueue(
     entries = []
     for queueId in ids:
         state = found[queueId]
+        record: QueueRecord | None
         try:
-            record = _readRecord(os.path.join(directory, state, queueId + ".json"))
+            record = readRecord(os.path.join(directory, state, queueId), queueId)
         except FileNotFoundError:
-            moved = findMessage(directory, queueId)
+            try:
+                moved = findMessage(directory, queueId)
+            except (OSError, ValueError):
+                moved = None
             if moved is None:
                 continue  # delivered or deleted meanwhile
             state, record = moved
         except (OSError, ValueError) as e:
-            entry = summarize(queueId, state, {})
+            entry = summarize(queueId, state, None)
             entry["error"] = f"unreadable envelope: {e}"
             entries.append(entry)
             continue
@@ -351,24 +354,25 @@ def readQueue(
 
 
 def countStates(directory: str) -> dict[str, int]:
-    """How many envelopes each state directory of the spool holds."""
-    counts = {}
+    """How many queue files each state directory of the spool holds."""
+    counts: dict[str, int] = {}
     for state in STATES:
         try:
             names = os.listdir(os.path.join(directory, state))
         except FileNotFoundError:
             names = []
-        counts[state] = sum(1 for name in names if ".json" in name)
+        counts[state.value] = len(names)
     return counts
 
 
 def readMessage(path: str, body: bool) -> bytes:
     """
-    A stored message as it is on disk: the whole of it with C{body}, else
-    its header section (up to and including the line end before the empty
-    line, at most L{HEADER_LIMIT} octets).
+    A stored message as it is on disk (the message of the queue file at
+    C{path}, L{relayd.queuefile.openData}): the whole of it with C{body},
+    else its header section (up to and including the line end before the
+    empty line, at most L{HEADER_LIMIT} octets).
     """
-    with open(path, "rb") as f:
+    with openData(path) as f:
         if body:
             return f.read()
         data = b""
@@ -383,6 +387,40 @@ def readMessage(path: str, body: bool) -> bytes:
             if data.startswith(b"\r\n"):
                 return b""
         return data[:HEADER_LIMIT]
+
+
+class MessageNotFound(Exception):
+    """L{showMessage}: what is wrong, in one line for relayctl."""
+
+
+def showMessage(directory: str, queueId: str, body: bool) -> dict[str, Any]:
+    """
+    What C{relayctl queue show} prints of a queued message: its
+    L{summarize} entry with the whole record as C{envelope}
+    (L{QueueRecord.toJSON}), and the message.  Blocking; reads only.
+
+    @raise MessageNotFound: when it is not in the queue or unreadable.
+    """
+    for _ in range(3):
+        try:
+            found = findMessage(directory, queueId)
+        except (OSError, ValueError) as e:
+            raise MessageNotFound(f"{queueId}: unreadable envelope: {e}") from None
+        if found is None:
+            raise MessageNotFound(f"{queueId}: no such message in the queue")
+        state, record = found
+        entry = summarize(queueId, state, record)
+        entry["envelope"] = record.toJSON()
+        try:
+            message = readMessage(os.path.join(directory, state, queueId), body)
+        except FileNotFoundError:
+            continue  # moved on meanwhile: look again
+        except CorruptRecord as e:
+            raise MessageNotFound(f"{queueId}: unreadable queue file: {e}") from None
+        except OSError as e:
+            raise MessageNotFound(f"{queueId}: cannot read the message: {e.strerror}") from None
+        return {"entry": entry, "message": message}
+    raise MessageNotFound(f"{queueId}: no such message in the queue")
 
 
 def matches(entry: dict[str, Any], sender: str | None, recipient: str | None) -> bool:
@@ -697,19 +735,9 @@ class ControlService(Service):
 
         def show() -> dict[str, Any]:
             try:
-                found = findMessage(directory, queueId)
-            except (OSError, ValueError) as e:
-                raise ControlError(f"{queueId}: unreadable envelope: {e}") from None
-            if found is None:
-                raise ControlError(f"{queueId}: no such message in the queue")
-            state, record = found
-            entry = summarize(queueId, state, record)
-            entry["envelope"] = record
-            try:
-                message = readMessage(os.path.join(directory, "data", queueId), body)
-            except OSError as e:
-                raise ControlError(f"{queueId}: cannot read the message: {e.strerror}") from None
-            return {"entry": entry, "message": message}
+                return showMessage(directory, queueId, body)
+            except MessageNotFound as e:
+                raise ControlError(str(e)) from None
 
         def mark(result: dict[str, Any]) -> dict[str, Any]:
             result["entry"]["delivering"] = self._delivering(queueId)
@@ -778,7 +806,7 @@ class ControlService(Service):
                 return "no such message in the queue", False
             state, record = found
             if when is None:
-                when = float(record.get("next_attempt") or self.reactor.seconds())
+                when = float(record.nextAttempt or self.reactor.seconds())
             if action == "hold":
                 if state == "hold":
                     return "already on hold", True
@@ -793,12 +821,12 @@ class ControlService(Service):
             if action == "release":
                 if state != "hold":
                     return f"not on hold ({state})", True
-                state = "deferred" if record.get("attempts") else "incoming"
+                state = "deferred" if record.attempts else "incoming"
                 await self.spool.move(queueId, "hold", state)
                 log.info("{queue_id}: released by relayctl", queue_id=queueId)
                 when = None
                 return "released", True
-            await self.spool.remove(queueId, state)
+            await self.spool.remove(queueId, state, durable=True)
             log.info("{queue_id}: deleted by relayctl (was {state})", queue_id=queueId, state=state)
             state = None
             return "deleted", True

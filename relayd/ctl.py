@@ -44,6 +44,7 @@ from relayd.control import (
     ControlClient,
     ControlClientError,
     ControlError,
+    MessageNotFound,
     NotRunning,
     QueueChange,
     QueueFlush,
@@ -51,11 +52,10 @@ from relayd.control import (
     QueueShow,
     Reload,
     Status,
-    findMessage,
-    readMessage,
     readQueue,
-    summarize,
+    showMessage,
 )
+from relayd.queuefile import QueueRecord
 from relayd.spool import QUEUED_STATES, STATES
 
 __all__ = ["main", "DEFAULT_CONFIG"]
@@ -271,8 +271,15 @@ def _entries(ctx: _Context) -> list[dict[str, Any]]:
 
 def _offline(ctx: _Context, why: Exception, read: Callable[[str], Any]) -> Any:
     spool = ctx.paths.spool
-    if not os.path.isdir(os.path.join(spool, "data")):
+    if not os.path.isdir(os.path.join(spool, "incoming")):
         raise _Failure(f"{why}, and {spool} holds no spool")
+    if os.path.isdir(os.path.join(spool, "data")):
+        # Queue files (relayd.queuefile) replaced data/ + <state>/<id>.json;
+        # relayd converts the spool at startup.
+        raise _Failure(
+            f"{why}, and {spool} has the spool layout of an older relayd: "
+            "start relayd once to convert it"
+        )
     ctx.out.error(f"{why}; reading the spool {spool} directly")
     try:
         return read(spool)
@@ -336,18 +343,9 @@ def _queueShow(ctx: _Context) -> None:
 
         def read(spool: str) -> dict[str, Any]:
             try:
-                found = findMessage(spool, queueId)
-            except ValueError as e:
-                raise _Failure(f"{queueId}: unreadable envelope: {e}") from None
-            if found is None:
-                raise _Failure(f"{queueId}: no such message in the queue")
-            state, record = found
-            entry = summarize(queueId, state, record)
-            entry["envelope"] = record
-            return {
-                "entry": entry,
-                "message": readMessage(os.path.join(spool, "data", queueId), body),
-            }
+                return showMessage(spool, queueId, body)
+            except MessageNotFound as e:
+                raise _Failure(str(e)) from None
 
         answer = _offline(ctx, e, read)
     else:
@@ -358,19 +356,19 @@ def _queueShow(ctx: _Context) -> None:
     if ctx.options.json:
         out.json(dict(entry, message=message.decode("utf-8", "replace")))
         return
-    envelope = entry["envelope"]
+    envelope = QueueRecord.fromJSON(entry["envelope"])
     state = entry["state"] + (", being delivered now" if entry.get("delivering") else "")
     out.line(f"queue id:   {queueId}")
     out.line(f"state:      {state}")
     out.line(f"arrival:    {_when(entry['arrival'])}")
-    out.line(f"size:       {entry['size']} octets ({envelope.get('body', '7BIT')})")
+    out.line(f"size:       {entry['size']} octets ({envelope.body})")
     out.line(f"sender:     <{entry['sender']}>")
-    received = f"from {envelope.get('client')}"
-    if envelope.get("helo"):
-        received += f" (EHLO {envelope['helo']})"
-    if envelope.get("user"):
-        received += f" as user {envelope['user']}"
-    out.line(f"received:   {received} on listener {envelope.get('listener')}")
+    received = f"from {envelope.client}"
+    if envelope.helo:
+        received += f" (EHLO {envelope.helo})"
+    if envelope.user:
+        received += f" as user {envelope.user}"
+    out.line(f"received:   {received} on listener {envelope.listener}")
     out.line(f"attempts:   {entry['attempts']}, next {_when(entry['next_attempt'])}")
     for r in entry["recipients"]:
         line = f"recipient:  {r['address']} {r['state']}, {_plural(r['attempts'], 'attempt')}"

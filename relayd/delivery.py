@@ -63,6 +63,7 @@ from relayd.client import (
     SMTPClient,
     Transaction,
 )
+from relayd.queuefile import openRegion
 from relayd.routing import Destination, Hop
 
 __all__ = ["RecipientResult", "AttemptResult", "Deliverer", "loadTrustRoot"]
@@ -148,9 +149,12 @@ def _status(reply: Reply) -> str:
     return "deferred"
 
 
-def _hasEightBit(path: str) -> bool:
-    """True when the message has an octet above 127 (RFC 6152 8BITMIME)."""
-    with open(path, "rb") as f:
+def _hasEightBit(path: str, size: int) -> bool:
+    """
+    True when the message (the first C{size} octets of C{path}) has an
+    octet above 127 (RFC 6152 8BITMIME).
+    """
+    with openRegion(path, size) as f:
         while chunk := f.read(CHUNK_SIZE):
             if not chunk.isascii():
                 return True
@@ -268,12 +272,14 @@ class Deliverer:
         queueId: str | None = None,
     ) -> Deferred[AttemptResult]:
         """
-        Make one attempt to deliver the message in C{dataPath}.
+        Make one attempt to deliver the message in C{dataPath}: its first
+        C{size} octets (the rest of a queue file is its record,
+        L{relayd.queuefile}).
 
         @param sender: the reverse-path; C{""} is the null reverse-path
             (C{MAIL FROM:<>}, RFC 5321 section 4.5.5) of a bounce.
         @param recipients: all for this destination; one transaction.
-        @param size: the size of C{dataPath}, for C{SIZE=} (RFC 1870).
+        @param size: the size of the message, for C{SIZE=} (RFC 1870).
         @param queueId: for the log lines about this attempt.
         @return: a Deferred that always fires with an L{AttemptResult},
             never an error.
@@ -334,7 +340,7 @@ class Deliverer:
         if not recipients:
             return AttemptResult([], None, None)
         try:
-            eightBit = _hasEightBit(dataPath)
+            eightBit = _hasEightBit(dataPath, size)
         except OSError as e:
             reply = Reply.local(451, "4.3.0", f"cannot read queue file: {e.strerror}")
             return self._result(recipients, reply, None, None)

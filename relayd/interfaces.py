@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from relayd.address import Address
     from relayd.envelope import Envelope, Message, Session
+    from relayd.queuefile import QueueRecord
     from relayd.spool import IncomingMessage
 
 __all__ = [
@@ -326,10 +327,11 @@ class ISpool(Interface):
         under C{tmp/}).  Removing it with C{discard()} leaves no trace.
         """
 
-    def commit(incoming: IncomingMessage, envelope: dict[str, Any]) -> Deferred[str]:
+    def commit(incoming: IncomingMessage, envelope: QueueRecord) -> Deferred[str]:
         """
-        Make the message durable: fsync data and JSON envelope, rename into
-        the queue, fsync the directories, all off the reactor thread.
+        Make the message durable: append the envelope record to the
+        message, fsync the file, rename it into the queue, fsync the
+        directory, all off the reactor thread.
         Return a Deferred that fires with the queue id once it is durable,
         or fails (then nothing of the message is left in the queue).
         """

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 import random as randomModule
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -44,13 +45,12 @@ from relayd.bounce import RecipientStatus, makeDSN, shouldBounce
 from relayd.delivery import RecipientResult
 from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.routing import RoutingError
+from relayd.queuefile import QueueRecord, QueueState, RecipientRecord, RecipientState
 from relayd.spool import arrivalFromQueueId, envelopeRecord
 
 __all__ = ["Scheduler", "backoff"]
 
 log = Logger(namespace="relayd.qmgr")
-
-FINAL = ("delivered", "failed")
 
 
 def backoff(attempts: int, initial: float, maximum: float, rng: randomModule.Random) -> float:
@@ -120,7 +120,7 @@ class Scheduler(Service):
         self._running = False
         self._ready: Deferred[None] | None = None
         # Envelopes newer than their copy on disk: outcomes not yet durable.
-        self._unrecorded: dict[str, dict[str, Any]] = {}
+        self._unrecorded: dict[str, QueueRecord] = {}
         # Spool failures in a row, per message: how far the next try backs off.
         self._troubles: dict[str, int] = {}
         # Taken out of the schedule by an operator (withdraw) and not yet back.
@@ -233,7 +233,7 @@ class Scheduler(Service):
         """
         return len(self._troubles)
 
-    def _queued(self, queueId: str, record: dict[str, Any] | None) -> None:
+    def _queued(self, queueId: str, record: QueueRecord | None) -> None:
         """The spool committed a new message: attempt it now."""
         self._schedule(queueId, "incoming", self.clock.seconds())
         self._kick()
@@ -394,7 +394,7 @@ class Scheduler(Service):
         when = self.clock.seconds()
         try:
             record = yield self.spool.read(queueId, state)
-            when = float(record.get("next_attempt") or when)
+            when = float(record.nextAttempt or when)
         except Exception:
             pass  # try it now; the attempt says what is wrong with it
         if (
@@ -550,7 +550,7 @@ class Scheduler(Service):
         self._schedule(queueId, state, self.clock.seconds() + delay)
 
     def _unrecordable(
-        self, queueId: str, record: dict[str, Any], operation: str, error: Exception, when: float,
+        self, queueId: str, record: QueueRecord, operation: str, error: Exception, when: float,
     ) -> None:
         """
         The outcomes of an attempt could not be written (a full or
@@ -576,22 +576,27 @@ class Scheduler(Service):
         self._schedule(queueId, "active", when)
 
     @inlineCallbacks
-    def _deliver(self, queueId: str, record: dict[str, Any]) -> Any:
-        waiting = [r for r in record["recipients"] if r["state"] not in FINAL]
-        if waiting:
-            yield self._send(queueId, record, waiting)
+    def _deliver(self, queueId: str, record: QueueRecord) -> Any:
+        if record.waiting():
+            record = yield self._send(queueId, record)
         yield self._record(queueId, record)
 
     @inlineCallbacks
-    def _send(self, queueId: str, record: dict[str, Any], waiting: list[dict[str, Any]]) -> Any:
-        """Deliver to the C{waiting} recipients; note their outcomes in C{record}."""
-        sender = record["sender"]
+    def _send(self, queueId: str, record: QueueRecord) -> Any:
+        """
+        Deliver to the recipients still waiting.
+
+        @return: a Deferred firing with the new record: their outcomes,
+            the attempt counted, and the next attempt if some are left.
+        """
+        sender = record.sender
+        waiting = record.waiting()
         outcomes: dict[str, tuple[RecipientResult, Any]] = {}
 
         byDomain: dict[str, list[str]] = {}
         for r in waiting:
-            domain = r["address"].rpartition("@")[2].lower() or self.hostname.lower()
-            byDomain.setdefault(domain, []).append(r["address"])
+            domain = r.address.rpartition("@")[2].lower() or self.hostname.lower()
+            byDomain.setdefault(domain, []).append(r.address)
 
         groups: dict[str, tuple[Any, list[str]]] = {}
         for domain, addresses in byDomain.items():
@@ -615,8 +620,8 @@ class Scheduler(Service):
                 destination,
                 sender,
                 addresses,
-                self.spool.dataPath(queueId),
-                record.get("size", 0),
+                self.spool.queueFile(queueId, QueueState.ACTIVE),
+                record.size,
                 queueId=queueId,
             )
             calls.append(d)
@@ -629,41 +634,46 @@ class Scheduler(Service):
                 outcomes[r.recipient] = (r, result)
 
         now = self.clock.seconds()
-        record["attempts"] = record.get("attempts", 0) + 1
-        expired = now - record["arrival"] >= self.lifetime
+        expired = now - record.arrival >= self.lifetime
+        recipients = list(record.recipients)
         newlyFailed = []
-        for r in waiting:
-            outcome = outcomes.get(r["address"])
+        for index, r in enumerate(recipients):
+            if r.state.final:
+                continue
+            outcome = outcomes.get(r.address)
             if outcome is None:
                 # No answer at all (deliverer crashed): try again later.
-                result = RecipientResult(r["address"], "deferred", 451, "4.3.0", "internal error", None)
+                result = RecipientResult(r.address, "deferred", 451, "4.3.0", "internal error", None)
                 attempt = None
             else:
                 result, attempt = outcome
-            reply = f"{result.code} {result.enhanced} {result.text}".strip()
-            r["last_reply"] = reply
-            r["status"] = result.enhanced
-            r["remote"] = result.remoteHost
-            r["attempts"] = r.get("attempts", 0) + 1
-            r["last_attempt"] = now
-            if result.status == "deferred" and expired:
-                r["state"] = "failed"
-                r["expired"] = True
-            else:
-                r["state"] = result.status
-            self._logRecipient(queueId, r, result, attempt, now - record["arrival"], expired)
-            if r["state"] == "failed":
-                newlyFailed.append(r)
+            expiring = result.status == "deferred" and expired
+            r = recipients[index] = replace(
+                r,
+                lastReply=f"{result.code} {result.enhanced} {result.text}".strip(),
+                status=result.enhanced,
+                remote=result.remoteHost,
+                attempts=r.attempts + 1,
+                lastAttempt=now,
+                state=RecipientState.FAILED if expiring else RecipientState(result.status),
+                expired=expiring,
+            )
+            self._logRecipient(queueId, r, result, attempt, now - record.arrival, expired)
+            if r.state == RecipientState.FAILED:
+                newlyFailed.append(index)
+        record = replace(record, attempts=record.attempts + 1, recipients=tuple(recipients))
 
         if newlyFailed:
             try:
-                yield self._bounce(queueId, record, newlyFailed, "failed", now)
+                yield self._bounce(queueId, record, [recipients[i] for i in newlyFailed], "failed", now)
             except Exception as e:
                 # Never final without a durable DSN: they stay queued, and
                 # the next attempt bounces them again.
-                for r in newlyFailed:
-                    r["state"] = "deferred"
-                    r.pop("expired", None)
+                for i in newlyFailed:
+                    recipients[i] = replace(
+                        recipients[i], state=RecipientState.DEFERRED, expired=False
+                    )
+                record = record.withRecipients(recipients)
                 self.metrics.spoolError("bounce")
                 log.error(
                     "{queue_id}: cannot queue the non-delivery notice: {error}; "
@@ -672,12 +682,12 @@ class Scheduler(Service):
                     error=e,
                     count=len(newlyFailed),
                 )
-        stillWaiting = [r for r in record["recipients"] if r["state"] not in FINAL]
+        stillWaiting = record.waiting()
         if (
             stillWaiting
             and self.delayWarning > 0
-            and not record.get("delay_warned")
-            and now - record["arrival"] >= self.delayWarning
+            and not record.delayWarned
+            and now - record.arrival >= self.delayWarning
         ):
             try:
                 yield self._bounce(queueId, record, stillWaiting, "delayed", now)
@@ -689,23 +699,24 @@ class Scheduler(Service):
                     error=e,
                 )
             else:
-                record["delay_warned"] = True
+                record = replace(record, delayWarned=True)
         if stillWaiting:
-            when = now + backoff(record["attempts"], self.retryInitial, self.retryMax, self.random)
-            when = min(when, record["arrival"] + self.lifetime) if not expired else when
-            record["next_attempt"] = when
+            when = now + backoff(record.attempts, self.retryInitial, self.retryMax, self.random)
+            when = min(when, record.arrival + self.lifetime) if not expired else when
+            record = replace(record, nextAttempt=when)
+        return record
 
     @inlineCallbacks
-    def _record(self, queueId: str, record: dict[str, Any]) -> Any:
+    def _record(self, queueId: str, record: QueueRecord) -> Any:
         """
         Write the outcomes durably: the envelope to deferred/ while some
         recipients are left, else the message out of the spool.  When the
         spool refuses, L{_unrecordable} keeps them in memory.
         """
-        stillWaiting = [r for r in record["recipients"] if r["state"] not in FINAL]
+        stillWaiting = record.waiting()
         now = self.clock.seconds()
         if stillWaiting:
-            when = float(record.get("next_attempt") or now)
+            when = float(record.nextAttempt or now)
             try:
                 yield self.spool.update(queueId, "active", record, "deferred")
             except Exception as e:
@@ -730,12 +741,16 @@ class Scheduler(Service):
             log.info("{queue_id}: removed", queue_id=queueId)
 
     def _logRecipient(
-        self, queueId: str, r: dict[str, Any], result: RecipientResult, attempt: Any,
+        self, queueId: str, r: RecipientRecord, result: RecipientResult, attempt: Any,
         delay: float, expired: bool,
     ) -> None:
         hop = getattr(attempt, "hop", None)
         relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop is not None else "none"
-        status = {"delivered": "sent", "failed": "bounced", "deferred": "deferred"}[r["state"]]
+        status = {
+            RecipientState.DELIVERED: "sent",
+            RecipientState.FAILED: "bounced",
+            RecipientState.DEFERRED: "deferred",
+        }[r.state]
         tls = getattr(attempt, "tls", None)
         # With the hop's TLS mode "verify" a session only gets this far
         # once the certificate matched the host name (relayd.client).
@@ -744,7 +759,7 @@ class Scheduler(Service):
             "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, tls={tls}{tls_trust}, "
             "status={status} ({reply}){expired}",
             queue_id=queueId,
-            to=r["address"],
+            to=r.address,
             relay=relay,
             relay_host=getattr(hop, "host", None),
             relay_address=getattr(hop, "address", None),
@@ -756,16 +771,16 @@ class Scheduler(Service):
             status=status,
             code=result.code,
             enhanced=result.enhanced,
-            reply=r["last_reply"],
+            reply=r.lastReply,
             remote_host=result.remoteHost,
-            attempts=r.get("attempts"),
-            expired=" (delivery time expired)" if expired and r.get("expired") else "",
+            attempts=r.attempts,
+            expired=" (delivery time expired)" if expired and r.expired else "",
         )
         self.metrics.deliveryAttempt(status, delay if status == "sent" else None)
 
     @inlineCallbacks
     def _bounce(
-        self, queueId: str, record: dict[str, Any], recipients: list[dict[str, Any]],
+        self, queueId: str, record: QueueRecord, recipients: list[RecipientRecord],
         action: str, now: float,
     ) -> Any:
         """
@@ -774,7 +789,7 @@ class Scheduler(Service):
         the null sender.  The DSN is durable before the caller records the
         recipients as final, so a crash can repeat a DSN but not lose one.
         """
-        sender = record["sender"]
+        sender = record.sender
         target = sender if shouldBounce(sender) else self.postmaster
         if not target:
             log.warn(
@@ -785,19 +800,19 @@ class Scheduler(Service):
             return
         statuses = []
         for r in recipients:
-            enhanced = r.get("status") or ("4.4.7" if action == "delayed" else "5.0.0")
-            if r.get("expired"):
+            enhanced = r.status or ("4.4.7" if action == "delayed" else "5.0.0")
+            if r.expired:
                 enhanced = "4.4.7"  # RFC 3463: delivery time expired
             if action == "delayed" and not enhanced.startswith("4."):
                 enhanced = "4.0.0"
             statuses.append(
                 RecipientStatus(
-                    address=r["address"],
+                    address=r.address,
                     action=action,
                     status=enhanced,
-                    remoteMTA=r.get("remote"),
-                    diagnostic=r.get("last_reply") if r.get("remote") else None,
-                    lastAttempt=r.get("last_attempt"),
+                    remoteMTA=r.remote,
+                    diagnostic=r.lastReply if r.remote else None,
+                    lastAttempt=r.lastAttempt,
                 )
             )
         # Reads the original's headers from disk: not on the reactor thread.
@@ -806,10 +821,11 @@ class Scheduler(Service):
             reportingMTA=self.hostname,
             queueId=queueId,
             sender=sender,
-            arrival=record["arrival"],
+            arrival=record.arrival,
             now=now,
             recipients=statuses,
-            originalPath=self.spool.dataPath(queueId),
+            originalPath=self.spool.queueFile(queueId, QueueState.ACTIVE),
+            originalSize=record.size,
             postmaster=None if shouldBounce(sender) else target,
         )
         dsnRecord = envelopeRecord(

@@ -2,43 +2,74 @@
 """
 The durable queue between receiving and sending (DESIGN.md section 5).
 
-One message is a data file plus a JSON envelope, the I{commit record}::
+One message is one I{queue file} (L{relayd.queuefile}): the message's
+bytes followed by its typed envelope record, L{QueueRecord}, as Postfix's
+queue file holds envelope and content together::
 
-    <spool>/tmp/<id>            message being received
-    <spool>/tmp/<id>.json       envelope being written
-    <spool>/data/<id>           the message bytes, for as long as it is queued
-    <spool>/<state>/<id>.json   the envelope; <state> is one of incoming,
-                                active, deferred, hold, corrupt
+    <spool>/tmp/<id>       message being received (records follow at commit)
+    <spool>/<state>/<id>   the queue file; <state> is one of incoming,
+                           active, deferred, hold, corrupt
 
-The data file never moves once it is in C{data/}; only the envelope moves
-between the state directories, each time by a single C{rename}, so a message
-is always in exactly one state and a crash can never leave it in two or in
-none.
+A message moves between the state directories by a single C{rename} of its
+one file, so it is always in exactly one state and a crash can never leave
+it in two or in none.
 
-A message gets its SMTP C{250} only after L{Spool.commit} fires, and commit
-fires only after the data file, the envelope and both directory entries have
-been fsync'd.  Everything that can block runs in the spool's own thread pool,
-never on the reactor thread.  Messages that finish at the same time share
-one directory fsync each (group commit), which is what keeps throughput up
-on disks where fsync costs milliseconds.
+Commit protocol (L{Spool.commit}), before the SMTP C{250}:
 
-Crash safety comes from the order of operations: the data file is renamed
-into C{data/} (and C{data/} fsync'd) before its envelope appears in
-C{incoming/}.  A crash before the envelope's rename is durable leaves either
-files in C{tmp/} or a data file without envelope; startup recovery removes
-both, and the client, which never got its C{250}, sends the message again.
+  1. the message is written to C{tmp/<id>} as it arrives (page cache only);
+  2. in the spool's thread pool the record and the footer are appended and
+     the file is fsync'd: the I{one} fsync of this message;
+  3. C{tmp/<id>} is renamed to C{incoming/<id>};
+  4. C{incoming/} is fsync'd, once for every message of the batch (group
+     commit: messages that finish together share it), and only then does
+     the commit fire.
+
+Crash safety, step by step: before 3, only C{tmp/} holds the message, and
+startup recovery removes everything there; the client never got its C{250}
+and sends again.  Between 3 and 4 the file is complete (it was fsync'd
+before the rename), so whether or not the rename survives, what is in
+C{incoming/} is a whole message: either it is delivered, or it is gone and
+the client, which got no C{250}, sends it again.  This is the ordering
+rule of chasquid's safeio and of Postfix's queue files: write, fsync,
+rename, fsync the directory.
+
+The previous layout (version 1: C{data/<id>} plus C{<state>/<id>.json})
+needed two file fsyncs and two directory fsyncs per message.
+
+Delivery (L{Spool.update}): after an attempt that leaves recipients to try
+again, the queue file is written anew with the new record (the message
+copied in the kernel by C{copy_file_range}), fsync'd, renamed over the
+one in C{active/}, then renamed into C{deferred/}, and both directories
+fsync'd: at every instant one complete queue file exists, in one state.
+Messages delivered at the first attempt, the common case, are never
+rewritten.  Moves (to C{active/} for an attempt, to and from C{hold/}) are
+single renames.
+
+Removal of a delivered or bounced message (L{Spool.remove}) is one
+C{unlink} and no directory fsync: a crash that loses the unlink brings the
+message back, to be delivered once more, which at-least-once delivery
+allows (Postfix does the same).  Only an operator's delete is fsync'd.
+
+Everything that can block runs in the spool's own thread pool, never on
+the reactor thread.  Receiving processes (L{relayd.receivers}) only create
+files in C{tmp/} and rename them into C{incoming/}; the queue manager
+alone moves, rewrites and removes.
+
+Upgrade: startup recovery converts a spool of the previous layout, each
+message to a queue file in the same state (C{active} returns to
+C{incoming} as always), keeping every recipient's state; see L{_recover}.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import re
 import secrets
 import shutil
 import time
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -51,6 +82,15 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from relayd.interfaces import ISpool
+from relayd.queuefile import (
+    QUEUED_STATES,
+    CorruptRecord,
+    QueueRecord,
+    QueueState,
+    encodeTrailer,
+    readData,
+    readRecord,
+)
 from relayd.safeio import fsyncDirectory
 
 __all__ = [
@@ -61,13 +101,11 @@ __all__ = [
     "envelopeRecord",
     "arrivalFromQueueId",
     "STATES",
+    "QUEUED_STATES",
 ]
 
-STATES = ("incoming", "active", "deferred", "hold", "corrupt")
-"""The directories an envelope can be in, one at a time."""
-
-QUEUED_STATES = ("incoming", "active", "deferred", "hold")
-"""The states of a message that is still to be delivered (see L{Spool.load})."""
+STATES = tuple(QueueState)
+"""The directories a queue file can be in, one at a time."""
 
 REFRESH_INTERVAL = 5.0
 """Seconds between two refreshes of the cached free-space figure."""
@@ -131,13 +169,10 @@ def envelopeRecord(
     helo: str | None,
     user: str | None,
     listener: str,
-) -> dict[str, Any]:
+) -> QueueRecord:
     """
-    Build the JSON envelope of a newly received message.
-
-    The delivery side rewrites this record as recipients change state, so
-    every recipient carries its own state, attempt count, next attempt time
-    and last reply.
+    Build the envelope record of a newly received message (see
+    L{QueueRecord.new}): every recipient pending, due at once.
 
     @param queueId: the message's queue id.
     @param sender: the reverse-path, C{""} for the null sender.
@@ -149,32 +184,10 @@ def envelopeRecord(
     @param helo: the EHLO/HELO name, or None.
     @param user: the authenticated user, or None.
     @param listener: the name of the listener that received the message.
-    @return: a JSON-serialisable dict, C{"version": 1}.
     """
-    return {
-        "version": 1,
-        "queue_id": queueId,
-        "sender": str(sender),
-        "recipients": [
-            {
-                "address": str(address),
-                "state": "pending",
-                "attempts": 0,
-                "next_attempt": None,
-                "last_reply": None,
-            }
-            for address in recipients
-        ],
-        "arrival": arrival,
-        "size": size,
-        "body": body,
-        "client": client,
-        "helo": helo,
-        "user": user,
-        "listener": listener,
-        "attempts": 0,
-        "next_attempt": arrival,
-    }
+    return QueueRecord.new(
+        queueId, sender, recipients, arrival, size, body, client, helo, user, listener
+    )
 
 
 def _writeAll(fd: int, data: bytes) -> None:
@@ -183,6 +196,35 @@ def _writeAll(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _copy(source: int, target: int, length: int) -> None:
+    """
+    Copy C{length} octets from the current position of descriptor
+    C{source} to descriptor C{target}, in the kernel when it can
+    (C{copy_file_range}).
+
+    @raise OSError: C{EIO} when C{source} ends before C{length} octets.
+    """
+    left = length
+    kernel = hasattr(os, "copy_file_range")
+    while left > 0:
+        copied = 0
+        if kernel:
+            try:
+                copied = os.copy_file_range(source, target, left)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                kernel = False
+                continue
+        else:
+            chunk = os.read(source, min(left, _WRITE_BUFFER))
+            _writeAll(target, chunk)
+            copied = len(chunk)
+        if copied == 0:
+            raise OSError(errno.EIO, f"queue file shorter than its record says ({left} missing)")
+        left -= copied
 
 
 def _unlinkQuietly(path: str) -> OSError | None:
@@ -294,25 +336,24 @@ class _PendingCommit:
     One message between L{Spool.commit} and the firing of its Deferred.
 
     @ivar incoming: the message.
-    @ivar payload: the serialised envelope.
+    @ivar record: its envelope record.
+    @ivar trailer: what is appended to the message: the serialised record
+        and the footer (L{relayd.queuefile.encodeTrailer}).
     @ivar deferred: fires with the queue id once the message is durable.
-    @ivar tmpData: C{tmp/<id>}.
-    @ivar tmpEnvelope: C{tmp/<id>.json}.
-    @ivar dataPath: C{data/<id>}.
-    @ivar envelopePath: C{incoming/<id>.json}.
+    @ivar tmpPath: C{tmp/<id>}.
+    @ivar queuePath: C{incoming/<id>}.
     """
 
-    def __init__(self, spool: Spool, incoming: IncomingMessage, payload: bytes):
-        queueId = incoming.queueId
-        self.queueId = queueId
+    def __init__(
+        self, spool: Spool, incoming: IncomingMessage, record: QueueRecord, trailer: bytes
+    ) -> None:
+        self.queueId = incoming.queueId
         self.incoming = incoming
-        self.payload = payload
+        self.record = record
+        self.trailer = trailer
         self.deferred: Deferred[str] = Deferred()
-        self.record: dict[str, Any] | None = None
-        self.tmpData = incoming.path
-        self.tmpEnvelope = os.path.join(spool._tmp, queueId + ".json")
-        self.dataPath = os.path.join(spool._data, queueId)
-        self.envelopePath = os.path.join(spool._incoming, queueId + ".json")
+        self.tmpPath = incoming.path
+        self.queuePath = os.path.join(spool._incoming, incoming.queueId)
 
 
 @implementer(ISpool)
@@ -357,7 +398,6 @@ class Spool(Service):
         self._reactor = reactor
         self._threads = threads
         self._tmp = os.path.join(self.directory, "tmp")
-        self._data = os.path.join(self.directory, "data")
         self._incoming = os.path.join(self.directory, "incoming")
         self._pool: ThreadPool | None = None
         self._refreshLoop: LoopingCall | None = None
@@ -384,7 +424,7 @@ class Spool(Service):
         os.makedirs(self.directory, mode=_DIRECTORY_MODE, exist_ok=True)
         if not self.receiver:
             self._lock()
-            for name in ("tmp", "data") + STATES:
+            for name in ("tmp", *STATES):
                 os.makedirs(os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True)
             fsyncDirectory(self.directory)
             self._recover()
@@ -553,19 +593,19 @@ class Spool(Service):
 
     # Commit
 
-    def commit(self, incoming: IncomingMessage, record: dict[str, Any]) -> Deferred[str]:
+    def commit(self, incoming: IncomingMessage, record: QueueRecord) -> Deferred[str]:
         """
         Make the message durable and put it in C{incoming/}.
 
-        The envelope is serialised now, on the calling thread, so later
-        changes to C{record} do not race with the pool.  From here on the
-        spool owns C{incoming}.
+        The record is serialised now, on the calling thread; its C{size}
+        is set to what was written of the message.  From here on the spool
+        owns C{incoming}.
 
         @param incoming: the message, as returned by L{openMessage}.
-        @param record: its envelope, see L{envelopeRecord}; its
-            C{queue_id} must be C{incoming.queueId}.
-        @return: a Deferred firing with the queue id once data, envelope and
-            both directory entries are on disk, or failing (typically with
+        @param record: its envelope, see L{envelopeRecord}; its C{queueId}
+            must be C{incoming.queueId}.
+        @return: a Deferred firing with the queue id once the queue file
+            and its directory entry are on disk, or failing (typically with
             an L{OSError}) with nothing of the message left in the spool.
         """
         queueId = incoming.queueId
@@ -574,17 +614,18 @@ class Spool(Service):
         if not self._accepting:
             incoming.discard()
             return fail(SpoolStopped())
-        if record.get("queue_id") != queueId:
+        if not isinstance(record, QueueRecord) or record.queueId != queueId:
             incoming.discard()
             return fail(ValueError(f"envelope is not for message {queueId}"))
         try:
-            payload = (json.dumps(record, sort_keys=True) + "\n").encode("ascii")
+            if record.size != incoming.size:
+                record = replace(record, size=incoming.size)
+            trailer = encodeTrailer(record, incoming.size)
         except Exception:
             incoming.discard()
             return fail()
         incoming._committing = True
-        pending = _PendingCommit(self, incoming, payload)
-        pending.record = record
+        pending = _PendingCommit(self, incoming, record, trailer)
         self._busy += 1
         d = self._inPool(self._prepare, pending)
         d.addCallbacks(
@@ -594,41 +635,32 @@ class Spool(Service):
 
     def _prepare(self, pending: _PendingCommit) -> None:
         """
-        In the pool: make the data file and the envelope durable under
-        C{tmp/}.  On failure remove both and re-raise.
+        In the pool: append the record to the message and fsync the file,
+        once.  On failure remove it and re-raise.
         """
         try:
             file = pending.incoming._file
             if pending.incoming._header is not None:
                 file.flush()
                 file.close()
-                self._rewriteHeader(pending.tmpData, *pending.incoming._header)
+                self._rewriteHeader(pending.tmpPath, *pending.incoming._header, pending.trailer)
             else:
+                file.write(pending.trailer)
                 file.flush()
                 os.fsync(file.fileno())
                 file.close()
-            fd = os.open(
-                pending.tmpEnvelope,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                _FILE_MODE,
-            )
-            try:
-                _writeAll(fd, pending.payload)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         except BaseException:
             pending.incoming._closeQuietly()
-            self._removeFromThread(pending, pending.tmpData, pending.tmpEnvelope)
+            self._removeFromThread(pending, pending.tmpPath)
             raise
 
     @staticmethod
-    def _rewriteHeader(path: str, header: bytes, bodyOffset: int) -> None:
+    def _rewriteHeader(path: str, header: bytes, bodyOffset: int, trailer: bytes) -> None:
         """
-        In the pool: write C{header} and the body of C{path} (from
-        C{bodyOffset}) to a new file, fsync it and rename it over C{path}.
-        The directory is fsynced by the batch that renames the file into
-        C{data/}.
+        In the pool: write C{header}, the body of C{path} (from
+        C{bodyOffset}) and C{trailer} to a new file, fsync it and rename it
+        over C{path}.  The directory is fsync'd by the batch that renames
+        the file into C{incoming/}.
         """
         new = path + ".rw"
         fd = os.open(
@@ -640,6 +672,7 @@ class Spool(Service):
                 old.seek(bodyOffset)
                 while chunk := old.read(_WRITE_BUFFER):
                     _writeAll(fd, chunk)
+            _writeAll(fd, trailer)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -679,8 +712,8 @@ class Spool(Service):
 
     def _runBatch(self, batch: list[_PendingCommit]) -> list[Failure | None]:
         """
-        In the pool: rename the data files into C{data/}, fsync it once,
-        rename the envelopes into C{incoming/}, fsync it once.
+        In the pool: rename each queue file into C{incoming/}, then fsync
+        C{incoming/} once for all of them.
 
         Each message's failure is caught and cleaned up on its own; only a
         failed directory fsync fails every message that depended on it.
@@ -689,50 +722,26 @@ class Spool(Service):
             L{Failure} it failed with.
         """
         results: dict[int, Failure | None] = {}
-
-        moved = []
+        committed = []
         for index, pending in enumerate(batch):
             try:
-                os.rename(pending.tmpData, pending.dataPath)
+                os.rename(pending.tmpPath, pending.queuePath)
             except Exception:
                 results[index] = Failure()
-                self._removeFromThread(pending, pending.tmpData, pending.tmpEnvelope)
-            else:
-                moved.append(index)
-        if moved:
-            try:
-                fsyncDirectory(self._data)
-            except Exception:
-                failure = Failure()
-                for index in moved:
-                    results[index] = failure
-                    pending = batch[index]
-                    self._removeFromThread(pending, pending.dataPath, pending.tmpEnvelope)
-                moved = []
-
-        committed = []
-        for index in moved:
-            pending = batch[index]
-            try:
-                os.rename(pending.tmpEnvelope, pending.envelopePath)
-            except Exception:
-                results[index] = Failure()
-                self._removeFromThread(pending, pending.tmpEnvelope, pending.dataPath)
+                self._removeFromThread(pending, pending.tmpPath)
             else:
                 committed.append(index)
         if committed:
             try:
                 fsyncDirectory(self._incoming)
             except Exception:
-                # The envelopes may or may not be on disk.  The client gets
-                # a temporary failure, so take them out again (envelope
-                # first: a crash in between leaves only orphan data).
+                # The entries may or may not be on disk.  The client gets a
+                # temporary failure, so take them out again.
                 failure = Failure()
                 for index in committed:
                     results[index] = failure
                     pending = batch[index]
-                    self._removeFromThread(pending, pending.envelopePath, pending.dataPath)
-
+                    self._removeFromThread(pending, pending.queuePath)
         return [results.get(index) for index in range(len(batch))]
 
     def _removeFromThread(self, pending: _PendingCommit, *paths: str) -> None:
@@ -769,7 +778,7 @@ class Spool(Service):
         try:
             if failure is None:
                 if self._freeBytes is not None:
-                    self._freeBytes -= pending.incoming.size + len(pending.payload)
+                    self._freeBytes -= pending.incoming.size + len(pending.trailer)
                 self.log.info(
                     "{queue_id}: durable in incoming ({size} octets)",
                     queue_id=pending.queueId,
@@ -791,18 +800,18 @@ class Spool(Service):
 
     def _recover(self) -> None:
         """
-        Clean up after the previous run (blocking, called at startup):
+        Clean up after the previous run (blocking, called at startup,
+        before any receiver exists):
 
           - everything in C{tmp/} is an unfinished message: remove it;
-          - envelopes left in C{active/} were being delivered: put them back
-            in C{incoming/};
-          - an envelope that does not parse, is not for the id it is named
-            after, or whose data file is missing goes to C{corrupt/};
-          - a data file without an envelope anywhere was never committed:
-            remove it.
+          - a spool of the previous layout is converted (L{_convert});
+          - queue files left in C{active/} were being delivered: put them
+            back in C{incoming/};
+          - a queue file that cannot be read, or whose record is not for
+            the id it is named after, goes to C{corrupt/}.
         """
         for entry in os.scandir(self._tmp):
-            queueId = entry.name.removesuffix(".json")
+            queueId = entry.name.partition(".")[0]
             try:
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path)
@@ -822,85 +831,165 @@ class Spool(Service):
                     name=entry.name,
                 )
 
-        active = os.path.join(self.directory, "active")
-        for name in sorted(os.listdir(active)):
-            if not name.endswith(".json"):
-                continue
-            newer = [
-                state
-                for state in ("incoming", "deferred", "hold")
-                if os.path.exists(os.path.join(self.directory, state, name))
-            ]
-            if newer:
-                # A crash inside update(..., newState) after the new
-                # envelope was renamed into place: that one is newer.
-                os.unlink(os.path.join(active, name))
-                self.log.info(
-                    "{queue_id}: recovery: dropped stale copy in active (kept {state})",
-                    queue_id=name.removesuffix(".json"),
-                    state=newer[0],
-                )
-                continue
-            os.rename(os.path.join(active, name), os.path.join(self._incoming, name))
-            self.log.info(
-                "{queue_id}: recovery: returned from active to incoming",
-                queue_id=name.removesuffix(".json"),
-            )
+        self._convert()
 
-        known: set[str] = set()
+        active = self._stateDirectory(QueueState.ACTIVE)
+        for name in sorted(os.listdir(active)):
+            if not _QUEUE_ID.match(name):
+                continue  # moved to corrupt below
+            os.rename(os.path.join(active, name), os.path.join(self._incoming, name))
+            self.log.info("{queue_id}: recovery: returned from active to incoming", queue_id=name)
+
         for state in QUEUED_STATES:
-            stateDirectory = os.path.join(self.directory, state)
+            stateDirectory = self._stateDirectory(state)
             for name in sorted(os.listdir(stateDirectory)):
-                queueId = name.removesuffix(".json")
-                path = os.path.join(stateDirectory, name)
-                problem = self._checkEnvelope(name, path)
-                if problem is None:
-                    known.add(queueId)
-                else:
+                problem = self._checkQueueFile(name, os.path.join(stateDirectory, name))
+                if problem is not None:
                     self._moveToCorrupt(state, name, problem)
 
-        corrupt = os.path.join(self.directory, "corrupt")
-        for name in os.listdir(corrupt):
-            # "<id>.json", or "<id>.json.<n>" when moved aside more than once.
-            known.add(name.partition(".")[0])
-
-        for name in sorted(os.listdir(self._data)):
-            if name in known or not _QUEUE_ID.match(name):
-                continue
-            error = _unlinkQuietly(os.path.join(self._data, name))
-            if error is None:
-                self.log.info(
-                    "{queue_id}: recovery: removed data of uncommitted message",
-                    queue_id=name,
-                )
-            else:
-                self.log.error(
-                    "{queue_id}: recovery: could not remove orphan data: {error}",
-                    queue_id=name,
-                    error=error,
-                )
-
-        for name in ("tmp", "data") + STATES:
+        for name in ("tmp", *STATES):
             fsyncDirectory(os.path.join(self.directory, name))
 
-    def _checkEnvelope(self, name: str, path: str) -> str | None:
+    def _stateDirectory(self, state: str) -> str:
+        return os.path.join(self.directory, state)
+
+    def _convert(self) -> None:
         """
-        Check one envelope file found at startup.
+        Convert a spool of the previous layout (version 1: the message in
+        C{data/<id>}, its envelope in C{<state>/<id>.json}) to queue files,
+        each in the state its envelope was in (C{active} to C{incoming}),
+        with every recipient's state kept.  Blocking; part of L{_recover}.
+
+        Each message is copied to a new queue file in C{tmp/}, fsync'd and
+        renamed into its state; only when those directories are fsync'd
+        are the old envelope and data file removed.  A crash at any point
+        leaves either the old files (converted again on the next start) or
+        the new queue file (the old ones are then removed as leftovers).
+        The version-1 rule for an envelope found both in C{active/} and in
+        another state (a crash inside an update) holds: the other one wins.
+        An envelope that cannot be read, or has no data file, goes to
+        C{corrupt/} as before, and the data file it names to
+        C{corrupt/<id>.data} beside it, for a human to look at; other data
+        files (never committed) are removed, and then C{data/} itself.
+        """
+        data = os.path.join(self.directory, "data")
+        if not os.path.isdir(data):
+            return
+        converted = []
+        for state in QUEUED_STATES:
+            directory = self._stateDirectory(state)
+            for name in sorted(os.listdir(directory)):
+                if not name.endswith(".json"):
+                    continue
+                queueId = name.removesuffix(".json")
+                path = os.path.join(directory, name)
+                if not _QUEUE_ID.match(queueId):
+                    self._moveToCorrupt(state, name, "unexpected file name")
+                    continue
+                done = [s for s in QUEUED_STATES if os.path.exists(self._queuePath(s, queueId))]
+                newer = [
+                    s
+                    for s in QUEUED_STATES
+                    if s != QueueState.ACTIVE
+                    and os.path.exists(os.path.join(self._stateDirectory(s), name))
+                ]
+                if done or (state == QueueState.ACTIVE and newer):
+                    # Converted before a crash; or the stale copy of a
+                    # version-1 update (the newer state's envelope counts).
+                    os.unlink(path)
+                    continue
+                try:
+                    with open(path, "rb") as f:
+                        record = QueueRecord.decode(f.read())
+                    if record.queueId != queueId:
+                        raise CorruptRecord("envelope is not for this queue id")
+                except (OSError, CorruptRecord) as e:
+                    self._moveToCorrupt(state, name, f"unreadable envelope: {e}")
+                    continue
+                target = QueueState.INCOMING if state == QueueState.ACTIVE else state
+                try:
+                    self._writeConverted(record, os.path.join(data, queueId), target)
+                except FileNotFoundError:
+                    self._moveToCorrupt(state, name, "data file is missing")
+                    continue
+                converted.append(path)
+                self.log.info(
+                    "{queue_id}: recovery: converted from the version 1 spool layout "
+                    "({state} to {target})",
+                    queue_id=queueId,
+                    state=state,
+                    target=target,
+                )
+        for state in STATES:
+            fsyncDirectory(self._stateDirectory(state))
+        for path in converted:
+            os.unlink(path)
+        corrupt = self._stateDirectory(QueueState.CORRUPT)
+        keep = {name.partition(".")[0] for name in os.listdir(corrupt)}
+        for name in sorted(os.listdir(data)):
+            path = os.path.join(data, name)
+            if name in keep:
+                # Beside its envelope, for a human to look at.
+                aside = os.path.join(corrupt, name + ".data")
+                counter = 0
+                while os.path.lexists(aside):
+                    counter += 1
+                    aside = os.path.join(corrupt, f"{name}.data.{counter}")
+                os.rename(path, aside)
+                continue
+            error = _unlinkQuietly(path)
+            if error is not None:
+                self.log.error(
+                    "{queue_id}: recovery: could not remove {path}: {error}",
+                    queue_id=name,
+                    path=path,
+                    error=error,
+                )
+        fsyncDirectory(corrupt)
+        try:
+            os.rmdir(data)
+        except OSError as e:
+            self.log.error("recovery: could not remove {path}: {error}", path=data, error=e)
+        fsyncDirectory(self.directory)
+
+    def _writeConverted(self, record: QueueRecord, dataFile: str, state: str) -> None:
+        """
+        Write the queue file of a version-1 message from its C{record} and
+        C{dataFile}: copy, fsync, rename into C{state}.
+
+        @raise FileNotFoundError: when C{dataFile} is missing.
+        """
+        tmp = os.path.join(self._tmp, record.queueId)
+        with open(dataFile, "rb") as source:
+            size = os.fstat(source.fileno()).st_size
+            record = replace(record, size=size)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), _FILE_MODE
+            )
+            try:
+                try:
+                    _copy(source.fileno(), fd, size)
+                    _writeAll(fd, encodeTrailer(record, size))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, self._queuePath(state, record.queueId))
+            except BaseException:
+                _unlinkQuietly(tmp)
+                raise
+
+    def _checkQueueFile(self, name: str, path: str) -> str | None:
+        """
+        Check one queue file found at startup.
 
         @return: None when it is sound, else what is wrong with it.
         """
-        queueId = name.removesuffix(".json")
-        if not name.endswith(".json") or not _QUEUE_ID.match(queueId):
+        if not _QUEUE_ID.match(name):
             return "unexpected file name"
         try:
-            with open(path, "rb") as f:
-                record = json.loads(f.read())
-        except (OSError, ValueError) as e:
-            return f"unreadable envelope: {e}"
-        if not isinstance(record, dict) or record.get("queue_id") != queueId:
-            return "envelope is not for this queue id"
-        if not os.path.isfile(os.path.join(self._data, queueId)):
-            return "data file is missing"
+            readRecord(path, name)
+        except (OSError, CorruptRecord) as e:
+            return f"unreadable queue file: {e}"
         return None
 
     def _moveToCorrupt(self, state: str, name: str, problem: str) -> None:
@@ -908,7 +997,7 @@ class Spool(Service):
         Move C{<state>/<name>} to C{corrupt/} for a human to look at,
         without overwriting an earlier corrupt entry of the same name.
         """
-        corrupt = os.path.join(self.directory, "corrupt")
+        corrupt = self._stateDirectory(QueueState.CORRUPT)
         target = os.path.join(corrupt, name)
         counter = 0
         while os.path.lexists(target):
@@ -917,31 +1006,38 @@ class Spool(Service):
         os.rename(os.path.join(self.directory, state, name), target)
         self.log.error(
             "{queue_id}: recovery: moved from {state} to corrupt: {problem}",
-            queue_id=name.removesuffix(".json"),
+            queue_id=name.partition(".")[0],
             state=state,
             problem=problem,
         )
 
     # Tooling
 
-    def load(self, queueId: str) -> tuple[dict[str, Any], str]:
+    def load(self, queueId: str) -> tuple[QueueRecord, str]:
         """
         Find a queued message.  Blocking; for tests and tooling.
 
-        @return: its envelope and the path of its data file.
+        @return: its record and the path of its queue file.
         @raise KeyError: when no queued state holds C{queueId}.
         """
         if not _QUEUE_ID.match(queueId):
             raise KeyError(queueId)
         for state in QUEUED_STATES:
-            path = os.path.join(self.directory, state, queueId + ".json")
+            path = self._queuePath(state, queueId)
             try:
-                with open(path, "rb") as f:
-                    record = json.loads(f.read())
+                return readRecord(path, queueId), path
             except FileNotFoundError:
                 continue
-            return record, os.path.join(self._data, queueId)
         raise KeyError(queueId)
+
+    def readData(self, queueId: str) -> bytes:
+        """
+        The message bytes of a queued message.  Blocking; for tests and
+        tooling.
+
+        @raise KeyError: when no queued state holds C{queueId}.
+        """
+        return readData(self.load(queueId)[1])
 
     def entries(self, state: str = "incoming") -> list[str]:
         """
@@ -954,9 +1050,7 @@ class Spool(Service):
         if state not in STATES:
             raise ValueError(f"unknown spool state {state!r}")
         return sorted(
-            name.removesuffix(".json")
-            for name in os.listdir(os.path.join(self.directory, state))
-            if name.endswith(".json")
+            name for name in os.listdir(self._stateDirectory(state)) if _QUEUE_ID.match(name)
         )
 
     # The delivery side (DESIGN section 5): the scheduler's view of the spool.
@@ -965,7 +1059,8 @@ class Spool(Service):
         """
         Call C{observer(queueId, record)} on the reactor thread each time a
         message has become durable in C{incoming/}, so the scheduler can
-        attempt it at once instead of waiting for a sweep.
+        attempt it at once instead of waiting for a sweep.  C{record} is
+        the L{QueueRecord}, or None for a receiver's message.
         """
         self._observers.append(observer)
 
@@ -977,23 +1072,25 @@ class Spool(Service):
         """
         self._notifyQueued(queueId, None)
 
-    def _notifyQueued(self, queueId: str, record: dict[str, Any] | None) -> None:
+    def _notifyQueued(self, queueId: str, record: QueueRecord | None) -> None:
         for observer in self._observers:
             try:
                 observer(queueId, record)
             except Exception:
                 self.log.failure("{queue_id}: queue observer failed", queue_id=queueId)
 
-    def _envelopePath(self, state: str, queueId: str) -> str:
+    def _queuePath(self, state: str, queueId: str) -> str:
         if state not in STATES or not _QUEUE_ID.match(queueId):
             raise ValueError(f"bad spool entry {state}/{queueId}")
-        return os.path.join(self.directory, state, queueId + ".json")
+        return os.path.join(self.directory, state, queueId)
 
-    def dataPath(self, queueId: str) -> str:
-        """Where the bytes of C{queueId} live (they never move)."""
-        if not _QUEUE_ID.match(queueId):
-            raise ValueError(f"not a queue id: {queueId!r}")
-        return os.path.join(self._data, queueId)
+    def queueFile(self, queueId: str, state: str) -> str:
+        """
+        The path of the queue file of C{queueId} in C{state}; its message
+        is read with L{relayd.queuefile.openData} (it is the first
+        C{record.size} octets).
+        """
+        return self._queuePath(state, queueId)
 
     def _tracked(self, f: Any, *args: Any) -> Deferred[Any]:
         """Run C{f} in the pool, counted so L{stopService} waits for it."""
@@ -1008,16 +1105,15 @@ class Spool(Service):
 
         return d.addBoth(done)
 
-    def read(self, queueId: str, state: str) -> Deferred[dict[str, Any]]:
-        """Read the envelope of C{queueId} in C{state}, in the pool."""
-        path = self._envelopePath(state, queueId)
+    def read(self, queueId: str, state: str) -> Deferred[QueueRecord]:
+        """
+        Read the record of C{queueId} in C{state}, in the pool.
 
-        def read() -> dict[str, Any]:
-            with open(path, "rb") as f:
-                record: dict[str, Any] = json.loads(f.read())
-            return record
-
-        return self._tracked(read)
+        @return: a Deferred failing with L{FileNotFoundError} when it is
+            not there, L{CorruptRecord} when it cannot be read as one.
+        """
+        path = self._queuePath(state, queueId)
+        return self._tracked(readRecord, path, queueId)
 
     def scan(self) -> Deferred[list[tuple[str, str, float]]]:
         """
@@ -1029,34 +1125,32 @@ class Spool(Service):
         def scan() -> list[tuple[str, str, float]]:
             found = []
             for state in QUEUED_STATES:
-                directory = os.path.join(self.directory, state)
+                directory = self._stateDirectory(state)
                 for name in os.listdir(directory):
-                    if not name.endswith(".json"):
+                    if not _QUEUE_ID.match(name):
                         continue
-                    queueId = name[:-5]
+                    if state == QueueState.HOLD:
+                        found.append((name, state.value, float("inf")))
+                        continue
                     try:
-                        with open(os.path.join(directory, name), "rb") as f:
-                            record = json.loads(f.read())
-                        when = float(record.get("next_attempt") or 0)
-                    except (OSError, ValueError, TypeError):
+                        record = readRecord(os.path.join(directory, name), name)
+                    except (OSError, CorruptRecord):
                         continue
-                    if state == "hold":
-                        when = float("inf")
-                    found.append((queueId, state, when))
+                    found.append((name, state.value, float(record.nextAttempt or 0)))
             return found
 
         return self._tracked(scan)
 
     def listQueued(self) -> Deferred[tuple[dict[str, list[str]], list[tuple[str, str]]]]:
         """
-        In the pool: which queued states hold an envelope of which queue id,
-        from a listing of the directories (names only: no envelope is
+        In the pool: which queued states hold a queue file of which queue
+        id, from a listing of the directories (names only: no file is
         opened), for the scheduler's sweep to find what its index lost.
 
         @return: a Deferred firing with the states of each queue id (two
-            only while a move is under way, or after one failed half-way),
-            and C{(state, error)} for each directory that could not be
-            listed: reported, not fatal.
+            only when a listing raced with a move), and C{(state, error)}
+            for each directory that could not be listed: reported, not
+            fatal.
         """
 
         def listQueued() -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
@@ -1064,72 +1158,74 @@ class Spool(Service):
             problems = []
             for state in QUEUED_STATES:
                 try:
-                    names = os.listdir(os.path.join(self.directory, state))
+                    names = os.listdir(self._stateDirectory(state))
                 except OSError as e:
-                    problems.append((state, str(e)))
+                    problems.append((state.value, str(e)))
                     continue
                 for name in names:
-                    queueId = name.removesuffix(".json")
-                    if name.endswith(".json") and _QUEUE_ID.match(queueId):
-                        found.setdefault(queueId, []).append(state)
+                    if _QUEUE_ID.match(name):
+                        found.setdefault(name, []).append(state.value)
             return found, problems
 
         return self._tracked(listQueued)
 
     def update(
-        self, queueId: str, state: str, record: dict[str, Any], newState: str | None = None
+        self, queueId: str, state: str, record: QueueRecord, newState: str | None = None
     ) -> Deferred[None]:
         """
-        Durably replace the envelope of C{queueId} (now in C{state}) with
-        C{record}, moving it to C{newState} if given: write and fsync a new
-        file in C{tmp/}, rename it over the old one (or into the new state,
-        then remove the old), fsync the directories.  At every instant one
-        complete envelope exists: the old or the new.  (During a move a
-        crash can leave both; recovery keeps the newer state's, see
-        L{_recover}: so moves with a new record only ever leave C{active}.)
-        When the old envelope is already gone (a retry after a failure
-        that came after its removal), the move is done, not an error.
+        Durably replace the record of C{queueId} (now in C{state}) with
+        C{record}, moving it to C{newState} if given: write a new queue
+        file in C{tmp/} (the message copied from the old one, then the new
+        record), fsync it, rename it over the old one, rename that into
+        C{newState}, fsync the directories.  Each step is one rename, so
+        at every instant one complete queue file exists, in one state.
+        When a previous try already moved it to C{newState} (and failed
+        after), it is rewritten there.
 
         The record is serialised now, on the calling thread.
         """
-        payload = (json.dumps(record, sort_keys=True) + "\n").encode("ascii")
-        old = self._envelopePath(state, queueId)
-        new = self._envelopePath(newState or state, queueId)
-        tmp = os.path.join(self._tmp, f"{queueId}.json.{secrets.token_hex(4)}")
+        if record.queueId != queueId:
+            return fail(ValueError(f"record is not for message {queueId}"))
+        trailer = encodeTrailer(record, record.size)
+        old = self._queuePath(state, queueId)
+        new = self._queuePath(newState or state, queueId)
+        tmp = os.path.join(self._tmp, f"{queueId}.{secrets.token_hex(4)}")
 
         def update() -> None:
+            source = old
+            if new != old and not os.path.exists(old) and os.path.exists(new):
+                source = new
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), _FILE_MODE
             )
             try:
                 try:
-                    _writeAll(fd, payload)
+                    with open(source, "rb") as f:
+                        _copy(f.fileno(), fd, record.size)
+                    _writeAll(fd, trailer)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                os.rename(tmp, new)
+                os.rename(tmp, source)
             except BaseException:
                 _unlinkQuietly(tmp)
                 raise
-            fsyncDirectory(os.path.dirname(new))
-            if new != old:
-                try:
-                    os.unlink(old)
-                except FileNotFoundError:
-                    pass
-                fsyncDirectory(os.path.dirname(old))
+            if source != new:
+                os.rename(source, new)
+                fsyncDirectory(os.path.dirname(new))
+            fsyncDirectory(os.path.dirname(source))
 
         return self._tracked(update)
 
     def move(self, queueId: str, state: str, newState: str, durable: bool = True) -> Deferred[None]:
         """
-        Move the envelope of C{queueId} between states with one rename.
-        With C{durable=False} the directory is not fsync'd: for moves whose
-        loss a crash may undo harmlessly (incoming to active: recovery puts
-        active back into incoming anyway).
+        Move the queue file of C{queueId} between states with one rename.
+        With C{durable=False} the directories are not fsync'd: for moves
+        whose loss a crash may undo harmlessly (incoming to active:
+        recovery puts active back into incoming anyway).
         """
-        old = self._envelopePath(state, queueId)
-        new = self._envelopePath(newState, queueId)
+        old = self._queuePath(state, queueId)
+        new = self._queuePath(newState, queueId)
 
         def move() -> None:
             os.rename(old, new)
@@ -1139,32 +1235,37 @@ class Spool(Service):
 
         return self._tracked(move)
 
-    def remove(self, queueId: str, state: str) -> Deferred[None]:
+    def remove(self, queueId: str, state: str, durable: bool = False) -> Deferred[None]:
         """
         Remove a message that has left the queue for good (delivered,
-        bounced, or deleted by an operator): envelope first (the commit
-        point), then the data; a crash in between leaves orphan data that
-        recovery deletes.
+        bounced, or deleted by an operator): one unlink.
+
+        @param durable: fsync the directory too.  Not for delivered mail: a
+            crash that loses the unlink brings the message back and it is
+            delivered again, a duplicate, which at-least-once delivery
+            allows (DESIGN section 5; Postfix does not fsync removals
+            either).  An operator's delete is durable: mail deleted on
+            purpose must not come back.
         """
-        envelope = self._envelopePath(state, queueId)
-        data = self.dataPath(queueId)
+        path = self._queuePath(state, queueId)
 
         def remove() -> None:
-            os.unlink(envelope)
-            fsyncDirectory(os.path.dirname(envelope))
-            _unlinkQuietly(data)
+            os.unlink(path)
+            if durable:
+                fsyncDirectory(os.path.dirname(path))
 
         return self._tracked(remove)
 
-    def submit(self, record: dict[str, Any], data: bytes) -> Deferred[str]:
+    def submit(self, record: QueueRecord, data: bytes) -> Deferred[str]:
         """
         Queue a message relayd makes itself (a DSN): same durability as
-        mail received over SMTP.  C{record["queue_id"]} is filled in.
+        mail received over SMTP.  The record's C{queueId} and C{size} are
+        filled in.
 
         @return: a Deferred firing with the new queue id once durable.
         """
         queueId = self.newQueueId()
-        record = dict(record, queue_id=queueId)
+        record = replace(record, queueId=queueId, size=len(data))
         try:
             incoming = self.openMessage(queueId)
             incoming.write(data)

@@ -247,8 +247,7 @@ class RecipientTests(AccessTestCase):
         code, lines = yield deferToThread(dialogue)
         self.assertEqual(code, 250, lines)
         [queueId] = self.relayd.spool.entries("incoming")
-        with open(self.relayd.spool.dataPath(queueId), "rb") as f:
-            stored = f.read()
+        stored = self.relayd.spool.readData(queueId)
         self.assertTrue(stored.endswith(body))
         received, _ = Headers.parse(stored[: -len(body)] + b"\r\n")
         self.assertEqual([f.name for f in received], ["Received"])

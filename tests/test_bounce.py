@@ -25,6 +25,7 @@ from relayd.bounce import (
     makeDSN,
     shouldBounce,
 )
+from relayd.queuefile import QueueRecord, encodeTrailer
 
 ORIGINAL = (
     b"Received: from client.example (client.example [192.0.2.1])\r\n"
@@ -639,6 +640,35 @@ def test_recipientLineBreakRefused() -> None:
         RecipientStatus("bob@example.net\r\nX: y", "failed", "5.1.1")
     with pytest.raises(ValueError):
         RecipientStatus("bob@example.net", "failed", "5.1.1", "mx\nX: y")
+
+
+def test_originalFromQueueFile(tmp_path: Path) -> None:
+    """
+    From a spool queue file (the message, then its record) with
+    C{originalSize}, the report returns the message and nothing of the
+    record, whole or headers only.
+    """
+    record = QueueRecord.new(
+        "0A1B2C3D",
+        "alice@example.org",
+        ["bob@example.net"],
+        ARRIVAL,
+        len(ORIGINAL),
+        "7BIT",
+        "192.0.2.1",
+        None,
+        None,
+        "relay",
+    )
+    path = tmp_path / "0A1B2C3D"
+    path.write_bytes(ORIGINAL + encodeTrailer(record, len(ORIGINAL)))
+    full = dsn(path, originalSize=len(ORIGINAL), returnFull=True)
+    enclosed = parts(parse(full))[2].get_payload()[0]
+    assert enclosed.as_bytes(policy=email.policy.SMTP).endswith(ORIGINAL.split(b"\r\n\r\n", 1)[1])
+    assert b"RQF2" not in full and b"queue_id" not in full
+    headers = dsn(path, originalSize=len(ORIGINAL))
+    assert b"RQF2" not in headers and b"queue_id" not in headers
+    assert parts(parse(headers))[2].get_content_type() == "text/rfc822-headers"
 
 
 def test_headerSectionBounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

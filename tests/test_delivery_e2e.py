@@ -195,7 +195,7 @@ class MXTests(DeliveryTestCase):
         yield self.send(["r@example.net"])
         yield self.waitFor(lambda: self.relayd.spool.entries("deferred"))
         record, _ = self.relayd.spool.load(self.relayd.spool.entries("deferred")[0])
-        self.assertIn("4.4.3", record["recipients"][0]["last_reply"])
+        self.assertIn("4.4.3", record.recipients[0].lastReply)
         self.dns.setServfail("example.net", False)
         yield self.waitFor(lambda: self.sinks["127.0.0.2"].messages)
         self.assertEqual(self.dsns(), [])
@@ -210,7 +210,7 @@ class MXTests(DeliveryTestCase):
         yield self.waitFor(lambda: self.relayd.spool.entries("deferred"))
         queueId = self.relayd.spool.entries("deferred")[0]
         record, _ = self.relayd.spool.load(queueId)
-        self.assertIn("greylisted", record["recipients"][0]["last_reply"])
+        self.assertIn("greylisted", record.recipients[0].lastReply)
         sink.rcptReply = {}
         yield self.waitFor(lambda: sink.messages)
         yield self.waitFor(lambda: self.spoolCount() == 0)

@@ -62,7 +62,7 @@ class FullSpoolMixin:
 
     def leftovers(self):
         found = {}
-        for state in ("tmp", "data", "incoming"):
+        for state in ("tmp", "incoming"):
             found[state] = os.listdir(os.path.join(self.spoolDir, state))
         return found
 
@@ -74,12 +74,12 @@ class FullDiskTests(FullSpoolMixin, unittest.TestCase):
         code, lines = yield deferToThread(self.send, big)
         self.assertIn(code, (451, 452))
         self.assertIn(lines[0][:5], ("4.3.0", "4.3.1"))
-        self.assertEqual(self.leftovers(), {"tmp": [], "data": [], "incoming": []})
+        self.assertEqual(self.leftovers(), {"tmp": [], "incoming": []})
         # Space is back: the next, small message is accepted and durable.
         code, lines = yield deferToThread(self.send, b"Subject: small\r\n\r\nok\r\n")
         self.assertEqual(code, 250, lines)
         queueId = lines[0].split()[-1]
-        self.assertEqual(self.leftovers()["incoming"], [queueId + ".json"])
+        self.assertEqual(self.leftovers()["incoming"], [queueId])
 
 
 class ReserveTests(FullSpoolMixin, unittest.TestCase):

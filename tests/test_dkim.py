@@ -165,8 +165,7 @@ class DKIMTestCase(unittest.TestCase):
     def stored(self, queueId):
         spool = self.relayd.spool
         record, _ = spool.load(queueId)
-        with open(spool.dataPath(queueId), "rb") as f:
-            return f.read(), record
+        return spool.readData(queueId), record
 
     def verify(self, data, index=0):
         """Verify signature C{index} (0: the top one) of C{data}, in a thread."""
@@ -401,7 +400,7 @@ class HeadersThenDKIMTests(DKIMTestCase):
         yield deferToThread(submit)
         [queueId] = self.relayd.spool.entries("incoming")
         data, record = self.stored(queueId)
-        self.assertEqual(record["sender"], "alice@example.com")
+        self.assertEqual(record.sender, "alice@example.com")
         headers, _ = Headers.parse(data)
         names = [f.name for f in headers]
         self.assertEqual(

@@ -23,7 +23,6 @@ fixture's teardown whatever happens.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 import re
@@ -41,8 +40,11 @@ from typing import Any
 
 import pytest
 
+from relayd.queuefile import readData, readRecord
 from relayd.spool import QUEUED_STATES
 from relayd.testing import SMTPClient, TestSetup
+
+QUEUE_ID = re.compile(r"^[0-9A-Z]{1,64}$")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -427,35 +429,32 @@ def checkSpool(spool: Path, traffic: Traffic) -> tuple[list[str], dict[str, int]
     if listing["corrupt"]:
         problems.append(f"corrupt/ not empty: {listing['corrupt']}")
 
+    if listing["data"]:
+        problems.append(f"data/ of the old layout not empty: {listing['data']}")
+
     envelopes: dict[str, tuple[str, Any]] = {}
     for state in QUEUED_STATES:
         for name in listing[state]:
-            queueId = name.removesuffix(".json")
-            if not name.endswith(".json"):
+            queueId = name
+            if not QUEUE_ID.match(name):
                 problems.append(f"unexpected file {state}/{name}")
                 continue
             if queueId in envelopes:
                 problems.append(f"{queueId} in two states: {envelopes[queueId][0]} and {state}")
             try:
-                record = json.loads((spool / state / name).read_bytes())
-            except ValueError as e:
-                problems.append(f"{state}/{name} is not JSON: {e}")
-                record = None
+                record = readRecord(str(spool / state / name), queueId)
+            except (OSError, ValueError) as e:
+                problems.append(f"{state}/{name} is not a sound queue file: {e}")
+                continue
             envelopes[queueId] = (state, record)
-
-    dataIds = set(listing["data"])
-    for queueId in sorted(dataIds - set(envelopes)):
-        problems.append(f"data/{queueId} has no envelope")
-    for queueId in sorted(set(envelopes) - dataIds):
-        problems.append(f"{envelopes[queueId][0]}/{queueId}.json has no data file")
 
     byToken = {m.token: m for m in traffic.messages}
     found: dict[str, str] = {}  # token -> queue id
     lostReplies = 0
-    for queueId in sorted(set(envelopes) & dataIds):
+    for queueId in sorted(envelopes):
         state, record = envelopes[queueId]
-        where = f"{state}/{queueId}.json + data/{queueId}"
-        data = (spool / "data" / queueId).read_bytes()
+        where = f"{state}/{queueId}"
+        data = readData(str(spool / state / queueId))
         try:
             received, body = splitReceived(data)
         except ValueError as e:
@@ -497,8 +496,6 @@ def checkSpool(spool: Path, traffic: Traffic) -> tuple[list[str], dict[str, int]
                 f"{common}: stored {body[common : common + 60]!r} "
                 f"sent {message.body[common : common + 60]!r}"
             )
-        if not isinstance(record, dict):
-            continue
         expected = {
             "queue_id": queueId,
             "sender": message.sender,
@@ -507,8 +504,14 @@ def checkSpool(spool: Path, traffic: Traffic) -> tuple[list[str], dict[str, int]
             "body": "8BITMIME" if message.eightBit else "7BIT",
             "listener": "relay",
         }
-        actual = dict(record)
-        actual["recipients"] = [r.get("address") for r in record.get("recipients", [])]
+        actual = {
+            "queue_id": record.queueId,
+            "sender": record.sender,
+            "recipients": [r.address for r in record.recipients],
+            "size": record.size,
+            "body": record.body.value,
+            "listener": record.listener,
+        }
         for key, value in expected.items():
             if actual.get(key) != value:
                 problems.append(
@@ -520,8 +523,7 @@ def checkSpool(spool: Path, traffic: Traffic) -> tuple[list[str], dict[str, int]
             queueId = message.queueId
             problems.append(
                 f"LOST: {message.token} got '{message.reply}' but is not in the spool "
-                f"(envelope in {[s for s in listing if f'{queueId}.json' in listing[s]]}, "
-                f"data {'present' if queueId in dataIds else 'absent'})"
+                f"(listed in {[s for s in listing if queueId in listing[s]]})"
             )
 
     counts = {

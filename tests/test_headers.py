@@ -85,8 +85,7 @@ class HeadersTestCase(unittest.TestCase):
         if queueId is None:
             [queueId] = spool.entries("incoming")
         record, _ = spool.load(queueId)
-        with open(spool.dataPath(queueId), "rb") as f:
-            return f.read(), record
+        return spool.readData(queueId), record
 
     def splitTrace(self, data, queueId):
         """
@@ -334,7 +333,7 @@ class MasqueradeTests(HeadersTestCase):
             b"\r\n"
             b"From: alice@host.example.com in the body\r\n",
         )
-        self.assertEqual(record["sender"], "alice@example.com")
+        self.assertEqual(record.sender, "alice@example.com")
 
     @defer.inlineCallbacks
     def test_exceptionAndOtherDomains(self):
@@ -350,7 +349,7 @@ class MasqueradeTests(HeadersTestCase):
             (fourth, ""),
         ]:
             data, record = self.stored(queueId)
-            self.assertEqual(record["sender"], sender)
+            self.assertEqual(record.sender, sender)
 
 
 class PrivacyTests(HeadersTestCase):
@@ -386,7 +385,7 @@ class PrivacyTests(HeadersTestCase):
         self.assertEqual(rest, message.replace(b"User-Agent: Mutt\r\n", b""))
         for secret in (b"127.0.0.1", b"laptop.private.test", b"TLS", b"cipher"):
             self.assertNotIn(secret, data)
-        self.assertEqual(record["client"], "127.0.0.1")
+        self.assertEqual(record.client, "127.0.0.1")
 
     @defer.inlineCallbacks
     def test_unauthenticatedUntouched(self):

@@ -348,8 +348,7 @@ class SpoolRewriteTests(unittest.TestCase):
             listener="relay",
         )
         yield spool.commit(incoming, record)
-        with open(spool.dataPath(queueId), "rb") as f:
-            self.assertEqual(f.read(), expected)
+        self.assertEqual(spool.readData(queueId), expected)
         self.assertEqual(os.listdir(os.path.join(directory, "tmp")), [])
 
     @defer.inlineCallbacks

@@ -79,9 +79,7 @@ def stored(relayd):
     spool = relayd.spool
     result = []
     for queueId in spool.entries("incoming"):
-        _, path = spool.load(queueId)
-        with open(path, "rb") as f:
-            result.append(f.read())
+        result.append(spool.readData(queueId))
     return result
 
 

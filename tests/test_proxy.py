@@ -208,8 +208,7 @@ class ProxyTestCase(unittest.TestCase):
         spool = self.relayd.spool
         out = []
         for queueId in spool.entries("incoming"):
-            with open(spool.dataPath(queueId), "rb") as f:
-                out.append(f.read())
+            out.append(spool.readData(queueId))
         return out
 
 

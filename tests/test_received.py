@@ -22,6 +22,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from relayd.queuefile import readData
 from relayd.testing import InProcessRelayd, SMTPClient, TestSetup
 
 ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
@@ -205,8 +206,7 @@ class ReceivedTests(unittest.TestCase):
         stored = {}
         for queueId in spool.entries("incoming"):
             record, path = spool.load(queueId)
-            with open(path, "rb") as f:
-                stored[record["recipients"][0]["address"]] = (record, f.read())
+            stored[record.recipients[0].address] = (record, readData(path))
         self.assertEqual(len(stored), len(NASTY))
         for i, name in enumerate(NASTY):
             record, data = stored[f"b{i}@example.org"]
@@ -222,7 +222,7 @@ class ReceivedTests(unittest.TestCase):
                 # The envelope and the log keep the name as sent (printable).
                 sent = name.encode("utf-8").decode("latin-1")
                 printable = "".join(c if "!" <= c <= "~" else "?" for c in sent)
-                self.assertEqual(record["helo"], printable[:255])
+                self.assertEqual(record.helo, printable[:255])
         logged = [formatEvent(e) for e in self.events if e.get("helo") is not None]
         self.assertTrue(any("helo=x(" in line for line in logged), logged[:3])
 
@@ -253,9 +253,8 @@ class ReceivedTests(unittest.TestCase):
         names = set()
         for queueId in spool.entries("incoming"):
             record, path = spool.load(queueId)
-            with open(path, "rb") as f:
-                message = email.message_from_bytes(f.read(), policy=email.policy.default)
+            message = email.message_from_bytes(readData(path), policy=email.policy.default)
             unfolded = re.sub(r"\r?\n[ \t]", " ", str(message["Received"]))
             self.assertTrue(unfolded.endswith(" +0000"), unfolded)
-            names.add(checkReceived(unfolded, record["recipients"][0]["address"])[0])
+            names.add(checkReceived(unfolded, record.recipients[0].address)[0])
         self.assertEqual(names, {"mail.example.org", "[192.0.2.1]", "[IPv6:2001:db8::1]"})

@@ -159,9 +159,9 @@ class RelayctlTestCase(unittest.TestCase):
         )
 
     def envelopeFiles(self) -> dict[str, bytes]:
-        """Every file under the spool's state and data directories, by path."""
+        """Every file under the spool's state directories, by path."""
         found = {}
-        for name in ("data", "incoming", "active", "deferred", "hold", "corrupt"):
+        for name in ("incoming", "active", "deferred", "hold", "corrupt"):
             directory = os.path.join(self.setup.spoolPath, name)
             for entry in sorted(os.listdir(directory)):
                 with open(os.path.join(directory, entry), "rb") as f:
@@ -290,7 +290,8 @@ class QueueTests(RelayctlTestCase):
         self.assertIn("<app@sender.test> -> bob@example.net deferred (451 4.4.1 connect to", line)
         self.assertIn("carol@example.org deferred", line)
         self.assertIn("Connection refused", line)
-        size = os.path.getsize(self.relayd.spool.dataPath(first))
+        size = len(self.relayd.spool.readData(first))
+        self.assertEqual(self.relayd.spool.load(first)[0].size, size)
         self.assertIn(f" {size} ", line)
         self.assertTrue(any(one.startswith(second) for one in lines))
         self.assertEqual(lines[-1], f"-- 2 messages, {self.size(first, second)} octets: deferred 2")
@@ -315,8 +316,7 @@ class QueueTests(RelayctlTestCase):
         self.assertNotIn("body line", out)
 
         status, _, err, raw = yield self.ctl("queue", "show", first, "--body")
-        with open(self.relayd.spool.dataPath(first), "rb") as f:
-            stored = f.read()
+        stored = self.relayd.spool.readData(first)
         self.assertTrue(stored.endswith(BODY))
         self.assertTrue(raw.endswith(b"\n\n" + stored), raw)
 
@@ -328,7 +328,7 @@ class QueueTests(RelayctlTestCase):
         self.assertEqual(err.count("\n"), 1)
 
     def size(self, *queueIds: str) -> int:
-        return sum(os.path.getsize(self.relayd.spool.dataPath(i)) for i in queueIds)
+        return sum(len(self.relayd.spool.readData(i)) for i in queueIds)
 
     @defer.inlineCallbacks
     def test_emptyAndLongQueue(self) -> Any:
@@ -416,7 +416,7 @@ class QueueTests(RelayctlTestCase):
         e = (yield self.deferred(["u@example.com"], sender="other@sender.test"))[0]
         status, out, err, _ = yield self.ctl("queue", "delete", a)
         self.assertEqual((status, out, err), (0, f"{a}: deleted\n", ""))
-        self.assertFalse(os.path.exists(self.relayd.spool.dataPath(a)))
+        self.assertRaises(KeyError, self.relayd.spool.load, a)
 
         status, out, _, _ = yield self.ctl("queue", "delete", "--all", "--to", "example.NET")
         self.assertEqual((status, out), (0, f"{b}: deleted\n"))
@@ -432,7 +432,8 @@ class QueueTests(RelayctlTestCase):
         self.assertEqual(status, 1)
         self.assertEqual(out, f"{d}: deleted\n")
         self.assertEqual(err, f"relayctl: {a}: no such message in the queue\n")
-        self.assertEqual(os.listdir(os.path.join(self.setup.spoolPath, "data")), [])
+        for state in ("incoming", "active", "deferred", "hold"):
+            self.assertEqual(os.listdir(os.path.join(self.setup.spoolPath, state)), [])
 
     @defer.inlineCallbacks
     def test_usage(self) -> Any:
@@ -1166,16 +1167,15 @@ def test_hungDaemonTimesOut(tmp_path: Path) -> None:
 
 def test_offlineUnreadableEnvelope(tmp_path: Path) -> None:
     """
-    Read from the spool directly, an envelope that is not JSON is listed
-    with the problem rather than stopping the listing, and nothing is
-    written.
+    Read from the spool directly, a queue file that cannot be read (here:
+    a message without its record) is listed with the problem rather than
+    stopping the listing, and nothing is written.
     """
     config = tmp_path / "relayd.toml"
     config.write_text('[spool]\ndirectory = "spool"\n')
-    for name in ("data", "incoming", "active", "deferred", "hold", "corrupt"):
+    for name in ("incoming", "active", "deferred", "hold", "corrupt"):
         os.makedirs(tmp_path / "spool" / name)
-    (tmp_path / "spool" / "hold" / "0ABC.json").write_bytes(b"{not json")
-    (tmp_path / "spool" / "data" / "0ABC").write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    (tmp_path / "spool" / "hold" / "0ABC").write_bytes(b"Subject: x\r\n\r\nbody\r\n")
     status, out, err, _ = run(["--config", str(config), "queue", "list"])
     assert status == 0, err
     [line] = [one for one in out.splitlines() if one.startswith("0ABC")]
@@ -1186,4 +1186,4 @@ def test_offlineUnreadableEnvelope(tmp_path: Path) -> None:
     note, error = err.splitlines()
     assert "reading the spool" in note
     assert error.startswith("relayctl: 0ABC: unreadable envelope: ")
-    assert (tmp_path / "spool" / "hold" / "0ABC.json").read_bytes() == b"{not json"
+    assert (tmp_path / "spool" / "hold" / "0ABC").read_bytes() == b"Subject: x\r\n\r\nbody\r\n"

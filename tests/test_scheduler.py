@@ -7,7 +7,6 @@ end-to-end tests in test_delivery_e2e.py use real DNS and real SMTP sinks).
 import email
 import email.policy
 import errno
-import json
 import os
 import random
 import shutil
@@ -22,6 +21,7 @@ from twisted.trial import unittest
 
 from relayd.delivery import AttemptResult, RecipientResult
 from relayd.metrics import Metrics
+from relayd.queuefile import encodeTrailer, readData
 from relayd.routing import Destination, Hop, RoutingError
 from relayd.scheduler import Scheduler, backoff
 from relayd.spool import Spool, envelopeRecord
@@ -146,9 +146,9 @@ class SchedulerTests(SchedulerTestCase):
         yield self.settle()
         self.assertEqual(self.queued()["deferred"], [queueId])
         record, _ = self.spool.load(queueId)
-        self.assertEqual(record["recipients"][0]["state"], "deferred")
-        self.assertIn("451 4.7.1", record["recipients"][0]["last_reply"])
-        first = record["next_attempt"] - self.clock.seconds()
+        self.assertEqual(record.recipients[0].state, "deferred")
+        self.assertIn("451 4.7.1", record.recipients[0].lastReply)
+        first = record.nextAttempt - self.clock.seconds()
         self.assertTrue(270 <= first <= 330, first)
         self.clock.advance(first - 1)
         yield self.settle()
@@ -157,7 +157,7 @@ class SchedulerTests(SchedulerTestCase):
         yield self.settle()
         self.assertEqual(len(self.deliverer.calls), 2)
         record, _ = self.spool.load(queueId)
-        second = record["next_attempt"] - self.clock.seconds()
+        second = record.nextAttempt - self.clock.seconds()
         self.assertTrue(540 <= second <= 660, second)
         self.clock.advance(second + 1)
         yield self.settle()
@@ -173,7 +173,7 @@ class SchedulerTests(SchedulerTestCase):
         queueId = yield self.submit(recipients=("ok@x.test", "later@x.test", "no@x.test"))
         yield self.settle()
         record, _ = self.spool.load(queueId)
-        states = {r["address"]: r["state"] for r in record["recipients"]}
+        states = {r.address: r.state for r in record.recipients}
         self.assertEqual(states, {"ok@x.test": "delivered", "later@x.test": "deferred",
                                   "no@x.test": "failed"})
         # The DSN went out at once, to the sender, from <>.
@@ -193,10 +193,9 @@ class SchedulerTests(SchedulerTestCase):
         yield self.settle()
         [dsnId] = self.spool.entries("deferred")
         record, path = self.spool.load(dsnId)
-        self.assertEqual((record["sender"], [r["address"] for r in record["recipients"]]),
+        self.assertEqual((record.sender, [r.address for r in record.recipients]),
                          ("", ["a@example.org"]))
-        with open(path, "rb") as f:
-            data = f.read()
+        data = readData(path)
         message = email.message_from_bytes(data[data.index(b"From: "):], policy=email.policy.default)
         self.assertEqual(message.get_content_type(), "multipart/report")
         self.assertEqual(message.get_param("report-type"), "delivery-status")
@@ -215,7 +214,7 @@ class SchedulerTests(SchedulerTestCase):
         queueId = yield self.submit(recipients=("x@gone.test", "y@flaky.test"))
         yield self.settle()
         record, _ = self.spool.load(queueId)
-        states = {r["address"]: (r["state"], r["status"]) for r in record["recipients"]}
+        states = {r.address: (r.state, r.status) for r in record.recipients}
         self.assertEqual(states, {"x@gone.test": ("failed", "5.1.2"),
                                   "y@flaky.test": ("deferred", "4.4.3")})
 
@@ -233,8 +232,7 @@ class SchedulerTests(SchedulerTestCase):
             self.spool.load(queueId)
         [dsnId] = self.spool.entries("deferred")
         record, path = self.spool.load(dsnId)
-        with open(path, "rb") as f:
-            self.assertIn(b"Status: 4.4.7", f.read())
+        self.assertIn(b"Status: 4.4.7", readData(path))
 
     @defer.inlineCallbacks
     def test_delayWarningOnce(self):
@@ -249,11 +247,9 @@ class SchedulerTests(SchedulerTestCase):
         dsns = [q for q in self.spool.entries("deferred") if q != queueId]
         self.assertEqual(len(dsns), 1)
         _, path = self.spool.load(dsns[0])
-        with open(path, "rb") as f:
-            data = f.read()
-        self.assertIn(b"Action: delayed", data)
+        self.assertIn(b"Action: delayed", readData(path))
         record, _ = self.spool.load(queueId)
-        self.assertTrue(record["delay_warned"])
+        self.assertTrue(record.delayWarned)
 
     @defer.inlineCallbacks
     def test_neverBounceABounce(self):
@@ -432,10 +428,8 @@ class SpoolTroubleTests(SpoolTroubleCase):
             arrival=self.clock.seconds(), size=8, body="7BIT", client="127.0.0.1", helo="h",
             user=None, listener="relay",
         )
-        with open(self.spool.dataPath(queueId), "wb") as f:
-            f.write(b"\r\nbody\r\n")
-        with open(os.path.join(self.directory, "incoming", queueId + ".json"), "w") as f:
-            json.dump(record, f)
+        with open(os.path.join(self.directory, "incoming", queueId), "wb") as f:
+            f.write(b"\r\nbody\r\n" + encodeTrailer(record, 8))
         self.clock.advance(30)
         yield self.settle()
         self.assertEqual(self.deliverer.calls, [])

@@ -129,8 +129,7 @@ class EnvelopeTests(SenderLoginTestCase):
         replies = yield self.send("alice", "ALICE@example.com", data)
         self.assertEqual([code for code, _ in replies], [250, 250])
         [queueId] = self.spooled()
-        with open(self.relayd.spool.dataPath(queueId), "rb") as f:
-            stored = f.read()
+        stored = self.relayd.spool.readData(queueId)
         self.assertTrue(stored.endswith(data))
         received, _ = Headers.parse(stored[: -len(data)] + b"\r\n")
         self.assertEqual([f.name for f in received], ["Received"])

@@ -2,7 +2,7 @@
 relayd-sendmail: the installed console script, run as a subprocess the way
 cron, mailx or PHP run /usr/sbin/sendmail, against a real relayd running in
 the test process (relay listener on 127.0.0.1, trusted by mynetworks).
-What relayd wrote to its spool (incoming/*.json and data/<id>) is checked
+What relayd wrote to its spool (the queue files in incoming/) is checked
 byte for byte.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import email.policy
 import email.utils
-import glob
-import json
 import os
 import pwd
 import re
@@ -27,6 +25,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from relayd import sendmail
+from relayd.queuefile import readData, readRecord
 from relayd.testing import (
     DEMO_PASSWORD,
     DEMO_USER,
@@ -101,11 +100,10 @@ class SendmailTestCase(unittest.TestCase):
         """(envelope record, message bytes without relayd's Received) per message."""
         result = []
         incoming = os.path.join(self.setup.spoolPath, "incoming")
-        for path in sorted(glob.glob(os.path.join(incoming, "*.json"))):
-            with open(path) as f:
-                record = json.load(f)
-            with open(os.path.join(self.setup.spoolPath, "data", record["queue_id"]), "rb") as f:
-                data = f.read()
+        for name in sorted(os.listdir(incoming)):
+            path = os.path.join(incoming, name)
+            record = readRecord(path, name)
+            data = readData(path)
             received = RECEIVED.match(data)
             assert received is not None, data[:200]
             result.append((record, data[received.end() :]))
@@ -132,7 +130,7 @@ class SendmailTestCase(unittest.TestCase):
 
 
 def recipients(record):
-    return [r["address"] for r in record["recipients"]]
+    return [r.address for r in record.recipients]
 
 
 class RecipientsTests(SendmailTestCase):
@@ -168,9 +166,9 @@ class RecipientsTests(SendmailTestCase):
             recipients(record),
             ["alice@example.org", "bob@example.org", "carol@example.org", f"root@{DOMAIN}"],
         )
-        self.assertEqual(record["sender"], f"{LOGIN}@{DOMAIN}")
-        self.assertEqual(record["listener"], "relay")
-        self.assertEqual(record["body"], "7BIT")
+        self.assertEqual(record.sender, f"{LOGIN}@{DOMAIN}")
+        self.assertEqual(record.listener, "relay")
+        self.assertEqual(record.body, "7BIT")
         expected = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
         self.assertEqual(data, expected + b"\r\n")
 
@@ -262,7 +260,7 @@ class SenderAndHeadersTests(SendmailTestCase):
         result = yield self.send(["root"], b"Status: disk full\nsee log\n")
         self.assertOk(result)
         record, data = self.only()
-        self.assertEqual(record["sender"], f"{LOGIN}@{DOMAIN}")
+        self.assertEqual(record.sender, f"{LOGIN}@{DOMAIN}")
         self.assertEqual(recipients(record), [f"root@{DOMAIN}"])
         head, body = data.split(b"\r\n\r\n", 1)
         self.assertTrue(head.startswith(b"Status: disk full\r\nFrom: "), data)
@@ -294,7 +292,7 @@ class SenderAndHeadersTests(SendmailTestCase):
         )
         self.assertOk(result)
         record, data = self.only()
-        self.assertEqual(record["sender"], "cron@example.org")
+        self.assertEqual(record.sender, "cron@example.org")
         self.assertTrue(data.startswith(b"Subject: x\r\nFrom: Cron Daemon <cron@example.org>\r\n"))
         self.assertTrue(data.endswith(b">\r\n\r\nhi\r\n"), data)
 
@@ -306,7 +304,7 @@ class SenderAndHeadersTests(SendmailTestCase):
         result = yield self.send(["-fbackup", "-FJürgen\nBcc: x@example.org", "root"], b"\nhi\n")
         self.assertOk(result)
         record, data = self.only()
-        self.assertEqual(record["sender"], f"backup@{DOMAIN}")
+        self.assertEqual(record.sender, f"backup@{DOMAIN}")
         self.assertEqual(recipients(record), [f"root@{DOMAIN}"])
         parsed = email.message_from_bytes(data, policy=email.policy.default)
         [author] = parsed["From"].addresses
@@ -324,7 +322,7 @@ class SenderAndHeadersTests(SendmailTestCase):
         )
         self.assertOk(result)
         record, data = self.only()
-        self.assertEqual(record["sender"], "bounces@example.org")
+        self.assertEqual(record.sender, "bounces@example.org")
         self.assertEqual(data, message.replace(b"\n", b"\r\n"))
 
     @defer.inlineCallbacks
@@ -334,7 +332,7 @@ class SenderAndHeadersTests(SendmailTestCase):
             result = yield self.send(["-f", null, "a@example.org"], b"Subject: x\n\nhi\n")
             self.assertOk(result)
         records = [record for record, _ in self.spooled()]
-        self.assertEqual([r["sender"] for r in records], ["", ""])
+        self.assertEqual([r.sender for r in records], ["", ""])
 
     @defer.inlineCallbacks
     def test_eightBit(self):
@@ -343,7 +341,7 @@ class SenderAndHeadersTests(SendmailTestCase):
         result = yield self.send(["-B8BITMIME", "a@example.org"], message.encode())
         self.assertOk(result)
         record, data = self.only()
-        self.assertEqual(record["body"], "8BITMIME")
+        self.assertEqual(record.body, "8BITMIME")
         self.assertEqual(data, message.replace("\n", "\r\n").encode())
 
     @defer.inlineCallbacks
@@ -364,7 +362,7 @@ class SenderAndHeadersTests(SendmailTestCase):
         record, _ = self.only()
         self.assertEqual(
             result.stderr.decode(),
-            f"relayd-sendmail: 250 2.0.0 Ok: queued as {record['queue_id']}\n",
+            f"relayd-sendmail: 250 2.0.0 Ok: queued as {record.queueId}\n",
         )
 
 
@@ -400,7 +398,7 @@ class CallersTests(SendmailTestCase):
         records = [record for record, _ in self.spooled()]
         self.assertEqual(len(records), len(self.callers))
         self.assertEqual(
-            sorted(r["sender"] for r in records),
+            sorted(r.sender for r in records),
             sorted(
                 [f"{LOGIN}@{DOMAIN}"] * 7 + [f"root@{DOMAIN}", "www-data@example.org"],
             ),
@@ -641,9 +639,9 @@ class SubmissionTests(SendmailTestCase):
         result = yield self.send(["-f", "demo@example.org", "a@example.org"], b"Subject: x\n\nhi\n")
         self.assertOk(result)
         record, data = self.only()
-        self.assertEqual(record["user"], DEMO_USER)
-        self.assertEqual(record["listener"], "submission")
-        received = open(os.path.join(self.setup.spoolPath, "data", record["queue_id"]), "rb").read()
+        self.assertEqual(record.user, DEMO_USER)
+        self.assertEqual(record.listener, "submission")
+        received = readData(os.path.join(self.setup.spoolPath, "incoming", record.queueId))
         self.assertIn(b"with ESMTPSA id", received)
 
     @defer.inlineCallbacks
@@ -675,8 +673,8 @@ class ImplicitTLSTests(SendmailTestCase):
         result = yield self.send(["a@example.org"], b"Subject: x\n\nhi\n")
         self.assertOk(result)
         record, _ = self.only()
-        self.assertEqual(record["listener"], "submissions")
-        self.assertEqual(record["user"], DEMO_USER)
+        self.assertEqual(record.listener, "submissions")
+        self.assertEqual(record.user, DEMO_USER)
 
 
 class ScriptedServerTests(unittest.TestCase):

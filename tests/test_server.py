@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from relayd.interfaces import IRecipientPolicy
 from relayd.policy import PolicyChain
+from relayd.queuefile import readData
 from relayd.testing import (
     DEMO_PASSWORD,
     DEMO_USER,
@@ -334,11 +335,10 @@ class DataTests(RelaydTestCase):
         self.assertEqual(noop, 250)
         queueId = lines[0].split()[-1]
         [(record, path)] = self.spooled()
-        self.assertEqual(record["queue_id"], queueId)
-        self.assertEqual(record["sender"], "a@example.org")
-        self.assertEqual([r["address"] for r in record["recipients"]], ["b@example.org"])
-        with open(path, "rb") as f:
-            stored = f.read()
+        self.assertEqual(record.queueId, queueId)
+        self.assertEqual(record.sender, "a@example.org")
+        self.assertEqual([r.address for r in record.recipients], ["b@example.org"])
+        stored = readData(path)
         self.assertTrue(stored.startswith(b"Received: from client.test ([127.0.0.1])\r\n"))
         self.assertTrue(stored.endswith(b"\r\n" + body) or stored.endswith(body))
         self.assertEqual(stored[stored.index(b"Subject") :], body)
@@ -424,8 +424,7 @@ class DataTests(RelaydTestCase):
         self.assertEqual((code, lines[0][:5]), (250, "2.0.0"), lines)
         self.assertEqual(noop, 250)
         [(_, path)] = self.spooled()
-        with open(path, "rb") as f:
-            stored = f.read()
+        stored = readData(path)
         self.assertEqual(stored[stored.index(b"Subject: limits") :], body)
 
     @defer.inlineCallbacks
@@ -472,7 +471,7 @@ class DataTests(RelaydTestCase):
         self.assertEqual(codes, [250, 250, 250, 250, 354, 250, 250, 250, 354, 250, 221])
         entries = self.spooled()
         self.assertEqual(len(entries), 2)
-        recipients = sorted(len(r["recipients"]) for r, _ in entries)
+        recipients = sorted(len(r.recipients) for r, _ in entries)
         self.assertEqual(recipients, [1, 2])
 
     @defer.inlineCallbacks
@@ -507,7 +506,7 @@ class DataTests(RelaydTestCase):
         refused = yield self.run_(dialogue)
         self.assertEqual(refused, {})
         [(record, _)] = self.spooled()
-        self.assertEqual(len(record["recipients"]), 10)
+        self.assertEqual(len(record.recipients), 10)
 
 
 class TLSTests(RelaydTestCase):
@@ -529,7 +528,7 @@ class TLSTests(RelaydTestCase):
         self.assertEqual(tlsExt[:2], (True, False))
         self.assertEqual(sorted(tlsExt[2].split()), ["LOGIN", "PLAIN"])
         [(record, path)] = self.spooled()
-        self.assertEqual(record["user"], DEMO_USER)
+        self.assertEqual(record.user, DEMO_USER)
         with open(path, "rb") as f:
             header = f.read(600).decode()
         self.assertRegex(

@@ -8,7 +8,6 @@ got a C{250} is lost: it is delivered or still in the spool after restart.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -26,12 +25,13 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from relayd.queuefile import readData, readRecord
 from relayd.testing import InProcessRelayd, PostfixSink, SMTPClient, TestSetup
 
 
 def spooled(setup: TestSetup) -> list[str]:
     directory = os.path.join(setup.spoolPath, "incoming")
-    return sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+    return sorted(os.listdir(directory))
 
 
 class ShutdownTestCase(unittest.TestCase):
@@ -218,10 +218,9 @@ def test_sigtermUnderLoadLosesNothing(tmp_path: Path, relaydProcesses) -> None: 
         waiting = set()
         for state in ("incoming", "active", "deferred"):
             for name in os.listdir(os.path.join(setup.spoolPath, state)):
-                queueId = name.removesuffix(".json")
-                with open(os.path.join(setup.spoolPath, "data", queueId), "rb") as f:
-                    waiting |= tokensIn([f.read()])
-                json.loads(Path(setup.spoolPath, state, name).read_text())
+                path = os.path.join(setup.spoolPath, state, name)
+                readRecord(path, name)
+                waiting |= tokensIn([readData(path)])
         missing = set(accepted) - delivered - waiting
         assert not missing, f"{len(missing)} accepted messages lost\n{log}"
         assert waiting, "no delivery was in flight: the test proved nothing about deliveries"

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 
 from twisted.internet import defer, reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -23,6 +24,7 @@ from zope.interface.verify import verifyObject
 
 from relayd import spool as spoolModule
 from relayd.interfaces import ISpool
+from relayd.queuefile import QueueRecord, RecipientState, readData, readRecord
 from relayd.spool import IncomingMessage, Spool, SpoolStopped, envelopeRecord
 
 MESSAGE = (
@@ -32,7 +34,7 @@ MESSAGE = (
 )
 
 
-def record(queueId: str, size: int = len(MESSAGE)) -> dict:
+def record(queueId: str, size: int = len(MESSAGE)) -> QueueRecord:
     """An envelope for a test message."""
     return envelopeRecord(
         queueId,
@@ -112,15 +114,15 @@ class CommitTests(SpoolTestMixin, TestCase):
         spool = self.startSpool()
         self.assertEqual(
             listing(spool.directory),
-            sorted(["tmp", "data", "incoming", "active", "deferred", "hold", "corrupt", "lock"]),
+            sorted(["tmp", "incoming", "active", "deferred", "hold", "corrupt", "lock"]),
         )
 
     @inlineCallbacks
     def test_commit(self):
         """
-        A committed message has its data file in C{data/} and its envelope
-        in C{incoming/}; L{Spool.load} returns both byte-exact, and C{tmp/}
-        is empty again.
+        A committed message is one queue file in C{incoming/}, the message
+        followed by its record; L{Spool.load} returns the record and the
+        file, whose message is byte-exact, and C{tmp/} is empty again.
         """
         spool = self.startSpool()
         incoming = self.receive(spool)
@@ -133,31 +135,32 @@ class CommitTests(SpoolTestMixin, TestCase):
         self.assertEqual(result, queueId)
         self.assertEqual(spool.entries("incoming"), [queueId])
         self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
-        self.assertEqual(listing(os.path.join(spool.directory, "data")), [queueId])
-        envelope, dataPath = spool.load(queueId)
+        self.assertEqual(listing(os.path.join(spool.directory, "incoming")), [queueId])
+        envelope, path = spool.load(queueId)
         self.assertEqual(envelope, record(queueId))
-        self.assertEqual(dataPath, os.path.join(spool.directory, "data", queueId))
-        with open(dataPath, "rb") as f:
-            self.assertEqual(f.read(), MESSAGE)
-        envelopePath = os.path.join(spool.directory, "incoming", queueId + ".json")
-        self.assertEqual(os.stat(envelopePath).st_mode & 0o777, 0o600)
-        self.assertEqual(os.stat(dataPath).st_mode & 0o777, 0o600)
+        self.assertEqual(path, os.path.join(spool.directory, "incoming", queueId))
+        self.assertEqual(readData(path), MESSAGE)
+        self.assertEqual(spool.readData(queueId), MESSAGE)
+        with open(path, "rb") as f:
+            stored = f.read()
+        self.assertTrue(stored.startswith(MESSAGE + b'{"arrival": 1700000000.25,'))
+        self.assertEqual(stored[-22:], b"RQF2 %016X\n" % len(MESSAGE))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         self.assertTrue(self.eventsAbout(queueId))
 
     @inlineCallbacks
-    def test_commitSnapshotsEnvelope(self):
+    def test_commitSetsSize(self):
         """
-        The envelope is serialised when C{commit} is called: changing the
-        dict afterwards does not change what is written.
+        The stored record's size is what was written of the message, even
+        when the record given says otherwise: the queue file's footer and
+        the record must agree on where the message ends.
         """
         spool = self.startSpool()
         incoming = self.receive(spool)
-        envelope = record(incoming.queueId)
-        d = spool.commit(incoming, envelope)
-        envelope["sender"] = "changed@example.org"
-        yield d
-        stored, _ = spool.load(incoming.queueId)
-        self.assertEqual(stored["sender"], "sender@example.org")
+        yield spool.commit(incoming, record(incoming.queueId, size=3))
+        stored, path = spool.load(incoming.queueId)
+        self.assertEqual(stored.size, len(MESSAGE))
+        self.assertEqual(readData(path), MESSAGE)
 
     @inlineCallbacks
     def test_commitWrongEnvelope(self):
@@ -259,9 +262,7 @@ class GroupCommitTests(SpoolTestMixin, TestCase):
         self.assertEqual(results, ids)
         self.assertEqual(spool.entries("incoming"), sorted(ids))
         for incoming, data in messages:
-            _, dataPath = spool.load(incoming.queueId)
-            with open(dataPath, "rb") as f:
-                self.assertEqual(f.read(), data)
+            self.assertEqual(spool.readData(incoming.queueId), data)
         self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
 
         batches = [e for e in self.events if "count" in e and "queue_ids" in e]
@@ -281,14 +282,14 @@ class GroupCommitTests(SpoolTestMixin, TestCase):
     @inlineCallbacks
     def test_failureIsolatedInBatch(self):
         """
-        When one message of a batch fails (here: renaming its envelope into
-        C{incoming/}), only its Deferred fails, its data file is removed
+        When one message of a batch fails (here: renaming its queue file
+        into C{incoming/}), only its Deferred fails, its file is removed
         again, and the others of the same batch are committed.
         """
         spool = self.startSpool()
         messages = [self.receive(spool) for _ in range(5)]
         victim = messages[2]
-        victimEnvelope = os.path.join(spool.directory, "incoming", victim.queueId + ".json")
+        victimEnvelope = os.path.join(spool.directory, "incoming", victim.queueId)
         realRename = os.rename
 
         def rename(source, destination):
@@ -312,7 +313,7 @@ class GroupCommitTests(SpoolTestMixin, TestCase):
         self.assertEqual(sorted(others), spool.entries("incoming"))
         self.assertNotIn(victim.queueId, spool.entries("incoming"))
         self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
-        self.assertEqual(listing(os.path.join(spool.directory, "data")), sorted(others))
+        self.assertEqual(listing(os.path.join(spool.directory, "incoming")), sorted(others))
         self.assertRaises(KeyError, spool.load, victim.queueId)
 
 
@@ -323,9 +324,10 @@ class RecoveryTests(SpoolTestMixin, TestCase):
     def test_recovery(self):
         """
         On startup: C{tmp/} is emptied, C{active/} goes back to
-        C{incoming/}, unparsable envelopes and envelopes without data go to
-        C{corrupt/}, and data without an envelope is removed.  Everything
-        else is left alone.
+        C{incoming/}, and queue files that cannot be read (no footer, a
+        torn end, a record that does not parse or is for another id, a
+        name that is no queue id) go to C{corrupt/}.  Everything else is
+        left alone, byte-exact.
         """
         directory = self.mktemp()
         first = Spool(directory, 0, reactor)
@@ -344,47 +346,50 @@ class RecoveryTests(SpoolTestMixin, TestCase):
             with open(name, "wb") as f:
                 f.write(content)
 
+        with open(path("incoming", kept), "rb") as f:
+            sound = f.read()
         # A crash while receiving, and one during a commit.
         create(path("tmp", "0UNFINISHED"))
-        create(path("tmp", "0HALFCOMMIT"))
-        create(path("tmp", "0HALFCOMMIT.json"), b'{"queue_')
+        create(path("tmp", "0HALFCOMMIT"), sound[:-7])
         # A crash during delivery.
-        os.rename(path("incoming", wasActive + ".json"), path("active", wasActive + ".json"))
-        os.rename(path("incoming", deferred + ".json"), path("deferred", deferred + ".json"))
-        # An envelope that does not parse, with its data.
-        create(path("data", "0BADJSON"))
-        create(path("incoming", "0BADJSON.json"), b"{not json")
-        # A sound envelope whose data file is gone.
-        create(path("hold", "0NODATA.json"), json.dumps(record("0NODATA")).encode())
-        # An envelope named after another id.
-        create(path("data", "0MISNAMED"))
-        create(path("deferred", "0MISNAMED.json"), json.dumps(record("0OTHER")).encode())
-        # Data whose envelope never made it out of tmp/.
-        create(path("data", "0ORPHAN"))
+        os.rename(path("incoming", wasActive), path("active", wasActive))
+        os.rename(path("incoming", deferred), path("deferred", deferred))
+        # Not a queue file at all, and one whose end is torn off.
+        create(path("incoming", "0NOFOOTER"), b"Subject: x\r\n\r\nbody\r\n")
+        create(path("hold", "0TORN"), sound[:-7])
+        # A record that does not parse.
+        create(path("incoming", "0BADJSON"), MESSAGE + b"{not json\n" + sound[-22:])
+        # A sound queue file named after another id.
+        create(path("deferred", "0MISNAMED"), sound)
+        # A file whose name is no queue id.
+        create(path("active", "notes.txt"), b"x")
 
         spool = self.startSpool(directory)
 
         self.assertEqual(listing(path("tmp")), [])
         self.assertEqual(spool.entries("incoming"), sorted([kept, wasActive]))
-        self.assertEqual(spool.entries("active"), [])
+        self.assertEqual(listing(path("active")), [])
         self.assertEqual(spool.entries("deferred"), [deferred])
         self.assertEqual(spool.entries("hold"), [])
-        self.assertEqual(spool.entries("corrupt"), sorted(["0BADJSON", "0NODATA", "0MISNAMED"]))
-        # Data of corrupt entries is kept for inspection; the orphan is gone.
-        self.assertEqual(listing(path("data")), sorted(committed + ["0BADJSON", "0MISNAMED"]))
+        self.assertEqual(
+            listing(path("corrupt")),
+            sorted(["0NOFOOTER", "0TORN", "0BADJSON", "0MISNAMED", "notes.txt"]),
+        )
+        with open(path("corrupt", "0MISNAMED"), "rb") as f:
+            self.assertEqual(f.read(), sound)
         for queueId in committed:
-            envelope, dataPath = spool.load(queueId)
-            self.assertEqual(envelope["queue_id"], queueId)
-            with open(dataPath, "rb") as f:
-                self.assertEqual(f.read(), MESSAGE)
+            envelope, path_ = spool.load(queueId)
+            self.assertEqual(envelope, record(queueId))
+            self.assertEqual(readData(path_), MESSAGE)
         for queueId in [
             "0UNFINISHED",
             "0HALFCOMMIT",
             wasActive,
+            "0NOFOOTER",
+            "0TORN",
             "0BADJSON",
-            "0NODATA",
             "0MISNAMED",
-            "0ORPHAN",
+            "notes",
         ]:
             self.assertTrue(self.eventsAbout(queueId), queueId)
         self.assertEqual(self.eventsAbout(kept), [])
@@ -392,20 +397,19 @@ class RecoveryTests(SpoolTestMixin, TestCase):
     def test_corruptNameClash(self):
         """
         An entry moved to C{corrupt/} does not overwrite an earlier one of
-        the same name, and the data both refer to is kept.
+        the same name.
         """
         directory = self.mktemp()
-        for name in ("corrupt", "incoming", "data"):
+        for name in ("corrupt", "incoming"):
             os.makedirs(os.path.join(directory, name))
-        with open(os.path.join(directory, "corrupt", "0DUP.json"), "wb") as f:
+        with open(os.path.join(directory, "corrupt", "0DUP"), "wb") as f:
             f.write(b"first")
-        with open(os.path.join(directory, "incoming", "0DUP.json"), "wb") as f:
+        with open(os.path.join(directory, "incoming", "0DUP"), "wb") as f:
             f.write(b"second")
-        with open(os.path.join(directory, "data", "0DUP"), "wb") as f:
-            f.write(b"data")
         spool = self.startSpool(directory)
-        self.assertEqual(listing(os.path.join(directory, "corrupt")), ["0DUP.json", "0DUP.json.1"])
-        self.assertEqual(listing(os.path.join(directory, "data")), ["0DUP"])
+        self.assertEqual(listing(os.path.join(directory, "corrupt")), ["0DUP", "0DUP.1"])
+        with open(os.path.join(directory, "corrupt", "0DUP.1"), "rb") as f:
+            self.assertEqual(f.read(), b"second")
         self.assertEqual(spool.entries("incoming"), [])
 
 
@@ -529,15 +533,15 @@ class QueueIdTests(TestCase):
 
 
 class EnvelopeRecordTests(TestCase):
-    """L{envelopeRecord} builds the version 1 envelope."""
+    """L{envelopeRecord} builds the record of a new message."""
 
     def test_record(self):
-        """Every field is there, recipients pending, and it is JSON."""
+        """Every field is there, recipients pending, due at arrival."""
         envelope = record("0ABC")
         self.assertEqual(
-            envelope,
+            envelope.toJSON(),
             {
-                "version": 1,
+                "version": 2,
                 "queue_id": "0ABC",
                 "sender": "sender@example.org",
                 "recipients": [
@@ -545,8 +549,11 @@ class EnvelopeRecordTests(TestCase):
                         "address": address,
                         "state": "pending",
                         "attempts": 0,
-                        "next_attempt": None,
                         "last_reply": None,
+                        "status": None,
+                        "remote": None,
+                        "last_attempt": None,
+                        "expired": False,
                     }
                     for address in ["a@example.com", "b@example.net"]
                 ],
@@ -559,9 +566,10 @@ class EnvelopeRecordTests(TestCase):
                 "listener": "relay",
                 "attempts": 0,
                 "next_attempt": 1700000000.25,
+                "delay_warned": False,
             },
         )
-        self.assertEqual(json.loads(json.dumps(envelope)), envelope)
+        self.assertEqual(QueueRecord.fromJSON(json.loads(json.dumps(envelope.toJSON()))), envelope)
 
 
 class DiskFullTests(SpoolTestMixin, TestCase):
@@ -582,8 +590,8 @@ class DiskFullTests(SpoolTestMixin, TestCase):
         self.addCleanup(subprocess.run, ["umount", self.directory], check=True)
 
     def assertNothingLeft(self, spool):
-        """Nothing of any message is in C{tmp/}, C{data/} or C{incoming/}."""
-        for name in ("tmp", "data", "incoming"):
+        """Nothing of any message is in C{tmp/} or C{incoming/}."""
+        for name in ("tmp", "incoming"):
             self.assertEqual(listing(os.path.join(spool.directory, name)), [], name)
 
     def fill(self):
@@ -691,41 +699,75 @@ class DeliverySideTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_lifecycle(self):
         seen = []
-        self.spool.addQueueObserver(lambda q, r: seen.append((q, r["sender"])))
+        self.spool.addQueueObserver(lambda q, r: seen.append((q, r.sender)))
         queueId = yield self.spool.submit(self.record("X"), b"hi\r\n")
         self.assertEqual(seen, [(queueId, "a@example.org")])
         scanned = yield self.spool.scan()
         self.assertEqual(scanned, [(queueId, "incoming", 1000.0)])
         yield self.spool.move(queueId, "incoming", "active", durable=False)
         record = yield self.spool.read(queueId, "active")
-        record["recipients"][0]["state"] = "deferred"
-        record["next_attempt"] = 2000.0
+        self.assertEqual(record.size, 4)
+        recipient = replace(record.recipients[0], state=RecipientState.DEFERRED)
+        record = replace(record, recipients=(recipient,), nextAttempt=2000.0)
         yield self.spool.update(queueId, "active", record, "deferred")
         self.assertEqual(self.spool.entries("active"), [])
         self.assertEqual(self.spool.entries("deferred"), [queueId])
         again = yield self.spool.read(queueId, "deferred")
-        self.assertEqual(again["recipients"][0]["state"], "deferred")
+        self.assertEqual(again, record)
+        self.assertEqual(again.recipients[0].state, RecipientState.DEFERRED)
+        self.assertEqual(self.spool.readData(queueId), b"hi\r\n")
+        scanned = yield self.spool.scan()
+        self.assertEqual(scanned, [(queueId, "deferred", 2000.0)])
         self.assertEqual(os.listdir(os.path.join(self.directory, "tmp")), [])
         yield self.spool.remove(queueId, "deferred")
-        self.assertEqual(os.listdir(os.path.join(self.directory, "data")), [])
         self.assertEqual(self.spool.entries("deferred"), [])
+        self.assertRaises(KeyError, self.spool.load, queueId)
 
     @defer.inlineCallbacks
-    def test_recoveryKeepsNewerCopyOverActive(self):
+    def test_updateRewritesOnlyTheRecord(self):
+        """
+        L{Spool.update} without a new state replaces the queue file in
+        place (a new inode, renamed over the old one): the message is
+        copied unchanged, the record is the new one, nothing is left in
+        C{tmp/}.
+        """
+        data = MESSAGE * 50
+        queueId = yield self.spool.submit(self.record("X"), data)
+        path = os.path.join(self.directory, "incoming", queueId)
+        before = os.stat(path).st_ino
+        record = yield self.spool.read(queueId, "incoming")
+        yield self.spool.update(queueId, "incoming", replace(record, attempts=7))
+        self.assertNotEqual(os.stat(path).st_ino, before)
+        self.assertEqual(readRecord(path, queueId).attempts, 7)
+        self.assertEqual(readData(path), data)
+        self.assertEqual(os.listdir(os.path.join(self.directory, "tmp")), [])
+
+    @defer.inlineCallbacks
+    def test_removeIsOneUnlink(self):
+        """
+        L{Spool.remove} unlinks the queue file, and fsyncs no directory
+        (at-least-once allows the duplicate a lost unlink costs).
+        """
         queueId = yield self.spool.submit(self.record("X"), b"hi\r\n")
-        yield self.spool.move(queueId, "incoming", "active")
-        record = yield self.spool.read(queueId, "active")
-        record["next_attempt"] = 5.0
-        # What a crash inside update(..., "deferred") can leave: both copies.
-        with open(os.path.join(self.directory, "deferred", queueId + ".json"), "w") as f:
-            json.dump(record, f)
-        yield self.spool.stopService()
-        spool = Spool(self.directory, 0, self.spool._reactor)
-        spool.startService()
-        self.addCleanup(spool.stopService)
-        self.assertEqual(spool.entries("active"), [])
-        self.assertEqual(spool.entries("incoming"), [])
-        self.assertEqual(spool.entries("deferred"), [queueId])
+        fsynced = []
+        self.patch(spoolModule, "fsyncDirectory", fsynced.append)
+        yield self.spool.remove(queueId, "incoming")
+        self.assertEqual(self.spool.entries("incoming"), [])
+        self.assertEqual(fsynced, [])
+        yield self.assertFailure(self.spool.remove(queueId, "incoming"), FileNotFoundError)
+
+    @defer.inlineCallbacks
+    def test_removeDurable(self):
+        """
+        An operator's delete (C{durable=True}) fsyncs the directory: mail
+        deleted on purpose must not come back after a crash.
+        """
+        queueId = yield self.spool.submit(self.record("X"), b"hi\r\n")
+        fsynced = []
+        self.patch(spoolModule, "fsyncDirectory", fsynced.append)
+        yield self.spool.remove(queueId, "incoming", durable=True)
+        self.assertEqual(self.spool.entries("incoming"), [])
+        self.assertEqual(fsynced, [os.path.join(self.directory, "incoming")])
 
     @defer.inlineCallbacks
     def test_listQueued(self):
@@ -738,7 +780,7 @@ class DeliverySideTests(unittest.TestCase):
         second = yield self.spool.submit(self.record("X"), b"hi\r\n")
         yield self.spool.move(second, "incoming", "hold")
         with open(os.path.join(self.directory, "incoming", "stray.txt"), "w") as f:
-            f.write("not an envelope\n")
+            f.write("not a queue file\n")
         found, problems = yield self.spool.listQueued()
         self.assertEqual(found, {first: ["incoming"], second: ["hold"]})
         self.assertEqual(problems, [])
@@ -759,20 +801,20 @@ class DeliverySideTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_updateAfterOldEnvelopeGone(self):
         """
-        An update that moves the envelope out of active/ and finds it gone
-        there already (an earlier update got that far before failing) is
-        done, not an error: the new record is in the new state.
+        An update that moves the queue file out of active/ and finds it
+        gone there already (an earlier update got that far before failing)
+        is not an error: the new record is written in the new state.
         """
         queueId = yield self.spool.submit(self.record("X"), b"hi\r\n")
         yield self.spool.move(queueId, "incoming", "active")
         record = yield self.spool.read(queueId, "active")
         yield self.spool.move(queueId, "active", "deferred")
-        record["next_attempt"] = 3000.0
-        yield self.spool.update(queueId, "active", record, "deferred")
+        yield self.spool.update(queueId, "active", replace(record, nextAttempt=3000.0), "deferred")
         self.assertEqual(self.spool.entries("active"), [])
         self.assertEqual(self.spool.entries("deferred"), [queueId])
         again = yield self.spool.read(queueId, "deferred")
-        self.assertEqual(again["next_attempt"], 3000.0)
+        self.assertEqual(again.nextAttempt, 3000.0)
+        self.assertEqual(self.spool.readData(queueId), b"hi\r\n")
 
 
 class LockTests(unittest.TestCase):

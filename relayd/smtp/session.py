@@ -65,6 +65,7 @@ from relayd.address import AddressError, parseParameters, parsePath
 from relayd.auth import Lockout
 from relayd.envelope import Envelope, Message, Session
 from relayd.metrics import NO_METRICS, NoMetrics
+from relayd.queuefile import QueueRecord
 from relayd.reply import Reply
 from relayd.smtp import extensions, sasl
 from relayd.smtp.wire import COMMAND_LINE, DataReader
@@ -1189,7 +1190,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._refuseWith("data", reply)
         return True
 
-    def _record(self, envelope: Envelope, size: int) -> dict[str, Any]:
+    def _record(self, envelope: Envelope, size: int) -> QueueRecord:
         from relayd.spool import envelopeRecord
 
         session = self.session

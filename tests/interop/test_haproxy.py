@@ -157,8 +157,7 @@ class HAProxyTests(unittest.TestCase):
         spool = self.relayd.spool
         out = []
         for queueId in spool.entries("incoming"):
-            with open(spool.dataPath(queueId), "rb") as f:
-                out.append(f.read())
+            out.append(spool.readData(queueId))
         return out
 
     @defer.inlineCallbacks

@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from relayd.queuefile import readData
 from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, TestSetup
 
 
@@ -41,8 +42,7 @@ class InteropTests(unittest.TestCase):
         return [spool.load(q) for q in spool.entries("incoming")]
 
     def body(self, path):
-        with open(path, "rb") as f:
-            data = f.read()
+        data = readData(path)
         # Skip relayd's own Received: header (first line plus TAB lines).
         lines = data.split(b"\r\n")
         i = 1
@@ -85,7 +85,7 @@ class InteropTests(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("<~  250 2.0.0 Ok: queued as", result.stdout)
         [(record, path)] = self.spooled()
-        self.assertEqual((record["user"], record["sender"]), (DEMO_USER, "demo@example.org"))
+        self.assertEqual((record.user, record.sender), (DEMO_USER, "demo@example.org"))
         body = self.body(path)
         self.assertIn(b"Subject: via swaks\r\n", body)
         self.assertIn(b"\r\n.dot line\r\n", body)
@@ -116,7 +116,7 @@ class InteropTests(unittest.TestCase):
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         [(record, _)] = self.spooled()
-        self.assertEqual(len(record["recipients"]), 2)
+        self.assertEqual(len(record.recipients), 2)
 
     @defer.inlineCallbacks
     def test_swaksWrongPassword(self):
@@ -170,5 +170,5 @@ class InteropTests(unittest.TestCase):
         entries = self.spooled()
         self.assertEqual(len(entries), 40)
         for record, _path in entries:
-            self.assertEqual(record["sender"], "load@example.org")
-            self.assertEqual(len(record["recipients"]), 3)
+            self.assertEqual(record.sender, "load@example.org")
+            self.assertEqual(len(record.recipients), 3)

@@ -122,9 +122,7 @@ class ExamplePolicyTests(unittest.TestCase):
         self.assertEqual(code, 250)
         spool = self.relayd.spool
         [queueId] = spool.entries("incoming")
-        _, path = spool.load(queueId)
-        with open(path, "rb") as f:
-            stored = f.read()
+        stored = spool.readData(queueId)
         header, body = stored.split(b"\r\n\r\n", 1)
         self.assertEqual(body, b"Body, kept exactly.\r\n")
         stamps = [line for line in header.split(b"\r\n") if line.startswith(HEADER.encode())]
