@@ -336,8 +336,16 @@ class PostfixSink:
     """
 
     def __init__(
-        self, directory: str, hostname: str = "postfix-sink.test", extra: tuple[str, ...] = ()
+        self,
+        directory: str,
+        hostname: str = "postfix-sink.test",
+        extra: tuple[str, ...] = (),
+        port: int | None = None,
     ) -> None:
+        """
+        @param port: listen on this port (a next hop that was down and
+            comes up where relayd expects it); else a free one.
+        """
         import shutil
         import subprocess
         import time
@@ -356,7 +364,7 @@ class PostfixSink:
         os.mkdir(self.dumps)
         os.chmod(directory, 0o755)
         os.chmod(self.dumps, 0o777)
-        self.port = freePort()
+        self.port = freePort() if port is None else port
         argv = [binary, "-d", os.path.join(self.dumps, "%H%M%S."), "-h", hostname, *extra]
         if os.geteuid() == 0:
             argv += ["-u", "nobody"]  # smtp-sink refuses to run as root otherwise
