@@ -1129,6 +1129,41 @@ class MemoryStoreTests(unittest.TestCase):
         self.assertIsNone(self.successResultOf(policy.stopPolicy()))
 
 
+class BurstTests(unittest.TestCase):
+    """The rule option C{burst}, through the policy on a clock."""
+
+    class Envelope:
+        def __init__(self):
+            self.notes, self.queueId, self.sender, self.recipients = {}, "Q", None, []
+
+    def test_burstThenOnePerInterval(self):
+        """
+        10/hour with burst = 2: two messages at once, the third refused
+        saying one more fits within 360 s; 360 s later one more, not two.
+        """
+        clock = Clock()
+        clock.advance(1_000_000)
+        policy = RateLimit.fromConfig(
+            {"rules": [{"name": "u", "key": "user", "messages": ["10/hour"], "burst": 2}]}
+        )
+        policy.startPolicy(clock)
+        session = Session(ipaddress.ip_address("192.0.2.1"), 1, "relay", "relay", "s1", user="u1")
+
+        def message():
+            envelope = self.Envelope()
+            verdict = self.successResultOf(policy.checkMessage(session, envelope, None))
+            policy.transactionEnded(session, envelope, verdict is CONTINUE)
+            return verdict
+
+        self.assertEqual([message(), message()], [CONTINUE, CONTINUE])
+        third = message()
+        self.assertEqual((third.code, third.enhanced), (450, "4.7.1"))
+        self.assertTrue(third.text.endswith("; next in at most 360 s"), third.text)
+        clock.advance(360)
+        self.assertIs(message(), CONTINUE)
+        self.assertEqual(message().code, 450)
+
+
 class RuleTests(unittest.TestCase):
     def session(self, address, user=None):
         return Session(ipaddress.ip_address(address), 1234, "relay", "relay", "s1", user=user)

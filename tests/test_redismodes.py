@@ -290,6 +290,13 @@ class ClusterTests(PolicyCase):
         self.assertEqual(sorted(len(found) for found in keys), [0, 0, 4])
         used = policy.store.used("{relayd:rl:}per-client:m:3600:192.0.2.0/24", 5, 3600)
         self.assertEqual(used, 5)
+        # MAIL's look (no charge) and a release work on the cluster too.
+        envelope = Envelope()
+        refused = yield policy.checkSender(session("erin"), envelope, None)
+        self.assertEqual((refused.code, refused.enhanced), (450, "4.7.1"))
+        yield policy.store.release([("{relayd:rl:}per-client:m:3600:192.0.2.0/24", 1, 5, 3600)])
+        allowed = yield policy.checkSender(session("erin"), envelope, None)
+        self.assertIs(allowed, CONTINUE)
 
 
 class HashSlotTests(unittest.TestCase):

@@ -12,17 +12,17 @@ What is counted is charged when it is known and given back when the
 transaction does not end in a queued message, so refused mail never uses
 up a limit:
 
-  - at MAIL, the message windows are only looked at (no charge): when one
+  - at MAIL, the message limits are only looked at (no charge): when one
     is already full the transaction is refused at once;
-  - at RCPT, one unit of every recipient window is reserved atomically (all
+  - at RCPT, one unit of every recipient limit is reserved atomically (all
     the applicable counters, or none);
-  - at the end of DATA (L{checkMessage}), one unit of every message window;
+  - at the end of DATA (L{checkMessage}), one unit of every message limit;
   - when the transaction ends (L{transactionEnded}), everything is given
     back unless the message was queued; when it was, the reservations of
     recipients that were refused after this policy answered (relay denied
     by a later policy, say) are given back.  Such recipients are also
     settled at the next RCPT and at the end of DATA, so that a run of
-    refused recipients does not fill a window within one transaction.
+    refused recipients does not fill a limit within one transaction.
 
 Each limit is a GCRA limiter (L{relayd.ratecounter}): C{burst} units (by
 default the whole limit) may go at once, then one more every C{window /
@@ -512,7 +512,7 @@ class RateLimit:
     # --- phases --------------------------------------------------------
 
     def checkSender(self, session: Any, envelope: Any, sender: Address) -> Deferred[Verdict]:
-        """Refuse at once (no charge) when a message window is already full."""
+        """Refuse at once (no charge) when a message limit is already full."""
         counters = self._counters(session, sender, "messages")
         if not counters:
             return succeed(CONTINUE)
@@ -524,7 +524,7 @@ class RateLimit:
         return self._ask(self.store.peek, counters, "MAIL", envelope, lambda: None, full)
 
     def checkRecipient(self, session: Any, envelope: Any, recipient: Address) -> Deferred[Verdict]:
-        """Reserve one unit of every recipient window that applies."""
+        """Reserve one unit of every recipient limit that applies."""
         state = self._state(envelope)
         self._settle(envelope, state)
         if recipient in envelope.recipients:
@@ -547,7 +547,7 @@ class RateLimit:
         return self._ask(self.store.reserve, counters, "RCPT", envelope, reserved, full)
 
     def checkMessage(self, session: Any, envelope: Any, message: Any) -> Deferred[Verdict]:
-        """Reserve one unit of every message window that applies."""
+        """Reserve one unit of every message limit that applies."""
         state = self._state(envelope)
         self._settle(envelope, state)
         counters = self._counters(session, envelope.sender, "messages")
