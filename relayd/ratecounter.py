@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -240,13 +241,6 @@ return 0
 """
 
 
-def _readPassword(path: str) -> str:
-    """The first line of C{path}, without its line end."""
-    with open(path, encoding="utf-8") as f:
-        line = f.readline()
-    return line.rstrip("\r\n")
-
-
 def redisClient(
     url: str,
     timeout: float,
@@ -348,6 +342,11 @@ class RedisStore:
     are off (a retried increment could count twice), and a call that
     waited longer than C{timeout} for a free thread is not sent at all.
     After an outage the next call simply connects again.
+
+    The client is made at the first call, in a thread of the pool: a
+    Cluster client connects as it is made, and a Cluster that is down at
+    startup must give C{on_error}, like one that goes down later, not stop
+    relayd.
     """
 
     def __init__(
@@ -376,11 +375,31 @@ class RedisStore:
         if connection.get("sentinels"):
             names = ",".join(f"{h}:{p}" for h, p in connection["sentinels"])
             self.where = f"sentinel {names} service {connection.get('sentinelService')}"
-        self.client = redisClient(url, timeout, **connection)
-        self._reserve = self.client.register_script(RESERVE_SCRIPT)
-        self._release = self.client.register_script(RELEASE_SCRIPT)
+        # Checked now, so that a bad URL stops startup with one line.
+        from redis.connection import parse_url
+
+        parse_url(url)  # type: ignore[no-untyped-call]
+        self._connection = connection
+        self._client: Any = None
+        self._reserve: Any = None
+        self._release: Any = None
+        self._lock = threading.Lock()
         self._reactor: Any = None
         self._pool: ThreadPool | None = None
+
+    @property
+    def client(self) -> Any:
+        """
+        The redis-py client, made at first use (blocking: call it from
+        the pool's threads, or from tests and tools).
+        """
+        with self._lock:
+            if self._client is None:
+                client = redisClient(self.url, self.timeout, **self._connection)
+                self._reserve = client.register_script(RESERVE_SCRIPT)
+                self._release = client.register_script(RELEASE_SCRIPT)
+                self._client = client
+            return self._client
 
     def start(self, reactor: Any) -> None:
         """Start the thread pool; C{reactor} delivers the results."""
@@ -396,7 +415,10 @@ class RedisStore:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.stop()
-        self.client.close()
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def _call(self, function: Any, *args: Any) -> Deferred[Any]:
         pool = self._pool
@@ -408,7 +430,7 @@ class RedisStore:
             if time.monotonic() > deadline:
                 raise RateStoreError("no thread free for Redis within the timeout")
             try:
-                return function(*args)
+                return function(self.client, *args)
             except Exception as e:
                 # redis.RedisError and OSError alike: one error type for the
                 # policy, the cause in the text for the log line.
@@ -431,7 +453,7 @@ class RedisStore:
         def answer(full: Any) -> int | None:
             return int(full) - 1 if int(full) else None
 
-        return self._call(self._reserve, keys, args).addCallback(answer)
+        return self._call(lambda _: self._reserve(keys, args)).addCallback(answer)
 
     def peek(self, counters: list[Ask]) -> Deferred[Any]:
         if not counters:
@@ -449,8 +471,8 @@ class RedisStore:
         if self.cluster:
             # MGET over several slots is refused by a cluster; one slot is
             # what the callers' hash tags give, and a GET each is as good.
-            return self._call(lambda: [self.client.get(k) for k in keys]).addCallback(answer)
-        return self._call(self.client.mget, keys).addCallback(answer)
+            return self._call(lambda c: [c.get(k) for k in keys]).addCallback(answer)
+        return self._call(lambda c: c.mget(keys)).addCallback(answer)
 
     def release(self, counters: list[Ask]) -> Deferred[None]:
         if not counters:
@@ -460,7 +482,7 @@ class RedisStore:
         for ask in counters:
             amount, interval, _ = _terms(ask)
             args += [amount, repr(interval)]
-        return self._call(self._release, keys, args).addCallback(lambda _: None)
+        return self._call(lambda _: self._release(keys, args)).addCallback(lambda _: None)
 
     def used(self, key: str, limit: int, window: int) -> int:
         """

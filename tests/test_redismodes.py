@@ -299,6 +299,26 @@ class ClusterTests(PolicyCase):
         self.assertIs(allowed, CONTINUE)
 
 
+class ClusterDownTests(PolicyCase):
+    @defer.inlineCallbacks
+    def test_clusterDownAtStartIsOnError(self):
+        """
+        A Cluster that cannot be reached when relayd starts (the client
+        connects as it is made) does not stop relayd: each check gets
+        on_error, as with an outage later.
+        """
+        from relayd.testing import freePort
+
+        port = freePort()
+        policy = self.policy(redis_url=f"redis://127.0.0.1:{port}/0", redis_cluster=True)
+        for _ in range(2):
+            verdict = yield self.message(policy)
+            self.assertEqual((verdict.code, verdict.enhanced), (451, "4.3.0"))
+        text = self.logText()
+        self.assertIn("ratelimit store failed at DATA, answering 451 4.3.0", text)
+        self.assertNotIn("Traceback", text)
+
+
 class HashSlotTests(unittest.TestCase):
     def test_keysOfOneCheckShareASlot(self):
         """
