@@ -198,8 +198,10 @@ class RedisSentinel:
 
     service = "mymaster"
 
-    def __init__(self, primary: RedisServer) -> None:
+    def __init__(self, primary: RedisServer, password: str | None = None) -> None:
+        """@param password: the Sentinel's own C{requirepass}."""
         self.primary = primary
+        self.password = password
         self.directory = tempfile.mkdtemp(prefix="relayd-sentinel-")
         self.port = _freePort()
         self.server = RedisServer(self.directory, port=self.port)
@@ -213,6 +215,8 @@ class RedisSentinel:
                 f"sentinel down-after-milliseconds {self.service} 1000\n"
                 f"sentinel failover-timeout {self.service} 5000\n"
             )
+            if self.password:
+                f.write(f"requirepass {self.password}\n")
         self.server._argv = lambda port, log: [  # type: ignore[method-assign]
             self.server.binary,
             config,
@@ -229,7 +233,7 @@ class RedisSentinel:
         self.server.start()
 
     def client(self) -> Any:
-        return self.server.client()
+        return self.server.client(password=self.password)
 
     def primaryPort(self) -> int:
         """The port of the primary the Sentinel names now."""

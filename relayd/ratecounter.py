@@ -248,6 +248,7 @@ def redisClient(
     password: str | None = None,
     sentinels: list[tuple[str, int]] | None = None,
     sentinelService: str = "mymaster",
+    sentinelPassword: str | None = None,
     cluster: bool = False,
     caFile: str | None = None,
     certFile: str | None = None,
@@ -264,6 +265,7 @@ def redisClient(
     @param password: overrides the URL's (read from C{redis_password_file}).
     @param sentinels: C{(host, port)} of Sentinels: ask them for the
         primary of C{sentinelService} (and again after a failover).
+    @param sentinelPassword: for Sentinels with C{requirepass}.
     @param cluster: talk to a Redis Cluster.
     @param caFile: the CA certificates to verify a TLS server with (else
         the system's).
@@ -316,7 +318,11 @@ def redisClient(
             options["ssl"] = True
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             sentinels,
-            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+            sentinel_kwargs={
+                "socket_timeout": timeout,
+                "socket_connect_timeout": timeout,
+                "password": sentinelPassword,
+            },
             **{k: v for k, v in options.items() if k != "maint_notifications_config"},
         )
         return sentinel.master_for(sentinelService)  # type: ignore[no-untyped-call]

@@ -1289,6 +1289,11 @@ CONFIG_ERRORS = {
         "redis_sentinels",
         "not host:port",
     ),
+    "sentinel-password-alone": (
+        {"redis_sentinel_password_file": __file__, "rules": [GOOD_RULE]},
+        "redis_sentinel_password_file",
+        "only with redis_sentinels",
+    ),
     "cluster-not-bool": ({"redis_cluster": "yes", "rules": [GOOD_RULE]}, "redis_cluster", "true"),
     "cluster-and-sentinels": (
         {"redis_cluster": True, "redis_sentinels": ["h:26379"], "rules": [GOOD_RULE]},

@@ -203,7 +203,7 @@ class SentinelTests(PolicyCase):
         self.replica = RedisServer(arguments=["--replicaof", "127.0.0.1", str(self.primary.port)])
         self.replica.start()
         self.addCleanup(self.replica.stop)
-        self.sentinel = RedisSentinel(self.primary)
+        self.sentinel = RedisSentinel(self.primary, password="sentinel-pw")
         self.sentinel.start()
         self.addCleanup(self.sentinel.stop)
 
@@ -215,12 +215,32 @@ class SentinelTests(PolicyCase):
                 self.fail(f"not within {seconds} s: {what}")
             yield deferLater(reactor, 0.1, lambda: None)
 
+    def sentinelPasswordFile(self, password):
+        path = os.path.join(self.directory, "sentinel-password")
+        with open(path, "w") as f:
+            f.write(password + "\n")
+        return path
+
+    @defer.inlineCallbacks
+    def test_wrongSentinelPassword(self):
+        """Sentinels refusing relayd's password: on_error, and no password logged."""
+        policy = self.policy(
+            redis_url="redis:///0",
+            redis_sentinels=[f"127.0.0.1:{self.sentinel.port}"],
+            redis_sentinel_password_file=self.sentinelPasswordFile("wrong-pw"),
+        )
+        verdict = yield self.message(policy)
+        self.assertEqual((verdict.code, verdict.enhanced), (451, "4.3.0"))
+        self.assertIn("MasterNotFoundError", self.logText())
+        self.assertNotIn("wrong-pw", self.logText())
+
     @defer.inlineCallbacks
     def test_primaryFromSentinelAndAfterFailover(self):
         policy = self.policy(
             redis_url="redis:///0",
             redis_sentinels=[f"127.0.0.1:{self.sentinel.port}"],
             redis_sentinel_service=self.sentinel.service,
+            redis_sentinel_password_file=self.sentinelPasswordFile("sentinel-pw"),
         )
         for _ in range(2):
             verdict = yield self.message(policy)

@@ -92,6 +92,7 @@ OPTIONS = (
     "redis_password_file",
     "redis_sentinels",
     "redis_sentinel_service",
+    "redis_sentinel_password_file",
     "redis_cluster",
     "redis_tls_ca_file",
     "redis_tls_cert_file",
@@ -596,19 +597,24 @@ def _connectionOptions(options: dict[str, Any]) -> dict[str, Any]:
     Sentinels, Cluster and TLS files.
     """
     connection: dict[str, Any] = {}
-    path = options.get("redis_password_file")
-    if path is not None:
+    for option, name in (
+        ("redis_password_file", "password"),
+        ("redis_sentinel_password_file", "sentinelPassword"),
+    ):
+        path = options.get(option)
+        if path is None:
+            continue
         if not isinstance(path, str) or not path:
-            raise PolicyOptionError("redis_password_file", "must be a file name")
+            raise PolicyOptionError(option, "must be a file name")
         try:
             with open(path, encoding="utf-8") as f:
                 password = f.readline().rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as e:
             problem = getattr(e, "strerror", None) or str(e)
-            raise PolicyOptionError("redis_password_file", f"{path}: {problem}") from None
+            raise PolicyOptionError(option, f"{path}: {problem}") from None
         if not password:
-            raise PolicyOptionError("redis_password_file", f"{path}: empty")
-        connection["password"] = password
+            raise PolicyOptionError(option, f"{path}: empty")
+        connection[name] = password
     sentinels = options.get("redis_sentinels")
     if sentinels is not None:
         if not isinstance(sentinels, list) or not sentinels:
@@ -625,6 +631,8 @@ def _connectionOptions(options: dict[str, Any]) -> dict[str, Any]:
         raise PolicyOptionError("redis_sentinel_service", "must be a name")
     if sentinels is not None:
         connection["sentinelService"] = service
+    elif "sentinelPassword" in connection:
+        raise PolicyOptionError("redis_sentinel_password_file", "only with redis_sentinels")
     cluster = options.get("redis_cluster", False)
     if not isinstance(cluster, bool):
         raise PolicyOptionError("redis_cluster", "must be true or false")
