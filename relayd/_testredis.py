@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 from typing import Any
 
-__all__ = ["RedisServer"]
+__all__ = ["RedisCluster", "RedisSentinel", "RedisServer"]
 
 
 def _freePort() -> int:
@@ -49,19 +50,51 @@ class RedisServer:
         unless it was given).
     """
 
-    def __init__(self, directory: str | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | None = None,
+        binary: str | None = None,
+        *,
+        tls: tuple[str, str, str] | None = None,
+        arguments: list[str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        """
+        @param tls: C{(certFile, keyFile, caFile)}: serve TLS only (the
+            port is a C{--tls-port}); clients are not asked for a
+            certificate.
+        @param arguments: more C{redis-server} arguments (any config
+            directive as C{--name value...}), e.g. C{["--user", "relayd",
+            "on", ">pw", "~*", "+@all"]} for an ACL user.
+        @param port: the port to use (else a free one).
+        """
         self.binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
         self._ownDirectory = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="relayd-redis-")
-        self.port: int | None = None
+        self.port: int | None = port
+        self.tls = tls
+        self.arguments = list(arguments or [])
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """C{redis://127.0.0.1:PORT/0}."""
+        """C{redis://127.0.0.1:PORT/0} (C{rediss://} with TLS)."""
         if self.port is None:
             raise RuntimeError("RedisServer not started")
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
+
+    def _argv(self, port: int, log: str) -> list[str]:
+        argv = [self.binary]
+        if self.tls:
+            cert, key, ca = self.tls
+            argv += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", cert]
+            argv += ["--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]
+        else:
+            argv += ["--port", str(port)]
+        argv += ["--bind", "127.0.0.1", "--dir", self.directory, "--save", ""]
+        argv += ["--appendonly", "no", "--daemonize", "no", "--logfile", log]
+        return argv + self.arguments
 
     @property
     def running(self) -> bool:
@@ -82,23 +115,7 @@ class RedisServer:
         for _ in range(attempts):
             port = self.port if self.port is not None else _freePort()
             log = os.path.join(self.directory, "redis.log")
-            argv = [
-                self.binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                self.directory,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--logfile",
-                log,
-            ]
+            argv = self._argv(port, log)
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
@@ -122,9 +139,14 @@ class RedisServer:
             if self.process.poll() is not None:
                 return False
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
+                    s = raw
+                    if self.tls:
+                        context = ssl.create_default_context(cafile=self.tls[2])
+                        s = context.wrap_socket(raw, server_hostname="127.0.0.1")
                     s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
+                    # With the default user off, NOAUTH says it is up too.
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return True
             except OSError:
                 pass
@@ -151,6 +173,8 @@ class RedisServer:
         """A redis-py client for this server (for checks in tests)."""
         import redis
 
+        if self.tls:
+            options.setdefault("ssl_ca_certs", self.tls[2])
         return redis.Redis.from_url(self.url, socket_timeout=10, **options)
 
     def halt(self) -> None:
@@ -162,3 +186,108 @@ class RedisServer:
         self._kill()
         if self._ownDirectory:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class RedisSentinel:
+    """
+    A C{redis-server --sentinel} watching a L{RedisServer} as service
+    C{mymaster}, for tests of relayd's C{redis_sentinels}.
+
+    @ivar port: its TCP port.
+    """
+
+    service = "mymaster"
+
+    def __init__(self, primary: RedisServer, password: str | None = None) -> None:
+        """@param password: the Sentinel's own C{requirepass}."""
+        self.primary = primary
+        self.password = password
+        self.directory = tempfile.mkdtemp(prefix="relayd-sentinel-")
+        self.port = _freePort()
+        self.server = RedisServer(self.directory, port=self.port)
+
+    def start(self) -> None:
+        """Write its config (Sentinel rewrites it) and start it."""
+        config = os.path.join(self.directory, "sentinel.conf")
+        with open(config, "w") as f:
+            f.write(
+                f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 1\n"
+                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel failover-timeout {self.service} 5000\n"
+            )
+            if self.password:
+                f.write(f"requirepass {self.password}\n")
+        self.server._argv = lambda port, log: [  # type: ignore[method-assign]
+            self.server.binary,
+            config,
+            "--sentinel",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.directory,
+            "--logfile",
+            log,
+        ]
+        self.server.start()
+
+    def client(self) -> Any:
+        return self.server.client(password=self.password)
+
+    def primaryPort(self) -> int:
+        """The port of the primary the Sentinel names now."""
+        with self.client() as c:
+            return int(c.sentinel_get_master_addr_by_name(self.service)[1])
+
+    def stop(self) -> None:
+        self.server.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class RedisCluster:
+    """
+    A Redis Cluster of C{size} primaries (no replicas) on loopback ports,
+    made with C{redis-cli --cluster create}, for tests of relayd's
+    C{redis_cluster}.
+    """
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [
+            RedisServer(arguments=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+            for _ in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        """The URL of the first node (the others are discovered)."""
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the nodes, join them and wait until every slot is served."""
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = []
+            for node in self.nodes:
+                with node.client() as c:
+                    states.append(c.cluster("info").get("cluster_state"))
+            if all(state == "ok" for state in states):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"Redis Cluster not ready: {states}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -44,7 +44,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from relayd.ratecounter import MemoryStore, RedisStore, windowStart
+from relayd.ratecounter import MemoryStore, RedisStore
 from relayd.safeio import writeAtomically
 
 __all__ = [
@@ -545,17 +545,17 @@ def setPassword(path: str, user: str, password: str, rounds: int = DEFAULT_ROUND
         raise UsersFileError(path, f"cannot write: {e.strerror or e}") from None
 
 
-LOCKOUT_KEY_PREFIX = "relayd:authfail:"
-"""Put before every AUTH failure counter key (in memory and in Redis)."""
+LOCKOUT_KEY_PREFIX = "{relayd:authfail}:"
+"""
+Put before every AUTH failure counter key (in memory and in Redis); the
+hash tag keeps the keys of one call in one Redis Cluster slot.
+"""
 
 LOCKOUT_PREFIX_V6 = 64
 """
 An IPv6 client is counted by its /64, the smallest network a site is
 usually given: one host can use any address in it.
 """
-
-_UNLIMITED = 10**12
-"""The limit given with an increment, which must always be taken."""
 
 
 def clientNetwork(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
@@ -584,8 +584,8 @@ class Lockout:
     spread over many connections is stopped, not only slowed per
     connection (issue 9 item 8).
 
-    Two counters, each in fixed windows of C{failureWindow} seconds aligned
-    to the epoch (as the C{ratelimit} policy's), in an
+    Two GCRA limiters of C{limit} failures per C{failureWindow} seconds (as
+    the C{ratelimit} policy's), in an
     L{relayd.interfaces.IRateCounterStore}:
 
       - per client (its IPv4 address or IPv6 /64), over every user name:
@@ -594,8 +594,10 @@ class Lockout:
         user's password, and a NAT shared by many users does not lock them
         all out for one user's mistakes.
 
-    Above either limit AUTH from that client (for that user) is refused
-    until the window ends, before any password is checked.  Neither counter
+    Above either limit AUTH from that client (for that user) is refused,
+    before any password is checked, until one failure's worth has drained
+    (C{failureWindow / limit} seconds); a limiter drains completely
+    C{failureWindow} seconds after the last failure.  Neither counter
     is per user name alone, so guessing from one address never locks the
     real user out of the addresses they use.
 
@@ -617,16 +619,15 @@ class Lockout:
         self, client: ipaddress.IPv4Address | ipaddress.IPv6Address, user: str, config: Any
     ) -> list[tuple[str, tuple[str, int, int, int]]]:
         window = config.authFailureWindow
-        start = windowStart(self.clock.seconds(), window)
         net = clientNetwork(client)
         # A digest: bounded keys whatever the client sent as a user name.
         name = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         counters = []
         if config.authClientFailureLimit:
-            key = f"{LOCKOUT_KEY_PREFIX}c:{window}:{start}:{net}"
+            key = f"{LOCKOUT_KEY_PREFIX}c:{window}:{net}"
             counters.append(("client", (key, 1, config.authClientFailureLimit, window)))
         if config.authUserFailureLimit:
-            key = f"{LOCKOUT_KEY_PREFIX}u:{window}:{start}:{net}:{name}"
+            key = f"{LOCKOUT_KEY_PREFIX}u:{window}:{net}:{name}"
             counters.append(("user", (key, 1, config.authUserFailureLimit, window)))
         return counters
 
@@ -673,17 +674,15 @@ class Lockout:
         user: str,
         config: Any,
     ) -> None:
-        """Count one failed AUTH as C{user} from C{client}."""
-        counters = [
-            (key, 1, _UNLIMITED, window)
-            for _, (key, _, _, window) in self._counters(client, user, config)
-        ]
-        if not counters:
-            return
-        self.memory.reserve(counters)
+        """
+        Count one failed AUTH as C{user} from C{client}, in each limiter
+        on its own (one that is full already refuses AUTH anyway).
+        """
         store = sharedStore(chain)
-        if store is not None:
-            store.reserve(counters).addErrback(_storeFailed, "count")
+        for _, counter in self._counters(client, user, config):
+            self.memory.reserve([counter])
+            if store is not None:
+                store.reserve([counter]).addErrback(_storeFailed, "count")
 
     def succeeded(
         self,
@@ -698,9 +697,10 @@ class Lockout:
         lockout.  The address's own count stays: one account of one's own
         must not wipe the record of guessing at others.
         """
+        # Giving back a whole limit's worth empties the limiter.
         counters = [
-            (key, _UNLIMITED, window)
-            for scope, (key, _, _, window) in self._counters(client, user, config)
+            (key, limit, limit, window)
+            for scope, (key, _, limit, window) in self._counters(client, user, config)
             if scope == "user"
         ]
         if not counters:

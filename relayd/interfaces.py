@@ -282,30 +282,35 @@ class IRateCounterStore(Interface):
     (shared by every relayd behind a load balancer).
     """
 
-    def reserve(counters: list[tuple[str, int, int, int]]) -> Deferred[Any]:
+    def reserve(counters: list[tuple[Any, ...]]) -> Deferred[Any]:
         """
-        Atomically check and add to fixed-window counters.
+        Atomically check and charge GCRA limiters (see
+        L{relayd.ratecounter}).
 
-        @param counters: C{(key, amount, limit, windowSeconds)}; C{key}
-            already names the window.  Either every counter has room for
-            its C{amount} and all are increased, or none is.
+        @param counters: C{(key, amount, limit, windowSeconds)}, or
+            C{(key, amount, limit, windowSeconds, burst)}: at most C{limit}
+            per C{windowSeconds}, C{burst} (default C{limit}) at once.
+            Either every limiter has room for its C{amount} and all are
+            charged, or none is.
         @return: a Deferred firing with None when reserved, or with the
-            index in C{counters} of the first counter that is full.
+            index in C{counters} of the first limiter that is full.
         """
 
-    def peek(counters: list[tuple[str, int, int, int]]) -> Deferred[Any]:
+    def peek(counters: list[tuple[Any, ...]]) -> Deferred[Any]:
         """
-        Check, without changing anything, whether every counter has room.
+        Check, without changing anything, whether every limiter has room.
 
         @param counters: as for L{reserve}.
-        @return: a Deferred firing with None when every counter has room
+        @return: a Deferred firing with None when every limiter has room
             for its C{amount}, or with the index of the first that has not.
         """
 
-    def release(counters: list[tuple[str, int, int]]) -> Deferred[None]:
+    def release(counters: list[tuple[Any, ...]]) -> Deferred[None]:
         """
-        Give back C{(key, amount, windowSeconds)} reserved earlier, for a
-        transaction that did not end with a C{250}.
+        Give back C{amount} units reserved earlier (the same tuples as
+        given to L{reserve}), for a transaction that did not end with a
+        C{250}: each limiter's TAT moves back by C{amount} emission
+        intervals, never before now.
         """
 
 

@@ -13,7 +13,9 @@ Helpers for testing relayd and policies written for it, over real sockets.
   - L{SinkServer} is an SMTP server that keeps what it is sent and can be
     scripted to refuse, defer, hang or demand TLS and AUTH: a next hop.
   - L{RedisServer} is a real C{redis-server} on a free loopback port, with
-    persistence off, that a test starts, stops and restarts.
+    persistence off, that a test starts, stops and restarts; with TLS and
+    ACL users when asked.  L{RedisSentinel} watches one as a Sentinel,
+    L{RedisCluster} is a small real Redis Cluster.
   - L{SMTPClient} is a small blocking line-level client for dialogues that
     C{smtplib} refuses to have (bare LF, pipelining abuse, floods); run it
     in a thread (L{twisted.internet.threads.deferToThread}) next to an
@@ -42,7 +44,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 
 from relayd._testdns import DNSServer
-from relayd._testredis import RedisServer
+from relayd._testredis import RedisCluster, RedisSentinel, RedisServer
 from relayd._testsink import SinkServer
 
 __all__ = [
@@ -51,6 +53,8 @@ __all__ = [
     "SMTPClient",
     "DNSServer",
     "SinkServer",
+    "RedisCluster",
+    "RedisSentinel",
     "RedisServer",
     "freePort",
 ]
@@ -332,8 +336,16 @@ class PostfixSink:
     """
 
     def __init__(
-        self, directory: str, hostname: str = "postfix-sink.test", extra: tuple[str, ...] = ()
+        self,
+        directory: str,
+        hostname: str = "postfix-sink.test",
+        extra: tuple[str, ...] = (),
+        port: int | None = None,
     ) -> None:
+        """
+        @param port: listen on this port (a next hop that was down and
+            comes up where relayd expects it); else a free one.
+        """
         import shutil
         import subprocess
         import time
@@ -352,7 +364,7 @@ class PostfixSink:
         os.mkdir(self.dumps)
         os.chmod(directory, 0o755)
         os.chmod(self.dumps, 0o777)
-        self.port = freePort()
+        self.port = freePort() if port is None else port
         argv = [binary, "-d", os.path.join(self.dumps, "%H%M%S."), "-h", hostname, *extra]
         if os.geteuid() == 0:
             argv += ["-u", "nobody"]  # smtp-sink refuses to run as root otherwise

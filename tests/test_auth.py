@@ -803,4 +803,4 @@ class LockoutTests(SynchronousTestCase):
 
     def test_keysBoundedWhateverTheUserName(self) -> None:
         self.failures("192.0.2.1", "x" * 5000)
-        self.assertTrue(all(len(key) < 200 for key in self.lockout.memory._counts))
+        self.assertTrue(all(len(key) < 200 for key in self.lockout.memory._tats))

@@ -35,8 +35,6 @@ from relayd.ratecounter import (
     MemoryStore,
     RateStoreError,
     RedisStore,
-    windowEnd,
-    windowStart,
     withoutPassword,
 )
 from relayd.service import buildService
@@ -53,7 +51,7 @@ from relayd.verdict import CONTINUE, reject
 
 CHAIN = ["ratelimit", "mynetworks", "authenticated"]
 BODY = b"Subject: rate\r\n\r\nhello\r\n"
-RESET = re.compile(r"; resets in (\d+) s$")
+RESET = re.compile(r"; next in at most (\d+) s$")
 
 
 def plain(user=DEMO_USER, password=DEMO_PASSWORD):
@@ -93,11 +91,6 @@ def transaction(c, sender, recipients, body=BODY):
     c.send(body + b".\r\n")
     result["data"] = text(c.reply())
     return result
-
-
-def expectedReset(window):
-    now = time.time()
-    return windowEnd(now, window) - now
 
 
 @implementer(IRecipientPolicy)
@@ -199,8 +192,7 @@ class RateLimitCase(unittest.TestCase):
         return deferToThread(f, *args)
 
     def key(self, rule, kind, window, value, now=None):
-        now = time.time() if now is None else now
-        return f"relayd:rl:{rule}:{kind}:{window}:{windowStart(now, window)}:{value}"
+        return f"{{relayd:rl:}}{rule}:{kind}:{window}:{value}"
 
     def logged(self, words):
         lines = [formatEvent(e) for e in self.events]
@@ -246,9 +238,8 @@ class PerUserTests(RateLimitCase):
             ),
             text,
         )
-        reset = int(RESET.search(text).group(1))
-        self.assertLessEqual(reset, 3600)
-        self.assertLess(abs(reset - expectedReset(3600)), 30)
+        # 2 per hour: one more every 1800 s.
+        self.assertEqual(int(RESET.search(text).group(1)), 1800)
         self.assertEqual(other["data"][0], 250)
         store = self.policy().store
         self.assertEqual(store.value(self.key("per-user", "m", 3600, "demo")), 2)
@@ -280,7 +271,7 @@ class PerUserTests(RateLimitCase):
         self.assertTrue(
             text.startswith(
                 "4.5.3 Too many recipients: per-user allows 3 recipients per hour for user demo; "
-                "resets in "
+                "next in at most 1200 s"
             ),
             text,
         )
@@ -579,7 +570,7 @@ class ResetTests(RateLimitCase):
         first, second, reset, third = yield self.run_(dialogue)
         self.assertEqual(first["data"][0], 250)
         self.assertIn("short allows 1 message per 3 s for client 127.0.0.1;", second["mail"][1])
-        self.assertIn(reset, (1, 2, 3))
+        self.assertEqual(reset, 3)
         self.assertEqual(third["data"][0], 250)
 
 
@@ -616,8 +607,12 @@ class RedisCase(RateLimitCase):
         yield RateLimitCase.setUp(self)
 
     def get(self, key):
-        value = self.client.get(key)
-        return 0 if value is None else int(value)
+        """The units limiter C{key} (as made by L{key}) holds now."""
+        rule, kind, window, _ = key.split("}", 1)[1].split(":", 3)
+        table = next(r for r in self.rules if r["name"] == rule)
+        specs = table["messages" if kind == "m" else "recipients"]
+        limit = next(parseLimit(x) for x in specs if parseLimit(x).window == int(window))
+        return self.policy().store.used(key, limit.count, limit.window)
 
 
 class RedisTests(RedisCase):
@@ -644,10 +639,11 @@ class RedisTests(RedisCase):
         day = self.key("per-user", "m", 86400, "demo", now)
         rcpt = self.key("per-user", "r", 3600, "demo", now)
         self.assertEqual((self.get(hour), self.get(day), self.get(rcpt)), (2, 2, 4))
-        for key, window in ((hour, 3600), (day, 86400), (rcpt, 3600)):
+        # Each key expires when its limiter is at rest: units * interval.
+        for key, ms in ((hour, 2 * 1800_000), (day, 2 * 86_400), (rcpt, 4 * 360_000)):
             ttl = self.client.pttl(key)
-            self.assertGreater(ttl, 0)
-            self.assertLessEqual(ttl, (windowEnd(now, window) - now) * 1000 + 2000)
+            self.assertGreater(ttl, ms - 60_000)
+            self.assertLessEqual(ttl, ms)
         self.assertEqual(self.get(self.key("per-client", "m", 3600, "127.0.0.1", now)), 2)
 
     @defer.inlineCallbacks
@@ -888,27 +884,27 @@ class RedisStoreTests(unittest.TestCase):
         b = ("t:b", 2, 3, 3600)
         self.assertIsNone((yield self.store.reserve([a, b])))
         self.assertEqual((yield self.store.reserve([a, b])), 1)
-        self.assertEqual((int(self.client.get("t:a")), int(self.client.get("t:b"))), (1, 2))
+        self.assertEqual((self.store.used("t:a", 5, 3600), self.store.used("t:b", 3, 3600)), (1, 2))
         self.assertEqual((yield self.store.peek([a, b])), 1)
         self.assertIsNone((yield self.store.peek([a])))
-        self.assertEqual(int(self.client.get("t:a")), 1)
+        self.assertEqual(self.store.used("t:a", 5, 3600), 1)
         self.assertGreater(self.client.pttl("t:a"), 0)
 
     @defer.inlineCallbacks
     def test_releaseNeverBelowZero(self):
-        yield self.store.reserve([("t:c", 2, 5, 60)])
-        ttl = self.client.pttl("t:c")
-        yield self.store.release([("t:c", 5, 60), ("t:missing", 1, 60)])
-        self.assertEqual(int(self.client.get("t:c")), 0)
-        self.assertLessEqual(self.client.pttl("t:c"), ttl)
-        self.assertGreater(self.client.pttl("t:c"), 0)
+        yield self.store.reserve([("t:c", 3, 5, 60)])
+        yield self.store.release([("t:c", 1, 5, 60)])
+        self.assertEqual(self.store.used("t:c", 5, 60), 2)
+        self.assertLessEqual(self.client.pttl("t:c"), 24_000)
+        yield self.store.release([("t:c", 5, 5, 60), ("t:missing", 1, 5, 60)])
+        self.assertFalse(self.client.exists("t:c"))  # at rest: nothing to keep
         self.assertFalse(self.client.exists("t:missing"))
 
     @defer.inlineCallbacks
     def test_keyExpiresWithItsWindow(self):
-        """A 1-second window's key is gone from Redis once it is over."""
+        """A limiter's key is gone from Redis once it is at rest."""
         yield self.store.reserve([("t:short", 1, 5, 1)])
-        self.assertLessEqual(self.client.pttl("t:short"), 1000)
+        self.assertLessEqual(self.client.pttl("t:short"), 200)
         yield deferLater(reactor, 1.5, lambda: None)
         self.assertFalse(self.client.exists("t:short"))
 
@@ -944,6 +940,148 @@ class RedisPasswordTests(unittest.TestCase):
         self.assertEqual(withoutPassword("rediss://h/2"), "rediss://h/2")
 
 
+class GcraMixin:
+    """
+    The GCRA contract, the same for every store: each test runs against
+    L{MemoryStore} and against L{RedisStore} on a real redis-server, both
+    on a L{Clock} (the stores take the time from their clock; Redis only
+    uses its own to expire keys that are at rest).
+    """
+
+    def makeStore(self, clock):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.clock = Clock()
+        self.boundary = 1_000_000_020  # a multiple of 60: an old window boundary
+        self.clock.advance(self.boundary - 0.1)
+        self.store = self.makeStore(self.clock)
+
+    @defer.inlineCallbacks
+    def greedy(self, times, ask):
+        """A client trying one unit at each of C{times}: when it got one."""
+        accepted = []
+        for t in times:
+            self.clock.advance(t - self.clock.seconds())
+            if (yield self.store.reserve([ask])) is None:
+                accepted.append(t)
+        return accepted
+
+    @defer.inlineCallbacks
+    def test_noDoubleLimitAcrossTheOldWindowBoundary(self):
+        """
+        Fixed windows let a client send the limit just before a window
+        boundary and again just after it; GCRA gives nothing more until
+        the bucket drains (one unit per 12 s for 5/60s).
+        """
+        edge = self.boundary
+        before = [edge - 0.1 + i * 0.01 for i in range(9)]  # 59.90 s to 59.98 s
+        after = [edge + 0.01 * i for i in range(9)] + [edge + 5]
+        ask = ("{t}:edge", 1, 5, 60)
+        accepted = yield self.greedy(before + after, ask)
+        self.assertEqual(accepted, before[:5])
+        # One unit drains 12 s after the burst began, one only.
+        accepted = yield self.greedy([before[0] + 12.0, before[0] + 12.5], ask)
+        self.assertEqual(accepted, [before[0] + 12.0])
+
+    @defer.inlineCallbacks
+    def checkAnyWindow(self, burst):
+        """
+        A greedy client (one try every 0.7 s for 10 windows): in no span
+        of one window does it get more than limit + burst - 1, and over the
+        whole run no more than the rate allows plus one burst.
+        """
+        limit, window = 10, 60
+        ask = ("{t}:any", 1, limit, window, burst)
+        start = self.clock.seconds()
+        times = [start + i * 0.7 for i in range(int(10 * window / 0.7))]
+        accepted = yield self.greedy(times, ask)
+        worst = max(sum(1 for u in accepted if t <= u < t + window) for t in accepted)
+        self.assertLessEqual(worst, limit + burst - 1)
+        self.assertGreaterEqual(worst, limit)  # the limit is reached, not undercut
+        self.assertLessEqual(len(accepted), limit * 10 + burst)
+        self.assertGreaterEqual(len(accepted), limit * 10 - 1)
+        # At most burst at one instant.
+        now = self.clock.seconds() + window
+        instant = yield self.greedy([now] * (burst + 3), ("{t}:instant", 1, limit, window, burst))
+        self.assertEqual(len(instant), burst)
+
+    def test_anyWindowDefaultBurst(self):
+        return self.checkAnyWindow(10)
+
+    def test_anyWindowSmallBurst(self):
+        return self.checkAnyWindow(2)
+
+    @defer.inlineCallbacks
+    def test_releaseMovesTheArrivalTimeBack(self):
+        """Giving back one unit makes room for exactly one, at once."""
+        ask = ("{t}:rel", 1, 5, 60)
+        for _ in range(5):
+            self.assertIsNone((yield self.store.reserve([ask])))
+        self.assertEqual((yield self.store.reserve([ask])), 0)
+        yield self.store.release([ask])
+        self.assertIsNone((yield self.store.peek([ask])))
+        self.assertIsNone((yield self.store.reserve([ask])))
+        self.assertEqual((yield self.store.reserve([ask])), 0)
+        # Never below empty: giving back more than was taken leaves 5 of room.
+        yield self.store.release([("{t}:rel", 50, 5, 60)])
+        self.assertIsNone((yield self.store.reserve([("{t}:rel", 5, 5, 60)])))
+        self.assertEqual((yield self.store.peek([ask])), 0)
+
+    @defer.inlineCallbacks
+    def test_allOrNothingAcrossLimiters(self):
+        small, large = ("{t}:s", 1, 1, 60), ("{t}:l", 1, 100, 60)
+        self.assertIsNone((yield self.store.reserve([large, small])))
+        self.assertEqual((yield self.store.reserve([large, small])), 1)
+        # The refused call charged nothing to the large limiter.
+        self.assertIsNone((yield self.store.reserve([("{t}:l", 99, 100, 60)])))
+
+
+class MemoryGcraTests(GcraMixin, unittest.TestCase):
+    def makeStore(self, clock):
+        return MemoryStore(clock)
+
+
+class RedisGcraTests(GcraMixin, unittest.TestCase):
+    timeout = 60
+
+    def makeStore(self, clock):
+        redis = RedisServer()
+        redis.start()
+        self.addCleanup(redis.stop)
+        store = RedisStore(redis.url, timeout=5.0, threads=1, clock=clock)
+        store.start(reactor)
+        self.addCleanup(store.stop)
+        return store
+
+    @defer.inlineCallbacks
+    def test_sameAnswersAsMemory(self):
+        """
+        A random run of reserve, peek and release gets the same answers
+        from Redis (the Lua script) as from memory (Python).
+        """
+        import random
+
+        rng = random.Random(7)
+        memory = MemoryStore(self.clock)
+        keys = ["{t}:a", "{t}:b", "{t}:c"]
+        refused = 0
+        for _ in range(400):
+            self.clock.advance(rng.choice([0, 0, 0.5, 3, 17]))
+            asks = [
+                (k, rng.randint(1, 3), rng.choice([3, 7]), rng.choice([10, 60]))
+                for k in rng.sample(keys, rng.randint(1, 3))
+            ]
+            # One limit per key, as the policy does.
+            asks = [(k, a, 7 if k != "{t}:a" else 3, 60) for k, a, _, _ in asks]
+            operation = rng.choice(["reserve", "reserve", "peek", "release"])
+            mine = yield getattr(memory, operation)(asks)
+            theirs = yield getattr(self.store, operation)(asks)
+            self.assertEqual(mine, theirs, (operation, asks))
+            refused += mine is not None
+        self.assertGreater(refused, 20)
+
+
 class MemoryStoreTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
@@ -964,16 +1102,16 @@ class MemoryStoreTests(unittest.TestCase):
 
     def test_releaseNeverBelowZero(self):
         self.store.reserve([("a", 2, 5, 60)])
-        self.store.release([("a", 3, 60), ("gone", 1, 60)])
+        self.store.release([("a", 3, 5, 60), ("gone", 1, 5, 60)])
         self.assertEqual(self.store.value("a"), 0)
-        self.assertEqual(len(self.store), 1)
+        self.assertEqual(len(self.store), 0)
 
     def test_oldWindowsForgotten(self):
-        """Memory stays bounded: counters go when their window ends."""
+        """Memory stays bounded: limiters go when they are at rest."""
         for i in range(1000):
             self.store.reserve([(f"k{i}", 1, 5, 60), (f"d{i}", 1, 5, 86400)])
         self.assertEqual(len(self.store), 2000)
-        self.clock.advance(59.9)
+        self.clock.advance(11.9)  # one unit of 5/60s drains in 12 s
         self.assertEqual(len(self.store), 2000)
         self.clock.advance(0.1)
         self.assertEqual(len(self.store), 1000)
@@ -989,6 +1127,41 @@ class MemoryStoreTests(unittest.TestCase):
         policy.startPolicy(self.clock)
         self.assertIs(policy.store.clock, self.clock)
         self.assertIsNone(self.successResultOf(policy.stopPolicy()))
+
+
+class BurstTests(unittest.TestCase):
+    """The rule option C{burst}, through the policy on a clock."""
+
+    class Envelope:
+        def __init__(self):
+            self.notes, self.queueId, self.sender, self.recipients = {}, "Q", None, []
+
+    def test_burstThenOnePerInterval(self):
+        """
+        10/hour with burst = 2: two messages at once, the third refused
+        saying one more fits within 360 s; 360 s later one more, not two.
+        """
+        clock = Clock()
+        clock.advance(1_000_000)
+        policy = RateLimit.fromConfig(
+            {"rules": [{"name": "u", "key": "user", "messages": ["10/hour"], "burst": 2}]}
+        )
+        policy.startPolicy(clock)
+        session = Session(ipaddress.ip_address("192.0.2.1"), 1, "relay", "relay", "s1", user="u1")
+
+        def message():
+            envelope = self.Envelope()
+            verdict = self.successResultOf(policy.checkMessage(session, envelope, None))
+            policy.transactionEnded(session, envelope, verdict is CONTINUE)
+            return verdict
+
+        self.assertEqual([message(), message()], [CONTINUE, CONTINUE])
+        third = message()
+        self.assertEqual((third.code, third.enhanced), (450, "4.7.1"))
+        self.assertTrue(third.text.endswith("; next in at most 360 s"), third.text)
+        clock.advance(360)
+        self.assertIs(message(), CONTINUE)
+        self.assertEqual(message().code, 450)
 
 
 class RuleTests(unittest.TestCase):
@@ -1100,6 +1273,38 @@ CONFIG_ERRORS = {
     "bad-on-error": ({"on_error": "maybe", "rules": [GOOD_RULE]}, "on_error", '"accept"'),
     "bad-timeout": ({"redis_timeout": 0, "rules": [GOOD_RULE]}, "redis_timeout", "positive"),
     "bad-threads": ({"redis_threads": 0, "rules": [GOOD_RULE]}, "redis_threads", "positive"),
+    "bad-burst": (
+        {"rules": [dict(GOOD_RULE, burst=0)]},
+        "rules[0].burst",
+        "positive integer",
+    ),
+    "prefix-braces": ({"key_prefix": "{x}", "rules": [GOOD_RULE]}, "key_prefix", "without {"),
+    "password-file-missing": (
+        {"redis_password_file": "/nonexistent/pw", "rules": [GOOD_RULE]},
+        "redis_password_file",
+        "/nonexistent/pw: No such file",
+    ),
+    "bad-sentinels": (
+        {"redis_sentinels": ["10.0.0.5"], "rules": [GOOD_RULE]},
+        "redis_sentinels",
+        "not host:port",
+    ),
+    "sentinel-password-alone": (
+        {"redis_sentinel_password_file": __file__, "rules": [GOOD_RULE]},
+        "redis_sentinel_password_file",
+        "only with redis_sentinels",
+    ),
+    "cluster-not-bool": ({"redis_cluster": "yes", "rules": [GOOD_RULE]}, "redis_cluster", "true"),
+    "cluster-and-sentinels": (
+        {"redis_cluster": True, "redis_sentinels": ["h:26379"], "rules": [GOOD_RULE]},
+        "redis_cluster",
+        "not with redis_sentinels",
+    ),
+    "ca-file-missing": (
+        {"redis_tls_ca_file": "/nonexistent/ca.pem", "rules": [GOOD_RULE]},
+        "redis_tls_ca_file",
+        "no such file",
+    ),
     "bad-url": (
         {"backend": "redis", "redis_url": "http://127.0.0.1/", "rules": [GOOD_RULE]},
         "redis_url",

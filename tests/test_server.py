@@ -828,8 +828,9 @@ class AuthLockoutSharedTests(unittest.TestCase):
         # The count goes to Redis in a thread of the store: wait for it.
         keys = self.redis.client()
         self.addCleanup(keys.close)
+        store = self.instances[0][1].service.policies.chain.policies[0].store
         for _ in range(200):
-            counted = [int(keys.get(k)) for k in keys.keys("relayd:authfail:u:*")]
+            counted = [store.used(k, 3, 900) for k in keys.keys("{relayd:authfail}:u:*")]
             if counted == [3]:
                 break
             yield deferLater(reactor, 0.01, lambda: None)

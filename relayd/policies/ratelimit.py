@@ -5,29 +5,31 @@ reputation.
 
 Each rule counts under one key (the client address or its network, the
 authenticated user, the envelope sender, or the sender's domain) and may
-limit messages and recipients over several fixed windows at once, e.g.
-100 messages per hour and 1000 per day.  See C{docs/policies/ratelimit.md}.
+limit messages and recipients at several rates at once, e.g. 100 messages
+per hour and 1000 per day.  See C{docs/policies/ratelimit.md}.
 
 What is counted is charged when it is known and given back when the
 transaction does not end in a queued message, so refused mail never uses
 up a limit:
 
-  - at MAIL, the message windows are only looked at (no charge): when one
+  - at MAIL, the message limits are only looked at (no charge): when one
     is already full the transaction is refused at once;
-  - at RCPT, one unit of every recipient window is reserved atomically (all
+  - at RCPT, one unit of every recipient limit is reserved atomically (all
     the applicable counters, or none);
-  - at the end of DATA (L{checkMessage}), one unit of every message window;
+  - at the end of DATA (L{checkMessage}), one unit of every message limit;
   - when the transaction ends (L{transactionEnded}), everything is given
     back unless the message was queued; when it was, the reservations of
     recipients that were refused after this policy answered (relay denied
     by a later policy, say) are given back.  Such recipients are also
     settled at the next RCPT and at the end of DATA, so that a run of
-    refused recipients does not fill a window within one transaction.
+    refused recipients does not fill a limit within one transaction.
 
-Limits are fixed windows aligned to the epoch: the counter key contains the
-window start, so the moment a limit resets is exact and said in the reply
-(C{450 4.7.1} for messages, C{452 4.5.3} for recipients, RFC 3463; both
-temporary, RFC 5321 section 4.2.1: the client tries again later).
+Each limit is a GCRA limiter (L{relayd.ratecounter}): C{burst} units (by
+default the whole limit) may go at once, then one more every C{window /
+limit} seconds; no window boundary lets a client send twice the limit.
+The reply says how long until the next unit, at most (C{450 4.7.1} for
+messages, C{452 4.5.3} for recipients, RFC 3463; both temporary, RFC 5321
+section 4.2.1: the client tries again later).
 
 Counters live in memory (one process, exact) or in Redis (shared by every
 relayd behind a load balancer): L{relayd.ratecounter}.
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,14 +65,7 @@ from relayd.interfaces import (
     ITransactionObserver,
 )
 from relayd.policy import PolicyOptionError
-from relayd.ratecounter import (
-    MemoryStore,
-    RedisStore,
-    WallClock,
-    windowEnd,
-    windowStart,
-    withoutPassword,
-)
+from relayd.ratecounter import MemoryStore, RedisStore, WallClock, withoutPassword
 from relayd.verdict import CONTINUE, Verdict, tempfail
 
 __all__ = ["RateLimit", "Rule", "Limit", "parseLimit"]
@@ -93,11 +89,19 @@ OPTIONS = (
     "redis_url",
     "redis_timeout",
     "redis_threads",
+    "redis_password_file",
+    "redis_sentinels",
+    "redis_sentinel_service",
+    "redis_sentinel_password_file",
+    "redis_cluster",
+    "redis_tls_ca_file",
+    "redis_tls_cert_file",
+    "redis_tls_key_file",
     "on_error",
     "key_prefix",
     "rules",
 )
-RULE_OPTIONS = ("name", "key", "prefix_v4", "prefix_v6", "messages", "recipients")
+RULE_OPTIONS = ("name", "key", "prefix_v4", "prefix_v6", "messages", "recipients", "burst")
 
 STORE_FAILED = tempfail(451, "4.3.0", "Rate limit service unavailable, try again later")
 
@@ -155,6 +159,8 @@ class Rule:
     @ivar prefixV6: the same for IPv6 (64 counts a typical end site).
     @ivar messages: message limits.
     @ivar recipients: recipient limits.
+    @ivar burst: how many units of each limit may go at once (at most the
+        limit's count); None: the limit's count.
     """
 
     name: str
@@ -163,6 +169,11 @@ class Rule:
     recipients: tuple[Limit, ...] = ()
     prefixV4: int = 32
     prefixV6: int = 128
+    burst: int | None = None
+
+    def burstOf(self, limit: Limit) -> int:
+        """The burst of C{limit} under this rule."""
+        return limit.count if self.burst is None else min(self.burst, limit.count)
 
     def value(self, session: Any, sender: Address | None) -> tuple[str, str] | None:
         """
@@ -210,20 +221,21 @@ class _Counter:
     kind: str
     now: float
 
-    def resetsIn(self) -> int:
-        return max(1, math.ceil(windowEnd(self.now, self.limit.window) - self.now))
+    def retryIn(self) -> int:
+        """Seconds until one more unit fits, at most: the emission interval."""
+        return max(1, math.ceil(self.limit.window / self.limit.count))
 
     def describe(self) -> str:
         kind = self.kind if self.limit.count != 1 else self.kind[:-1]
         return (
             f"{self.rule.name} allows {self.limit.count} {kind} per "
             f"{self.limit.per} for {self.what} {_printable(self.value)}; "
-            f"resets in {self.resetsIn()} s"
+            f"next in at most {self.retryIn()} s"
         )
 
 
-Charge = list[tuple[str, int, int]]
-"""What was reserved: C{(key, amount, windowSeconds)} for each counter."""
+Charge = list[tuple[str, int, int, int, int]]
+"""What was reserved: C{(key, amount, limit, windowSeconds, burst)} each."""
 
 
 @dataclass
@@ -298,8 +310,8 @@ class RateLimit:
         if onError not in ON_ERROR:
             raise PolicyOptionError("on_error", f"must be one of {_choices(ON_ERROR)}")
         keyPrefix = options.get("key_prefix", "relayd:rl:")
-        if not isinstance(keyPrefix, str):
-            raise PolicyOptionError("key_prefix", "must be a string")
+        if not isinstance(keyPrefix, str) or "{" in keyPrefix or "}" in keyPrefix:
+            raise PolicyOptionError("key_prefix", "must be a string without { or }")
         url = options.get("redis_url", "redis://127.0.0.1:6379/0")
         if not isinstance(url, str) or not url:
             raise PolicyOptionError("redis_url", 'must be a URL like "redis://127.0.0.1:6379/0"')
@@ -310,10 +322,11 @@ class RateLimit:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise PolicyOptionError("redis_threads", "must be a positive integer")
         rules = _parseRules(options.get("rules"))
+        connection = _connectionOptions(options)
         store: Any
         if backend == "redis":
             try:
-                store = RedisStore(url, float(timeout), threads)
+                store = RedisStore(url, float(timeout), threads, **connection)
             except ValueError as e:
                 raise PolicyOptionError("redis_url", f"{withoutPassword(url)!r}: {e}") from None
         else:
@@ -369,7 +382,11 @@ class RateLimit:
     # --- counters ------------------------------------------------------
 
     def _counters(self, session: Any, sender: Address | None, kind: str) -> list[_Counter]:
-        """The counters of every rule that applies, for C{kind}."""
+        """
+        The counters of every rule that applies, for C{kind}.  Every key
+        starts with the hash tag C{{key_prefix}}: the keys of one call
+        share a Redis Cluster hash slot, as one script needs.
+        """
         now = self.clock.seconds()
         counters = []
         letter = "m" if kind == "messages" else "r"
@@ -382,18 +399,17 @@ class RateLimit:
                 continue
             what, value = found
             for limit in limits:
-                start = windowStart(now, limit.window)
-                key = f"{self.keyPrefix}{rule.name}:{letter}:{limit.window}:{start}:{value}"
+                key = f"{{{self.keyPrefix}}}{rule.name}:{letter}:{limit.window}:{value}"
                 counters.append(_Counter(rule, limit, what, value, key, kind, now))
         return counters
 
     @staticmethod
-    def _asks(counters: list[_Counter]) -> list[tuple[str, int, int, int]]:
-        return [(c.key, 1, c.limit.count, c.limit.window) for c in counters]
+    def _asks(counters: list[_Counter]) -> Charge:
+        return [
+            (c.key, 1, c.limit.count, c.limit.window, c.rule.burstOf(c.limit)) for c in counters
+        ]
 
-    @staticmethod
-    def _charge(counters: list[_Counter]) -> Charge:
-        return [(c.key, 1, c.limit.window) for c in counters]
+    _charge = _asks
 
     def _release(self, charge: Charge, queueId: str | None) -> None:
         if not charge:
@@ -463,7 +479,7 @@ class RateLimit:
 
     def _ask(
         self,
-        call: Callable[[list[tuple[str, int, int, int]]], Deferred[Any]],
+        call: Callable[[Charge], Deferred[Any]],
         counters: list[_Counter],
         phase: str,
         envelope: Any,
@@ -497,7 +513,7 @@ class RateLimit:
     # --- phases --------------------------------------------------------
 
     def checkSender(self, session: Any, envelope: Any, sender: Address) -> Deferred[Verdict]:
-        """Refuse at once (no charge) when a message window is already full."""
+        """Refuse at once (no charge) when a message limit is already full."""
         counters = self._counters(session, sender, "messages")
         if not counters:
             return succeed(CONTINUE)
@@ -509,7 +525,7 @@ class RateLimit:
         return self._ask(self.store.peek, counters, "MAIL", envelope, lambda: None, full)
 
     def checkRecipient(self, session: Any, envelope: Any, recipient: Address) -> Deferred[Verdict]:
-        """Reserve one unit of every recipient window that applies."""
+        """Reserve one unit of every recipient limit that applies."""
         state = self._state(envelope)
         self._settle(envelope, state)
         if recipient in envelope.recipients:
@@ -532,7 +548,7 @@ class RateLimit:
         return self._ask(self.store.reserve, counters, "RCPT", envelope, reserved, full)
 
     def checkMessage(self, session: Any, envelope: Any, message: Any) -> Deferred[Verdict]:
-        """Reserve one unit of every message window that applies."""
+        """Reserve one unit of every message limit that applies."""
         state = self._state(envelope)
         self._settle(envelope, state)
         counters = self._counters(session, envelope.sender, "messages")
@@ -572,6 +588,70 @@ class RateLimit:
 
 def _choices(values: tuple[str, ...]) -> str:
     return ", ".join(f'"{v}"' for v in values)
+
+
+def _connectionOptions(options: dict[str, Any]) -> dict[str, Any]:
+    """
+    The keyword arguments for L{relayd.ratecounter.redisClient} from the
+    C{redis_*} options: the password read from its file (never logged),
+    Sentinels, Cluster and TLS files.
+    """
+    connection: dict[str, Any] = {}
+    for option, name in (
+        ("redis_password_file", "password"),
+        ("redis_sentinel_password_file", "sentinelPassword"),
+    ):
+        path = options.get(option)
+        if path is None:
+            continue
+        if not isinstance(path, str) or not path:
+            raise PolicyOptionError(option, "must be a file name")
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            problem = getattr(e, "strerror", None) or str(e)
+            raise PolicyOptionError(option, f"{path}: {problem}") from None
+        if not password:
+            raise PolicyOptionError(option, f"{path}: empty")
+        connection[name] = password
+    sentinels = options.get("redis_sentinels")
+    if sentinels is not None:
+        if not isinstance(sentinels, list) or not sentinels:
+            raise PolicyOptionError("redis_sentinels", 'must be a list like ["10.0.0.5:26379"]')
+        parsed = []
+        for item in sentinels:
+            host, _, port = str(item).rpartition(":")
+            if not isinstance(item, str) or not host or not port.isdigit():
+                raise PolicyOptionError("redis_sentinels", f"{item!r}: not host:port")
+            parsed.append((host.strip("[]"), int(port)))
+        connection["sentinels"] = parsed
+    service = options.get("redis_sentinel_service", "mymaster")
+    if not isinstance(service, str) or not service:
+        raise PolicyOptionError("redis_sentinel_service", "must be a name")
+    if sentinels is not None:
+        connection["sentinelService"] = service
+    elif "sentinelPassword" in connection:
+        raise PolicyOptionError("redis_sentinel_password_file", "only with redis_sentinels")
+    cluster = options.get("redis_cluster", False)
+    if not isinstance(cluster, bool):
+        raise PolicyOptionError("redis_cluster", "must be true or false")
+    if cluster and sentinels is not None:
+        raise PolicyOptionError("redis_cluster", "not with redis_sentinels")
+    if cluster:
+        connection["cluster"] = True
+    for option, name in (
+        ("redis_tls_ca_file", "caFile"),
+        ("redis_tls_cert_file", "certFile"),
+        ("redis_tls_key_file", "keyFile"),
+    ):
+        value = options.get(option)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not os.path.isfile(value):
+            raise PolicyOptionError(option, f"{value!r}: no such file")
+        connection[name] = value
+    return connection
 
 
 def _parseRules(value: Any) -> list[Rule]:
@@ -633,6 +713,10 @@ def _parseRules(value: Any) -> list[Rule]:
             limits[kind] = tuple(parsed)
         if not limits["messages"] and not limits["recipients"]:
             raise PolicyOptionError(where, "needs messages or recipients limits (or both)")
+        burst = table.get("burst")
+        badBurst = isinstance(burst, bool) or not isinstance(burst, int) or burst < 1
+        if burst is not None and badBurst:
+            raise PolicyOptionError(f"{where}.burst", "must be a positive integer")
         rules.append(
             Rule(
                 name,
@@ -641,6 +725,7 @@ def _parseRules(value: Any) -> list[Rule]:
                 limits["recipients"],
                 prefixes["prefix_v4"],
                 prefixes["prefix_v6"],
+                burst,
             )
         )
     return rules

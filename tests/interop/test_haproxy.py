@@ -35,10 +35,16 @@ TRUSTED = "127.0.0.20"
 class HAProxy:
     """A private haproxy process in the foreground (-db), stopped by L{stop}."""
 
-    def __init__(self, directory: str, backends: dict[str, tuple[int, str]]) -> None:
+    def __init__(
+        self,
+        directory: str,
+        backends: dict[str, tuple[int, str] | list[tuple[int, str]]],
+    ) -> None:
         """
         @param backends: name to (relayd port, HAProxy server option such
-            as C{send-proxy-v2}); each gets a frontend on a free port.
+            as C{send-proxy-v2}), or a list of them (balanced round robin;
+            a connection refused by one is sent to the next); each gets a
+            frontend on a free port.
         """
         binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
         assert os.path.exists(binary), "haproxy is not installed; scripts/test installs it"
@@ -51,15 +57,21 @@ class HAProxy:
             "    timeout connect 5s",
             "    timeout client 30s",
             "    timeout server 30s",
+            "    balance roundrobin",
+            "    retries 2",
+            "    option redispatch",
         ]
-        for name, (port, option) in backends.items():
+        for name, servers in backends.items():
             lines += [
                 f"frontend fe_{name}",
                 f"    bind 127.0.0.1:{self.ports[name]}",
                 f"    default_backend be_{name}",
                 f"backend be_{name}",
-                f"    server relayd 127.0.0.1:{port} {option}",
             ]
+            for index, (port, option) in enumerate(
+                servers if isinstance(servers, list) else [servers]
+            ):
+                lines.append(f"    server relayd{index} 127.0.0.1:{port} {option}")
         self.configPath = os.path.join(directory, "haproxy.cfg")
         with open(self.configPath, "w") as f:
             f.write("\n".join(lines) + "\n")
