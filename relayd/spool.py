@@ -65,6 +65,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import random
 import re
 import secrets
 import shutil
@@ -410,6 +411,7 @@ class Spool(Service):
         self._lastIdTime = 0
         self._observers: list[Any] = []
         self.receiver = receiver
+        self._random = random.Random(secrets.token_bytes(16))
 
     # Service
 
@@ -561,7 +563,10 @@ class Spool(Service):
         """
         now = max(time.time_ns() // 1000, self._lastIdTime + 1)
         self._lastIdTime = now
-        suffix = "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_SUFFIX_LENGTH))
+        # The suffix only keeps processes sharing a spool apart (a queue id
+        # is no secret: clients see it): a generator seeded from the
+        # system's randomness, not one getrandom() call per character.
+        suffix = "".join(self._random.choices(_ID_ALPHABET, k=_ID_SUFFIX_LENGTH))
         return f"{now:013X}{suffix}"
 
     def openMessage(self, queueId: str) -> IncomingMessage:
