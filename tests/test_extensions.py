@@ -30,6 +30,7 @@ def test_plainText() -> None:
         "STARTTLS",
         "ENHANCEDSTATUSCODES",
         "8BITMIME",
+        "CHUNKING",
     ]
 
 

@@ -7,7 +7,7 @@ it lets a MAIL line be.
 The session asks this table what to advertise (L{advertise}), how to read
 the parameters of MAIL and RCPT (L{parseMail}, L{parseRecipient}) and how
 long a MAIL line may be (L{MAIL_ALLOWANCE}); it has no list of its own.
-Adding an extension (SMTPUTF8, DSN, CHUNKING, REQUIRETLS) is a row here
+Adding an extension (SMTPUTF8, DSN, REQUIRETLS) is a row here
 plus the session's handling of what the row's parsers record.
 
 A parameter is read whenever its extension is in the table, advertised on
@@ -146,6 +146,9 @@ EXTENSIONS: tuple[Extension, ...] = (
     ),
     Extension("ENHANCEDSTATUSCODES", "RFC 2034"),
     Extension("8BITMIME", "RFC 6152", mail={"BODY": _body}, mailAllowance=14),
+    # BDAT without BINARYMIME: the content keeps DATA's line rules
+    # (relayd.smtp.wire.ChunkReader), so it can be relayed as DATA.
+    Extension("CHUNKING", "RFC 3030"),
 )
 """The extensions, in the order EHLO lists them."""
 
