@@ -287,3 +287,34 @@ class BdatTests(DialogueTestCase):
             ["250 2.0.0 3 octets received", "451 4.3.0 Error: local error in processing"],
         )
         self.assertEqual(self.talk("NOOP\r\n"), ["250 2.0.0 Ok"])
+
+    def test_trickleOfChunksCut(self) -> None:
+        """
+        The deadline covers the whole message, not each chunk: small
+        chunks, each sent at once, a command deadline apart, are cut once
+        the message has had its C{data_deadline}.
+        """
+        self.talk(MAIL)
+        step = self.config.timeoutData / 2
+        elapsed = 0.0
+        while not self.closed():
+            self.assertEqual(self.talk(bdat("x")), ["250 2.0.0 1 octets received"])
+            self.clock.advance(step)
+            elapsed += step
+            self.assertLess(elapsed, self.config.dataDeadline + 2 * step)
+        self.assertEqual(self.read(), ["421 4.4.2 relayd.test Error: timeout exceeded"])
+        self.assertEqual(self.spool.messages, {})
+
+    def test_deadlineEndsWithMessage(self) -> None:
+        """
+        Once LAST is answered, or the transaction reset, the message's
+        deadline is gone: the session idles under the command timeout only.
+        """
+        self.factory.config = dataclasses.replace(self.config, dataDeadline=10.0)
+        self.talk(MAIL + bdat("a\r\n") + bdat("b\r\n", True))
+        self.clock.advance(20)
+        self.assertEqual(self.talk("NOOP\r\n"), ["250 2.0.0 Ok"])
+        self.talk(MAIL + bdat("c\r\n") + "RSET\r\n")
+        self.clock.advance(20)
+        self.assertEqual(self.talk("NOOP\r\n"), ["250 2.0.0 Ok"])
+        self.assertFalse(self.closed())

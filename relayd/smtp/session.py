@@ -1058,8 +1058,13 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         with the count, and after C{LAST} the answer DATA gets (policies,
         header checks, the spool commit before C{250}).  A message that
         breaks DATA's rules is read to its C{LAST} and refused then, as
-        DATA refuses after its real end.  Each chunk's transfer has the
-        DATA deadline and idle timeout.
+        DATA refuses after its real end.
+
+        The whole message, from its first BDAT to the end of its C{LAST}
+        chunk, has the deadline of a DATA transfer (L{_dataDeadline}), so
+        that a trickle of small chunks cannot hold the connection; inside a
+        chunk the DATA idle timeout applies.  A refused chunk outside a
+        transaction has a deadline of its own.
         """
         words = argument.split()
         size = int(words[0]) if words and _COUNT.fullmatch(words[0]) else None
@@ -1110,22 +1115,22 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         """
         Read the C{size} octets of a BDAT chunk in raw mode, give them to
         C{feed} (or drop them), then call C{done} in command mode with
-        reading held until it returns.
+        reading held until it returns.  The transfer deadline starts with
+        the first chunk of a message and runs until the message is done.
         """
-        if size == 0:
-            self._hold()
-            done()
-            self._release()
-            return
         f = self.factory
+        if self._dataTimer is None:
+            self._dataStarted = f.clock.seconds()
+            self._dataOctets = 0
+            self._dataTimer = f.clock.callLater(f.config.dataDeadline, self._dataDeadline)
+        if size == 0:
+            self._chunkEnded(done)
+            return
         self.state = "data"
         self._chunkLeft = size
         self._chunkDone = done
         self._chunkFeed = feed
         self.setTimeout(f.config.timeoutData)
-        self._dataStarted = f.clock.seconds()
-        self._dataOctets = 0
-        self._dataTimer = f.clock.callLater(f.config.dataDeadline, self._dataDeadline)
         self.setRawMode()
 
     def _chunkReceived(self, data: bytes) -> None:
@@ -1139,12 +1144,22 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         done, self._chunkDone, self._chunkFeed = self._chunkDone, None, None
         assert done is not None
-        self._stopDataDeadline()
-        self._hold()
         self.state = "command"
         self.setTimeout(self.factory.config.timeoutCommand)
+        self._hold()
         self.setLineMode(rest)
+        self._chunkEnded(done)
+        self._release()
+
+    def _chunkEnded(self, done: Callable[[], None]) -> None:
+        """
+        A chunk has been read: answer it (C{done}), with reading held, and
+        stop the transfer deadline unless a BDAT message goes on.
+        """
+        self._hold()
         done()
+        if self._chunks is None:
+            self._stopDataDeadline()
         self._release()
 
     def _received(self, envelope: Envelope) -> bytes:
@@ -1385,6 +1400,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if self._chunks is not None:
             # A BDAT message left before its LAST chunk.
             self._chunks = None
+            self._stopDataDeadline()
             if self._incoming is not None and not self._committing:
                 self._incoming.discard()
                 self._incoming = None
