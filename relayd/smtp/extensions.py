@@ -102,7 +102,8 @@ class Extension:
 
 def _size(value: str | None, envelope: Envelope) -> Reply | None:
     """RFC 1870: C{SIZE=<octets>}, the size the client expects to send."""
-    if value is None or not value.isdigit() or len(value) > 20:
+    # isascii: str.isdigit() takes superscripts (latin-1 "\xb9"), which int() refuses.
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
         return Reply(501, "5.5.4", "Error: bad SIZE parameter")
     envelope.declaredSize = int(value)
     return None
