@@ -398,7 +398,8 @@ class ExtensionTests(DialogueTestCase):
                 f"250-SIZE {self.config.messageSize}",
                 "250-STARTTLS",
                 "250-ENHANCEDSTATUSCODES",
-                "250 8BITMIME",
+                "250-8BITMIME",
+                "250 CHUNKING",
             ],
         )
 

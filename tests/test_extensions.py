@@ -30,6 +30,7 @@ def test_plainText() -> None:
         "STARTTLS",
         "ENHANCEDSTATUSCODES",
         "8BITMIME",
+        "CHUNKING",
     ]
 
 
@@ -77,3 +78,12 @@ def test_parseRecipient() -> None:
     assert extensions.parseRecipient(parseParameters("ORCPT=x NOTIFY=NEVER"), envelope) == Reply(
         555, "5.5.4", "Error: unsupported parameter NOTIFY"
     )
+
+
+def test_sizeOnlyAsciiDigits() -> None:
+    """A superscript digit is a digit to str.isdigit, not to int: refused, not a crash."""
+    envelope = Envelope(sender=Address.null())
+    for bad in ["\xb9", "\xb2\xb3", "\u0661"]:
+        assert extensions.parseMail({"SIZE": bad}, envelope) == Reply(
+            501, "5.5.4", "Error: bad SIZE parameter"
+        )

@@ -7,7 +7,7 @@ it lets a MAIL line be.
 The session asks this table what to advertise (L{advertise}), how to read
 the parameters of MAIL and RCPT (L{parseMail}, L{parseRecipient}) and how
 long a MAIL line may be (L{MAIL_ALLOWANCE}); it has no list of its own.
-Adding an extension (SMTPUTF8, DSN, CHUNKING, REQUIRETLS) is a row here
+Adding an extension (SMTPUTF8, DSN, REQUIRETLS) is a row here
 plus the session's handling of what the row's parsers record.
 
 A parameter is read whenever its extension is in the table, advertised on
@@ -102,7 +102,8 @@ class Extension:
 
 def _size(value: str | None, envelope: Envelope) -> Reply | None:
     """RFC 1870: C{SIZE=<octets>}, the size the client expects to send."""
-    if value is None or not value.isdigit() or len(value) > 20:
+    # isascii: str.isdigit() takes superscripts (latin-1 "\xb9"), which int() refuses.
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
         return Reply(501, "5.5.4", "Error: bad SIZE parameter")
     envelope.declaredSize = int(value)
     return None
@@ -146,6 +147,9 @@ EXTENSIONS: tuple[Extension, ...] = (
     ),
     Extension("ENHANCEDSTATUSCODES", "RFC 2034"),
     Extension("8BITMIME", "RFC 6152", mail={"BODY": _body}, mailAllowance=14),
+    # BDAT without BINARYMIME: the content keeps DATA's line rules
+    # (relayd.smtp.wire.ChunkReader), so it can be relayed as DATA.
+    Extension("CHUNKING", "RFC 3030"),
 )
 """The extensions, in the order EHLO lists them."""
 

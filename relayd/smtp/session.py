@@ -14,6 +14,11 @@ have to override nearly everywhere.  What this module does differently:
     over-long lines and over-size messages get the message refused after the
     real end, never a second message (SMTP smuggling) and never a fall back
     to command mode.
+  - BDAT (RFC 3030 CHUNKING) reads exactly the octets each command counts,
+    in raw mode, and checks them with L{relayd.smtp.wire.ChunkReader}
+    under the same line rules, because the message may be relayed as DATA.
+    A refused BDAT whose count could be read still has its octets read and
+    dropped, so that they are never taken for commands.
   - C{STARTTLS} throws away everything the client pipelined after it
     (CVE-2011-0411 class) and forgets EHLO, AUTH and the transaction.
   - Pipelined commands are answered strictly in order: while a policy, the
@@ -47,7 +52,9 @@ import ipaddress
 import re
 import secrets
 import time
+from collections.abc import Callable
 from email.utils import format_datetime
+from functools import partial
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
@@ -68,7 +75,7 @@ from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.queuefile import QueueRecord
 from relayd.reply import Reply
 from relayd.smtp import extensions, sasl
-from relayd.smtp.wire import COMMAND_LINE, DataReader
+from relayd.smtp.wire import COMMAND_LINE, ChunkReader, DataReader
 from relayd.verdict import Action, Verdict
 
 __all__ = ["SMTPServer", "SMTPFactory", "ConnectionLimits"]
@@ -253,9 +260,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     One SMTP session.  See the module docstring for the rules it keeps.
 
     States: C{"connect"} until the greeting is sent, C{"command"}, C{"auth"}
-    while an AUTH exchange waits for the client, C{"data"} during DATA, and
-    C{"closed"}.  Whether HELO, MAIL and TLS have happened lives in
-    L{Session} and L{Envelope}.
+    while an AUTH exchange waits for the client, C{"data"} during DATA or
+    while the octets of one BDAT chunk are read, and C{"closed"}.  Whether
+    HELO, MAIL and TLS have happened lives in L{Session} and L{Envelope}.
     """
 
     delimiter = b"\n"
@@ -274,7 +281,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._errors = 0
         self._authFailures = 0
         self._exchange: sasl.Exchange | None = None
-        self._reader: DataReader | None = None
+        self._reader: DataReader | ChunkReader | None = None
+        self._chunks: ChunkReader | None = None
+        self._chunkLeft = 0
+        self._chunkDone: Callable[[], None] | None = None
+        self._chunkFeed: Callable[[bytes], None] | None = None
         self._incoming: Any = None
         self._committing = False
         self._counted = False
@@ -974,6 +985,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if envelope is None:
             self.fail(503, "5.5.1", "Error: need MAIL command")
             return
+        if self._chunks is not None:
+            self.fail(503, "5.5.1", "Error: BDAT and DATA cannot be mixed")
+            return
         if not envelope.recipients:
             self.fail(554, "5.5.1", "Error: no valid recipients")
             return
@@ -1031,6 +1045,123 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if timer is not None and timer.active():
             timer.cancel()
 
+    def smtp_BDAT(self, argument: str) -> None:
+        """
+        C{BDAT <size> [LAST]} (RFC 3030): the next C{size} octets are part
+        of the message, and C{LAST} ends it.
+
+        The octets are read in raw mode whatever the answer, once the
+        count could be read: a refused chunk is read and dropped, so the
+        client stays in step and its content is never taken for commands
+        (RFC 3030 section 2: discard the chunks pipelined after a failed
+        one).  Every chunk is answered after its octets: C{250 2.0.0}
+        with the count, and after C{LAST} the answer DATA gets (policies,
+        header checks, the spool commit before C{250}).  A message that
+        breaks DATA's rules is read to its C{LAST} and refused then, as
+        DATA refuses after its real end.
+
+        The whole message, from its first BDAT to the end of its C{LAST}
+        chunk, has the deadline of a DATA transfer (L{_dataDeadline}), so
+        that a trickle of small chunks cannot hold the connection; inside a
+        chunk the DATA idle timeout applies.  A refused chunk outside a
+        transaction has a deadline of its own.
+        """
+        words = argument.split()
+        size = int(words[0]) if words and _COUNT.fullmatch(words[0]) else None
+        last = len(words) == 2 and words[1].upper() == "LAST"
+        if size is None or len(words) > 2 or (len(words) == 2 and not last):
+            refusal = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
+            if size is None:
+                # Without a count there are no octets to skip.
+                self.failWith(refusal)
+                return
+            self._readChunk(size, partial(self.failWith, refusal))
+            return
+        envelope = self.envelope
+        if envelope is None:
+            # Also the answer to a BDAT after LAST (RFC 3030 section 2).
+            self._readChunk(size, partial(self.fail, 503, "5.5.1", "Error: need MAIL command"))
+            return
+        if not envelope.recipients:
+            self._readChunk(size, partial(self.fail, 554, "5.5.1", "Error: no valid recipients"))
+            return
+        assert envelope.queueId is not None
+        chunks = self._chunks
+        if chunks is None:
+            f = self.factory
+            try:
+                self._incoming = f.spool.openMessage(envelope.queueId)
+                self._incoming.write(self._received(envelope))
+            except OSError as e:
+                self._readChunk(size, partial(self._spoolFailed, e, "open"))
+                return
+            chunks = self._chunks = ChunkReader(self._incoming.write, f.config.messageSize)
+
+        def done() -> None:
+            if not last:
+                self.reply(250, "2.0.0", f"{size} octets received")
+                return
+            chunks.finish()
+            self._chunks = None
+            self._reader = chunks
+            self._hold()
+            self._endOfData()
+
+        self._readChunk(size, done, chunks.feed)
+
+    def _readChunk(
+        self, size: int, done: Callable[[], None], feed: Callable[[bytes], None] | None = None
+    ) -> None:
+        """
+        Read the C{size} octets of a BDAT chunk in raw mode, give them to
+        C{feed} (or drop them), then call C{done} in command mode with
+        reading held until it returns.  The transfer deadline starts with
+        the first chunk of a message and runs until the message is done.
+        """
+        f = self.factory
+        if self._dataTimer is None:
+            self._dataStarted = f.clock.seconds()
+            self._dataOctets = 0
+            self._dataTimer = f.clock.callLater(f.config.dataDeadline, self._dataDeadline)
+        if size == 0:
+            self._chunkEnded(done)
+            return
+        self.state = "data"
+        self._chunkLeft = size
+        self._chunkDone = done
+        self._chunkFeed = feed
+        self.setTimeout(f.config.timeoutData)
+        self.setRawMode()
+
+    def _chunkReceived(self, data: bytes) -> None:
+        """Octets of the BDAT chunk being read, and what follows it."""
+        part, rest = data[: self._chunkLeft], data[self._chunkLeft :]
+        self._chunkLeft -= len(part)
+        self._dataOctets += len(part)
+        if self._chunkFeed is not None:
+            self._chunkFeed(part)
+        if self._chunkLeft:
+            return
+        done, self._chunkDone, self._chunkFeed = self._chunkDone, None, None
+        assert done is not None
+        self.state = "command"
+        self.setTimeout(self.factory.config.timeoutCommand)
+        self._hold()
+        self.setLineMode(rest)
+        self._chunkEnded(done)
+        self._release()
+
+    def _chunkEnded(self, done: Callable[[], None]) -> None:
+        """
+        A chunk has been read: answer it (C{done}), with reading held, and
+        stop the transfer deadline unless a BDAT message goes on.
+        """
+        self._hold()
+        done()
+        if self._chunks is None:
+            self._stopDataDeadline()
+        self._release()
+
     def _received(self, envelope: Envelope) -> bytes:
         """The C{Received:} trace header (RFC 5321 section 4.4, RFC 3848)."""
         session = self.session
@@ -1059,7 +1190,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
     def rawDataReceived(self, data: bytes) -> None:
-        assert self._reader is not None
+        if self._chunkDone is not None:
+            self._chunkReceived(data)
+            return
+        assert isinstance(self._reader, DataReader)
         self._dataOctets += len(data)
         rest = self._reader.feed(data)
         if rest is None:
@@ -1208,7 +1342,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             listener=session.listener,
         )
 
-    def _refuseData(self, reader: DataReader) -> None:
+    def _refuseData(self, reader: DataReader | ChunkReader) -> None:
         envelope, session = self.envelope, self.session
         assert envelope is not None and session is not None
         problem = reader.problem
@@ -1263,6 +1397,13 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     def _reset(self, queued: bool = False) -> None:
         """End the transaction in progress, if any, and tell the observers."""
         envelope, self.envelope = self.envelope, None
+        if self._chunks is not None:
+            # A BDAT message left before its LAST chunk.
+            self._chunks = None
+            self._stopDataDeadline()
+            if self._incoming is not None and not self._committing:
+                self._incoming.discard()
+                self._incoming = None
         if envelope is not None and self.session is not None:
             self.factory.chain.transactionEnded(self.session, envelope, queued)
 
@@ -1284,9 +1425,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self.reply(
             214,
             "2.0.0",
-            "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+            "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
         )
 
 
+_COUNT = re.compile(r"[0-9]{1,20}")
+"""A BDAT chunk size: ASCII digits only, bounded like SIZE's."""
 _RELAY_DENIED = Verdict(Action.REJECT, 554, "5.7.1", "Relay access denied")
 _OK_SENDER = Verdict(Action.ACCEPT, 250, "2.1.0", "Ok")

@@ -4,16 +4,18 @@ a DATA transfer apart as the server receives it, L{DotStuffer} puts one
 together as the client sends it; and the line limits of section 4.5.3.1.
 
 Both work on whole chunks with C{bytes} methods, never Python code per
-line, and keep only the state a chunk boundary needs.  BDAT (RFC 3030)
-belongs here too when CHUNKING is offered: its content follows the same
-line rules (DESIGN section 4.2), because it may be relayed as DATA.
+line, and keep only the state a chunk boundary needs.  L{ChunkReader}
+checks the content of BDAT (RFC 3030): it is counted, not stuffed, but it
+follows the same line rules as DATA (DESIGN section 4.2), because relayd may
+relay it as DATA; the rules themselves are L{_badOctets} and L{_longLine},
+shared by both readers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["COMMAND_LINE", "TEXT_LINE", "DataReader", "DotStuffer"]
+__all__ = ["COMMAND_LINE", "TEXT_LINE", "ChunkReader", "DataReader", "DotStuffer"]
 
 COMMAND_LINE = 512
 """RFC 5321 section 4.5.3.1.4: a command line, CRLF included."""
@@ -21,6 +23,29 @@ TEXT_LINE = 1000
 """RFC 5321 section 4.5.3.1.6: a text line, CRLF included."""
 
 _END = b"\r\n.\r\n"
+
+
+def _badOctets(lines: bytes) -> str | None:
+    """
+    The line-ending rule for whole lines joined by CRLF: every CR and LF
+    must be part of a CRLF, and there is no NUL.
+
+    @return: C{"bare"}, C{"nul"} or None.
+    """
+    ends = lines.count(b"\r\n")
+    if lines.count(b"\n") != ends or lines.count(b"\r") != ends:
+        return "bare"
+    if b"\x00" in lines:
+        return "nul"
+    return None
+
+
+def _longLine(lines: bytes) -> bool:
+    """
+    Whether one of these lines, joined by CRLF and without their
+    transparency dots, is over 998 octets (RFC 5321 section 4.5.3.1.6).
+    """
+    return len(lines) > TEXT_LINE - 2 and max(map(len, lines.split(b"\r\n"))) > TEXT_LINE - 2
 
 
 class DataReader:
@@ -95,17 +120,13 @@ class DataReader:
         """Check and un-stuff a run of whole lines that starts with CRLF."""
         if self.problem is not None:
             return
-        lines = segment.count(b"\r\n")
-        if segment.count(b"\n") != lines or segment.count(b"\r") != lines:
-            self.problem = "bare"
-            return
-        if b"\x00" in segment:
-            self.problem = "nul"
+        self.problem = _badOctets(segment)
+        if self.problem is not None:
             return
         out = segment.replace(b"\r\n.", b"\r\n")
         # Measured without the transparency dots (RFC 5321 section
         # 4.5.3.1.6); every CR and LF is part of a CRLF by now.
-        if len(out) > TEXT_LINE and max(map(len, out.split(b"\r\n"))) > TEXT_LINE - 2:
+        if _longLine(out):
             self.problem = "line"
             return
         if not self._started:
@@ -120,6 +141,83 @@ class DataReader:
         except OSError as e:
             self.problem = "write"
             self.error = e
+
+
+class ChunkReader:
+    """
+    The content of one message sent with BDAT (RFC 3030), chunk after
+    chunk, as a byte-stream checker.
+
+    BDAT content is counted, not stuffed: the session reads exactly the
+    octets each C{BDAT n} announces and gives them to L{feed}, which passes
+    them on unchanged.  But relayd may relay the message as DATA, so it
+    keeps the rules of DATA (DESIGN section 4.2): every line ends with
+    CRLF, no NUL, no line over 998 octets.  A line may span chunks and a
+    CRLF may be split between them; the only state kept across a chunk
+    boundary is the unfinished last line (C{_carry}, at most a line long).
+
+    Once a problem is found nothing more is passed on; the session reads
+    the rest of the message to its C{LAST} chunk and then refuses it,
+    as L{DataReader} does after the real end of DATA.
+
+    @ivar problem: None while all is well, else one of C{"size"},
+        C{"line"}, C{"bare"}, C{"nul"}, C{"write"}.
+    @ivar error: the L{OSError} behind a C{"write"} problem.
+    @ivar size: octets of message passed on so far.
+    """
+
+    def __init__(self, write: Callable[[bytes], None], maxSize: int) -> None:
+        self._write = write
+        self.maxSize = maxSize
+        self._carry = b""
+        self.size = 0
+        self.problem: str | None = None
+        self.error: OSError | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Take the next octets of the message, from one chunk."""
+        if self.problem is not None or not data:
+            return
+        buf = self._carry + data
+        cut = buf.rfind(b"\r\n")
+        if cut >= 0:
+            whole, buf = buf[:cut], buf[cut + 2 :]
+            self.problem = _badOctets(whole)
+            if self.problem is None and _longLine(whole):
+                self.problem = "line"
+        # buf is the unfinished last line: only its final octet may be a
+        # CR (the first half of its CRLF), and it may not grow past 998.
+        if self.problem is None:
+            if b"\n" in buf or b"\r" in buf[:-1]:
+                self.problem = "bare"
+            elif b"\x00" in buf:
+                self.problem = "nul"
+            elif len(buf) - buf.endswith(b"\r") > TEXT_LINE - 2:
+                self.problem = "line"
+        self._carry = buf
+        if self.problem is not None:
+            self._carry = b""
+            return
+        self.size += len(data)
+        if self.size > self.maxSize:
+            self.problem = "size"
+            return
+        try:
+            self._write(data)
+        except OSError as e:
+            self.problem = "write"
+            self.error = e
+
+    def finish(self) -> None:
+        """
+        The C{LAST} chunk has been read: the message ends here.  A CR left
+        at its very end is a bare CR.  A last line without CRLF is allowed
+        (RFC 3030 has no such rule); L{DotStuffer.finish} adds the CRLF
+        should the message be relayed as DATA.
+        """
+        if self.problem is None and self._carry.endswith(b"\r"):
+            self.problem = "bare"
+        self._carry = b""
 
 
 _LINE_START = 0
