@@ -483,6 +483,14 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _searchableByOthers(path: Path) -> bool:
+    """Whether every folder from / down to C{path} lets other users through."""
+    for folder in [path, *path.parents]:
+        if not os.stat(folder).st_mode & 0o001:
+            return False
+    return True
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
@@ -551,7 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     commit = commitOf()
     parent = args.workdir or REPO / "var" / "bench"
+    if args.workdir is None and not _searchableByOthers(REPO):
+        # Postfix's daemons (user postfix) must reach the work directory: a
+        # checkout in a private folder (a CI clone in mktemp -d) cannot host
+        # it, so the run goes to the system's temporary directory.
+        parent = Path(tempfile.gettempdir()) / "relayd-bench"
+        say(f"{REPO} is not searchable by other users; working in {parent}")
     parent.mkdir(parents=True, exist_ok=True)
+    parent.chmod(parent.stat().st_mode | 0o011)
     workdir = Path(tempfile.mkdtemp(prefix="work-", dir=parent))
     workdir.chmod(0o755)  # Postfix's daemons run as user postfix
     bench = Bench(args, workdir)
