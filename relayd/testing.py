@@ -37,6 +37,7 @@ Example for a policy author::
 from __future__ import annotations
 
 import os
+import random
 import socket
 import ssl
 from typing import Any
@@ -63,8 +64,40 @@ DEMO_USER = "demo"
 DEMO_PASSWORD = "correct horse battery staple"
 
 
+def _ephemeralLow() -> int:
+    """The lowest port the kernel hands out to port-0 binds and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_given: set[int] = set()
+_portRandom = random.Random()
+
+
 def freePort() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """
+    A TCP port on 127.0.0.1 that was free a moment ago, for a process the
+    test starts later (a twistd, HAProxy, Redis).  It is picked below the
+    kernel's ephemeral range, so that no outgoing connection and no port-0
+    listener of another test can take it in between; and never twice in
+    one test run.
+    """
+    high = min(_ephemeralLow(), 65536) - 1
+    low = max(1024, high - 12000)
+    for _ in range(200):
+        port = _portRandom.randint(low, high)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
