@@ -212,6 +212,14 @@ class TestSetup:
             f.write("\n".join(lines))
         self.spoolPath = os.path.join(self.directory, "spool")
 
+    def routeAllTo(self, port: int, host: str = "127.0.0.1", tls: str = "none") -> None:
+        """Append a C{[[routes]]} table sending all mail to one next hop."""
+        with open(self.configPath, "a") as f:
+            f.write(
+                '\n[[routes]]\ndomains = ["*"]\n[[routes.hops]]\n'
+                f'host = "{host}"\nport = {port}\ntls = "{tls}"\n'
+            )
+
     def clientContext(self) -> ssl.SSLContext:
         """A client TLS context that trusts the test CA."""
         context = ssl.create_default_context(cafile=self.caPath)

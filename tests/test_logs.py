@@ -225,11 +225,7 @@ def runTwistd(tmp_path: Path, sink: PostfixSink) -> None:
             "delivery": {"enabled": True, "connect_timeout": 10, "command_timeout": 30},
         },
     )
-    with open(setup.configPath, "a") as f:
-        f.write(
-            '\n[[routes]]\ndomains = ["*"]\n[[routes.hops]]\n'
-            f'host = "127.0.0.1"\nport = {sink.port}\ntls = "none"\n'
-        )
+    setup.routeAllTo(sink.port)
     port = setup.ports["relay"]
     out = tmp_path / "stdout"
     err = tmp_path / "stderr"

@@ -124,11 +124,7 @@ class MetricsTests(unittest.TestCase):
             # denies relaying, the submission listener takes AUTH.
             policies={"mynetworks": {"networks": ["192.0.2.0/24"]}},
         )
-        with open(self.setup.configPath, "a") as f:
-            f.write(
-                '\n[[routes]]\ndomains = ["*"]\n[[routes.hops]]\n'
-                f'host = "sink.test"\nport = {self.sinkPort}\ntls = "verify"\n'
-            )
+        self.setup.routeAllTo(self.sinkPort, host="sink.test", tls="verify")
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)

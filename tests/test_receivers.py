@@ -146,11 +146,7 @@ def relaydWith(
             "timeouts": {"shutdown_sessions": 5, "shutdown_deliveries": 2},
         },
     )
-    with open(setup.configPath, "a") as f:
-        f.write(
-            '\n[[routes]]\ndomains = ["*"]\n[[routes.hops]]\n'
-            f'host = "127.0.0.1"\nport = {sinkPort}\ntls = "none"\n'
-        )
+    setup.routeAllTo(sinkPort)
     return setup
 
 

@@ -120,11 +120,7 @@ TOKEN = re.compile(rb"X-Shutdown-Token: (\S+)")
 
 
 def configure(setup: TestSetup, sinkPort: int) -> None:
-    with open(setup.configPath, "a") as f:
-        f.write(
-            '\n[[routes]]\ndomains = ["*"]\n[[routes.hops]]\n'
-            f'host = "127.0.0.1"\nport = {sinkPort}\ntls = "none"\n'
-        )
+    setup.routeAllTo(sinkPort)
 
 
 def tokensIn(texts: list[bytes]) -> set[str]:

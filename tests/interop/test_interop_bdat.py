@@ -58,11 +58,7 @@ class BdatThroughRelaydToSmtpSinkTests(unittest.TestCase):
                 }
             },
         )
-        with open(setup.configPath, "a") as f:
-            f.write(
-                '\n[[routes]]\ndomains = ["*"]\n[[routes.hops]]\n'
-                f'host = "127.0.0.1"\nport = {sink.port}\ntls = "none"\n'
-            )
+        setup.routeAllTo(sink.port)
         relayd = yield InProcessRelayd.start(setup)
         self.addCleanup(relayd.stop)
 

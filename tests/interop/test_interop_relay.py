@@ -45,11 +45,7 @@ class SwaksThroughRelaydToSmtpSinkTests(unittest.TestCase):
                 }
             },
         )
-        with open(setup.configPath, "a") as f:
-            f.write(
-                '\n[[routes]]\ndomains = ["*"]\n[[routes.hops]]\n'
-                f'host = "127.0.0.1"\nport = {sink.port}\ntls = "opportunistic"\n'
-            )
+        setup.routeAllTo(sink.port, tls="opportunistic")
         relayd = yield InProcessRelayd.start(setup)
         self.addCleanup(relayd.stop)
 
