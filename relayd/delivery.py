@@ -54,6 +54,7 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+import relayd.reply
 from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
 from relayd.client import (
     CHUNK_SIZE,
@@ -63,6 +64,7 @@ from relayd.client import (
     SMTPClient,
     Transaction,
 )
+from relayd.dsn import DSNParameters
 from relayd.queuefile import openRegion
 from relayd.routing import Destination, Hop
 
@@ -83,24 +85,44 @@ class RecipientResult:
 
     @ivar status: C{"delivered"} (2xx after the data), C{"deferred"} (try
         again later) or C{"failed"} (bounce).
-    @ivar code: the SMTP reply code, e.g. 250, 451, 550.
-    @ivar enhanced: the RFC 3463 code, e.g. C{"5.1.1"}; its class matches
-        C{status}.
-    @ivar text: the reply text without the codes (for a DSN:
-        C{"smtp; <code> <enhanced> <text>"}).
+    @ivar reply: the reply that decided it (L{relayd.reply.Reply}; a
+        L{relayd.client.Reply} when it came from a next hop): its code
+        class matches C{status}; for a DSN, C{"smtp; <code> <enhanced>
+        <text>"}.
     @ivar remoteHost: the host name of the next hop that gave this reply,
         or None when relayd describes the outcome itself (connection
-        refused or lost, timeout, TLS failure): then C{text} names the host
-        and what happened, and a DSN should not present it as the remote
-        server's words.
+        refused or lost, timeout, TLS failure): then the reply's text names
+        the host and what happened, and a DSN should not present it as the
+        remote server's words.
+    @ivar command: the SMTP command the reply answered (C{"MAIL FROM"},
+        C{"RCPT TO"}, C{"DATA"}, C{"end of DATA"}), or None for an outcome
+        relayd describes itself; a DSN says "in reply to" it.
+    @ivar dsnPassed: the next hop advertised DSN and was given the DSN
+        parameters (RFC 3461 section 4), so it sends any further notice
+        the recipient asked for, not relayd.
     """
 
     recipient: str
     status: str
-    code: int
-    enhanced: str
-    text: str
+    reply: relayd.reply.Reply
     remoteHost: str | None
+    command: str | None = None
+    dsnPassed: bool = False
+
+    @property
+    def code(self) -> int:
+        """The reply code, e.g. 250, 451, 550."""
+        return self.reply.code
+
+    @property
+    def enhanced(self) -> str:
+        """The RFC 3463 code, e.g. C{"5.1.1"}."""
+        return self.reply.enhanced or f"{self.reply.code // 100}.0.0"
+
+    @property
+    def text(self) -> str:
+        """The reply text without the codes."""
+        return self.reply.text
 
 
 @dataclass
@@ -270,6 +292,7 @@ class Deliverer:
         size: int,
         *,
         queueId: str | None = None,
+        dsn: DSNParameters | None = None,
     ) -> Deferred[AttemptResult]:
         """
         Make one attempt to deliver the message in C{dataPath}: its first
@@ -281,10 +304,12 @@ class Deliverer:
         @param recipients: all for this destination; one transaction.
         @param size: the size of the message, for C{SIZE=} (RFC 1870).
         @param queueId: for the log lines about this attempt.
+        @param dsn: the message's DSN parameters (RFC 3461), passed on to a
+            next hop that advertises DSN.
         @return: a Deferred that always fires with an L{AttemptResult},
             never an error.
         """
-        d = self._attempt(destination, sender, list(recipients), dataPath, size, queueId)
+        d = self._attempt(destination, sender, list(recipients), dataPath, size, queueId, dsn)
 
         def unexpected(failure: Failure) -> AttemptResult:
             log.failure("{queue_id}: delivery attempt failed", failure, queue_id=queueId)
@@ -336,6 +361,7 @@ class Deliverer:
         dataPath: str,
         size: int,
         queueId: str | None,
+        dsn: DSNParameters | None = None,
     ) -> Generator[Deferred[Any], Any, AttemptResult]:
         if not recipients:
             return AttemptResult([], None, None)
@@ -351,7 +377,7 @@ class Deliverer:
                 break
             cached = self._takeIdle(hop)
             if cached is not None:
-                transaction = yield cached.send(sender, recipients, dataPath, size, eightBit)
+                transaction = yield cached.send(sender, recipients, dataPath, size, eightBit, dsn)
                 if not transaction.stale:
                     return self._finished(cached, hop, recipients, transaction, queueId, True)
                 log.info(
@@ -380,7 +406,7 @@ class Deliverer:
                     failure = (hop, e)
                 continue
             self._downUntil.pop(hop, None)
-            transaction = yield client.send(sender, recipients, dataPath, size, eightBit)
+            transaction = yield client.send(sender, recipients, dataPath, size, eightBit, dsn)
             return self._finished(client, hop, recipients, transaction, queueId, False)
 
         if failure is None:
@@ -445,12 +471,14 @@ class Deliverer:
             RecipientResult(
                 recipient=recipient,
                 status=_status(reply),
-                code=reply.code,
-                enhanced=reply.enhanced,
-                text=reply.text,
+                reply=reply,
                 remoteHost=hop.host if reply.remote else None,
+                command=command if reply.remote else None,
+                dsnPassed=transaction.dsn,
             )
-            for recipient, reply in zip(recipients, transaction.replies, strict=True)
+            for recipient, reply, command in zip(
+                recipients, transaction.replies, transaction.commands, strict=True
+            )
         ]
         result = AttemptResult(results, hop, client.tls)
         self._log(queueId, result, reused)
@@ -473,17 +501,7 @@ class Deliverer:
         """Every recipient with the same outcome."""
         remoteHost = hop.host if hop is not None and reply.remote else None
         return AttemptResult(
-            [
-                RecipientResult(
-                    r,
-                    _status(reply),
-                    reply.code,
-                    reply.enhanced,
-                    reply.text,
-                    remoteHost,
-                )
-                for r in recipients
-            ],
+            [RecipientResult(r, _status(reply), reply, remoteHost) for r in recipients],
             hop,
             tls,
         )

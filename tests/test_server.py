@@ -268,7 +268,7 @@ class CommandRulesTests(RelaydTestCase):
             c.command("EHLO client.test")
             mail = c.command("MAIL FROM:<a@example.org> FOO=bar")
             c.command("MAIL FROM:<a@example.org>")
-            rcpt = c.command("RCPT TO:<b@example.org> NOTIFY=NEVER")
+            rcpt = c.command("RCPT TO:<b@example.org> XNOTIFY=NEVER")
             return mail, rcpt
 
         mail, rcpt = yield self.run_(dialogue)

@@ -70,7 +70,7 @@ from zope.interface import implementer
 
 from relayd.address import AddressError, parseParameters, parsePath
 from relayd.auth import Lockout
-from relayd.envelope import Envelope, Message, Session
+from relayd.envelope import Envelope, Message, Recipient, Session
 from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.queuefile import QueueRecord
 from relayd.reply import Reply
@@ -607,6 +607,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         verb, _, argument = line.partition(" ")
         verb = verb.upper()
         limit = COMMAND_LINE + (extensions.MAIL_ALLOWANCE if verb == "MAIL" else 0)
+        limit += extensions.RCPT_ALLOWANCE if verb == "RCPT" else 0
         if len(raw) + 2 > limit:
             self.fail(500, "5.5.2", "Error: line too long")
             return
@@ -945,7 +946,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             text = "path too long" if e.tooLong else "bad recipient address syntax"
             self.fail(501, "5.1.3", f"Error: {text}")
             return
-        refusal = extensions.parseRecipient(parameters, envelope)
+        added = Recipient(recipient)
+        refusal = extensions.parseRecipient(parameters, envelope, added)
         if refusal is not None:
             self.failWith(refusal)
             return
@@ -965,6 +967,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if verdict.action is Action.ACCEPT:
                 if recipient not in envelope.recipients:
                     envelope.recipients.append(recipient)
+                    if added.given:
+                        envelope.parameters[recipient] = added
                 self._answer(verdict)
             else:
                 self._refuseWith("rcpt", verdict.reply)
@@ -1340,6 +1344,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             helo=session.helo,
             user=session.user,
             listener=session.listener,
+            ret=envelope.ret,
+            envid=envelope.envid,
+            notify={str(a): p.notify for a, p in envelope.parameters.items() if p.notify},
+            orcpt={str(a): p.orcpt for a, p in envelope.parameters.items() if p.orcpt},
         )
 
     def _refuseData(self, reader: DataReader | ChunkReader) -> None:
