@@ -50,10 +50,12 @@ class ScriptedDeliverer:
         self.calls = []
         self.hold = False
         self.held = []
+        self.dsn = []
+        self.dsnPassed = False
 
     def deliver(self, destination, sender, recipients, dataPath, size, queueId=None, dsn=None):
         self.calls.append((destination.key, sender, list(recipients)))
-        self.dsn = dsn
+        self.dsn.append(dsn)
         results = []
         for address in recipients:
             steps = self.script.get(address, ["delivered"])
@@ -61,7 +63,8 @@ class ScriptedDeliverer:
             code, enhanced = {"delivered": (250, "2.0.0"), "deferred": (451, "4.7.1"),
                               "failed": (550, "5.1.1")}[status]
             reply = Reply(code, enhanced, "scripted")
-            results.append(RecipientResult(address, status, reply, destination.hops[0].host))
+            results.append(RecipientResult(address, status, reply, destination.hops[0].host,
+                                           "end of DATA", self.dsnPassed))
         result = AttemptResult(results=results, hop=destination.hops[0], tls=None)
         if self.hold:
             d = defer.Deferred()
