@@ -65,9 +65,7 @@ class DSNDialogueTests(DialogueTestCase):
             self.talk("RCPT TO:<b@example.net> NOTIFY=NEVER,SUCCESS\r\n"),
             ["501 5.5.4 Error: bad NOTIFY parameter"],
         )
-        self.assertEqual(
-            self.talk("DATA\r\n"), ["554 5.5.1 Error: no valid recipients"]
-        )
+        self.assertEqual(self.talk("DATA\r\n"), ["554 5.5.1 Error: no valid recipients"])
 
     def test_orcptWithoutAddressType(self) -> None:
         self.ehlo()
@@ -350,9 +348,19 @@ class DSNSchedulerTests(SchedulerTestCase):
 
     def submitDSN(self, recipients, notify=None, orcpt=None, ret=None, envid=None):
         record = envelopeRecord(
-            queueId="", sender="a@example.org", recipients=list(recipients),
-            arrival=self.clock.seconds(), size=len(BODY), body="7BIT", client="127.0.0.1",
-            helo="h", user=None, listener="relay", ret=ret, envid=envid, notify=notify,
+            queueId="",
+            sender="a@example.org",
+            recipients=list(recipients),
+            arrival=self.clock.seconds(),
+            size=len(BODY),
+            body="7BIT",
+            client="127.0.0.1",
+            helo="h",
+            user=None,
+            listener="relay",
+            ret=ret,
+            envid=envid,
+            notify=notify,
             orcpt=orcpt,
         )
         return self.spool.submit(record, BODY)
@@ -373,8 +381,11 @@ class DSNSchedulerTests(SchedulerTestCase):
     def test_parametersReachTheDeliverer(self):
         yield self.start()
         yield self.submitDSN(
-            ["b@x.test"], notify={"b@x.test": ("SUCCESS",)}, orcpt={"b@x.test": "rfc822;b"},
-            ret="HDRS", envid="e1",
+            ["b@x.test"],
+            notify={"b@x.test": ("SUCCESS",)},
+            orcpt={"b@x.test": "rfc822;b"},
+            ret="HDRS",
+            envid="e1",
         )
         yield self.settle()
         parameters = self.deliverer.dsn[0]
@@ -384,8 +395,11 @@ class DSNSchedulerTests(SchedulerTestCase):
     @defer.inlineCallbacks
     def test_notifyNeverNoBounce(self):
         """NOTIFY=NEVER: the recipient fails without a notice; others still get one."""
-        self.deliverer.script = {"no@x.test": ["failed"], "other@x.test": ["failed"],
-                                 "a@example.org": ["deferred"]}
+        self.deliverer.script = {
+            "no@x.test": ["failed"],
+            "other@x.test": ["failed"],
+            "a@example.org": ["deferred"],
+        }
         yield self.start()
         queueId = yield self.submitDSN(["no@x.test"], notify={"no@x.test": ("NEVER",)})
         yield self.settle()
@@ -412,8 +426,12 @@ class DSNSchedulerTests(SchedulerTestCase):
         The delay warning names the recipients that asked DELAY or gave no
         NOTIFY; NOTIFY=FAILURE alone does not get one.
         """
-        self.deliverer.script = {"d@x.test": ["deferred"], "f@x.test": ["deferred"],
-                                 "n@x.test": ["deferred"], "a@example.org": ["deferred"]}
+        self.deliverer.script = {
+            "d@x.test": ["deferred"],
+            "f@x.test": ["deferred"],
+            "n@x.test": ["deferred"],
+            "a@example.org": ["deferred"],
+        }
         yield self.start(delayWarning=500, retryInitial=300, retryMax=300)
         queueId = yield self.submitDSN(
             ["d@x.test", "f@x.test", "n@x.test"],
@@ -425,8 +443,9 @@ class DSNSchedulerTests(SchedulerTestCase):
             yield self.settle()
         [notice] = self.notices({queueId})
         fields = notice.get_payload()[1].get_payload()[1:]
-        self.assertEqual([f["Final-Recipient"] for f in fields],
-                         ["rfc822; d@x.test", "rfc822; n@x.test"])
+        self.assertEqual(
+            [f["Final-Recipient"] for f in fields], ["rfc822; d@x.test", "rfc822; n@x.test"]
+        )
         self.assertEqual({f["Action"] for f in fields}, {"delayed"})
         record, _ = self.spool.load(queueId)
         self.assertTrue(record.delayWarned)
@@ -441,8 +460,10 @@ class DSNSchedulerTests(SchedulerTestCase):
         self.deliverer.script = {"a@example.org": ["deferred"]}
         yield self.start()
         queueId = yield self.submitDSN(
-            ["s@x.test", "plain@x.test"], notify={"s@x.test": ("SUCCESS", "FAILURE")},
-            orcpt={"s@x.test": "rfc822;orig+40x.test"}, envid="env-7",
+            ["s@x.test", "plain@x.test"],
+            notify={"s@x.test": ("SUCCESS", "FAILURE")},
+            orcpt={"s@x.test": "rfc822;orig+40x.test"},
+            envid="env-7",
         )
         yield self.settle()
         [notice] = self.notices({queueId})
