@@ -3,7 +3,9 @@
 Delivery status notifications (DSNs, "bounces"), RFC 3464.
 
 When delivery to some recipients fails for good, or is still being retried
-after a while, the sender is told with a report built by L{makeDSN}: a
+after a while, or (C{NOTIFY=SUCCESS}, RFC 3461 section 6.2.3) was relayed
+to a next hop that does not do DSN, the sender is told with a report built
+by L{makeDSN}: a
 C{multipart/report} (RFC 6522) with three parts:
 
     1. C{text/plain}: what happened, for a person to read;
@@ -286,7 +288,8 @@ def makeDSN(
 
     The result is a whole message, CRLF line endings, no line over 998
     octets, to be sent from C{<>}.  Its subject says I{undelivered} when
-    any recipient failed and I{delayed} when all are only delayed.
+    any recipient failed, I{delayed} when some are delayed and none
+    failed, and I{successful} when all were relayed (L{RELAYED_SUBJECT}).
 
     @param reportingMTA: our host name (an A-label), for C{From},
         C{Message-ID} and C{Reporting-MTA} (RFC 3464 section 2.2.2).

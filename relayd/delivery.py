@@ -10,9 +10,11 @@ has accepted the session, its answers are the outcome: per recipient for
 RCPT, for all accepted recipients after the data.  When every hop fails, all
 recipients are deferred.
 
-The outcome never errbacks: whatever went wrong becomes a code, an enhanced
-code (RFC 3463) and a text that the scheduler can act on and the bounce
-module can put in a DSN's Diagnostic-Code (RFC 3464 section 2.3.6).
+The outcome never errbacks: whatever went wrong becomes a L{Reply} (code,
+enhanced code (RFC 3463) and text) with the command it answered, which the
+scheduler can act on and the bounce module can put in a DSN's
+Diagnostic-Code (RFC 3464 section 2.3.6) and "in reply to" text.  The
+message's DSN parameters (RFC 3461) go to a next hop that advertises DSN.
 
 Sessions are kept open for a while after a message, per hop, and reused for
 the next message to the same hop (Postfix's connection cache): fewer TCP and
