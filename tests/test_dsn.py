@@ -507,3 +507,29 @@ class DSNSchedulerTests(SchedulerTestCase):
         original = notice.get_payload()[2]
         self.assertEqual(original.get_content_type(), "text/rfc822-headers")
         self.assertNotIn(b"the body", notice.as_bytes())
+
+    @defer.inlineCallbacks
+    def test_parametersKeptAcrossRetriesAndRestart(self):
+        """A deferral and a new scheduler on the same spool keep every parameter."""
+        self.deliverer.script = {"b@x.test": ["deferred", "delivered"]}
+        yield self.start()
+        queueId = yield self.submitDSN(
+            ["b@x.test"],
+            notify={"b@x.test": ("FAILURE", "DELAY")},
+            orcpt={"b@x.test": "rfc822;b+40x"},
+            ret="FULL",
+            envid="e2",
+        )
+        yield self.settle()
+        yield self.scheduler.stopService()
+        record, _ = self.spool.load(queueId)
+        self.assertEqual((record.ret, record.envid), ("FULL", "e2"))
+        self.assertEqual(record.recipients[0].notify, ("FAILURE", "DELAY"))
+        self.assertEqual(record.recipients[0].command, "end of DATA")
+        yield self.start()
+        self.clock.advance(400)
+        yield self.settle()
+        first, second = self.deliverer.dsn
+        self.assertEqual(first, second)
+        self.assertEqual(second.rcpt("b@x.test"), " NOTIFY=FAILURE,DELAY ORCPT=rfc822;b+40x")
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})

@@ -139,3 +139,14 @@ class DSNEndToEndTests(DeliveryTestCase):
         self.assertIn("(in reply to end of DATA command)", " ".join(text.get_content().split()))
         self.assertEqual(original.get_content_type(), "message/rfc822")
         self.assertIn(b"the body text", notice.data)
+
+    @defer.inlineCallbacks
+    def test_mailRefusedNamesMail(self):
+        """A next hop refusing MAIL: the bounce says "in reply to MAIL FROM command"."""
+        self.sinks["127.0.0.2"].refuse["MAIL"] = (553, "5.7.1 sender rejected")
+        yield self.sendDSN(["r@example.net"], [], [])
+        yield self.waitFor(self.dsns)
+        [notice] = self.dsns()
+        self.checkDSN(notice, "r@example.net", "5.7.1")
+        text = self.parse(notice).get_payload()[0]
+        self.assertIn("(in reply to MAIL FROM command)", " ".join(text.get_content().split()))
