@@ -619,7 +619,7 @@ class Scheduler(Service):
                 status = "failed" if e.permanent else "deferred"
                 for address in addresses:
                     code = 550 if e.permanent else 451
-                    reply = Reply(code, e.enhanced, e.text)
+                    reply = RemoteReply.local(code, e.enhanced, e.text)
                     outcomes[address] = (RecipientResult(address, status, reply, None), None)
                 continue
             groups.setdefault(destination.key, (destination, []))[1].extend(addresses)
