@@ -714,6 +714,8 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         dataPath: str,
         size: int,
         eightBit: bool = False,
+        *,
+        requireTLS: bool = False,
     ) -> Deferred[Transaction]:
         """
         One mail transaction: RSET if the connection carried one before,
@@ -731,9 +733,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             is its first C{size} octets.
         @param size: its size in octets.
         @param eightBit: the message has octets above 127.
+        @param requireTLS: the message was received with REQUIRETLS (RFC
+            8689): C{MAIL} carries C{REQUIRETLS}, and nothing is sent unless
+            L{requireTLSRefusal} finds the session fit for it.
         @return: a L{Transaction}; never errbacks.
         """
-        d = self._transaction(sender, recipients, dataPath, size, eightBit)
+        d = self._transaction(sender, recipients, dataPath, size, eightBit, requireTLS)
 
         def unexpected(failure: Failure) -> Transaction:
             log.failure("{peer}: transaction failed", failure, peer=self.peer)
@@ -751,6 +756,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         dataPath: str,
         size: int,
         eightBit: bool,
+        requireTLS: bool = False,
     ) -> Generator[Deferred[Any], Any, Transaction]:
         replies: list[Reply | None] = [None] * len(recipients)
         t = self.timeouts
@@ -767,6 +773,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     self._abort(reply)
                     return Transaction([reply] * len(recipients), stale=True)
                 self._needReset = False
+            if requireTLS:
+                # The deliverer checked already; this is the last word
+                # before a REQUIRETLS message could leave.
+                refusal = self.requireTLSRefusal()
+                if refusal is not None:
+                    return Transaction([refusal] * len(recipients))
             self.messages += 1
             limit = self._sizeLimit()
             if limit and size > limit:
@@ -782,6 +794,8 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                 mail += b" SIZE=%d" % size
             if eightBit and "8BITMIME" in self.extensions:
                 mail += b" BODY=8BITMIME"
+            if requireTLS:
+                mail += b" REQUIRETLS"
             rcpts = [
                 (b"RCPT TO:<" + r.encode("utf-8") + b">", "sending RCPT TO", t.rcpt)
                 for r in recipients
@@ -852,6 +866,31 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         finally:
             file.close()
         return Transaction([r for r in replies if r is not None])
+
+    def requireTLSRefusal(self) -> Reply | None:
+        """
+        Why this session may not carry a REQUIRETLS message (RFC 8689
+        section 4.2.1), or None when it may: TLS must be up with the
+        C{verify} mode (a certificate chained to the trust root and
+        matching the hop's host name; C{5.7.10} otherwise), and the EHLO
+        inside TLS must offer C{REQUIRETLS} (C{5.7.30} otherwise, the code
+        RFC 8689 registers: "REQUIRETLS support required").  Permanent:
+        the same hop will answer the same.
+        """
+        if self.tls is None or self.hop.tls != "verify":
+            return Reply.local(
+                550,
+                "5.7.10",
+                f"requiretls: TLS with host {self.peer} not established or its "
+                "certificate not verified",
+            )
+        if "REQUIRETLS" not in self.extensions:
+            return Reply.local(
+                550,
+                "5.7.30",
+                f"requiretls: next hop {self.peer} does not offer REQUIRETLS",
+            )
+        return None
 
     def _sizeLimit(self) -> int:
         value = self.extensions.get("SIZE", "")

@@ -99,6 +99,8 @@ class Envelope:
         every log line about the message.
     @ivar notes: free-form storage for policies, for this transaction
         only.
+    @ivar requireTLS: the client gave C{REQUIRETLS} on MAIL (RFC 8689
+        section 4.1): relay the message only over verified TLS.
     """
 
     sender: Address
@@ -107,6 +109,7 @@ class Envelope:
     body: str = "7BIT"
     queueId: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    requireTLS: bool = False
 
 
 _LINE_REST = rb"[^\r]*(?:\r(?!\n)[^\r]*)*\r\n"

@@ -41,6 +41,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd import requiretls
 from relayd.bounce import RecipientStatus, makeDSN, shouldBounce
 from relayd.delivery import RecipientResult
 from relayd.metrics import NO_METRICS, NoMetrics
@@ -623,6 +624,9 @@ class Scheduler(Service):
                 self.spool.queueFile(queueId, QueueState.ACTIVE),
                 record.size,
                 queueId=queueId,
+                # Only when set, so that a deliverer without the keyword
+                # (a test's) still serves every other message.
+                **({"requireTLS": True} if record.requireTLS else {}),
             )
             calls.append(d)
         results = yield DeferredList(calls, consumeErrors=True)
@@ -840,6 +844,7 @@ class Scheduler(Service):
             user=None,
             listener="bounce",
         )
+        dsnRecord = requiretls.bounceRecord(dsnRecord, record)
         bounceId = yield self.spool.submit(dsnRecord, dsn)
         log.info(
             "{queue_id}: sender {action} notification: {bounce_id}",
