@@ -25,6 +25,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from relayd.certificates import issueCertificate, loadServerOptions, makeCA, writeKeyPair
 from relayd.queuefile import QueueRecord
 from relayd.smtp import extensions
+from relayd.testing import PostfixSink
+from tests.test_delivery import DeliveryTestCase as ClientTestCase
 from tests.test_delivery_e2e import BODY, DeliveryTestCase, afterReceived
 from tests.test_dialogue import DialogueTestCase
 from tests.test_extensions import offer
@@ -487,3 +489,68 @@ class TLSRequiredNoTests(DeliveryTestCase):
         self.assertFalse(record.requireTLS)
         self.assertEqual(self.sinks["127.0.0.2"].messages, [])
         self.assertNotIn("MAIL", self.sinks["127.0.0.2"].verbs())
+
+
+# --- the deliverer and the client ------------------------------------------------
+
+
+class DelivererTests(ClientTestCase):
+    @defer.inlineCallbacks
+    def test_postfixNextHopWithoutTLS(self):
+        """
+        Postfix's smtp-sink, a real next hop without STARTTLS: a REQUIRETLS
+        message fails with 5.7.10 and smtp-sink never sees a transaction.
+        """
+        sink = PostfixSink(self.directory)
+        self.addCleanup(sink.stop)
+        hop = self.hop(sink.port, host="postfix-sink.test", tls="opportunistic")
+        path, size = self.message(b"Subject: secret\r\n\r\nbody\r\n")
+        result = yield self.deliverer().deliver(
+            self.destination(hop), "s@example.org", ["a@example.net"], path, size, requireTLS=True
+        )
+        self.assertEqual(self.statuses(result), [("a@example.net", "failed", 550, "5.7.10")])
+        self.assertIn("requiretls: TLS with host postfix-sink.test", result.results[0].text)
+        self.assertEqual(sink.messages(), [])
+
+    @defer.inlineCallbacks
+    def test_clientRefusesWithoutVerifiedTLS(self):
+        """
+        The client's own check, whoever calls it: on a session without
+        verified TLS a REQUIRETLS transaction is refused before MAIL.
+        """
+        sink = self.sink()
+        deliverer = self.deliverer()
+        client = yield deliverer._connect(self.hop(sink.port))
+        self.addCleanup(client.quit)
+        path, size = self.message(b"Subject: secret\r\n\r\nbody\r\n")
+        transaction = yield client.send(
+            "s@example.org", ["a@example.net"], path, size, requireTLS=True
+        )
+        [reply] = transaction.replies
+        self.assertEqual((reply.code, reply.enhanced), (550, "5.7.10"))
+        self.assertNotIn("MAIL", sink.verbs())
+        # The session is still good for other mail.
+        transaction = yield client.send("s@example.org", ["a@example.net"], path, size)
+        self.assertEqual(transaction.replies[0].code, 250)
+
+    @defer.inlineCallbacks
+    def test_clientSendsREQUIRETLSOnlyWhenAsked(self):
+        options, caPath = self.tls("localhost")
+        sink = self.sink(tlsOptions=options)
+        sink.advertise.append("REQUIRETLS")
+        deliverer = self.deliverer(caFile=caPath)
+        hop = self.hop(sink.port, tls="verify")
+        path, size = self.message(b"Subject: secret\r\n\r\nbody\r\n")
+        for requireTLS in (False, True):
+            result = yield deliverer.deliver(
+                self.destination(hop),
+                "s@example.org",
+                ["a@example.net"],
+                path,
+                size,
+                requireTLS=requireTLS,
+            )
+            self.assertEqual(result.results[0].status, "delivered")
+        first, second = sink.messages
+        self.assertNotIn("REQUIRETLS", first.mailParameters)
+        self.assertIn("REQUIRETLS", second.mailParameters.split())
