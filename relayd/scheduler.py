@@ -820,6 +820,8 @@ class Scheduler(Service):
                 )
             )
         # Reads the original's headers from disk: not on the reactor thread.
+        # Headers only: for a REQUIRETLS original that is also what RFC 8689
+        # section 5 wants; never return its body (relayd.requiretls).
         dsn = yield deferToThread(
             makeDSN,
             reportingMTA=self.hostname,
