@@ -177,6 +177,9 @@ _DETAIL = {
     "7.5": "Cryptographic failure",
     "7.6": "Cryptographic algorithm not supported",
     "7.7": "Message integrity failure",
+    # RFC 5248's registry: X.7.10 (RFC 5248), X.7.30 (RFC 8689).
+    "7.10": "Encryption needed",
+    "7.30": "REQUIRETLS support required",
 }
 """
 What the subject and detail of an enhanced status code mean (RFC 3463

@@ -724,6 +724,8 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         size: int,
         eightBit: bool = False,
         dsn: DSNParameters | None = None,
+        *,
+        requireTLS: bool = False,
     ) -> Deferred[Transaction]:
         """
         One mail transaction: RSET if the connection carried one before,
@@ -744,9 +746,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         @param dsn: the message's DSN parameters, passed on as C{RET=},
             C{ENVID=}, C{NOTIFY=}, C{ORCPT=} when the server offers DSN
             (RFC 3461 section 4); left out otherwise.
+        @param requireTLS: the message was received with REQUIRETLS (RFC
+            8689): C{MAIL} carries C{REQUIRETLS}, and nothing is sent unless
+            L{requireTLSRefusal} finds the session fit for it.
         @return: a L{Transaction}; never errbacks.
         """
-        d = self._transaction(sender, recipients, dataPath, size, eightBit, dsn)
+        d = self._transaction(sender, recipients, dataPath, size, eightBit, dsn, requireTLS)
 
         def unexpected(failure: Failure) -> Transaction:
             log.failure("{peer}: transaction failed", failure, peer=self.peer)
@@ -765,6 +770,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         size: int,
         eightBit: bool,
         dsn: DSNParameters | None = None,
+        requireTLS: bool = False,
     ) -> Generator[Deferred[Any], Any, Transaction]:
         replies: list[Reply | None] = [None] * len(recipients)
         commands: list[str | None] = [None] * len(recipients)
@@ -783,6 +789,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     self._abort(reply)
                     return Transaction([reply] * len(recipients), stale=True)
                 self._needReset = False
+            if requireTLS:
+                # The deliverer checked already; this is the last word
+                # before a REQUIRETLS message could leave.
+                refusal = self.requireTLSRefusal()
+                if refusal is not None:
+                    return Transaction([refusal] * len(recipients))
             self.messages += 1
             limit = self._sizeLimit()
             if limit and size > limit:
@@ -802,6 +814,8 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             if passDSN:
                 assert dsn is not None
                 mail += dsn.mail().encode("ascii")
+            if requireTLS:
+                mail += b" REQUIRETLS"
             rcpts = [
                 (
                     b"RCPT TO:<"
@@ -886,6 +900,31 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         finally:
             file.close()
         return Transaction([r for r in replies if r is not None], commands=commands, dsn=passDSN)
+
+    def requireTLSRefusal(self) -> Reply | None:
+        """
+        Why this session may not carry a REQUIRETLS message (RFC 8689
+        section 4.2.1), or None when it may: TLS must be up with the
+        C{verify} mode (a certificate chained to the trust root and
+        matching the hop's host name; C{5.7.10} otherwise), and the EHLO
+        inside TLS must offer C{REQUIRETLS} (C{5.7.30} otherwise, the code
+        RFC 8689 registers: "REQUIRETLS support required").  Permanent:
+        the same hop will answer the same.
+        """
+        if self.tls is None or self.hop.tls != "verify":
+            return Reply.local(
+                550,
+                "5.7.10",
+                f"requiretls: TLS with host {self.peer} not established or its "
+                "certificate not verified",
+            )
+        if "REQUIRETLS" not in self.extensions:
+            return Reply.local(
+                550,
+                "5.7.30",
+                f"requiretls: next hop {self.peer} does not offer REQUIRETLS",
+            )
+        return None
 
     def _sizeLimit(self) -> int:
         value = self.extensions.get("SIZE", "")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet.defer import (
@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import relayd.reply
+from relayd import requiretls
 from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
 from relayd.client import (
     CHUNK_SIZE,
@@ -295,6 +296,7 @@ class Deliverer:
         *,
         queueId: str | None = None,
         dsn: DSNParameters | None = None,
+        requireTLS: bool = False,
     ) -> Deferred[AttemptResult]:
         """
         Make one attempt to deliver the message in C{dataPath}: its first
@@ -308,10 +310,16 @@ class Deliverer:
         @param queueId: for the log lines about this attempt.
         @param dsn: the message's DSN parameters (RFC 3461), passed on to a
             next hop that advertises DSN.
+        @param requireTLS: the message was received with REQUIRETLS (RFC
+            8689): only a hop with verified TLS that offers REQUIRETLS may
+            take it, and when every hop was reached and none does, the
+            recipients fail (L{relayd.requiretls}).
         @return: a Deferred that always fires with an L{AttemptResult},
             never an error.
         """
-        d = self._attempt(destination, sender, list(recipients), dataPath, size, queueId, dsn)
+        d = self._attempt(
+            destination, sender, list(recipients), dataPath, size, queueId, dsn, requireTLS
+        )
 
         def unexpected(failure: Failure) -> AttemptResult:
             log.failure("{queue_id}: delivery attempt failed", failure, queue_id=queueId)
@@ -364,6 +372,7 @@ class Deliverer:
         size: int,
         queueId: str | None,
         dsn: DSNParameters | None = None,
+        requireTLS: bool = False,
     ) -> Generator[Deferred[Any], Any, AttemptResult]:
         if not recipients:
             return AttemptResult([], None, None)
@@ -374,12 +383,25 @@ class Deliverer:
             return self._result(recipients, reply, None, None)
 
         failure: tuple[Hop, HopFailure] | None = None
+        # REQUIRETLS: the first hop that was reached and did not qualify.
+        unfit: tuple[Hop, Reply] | None = None
+        if requireTLS:
+            destination, unfit = self._requireTLSHops(destination, queueId)
         for hop in self._order(destination):
             if self._stopping:
                 break
             cached = self._takeIdle(hop)
+            if cached is not None and requireTLS:
+                refusal = cached.requireTLSRefusal()
+                if refusal is not None:
+                    # Fit for other mail to this hop, not for this message.
+                    self._park(hop, cached)
+                    unfit = unfit or self._unfit(queueId, hop, refusal)
+                    continue
             if cached is not None:
-                transaction = yield cached.send(sender, recipients, dataPath, size, eightBit, dsn)
+                transaction = yield cached.send(
+                    sender, recipients, dataPath, size, eightBit, dsn, requireTLS=requireTLS
+                )
                 if not transaction.stale:
                     return self._finished(cached, hop, recipients, transaction, queueId, True)
                 log.info(
@@ -402,14 +424,40 @@ class Deliverer:
                     text=str(e.reply),
                 )
                 self._markDown(hop)
+                if requireTLS and requiretls.isTLSFailure(e):
+                    refusal = Reply.local(
+                        550,
+                        "5.7.10",
+                        f"requiretls: TLS with host {hop.host}[{hop.address}] not established "
+                        f"or its certificate not verified: {e.reply.text}",
+                    )
+                    unfit = unfit or self._unfit(queueId, hop, refusal)
+                    continue
                 if failure is None or e.reply.remote or not failure[1].reply.remote:
                     # A reply the peer actually sent is the better diagnosis
                     # to report than a refused connection elsewhere.
                     failure = (hop, e)
                 continue
             self._downUntil.pop(hop, None)
-            transaction = yield client.send(sender, recipients, dataPath, size, eightBit, dsn)
+            if requireTLS:
+                refusal = client.requireTLSRefusal()
+                if refusal is not None:
+                    client.quit()
+                    unfit = unfit or self._unfit(queueId, hop, refusal)
+                    continue
+            transaction = yield client.send(
+                sender, recipients, dataPath, size, eightBit, dsn, requireTLS=requireTLS
+            )
             return self._finished(client, hop, recipients, transaction, queueId, False)
+
+        if unfit is not None and failure is None and not self._stopping:
+            # Every hop was reached and none may take a REQUIRETLS
+            # message: it must not go to this destination (RFC 8689
+            # section 4.2.1), and the sender hears so now.
+            hop, refusal = unfit
+            result = self._result(recipients, refusal, hop, None)
+            self._log(queueId, result)
+            return result
 
         if failure is None:
             text = (
@@ -422,6 +470,35 @@ class Deliverer:
         result = self._result(recipients, error.reply, hop, error.tls)
         self._log(queueId, result)
         return result
+
+    def _requireTLSHops(
+        self, destination: Destination, queueId: str | None
+    ) -> tuple[Destination, tuple[Hop, Reply] | None]:
+        """
+        The destination as a REQUIRETLS message must use it: every hop with
+        verified TLS (L{requiretls.verifiedHop}), those configured
+        C{tls = "none"} left out; and the refusal for the first of those.
+        """
+        hops: list[Hop] = []
+        unfit: tuple[Hop, Reply] | None = None
+        for hop in destination.hops:
+            verified = requiretls.verifiedHop(hop)
+            if verified is not None:
+                hops.append(verified)
+                continue
+            refusal = Reply.local(
+                550,
+                "5.7.10",
+                f"requiretls: next hop {hop.host}[{hop.address}]:{hop.port} is configured "
+                'with tls = "none"',
+            )
+            unfit = unfit or self._unfit(queueId, hop, refusal)
+        return replace(destination, hops=tuple(hops)), unfit
+
+    def _unfit(self, queueId: str | None, hop: Hop, refusal: Reply) -> tuple[Hop, Reply]:
+        """Log why C{hop} cannot take a REQUIRETLS message."""
+        log.info("{queue_id}: {text}", queue_id=queueId, text=refusal.text, hop=hop.host)
+        return hop, refusal
 
     @inlineCallbacks
     def _connect(self, hop: Hop) -> Generator[Deferred[Any], Any, SMTPClient]:

@@ -106,6 +106,8 @@ class Envelope:
         section 4.4), or None.
     @ivar parameters: the RCPT parameters of each accepted recipient that
         gave any (L{Recipient}), by address.
+    @ivar requireTLS: the client gave C{REQUIRETLS} on MAIL (RFC 8689
+        section 4.1): relay the message only over verified TLS.
     """
 
     sender: Address
@@ -117,6 +119,7 @@ class Envelope:
     ret: str | None = None
     envid: str | None = None
     parameters: dict[Address, Recipient] = field(default_factory=dict)
+    requireTLS: bool = False
 
 
 @dataclass

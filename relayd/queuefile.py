@@ -264,6 +264,13 @@ class QueueRecord:
         C{"HDRS"}, or None.
     @ivar envid: the ENVID= parameter decoded (RFC 3461 section 4.4), or
         None.
+    @ivar requireTLS: the message came with C{MAIL ... REQUIRETLS} (RFC
+        8689 section 4.1): it goes out only over verified TLS to a next hop
+        that offers REQUIRETLS (L{relayd.requiretls}).
+    @ivar tlsOptional: the message has C{TLS-Required: No} and no
+        REQUIRETLS (RFC 8689 section 4.1): TLS policies of the recipient
+        domain (MTA-STS, DANE) may be disregarded for it; routes' C{tls}
+        settings still apply (L{relayd.requiretls}).
     """
 
     queueId: str
@@ -279,6 +286,8 @@ class QueueRecord:
     attempts: int = 0
     nextAttempt: float | None = None
     delayWarned: bool = False
+    requireTLS: bool = False
+    tlsOptional: bool = False
     version: int = field(default=VERSION, compare=False)
     ret: str | None = None
     envid: str | None = None
@@ -361,6 +370,8 @@ class QueueRecord:
             "attempts": self.attempts,
             "next_attempt": self.nextAttempt,
             "delay_warned": self.delayWarned,
+            "require_tls": self.requireTLS,
+            "tls_optional": self.tlsOptional,
         }
         if self.ret is not None:
             data["ret"] = self.ret
@@ -400,6 +411,8 @@ class QueueRecord:
             attempts=_get(data, "attempts", int, 0),
             nextAttempt=_number(data, "next_attempt", None),
             delayWarned=_get(data, "delay_warned", bool, False),
+            requireTLS=_get(data, "require_tls", bool, False),
+            tlsOptional=_get(data, "tls_optional", bool, False),
             version=version,
             ret=_ret(data),
             envid=_get(data, "envid", str, None),

@@ -41,6 +41,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd import requiretls
 from relayd.bounce import RecipientStatus, makeDSN, shouldBounce
 from relayd.client import Reply as RemoteReply
 from relayd.delivery import RecipientResult
@@ -637,6 +638,9 @@ class Scheduler(Service):
                 record.size,
                 queueId=queueId,
                 dsn=dsn,
+                # Only when set, so that a deliverer without the keyword
+                # (a test's) still serves every other message.
+                **({"requireTLS": True} if record.requireTLS else {}),
             )
             calls.append(d)
         results = yield DeferredList(calls, consumeErrors=True)
@@ -878,6 +882,8 @@ class Scheduler(Service):
                 )
             )
         # Reads the original's headers from disk: not on the reactor thread.
+        # Headers only: for a REQUIRETLS original that is also what RFC 8689
+        # section 5 wants; never return its body (relayd.requiretls).
         dsn = yield deferToThread(
             makeDSN,
             reportingMTA=self.hostname,
@@ -891,7 +897,8 @@ class Scheduler(Service):
             postmaster=None if shouldBounce(sender) else target,
             # RFC 3461 section 4.3: RET=FULL returns the message with a
             # failure notice; HDRS, no RET and the other notices the headers.
-            returnFull=action == "failed" and record.ret == "FULL",
+            # RFC 8689 section 5: never the body of a REQUIRETLS message.
+            returnFull=action == "failed" and record.ret == "FULL" and not record.requireTLS,
             envid=record.envid,
         )
         dsnRecord = envelopeRecord(
@@ -906,6 +913,7 @@ class Scheduler(Service):
             user=None,
             listener="bounce",
         )
+        dsnRecord = requiretls.bounceRecord(dsnRecord, record)
         bounceId = yield self.spool.submit(dsnRecord, dsn)
         log.info(
             "{queue_id}: sender {action} notification: {bounce_id}",

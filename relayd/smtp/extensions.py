@@ -165,6 +165,19 @@ def _orcpt(value: str | None, envelope: Envelope, recipient: Recipient) -> Reply
     return refusal
 
 
+def _requireTLS(value: str | None, envelope: Envelope) -> Reply | None:
+    """
+    RFC 8689 section 4.1: C{REQUIRETLS}, a bare keyword, tags the message
+    to be relayed only over verified TLS.  That the session itself is under
+    TLS is checked by the session (L{relayd.requiretls.checkMail}), which
+    knows it.
+    """
+    if value is not None:
+        return Reply(501, "5.5.4", "Error: bad REQUIRETLS parameter")
+    envelope.requireTLS = True
+    return None
+
+
 EXTENSIONS: tuple[Extension, ...] = (
     Extension("PIPELINING", "RFC 2920"),
     Extension(
@@ -202,6 +215,14 @@ EXTENSIONS: tuple[Extension, ...] = (
         rcpt={"NOTIFY": _notify, "ORCPT": _orcpt},
         mailAllowance=100,
         rcptAllowance=500,
+    ),
+    # Only under TLS (RFC 8689 section 2); no MAIL allowance, as the RFC
+    # gives none.
+    Extension(
+        "REQUIRETLS",
+        "RFC 8689",
+        offered=lambda offer: offer.tls,
+        mail={"REQUIRETLS": _requireTLS},
     ),
 )
 """The extensions, in the order EHLO lists them."""

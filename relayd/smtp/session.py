@@ -68,6 +68,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayd import requiretls
 from relayd.address import AddressError, parseParameters, parsePath
 from relayd.auth import Lockout
 from relayd.envelope import Envelope, Message, Recipient, Session
@@ -889,6 +890,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if refusal is not None:
             self.failWith(refusal)
             return
+        refusal = requiretls.checkMail(session, envelope)
+        if refusal is not None:
+            self.failWith(refusal)
+            return
         declared = envelope.declaredSize or 0
         if declared > f.config.messageSize:
             self._refuse("mail", 552, "5.3.4", "Error: message size exceeds fixed limit")
@@ -1256,6 +1261,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if message.changed:
                 incoming.replaceHeader(message.headerBytes(), message.bodyOffset)
             record = self._record(envelope, incoming.size)
+            record = requiretls.markRecord(record, envelope, message)
             return f.spool.commit(incoming, record).addCallbacks(committed, failed)
 
         def committed(queueId: str) -> None:
