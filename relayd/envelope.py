@@ -99,6 +99,9 @@ class Envelope:
         every log line about the message.
     @ivar notes: free-form storage for policies, for this transaction
         only.
+    @ivar smtputf8: MAIL carried C{SMTPUTF8} (RFC 6531 section 3.4): the
+        sender and recipients may be internationalized addresses
+        (L{Address.isAscii} False) and the header fields UTF-8 (RFC 6532).
     """
 
     sender: Address
@@ -107,6 +110,7 @@ class Envelope:
     body: str = "7BIT"
     queueId: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    smtputf8: bool = False
 
 
 _LINE_REST = rb"[^\r]*(?:\r(?!\n)[^\r]*)*\r\n"

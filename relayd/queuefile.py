@@ -223,6 +223,10 @@ class QueueRecord:
     @ivar attempts: delivery attempts made.
     @ivar nextAttempt: when to attempt it next (seconds since the epoch).
     @ivar delayWarned: a delay notice was sent to the sender.
+    @ivar smtputf8: the message came with C{SMTPUTF8} on MAIL (RFC 6531):
+        its addresses and header fields may be UTF-8, and delivery sends
+        C{SMTPUTF8} where the message needs it.  False in records written
+        before relayd knew SMTPUTF8, which could not carry such a message.
     """
 
     queueId: str
@@ -238,6 +242,7 @@ class QueueRecord:
     attempts: int = 0
     nextAttempt: float | None = None
     delayWarned: bool = False
+    smtputf8: bool = False
     version: int = field(default=VERSION, compare=False)
 
     @classmethod
@@ -295,6 +300,7 @@ class QueueRecord:
             "attempts": self.attempts,
             "next_attempt": self.nextAttempt,
             "delay_warned": self.delayWarned,
+            "smtputf8": self.smtputf8,
         }
 
     @classmethod
@@ -329,6 +335,7 @@ class QueueRecord:
             attempts=_get(data, "attempts", int, 0),
             nextAttempt=_number(data, "next_attempt", None),
             delayWarned=_get(data, "delay_warned", bool, False),
+            smtputf8=_get(data, "smtputf8", bool, False),
             version=version,
         )
 

@@ -399,7 +399,8 @@ class ExtensionTests(DialogueTestCase):
                 "250-STARTTLS",
                 "250-ENHANCEDSTATUSCODES",
                 "250-8BITMIME",
-                "250 CHUNKING",
+                "250-CHUNKING",
+                "250 SMTPUTF8",
             ],
         )
 

@@ -31,6 +31,7 @@ def test_plainText() -> None:
         "ENHANCEDSTATUSCODES",
         "8BITMIME",
         "CHUNKING",
+        "SMTPUTF8",
     ]
 
 
@@ -47,8 +48,20 @@ def test_noTLSOptions() -> None:
 
 
 def test_mailAllowance() -> None:
-    """SIZE (26), BODY=8BITMIME (14) and AUTH= (500)."""
-    assert extensions.MAIL_ALLOWANCE == 540
+    """SIZE (26), BODY=8BITMIME (14), AUTH= (500) and SMTPUTF8 (10)."""
+    assert extensions.MAIL_ALLOWANCE == 550
+
+
+def test_parseSMTPUTF8() -> None:
+    """RFC 6531 section 3.4: a bare keyword, recorded in the envelope."""
+    envelope = Envelope(sender=Address.null())
+    assert extensions.parseMail(parseParameters("SMTPUTF8"), envelope) is None
+    assert envelope.smtputf8
+    envelope = Envelope(sender=Address.null())
+    assert extensions.parseMail(parseParameters("SMTPUTF8=yes"), envelope) == Reply(
+        501, "5.5.4", "Error: SMTPUTF8 takes no value"
+    )
+    assert not envelope.smtputf8
 
 
 def test_parseMail() -> None:

@@ -117,6 +117,17 @@ def _body(value: str | None, envelope: Envelope) -> Reply | None:
     return None
 
 
+def _smtputf8(value: str | None, envelope: Envelope) -> Reply | None:
+    """
+    RFC 6531 section 3.4: C{SMTPUTF8}, a bare keyword: the transaction may
+    carry internationalized addresses and UTF-8 header fields.
+    """
+    if value is not None:
+        return Reply(501, "5.5.4", "Error: SMTPUTF8 takes no value")
+    envelope.smtputf8 = True
+    return None
+
+
 def _authParameter(value: str | None, envelope: Envelope) -> Reply | None:
     """RFC 4954 section 5: C{AUTH=<mailbox>} is accepted; relayd does not trust it."""
     return None
@@ -150,13 +161,17 @@ EXTENSIONS: tuple[Extension, ...] = (
     # BDAT without BINARYMIME: the content keeps DATA's line rules
     # (relayd.smtp.wire.ChunkReader), so it can be relayed as DATA.
     Extension("CHUNKING", "RFC 3030"),
+    # RFC 6531 section 3.4: the keyword adds 10 octets (" SMTPUTF8") to
+    # the MAIL line.  The session checks the addresses against it.
+    Extension("SMTPUTF8", "RFC 6531", mail={"SMTPUTF8": _smtputf8}, mailAllowance=10),
 )
 """The extensions, in the order EHLO lists them."""
 
 MAIL_ALLOWANCE = sum(extension.mailAllowance for extension in EXTENSIONS)
 """
 Extra octets a MAIL line may use for the extensions relayd offers: SIZE
-(RFC 1870: 26), BODY=8BITMIME (14) and AUTH= (RFC 4954 section 5: 500).
+(RFC 1870: 26), BODY=8BITMIME (14), AUTH= (RFC 4954 section 5: 500) and
+SMTPUTF8 (RFC 6531 section 3.4: 10).
 """
 
 _MAIL: Mapping[str, Parser] = MappingProxyType(
