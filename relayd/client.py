@@ -714,6 +714,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         dataPath: str,
         size: int,
         eightBit: bool = False,
+        smtputf8: bool = False,
     ) -> Deferred[Transaction]:
         """
         One mail transaction: RSET if the connection carried one before,
@@ -731,9 +732,13 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             is its first C{size} octets.
         @param size: its size in octets.
         @param eightBit: the message has octets above 127.
+        @param smtputf8: the message needs C{SMTPUTF8} (RFC 6531;
+            L{relayd.smtputf8.needsSMTPUTF8}): MAIL carries it, and when the
+            server does not offer it nothing is sent and every recipient
+            fails with C{553 5.6.7} (never a downgrade).
         @return: a L{Transaction}; never errbacks.
         """
-        d = self._transaction(sender, recipients, dataPath, size, eightBit)
+        d = self._transaction(sender, recipients, dataPath, size, eightBit, smtputf8)
 
         def unexpected(failure: Failure) -> Transaction:
             log.failure("{peer}: transaction failed", failure, peer=self.peer)
@@ -751,6 +756,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         dataPath: str,
         size: int,
         eightBit: bool,
+        smtputf8: bool = False,
     ) -> Generator[Deferred[Any], Any, Transaction]:
         replies: list[Reply | None] = [None] * len(recipients)
         t = self.timeouts
@@ -776,12 +782,23 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     f"message size {size} exceeds size limit {limit} of server {self.peer}",
                 )
                 return Transaction([reply] * len(recipients))
+            if smtputf8 and "SMTPUTF8" not in self.extensions:
+                # RFC 6531 section 3.2: not to a server without it; the
+                # sender hears of it in a DSN (Postfix says the same).
+                reply = Reply.local(
+                    553,
+                    "5.6.7",
+                    f"SMTPUTF8 is required, but was not offered by host {self.peer}",
+                )
+                return Transaction([reply] * len(recipients))
             self._needReset = True
             mail = b"MAIL FROM:<" + sender.encode("utf-8") + b">"
             if "SIZE" in self.extensions:
                 mail += b" SIZE=%d" % size
             if eightBit and "8BITMIME" in self.extensions:
                 mail += b" BODY=8BITMIME"
+            if smtputf8:
+                mail += b" SMTPUTF8"
             rcpts = [
                 (b"RCPT TO:<" + r.encode("utf-8") + b">", "sending RCPT TO", t.rcpt)
                 for r in recipients

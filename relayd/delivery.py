@@ -65,6 +65,7 @@ from relayd.client import (
 )
 from relayd.queuefile import openRegion
 from relayd.routing import Destination, Hop
+from relayd.smtputf8 import needsSMTPUTF8
 
 __all__ = ["RecipientResult", "AttemptResult", "Deliverer", "loadTrustRoot"]
 
@@ -270,6 +271,7 @@ class Deliverer:
         size: int,
         *,
         queueId: str | None = None,
+        smtputf8: bool = False,
     ) -> Deferred[AttemptResult]:
         """
         Make one attempt to deliver the message in C{dataPath}: its first
@@ -281,10 +283,15 @@ class Deliverer:
         @param recipients: all for this destination; one transaction.
         @param size: the size of the message, for C{SIZE=} (RFC 1870).
         @param queueId: for the log lines about this attempt.
+        @param smtputf8: the message came with C{SMTPUTF8} (its record
+            says so); whether the transaction needs it at the next hop is
+            L{relayd.smtputf8.needsSMTPUTF8}'s rule.
         @return: a Deferred that always fires with an L{AttemptResult},
             never an error.
         """
-        d = self._attempt(destination, sender, list(recipients), dataPath, size, queueId)
+        d = self._attempt(
+            destination, sender, list(recipients), dataPath, size, queueId, smtputf8
+        )
 
         def unexpected(failure: Failure) -> AttemptResult:
             log.failure("{queue_id}: delivery attempt failed", failure, queue_id=queueId)
@@ -336,11 +343,13 @@ class Deliverer:
         dataPath: str,
         size: int,
         queueId: str | None,
+        smtputf8: bool = False,
     ) -> Generator[Deferred[Any], Any, AttemptResult]:
         if not recipients:
             return AttemptResult([], None, None)
         try:
             eightBit = _hasEightBit(dataPath, size)
+            utf8 = needsSMTPUTF8(smtputf8, sender, recipients, dataPath, size)
         except OSError as e:
             reply = Reply.local(451, "4.3.0", f"cannot read queue file: {e.strerror}")
             return self._result(recipients, reply, None, None)
@@ -351,7 +360,9 @@ class Deliverer:
                 break
             cached = self._takeIdle(hop)
             if cached is not None:
-                transaction = yield cached.send(sender, recipients, dataPath, size, eightBit)
+                transaction = yield cached.send(
+                    sender, recipients, dataPath, size, eightBit, utf8
+                )
                 if not transaction.stale:
                     return self._finished(cached, hop, recipients, transaction, queueId, True)
                 log.info(
@@ -380,7 +391,9 @@ class Deliverer:
                     failure = (hop, e)
                 continue
             self._downUntil.pop(hop, None)
-            transaction = yield client.send(sender, recipients, dataPath, size, eightBit)
+            transaction = yield client.send(
+                    sender, recipients, dataPath, size, eightBit, utf8
+                )
             return self._finished(client, hop, recipients, transaction, queueId, False)
 
         if failure is None:

@@ -623,6 +623,7 @@ class Scheduler(Service):
                 self.spool.queueFile(queueId, QueueState.ACTIVE),
                 record.size,
                 queueId=queueId,
+                smtputf8=record.smtputf8,
             )
             calls.append(d)
         results = yield DeferredList(calls, consumeErrors=True)

@@ -50,8 +50,10 @@ class ScriptedDeliverer:
         self.hold = False
         self.held = []
 
-    def deliver(self, destination, sender, recipients, dataPath, size, queueId=None):
+    def deliver(self, destination, sender, recipients, dataPath, size, queueId=None,
+                smtputf8=False):
         self.calls.append((destination.key, sender, list(recipients)))
+        self.smtputf8 = smtputf8
         results = []
         for address in recipients:
             steps = self.script.get(address, ["delivered"])
