@@ -841,6 +841,9 @@ class Scheduler(Service):
             user=None,
             listener="bounce",
         )
+        if not target.isascii():
+            # To an internationalized sender: only over SMTPUTF8 (RFC 6531).
+            dsnRecord = replace(dsnRecord, smtputf8=True)
         bounceId = yield self.spool.submit(dsnRecord, dsn)
         log.info(
             "{queue_id}: sender {action} notification: {bounce_id}",
