@@ -156,6 +156,8 @@ _DETAIL = {
     "6.3": "Conversion required but not supported",
     "6.4": "Conversion with loss performed",
     "6.5": "Conversion failed",
+    # RFC 6531 section 3.7.4.1 (SMTPUTF8 needed, the next hop lacks it).
+    "6.7": "Non-ASCII addresses not permitted for that sender/recipient",
     "7.0": "Other or undefined security status",
     "7.1": "Delivery not authorized, message refused",
     "7.2": "Mailing list expansion prohibited",
