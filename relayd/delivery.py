@@ -289,9 +289,7 @@ class Deliverer:
         @return: a Deferred that always fires with an L{AttemptResult},
             never an error.
         """
-        d = self._attempt(
-            destination, sender, list(recipients), dataPath, size, queueId, smtputf8
-        )
+        d = self._attempt(destination, sender, list(recipients), dataPath, size, queueId, smtputf8)
 
         def unexpected(failure: Failure) -> AttemptResult:
             log.failure("{queue_id}: delivery attempt failed", failure, queue_id=queueId)
@@ -360,9 +358,7 @@ class Deliverer:
                 break
             cached = self._takeIdle(hop)
             if cached is not None:
-                transaction = yield cached.send(
-                    sender, recipients, dataPath, size, eightBit, utf8
-                )
+                transaction = yield cached.send(sender, recipients, dataPath, size, eightBit, utf8)
                 if not transaction.stale:
                     return self._finished(cached, hop, recipients, transaction, queueId, True)
                 log.info(
@@ -391,9 +387,7 @@ class Deliverer:
                     failure = (hop, e)
                 continue
             self._downUntil.pop(hop, None)
-            transaction = yield client.send(
-                    sender, recipients, dataPath, size, eightBit, utf8
-                )
+            transaction = yield client.send(sender, recipients, dataPath, size, eightBit, utf8)
             return self._finished(client, hop, recipients, transaction, queueId, False)
 
         if failure is None:

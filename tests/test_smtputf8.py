@@ -116,9 +116,7 @@ class RcptTests(DialogueTestCase):
             self.talk(wire(f"MAIL FROM:<{UTF8_SENDER}> SMTPUTF8\r\n")), ["250 2.1.0 Ok"]
         )
         self.assertEqual(self.talk(wire(f"RCPT TO:<{UTF8_RECIPIENT}>\r\n")), ["250 2.1.5 Ok"])
-        self.assertEqual(
-            self.server.envelope.recipients, [Address("用户", "例え.テスト")]
-        )
+        self.assertEqual(self.server.envelope.recipients, [Address("用户", "例え.テスト")])
 
     def test_utf8RecipientWithoutParameter(self) -> None:
         """553 5.6.7, and the transaction is as it was."""

@@ -120,4 +120,6 @@ class SMTPUTF8DeliveryTests(DeliveryTestCase):
                 return s.rcpt("otto@münchen.test")
 
         code, text = yield deferToThread(send)
-        self.assertEqual((code, text), (553, b"5.6.7 Error: non-ASCII recipient address not permitted"))
+        self.assertEqual(
+            (code, text), (553, b"5.6.7 Error: non-ASCII recipient address not permitted")
+        )
