@@ -10,7 +10,7 @@ import json
 
 from relayd.address import Address, AddressError, asciiDomain, normalDomain, parsePath
 from relayd.queuefile import QueueRecord
-from tests.test_dialogue import DialogueTestCase
+from tests.test_dialogue import PLAIN, DialogueTestCase
 
 UTF8_SENDER = "jürgen@bücher.example"
 UTF8_RECIPIENT = "用户@例え.テスト"
@@ -148,7 +148,7 @@ class MessageTests(DialogueTestCase):
     def test_utf8HeadersAndReceived(self) -> None:
         """
         UTF-8 header fields are taken (RFC 6532), the record says smtputf8,
-        and Received: says UTF8ESMTP (RFC 6531 section 3.7.3).
+        and Received: says UTF8SMTP (RFC 6531 section 3.7.3).
         """
         self.ehlo()
         self.talk(wire(f"MAIL FROM:<{UTF8_SENDER}> SMTPUTF8\r\n"))
@@ -159,13 +159,30 @@ class MessageTests(DialogueTestCase):
         message = self.spool.messages["Q0001"]
         self.assertIn(wire(f"From: Jürgen <{UTF8_SENDER}>\r\n"), message)
         received = message.split(b"\r\n\r\n")[0].decode("utf-8")
-        self.assertIn("with UTF8ESMTP id Q0001", received)
+        self.assertIn("with UTF8SMTP id Q0001", received)
         self.assertIn(f"for <{UTF8_RECIPIENT}>;", received)
         record = self.spool.records["Q0001"]
         self.assertTrue(record.smtputf8)
         self.assertEqual(record.sender, UTF8_SENDER)
         self.assertEqual([r.address for r in record.recipients], [UTF8_RECIPIENT])
         self.assertEqual(QueueRecord.decode(record.encode()), record)
+
+    def test_receivedUnderTLSAndAuth(self) -> None:
+        """UTF8SMTPS after STARTTLS, UTF8SMTPSA after AUTH as well."""
+        self.ehlo()
+        self.starttls()
+        for name, expected in (("Q0001", "UTF8SMTPS"), ("Q0002", "UTF8SMTPSA")):
+            if name == "Q0002":
+                self.assertEqual(
+                    self.talk(f"AUTH PLAIN {PLAIN}\r\n"), ["235 2.7.0 Authentication successful"]
+                )
+            self.talk(wire(f"MAIL FROM:<{UTF8_SENDER}> SMTPUTF8\r\n"))
+            self.talk(wire(f"RCPT TO:<{UTF8_RECIPIENT}>\r\n"))
+            self.talk("DATA\r\n")
+            self.assertEqual(
+                self.talk("Subject: x\r\n\r\nbody\r\n.\r\n"), [f"250 2.0.0 Ok: queued as {name}"]
+            )
+            self.assertIn(f"with {expected} id {name}".encode(), self.spool.messages[name])
 
     def test_plainTransaction(self) -> None:
         """Without the parameter: ESMTP, and the record says False."""

@@ -49,7 +49,7 @@ class SMTPUTF8DeliveryTests(DeliveryTestCase):
     def test_deliveredWithSMTPUTF8(self):
         """
         A UTF-8 sender, recipient and header section arrive as sent, with
-        SMTPUTF8 and BODY=8BITMIME on MAIL; Received: says UTF8ESMTP.
+        SMTPUTF8 and BODY=8BITMIME on MAIL; Received: says UTF8SMTP.
         """
         yield self.sendUTF8(["用户@bücher.test"])
         sink = self.sinks["127.0.0.2"]
@@ -59,7 +59,7 @@ class SMTPUTF8DeliveryTests(DeliveryTestCase):
         self.assertIn("SMTPUTF8", message.mailParameters.split())
         self.assertIn("BODY=8BITMIME", message.mailParameters.split())
         self.assertEqual(afterReceived(message.data), BODY)
-        self.assertIn(b" with UTF8ESMTP id ", message.data.split(b"\r\n\r\n")[0])
+        self.assertIn(b" with UTF8SMTP id ", message.data.split(b"\r\n\r\n")[0])
         yield self.waitFor(lambda: self.spoolCount() == 0)
         self.assertEqual(self.dsns(), [])
 

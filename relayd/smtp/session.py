@@ -1221,8 +1221,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         literal = f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
         protocol = "ESMTP" if session.esmtp else "SMTP"
         if envelope.smtputf8:
-            # RFC 6531 section 3.7.3: UTF8ESMTP, UTF8ESMTPS, UTF8ESMTPSA.
-            protocol = "UTF8" + protocol
+            # RFC 6531 sections 3.7.3 and 4.3 register UTF8SMTP, UTF8SMTPA,
+            # UTF8SMTPS and UTF8SMTPSA ("ESMTP with SMTPUTF8"; Postfix and
+            # Gmail write these).  SMTPUTF8 needs EHLO, so this is ESMTP.
+            protocol = "UTF8SMTP"
         if session.tls:
             protocol += "S"
         if session.user is not None:
