@@ -1,5 +1,7 @@
 """
-SMTPUTF8 with Postfix as relayd's next hop: Python's smtplib sends with
+SMTPUTF8 with Postfix as relayd's next hop, and as its client.
+
+Next hop: Python's smtplib sends with
 C{SMTPUTF8} and UTF-8 addresses and header fields to relayd, which relays
 through a configured route to a private Postfix instance (C{postfix -c},
 L{bench.systems.PrivatePostfix}; Postfix 3.x with C{smtputf8_enable = yes},
@@ -7,6 +9,10 @@ the default at compatibility level 3.6), which relays on to an SMTP sink
 that offers SMTPUTF8.  Postfix takes the message only if relayd sent
 C{SMTPUTF8} on MAIL (it refuses a non-ASCII address without it), and it
 passes the flag on to the sink.
+
+Client: the same the other way round: smtplib to Postfix, whose relayhost
+is relayd, which delivers to the sink; relayd takes the message only with
+C{SMTPUTF8} on Postfix's MAIL, and passes it on.
 """
 
 import shutil
@@ -91,3 +97,53 @@ class PostfixNextHopTests(unittest.TestCase):
                 break
             yield deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(relayd.spool.entries("deferred"), [])
+
+
+class PostfixClientTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_postfixRelaysToRelayd(self):
+        if shutil.which("postfix") is None:
+            self.fail("Postfix is not installed; scripts/test installs it")
+        directory = Path(tempfile.mkdtemp(prefix="relayd-interop-utf8-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        directory.chmod(0o755)
+
+        sink = SinkServer()
+        sink.advertise = [*DEFAULT_ADVERTISE, "SMTPUTF8"]
+        sinkPort = sink.start(reactor)
+        self.addCleanup(sink.stop)
+        setup = TestSetup(
+            str(directory / "relayd"),
+            modes=("relay",),
+            sections={"delivery": {"enabled": True, "retry_initial": 1, "retry_max": 1}},
+        )
+        setup.routeAllTo(sinkPort, tls="none")
+        relayd = yield InProcessRelayd.start(setup)
+        self.addCleanup(relayd.stop)
+        # Postfix's relayhost is relayd.
+        postfix = PrivatePostfix(directory / "postfix", relayd.port("relay"))
+        yield deferToThread(postfix.start)
+        self.addCleanup(deferToThread, postfix.stop)
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", postfix.port, timeout=20) as s:
+                return s.sendmail(SENDER, [RECIPIENT], BODY, mail_options=["SMTPUTF8"])
+
+        refused = yield deferToThread(send)
+        self.assertEqual(refused, {})
+        for _ in range(600):
+            if sink.messages:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        log = postfix.logPath.read_text(errors="replace") if postfix.logPath.exists() else ""
+        self.assertTrue(sink.messages, f"nothing reached the sink through relayd; log:\n{log}")
+        [message] = sink.messages
+        self.assertEqual((message.sender, message.recipients), (SENDER, [RECIPIENT]))
+        self.assertIn("SMTPUTF8", message.mailParameters.split())
+        head, _, body = message.data.partition(b"\r\n\r\n")
+        self.assertEqual(body, "Hallo, 世界\r\n".encode())
+        self.assertIn("\r\nSubject: Grüße\r\n".encode(), head)
+        # relayd's Received: (the first) names Postfix and says UTF8SMTP.
+        first = head.split(b"\r\nReceived:")[0]
+        self.assertIn(b"Received: from postfix-bench.localhost", first)
+        self.assertIn(b"by relayd.test (relayd) with UTF8SMTP id", first)
