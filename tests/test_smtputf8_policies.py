@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import smtplib
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
@@ -122,3 +122,35 @@ class RateLimitKeyTests(unittest.TestCase):
             sender.value(Session(), Address("Alice", "Example.COM")),
             ("sender", "alice@example.com"),
         )
+
+
+class DKIMDomainTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_idna2008SigningDomain(self):
+        """
+        A UTF-8 C{From:} domain finds the key of its IDNA 2008 A-label
+        (C{faß.example} is C{xn--fa-hia.example}, not IDNA 2003's
+        C{fass.example}); C{d=} is the A-label (RFC 8616 section 4).
+        """
+        from relayd.config import load
+        from relayd.envelope import Envelope, Message, Session
+        from relayd.policy import loadPolicies
+        from tests.test_dkim import GOOD_KEYS, DKIMTestCase, configDir, writeFile
+
+        setup = configDir(
+            self,
+            {"domains": {"xn--fa-hia.example": {"selector": "s", "key": "dkim/good.pem"}}},
+            keys=GOOD_KEYS,
+        )
+        [policy] = [p for p in loadPolicies(load(setup.configPath))[0] if p.name == "dkim"]
+        policy.startPolicy(reactor)
+        self.addCleanup(policy.stopPolicy)
+        raw = "From: Jörg <jörg@FAß.example>\r\nSubject: ü\r\n\r\nbody\r\n".encode()
+        path = f"{setup.directory}/message"
+        writeFile(path, raw)
+        session = Session(ipaddress.ip_address("127.0.0.1"), 1, "relay", "relay", "S")
+        message = Message(path, len(raw))
+        envelope = Envelope(Address("jörg", "faß.example"), queueId="Q1", smtputf8=True)
+        yield policy.checkMessage(session, envelope, message)
+        [tags] = DKIMTestCase.signatures(self, message.asBytes())
+        self.assertEqual(tags["d"], "xn--fa-hia.example")
