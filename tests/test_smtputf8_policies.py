@@ -154,3 +154,19 @@ class DKIMDomainTests(unittest.TestCase):
         yield policy.checkMessage(session, envelope, message)
         [tags] = DKIMTestCase.signatures(self, message.asBytes())
         self.assertEqual(tags["d"], "xn--fa-hia.example")
+
+
+class SendmailTests(unittest.TestCase):
+    def test_nonAsciiStillRefused(self):
+        """
+        relayd-sendmail does not send SMTPUTF8, so it refuses a non-ASCII
+        address itself (EX_DATAERR), as before relayd's grammar took them.
+        """
+        from relayd import sendmail
+
+        config = sendmail.SendmailConfig(domain="example.test")
+        arguments = sendmail.parseArguments(["-f", "jürgen@example.test", "root"])
+        with self.assertRaises(sendmail.SendmailError) as raised:
+            sendmail.envelopeSender(arguments, config, "root")
+        self.assertEqual(raised.exception.status, sendmail.EX_DATAERR)
+        self.assertIn("non-ASCII needs SMTPUTF8", str(raised.exception))
