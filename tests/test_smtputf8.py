@@ -184,6 +184,21 @@ class MessageTests(DialogueTestCase):
             )
             self.assertIn(f"with {expected} id {name}".encode(), self.spool.messages[name])
 
+    def test_bdat(self) -> None:
+        """The same through BDAT (RFC 3030): UTF-8 header taken, UTF8SMTP."""
+        self.ehlo()
+        self.talk(wire(f"MAIL FROM:<{UTF8_SENDER}> SMTPUTF8\r\n"))
+        self.talk(wire(f"RCPT TO:<{UTF8_RECIPIENT}>\r\n"))
+        content = wire("Subject: Grüße\r\n\r\nbody\r\n")
+        self.assertEqual(
+            self.talk(b"BDAT %d LAST\r\n" % len(content) + content),
+            ["250 2.0.0 Ok: queued as Q0001"],
+        )
+        message = self.spool.messages["Q0001"]
+        self.assertTrue(message.endswith(content))
+        self.assertIn(b"with UTF8SMTP id Q0001", message)
+        self.assertTrue(self.spool.records["Q0001"].smtputf8)
+
     def test_plainTransaction(self) -> None:
         """Without the parameter: ESMTP, and the record says False."""
         self.ehlo()
