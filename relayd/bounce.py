@@ -30,7 +30,8 @@ with the L{email} package in the tests.
 
 Encodings, and when a report needs C{8BITMIME} (RFC 6152):
 
-    - all header fields of the report are 7-bit;
+    - all header fields of the report are 7-bit, except C{To:} when the
+      report goes to an internationalized address (SMTPUTF8, RFC 6532);
     - the C{text/plain} part is C{us-ascii}, or C{utf-8} in
       quoted-printable when a recipient address or a remote reply has
       non-ASCII characters;
@@ -169,6 +170,8 @@ _DETAIL = {
     "6.3": "Conversion required but not supported",
     "6.4": "Conversion with loss performed",
     "6.5": "Conversion failed",
+    # RFC 6531 section 3.7.4.1 (SMTPUTF8 needed, the next hop lacks it).
+    "6.7": "Non-ASCII addresses not permitted for that sender/recipient",
     "7.0": "Other or undefined security status",
     "7.1": "Delivery not authorized, message refused",
     "7.2": "Mailing list expansion prohibited",
@@ -325,13 +328,17 @@ def makeDSN(
         None.
 
     @return: the report, as bytes.  7-bit unless it returns a whole 8-bit
-        original, in which case it must be sent with C{BODY=8BITMIME}.
+        original, in which case it must be sent with C{BODY=8BITMIME}, or
+        goes to an internationalized address (a UTF-8 C{To:} field, RFC
+        6532), in which case it must also be queued with C{smtputf8}.
+        Non-ASCII recipient addresses are in C{message/delivery-status}
+        as RFC 6533 section 3 C{utf-8} xtext; relayd does not make
+        C{message/global-delivery-status}.
 
     @raise ValueError: when there is nobody to send the report to (null
         sender and no postmaster), no recipient to report on, or an
-        argument that cannot be put in a header (control characters;
-        non-ASCII, which would need SMTPUTF8 and RFC 6533's
-        C{message/global-delivery-status}, not supported).
+        argument that cannot be put in a header (control characters, or
+        a non-ASCII reporting MTA).
     @raise OSError: when the original cannot be read.
     """
     if not recipients:
@@ -341,9 +348,11 @@ def makeDSN(
     _checkText("reporting MTA", reportingMTA, ascii=True)
     if not 0 < len(reportingMTA) <= 255 or " " in reportingMTA:
         raise ValueError(f"not a host name: {reportingMTA!r}")
-    _checkText("sender", sender, ascii=True)
+    # An internationalized sender (SMTPUTF8, RFC 6531) gets a report whose
+    # To: field is UTF-8 (RFC 6532); the caller queues it with smtputf8.
+    _checkText("sender", sender)
     if postmaster is not None:
-        _checkText("postmaster", postmaster, ascii=True)
+        _checkText("postmaster", postmaster)
         to = postmaster
     elif shouldBounce(sender):
         to = sender
@@ -435,7 +444,8 @@ def makeDSN(
         # RFC 2045 section 6.4: a multipart holding 8bit data is 8bit.
         headers.append("Content-Transfer-Encoding: 8bit")
 
-    out = [_lines(headers), b"\r\n"]
+    # UTF-8 only for an internationalized To: (RFC 6532); ASCII otherwise.
+    out = ["".join(line + "\r\n" for line in headers).encode("utf-8"), b"\r\n"]
     out.append(b"This is a MIME-encapsulated message.\r\n")
     delimiter = b"\r\n--" + boundary.encode("ascii")
     for partHeaders, body in parts:

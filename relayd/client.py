@@ -724,6 +724,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         size: int,
         eightBit: bool = False,
         dsn: DSNParameters | None = None,
+        smtputf8: bool = False,
         *,
         requireTLS: bool = False,
     ) -> Deferred[Transaction]:
@@ -749,9 +750,15 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         @param requireTLS: the message was received with REQUIRETLS (RFC
             8689): C{MAIL} carries C{REQUIRETLS}, and nothing is sent unless
             L{requireTLSRefusal} finds the session fit for it.
+        @param smtputf8: the message needs C{SMTPUTF8} (RFC 6531;
+            L{relayd.smtputf8.needsSMTPUTF8}): MAIL carries it, and when the
+            server does not offer it nothing is sent and every recipient
+            fails with C{553 5.6.7} (never a downgrade).
         @return: a L{Transaction}; never errbacks.
         """
-        d = self._transaction(sender, recipients, dataPath, size, eightBit, dsn, requireTLS)
+        d = self._transaction(
+            sender, recipients, dataPath, size, eightBit, dsn, smtputf8, requireTLS
+        )
 
         def unexpected(failure: Failure) -> Transaction:
             log.failure("{peer}: transaction failed", failure, peer=self.peer)
@@ -770,6 +777,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         size: int,
         eightBit: bool,
         dsn: DSNParameters | None = None,
+        smtputf8: bool = False,
         requireTLS: bool = False,
     ) -> Generator[Deferred[Any], Any, Transaction]:
         replies: list[Reply | None] = [None] * len(recipients)
@@ -804,6 +812,15 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     f"message size {size} exceeds size limit {limit} of server {self.peer}",
                 )
                 return Transaction([reply] * len(recipients))
+            if smtputf8 and "SMTPUTF8" not in self.extensions:
+                # RFC 6531 section 3.2: not to a server without it; the
+                # sender hears of it in a DSN (Postfix says the same).
+                reply = Reply.local(
+                    553,
+                    "5.6.7",
+                    f"SMTPUTF8 is required, but was not offered by host {self.peer}",
+                )
+                return Transaction([reply] * len(recipients))
             self._needReset = True
             mail = b"MAIL FROM:<" + sender.encode("utf-8") + b">"
             if "SIZE" in self.extensions:
@@ -816,6 +833,8 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                 mail += dsn.mail().encode("ascii")
             if requireTLS:
                 mail += b" REQUIRETLS"
+            if smtputf8:
+                mail += b" SMTPUTF8"
             rcpts = [
                 (
                     b"RCPT TO:<"

@@ -70,6 +70,7 @@ from relayd.client import (
 from relayd.dsn import DSNParameters
 from relayd.queuefile import openRegion
 from relayd.routing import Destination, Hop
+from relayd.smtputf8 import needsSMTPUTF8
 
 __all__ = ["RecipientResult", "AttemptResult", "Deliverer", "loadTrustRoot"]
 
@@ -296,6 +297,7 @@ class Deliverer:
         *,
         queueId: str | None = None,
         dsn: DSNParameters | None = None,
+        smtputf8: bool = False,
         requireTLS: bool = False,
     ) -> Deferred[AttemptResult]:
         """
@@ -314,11 +316,22 @@ class Deliverer:
             8689): only a hop with verified TLS that offers REQUIRETLS may
             take it, and when every hop was reached and none does, the
             recipients fail (L{relayd.requiretls}).
+        @param smtputf8: the message came with C{SMTPUTF8} (its record
+            says so); whether the transaction needs it at the next hop is
+            L{relayd.smtputf8.needsSMTPUTF8}'s rule.
         @return: a Deferred that always fires with an L{AttemptResult},
             never an error.
         """
         d = self._attempt(
-            destination, sender, list(recipients), dataPath, size, queueId, dsn, requireTLS
+            destination,
+            sender,
+            list(recipients),
+            dataPath,
+            size,
+            queueId,
+            dsn,
+            smtputf8,
+            requireTLS,
         )
 
         def unexpected(failure: Failure) -> AttemptResult:
@@ -372,12 +385,14 @@ class Deliverer:
         size: int,
         queueId: str | None,
         dsn: DSNParameters | None = None,
+        smtputf8: bool = False,
         requireTLS: bool = False,
     ) -> Generator[Deferred[Any], Any, AttemptResult]:
         if not recipients:
             return AttemptResult([], None, None)
         try:
             eightBit = _hasEightBit(dataPath, size)
+            utf8 = needsSMTPUTF8(smtputf8, sender, recipients, dataPath, size)
         except OSError as e:
             reply = Reply.local(451, "4.3.0", f"cannot read queue file: {e.strerror}")
             return self._result(recipients, reply, None, None)
@@ -400,7 +415,7 @@ class Deliverer:
                     continue
             if cached is not None:
                 transaction = yield cached.send(
-                    sender, recipients, dataPath, size, eightBit, dsn, requireTLS=requireTLS
+                    sender, recipients, dataPath, size, eightBit, dsn, utf8, requireTLS=requireTLS
                 )
                 if not transaction.stale:
                     return self._finished(cached, hop, recipients, transaction, queueId, True)
@@ -446,7 +461,7 @@ class Deliverer:
                     unfit = unfit or self._unfit(queueId, hop, refusal)
                     continue
             transaction = yield client.send(
-                sender, recipients, dataPath, size, eightBit, dsn, requireTLS=requireTLS
+                sender, recipients, dataPath, size, eightBit, dsn, utf8, requireTLS=requireTLS
             )
             return self._finished(client, hop, recipients, transaction, queueId, False)
 

@@ -108,6 +108,9 @@ class Envelope:
         gave any (L{Recipient}), by address.
     @ivar requireTLS: the client gave C{REQUIRETLS} on MAIL (RFC 8689
         section 4.1): relay the message only over verified TLS.
+    @ivar smtputf8: MAIL carried C{SMTPUTF8} (RFC 6531 section 3.4): the
+        sender and recipients may be internationalized addresses
+        (L{Address.isAscii} False) and the header fields UTF-8 (RFC 6532).
     """
 
     sender: Address
@@ -120,6 +123,7 @@ class Envelope:
     envid: str | None = None
     parameters: dict[Address, Recipient] = field(default_factory=dict)
     requireTLS: bool = False
+    smtputf8: bool = False
 
 
 @dataclass

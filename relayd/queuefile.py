@@ -271,6 +271,10 @@ class QueueRecord:
         REQUIRETLS (RFC 8689 section 4.1): TLS policies of the recipient
         domain (MTA-STS, DANE) may be disregarded for it; routes' C{tls}
         settings still apply (L{relayd.requiretls}).
+    @ivar smtputf8: the message came with C{SMTPUTF8} on MAIL (RFC 6531):
+        its addresses and header fields may be UTF-8, and delivery sends
+        C{SMTPUTF8} where the message needs it.  False in records written
+        before relayd knew SMTPUTF8, which could not carry such a message.
     """
 
     queueId: str
@@ -288,6 +292,7 @@ class QueueRecord:
     delayWarned: bool = False
     requireTLS: bool = False
     tlsOptional: bool = False
+    smtputf8: bool = False
     version: int = field(default=VERSION, compare=False)
     ret: str | None = None
     envid: str | None = None
@@ -372,6 +377,7 @@ class QueueRecord:
             "delay_warned": self.delayWarned,
             "require_tls": self.requireTLS,
             "tls_optional": self.tlsOptional,
+            "smtputf8": self.smtputf8,
         }
         if self.ret is not None:
             data["ret"] = self.ret
@@ -413,6 +419,7 @@ class QueueRecord:
             delayWarned=_get(data, "delay_warned", bool, False),
             requireTLS=_get(data, "require_tls", bool, False),
             tlsOptional=_get(data, "tls_optional", bool, False),
+            smtputf8=_get(data, "smtputf8", bool, False),
             version=version,
             ret=_ret(data),
             envid=_get(data, "envid", str, None),

@@ -641,6 +641,7 @@ class Scheduler(Service):
                 # Only when set, so that a deliverer without the keyword
                 # (a test's) still serves every other message.
                 **({"requireTLS": True} if record.requireTLS else {}),
+                smtputf8=record.smtputf8,
             )
             calls.append(d)
         results = yield DeferredList(calls, consumeErrors=True)
@@ -914,6 +915,9 @@ class Scheduler(Service):
             listener="bounce",
         )
         dsnRecord = requiretls.bounceRecord(dsnRecord, record)
+        if not target.isascii():
+            # To an internationalized sender: only over SMTPUTF8 (RFC 6531).
+            dsnRecord = replace(dsnRecord, smtputf8=True)
         bounceId = yield self.spool.submit(dsnRecord, dsn)
         log.info(
             "{queue_id}: sender {action} notification: {bounce_id}",

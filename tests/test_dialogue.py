@@ -400,7 +400,8 @@ class ExtensionTests(DialogueTestCase):
                 "250-ENHANCEDSTATUSCODES",
                 "250-8BITMIME",
                 "250-CHUNKING",
-                "250 DSN",
+                "250-DSN",
+                "250 SMTPUTF8",
             ],
         )
 

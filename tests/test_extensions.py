@@ -32,6 +32,7 @@ def test_plainText() -> None:
         "8BITMIME",
         "CHUNKING",
         "DSN",
+        "SMTPUTF8",
     ]
 
 
@@ -48,13 +49,25 @@ def test_noTLSOptions() -> None:
 
 
 def test_mailAllowance() -> None:
-    """SIZE (26), BODY=8BITMIME (14), AUTH= (500), RET=/ENVID= (100)."""
-    assert extensions.MAIL_ALLOWANCE == 640
+    """SIZE (26), BODY=8BITMIME (14), AUTH= (500), RET=/ENVID= (100), SMTPUTF8 (10)."""
+    assert extensions.MAIL_ALLOWANCE == 650
 
 
 def test_rcptAllowance() -> None:
     """RFC 3461 section 4: NOTIFY= and ORCPT= may add 500 octets to RCPT."""
     assert extensions.RCPT_ALLOWANCE == 500
+
+
+def test_parseSMTPUTF8() -> None:
+    """RFC 6531 section 3.4: a bare keyword, recorded in the envelope."""
+    envelope = Envelope(sender=Address.null())
+    assert extensions.parseMail(parseParameters("SMTPUTF8"), envelope) is None
+    assert envelope.smtputf8
+    envelope = Envelope(sender=Address.null())
+    assert extensions.parseMail(parseParameters("SMTPUTF8=yes"), envelope) == Reply(
+        501, "5.5.4", "Error: SMTPUTF8 takes no value"
+    )
+    assert not envelope.smtputf8
 
 
 def test_parseMail() -> None:

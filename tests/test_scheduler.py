@@ -53,9 +53,11 @@ class ScriptedDeliverer:
         self.dsn = []
         self.dsnPassed = False
 
-    def deliver(self, destination, sender, recipients, dataPath, size, queueId=None, dsn=None):
+    def deliver(self, destination, sender, recipients, dataPath, size, queueId=None, dsn=None,
+                smtputf8=False):
         self.calls.append((destination.key, sender, list(recipients)))
         self.dsn.append(dsn)
+        self.smtputf8 = smtputf8
         results = []
         for address in recipients:
             steps = self.script.get(address, ["delivered"])

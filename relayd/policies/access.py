@@ -344,8 +344,9 @@ class Access(FileBacked):
         )
 
     def _addressLookups(self, subject: str, address: Any) -> list[tuple[str, Any]]:
-        mailbox = f"{address.local.lower()}@{address.domainLower}"
-        domain = address.domainLower
+        # relayd's normal form (relayd.address), as the entries are.
+        mailbox = address.normalForm
+        domain = address.normalDomain
         return [
             (f"{subject}_allow", mailbox),
             (f"{subject}_domain_allow", domain),

@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from relayd.address import normalDomain
 from relayd.interfaces import IMessagePolicy, IPolicyLifecycle, IReloadable
 from relayd.policies.headers import addressDomains
 from relayd.policy import PolicyContext, PolicyOptionError
@@ -427,14 +428,12 @@ def _fromDomain(headers: Any) -> str | None:
 
 
 def _asciiDomain(domain: str) -> str:
-    """C{domain} lower-case, as A-labels (IDNA) when it has non-ASCII."""
-    domain = domain.lower().rstrip(".")
-    if domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
+    """
+    C{domain} lower-case, as A-labels when it has non-ASCII: relayd's
+    normal form (L{relayd.address.normalDomain}, IDNA 2008), as the DKIM
+    C{d=} of an internationalized domain is written (RFC 8616 section 4).
+    """
+    return normalDomain(domain)
 
 
 def _names(options: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:

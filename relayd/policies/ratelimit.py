@@ -195,13 +195,14 @@ class Rule:
         if sender is None or sender.isNull:
             return None
         if self.key == "sender":
-            # Lower-cased whole: RFC 5321 section 2.4 lets the local part be
-            # case-sensitive, but no one should pass a limit by writing
-            # Alice instead of alice.
-            return "sender", str(sender).lower()
+            # relayd's normal form (relayd.address), lower-cased whole: RFC
+            # 5321 section 2.4 lets the local part be case-sensitive, but no
+            # one should pass a limit by writing Alice instead of alice, or
+            # an A-label domain instead of its U-labels.
+            return "sender", sender.normalForm
         if not sender.domain:
             return None
-        return "sender domain", sender.domainLower
+        return "sender domain", sender.normalDomain
 
 
 def _printable(text: str) -> str:

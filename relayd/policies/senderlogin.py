@@ -339,7 +339,7 @@ class SenderLogin(FileBacked):
         what = f"sender <{sender}>"
         if grants is None:
             return self._refuse(session, envelope, NOT_OWNED, what, "user not in the map")
-        if not grants.permits(f"{sender.local.lower()}@{sender.domainLower}"):
+        if not grants.permits(sender.normalForm):
             return self._refuse(session, envelope, NOT_OWNED, what, "not in the user's entries")
         return CONTINUE
 

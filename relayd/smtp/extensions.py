@@ -128,6 +128,17 @@ def _body(value: str | None, envelope: Envelope) -> Reply | None:
     return None
 
 
+def _smtputf8(value: str | None, envelope: Envelope) -> Reply | None:
+    """
+    RFC 6531 section 3.4: C{SMTPUTF8}, a bare keyword: the transaction may
+    carry internationalized addresses and UTF-8 header fields.
+    """
+    if value is not None:
+        return Reply(501, "5.5.4", "Error: SMTPUTF8 takes no value")
+    envelope.smtputf8 = True
+    return None
+
+
 def _authParameter(value: str | None, envelope: Envelope) -> Reply | None:
     """RFC 4954 section 5: C{AUTH=<mailbox>} is accepted; relayd does not trust it."""
     return None
@@ -224,14 +235,18 @@ EXTENSIONS: tuple[Extension, ...] = (
         offered=lambda offer: offer.tls,
         mail={"REQUIRETLS": _requireTLS},
     ),
+    # RFC 6531 section 3.4: the keyword adds 10 octets (" SMTPUTF8") to
+    # the MAIL line.  The session checks the addresses against it.
+    Extension("SMTPUTF8", "RFC 6531", mail={"SMTPUTF8": _smtputf8}, mailAllowance=10),
 )
 """The extensions, in the order EHLO lists them."""
 
 MAIL_ALLOWANCE = sum(extension.mailAllowance for extension in EXTENSIONS)
 """
 Extra octets a MAIL line may use for the extensions relayd offers: SIZE
-(RFC 1870: 26), BODY=8BITMIME (14), AUTH= (RFC 4954 section 5: 500) and
-RET=/ENVID= (RFC 3461 section 4: 100).
+(RFC 1870: 26), BODY=8BITMIME (14), AUTH= (RFC 4954 section 5: 500),
+RET=/ENVID= (RFC 3461 section 4: 100) and SMTPUTF8 (RFC 6531 section
+3.4: 10).
 """
 
 RCPT_ALLOWANCE = sum(extension.rcptAllowance for extension in EXTENSIONS)
