@@ -131,6 +131,45 @@ class ExportsTests(unittest.TestCase):
         self.assertEqual(public - {"annotations"}, set(EXPORTED))
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def relaydImports(path):
+    """The relayd modules a source file imports."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m.split(".")[0] == "relayd"}
+
+
+class OnlyThePluginAPITests(unittest.TestCase):
+    """
+    The example package and the built-in policies are written against
+    C{relayd.plugin} alone, as a third-party policy would be; built-ins may
+    also use their own helpers (C{relayd.policies.*}) and the rate
+    counters, which only the ratelimit policy uses.
+    """
+
+    def test_examplePackage(self):
+        source = REPO / "examples/relayd-policy-example/src/relayd_policy_example/__init__.py"
+        self.assertEqual(relaydImports(source), {"relayd.plugin"})
+
+    def test_builtIns(self):
+        allowed = {"relayd.plugin", "relayd.ratecounter"}
+        for path in sorted((REPO / "relayd/policies").glob("*.py")):
+            if path.name in ("__init__.py", "_entries.py"):
+                continue
+            imports = relaydImports(path)
+            self.assertIn("relayd.plugin", imports, path.name)
+            others = {m for m in imports if not m.startswith("relayd.policies.")} - allowed
+            self.assertEqual(others, set(), path.name)
+
+
 class LegacyFromConfigTests(unittest.TestCase):
     """A third-party policy written for C{fromConfig(options)} keeps loading."""
 
