@@ -34,7 +34,9 @@ from zope.interface import providedBy
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
+from relayd.address import Address
 from relayd.config import Config, ConfigError
+from relayd.envelope import Envelope, Message
 from relayd.interfaces import (
     IConnectionPolicy,
     IHeloPolicy,
@@ -45,6 +47,7 @@ from relayd.interfaces import (
     IReloadable,
     ISenderPolicy,
     ITransactionObserver,
+    SessionView,
 )
 from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.verdict import CONTINUE, Phase, Verdict, tempfail
@@ -260,7 +263,7 @@ class PolicyChain:
         """The name C{policy} has in this chain (its registry entry)."""
         return self._nameOf.get(id(policy)) or _ownName(policy)
 
-    def transactionEnded(self, session: Any, envelope: Any, queued: bool) -> None:
+    def transactionEnded(self, session: SessionView, envelope: Envelope, queued: bool) -> None:
         """
         Tell every L{ITransactionObserver} that a transaction ended; an
         exception is logged and goes no further.
@@ -275,33 +278,41 @@ class PolicyChain:
                     queue_id=getattr(envelope, "queueId", None),
                 )
 
-    def checkConnection(self, session: Any) -> Deferred[Verdict]:
+    def checkConnection(self, session: SessionView) -> Deferred[Verdict]:
         """Ask the L{IConnectionPolicy} policies, in order."""
         return self._run(IConnectionPolicy, "checkConnection", session)
 
-    def checkHelo(self, session: Any, name: str) -> Deferred[Verdict]:
+    def checkHelo(self, session: SessionView, name: str) -> Deferred[Verdict]:
         """Ask the L{IHeloPolicy} policies, in order."""
         return self._run(IHeloPolicy, "checkHelo", session, name)
 
-    def checkSender(self, session: Any, envelope: Any, sender: Any) -> Deferred[Verdict]:
+    def checkSender(
+        self, session: SessionView, envelope: Envelope, sender: Address
+    ) -> Deferred[Verdict]:
         """Ask the L{ISenderPolicy} policies, in order."""
         return self._run(ISenderPolicy, "checkSender", session, envelope, sender)
 
-    def checkRecipient(self, session: Any, envelope: Any, recipient: Any) -> Deferred[Verdict]:
+    def checkRecipient(
+        self, session: SessionView, envelope: Envelope, recipient: Address
+    ) -> Deferred[Verdict]:
         """
         Ask the L{IRecipientPolicy} policies, in order.  CONTINUE from all
         of them means nobody vouched: the server denies relaying.
         """
         return self._run(IRecipientPolicy, "checkRecipient", session, envelope, recipient)
 
-    def checkMessage(self, session: Any, envelope: Any, message: Any) -> Deferred[Verdict]:
+    def checkMessage(
+        self, session: SessionView, envelope: Envelope, message: Message
+    ) -> Deferred[Verdict]:
         """
         Ask the L{IMessagePolicy} policies, in order.  Unless they refuse,
         the server then calls L{modifyMessage}.
         """
         return self._run(IMessagePolicy, "checkMessage", session, envelope, message)
 
-    def modifyMessage(self, session: Any, envelope: Any, message: Any) -> Deferred[Verdict]:
+    def modifyMessage(
+        self, session: SessionView, envelope: Envelope, message: Message
+    ) -> Deferred[Verdict]:
         """
         Run every L{IMessageModifier}, in config order, each after the
         previous one finished; called by the server once the checks of the
