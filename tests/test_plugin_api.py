@@ -426,6 +426,47 @@ class ModifierPhaseTests(unittest.TestCase):
         self.assertEqual(list(chain.names), ["OnlyRcpt"])
 
 
+class ModifierOverSMTPTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_failingModifierDelaysAndSessionGoesOn(self):
+        """
+        After a check's ACCEPT the modifier still runs; when it raises, the
+        client gets C{451 4.3.0}, nothing is queued, and the session takes
+        the next transaction, which the modifier marks.
+        """
+        usePolicyDist(self)
+        setup = TestSetup(
+            tempDirectory(self), chain=["acceptor", "marker", "mynetworks"], modes=("relay",)
+        )
+        relayd = yield InProcessRelayd.start(setup)
+        self.addCleanup(relayd.stop)
+
+        def dialogue():
+            c = SMTPClient(relayd.port("relay"))
+            try:
+                c.reply()
+                c.command("EHLO client.test")
+                replies = []
+                for subject in ("fail", "fine"):
+                    c.command("MAIL FROM:<a@example.org>")
+                    c.command("RCPT TO:<b@example.net>")
+                    c.command("DATA")
+                    replies.append(c.command(f"Subject: {subject}\r\n\r\nbody\r\n."))
+                return replies
+            finally:
+                c.close()
+
+        failed, queued = yield deferToThread(dialogue)
+        self.assertEqual(failed, (451, ["4.3.0 Temporary policy failure, try again later"]))
+        self.assertEqual(queued[0], 250)
+        self.assertEqual(relayd.service.policies.chain.names["acceptor"].asked, 2)
+        [queueId] = relayd.spool.entries("incoming")
+        self.assertIn(
+            b"\r\nSubject: fine\r\nX-Marked: yes\r\n\r\nbody", relayd.spool.readData(queueId)
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 class ContextTests(unittest.TestCase):
     def test_byHand(self):
         """A context made in a unit test: a given clock, or the global reactor."""

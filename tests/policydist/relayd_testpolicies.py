@@ -11,6 +11,7 @@ from typing import Any
 from zope.interface import implementer
 
 from relayd.interfaces import (
+    IMessageModifier,
     IMessagePolicy,
     IPolicyLifecycle,
     IRecipientPolicy,
@@ -161,3 +162,21 @@ class Defaults:
             "rejecttext": reject(text="Not this one"),
         }
         return answers.get(recipient.local, CONTINUE)
+
+
+@implementer(IMessageModifier)
+class Marker:
+    """
+    A modifier: adds C{X-Marked: yes}, or raises when the message's
+    Subject is C{fail} (a broken modifier must delay the message, not let
+    it out unmodified).
+    """
+
+    @classmethod
+    def fromConfig(cls, options: dict[str, Any], context: Any) -> Marker:
+        return cls()
+
+    def modifyMessage(self, session: Any, envelope: Any, message: Any) -> None:
+        if message.headers.get("subject") == "fail":
+            raise RuntimeError("the marker failed on purpose")
+        message.headers.add("X-Marked", "yes")
