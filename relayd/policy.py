@@ -252,7 +252,14 @@ class PolicyChain:
         if len(self.options) == len(self.policies):
             names = list(self.options)
         else:
-            names = [_ownName(p) for p in self.policies]
+            names = []
+            for policy in self.policies:
+                name = own = _ownName(policy)
+                count = 1
+                while name in names:  # one class twice in a hand-built chain
+                    count += 1
+                    name = f"{own}#{count}"
+                names.append(name)
         self.names: dict[str, Any] = dict(zip(names, self.policies, strict=True))
         self._nameOf = {id(p): name for name, p in self.names.items()}
         self._byPhase: dict[Any, list[Any]] = {

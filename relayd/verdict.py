@@ -38,7 +38,9 @@ code; replies must be 2xx for ACCEPT, 5xx for REJECT, 4xx for TEMPFAIL
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Literal
 
 from relayd.reply import Reply, checkReply
@@ -178,7 +180,7 @@ CONTINUE = Verdict(Action.CONTINUE)
 """No opinion: the chain asks the next policy of the phase."""
 
 
-PHASE_DEFAULTS: dict[Phase, dict[Action, tuple[int, str, str]]] = {
+_PHASE_DEFAULTS: dict[Phase, dict[Action, tuple[int, str, str]]] = {
     "connect": {
         Action.ACCEPT: (250, "2.0.0", "Ok"),
         Action.REJECT: (554, "5.7.1", "Access denied"),
@@ -205,18 +207,23 @@ PHASE_DEFAULTS: dict[Phase, dict[Action, tuple[int, str, str]]] = {
         Action.TEMPFAIL: (451, "4.7.1", "Message deferred by policy, try again later"),
     },
 }
+PHASE_DEFAULTS: Mapping[Phase, Mapping[Action, tuple[int, str, str]]] = MappingProxyType(
+    {phase: MappingProxyType(answers) for phase, answers in _PHASE_DEFAULTS.items()}
+)
 """
 What C{accept()}, C{reject()} and C{tempfail()} mean in each phase when the
 policy gives no code, enhanced code or text.
 
   - A refusal of the connection is C{554} (RFC 5321 section 3.1: "No SMTP
     service here") and a temporary one C{421} (section 3.8: the server
-    closes the channel), with C{X.7.0}/C{5.7.1}.
+    closes the channel), with C{5.7.1} and C{4.7.0}.
   - HELO, MAIL, RCPT and the end of DATA: C{550} is the reply RFC 5321
     section 4.3.2 lists for each of them for a refusal by policy, and
     C{5.7.1} (RFC 3463: delivery not authorized, message refused) says it
-    is a policy decision; the temporary form is C{451 4.7.1}, as Postfix's
-    C{defer_if_permit} and greylisting policies answer.  C{4.3.0} is kept
+    is a policy decision.  The temporary form is C{451 4.7.1}: section
+    4.3.2 lists C{451} after MAIL, RCPT and DATA alike (C{450}, which
+    Postfix's C{defer_if_permit} uses, is not listed for MAIL), with the
+    temporary form of the same enhanced code.  C{4.3.0} is kept
     for relayd's own failures (a policy that raised or timed out), so a
     log reader can tell "a policy said later" from "a policy broke".
   - An C{accept} at RCPT is sent as is, C{250 2.1.5} (RFC 3463: destination
