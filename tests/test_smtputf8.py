@@ -10,6 +10,7 @@ import json
 
 from relayd.address import Address, AddressError, asciiDomain, normalDomain, parsePath
 from relayd.queuefile import QueueRecord
+from relayd.smtp import extensions
 from tests.test_dialogue import PLAIN, DialogueTestCase
 
 UTF8_SENDER = "jürgen@bücher.example"

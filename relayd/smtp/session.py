@@ -1306,13 +1306,25 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         d = f.chain.checkMessage(session, envelope, message)
         outcome = {"queued": False}
 
+        def refuse(verdict: Verdict) -> bool:
+            if verdict.action not in (Action.REJECT, Action.TEMPFAIL):
+                return False
+            self._log("DATA", verdict)
+            incoming.discard()
+            if self.state != "closed":
+                f.metrics.messageRejected("data", verdict.reply.code)
+                self._answer(verdict)
+            return True
+
         def decided(verdict: Verdict) -> Any:
-            if verdict.action in (Action.REJECT, Action.TEMPFAIL):
-                self._log("DATA", verdict)
-                incoming.discard()
-                if self.state != "closed":
-                    f.metrics.messageRejected("data", verdict.reply.code)
-                    self._answer(verdict)
+            if refuse(verdict):
+                return None
+            # The checks let it through (CONTINUE or ACCEPT): every
+            # modifier runs now, so no check's answer can skip one.
+            return f.chain.modifyMessage(session, envelope, message).addCallback(modified)
+
+        def modified(verdict: Verdict) -> Any:
+            if refuse(verdict):
                 return None
             if message.changed:
                 incoming.replaceHeader(message.headerBytes(), message.bodyOffset)
