@@ -151,7 +151,7 @@ class DKIMDomainTests(unittest.TestCase):
         session = Session(ipaddress.ip_address("127.0.0.1"), 1, "relay", "relay", "S")
         message = Message(path, len(raw))
         envelope = Envelope(Address("jörg", "faß.example"), queueId="Q1", smtputf8=True)
-        yield policy.checkMessage(session, envelope, message)
+        yield policy.modifyMessage(session, envelope, message)
         [tags] = DKIMTestCase.signatures(self, message.asBytes())
         self.assertEqual(tags["d"], "xn--fa-hia.example")
 
