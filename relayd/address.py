@@ -81,12 +81,22 @@ class AddressError(ValueError):
     @ivar tooLong: True when the problem is the length limit.
     @ivar badUTF8: True when the path has octets that are not UTF-8 (RFC
         6531 section 3.7.4.1: C{553 5.6.7}, not a syntax error).
+    @ivar parameter: True when the path is fine and a MAIL or RCPT
+        parameter is malformed or repeated (C{501 5.5.4}, RFC 3463: invalid
+        command arguments, not a bad address).
     """
 
-    def __init__(self, message: str, tooLong: bool = False, badUTF8: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        tooLong: bool = False,
+        badUTF8: bool = False,
+        parameter: bool = False,
+    ) -> None:
         super().__init__(message)
         self.tooLong = tooLong
         self.badUTF8 = badUTF8
+        self.parameter = parameter
 
 
 @dataclass(frozen=True)
@@ -262,9 +272,9 @@ def parseParameters(params: str) -> dict[str, str | None]:
             continue
         key, eq, value = item.partition("=")
         if not _ESMTP_KEYWORD.match(key) or (eq and not _ESMTP_VALUE.match(value)):
-            raise AddressError(f"bad parameter {item!r}")
+            raise AddressError(f"bad parameter {item!r}", parameter=True)
         key = key.upper()
         if key in result:
-            raise AddressError(f"repeated parameter {key}")
+            raise AddressError(f"repeated parameter {key}", parameter=True)
         result[key] = value if eq else None
     return result

@@ -900,6 +900,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if e.badUTF8:
                 self._refuseNonAscii("mail", "sender", argument)
                 return
+            if e.parameter:
+                self.fail(501, "5.5.4", "Error: bad parameters")
+                return
             text = "path too long" if e.tooLong else "bad sender address syntax"
             self.fail(501, "5.1.7", f"Error: {text}")
             return
@@ -974,6 +977,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         except AddressError as e:
             if e.badUTF8:
                 self._refuseNonAscii("rcpt", "recipient", argument)
+                return
+            if e.parameter:
+                self.fail(501, "5.5.4", "Error: bad parameters")
                 return
             text = "path too long" if e.tooLong else "bad recipient address syntax"
             self.fail(501, "5.1.3", f"Error: {text}")
