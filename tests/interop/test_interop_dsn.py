@@ -9,13 +9,16 @@ import shutil
 import smtplib
 import tempfile
 import time
+from pathlib import Path
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from relayd.testing import InProcessRelayd, PostfixSink, TestSetup
+from bench.systems import PrivatePostfix
+from relayd._testsink import DEFAULT_ADVERTISE
+from relayd.testing import InProcessRelayd, PostfixSink, SinkServer, TestSetup
 
 
 class SmtplibThroughRelaydToPostfixTests(unittest.TestCase):
@@ -74,3 +77,124 @@ class SmtplibThroughRelaydToPostfixTests(unittest.TestCase):
         # Postfix advertised DSN and took NOTIFY=SUCCESS: the notice is its
         # business, relayd queues none.
         self.assertEqual(relayd.spool.entries("deferred"), [])
+
+
+def _privatePostfix(testCase, prefix):
+    """A folder for a private Postfix (its daemons run as user postfix)."""
+    if shutil.which("postfix") is None:
+        testCase.fail("Postfix is not installed; scripts/test installs it")
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    testCase.addCleanup(shutil.rmtree, directory, True)
+    directory.chmod(0o755)
+    return directory
+
+
+def _dsnSink(testCase):
+    sink = SinkServer()
+    sink.advertise = [*DEFAULT_ADVERTISE, "DSN"]
+    port = sink.start(reactor)
+    testCase.addCleanup(sink.stop)
+    return sink, port
+
+
+def _relaydTo(directory, port):
+    setup = TestSetup(
+        str(directory / "relayd"),
+        modes=("relay",),
+        sections={"delivery": {"enabled": True, "retry_initial": 1, "retry_max": 1}},
+    )
+    setup.routeAllTo(port, tls="none")
+    return InProcessRelayd.start(setup)
+
+
+@defer.inlineCallbacks
+def _arrived(sink, postfix):
+    for _ in range(600):
+        if sink.messages:
+            break
+        yield deferLater(reactor, 0.05, lambda: None)
+    log = postfix.logPath.read_text(errors="replace") if postfix.logPath.exists() else ""
+    if not sink.messages:
+        raise AssertionError(f"nothing reached the sink; Postfix's log:\n{log}")
+
+
+def _send(port):
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+        return s.sendmail(
+            "alice@example.org",
+            ["bob@example.net"],
+            b"Subject: dsn\r\n\r\nhello\r\n",
+            mail_options=["RET=HDRS", "ENVID=env+2B1"],
+            rcpt_options=["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;orig@example.net"],
+        )
+
+
+class PostfixAsNextHopTests(unittest.TestCase):
+    """
+    relayd's next hop is a real Postfix (not smtp-sink), which offers DSN:
+    relayd passes the parameters on and Postfix, relaying on to a sink that
+    offers DSN too, passes them on again, so they went through both MTAs.
+    """
+
+    @defer.inlineCallbacks
+    def test_parametersThroughRelaydAndPostfix(self):
+        directory = _privatePostfix(self, "relayd-interop-dsn-hop-")
+        sink, sinkPort = _dsnSink(self)
+        postfix = PrivatePostfix(directory / "postfix", sinkPort)
+        yield deferToThread(postfix.start)
+        self.addCleanup(deferToThread, postfix.stop)
+        relayd = yield _relaydTo(directory, postfix.port)
+        self.addCleanup(relayd.stop)
+
+        refused = yield deferToThread(_send, relayd.port("relay"))
+        self.assertEqual(refused, {})
+        yield _arrived(sink, postfix)
+        lines = [c.line for c in sink.commands]
+        [mail] = [line for line in lines if line.upper().startswith("MAIL FROM:")]
+        [rcpt] = [line for line in lines if line.upper().startswith("RCPT TO:")]
+        self.assertIn("RET=HDRS", mail.split())
+        self.assertIn("ENVID=env+2B1", mail.split())
+        self.assertIn("NOTIFY=SUCCESS,DELAY", rcpt.split())
+        self.assertIn("ORCPT=rfc822;orig@example.net", rcpt.split())
+        # Postfix took the DSN duty: relayd queued no notice of its own.
+        for _ in range(200):
+            if not any(relayd.spool.entries(s) for s in ("incoming", "active", "deferred")):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(relayd.spool.entries("deferred"), [])
+        self.assertEqual(relayd.spool.entries("incoming"), [])
+
+
+class PostfixAsClientTests(unittest.TestCase):
+    """
+    A real Postfix whose relayhost is relayd: Postfix sends RET, ENVID,
+    NOTIFY and ORCPT because relayd advertises DSN, and relayd passes them
+    on to its own next hop.
+    """
+
+    @defer.inlineCallbacks
+    def test_postfixSendsParametersToRelayd(self):
+        directory = _privatePostfix(self, "relayd-interop-dsn-client-")
+        sink, sinkPort = _dsnSink(self)
+        relayd = yield _relaydTo(directory, sinkPort)
+        self.addCleanup(relayd.stop)
+        postfix = PrivatePostfix(directory / "postfix", relayd.port("relay"))
+        yield deferToThread(postfix.start)
+        self.addCleanup(deferToThread, postfix.stop)
+
+        refused = yield deferToThread(_send, postfix.port)
+        self.assertEqual(refused, {})
+        yield _arrived(sink, postfix)
+        [message] = sink.messages
+        self.assertEqual(
+            (message.sender, message.recipients), ("alice@example.org", ["bob@example.net"])
+        )
+        lines = [c.line for c in sink.commands]
+        [mail] = [line for line in lines if line.upper().startswith("MAIL FROM:")]
+        [rcpt] = [line for line in lines if line.upper().startswith("RCPT TO:")]
+        self.assertIn("RET=HDRS", mail.split())
+        self.assertIn("ENVID=env+2B1", mail.split())
+        self.assertIn("NOTIFY=SUCCESS,DELAY", rcpt.split())
+        self.assertIn("ORCPT=rfc822;orig@example.net", rcpt.split())
+        # relayd's Received: names Postfix as the client.
+        self.assertIn(b"Received: from postfix-bench.localhost", message.data)
