@@ -443,6 +443,36 @@ class CheckDomainTests(unittest.TestCase):
         self.assertIn("--address", spf["fix"])
 
     @defer.inlineCallbacks
+    def test_smartHost(self) -> Any:
+        """
+        With every message routed through a smart host, the SPF findings
+        start with a warning that receivers see the smart host's addresses.
+        """
+        self.setup.routeAllTo(587, host="smtp.provider.test", tls="required")
+        status, findings = yield self.findings()
+        self.assertEqual(status, 0, findings)
+        self.assertEqual(findings[0]["status"], "warn")
+        self.assertIn(
+            "all mail leaves through the smart host smtp.provider.test", findings[0]["what"]
+        )
+        self.assertEqual(findings[1]["status"], "ok")
+
+    @defer.inlineCallbacks
+    def test_dkimNotInChain(self) -> Any:
+        """Keys configured but dkim not in the chain: relayd signs nothing."""
+        with open(self.setup.configPath) as f:
+            text = f.read()
+        with open(self.setup.configPath, "w") as f:
+            f.write(text.replace('chain = ["mynetworks", "dkim"]', 'chain = ["mynetworks"]'))
+        status, findings = yield self.findings()
+        [dkim] = self.only(findings, "dkim")
+        self.assertEqual(dkim["status"], "warn")
+        self.assertIn("dkim is not in [policy] chain", dkim["what"])
+        # Without DKIM, SPF alone aligns.
+        [dmarc] = self.only(findings, "dmarc")
+        self.assertIn("aligns through SPF (example.test, aspf=r)", dmarc["what"])
+
+    @defer.inlineCallbacks
     def test_usage(self) -> Any:
         """A bad domain or address is a usage error (2)."""
         status, out, err = yield deferToThread(

@@ -644,6 +644,20 @@ def setupFromConfig(
         except ValueError:
             raise ValueError(f"not an IP address: {text!r}") from None
     setup = Setup(config.hostname, parsed or None)
+    for route in config.routes:
+        if "*" in route.domains:
+            hosts = ", ".join(hop.host for hop in route.hops)
+            setup.notes.append(
+                Finding(
+                    WARN,
+                    "spf",
+                    f"all mail leaves through the smart host {hosts} ([[routes]] domains "
+                    '= ["*"]): receivers see its addresses, not relayd\'s; checking '
+                    "relayd's own anyway",
+                    f"make sure the SPF record of {domain} covers {hosts}'s outgoing "
+                    "addresses (the provider documents an include: for it)",
+                )
+            )
     options = config.policyOptions.get("dkim")
     inChain = "dkim" in config.policyChain
     if options is None or not inChain:
@@ -810,7 +824,7 @@ def _dkimFindings(
     dns: DomainDNS, domain: str, setup: Setup, selector: str | None
 ) -> tuple[list[Finding], list[str]]:
     """The DKIM findings, and the C{d=} domains whose keys are published right."""
-    findings = list(setup.notes)
+    findings: list[Finding] = []
     good: list[str] = []
     if not setup.signers:
         if selector is not None:
@@ -838,7 +852,7 @@ def _dkimFindings(
                 )
             )
             return findings, good
-        if not any(f.check == "dkim" for f in findings):
+        if not any(f.check == "dkim" for f in setup.notes):
             findings.append(
                 Finding(
                     WARN,
@@ -1141,4 +1155,11 @@ def checkDomain(
     spf, spfPass = _spfFindings(dns, domain, setup)
     dkim, dkimDomains = _dkimFindings(dns, domain, setup, selector)
     dmarc = _dmarcFindings(dns, domain, dkimDomains, spfPass)
-    return spf + dkim + dmarc + _mtaSTSFindings(dns, domain) + _tlsrptFindings(dns, domain)
+    return (
+        list(setup.notes)
+        + spf
+        + dkim
+        + dmarc
+        + _mtaSTSFindings(dns, domain)
+        + _tlsrptFindings(dns, domain)
+    )
