@@ -490,6 +490,7 @@ def _checkDomain(ctx: _Context) -> None:
     offline, through the resolvers of C{[delivery]}; exit status 1 when
     any finding is a failure.
     """
+    from relayd.address import AddressError, asciiDomain
     from relayd.config import ConfigError, load
     from relayd.ops.checkdomain import FAIL, DomainDNS, checkDomain, setupFromConfig
     from relayd.policy import PolicyOptionError
@@ -500,8 +501,8 @@ def _checkDomain(ctx: _Context) -> None:
     if not domain or "." not in domain or any(c.isspace() or c in "@/" for c in domain):
         raise _Usage(f"not a domain name: {options.domain!r}")
     try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
+        domain = asciiDomain(domain)  # DNS asks for A-labels (IDNA 2008)
+    except AddressError:
         raise _Usage(f"not a domain name: {options.domain!r}") from None
     try:
         config = load(options.config)
