@@ -473,6 +473,15 @@ class CheckDomainTests(unittest.TestCase):
         self.assertIn("aligns through SPF (example.test, aspf=r)", dmarc["what"])
 
     @defer.inlineCallbacks
+    def test_internationalizedDomain(self) -> Any:
+        """A domain given in Unicode is looked up by its A-labels."""
+        self.dns.setTXT("xn--bcher-kva.test", ["v=spf1 ip4:192.0.2.10 -all"])
+        status, out, err = yield deferToThread(
+            run, ["--config", self.setup.configPath, "check-domain", "BÜCHER.test"]
+        )
+        self.assertIn("ok    spf: xn--bcher-kva.test authorises 192.0.2.10", out)
+
+    @defer.inlineCallbacks
     def test_usage(self) -> Any:
         """A bad domain or address is a usage error (2)."""
         status, out, err = yield deferToThread(

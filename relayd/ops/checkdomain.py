@@ -33,8 +33,10 @@ dnspython is already relayd's resolver (L{relayd.routing}), so this asks
 the same name servers (C{[delivery] resolvers}, C{resolver_port},
 C{dns_timeout}) with the same timeouts, which is also how the tests point
 it at L{relayd.testing.DNSServer}; checkdmarc would add a dozen
-dependencies (its own resolver setup, publicsuffix2, requests, XML and
-report parsing) for the four lookups used here, and pyspf is unmaintained.
+dependencies (publicsuffix data, an HTTP client, report and XML parsing)
+for the handful of TXT lookups used here, and does not compare a
+published DKIM key with a private one; pyspf evaluates SPF only, and
+would be a second dependency for one of the five checks.
 The evaluator is RFC 7208 section 4 and 5 (with macros, section 7) within
 the section 4.6.4 limits: 10 DNS-querying terms, 2 void lookups, 10 MX or
 PTR names per term.
@@ -217,7 +219,7 @@ class _Evaluation:
     matched inside the last C{include:} that passed.
     """
 
-    dns: DomainDNS
+    lookup: DomainDNS
     ip: IPAddress
     sender: str
     helo: str
@@ -344,7 +346,7 @@ def _addressesFor(
     ev: _Evaluation, name: str, term: str, voidCounts: bool = True
 ) -> list[IPAddress]:
     try:
-        return ev.dns.addresses(name, ev.ip.version)
+        return ev.lookup.addresses(name, ev.ip.version)
     except (NXDOMAIN, NoData):
         if voidCounts:
             ev.void(term)
@@ -360,7 +362,7 @@ def _checkHost(ev: _Evaluation, domain: str) -> tuple[str, str | None]:
     @raise SPFError: permerror or temperror.
     """
     try:
-        texts = ev.dns.txt(domain)
+        texts = ev.lookup.txt(domain)
     except (NXDOMAIN, NoData):
         return "none", None
     except TemporaryDNSError as e:
@@ -450,7 +452,7 @@ def _matches(ev: _Evaluation, name: str, rest: str, term: str, domain: str) -> b
             raise SPFError("permerror", f"malformed term {term!r}")
         target = _domainArgument(rest, domain, ev, term)
         try:
-            ev.dns.addresses(target, 4)
+            ev.lookup.addresses(target, 4)
         except (NXDOMAIN, NoData):
             ev.void(term)
             return False
@@ -466,7 +468,7 @@ def _matches(ev: _Evaluation, name: str, rest: str, term: str, domain: str) -> b
         ev.count(term)
         target = _domainArgument(spec, domain, ev, term)
         try:
-            exchanges = ev.dns.mx(target)
+            exchanges = ev.lookup.mx(target)
         except (NXDOMAIN, NoData):
             ev.void(term)
             return False
@@ -487,7 +489,7 @@ def _matches(ev: _Evaluation, name: str, rest: str, term: str, domain: str) -> b
         raise SPFError("permerror", f"malformed term {term!r}")
     target = _domainArgument(rest, domain, ev, term)
     try:
-        names = ev.dns.ptr(ip)[:10]
+        names = ev.lookup.ptr(ip)[:10]
     except (NXDOMAIN, NoData):
         ev.void(term)
         return False
@@ -496,7 +498,7 @@ def _matches(ev: _Evaluation, name: str, rest: str, term: str, domain: str) -> b
     for candidate in names:
         if candidate == target or candidate.endswith("." + target):
             try:
-                if ip in ev.dns.addresses(candidate, ip.version):
+                if ip in ev.lookup.addresses(candidate, ip.version):
                     return True
             except ResolverError:
                 continue
@@ -504,13 +506,13 @@ def _matches(ev: _Evaluation, name: str, rest: str, term: str, domain: str) -> b
 
 
 def checkSPF(
-    dns: DomainDNS, ip: IPAddress, domain: str, sender: str | None = None, helo: str = ""
+    lookup: DomainDNS, ip: IPAddress, domain: str, sender: str | None = None, helo: str = ""
 ) -> SPFResult:
     """
     RFC 7208 C{check_host(ip, domain, sender)} for mail from C{sender}
     (default C{postmaster@DOMAIN}) sent from C{ip}.
     """
-    ev = _Evaluation(dns, ip, sender or f"postmaster@{domain}", helo or domain)
+    ev = _Evaluation(lookup, ip, sender or f"postmaster@{domain}", helo or domain)
     try:
         result, term = _checkHost(ev, domain)
     except SPFError as e:
@@ -707,7 +709,7 @@ _NAT_NETWORKS = [
 not what a receiver sees a sender's connection come from."""
 
 
-def _sendingAddresses(dns: DomainDNS, setup: Setup) -> tuple[list[IPAddress], list[Finding]]:
+def _sendingAddresses(lookup: DomainDNS, setup: Setup) -> tuple[list[IPAddress], list[Finding]]:
     """The addresses relayd sends from, and findings about how they were found."""
     if setup.addresses is not None:
         return setup.addresses, []
@@ -715,7 +717,7 @@ def _sendingAddresses(dns: DomainDNS, setup: Setup) -> tuple[list[IPAddress], li
     errors = []
     for version in (4, 6):
         try:
-            found += dns.addresses(setup.hostname, version)
+            found += lookup.addresses(setup.hostname, version)
         except (NXDOMAIN, NoData):
             pass
         except TemporaryDNSError as e:
@@ -748,20 +750,20 @@ def _sendingAddresses(dns: DomainDNS, setup: Setup) -> tuple[list[IPAddress], li
     return found, findings
 
 
-def _spfFindings(dns: DomainDNS, domain: str, setup: Setup) -> tuple[list[Finding], bool]:
+def _spfFindings(lookup: DomainDNS, domain: str, setup: Setup) -> tuple[list[Finding], bool]:
     """The SPF findings, and whether every sending address passes."""
-    addresses, findings = _sendingAddresses(dns, setup)
+    addresses, findings = _sendingAddresses(lookup, setup)
     if not addresses:
         return findings, False
     allPass = True
     record: str | None = None
     try:
-        records = _spfRecords(dns.txt(domain))
+        records = _spfRecords(lookup.txt(domain))
         record = records[0] if len(records) == 1 else None
     except ResolverError:
         pass
     for ip in addresses:
-        result = checkSPF(dns, ip, domain, helo=setup.hostname)
+        result = checkSPF(lookup, ip, domain, helo=setup.hostname)
         term = ("ip4:" if ip.version == 4 else "ip6:") + str(ip)
         if result.result == "pass":
             used = f"{result.lookups} of {LOOKUP_LIMIT} DNS lookups"
@@ -821,7 +823,7 @@ def _spfFindings(dns: DomainDNS, domain: str, setup: Setup) -> tuple[list[Findin
 
 
 def _dkimFindings(
-    dns: DomainDNS, domain: str, setup: Setup, selector: str | None
+    lookup: DomainDNS, domain: str, setup: Setup, selector: str | None
 ) -> tuple[list[Finding], list[str]]:
     """The DKIM findings, and the C{d=} domains whose keys are published right."""
     findings: list[Finding] = []
@@ -830,7 +832,7 @@ def _dkimFindings(
         if selector is not None:
             name = f"{selector}._domainkey.{domain}"
             try:
-                texts = dns.txt(name)
+                texts = lookup.txt(name)
             except ResolverError as e:
                 findings.append(
                     Finding(
@@ -867,7 +869,7 @@ def _dkimFindings(
         name = f"{signer.selector}._domainkey.{signer.domain}"
         fix = _txtFix(name, signer.record)
         try:
-            texts = dns.txt(name)
+            texts = lookup.txt(name)
         except (NXDOMAIN, NoData):
             findings.append(Finding(FAIL, "dkim", f"no key published at {name}", fix))
             continue
@@ -936,7 +938,7 @@ _DMARC_VALUES = {
 }
 
 
-def _dmarcRecord(dns: DomainDNS, domain: str) -> tuple[str, list[str]] | str:
+def _dmarcRecord(lookup: DomainDNS, domain: str) -> tuple[str, list[str]] | str:
     """
     The DMARC records at C{_dmarc.DOMAIN}, or at the organisational
     domain's (RFC 7489 section 6.6.3): C{(name, records)}; a string on a
@@ -948,7 +950,7 @@ def _dmarcRecord(dns: DomainDNS, domain: str) -> tuple[str, list[str]] | str:
         names.append(f"_dmarc.{org}")
     for name in names:
         try:
-            texts = dns.txt(name)
+            texts = lookup.txt(name)
         except (NXDOMAIN, NoData):
             continue
         except TemporaryDNSError as e:
@@ -960,10 +962,10 @@ def _dmarcRecord(dns: DomainDNS, domain: str) -> tuple[str, list[str]] | str:
 
 
 def _dmarcFindings(
-    dns: DomainDNS, domain: str, dkimDomains: list[str], spfPass: bool
+    lookup: DomainDNS, domain: str, dkimDomains: list[str], spfPass: bool
 ) -> list[Finding]:
     assumption = f"(assuming From: and envelope sender domain {domain})"
-    found = _dmarcRecord(dns, domain)
+    found = _dmarcRecord(lookup, domain)
     if isinstance(found, str):
         return [Finding(FAIL, "dmarc", found)]
     name, records = found
@@ -1059,10 +1061,10 @@ def _fieldList(text: str) -> list[tuple[str, str]] | None:
     return fields
 
 
-def _mtaSTSFindings(dns: DomainDNS, domain: str) -> list[Finding]:
+def _mtaSTSFindings(lookup: DomainDNS, domain: str) -> list[Finding]:
     name = f"_mta-sts.{domain}"
     try:
-        texts = dns.txt(name)
+        texts = lookup.txt(name)
     except (NXDOMAIN, NoData):
         return [Finding(OK, "mta-sts", f"no record at {name} (optional; nothing to check)")]
     except TemporaryDNSError as e:
@@ -1102,10 +1104,10 @@ def _mtaSTSFindings(dns: DomainDNS, domain: str) -> list[Finding]:
     ]
 
 
-def _tlsrptFindings(dns: DomainDNS, domain: str) -> list[Finding]:
+def _tlsrptFindings(lookup: DomainDNS, domain: str) -> list[Finding]:
     name = f"_smtp._tls.{domain}"
     try:
-        texts = dns.txt(name)
+        texts = lookup.txt(name)
     except (NXDOMAIN, NoData):
         return [Finding(OK, "tlsrpt", f"no record at {name} (optional; nothing to check)")]
     except TemporaryDNSError as e:
@@ -1145,21 +1147,21 @@ def _tlsrptFindings(dns: DomainDNS, domain: str) -> list[Finding]:
 
 
 def checkDomain(
-    dns: DomainDNS, domain: str, setup: Setup, selector: str | None = None
+    lookup: DomainDNS, domain: str, setup: Setup, selector: str | None = None
 ) -> list[Finding]:
     """
     Every check of the module docstring, in order: spf, dkim, dmarc,
     mta-sts, tlsrpt.
     """
     domain = domain.strip().rstrip(".").lower()
-    spf, spfPass = _spfFindings(dns, domain, setup)
-    dkim, dkimDomains = _dkimFindings(dns, domain, setup, selector)
-    dmarc = _dmarcFindings(dns, domain, dkimDomains, spfPass)
+    spf, spfPass = _spfFindings(lookup, domain, setup)
+    dkim, dkimDomains = _dkimFindings(lookup, domain, setup, selector)
+    dmarc = _dmarcFindings(lookup, domain, dkimDomains, spfPass)
     return (
         list(setup.notes)
         + spf
         + dkim
         + dmarc
-        + _mtaSTSFindings(dns, domain)
-        + _tlsrptFindings(dns, domain)
+        + _mtaSTSFindings(lookup, domain)
+        + _tlsrptFindings(lookup, domain)
     )
