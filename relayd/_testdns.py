@@ -22,6 +22,7 @@ L{DNSServer.setA}).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
@@ -322,6 +323,17 @@ class DNSServer:
     def setAAAA(self, host: str, addresses: list[str], ttl: int | None = None) -> None:
         """Replace the AAAA records of C{host}; an empty list removes them."""
         self._set(host, dns.AAAA, [dns.Record_AAAA(a) for a in addresses], ttl)
+
+    def setPTR(self, address: str, names: list[str], ttl: int | None = None) -> None:
+        """
+        Replace the PTR records of C{address} (an IPv4 or IPv6 address,
+        published under C{in-addr.arpa} or C{ip6.arpa}: RFC 1035 section
+        3.5, RFC 3596 section 2.5); an empty list removes them.
+        """
+        owner = ipaddress.ip_address(address).reverse_pointer
+        self._set(
+            owner, dns.PTR, [dns.Record_PTR(_normalize(n).encode("ascii")) for n in names], ttl
+        )
 
     def setTXT(
         self, name: str, texts: Sequence[str | Sequence[str]], ttl: int | None = None

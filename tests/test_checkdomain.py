@@ -262,6 +262,29 @@ class CheckDomainTests(unittest.TestCase):
         self.assertIn("by a:%{h} (in the record of _spf.example.test); 2 of 10", spf["what"])
 
     @defer.inlineCallbacks
+    def test_spfExistsAndPTR(self) -> Any:
+        """
+        C{exists:} with the C{%{ir}} macro (the address reversed) matches
+        when the name has an A record; C{ptr} matches a validated reverse
+        name under the domain.
+        """
+        self.dns.setTXT(DOMAIN, ["v=spf1 exists:%{ir}._spf.%{d} ptr -all"])
+        self.dns.setA("10.2.0.192._spf.example.test", ["127.0.0.2"])
+        self.dns.setPTR("198.51.100.20", ["out.example.test"])
+        self.dns.setA("out.example.test", ["198.51.100.20"])
+        self.dns.setPTR("198.51.100.21", ["out.elsewhere.test"])
+        self.dns.setA("out.elsewhere.test", ["198.51.100.21"])
+        status, findings = yield self.findings(
+            "--address", "192.0.2.10", "--address", "198.51.100.20", "--address", "198.51.100.21"
+        )
+        self.assertEqual(status, 1, findings)
+        spf = self.only(findings, "spf")
+        self.assertIn("by exists:%{ir}._spf.%{d} (in the record of example.test)", spf[0]["what"])
+        self.assertIn("by ptr (in the record of example.test)", spf[1]["what"])
+        self.assertEqual(spf[2]["status"], "fail")
+        self.assertIn("198.51.100.21 (fail, by -all", spf[2]["what"])
+
+    @defer.inlineCallbacks
     def test_spfMissingAndDouble(self) -> Any:
         """No SPF record: fail, publish one; two records: permerror."""
         self.dns.setTXT(DOMAIN, ["google-site-verification=abc"])
@@ -325,6 +348,22 @@ class CheckDomainTests(unittest.TestCase):
         self.assertEqual(dkim["what"], "ed1._domainkey.example.test: the key is revoked (empty p=)")
         status, findings = yield self.findings("--selector", "rsa1")
         self.assertEqual(status, 0, findings)
+
+    @defer.inlineCallbacks
+    def test_dkimTestingAndDouble(self) -> Any:
+        """
+        The right key in testing mode (t=y) is a warning; two records at
+        one selector a failure.
+        """
+        self.dns.setTXT(f"ed1._domainkey.{DOMAIN}", [publicRecord(_ED) + "; t=y"])
+        self.dns.setTXT(f"rsa1._domainkey.{DOMAIN}", [publicRecord(_RSA), publicRecord(_OTHER)])
+        status, findings = yield self.findings()
+        self.assertEqual(status, 1)
+        rsaFinding, edFinding = self.only(findings, "dkim")
+        self.assertEqual(rsaFinding["status"], "fail")
+        self.assertIn("has 2 TXT records", rsaFinding["what"])
+        self.assertEqual(edFinding["status"], "warn")
+        self.assertIn("testing mode (t=y)", edFinding["what"])
 
     @defer.inlineCallbacks
     def test_dmarcMissing(self) -> Any:
