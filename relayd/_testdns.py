@@ -22,6 +22,8 @@ L{DNSServer.setA}).
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -322,21 +324,45 @@ class DNSServer:
         """Replace the AAAA records of C{host}; an empty list removes them."""
         self._set(host, dns.AAAA, [dns.Record_AAAA(a) for a in addresses], ttl)
 
-    def setTXT(self, name: str, texts: list[str], ttl: int | None = None) -> None:
+    def setPTR(self, address: str, names: list[str], ttl: int | None = None) -> None:
         """
-        Replace the TXT records of C{name} (one record per string, e.g. an
-        SPF policy or a DKIM public key); an empty list removes them.
+        Replace the PTR records of C{address} (an IPv4 or IPv6 address,
+        published under C{in-addr.arpa} or C{ip6.arpa}: RFC 1035 section
+        3.5, RFC 3596 section 2.5); an empty list removes them.
+        """
+        owner = ipaddress.ip_address(address).reverse_pointer
+        self._set(
+            owner, dns.PTR, [dns.Record_PTR(_normalize(n).encode("ascii")) for n in names], ttl
+        )
 
-        A string longer than 255 octets is stored as several
-        character-strings of at most 255 octets in one record (RFC 1035
-        section 3.3.14), which readers of SPF and DKIM records join again
-        (RFC 7208 section 3.3, RFC 6376 section 3.6.2.2): a 2048-bit RSA
-        key does not fit in one.
+    def setTXT(
+        self, name: str, texts: Sequence[str | Sequence[str]], ttl: int | None = None
+    ) -> None:
+        """
+        Replace the TXT records of C{name} (e.g. an SPF policy or a DKIM
+        public key); an empty list removes them.
+
+        Each item is one record: a string, or a list of the record's
+        character-strings as they are to be sent (as publishers split a
+        long SPF record: C{["v=spf1 ip4:192.0.2.1 ", "include:a.test -all"]};
+        readers join them without a space, RFC 7208 section 3.3).  A string
+        longer than 255 octets is stored as several character-strings of at
+        most 255 octets in one record (RFC 1035 section 3.3.14), which
+        readers of SPF and DKIM records join again (RFC 6376 section
+        3.6.2.2): a 2048-bit RSA key does not fit in one.
+
+        @raise ValueError: a character-string given in a list is longer
+            than 255 octets.
         """
         records = []
         for text in texts:
-            data = text.encode("utf-8")
-            chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
+            if isinstance(text, str):
+                data = text.encode("utf-8")
+                chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
+            else:
+                chunks = [part.encode("utf-8") for part in text]
+                if not chunks or any(len(chunk) > 255 for chunk in chunks):
+                    raise ValueError("a TXT record holds 1 or more strings of at most 255 octets")
             records.append(dns.Record_TXT(*chunks))
         self._set(name, dns.TXT, records, ttl)
 

@@ -13,6 +13,8 @@ C{relayctl}: look at and steer a running relayd (docs/relayctl.md).
     reload                               re-read the config file
     check-config [PATH] [--live]         validate a config like startup does
     passwd [--stdin] [--rounds N] USER   set a user's password
+    check-domain DOMAIN [--json] [--selector S] [--address IP...]
+                                         SPF, DKIM, DMARC, MTA-STS, TLSRPT
 
 It finds relayd's control socket (and spool, and users file) through the
 config file, C{/etc/relayd/relayd.toml} unless C{--config} says otherwise.
@@ -479,6 +481,49 @@ def _passwd(ctx: _Context) -> None:
     ctx.out.line(f"{options.user}: password set in {usersFile}")
 
 
+# --- check-domain -------------------------------------------------------------------
+
+
+def _checkDomain(ctx: _Context) -> None:
+    """
+    Check DOMAIN's DNS against what relayd sends (L{relayd.ops.checkdomain}):
+    offline, through the resolvers of C{[delivery]}; exit status 1 when
+    any finding is a failure.
+    """
+    from relayd.address import AddressError, asciiDomain
+    from relayd.config import ConfigError, load
+    from relayd.ops.checkdomain import FAIL, DomainDNS, checkDomain, setupFromConfig
+    from relayd.policy import PolicyOptionError
+    from relayd.routing import newResolver
+
+    options = ctx.options
+    domain = options.domain.strip().rstrip(".").lower()
+    if not domain or "." not in domain or any(c.isspace() or c in "@/" for c in domain):
+        raise _Usage(f"not a domain name: {options.domain!r}")
+    try:
+        domain = asciiDomain(domain)  # DNS asks for A-labels (IDNA 2008)
+    except AddressError:
+        raise _Usage(f"not a domain name: {options.domain!r}") from None
+    try:
+        config = load(options.config)
+        setup = setupFromConfig(config, domain, options.address or (), options.selector)
+    except ConfigError as e:
+        raise _Failure(f"config error: {e}") from None
+    except PolicyOptionError as e:
+        raise _Failure(f"config error: {options.config}: policies.dkim: {e}") from None
+    except ValueError as e:
+        raise _Usage(str(e)) from None
+    resolver = newResolver(list(config.resolvers) or None, config.resolverPort, config.dnsTimeout)
+    findings = checkDomain(DomainDNS(resolver), domain, setup, options.selector)
+    if options.json:
+        ctx.out.json([f.asJSON() for f in findings])
+    else:
+        for finding in findings:
+            ctx.out.line(finding.line())
+    if any(f.status == FAIL for f in findings):
+        raise SystemExit(1)
+
+
 # --- check-config -------------------------------------------------------------------
 
 
@@ -762,6 +807,22 @@ def _parser() -> _Parser:
         "--live",
         action="store_true",
         help="also connect to every [[routes]] upstream: TLS, AUTH",
+    )
+
+    sub = add(
+        commands,
+        "check-domain",
+        _checkDomain,
+        "check a domain's SPF, DKIM, DMARC, MTA-STS and TLSRPT records against relayd",
+    )
+    sub.add_argument("domain", metavar="DOMAIN", help="the sending domain (the From: domain)")
+    sub.add_argument("--json", action="store_true", help="print the findings as JSON")
+    sub.add_argument("--selector", metavar="S", help="only the DKIM key with this selector")
+    sub.add_argument(
+        "--address",
+        metavar="IP",
+        action="append",
+        help="an address relayd sends from (repeatable; default: its host name's addresses)",
     )
 
     from relayd.auth import DEFAULT_ROUNDS

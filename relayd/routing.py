@@ -44,6 +44,7 @@ __all__ = [
     "Route",
     "NextHopConfig",
     "MXResolver",
+    "newResolver",
     "Router",
     "ResolverError",
     "NXDOMAIN",
@@ -219,6 +220,30 @@ def _ipLiteral(host: str) -> str | None:
         return None
 
 
+def newResolver(
+    nameservers: Sequence[str] | None = None, port: int = 53, timeout: float = 5.0
+) -> dns.resolver.Resolver:
+    """
+    A blocking dnspython resolver set up from C{[delivery] resolvers},
+    C{resolver_port} and C{dns_timeout}, the one L{MXResolver} asks, so
+    that other DNS users (C{relayctl check-domain}) ask the same servers.
+
+    @param nameservers: addresses of the recursive name servers to ask;
+        L{None} reads the system configuration (C{/etc/resolv.conf}).
+    @param port: the name servers' port.
+    @param timeout: how long one lookup may take in all, in seconds
+        (dnspython's lifetime), across retries and name servers.
+    """
+    resolver = dns.resolver.Resolver(configure=nameservers is None)
+    resolver.port = port
+    if nameservers is not None:
+        resolver.nameservers = list(nameservers)
+    resolver.lifetime = timeout
+    resolver.timeout = min(resolver.timeout, timeout)
+    resolver.cache = None
+    return resolver
+
+
 @implementer(IMXResolver)
 class MXResolver:
     """
@@ -270,14 +295,7 @@ class MXResolver:
         """
         self._reactor = reactor
         self._clock = reactor if clock is None else clock
-        resolver = dns.resolver.Resolver(configure=nameservers is None)
-        resolver.port = port
-        if nameservers is not None:
-            resolver.nameservers = list(nameservers)
-        resolver.lifetime = timeout
-        resolver.timeout = min(resolver.timeout, timeout)
-        resolver.cache = None
-        self._resolver = resolver
+        self._resolver = newResolver(nameservers, port, timeout)
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="relayd-dns")
         self._cache: dict[tuple[str, str], _CacheEntry] = {}
         self._waiting: dict[tuple[str, str], list[Deferred[Any]]] = {}

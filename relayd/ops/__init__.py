@@ -1,0 +1,1 @@
+"""What operators use: the control socket and relayctl, metrics, logs, relayd-sendmail."""
