@@ -41,7 +41,7 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from zope.interface import implementer
 
 from relayd.config import INTERMEDIATE_CIPHERS, OPPORTUNISTIC_CIPHERS
-from relayd.safeio import writeAtomically
+from relayd.queue.safeio import writeAtomically
 
 __all__ = [
     "INTERMEDIATE",

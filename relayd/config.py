@@ -105,7 +105,7 @@ class ListenerConfig:
     One C{[[listeners]]} table.
 
     @ivar proxyFrom: with C{proxyProtocol}, the networks of the load
-        balancers allowed to send a PROXY header (L{relayd.proxy}).
+        balancers allowed to send a PROXY header (L{relayd.smtp.proxy}).
     """
 
     name: str
@@ -237,7 +237,7 @@ def _stringList(value: Any) -> str | None:
 _NUMBER = (int, float)
 
 TLS_MODES = ("none", "opportunistic", "required", "verify")
-"""Outbound TLS policies, see L{relayd.client}."""
+"""Outbound TLS policies, see L{relayd.delivery.client}."""
 
 
 def _cipherString(value: Any) -> str | None:
@@ -247,10 +247,10 @@ def _cipherString(value: Any) -> str | None:
 
 
 LOG_FORMATS = ("text", "json")
-"""Log line formats, see L{relayd.logs}."""
+"""Log line formats, see L{relayd.ops.logs}."""
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
-"""The least severe level logged, see L{relayd.logs}."""
+"""The least severe level logged, see L{relayd.ops.logs}."""
 
 
 def _processes(path: str, value: int, chain: list[str], policies: dict[str, Any]) -> int:
@@ -301,7 +301,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max_failures": _Key(int, 3, check=_positive),
         "failure_delay": _Key(_NUMBER, 1.0, check=_nonNegative),
         "threads": _Key(int, 2, check=_positive),
-        # Across connections (relayd.auth.Lockout): failures per client
+        # Across connections (relayd.smtp.auth.Lockout): failures per client
         # address (IPv6: /64) and per user name at that address, in fixed
         # windows; above a limit AUTH gets 454 4.7.0 until the window ends.
         "failure_window": _Key(int, 900, check=_positive),
@@ -417,7 +417,7 @@ _LISTENER: dict[str, _Key] = {
     "name": _Key(str),
     "endpoint": _Key(str, required=True),
     "mode": _Key(str, required=True, check=_oneOf(*LISTENER_MODES)),
-    # PROXY protocol v1/v2 (relayd.proxy): every connection must start with
+    # PROXY protocol v1/v2 (relayd.smtp.proxy): every connection must start with
     # a header from one of proxy_from's networks.
     "proxy_protocol": _Key(bool, False),
     "proxy_from": _Key(list, [], check=_stringList),
@@ -691,7 +691,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
 
 def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
     """Check C{[[routes]]} and their C{[[routes.hops]]}."""
-    from relayd.routing import NextHopConfig, Route
+    from relayd.delivery.routing import NextHopConfig, Route
 
     if not isinstance(raw, list):
         raise ConfigError(path, "routes", "must be a list of [[routes]] tables")

@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
     from relayd.address import Address
     from relayd.envelope import Envelope, Message
-    from relayd.queuefile import QueueRecord
-    from relayd.spool import IncomingMessage
+    from relayd.queue.record import QueueRecord
+    from relayd.queue.spool import IncomingMessage
 
 __all__ = [
     "PolicyAnswer",
@@ -402,7 +402,7 @@ class IRateCounterStore(Interface):
     def reserve(counters: list[tuple[Any, ...]]) -> Deferred[Any]:
         """
         Atomically check and charge GCRA limiters (see
-        L{relayd.ratecounter}).
+        L{relayd.policies.ratecounter}).
 
         @param counters: C{(key, amount, limit, windowSeconds)}, or
             C{(key, amount, limit, windowSeconds, burst)}: at most C{limit}
@@ -460,14 +460,14 @@ class ISpool(Interface):
 
 
 class IMXResolver(Interface):
-    """DNS lookups for routing (L{relayd.routing.MXResolver})."""
+    """DNS lookups for routing (L{relayd.delivery.routing.MXResolver})."""
 
     def lookupMX(domain: str) -> Deferred[list[tuple[int, str]]]:
         """
         Return a Deferred firing with C{[(preference, host), ...]} as the
         server gave them (a null MX has host C{"."}), or failing with
-        L{relayd.routing.NXDOMAIN}, L{relayd.routing.NoData} or
-        L{relayd.routing.TemporaryDNSError}.
+        L{relayd.delivery.routing.NXDOMAIN}, L{relayd.delivery.routing.NoData} or
+        L{relayd.delivery.routing.TemporaryDNSError}.
         """
 
     def lookupAddresses(host: str) -> Deferred[list[str]]:

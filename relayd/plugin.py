@@ -21,7 +21,7 @@ out parts take the phase's defaults (L{PHASE_DEFAULTS}).  It refuses a bad
 option with L{PolicyOptionError}.
 
 Every name here is part of the contract, pinned by
-C{tests/test_plugin_api.py}: a name is only ever added to this module.
+C{tests/policies/test_plugin_api.py}: a name is only ever added to this module.
 relayd's other modules (C{relayd.interfaces}, C{relayd.verdict},
 C{relayd.envelope}, ...) are where these live today; they may move, this
 module's names do not.  For tests, see L{relayd.testing}.

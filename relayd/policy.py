@@ -49,7 +49,7 @@ from relayd.interfaces import (
     ITransactionObserver,
     SessionView,
 )
-from relayd.metrics import NO_METRICS, NoMetrics
+from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.verdict import CONTINUE, Phase, Verdict, tempfail
 
 __all__ = [
@@ -208,7 +208,7 @@ _PHASE_NAMES: dict[str, Phase] = {
     "checkRecipient": "rcpt",
     "checkMessage": "data",
 }
-"""The C{phase} label of L{relayd.metrics}' policy verdict counter."""
+"""The C{phase} label of L{relayd.ops.metrics}' policy verdict counter."""
 
 
 class PolicyChain:
@@ -242,7 +242,7 @@ class PolicyChain:
             them (a chain built by hand in a test), each policy is known
             by its own C{name} attribute, or its class's name.
         @param metrics: counts each deciding verdict by phase, policy and
-            action (L{relayd.metrics}); by default nowhere.
+            action (L{relayd.ops.metrics}); by default nowhere.
         """
         self.policies = list(policies)
         self.timeout = timeout

@@ -56,7 +56,7 @@ from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayd.metrics import Samples, addSamples, parseSamples
+from relayd.ops.metrics import Samples, addSamples, parseSamples
 
 __all__ = ["ReceiverPool", "AdoptedEndpoint", "main"]
 
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.logger import globalLogBeginner
 
     from relayd.config import ConfigError, load
-    from relayd.logs import formatObserver, levelFiltered
+    from relayd.ops.logs import formatObserver, levelFiltered
     from relayd.service import buildService
 
     label = f"receiver-{args.index}"

@@ -5,7 +5,7 @@ one.
 A reply is a three-digit code (RFC 5321 section 4.2), an RFC 3463 enhanced
 status code (RFC 2034) and a text.  The same value serves the server (what
 it sends), a policy's L{relayd.verdict.Verdict} (what it asks the server to
-send), the client (what a next hop said, L{relayd.client.Reply}), delivery
+send), the client (what a next hop said, L{relayd.delivery.client.Reply}), delivery
 (each recipient's outcome) and the log lines about them, so the rules are
 checked in one place:
 

@@ -23,13 +23,13 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relayd.config import Config, ConfigError
-from relayd.control import ControlService, ControlSocketError
 from relayd.interfaces import IReloadable
-from relayd.metrics import NO_METRICS, Metrics, NoMetrics, SummedRegistry, metricsSite
+from relayd.ops.control import ControlService, ControlSocketError
+from relayd.ops.metrics import NO_METRICS, Metrics, NoMetrics, SummedRegistry, metricsSite
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
-from relayd.proxy import ProxyFactory
+from relayd.queue.spool import SpoolLocked
+from relayd.smtp.proxy import ProxyFactory
 from relayd.smtp.session import ConnectionLimits, SMTPFactory
-from relayd.spool import SpoolLocked
 
 if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
@@ -129,7 +129,7 @@ class RelaydService(MultiService):
     def setServiceParent(self, parent: Any) -> Any:
         """
         Join C{parent}; when it is twistd's application and relayd chose a
-        log observer (L{relayd.logs}), give it as the application's
+        log observer (L{relayd.ops.logs}), give it as the application's
         C{ILogObserver} component, which twistd uses unless its own
         C{--logger} option names another (the way a C{.tac} file sets it).
         """
@@ -281,14 +281,14 @@ def buildService(
         required.
     @raise ConfigError: on any of those problems.
     """
-    from relayd.auth import IMailUser, Lockout, UsersFileChecker, UsersFileError, makePortal
     from relayd.certificates import (
         CertificateError,
         ReloadableServerOptions,
         TLSProfile,
         loadServerOptions,
     )
-    from relayd.spool import Spool
+    from relayd.queue.spool import Spool
+    from relayd.smtp.auth import IMailUser, Lockout, UsersFileChecker, UsersFileError, makePortal
 
     top = RelaydService(config)
     top.reactor = reactor
@@ -441,9 +441,9 @@ _RESTART_FIELDS = {
 
 @inlineCallbacks
 def _reload(top: RelaydService) -> Any:
-    from relayd.auth import UsersFile, UsersFileError
     from relayd.certificates import CertificateError, TLSProfile, loadServerOptions
     from relayd.config import load
+    from relayd.smtp.auth import UsersFile, UsersFileError
 
     log.info("reload: reading {path}", path=top.config.path)
 
@@ -615,10 +615,10 @@ class ResolverService(Service):
 def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) -> Any:
     """Resolver, router, deliverer and scheduler (DESIGN sections 1 and 6)."""
     from relayd.certificates import TLSProfile
-    from relayd.client import ClientTimeouts
-    from relayd.delivery import Deliverer
-    from relayd.routing import MXResolver, Router
-    from relayd.scheduler import Scheduler
+    from relayd.delivery.attempt import Deliverer
+    from relayd.delivery.client import ClientTimeouts
+    from relayd.delivery.routing import MXResolver, Router
+    from relayd.queue.scheduler import Scheduler
 
     resolver = MXResolver(
         reactor,

@@ -54,7 +54,7 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
     """
     from twisted.internet import reactor
 
-    from relayd.logs import observerFor
+    from relayd.ops.logs import observerFor
     from relayd.service import buildService
 
     try:

@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from relayd.auth import setPassword
 from relayd.certificates import makeSelfSigned, writeKeyPair
 from relayd.config import _LISTENER, _SCHEMA, ConfigError, fromDict, load
 from relayd.service import buildService
+from relayd.smtp.auth import setPassword
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "etc" / "relayd.toml"

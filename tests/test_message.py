@@ -22,7 +22,7 @@ from relayd.envelope import (
     _hops,
     _sectionEnd,
 )
-from relayd.spool import Spool, envelopeRecord
+from relayd.queue.spool import Spool, envelopeRecord
 
 RAW = (
     b"Received: from client.test ([127.0.0.1])\r\n"

@@ -116,8 +116,8 @@ def test_entryPoints(wheel: zipfile.ZipFile) -> None:
     for target in POLICIES.values():
         module = target.split(":")[0]
         assert module.replace(".", "/") + ".py" in names
-    assert parser["console_scripts"]["relayd-passwd"] == "relayd.passwd:main"
-    assert parser["console_scripts"]["relayd-sendmail"] == "relayd.sendmail:main"
+    assert parser["console_scripts"]["relayd-passwd"] == "relayd.ops.passwd:main"
+    assert parser["console_scripts"]["relayd-sendmail"] == "relayd.ops.sendmail:main"
 
 
 def test_installedEntryPoints() -> None:

@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 
 from cryptography import x509
-from test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from relayd.auth import setPassword
 from relayd.certificates import issueCertificate, makeCA, writeKeyPair
+from relayd.smtp.auth import setPassword
 from relayd.testing import InProcessRelayd, SMTPClient, TestSetup
+from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 OLD_CHAIN = 'chain = ["mynetworks", "authenticated"]'
 NEW_CHAIN = 'chain = ["authenticated"]'

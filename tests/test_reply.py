@@ -64,7 +64,7 @@ def test_clientReplyIsAReply() -> None:
     The client's replies are Replies: a peer's is kept as received, even
     with odd digits; one relayd makes itself is checked, on one line.
     """
-    from relayd.client import Reply as ClientReply
+    from relayd.delivery.client import Reply as ClientReply
 
     peer = ClientReply.parse(["354 go ahead"])
     assert isinstance(peer, Reply)

@@ -20,13 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-from test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from relayd.queuefile import readData, readRecord
+from relayd.queue.record import readData, readRecord
 from relayd.testing import InProcessRelayd, PostfixSink, SMTPClient, TestSetup
+from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 
 def spooled(setup: TestSetup) -> list[str]:

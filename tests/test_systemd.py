@@ -50,7 +50,7 @@ def systemdConfig(tmp_path: Path, processes: int = 2) -> TestSetup:
 
 def relayctl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relayd.ctl", *args],
+        [sys.executable, "-m", "relayd.ops.relayctl", *args],
         capture_output=True,
         text=True,
         timeout=60,

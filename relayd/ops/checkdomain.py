@@ -29,7 +29,7 @@ publish to fix it:
     (HTTPS) is not fetched.
 
 Why dnspython and a small evaluator here rather than checkdmarc or pyspf:
-dnspython is already relayd's resolver (L{relayd.routing}), so this asks
+dnspython is already relayd's resolver (L{relayd.delivery.routing}), so this asks
 the same name servers (C{[delivery] resolvers}, C{resolver_port},
 C{dns_timeout}) with the same timeouts, which is also how the tests point
 it at L{relayd.testing.DNSServer}; checkdmarc would add a dozen
@@ -64,7 +64,7 @@ import dns.reversename
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from relayd.routing import NXDOMAIN, NoData, ResolverError, TemporaryDNSError
+from relayd.delivery.routing import NXDOMAIN, NoData, ResolverError, TemporaryDNSError
 
 __all__ = [
     "Finding",
@@ -116,9 +116,9 @@ class Finding:
 
 class DomainDNS:
     """
-    Blocking lookups through a dnspython resolver (L{relayd.routing.newResolver}),
+    Blocking lookups through a dnspython resolver (L{relayd.delivery.routing.newResolver}),
     giving records or raising L{NXDOMAIN}, L{NoData} or L{TemporaryDNSError}
-    as L{relayd.routing.MXResolver} does.  relayctl runs no reactor while it
+    as L{relayd.delivery.routing.MXResolver} does.  relayctl runs no reactor while it
     checks, so blocking is fine here.
     """
 

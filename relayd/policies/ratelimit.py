@@ -24,7 +24,7 @@ up a limit:
     settled at the next RCPT and at the end of DATA, so that a run of
     refused recipients does not fill a limit within one transaction.
 
-Each limit is a GCRA limiter (L{relayd.ratecounter}): C{burst} units (by
+Each limit is a GCRA limiter (L{relayd.policies.ratecounter}): C{burst} units (by
 default the whole limit) may go at once, then one more every C{window /
 limit} seconds; no window boundary lets a client send twice the limit.
 The reply says how long until the next unit, at most (C{450 4.7.1} for
@@ -32,7 +32,7 @@ messages, C{452 4.5.3} for recipients, RFC 3463; both temporary, RFC 5321
 section 4.2.1: the client tries again later).
 
 Counters live in memory (one process, exact) or in Redis (shared by every
-relayd behind a load balancer): L{relayd.ratecounter}.
+relayd behind a load balancer): L{relayd.policies.ratecounter}.
 
 When the store cannot answer (Redis down, or slower than C{redis_timeout}),
 C{on_error} decides.  The default, C{"tempfail"}, answers C{451 4.3.0}: a
@@ -72,7 +72,7 @@ from relayd.plugin import (
     Verdict,
     tempfail,
 )
-from relayd.ratecounter import MemoryStore, RedisStore, WallClock, withoutPassword
+from relayd.policies.ratecounter import MemoryStore, RedisStore, WallClock, withoutPassword
 
 __all__ = ["RateLimit", "Rule", "Limit", "parseLimit"]
 
@@ -610,7 +610,7 @@ def _choices(values: tuple[str, ...]) -> str:
 
 def _connectionOptions(options: dict[str, Any]) -> dict[str, Any]:
     """
-    The keyword arguments for L{relayd.ratecounter.redisClient} from the
+    The keyword arguments for L{relayd.policies.ratecounter.redisClient} from the
     C{redis_*} options: the password read from its file (never logged),
     Sentinels, Cluster and TLS files.
     """

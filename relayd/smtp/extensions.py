@@ -22,10 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from relayd import dsn
 from relayd.envelope import Envelope, Recipient
 from relayd.reply import Reply
-from relayd.smtp import sasl
+from relayd.smtp import dsn, sasl
 
 __all__ = [
     "EXTENSIONS",
@@ -180,7 +179,7 @@ def _requireTLS(value: str | None, envelope: Envelope) -> Reply | None:
     """
     RFC 8689 section 4.1: C{REQUIRETLS}, a bare keyword, tags the message
     to be relayed only over verified TLS.  That the session itself is under
-    TLS is checked by the session (L{relayd.requiretls.checkMail}), which
+    TLS is checked by the session (L{relayd.delivery.requiretls.checkMail}), which
     knows it.
     """
     if value is not None:

@@ -32,7 +32,7 @@ have to override nearly everywhere.  What this module does differently:
     octets earn at C{timeouts.data_min_rate}, so a client trickling octets
     cannot hold its connection slot for ever.
   - AUTH failures also count across connections, per client address and
-    per user name at that address (L{relayd.auth.Lockout}); above a limit
+    per user name at that address (L{relayd.smtp.auth.Lockout}); above a limit
     AUTH gets C{454 4.7.0} before any password is checked.
 
 Replies carry RFC 3463 enhanced status codes (RFC 2034), except the greeting,
@@ -69,14 +69,14 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayd import requiretls
 from relayd.address import AddressError, parseParameters, parsePath
-from relayd.auth import Lockout
+from relayd.delivery import requiretls
 from relayd.envelope import Envelope, Message, Recipient, Session
-from relayd.metrics import NO_METRICS, NoMetrics
-from relayd.queuefile import QueueRecord
+from relayd.ops.metrics import NO_METRICS, NoMetrics
+from relayd.queue.record import QueueRecord
 from relayd.reply import Reply
 from relayd.smtp import extensions, sasl
+from relayd.smtp.auth import Lockout
 from relayd.smtp.wire import COMMAND_LINE, ChunkReader, DataReader
 from relayd.verdict import Action, Verdict
 
@@ -128,8 +128,8 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
     @ivar portal: a L{twisted.cred.portal.Portal} for AUTH, or None.
     @ivar avatarInterface: the interface asked of the portal.
     @ivar metrics: where connections, AUTH results and messages are
-        counted (L{relayd.metrics}); by default nowhere.
-    @ivar lockout: AUTH failures across connections (L{relayd.auth.Lockout}),
+        counted (L{relayd.ops.metrics}); by default nowhere.
+    @ivar lockout: AUTH failures across connections (L{relayd.smtp.auth.Lockout}),
         shared by the listeners of one relayd.
     """
 
@@ -335,7 +335,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             sessionId=secrets.token_hex(4).upper(),
             tls=f.implicitTLS,
         )
-        # Behind a load balancer (relayd.proxy), getPeer() is the client
+        # Behind a load balancer (relayd.smtp.proxy), getPeer() is the client
         # the PROXY header named; the proxy's own address is logged too.
         proxy = getattr(self.transport, "proxyPeer", None)
         log.info(
@@ -780,7 +780,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         """
         Check the password, unless this client (or this user at this
         client) has failed too often lately, across connections
-        (L{relayd.auth.Lockout}): then C{454 4.7.0} without checking it, so
+        (L{relayd.smtp.auth.Lockout}): then C{454 4.7.0} without checking it, so
         that a locked-out guesser learns nothing, even from a right guess.
         """
         f = self.factory
@@ -848,7 +848,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         Answer C{535 5.7.8} after a delay that grows with each failure, and
         close after too many (RFC 4954 section 6; no hint of which part was
         wrong, so no user enumeration).  The failure also counts across
-        connections (L{relayd.auth.Lockout}).
+        connections (L{relayd.smtp.auth.Lockout}).
         """
         f = self.factory
         assert self.session is not None
@@ -1409,7 +1409,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         return True
 
     def _record(self, envelope: Envelope, size: int) -> QueueRecord:
-        from relayd.spool import envelopeRecord
+        from relayd.queue.spool import envelopeRecord
 
         session = self.session
         assert session is not None and envelope.queueId is not None

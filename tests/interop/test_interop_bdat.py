@@ -23,7 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from relayd.queuefile import readData
+from relayd.queue.record import readData
 from relayd.testing import InProcessRelayd, PostfixSink, SMTPClient, TestSetup
 
 # Lines that need stuffing as DATA: a lone dot would end the message at

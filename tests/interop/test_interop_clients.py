@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from relayd.queuefile import readData
+from relayd.queue.record import readData
 from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, TestSetup
 
 

@@ -17,8 +17,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from bench.systems import PrivatePostfix
-from relayd._testsink import DEFAULT_ADVERTISE
 from relayd.testing import InProcessRelayd, PostfixSink, SinkServer, TestSetup
+from relayd.testing.sink import DEFAULT_ADVERTISE
 
 
 class SmtplibThroughRelaydToPostfixTests(unittest.TestCase):

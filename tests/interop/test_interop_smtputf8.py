@@ -26,8 +26,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from bench.systems import PrivatePostfix
-from relayd._testsink import DEFAULT_ADVERTISE
 from relayd.testing import InProcessRelayd, SinkServer, TestSetup
+from relayd.testing.sink import DEFAULT_ADVERTISE
 
 SENDER = "jürgen@bücher.example"
 RECIPIENT = "用户@例え.テスト"

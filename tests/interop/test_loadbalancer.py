@@ -26,7 +26,6 @@ import secrets
 import shutil
 import smtplib
 import ssl
-import sys
 import tempfile
 import threading
 import time
@@ -34,12 +33,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for test_durability
-
-from test_durability import RelaydProcess  # noqa: E402
-from test_haproxy import HAProxy  # noqa: E402
-
-from relayd.testing import (  # noqa: E402
+from relayd.testing import (
     DEMO_PASSWORD,
     DEMO_USER,
     PostfixSink,
@@ -47,6 +41,8 @@ from relayd.testing import (  # noqa: E402
     TestSetup,
     freePort,
 )
+from tests.interop.test_haproxy import HAProxy
+from tests.queue.test_durability import RelaydProcess
 
 TOKEN = re.compile(rb"X-Token: ([\w-]+)")
 USER_LIMIT = 4

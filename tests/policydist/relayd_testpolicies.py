@@ -1,5 +1,5 @@
 """
-Policies that exist for relayd's own tests (tests/test_plugins.py), found
+Policies that exist for relayd's own tests (tests/policies/test_plugins.py), found
 through the entry points in C{relayd_testpolicies-1.0.dist-info} next to
 this file (see README.md here).
 """

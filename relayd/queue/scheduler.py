@@ -1,0 +1,927 @@
+"""
+The scheduler: picks queued messages whose time has come and delivers them
+(DESIGN sections 1, 5 and 6; Postfix's qmgr is the model).
+
+  - The spool tells the scheduler about each newly committed message, so
+    it is attempted at once; the in-memory index is rebuilt from the spool
+    at startup, and a periodic sweep is only a safety net: every
+    C{sweepInterval} it lists the spool's directories (in the spool's
+    threads, names only) and schedules again any message the index lost,
+    logged and counted as stuck.
+  - The index is a heap of (next attempt, queue id): the work per tick is
+    O(log n) in the number of due messages, never a directory scan.
+  - Recipients of one message are grouped by destination (L{Destination.key}),
+    so one transaction carries every recipient that shares a next hop.
+  - Limits: a global number of messages in delivery, and a per-destination
+    number of connections, so that one slow domain cannot starve the others.
+  - After an attempt, the per-recipient states are written durably (and any
+    DSN committed) before the message is removed or rescheduled, so a
+    restart repeats no delivered recipient and forgets no pending one.
+  - Retries back off exponentially with jitter; when the lifetime runs out
+    the remaining recipients bounce; an optional delay warning is sent once.
+  - When the spool fails (a read, a move, writing the outcome: EACCES,
+    EROFS, ENOSPC), the message stays scheduled and backs off like a
+    deferral; outcomes that could not be written stay in memory, so no
+    recipient known to be delivered is sent to again while the process
+    lives (after a restart, at-least-once allows a duplicate).  Each
+    failure is one log line and a count (L{relayd.ops.metrics}).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random as randomModule
+from dataclasses import replace
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relayd.delivery import requiretls
+from relayd.delivery.bounce import RecipientStatus, makeDSN, shouldBounce
+from relayd.delivery.client import Reply as RemoteReply
+from relayd.delivery.attempt import RecipientResult
+from relayd.smtp.dsn import DSNParameters, wants
+from relayd.ops.metrics import NO_METRICS, NoMetrics
+from relayd.delivery.routing import RoutingError
+from relayd.queue.record import QueueRecord, QueueState, RecipientRecord, RecipientState
+from relayd.reply import Reply
+from relayd.queue.spool import arrivalFromQueueId, envelopeRecord
+
+__all__ = ["Scheduler", "backoff"]
+
+log = Logger(namespace="relayd.qmgr")
+
+
+def backoff(attempts: int, initial: float, maximum: float, rng: randomModule.Random) -> float:
+    """
+    Seconds to wait before the next attempt after C{attempts} attempts:
+    C{initial}, doubling each time, capped at C{maximum}, then +-10% jitter
+    so that messages deferred together do not all come back together.
+    """
+    delay = min(initial * (2 ** max(attempts - 1, 0)), maximum)
+    return float(delay * rng.uniform(0.9, 1.1))
+
+
+def _remoteReply(r: RecipientRecord) -> Reply | None:
+    """
+    The next hop's last reply about C{r}, as delivery recorded it
+    (C{"550 5.1.1 text"}), or None when there is none or it was relayd's.
+    """
+    if not r.remote or not r.lastReply or not r.lastReply[:3].isdigit():
+        return None
+    return RemoteReply.parse([r.lastReply])
+
+
+class Scheduler(Service):
+    """
+    Delivers what the spool holds.
+
+    @ivar attempts: number of delivery attempts started (for tests).
+    @ivar metrics: where delivery outcomes are counted (L{relayd.ops.metrics});
+        by default nowhere.
+    """
+
+    def __init__(
+        self,
+        *,
+        spool: Any,
+        router: Any,
+        deliverer: Any,
+        clock: Any,
+        hostname: str,
+        concurrency: int = 100,
+        perDestination: int = 20,
+        retryInitial: float = 300.0,
+        retryMax: float = 4200.0,
+        lifetime: float = 5 * 86400.0,
+        delayWarning: float = 4 * 3600.0,
+        sweepInterval: float = 60.0,
+        postmaster: str | None = None,
+        random: randomModule.Random | None = None,
+        stopDeadline: float = 30.0,
+        metrics: NoMetrics = NO_METRICS,
+    ) -> None:
+        self.spool = spool
+        self.router = router
+        self.deliverer = deliverer
+        self.clock = clock
+        self.hostname = hostname
+        self.concurrency = concurrency
+        self.perDestination = perDestination
+        self.retryInitial = retryInitial
+        self.retryMax = retryMax
+        self.lifetime = lifetime
+        self.delayWarning = delayWarning
+        self.sweepInterval = sweepInterval
+        self.postmaster = postmaster
+        self.random = random or randomModule.Random()
+        self.stopDeadline = stopDeadline
+        self.metrics = metrics
+        self.attempts = 0
+        self._due: list[tuple[float, int, str]] = []
+        self._when: dict[str, float] = {}
+        self._state: dict[str, str] = {}
+        self._inFlight: dict[str, Deferred[None]] = {}
+        self._semaphores: dict[str, DeferredSemaphore] = {}
+        self._sequence = 0
+        self._timer: Any = None
+        self._sweep: LoopingCall | None = None
+        self._running = False
+        self._ready: Deferred[None] | None = None
+        # Envelopes newer than their copy on disk: outcomes not yet durable.
+        self._unrecorded: dict[str, QueueRecord] = {}
+        # Spool failures in a row, per message: how far the next try backs off.
+        self._troubles: dict[str, int] = {}
+        # Taken out of the schedule by an operator (withdraw) and not yet back.
+        self._withdrawn: set[str] = set()
+        # While a sweep's listing runs: the messages changed since it began,
+        # whose state on disk the listing may no longer tell.
+        self._touched: set[str] | None = None
+        self._listing: Deferred[Any] | None = None
+
+    # --- service -----------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._running = True
+        self.spool.addQueueObserver(self._queued)
+        self._ready = self.spool.scan().addCallbacks(self._indexed, self._scanFailed)
+        self._sweep = LoopingCall(self._sweepNow)
+        self._sweep.clock = self.clock
+        self._sweep.start(self.sweepInterval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop starting deliveries; let the ones in flight finish, for at most
+        L{stopDeadline} seconds, then cut their connections: their
+        recipients are recorded as deferred and tried again after restart.
+        """
+        super().stopService()
+        self._running = False
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        inFlight = list(self._inFlight.values())
+        if not inFlight:
+            self._warnUnrecorded()
+            return self.deliverer.stop().addCallback(lambda _: None)  # type: ignore[no-any-return]
+        log.info(
+            "shutdown: waiting up to {deadline}s for {count} deliveries in flight",
+            deadline=self.stopDeadline,
+            count=len(inFlight),
+        )
+        d: Deferred[Any] = DeferredList(inFlight, consumeErrors=True)
+
+        def late() -> None:
+            log.warn(
+                "shutdown: deadline reached; aborting {count} deliveries in flight",
+                count=len(self._inFlight),
+            )
+            self.deliverer.abort()
+
+        timer = self.clock.callLater(self.stopDeadline, late)
+
+        def finished(_: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            self._warnUnrecorded()
+            return self.deliverer.stop()
+
+        d.addCallback(finished)
+        return d.addCallback(lambda _: None)
+
+    def _warnUnrecorded(self) -> None:
+        """
+        Name the messages whose outcomes only memory held (the spool would
+        not take them): after the restart they are attempted from their
+        older envelope on disk.
+        """
+        for queueId in sorted(self._unrecorded):
+            log.warn(
+                "{queue_id}: stopping with delivery outcomes the spool did not record; "
+                "recipients already delivered may get the message again",
+                queue_id=queueId,
+            )
+
+    def whenIndexed(self) -> Deferred[None]:
+        """Fires once the startup index of the spool is built (for tests)."""
+        assert self._ready is not None
+        d: Deferred[None] = Deferred()
+        self._ready.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def _indexed(self, entries: list[tuple[str, str, float]]) -> None:
+        for queueId, state, when in entries:
+            if queueId not in self._state:
+                self._schedule(queueId, state, when)
+        log.info("index rebuilt: {count} queued messages", count=len(entries))
+        self._kick()
+
+    def _scanFailed(self, failure: Failure) -> None:
+        log.failure("could not index the spool", failure)
+
+    def queueSummary(self) -> tuple[dict[str, int], float | None]:
+        """
+        From the in-memory index, never the disk (for L{relayd.ops.metrics}):
+        the queued messages by spool state, and when the oldest arrived
+        (read from its queue id, which starts with the time it was made).
+        """
+        counts: dict[str, int] = {}
+        for state in self._state.values():
+            counts[state] = counts.get(state, 0) + 1
+        oldest = min(self._state) if self._state else None
+        return counts, arrivalFromQueueId(oldest) if oldest is not None else None
+
+    def stuckMessages(self) -> int:
+        """
+        How many queued messages had their last spool operation fail (a
+        read, a move, writing their outcome) and wait for a retry: mail
+        stuck now, for L{relayd.ops.metrics}.
+        """
+        return len(self._troubles)
+
+    def _queued(self, queueId: str, record: QueueRecord | None) -> None:
+        """The spool committed a new message: attempt it now."""
+        self._schedule(queueId, "incoming", self.clock.seconds())
+        self._kick()
+
+    # --- the index -----------------------------------------------------------
+
+    def _schedule(self, queueId: str, state: str, when: float) -> None:
+        self._touch(queueId)
+        self._state[queueId] = state
+        self._when[queueId] = when
+        if when != float("inf"):
+            self._sequence += 1
+            heapq.heappush(self._due, (when, self._sequence, queueId))
+
+    def _forget(self, queueId: str) -> None:
+        """The message has left the queue (or this state): drop what we know."""
+        self._touch(queueId)
+        self._state.pop(queueId, None)
+        self._when.pop(queueId, None)
+        self._unrecorded.pop(queueId, None)
+        self._troubles.pop(queueId, None)
+
+    def _touch(self, queueId: str) -> None:
+        if self._touched is not None:
+            self._touched.add(queueId)
+
+    def _backOff(self, queueId: str) -> float:
+        """
+        One more spool failure in a row for C{queueId}: the seconds to wait
+        before trying it again, growing like a deferral's.
+        """
+        failures = self._troubles[queueId] = self._troubles.get(queueId, 0) + 1
+        return backoff(failures, self.retryInitial, self.retryMax, self.random)
+
+    def _kick(self) -> None:
+        """Start every due message the limits allow; arm the timer for the next."""
+        if not self._running:
+            return
+        now = self.clock.seconds()
+        while self._due and len(self._inFlight) < self.concurrency:
+            when, _, queueId = self._due[0]
+            if when > now:
+                break
+            heapq.heappop(self._due)
+            if self._when.get(queueId) != when or queueId in self._inFlight:
+                continue  # a stale heap entry
+            self._start(queueId)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self._due or not self._running or len(self._inFlight) >= self.concurrency:
+            return
+        delay = max(self._due[0][0] - self.clock.seconds(), 0)
+        self._timer = self.clock.callLater(delay, self._kick)
+
+    def _start(self, queueId: str) -> None:
+        self.attempts += 1
+        self._touch(queueId)
+        d = self._attempt(queueId)
+        self._inFlight[queueId] = d
+
+        def done(result: Any) -> None:
+            self._inFlight.pop(queueId, None)
+            self._touch(queueId)
+            if isinstance(result, Failure):
+                # A bug, not the spool (that is handled in _attempt): keep
+                # the traceback, and the message in the schedule.
+                log.failure("{queue_id}: delivery attempt failed", result, queue_id=queueId)
+                state = self._state.get(queueId)
+                if state is not None and queueId not in self._when:
+                    self._schedule(queueId, state, self.clock.seconds() + self._backOff(queueId))
+            self._kick()
+
+        d.addBoth(done)
+
+    # --- the sweep -------------------------------------------------------------
+
+    def _sweepNow(self) -> None:
+        """
+        The safety net, every L{sweepInterval}: start what is due, put back
+        anything the index holds but has no attempt planned for, and list
+        the spool's directories (in the spool's threads, never here) to
+        find messages the index lost.  The listing is names only, once per
+        interval, and at most one at a time.
+        """
+        self._kick()
+        now = self.clock.seconds()
+        for queueId, state in sorted(self._state.items()):
+            if queueId not in self._when and queueId not in self._inFlight:
+                self._stuck(queueId, state, now)
+        if self._listing is not None or not self._running:
+            return
+        if self._ready is None or not self._ready.called:
+            return  # the startup index is still being built: all would look lost
+        self._touched = set()
+        listing = self._listing = self.spool.listQueued()
+
+        def done(result: Any) -> None:
+            self._listing = None
+            self._touched = None
+            if isinstance(result, Failure):
+                if result.check(OSError):
+                    log.error("sweep: could not list the spool: {error}", error=result.value)
+                else:
+                    log.failure("sweep: could not list the spool", result)
+
+        listing.addCallback(self._listed)
+        listing.addBoth(done)
+
+    def _listed(self, listing: tuple[dict[str, list[str]], list[tuple[str, str]]]) -> None:
+        """
+        Compare the spool's directories with the index.  Messages changed
+        since the listing began are left to the next sweep: what the
+        listing says of them may be out of date already.
+        """
+        found, problems = listing
+        for state, error in problems:
+            log.warn("sweep: cannot list {state}/ of the spool: {error}", state=state, error=error)
+        if not self._running:
+            return
+        touched = self._touched or set()
+        now = self.clock.seconds()
+        lost = []
+        for queueId, states in sorted(found.items()):
+            if queueId in touched or queueId in self._inFlight or queueId in self._withdrawn:
+                continue
+            # Two states only after a move that failed half-way: as in the
+            # spool's recovery, the one that is not active/ is the newer.
+            state = next((s for s in states if s != "active"), states[0])
+            known = self._state.get(queueId)
+            if known is None:
+                lost.append((queueId, state))
+            elif known not in states:
+                log.warn(
+                    "{queue_id}: the schedule had it in {known}, the spool has it in {state}; "
+                    "corrected",
+                    queue_id=queueId,
+                    known=known,
+                    state=state,
+                )
+                when = self._when.get(queueId, now)
+                self._schedule(queueId, state, float("inf") if state == "hold" else when)
+        # Forget what is kept in memory about messages that are gone.
+        for queueId in list(self._unrecorded) + list(self._troubles):
+            if queueId not in found and queueId not in touched and queueId not in self._state:
+                self._forget(queueId)
+        self._withdrawn -= {q for q in self._withdrawn if q not in found and q not in touched}
+        for queueId, state in lost:
+            self._rescue(queueId, state)
+        self._kick()
+
+    @inlineCallbacks
+    def _rescue(self, queueId: str, state: str) -> Any:
+        """A message on disk that the index lost: read when it is due, schedule it."""
+        when = self.clock.seconds()
+        try:
+            record = yield self.spool.read(queueId, state)
+            when = float(record.nextAttempt or when)
+        except Exception:
+            pass  # try it now; the attempt says what is wrong with it
+        if (
+            not self._running
+            or queueId in self._state
+            or queueId in self._inFlight
+            or queueId in self._withdrawn
+        ):
+            return  # it came back by itself meanwhile
+        self._stuck(queueId, state, when)
+        self._kick()
+
+    def _stuck(self, queueId: str, state: str, when: float) -> None:
+        """Schedule a message that had no attempt planned; say so."""
+        if state == "hold":
+            self._schedule(queueId, state, float("inf"))
+            return
+        when = max(when, self.clock.seconds())
+        log.warn(
+            "{queue_id}: found in {state} but not in the schedule (stuck); next attempt in "
+            "{delay:.0f}s",
+            queue_id=queueId,
+            state=state,
+            delay=when - self.clock.seconds(),
+        )
+        self.metrics.queueStuck()
+        self._schedule(queueId, state, when)
+
+    # --- operator control (relayctl, relayd.ops.control) ---------------------------
+
+    def delivering(self) -> list[str]:
+        """The queue ids of the messages being delivered right now."""
+        return sorted(self._inFlight)
+
+    def isDelivering(self, queueId: str) -> bool:
+        """True while an attempt to deliver C{queueId} is under way."""
+        return queueId in self._inFlight
+
+    def withdraw(self, queueId: str) -> tuple[str, float] | None:
+        """
+        Take a message that is not being delivered out of the schedule, so
+        that no attempt starts while an operator moves or removes its files;
+        L{reschedule} puts it back.  Check L{isDelivering} first: a message
+        in delivery cannot be withdrawn.
+
+        @return: its state and next attempt time as the index had them, or
+            None when the index does not know it.
+        @raise ValueError: when it is being delivered.
+        """
+        if queueId in self._inFlight:
+            raise ValueError(f"{queueId} is being delivered")
+        # Until it is rescheduled, the sweep leaves it alone too.
+        self._withdrawn.add(queueId)
+        self._touch(queueId)
+        if queueId not in self._state:
+            return None
+        return self._state.pop(queueId), self._when.pop(queueId, float("inf"))
+
+    def reschedule(self, queueId: str, state: str, when: float | None = None) -> None:
+        """
+        Put a message (now in C{state} on disk) into the schedule, to be
+        attempted at C{when} (default: now); a message in C{hold} is never
+        attempted until it is rescheduled in another state.
+        """
+        if state == "hold":
+            when = float("inf")
+        elif when is None:
+            when = self.clock.seconds()
+        self._withdrawn.discard(queueId)
+        self._schedule(queueId, state, when)
+        self._kick()
+
+    def flush(self, queueIds: list[str] | None = None) -> dict[str, str]:
+        """
+        Attempt the given messages (all queued ones when None) now, whatever
+        their backoff says (Postfix's C{postqueue -f} and C{-i}); the
+        concurrency limits still apply.
+
+        @return: per queue id: C{"scheduled"}, C{"delivering"} (an attempt is
+            under way already), C{"hold"} (on hold: release it first) or
+            C{"unknown"} (not queued).
+        """
+        now = self.clock.seconds()
+        results = {}
+        for queueId in sorted(self._state) if queueIds is None else queueIds:
+            state = self._state.get(queueId)
+            if queueId in self._inFlight:
+                results[queueId] = "delivering"
+            elif state is None:
+                results[queueId] = "unknown"
+            elif state == "hold":
+                results[queueId] = "hold"
+            else:
+                self._schedule(queueId, state, now)
+                results[queueId] = "scheduled"
+        self._kick()
+        return results
+
+    # --- one attempt -----------------------------------------------------------
+
+    @inlineCallbacks
+    def _attempt(self, queueId: str) -> Any:
+        """
+        One attempt at C{queueId}.  Every way out leaves the message either
+        gone from the queue or scheduled again: a spool failure backs off
+        (L{_spoolFailed}, L{_unrecordable}), never drops it.
+        """
+        state = self._state[queueId]
+        self._when.pop(queueId, None)
+        # Outcomes that could not be written are newer than the disk's copy.
+        record = self._unrecorded.get(queueId)
+        if record is None:
+            try:
+                record = yield self.spool.read(queueId, state)
+            except FileNotFoundError:
+                # Deleted, or the index had its state wrong: if it is
+                # anywhere else in the spool, the next sweep finds it.
+                log.info("{queue_id}: no longer in {state}", queue_id=queueId, state=state)
+                self._forget(queueId)
+                return
+            except Exception as e:
+                self._spoolFailed(queueId, state, "read", f"cannot read its envelope in {state}", e)
+                return
+        if state != "active":
+            # Not fsync'd: after a crash, active/ goes back to incoming/ anyway.
+            try:
+                yield self.spool.move(queueId, state, "active", durable=False)
+            except Exception as e:
+                self._spoolFailed(queueId, state, "move", f"cannot move it from {state} to active", e)
+                return
+            self._state[queueId] = "active"
+        yield self._deliver(queueId, record)
+
+    def _spoolFailed(
+        self, queueId: str, state: str, operation: str, what: str, error: Exception,
+    ) -> None:
+        """
+        A spool operation before delivery failed: nothing was sent, the
+        message stays where it is, and is tried again with backoff.  One
+        log line, no traceback: the error says it all.
+        """
+        delay = self._backOff(queueId)
+        self.metrics.spoolError(operation)
+        log.error(
+            "{queue_id}: stuck in {state}: {what}: {error}; next attempt in {delay:.0f}s",
+            queue_id=queueId,
+            state=state,
+            what=what,
+            operation=operation,
+            error=error,
+            delay=delay,
+        )
+        self._schedule(queueId, state, self.clock.seconds() + delay)
+
+    def _unrecordable(
+        self, queueId: str, record: QueueRecord, operation: str, error: Exception, when: float,
+    ) -> None:
+        """
+        The outcomes of an attempt could not be written (a full or
+        read-only spool): keep them in memory, so that the next attempt
+        starts from them and no recipient known to be delivered is sent to
+        again, and back off until the spool takes them.  The envelope is in
+        active/ still (or, after a move that failed half-way, the sweep
+        finds where it is).
+        """
+        self._unrecorded[queueId] = record
+        now = self.clock.seconds()
+        when = max(when, now + self._backOff(queueId))
+        self.metrics.spoolError(operation)
+        self.metrics.outcomesUnrecorded()
+        log.error(
+            "{queue_id}: cannot record the delivery outcome ({operation}): {error}; "
+            "kept in memory, next attempt in {delay:.0f}s",
+            queue_id=queueId,
+            operation=operation,
+            error=error,
+            delay=when - now,
+        )
+        self._schedule(queueId, "active", when)
+
+    @inlineCallbacks
+    def _deliver(self, queueId: str, record: QueueRecord) -> Any:
+        if record.waiting():
+            record = yield self._send(queueId, record)
+        yield self._record(queueId, record)
+
+    @inlineCallbacks
+    def _send(self, queueId: str, record: QueueRecord) -> Any:
+        """
+        Deliver to the recipients still waiting.
+
+        @return: a Deferred firing with the new record: their outcomes,
+            the attempt counted, and the next attempt if some are left.
+        """
+        sender = record.sender
+        waiting = record.waiting()
+        outcomes: dict[str, tuple[RecipientResult, Any]] = {}
+
+        byDomain: dict[str, list[str]] = {}
+        for r in waiting:
+            domain = r.address.rpartition("@")[2].lower() or self.hostname.lower()
+            byDomain.setdefault(domain, []).append(r.address)
+
+        groups: dict[str, tuple[Any, list[str]]] = {}
+        for domain, addresses in byDomain.items():
+            try:
+                destination = yield self.router.route(domain)
+            except RoutingError as e:
+                status = "failed" if e.permanent else "deferred"
+                for address in addresses:
+                    code = 550 if e.permanent else 451
+                    reply = RemoteReply.local(code, e.enhanced, e.text)
+                    outcomes[address] = (RecipientResult(address, status, reply, None), None)
+                continue
+            groups.setdefault(destination.key, (destination, []))[1].extend(addresses)
+
+        dsn = DSNParameters.fromRecord(record)
+        calls = []
+        for key, (destination, addresses) in groups.items():
+            semaphore = self._semaphores.setdefault(key, DeferredSemaphore(self.perDestination))
+            d = semaphore.run(
+                self.deliverer.deliver,
+                destination,
+                sender,
+                addresses,
+                self.spool.queueFile(queueId, QueueState.ACTIVE),
+                record.size,
+                queueId=queueId,
+                dsn=dsn,
+                # Only when set, so that a deliverer without the keyword
+                # (a test's) still serves every other message.
+                **({"requireTLS": True} if record.requireTLS else {}),
+                smtputf8=record.smtputf8,
+            )
+            calls.append(d)
+        results = yield DeferredList(calls, consumeErrors=True)
+        for ok, result in results:
+            if not ok:
+                log.failure("{queue_id}: deliverer failed", result, queue_id=queueId)
+                continue
+            for r in result.results:
+                outcomes[r.recipient] = (r, result)
+
+        now = self.clock.seconds()
+        expired = now - record.arrival >= self.lifetime
+        recipients = list(record.recipients)
+        newlyFailed = []
+        relayed = []
+        for index, r in enumerate(recipients):
+            if r.state.final:
+                continue
+            outcome = outcomes.get(r.address)
+            if outcome is None:
+                # No answer at all (deliverer crashed): try again later.
+                internal = Reply(451, "4.3.0", "internal error")
+                result = RecipientResult(r.address, "deferred", internal, None)
+                attempt = None
+            else:
+                result, attempt = outcome
+            expiring = result.status == "deferred" and expired
+            r = recipients[index] = replace(
+                r,
+                lastReply=f"{result.code} {result.enhanced} {result.text}".strip(),
+                status=result.enhanced,
+                remote=result.remoteHost,
+                attempts=r.attempts + 1,
+                lastAttempt=now,
+                state=RecipientState.FAILED if expiring else RecipientState(result.status),
+                expired=expiring,
+                command=result.command,
+            )
+            self._logRecipient(queueId, r, result, attempt, now - record.arrival, expired)
+            if r.state == RecipientState.FAILED:
+                newlyFailed.append(index)
+            elif (
+                r.state == RecipientState.DELIVERED
+                and wants(r.notify, "SUCCESS")
+                and not result.dsnPassed
+            ):
+                # RFC 3461 section 6.2.3: a next hop without DSN took it,
+                # so relayd reports "relayed" itself.
+                relayed.append(index)
+        record = replace(record, attempts=record.attempts + 1, recipients=tuple(recipients))
+
+        if relayed:
+            try:
+                yield self._bounce(queueId, record, [recipients[i] for i in relayed], "relayed", now)
+            except Exception as e:
+                # The recipients are delivered whatever happens to the
+                # notice: delivering again to send it would duplicate mail.
+                self.metrics.spoolError("bounce")
+                log.error(
+                    "{queue_id}: cannot queue the success notice: {error}",
+                    queue_id=queueId,
+                    error=e,
+                )
+
+        if newlyFailed:
+            try:
+                yield self._bounce(queueId, record, [recipients[i] for i in newlyFailed], "failed", now)
+            except Exception as e:
+                # Never final without a durable DSN: they stay queued, and
+                # the next attempt bounces them again.
+                for i in newlyFailed:
+                    recipients[i] = replace(
+                        recipients[i], state=RecipientState.DEFERRED, expired=False
+                    )
+                record = record.withRecipients(recipients)
+                self.metrics.spoolError("bounce")
+                log.error(
+                    "{queue_id}: cannot queue the non-delivery notice: {error}; "
+                    "{count} failed recipients stay queued",
+                    queue_id=queueId,
+                    error=e,
+                    count=len(newlyFailed),
+                )
+        stillWaiting = record.waiting()
+        if (
+            stillWaiting
+            and self.delayWarning > 0
+            and not record.delayWarned
+            and now - record.arrival >= self.delayWarning
+        ):
+            try:
+                yield self._bounce(queueId, record, stillWaiting, "delayed", now)
+            except Exception as e:
+                self.metrics.spoolError("bounce")
+                log.error(
+                    "{queue_id}: cannot queue the delay notice: {error}; will try again",
+                    queue_id=queueId,
+                    error=e,
+                )
+            else:
+                record = replace(record, delayWarned=True)
+        if stillWaiting:
+            when = now + backoff(record.attempts, self.retryInitial, self.retryMax, self.random)
+            when = min(when, record.arrival + self.lifetime) if not expired else when
+            record = replace(record, nextAttempt=when)
+        return record
+
+    @inlineCallbacks
+    def _record(self, queueId: str, record: QueueRecord) -> Any:
+        """
+        Write the outcomes durably: the envelope to deferred/ while some
+        recipients are left, else the message out of the spool.  When the
+        spool refuses, L{_unrecordable} keeps them in memory.
+        """
+        stillWaiting = record.waiting()
+        now = self.clock.seconds()
+        if stillWaiting:
+            when = float(record.nextAttempt or now)
+            try:
+                yield self.spool.update(queueId, "active", record, "deferred")
+            except Exception as e:
+                self._unrecordable(queueId, record, "update", e, when)
+                return
+            self._unrecorded.pop(queueId, None)
+            self._troubles.pop(queueId, None)
+            self._schedule(queueId, "deferred", when)
+            log.info(
+                "{queue_id}: deferred, {count} recipients left, next attempt in {delay:.0f}s",
+                queue_id=queueId,
+                count=len(stillWaiting),
+                delay=when - now,
+            )
+        else:
+            try:
+                yield self.spool.remove(queueId, "active")
+            except Exception as e:
+                self._unrecordable(queueId, record, "remove", e, now)
+                return
+            self._forget(queueId)
+            log.info("{queue_id}: removed", queue_id=queueId)
+
+    def _logRecipient(
+        self, queueId: str, r: RecipientRecord, result: RecipientResult, attempt: Any,
+        delay: float, expired: bool,
+    ) -> None:
+        hop = getattr(attempt, "hop", None)
+        relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop is not None else "none"
+        status = {
+            RecipientState.DELIVERED: "sent",
+            RecipientState.FAILED: "bounced",
+            RecipientState.DEFERRED: "deferred",
+        }[r.state]
+        tls = getattr(attempt, "tls", None)
+        # With the hop's TLS mode "verify" a session only gets this far
+        # once the certificate matched the host name (relayd.delivery.client).
+        verified = tls is not None and getattr(hop, "tls", None) == "verify"
+        log.info(
+            "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, tls={tls}{tls_trust}, "
+            "status={status} ({reply}){expired}",
+            queue_id=queueId,
+            to=r.address,
+            relay=relay,
+            relay_host=getattr(hop, "host", None),
+            relay_address=getattr(hop, "address", None),
+            relay_port=getattr(hop, "port", None),
+            delay=delay,
+            tls=tls or "none",
+            tls_verified=verified,
+            tls_trust="" if tls is None else " (verified)" if verified else " (unverified)",
+            status=status,
+            code=result.code,
+            enhanced=result.enhanced,
+            reply=r.lastReply,
+            remote_host=result.remoteHost,
+            attempts=r.attempts,
+            expired=" (delivery time expired)" if expired and r.expired else "",
+        )
+        self.metrics.deliveryAttempt(status, delay if status == "sent" else None)
+
+    @inlineCallbacks
+    def _bounce(
+        self, queueId: str, record: QueueRecord, recipients: list[RecipientRecord],
+        action: str, now: float,
+    ) -> Any:
+        """
+        Commit a DSN about C{recipients} to the sender (or the postmaster
+        for a bounce of a bounce, if configured); never bounce a bounce to
+        the null sender.  The DSN is durable before the caller records the
+        recipients as final, so a crash can repeat a DSN but not lose one.
+        """
+        sender = record.sender
+        # RFC 3461 section 4.1: only the notices each recipient asked for
+        # (without NOTIFY: failure and delay).
+        kind = {"failed": "FAILURE", "delayed": "DELAY", "relayed": "SUCCESS"}[action]
+        unwanted = [r.address for r in recipients if not wants(r.notify, kind)]
+        if unwanted:
+            log.info(
+                "{queue_id}: no {action} notice for {recipients}: NOTIFY={notify}",
+                queue_id=queueId,
+                action=action,
+                recipients=", ".join(f"<{a}>" for a in unwanted),
+                notify="/".join(
+                    sorted({",".join(r.notify or ()) for r in recipients if r.address in unwanted})
+                ),
+            )
+            recipients = [r for r in recipients if r.address not in unwanted]
+            if not recipients:
+                return
+        if action == "relayed" and not shouldBounce(sender):
+            return  # a notice about a notice is no one's business
+        target = sender if shouldBounce(sender) else self.postmaster
+        if not target:
+            log.warn(
+                "{queue_id}: undeliverable {action} notice for null sender dropped",
+                queue_id=queueId,
+                action=action,
+            )
+            return
+        statuses = []
+        for r in recipients:
+            enhanced = r.status or ("4.4.7" if action == "delayed" else "5.0.0")
+            if r.expired:
+                enhanced = "4.4.7"  # RFC 3463: delivery time expired
+            if action == "delayed" and not enhanced.startswith("4."):
+                enhanced = "4.0.0"
+            if action == "relayed":
+                enhanced = enhanced if enhanced.startswith("2.") else "2.0.0"
+            reply = _remoteReply(r)
+            statuses.append(
+                RecipientStatus(
+                    address=r.address,
+                    action=action,
+                    status=enhanced,
+                    remoteMTA=r.remote,
+                    reply=reply,
+                    lastAttempt=r.lastAttempt,
+                    command=r.command if reply is not None else None,
+                    originalRecipient=r.orcpt,
+                )
+            )
+        # Reads the original's headers from disk: not on the reactor thread.
+        # Headers only: for a REQUIRETLS original that is also what RFC 8689
+        # section 5 wants; never return its body (relayd.delivery.requiretls).
+        dsn = yield deferToThread(
+            makeDSN,
+            reportingMTA=self.hostname,
+            queueId=queueId,
+            sender=sender,
+            arrival=record.arrival,
+            now=now,
+            recipients=statuses,
+            originalPath=self.spool.queueFile(queueId, QueueState.ACTIVE),
+            originalSize=record.size,
+            postmaster=None if shouldBounce(sender) else target,
+            # RFC 3461 section 4.3: RET=FULL returns the message with a
+            # failure notice; HDRS, no RET and the other notices the headers.
+            # RFC 8689 section 5: never the body of a REQUIRETLS message.
+            returnFull=action == "failed" and record.ret == "FULL" and not record.requireTLS,
+            envid=record.envid,
+        )
+        dsnRecord = envelopeRecord(
+            queueId="",
+            sender="",
+            recipients=[target],
+            arrival=now,
+            size=len(dsn),
+            body="8BITMIME" if any(b > 127 for b in dsn) else "7BIT",
+            client="127.0.0.1",
+            helo=None,
+            user=None,
+            listener="bounce",
+        )
+        dsnRecord = requiretls.bounceRecord(dsnRecord, record)
+        if not target.isascii():
+            # To an internationalized sender: only over SMTPUTF8 (RFC 6531).
+            dsnRecord = replace(dsnRecord, smtputf8=True)
+        bounceId = yield self.spool.submit(dsnRecord, dsn)
+        log.info(
+            "{queue_id}: sender {action} notification: {bounce_id}",
+            queue_id=queueId,
+            action={"failed": "non-delivery", "delayed": "delay", "relayed": "success"}[action],
+            bounce_id=bounceId,
+        )

@@ -1,0 +1,1302 @@
+# -*- test-case-name: tests.test_spool -*-
+"""
+The durable queue between receiving and sending (DESIGN.md section 5).
+
+One message is one I{queue file} (L{relayd.queue.record}): the message's
+bytes followed by its typed envelope record, L{QueueRecord}, as Postfix's
+queue file holds envelope and content together::
+
+    <spool>/tmp/<id>       message being received (records follow at commit)
+    <spool>/<state>/<id>   the queue file; <state> is one of incoming,
+                           active, deferred, hold, corrupt
+
+A message moves between the state directories by a single C{rename} of its
+one file, so it is always in exactly one state and a crash can never leave
+it in two or in none.
+
+Commit protocol (L{Spool.commit}), before the SMTP C{250}:
+
+  1. the message is written to C{tmp/<id>} as it arrives (page cache only);
+  2. in the spool's thread pool the record and the footer are appended and
+     the file is fsync'd: the I{one} fsync of this message;
+  3. C{tmp/<id>} is renamed to C{incoming/<id>};
+  4. C{incoming/} is fsync'd, once for every message of the batch (group
+     commit: messages that finish together share it), and only then does
+     the commit fire.
+
+Crash safety, step by step: before 3, only C{tmp/} holds the message, and
+startup recovery removes everything there; the client never got its C{250}
+and sends again.  Between 3 and 4 the file is complete (it was fsync'd
+before the rename), so whether or not the rename survives, what is in
+C{incoming/} is a whole message: either it is delivered, or it is gone and
+the client, which got no C{250}, sends it again.  This is the ordering
+rule of chasquid's safeio and of Postfix's queue files: write, fsync,
+rename, fsync the directory.
+
+The previous layout (version 1: C{data/<id>} plus C{<state>/<id>.json})
+needed two file fsyncs and two directory fsyncs per message.
+
+Delivery (L{Spool.update}): after an attempt that leaves recipients to try
+again, the queue file is written anew with the new record (the message
+copied in the kernel by C{copy_file_range}), fsync'd, renamed over the
+one in C{active/}, then renamed into C{deferred/}, and both directories
+fsync'd: at every instant one complete queue file exists, in one state.
+Messages delivered at the first attempt, the common case, are never
+rewritten.  Moves (to C{active/} for an attempt, to and from C{hold/}) are
+single renames.
+
+Removal of a delivered or bounced message (L{Spool.remove}) is one
+C{unlink} and no directory fsync: a crash that loses the unlink brings the
+message back, to be delivered once more, which at-least-once delivery
+allows (Postfix does the same).  Only an operator's delete is fsync'd.
+
+Everything that can block runs in the spool's own thread pool, never on
+the reactor thread.  Receiving processes (L{relayd.receivers}) only create
+files in C{tmp/} and rename them into C{incoming/}; the queue manager
+alone moves, rewrites and removes.
+
+Upgrade: startup recovery converts a spool of the previous layout, each
+message to a queue file in the same state (C{active} returns to
+C{incoming} as always), keeping every recipient's state; see L{_recover}.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from relayd.interfaces import ISpool
+from relayd.queue.record import (
+    QUEUED_STATES,
+    CorruptRecord,
+    QueueRecord,
+    QueueState,
+    encodeTrailer,
+    readData,
+    readRecord,
+)
+from relayd.queue.safeio import fsyncDirectory
+
+__all__ = [
+    "Spool",
+    "IncomingMessage",
+    "SpoolStopped",
+    "SpoolLocked",
+    "envelopeRecord",
+    "arrivalFromQueueId",
+    "STATES",
+    "QUEUED_STATES",
+]
+
+STATES = tuple(QueueState)
+"""The directories a queue file can be in, one at a time."""
+
+REFRESH_INTERVAL = 5.0
+"""Seconds between two refreshes of the cached free-space figure."""
+
+_QUEUE_ID = re.compile(r"^[0-9A-Z]{1,64}$")
+_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_ID_SUFFIX_LENGTH = 5
+_FILE_MODE = 0o600
+_DIRECTORY_MODE = 0o700
+_WRITE_BUFFER = 64 * 1024
+
+
+class SpoolStopped(OSError):
+    """
+    The spool is not running (not yet started, or stopping): it takes no
+    new commits.  An L{OSError} so that callers mapping spool trouble to a
+    temporary SMTP failure need no special case.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(errno.ESHUTDOWN, "spool is not running")
+
+
+class SpoolLocked(Exception):
+    """
+    Another process holds the spool's lock: two relayd instances must never
+    share a spool (each one's startup recovery would take the other's
+    messages in flight for crash debris).
+    """
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory)
+        self.directory = directory
+
+    def __str__(self) -> str:
+        return (
+            f"spool {self.directory} is in use by another relayd (lock file {self.directory}/lock)"
+        )
+
+
+def arrivalFromQueueId(queueId: str) -> float | None:
+    """
+    When C{queueId} was made, in seconds since the epoch: its first 13
+    characters are the microseconds in hexadecimal (L{Spool.newQueueId}).
+    None for an id of another form.
+    """
+    try:
+        return int(queueId[:13], 16) / 1e6 if len(queueId) > 13 else None
+    except ValueError:
+        return None
+
+
+def envelopeRecord(
+    queueId: str,
+    sender: str,
+    recipients: list[str],
+    arrival: float,
+    size: int,
+    body: str,
+    client: str,
+    helo: str | None,
+    user: str | None,
+    listener: str,
+    *,
+    ret: str | None = None,
+    envid: str | None = None,
+    notify: Mapping[str, tuple[str, ...]] | None = None,
+    orcpt: Mapping[str, str] | None = None,
+) -> QueueRecord:
+    """
+    Build the envelope record of a newly received message (see
+    L{QueueRecord.new}): every recipient pending, due at once.
+
+    @param queueId: the message's queue id.
+    @param sender: the reverse-path, C{""} for the null sender.
+    @param recipients: the accepted forward-paths, in RCPT order.
+    @param arrival: when the message was received (seconds since the epoch).
+    @param size: the message size in octets.
+    @param body: C{"7BIT"} or C{"8BITMIME"}.
+    @param client: the client's IP address.
+    @param helo: the EHLO/HELO name, or None.
+    @param user: the authenticated user, or None.
+    @param listener: the name of the listener that received the message.
+    @param ret: RET= (RFC 3461 section 4.3), or None.
+    @param envid: ENVID= decoded (RFC 3461 section 4.4), or None.
+    @param notify: NOTIFY= by recipient address, for those that gave one.
+    @param orcpt: ORCPT= by recipient address, for those that gave one.
+    """
+    return QueueRecord.new(
+        queueId,
+        sender,
+        recipients,
+        arrival,
+        size,
+        body,
+        client,
+        helo,
+        user,
+        listener,
+        ret=ret,
+        envid=envid,
+        notify=notify,
+        orcpt=orcpt,
+    )
+
+
+def _writeAll(fd: int, data: bytes) -> None:
+    """Write all of C{data} to C{fd}; C{os.write} may write less."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _copy(source: int, target: int, length: int) -> None:
+    """
+    Copy C{length} octets from the current position of descriptor
+    C{source} to descriptor C{target}, in the kernel when it can
+    (C{copy_file_range}).
+
+    @raise OSError: C{EIO} when C{source} ends before C{length} octets.
+    """
+    left = length
+    kernel = hasattr(os, "copy_file_range")
+    while left > 0:
+        copied = 0
+        if kernel:
+            try:
+                copied = os.copy_file_range(source, target, left)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                kernel = False
+                continue
+        else:
+            chunk = os.read(source, min(left, _WRITE_BUFFER))
+            _writeAll(target, chunk)
+            copied = len(chunk)
+        if copied == 0:
+            raise OSError(errno.EIO, f"queue file shorter than its record says ({left} missing)")
+        left -= copied
+
+
+def _unlinkQuietly(path: str) -> OSError | None:
+    """
+    Remove C{path} if it exists.
+
+    @return: None when the file is gone, the L{OSError} when it could not be
+        removed (for the caller to log).
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return e
+    return None
+
+
+class IncomingMessage:
+    """
+    A message being received: a new file under C{<spool>/tmp/}.
+
+    The SMTP server writes the message to it on the reactor thread (writes go
+    to the page cache; they do not wait for the disk), then hands it to
+    L{Spool.commit}, which flushes, fsyncs and closes it in the thread pool.
+
+    @ivar path: the file's path, under C{tmp/}.
+    @ivar queueId: the queue id the message will have.
+    @ivar size: how many octets have been written so far.
+    """
+
+    def __init__(self, queueId: str, path: str, file: Any) -> None:
+        self.queueId = queueId
+        self.path = path
+        self.size = 0
+        self._file = file
+        self._committing = False
+        self._discarded = False
+        self._header: tuple[bytes, int] | None = None
+
+    def replaceHeader(self, header: bytes, bodyOffset: int) -> None:
+        """
+        Store C{header} instead of the first C{bodyOffset} octets: the
+        commit writes C{header} followed by the received bytes from
+        C{bodyOffset} on, so the body is stored exactly as received.  Used
+        when message policies edited the header section.
+        """
+        if self._committing or self._discarded:
+            raise ValueError(f"message {self.queueId} is no longer writable")
+        if not 0 <= bodyOffset <= self.size:
+            raise ValueError(f"body offset {bodyOffset} outside the message")
+        self._header = (header, bodyOffset)
+        self.size = len(header) + self.size - bodyOffset
+
+    def write(self, data: bytes) -> None:
+        """
+        Append C{data} to the message.
+
+        @raise OSError: when the file system refuses it (e.g. C{ENOSPC});
+            the caller should then L{discard} the message.
+        @raise ValueError: after L{discard} or L{Spool.commit}.
+        """
+        if self._committing or self._discarded:
+            raise ValueError(f"message {self.queueId} is no longer writable")
+        self._file.write(data)
+        self.size += len(data)
+
+    def flush(self) -> None:
+        """
+        Push buffered octets to the file (not to the disk: that is
+        L{Spool.commit}'s fsync), so that a message policy can read the
+        whole message from L{path} before the commit.
+
+        @raise OSError: when the file system refuses it.
+        """
+        if self._committing or self._discarded:
+            raise ValueError(f"message {self.queueId} is no longer writable")
+        self._file.flush()
+
+    def discard(self) -> None:
+        """
+        Close and remove the file, leaving no trace of the message.
+
+        Idempotent and never raises, so it is safe in any error path.  Once
+        the message has been handed to L{Spool.commit} the spool owns it and
+        this does nothing: the commit either makes it durable or cleans it
+        up itself.
+        """
+        if self._committing or self._discarded:
+            return
+        self._discarded = True
+        self._closeQuietly()
+        _unlinkQuietly(self.path)
+
+    def _closeQuietly(self) -> None:
+        """
+        Close the file, ignoring errors: closing flushes the buffer, which
+        fails again when the disk is full.  The descriptor is released
+        either way.
+        """
+        try:
+            self._file.close()
+        except Exception:
+            pass
+
+
+class _PendingCommit:
+    """
+    One message between L{Spool.commit} and the firing of its Deferred.
+
+    @ivar incoming: the message.
+    @ivar record: its envelope record.
+    @ivar trailer: what is appended to the message: the serialised record
+        and the footer (L{relayd.queue.record.encodeTrailer}).
+    @ivar deferred: fires with the queue id once the message is durable.
+    @ivar tmpPath: C{tmp/<id>}.
+    @ivar queuePath: C{incoming/<id>}.
+    """
+
+    def __init__(
+        self, spool: Spool, incoming: IncomingMessage, record: QueueRecord, trailer: bytes
+    ) -> None:
+        self.queueId = incoming.queueId
+        self.incoming = incoming
+        self.record = record
+        self.trailer = trailer
+        self.deferred: Deferred[str] = Deferred()
+        self.tmpPath = incoming.path
+        self.queuePath = os.path.join(spool._incoming, incoming.queueId)
+
+
+@implementer(ISpool)
+class Spool(Service):
+    """
+    The on-disk queue: commit protocol, group commit, crash recovery and
+    the free-space reserve.
+
+    @ivar directory: the spool's root directory.
+    @ivar reserveBytes: free space, in octets, that must remain after a
+        message is accepted.
+    @ivar batchCount: how many group-commit batches have run (for tests and
+        statistics).
+    @ivar log: the L{Logger}; events about a message carry C{queue_id}.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        reserveBytes: int,
+        reactor: Any,
+        threads: int = 4,
+        log: Logger | None = None,
+        receiver: bool = False,
+    ) -> None:
+        """
+        @param directory: the spool's root directory, created if missing.
+        @param reserveBytes: see L{reserveOk}.
+        @param reactor: the reactor: timers, and delivery of thread results.
+        @param threads: the size of the spool's thread pool.
+        @param log: the logger to use; by default namespace C{relayd.queue.spool}.
+        @param receiver: this is a receiving process beside the queue
+            manager (L{relayd.receivers}): it only commits new messages into
+            C{incoming/}, each under its own name, and leaves the lock and
+            startup recovery to the queue manager, which owns the spool and
+            alone moves, updates and removes what is in it.
+        """
+        self.directory = os.path.abspath(directory)
+        self.reserveBytes = reserveBytes
+        self.batchCount = 0
+        self.log = log if log is not None else Logger(namespace="relayd.queue.spool")
+        self._reactor = reactor
+        self._threads = threads
+        self._tmp = os.path.join(self.directory, "tmp")
+        self._incoming = os.path.join(self.directory, "incoming")
+        self._pool: ThreadPool | None = None
+        self._refreshLoop: LoopingCall | None = None
+        self._freeBytes: int | None = None
+        self._accepting = False
+        self._ready: list[_PendingCommit] = []
+        self._batchRunning = False
+        self._busy = 0
+        self._idleWaiters: list[Deferred[None]] = []
+        self._lastIdTime = 0
+        self._observers: list[Any] = []
+        self.receiver = receiver
+        self._random = random.Random(secrets.token_bytes(16))
+
+    # Service
+
+    def startService(self) -> None:
+        """
+        Create the directories, recover from the previous run, measure the
+        free space and start the thread pool and the free-space refresh.
+
+        Recovery runs synchronously, before the listeners start, so that no
+        message is accepted into a queue still holding a crash's debris.
+        """
+        os.makedirs(self.directory, mode=_DIRECTORY_MODE, exist_ok=True)
+        if not self.receiver:
+            self._lock()
+            for name in ("tmp", *STATES):
+                os.makedirs(os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True)
+            fsyncDirectory(self.directory)
+            self._recover()
+        self._freeBytes = self._statFreeBytes()
+        Service.startService(self)
+        self._pool = ThreadPool(0, self._threads, "relayd-spool")
+        self._pool.start()
+        self._accepting = True
+        self._refreshLoop = LoopingCall(self.refreshFreeSpace)
+        self._refreshLoop.clock = self._reactor
+        self._refreshLoop.start(REFRESH_INTERVAL, now=False).addErrback(
+            lambda f: self.log.failure("free-space refresh stopped", f)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop taking commits, let the commits in flight finish, then stop the
+        thread pool.
+
+        @return: a Deferred firing once every commit in flight has fired and
+            the pool's threads have been joined.
+        """
+        Service.stopService(self)
+        self._accepting = False
+        if self._refreshLoop is not None and self._refreshLoop.running:
+            self._refreshLoop.stop()
+        self._refreshLoop = None
+        return self._whenIdle().addCallback(lambda _: self._stopPool())
+
+    def _stopPool(self) -> None:
+        """Join the (now idle) threads of the pool; release the lock."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+        self._unlock()
+
+    def _lock(self) -> None:
+        """
+        Take an exclusive C{flock} on C{<spool>/lock} for as long as this
+        spool runs; the kernel drops it when the process dies, even by
+        C{kill -9}, so a restart is never locked out.
+
+        @raise SpoolLocked: when another process holds it.
+        """
+        fd = os.open(
+            os.path.join(self.directory, "lock"),
+            os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+            _FILE_MODE,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(self.directory) from None
+        self._lockFd: int | None = fd
+
+    def _unlock(self) -> None:
+        fd, self._lockFd = getattr(self, "_lockFd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def _whenIdle(self) -> Deferred[None]:
+        """Return a Deferred firing when no pool work is outstanding."""
+        if not self._busy:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idleWaiters.append(waiter)
+        return waiter
+
+    def _release(self) -> None:
+        """One piece of pool work is done; wake L{_whenIdle} waiters."""
+        self._busy -= 1
+        if not self._busy:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _inPool(self, f: Any, *args: Any) -> Deferred[Any]:
+        """Run C{f(*args)} in the spool's pool; the result comes back here."""
+        assert self._pool is not None
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def _logFromThread(self, level: str, fmt: str, **kw: Any) -> None:
+        """Log from a pool thread by handing the event to the reactor."""
+        self._reactor.callFromThread(getattr(self.log, level), fmt, **kw)
+
+    # Free space
+
+    def reserveOk(self, size: int) -> bool:
+        """
+        Whether a message of C{size} octets leaves at least C{reserveBytes}
+        free.  Uses the cached figure, refreshed every few seconds off the
+        reactor thread and lowered by each commit in between, so it never
+        blocks.  False when free space has never been measured.
+        """
+        if self._freeBytes is None:
+            return False
+        return self._freeBytes - size >= self.reserveBytes
+
+    def _statFreeBytes(self) -> int:
+        """Free octets available to unprivileged users.  Blocking."""
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    def refreshFreeSpace(self) -> Deferred[None]:
+        """
+        Measure the free space in the thread pool and cache it.  Called
+        every L{REFRESH_INTERVAL} seconds; never fails (a failed measurement
+        is logged and the old figure kept).
+        """
+        if self._pool is None:
+            return succeed(None)
+        self._busy += 1
+
+        def stored(freeBytes: int) -> None:
+            self._freeBytes = freeBytes
+
+        def failed(f: Failure) -> None:
+            self.log.failure("could not measure free space in the spool", f)
+
+        d = self._inPool(self._statFreeBytes)
+        d.addCallbacks(stored, failed)
+        d.addBoth(lambda _: self._release())
+        return d
+
+    # Queue ids and messages
+
+    def newQueueId(self) -> str:
+        """
+        Return a new queue id: 13 hex digits of microseconds since the epoch
+        (strictly increasing within this process, so ids sort by time) and 5
+        random characters from C{[0-9A-Z]}, so that processes sharing a spool
+        do not collide.  18 characters, C{[0-9A-Z]} only.
+        """
+        now = max(time.time_ns() // 1000, self._lastIdTime + 1)
+        self._lastIdTime = now
+        # The suffix only keeps processes sharing a spool apart (a queue id
+        # is no secret: clients see it): a generator seeded from the
+        # system's randomness, not one getrandom() call per character.
+        suffix = "".join(self._random.choices(_ID_ALPHABET, k=_ID_SUFFIX_LENGTH))
+        return f"{now:013X}{suffix}"
+
+    def openMessage(self, queueId: str) -> IncomingMessage:
+        """
+        Create C{tmp/<queueId>} for a message about to be received.
+
+        Opening one new file is cheap enough for the reactor thread; the
+        expensive part (fsync) happens in L{commit}.
+
+        @raise ValueError: when C{queueId} is not a queue id.
+        @raise OSError: when the file cannot be created (C{EEXIST} if the id
+            is already in use).
+        """
+        if not _QUEUE_ID.match(queueId):
+            raise ValueError(f"not a queue id: {queueId!r}")
+        path = os.path.join(self._tmp, queueId)
+        fd = os.open(
+            path,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+            _FILE_MODE,
+        )
+        try:
+            file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        except BaseException:
+            os.close(fd)
+            _unlinkQuietly(path)
+            raise
+        return IncomingMessage(queueId, path, file)
+
+    # Commit
+
+    def commit(self, incoming: IncomingMessage, record: QueueRecord) -> Deferred[str]:
+        """
+        Make the message durable and put it in C{incoming/}.
+
+        The record is serialised now, on the calling thread; its C{size}
+        is set to what was written of the message.  From here on the spool
+        owns C{incoming}.
+
+        @param incoming: the message, as returned by L{openMessage}.
+        @param record: its envelope, see L{envelopeRecord}; its C{queueId}
+            must be C{incoming.queueId}.
+        @return: a Deferred firing with the queue id once the queue file
+            and its directory entry are on disk, or failing (typically with
+            an L{OSError}) with nothing of the message left in the spool.
+        """
+        queueId = incoming.queueId
+        if incoming._committing or incoming._discarded:
+            return fail(ValueError(f"message {queueId} was already committed or discarded"))
+        if not self._accepting:
+            incoming.discard()
+            return fail(SpoolStopped())
+        if not isinstance(record, QueueRecord) or record.queueId != queueId:
+            incoming.discard()
+            return fail(ValueError(f"envelope is not for message {queueId}"))
+        try:
+            if record.size != incoming.size:
+                record = replace(record, size=incoming.size)
+            trailer = encodeTrailer(record, incoming.size)
+        except Exception:
+            incoming.discard()
+            return fail()
+        incoming._committing = True
+        pending = _PendingCommit(self, incoming, record, trailer)
+        self._busy += 1
+        d = self._inPool(self._prepare, pending)
+        d.addCallbacks(
+            self._prepared, self._prepareFailed, callbackArgs=(pending,), errbackArgs=(pending,)
+        )
+        return pending.deferred
+
+    def _prepare(self, pending: _PendingCommit) -> None:
+        """
+        In the pool: append the record to the message and fsync the file,
+        once.  On failure remove it and re-raise.
+        """
+        try:
+            file = pending.incoming._file
+            if pending.incoming._header is not None:
+                file.flush()
+                file.close()
+                self._rewriteHeader(pending.tmpPath, *pending.incoming._header, pending.trailer)
+            else:
+                file.write(pending.trailer)
+                file.flush()
+                os.fsync(file.fileno())
+                file.close()
+        except BaseException:
+            pending.incoming._closeQuietly()
+            self._removeFromThread(pending, pending.tmpPath)
+            raise
+
+    @staticmethod
+    def _rewriteHeader(path: str, header: bytes, bodyOffset: int, trailer: bytes) -> None:
+        """
+        In the pool: write C{header}, the body of C{path} (from
+        C{bodyOffset}) and C{trailer} to a new file, fsync it and rename it
+        over C{path}.  The directory is fsync'd by the batch that renames
+        the file into C{incoming/}.
+        """
+        new = path + ".rw"
+        fd = os.open(
+            new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), _FILE_MODE
+        )
+        try:
+            _writeAll(fd, header)
+            with open(path, "rb") as old:
+                old.seek(bodyOffset)
+                while chunk := old.read(_WRITE_BUFFER):
+                    _writeAll(fd, chunk)
+            _writeAll(fd, trailer)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlinkQuietly(new)
+            raise
+        os.close(fd)
+        os.replace(new, path)
+
+    def _prepared(self, _: None, pending: _PendingCommit) -> None:
+        """The message is durable in C{tmp/}: queue it for the next batch."""
+        self._ready.append(pending)
+        self._maybeStartBatch()
+
+    def _prepareFailed(self, failure: Failure, pending: _PendingCommit) -> None:
+        """Writing the message out failed; its tmp files are gone."""
+        self._finish(pending, failure)
+
+    def _maybeStartBatch(self) -> None:
+        """
+        Start a batch with every ready message, unless one is running: those
+        that become ready meanwhile wait for the next, and share it.
+        """
+        if self._batchRunning or not self._ready:
+            return
+        batch, self._ready = self._ready, []
+        self._batchRunning = True
+        self.batchCount += 1
+        self.log.debug(
+            "committing batch of {count} messages",
+            count=len(batch),
+            queue_ids=[p.queueId for p in batch],
+        )
+        d = self._inPool(self._runBatch, batch)
+        d.addCallbacks(
+            self._batchDone, self._batchFailed, callbackArgs=(batch,), errbackArgs=(batch,)
+        )
+
+    def _runBatch(self, batch: list[_PendingCommit]) -> list[Failure | None]:
+        """
+        In the pool: rename each queue file into C{incoming/}, then fsync
+        C{incoming/} once for all of them.
+
+        Each message's failure is caught and cleaned up on its own; only a
+        failed directory fsync fails every message that depended on it.
+
+        @return: per message of C{batch}, None when it is durable or the
+            L{Failure} it failed with.
+        """
+        results: dict[int, Failure | None] = {}
+        committed = []
+        for index, pending in enumerate(batch):
+            try:
+                os.rename(pending.tmpPath, pending.queuePath)
+            except Exception:
+                results[index] = Failure()
+                self._removeFromThread(pending, pending.tmpPath)
+            else:
+                committed.append(index)
+        if committed:
+            try:
+                fsyncDirectory(self._incoming)
+            except Exception:
+                # The entries may or may not be on disk.  The client gets a
+                # temporary failure, so take them out again.
+                failure = Failure()
+                for index in committed:
+                    results[index] = failure
+                    pending = batch[index]
+                    self._removeFromThread(pending, pending.queuePath)
+        return [results.get(index) for index in range(len(batch))]
+
+    def _removeFromThread(self, pending: _PendingCommit, *paths: str) -> None:
+        """In the pool: remove C{paths} of a failed commit, in that order."""
+        for path in paths:
+            error = _unlinkQuietly(path)
+            if error is not None:
+                self._logFromThread(
+                    "error",
+                    "could not remove {path} of failed message {queue_id}: {error}",
+                    queue_id=pending.queueId,
+                    path=path,
+                    error=error,
+                )
+
+    def _batchDone(self, results: list[Failure | None], batch: list[_PendingCommit]) -> None:
+        """Back on the reactor thread: fire every Deferred of the batch."""
+        self._batchRunning = False
+        for pending, failure in zip(batch, results, strict=False):
+            self._finish(pending, failure)
+        self._maybeStartBatch()
+
+    def _batchFailed(self, failure: Failure, batch: list[_PendingCommit]) -> None:
+        """
+        The batch itself raised (a bug; per-message errors are caught): fail
+        all of it rather than leave clients waiting.  Their files may remain
+        in C{tmp/} or C{data/}; startup recovery removes them.
+        """
+        self.log.failure("spool batch failed", failure)
+        self._batchDone([failure] * len(batch), batch)
+
+    def _finish(self, pending: _PendingCommit, failure: Failure | None) -> None:
+        """Fire the Deferred of one message and account for it."""
+        try:
+            if failure is None:
+                if self._freeBytes is not None:
+                    self._freeBytes -= pending.incoming.size + len(pending.trailer)
+                self.log.info(
+                    "{queue_id}: durable in incoming ({size} octets)",
+                    queue_id=pending.queueId,
+                    size=pending.incoming.size,
+                )
+                self._notifyQueued(pending.queueId, pending.record)
+                pending.deferred.callback(pending.queueId)
+            else:
+                self.log.warn(
+                    "{queue_id}: could not queue message: {error}",
+                    queue_id=pending.queueId,
+                    error=failure.value,
+                )
+                pending.deferred.errback(failure)
+        finally:
+            self._release()
+
+    # Recovery
+
+    def _recover(self) -> None:
+        """
+        Clean up after the previous run (blocking, called at startup,
+        before any receiver exists):
+
+          - everything in C{tmp/} is an unfinished message: remove it;
+          - a spool of the previous layout is converted (L{_convert});
+          - queue files left in C{active/} were being delivered: put them
+            back in C{incoming/};
+          - a queue file that cannot be read, or whose record is not for
+            the id it is named after, goes to C{corrupt/}.
+        """
+        for entry in os.scandir(self._tmp):
+            queueId = entry.name.partition(".")[0]
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+            except OSError as e:
+                self.log.error(
+                    "recovery: could not remove {path}: {error}",
+                    queue_id=queueId,
+                    path=entry.path,
+                    error=e,
+                )
+            else:
+                self.log.info(
+                    "recovery: removed unfinished {name} from tmp",
+                    queue_id=queueId,
+                    name=entry.name,
+                )
+
+        self._convert()
+
+        active = self._stateDirectory(QueueState.ACTIVE)
+        for name in sorted(os.listdir(active)):
+            if not _QUEUE_ID.match(name):
+                continue  # moved to corrupt below
+            os.rename(os.path.join(active, name), os.path.join(self._incoming, name))
+            self.log.info("{queue_id}: recovery: returned from active to incoming", queue_id=name)
+
+        for state in QUEUED_STATES:
+            stateDirectory = self._stateDirectory(state)
+            for name in sorted(os.listdir(stateDirectory)):
+                problem = self._checkQueueFile(name, os.path.join(stateDirectory, name))
+                if problem is not None:
+                    self._moveToCorrupt(state, name, problem)
+
+        for name in ("tmp", *STATES):
+            fsyncDirectory(os.path.join(self.directory, name))
+
+    def _stateDirectory(self, state: str) -> str:
+        return os.path.join(self.directory, state)
+
+    def _convert(self) -> None:
+        """
+        Convert a spool of the previous layout (version 1: the message in
+        C{data/<id>}, its envelope in C{<state>/<id>.json}) to queue files,
+        each in the state its envelope was in (C{active} to C{incoming}),
+        with every recipient's state kept.  Blocking; part of L{_recover}.
+
+        Each message is copied to a new queue file in C{tmp/}, fsync'd and
+        renamed into its state; only when those directories are fsync'd
+        are the old envelope and data file removed.  A crash at any point
+        leaves either the old files (converted again on the next start) or
+        the new queue file (the old ones are then removed as leftovers).
+        The version-1 rule for an envelope found both in C{active/} and in
+        another state (a crash inside an update) holds: the other one wins.
+        An envelope that cannot be read, or has no data file, goes to
+        C{corrupt/} as before, and the data file it names to
+        C{corrupt/<id>.data} beside it, for a human to look at; other data
+        files (never committed) are removed, and then C{data/} itself.
+        """
+        data = os.path.join(self.directory, "data")
+        if not os.path.isdir(data):
+            return
+        converted = []
+        for state in QUEUED_STATES:
+            directory = self._stateDirectory(state)
+            for name in sorted(os.listdir(directory)):
+                if not name.endswith(".json"):
+                    continue
+                queueId = name.removesuffix(".json")
+                path = os.path.join(directory, name)
+                if not _QUEUE_ID.match(queueId):
+                    self._moveToCorrupt(state, name, "unexpected file name")
+                    continue
+                done = [s for s in QUEUED_STATES if os.path.exists(self._queuePath(s, queueId))]
+                newer = [
+                    s
+                    for s in QUEUED_STATES
+                    if s != QueueState.ACTIVE
+                    and os.path.exists(os.path.join(self._stateDirectory(s), name))
+                ]
+                if done or (state == QueueState.ACTIVE and newer):
+                    # Converted before a crash; or the stale copy of a
+                    # version-1 update (the newer state's envelope counts).
+                    os.unlink(path)
+                    continue
+                try:
+                    with open(path, "rb") as f:
+                        record = QueueRecord.decode(f.read())
+                    if record.queueId != queueId:
+                        raise CorruptRecord("envelope is not for this queue id")
+                except (OSError, CorruptRecord) as e:
+                    self._moveToCorrupt(state, name, f"unreadable envelope: {e}")
+                    continue
+                target = QueueState.INCOMING if state == QueueState.ACTIVE else state
+                try:
+                    self._writeConverted(record, os.path.join(data, queueId), target)
+                except FileNotFoundError:
+                    self._moveToCorrupt(state, name, "data file is missing")
+                    continue
+                converted.append(path)
+                self.log.info(
+                    "{queue_id}: recovery: converted from the version 1 spool layout "
+                    "({state} to {target})",
+                    queue_id=queueId,
+                    state=state,
+                    target=target,
+                )
+        for state in STATES:
+            fsyncDirectory(self._stateDirectory(state))
+        for path in converted:
+            os.unlink(path)
+        corrupt = self._stateDirectory(QueueState.CORRUPT)
+        keep = {name.partition(".")[0] for name in os.listdir(corrupt)}
+        for name in sorted(os.listdir(data)):
+            path = os.path.join(data, name)
+            if name in keep:
+                # Beside its envelope, for a human to look at.
+                aside = os.path.join(corrupt, name + ".data")
+                counter = 0
+                while os.path.lexists(aside):
+                    counter += 1
+                    aside = os.path.join(corrupt, f"{name}.data.{counter}")
+                os.rename(path, aside)
+                continue
+            error = _unlinkQuietly(path)
+            if error is not None:
+                self.log.error(
+                    "{queue_id}: recovery: could not remove {path}: {error}",
+                    queue_id=name,
+                    path=path,
+                    error=error,
+                )
+        fsyncDirectory(corrupt)
+        try:
+            os.rmdir(data)
+        except OSError as e:
+            self.log.error("recovery: could not remove {path}: {error}", path=data, error=e)
+        fsyncDirectory(self.directory)
+
+    def _writeConverted(self, record: QueueRecord, dataFile: str, state: str) -> None:
+        """
+        Write the queue file of a version-1 message from its C{record} and
+        C{dataFile}: copy, fsync, rename into C{state}.
+
+        @raise FileNotFoundError: when C{dataFile} is missing.
+        """
+        tmp = os.path.join(self._tmp, record.queueId)
+        with open(dataFile, "rb") as source:
+            size = os.fstat(source.fileno()).st_size
+            record = replace(record, size=size)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), _FILE_MODE
+            )
+            try:
+                try:
+                    _copy(source.fileno(), fd, size)
+                    _writeAll(fd, encodeTrailer(record, size))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, self._queuePath(state, record.queueId))
+            except BaseException:
+                _unlinkQuietly(tmp)
+                raise
+
+    def _checkQueueFile(self, name: str, path: str) -> str | None:
+        """
+        Check one queue file found at startup.
+
+        @return: None when it is sound, else what is wrong with it.
+        """
+        if not _QUEUE_ID.match(name):
+            return "unexpected file name"
+        try:
+            readRecord(path, name)
+        except (OSError, CorruptRecord) as e:
+            return f"unreadable queue file: {e}"
+        return None
+
+    def _moveToCorrupt(self, state: str, name: str, problem: str) -> None:
+        """
+        Move C{<state>/<name>} to C{corrupt/} for a human to look at,
+        without overwriting an earlier corrupt entry of the same name.
+        """
+        corrupt = self._stateDirectory(QueueState.CORRUPT)
+        target = os.path.join(corrupt, name)
+        counter = 0
+        while os.path.lexists(target):
+            counter += 1
+            target = os.path.join(corrupt, f"{name}.{counter}")
+        os.rename(os.path.join(self.directory, state, name), target)
+        self.log.error(
+            "{queue_id}: recovery: moved from {state} to corrupt: {problem}",
+            queue_id=name.partition(".")[0],
+            state=state,
+            problem=problem,
+        )
+
+    # Tooling
+
+    def load(self, queueId: str) -> tuple[QueueRecord, str]:
+        """
+        Find a queued message.  Blocking; for tests and tooling.
+
+        @return: its record and the path of its queue file.
+        @raise KeyError: when no queued state holds C{queueId}.
+        """
+        if not _QUEUE_ID.match(queueId):
+            raise KeyError(queueId)
+        for state in QUEUED_STATES:
+            path = self._queuePath(state, queueId)
+            try:
+                return readRecord(path, queueId), path
+            except FileNotFoundError:
+                continue
+        raise KeyError(queueId)
+
+    def readData(self, queueId: str) -> bytes:
+        """
+        The message bytes of a queued message.  Blocking; for tests and
+        tooling.
+
+        @raise KeyError: when no queued state holds C{queueId}.
+        """
+        return readData(self.load(queueId)[1])
+
+    def entries(self, state: str = "incoming") -> list[str]:
+        """
+        List the queue ids in one state, sorted (that is, by arrival).
+        Blocking; for tests and tooling.
+
+        @param state: one of L{STATES}.
+        @raise ValueError: for an unknown state.
+        """
+        if state not in STATES:
+            raise ValueError(f"unknown spool state {state!r}")
+        return sorted(
+            name for name in os.listdir(self._stateDirectory(state)) if _QUEUE_ID.match(name)
+        )
+
+    # The delivery side (DESIGN section 5): the scheduler's view of the spool.
+
+    def addQueueObserver(self, observer: Any) -> None:
+        """
+        Call C{observer(queueId, record)} on the reactor thread each time a
+        message has become durable in C{incoming/}, so the scheduler can
+        attempt it at once instead of waiting for a sweep.  C{record} is
+        the L{QueueRecord}, or None for a receiver's message.
+        """
+        self._observers.append(observer)
+
+    def announce(self, queueId: str) -> None:
+        """
+        Another process (a receiver, L{relayd.receivers}) committed
+        C{queueId} into C{incoming/}: tell the queue observers, as for a
+        commit of this process's own.
+        """
+        self._notifyQueued(queueId, None)
+
+    def _notifyQueued(self, queueId: str, record: QueueRecord | None) -> None:
+        for observer in self._observers:
+            try:
+                observer(queueId, record)
+            except Exception:
+                self.log.failure("{queue_id}: queue observer failed", queue_id=queueId)
+
+    def _queuePath(self, state: str, queueId: str) -> str:
+        if state not in STATES or not _QUEUE_ID.match(queueId):
+            raise ValueError(f"bad spool entry {state}/{queueId}")
+        return os.path.join(self.directory, state, queueId)
+
+    def queueFile(self, queueId: str, state: str) -> str:
+        """
+        The path of the queue file of C{queueId} in C{state}; its message
+        is read with L{relayd.queue.record.openData} (it is the first
+        C{record.size} octets).
+        """
+        return self._queuePath(state, queueId)
+
+    def _tracked(self, f: Any, *args: Any) -> Deferred[Any]:
+        """Run C{f} in the pool, counted so L{stopService} waits for it."""
+        if self._pool is None:
+            return fail(SpoolStopped())
+        self._busy += 1
+        d = self._inPool(f, *args)
+
+        def done(result: Any) -> Any:
+            self._release()
+            return result
+
+        return d.addBoth(done)
+
+    def read(self, queueId: str, state: str) -> Deferred[QueueRecord]:
+        """
+        Read the record of C{queueId} in C{state}, in the pool.
+
+        @return: a Deferred failing with L{FileNotFoundError} when it is
+            not there, L{CorruptRecord} when it cannot be read as one.
+        """
+        path = self._queuePath(state, queueId)
+        return self._tracked(readRecord, path, queueId)
+
+    def scan(self) -> Deferred[list[tuple[str, str, float]]]:
+        """
+        In the pool: list every queued message as C{(queueId, state,
+        nextAttempt)} for the scheduler's index at startup.  C{hold/} is
+        included with an infinite next attempt.
+        """
+
+        def scan() -> list[tuple[str, str, float]]:
+            found = []
+            for state in QUEUED_STATES:
+                directory = self._stateDirectory(state)
+                for name in os.listdir(directory):
+                    if not _QUEUE_ID.match(name):
+                        continue
+                    if state == QueueState.HOLD:
+                        found.append((name, state.value, float("inf")))
+                        continue
+                    try:
+                        record = readRecord(os.path.join(directory, name), name)
+                    except (OSError, CorruptRecord):
+                        continue
+                    found.append((name, state.value, float(record.nextAttempt or 0)))
+            return found
+
+        return self._tracked(scan)
+
+    def listQueued(self) -> Deferred[tuple[dict[str, list[str]], list[tuple[str, str]]]]:
+        """
+        In the pool: which queued states hold a queue file of which queue
+        id, from a listing of the directories (names only: no file is
+        opened), for the scheduler's sweep to find what its index lost.
+
+        @return: a Deferred firing with the states of each queue id (two
+            only when a listing raced with a move), and C{(state, error)}
+            for each directory that could not be listed: reported, not
+            fatal.
+        """
+
+        def listQueued() -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+            found: dict[str, list[str]] = {}
+            problems = []
+            for state in QUEUED_STATES:
+                try:
+                    names = os.listdir(self._stateDirectory(state))
+                except OSError as e:
+                    problems.append((state.value, str(e)))
+                    continue
+                for name in names:
+                    if _QUEUE_ID.match(name):
+                        found.setdefault(name, []).append(state.value)
+            return found, problems
+
+        return self._tracked(listQueued)
+
+    def update(
+        self, queueId: str, state: str, record: QueueRecord, newState: str | None = None
+    ) -> Deferred[None]:
+        """
+        Durably replace the record of C{queueId} (now in C{state}) with
+        C{record}, moving it to C{newState} if given: write a new queue
+        file in C{tmp/} (the message copied from the old one, then the new
+        record), fsync it, rename it over the old one, rename that into
+        C{newState}, fsync the directories.  Each step is one rename, so
+        at every instant one complete queue file exists, in one state.
+        When a previous try already moved it to C{newState} (and failed
+        after), it is rewritten there.
+
+        The record is serialised now, on the calling thread.
+        """
+        if record.queueId != queueId:
+            return fail(ValueError(f"record is not for message {queueId}"))
+        trailer = encodeTrailer(record, record.size)
+        old = self._queuePath(state, queueId)
+        new = self._queuePath(newState or state, queueId)
+        tmp = os.path.join(self._tmp, f"{queueId}.{secrets.token_hex(4)}")
+
+        def update() -> None:
+            source = old
+            if new != old and not os.path.exists(old) and os.path.exists(new):
+                source = new
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), _FILE_MODE
+            )
+            try:
+                try:
+                    with open(source, "rb") as f:
+                        _copy(f.fileno(), fd, record.size)
+                    _writeAll(fd, trailer)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, source)
+            except BaseException:
+                _unlinkQuietly(tmp)
+                raise
+            if source != new:
+                os.rename(source, new)
+                fsyncDirectory(os.path.dirname(new))
+            fsyncDirectory(os.path.dirname(source))
+
+        return self._tracked(update)
+
+    def move(self, queueId: str, state: str, newState: str, durable: bool = True) -> Deferred[None]:
+        """
+        Move the queue file of C{queueId} between states with one rename.
+        With C{durable=False} the directories are not fsync'd: for moves
+        whose loss a crash may undo harmlessly (incoming to active:
+        recovery puts active back into incoming anyway).
+        """
+        old = self._queuePath(state, queueId)
+        new = self._queuePath(newState, queueId)
+
+        def move() -> None:
+            os.rename(old, new)
+            if durable:
+                fsyncDirectory(os.path.dirname(new))
+                fsyncDirectory(os.path.dirname(old))
+
+        return self._tracked(move)
+
+    def remove(self, queueId: str, state: str, durable: bool = False) -> Deferred[None]:
+        """
+        Remove a message that has left the queue for good (delivered,
+        bounced, or deleted by an operator): one unlink.
+
+        @param durable: fsync the directory too.  Not for delivered mail: a
+            crash that loses the unlink brings the message back and it is
+            delivered again, a duplicate, which at-least-once delivery
+            allows (DESIGN section 5; Postfix does not fsync removals
+            either).  An operator's delete is durable: mail deleted on
+            purpose must not come back.
+        """
+        path = self._queuePath(state, queueId)
+
+        def remove() -> None:
+            os.unlink(path)
+            if durable:
+                fsyncDirectory(os.path.dirname(path))
+
+        return self._tracked(remove)
+
+    def submit(self, record: QueueRecord, data: bytes) -> Deferred[str]:
+        """
+        Queue a message relayd makes itself (a DSN): same durability as
+        mail received over SMTP.  The record's C{queueId} and C{size} are
+        filled in.
+
+        @return: a Deferred firing with the new queue id once durable.
+        """
+        queueId = self.newQueueId()
+        record = replace(record, queueId=queueId, size=len(data))
+        try:
+            incoming = self.openMessage(queueId)
+            incoming.write(data)
+        except OSError:
+            return fail()
+        return self.commit(incoming, record)
