@@ -183,6 +183,9 @@ class Config:
     tlsCiphers: str = INTERMEDIATE_CIPHERS
     tlsMinVersion: str = "TLSv1.2"
     tlsOpportunisticCiphers: str = OPPORTUNISTIC_CIPHERS
+    deliveryProcesses: int = 0
+    """Delivery processes around the queue manager (L{relayd.deliveryprocs});
+    0: the queue manager delivers itself."""
 
 
 # --- schema -----------------------------------------------------------------
@@ -272,6 +275,17 @@ def _processes(path: str, value: int, chain: list[str], policies: dict[str, Any]
             'policies.ratelimit.backend = "redis" or processes = 1',
         )
     return value
+
+
+def _deliveryProcesses(value: int | None, processes: int) -> int:
+    """
+    How many delivery processes (C{[delivery] processes}): as configured,
+    or when absent as many as there are receiving processes if there is
+    more than one (a single process does everything, as before).
+    """
+    if value is not None:
+        return value
+    return processes if processes > 1 else 0
 
 
 def _port(value: Any) -> str | None:
@@ -383,6 +397,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "delay_warning": _Key(_NUMBER, 14400.0, check=_nonNegative),
         "sweep_interval": _Key(_NUMBER, 60.0, check=_positive),
         "postmaster": _Key(str),
+        # Delivery processes around the queue manager (relayd.deliveryprocs),
+        # like Postfix's smtp(8) processes around qmgr: 0 delivers in the
+        # queue manager itself; absent: as many as [server] processes when
+        # that is above 1 (one per core by default), else 0.
+        "processes": _Key(int, check=_nonNegative),
     },
     "metrics": {
         # A Twisted server endpoint string for the Prometheus scrape page
@@ -621,11 +640,12 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
     _refuseRoutesToSelf(path, routes, listeners, hostname)
     spoolDirectory = _resolve(base, spool["directory"]) or ""
     controlSocket = _resolve(base, sections["control"]["socket"])
+    processes = _processes(path, server["processes"], policy["chain"], policies)
     return Config(
         path=path,
         hostname=hostname,
         banner=server["banner"],
-        processes=_processes(path, server["processes"], policy["chain"], policies),
+        processes=processes,
         listeners=tuple(listeners),
         tlsCertificate=cert,
         tlsKey=key,
@@ -686,6 +706,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         logFormat=sections["logging"]["format"],
         logLevel=sections["logging"]["level"],
         controlSocket=controlSocket or os.path.join(spoolDirectory, CONTROL_SOCKET_NAME),
+        deliveryProcesses=_deliveryProcesses(delivery["processes"], processes),
     )
 
 
