@@ -277,13 +277,19 @@ def _processes(path: str, value: int, chain: list[str], policies: dict[str, Any]
     return value
 
 
-def _deliveryProcesses(value: int | None, processes: int) -> int:
+def _autoOrCount(value: Any) -> str | None:
+    if value == "auto" or (isinstance(value, int) and value >= 0):
+        return None
+    return 'must be "auto" or a number, 0 or more'
+
+
+def _deliveryProcesses(value: int | str, processes: int) -> int:
     """
     How many delivery processes (C{[delivery] processes}): as configured,
-    or when absent as many as there are receiving processes if there is
+    or with C{"auto"} as many as there are receiving processes if there is
     more than one (a single process does everything, as before).
     """
-    if value is not None:
+    if isinstance(value, int):
         return value
     return processes if processes > 1 else 0
 
@@ -399,9 +405,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "postmaster": _Key(str),
         # Delivery processes around the queue manager (relayd.deliveryprocs),
         # like Postfix's smtp(8) processes around qmgr: 0 delivers in the
-        # queue manager itself; absent: as many as [server] processes when
+        # queue manager itself; "auto": as many as [server] processes when
         # that is above 1 (one per core by default), else 0.
-        "processes": _Key(int, check=_nonNegative),
+        "processes": _Key((int, str), "auto", check=_autoOrCount),
     },
     "metrics": {
         # A Twisted server endpoint string for the Prometheus scrape page
@@ -449,6 +455,7 @@ _TYPE_NAMES = {
     list: "a list",
     dict: "a table",
     _NUMBER: "a number",
+    (int, str): '"auto" or a number',
 }
 
 

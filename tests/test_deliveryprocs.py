@@ -28,6 +28,7 @@ import pytest
 from test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 from test_receivers import sendMany, tokensAt, waitFor
 
+from relayd.config import ConfigError, load
 from relayd.delivery import AttemptResult, RecipientResult
 from relayd.deliveryprocs import DeliverRequest, decode, deferredResult, encode
 from relayd.routing import Destination, Hop
@@ -98,6 +99,31 @@ def sink():
     yield sink
     sink.stop()
     shutil.rmtree(directory, True)
+
+
+def test_processesConfig(tmp_path) -> None:
+    """
+    C{[delivery] processes}: "auto" follows C{[server] processes} (a single
+    process delivers itself); a number is taken as it is; anything else is
+    refused, naming the key.
+    """
+
+    def loaded(name: str, server: object, delivery: object = None) -> int:
+        sections: dict[str, dict[str, object]] = {"server": {"processes": server}}
+        if delivery is not None:
+            sections["delivery"] = {"processes": delivery}
+        setup = TestSetup(str(tmp_path / name), modes=("relay",), sections=sections)
+        return load(setup.configPath).deliveryProcesses
+
+    assert loaded("a", 3) == 3
+    assert loaded("b", 1) == 0
+    assert loaded("c", 2, "auto") == 2
+    assert loaded("d", 1, 2) == 2
+    assert loaded("e", 4, 0) == 0
+    for n, bad in enumerate(("many", -1, 1.5)):
+        with pytest.raises(ConfigError) as caught:
+            loaded(f"bad{n}", 2, bad)
+        assert caught.value.key == "delivery.processes"
 
 
 def test_codecRoundTrip() -> None:
