@@ -339,3 +339,46 @@ def test_killedUnderLoadLosesNothing(tmp_path, sink, relaydProcesses) -> None:  
             if f"Subject: {SUBJECT}".encode() in block:
                 ids.update(MESSAGE_ID.findall(block))
     assert ids, "smtp-source's load did not get through"
+
+
+def test_shutdownDeadlineAbortsDeliveryProcesses(tmp_path, relaydProcesses) -> None:  # noqa: F811
+    """
+    SIGTERM while attempts hang in the delivery processes (a next hop that
+    never greets): at C{shutdown_deliveries} the queue manager has them cut
+    their connections; the attempts come back deferred, are recorded, and
+    every process exits.
+    """
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(50)
+    try:
+        setup = setupWith(tmp_path, stalled.getsockname()[1], retry_initial=300, retry_max=300)
+        relayd = RelaydProcess(setup, tmp_path / "relayd.log")
+        relaydProcesses.append(relayd)
+        relayd.waitListening()
+        parent = relayd.process.pid
+        waitAllReady(relayd)
+        accepted = sendMany(relayd.port, 2, clients=1)
+        assert len(accepted) == 2, relayd.log()
+        waitFor(
+            lambda: len(os.listdir(os.path.join(setup.spoolPath, "active"))) == 2,
+            20,
+            "not in delivery",
+            relayd.log,
+        )
+        time.sleep(0.5)
+        children = deliveryPids(parent) + receiverPids(parent)
+        started = time.monotonic()
+        relayd.terminate()
+        status = relayd.wait(30)
+        assert status in (0, -signal.SIGTERM), relayd.log()
+        assert time.monotonic() - started < 20
+        text = relayd.log(10**7)
+        assert "deadline reached; aborting 2 deliveries in flight" in text, text
+        assert "ended with" not in text, text  # answered, not lost with a process
+        assert len(os.listdir(os.path.join(setup.spoolPath, "deferred"))) == 2, text
+        assert "status=sent" not in text
+        for pid in children:
+            waitFor(lambda p=pid: not os.path.exists(f"/proc/{p}"), 10, f"child {pid} left over")
+    finally:
+        stalled.close()
