@@ -196,6 +196,9 @@ class _SinkSession(LineReceiver):
             name = keyword.split(" ", 1)[0].upper()
             if name == "STARTTLS" and (sink.tlsOptions is None or self.tls is not None):
                 continue
+            if name == "REQUIRETLS" and self.tls is None:
+                # RFC 8689 section 2: only offered under TLS.
+                continue
             if name == "AUTH" and (
                 sink.users is None
                 or self.user is not None
@@ -417,7 +420,8 @@ class SinkServer:
         an extra line to inject before TLS starts.
     @ivar advertise: EHLO keywords offered.  STARTTLS is only offered with
         C{tlsOptions} and before TLS; AUTH only with C{users}, inside TLS
-        (unless C{authWithoutTLS}) and before a successful AUTH.
+        (unless C{authWithoutTLS}) and before a successful AUTH; REQUIRETLS
+        (not offered unless added) only inside TLS.
     @ivar messages: the L{SinkMessage}s received.
     @ivar commands: every L{SinkCommand} received (not DATA lines nor AUTH
         responses).

@@ -3,7 +3,9 @@
 Delivery status notifications (DSNs, "bounces"), RFC 3464.
 
 When delivery to some recipients fails for good, or is still being retried
-after a while, the sender is told with a report built by L{makeDSN}: a
+after a while, or (C{NOTIFY=SUCCESS}, RFC 3461 section 6.2.3) was relayed
+to a next hop that does not do DSN, the sender is told with a report built
+by L{makeDSN}: a
 C{multipart/report} (RFC 6522) with three parts:
 
     1. C{text/plain}: what happened, for a person to read;
@@ -28,7 +30,8 @@ with the L{email} package in the tests.
 
 Encodings, and when a report needs C{8BITMIME} (RFC 6152):
 
-    - all header fields of the report are 7-bit;
+    - all header fields of the report are 7-bit, except C{To:} when the
+      report goes to an internationalized address (SMTPUTF8, RFC 6532);
     - the C{text/plain} part is C{us-ascii}, or C{utf-8} in
       quoted-printable when a recipient address or a remote reply has
       non-ASCII characters;
@@ -64,7 +67,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from relayd.dsn import originalRecipient
 from relayd.queuefile import openRegion
+from relayd.reply import Reply
 
 __all__ = [
     "RecipientStatus",
@@ -72,6 +77,7 @@ __all__ = [
     "shouldBounce",
     "FAILED_SUBJECT",
     "DELAYED_SUBJECT",
+    "RELAYED_SUBJECT",
 ]
 
 FAILED_SUBJECT = "Undelivered Mail Returned to Sender"
@@ -79,6 +85,13 @@ FAILED_SUBJECT = "Undelivered Mail Returned to Sender"
 
 DELAYED_SUBJECT = "Delayed Mail (still being retried)"
 """The subject of a report in which every recipient is only delayed."""
+
+RELAYED_SUBJECT = "Successful Mail Delivery Report"
+"""
+The subject of a report on recipients relayed to a next hop that does not
+do DSN (RFC 3461 section 6.2.3, Postfix's wording), when none failed or is
+delayed.
+"""
 
 MAX_LINE = 998
 """RFC 5322 section 2.1.1: a line is at most 998 octets without its CRLF."""
@@ -105,11 +118,13 @@ _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NEWLINE = re.compile(rb"\r\n|\r|\n")
 
-_ACTIONS = {"failed": ("4", "5"), "delayed": ("4",)}
+_ACTIONS = {"failed": ("4", "5"), "delayed": ("4",), "relayed": ("2",)}
 """
 The actions a report can carry (RFC 3464 section 2.3.3) and the classes of
 RFC 3463 status code that go with each.  A recipient that I{failed} may
 carry a 4.X.X code: that is what it last got before its lifetime ran out.
+I{relayed}: handed to a next hop that does not do DSN, for a recipient
+that asked C{NOTIFY=SUCCESS} (RFC 3461 section 6.2.3).
 """
 
 _DETAIL = {
@@ -155,6 +170,8 @@ _DETAIL = {
     "6.3": "Conversion required but not supported",
     "6.4": "Conversion with loss performed",
     "6.5": "Conversion failed",
+    # RFC 6531 section 3.7.4.1 (SMTPUTF8 needed, the next hop lacks it).
+    "6.7": "Non-ASCII addresses not permitted for that sender/recipient",
     "7.0": "Other or undefined security status",
     "7.1": "Delivery not authorized, message refused",
     "7.2": "Mailing list expansion prohibited",
@@ -163,6 +180,9 @@ _DETAIL = {
     "7.5": "Cryptographic failure",
     "7.6": "Cryptographic algorithm not supported",
     "7.7": "Message integrity failure",
+    # RFC 5248's registry: X.7.10 (RFC 5248), X.7.30 (RFC 8689).
+    "7.10": "Encryption needed",
+    "7.30": "REQUIRETLS support required",
 }
 """
 What the subject and detail of an enhanced status code mean (RFC 3463
@@ -179,20 +199,29 @@ class RecipientStatus:
 
     @ivar address: the recipient as given in RCPT TO, without angle
         brackets (C{Final-Recipient}, RFC 3464 section 2.3.2).
-    @ivar action: C{"failed"} or C{"delayed"} (RFC 3464 section 2.3.3).
+    @ivar action: C{"failed"}, C{"delayed"} or C{"relayed"} (RFC 3464
+        section 2.3.3).
     @ivar status: the RFC 3463 enhanced status code, e.g. C{"5.1.1"} or
         C{"4.4.1"} (RFC 3464 section 2.3.4).  A delayed recipient needs a
         4.X.X code; a failed one a 5.X.X or, when it ran out of time after
         temporary failures, the 4.X.X it last got.
     @ivar remoteMTA: the host name of the server that gave the reply, if
         any (C{Remote-MTA}, RFC 3464 section 2.3.5).
-    @ivar diagnostic: the remote server's reply, e.g. C{"550 5.1.1 no such
-        user"}, or None when relayd itself decided (NXDOMAIN, null MX,
-        expiry without a reply).  A multi-line reply may be given with its
-        line breaks; they become spaces (C{Diagnostic-Code}, RFC 3464
-        section 2.3.6).
+    @ivar diagnostic: the remote server's reply as text, e.g. C{"550 5.1.1
+        no such user"}, or None when relayd itself decided (NXDOMAIN, null
+        MX, expiry without a reply).  A multi-line reply may be given with
+        its line breaks; they become spaces (C{Diagnostic-Code}, RFC 3464
+        section 2.3.6).  Made from C{reply} when that is given instead.
     @ivar lastAttempt: when delivery was last tried (seconds since the
         epoch), if ever (C{Last-Attempt-Date}, RFC 3464 section 2.3.7).
+    @ivar reply: the remote server's reply as a L{Reply}, the same value
+        delivery recorded; sets C{diagnostic}.
+    @ivar command: the SMTP command that reply answered (C{"RCPT TO"},
+        C{"end of DATA"}...): the text says "in reply to RCPT TO command",
+        as Postfix's does.
+    @ivar originalRecipient: the client's C{ORCPT} as stored
+        (C{"rfc822;<xtext>"}, L{relayd.dsn}), for C{Original-Recipient}
+        (RFC 3464 section 2.3.1), or None.
     """
 
     address: str
@@ -201,8 +230,13 @@ class RecipientStatus:
     remoteMTA: str | None = None
     diagnostic: str | None = None
     lastAttempt: float | None = None
+    reply: Reply | None = None
+    command: str | None = None
+    originalRecipient: str | None = None
 
     def __post_init__(self) -> None:
+        if self.diagnostic is None and self.reply is not None:
+            object.__setattr__(self, "diagnostic", str(self.reply))
         if self.action not in _ACTIONS:
             raise ValueError(f"action must be 'failed' or 'delayed', not {self.action!r}")
         m = _STATUS.match(self.status)
@@ -213,6 +247,10 @@ class RecipientStatus:
         _checkText("recipient address", self.address)
         if self.remoteMTA is not None:
             _checkText("remote MTA", self.remoteMTA, ascii=True)
+        if self.command is not None:
+            _checkText("command", self.command, ascii=True)
+        if self.originalRecipient is not None:
+            _checkText("original recipient", self.originalRecipient, ascii=True)
 
 
 def shouldBounce(sender: str) -> bool:
@@ -249,13 +287,15 @@ def makeDSN(
     postmaster: str | None = None,
     maxOriginal: int = 10 * 1024 * 1024,
     retryUntil: float | None = None,
+    envid: str | None = None,
 ) -> bytes:
     """
     Build a delivery status notification (RFC 3464) about one message.
 
     The result is a whole message, CRLF line endings, no line over 998
     octets, to be sent from C{<>}.  Its subject says I{undelivered} when
-    any recipient failed and I{delayed} when all are only delayed.
+    any recipient failed, I{delayed} when some are delayed and none
+    failed, and I{successful} when all were relayed (L{RELAYED_SUBJECT}).
 
     @param reportingMTA: our host name (an A-label), for C{From},
         C{Message-ID} and C{Reporting-MTA} (RFC 3464 section 2.2.2).
@@ -283,15 +323,22 @@ def makeDSN(
     @param retryUntil: when relayd gives up on delayed recipients (seconds
         since the epoch), for C{Will-Retry-Until} (RFC 3464 section
         2.3.9), or None to leave it out.
+    @param envid: the client's C{ENVID} (decoded, RFC 3461 section 4.4),
+        reported as C{Original-Envelope-Id} (RFC 3464 section 2.2.1), or
+        None.
 
     @return: the report, as bytes.  7-bit unless it returns a whole 8-bit
-        original, in which case it must be sent with C{BODY=8BITMIME}.
+        original, in which case it must be sent with C{BODY=8BITMIME}, or
+        goes to an internationalized address (a UTF-8 C{To:} field, RFC
+        6532), in which case it must also be queued with C{smtputf8}.
+        Non-ASCII recipient addresses are in C{message/delivery-status}
+        as RFC 6533 section 3 C{utf-8} xtext; relayd does not make
+        C{message/global-delivery-status}.
 
     @raise ValueError: when there is nobody to send the report to (null
         sender and no postmaster), no recipient to report on, or an
-        argument that cannot be put in a header (control characters;
-        non-ASCII, which would need SMTPUTF8 and RFC 6533's
-        C{message/global-delivery-status}, not supported).
+        argument that cannot be put in a header (control characters, or
+        a non-ASCII reporting MTA).
     @raise OSError: when the original cannot be read.
     """
     if not recipients:
@@ -301,9 +348,11 @@ def makeDSN(
     _checkText("reporting MTA", reportingMTA, ascii=True)
     if not 0 < len(reportingMTA) <= 255 or " " in reportingMTA:
         raise ValueError(f"not a host name: {reportingMTA!r}")
-    _checkText("sender", sender, ascii=True)
+    # An internationalized sender (SMTPUTF8, RFC 6531) gets a report whose
+    # To: field is UTF-8 (RFC 6532); the caller queues it with smtputf8.
+    _checkText("sender", sender)
     if postmaster is not None:
-        _checkText("postmaster", postmaster, ascii=True)
+        _checkText("postmaster", postmaster)
         to = postmaster
     elif shouldBounce(sender):
         to = sender
@@ -312,7 +361,16 @@ def makeDSN(
     if not to:
         raise ValueError("the report needs a recipient")
 
-    allDelayed = all(r.action == "delayed" for r in recipients)
+    if envid is not None:
+        _checkText("envelope id", envid, ascii=True)
+    actions = {r.action for r in recipients}
+    subject = (
+        FAILED_SUBJECT
+        if "failed" in actions
+        else DELAYED_SUBJECT
+        if "delayed" in actions
+        else RELAYED_SUBJECT
+    )
     original, originalType, originalEncoding = _original(
         originalPath,
         os.path.getsize(originalPath) if originalSize is None else originalSize,
@@ -334,7 +392,7 @@ def makeDSN(
     else:
         textCharset, textEncoding = "utf-8", "quoted-printable"
         textBody = _quotedPrintable(text.encode("utf-8", "replace"))
-    status = _deliveryStatus(reportingMTA, queueId, arrival, recipients, retryUntil)
+    status = _deliveryStatus(reportingMTA, queueId, arrival, recipients, retryUntil, envid)
 
     parts = [
         (
@@ -372,7 +430,7 @@ def makeDSN(
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reportingMTA}>",
         f"To: <{to}>",
-        f"Subject: {DELAYED_SUBJECT if allDelayed else FAILED_SUBJECT}",
+        f"Subject: {subject}",
         f"Date: {_date(now)}",
         f"Message-ID: <{queueId}.{secrets.token_hex(8)}@{reportingMTA}>",
         # RFC 3834 section 5: generated in answer to another message, so
@@ -386,7 +444,8 @@ def makeDSN(
         # RFC 2045 section 6.4: a multipart holding 8bit data is 8bit.
         headers.append("Content-Transfer-Encoding: 8bit")
 
-    out = [_lines(headers), b"\r\n"]
+    # UTF-8 only for an internationalized To: (RFC 6532); ASCII otherwise.
+    out = ["".join(line + "\r\n" for line in headers).encode("utf-8"), b"\r\n"]
     out.append(b"This is a MIME-encapsulated message.\r\n")
     delimiter = b"\r\n--" + boundary.encode("ascii")
     for partHeaders, body in parts:
@@ -496,21 +555,30 @@ def _deliveryStatus(
     arrival: float,
     recipients: Sequence[RecipientStatus],
     retryUntil: float | None,
+    envid: str | None = None,
 ) -> bytes:
     """
     Build the body of the C{message/delivery-status} part (RFC 3464
     section 2.1): the per-message fields, then one block of per-recipient
     fields for each recipient, blocks separated by an empty line.
+    C{Original-Envelope-Id} (section 2.2.1) and C{Original-Recipient}
+    (section 2.3.1) are there when the client gave ENVID and ORCPT.
     """
+    first = [f"Reporting-MTA: dns; {reportingMTA}"]
+    if envid is not None:
+        first = _fold("Original-Envelope-Id", envid) + first
     blocks = [
         [
-            f"Reporting-MTA: dns; {reportingMTA}",
+            *first,
             f"X-Relayd-Queue-ID: {queueId}",
             f"Arrival-Date: {_date(arrival)}",
         ]
     ]
     for recipient in recipients:
-        block = _fold("Final-Recipient", _xtext(recipient.address))
+        block = []
+        if recipient.originalRecipient is not None:
+            block += _fold("Original-Recipient", originalRecipient(recipient.originalRecipient))
+        block += _fold("Final-Recipient", _xtext(recipient.address))
         block += [
             f"Action: {recipient.action}",
             f"Status: {recipient.status}",
@@ -544,6 +612,7 @@ def _explanation(
     """
     failed = [r for r in recipients if r.action == "failed"]
     delayed = [r for r in recipients if r.action == "delayed"]
+    relayed = [r for r in recipients if r.action == "relayed"]
     # (text, indented): recipient paragraphs are indented after their first
     # line, so that each stands out.
     paragraphs = [(f"This is the mail delivery system at {reportingMTA}.", False)]
@@ -584,6 +653,18 @@ def _explanation(
             )
         )
         paragraphs += [(_describe(r), True) for r in delayed]
+    if relayed:
+        paragraphs.append(
+            (
+                "Your message was successfully delivered to the next mail "
+                "system for the recipients listed below, as you asked. That "
+                "system does not send delivery notifications, so you may "
+                "receive no further notice; you may still hear of errors "
+                "from other systems.",
+                False,
+            )
+        )
+        paragraphs += [(_describe(r), True) for r in relayed]
     paragraphs.append(
         (
             "The message is attached below."
@@ -612,9 +693,11 @@ def _describe(recipient: RecipientStatus) -> str:
         reply = _CONTROL.sub("?", " ".join(recipient.diagnostic.split()))
         # A reply decoded with surrogateescape cannot be encoded back.
         reply = reply.encode("utf-8", "replace").decode("utf-8")
+        # Postfix: "host X said: 550 ... (in reply to RCPT TO command)".
+        context = f" (in reply to {recipient.command} command)" if recipient.command else ""
         if recipient.remoteMTA:
-            return f"<{recipient.address}>: host {recipient.remoteMTA} said: {reply}"
-        return f"<{recipient.address}>: {reply}"
+            return f"<{recipient.address}>: host {recipient.remoteMTA} said: {reply}{context}"
+        return f"<{recipient.address}>: {reply}{context}"
     _, subject, detail = recipient.status.split(".")
     meaning = _DETAIL.get(f"{subject}.{detail}") or _DETAIL.get(
         f"{subject}.0", "Other undefined status"

@@ -31,7 +31,7 @@ import base64
 import re
 from collections import deque
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from OpenSSL import SSL
@@ -48,6 +48,7 @@ from zope.interface import implementer
 
 import relayd.reply
 from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
+from relayd.dsn import DSNParameters
 from relayd.queuefile import openRegion
 from relayd.routing import Hop
 from relayd.smtp.wire import DotStuffer
@@ -220,10 +221,18 @@ class Transaction:
     @ivar stale: the connection failed before the MAIL command was
         answered, so nothing was done: a cached connection that turns out
         dead, and the message may go over a new one at once.
+    @ivar commands: one per recipient, the command its reply answered
+        (C{"MAIL FROM"}, C{"RCPT TO"}, C{"DATA"}, C{"end of DATA"}), or None
+        for an outcome relayd describes itself; for a DSN's "in reply to"
+        text (empty when not known).
+    @ivar dsn: the DSN parameters went to the next hop (it advertised DSN,
+        RFC 3461 section 4): from there on it reports, not relayd.
     """
 
     replies: list[Reply]
     stale: bool = False
+    commands: list[str | None] = field(default_factory=list)
+    dsn: bool = False
 
 
 @dataclass
@@ -714,6 +723,10 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         dataPath: str,
         size: int,
         eightBit: bool = False,
+        dsn: DSNParameters | None = None,
+        smtputf8: bool = False,
+        *,
+        requireTLS: bool = False,
     ) -> Deferred[Transaction]:
         """
         One mail transaction: RSET if the connection carried one before,
@@ -731,9 +744,21 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             is its first C{size} octets.
         @param size: its size in octets.
         @param eightBit: the message has octets above 127.
+        @param dsn: the message's DSN parameters, passed on as C{RET=},
+            C{ENVID=}, C{NOTIFY=}, C{ORCPT=} when the server offers DSN
+            (RFC 3461 section 4); left out otherwise.
+        @param requireTLS: the message was received with REQUIRETLS (RFC
+            8689): C{MAIL} carries C{REQUIRETLS}, and nothing is sent unless
+            L{requireTLSRefusal} finds the session fit for it.
+        @param smtputf8: the message needs C{SMTPUTF8} (RFC 6531;
+            L{relayd.smtputf8.needsSMTPUTF8}): MAIL carries it, and when the
+            server does not offer it nothing is sent and every recipient
+            fails with C{553 5.6.7} (never a downgrade).
         @return: a L{Transaction}; never errbacks.
         """
-        d = self._transaction(sender, recipients, dataPath, size, eightBit)
+        d = self._transaction(
+            sender, recipients, dataPath, size, eightBit, dsn, smtputf8, requireTLS
+        )
 
         def unexpected(failure: Failure) -> Transaction:
             log.failure("{peer}: transaction failed", failure, peer=self.peer)
@@ -741,7 +766,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             reply = Reply.local(451, "4.3.0", f"internal error sending to {self.peer}")
             return Transaction([reply] * len(recipients))
 
-        return d.addErrback(unexpected)
+        return d.addErrback(unexpected).addCallback(_withCommands)
 
     @inlineCallbacks
     def _transaction(
@@ -751,8 +776,13 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         dataPath: str,
         size: int,
         eightBit: bool,
+        dsn: DSNParameters | None = None,
+        smtputf8: bool = False,
+        requireTLS: bool = False,
     ) -> Generator[Deferred[Any], Any, Transaction]:
         replies: list[Reply | None] = [None] * len(recipients)
+        commands: list[str | None] = [None] * len(recipients)
+        passDSN = False
         t = self.timeouts
         mailAnswered = False
         try:
@@ -767,6 +797,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     self._abort(reply)
                     return Transaction([reply] * len(recipients), stale=True)
                 self._needReset = False
+            if requireTLS:
+                # The deliverer checked already; this is the last word
+                # before a REQUIRETLS message could leave.
+                refusal = self.requireTLSRefusal()
+                if refusal is not None:
+                    return Transaction([refusal] * len(recipients))
             self.messages += 1
             limit = self._sizeLimit()
             if limit and size > limit:
@@ -776,14 +812,38 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     f"message size {size} exceeds size limit {limit} of server {self.peer}",
                 )
                 return Transaction([reply] * len(recipients))
+            if smtputf8 and "SMTPUTF8" not in self.extensions:
+                # RFC 6531 section 3.2: not to a server without it; the
+                # sender hears of it in a DSN (Postfix says the same).
+                reply = Reply.local(
+                    553,
+                    "5.6.7",
+                    f"SMTPUTF8 is required, but was not offered by host {self.peer}",
+                )
+                return Transaction([reply] * len(recipients))
             self._needReset = True
             mail = b"MAIL FROM:<" + sender.encode("utf-8") + b">"
             if "SIZE" in self.extensions:
                 mail += b" SIZE=%d" % size
             if eightBit and "8BITMIME" in self.extensions:
                 mail += b" BODY=8BITMIME"
+            passDSN = dsn is not None and not dsn.empty and "DSN" in self.extensions
+            if passDSN:
+                assert dsn is not None
+                mail += dsn.mail().encode("ascii")
+            if requireTLS:
+                mail += b" REQUIRETLS"
+            if smtputf8:
+                mail += b" SMTPUTF8"
             rcpts = [
-                (b"RCPT TO:<" + r.encode("utf-8") + b">", "sending RCPT TO", t.rcpt)
+                (
+                    b"RCPT TO:<"
+                    + r.encode("utf-8")
+                    + b">"
+                    + (dsn.rcpt(r).encode("ascii") if passDSN and dsn is not None else b""),
+                    "sending RCPT TO",
+                    t.rcpt,
+                )
                 for r in recipients
             ]
             dataReply: Reply | None = None
@@ -815,13 +875,16 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     for command in rcpts:
                         rcptReplies.append((yield self._command(*command)))
             if mailReply.code // 100 != 2:
-                return Transaction([mailReply] * len(recipients))
+                return Transaction(
+                    [mailReply] * len(recipients), commands=["MAIL FROM"] * len(recipients)
+                )
             accepted = []
             for i, reply in enumerate(rcptReplies):
                 if reply.code // 100 == 2:
                     accepted.append(i)
                 else:
                     replies[i] = reply
+                    commands[i] = "RCPT TO"
             if not accepted:
                 if dataReply is not None and dataReply.code == 354:
                     # A server that says 354 with no valid recipient
@@ -830,7 +893,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     yield self._endEmptyData()
                 reply = yield self._command(b"RSET", "sending RSET", t.rset)
                 self._needReset = reply.code // 100 != 2
-                return Transaction([r for r in replies if r is not None])
+                return Transaction([r for r in replies if r is not None], commands=commands)
             if dataReply is None:
                 dataReply = yield self._command(b"DATA", "sending DATA", t.dataInit)
             if dataReply.code != 354:
@@ -838,20 +901,49 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     dataReply = _unexpected(dataReply, self.peer, "DATA")
                 for i in accepted:
                     replies[i] = dataReply
+                    commands[i] = "DATA" if dataReply.remote else None
             else:
                 final = yield self._sendData(file)
                 if final.code // 100 not in (2, 4, 5):
                     final = _unexpected(final, self.peer, "end of data")
                 for i in accepted:
                     replies[i] = final
+                    commands[i] = "end of DATA" if final.remote else None
         except _SessionLost as e:
             return Transaction(
                 [r if r is not None else e.reply for r in replies],
                 stale=not mailAnswered,
+                commands=commands,
+                dsn=passDSN if mailAnswered else False,
             )
         finally:
             file.close()
-        return Transaction([r for r in replies if r is not None])
+        return Transaction([r for r in replies if r is not None], commands=commands, dsn=passDSN)
+
+    def requireTLSRefusal(self) -> Reply | None:
+        """
+        Why this session may not carry a REQUIRETLS message (RFC 8689
+        section 4.2.1), or None when it may: TLS must be up with the
+        C{verify} mode (a certificate chained to the trust root and
+        matching the hop's host name; C{5.7.10} otherwise), and the EHLO
+        inside TLS must offer C{REQUIRETLS} (C{5.7.30} otherwise, the code
+        RFC 8689 registers: "REQUIRETLS support required").  Permanent:
+        the same hop will answer the same.
+        """
+        if self.tls is None or self.hop.tls != "verify":
+            return Reply.local(
+                550,
+                "5.7.10",
+                f"requiretls: TLS with host {self.peer} not established or its "
+                "certificate not verified",
+            )
+        if "REQUIRETLS" not in self.extensions:
+            return Reply.local(
+                550,
+                "5.7.30",
+                f"requiretls: next hop {self.peer} does not offer REQUIRETLS",
+            )
+        return None
 
     def _sizeLimit(self) -> int:
         value = self.extensions.get("SIZE", "")
@@ -901,6 +993,14 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         """The spool file could not be read mid-message: never end the data."""
         self._producer = None
         self._abort(Reply.local(451, "4.3.0", f"error reading queue file: {error.strerror}"))
+
+
+def _withCommands(transaction: Transaction) -> Transaction:
+    """Give every reply a command entry (None where none was recorded)."""
+    missing = len(transaction.replies) - len(transaction.commands)
+    if missing > 0:
+        transaction.commands = [*transaction.commands, *([None] * missing)]
+    return transaction
 
 
 def _extensions(lines: tuple[str, ...]) -> dict[str, str]:

@@ -855,7 +855,8 @@ class ControlService(Service):
 def _chain(top: Any) -> list[str]:
     if top.policies is None:
         return []
-    return [str(getattr(p, "name", "?")) for p in top.policies.chain.policies]
+    # relayd's registry: chain names, whatever the policy objects carry.
+    return list(top.policies.chain.names)
 
 
 def _version() -> str:

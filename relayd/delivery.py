@@ -10,9 +10,11 @@ has accepted the session, its answers are the outcome: per recipient for
 RCPT, for all accepted recipients after the data.  When every hop fails, all
 recipients are deferred.
 
-The outcome never errbacks: whatever went wrong becomes a code, an enhanced
-code (RFC 3463) and a text that the scheduler can act on and the bounce
-module can put in a DSN's Diagnostic-Code (RFC 3464 section 2.3.6).
+The outcome never errbacks: whatever went wrong becomes a L{Reply} (code,
+enhanced code (RFC 3463) and text) with the command it answered, which the
+scheduler can act on and the bounce module can put in a DSN's
+Diagnostic-Code (RFC 3464 section 2.3.6) and "in reply to" text.  The
+message's DSN parameters (RFC 3461) go to a next hop that advertises DSN.
 
 Sessions are kept open for a while after a message, per hop, and reused for
 the next message to the same hop (Postfix's connection cache): fewer TCP and
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet.defer import (
@@ -54,6 +56,8 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+import relayd.reply
+from relayd import requiretls
 from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
 from relayd.client import (
     CHUNK_SIZE,
@@ -63,8 +67,10 @@ from relayd.client import (
     SMTPClient,
     Transaction,
 )
+from relayd.dsn import DSNParameters
 from relayd.queuefile import openRegion
 from relayd.routing import Destination, Hop
+from relayd.smtputf8 import needsSMTPUTF8
 
 __all__ = ["RecipientResult", "AttemptResult", "Deliverer", "loadTrustRoot"]
 
@@ -83,24 +89,44 @@ class RecipientResult:
 
     @ivar status: C{"delivered"} (2xx after the data), C{"deferred"} (try
         again later) or C{"failed"} (bounce).
-    @ivar code: the SMTP reply code, e.g. 250, 451, 550.
-    @ivar enhanced: the RFC 3463 code, e.g. C{"5.1.1"}; its class matches
-        C{status}.
-    @ivar text: the reply text without the codes (for a DSN:
-        C{"smtp; <code> <enhanced> <text>"}).
+    @ivar reply: the reply that decided it (L{relayd.reply.Reply}; a
+        L{relayd.client.Reply} when it came from a next hop): its code
+        class matches C{status}; for a DSN, C{"smtp; <code> <enhanced>
+        <text>"}.
     @ivar remoteHost: the host name of the next hop that gave this reply,
         or None when relayd describes the outcome itself (connection
-        refused or lost, timeout, TLS failure): then C{text} names the host
-        and what happened, and a DSN should not present it as the remote
-        server's words.
+        refused or lost, timeout, TLS failure): then the reply's text names
+        the host and what happened, and a DSN should not present it as the
+        remote server's words.
+    @ivar command: the SMTP command the reply answered (C{"MAIL FROM"},
+        C{"RCPT TO"}, C{"DATA"}, C{"end of DATA"}), or None for an outcome
+        relayd describes itself; a DSN says "in reply to" it.
+    @ivar dsnPassed: the next hop advertised DSN and was given the DSN
+        parameters (RFC 3461 section 4), so it sends any further notice
+        the recipient asked for, not relayd.
     """
 
     recipient: str
     status: str
-    code: int
-    enhanced: str
-    text: str
+    reply: relayd.reply.Reply
     remoteHost: str | None
+    command: str | None = None
+    dsnPassed: bool = False
+
+    @property
+    def code(self) -> int:
+        """The reply code, e.g. 250, 451, 550."""
+        return self.reply.code
+
+    @property
+    def enhanced(self) -> str:
+        """The RFC 3463 code, e.g. C{"5.1.1"}."""
+        return self.reply.enhanced or f"{self.reply.code // 100}.0.0"
+
+    @property
+    def text(self) -> str:
+        """The reply text without the codes."""
+        return self.reply.text
 
 
 @dataclass
@@ -270,6 +296,9 @@ class Deliverer:
         size: int,
         *,
         queueId: str | None = None,
+        dsn: DSNParameters | None = None,
+        smtputf8: bool = False,
+        requireTLS: bool = False,
     ) -> Deferred[AttemptResult]:
         """
         Make one attempt to deliver the message in C{dataPath}: its first
@@ -281,10 +310,29 @@ class Deliverer:
         @param recipients: all for this destination; one transaction.
         @param size: the size of the message, for C{SIZE=} (RFC 1870).
         @param queueId: for the log lines about this attempt.
+        @param dsn: the message's DSN parameters (RFC 3461), passed on to a
+            next hop that advertises DSN.
+        @param requireTLS: the message was received with REQUIRETLS (RFC
+            8689): only a hop with verified TLS that offers REQUIRETLS may
+            take it, and when every hop was reached and none does, the
+            recipients fail (L{relayd.requiretls}).
+        @param smtputf8: the message came with C{SMTPUTF8} (its record
+            says so); whether the transaction needs it at the next hop is
+            L{relayd.smtputf8.needsSMTPUTF8}'s rule.
         @return: a Deferred that always fires with an L{AttemptResult},
             never an error.
         """
-        d = self._attempt(destination, sender, list(recipients), dataPath, size, queueId)
+        d = self._attempt(
+            destination,
+            sender,
+            list(recipients),
+            dataPath,
+            size,
+            queueId,
+            dsn,
+            smtputf8,
+            requireTLS,
+        )
 
         def unexpected(failure: Failure) -> AttemptResult:
             log.failure("{queue_id}: delivery attempt failed", failure, queue_id=queueId)
@@ -336,22 +384,39 @@ class Deliverer:
         dataPath: str,
         size: int,
         queueId: str | None,
+        dsn: DSNParameters | None = None,
+        smtputf8: bool = False,
+        requireTLS: bool = False,
     ) -> Generator[Deferred[Any], Any, AttemptResult]:
         if not recipients:
             return AttemptResult([], None, None)
         try:
             eightBit = _hasEightBit(dataPath, size)
+            utf8 = needsSMTPUTF8(smtputf8, sender, recipients, dataPath, size)
         except OSError as e:
             reply = Reply.local(451, "4.3.0", f"cannot read queue file: {e.strerror}")
             return self._result(recipients, reply, None, None)
 
         failure: tuple[Hop, HopFailure] | None = None
+        # REQUIRETLS: the first hop that was reached and did not qualify.
+        unfit: tuple[Hop, Reply] | None = None
+        if requireTLS:
+            destination, unfit = self._requireTLSHops(destination, queueId)
         for hop in self._order(destination):
             if self._stopping:
                 break
             cached = self._takeIdle(hop)
+            if cached is not None and requireTLS:
+                refusal = cached.requireTLSRefusal()
+                if refusal is not None:
+                    # Fit for other mail to this hop, not for this message.
+                    self._park(hop, cached)
+                    unfit = unfit or self._unfit(queueId, hop, refusal)
+                    continue
             if cached is not None:
-                transaction = yield cached.send(sender, recipients, dataPath, size, eightBit)
+                transaction = yield cached.send(
+                    sender, recipients, dataPath, size, eightBit, dsn, utf8, requireTLS=requireTLS
+                )
                 if not transaction.stale:
                     return self._finished(cached, hop, recipients, transaction, queueId, True)
                 log.info(
@@ -374,14 +439,40 @@ class Deliverer:
                     text=str(e.reply),
                 )
                 self._markDown(hop)
+                if requireTLS and requiretls.isTLSFailure(e):
+                    refusal = Reply.local(
+                        550,
+                        "5.7.10",
+                        f"requiretls: TLS with host {hop.host}[{hop.address}] not established "
+                        f"or its certificate not verified: {e.reply.text}",
+                    )
+                    unfit = unfit or self._unfit(queueId, hop, refusal)
+                    continue
                 if failure is None or e.reply.remote or not failure[1].reply.remote:
                     # A reply the peer actually sent is the better diagnosis
                     # to report than a refused connection elsewhere.
                     failure = (hop, e)
                 continue
             self._downUntil.pop(hop, None)
-            transaction = yield client.send(sender, recipients, dataPath, size, eightBit)
+            if requireTLS:
+                refusal = client.requireTLSRefusal()
+                if refusal is not None:
+                    client.quit()
+                    unfit = unfit or self._unfit(queueId, hop, refusal)
+                    continue
+            transaction = yield client.send(
+                sender, recipients, dataPath, size, eightBit, dsn, utf8, requireTLS=requireTLS
+            )
             return self._finished(client, hop, recipients, transaction, queueId, False)
+
+        if unfit is not None and failure is None and not self._stopping:
+            # Every hop was reached and none may take a REQUIRETLS
+            # message: it must not go to this destination (RFC 8689
+            # section 4.2.1), and the sender hears so now.
+            hop, refusal = unfit
+            result = self._result(recipients, refusal, hop, None)
+            self._log(queueId, result)
+            return result
 
         if failure is None:
             text = (
@@ -394,6 +485,35 @@ class Deliverer:
         result = self._result(recipients, error.reply, hop, error.tls)
         self._log(queueId, result)
         return result
+
+    def _requireTLSHops(
+        self, destination: Destination, queueId: str | None
+    ) -> tuple[Destination, tuple[Hop, Reply] | None]:
+        """
+        The destination as a REQUIRETLS message must use it: every hop with
+        verified TLS (L{requiretls.verifiedHop}), those configured
+        C{tls = "none"} left out; and the refusal for the first of those.
+        """
+        hops: list[Hop] = []
+        unfit: tuple[Hop, Reply] | None = None
+        for hop in destination.hops:
+            verified = requiretls.verifiedHop(hop)
+            if verified is not None:
+                hops.append(verified)
+                continue
+            refusal = Reply.local(
+                550,
+                "5.7.10",
+                f"requiretls: next hop {hop.host}[{hop.address}]:{hop.port} is configured "
+                'with tls = "none"',
+            )
+            unfit = unfit or self._unfit(queueId, hop, refusal)
+        return replace(destination, hops=tuple(hops)), unfit
+
+    def _unfit(self, queueId: str | None, hop: Hop, refusal: Reply) -> tuple[Hop, Reply]:
+        """Log why C{hop} cannot take a REQUIRETLS message."""
+        log.info("{queue_id}: {text}", queue_id=queueId, text=refusal.text, hop=hop.host)
+        return hop, refusal
 
     @inlineCallbacks
     def _connect(self, hop: Hop) -> Generator[Deferred[Any], Any, SMTPClient]:
@@ -445,12 +565,14 @@ class Deliverer:
             RecipientResult(
                 recipient=recipient,
                 status=_status(reply),
-                code=reply.code,
-                enhanced=reply.enhanced,
-                text=reply.text,
+                reply=reply,
                 remoteHost=hop.host if reply.remote else None,
+                command=command if reply.remote else None,
+                dsnPassed=transaction.dsn,
             )
-            for recipient, reply in zip(recipients, transaction.replies, strict=True)
+            for recipient, reply, command in zip(
+                recipients, transaction.replies, transaction.commands, strict=True
+            )
         ]
         result = AttemptResult(results, hop, client.tls)
         self._log(queueId, result, reused)
@@ -473,17 +595,7 @@ class Deliverer:
         """Every recipient with the same outcome."""
         remoteHost = hop.host if hop is not None and reply.remote else None
         return AttemptResult(
-            [
-                RecipientResult(
-                    r,
-                    _status(reply),
-                    reply.code,
-                    reply.enhanced,
-                    reply.text,
-                    remoteHost,
-                )
-                for r in recipients
-            ],
+            [RecipientResult(r, _status(reply), reply, remoteHost) for r in recipients],
             hop,
             tls,
         )

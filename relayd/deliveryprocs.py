@@ -48,7 +48,10 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+import relayd.reply
+from relayd.client import Reply as ClientReply
 from relayd.delivery import AttemptResult, RecipientResult
+from relayd.dsn import DSNParameters, RecipientRequest
 from relayd.receivers import ChildProcess, ProcessPool
 from relayd.routing import Destination, Hop
 
@@ -71,6 +74,9 @@ class DeliverRequest:
     dataPath: str
     size: int
     queueId: str | None
+    dsn: DSNParameters | None = None
+    smtputf8: bool = False
+    requireTLS: bool = False
 
 
 # --- the wire ------------------------------------------------------------------
@@ -85,6 +91,57 @@ def _hop(hop: Hop) -> dict[str, Any]:
         "username": hop.username,
         "password": hop.password,
     }
+
+
+def _dsn(dsn: DSNParameters | None) -> dict[str, Any] | None:
+    if dsn is None:
+        return None
+    return {
+        "ret": dsn.ret,
+        "envid": dsn.envid,
+        "recipients": {
+            address: {
+                "notify": list(r.notify) if r.notify is not None else None,
+                "orcpt": r.orcpt,
+            }
+            for address, r in dsn.recipients.items()
+        },
+    }
+
+
+def _loadDSN(body: dict[str, Any] | None) -> DSNParameters | None:
+    if body is None:
+        return None
+    return DSNParameters(
+        ret=body["ret"],
+        envid=body["envid"],
+        recipients={
+            address: RecipientRequest(
+                tuple(r["notify"]) if r["notify"] is not None else None, r["orcpt"]
+            )
+            for address, r in body["recipients"].items()
+        },
+    )
+
+
+def _reply(reply: relayd.reply.Reply) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": reply.code, "enhanced": reply.enhanced, "text": reply.text}
+    if isinstance(reply, ClientReply):
+        body["lines"] = list(reply.lines)
+        body["remote"] = reply.remote
+    return body
+
+
+def _loadReply(body: dict[str, Any]) -> relayd.reply.Reply:
+    if "remote" in body:
+        return ClientReply(
+            body["code"],
+            body["enhanced"],
+            body["text"],
+            lines=tuple(body["lines"]),
+            remote=body["remote"],
+        )
+    return relayd.reply.Reply(body["code"], body["enhanced"], body["text"])
 
 
 def encode(number: int, item: DeliverRequest | AttemptResult) -> bytes:
@@ -103,6 +160,9 @@ def encode(number: int, item: DeliverRequest | AttemptResult) -> bytes:
             "path": item.dataPath,
             "size": item.size,
             "queueId": item.queueId,
+            "dsn": _dsn(item.dsn),
+            "smtputf8": item.smtputf8,
+            "requireTLS": item.requireTLS,
         }
     else:
         body = {
@@ -113,10 +173,10 @@ def encode(number: int, item: DeliverRequest | AttemptResult) -> bytes:
                 {
                     "recipient": r.recipient,
                     "status": r.status,
-                    "code": r.code,
-                    "enhanced": r.enhanced,
-                    "text": r.text,
+                    "reply": _reply(r.reply),
                     "remoteHost": r.remoteHost,
+                    "command": r.command,
+                    "dsnPassed": r.dsnPassed,
                 }
                 for r in item.results
             ],
@@ -141,19 +201,31 @@ def decode(line: bytes) -> tuple[int, DeliverRequest | AttemptResult]:
             body["path"],
             int(body["size"]),
             body["queueId"],
+            _loadDSN(body["dsn"]),
+            bool(body["smtputf8"]),
+            bool(body["requireTLS"]),
         )
         return int(body["request"]), request
     hop = Hop(**body["hop"]) if body["hop"] is not None else None
-    results = [RecipientResult(**r) for r in body["results"]]
+    results = [
+        RecipientResult(
+            r["recipient"],
+            r["status"],
+            _loadReply(r["reply"]),
+            r["remoteHost"],
+            r["command"],
+            bool(r["dsnPassed"]),
+        )
+        for r in body["results"]
+    ]
     return int(body["result"]), AttemptResult(results, hop, body["tls"])
 
 
 def deferredResult(recipients: list[str] | tuple[str, ...], text: str) -> AttemptResult:
     """Every recipient deferred with C{451 4.3.0 text}: relayd's own trouble."""
+    reply = ClientReply.local(451, "4.3.0", text)
     return AttemptResult(
-        [RecipientResult(r, "deferred", 451, "4.3.0", text, None) for r in recipients],
-        None,
-        None,
+        [RecipientResult(r, "deferred", reply, None) for r in recipients], None, None
     )
 
 
@@ -199,13 +271,26 @@ class DeliveryPool(ProcessPool):
         size: int,
         *,
         queueId: str | None = None,
+        dsn: DSNParameters | None = None,
+        smtputf8: bool = False,
+        requireTLS: bool = False,
     ) -> Deferred[AttemptResult]:
         """
         L{relayd.delivery.Deliverer.deliver}, in a delivery process.  Never
         errbacks: a process that dies defers the recipients.
         """
         self._number += 1
-        request = DeliverRequest(destination, sender, tuple(recipients), dataPath, size, queueId)
+        request = DeliverRequest(
+            destination,
+            sender,
+            tuple(recipients),
+            dataPath,
+            size,
+            queueId,
+            dsn,
+            smtputf8,
+            requireTLS,
+        )
         d: Deferred[AttemptResult] = Deferred()
         child = self._choose(destination.key)
         if child is None:
@@ -333,6 +418,9 @@ class _Requests(Protocol):
             request.dataPath,
             request.size,
             queueId=request.queueId,
+            dsn=request.dsn,
+            smtputf8=request.smtputf8,
+            requireTLS=request.requireTLS,
         )
         d.addCallback(lambda result: self.notices.write(encode(number, result)))
 

@@ -31,6 +31,7 @@ from relayd.address import Address
 __all__ = [
     "Session",
     "Envelope",
+    "Recipient",
     "Message",
     "Headers",
     "HeaderField",
@@ -99,6 +100,17 @@ class Envelope:
         every log line about the message.
     @ivar notes: free-form storage for policies, for this transaction
         only.
+    @ivar ret: the RET= parameter (RFC 3461 section 4.3), C{"FULL"} or
+        C{"HDRS"}, or None.
+    @ivar envid: the ENVID= parameter decoded from xtext (RFC 3461
+        section 4.4), or None.
+    @ivar parameters: the RCPT parameters of each accepted recipient that
+        gave any (L{Recipient}), by address.
+    @ivar requireTLS: the client gave C{REQUIRETLS} on MAIL (RFC 8689
+        section 4.1): relay the message only over verified TLS.
+    @ivar smtputf8: MAIL carried C{SMTPUTF8} (RFC 6531 section 3.4): the
+        sender and recipients may be internationalized addresses
+        (L{Address.isAscii} False) and the header fields UTF-8 (RFC 6532).
     """
 
     sender: Address
@@ -107,6 +119,37 @@ class Envelope:
     body: str = "7BIT"
     queueId: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    ret: str | None = None
+    envid: str | None = None
+    parameters: dict[Address, Recipient] = field(default_factory=dict)
+    requireTLS: bool = False
+    smtputf8: bool = False
+
+
+@dataclass
+class Recipient:
+    """
+    One RCPT TO being read: the address and what its parameters asked for.
+    The RCPT parsers of L{relayd.smtp.extensions} fill it in; the server
+    keeps it in L{Envelope.parameters} once the recipient is accepted, so a
+    refused RCPT leaves the transaction as it was.
+
+    @ivar address: the forward-path.
+    @ivar notify: NOTIFY= (RFC 3461 section 4.1): C{("NEVER",)} or some of
+        C{"SUCCESS"}, C{"FAILURE"}, C{"DELAY"} in that order; None when
+        not given.
+    @ivar orcpt: ORCPT= (RFC 3461 section 4.2): C{"<type>;<xtext>"}, the
+        type in lower case; None when not given.
+    """
+
+    address: Address
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+
+    @property
+    def given(self) -> bool:
+        """True when a parameter was given."""
+        return self.notify is not None or self.orcpt is not None
 
 
 _LINE_REST = rb"[^\r]*(?:\r(?!\n)[^\r]*)*\r\n"

@@ -2,12 +2,18 @@
 The zope interfaces of relayd: policy phases, optional policy hooks, the
 spool and the resolvers.
 
-A policy is an object built by its class's C{fromConfig(options)} (or
-C{fromConfig(options, context)}, see L{relayd.policy.PolicyContext}) and
-declared with C{@implementer(...)} to provide one or more of the phase
-interfaces below; it implements only the phases it cares about.  Each
-check method returns a L{relayd.verdict.Verdict}, a L{Deferred} firing
-with one, or is a coroutine (C{async def}) returning one.
+A policy is an object built by its class's C{fromConfig(options, context)}
+(L{relayd.policy.PolicyContext}) and declared with C{@implementer(...)} to
+provide one or more of the phase interfaces below; it implements only the
+phases it cares about.  Each check method returns a L{PolicyAnswer}: a
+L{relayd.verdict.Verdict}, a L{Deferred} firing with one, or it is a
+coroutine (C{async def}) returning one.  Authors import all of this from
+L{relayd.plugin}.
+
+Checks decide; modifiers (L{IMessageModifier}: header edits, masquerading,
+DKIM) change the message once the checks have accepted it, all of them in
+config order, so no check's answer can skip one (DESIGN section 3; maddy's
+check/modifier split).
 
 Policies run in config order (C{[policy] chain}); in each phase the first
 answer other than C{CONTINUE} ends the phase and later policies are not
@@ -16,34 +22,43 @@ takes longer than C{[policy] timeout} seconds gives the client C{451
 4.3.0}; when it times out, its Deferred (or coroutine) is cancelled.  See
 L{relayd.policy} and C{docs/plugins.md}.
 
-The objects handed to policies are a L{relayd.envelope.Session} (one per
-connection), an L{relayd.envelope.Envelope} (one per transaction), an
-L{relayd.address.Address} and a L{relayd.envelope.Message}.  Both Session
-and Envelope carry a C{notes} dict for what a policy wants to remember
-between phases.
+The objects handed to policies are a L{SessionView} of the connection (a
+read-only view of L{relayd.envelope.Session}), an
+L{relayd.envelope.Envelope} (one per transaction), an
+L{relayd.address.Address} and a L{relayd.envelope.Message}.  Both carry a
+C{notes} dict for what a policy wants to remember between phases.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import ipaddress
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
-from zope.interface import Attribute, Interface
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from relayd.verdict import Verdict
 
 if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IReactorTime
 
     from relayd.address import Address
-    from relayd.envelope import Envelope, Message, Session
+    from relayd.envelope import Envelope, Message
     from relayd.queuefile import QueueRecord
     from relayd.spool import IncomingMessage
 
 __all__ = [
+    "PolicyAnswer",
+    "Modification",
+    "SessionView",
     "IPolicy",
     "IConnectionPolicy",
     "IHeloPolicy",
     "ISenderPolicy",
     "IRecipientPolicy",
     "IMessagePolicy",
+    "IMessageModifier",
     "ITransactionObserver",
     "IPolicyLifecycle",
     "IReloadable",
@@ -53,24 +68,89 @@ __all__ = [
 ]
 
 
+PolicyAnswer: TypeAlias = "Verdict | Deferred[Verdict] | Awaitable[Verdict]"
+"""
+What a check method returns: a verdict now, a Deferred firing with one, or
+(from an C{async def}) a coroutine returning one.
+"""
+
+Modification: TypeAlias = "None | Deferred[None] | Awaitable[None]"
+"""
+What L{IMessageModifier.modifyMessage} returns: nothing when done, or a
+Deferred (or coroutine) that fires when done.
+"""
+
+
+class SessionView(Protocol):
+    """
+    What policies may read about the connection (L{relayd.envelope.Session}
+    provides it); relayd's server owns and sets all of it.  Only C{notes}
+    is the policy's to change.
+    """
+
+    @property
+    def clientAddress(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """The client's IP address (after a PROXY header: the real client's)."""
+
+    @property
+    def clientPort(self) -> int:
+        """The client's TCP port."""
+
+    @property
+    def listener(self) -> str:
+        """The C{[[listeners]] name} that accepted the connection."""
+
+    @property
+    def mode(self) -> str:
+        """C{"relay"}, C{"submission"} or C{"submissions"}."""
+
+    @property
+    def sessionId(self) -> str:
+        """A short id for log lines about this connection."""
+
+    @property
+    def helo(self) -> str | None:
+        """The EHLO/HELO name, None before it (and again after STARTTLS)."""
+
+    @property
+    def esmtp(self) -> bool:
+        """True after EHLO, False after HELO."""
+
+    @property
+    def tls(self) -> bool:
+        """True once the connection is encrypted."""
+
+    @property
+    def tlsVersion(self) -> str | None:
+        """E.g. C{"TLSv1.3"}, once the handshake is done."""
+
+    @property
+    def tlsCipher(self) -> str | None:
+        """The cipher's name, once the handshake is done."""
+
+    @property
+    def user(self) -> str | None:
+        """The user name after SMTP AUTH, else None."""
+
+    @property
+    def notes(self) -> dict[str, Any]:
+        """Free-form storage for policies, kept for the whole connection."""
+
+
 class IPolicy(Interface):
     """
-    Common to every policy: a name for log lines.
-
-    A policy class usually sets C{name} as a class attribute equal to its
-    entry-point name.  When the object has no C{name} (or it is None),
-    relayd sets it to the name the policy has in C{[policy] chain}; leave
-    it unset when one class may be configured under several entry-point
-    names.
+    Common to every policy.  relayd knows each policy by the name it has
+    in C{[policy] chain} (its registry, L{relayd.policy.PolicyChain.names})
+    and uses that name in log lines and metrics; it never sets anything on
+    the policy object.  A policy that wants its own name (for log lines,
+    note keys) gets it as C{context.name} in C{fromConfig}.
     """
-
-    name = Attribute("The policy's name as used in the config chain (a str).")
 
 
 class IConnectionPolicy(IPolicy):
     """The connection phase: a client has connected."""
 
-    def checkConnection(session: Session) -> Any:
+    def checkConnection(session: SessionView) -> PolicyAnswer:
         """
         Called when a client connects, before the greeting.
 
@@ -85,7 +165,7 @@ class IConnectionPolicy(IPolicy):
             allows a 554 greeting; a 421 says "try later").
 
         @param session: the new connection.
-        @type session: L{relayd.envelope.Session}
+        @type session: L{SessionView}
         @return: a L{relayd.verdict.Verdict}, a Deferred firing with one,
             or a coroutine returning one.
         """
@@ -94,7 +174,7 @@ class IConnectionPolicy(IPolicy):
 class IHeloPolicy(IPolicy):
     """The HELO/EHLO phase."""
 
-    def checkHelo(session: Session, name: str) -> Any:
+    def checkHelo(session: SessionView, name: str) -> PolicyAnswer:
         """
         Called on each EHLO or HELO (again after STARTTLS) with the name
         given, before C{session.helo} is set to it.
@@ -105,7 +185,7 @@ class IHeloPolicy(IPolicy):
             may try again (set C{disconnect} to close the connection).
 
         @param session: the connection.
-        @type session: L{relayd.envelope.Session}
+        @type session: L{SessionView}
         @param name: the first word of the EHLO/HELO argument, at most 255
             characters, anything but printable ASCII replaced by C{?}.
         @return: a L{relayd.verdict.Verdict}, a Deferred firing with one,
@@ -116,7 +196,7 @@ class IHeloPolicy(IPolicy):
 class ISenderPolicy(IPolicy):
     """The MAIL FROM phase: a transaction starts."""
 
-    def checkSender(session: Session, envelope: Envelope, sender: Address) -> Any:
+    def checkSender(session: SessionView, envelope: Envelope, sender: Address) -> PolicyAnswer:
         """
         Called on MAIL FROM, after relayd's own checks (syntax, parameters,
         declared size, free space in the spool).
@@ -128,7 +208,7 @@ class ISenderPolicy(IPolicy):
 
         @param session: the connection; C{session.user} is the
             authenticated user, if any.
-        @type session: L{relayd.envelope.Session}
+        @type session: L{SessionView}
         @param envelope: the transaction about to start: C{sender},
             C{declaredSize} and C{body} are set, C{recipients} is empty.
             Keep per-transaction state in C{envelope.notes}.
@@ -144,7 +224,9 @@ class ISenderPolicy(IPolicy):
 class IRecipientPolicy(IPolicy):
     """The RCPT TO phase: relaying decisions."""
 
-    def checkRecipient(session: Session, envelope: Envelope, recipient: Address) -> Any:
+    def checkRecipient(
+        session: SessionView, envelope: Envelope, recipient: Address
+    ) -> PolicyAnswer:
         """
         Called on each RCPT TO, after syntax checks and the recipient
         limit.
@@ -162,7 +244,7 @@ class IRecipientPolicy(IPolicy):
             client may give other recipients.
 
         @param session: the connection.
-        @type session: L{relayd.envelope.Session}
+        @type session: L{SessionView}
         @param envelope: the transaction; C{envelope.recipients} holds the
             recipients accepted so far (not this one), C{envelope.queueId}
             is set.
@@ -178,22 +260,21 @@ class IRecipientPolicy(IPolicy):
 class IMessagePolicy(IPolicy):
     """The end of DATA: the whole message is there."""
 
-    def checkMessage(session: Session, envelope: Envelope, message: Message) -> Any:
+    def checkMessage(session: SessionView, envelope: Envelope, message: Message) -> PolicyAnswer:
         """
         Called at the end of DATA, before the message is committed to the
-        spool.  C{message} is a L{relayd.envelope.Message}: read its header
-        fields, read its body, and edit C{message.headers} (add, remove,
-        replace); the spool then stores the edited header section followed
-        by the body exactly as received.  Later policies see the edits of
-        earlier ones.  As in every phase, the first answer other than
-        CONTINUE ends it: rewriting and signing policies answer CONTINUE,
-        and go after the policies that may refuse (DKIM-sign last).
+        spool, to decide: refuse it, or let it go on.  C{message} is a
+        L{relayd.envelope.Message}: read its header fields and its body.
+        Changing the message (header edits, masquerading, signing) is the
+        job of an L{IMessageModifier}, which runs after every check has let
+        the message through, whatever they answered.
 
-          - CONTINUE or ACCEPT: the message is committed to the spool and
-            the client gets C{250 2.0.0 Ok: queued as ID} once it is
-            durable (the verdict's text is not used).
+          - CONTINUE or ACCEPT: the message goes on (ACCEPT: later checks
+            are not asked); the modifiers run, the message is committed to
+            the spool and the client gets C{250 2.0.0 Ok: queued as ID}
+            once it is durable (the verdict's text is not used).
           - REJECT or TEMPFAIL: the verdict's reply is sent and the message
-            is discarded, edits included.
+            is discarded; no modifier runs.
 
         Reading the message is blocking file I/O: the header section is
         read once and whole (relayd refuses a message whose header section
@@ -203,7 +284,7 @@ class IMessagePolicy(IPolicy):
         L{relayd.envelope.Message.iterBody}).
 
         @param session: the connection.
-        @type session: L{relayd.envelope.Session}
+        @type session: L{SessionView}
         @param envelope: the transaction, with every accepted recipient
             and its C{queueId}.
         @type envelope: L{relayd.envelope.Envelope}
@@ -215,10 +296,45 @@ class IMessagePolicy(IPolicy):
         """
 
 
+class IMessageModifier(IPolicy):
+    """
+    The end of DATA, after the checks: change the message before it is
+    queued (header edits, address masquerading, DKIM signing).
+    """
+
+    def modifyMessage(session: SessionView, envelope: Envelope, message: Message) -> Modification:
+        """
+        Called once the checks (L{IMessagePolicy}) have let the message
+        through, whatever they answered (an ACCEPT ends the checks, never
+        the modifiers), before it is committed to the spool.  Every
+        modifier runs, in config order (C{[policy] chain}), each seeing the
+        edits of the earlier ones: so a signer (DKIM) goes last among the
+        modifiers, wherever the checks are.
+
+        Edit C{message.headers} (add, remove, replace); the spool stores
+        the edited header section followed by the body exactly as
+        received.  A modifier may also change C{envelope.sender}
+        (masquerading).  It does not decide: it returns nothing (or a
+        Deferred, or is a coroutine, that fires when done).  A modifier
+        that raises, or does not finish within C{[policy] timeout}, gives
+        the client C{451 4.3.0} and the message is not queued: mail that
+        should have been signed or rewritten is delayed, not sent as is.
+
+        @param session: the connection.
+        @type session: L{SessionView}
+        @param envelope: the transaction, with every accepted recipient
+            and its C{queueId}.
+        @type envelope: L{relayd.envelope.Envelope}
+        @param message: the message, with the edits of earlier modifiers.
+        @type message: L{relayd.envelope.Message}
+        @return: None, or a Deferred firing (or a coroutine returning) None.
+        """
+
+
 class ITransactionObserver(IPolicy):
     """Optional: be told how each transaction ended."""
 
-    def transactionEnded(session: Session, envelope: Envelope, queued: bool) -> None:
+    def transactionEnded(session: SessionView, envelope: Envelope, queued: bool) -> None:
         """
         Called exactly once for every transaction that MAIL started, when it
         ends: C{queued} is True when the message got its C{250} (it is
@@ -238,7 +354,7 @@ class ITransactionObserver(IPolicy):
 class IPolicyLifecycle(IPolicy):
     """Optional: be told when relayd starts and stops using the policy."""
 
-    def startPolicy(reactor: Any) -> Any:
+    def startPolicy(reactor: IReactorTime) -> Deferred[None] | None:
         """
         Called once, when relayd starts (or when a reload brings the policy
         in): open connections, start thread pools, keep the reactor for
@@ -249,10 +365,11 @@ class IPolicyLifecycle(IPolicy):
         logged.
 
         @param reactor: the reactor relayd runs on (use it instead of
-            importing the global one, so tests can pass their own).
+            importing the global one, so tests can pass their own); the
+            same as C{context.reactor} in C{fromConfig}.
         """
 
-    def stopPolicy() -> Any:
+    def stopPolicy() -> Deferred[None] | None:
         """
         Called once at shutdown (after the listeners have closed), or when
         a reload drops or replaces the policy.  Cancel timers, close
@@ -265,7 +382,7 @@ class IPolicyLifecycle(IPolicy):
 class IReloadable(IPolicy):
     """Optional: re-read files on SIGHUP."""
 
-    def reload() -> Any:
+    def reload() -> Deferred[None] | None:
         """
         Called on SIGHUP when the policy's options did not change (so the
         same instance stays in the chain): re-read the files its options

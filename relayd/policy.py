@@ -2,10 +2,17 @@
 The policy chain: runs the configured policies in order for each phase of
 an SMTP session and combines their verdicts (DESIGN section 3).
 
-The first answer other than C{CONTINUE} ends the phase.  A policy that
-raises, answers something that is not a L{Verdict}, or does not answer in
-time gives C{451 4.3.0}: a broken policy delays mail, it never loses or
-wrongly refuses it.
+The first answer other than C{CONTINUE} ends the phase; a verdict that
+left out its code or text gets the phase's (L{Verdict.forPhase}).  After
+the checks of the end of DATA have let a message through, every
+L{IMessageModifier} runs, in config order (L{PolicyChain.modifyMessage}).
+A policy that raises, answers something that is not a L{Verdict}, or does
+not answer in time gives C{451 4.3.0}: a broken policy delays mail, it
+never loses or wrongly refuses it.
+
+relayd knows each policy by its name in C{[policy] chain}: the chain's
+registry (L{PolicyChain.names}) is what log lines and metrics use; nothing
+is written onto the policy objects, which belong to their authors.
 """
 
 from __future__ import annotations
@@ -13,31 +20,37 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import providedBy
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
+from relayd.address import Address
 from relayd.config import Config, ConfigError
+from relayd.envelope import Envelope, Message
 from relayd.interfaces import (
     IConnectionPolicy,
     IHeloPolicy,
+    IMessageModifier,
     IMessagePolicy,
     IPolicyLifecycle,
     IRecipientPolicy,
     IReloadable,
     ISenderPolicy,
     ITransactionObserver,
+    SessionView,
 )
 from relayd.metrics import NO_METRICS, NoMetrics
-from relayd.verdict import CONTINUE, Verdict, tempfail
+from relayd.verdict import CONTINUE, Phase, Verdict, tempfail
 
 __all__ = [
     "PolicyChain",
@@ -51,6 +64,9 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "relayd.policies"
 PHASES = (IConnectionPolicy, IHeloPolicy, ISenderPolicy, IRecipientPolicy, IMessagePolicy)
+ROLES = PHASES + (IMessageModifier, ITransactionObserver)
+"""What makes an object a policy: a check phase, the modifier phase, or
+observing transactions; it must provide at least one."""
 HOOKS = (ITransactionObserver, IPolicyLifecycle, IReloadable)
 """Optional interfaces beside the phases; C{verifyObject} checks them too."""
 
@@ -83,13 +99,18 @@ class PolicyOptionError(ValueError):
         self.problem = problem
 
 
+def _globalReactor() -> IReactorTime:
+    from twisted.internet import reactor
+
+    return cast(IReactorTime, reactor)
+
+
 @dataclass(frozen=True)
 class PolicyContext:
     """
-    What a policy may want to know about the relayd loading it, passed as
-    the second argument of C{fromConfig(options, context)} to policies
-    whose C{fromConfig} takes two parameters (C{fromConfig(options)} alone
-    is fine: relayd looks at the signature).
+    What a policy may want to know about the relayd loading it: the second
+    argument of C{fromConfig(options, context)}, the one constructor
+    signature (DESIGN section 3).
 
     A policy whose options name files should resolve them with
     L{resolvePath}, so that relative paths mean the same as everywhere
@@ -101,32 +122,86 @@ class PolicyContext:
 
     @ivar configPath: the config file's path.
     @ivar hostname: relayd's host name (C{[server] hostname}).
-    @ivar name: the policy's name in the chain (its entry-point name).
+    @ivar name: the policy's name in the chain (its entry-point name); the
+        name relayd gives it in log lines and metrics.
+    @ivar reactor: the reactor relayd runs on, for timers (C{callLater},
+        C{deferLater}) and thread pools; the same one C{startPolicy} gets.
+        In a context made by hand (a unit test) it is the global reactor
+        unless one is given (a L{twisted.internet.task.Clock}, say).
     """
 
     configPath: str
     hostname: str
     name: str
+    reactor: IReactorTime = field(default_factory=_globalReactor, repr=False, compare=False)
+
+    @property
+    def configDirectory(self) -> str:
+        """The folder of the config file: where relative paths start."""
+        return os.path.dirname(os.path.abspath(self.configPath))
+
+    @property
+    def log(self) -> Logger:
+        """A logger in namespace C{relayd.policies.NAME}, for the policy's log lines."""
+        return Logger(namespace=f"relayd.policies.{self.name}")
 
     def resolvePath(self, path: str) -> str:
         """A path from the policy's options: relative ones are taken
         against the config file's folder, like every path in the config."""
-        return os.path.join(os.path.dirname(os.path.abspath(self.configPath)), path)
+        return os.path.join(self.configDirectory, path)
 
 
-def _callFromConfig(factory: Any, options: dict[str, Any], context: PolicyContext) -> Any:
+NEW_FORM = "fromConfig(cls, options, context) (context: relayd.plugin.PolicyContext)"
+
+
+def _legacyFromConfig(fromConfig: Callable[..., Any]) -> bool:
+    """
+    True for a C{fromConfig(options)} written for relayd before
+    C{fromConfig(options, context)} became the one signature: it binds one
+    argument and not two.  Only to keep such policies loading (with a
+    deprecation warning); anything else gets C{(options, context)}.
+    """
     try:
-        parameters = inspect.signature(factory.fromConfig).parameters
+        signature = inspect.signature(fromConfig)
     except (TypeError, ValueError):
-        parameters = {}  # type: ignore[assignment]
-    if len(parameters) >= 2:
-        return factory.fromConfig(options, context)
-    return factory.fromConfig(options)
+        return False
+    try:
+        signature.bind({}, None)
+    except TypeError:
+        pass
+    else:
+        return False
+    try:
+        signature.bind({})
+    except TypeError:
+        return False
+    return True
+
+
+def buildPolicy(factory: Any, options: dict[str, Any], context: PolicyContext, where: str) -> Any:
+    """
+    Call C{factory.fromConfig(options, context)}.  A factory whose
+    C{fromConfig} takes only the options (the form relayd accepted before)
+    is still called, with a L{DeprecationWarning} and a log line naming the
+    new form.
+
+    @param where: the factory as the entry point names it, for the warning.
+    """
+    fromConfig = factory.fromConfig
+    if _legacyFromConfig(fromConfig):
+        message = (
+            f"policy {context.name!r} ({where}): fromConfig(options) is deprecated "
+            f"and will stop working; define {NEW_FORM}"
+        )
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        log.warn("{deprecation}", deprecation=message, policy=context.name)
+        return fromConfig(options)
+    return fromConfig(options, context)
 
 
 POLICY_FAILED = tempfail(451, "4.3.0", "Temporary policy failure, try again later")
 
-_PHASE_NAMES = {
+_PHASE_NAMES: dict[str, Phase] = {
     "checkConnection": "connect",
     "checkHelo": "helo",
     "checkSender": "mail",
@@ -138,17 +213,20 @@ _PHASE_NAMES = {
 
 class PolicyChain:
     """
-    The ordered policies, one method per SMTP phase.
+    The ordered policies, one method per SMTP phase, and the modifiers.
 
     Each method returns a L{Deferred} that fires with the deciding
     L{Verdict} (L{CONTINUE} when nobody decided); it never fails.
+
+    @ivar names: the registry: each policy by its name in the chain, in
+        chain order.  Log lines and metrics name policies from it.
     """
 
     def __init__(
         self,
         policies: Sequence[Any],
         timeout: float,
-        clock: Any,
+        clock: IReactorTime,
         options: dict[str, dict[str, Any]] | None = None,
         metrics: NoMetrics = NO_METRICS,
     ) -> None:
@@ -159,8 +237,10 @@ class PolicyChain:
             the timeouts.
         @param options: each policy's options as given to C{fromConfig}, by
             chain name and in the order of C{policies} (what
-            L{loadPolicies} returns); a reload keeps the instances whose
-            options did not change.
+            L{loadPolicies} returns): the names of the registry; a reload
+            keeps the instances whose options did not change.  Without
+            them (a chain built by hand in a test), each policy is known
+            by its own C{name} attribute, or its class's name.
         @param metrics: counts each deciding verdict by phase, policy and
             action (L{relayd.metrics}); by default nowhere.
         """
@@ -169,12 +249,28 @@ class PolicyChain:
         self.clock = clock
         self.options = dict(options or {})
         self.metrics = metrics
+        if len(self.options) == len(self.policies):
+            names = list(self.options)
+        else:
+            names = []
+            for policy in self.policies:
+                name = own = _ownName(policy)
+                count = 1
+                while name in names:  # one class twice in a hand-built chain
+                    count += 1
+                    name = f"{own}#{count}"
+                names.append(name)
+        self.names: dict[str, Any] = dict(zip(names, self.policies, strict=True))
+        self._nameOf = {id(p): name for name, p in self.names.items()}
         self._byPhase: dict[Any, list[Any]] = {
-            phase: [p for p in self.policies if phase.providedBy(p)]
-            for phase in PHASES + (ITransactionObserver,)
+            phase: [p for p in self.policies if phase.providedBy(p)] for phase in ROLES
         }
 
-    def transactionEnded(self, session: Any, envelope: Any, queued: bool) -> None:
+    def nameOf(self, policy: Any) -> str:
+        """The name C{policy} has in this chain (its registry entry)."""
+        return self._nameOf.get(id(policy)) or _ownName(policy)
+
+    def transactionEnded(self, session: SessionView, envelope: Envelope, queued: bool) -> None:
         """
         Tell every L{ITransactionObserver} that a transaction ended; an
         exception is logged and goes no further.
@@ -185,42 +281,102 @@ class PolicyChain:
             except Exception:
                 log.failure(
                     "policy {policy} failed in transactionEnded",
-                    policy=getattr(policy, "name", type(policy).__name__),
+                    policy=self.nameOf(policy),
                     queue_id=getattr(envelope, "queueId", None),
                 )
 
-    def checkConnection(self, session: Any) -> Deferred[Verdict]:
+    def checkConnection(self, session: SessionView) -> Deferred[Verdict]:
         """Ask the L{IConnectionPolicy} policies, in order."""
         return self._run(IConnectionPolicy, "checkConnection", session)
 
-    def checkHelo(self, session: Any, name: str) -> Deferred[Verdict]:
+    def checkHelo(self, session: SessionView, name: str) -> Deferred[Verdict]:
         """Ask the L{IHeloPolicy} policies, in order."""
         return self._run(IHeloPolicy, "checkHelo", session, name)
 
-    def checkSender(self, session: Any, envelope: Any, sender: Any) -> Deferred[Verdict]:
+    def checkSender(
+        self, session: SessionView, envelope: Envelope, sender: Address
+    ) -> Deferred[Verdict]:
         """Ask the L{ISenderPolicy} policies, in order."""
         return self._run(ISenderPolicy, "checkSender", session, envelope, sender)
 
-    def checkRecipient(self, session: Any, envelope: Any, recipient: Any) -> Deferred[Verdict]:
+    def checkRecipient(
+        self, session: SessionView, envelope: Envelope, recipient: Address
+    ) -> Deferred[Verdict]:
         """
         Ask the L{IRecipientPolicy} policies, in order.  CONTINUE from all
         of them means nobody vouched: the server denies relaying.
         """
         return self._run(IRecipientPolicy, "checkRecipient", session, envelope, recipient)
 
-    def checkMessage(self, session: Any, envelope: Any, message: Any) -> Deferred[Verdict]:
-        """Ask the L{IMessagePolicy} policies, in order; they may edit C{message}."""
+    def checkMessage(
+        self, session: SessionView, envelope: Envelope, message: Message
+    ) -> Deferred[Verdict]:
+        """
+        Ask the L{IMessagePolicy} policies, in order.  Unless they refuse,
+        the server then calls L{modifyMessage}.
+        """
         return self._run(IMessagePolicy, "checkMessage", session, envelope, message)
+
+    def modifyMessage(
+        self, session: SessionView, envelope: Envelope, message: Message
+    ) -> Deferred[Verdict]:
+        """
+        Run every L{IMessageModifier}, in config order, each after the
+        previous one finished; called by the server once the checks of the
+        end of DATA let the message through (whatever they answered).
+
+        @return: a Deferred firing with L{CONTINUE} when all are done, or
+            with C{451 4.3.0} when one raised or took longer than the
+            timeout (the later ones are then not run: the message is not
+            queued).  It never fails.
+        """
+        modifiers = self._byPhase[IMessageModifier]
+        result: Deferred[Verdict] = Deferred()
+
+        def step(index: int) -> None:
+            if index == len(modifiers):
+                result.callback(CONTINUE)
+                return
+            policy = modifiers[index]
+            d = self._call(policy, "modifyMessage", (session, envelope, message))
+
+            def done(answer: object) -> None:
+                if answer is not None:
+                    log.warn(
+                        "{queue_id}: policy {policy}: modifyMessage returned {answer!r}, "
+                        "not None; ignored",
+                        queue_id=getattr(envelope, "queueId", None),
+                        policy=self.nameOf(policy),
+                        answer=answer,
+                    )
+                step(index + 1)
+
+            def failed(failure: Failure) -> None:
+                name = self.nameOf(policy)
+                log.failure(
+                    "{queue_id}: policy {policy} failed in {method}; answering 451 4.3.0",
+                    failure,
+                    queue_id=getattr(envelope, "queueId", None),
+                    policy=name,
+                    method="modifyMessage",
+                )
+                self.metrics.policyVerdict("data", name, POLICY_FAILED.action.value)
+                result.callback(POLICY_FAILED)
+
+            d.addCallbacks(done, failed)
+
+        step(0)
+        return result
 
     def _run(self, phase: Any, method: str, *args: Any) -> Deferred[Verdict]:
         policies = self._byPhase[phase]
         result: Deferred[Verdict] = Deferred()
 
-        phase = _PHASE_NAMES[method]
+        label = _PHASE_NAMES[method]
 
         def step(index: int) -> None:
             if index == len(policies):
-                self.metrics.policyVerdict(phase, "none", CONTINUE.action.value)
+                self.metrics.policyVerdict(label, "none", CONTINUE.action.value)
                 result.callback(CONTINUE)
                 return
             policy = policies[index]
@@ -228,8 +384,8 @@ class PolicyChain:
 
             def answered(verdict: Verdict) -> None:
                 if verdict.final:
-                    name = getattr(policy, "name", type(policy).__name__)
-                    self.metrics.policyVerdict(phase, name, verdict.action.value)
+                    verdict = verdict.forPhase(label)
+                    self.metrics.policyVerdict(label, self.nameOf(policy), verdict.action.value)
                     result.callback(verdict)
                 else:
                     step(index + 1)
@@ -239,19 +395,27 @@ class PolicyChain:
         step(0)
         return result
 
-    def _ask(self, policy: Any, method: str, args: tuple[Any, ...]) -> Deferred[Verdict]:
-        name = getattr(policy, "name", type(policy).__name__)
+    def _call(self, policy: Any, method: str, args: tuple[Any, ...]) -> Deferred[Any]:
+        """
+        Call C{policy.method(*args)}: its answer, a Deferred or a coroutine,
+        as a Deferred bounded by the timeout (then cancelled).
+        """
 
         def call() -> Any:
             answer = getattr(policy, method)(*args)
             if not isinstance(answer, Deferred) and inspect.isawaitable(answer):
                 # Any: ensureDeferred takes coroutines only; another awaitable
-                # makes it raise, which counts as a policy failure (below).
+                # makes it raise, which counts as a policy failure.
                 return ensureDeferred(cast(Any, answer))
             return answer
 
         d = maybeDeferred(call)
         d.addTimeout(self.timeout, self.clock)
+        return d
+
+    def _ask(self, policy: Any, method: str, args: tuple[Any, ...]) -> Deferred[Verdict]:
+        name = self.nameOf(policy)
+        d = self._call(policy, method, args)
 
         def check(verdict: Any) -> Verdict:
             if not isinstance(verdict, Verdict):
@@ -270,6 +434,12 @@ class PolicyChain:
         d.addCallback(check)
         d.addErrback(failed)
         return d
+
+
+def _ownName(policy: Any) -> str:
+    """A policy's name outside a registry: its C{name}, or its class's."""
+    name = getattr(policy, "name", None)
+    return name if isinstance(name, str) and name else type(policy).__name__
 
 
 def installedPolicies() -> dict[str, Any]:
@@ -304,12 +474,16 @@ def describeInstalled() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def startPolicies(policies: Sequence[Any], reactor: Any) -> Deferred[None]:
+Named = Mapping[str, Any]
+"""Policies by their names in the chain (L{PolicyChain.names}, or a part of it)."""
+
+
+def startPolicies(policies: Named, reactor: IReactorTime) -> Deferred[None]:
     """Call C{startPolicy} on those that have it; failures are logged."""
     return _each(policies, lambda p: p.startPolicy(reactor), "startPolicy")
 
 
-def stopPolicies(policies: Sequence[Any]) -> Deferred[None]:
+def stopPolicies(policies: Named) -> Deferred[None]:
     """Call C{stopPolicy} on those that have it; failures are logged."""
     return _each(policies, lambda p: p.stopPolicy(), "stopPolicy")
 
@@ -318,21 +492,21 @@ def _logFailure(failure: Failure, name: str, method: str) -> None:
     log.failure("policy {policy} failed in {method}", failure, policy=name, method=method)
 
 
-def _each(policies: Sequence[Any], call: Any, method: str) -> Deferred[None]:
+def _each(policies: Named, call: Callable[[Any], Any], method: str) -> Deferred[None]:
     from twisted.internet.defer import gatherResults
 
     ds = []
-    for policy in policies:
+    for name, policy in policies.items():
         if not IPolicyLifecycle.providedBy(policy):
             continue
         d = maybeDeferred(call, policy)
-        d.addErrback(_logFailure, getattr(policy, "name", "?"), method)
+        d.addErrback(_logFailure, name, method)
         ds.append(d)
     return gatherResults(ds).addCallback(lambda _: None)
 
 
 def loadPolicies(
-    config: Config, previous: PolicyChain | None = None
+    config: Config, previous: PolicyChain | None = None, reactor: IReactorTime | None = None
 ) -> tuple[list[Any], dict[str, dict[str, Any]]]:
     """
     Build the configured policies, in chain order, through entry points.
@@ -342,13 +516,18 @@ def loadPolicies(
     its state (rate-limit counters, open connections) survives; it is
     asked to L{IReloadable.reload} its files by the caller.
 
-    @return: the policies and their options by name.
+    @param reactor: the reactor the policies get in their L{PolicyContext};
+        the global one when None.
+    @return: the policies and their options by name (chain order: the
+        names of L{PolicyChain.names}).
 
     @raise ConfigError: unknown name (listing the installed ones), a class
         that fails to import, does not provide a phase interface or fails
         C{verifyObject}, or a bad option.
     """
     installed = installedPolicies()
+    if reactor is None:
+        reactor = _globalReactor()
     policies = []
     allOptions: dict[str, dict[str, Any]] = {}
     kept = {}
@@ -384,25 +563,24 @@ def loadPolicies(
             raise ConfigError(
                 config.path,
                 "policy.chain",
-                f"policy {name!r} ({ep.value}) has no fromConfig(options) to build it with",
+                f"policy {name!r} ({ep.value}) has no fromConfig(options, context) "
+                "to build it with",
             )
         try:
-            context = PolicyContext(config.path, config.hostname, name)
-            policy = _callFromConfig(factory, copy.deepcopy(options), context)
+            context = PolicyContext(config.path, config.hostname, name, reactor)
+            policy = buildPolicy(factory, copy.deepcopy(options), context, ep.value)
         except PolicyOptionError as e:
             raise ConfigError(config.path, f"{key}.{e.key}", e.problem) from None
         except (ValueError, TypeError, OSError) as e:
             raise ConfigError(config.path, key, str(e)) from None
         provided = list(providedBy(policy).flattened())
-        phases = [p for p in PHASES + (ITransactionObserver,) if p in provided]
+        phases = [p for p in ROLES if p in provided]
         if not phases:
             raise ConfigError(
                 config.path,
                 "policy.chain",
                 f"policy {name!r} provides none of the policy interfaces",
             )
-        if getattr(policy, "name", None) is None:
-            policy.name = name
         for phase in phases + [h for h in HOOKS if h in provided and h not in phases]:
             try:
                 verifyObject(phase, policy)

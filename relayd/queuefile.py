@@ -29,7 +29,7 @@ import enum
 import io
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
@@ -155,6 +155,14 @@ class RecipientRecord:
     @ivar remote: the host that gave the reply, None for a local one.
     @ivar lastAttempt: when it was last attempted (seconds since the epoch).
     @ivar expired: it failed because the message's lifetime ran out.
+    @ivar notify: the NOTIFY= it was given (RFC 3461 section 4.1):
+        C{("NEVER",)} or some of C{"SUCCESS"}, C{"FAILURE"}, C{"DELAY"};
+        None when none was given (L{relayd.dsn}).
+    @ivar orcpt: the ORCPT= it was given (RFC 3461 section 4.2),
+        C{"<type>;<xtext>"}, or None.
+    @ivar command: the SMTP command the last reply answered (C{"RCPT TO"},
+        C{"end of DATA"}...), for a DSN's text; None when the reply is
+        relayd's own.
     """
 
     address: str
@@ -165,10 +173,16 @@ class RecipientRecord:
     remote: str | None = None
     lastAttempt: float | None = None
     expired: bool = False
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+    command: str | None = None
 
     def toJSON(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of this record."""
-        return {
+        """
+        A JSON-serialisable dict of this record.  The DSN keys are written
+        only when set, so a record without them reads as before.
+        """
+        data: dict[str, Any] = {
             "address": self.address,
             "state": self.state.value,
             "attempts": self.attempts,
@@ -178,6 +192,13 @@ class RecipientRecord:
             "last_attempt": self.lastAttempt,
             "expired": self.expired,
         }
+        if self.notify is not None:
+            data["notify"] = list(self.notify)
+        if self.orcpt is not None:
+            data["orcpt"] = self.orcpt
+        if self.command is not None:
+            data["command"] = self.command
+        return data
 
     @classmethod
     def fromJSON(cls, data: Any) -> RecipientRecord:
@@ -197,7 +218,23 @@ class RecipientRecord:
             remote=_get(data, "remote", str, None),
             lastAttempt=_number(data, "last_attempt", None),
             expired=_get(data, "expired", bool, False),
+            notify=_notify(data),
+            orcpt=_get(data, "orcpt", str, None),
+            command=_get(data, "command", str, None),
         )
+
+
+_NOTIFY = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+
+
+def _notify(data: dict[str, Any]) -> tuple[str, ...] | None:
+    """A recipient's C{notify}: absent (None) or a list of NOTIFY keywords."""
+    value = _get(data, "notify", list, None)
+    if value is None:
+        return None
+    if not value or not all(isinstance(v, str) and v in _NOTIFY for v in value):
+        raise _fail(f"'notify' is not a list of NOTIFY keywords: {value!r}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -223,6 +260,21 @@ class QueueRecord:
     @ivar attempts: delivery attempts made.
     @ivar nextAttempt: when to attempt it next (seconds since the epoch).
     @ivar delayWarned: a delay notice was sent to the sender.
+    @ivar ret: the RET= parameter (RFC 3461 section 4.3), C{"FULL"} or
+        C{"HDRS"}, or None.
+    @ivar envid: the ENVID= parameter decoded (RFC 3461 section 4.4), or
+        None.
+    @ivar requireTLS: the message came with C{MAIL ... REQUIRETLS} (RFC
+        8689 section 4.1): it goes out only over verified TLS to a next hop
+        that offers REQUIRETLS (L{relayd.requiretls}).
+    @ivar tlsOptional: the message has C{TLS-Required: No} and no
+        REQUIRETLS (RFC 8689 section 4.1): TLS policies of the recipient
+        domain (MTA-STS, DANE) may be disregarded for it; routes' C{tls}
+        settings still apply (L{relayd.requiretls}).
+    @ivar smtputf8: the message came with C{SMTPUTF8} on MAIL (RFC 6531):
+        its addresses and header fields may be UTF-8, and delivery sends
+        C{SMTPUTF8} where the message needs it.  False in records written
+        before relayd knew SMTPUTF8, which could not carry such a message.
     """
 
     queueId: str
@@ -238,7 +290,12 @@ class QueueRecord:
     attempts: int = 0
     nextAttempt: float | None = None
     delayWarned: bool = False
+    requireTLS: bool = False
+    tlsOptional: bool = False
+    smtputf8: bool = False
     version: int = field(default=VERSION, compare=False)
+    ret: str | None = None
+    envid: str | None = None
 
     @classmethod
     def new(
@@ -253,17 +310,35 @@ class QueueRecord:
         helo: str | None,
         user: str | None,
         listener: str,
+        *,
+        ret: str | None = None,
+        envid: str | None = None,
+        notify: Mapping[str, tuple[str, ...]] | None = None,
+        orcpt: Mapping[str, str] | None = None,
     ) -> QueueRecord:
         """
         The record of a newly received message: every recipient pending,
         due at once.
 
+        @param ret: RET= (RFC 3461), or None.
+        @param envid: ENVID= decoded, or None.
+        @param notify: NOTIFY= of the recipients that gave one, by address.
+        @param orcpt: ORCPT= of the recipients that gave one, by address.
         @raise ValueError: for an unknown C{body}.
         """
+        notify = notify or {}
+        orcpt = orcpt or {}
         return cls(
             queueId=queueId,
             sender=str(sender),
-            recipients=tuple(RecipientRecord(str(address)) for address in recipients),
+            recipients=tuple(
+                RecipientRecord(
+                    str(address),
+                    notify=notify.get(str(address)),
+                    orcpt=orcpt.get(str(address)),
+                )
+                for address in recipients
+            ),
             arrival=arrival,
             size=size,
             body=BodyType(body),
@@ -272,6 +347,8 @@ class QueueRecord:
             user=user,
             listener=listener,
             nextAttempt=arrival,
+            ret=ret,
+            envid=envid,
         )
 
     def waiting(self) -> list[RecipientRecord]:
@@ -279,8 +356,11 @@ class QueueRecord:
         return [r for r in self.recipients if not r.state.final]
 
     def toJSON(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of this record, C{"version": 2}."""
-        return {
+        """
+        A JSON-serialisable dict of this record, C{"version": 2}; C{ret}
+        and C{envid} only when set.
+        """
+        data: dict[str, Any] = {
             "version": VERSION,
             "queue_id": self.queueId,
             "sender": self.sender,
@@ -295,7 +375,15 @@ class QueueRecord:
             "attempts": self.attempts,
             "next_attempt": self.nextAttempt,
             "delay_warned": self.delayWarned,
+            "require_tls": self.requireTLS,
+            "tls_optional": self.tlsOptional,
+            "smtputf8": self.smtputf8,
         }
+        if self.ret is not None:
+            data["ret"] = self.ret
+        if self.envid is not None:
+            data["envid"] = self.envid
+        return data
 
     @classmethod
     def fromJSON(cls, data: Any) -> QueueRecord:
@@ -329,7 +417,12 @@ class QueueRecord:
             attempts=_get(data, "attempts", int, 0),
             nextAttempt=_number(data, "next_attempt", None),
             delayWarned=_get(data, "delay_warned", bool, False),
+            requireTLS=_get(data, "require_tls", bool, False),
+            tlsOptional=_get(data, "tls_optional", bool, False),
+            smtputf8=_get(data, "smtputf8", bool, False),
             version=version,
+            ret=_ret(data),
+            envid=_get(data, "envid", str, None),
         )
 
     def encode(self) -> bytes:
@@ -352,6 +445,13 @@ class QueueRecord:
     def withRecipients(self, recipients: Iterable[RecipientRecord]) -> QueueRecord:
         """A copy with C{recipients} instead."""
         return replace(self, recipients=tuple(recipients))
+
+
+def _ret(data: dict[str, Any]) -> str | None:
+    value = _get(data, "ret", str, None)
+    if value not in (None, "FULL", "HDRS"):
+        raise _fail(f"'ret' is not FULL or HDRS: {value!r}")
+    return value  # type: ignore[no-any-return]
 
 
 def encodeTrailer(record: QueueRecord, offset: int) -> bytes:

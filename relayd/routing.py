@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from relayd.address import AddressError, asciiDomain
 from relayd.interfaces import IMXResolver
 
 __all__ = [
@@ -486,11 +487,23 @@ def _firstLine(error: Exception) -> str:
 
 def _normalizeDomain(domain: str) -> str:
     """
-    Lower-case C{domain} and drop a final dot.  Domains arrive here in ASCII
-    (A-labels): the server refuses others, and DNS compares names
-    case-insensitively (RFC 4343 section 3).
+    Lower-case C{domain} and drop a final dot; a name with U-labels (an
+    SMTPUTF8 recipient, or a route written in Unicode) becomes its A-label
+    form by IDNA 2008 (L{relayd.address.asciiDomain}), the form DNS is
+    asked for and routes are matched in, so that C{b\u00fccher.example}
+    and C{xn--bcher-kva.example} route alike.  DNS compares names
+    case-insensitively (RFC 4343 section 3).  A route pattern's leading
+    C{*.} is kept.  A name IDNA refuses is only lower-cased: it matches
+    no A-label route and L{Router.route} refuses it.
     """
-    return domain.strip().rstrip(".").lower()
+    domain = domain.strip().rstrip(".")
+    if domain.isascii():
+        return domain.lower()
+    wildcard = "*." if domain.startswith("*.") else ""
+    try:
+        return wildcard + asciiDomain(domain[len(wildcard) :])
+    except AddressError:
+        return domain.lower()
 
 
 def _domainMatches(pattern: str, domain: str) -> bool:
@@ -596,6 +609,8 @@ class Router:
         domain = _normalizeDomain(domain)
         if not domain:
             raise RoutingError(True, "5.1.2", "empty recipient domain")
+        if not domain.isascii():
+            raise RoutingError(True, "5.1.2", f"bad internationalized domain {domain}")
         try:
             for index, patterns in enumerate(self._patterns):
                 if any(_domainMatches(p, domain) for p in patterns):

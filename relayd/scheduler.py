@@ -41,11 +41,15 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd import requiretls
 from relayd.bounce import RecipientStatus, makeDSN, shouldBounce
+from relayd.client import Reply as RemoteReply
 from relayd.delivery import RecipientResult
+from relayd.dsn import DSNParameters, wants
 from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.routing import RoutingError
 from relayd.queuefile import QueueRecord, QueueState, RecipientRecord, RecipientState
+from relayd.reply import Reply
 from relayd.spool import arrivalFromQueueId, envelopeRecord
 
 __all__ = ["Scheduler", "backoff"]
@@ -61,6 +65,16 @@ def backoff(attempts: int, initial: float, maximum: float, rng: randomModule.Ran
     """
     delay = min(initial * (2 ** max(attempts - 1, 0)), maximum)
     return float(delay * rng.uniform(0.9, 1.1))
+
+
+def _remoteReply(r: RecipientRecord) -> Reply | None:
+    """
+    The next hop's last reply about C{r}, as delivery recorded it
+    (C{"550 5.1.1 text"}), or None when there is none or it was relayd's.
+    """
+    if not r.remote or not r.lastReply or not r.lastReply[:3].isdigit():
+        return None
+    return RemoteReply.parse([r.lastReply])
 
 
 class Scheduler(Service):
@@ -606,12 +620,12 @@ class Scheduler(Service):
                 status = "failed" if e.permanent else "deferred"
                 for address in addresses:
                     code = 550 if e.permanent else 451
-                    outcomes[address] = (
-                        RecipientResult(address, status, code, e.enhanced, e.text, None), None
-                    )
+                    reply = RemoteReply.local(code, e.enhanced, e.text)
+                    outcomes[address] = (RecipientResult(address, status, reply, None), None)
                 continue
             groups.setdefault(destination.key, (destination, []))[1].extend(addresses)
 
+        dsn = DSNParameters.fromRecord(record)
         calls = []
         for key, (destination, addresses) in groups.items():
             semaphore = self._semaphores.setdefault(key, DeferredSemaphore(self.perDestination))
@@ -623,6 +637,11 @@ class Scheduler(Service):
                 self.spool.queueFile(queueId, QueueState.ACTIVE),
                 record.size,
                 queueId=queueId,
+                dsn=dsn,
+                # Only when set, so that a deliverer without the keyword
+                # (a test's) still serves every other message.
+                **({"requireTLS": True} if record.requireTLS else {}),
+                smtputf8=record.smtputf8,
             )
             calls.append(d)
         results = yield DeferredList(calls, consumeErrors=True)
@@ -637,13 +656,15 @@ class Scheduler(Service):
         expired = now - record.arrival >= self.lifetime
         recipients = list(record.recipients)
         newlyFailed = []
+        relayed = []
         for index, r in enumerate(recipients):
             if r.state.final:
                 continue
             outcome = outcomes.get(r.address)
             if outcome is None:
                 # No answer at all (deliverer crashed): try again later.
-                result = RecipientResult(r.address, "deferred", 451, "4.3.0", "internal error", None)
+                internal = Reply(451, "4.3.0", "internal error")
+                result = RecipientResult(r.address, "deferred", internal, None)
                 attempt = None
             else:
                 result, attempt = outcome
@@ -657,11 +678,33 @@ class Scheduler(Service):
                 lastAttempt=now,
                 state=RecipientState.FAILED if expiring else RecipientState(result.status),
                 expired=expiring,
+                command=result.command,
             )
             self._logRecipient(queueId, r, result, attempt, now - record.arrival, expired)
             if r.state == RecipientState.FAILED:
                 newlyFailed.append(index)
+            elif (
+                r.state == RecipientState.DELIVERED
+                and wants(r.notify, "SUCCESS")
+                and not result.dsnPassed
+            ):
+                # RFC 3461 section 6.2.3: a next hop without DSN took it,
+                # so relayd reports "relayed" itself.
+                relayed.append(index)
         record = replace(record, attempts=record.attempts + 1, recipients=tuple(recipients))
+
+        if relayed:
+            try:
+                yield self._bounce(queueId, record, [recipients[i] for i in relayed], "relayed", now)
+            except Exception as e:
+                # The recipients are delivered whatever happens to the
+                # notice: delivering again to send it would duplicate mail.
+                self.metrics.spoolError("bounce")
+                log.error(
+                    "{queue_id}: cannot queue the success notice: {error}",
+                    queue_id=queueId,
+                    error=e,
+                )
 
         if newlyFailed:
             try:
@@ -790,6 +833,25 @@ class Scheduler(Service):
         recipients as final, so a crash can repeat a DSN but not lose one.
         """
         sender = record.sender
+        # RFC 3461 section 4.1: only the notices each recipient asked for
+        # (without NOTIFY: failure and delay).
+        kind = {"failed": "FAILURE", "delayed": "DELAY", "relayed": "SUCCESS"}[action]
+        unwanted = [r.address for r in recipients if not wants(r.notify, kind)]
+        if unwanted:
+            log.info(
+                "{queue_id}: no {action} notice for {recipients}: NOTIFY={notify}",
+                queue_id=queueId,
+                action=action,
+                recipients=", ".join(f"<{a}>" for a in unwanted),
+                notify="/".join(
+                    sorted({",".join(r.notify or ()) for r in recipients if r.address in unwanted})
+                ),
+            )
+            recipients = [r for r in recipients if r.address not in unwanted]
+            if not recipients:
+                return
+        if action == "relayed" and not shouldBounce(sender):
+            return  # a notice about a notice is no one's business
         target = sender if shouldBounce(sender) else self.postmaster
         if not target:
             log.warn(
@@ -805,17 +867,24 @@ class Scheduler(Service):
                 enhanced = "4.4.7"  # RFC 3463: delivery time expired
             if action == "delayed" and not enhanced.startswith("4."):
                 enhanced = "4.0.0"
+            if action == "relayed":
+                enhanced = enhanced if enhanced.startswith("2.") else "2.0.0"
+            reply = _remoteReply(r)
             statuses.append(
                 RecipientStatus(
                     address=r.address,
                     action=action,
                     status=enhanced,
                     remoteMTA=r.remote,
-                    diagnostic=r.lastReply if r.remote else None,
+                    reply=reply,
                     lastAttempt=r.lastAttempt,
+                    command=r.command if reply is not None else None,
+                    originalRecipient=r.orcpt,
                 )
             )
         # Reads the original's headers from disk: not on the reactor thread.
+        # Headers only: for a REQUIRETLS original that is also what RFC 8689
+        # section 5 wants; never return its body (relayd.requiretls).
         dsn = yield deferToThread(
             makeDSN,
             reportingMTA=self.hostname,
@@ -827,6 +896,11 @@ class Scheduler(Service):
             originalPath=self.spool.queueFile(queueId, QueueState.ACTIVE),
             originalSize=record.size,
             postmaster=None if shouldBounce(sender) else target,
+            # RFC 3461 section 4.3: RET=FULL returns the message with a
+            # failure notice; HDRS, no RET and the other notices the headers.
+            # RFC 8689 section 5: never the body of a REQUIRETLS message.
+            returnFull=action == "failed" and record.ret == "FULL" and not record.requireTLS,
+            envid=record.envid,
         )
         dsnRecord = envelopeRecord(
             queueId="",
@@ -840,10 +914,14 @@ class Scheduler(Service):
             user=None,
             listener="bounce",
         )
+        dsnRecord = requiretls.bounceRecord(dsnRecord, record)
+        if not target.isascii():
+            # To an internationalized sender: only over SMTPUTF8 (RFC 6531).
+            dsnRecord = replace(dsnRecord, smtputf8=True)
         bounceId = yield self.spool.submit(dsnRecord, dsn)
         log.info(
             "{queue_id}: sender {action} notification: {bounce_id}",
             queue_id=queueId,
-            action="non-delivery" if action == "failed" else "delay",
+            action={"failed": "non-delivery", "delayed": "delay", "relayed": "success"}[action],
             bounce_id=bounceId,
         )

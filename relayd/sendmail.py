@@ -480,6 +480,10 @@ def _checkAddress(address: str, what: str) -> str:
         parsePath(f"TO:<{address}>", "TO:", allowNull=False)
     except AddressError as e:
         raise SendmailError(EX_DATAERR, f"bad {what} address {address!r}: {e}") from None
+    if not address.isascii():
+        # relayd's grammar takes SMTPUTF8 addresses (RFC 6531); this
+        # command does not send SMTPUTF8, so relayd would refuse them.
+        raise SendmailError(EX_DATAERR, f"bad {what} address {address!r}: non-ASCII needs SMTPUTF8")
     return address
 
 

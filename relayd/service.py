@@ -332,7 +332,7 @@ def buildService(
         portal = makePortal(checker)
         top.checker = checker
 
-    policies, options = loadPolicies(config)
+    policies, options = loadPolicies(config, reactor=reactor)
     chain = PolicyChain(policies, config.policyTimeout, reactor, options, top.metrics)
     top.policies = PolicyService(chain, reactor, top.factories, top.metrics)
     top.policies.setServiceParent(top)
@@ -566,44 +566,40 @@ class PolicyService(Service):
 
     def startService(self) -> None:
         super().startService()
-        startPolicies(self.chain.policies, self.reactor)
+        startPolicies(self.chain.names, self.reactor)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return stopPolicies(self.chain.policies)
+        return stopPolicies(self.chain.names)
 
     @inlineCallbacks
     def reload(self, config: Config) -> Any:
         old = self.chain
         self.reloadError = None
         try:
-            policies, options = loadPolicies(config, previous=old)
+            policies, options = loadPolicies(config, previous=old, reactor=self.reactor)
         except ConfigError as e:
             log.error("reload refused, the old config stays in force: {error}", error=str(e))
             self.reloadError = str(e)
             return False
-        kept = [p for p in policies if any(p is q for q in old.policies)]
-        added = [p for p in policies if not any(p is q for q in old.policies)]
-        dropped = [p for p in old.policies if not any(p is q for q in policies)]
+        chain = PolicyChain(policies, config.policyTimeout, self.reactor, options, self.metrics)
+        kept = {n: p for n, p in chain.names.items() if any(p is q for q in old.policies)}
+        added = {n: p for n, p in chain.names.items() if n not in kept}
+        dropped = {n: p for n, p in old.names.items() if not any(p is q for q in policies)}
         yield startPolicies(added, self.reactor)
-        for policy in kept:
+        for name, policy in kept.items():
             if IReloadable.providedBy(policy):
                 try:
                     yield maybeDeferred(policy.reload)
                 except Exception:
                     log.failure(
-                        "policy {policy} could not reload; it keeps its old data",
-                        policy=getattr(policy, "name", "?"),
+                        "policy {policy} could not reload; it keeps its old data", policy=name
                     )
-        self.chain = PolicyChain(
-            policies, config.policyTimeout, self.reactor, options, self.metrics
-        )
+        self.chain = chain
         for factory in self.factories:
             factory.chain = self.chain
         yield stopPolicies(dropped)
-        log.info(
-            "reload: policy chain now {chain}", chain=" ".join(p.name for p in policies) or "empty"
-        )
+        log.info("reload: policy chain now {chain}", chain=" ".join(chain.names) or "empty")
         return True
 
 

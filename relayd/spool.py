@@ -70,6 +70,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -170,6 +171,11 @@ def envelopeRecord(
     helo: str | None,
     user: str | None,
     listener: str,
+    *,
+    ret: str | None = None,
+    envid: str | None = None,
+    notify: Mapping[str, tuple[str, ...]] | None = None,
+    orcpt: Mapping[str, str] | None = None,
 ) -> QueueRecord:
     """
     Build the envelope record of a newly received message (see
@@ -185,9 +191,26 @@ def envelopeRecord(
     @param helo: the EHLO/HELO name, or None.
     @param user: the authenticated user, or None.
     @param listener: the name of the listener that received the message.
+    @param ret: RET= (RFC 3461 section 4.3), or None.
+    @param envid: ENVID= decoded (RFC 3461 section 4.4), or None.
+    @param notify: NOTIFY= by recipient address, for those that gave one.
+    @param orcpt: ORCPT= by recipient address, for those that gave one.
     """
     return QueueRecord.new(
-        queueId, sender, recipients, arrival, size, body, client, helo, user, listener
+        queueId,
+        sender,
+        recipients,
+        arrival,
+        size,
+        body,
+        client,
+        helo,
+        user,
+        listener,
+        ret=ret,
+        envid=envid,
+        notify=notify,
+        orcpt=orcpt,
     )
 
 

@@ -580,4 +580,4 @@ def test_sampleExampleChainLoads(tmp_path: Path, material: dict[str, Path]) -> N
     )
     service = buildService(config, MemoryReactorClock())
     assert service.policies is not None
-    assert [p.name for p in service.policies.chain.policies] == list(config.policyChain)
+    assert list(service.policies.chain.names) == list(config.policyChain)

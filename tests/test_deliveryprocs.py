@@ -28,9 +28,12 @@ import pytest
 from test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 from test_receivers import sendMany, tokensAt, waitFor
 
+from relayd.client import Reply as ClientReply
 from relayd.config import ConfigError, load
 from relayd.delivery import AttemptResult, RecipientResult
 from relayd.deliveryprocs import DeliverRequest, decode, deferredResult, encode
+from relayd.dsn import DSNParameters, RecipientRequest
+from relayd.reply import Reply
 from relayd.routing import Destination, Hop
 from relayd.testing import PostfixSink, TestSetup
 
@@ -127,8 +130,20 @@ def test_processesConfig(tmp_path) -> None:
 
 
 def test_codecRoundTrip() -> None:
-    """L{encode} and L{decode} carry a request and a result unchanged."""
+    """
+    L{encode} and L{decode} carry a request (with its DSN parameters,
+    SMTPUTF8 and REQUIRETLS) and a result (the replies as received, the
+    command they answered) unchanged.
+    """
     hop = Hop("mx.example.net", "192.0.2.1", 2525, "verify", "user", "pass word")
+    dsn = DSNParameters(
+        ret="HDRS",
+        envid="env 1",
+        recipients={
+            "a@example.net": RecipientRequest(("SUCCESS", "FAILURE"), "rfc822;a@example.net"),
+            "b\u00e9@example.net": RecipientRequest(None, None),
+        },
+    )
     request = DeliverRequest(
         Destination("route:0", (hop, Hop("b.example.net", "2001:db8::1", 25, "none"))),
         "",
@@ -136,24 +151,48 @@ def test_codecRoundTrip() -> None:
         "/var/spool/relayd/active/X",
         1234,
         "QID1",
+        dsn,
+        True,
+        True,
     )
     line = encode(7, request)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert decode(line) == (7, request)
+    plain = DeliverRequest(Destination("mx:example.net", ()), "s@x", ("r@y",), "/p", 1, None)
+    assert decode(encode(1, plain)) == (1, plain)
     result = AttemptResult(
         [
-            RecipientResult("a@example.net", "delivered", 250, "2.0.0", "ok queued", "mx"),
-            RecipientResult("b@example.net", "failed", 550, "5.1.1", "no such user", None),
+            RecipientResult(
+                "a@example.net",
+                "delivered",
+                ClientReply.parse(["250-2.0.0 ok", "250 2.0.0 queued as X"]),
+                "mx",
+                "end of DATA",
+                True,
+            ),
+            RecipientResult(
+                "b@example.net",
+                "failed",
+                ClientReply.parse(["550 no such user"]),
+                "mx",
+                "RCPT TO",
+            ),
+            RecipientResult(
+                "c@example.net", "deferred", ClientReply.local(451, "4.4.1", "refused"), None
+            ),
+            RecipientResult("d@example.net", "failed", Reply(554, "5.7.10", "no TLS"), None),
         ],
         hop,
         "TLSv1.3 TLS_AES_256_GCM_SHA384",
     )
-    assert decode(encode(8, result)) == (8, result)
+    number, back = decode(encode(8, result))
+    assert (number, back) == (8, result)
+    assert [type(r.reply) for r in back.results] == [type(r.reply) for r in result.results]
     empty = AttemptResult([], None, None)
     assert decode(encode(9, empty)) == (9, empty)
     deferred = deferredResult(["x@example.net"], "delivery process exited")
-    assert [(r.status, r.code, r.enhanced) for r in deferred.results] == [
-        ("deferred", 451, "4.3.0")
+    assert [(r.status, r.code, r.enhanced, r.remoteHost) for r in deferred.results] == [
+        ("deferred", 451, "4.3.0", None)
     ]
 
 

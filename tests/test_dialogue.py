@@ -367,8 +367,8 @@ class SequenceTests(DialogueTestCase):
         self.ehlo()
         self.talk("MAIL FROM:<a@example.com>\r\n")
         self.assertEqual(
-            self.talk("RCPT TO:<b@example.net> NOTIFY=NEVER\r\n"),
-            ["555 5.5.4 Error: unsupported parameter NOTIFY"],
+            self.talk("RCPT TO:<b@example.net> XNOTIFY=NEVER\r\n"),
+            ["555 5.5.4 Error: unsupported parameter XNOTIFY"],
         )
 
     def test_parametersNeedEhlo(self) -> None:
@@ -399,7 +399,9 @@ class ExtensionTests(DialogueTestCase):
                 "250-STARTTLS",
                 "250-ENHANCEDSTATUSCODES",
                 "250-8BITMIME",
-                "250 CHUNKING",
+                "250-CHUNKING",
+                "250-DSN",
+                "250 SMTPUTF8",
             ],
         )
 

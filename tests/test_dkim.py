@@ -15,6 +15,7 @@ import smtplib
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import dkim
@@ -22,7 +23,7 @@ import dns.resolver
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -38,12 +39,13 @@ from relayd.testing import (
     DEMO_USER,
     DNSServer,
     InProcessRelayd,
+    SinkServer,
     SMTPClient,
     TestSetup,
 )
-from relayd.verdict import CONTINUE
 
 REPO = Path(__file__).resolve().parent.parent
+POLICYDIST = str(Path(__file__).resolve().parent / "policydist")
 _RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 _ED = ed25519.Ed25519PrivateKey.generate()
 _ED_ORG = ed25519.Ed25519PrivateKey.generate()
@@ -421,6 +423,63 @@ class HeadersThenDKIMTests(DKIMTestCase):
         self.assertFalse((yield self.verify(undone, 0)))
 
 
+class AcceptedAtDataStillSignedTests(unittest.TestCase):
+    """
+    DKIM is a modifier: a check that answers ACCEPT at the end of DATA
+    ends the checks, not the modifiers, so the message still leaves
+    signed.  The chain lists the check first, as an operator might
+    ("acceptor" vouches, so why ask further?); before the modifier phase
+    that order sent the message out unsigned.
+    """
+
+    @defer.inlineCallbacks
+    def test_acceptThenSigned(self):
+        sys.path.insert(0, POLICYDIST)
+        self.addCleanup(sys.path.remove, POLICYDIST)
+        directory = tempfile.mkdtemp(prefix="relayd-dkim-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        dns = DNSServer()
+        dnsPort = dns.start(reactor)
+        self.addCleanup(dns.stop)
+        dns.setTXT("rsa2026._domainkey.example.com", [publicRecord(_RSA)])
+        dns.setTXT("ed2026._domainkey.example.com", [publicRecord(_ED)])
+        sink = SinkServer()
+        sinkPort = sink.start(reactor)
+        self.addCleanup(sink.stop)
+        setup = TestSetup(
+            directory,
+            chain=["acceptor", "mynetworks", "dkim"],
+            policies={"dkim": {"domains": {"example.com": DOMAINS["example.com"]}}},
+            modes=("relay",),
+            sections={"delivery": {"enabled": True, "connect_timeout": 10}},
+        )
+        setup.routeAllTo(sinkPort)
+        writeFile(os.path.join(directory, "dkim/example.com.rsa.pem"), pem(_RSA, pkcs8=False))
+        writeFile(os.path.join(directory, "dkim/example.com.ed25519.pem"), pem(_ED))
+        relayd = yield InProcessRelayd.start(setup)
+        self.addCleanup(relayd.stop)
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", relayd.port("relay"), timeout=30) as s:
+                s.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+
+        yield deferToThread(send)
+        deadline = time.monotonic() + 30
+        while not sink.messages:
+            self.assertLess(time.monotonic(), deadline, "nothing reached the sink")
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(relayd.service.policies.chain.names["acceptor"].asked, 1)
+        [delivered] = sink.messages
+        self.assertEqual(delivered.recipients, ["bob@example.net"])
+        data = delivered.data
+        self.assertTrue(data.startswith(b"DKIM-Signature: "), data[:200])
+        self.assertTrue(data.endswith(MESSAGE), data[-300:])
+        check = dnsfunc(dnsPort)
+        for index in (0, 1):
+            verified = yield deferToThread(dkim.DKIM(data).verify, idx=index, dnsfunc=check)
+            self.assertTrue(verified, index)
+
+
 class KeyTests(unittest.TestCase):
     def test_formats(self):
         """
@@ -599,8 +658,8 @@ class ConfigTests(unittest.TestCase):
                 ipaddress.ip_address("127.0.0.1"), 1, "relay", "relay", "S", user=user
             )
             message = Message(path, len(raw))
-            verdict = yield policy.checkMessage(session, envelope, message)
-            self.assertIs(verdict, CONTINUE)
+            done = yield policy.modifyMessage(session, envelope, message)
+            self.assertIsNone(done)
             self.assertEqual(message.changed, signed)
         [tags] = self.signatures(message.asBytes())
         self.assertEqual((tags["d"], tags["h"]), ("xn--bcher-kva.example", "from"))

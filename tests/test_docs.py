@@ -5,6 +5,7 @@ they define is checked against the interfaces it declares, and the trial
 test cases they define are collected and run as tests of this module.
 """
 
+import ast
 import os
 import re
 import tempfile
@@ -14,8 +15,9 @@ from twisted.trial import unittest
 from zope.interface import implementedBy
 from zope.interface.verify import verifyClass
 
-from relayd.interfaces import IPolicy
+from relayd.plugin import IPolicy, PolicyContext
 
+CONTEXT = PolicyContext("/etc/relayd/relayd.toml", "relay.example.org", "docs")
 DOC = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
@@ -61,6 +63,22 @@ class DocumentedPoliciesTests(unittest.TestCase):
             for interface in implementedBy(policy):
                 verifyClass(interface, policy)
 
+    def test_importsOnlyThePluginAPI(self):
+        """
+        The guide's code imports from relayd only C{relayd.plugin} (the
+        policy's side) and C{relayd.testing} (its tests).
+        """
+        found = set()
+        for source in BLOCKS:
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    found.add(node.module)
+                elif isinstance(node, ast.Import):
+                    found.update(alias.name for alias in node.names)
+        self.assertEqual(
+            {m for m in found if m.split(".")[0] == "relayd"}, {"relayd.plugin", "relayd.testing"}
+        )
+
     def test_headerHygiene(self):
         from relayd.envelope import Message
 
@@ -74,9 +92,11 @@ class DocumentedPoliciesTests(unittest.TestCase):
         with open(path, "wb") as f:
             f.write(raw)
         session = NAMESPACE["submissionSession"]("alice")
-        policy = NAMESPACE["HeaderHygiene"].fromConfig({})
+        policy = NAMESPACE["HeaderHygiene"].fromConfig({}, CONTEXT)
         message = Message(path, len(raw))
         self.assertIs(policy.checkMessage(session, None, message), NAMESPACE["CONTINUE"])
+        self.assertFalse(message.changed)
+        self.assertIsNone(policy.modifyMessage(session, None, message))
         self.assertEqual(
             message.asBytes(),
             b"Received: by relayd.test\r\nFrom: a@example.org\r\n"
@@ -93,7 +113,8 @@ class DocumentedPoliciesTests(unittest.TestCase):
         from relayd.address import Address
         from relayd.envelope import Envelope
 
-        policy = NAMESPACE["SenderDomainResolves"].fromConfig({"threads": 1})
+        context = PolicyContext("relayd.toml", "relay.example", "resolves", reactor)
+        policy = NAMESPACE["SenderDomainResolves"].fromConfig({"threads": 1}, context)
         policy.startPolicy(reactor)
         self.addCleanup(policy.stopPolicy)
         session = NAMESPACE["submissionSession"](None)

@@ -4,7 +4,7 @@ and which MAIL and RCPT parameters are read.
 """
 
 from relayd.address import Address, parseParameters
-from relayd.envelope import Envelope
+from relayd.envelope import Envelope, Recipient
 from relayd.reply import Reply
 from relayd.smtp import extensions
 
@@ -31,6 +31,8 @@ def test_plainText() -> None:
         "ENHANCEDSTATUSCODES",
         "8BITMIME",
         "CHUNKING",
+        "DSN",
+        "SMTPUTF8",
     ]
 
 
@@ -47,8 +49,25 @@ def test_noTLSOptions() -> None:
 
 
 def test_mailAllowance() -> None:
-    """SIZE (26), BODY=8BITMIME (14) and AUTH= (500)."""
-    assert extensions.MAIL_ALLOWANCE == 540
+    """SIZE (26), BODY=8BITMIME (14), AUTH= (500), RET=/ENVID= (100), SMTPUTF8 (10)."""
+    assert extensions.MAIL_ALLOWANCE == 650
+
+
+def test_rcptAllowance() -> None:
+    """RFC 3461 section 4: NOTIFY= and ORCPT= may add 500 octets to RCPT."""
+    assert extensions.RCPT_ALLOWANCE == 500
+
+
+def test_parseSMTPUTF8() -> None:
+    """RFC 6531 section 3.4: a bare keyword, recorded in the envelope."""
+    envelope = Envelope(sender=Address.null())
+    assert extensions.parseMail(parseParameters("SMTPUTF8"), envelope) is None
+    assert envelope.smtputf8
+    envelope = Envelope(sender=Address.null())
+    assert extensions.parseMail(parseParameters("SMTPUTF8=yes"), envelope) == Reply(
+        501, "5.5.4", "Error: SMTPUTF8 takes no value"
+    )
+    assert not envelope.smtputf8
 
 
 def test_parseMail() -> None:
@@ -72,12 +91,25 @@ def test_parseMailFirstProblemInClientOrder() -> None:
 
 
 def test_parseRecipient() -> None:
-    """No RCPT parameters yet (DSN will bring NOTIFY and ORCPT)."""
+    """NOTIFY and ORCPT go into the recipient being added, not the envelope."""
     envelope = Envelope(sender=Address.null())
-    assert extensions.parseRecipient({}, envelope) is None
-    assert extensions.parseRecipient(parseParameters("ORCPT=x NOTIFY=NEVER"), envelope) == Reply(
-        555, "5.5.4", "Error: unsupported parameter NOTIFY"
+    bob = Recipient(Address("bob", "example.net"))
+    assert extensions.parseRecipient({}, envelope, bob) is None
+    assert not bob.given
+    parameters = parseParameters("ORCPT=rfc822;bob+40example.net NOTIFY=failure,success")
+    assert extensions.parseRecipient(parameters, envelope, bob) is None
+    assert bob.notify == ("SUCCESS", "FAILURE")
+    assert bob.orcpt == "rfc822;bob+40example.net"
+    assert envelope.parameters == {}
+    assert extensions.parseRecipient(parseParameters("XFOO=1"), envelope, bob) == Reply(
+        555, "5.5.4", "Error: unsupported parameter XFOO"
     )
+
+
+def test_parseMailDSN() -> None:
+    envelope = Envelope(sender=Address.null())
+    assert extensions.parseMail(parseParameters("RET=hdrs ENVID=a+2Bb"), envelope) is None
+    assert (envelope.ret, envelope.envid) == ("HDRS", "a+b")
 
 
 def test_sizeOnlyAsciiDigits() -> None:
@@ -87,3 +119,32 @@ def test_sizeOnlyAsciiDigits() -> None:
         assert extensions.parseMail({"SIZE": bad}, envelope) == Reply(
             501, "5.5.4", "Error: bad SIZE parameter"
         )
+
+
+def test_dsnBadMailParameters() -> None:
+    """RET other than FULL/HDRS, bad xtext, ENVID over 100: 501 5.5.4."""
+    for bad in ["RET=ALL", "RET", "ENVID=a+zz", "ENVID=" + "x" * 101, "ENVID=+0A", "ENVID"]:
+        envelope = Envelope(sender=Address.null())
+        reply = extensions.parseMail(parseParameters(bad), envelope)
+        assert reply is not None and (reply.code, reply.enhanced) == (501, "5.5.4"), bad
+        assert (envelope.ret, envelope.envid) == (None, None)
+    envelope = Envelope(sender=Address.null())
+    assert extensions.parseMail(parseParameters("ENVID=" + "x" * 100), envelope) is None
+
+
+def test_dsnBadRecipientParameters() -> None:
+    """NEVER with others, unknown keywords, ORCPT without a type or with bad xtext."""
+    for bad in [
+        "NOTIFY=NEVER,SUCCESS",
+        "NOTIFY=SUCCESS,SOMETIMES",
+        "NOTIFY",
+        "ORCPT=bob@example.net",
+        "ORCPT=;bob@example.net",
+        "ORCPT=rfc822;bob+4",
+        "ORCPT=rfc822;",
+        "ORCPT=x400;bob",
+    ]:
+        recipient = Recipient(Address("bob", "example.net"))
+        reply = extensions.parseRecipient(parseParameters(bad), Envelope(Address.null()), recipient)
+        assert reply is not None and (reply.code, reply.enhanced) == (501, "5.5.4"), bad
+        assert not recipient.given, bad

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
@@ -84,8 +84,8 @@ def stored(relayd):
 
 
 def policyNamed(relayd, name):
-    [policy] = [p for p in relayd.service.policies.chain.policies if p.name == name]
-    return policy
+    """The policy called C{name} in the chain, from relayd's registry."""
+    return relayd.service.policies.chain.names[name]
 
 
 class ExamplePackageTests(unittest.TestCase):
@@ -212,7 +212,7 @@ class LoadPoliciesTests(unittest.TestCase):
         self.assertEqual(
             self.configError(["nofactory"]),
             "policy.chain: policy 'nofactory' (relayd_testpolicies:NoFromConfig) "
-            "has no fromConfig(options) to build it with",
+            "has no fromConfig(options, context) to build it with",
         )
 
     def test_noInterface(self):
@@ -242,14 +242,17 @@ class LoadPoliciesTests(unittest.TestCase):
         )
 
     def test_context(self):
-        """A two-argument fromConfig gets a PolicyContext."""
+        """fromConfig(options, context) gets a PolicyContext."""
         config = self.config(["recorder"], {"recorder": {"file": "data/list"}})
-        [recorder], options = loadPolicies(config)
+        clock = Clock()
+        [recorder], options = loadPolicies(config, reactor=clock)
         context = recorder.context
         self.assertEqual(
-            (context.configPath, context.hostname, context.name),
-            (config.path, "relayd.test", "recorder"),
+            (context.configPath, context.hostname, context.name, context.reactor),
+            (config.path, "relayd.test", "recorder", clock),
         )
+        self.assertEqual(context.configDirectory, os.path.dirname(config.path))
+        self.assertEqual(context.log.namespace, "relayd.policies.recorder")
         self.assertEqual(
             context.resolvePath("data/list"),
             os.path.join(os.path.dirname(config.path), "data", "list"),
@@ -272,6 +275,11 @@ class LoadPoliciesTests(unittest.TestCase):
         self.assertEqual([p.options for p in again], [{"n": 1}, {"n": 2}])
         self.assertIs(again[0], policies[0])
         self.assertIs(again[1], policies[1])
+        # relayd's registry names each by its chain name; the class's own
+        # name attribute is the author's and stays as it was.
+        self.assertEqual(previous.names, {"recorder": policies[0], "recorder2": policies[1]})
+        self.assertEqual(previous.nameOf(policies[1]), "recorder2")
+        self.assertEqual(policies[1].name, "recorder")
 
 
 class HookTests(unittest.TestCase):
@@ -450,9 +458,7 @@ class HookTests(unittest.TestCase):
         self.rewriteConfig(chain=["mynetworks"])
         reloaded = yield self.relayd.service.reload()
         self.assertTrue(reloaded)
-        self.assertEqual(
-            [p.name for p in self.relayd.service.policies.chain.policies], ["mynetworks"]
-        )
+        self.assertEqual(list(self.relayd.service.policies.chain.names), ["mynetworks"])
         self.assertEqual(self.recorder.events, [("start", reactor), ("stop",)])
 
     @defer.inlineCallbacks

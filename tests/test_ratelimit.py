@@ -30,7 +30,7 @@ from relayd.config import ConfigError, load
 from relayd.envelope import Session
 from relayd.interfaces import IMessagePolicy, IRateCounterStore, IRecipientPolicy
 from relayd.policies.ratelimit import RateLimit, Rule, parseLimit
-from relayd.policy import PolicyChain
+from relayd.policy import PolicyChain, PolicyContext
 from relayd.ratecounter import (
     MemoryStore,
     RateStoreError,
@@ -48,6 +48,8 @@ from relayd.testing import (
     freePort,
 )
 from relayd.verdict import CONTINUE, reject
+
+CONTEXT = PolicyContext("relayd.toml", "relayd.test", "ratelimit")
 
 CHAIN = ["ratelimit", "mynetworks", "authenticated"]
 BODY = b"Subject: rate\r\n\r\nhello\r\n"
@@ -1121,7 +1123,7 @@ class MemoryStoreTests(unittest.TestCase):
     def test_policyWithoutThread(self):
         """The memory backend starts no thread pool."""
         policy = RateLimit.fromConfig(
-            {"rules": [{"name": "r", "key": "user", "messages": ["1/hour"]}]}
+            {"rules": [{"name": "r", "key": "user", "messages": ["1/hour"]}]}, CONTEXT
         )
         self.assertIsInstance(policy.store, MemoryStore)
         policy.startPolicy(self.clock)
@@ -1144,7 +1146,8 @@ class BurstTests(unittest.TestCase):
         clock = Clock()
         clock.advance(1_000_000)
         policy = RateLimit.fromConfig(
-            {"rules": [{"name": "u", "key": "user", "messages": ["10/hour"], "burst": 2}]}
+            {"rules": [{"name": "u", "key": "user", "messages": ["10/hour"], "burst": 2}]},
+            CONTEXT,
         )
         policy.startPolicy(clock)
         session = Session(ipaddress.ip_address("192.0.2.1"), 1, "relay", "relay", "s1", user="u1")

@@ -20,9 +20,12 @@ from twisted.trial import unittest
 from relayd.certificates import issueCertificate, makeCA
 from relayd.envelope import Session
 from relayd.policies.ratelimit import RateLimit
+from relayd.policy import PolicyContext
 from relayd.ratecounter import RateStoreError, RedisStore
 from relayd.testing import RedisCluster, RedisSentinel, RedisServer
 from relayd.verdict import CONTINUE
+
+CONTEXT = PolicyContext("relayd.toml", "relayd.test", "ratelimit")
 
 PASSWORD = "s3cret-Redis-pw"
 RULES = [
@@ -66,7 +69,7 @@ class PolicyCase(unittest.TestCase):
         options.setdefault("backend", "redis")
         options.setdefault("redis_timeout", 3.0)
         options.setdefault("rules", RULES)
-        policy = RateLimit.fromConfig(options)
+        policy = RateLimit.fromConfig(options, CONTEXT)
         policy.startPolicy(reactor)
         self.addCleanup(policy.stopPolicy)
         return policy
@@ -359,7 +362,7 @@ class HashSlotTests(unittest.TestCase):
             },
             {"name": "dom", "key": "sender_domain", "recipients": ["5/minute", "50/hour"]},
         ]
-        policy = RateLimit.fromConfig({"rules": rules, "key_prefix": "mail:"})
+        policy = RateLimit.fromConfig({"rules": rules, "key_prefix": "mail:"}, CONTEXT)
         sender = Address("Zed", "Example.ORG")
         for kind in ("messages", "recipients"):
             keys = [c.key for c in policy._counters(session(), sender, kind)]

@@ -587,7 +587,7 @@ class StatusReloadTests(RelayctlTestCase):
         self.assertLessEqual(data["started"], data["now"])
 
     def chainNow(self) -> list[str]:
-        return [p.name for p in self.relayd.service.factories[0].chain.policies]
+        return list(self.relayd.service.factories[0].chain.names)
 
     @defer.inlineCallbacks
     def test_reload(self) -> Any:

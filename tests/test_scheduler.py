@@ -22,6 +22,7 @@ from twisted.trial import unittest
 from relayd.delivery import AttemptResult, RecipientResult
 from relayd.metrics import Metrics
 from relayd.queuefile import encodeTrailer, readData
+from relayd.reply import Reply
 from relayd.routing import Destination, Hop, RoutingError
 from relayd.scheduler import Scheduler, backoff
 from relayd.spool import Spool, envelopeRecord
@@ -49,17 +50,23 @@ class ScriptedDeliverer:
         self.calls = []
         self.hold = False
         self.held = []
+        self.dsn = []
+        self.dsnPassed = False
 
-    def deliver(self, destination, sender, recipients, dataPath, size, queueId=None):
+    def deliver(self, destination, sender, recipients, dataPath, size, queueId=None, dsn=None,
+                smtputf8=False):
         self.calls.append((destination.key, sender, list(recipients)))
+        self.dsn.append(dsn)
+        self.smtputf8 = smtputf8
         results = []
         for address in recipients:
             steps = self.script.get(address, ["delivered"])
             status = steps.pop(0) if len(steps) > 1 else steps[0]
             code, enhanced = {"delivered": (250, "2.0.0"), "deferred": (451, "4.7.1"),
                               "failed": (550, "5.1.1")}[status]
-            results.append(RecipientResult(address, status, code, enhanced, "scripted",
-                                           destination.hops[0].host))
+            reply = Reply(code, enhanced, "scripted")
+            results.append(RecipientResult(address, status, reply, destination.hops[0].host,
+                                           "end of DATA", self.dsnPassed))
         result = AttemptResult(results=results, hop=destination.hops[0], tls=None)
         if self.hold:
             d = defer.Deferred()

@@ -247,19 +247,20 @@ class CommandRulesTests(RelaydTestCase):
         def dialogue():
             c = self.connect()
             c.command("EHLO client.test")
-            bad = [
-                c.command(f"MAIL FROM:{a}")
-                for a in ("<a@@b>", "<a b@c>", "<@x>", "<a@-b>", "<ü@x.org>")
-            ]
+            bad = [c.command(f"MAIL FROM:{a}") for a in ("<a@@b>", "<a b@c>", "<@x>", "<a@-b>")]
+            # Not a syntax error: non-ASCII without SMTPUTF8 (RFC 6531
+            # section 3.7.4.1), tests/test_smtputf8.py.
+            nonAscii = c.command("MAIL FROM:<ü@x.org>")
             c.command("MAIL FROM:<a@example.org>")
             badr = [c.command(f"RCPT TO:{a}") for a in ("<>", "<x@>", "<x@y..z>", "<x")]
-            return bad, badr
+            return bad, badr, nonAscii
 
-        bad, badr = yield self.run_(dialogue)
+        bad, badr, nonAscii = yield self.run_(dialogue)
         for code, lines in bad:
             self.assertEqual((code, lines[0][:5]), (501, "5.1.7"))
         for code, lines in badr:
             self.assertEqual((code, lines[0][:5]), (501, "5.1.3"))
+        self.assertEqual((nonAscii[0], nonAscii[1][0][:5]), (553, "5.6.7"))
 
     @defer.inlineCallbacks
     def test_unknownParameters(self):
@@ -268,7 +269,7 @@ class CommandRulesTests(RelaydTestCase):
             c.command("EHLO client.test")
             mail = c.command("MAIL FROM:<a@example.org> FOO=bar")
             c.command("MAIL FROM:<a@example.org>")
-            rcpt = c.command("RCPT TO:<b@example.org> NOTIFY=NEVER")
+            rcpt = c.command("RCPT TO:<b@example.org> XNOTIFY=NEVER")
             return mail, rcpt
 
         mail, rcpt = yield self.run_(dialogue)

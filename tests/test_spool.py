@@ -567,6 +567,9 @@ class EnvelopeRecordTests(TestCase):
                 "attempts": 0,
                 "next_attempt": 1700000000.25,
                 "delay_warned": False,
+                "require_tls": False,
+                "tls_optional": False,
+                "smtputf8": False,
             },
         )
         self.assertEqual(QueueRecord.fromJSON(json.loads(json.dumps(envelope.toJSON()))), envelope)

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from relayd.address import AddressError, asciiDomain, normalLocal
+
 __all__ = [
     "FileBacked",
     "Line",
@@ -34,10 +36,12 @@ T = TypeVar("T")
 _COMMENT = re.compile(r"(?:^|[ \t])#.*$")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_UTF8 = "\u0080-\ud7ff\ue000-\U0010ffff"
+"""RFC 6531 section 3.3 C{UTF8-non-ascii}, as in L{relayd.address}."""
+_ATEXT = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_UTF8}-]"
 _LOCAL = re.compile(
     rf"^(?:{_ATEXT}+(?:\.{_ATEXT}+)*"
-    r'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")$'
+    rf'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*")$'
 )
 
 
@@ -79,19 +83,16 @@ def readLines(path: str) -> Iterator[Line]:
 
 def normalizeDomain(domain: str) -> str:
     """
-    The domain as compared: lower case, internationalized names as their
-    ASCII form (A-labels, through Python's built-in C{idna} codec, which
-    is IDNA 2003, RFC 3490: L{relayd.address} has no IDNA of its own yet),
-    so C{B\u00fccher.Example} and C{xn--bcher-kva.example} are the same.
+    The domain as compared: relayd's normal form (L{relayd.address}), lower
+    case with internationalized names as their A-labels by IDNA 2008, so
+    C{B\u00fccher.Example} and C{xn--bcher-kva.example} are the same.
 
     @raise EntryError: when it is not a domain name.
     """
-    name = domain.lower()
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii").lower()
-        except UnicodeError:
-            raise EntryError(f"not a domain: {domain!r}") from None
+    try:
+        name = asciiDomain(domain)
+    except AddressError:
+        raise EntryError(f"not a domain: {domain!r}") from None
     if len(name) > 255 or not _DOMAIN.match(name):
         raise EntryError(f"not a domain: {domain!r}")
     return name
@@ -99,11 +100,13 @@ def normalizeDomain(domain: str) -> str:
 
 def normalizeAddress(address: str) -> str:
     """
-    The mailbox C{local@domain} as compared: the domain through
-    L{normalizeDomain} and the local part in lower case.  RFC 5321 section
-    2.4 lets a host treat local parts as case-sensitive, but no deployed
-    one does, and an access rule that a change of case walks around would
-    be worthless (Postfix access tables compare the same way).
+    The mailbox C{local@domain} as compared: relayd's normal form
+    (L{relayd.address.Address.normalForm}): the domain through
+    L{normalizeDomain}, the local part (UTF-8 allowed, RFC 6531 section
+    3.3) in NFC and lower case.  RFC 5321 section 2.4 lets a host treat
+    local parts as case-sensitive, but no deployed one does, and an
+    access rule that a change of case walks around would be worthless
+    (Postfix access tables compare the same way).
 
     @raise EntryError: when it is not a mailbox.
     """
@@ -116,7 +119,7 @@ def normalizeAddress(address: str) -> str:
         domain = normalizeDomain(domain)
     except EntryError:
         raise EntryError(f"not an address: {address!r}") from None
-    return f"{local.lower()}@{domain}"
+    return f"{normalLocal(local)}@{domain}"
 
 
 def stringList(options: dict[str, Any], key: str, example: str) -> list[str]:

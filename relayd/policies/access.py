@@ -42,12 +42,20 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relayd.interfaces import (
+from relayd.plugin import (
+    CONTINUE,
+    Address,
+    Envelope,
     IConnectionPolicy,
     IPolicyLifecycle,
     IRecipientPolicy,
     IReloadable,
     ISenderPolicy,
+    PolicyContext,
+    PolicyOptionError,
+    SessionView,
+    Verdict,
+    reject,
 )
 from relayd.policies._entries import (
     EntryError,
@@ -58,8 +66,6 @@ from relayd.policies._entries import (
     readLines,
     stringList,
 )
-from relayd.policy import PolicyContext, PolicyOptionError
-from relayd.verdict import CONTINUE, Verdict, reject
 
 __all__ = ["Access", "AccessLists", "LISTS"]
 
@@ -284,8 +290,8 @@ class Access(FileBacked):
 
     def _decide(
         self,
-        session: Any,
-        envelope: Any,
+        session: SessionView,
+        envelope: Envelope | None,
         subject: str,
         what: str,
         lookups: list[tuple[str, Any]],
@@ -331,7 +337,7 @@ class Access(FileBacked):
                     return name, match
         return None
 
-    def checkConnection(self, session: Any) -> Verdict:
+    def checkConnection(self, session: SessionView) -> Verdict:
         """Refuse a client in C{client_deny} (and not in C{client_allow})."""
         address = session.clientAddress
         return self._decide(
@@ -343,9 +349,10 @@ class Access(FileBacked):
             DENIED_CLIENT,
         )
 
-    def _addressLookups(self, subject: str, address: Any) -> list[tuple[str, Any]]:
-        mailbox = f"{address.local.lower()}@{address.domainLower}"
-        domain = address.domainLower
+    def _addressLookups(self, subject: str, address: Address) -> list[tuple[str, Any]]:
+        # relayd's normal form (relayd.address), as the entries are.
+        mailbox = address.normalForm
+        domain = address.normalDomain
         return [
             (f"{subject}_allow", mailbox),
             (f"{subject}_domain_allow", domain),
@@ -353,7 +360,7 @@ class Access(FileBacked):
             (f"{subject}_domain_deny", domain),
         ]
 
-    def checkSender(self, session: Any, envelope: Any, sender: Any) -> Verdict:
+    def checkSender(self, session: SessionView, envelope: Envelope, sender: Address) -> Verdict:
         """
         Refuse a sender in C{sender_deny} or C{sender_domain_deny} (and in
         neither allow list).  The null sender C{<>} is never matched:
@@ -370,7 +377,9 @@ class Access(FileBacked):
             DENIED,
         )
 
-    def checkRecipient(self, session: Any, envelope: Any, recipient: Any) -> Verdict:
+    def checkRecipient(
+        self, session: SessionView, envelope: Envelope, recipient: Address
+    ) -> Verdict:
         """
         Refuse a recipient in C{recipient_deny} or C{recipient_domain_deny}
         (and in neither allow list).  Never accepts: relaying is for other

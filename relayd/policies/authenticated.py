@@ -10,9 +10,17 @@ from typing import Any
 
 from zope.interface import implementer
 
-from relayd.interfaces import IRecipientPolicy
-from relayd.policy import PolicyOptionError
-from relayd.verdict import CONTINUE, Verdict, accept
+from relayd.plugin import (
+    CONTINUE,
+    Address,
+    Envelope,
+    IRecipientPolicy,
+    PolicyContext,
+    PolicyOptionError,
+    SessionView,
+    Verdict,
+    accept,
+)
 
 
 @implementer(IRecipientPolicy)
@@ -20,12 +28,14 @@ class Authenticated:
     name = "authenticated"
 
     @classmethod
-    def fromConfig(cls, options: dict[str, Any]) -> Authenticated:
+    def fromConfig(cls, options: dict[str, Any], context: PolicyContext) -> Authenticated:
         if options:
             raise PolicyOptionError(sorted(options)[0], "unknown option (this policy has none)")
         return cls()
 
-    def checkRecipient(self, session: Any, envelope: Any, recipient: Any) -> Verdict:
+    def checkRecipient(
+        self, session: SessionView, envelope: Envelope, recipient: Address
+    ) -> Verdict:
         if session.user is not None:
             return accept(250, "2.1.5", "Ok")
         return CONTINUE

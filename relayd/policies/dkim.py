@@ -1,14 +1,17 @@
 """
 C{dkim}: DKIM-sign mail before it is queued (RFC 6376; Ed25519: RFC 8463).
 
-A message policy that never decides (it always answers C{CONTINUE}): it
-picks the signing domain from the C{From:} header (the domain DMARC aligns
-with, RFC 7489 section 3.1), or from the envelope sender when the message
-has no address in C{From:}, and when that domain (or, with C{subdomains},
-a parent of it) has keys, adds one C{DKIM-Signature:} field per key at the
-top of the header section.  Mail from a domain without a key passes
-unsigned.  It must be the last policy of the chain: it signs the message as
-the earlier ones left it, and an edit after it would break the signature.
+A message modifier (L{IMessageModifier}): it runs once the checks have let
+the message through, whatever they answered (an C{ACCEPT} cannot skip it),
+and decides nothing.  It picks the signing domain from the C{From:}
+header (the domain DMARC aligns with, RFC 7489 section 3.1), or from the
+envelope sender when the message has no address in C{From:}, and when
+that domain (or, with C{subdomains}, a parent of it) has keys, adds one
+C{DKIM-Signature:} field per key at the top of the header section.  Mail
+from a domain without a key passes unsigned.  It must be the last
+modifier of the chain (where the checks are does not matter): it signs
+the message as the earlier modifiers left it, and an edit after it would
+break the signature.
 
 Signing reads the whole message, so it runs in the policy's own small
 thread pool; keys are read and checked when the config is loaded (a key
@@ -54,13 +57,23 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from relayd.interfaces import IMessagePolicy, IPolicyLifecycle, IReloadable
+from relayd.plugin import (
+    Envelope,
+    Headers,
+    IMessageModifier,
+    IPolicyLifecycle,
+    IReloadable,
+    Message,
+    PolicyContext,
+    PolicyOptionError,
+    SessionView,
+    normalDomain,
+)
 from relayd.policies.headers import addressDomains
-from relayd.policy import PolicyContext, PolicyOptionError
-from relayd.verdict import CONTINUE, Verdict
 
 __all__ = ["DKIMSign", "SigningKey", "loadKey", "DEFAULT_SIGN_HEADERS"]
 
@@ -203,7 +216,7 @@ class _Signer:
     key: SigningKey
 
 
-@implementer(IMessagePolicy, IPolicyLifecycle, IReloadable)
+@implementer(IMessageModifier, IPolicyLifecycle, IReloadable)
 class DKIMSign:
     """
     The C{dkim} policy (see the module docstring for its options).
@@ -329,13 +342,16 @@ class DKIMSign:
                 return found
         return []
 
-    def checkMessage(self, session: Any, envelope: Any, message: Any) -> Deferred[Verdict]:
+    def modifyMessage(
+        self, session: SessionView, envelope: Envelope, message: Message
+    ) -> Deferred[None]:
         """
-        Sign the message when its domain has keys; always C{CONTINUE}.
+        Sign the message when its domain has keys.  A message that cannot
+        be signed is logged and goes on unsigned.
         """
         queueId = envelope.queueId
         if self.authenticatedOnly and session.user is None:
-            return succeed(CONTINUE)
+            return succeed(None)
         domain = _fromDomain(message.headers) or envelope.sender.domain
         signers = self.signersFor(domain) if domain else []
         if not signers:
@@ -344,20 +360,20 @@ class DKIMSign:
                 queue_id=queueId,
                 domain=domain,
             )
-            return succeed(CONTINUE)
+            return succeed(None)
         if not message.hasSeparator and message.bodyOffset < message.receivedSize:
             log.warn(
                 "{queue_id}: dkim: no empty line after the header section; not signed",
                 queue_id=queueId,
             )
-            return succeed(CONTINUE)
+            return succeed(None)
         include = self._includeHeaders([f.name for f in message.headers])
 
         def sign() -> list[bytes]:
             data = message.asBytes()
             return [self._signWith(s, data, include) for s in signers]
 
-        def signed(signatures: list[bytes]) -> Verdict:
+        def signed(signatures: list[bytes]) -> None:
             for signature in reversed(signatures):  # the first key's ends up on top
                 message.headers.addRaw(signature, top=True)
             log.info(
@@ -366,16 +382,14 @@ class DKIMSign:
                 domain=signers[0].domain,
                 selectors=",".join(s.selector for s in signers),
             )
-            return CONTINUE
 
-        def failed(failure: Any) -> Verdict:
+        def failed(failure: Failure) -> None:
             failure.trap(dkim.DKIMException)
             log.warn(
                 "{queue_id}: dkim: cannot sign this message ({error}); not signed",
                 queue_id=queueId,
                 error=str(failure.value),
             )
-            return CONTINUE
 
         return self._inPool(sign).addCallbacks(signed, failed)
 
@@ -413,7 +427,7 @@ class DKIMSign:
         return signature
 
 
-def _fromDomain(headers: Any) -> str | None:
+def _fromDomain(headers: Headers) -> str | None:
     """The domain of the first address in the first C{From:} field."""
     for f in headers:
         if f.name.lower() == "from":
@@ -427,14 +441,12 @@ def _fromDomain(headers: Any) -> str | None:
 
 
 def _asciiDomain(domain: str) -> str:
-    """C{domain} lower-case, as A-labels (IDNA) when it has non-ASCII."""
-    domain = domain.lower().rstrip(".")
-    if domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
+    """
+    C{domain} lower-case, as A-labels when it has non-ASCII: relayd's
+    normal form (L{relayd.address.normalDomain}, IDNA 2008), as the DKIM
+    C{d=} of an internationalized domain is written (RFC 8616 section 4).
+    """
+    return normalDomain(domain)
 
 
 def _names(options: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:

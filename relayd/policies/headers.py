@@ -1,7 +1,8 @@
 """
 C{headers}: edit the header section of mail before it is queued.
 
-A message policy that never decides (it always answers C{CONTINUE}); it
+A message modifier (L{IMessageModifier}): it runs once the checks have let
+the message through, whatever they answered, and decides nothing.  It
 removes, replaces and adds header fields, masquerades sender domains, adds
 a missing C{Date:} and C{Message-ID:} (RFC 6409 section 8) and, for
 authenticated submissions, can hide the client's address in relayd's own
@@ -49,11 +50,17 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relayd.address import Address
-from relayd.envelope import HeaderField, Headers
-from relayd.interfaces import IMessagePolicy
-from relayd.policy import PolicyContext, PolicyOptionError
-from relayd.verdict import CONTINUE, Verdict
+from relayd.plugin import (
+    Address,
+    Envelope,
+    HeaderField,
+    Headers,
+    IMessageModifier,
+    Message,
+    PolicyContext,
+    PolicyOptionError,
+    SessionView,
+)
 
 __all__ = ["HeaderRewrite", "FieldMatcher", "addressDomains", "HIDDEN_HOST"]
 
@@ -210,7 +217,7 @@ def _unquoteLocal(local: bytes) -> str:
     return text.lower()
 
 
-@implementer(IMessagePolicy)
+@implementer(IMessageModifier)
 class HeaderRewrite:
     """
     The C{headers} policy (see the module docstring for its options).
@@ -291,12 +298,11 @@ class HeaderRewrite:
             privacy=_bool(options, "privacy", False),
         )
 
-    def checkMessage(self, session: Any, envelope: Any, message: Any) -> Verdict:
+    def modifyMessage(self, session: SessionView, envelope: Envelope, message: Message) -> None:
         """
-        Edit C{message.headers} (and C{envelope.sender} when masquerading);
-        always answer C{CONTINUE}.
+        Edit C{message.headers} (and C{envelope.sender} when masquerading).
         """
-        headers: Headers = message.headers
+        headers = message.headers
         own = self._ownTrace(headers, envelope.queueId)
         done: list[str] = []
         if session.user is not None or not self.authenticatedOnly:
@@ -312,7 +318,6 @@ class HeaderRewrite:
                 queue_id=envelope.queueId,
                 actions=", ".join(done),
             )
-        return CONTINUE
 
     def _ownTrace(self, headers: Headers, queueId: str | None) -> HeaderField | None:
         """
@@ -363,11 +368,11 @@ class HeaderRewrite:
         return None
 
     def _masquerade(
-        self, envelope: Any, headers: Headers, own: HeaderField | None, done: list[str]
+        self, envelope: Envelope, headers: Headers, own: HeaderField | None, done: list[str]
     ) -> None:
         if not self.masquerade:
             return
-        sender: Address = envelope.sender
+        sender = envelope.sender
         if not sender.isNull and sender.local.lower() not in self.masqueradeExceptions:
             target = self.masqueradeDomain(sender.domain)
             if target is not None:

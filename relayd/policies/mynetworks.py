@@ -16,9 +16,17 @@ from typing import Any
 
 from zope.interface import implementer
 
-from relayd.interfaces import IRecipientPolicy
-from relayd.policy import PolicyOptionError
-from relayd.verdict import CONTINUE, Verdict, accept
+from relayd.plugin import (
+    CONTINUE,
+    Address,
+    Envelope,
+    IRecipientPolicy,
+    PolicyContext,
+    PolicyOptionError,
+    SessionView,
+    Verdict,
+    accept,
+)
 
 DEFAULT_NETWORKS = ("127.0.0.0/8", "::1/128")
 
@@ -31,7 +39,7 @@ class MyNetworks:
         self.networks = networks
 
     @classmethod
-    def fromConfig(cls, options: dict[str, Any]) -> MyNetworks:
+    def fromConfig(cls, options: dict[str, Any], context: PolicyContext) -> MyNetworks:
         values = options.pop("networks", list(DEFAULT_NETWORKS))
         if options:
             raise PolicyOptionError(sorted(options)[0], "unknown option (known: networks)")
@@ -48,7 +56,9 @@ class MyNetworks:
     def trusts(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address in network for network in self.networks)
 
-    def checkRecipient(self, session: Any, envelope: Any, recipient: Any) -> Verdict:
+    def checkRecipient(
+        self, session: SessionView, envelope: Envelope, recipient: Address
+    ) -> Verdict:
         if self.trusts(session.clientAddress):
             return accept(250, "2.1.5", "Ok")
         return CONTINUE

@@ -56,17 +56,23 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayd.address import Address
-from relayd.interfaces import (
+from relayd.plugin import (
+    CONTINUE,
+    Address,
+    Envelope,
     IMessagePolicy,
     IPolicyLifecycle,
     IRecipientPolicy,
     ISenderPolicy,
     ITransactionObserver,
+    Message,
+    PolicyContext,
+    PolicyOptionError,
+    SessionView,
+    Verdict,
+    tempfail,
 )
-from relayd.policy import PolicyOptionError
 from relayd.ratecounter import MemoryStore, RedisStore, WallClock, withoutPassword
-from relayd.verdict import CONTINUE, Verdict, tempfail
 
 __all__ = ["RateLimit", "Rule", "Limit", "parseLimit"]
 
@@ -175,7 +181,7 @@ class Rule:
         """The burst of C{limit} under this rule."""
         return limit.count if self.burst is None else min(self.burst, limit.count)
 
-    def value(self, session: Any, sender: Address | None) -> tuple[str, str] | None:
+    def value(self, session: SessionView, sender: Address | None) -> tuple[str, str] | None:
         """
         What this rule counts under for C{session} and C{sender}, as
         C{(description, value)}, or None when it does not apply (no user
@@ -195,13 +201,14 @@ class Rule:
         if sender is None or sender.isNull:
             return None
         if self.key == "sender":
-            # Lower-cased whole: RFC 5321 section 2.4 lets the local part be
-            # case-sensitive, but no one should pass a limit by writing
-            # Alice instead of alice.
-            return "sender", str(sender).lower()
+            # relayd's normal form (relayd.address), lower-cased whole: RFC
+            # 5321 section 2.4 lets the local part be case-sensitive, but no
+            # one should pass a limit by writing Alice instead of alice, or
+            # an A-label domain instead of its U-labels.
+            return "sender", sender.normalForm
         if not sender.domain:
             return None
-        return "sender domain", sender.domainLower
+        return "sender domain", sender.normalDomain
 
 
 def _printable(text: str) -> str:
@@ -292,7 +299,7 @@ class RateLimit:
     # --- configuration -------------------------------------------------
 
     @classmethod
-    def fromConfig(cls, options: dict[str, Any]) -> RateLimit:
+    def fromConfig(cls, options: dict[str, Any], context: PolicyContext) -> RateLimit:
         """
         Build from C{[policies.ratelimit]}; see the module docstring and
         C{docs/policies/ratelimit.md}.
@@ -381,7 +388,7 @@ class RateLimit:
 
     # --- counters ------------------------------------------------------
 
-    def _counters(self, session: Any, sender: Address | None, kind: str) -> list[_Counter]:
+    def _counters(self, session: SessionView, sender: Address | None, kind: str) -> list[_Counter]:
         """
         The counters of every rule that applies, for C{kind}.  Every key
         starts with the hash tag C{{key_prefix}}: the keys of one call
@@ -460,7 +467,12 @@ class RateLimit:
         return CONTINUE if self.onError == "accept" else STORE_FAILED
 
     def _exceeded(
-        self, counter: _Counter, session: Any, envelope: Any, phase: str, verdict: Verdict
+        self,
+        counter: _Counter,
+        session: SessionView,
+        envelope: Envelope,
+        phase: str,
+        verdict: Verdict,
     ) -> Verdict:
         log.warn(
             "{queue_id}: rate limit exceeded at {phase}: {rule} {limit} {kind} for "
@@ -512,7 +524,9 @@ class RateLimit:
 
     # --- phases --------------------------------------------------------
 
-    def checkSender(self, session: Any, envelope: Any, sender: Address) -> Deferred[Verdict]:
+    def checkSender(
+        self, session: SessionView, envelope: Envelope, sender: Address
+    ) -> Deferred[Verdict]:
         """Refuse at once (no charge) when a message limit is already full."""
         counters = self._counters(session, sender, "messages")
         if not counters:
@@ -524,7 +538,9 @@ class RateLimit:
 
         return self._ask(self.store.peek, counters, "MAIL", envelope, lambda: None, full)
 
-    def checkRecipient(self, session: Any, envelope: Any, recipient: Address) -> Deferred[Verdict]:
+    def checkRecipient(
+        self, session: SessionView, envelope: Envelope, recipient: Address
+    ) -> Deferred[Verdict]:
         """Reserve one unit of every recipient limit that applies."""
         state = self._state(envelope)
         self._settle(envelope, state)
@@ -547,7 +563,9 @@ class RateLimit:
 
         return self._ask(self.store.reserve, counters, "RCPT", envelope, reserved, full)
 
-    def checkMessage(self, session: Any, envelope: Any, message: Any) -> Deferred[Verdict]:
+    def checkMessage(
+        self, session: SessionView, envelope: Envelope, message: Message
+    ) -> Deferred[Verdict]:
         """Reserve one unit of every message limit that applies."""
         state = self._state(envelope)
         self._settle(envelope, state)
@@ -568,7 +586,7 @@ class RateLimit:
 
         return self._ask(self.store.reserve, counters, "DATA", envelope, reserved, full)
 
-    def transactionEnded(self, session: Any, envelope: Any, queued: bool) -> None:
+    def transactionEnded(self, session: SessionView, envelope: Envelope, queued: bool) -> None:
         """
         Give back everything when the message was not queued; when it was,
         give back what was reserved for recipients refused later.

@@ -51,7 +51,21 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relayd.interfaces import IMessagePolicy, IPolicyLifecycle, IReloadable, ISenderPolicy
+from relayd.plugin import (
+    CONTINUE,
+    Address,
+    Envelope,
+    IMessagePolicy,
+    IPolicyLifecycle,
+    IReloadable,
+    ISenderPolicy,
+    Message,
+    PolicyContext,
+    PolicyOptionError,
+    SessionView,
+    Verdict,
+    reject,
+)
 from relayd.policies._entries import (
     EntryError,
     FileBacked,
@@ -61,8 +75,6 @@ from relayd.policies._entries import (
     readLines,
     stringList,
 )
-from relayd.policy import PolicyContext, PolicyOptionError
-from relayd.verdict import CONTINUE, Verdict, reject
 
 __all__ = ["SenderLogin", "Grants", "SenderMap", "parseFrom"]
 
@@ -311,7 +323,12 @@ class SenderLogin(FileBacked):
     # --- the checks -------------------------------------------------------
 
     def _refuse(
-        self, session: Any, envelope: Any, verdict: Verdict, what: str, reason: str
+        self,
+        session: SessionView,
+        envelope: Envelope | None,
+        verdict: Verdict,
+        what: str,
+        reason: str,
     ) -> Verdict:
         queueId = getattr(envelope, "queueId", None)
         log.info(
@@ -329,7 +346,7 @@ class SenderLogin(FileBacked):
         )
         return verdict
 
-    def checkSender(self, session: Any, envelope: Any, sender: Any) -> Verdict:
+    def checkSender(self, session: SessionView, envelope: Envelope, sender: Address) -> Verdict:
         """
         The envelope sender of an authenticated session must be the user's.
         """
@@ -339,11 +356,11 @@ class SenderLogin(FileBacked):
         what = f"sender <{sender}>"
         if grants is None:
             return self._refuse(session, envelope, NOT_OWNED, what, "user not in the map")
-        if not grants.permits(f"{sender.local.lower()}@{sender.domainLower}"):
+        if not grants.permits(sender.normalForm):
             return self._refuse(session, envelope, NOT_OWNED, what, "not in the user's entries")
         return CONTINUE
 
-    def checkMessage(self, session: Any, envelope: Any, message: Any) -> Verdict:
+    def checkMessage(self, session: SessionView, envelope: Envelope, message: Message) -> Verdict:
         """
         Every C{From:} mailbox of an authenticated session's message must be
         the user's (unless C{check_header_from} is off).

@@ -22,13 +22,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from relayd.envelope import Envelope
+from relayd import dsn
+from relayd.envelope import Envelope, Recipient
 from relayd.reply import Reply
 from relayd.smtp import sasl
 
 __all__ = [
     "EXTENSIONS",
     "MAIL_ALLOWANCE",
+    "RCPT_ALLOWANCE",
     "Extension",
     "Offer",
     "advertise",
@@ -61,8 +63,15 @@ class Offer:
 
 Parser = Callable[[str | None, Envelope], Reply | None]
 """
-Reads one MAIL or RCPT parameter's value (None for a bare keyword) into the
+Reads one MAIL parameter's value (None for a bare keyword) into the
 envelope; returns the reply refusing it, or None when it is taken.
+"""
+
+RecipientParser = Callable[[str | None, Envelope, Recipient], Reply | None]
+"""
+Reads one RCPT parameter's value into the L{Recipient} being added (the
+server keeps it only once the recipient is accepted); returns the reply
+refusing it, or None when it is taken.
 """
 
 
@@ -83,6 +92,7 @@ class Extension:
     @ivar rcpt: RCPT TO parameters, by upper-case keyword.
     @ivar mailAllowance: octets the extension's MAIL parameters may add to
         the 512-octet command line (RFC 5321 section 4.5.3.1.4).
+    @ivar rcptAllowance: the same for RCPT.
     """
 
     keyword: str
@@ -90,8 +100,9 @@ class Extension:
     offered: Callable[[Offer], bool] = _always
     arguments: Callable[[Offer], str] | None = None
     mail: Mapping[str, Parser] = field(default_factory=dict)
-    rcpt: Mapping[str, Parser] = field(default_factory=dict)
+    rcpt: Mapping[str, RecipientParser] = field(default_factory=dict)
     mailAllowance: int = 0
+    rcptAllowance: int = 0
 
     def line(self, offer: Offer) -> str:
         """The EHLO reply line (without the code) advertising it."""
@@ -117,8 +128,64 @@ def _body(value: str | None, envelope: Envelope) -> Reply | None:
     return None
 
 
+def _smtputf8(value: str | None, envelope: Envelope) -> Reply | None:
+    """
+    RFC 6531 section 3.4: C{SMTPUTF8}, a bare keyword: the transaction may
+    carry internationalized addresses and UTF-8 header fields.
+    """
+    if value is not None:
+        return Reply(501, "5.5.4", "Error: SMTPUTF8 takes no value")
+    envelope.smtputf8 = True
+    return None
+
+
 def _authParameter(value: str | None, envelope: Envelope) -> Reply | None:
     """RFC 4954 section 5: C{AUTH=<mailbox>} is accepted; relayd does not trust it."""
+    return None
+
+
+def _ret(value: str | None, envelope: Envelope) -> Reply | None:
+    """RFC 3461 section 4.3: C{RET=FULL} or C{RET=HDRS}."""
+    ret, refusal = dsn.parseRet(value)
+    if refusal is None:
+        envelope.ret = ret
+    return refusal
+
+
+def _envid(value: str | None, envelope: Envelope) -> Reply | None:
+    """RFC 3461 section 4.4: C{ENVID=<xtext>}, at most 100 characters decoded."""
+    envid, refusal = dsn.parseEnvid(value)
+    if refusal is None:
+        envelope.envid = envid
+    return refusal
+
+
+def _notify(value: str | None, envelope: Envelope, recipient: Recipient) -> Reply | None:
+    """RFC 3461 section 4.1: C{NOTIFY=NEVER} or C{SUCCESS,FAILURE,DELAY}."""
+    notify, refusal = dsn.parseNotify(value)
+    if refusal is None:
+        recipient.notify = notify
+    return refusal
+
+
+def _orcpt(value: str | None, envelope: Envelope, recipient: Recipient) -> Reply | None:
+    """RFC 3461 section 4.2: C{ORCPT=<addr-type>;<xtext>}."""
+    orcpt, refusal = dsn.parseOrcpt(value)
+    if refusal is None:
+        recipient.orcpt = orcpt
+    return refusal
+
+
+def _requireTLS(value: str | None, envelope: Envelope) -> Reply | None:
+    """
+    RFC 8689 section 4.1: C{REQUIRETLS}, a bare keyword, tags the message
+    to be relayed only over verified TLS.  That the session itself is under
+    TLS is checked by the session (L{relayd.requiretls.checkMail}), which
+    knows it.
+    """
+    if value is not None:
+        return Reply(501, "5.5.4", "Error: bad REQUIRETLS parameter")
+    envelope.requireTLS = True
     return None
 
 
@@ -150,19 +217,45 @@ EXTENSIONS: tuple[Extension, ...] = (
     # BDAT without BINARYMIME: the content keeps DATA's line rules
     # (relayd.smtp.wire.ChunkReader), so it can be relayed as DATA.
     Extension("CHUNKING", "RFC 3030"),
+    # RFC 3461 section 4: MAIL may grow by 100 octets (RET=, ENVID=), RCPT
+    # by 500 (NOTIFY=, ORCPT=).
+    Extension(
+        "DSN",
+        "RFC 3461",
+        mail={"RET": _ret, "ENVID": _envid},
+        rcpt={"NOTIFY": _notify, "ORCPT": _orcpt},
+        mailAllowance=100,
+        rcptAllowance=500,
+    ),
+    # Only under TLS (RFC 8689 section 2); no MAIL allowance, as the RFC
+    # gives none.
+    Extension(
+        "REQUIRETLS",
+        "RFC 8689",
+        offered=lambda offer: offer.tls,
+        mail={"REQUIRETLS": _requireTLS},
+    ),
+    # RFC 6531 section 3.4: the keyword adds 10 octets (" SMTPUTF8") to
+    # the MAIL line.  The session checks the addresses against it.
+    Extension("SMTPUTF8", "RFC 6531", mail={"SMTPUTF8": _smtputf8}, mailAllowance=10),
 )
 """The extensions, in the order EHLO lists them."""
 
 MAIL_ALLOWANCE = sum(extension.mailAllowance for extension in EXTENSIONS)
 """
 Extra octets a MAIL line may use for the extensions relayd offers: SIZE
-(RFC 1870: 26), BODY=8BITMIME (14) and AUTH= (RFC 4954 section 5: 500).
+(RFC 1870: 26), BODY=8BITMIME (14), AUTH= (RFC 4954 section 5: 500),
+RET=/ENVID= (RFC 3461 section 4: 100) and SMTPUTF8 (RFC 6531 section
+3.4: 10).
 """
+
+RCPT_ALLOWANCE = sum(extension.rcptAllowance for extension in EXTENSIONS)
+"""Extra octets a RCPT line may use: NOTIFY=/ORCPT= (RFC 3461 section 4: 500)."""
 
 _MAIL: Mapping[str, Parser] = MappingProxyType(
     {name: parser for extension in EXTENSIONS for name, parser in extension.mail.items()}
 )
-_RCPT: Mapping[str, Parser] = MappingProxyType(
+_RCPT: Mapping[str, RecipientParser] = MappingProxyType(
     {name: parser for extension in EXTENSIONS for name, parser in extension.rcpt.items()}
 )
 
@@ -194,9 +287,13 @@ def parseMail(parameters: Mapping[str, str | None], envelope: Envelope) -> Reply
     return None
 
 
-def parseRecipient(parameters: Mapping[str, str | None], envelope: Envelope) -> Reply | None:
+def parseRecipient(
+    parameters: Mapping[str, str | None], envelope: Envelope, recipient: Recipient
+) -> Reply | None:
     """
-    Check RCPT TO's parameters, in keyword order.
+    Read RCPT TO's parameters, in keyword order, into C{recipient}, the
+    recipient being added (the envelope is left alone: the server keeps
+    C{recipient} once it is accepted).
 
     @return: the reply refusing the first bad or unknown one, or None.
     """
@@ -204,7 +301,7 @@ def parseRecipient(parameters: Mapping[str, str | None], envelope: Envelope) -> 
         parser = _RCPT.get(key)
         if parser is None:
             return _unsupported(key)
-        refusal = parser(parameters[key], envelope)
+        refusal = parser(parameters[key], envelope, recipient)
         if refusal is not None:
             return refusal
     return None

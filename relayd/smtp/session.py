@@ -53,6 +53,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from email.utils import format_datetime
 from functools import partial
 from typing import Any
@@ -68,9 +69,10 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayd import requiretls
 from relayd.address import AddressError, parseParameters, parsePath
 from relayd.auth import Lockout
-from relayd.envelope import Envelope, Message, Session
+from relayd.envelope import Envelope, Message, Recipient, Session
 from relayd.metrics import NO_METRICS, NoMetrics
 from relayd.queuefile import QueueRecord
 from relayd.reply import Reply
@@ -214,6 +216,23 @@ def _clientAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+def _utf8(argument: str) -> str:
+    """
+    A MAIL or RCPT argument read as UTF-8 (RFC 6531 section 3.3): command
+    lines are decoded as latin-1, octet for octet, so this gets the octets
+    back.  Octets that are not UTF-8 become surrogate escapes, which
+    L{parsePath} refuses as such (C{badUTF8}).
+    """
+    if argument.isascii():
+        return argument
+    return argument.encode("latin-1").decode("utf-8", "surrogateescape")
+
+
+def _escaped(argument: str) -> str:
+    """A command argument (latin-1 decoded octets) for a log line: non-ASCII octets as C{\\xNN}."""
+    return argument.encode("latin-1").decode("ascii", "backslashreplace")
 
 
 def _printable(text: str, limit: int = 255) -> str:
@@ -607,6 +626,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         verb, _, argument = line.partition(" ")
         verb = verb.upper()
         limit = COMMAND_LINE + (extensions.MAIL_ALLOWANCE if verb == "MAIL" else 0)
+        limit += extensions.RCPT_ALLOWANCE if verb == "RCPT" else 0
         if len(raw) + 2 > limit:
             self.fail(500, "5.5.2", "Error: line too long")
             return
@@ -874,9 +894,12 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self.fail(530, "5.7.0", "Authentication required")
             return
         try:
-            sender, params = parsePath(argument, "FROM:", allowNull=True)
+            sender, params = parsePath(_utf8(argument), "FROM:", allowNull=True)
             parameters = parseParameters(params)
         except AddressError as e:
+            if e.badUTF8:
+                self._refuseNonAscii("mail", "sender", argument)
+                return
             text = "path too long" if e.tooLong else "bad sender address syntax"
             self.fail(501, "5.1.7", f"Error: {text}")
             return
@@ -885,6 +908,13 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self.fail(555, "5.5.4", "Error: parameters need EHLO")
             return
         refusal = extensions.parseMail(parameters, envelope)
+        if refusal is not None:
+            self.failWith(refusal)
+            return
+        if not sender.isAscii and not envelope.smtputf8:
+            self._refuseNonAscii("mail", "sender", argument)
+            return
+        refusal = requiretls.checkMail(session, envelope)
         if refusal is not None:
             self.failWith(refusal)
             return
@@ -939,13 +969,20 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self.fail(503, "5.5.1", "Error: need MAIL command")
             return
         try:
-            recipient, params = parsePath(argument, "TO:", allowNull=False)
+            recipient, params = parsePath(_utf8(argument), "TO:", allowNull=False)
             parameters = parseParameters(params)
         except AddressError as e:
+            if e.badUTF8:
+                self._refuseNonAscii("rcpt", "recipient", argument)
+                return
             text = "path too long" if e.tooLong else "bad recipient address syntax"
             self.fail(501, "5.1.3", f"Error: {text}")
             return
-        refusal = extensions.parseRecipient(parameters, envelope)
+        if not recipient.isAscii and not envelope.smtputf8:
+            self._refuseNonAscii("rcpt", "recipient", argument)
+            return
+        added = Recipient(recipient)
+        refusal = extensions.parseRecipient(parameters, envelope, added)
         if refusal is not None:
             self.failWith(refusal)
             return
@@ -965,6 +1002,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if verdict.action is Action.ACCEPT:
                 if recipient not in envelope.recipients:
                     envelope.recipients.append(recipient)
+                    if added.given:
+                        envelope.parameters[recipient] = added
                 self._answer(verdict)
             else:
                 self._refuseWith("rcpt", verdict.reply)
@@ -973,6 +1012,27 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
         d.addCallback(decided)
         d.addBoth(lambda _: self._release())
+
+    def _refuseNonAscii(self, stage: str, what: str, argument: str) -> None:
+        """
+        C{553 5.6.7} for an address relayd may not take (RFC 6531 section
+        3.7.4.1): non-ASCII in a transaction without C{SMTPUTF8}, or octets
+        that are not UTF-8 at all.  The log shows the octets escaped.
+        """
+        session = self.session
+        assert session is not None
+        envelope = self.envelope
+        log.info(
+            "{prefix}: {verb} refused: non-ASCII {what} address without SMTPUTF8 "
+            "or not UTF-8: {argument} session={session_id}",
+            prefix=(envelope.queueId if envelope else None) or session.sessionId,
+            queue_id=envelope.queueId if envelope else None,
+            verb="MAIL" if stage == "mail" else "RCPT",
+            what=what,
+            argument=_escaped(argument),
+            session_id=session.sessionId,
+        )
+        self._refuse(stage, 553, "5.6.7", f"Error: non-ASCII {what} address not permitted")
 
     def smtp_DATA(self, argument: str) -> None:
         f = self.factory
@@ -1169,6 +1229,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         address = session.clientAddress
         literal = f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
         protocol = "ESMTP" if session.esmtp else "SMTP"
+        if envelope.smtputf8:
+            # RFC 6531 sections 3.7.3 and 4.3 register UTF8SMTP, UTF8SMTPA,
+            # UTF8SMTPS and UTF8SMTPSA ("ESMTP with SMTPUTF8"; Postfix and
+            # Gmail write these).  SMTPUTF8 needs EHLO, so this is ESMTP.
+            protocol = "UTF8SMTP"
         if session.tls:
             protocol += "S"
         if session.user is not None:
@@ -1241,17 +1306,30 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         d = f.chain.checkMessage(session, envelope, message)
         outcome = {"queued": False}
 
+        def refuse(verdict: Verdict) -> bool:
+            if verdict.action not in (Action.REJECT, Action.TEMPFAIL):
+                return False
+            self._log("DATA", verdict)
+            incoming.discard()
+            if self.state != "closed":
+                f.metrics.messageRejected("data", verdict.reply.code)
+                self._answer(verdict)
+            return True
+
         def decided(verdict: Verdict) -> Any:
-            if verdict.action in (Action.REJECT, Action.TEMPFAIL):
-                self._log("DATA", verdict)
-                incoming.discard()
-                if self.state != "closed":
-                    f.metrics.messageRejected("data", verdict.reply.code)
-                    self._answer(verdict)
+            if refuse(verdict):
+                return None
+            # The checks let it through (CONTINUE or ACCEPT): every
+            # modifier runs now, so no check's answer can skip one.
+            return f.chain.modifyMessage(session, envelope, message).addCallback(modified)
+
+        def modified(verdict: Verdict) -> Any:
+            if refuse(verdict):
                 return None
             if message.changed:
                 incoming.replaceHeader(message.headerBytes(), message.bodyOffset)
             record = self._record(envelope, incoming.size)
+            record = requiretls.markRecord(record, envelope, message)
             return f.spool.commit(incoming, record).addCallbacks(committed, failed)
 
         def committed(queueId: str) -> None:
@@ -1329,7 +1407,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
         session = self.session
         assert session is not None and envelope.queueId is not None
-        return envelopeRecord(
+        record = envelopeRecord(
             queueId=envelope.queueId,
             sender=str(envelope.sender),
             recipients=[str(r) for r in envelope.recipients],
@@ -1340,7 +1418,12 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             helo=session.helo,
             user=session.user,
             listener=session.listener,
+            ret=envelope.ret,
+            envid=envelope.envid,
+            notify={str(a): p.notify for a, p in envelope.parameters.items() if p.notify},
+            orcpt={str(a): p.orcpt for a, p in envelope.parameters.items() if p.orcpt},
         )
+        return replace(record, smtputf8=envelope.smtputf8)
 
     def _refuseData(self, reader: DataReader | ChunkReader) -> None:
         envelope, session = self.envelope, self.session

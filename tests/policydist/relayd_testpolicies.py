@@ -11,13 +11,15 @@ from typing import Any
 from zope.interface import implementer
 
 from relayd.interfaces import (
+    IMessageModifier,
     IMessagePolicy,
     IPolicyLifecycle,
     IRecipientPolicy,
     IReloadable,
+    ISenderPolicy,
     ITransactionObserver,
 )
-from relayd.verdict import CONTINUE, reject
+from relayd.verdict import CONTINUE, accept, reject, tempfail
 
 
 @implementer(ITransactionObserver, IMessagePolicy, IPolicyLifecycle, IReloadable)
@@ -76,7 +78,7 @@ class MissingMethod:
     name = "broken"
 
     @classmethod
-    def fromConfig(cls, options: dict[str, Any]) -> MissingMethod:
+    def fromConfig(cls, options: dict[str, Any], context: Any) -> MissingMethod:
         return cls()
 
 
@@ -94,5 +96,87 @@ class NoInterface:
     """Provides none of the policy interfaces."""
 
     @classmethod
-    def fromConfig(cls, options: dict[str, Any]) -> NoInterface:
+    def fromConfig(cls, options: dict[str, Any], context: Any) -> NoInterface:
         return cls()
+
+
+@implementer(IMessagePolicy)
+class AcceptAtData:
+    """
+    A check that vouches for every message at the end of DATA (ACCEPT):
+    before the modifier phase, such an answer ended the phase and skipped
+    the header rewriting and DKIM policies listed after it.  Counts its
+    calls in L{asked}.
+    """
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    @classmethod
+    def fromConfig(cls, options: dict[str, Any], context: Any) -> AcceptAtData:
+        return cls()
+
+    def checkMessage(self, session: Any, envelope: Any, message: Any) -> Any:
+        self.asked += 1
+        return accept()
+
+
+@implementer(ISenderPolicy)
+class Legacy:
+    """
+    Written against relayd's older API: C{fromConfig(options)} with one
+    parameter, and no C{name} attribute (relayd used to set one).  Refuses
+    senders whose local part is C{legacy} with the phase's default reply.
+    """
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    @classmethod
+    def fromConfig(cls, options: dict[str, Any]) -> Legacy:
+        return cls(options)
+
+    def checkSender(self, session: Any, envelope: Any, sender: Any) -> Any:
+        if sender.local == "legacy":
+            return reject()
+        return CONTINUE
+
+
+@implementer(IRecipientPolicy)
+class Defaults:
+    """
+    Answers with the constructors' defaults only, chosen by the recipient's
+    local part (C{accept}, C{reject}, C{tempfail}, C{rejecttext}), so the
+    defaults of the RCPT phase show on the wire.
+    """
+
+    @classmethod
+    def fromConfig(cls, options: dict[str, Any], context: Any) -> Defaults:
+        return cls()
+
+    def checkRecipient(self, session: Any, envelope: Any, recipient: Any) -> Any:
+        answers = {
+            "accept": accept(),
+            "reject": reject(),
+            "tempfail": tempfail(),
+            "rejecttext": reject(text="Not this one"),
+        }
+        return answers.get(recipient.local, CONTINUE)
+
+
+@implementer(IMessageModifier)
+class Marker:
+    """
+    A modifier: adds C{X-Marked: yes}, or raises when the message's
+    Subject is C{fail} (a broken modifier must delay the message, not let
+    it out unmodified).
+    """
+
+    @classmethod
+    def fromConfig(cls, options: dict[str, Any], context: Any) -> Marker:
+        return cls()
+
+    def modifyMessage(self, session: Any, envelope: Any, message: Any) -> None:
+        if message.headers.get("subject") == "fail":
+            raise RuntimeError("the marker failed on purpose")
+        message.headers.add("X-Marked", "yes")

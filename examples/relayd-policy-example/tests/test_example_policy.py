@@ -58,8 +58,7 @@ class ExamplePolicyTests(unittest.TestCase):
         self.addCleanup(self.relayd.stop)
 
     def policy(self):
-        [policy] = [p for p in self.relayd.service.policies.chain.policies if p.name == "example"]
-        return policy
+        return self.relayd.service.policies.chain.names["example"]
 
     def rcpt(self, *recipients):
         """MAIL, then one RCPT per recipient; the RCPT replies, timed."""
@@ -171,14 +170,14 @@ class RefuseFileTests(unittest.TestCase):
         )
         relayd = yield InProcessRelayd.start(setup)
         self.addCleanup(relayd.stop)
-        [before] = [p for p in relayd.service.policies.chain.policies if p.name == "example"]
+        before = relayd.service.policies.chain.names["example"]
         self.assertEqual(before.refuseDomains, {"first.example"})
 
         with open(os.path.join(directory, "refused"), "w") as f:
             f.write("second.example  # moved\n")
         reloaded = yield relayd.service.reload()
         self.assertTrue(reloaded)
-        [after] = [p for p in relayd.service.policies.chain.policies if p.name == "example"]
+        after = relayd.service.policies.chain.names["example"]
         self.assertIs(after, before)
         self.assertEqual(after.refuseDomains, {"second.example"})
 
@@ -242,7 +241,7 @@ class OptionTests(unittest.TestCase):
 
     def test_fromConfigDirectly(self):
         """fromConfig is an ordinary classmethod: unit-test it without relayd running."""
-        from relayd.policy import PolicyContext
+        from relayd.plugin import PolicyContext
 
         policy = ExamplePolicy.fromConfig(
             {"refuse_domains": ["A.example."], "stamp": "ok"},

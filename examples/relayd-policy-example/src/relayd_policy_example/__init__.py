@@ -4,21 +4,24 @@ C{example}: a small but complete third-party relayd policy.
 At RCPT it refuses recipients at the domains it is told to refuse
 (C{550 5.7.1}, answered after a configurable delay, the way tarpitting
 MTAs slow down address harvesters) and temporarily refuses those at the
-domains it is told to defer (C{450 4.7.1}).  At the end of DATA it stamps
-the message with C{X-Example-Policy}, after removing any such field the
-client sent, so that the stamp can be trusted downstream.
+domains it is told to defer (C{450 4.7.1}).  Once the checks have let a
+message through, it stamps it with C{X-Example-Policy}, after removing any
+such field the client sent, so that the stamp can be trusted downstream.
 
-It shows every part of the plugin API (see relayd's C{docs/plugins.md}):
+It shows every part of the plugin API (see relayd's C{docs/plugins.md}),
+all imported from C{relayd.plugin}:
 
   - options read in C{fromConfig(options, context)}, with
     L{PolicyOptionError} for a bad one and L{PolicyContext.resolvePath}
-    for a file name;
+    for a file name, and the reactor from C{context.reactor};
   - an asynchronous answer: C{checkRecipient} is C{async def} and waits
     with L{deferLater} on the reactor given to C{startPolicy};
   - C{stopPolicy} cancelling the waits still pending, so that shutdown
     leaves no timer behind;
   - C{reload} re-reading the domains file on SIGHUP, in a thread;
-  - a header edit in C{checkMessage}.
+  - a header edit in C{modifyMessage} (L{IMessageModifier}): it runs
+    after every check has let the message through, even when one of them
+    answered ACCEPT.
 
 Options (C{[policies.example]}):
   - C{refuse_domains}: list of domains whose recipients get C{550 5.7.1}.
@@ -41,11 +44,22 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
-from relayd.address import Address
-from relayd.envelope import Envelope, Message, Session
-from relayd.interfaces import IMessagePolicy, IPolicyLifecycle, IRecipientPolicy, IReloadable
-from relayd.policy import PolicyContext, PolicyOptionError
-from relayd.verdict import CONTINUE, Verdict, reject, tempfail
+from relayd.plugin import (
+    CONTINUE,
+    Address,
+    Envelope,
+    IMessageModifier,
+    IPolicyLifecycle,
+    IRecipientPolicy,
+    IReloadable,
+    Message,
+    PolicyContext,
+    PolicyOptionError,
+    SessionView,
+    Verdict,
+    reject,
+    tempfail,
+)
 
 __all__ = ["ExamplePolicy", "HEADER", "readDomainsFile"]
 
@@ -76,7 +90,7 @@ def readDomainsFile(path: str) -> frozenset[str]:
         return frozenset(line.lower().rstrip(".") for line in lines if line)
 
 
-@implementer(IRecipientPolicy, IMessagePolicy, IPolicyLifecycle, IReloadable)
+@implementer(IRecipientPolicy, IMessageModifier, IPolicyLifecycle, IReloadable)
 class ExamplePolicy:
     """
     Refuses or defers recipients by domain, stamps accepted messages.
@@ -98,6 +112,7 @@ class ExamplePolicy:
         tarpit: float,
         stamp: str,
         refuseFile: str | None = None,
+        reactor: Any = None,
     ) -> None:
         self.listedDomains = refuseDomains
         self.refuseFile = refuseFile
@@ -105,7 +120,7 @@ class ExamplePolicy:
         self.deferDomains = deferDomains
         self.tarpit = tarpit
         self.stamp = stamp
-        self.reactor: Any = None
+        self.reactor: Any = reactor
         self._waiting: set[Deferred[None]] = set()
         if refuseFile is not None:
             self.fileDomains = readDomainsFile(refuseFile)
@@ -150,7 +165,7 @@ class ExamplePolicy:
                 raise PolicyOptionError("refuse_file", "must be a path (a string)")
             refuseFile = context.resolvePath(refuseFile)
         try:
-            return cls(refuse, defer, float(tarpit), stamp, refuseFile)
+            return cls(refuse, defer, float(tarpit), stamp, refuseFile, context.reactor)
         except OSError as e:
             raise PolicyOptionError("refuse_file", f"cannot read {refuseFile}: {e}") from None
 
@@ -187,7 +202,7 @@ class ExamplePolicy:
     # IRecipientPolicy
 
     async def checkRecipient(
-        self, session: Session, envelope: Envelope, recipient: Address
+        self, session: SessionView, envelope: Envelope, recipient: Address
     ) -> Verdict:
         """
         Refuse or defer by the recipient's domain; no opinion otherwise
@@ -219,13 +234,13 @@ class ExamplePolicy:
 
         return waiting.addBoth(done)
 
-    # IMessagePolicy
+    # IMessageModifier
 
-    def checkMessage(self, session: Session, envelope: Envelope, message: Message) -> Verdict:
+    def modifyMessage(self, session: SessionView, envelope: Envelope, message: Message) -> None:
         """
-        Replace whatever C{X-Example-Policy} the client sent with ours.
-        Answer CONTINUE: a stamp is no reason to skip later policies.
+        Replace whatever C{X-Example-Policy} the client sent with ours.  A
+        modifier decides nothing: it runs once the checks have let the
+        message through, and returns nothing.
         """
         message.headers.remove(HEADER)
         message.headers.add(HEADER, self.stamp)
-        return CONTINUE

@@ -1,0 +1,148 @@
+"""
+REQUIRETLS and C{TLS-Required: No} (RFC 8689): a sender's say over how its
+message may travel.
+
+Inbound (RFC 8689 sections 2 and 4.1): C{REQUIRETLS} is advertised only
+under TLS (the row in L{relayd.smtp.extensions}); the MAIL parameter is
+taken only on a TLS session (L{checkMail}: C{530 5.7.10} otherwise) and
+recorded in the queue record (C{requireTLS}).  A message without it that
+carries C{TLS-Required: No} is recorded as C{tlsOptional}
+(L{markRecord}); with it, that header field is ignored and passed on
+unchanged, as section 4.1 allows.
+
+Outbound (section 4.2.1), for a C{requireTLS} message, every next hop is
+held to what relayd's C{verify} TLS mode already checks (L{verifiedHop}):
+STARTTLS, then a certificate that chains to the trust store (C{[delivery]
+ca_file}, else the system's) and matches the hop's host name (the MX
+name, or the host a route names).  MTA-STS and DANE do not exist in
+relayd yet, so this is the RFC's "otherwise" case.  A route hop set to
+C{tls = "none"} does not qualify: the operator said no TLS there, and the
+message may not go in plain text.  The hop must also advertise
+C{REQUIRETLS} in its EHLO inside TLS (L{relayd.client.SMTPClient.requireTLSRefusal}),
+and relayd passes C{REQUIRETLS} on MAIL.  A hop that fails this is left
+(with a log line saying why) and the next one tried; when every hop was
+reached and none qualified the recipients fail at once (section 4.2.1:
+the message must not be sent to the domain, and a non-delivery report goes
+to the sender) with C{5.7.10} (no TLS, or a certificate not verified) or
+C{5.7.30} (verified TLS but no REQUIRETLS).  A hop that could not be
+reached (refused or timed-out connection, a 4xx greeting) may qualify
+later: then the message is deferred as any other.  It never falls back to
+plain text.
+
+What C{TLS-Required: No} overrides (section 4.2.2): only TLS policies the
+recipient domain publishes (MTA-STS, DANE), which relayd does not have
+yet; the C{tls} mode of a route or of C{[delivery] mx_tls} is the
+operator's and stays.  So today it changes nothing on the wire; the
+record keeps it for when those policies arrive.
+
+Non-delivery reports (section 5): a report about a C{requireTLS} message
+carries the original's header section only, never its body (relayd's
+reports always do, see L{relayd.bounce.makeDSN}), and is itself marked
+C{requireTLS} (L{bounceRecord}), so that it travels back under the same
+rule: the headers (the subject among them) are no less private than the
+message.  The cost: when the way back to the sender does not offer
+REQUIRETLS, that report cannot be delivered either, and as a report from
+C{<>} it is dropped (logged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from relayd.client import HopFailure
+from relayd.envelope import Envelope, Headers, Message, Session
+from relayd.queuefile import QueueRecord
+from relayd.reply import Reply
+from relayd.routing import Hop
+
+__all__ = [
+    "HEADER",
+    "KEYWORD",
+    "bounceRecord",
+    "checkMail",
+    "isTLSFailure",
+    "markRecord",
+    "tlsRequiredNo",
+    "verifiedHop",
+]
+
+KEYWORD = "REQUIRETLS"
+"""The EHLO keyword and MAIL parameter (RFC 8689 section 2)."""
+
+HEADER = "TLS-Required"
+"""The header field of RFC 8689 section 3."""
+
+
+def checkMail(session: Session, envelope: Envelope) -> Reply | None:
+    """
+    RFC 8689 section 2: REQUIRETLS may only be given on a session that
+    itself uses TLS (RFC 5248 X.7.10, "encryption needed"; 530 as RFC
+    3207 answers a command that needs TLS first).
+
+    @return: the refusal, or None when the MAIL command may go on.
+    """
+    if envelope.requireTLS and not session.tls:
+        return Reply(530, "5.7.10", "Error: REQUIRETLS needs a TLS session")
+    return None
+
+
+def tlsRequiredNo(headers: Headers) -> bool:
+    """
+    Whether the header section has C{TLS-Required: No} (RFC 8689 section
+    3; ABNF literals are case-insensitive).
+    """
+    return any(value.lower() == "no" for value in headers.getAll(HEADER))
+
+
+def markRecord(record: QueueRecord, envelope: Envelope, message: Message) -> QueueRecord:
+    """
+    The record of a received message with what RFC 8689 section 4.1 asks
+    to keep: C{requireTLS} from the MAIL parameter, or else C{tlsOptional}
+    from a C{TLS-Required: No} field.  With REQUIRETLS the field is ignored
+    (and left in the message: section 4.1 allows relaying it).
+    """
+    if envelope.requireTLS:
+        return replace(record, requireTLS=True)
+    if tlsRequiredNo(message.headers):
+        return replace(record, tlsOptional=True)
+    return record
+
+
+def verifiedHop(hop: Hop) -> Hop | None:
+    """
+    C{hop} as a REQUIRETLS message must use it: with the C{verify} TLS mode
+    (certificate chained to the trust store and matching C{hop.host}).
+    None for a hop configured C{tls = "none"}, which never qualifies.
+    """
+    if hop.tls == "none":
+        return None
+    if hop.tls == "verify":
+        return hop
+    return replace(hop, tls="verify")
+
+
+def isTLSFailure(error: HopFailure) -> bool:
+    """
+    Whether a hop failed the TLS part of REQUIRETLS: it offered no
+    STARTTLS (4.7.4), or the handshake or the certificate check failed
+    (4.7.5), as L{relayd.client.SMTPClient} reports them, before TLS was
+    up.  Anything else (a refused connection, a timeout, a 4xx greeting or
+    reply) says nothing about the hop's TLS and stays temporary.
+    """
+    reply = error.reply
+    return (
+        error.connected
+        and error.tls is None
+        and not reply.remote
+        and reply.enhanced in ("4.7.4", "4.7.5")
+    )
+
+
+def bounceRecord(dsn: QueueRecord, original: QueueRecord) -> QueueRecord:
+    """
+    The record of a delivery status notification about C{original}:
+    marked C{requireTLS} when the original was (RFC 8689 section 5).
+    """
+    if original.requireTLS:
+        return replace(dsn, requireTLS=True)
+    return dsn
