@@ -40,6 +40,7 @@ import json
 import os
 import signal
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ from twisted.python.failure import Failure
 
 import relayd.reply
 from relayd.client import Reply as ClientReply
-from relayd.delivery import AttemptResult, RecipientResult
+from relayd.delivery import AttemptResult, Deliverer, RecipientResult
 from relayd.dsn import DSNParameters, RecipientRequest
 from relayd.receivers import ChildProcess, ProcessPool
 from relayd.routing import Destination, Hop
@@ -388,7 +389,7 @@ class _Requests(Protocol):
     end of file when the queue manager is gone.
     """
 
-    def __init__(self, deliverer: Any, stop: Any) -> None:
+    def __init__(self, deliverer: Deliverer, stop: Callable[[], None]) -> None:
         self.deliverer = deliverer
         self.stop = stop
         self.notices: Any = None

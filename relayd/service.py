@@ -697,7 +697,7 @@ def makeDeliverer(config: Config, reactor: Any) -> Deliverer:
     )
 
 
-def applyDeliveryConfig(deliverer: Any, config: Config) -> None:
+def applyDeliveryConfig(deliverer: Deliverer, config: Config) -> None:
     """
     Put a reloaded config's outbound TLS settings in force in a
     L{relayd.delivery.Deliverer}: read by each new outbound connection;
@@ -711,7 +711,7 @@ def applyDeliveryConfig(deliverer: Any, config: Config) -> None:
     )
 
 
-def reloadDeliverer(deliverer: Any, path: str) -> bool:
+def reloadDeliverer(deliverer: Deliverer, path: str) -> bool:
     """
     SIGHUP in a delivery process: read the config at C{path} again and put
     its outbound settings in force; an invalid one is refused with one log
