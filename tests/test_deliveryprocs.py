@@ -421,3 +421,31 @@ def test_shutdownDeadlineAbortsDeliveryProcesses(tmp_path, relaydProcesses) -> N
             waitFor(lambda p=pid: not os.path.exists(f"/proc/{p}"), 10, f"child {pid} left over")
     finally:
         stalled.close()
+
+
+def test_chooseKeepsADestinationToOneProcessWhileBalanced() -> None:
+    """
+    The same destination goes to the same process (its cached connections)
+    while the processes are about equally busy; when that one is more than
+    L{SLACK} attempts busier than the least busy, the next goes elsewhere;
+    different destinations spread over the processes.
+    """
+    from twisted.internet.task import Clock
+
+    from relayd.deliveryprocs import SLACK, DeliveryPool, _DeliveryProcess
+
+    pool = DeliveryPool(configPath="unused", count=4, reactor=Clock(), stopDeadline=1)
+    for index in range(1, 5):
+        pool.children[index] = _DeliveryProcess(pool, index)
+    first = pool._choose("route:0")
+    assert first is not None
+    assert all(pool._choose("route:0") is first for _ in range(10))
+    for n in range(SLACK):
+        first.inFlight[n] = (None, ())  # type: ignore[assignment]
+    assert pool._choose("route:0") is first
+    first.inFlight[SLACK] = (None, ())  # type: ignore[assignment]
+    other = pool._choose("route:0")
+    assert other is not None and other is not first
+    first.inFlight.clear()
+    homes = {pool._choose(f"mx:domain{n}.example") for n in range(40)}
+    assert len(homes) == 4
