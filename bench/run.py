@@ -89,7 +89,9 @@ class Bench:
         self.args = args
         self.workdir = workdir
         self.sink = Sink()
-        self.relayd = Relayd(workdir / "relayd", self.sink.port, args.per_destination)
+        self.relayd = Relayd(
+            workdir / "relayd", self.sink.port, args.per_destination, args.delivery_processes
+        )
         self.postfix = PrivatePostfix(workdir / "postfix", self.sink.port, args.per_destination)
         self.expected = 0  # messages the sink should have received so far
         self.rounds: list[dict[str, Any]] = []
@@ -279,7 +281,12 @@ class Bench:
         after the first tenth against over all of them.
         """
         checkpoint = messages // 10
-        fresh = Relayd(self.workdir / "relayd-rss", self.sink.port, self.args.per_destination)
+        fresh = Relayd(
+            self.workdir / "relayd-rss",
+            self.sink.port,
+            self.args.per_destination,
+            self.args.delivery_processes,
+        )
         self.pids.extend([self.relayd.pid, *descendants(self.relayd.pid)])
         self.relayd.stop()
         self.relayd = fresh
@@ -411,6 +418,7 @@ def report(bench: Bench, args: argparse.Namespace, started: str, commit: str) ->
             "latency_offered": "half of Postfix's accept rate (1 msg/conn) in the same round",
             "rss_messages": args.rss_messages,
             "per_destination": args.per_destination,
+            "delivery_processes": args.delivery_processes,
         },
         "configs": {
             "relayd.toml": bench.relayd.config(),
@@ -516,6 +524,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="connections per destination for both (relayd delivery.per_destination, "
         "Postfix default_destination_concurrency_limit); default: each one's own default",
+    )
+    parser.add_argument(
+        "--delivery-processes",
+        type=int,
+        help="relayd's [delivery] processes (0: the queue manager delivers itself); "
+        "default: relayd's default",
     )
     parser.add_argument(
         "--stall",

@@ -183,6 +183,9 @@ class Config:
     tlsCiphers: str = INTERMEDIATE_CIPHERS
     tlsMinVersion: str = "TLSv1.2"
     tlsOpportunisticCiphers: str = OPPORTUNISTIC_CIPHERS
+    deliveryProcesses: int = 0
+    """Delivery processes around the queue manager (L{relayd.delivery.processes});
+    0: the queue manager delivers itself."""
 
 
 # --- schema -----------------------------------------------------------------
@@ -272,6 +275,23 @@ def _processes(path: str, value: int, chain: list[str], policies: dict[str, Any]
             'policies.ratelimit.backend = "redis" or processes = 1',
         )
     return value
+
+
+def _autoOrCount(value: Any) -> str | None:
+    if value == "auto" or (isinstance(value, int) and value >= 0):
+        return None
+    return 'must be "auto" or a number, 0 or more'
+
+
+def _deliveryProcesses(value: int | str, processes: int) -> int:
+    """
+    How many delivery processes (C{[delivery] processes}): as configured,
+    or with C{"auto"} as many as there are receiving processes if there is
+    more than one (a single process does everything, as before).
+    """
+    if isinstance(value, int):
+        return value
+    return processes if processes > 1 else 0
 
 
 def _port(value: Any) -> str | None:
@@ -383,6 +403,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "delay_warning": _Key(_NUMBER, 14400.0, check=_nonNegative),
         "sweep_interval": _Key(_NUMBER, 60.0, check=_positive),
         "postmaster": _Key(str),
+        # Delivery processes around the queue manager (relayd.delivery.processes),
+        # like Postfix's smtp(8) processes around qmgr: 0 delivers in the
+        # queue manager itself; "auto": as many as [server] processes when
+        # that is above 1 (one per core by default), else 0.
+        "processes": _Key((int, str), "auto", check=_autoOrCount),
     },
     "metrics": {
         # A Twisted server endpoint string for the Prometheus scrape page
@@ -430,6 +455,7 @@ _TYPE_NAMES = {
     list: "a list",
     dict: "a table",
     _NUMBER: "a number",
+    (int, str): '"auto" or a number',
 }
 
 
@@ -621,11 +647,12 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
     _refuseRoutesToSelf(path, routes, listeners, hostname)
     spoolDirectory = _resolve(base, spool["directory"]) or ""
     controlSocket = _resolve(base, sections["control"]["socket"])
+    processes = _processes(path, server["processes"], policy["chain"], policies)
     return Config(
         path=path,
         hostname=hostname,
         banner=server["banner"],
-        processes=_processes(path, server["processes"], policy["chain"], policies),
+        processes=processes,
         listeners=tuple(listeners),
         tlsCertificate=cert,
         tlsKey=key,
@@ -686,6 +713,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         logFormat=sections["logging"]["format"],
         logLevel=sections["logging"]["level"],
         controlSocket=controlSocket or os.path.join(spoolDirectory, CONTROL_SOCKET_NAME),
+        deliveryProcesses=_deliveryProcesses(delivery["processes"], processes),
     )
 
 

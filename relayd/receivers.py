@@ -58,7 +58,7 @@ from twisted.python.failure import Failure
 
 from relayd.ops.metrics import Samples, addSamples, parseSamples
 
-__all__ = ["ReceiverPool", "AdoptedEndpoint", "main"]
+__all__ = ["ProcessPool", "ChildProcess", "ReceiverPool", "AdoptedEndpoint", "main"]
 
 log = Logger(namespace="relayd.receivers")
 
@@ -89,12 +89,17 @@ class AdoptedEndpoint:
         return succeed(port)
 
 
-class _Receiver(ProcessProtocol):
-    """The queue manager's side of one receiver process."""
+class ChildProcess(ProcessProtocol):
+    """
+    The queue manager's side of one child process (a receiver, or a
+    delivery process, L{relayd.delivery.processes}): reads the notice pipe
+    (C{ready}, C{metrics N} snapshots, and lines for the pool).
+    """
 
-    def __init__(self, pool: ReceiverPool, index: int) -> None:
+    def __init__(self, pool: ProcessPool, index: int) -> None:
         self.pool = pool
         self.index = index
+        self.label = f"{pool.kind}-{index}"
         self.started = pool.reactor.seconds()
         self._notices = b""
         self.ended: Deferred[None] = Deferred()
@@ -105,8 +110,8 @@ class _Receiver(ProcessProtocol):
 
     def connectionMade(self) -> None:
         log.info(
-            "receiver-{index} started (pid {pid})",
-            index=self.index,
+            "{label} started (pid {pid})",
+            label=self.label,
             pid=self.transport.pid,  # type: ignore[union-attr]
         )
 
@@ -127,37 +132,205 @@ class _Receiver(ProcessProtocol):
             if not found:
                 buffer = line
                 break
-            word, _, argument = line.decode("ascii", "replace").partition(" ")
-            if word == "metrics" and argument.isdigit():
+            word, _, argument = line.partition(b" ")
+            if word == b"metrics" and argument.isdigit():
                 self._pendingMetrics = int(argument)
-            elif word == "queued" and argument:
-                self.pool.queued(argument)
-            elif word == "ready":
+            elif word == b"ready":
                 self.ready = True
+                self.pool.childReady(self)
                 if self.generation != self.pool.generation:
                     # A reload came while it was starting: it may have read
                     # the config before the change.
                     self.signal("HUP")
+            else:
+                self.pool.notice(self, word.decode("ascii", "replace"), argument)
+        self._notices = buffer
+
+    def write(self, data: bytes) -> None:
+        """To the child's standard input."""
+        self.transport.write(data)  # type: ignore[union-attr]
 
     def signal(self, name: str) -> None:
         try:
             self.transport.signalProcess(name)  # type: ignore[union-attr]
         except Exception as e:  # already gone
-            log.debug("receiver-{index}: {error}", index=self.index, error=e)
+            log.debug("{label}: {error}", label=self.label, error=e)
 
     def processEnded(self, reason: Failure) -> None:
         self.pool.ended(self, reason)
         self.ended.callback(None)
 
 
-class ReceiverPool(Service):
+class ProcessPool(Service):
     """
-    Starts, watches and stops the receiver processes (see the module
-    docstring).  Added to the service tree after the spool and the
-    listeners: the sockets are bound and the spool recovered by then.
+    Starts, watches, restarts and stops a set of child processes, each
+    C{python -m <module> --config ... --index N} with a lifeline on its
+    standard input and a notice pipe on its fd 3 (see the module
+    docstring); the receivers and the delivery processes
+    (L{relayd.delivery.processes}) are two kinds.
 
-    @ivar receivers: the running receivers, by index (1 to N-1).
+    @ivar kind: names the children in the log: C{<kind>-N}.
+    @ivar children: the running children, by index (1 to N).
     """
+
+    kind = "child"
+    module = ""
+
+    def __init__(self, *, configPath: str, count: int, reactor: Any, stopDeadline: float) -> None:
+        """
+        @param count: children to run.
+        @param stopDeadline: seconds a child may take to stop gracefully
+            before it is killed.
+        """
+        self.configPath = configPath
+        self.count = count
+        self.reactor = reactor
+        self.stopDeadline = stopDeadline
+        self.children: dict[int, ChildProcess] = {}
+        self._delays: dict[int, float] = {}
+        self._timers: dict[int, Any] = {}
+        self._terminated = False
+        self.generation = 0
+        self.retired: Samples = {}
+
+    # Hooks for the kinds of children.
+
+    def extraArguments(self, index: int, childFDs: dict[int, Any]) -> list[str]:
+        """Arguments (and inherited fds, added to C{childFDs}) for child C{index}."""
+        return []
+
+    def makeChild(self, index: int) -> ChildProcess:
+        return ChildProcess(self, index)
+
+    def notice(self, child: ChildProcess, word: str, argument: bytes) -> None:
+        """A line other than C{ready} or C{metrics} on C{child}'s notice pipe."""
+
+    def childReady(self, child: ChildProcess) -> None:
+        """C{child} said it is ready."""
+
+    def childEnded(self, child: ChildProcess) -> None:
+        """C{child} is gone (before any restart is planned)."""
+
+    # The pool.
+
+    def startService(self) -> None:
+        super().startService()
+        self._terminated = False
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        self._timers.pop(index, None)
+        if not self.running:
+            return
+        childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2, NOTICE_FD: "r"}
+        args = [
+            sys.executable,
+            "-m",
+            self.module,
+            "--config",
+            self.configPath,
+            "--index",
+            str(index),
+        ]
+        args += self.extraArguments(index, childFDs)
+        child = self.makeChild(index)
+        self.children[index] = child
+        self.reactor.spawnProcess(
+            child, sys.executable, args, env=dict(os.environ), childFDs=childFDs
+        )
+
+    def metricsSamples(self) -> list[Samples]:
+        """
+        What the children counted (their latest snapshots, a few seconds
+        old at most) and what those that have ended had counted, for the
+        queue manager's metrics page to add to its own.
+        """
+        return [self.retired] + [c.metrics for c in self.children.values()]
+
+    def ended(self, child: ChildProcess, reason: Failure) -> None:
+        if self.children.get(child.index) is child:
+            del self.children[child.index]
+        # Its counts stay counted (a total must not go down); its gauges go.
+        addSamples(self.retired, _withoutGauges(child.metrics))
+        self.childEnded(child)
+        if not self.running:
+            return
+        # A child that dies soon after starting is restarted ever later.
+        quick = self.reactor.seconds() - child.started < 10
+        delay = min(self._delays.get(child.index, RESTART_DELAY / 2) * 2, RESTART_DELAY_MAX)
+        self._delays[child.index] = delay if quick else RESTART_DELAY / 2
+        log.warn(
+            "{label} exited ({why}); starting it again in {delay:g}s",
+            label=child.label,
+            why=reason.getErrorMessage(),
+            delay=delay if quick else RESTART_DELAY,
+        )
+        self._timers[child.index] = self.reactor.callLater(
+            delay if quick else RESTART_DELAY, self._spawn, child.index
+        )
+
+    def reload(self) -> None:
+        """
+        SIGHUP every child, to read the config again.  One still starting
+        (its handler not yet installed, where SIGHUP would kill it) gets it
+        once it is ready.
+        """
+        self.generation += 1
+        for child in list(self.children.values()):
+            if child.ready:
+                child.generation = self.generation
+                child.signal("HUP")
+
+    def terminate(self) -> None:
+        """SIGTERM every child, once: each stops gracefully, as relayd does."""
+        if not self._terminated:
+            self._terminated = True
+            for child in list(self.children.values()):
+                child.signal("TERM")
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        L{terminate}, and SIGKILL the children still running after the
+        deadline; fires once every child has ended.
+        """
+        super().stopService()
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        children = list(self.children.values())
+        if not children:
+            return succeed(None)
+        from twisted.internet.defer import DeferredList
+
+        self.terminate()
+
+        def late() -> None:
+            for child in children:
+                if not child.ended.called:
+                    log.warn("{label} did not stop in time; killing it", label=child.label)
+                    child.signal("KILL")
+
+        timer = self.reactor.callLater(self.stopDeadline, late)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return DeferredList([c.ended for c in children]).addBoth(done)
+
+
+class ReceiverPool(ProcessPool):
+    """
+    The receivers (see the module docstring).  Added to the service tree
+    after the spool and the listeners: the sockets are bound and the spool
+    recovered by then.
+    """
+
+    kind = "receiver"
+    module = "relayd.receivers"
 
     def __init__(
         self,
@@ -175,135 +348,33 @@ class ReceiverPool(Service):
         @param stopDeadline: seconds a receiver may take to stop gracefully
             before it is killed.
         """
-        self.configPath = configPath
-        self.count = count
+        super().__init__(
+            configPath=configPath, count=count, reactor=reactor, stopDeadline=stopDeadline
+        )
         self.listeners = listeners
         self.spool = spool
-        self.reactor = reactor
-        self.stopDeadline = stopDeadline
-        self.receivers: dict[int, _Receiver] = {}
-        self._delays: dict[int, float] = {}
-        self._timers: dict[int, Any] = {}
-        self._terminated = False
-        self.generation = 0
-        self.retired: Samples = {}
 
-    def startService(self) -> None:
-        super().startService()
-        self._terminated = False
-        for index in range(1, self.count + 1):
-            self._spawn(index)
+    @property
+    def receivers(self) -> dict[int, ChildProcess]:
+        """The running receivers, by index (1 to N)."""
+        return self.children
 
-    def _spawn(self, index: int) -> None:
-        self._timers.pop(index, None)
-        if not self.running:
-            return
-        childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2, NOTICE_FD: "r"}
-        args = [
-            sys.executable,
-            "-m",
-            "relayd.receivers",
-            "--config",
-            self.configPath,
-            "--index",
-            str(index),
-        ]
+    def extraArguments(self, index: int, childFDs: dict[int, Any]) -> list[str]:
+        args = []
         for n, listener in enumerate(self.listeners):
             sock = listener.port.socket
             childFDs[LISTENER_FD_BASE + n] = sock.fileno()
             where = f"{listener.listenerName}={LISTENER_FD_BASE + n}:{int(sock.family)}"
             args += ["--listener", where]
-        receiver = _Receiver(self, index)
-        self.receivers[index] = receiver
-        self.reactor.spawnProcess(
-            receiver, sys.executable, args, env=dict(os.environ), childFDs=childFDs
-        )
+        return args
 
-    def metricsSamples(self) -> list[Samples]:
-        """
-        What the receivers counted (their latest snapshots, a few seconds
-        old at most) and what those that have ended had counted, for the
-        queue manager's metrics page to add to its own.
-        """
-        return [self.retired] + [r.metrics for r in self.receivers.values()]
+    def notice(self, child: ChildProcess, word: str, argument: bytes) -> None:
+        if word == "queued" and argument:
+            self.queued(argument.decode("ascii", "replace"))
 
     def queued(self, queueId: str) -> None:
         """A receiver committed C{queueId}: tell the scheduler at once."""
         self.spool.announce(queueId)
-
-    def ended(self, receiver: _Receiver, reason: Failure) -> None:
-        if self.receivers.get(receiver.index) is receiver:
-            del self.receivers[receiver.index]
-        # Its counts stay counted (a total must not go down); its gauges go.
-        addSamples(self.retired, _withoutGauges(receiver.metrics))
-        if not self.running:
-            return
-        # A receiver that dies soon after starting is restarted ever later.
-        quick = self.reactor.seconds() - receiver.started < 10
-        delay = min(self._delays.get(receiver.index, RESTART_DELAY / 2) * 2, RESTART_DELAY_MAX)
-        self._delays[receiver.index] = delay if quick else RESTART_DELAY / 2
-        log.warn(
-            "receiver-{index} exited ({why}); starting it again in {delay:g}s",
-            index=receiver.index,
-            why=reason.getErrorMessage(),
-            delay=delay if quick else RESTART_DELAY,
-        )
-        self._timers[receiver.index] = self.reactor.callLater(
-            delay if quick else RESTART_DELAY, self._spawn, receiver.index
-        )
-
-    def reload(self) -> None:
-        """
-        SIGHUP every receiver, to read the config again.  One still
-        starting (its handler not yet installed, where SIGHUP would kill
-        it) gets it once it is ready.
-        """
-        self.generation += 1
-        for receiver in list(self.receivers.values()):
-            if receiver.ready:
-                receiver.generation = self.generation
-                receiver.signal("HUP")
-
-    def terminate(self) -> None:
-        """SIGTERM every receiver, once: each stops gracefully, as relayd does."""
-        if not self._terminated:
-            self._terminated = True
-            for receiver in list(self.receivers.values()):
-                receiver.signal("TERM")
-
-    def stopService(self) -> Deferred[Any]:
-        """
-        L{terminate}, and SIGKILL the receivers still running after the
-        deadline; fires once every receiver has ended.
-        """
-        super().stopService()
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
-        receivers = list(self.receivers.values())
-        if not receivers:
-            return succeed(None)
-        from twisted.internet.defer import DeferredList
-
-        self.terminate()
-
-        def late() -> None:
-            for receiver in receivers:
-                if not receiver.ended.called:
-                    log.warn(
-                        "receiver-{index} did not stop in time; killing it", index=receiver.index
-                    )
-                    receiver.signal("KILL")
-
-        timer = self.reactor.callLater(self.stopDeadline, late)
-
-        def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        return DeferredList([r.ended for r in receivers]).addBoth(done)
 
 
 # --- the receiver process -------------------------------------------------------
@@ -311,7 +382,7 @@ class ReceiverPool(Service):
 
 class _Lifeline(Protocol):
     """
-    The receiver's standard input (from the queue manager) and its notice
+    A child's standard input (from the queue manager) and its notice
     pipe: end of file on standard input means the queue manager is gone.
     """
 
@@ -345,24 +416,21 @@ def _labelled(observer: Any, label: str, json: bool) -> Any:
     return observe
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run one receiver: C{python -m relayd.receivers --config ... --index N ...}."""
-    parser = argparse.ArgumentParser(prog="relayd receiver")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--listener", action="append", default=[])
-    args = parser.parse_args(argv)
+def startChild(label: str, configPath: str) -> Any:
+    """
+    The start of a child process: read the config and log to standard
+    output with every line marked C{label}.  A config error is one line on
+    standard error and exit status 1.
 
-    from twisted.internet import reactor, stdio
+    @return: the L{relayd.config.Config}.
+    """
     from twisted.logger import globalLogBeginner
 
     from relayd.config import ConfigError, load
     from relayd.ops.logs import formatObserver, levelFiltered
-    from relayd.service import buildService
 
-    label = f"receiver-{args.index}"
     try:
-        config = load(args.config)
+        config = load(configPath)
     except ConfigError as e:
         sys.stderr.write(f"relayd: {label}: config error: {e}\n")
         raise SystemExit(1) from None
@@ -371,6 +439,55 @@ def main(argv: list[str] | None = None) -> None:
         _labelled(formatObserver(config.logFormat, sys.stdout), label, json), config.logLevel
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    return config
+
+
+def openLifeline(reactor: Any, protocol: Any) -> Any:
+    """
+    C{protocol} on the child's standard input (from the queue manager; end
+    of file means the queue manager is gone) and its notice pipe, fd
+    L{NOTICE_FD}, for writing.
+    """
+    from twisted.internet import stdio
+
+    return stdio.StandardIO(protocol, stdin=0, stdout=NOTICE_FD)  # type: ignore[call-arg]
+
+
+def pushMetrics(reactor: Any, registry: Any, notices: Any) -> None:
+    """
+    Send a snapshot of C{registry} on the notice pipe every
+    L{METRICS_INTERVAL} seconds and as the child stops, for the queue
+    manager to add up.
+    """
+    if registry is None:
+        return
+    from prometheus_client.exposition import generate_latest
+    from twisted.internet.task import LoopingCall
+
+    def push() -> None:
+        page = generate_latest(registry)
+        notices.write(b"metrics %d\n" % len(page) + page)
+
+    pushing = LoopingCall(push)
+    pushing.start(METRICS_INTERVAL, now=False)
+    # A last snapshot as it stops, so the totals miss nothing.
+    reactor.addSystemEventTrigger("before", "shutdown", push)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one receiver: C{python -m relayd.receivers --config ... --index N ...}."""
+    parser = argparse.ArgumentParser(prog="relayd receiver")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listener", action="append", default=[])
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor
+
+    from relayd.service import buildService
+
+    label = f"receiver-{args.index}"
+    config = startChild(label, args.config)
 
     endpoints: dict[str, AdoptedEndpoint] = {}
     for item in args.listener:
@@ -380,28 +497,13 @@ def main(argv: list[str] | None = None) -> None:
 
     service = buildService(config, reactor, receiver=endpoints)
 
-    notices = stdio.StandardIO(  # type: ignore[call-arg]
-        _Lifeline(lambda: _stop(reactor)), stdin=0, stdout=NOTICE_FD
-    )
+    notices = openLifeline(reactor, _Lifeline(lambda: _stop(reactor)))
 
     def tell(queueId: str, record: Any) -> None:
         notices.write(f"queued {queueId}\n".encode("ascii"))
 
     service.spool.addQueueObserver(tell)
-
-    registry = getattr(service.metrics, "registry", None)
-    if registry is not None:
-        from prometheus_client.exposition import generate_latest
-        from twisted.internet.task import LoopingCall
-
-        def push() -> None:
-            page = generate_latest(registry)
-            notices.write(b"metrics %d\n" % len(page) + page)
-
-        pushing = LoopingCall(push)
-        pushing.start(METRICS_INTERVAL, now=False)
-        # A last snapshot as it stops, so the totals miss nothing.
-        reactor.addSystemEventTrigger("before", "shutdown", push)
+    pushMetrics(reactor, getattr(service.metrics, "registry", None), notices)
 
     def hup(signum: int, frame: Any) -> None:
         reactor.callFromThread(service.reload)  # type: ignore[attr-defined]

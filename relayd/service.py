@@ -34,6 +34,8 @@ from relayd.smtp.session import ConnectionLimits, SMTPFactory
 if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
 
+    from relayd.delivery.attempt import Deliverer
+
 log = Logger(namespace="relayd.service")
 
 __all__ = ["RelaydService", "ListenerService", "ThreadPoolService", "buildService"]
@@ -125,6 +127,7 @@ class RelaydService(MultiService):
         self.reloadError: str | None = None
         self.spool: Any = None
         self.receivers: Any = None
+        self.deliveries: Any = None
 
     def setServiceParent(self, parent: Any) -> Any:
         """
@@ -178,6 +181,8 @@ class RelaydService(MultiService):
         if self.receivers is not None:
             # Each receiver reads the file again itself.
             self.receivers.reload()
+        if self.deliveries is not None:
+            self.deliveries.reload()
         return _reload(self)
 
     def stopService(self) -> Deferred[None]:
@@ -418,8 +423,11 @@ def buildService(
     if metricsService is not None:
         assert isinstance(top.metrics, Metrics)
         registry: Any = top.metrics.registry
-        if top.receivers is not None:
-            registry = SummedRegistry(registry, top.receivers.metricsSamples)
+        pools = [p for p in (top.receivers, top.deliveries) if p is not None]
+        if pools:
+            registry = SummedRegistry(
+                registry, lambda: [samples for p in pools for samples in p.metricsSamples()]
+            )
         metricsService.factory = metricsSite(registry, reactor)
     # Last: it starts once the spool holds its lock, and stops first.
     ControlService(top, spool, reactor).setServiceParent(top)
@@ -436,6 +444,7 @@ _RESTART_FIELDS = {
     "resolverPort": "delivery.resolver_port",
     "caFile": "delivery.ca_file",
     "deliveryConcurrency": "delivery.concurrency",
+    "deliveryProcesses": "delivery.processes",
 }
 
 
@@ -490,12 +499,9 @@ def _reload(top: RelaydService) -> Any:
         top.scheduler.router.reconfigure(
             config.routes, config.deliveryPort, config.mxTls, (config.hostname,)
         )
-        # Read by each new outbound connection; open ones keep theirs.
-        deliverer = top.scheduler.deliverer
-        deliverer.tlsProfile = TLSProfile(config.tlsCiphers, config.tlsMinVersion)
-        deliverer.opportunisticProfile = TLSProfile(
-            config.tlsOpportunisticCiphers, config.tlsMinVersion
-        )
+        if top.deliveries is None:
+            # Delivery processes read the file again themselves.
+            applyDeliveryConfig(top.scheduler.deliverer, config)
     for factory in top.factories:
         factory.config = config
     top.config = config
@@ -614,9 +620,6 @@ class ResolverService(Service):
 
 def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) -> Any:
     """Resolver, router, deliverer and scheduler (DESIGN sections 1 and 6)."""
-    from relayd.certificates import TLSProfile
-    from relayd.delivery.attempt import Deliverer
-    from relayd.delivery.client import ClientTimeouts
     from relayd.delivery.routing import MXResolver, Router
     from relayd.queue.scheduler import Scheduler
 
@@ -634,17 +637,20 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) 
         mxTls=config.mxTls,
         localNames=(config.hostname,),
     )
-    deliverer = Deliverer(
-        reactor,
-        config.hostname,
-        timeouts=_clientTimeouts(ClientTimeouts, config),
-        caFile=config.caFile,
-        maxMessagesPerConnection=config.messagesPerConnection,
-        idleTimeout=config.idleTimeout,
-        reuseTimeLimit=config.reuseTimeLimit,
-        tlsProfile=TLSProfile(config.tlsCiphers, config.tlsMinVersion),
-        opportunisticProfile=TLSProfile(config.tlsOpportunisticCiphers, config.tlsMinVersion),
-    )
+    deliverer: Any
+    if config.deliveryProcesses > 0:
+        from relayd.delivery.processes import DeliveryPool
+
+        # Before the scheduler: it stops after it (children stop in reverse).
+        deliverer = top.deliveries = DeliveryPool(
+            configPath=config.path,
+            count=config.deliveryProcesses,
+            reactor=reactor,
+            stopDeadline=config.shutdownDeliveries + 10,
+        )
+        deliverer.setServiceParent(top)
+    else:
+        deliverer = makeDeliverer(config, reactor)
     scheduler = Scheduler(
         spool=spool,
         router=router,
@@ -664,6 +670,64 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) 
     )
     scheduler.setServiceParent(top)
     return scheduler
+
+
+def makeDeliverer(config: Config, reactor: Any) -> Deliverer:
+    """
+    The L{relayd.delivery.attempt.Deliverer} the config asks for: in the queue
+    manager, or in each delivery process (L{relayd.delivery.processes}).
+
+    @raise OSError: C{delivery.ca_file} cannot be read.
+    @raise ValueError: it holds no certificate.
+    """
+    from relayd.certificates import TLSProfile
+    from relayd.delivery.attempt import Deliverer
+    from relayd.delivery.client import ClientTimeouts
+
+    return Deliverer(
+        reactor,
+        config.hostname,
+        timeouts=_clientTimeouts(ClientTimeouts, config),
+        caFile=config.caFile,
+        maxMessagesPerConnection=config.messagesPerConnection,
+        idleTimeout=config.idleTimeout,
+        reuseTimeLimit=config.reuseTimeLimit,
+        tlsProfile=TLSProfile(config.tlsCiphers, config.tlsMinVersion),
+        opportunisticProfile=TLSProfile(config.tlsOpportunisticCiphers, config.tlsMinVersion),
+    )
+
+
+def applyDeliveryConfig(deliverer: Deliverer, config: Config) -> None:
+    """
+    Put a reloaded config's outbound TLS settings in force in a
+    L{relayd.delivery.attempt.Deliverer}: read by each new outbound connection;
+    open ones keep theirs.
+    """
+    from relayd.certificates import TLSProfile
+
+    deliverer.tlsProfile = TLSProfile(config.tlsCiphers, config.tlsMinVersion)
+    deliverer.opportunisticProfile = TLSProfile(
+        config.tlsOpportunisticCiphers, config.tlsMinVersion
+    )
+
+
+def reloadDeliverer(deliverer: Deliverer, path: str) -> bool:
+    """
+    SIGHUP in a delivery process: read the config at C{path} again and put
+    its outbound settings in force; an invalid one is refused with one log
+    line and the old one stays.
+    """
+    from relayd.config import load
+
+    log.info("reload: reading {path}", path=path)
+    try:
+        config = load(path)
+    except ConfigError as e:
+        log.error("reload refused, the old config stays in force: {problem}", problem=str(e))
+        return False
+    applyDeliveryConfig(deliverer, config)
+    log.info("reload: new config in force")
+    return True
 
 
 def _clientTimeouts(kind: Any, config: Config) -> Any:

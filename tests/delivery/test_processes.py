@@ -1,0 +1,451 @@
+"""
+Delivery processes around the queue manager (L{relayd.delivery.processes},
+issue 14), and the durability test under load.
+
+A real C{twistd relayd} with C{[server] processes = 2} (one receiver
+beside the queue manager) and C{[delivery] processes = 2}: mail gets to
+Postfix's smtp-sink through the delivery processes; a delivery process
+killed with attempts in flight defers them (never lost, never counted
+delivered) and is started again; SIGHUP and SIGTERM reach them; and under
+smtp-source load, a delivery process and then the queue manager killed
+with SIGKILL lose nothing that got a C{250}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from test_receivers import sendMany, tokensAt, waitFor
+
+from relayd.config import ConfigError, load
+from relayd.delivery.attempt import AttemptResult, RecipientResult
+from relayd.delivery.client import Reply as ClientReply
+from relayd.delivery.processes import DeliverRequest, decode, deferredResult, encode
+from relayd.delivery.routing import Destination, Hop
+from relayd.reply import Reply
+from relayd.smtp.dsn import DSNParameters, RecipientRequest
+from relayd.testing import PostfixSink, TestSetup
+
+MESSAGE_ID = re.compile(rb"^Message-Id: <([^>]+)>$", re.M | re.I)
+SUBJECT = "deliveryprocs-load"
+
+
+def childPids(parent: int, module: bytes) -> list[int]:
+    """The pids of C{parent}'s children running C{python -m <module>}."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and module in cmdline:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def deliveryPids(parent: int) -> list[int]:
+    return childPids(parent, b"relayd.delivery.processes")
+
+
+def receiverPids(parent: int) -> list[int]:
+    return childPids(parent, b"relayd.receivers")
+
+
+def setupWith(tmp_path: Path, sinkPort: int, **delivery: object) -> TestSetup:
+    setup = TestSetup(
+        str(tmp_path / "relayd"),
+        modes=("relay",),
+        portZero=False,
+        sections={
+            "server": {"processes": 2},
+            "delivery": {
+                "enabled": True,
+                "processes": 2,
+                "retry_initial": 1,
+                "retry_max": 1,
+                **delivery,
+            },
+            "timeouts": {"shutdown_sessions": 5, "shutdown_deliveries": 2},
+        },
+    )
+    setup.routeAllTo(sinkPort)
+    return setup
+
+
+def waitAllReady(relayd: RelaydProcess) -> None:
+    """Until the receiver and both delivery processes have said they run."""
+    for line in ("receiver-1 receiving", "delivery-1 delivering", "delivery-2 delivering"):
+        waitFor(lambda t=line: t in relayd.log(10**7), 30, f"no {line!r}", relayd.log)
+
+
+@pytest.fixture
+def sink():
+    # smtp-sink runs as nobody: its folder must not be under pytest's 0700 tmp_path.
+    directory = tempfile.mkdtemp(prefix="relayd-deliveryprocs-sink-")
+    sink = PostfixSink(directory)
+    yield sink
+    sink.stop()
+    shutil.rmtree(directory, True)
+
+
+def test_processesConfig(tmp_path) -> None:
+    """
+    C{[delivery] processes}: "auto" follows C{[server] processes} (a single
+    process delivers itself); a number is taken as it is; anything else is
+    refused, naming the key.
+    """
+
+    def loaded(name: str, server: object, delivery: object = None) -> int:
+        sections: dict[str, dict[str, object]] = {"server": {"processes": server}}
+        if delivery is not None:
+            sections["delivery"] = {"processes": delivery}
+        setup = TestSetup(str(tmp_path / name), modes=("relay",), sections=sections)
+        return load(setup.configPath).deliveryProcesses
+
+    assert loaded("a", 3) == 3
+    assert loaded("b", 1) == 0
+    assert loaded("c", 2, "auto") == 2
+    assert loaded("d", 1, 2) == 2
+    assert loaded("e", 4, 0) == 0
+    for n, bad in enumerate(("many", -1, 1.5)):
+        with pytest.raises(ConfigError) as caught:
+            loaded(f"bad{n}", 2, bad)
+        assert caught.value.key == "delivery.processes"
+
+
+def test_codecRoundTrip() -> None:
+    """
+    L{encode} and L{decode} carry a request (with its DSN parameters,
+    SMTPUTF8 and REQUIRETLS) and a result (the replies as received, the
+    command they answered) unchanged.
+    """
+    hop = Hop("mx.example.net", "192.0.2.1", 2525, "verify", "user", "pass word")
+    dsn = DSNParameters(
+        ret="HDRS",
+        envid="env 1",
+        recipients={
+            "a@example.net": RecipientRequest(("SUCCESS", "FAILURE"), "rfc822;a@example.net"),
+            "b\u00e9@example.net": RecipientRequest(None, None),
+        },
+    )
+    request = DeliverRequest(
+        Destination("route:0", (hop, Hop("b.example.net", "2001:db8::1", 25, "none"))),
+        "",
+        ("a@example.net", "b\u00e9@example.net"),
+        "/var/spool/relayd/active/X",
+        1234,
+        "QID1",
+        dsn,
+        True,
+        True,
+    )
+    line = encode(7, request)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert decode(line) == (7, request)
+    plain = DeliverRequest(Destination("mx:example.net", ()), "s@x", ("r@y",), "/p", 1, None)
+    assert decode(encode(1, plain)) == (1, plain)
+    result = AttemptResult(
+        [
+            RecipientResult(
+                "a@example.net",
+                "delivered",
+                ClientReply.parse(["250-2.0.0 ok", "250 2.0.0 queued as X"]),
+                "mx",
+                "end of DATA",
+                True,
+            ),
+            RecipientResult(
+                "b@example.net",
+                "failed",
+                ClientReply.parse(["550 no such user"]),
+                "mx",
+                "RCPT TO",
+            ),
+            RecipientResult(
+                "c@example.net", "deferred", ClientReply.local(451, "4.4.1", "refused"), None
+            ),
+            RecipientResult("d@example.net", "failed", Reply(554, "5.7.10", "no TLS"), None),
+        ],
+        hop,
+        "TLSv1.3 TLS_AES_256_GCM_SHA384",
+    )
+    number, back = decode(encode(8, result))
+    assert (number, back) == (8, result)
+    assert [type(r.reply) for r in back.results] == [type(r.reply) for r in result.results]
+    empty = AttemptResult([], None, None)
+    assert decode(encode(9, empty)) == (9, empty)
+    deferred = deferredResult(["x@example.net"], "delivery process exited")
+    assert [(r.status, r.code, r.enhanced, r.remoteHost) for r in deferred.results] == [
+        ("deferred", 451, "4.3.0", None)
+    ]
+
+
+def test_deliveryProcessesDeliverAndFollowSignals(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
+    setup = setupWith(tmp_path, sink.port)
+    relayd = RelaydProcess(setup, tmp_path / "relayd.log")
+    relaydProcesses.append(relayd)
+    relayd.waitListening()
+    parent = relayd.process.pid
+    waitAllReady(relayd)
+    assert len(deliveryPids(parent)) == 2
+
+    accepted = sendMany(relayd.port, 60)
+    assert len(accepted) == 60, relayd.log()
+    waitFor(lambda: tokensAt(sink) >= set(accepted), 60, "not all delivered", relayd.log)
+    text = relayd.log(10**7)
+    assert "status=sent" in text
+    for state in ("incoming", "active", "deferred"):
+        waitFor(
+            lambda s=state: os.listdir(os.path.join(setup.spoolPath, s)) == [],
+            10,
+            f"{state}/ not empty",
+            relayd.log,
+        )
+
+    os.kill(parent, signal.SIGHUP)
+    for index in (1, 2):
+        waitFor(
+            lambda i=index: (
+                f"[delivery-{i} relayd.service#info] reload: new config in force"
+                in relayd.log(10**7)
+            ),
+            20,
+            f"delivery-{index} did not reload",
+            relayd.log,
+        )
+
+    children = deliveryPids(parent) + receiverPids(parent)
+    relayd.terminate()
+    status = relayd.wait(30)
+    assert status in (0, -signal.SIGTERM), relayd.log()
+    for pid in children:
+        waitFor(lambda p=pid: not os.path.exists(f"/proc/{p}"), 10, f"child {pid} left over")
+
+
+def test_deliveryProcessKilledInFlightDefers(tmp_path, relaydProcesses) -> None:  # noqa: F811
+    """
+    A next hop that accepts the connection and never greets: the attempt
+    is in flight in a delivery process when that process is killed.  The
+    message is deferred with 451 4.3.0 (not lost, not sent), and the
+    process is started again.
+    """
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(50)
+    try:
+        setup = setupWith(tmp_path, stalled.getsockname()[1], retry_initial=300, retry_max=300)
+        relayd = RelaydProcess(setup, tmp_path / "relayd.log")
+        relaydProcesses.append(relayd)
+        relayd.waitListening()
+        parent = relayd.process.pid
+        waitAllReady(relayd)
+        accepted = sendMany(relayd.port, 2, clients=1)
+        assert len(accepted) == 2, relayd.log()
+        waitFor(
+            lambda: len(os.listdir(os.path.join(setup.spoolPath, "active"))) == 2,
+            20,
+            "not in delivery",
+            relayd.log,
+        )
+        time.sleep(0.5)  # the requests have reached the delivery processes
+        before = deliveryPids(parent)
+        for pid in before:
+            os.kill(pid, signal.SIGKILL)
+        waitFor(
+            lambda: len(os.listdir(os.path.join(setup.spoolPath, "deferred"))) == 2,
+            20,
+            "not deferred",
+            relayd.log,
+        )
+        text = relayd.log(10**7)
+        assert "attempts in flight; deferring them" in text, text
+        assert "status=deferred (451 4.3.0 delivery process exited)" in text, text
+        assert "status=sent" not in text
+        waitFor(
+            lambda: len(deliveryPids(parent)) == 2 and not set(deliveryPids(parent)) & set(before),
+            20,
+            "the killed delivery processes were not replaced",
+            relayd.log,
+        )
+    finally:
+        stalled.close()
+
+
+def smtpSource(port: int, messages: int, sessions: int) -> subprocess.Popen[bytes]:
+    binary = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+    return subprocess.Popen(
+        [
+            binary,
+            "-s",
+            str(sessions),
+            "-m",
+            str(messages),
+            "-l",
+            "2048",
+            "-S",
+            SUBJECT,
+            "-f",
+            "load@example.org",
+            "-t",
+            "sink@example.net",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_killedUnderLoadLosesNothing(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
+    """
+    The durability test under load (issue 14): smtp-source load plus
+    clients of our own that record which of their messages got a 250, to
+    relayd with a receiver and two delivery processes; SIGKILL to a
+    delivery process, then to the queue manager, mid-run; a restart on the
+    same spool delivers every message that got a 250.
+    """
+    setup = setupWith(tmp_path, sink.port)
+    first = RelaydProcess(setup, tmp_path / "first.log")
+    relaydProcesses.append(first)
+    first.waitListening()
+    parent = first.process.pid
+    waitAllReady(first)
+    children = deliveryPids(parent) + receiverPids(parent)
+
+    load = smtpSource(first.port, 400, 8)
+    accepted: list[str] = []
+
+    def recorded() -> None:
+        accepted.extend(sendMany(first.port, 200, clients=4))
+
+    client = threading.Thread(target=recorded)
+    client.start()
+    try:
+        time.sleep(1.0)
+        os.kill(deliveryPids(parent)[0], signal.SIGKILL)
+        time.sleep(1.0)
+        first.kill()
+        first.wait(10)
+        for pid in children:
+            waitFor(
+                lambda p=pid: not os.path.exists(f"/proc/{p}"), 20, "a child outlived its manager"
+            )
+        client.join(60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+        load.wait(10)
+    assert accepted, first.log()
+    assert re.search(r"delivery-\d exited \(", first.log(10**7)), first.log()
+    deliveredBefore = len(tokensAt(sink))
+
+    second = RelaydProcess(setup, tmp_path / "second.log")
+    relaydProcesses.append(second)
+    second.waitListening()
+    waitFor(
+        lambda: tokensAt(sink) >= set(accepted),
+        60,
+        f"accepted mail lost ({len(accepted)} accepted, {deliveredBefore} before the restart)",
+        lambda: first.log() + second.log(),
+    )
+    # What smtp-source got a 250 for is in the spool or at the sink: the
+    # spool drains (retries every second) and nothing is left behind.
+    for state in ("incoming", "active", "deferred"):
+        waitFor(
+            lambda s=state: os.listdir(os.path.join(setup.spoolPath, s)) == [],
+            30,
+            f"{state}/ not empty",
+            second.log,
+        )
+    ids = set()
+    for text in sink.messages():
+        for block in text.split(b"X-Client-Addr:"):
+            if f"Subject: {SUBJECT}".encode() in block:
+                ids.update(MESSAGE_ID.findall(block))
+    assert ids, "smtp-source's load did not get through"
+
+
+def test_shutdownDeadlineAbortsDeliveryProcesses(tmp_path, relaydProcesses) -> None:  # noqa: F811
+    """
+    SIGTERM while attempts hang in the delivery processes (a next hop that
+    never greets): at C{shutdown_deliveries} the queue manager has them cut
+    their connections; the attempts come back deferred, are recorded, and
+    every process exits.
+    """
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(50)
+    try:
+        setup = setupWith(tmp_path, stalled.getsockname()[1], retry_initial=300, retry_max=300)
+        relayd = RelaydProcess(setup, tmp_path / "relayd.log")
+        relaydProcesses.append(relayd)
+        relayd.waitListening()
+        parent = relayd.process.pid
+        waitAllReady(relayd)
+        accepted = sendMany(relayd.port, 2, clients=1)
+        assert len(accepted) == 2, relayd.log()
+        waitFor(
+            lambda: len(os.listdir(os.path.join(setup.spoolPath, "active"))) == 2,
+            20,
+            "not in delivery",
+            relayd.log,
+        )
+        time.sleep(0.5)
+        children = deliveryPids(parent) + receiverPids(parent)
+        started = time.monotonic()
+        relayd.terminate()
+        status = relayd.wait(30)
+        assert status in (0, -signal.SIGTERM), relayd.log()
+        assert time.monotonic() - started < 20
+        text = relayd.log(10**7)
+        assert "deadline reached; aborting 2 deliveries in flight" in text, text
+        assert "ended with" not in text, text  # answered, not lost with a process
+        assert len(os.listdir(os.path.join(setup.spoolPath, "deferred"))) == 2, text
+        assert "status=sent" not in text
+        for pid in children:
+            waitFor(lambda p=pid: not os.path.exists(f"/proc/{p}"), 10, f"child {pid} left over")
+    finally:
+        stalled.close()
+
+
+def test_chooseKeepsADestinationToOneProcessWhileBalanced() -> None:
+    """
+    The same destination goes to the same process (its cached connections)
+    while the processes are about equally busy; when that one is more than
+    L{SLACK} attempts busier than the least busy, the next goes elsewhere;
+    different destinations spread over the processes.
+    """
+    from twisted.internet.task import Clock
+
+    from relayd.delivery.processes import SLACK, DeliveryPool, _DeliveryProcess
+
+    pool = DeliveryPool(configPath="unused", count=4, reactor=Clock(), stopDeadline=1)
+    for index in range(1, 5):
+        pool.children[index] = _DeliveryProcess(pool, index)
+    first = pool._choose("route:0")
+    assert first is not None
+    assert all(pool._choose("route:0") is first for _ in range(10))
+    for n in range(SLACK):
+        first.inFlight[n] = (None, ())  # type: ignore[assignment]
+    assert pool._choose("route:0") is first
+    first.inFlight[SLACK] = (None, ())  # type: ignore[assignment]
+    other = pool._choose("route:0")
+    assert other is not None and other is not first
+    first.inFlight.clear()
+    homes = {pool._choose(f"mx:domain{n}.example") for n in range(40)}
+    assert len(homes) == 4
