@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
-from test_receivers import sendMany, tokensAt, waitFor
+from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from tests.test_receivers import sendMany, tokensAt, waitFor
 
 from relayd.config import ConfigError, load
 from relayd.delivery.attempt import AttemptResult, RecipientResult
