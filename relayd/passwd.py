@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from relayd.auth import DEFAULT_ROUNDS, UsersFileError, checkUsername, setPassword
+from relayd.configfile import versionLine
 
 __all__ = ["main", "readPassword", "PasswordError"]
 
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         prog=_PROG,
         description="Set a user's password in a relayd users file "
         "(htpasswd -B compatible bcrypt hashes).",
+    )
+    parser.add_argument(
+        "--version", action="version", version=versionLine(_PROG), help="print the version"
     )
     parser.add_argument(
         "--rounds",
