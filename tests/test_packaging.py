@@ -156,3 +156,101 @@ def test_twistdHelp(tmp_path: Path) -> None:
     assert result.returncode == 0, output
     assert "--config" in result.stdout
     assert "relayd" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
+    """Build the sdist from a copy of the checkout; the names it holds."""
+    import tarfile
+
+    source = tmp_path_factory.mktemp("sdist-source") / "relayd"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "var", "build", "dist", "*.egg-info", "__pycache__",
+            ".pytest_cache", "_trial_temp*", "dropin.cache",
+        ),
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("sdist")
+    isolated = _major("setuptools") < 68
+    if importlib.util.find_spec("build") is None:
+        pytest.fail("the build package is missing: scripts/test installs relayd[test]")
+    args = [sys.executable, "-m", "build", "--sdist", "--outdir", str(out)]
+    args += [] if isolated else ["--no-isolation"]
+    args.append(str(source))
+    result = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
+    [archive] = list(out.glob("relayd-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        # Without the leading relayd-VERSION/ folder.
+        yield {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+
+
+def test_sdistCarriesWhatTestsNeed(sdist: set[str]) -> None:
+    """
+    The sdist holds the licence, the example configs and units, the docs,
+    the example policy package and the scripts, not only the code.
+    """
+    for name in (
+        "LICENSE",
+        "etc/relayd.toml",
+        "etc/dev.toml",
+        "etc/relayd.service",
+        "docs/sendmail.md",
+        "docs/relayctl.md",
+        "examples/relayd-policy-example/setup.cfg",
+        "scripts/test",
+        "scripts/run",
+        "tests/test_sendmail.py",
+        "relayd/maildrop.py",
+    ):
+        assert name in sdist, name
+
+
+def test_metadataDependencies(wheel: zipfile.ZipFile) -> None:
+    """
+    cryptography (imported directly) is a requirement; redis and the
+    Ed25519 DKIM support (PyNaCl through dkimpy[ed25519]) are extras; the
+    licence file is in the wheel.
+    """
+    [name] = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    metadata = wheel.read(name).decode("utf-8")
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    plain = [r for r in requires if "extra ==" not in r]
+    assert any(r.startswith("cryptography") for r in plain), plain
+    assert not any(r.startswith("redis") for r in plain), plain
+    assert not any(r.startswith("dkimpy[") for r in plain), plain
+    assert any(r.startswith("redis") and 'extra == "redis"' in r for r in requires), requires
+    assert any(
+        r.startswith("dkimpy[ed25519]") and 'extra == "dkim-ed25519"' in r for r in requires
+    ), requires
+    assert "Provides-Extra: redis" in metadata
+    assert "Provides-Extra: dkim-ed25519" in metadata
+    assert any(n.endswith("LICENSE") for n in wheel.namelist())
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["relayctl"], ["relayd-sendmail"], ["relayd-passwd"], ["twistd", "relayd"]],
+)
+def test_version(command: list[str], tmp_path: Path) -> None:
+    """Every command prints relayd's version (from the package metadata)."""
+    script = Path(sys.executable).with_name(command[0])
+    result = subprocess.run(
+        [str(script), *command[1:], "--version"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    version = importlib.metadata.version("relayd")
+    assert result.stdout.strip().endswith(f"relayd {version}") or result.stdout.strip().endswith(
+        f"(relayd) {version}"
+    ), result.stdout
