@@ -27,10 +27,14 @@ __all__ = [
     "load",
     "LISTENER_MODES",
     "CONTROL_SOCKET_NAME",
+    "MAILDROP_NAME",
 ]
 
 CONTROL_SOCKET_NAME = "control.sock"
 """The control socket's name inside the spool directory, by default."""
+
+MAILDROP_NAME = "maildrop"
+"""The maildrop's name inside the spool directory, by default."""
 
 LISTENER_MODES = ("relay", "submission", "submissions")
 """
@@ -183,6 +187,9 @@ class Config:
     tlsCiphers: str = INTERMEDIATE_CIPHERS
     tlsMinVersion: str = "TLSv1.2"
     tlsOpportunisticCiphers: str = OPPORTUNISTIC_CIPHERS
+    maildropDirectory: str = ""
+    maildropInterval: float = 5.0
+    maildropListener: str | None = None
 
 
 # --- schema -----------------------------------------------------------------
@@ -396,6 +403,16 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "control": {
         # relayctl's UNIX socket; default: CONTROL_SOCKET_NAME in the spool.
         "socket": _Key(str, check=lambda v: None if v else "must not be empty"),
+    },
+    "maildrop": {
+        # Where relayd-sendmail leaves mail while relayd is down
+        # (relayd.maildrop); default: MAILDROP_NAME in the spool.
+        "directory": _Key(str, check=lambda v: None if v else "must not be empty"),
+        # How often relayd looks there, in seconds.
+        "interval": _Key(_NUMBER, 5.0, check=_positive),
+        # The relay listener maildrop mail is submitted to (over loopback,
+        # through the policy chain); default: the first relay listener.
+        "listener": _Key(str),
     },
 }
 
@@ -621,6 +638,11 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
     _refuseRoutesToSelf(path, routes, listeners, hostname)
     spoolDirectory = _resolve(base, spool["directory"]) or ""
     controlSocket = _resolve(base, sections["control"]["socket"])
+    maildrop = sections["maildrop"]
+    if maildrop["listener"] is not None and not any(
+        lc.name == maildrop["listener"] and lc.mode == "relay" for lc in listeners
+    ):
+        raise ConfigError(path, "maildrop.listener", "must name a relay listener")
     return Config(
         path=path,
         hostname=hostname,
@@ -686,6 +708,10 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         logFormat=sections["logging"]["format"],
         logLevel=sections["logging"]["level"],
         controlSocket=controlSocket or os.path.join(spoolDirectory, CONTROL_SOCKET_NAME),
+        maildropDirectory=_resolve(base, maildrop["directory"])
+        or os.path.join(spoolDirectory, MAILDROP_NAME),
+        maildropInterval=float(maildrop["interval"]),
+        maildropListener=maildrop["listener"],
     )
 
 

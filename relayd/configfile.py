@@ -21,7 +21,9 @@ __all__ = [
     "CONFIG_ENV",
     "DEFAULT_CONFIG",
     "ConfigNotFound",
+    "RelaydPaths",
     "configPath",
+    "relaydPaths",
     "version",
     "versionLine",
 ]
@@ -99,3 +101,54 @@ def versionLine(program: str) -> str:
     if program == "relayd":
         return f"relayd {version()}"
     return f"{program} (relayd) {version()}"
+
+
+class RelaydPaths:
+    """
+    Where a relayd keeps its things, read from its config file without the
+    full check (C{relayd-sendmail} needs only this): the spool, the control
+    socket and the maildrop, resolved against the file's folder as
+    L{relayd.config.load} resolves them.
+    """
+
+    def __init__(self, config: str, spool: str, socket: str, maildrop: str) -> None:
+        self.config = config
+        self.spool = spool
+        self.socket = socket
+        self.maildrop = maildrop
+
+
+def relaydPaths(path: str) -> RelaydPaths:
+    """
+    Read L{RelaydPaths} from the config file at C{path}.
+
+    @raise ValueError: it cannot be read or lacks C{spool.directory}; the
+        text names the file and the problem.
+    """
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    base = os.path.dirname(os.path.abspath(path))
+
+    def get(section: str, key: str) -> str | None:
+        table = raw.get(section, {})
+        value = table.get(key) if isinstance(table, dict) else None
+        if not isinstance(value, str) or not value:
+            return None
+        return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+    spool = get("spool", "directory")
+    if spool is None:
+        raise ValueError(f"{path}: spool.directory: missing (required)")
+    return RelaydPaths(
+        path,
+        spool,
+        get("control", "socket") or os.path.join(spool, "control.sock"),
+        get("maildrop", "directory") or os.path.join(spool, "maildrop"),
+    )

@@ -421,6 +421,10 @@ def buildService(
         if top.receivers is not None:
             registry = SummedRegistry(registry, top.receivers.metricsSamples)
         metricsService.factory = metricsSite(registry, reactor)
+    # After the listeners: relayd-sendmail's maildrop is submitted to one.
+    from relayd.pickup import MaildropService
+
+    MaildropService(top, reactor).setServiceParent(top)
     # Last: it starts once the spool holds its lock, and stops first.
     ControlService(top, spool, reactor).setServiceParent(top)
     return top
@@ -436,6 +440,8 @@ _RESTART_FIELDS = {
     "resolverPort": "delivery.resolver_port",
     "caFile": "delivery.ca_file",
     "deliveryConcurrency": "delivery.concurrency",
+    "maildropDirectory": "maildrop.directory",
+    "maildropInterval": "maildrop.interval",
 }
 
 
