@@ -73,7 +73,10 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
     from relayd.service import buildService
 
     try:
-        config = load(configPath(options["config"]))
+        # An explicit --config that is missing is load()'s usual config
+        # error; otherwise the error says where relayd looked.
+        explicit = options["config"]
+        config = load(configPath(explicit, mustExist=explicit is None))
         service = buildService(config, reactor)
         service.installSignalHandlers = True
         # [logging] format: twistd's text, or relayd's JSON lines.

@@ -254,3 +254,61 @@ def test_version(command: list[str], tmp_path: Path) -> None:
     assert result.stdout.strip().endswith(f"relayd {version}") or result.stdout.strip().endswith(
         f"(relayd) {version}"
     ), result.stdout
+
+
+def _startWithout(module: str, tmp_path: Path, policies: dict, chain: list) -> str:
+    """
+    C{twistd -n relayd} in an interpreter where C{module} cannot be
+    imported (as when its extra is not installed): what it printed, after
+    checking that it exited 1 without a traceback.
+    """
+    from relayd.testing import TestSetup
+
+    setup = TestSetup(str(tmp_path / "relayd"), modes=("relay",), chain=chain, policies=policies)
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; "
+        "from twisted.scripts.twistd import run; "
+        f"sys.argv = ['twistd', '-n', '--pidfile=', 'relayd', '--config', {setup.configPath!r}]; "
+        "run()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    return output
+
+
+def test_redisExtraMissing(tmp_path: Path) -> None:
+    """backend = "redis" without redis-py: one line naming the extra."""
+    output = _startWithout(
+        "redis",
+        tmp_path,
+        {
+            "ratelimit": {
+                "backend": "redis",
+                "rules": [{"name": "per-client", "key": "client", "recipients": ["10/hour"]}],
+            }
+        },
+        ["mynetworks", "ratelimit"],
+    )
+    assert 'policies.ratelimit.backend: "redis" needs the redis package' in output, output
+    assert 'pip install "relayd[redis]"' in output
+
+
+def test_ed25519ExtraMissing(tmp_path: Path) -> None:
+    """An Ed25519 DKIM key without PyNaCl: one line naming the extra."""
+    import base64
+    import os
+
+    key = tmp_path / "ed25519.key"
+    key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    output = _startWithout(
+        "nacl",
+        tmp_path,
+        {"dkim": {"domains": {"example.test": {"selector": "s1", "key": str(key)}}}},
+        ["mynetworks", "dkim"],
+    )
+    assert "needs dkimpy's ed25519 support (PyNaCl)" in output, output
+    assert 'pip install "relayd[dkim-ed25519]"' in output
