@@ -942,13 +942,13 @@ def flushMaildrop(config: SendmailConfig, verbose: bool) -> int:
     if result.unreachable is not None:
         print(
             f"{PROG}: relayd is not running ({result.unreachable}); "
-            f"{len(result.left)} messages wait in the maildrop {directory}",
+            f"{_count(len(result.left), 'message')} left in the maildrop {directory}",
             file=sys.stderr,
         )
         return EX_TEMPFAIL
     if result.left:
         print(
-            f"{PROG}: {len(result.left)} messages left in the maildrop {directory} "
+            f"{PROG}: {_count(len(result.left), 'message')} left in the maildrop {directory} "
             "(deferred by relayd, or being submitted by relayd itself)",
             file=sys.stderr,
         )
@@ -1021,9 +1021,32 @@ def mailq(out: Any) -> int:
     last reply in parentheses when it has one.
     """
     entries, source = _queueEntries()
+    _listEntries(out, entries, source)
+    # Mail relayd-sendmail kept while relayd was down is not in the queue
+    # yet; say so (when this user may list the maildrop).
+    from relayd.maildrop import pending
+
+    directory = _relaydPaths().maildrop
+    try:
+        waiting = len(pending(directory))
+    except OSError:
+        waiting = 0
+    if waiting:
+        out.write(
+            f"-- {_count(waiting, 'message')} in the maildrop {directory}, "
+            "not yet picked up by relayd\n"
+        )
+    return EX_OK
+
+
+def _count(number: int, word: str) -> str:
+    return f"{number} {word}" + ("" if number == 1 else "s")
+
+
+def _listEntries(out: Any, entries: list[dict[str, Any]], source: str) -> None:
     if not entries:
         out.write("Mail queue is empty\n")
-        return EX_OK
+        return
     out.write(f"{'-Queue ID-':<20} {'--Size--':>8} {'----Arrival Time----':<20} ")
     out.write("-Sender/Recipient-------\n")
     octets = 0
@@ -1048,7 +1071,6 @@ def mailq(out: Any) -> int:
         f"-- {(octets + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}."
         f" ({source})\n"
     )
-    return EX_OK
 
 
 # --- main ------------------------------------------------------------------

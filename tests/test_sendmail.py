@@ -929,6 +929,12 @@ class MaildropTests(SendmailTestCase):
         info = os.stat(os.path.join(self.maildrop, name))
         self.assertEqual((info.st_uid, info.st_mode & 0o777), (os.getuid(), 0o640))
         self.assertEqual(self.spooled(), [])
+        result = yield self.send(["-bp"], env=self.env)
+        self.assertEqual(
+            result.stdout.decode(),
+            "Mail queue is empty\n"
+            f"-- 1 message in the maildrop {self.maildrop}, not yet picked up by relayd\n",
+        )
         yield self.restart()
         yield self.waitFor(lambda: not maildropFiles(self.maildrop), "the pickup")
         record, data = self.only()
@@ -993,7 +999,7 @@ class MaildropTests(SendmailTestCase):
         result = yield self.send(["-q"])
         self.assertEqual(result.returncode, 75, result.stderr)
         self.assertIn(b"relayd is not running (cannot connect to", result.stderr)
-        self.assertIn(b"1 messages wait in the maildrop", result.stderr)
+        self.assertIn(b"1 message left in the maildrop", result.stderr)
         self.assertEqual(len(maildropFiles(own)), 1)
         yield self.restart()
         with open(self.config) as f:
@@ -1164,6 +1170,55 @@ class VersionTests(unittest.TestCase):
         )
 
 
+class RelaydProcess:
+    """One C{twistd -n relayd} process, its output going to a log file."""
+
+    def __init__(self, setup, logPath):
+        self.port = setup.ports["relay"]
+        self.logPath = logPath
+        code = (
+            "import sys; from twisted.scripts.twistd import run; "
+            "sys.argv = ['twistd', '-n', '--pidfile=', 'relayd', '--config', "
+            f"{setup.configPath!r}]; run()"
+        )
+        with open(logPath, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self):
+        with open(self.logPath, encoding="utf-8", errors="replace") as f:
+            return f.read()[-6000:]
+
+    def waitListening(self, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, self.log()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                    if s.recv(512).startswith(b"220 "):
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
+
+    def terminate(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+
+    def wait(self, timeout=30.0):
+        return self.process.wait(timeout)
+
+    def reap(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
 @pytest.fixture
 def relaydProcesses():
     """The twistd relayd processes a test starts; killed at teardown."""
@@ -1182,7 +1237,6 @@ def test_maildropThroughRealRelaydToSink(tmp_path, relaydProcesses):
     the maildrop; relayd started picks it up and delivers it to the sink.
     """
     from relayd.testing import PostfixSink
-    from tests.test_durability import RelaydProcess
 
     # smtp-sink runs as nobody: its folder must not be under pytest's 0700 tmp_path.
     sinkDirectory = tempfile.mkdtemp(prefix="relayd-sendmail-sink-")
