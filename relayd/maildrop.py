@@ -60,6 +60,8 @@ __all__ = [
     "pending",
     "flush",
     "FlushResult",
+    "removeStale",
+    "ensureDirectory",
 ]
 
 MAGIC = b"RELAYD-MAILDROP 1 "
@@ -229,6 +231,39 @@ def pending(directory: str) -> list[str]:
     return sorted(
         name for name in os.listdir(directory) if not name.startswith(".") and name != BROKEN
     )
+
+
+STALE_TEMP = 86400.0
+"""
+Seconds after which a writer's temp file (a leading dot: a
+C{relayd-sendmail} that died before its rename) is removed by L{removeStale}.
+"""
+
+
+def removeStale(directory: str, now: float | None = None) -> list[str]:
+    """
+    Remove the temp files writers left behind more than L{STALE_TEMP}
+    seconds ago: they were never renamed, so never submitted, and their
+    writer got a failure status.
+
+    @return: the names removed.
+    """
+    limit = (time.time() if now is None else now) - STALE_TEMP
+    removed = []
+    for name in os.listdir(directory):
+        if not name.startswith("."):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode) and info.st_mtime < limit:
+                os.unlink(path)
+                removed.append(name)
+        except FileNotFoundError:
+            continue
+    if removed:
+        fsyncDirectory(directory)
+    return removed
 
 
 def moveAside(directory: str, name: str) -> str:

@@ -22,7 +22,15 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayd.maildrop import Dropped, FlushResult, Refused, Unreachable, ensureDirectory, flush
+from relayd.maildrop import (
+    Dropped,
+    FlushResult,
+    Refused,
+    Unreachable,
+    ensureDirectory,
+    flush,
+    removeStale,
+)
 
 __all__ = ["MaildropService", "submitOverSMTP"]
 
@@ -141,6 +149,8 @@ class MaildropService(Service):
             events.append((event, details))  # logged in the reactor thread
 
         def work() -> FlushResult:
+            for name in removeStale(self.directory):
+                note("stale", name=name)
             return flush(self.directory, submitOne, note)
 
         running = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
@@ -189,6 +199,11 @@ class MaildropService(Service):
                 name=details["name"],
                 who=who,
                 reply=details["reply"],
+            )
+        elif event == "stale":
+            log.warn(
+                "maildrop {name}: removed a writer's temp file left for over a day",
+                name=details["name"],
             )
         elif event == "broken":
             log.error(

@@ -969,6 +969,13 @@ class MaildropTests(SendmailTestCase):
             with open(os.path.join(self.maildrop, name), "wb") as f:
                 f.write(data)
         os.symlink("/etc/passwd", os.path.join(self.maildrop, "3-link"))
+        # A writer that died before its rename: its temp file, a day old
+        # (removed), and one being written now (left alone).
+        for name, age in ((".old.tmp", 86400 + 60), (".new.tmp", 0)):
+            path = os.path.join(self.maildrop, name)
+            with open(path, "wb") as f:
+                f.write(content[:10])
+            os.utime(path, (time.time() - age, time.time() - age))
         yield self.restart()
         yield self.waitFor(lambda: not maildropFiles(self.maildrop), "the pickup")
         self.assertEqual(
@@ -977,6 +984,9 @@ class MaildropTests(SendmailTestCase):
         )
         broken = os.path.join(self.maildrop, "broken")
         self.assertEqual(sorted(os.listdir(broken)), sorted([*bad, "3-link"]))
+        self.assertEqual(
+            sorted(n for n in os.listdir(self.maildrop) if n.startswith(".")), [".new.tmp"]
+        )
         self.assertTrue(self.relayd.service.running)
 
     @defer.inlineCallbacks
@@ -1273,7 +1283,10 @@ def test_maildropThroughRealRelaydToSink(tmp_path, relaydProcesses):
         relaydProcesses.append(second)
         second.waitListening()
         deadline = time.monotonic() + 30
-        while not sink.messages() or maildropFiles(maildrop):
+        # smtp-sink writes its dump while the session runs: wait for it whole.
+        while not any(m.rstrip().endswith(b"out") for m in sink.messages()) or maildropFiles(
+            maildrop
+        ):
             assert time.monotonic() < deadline, second.log()
             time.sleep(0.1)
         [dump] = sink.messages()
@@ -1291,3 +1304,28 @@ def test_relaydConfigVariable(tmp_path):
     os.makedirs(os.path.join(setup.spoolPath, "incoming"))
     result = run(["-bp"], env={"RELAYD_CONFIG": setup.configPath})
     assert (result.returncode, result.stdout) == (0, b"Mail queue is empty\n"), result.stderr
+
+
+def test_relaydPathsAsConfigLoads(tmp_path):
+    """
+    relayd-sendmail's light reading of relayd's config (no full check, no
+    Twisted) finds the spool, the control socket and the maildrop where
+    relayd itself puts them, by default and when set.
+    """
+    from relayd.config import load
+    from relayd.configfile import relaydPaths
+
+    setup = TestSetup(str(tmp_path / "default"), modes=("relay",))
+    custom = TestSetup(
+        str(tmp_path / "custom"),
+        modes=("relay",),
+        sections={"control": {"socket": "run/ctl.sock"}, "maildrop": {"directory": "drop"}},
+    )
+    for one in (setup, custom):
+        config, paths = load(one.configPath), relaydPaths(one.configPath)
+        assert (paths.spool, paths.socket, paths.maildrop) == (
+            config.spoolDirectory,
+            config.controlSocket,
+            config.maildropDirectory,
+        )
+    assert paths.maildrop == str(tmp_path / "custom" / "drop")
