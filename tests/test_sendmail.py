@@ -738,6 +738,30 @@ class ScriptedServerTests(unittest.TestCase):
             self.assertFailed(result, status, f"refused the connection: {greeting}")
 
     @defer.inlineCallbacks
+    def test_maildropOnlyWhenNothingWasSent(self):
+        """
+        With a maildrop: a 421 greeting (relayd shutting down) keeps the
+        message there (0); a refusal once the transaction began (a 4xx to
+        the message) does not, since relayd may act on what it was sent:
+        75, the maildrop empty.
+        """
+        maildrop = os.path.join(self.directory, "maildrop")
+        os.mkdir(maildrop)
+        with open(self.config) as f:
+            text = f.read()
+        with open(self.config, "w") as f:
+            f.write(f'maildrop = "{maildrop}"\n' + text)
+        self.sink.greeting = "421 4.3.2 busy"
+        result = yield self.send(["a@example.org"])
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertEqual(len(maildropFiles(maildrop)), 1)
+        self.sink.greeting = None
+        self.sink.dataReply = (451, "4.3.0 spool trouble")
+        result = yield self.send(["b@example.org"])
+        self.assertFailed(result, 75, "refused the message: 451 4.3.0 spool trouble")
+        self.assertEqual(len(maildropFiles(maildrop)), 1)
+
+    @defer.inlineCallbacks
     def test_dataReplies(self):
         self.sink.dataReply = (451, "4.3.0 spool trouble")
         result = yield self.send(["a@example.org"])
@@ -1049,8 +1073,6 @@ class MaildropTests(SendmailTestCase):
     def test_sendmailTomlMaildrop(self):
         """C{maildrop} in sendmail.toml names the folder without relayd's config."""
         yield self.relayd.stop()
-        with open(self.config, "a") as f:
-            f.write("")
         with open(self.config) as f:
             text = f.read()
         with open(self.config, "w") as f:
