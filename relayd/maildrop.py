@@ -37,6 +37,7 @@ import fcntl
 import json
 import os
 import pwd
+import re
 import secrets
 import stat
 import time
@@ -62,6 +63,7 @@ __all__ = [
     "FlushResult",
     "removeStale",
     "ensureDirectory",
+    "receivedField",
 ]
 
 MAGIC = b"RELAYD-MAILDROP 1 "
@@ -166,6 +168,25 @@ def drop(
     path = os.path.join(directory, name)
     writeAtomically(path, header + message, mode=FILE_MODE)
     return path
+
+
+def receivedField(dropped: Dropped, hostname: str) -> bytes:
+    """
+    The trace field put before a maildrop message when it is submitted, as
+    Postfix's pickup writes one (C{Received: by host (Postfix, from userid
+    0)}): it records who dropped the message and when, which the SMTP hop
+    over loopback cannot (RFC 5321 section 4.4: a C{by} clause, the uid in
+    a comment, the date of the drop).
+    """
+    from email.utils import formatdate
+
+    who = f"from userid {dropped.uid}"
+    if dropped.user and re.fullmatch(r"[A-Za-z0-9._-]+", dropped.user):
+        who += f" ({dropped.user})"
+    return (
+        f"Received: by {hostname} (relayd maildrop, {who})\r\n"
+        f"\tid {dropped.name}; {formatdate(dropped.time, localtime=True)}\r\n"
+    ).encode("ascii", "replace")
 
 
 def readDropped(path: str, fd: int) -> Dropped:

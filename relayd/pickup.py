@@ -29,6 +29,8 @@ from relayd.maildrop import (
     Unreachable,
     ensureDirectory,
     flush,
+    pending,
+    receivedField,
     removeStale,
 )
 
@@ -38,6 +40,12 @@ log = Logger(namespace="relayd.maildrop")
 
 SUBMIT_TIMEOUT = 60.0
 """Seconds for the connection and each read or write of one submission."""
+
+DEFERRED_WAIT = 300.0
+"""
+Seconds before a maildrop file relayd answered with a 4xx is tried again
+(Postfix's minimal_backoff_time), rather than at every round.
+"""
 
 
 def submitOverSMTP(host: str, port: int, helo: str, timeout: float = SUBMIT_TIMEOUT) -> Any:
@@ -52,8 +60,9 @@ def submitOverSMTP(host: str, port: int, helo: str, timeout: float = SUBMIT_TIME
     config = SendmailConfig(host=host, port=port, tls="none", timeout=timeout, helo=helo)
 
     def submitOne(dropped: Dropped) -> str:
+        message = receivedField(dropped, helo) + dropped.message
         try:
-            reply: str = submit(config, dropped.sender, dropped.recipients, dropped.message)
+            reply: str = submit(config, dropped.sender, dropped.recipients, message)
         except SendmailError as e:
             if getattr(e, "unreachable", False):
                 raise Unreachable(e.message) from None
@@ -80,6 +89,8 @@ class MaildropService(Service):
         self.directory: str = top.config.maildropDirectory
         self._loop: LoopingCall | None = None
         self._running: Deferred[Any] | None = None
+        self._notBefore: dict[str, float] = {}
+        """File name to when it may be tried again after relayd deferred it."""
 
     def startService(self) -> None:
         """Create the maildrop if missing, then pick up now and periodically."""
@@ -148,10 +159,14 @@ class MaildropService(Service):
         def note(event: str, **details: Any) -> None:
             events.append((event, details))  # logged in the reactor thread
 
+        now = self.reactor.seconds()
+        waiting = {name for name, when in self._notBefore.items() if when > now}
+
         def work() -> FlushResult:
             for name in removeStale(self.directory):
                 note("stale", name=name)
-            return flush(self.directory, submitOne, note)
+            names = [name for name in pending(self.directory) if name not in waiting]
+            return flush(self.directory, submitOne, note, names)
 
         running = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
         self._running = running
@@ -185,6 +200,8 @@ class MaildropService(Service):
     def _log(self, event: str, details: dict[str, Any]) -> None:
         dropped: Dropped | None = details.get("dropped")
         who = f"uid={dropped.uid} user={dropped.user or '-'}" if dropped is not None else ""
+        if event in ("submitted", "broken"):
+            self._notBefore.pop(details["name"], None)
         if event == "submitted":
             log.info(
                 "maildrop {name}: {who} from=<{sender}> submitted: {reply}",
@@ -194,6 +211,8 @@ class MaildropService(Service):
                 reply=details["reply"],
             )
         elif event == "deferred":
+            # Not again at every round: relayd said later, as for any 4xx.
+            self._notBefore[details["name"]] = self.reactor.seconds() + DEFERRED_WAIT
             log.warn(
                 "maildrop {name}: {who} deferred, tried again later: {reply}",
                 name=details["name"],

@@ -906,11 +906,12 @@ def flushMaildrop(config: SendmailConfig, verbose: bool) -> int:
     @return: L{EX_OK} when the maildrop is empty afterwards (or was),
         L{EX_TEMPFAIL} when relayd is not running or files are left.
     """
-    from relayd.maildrop import Dropped, Refused, Unreachable, flush
+    from relayd.maildrop import Dropped, Refused, Unreachable, flush, receivedField
 
     directory = _maildropDirectory(config)
 
     def submitOne(dropped: Dropped) -> str:
+        message = receivedField(dropped, config.helo) + dropped.message
         try:
             reply: str = _withDeadline(
                 config.deadline,
@@ -918,7 +919,7 @@ def flushMaildrop(config: SendmailConfig, verbose: bool) -> int:
                 config,
                 dropped.sender,
                 dropped.recipients,
-                dropped.message,
+                message,
             )
         except _Deadline:
             raise Refused(f"gave up after {config.deadline:g} seconds", False) from None

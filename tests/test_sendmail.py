@@ -893,11 +893,8 @@ def maildropFiles(directory):
     return pending(directory) if os.path.isdir(directory) else []
 
 
-class MaildropTests(SendmailTestCase):
-    """
-    relayd down: relayd-sendmail leaves the message in relayd's maildrop
-    (exit 0); relayd picks it up when it runs; -q flushes it.
-    """
+class MaildropTestCase(SendmailTestCase):
+    """relayd with its maildrop pickup looking every 0.2 s; RELAYD_CONFIG set."""
 
     sections = {"maildrop": {"interval": 0.2}}
 
@@ -931,6 +928,13 @@ class MaildropTests(SendmailTestCase):
             if time.monotonic() > deadline:
                 self.fail(f"timed out waiting for {what}")
             yield deferLater(reactor, 0.05, lambda: None)
+
+
+class MaildropTests(MaildropTestCase):
+    """
+    relayd down: relayd-sendmail leaves the message in relayd's maildrop
+    (exit 0); relayd picks it up when it runs; -q flushes it.
+    """
 
     @defer.inlineCallbacks
     def test_downDroppedThenPickedUp(self):
@@ -967,6 +971,17 @@ class MaildropTests(SendmailTestCase):
         self.assertEqual(record.client, "127.0.0.1")  # the local submission path
         self.assertIn(b"Subject: nightly\r\n", data)
         self.assertTrue(data.endswith(b"\r\n\r\nall good\r\n"), data)
+        # Who dropped it, and when: a trace field as Postfix's pickup writes.
+        self.assertRegex(
+            data,
+            rb"\AReceived: by relayd\.test \(relayd maildrop, from userid "
+            + str(os.getuid()).encode()
+            + rb" \("
+            + LOGIN.encode()
+            + rb"\)\)\r\n\tid "
+            + name.encode()
+            + rb"; [^\r\n]+\r\n",
+        )
 
     @defer.inlineCallbacks
     def test_brokenMovedAsideRestDelivered(self):
@@ -1080,6 +1095,47 @@ class MaildropTests(SendmailTestCase):
         result = yield self.send(["a@example.org"], b"hi\n")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(len(maildropFiles(self.maildrop)), 1)
+
+
+class MaildropDeferredTests(MaildropTestCase):
+    """relayd answers the pickup with a 4xx: the file waits, not retried every round."""
+
+    sections = {"maildrop": {"interval": 0.1}}
+
+    @defer.inlineCallbacks
+    def test_deferredWaits(self):
+        from twisted.logger import globalLogPublisher
+
+        from relayd import pickup
+
+        yield self.relayd.stop()
+        result = yield self.send(["ops@example.org"], b"Subject: x\n\nhi\n", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        events = []
+
+        def observe(event):
+            if event.get("log_namespace") == "relayd.maildrop":
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        # The spool below its free-space reserve: 452 4.3.1 at MAIL.
+        with open(self.setup.configPath) as f:
+            text = f.read()
+        with open(self.setup.configPath, "w") as f:
+            f.write(text.replace("reserve_bytes = 0", f"reserve_bytes = {2**62}"))
+        yield self.restart()
+        yield self.waitFor(lambda: events, "the first attempt")
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        yield deferLater(reactor, 1.0, lambda: None)  # ten rounds
+        deferred = [e for e in events if "deferred" in e["log_format"]]
+        self.assertEqual(len(deferred), 1, events)
+        self.assertIn("452 4.3.1", deferred[0]["reply"])
+        self.assertEqual(len(maildropFiles(self.maildrop)), 1)
+        self.assertEqual(self.spooled(), [])
+        self.assertEqual(pickup.DEFERRED_WAIT, 300.0)
 
 
 MAILQ_HEADING = "-Queue ID-           --Size-- ----Arrival Time---- -Sender/Recipient-------"
