@@ -27,10 +27,14 @@ __all__ = [
     "load",
     "LISTENER_MODES",
     "CONTROL_SOCKET_NAME",
+    "MAILDROP_NAME",
 ]
 
 CONTROL_SOCKET_NAME = "control.sock"
 """The control socket's name inside the spool directory, by default."""
+
+MAILDROP_NAME = "maildrop"
+"""The maildrop's name inside the spool directory, by default."""
 
 LISTENER_MODES = ("relay", "submission", "submissions")
 """
@@ -186,6 +190,9 @@ class Config:
     deliveryProcesses: int = 0
     """Delivery processes around the queue manager (L{relayd.delivery.processes});
     0: the queue manager delivers itself."""
+    maildropDirectory: str = ""
+    maildropInterval: float = 5.0
+    maildropListener: str | None = None
 
 
 # --- schema -----------------------------------------------------------------
@@ -422,6 +429,16 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         # relayctl's UNIX socket; default: CONTROL_SOCKET_NAME in the spool.
         "socket": _Key(str, check=lambda v: None if v else "must not be empty"),
     },
+    "maildrop": {
+        # Where relayd-sendmail leaves mail while relayd is down
+        # (relayd.ops.maildrop); default: MAILDROP_NAME in the spool.
+        "directory": _Key(str, check=lambda v: None if v else "must not be empty"),
+        # How often relayd looks there, in seconds.
+        "interval": _Key(_NUMBER, 5.0, check=_positive),
+        # The relay listener maildrop mail is submitted to (over loopback,
+        # through the policy chain); default: the first relay listener.
+        "listener": _Key(str),
+    },
 }
 
 _ROUTE: dict[str, _Key] = {
@@ -648,6 +665,11 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
     spoolDirectory = _resolve(base, spool["directory"]) or ""
     controlSocket = _resolve(base, sections["control"]["socket"])
     processes = _processes(path, server["processes"], policy["chain"], policies)
+    maildrop = sections["maildrop"]
+    if maildrop["listener"] is not None and not any(
+        lc.name == maildrop["listener"] and lc.mode == "relay" for lc in listeners
+    ):
+        raise ConfigError(path, "maildrop.listener", "must name a relay listener")
     return Config(
         path=path,
         hostname=hostname,
@@ -714,6 +736,10 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         logLevel=sections["logging"]["level"],
         controlSocket=controlSocket or os.path.join(spoolDirectory, CONTROL_SOCKET_NAME),
         deliveryProcesses=_deliveryProcesses(delivery["processes"], processes),
+        maildropDirectory=_resolve(base, maildrop["directory"])
+        or os.path.join(spoolDirectory, MAILDROP_NAME),
+        maildropInterval=float(maildrop["interval"]),
+        maildropListener=maildrop["listener"],
     )
 
 

@@ -429,6 +429,10 @@ def buildService(
                 registry, lambda: [samples for p in pools for samples in p.metricsSamples()]
             )
         metricsService.factory = metricsSite(registry, reactor)
+    # After the listeners: relayd-sendmail's maildrop is submitted to one.
+    from relayd.ops.pickup import MaildropService
+
+    MaildropService(top, reactor).setServiceParent(top)
     # Last: it starts once the spool holds its lock, and stops first.
     ControlService(top, spool, reactor).setServiceParent(top)
     return top
@@ -445,6 +449,8 @@ _RESTART_FIELDS = {
     "caFile": "delivery.ca_file",
     "deliveryConcurrency": "delivery.concurrency",
     "deliveryProcesses": "delivery.processes",
+    "maildropDirectory": "maildrop.directory",
+    "maildropInterval": "maildrop.interval",
 }
 
 

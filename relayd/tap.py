@@ -20,7 +20,13 @@ class Options(usage.Options):
         "see etc/relayd.toml for every key."
     )
     optParameters = [
-        ["config", "c", "/etc/relayd/relayd.toml", "Path to the TOML configuration file."],
+        [
+            "config",
+            "c",
+            None,
+            "Path to the TOML configuration file (default: $RELAYD_CONFIG, "
+            "else /etc/relayd/relayd.toml).",
+        ],
     ]
     optFlags = [
         [
@@ -30,6 +36,14 @@ class Options(usage.Options):
             "with their distribution and version, and exit.",
         ],
     ]
+
+    def opt_version(self) -> None:
+        """Print relayd's version and exit."""
+        from relayd.configfile import versionLine
+
+        sys.stdout.write(versionLine("relayd") + "\n")
+        sys.stdout.flush()
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         if self["list-policies"]:
@@ -54,16 +68,24 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
     """
     from twisted.internet import reactor
 
+    from relayd.configfile import ConfigNotFound, configPath
     from relayd.ops.logs import observerFor
     from relayd.service import buildService
 
     try:
-        config = load(options["config"])
+        # An explicit --config that is missing is load()'s usual config
+        # error; otherwise the error says where relayd looked.
+        explicit = options["config"]
+        config = load(configPath(explicit, mustExist=explicit is None))
         service = buildService(config, reactor)
         service.installSignalHandlers = True
         # [logging] format: twistd's text, or relayd's JSON lines.
         service.logObserver = observerFor(config, options.parent)
         return service
+    except ConfigNotFound as e:
+        sys.stderr.write(f"relayd: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
     except ConfigError as e:
         sys.stderr.write(f"relayd: config error: {e}\n")
         sys.stderr.flush()

@@ -581,3 +581,23 @@ def test_sampleExampleChainLoads(tmp_path: Path, material: dict[str, Path]) -> N
     service = buildService(config, MemoryReactorClock())
     assert service.policies is not None
     assert list(service.policies.chain.names) == list(config.policyChain)
+
+
+def test_maildropListenerMustBeRelay(tmp_path: Path) -> None:
+    """[maildrop] listener names a relay listener: the pickup submits there."""
+    from relayd.testing import TestSetup
+
+    setup = TestSetup(str(tmp_path / "relayd"), sections={"maildrop": {"listener": "submission"}})
+    with pytest.raises(ConfigError) as caught:
+        load(setup.configPath)
+    assert (caught.value.key, caught.value.problem) == (
+        "maildrop.listener",
+        "must name a relay listener",
+    )
+    setup = TestSetup(str(tmp_path / "ok"), sections={"maildrop": {"listener": "relay"}})
+    config = load(setup.configPath)
+    assert (config.maildropListener, config.maildropDirectory, config.maildropInterval) == (
+        "relay",
+        str(Path(setup.spoolPath) / "maildrop"),
+        5.0,
+    )

@@ -156,3 +156,159 @@ def test_twistdHelp(tmp_path: Path) -> None:
     assert result.returncode == 0, output
     assert "--config" in result.stdout
     assert "relayd" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
+    """Build the sdist from a copy of the checkout; the names it holds."""
+    import tarfile
+
+    source = tmp_path_factory.mktemp("sdist-source") / "relayd"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "var", "build", "dist", "*.egg-info", "__pycache__",
+            ".pytest_cache", "_trial_temp*", "dropin.cache",
+        ),
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("sdist")
+    isolated = _major("setuptools") < 68
+    if importlib.util.find_spec("build") is None:
+        pytest.fail("the build package is missing: scripts/test installs relayd[test]")
+    args = [sys.executable, "-m", "build", "--sdist", "--outdir", str(out)]
+    args += [] if isolated else ["--no-isolation"]
+    args.append(str(source))
+    result = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
+    [archive] = list(out.glob("relayd-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        # Without the leading relayd-VERSION/ folder.
+        yield {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+
+
+def test_sdistCarriesWhatTestsNeed(sdist: set[str]) -> None:
+    """
+    The sdist holds the licence, the example configs and units, the docs,
+    the example policy package and the scripts, not only the code.
+    """
+    for name in (
+        "LICENSE",
+        "etc/relayd.toml",
+        "etc/dev.toml",
+        "etc/relayd.service",
+        "docs/sendmail.md",
+        "docs/relayctl.md",
+        "examples/relayd-policy-example/setup.cfg",
+        "scripts/test",
+        "scripts/run",
+        "tests/ops/test_sendmail.py",
+        "relayd/ops/maildrop.py",
+    ):
+        assert name in sdist, name
+
+
+def test_metadataDependencies(wheel: zipfile.ZipFile) -> None:
+    """
+    cryptography (imported directly) is a requirement; redis and the
+    Ed25519 DKIM support (PyNaCl through dkimpy[ed25519]) are extras; the
+    licence file is in the wheel.
+    """
+    [name] = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    metadata = wheel.read(name).decode("utf-8")
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    plain = [r for r in requires if "extra ==" not in r]
+    assert any(r.startswith("cryptography") for r in plain), plain
+    assert not any(r.startswith("redis") for r in plain), plain
+    assert not any(r.startswith("dkimpy[") for r in plain), plain
+    assert any(r.startswith("redis") and 'extra == "redis"' in r for r in requires), requires
+    assert any(
+        r.startswith("dkimpy[ed25519]") and 'extra == "dkim-ed25519"' in r for r in requires
+    ), requires
+    assert "Provides-Extra: redis" in metadata
+    assert "Provides-Extra: dkim-ed25519" in metadata
+    assert any(n.endswith("LICENSE") for n in wheel.namelist())
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["relayctl"], ["relayd-sendmail"], ["relayd-passwd"], ["twistd", "relayd"]],
+)
+def test_version(command: list[str], tmp_path: Path) -> None:
+    """Every command prints relayd's version (from the package metadata)."""
+    script = Path(sys.executable).with_name(command[0])
+    result = subprocess.run(
+        [str(script), *command[1:], "--version"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    version = importlib.metadata.version("relayd")
+    assert result.stdout.strip().endswith(f"relayd {version}") or result.stdout.strip().endswith(
+        f"(relayd) {version}"
+    ), result.stdout
+
+
+def _startWithout(module: str, tmp_path: Path, policies: dict, chain: list) -> str:
+    """
+    C{twistd -n relayd} in an interpreter where C{module} cannot be
+    imported (as when its extra is not installed): what it printed, after
+    checking that it exited 1 without a traceback.
+    """
+    from relayd.testing import TestSetup
+
+    setup = TestSetup(str(tmp_path / "relayd"), modes=("relay",), chain=chain, policies=policies)
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; "
+        "from twisted.scripts.twistd import run; "
+        f"sys.argv = ['twistd', '-n', '--pidfile=', 'relayd', '--config', {setup.configPath!r}]; "
+        "run()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    return output
+
+
+def test_redisExtraMissing(tmp_path: Path) -> None:
+    """backend = "redis" without redis-py: one line naming the extra."""
+    output = _startWithout(
+        "redis",
+        tmp_path,
+        {
+            "ratelimit": {
+                "backend": "redis",
+                "rules": [{"name": "per-client", "key": "client", "recipients": ["10/hour"]}],
+            }
+        },
+        ["mynetworks", "ratelimit"],
+    )
+    assert 'policies.ratelimit.backend: "redis" needs the redis package' in output, output
+    assert 'pip install "relayd[redis]"' in output
+
+
+def test_ed25519ExtraMissing(tmp_path: Path) -> None:
+    """An Ed25519 DKIM key without PyNaCl: one line naming the extra."""
+    import base64
+    import os
+
+    key = tmp_path / "ed25519.key"
+    key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    output = _startWithout(
+        "nacl",
+        tmp_path,
+        {"dkim": {"domains": {"example.test": {"selector": "s1", "key": str(key)}}}},
+        ["mynetworks", "dkim"],
+    )
+    assert "needs dkimpy's ed25519 support (PyNaCl)" in output, output
+    assert 'pip install "relayd[dkim-ed25519]"' in output

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
+from relayd.configfile import versionLine
 from relayd.smtp.auth import DEFAULT_ROUNDS, UsersFileError, checkUsername, setPassword
 
 __all__ = ["main", "readPassword", "PasswordError"]
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         prog=_PROG,
         description="Set a user's password in a relayd users file "
         "(htpasswd -B compatible bcrypt hashes).",
+    )
+    parser.add_argument(
+        "--version", action="version", version=versionLine(_PROG), help="print the version"
     )
     parser.add_argument(
         "--rounds",

@@ -17,7 +17,8 @@ C{relayctl}: look at and steer a running relayd (docs/relayctl.md).
                                          SPF, DKIM, DMARC, MTA-STS, TLSRPT
 
 It finds relayd's control socket (and spool, and users file) through the
-config file, C{/etc/relayd/relayd.toml} unless C{--config} says otherwise.
+config file: C{--config PATH}, else the file named by C{RELAYD_CONFIG}, else
+C{/etc/relayd/relayd.toml} (L{relayd.configfile}).
 C{queue list} and C{queue show} read the spool directly when relayd is not
 running; everything that changes the queue needs the running daemon.
 
@@ -41,6 +42,13 @@ from typing import IO, Any, BinaryIO
 
 from twisted.internet.defer import Deferred, succeed
 
+from relayd.configfile import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    ConfigNotFound,
+    configPath,
+    versionLine,
+)
 from relayd.ops.control import (
     QUEUE_ID,
     ControlClient,
@@ -63,9 +71,6 @@ from relayd.queue.spool import QUEUED_STATES, STATES
 __all__ = ["main", "DEFAULT_CONFIG"]
 
 _PROG = "relayctl"
-
-DEFAULT_CONFIG = "/etc/relayd/relayd.toml"
-"""The config file relayctl reads unless told otherwise (as C{twistd relayd})."""
 
 PAGE = 2000
 """Messages per L{QueueList} request."""
@@ -113,7 +118,9 @@ def _locate(path: str) -> _Paths:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
     except FileNotFoundError:
-        raise _Failure(f"{path}: config file not found (give one with --config)") from None
+        raise _Failure(
+            f"{path}: config file not found (name one with --config FILE or {CONFIG_ENV}=FILE)"
+        ) from None
     except OSError as e:
         raise _Failure(f"{path}: cannot read config file: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
@@ -742,7 +749,7 @@ def _parser() -> _Parser:
         "--config",
         metavar="PATH",
         default=argparse.SUPPRESS,
-        help=f"relayd's config file (default {DEFAULT_CONFIG})",
+        help=f"relayd's config file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})",
     )
     common.add_argument(
         "--timeout",
@@ -755,6 +762,9 @@ def _parser() -> _Parser:
         prog=_PROG,
         description="Look at and control a running relayd.",
         parents=[common],
+    )
+    parser.add_argument(
+        "--version", action="version", version=versionLine(_PROG), help="print the version"
     )
     # Not set_defaults(): it would change the actions shared with every
     # subcommand (parents=[common]), which would then reset the value.
@@ -860,7 +870,13 @@ def main(
     output = _Output(stdout or sys.stdout, stderr or sys.stderr)
     try:
         options = _parser().parse_args(argv)
-        options.config = getattr(options, "config", DEFAULT_CONFIG)
+        try:
+            options.config = configPath(getattr(options, "config", None))
+        except ConfigNotFound as e:
+            if options.command == "check-config" and getattr(options, "path", None):
+                options.config = e.tried[0][0]
+            else:
+                raise _Failure(str(e)) from None
         options.timeout = getattr(options, "timeout", 60.0)
         options.commandLine = " ".join(
             part for part in (_PROG, options.command, getattr(options, "what", None)) if part

@@ -5,12 +5,22 @@ that pipe a message into C{/usr/sbin/sendmail}.
 
     relayd-sendmail [-t] [-i] [-f SENDER] [-F NAME] [OPTIONS] [--] [RECIPIENT ...]
 
-The message is read from standard input.  Unlike a real MTA it keeps no
-queue of its own: it connects to one relayd (C{/etc/relayd/sendmail.toml},
-or the file named by C{RELAYD_SENDMAIL_CONFIG} or C{--config}), hands the
-message over in one SMTP transaction and exits with a C{sysexits.h} status
-saying whether relayd took it.  Either every recipient is accepted and the
-message is sent, or nothing is sent.
+    relayd-sendmail -bp         (or run as mailq): list relayd's queue
+    relayd-sendmail -q          submit what waits in the maildrop now
+    relayd-sendmail --version
+
+The message is read from standard input.  It connects to one relayd
+(C{/etc/relayd/sendmail.toml}, or the file named by
+C{RELAYD_SENDMAIL_CONFIG} or C{--config}), hands the message over in one
+SMTP transaction and exits with a C{sysexits.h} status saying whether
+relayd took it.  Either every recipient is accepted and the message is
+sent, or nothing is sent.  When relayd cannot be reached at all (no
+connection, a 421 greeting, a timeout before the transaction began), the
+message is written durably into relayd's maildrop (L{relayd.ops.maildrop}),
+which relayd picks up once it runs, and the status is 0: the mail is
+queued.  The maildrop is C{maildrop} in C{sendmail.toml}, else relayd's
+(C{[maildrop] directory} of relayd's config file, C{RELAYD_CONFIG} or
+C{/etc/relayd/relayd.toml}).
 
 Exit status (sysexits.h): 0 queued by relayd; 64 (EX_USAGE) bad command
 line; 65 (EX_DATAERR) bad address or message; 69 (EX_UNAVAILABLE) relayd
@@ -60,6 +70,8 @@ __all__ = [
     "submit",
     "envelopeSender",
     "DEFAULT_CONFIG",
+    "mailq",
+    "flushMaildrop",
     "EX_OK",
     "EX_USAGE",
     "EX_DATAERR",
@@ -87,13 +99,14 @@ MAX_LINE = 998
 
 USAGE = (
     "usage: relayd-sendmail [-t] [-i] [-f SENDER] [-F NAME] [-v] "
-    "[--config FILE] [--server HOST:PORT] [--] [RECIPIENT ...]"
+    "[--config FILE] [--server HOST:PORT] [--] [RECIPIENT ...]; "
+    "relayd-sendmail -bp (mailq); relayd-sendmail -q; relayd-sendmail --version"
 )
 
 # Options taken the getopt way: letters followed by ':' take an argument,
 # attached (-fADDR) or as the next word (-f ADDR).
 _SHORT = "tif:r:F:vo:b:B:N:R:V:L:h:mnUG"
-_LONG = ["config=", "server=", "help"]
+_LONG = ["config=", "server=", "help", "version"]
 
 # -oX options that change nothing here.  -oi (ignore dots) is handled.
 _IGNORED_O = {
@@ -130,10 +143,16 @@ class SendmailError(Exception):
     @ivar status: a C{sysexits.h} code.
     """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, unreachable: bool = False) -> None:
+        """
+        @param unreachable: relayd could not be reached at all (no
+            connection, a 421 greeting): nothing of the message was sent,
+            so it may go into the maildrop without risk of a duplicate.
+        """
         super().__init__(status, message)
         self.status = status
         self.message = message
+        self.unreachable = unreachable
 
     def __str__(self) -> str:
         return self.message
@@ -175,12 +194,13 @@ class SendmailConfig:
     user: str | None = None
     password: str | None = None
     domain: str = field(default_factory=socket.gethostname)
+    maildrop: str | None = None
 
 
 _TLS_MODES = ("none", "starttls", "implicit")
 _NUMBER = (int, float)
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "": {"domain": str},
+    "": {"domain": str, "maildrop": str},
     "server": {
         "host": str,
         "port": int,
@@ -261,6 +281,10 @@ def loadConfig(path: str | None = None, environ: dict[str, str] | None = None) -
         except AddressError:
             raise _configError(filename, "domain", f"not a domain: {domain!r}") from None
         values["domain"] = domain
+    if "maildrop" in flat:
+        if not flat["maildrop"]:
+            raise _configError(filename, "maildrop", "must not be empty")
+        values["maildrop"] = relative(flat["maildrop"])
     if "server.host" in flat:
         if not flat["server.host"]:
             raise _configError(filename, "server.host", "must not be empty")
@@ -335,6 +359,9 @@ class Arguments:
     configPath: str | None = None
     server: tuple[str, int | None] | None = None
     help: bool = False
+    version: bool = False
+    listQueue: bool = False
+    flushQueue: bool = False
 
 
 def _usage(problem: str) -> NoReturn:
@@ -362,11 +389,19 @@ def parseArguments(argv: Sequence[str]) -> Arguments:
     @raise SendmailError: with L{EX_USAGE} for an unknown or unsupported
         option.
     """
+    result = Arguments()
+    words = list(argv)
+    # -q, -q30m, -qR...: sendmail's queue runs, with an argument getopt
+    # cannot take (optional, attached).  Here: one flush of the maildrop.
+    end = words.index("--") if "--" in words else len(words)
+    queueRuns = [w for w in words[:end] if w.startswith("-q")]
+    if queueRuns:
+        result.flushQueue = True
+        words = [w for w in words[:end] if not w.startswith("-q")] + words[end:]
     try:
-        options, operands = getopt.gnu_getopt(list(argv), _SHORT, _LONG)
+        options, operands = getopt.gnu_getopt(words, _SHORT, _LONG)
     except getopt.GetoptError as e:
         _usage(str(e))
-    result = Arguments()
     for option, value in options:
         if option == "-t":
             result.extract = True
@@ -384,8 +419,10 @@ def parseArguments(argv: Sequence[str]) -> Arguments:
             elif value not in _IGNORED_O:
                 _usage(f"option -o{value} not supported")
         elif option == "-b":
-            if value != "m":
-                _usage(f"mode -b{value} not supported (only -bm, deliver mail)")
+            if value == "p":
+                result.listQueue = True
+            elif value != "m":
+                _usage(f"mode -b{value} not supported (only -bm deliver mail, -bp list the queue)")
         elif option == "-B":
             if value.upper() not in ("7BIT", "8BITMIME"):
                 _usage(f"-B takes 7BIT or 8BITMIME, not {value!r}")
@@ -395,6 +432,8 @@ def parseArguments(argv: Sequence[str]) -> Arguments:
             result.configPath = value
         elif option == "--server":
             result.server = _serverOption(value)
+        elif option == "--version":
+            result.version = True
         else:
             assert option == "--help", option
             result.help = True
@@ -664,9 +703,12 @@ def submit(
         raise SendmailError(
             _status(e.smtp_code),
             f"{where} refused the connection: {_reply(e.smtp_code, e.smtp_error)}",
+            unreachable=e.smtp_code == 421,  # RFC 5321 4.2.2: shutting down
         ) from None
     except (OSError, smtplib.SMTPException) as e:
-        raise SendmailError(EX_TEMPFAIL, f"cannot connect to {where}: {_why(e)}") from None
+        raise SendmailError(
+            EX_TEMPFAIL, f"cannot connect to {where}: {_why(e)}", unreachable=True
+        ) from None
     try:
         return _transaction(smtp, config, sender, recipients, message, context)
     except SendmailError:
@@ -797,10 +839,253 @@ def _withDeadline(seconds: float, call: Any, *args: Any) -> Any:
         signal.signal(signal.SIGALRM, previous)
 
 
+# --- the maildrop and the queue ----------------------------------------------
+
+
+def _relaydPaths() -> Any:
+    """
+    relayd's spool, control socket and maildrop, from its config file
+    (C{RELAYD_CONFIG}, else C{/etc/relayd/relayd.toml}).
+
+    @raise SendmailError: with L{EX_CONFIG}, saying which paths were tried.
+    """
+    from relayd.configfile import ConfigNotFound, configPath, relaydPaths
+
+    try:
+        return relaydPaths(configPath())
+    except ConfigNotFound as e:
+        raise SendmailError(EX_CONFIG, f"relayd's {e}") from None
+    except ValueError as e:
+        raise SendmailError(EX_CONFIG, f"config error: {e}") from None
+
+
+def _maildropDirectory(config: SendmailConfig) -> str:
+    """
+    The maildrop: C{maildrop} in sendmail.toml, else relayd's.
+
+    @raise SendmailError: with L{EX_CONFIG} when neither says.
+    """
+    if config.maildrop is not None:
+        return config.maildrop
+    return str(_relaydPaths().maildrop)
+
+
+def _drop(
+    config: SendmailConfig,
+    why: SendmailError,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+) -> str:
+    """
+    relayd cannot be reached: write the message into the maildrop, where
+    relayd picks it up once it runs (L{relayd.ops.maildrop}).
+
+    @return: what C{-v} prints.
+    @raise SendmailError: C{why} (status 75), with the reason the maildrop
+        could not take the message either.
+    """
+    from relayd.ops.maildrop import drop
+
+    try:
+        directory = _maildropDirectory(config)
+    except SendmailError as e:
+        raise SendmailError(why.status, f"{why}; no maildrop either: {e}") from None
+    try:
+        path = drop(directory, sender, list(recipients), message)
+    except OSError as e:
+        raise SendmailError(
+            why.status,
+            f"{why}; cannot write to the maildrop {directory}: {e.strerror or e}",
+        ) from None
+    return f"{why}; queued in the maildrop as {path} (relayd picks it up when it runs)"
+
+
+def flushMaildrop(config: SendmailConfig, verbose: bool) -> int:
+    """
+    C{-q}: submit every file in the maildrop to relayd now, as relayd's own
+    pickup would (L{relayd.ops.maildrop.flush}), over sendmail.toml's server
+    settings.
+
+    @return: L{EX_OK} when the maildrop is empty afterwards (or was),
+        L{EX_TEMPFAIL} when relayd is not running or files are left.
+    """
+    from relayd.ops.maildrop import Dropped, Refused, Unreachable, flush, receivedField
+
+    directory = _maildropDirectory(config)
+
+    def submitOne(dropped: Dropped) -> str:
+        message = receivedField(dropped, config.helo) + dropped.message
+        try:
+            reply: str = _withDeadline(
+                config.deadline,
+                submit,
+                config,
+                dropped.sender,
+                dropped.recipients,
+                message,
+            )
+        except _Deadline:
+            raise Refused(f"gave up after {config.deadline:g} seconds", False) from None
+        except SendmailError as e:
+            if e.unreachable:
+                raise Unreachable(e.message) from None
+            raise Refused(e.message, permanent=e.status == EX_UNAVAILABLE) from None
+        return reply
+
+    try:
+        result = flush(directory, submitOne)
+    except OSError as e:
+        raise SendmailError(
+            EX_TEMPFAIL, f"cannot read the maildrop {directory}: {e.strerror or e}"
+        ) from None
+    for name, reply in result.submitted:
+        if verbose:
+            print(f"{PROG}: {name}: {reply}", file=sys.stderr)
+    for name, why in result.broken:
+        print(f"{PROG}: {name}: moved aside to {directory}/broken: {why}", file=sys.stderr)
+    if result.unreachable is not None:
+        print(
+            f"{PROG}: relayd is not running ({result.unreachable}); "
+            f"{_count(len(result.left), 'message')} left in the maildrop {directory}",
+            file=sys.stderr,
+        )
+        return EX_TEMPFAIL
+    if result.left:
+        print(
+            f"{PROG}: {_count(len(result.left), 'message')} left in the maildrop {directory} "
+            "(deferred by relayd, or being submitted by relayd itself)",
+            file=sys.stderr,
+        )
+        return EX_TEMPFAIL
+    if verbose:
+        print(f"{PROG}: maildrop flushed: {len(result.submitted)} submitted", file=sys.stderr)
+    return EX_OK
+
+
+def _arrival(seconds: float | None) -> str:
+    """Postfix's mailq arrival time: C{Thu Dec  3 10:12:27}."""
+    if seconds is None:
+        return "-"
+    return time.strftime("%a %b %e %H:%M:%S", time.localtime(seconds))
+
+
+def _queueEntries() -> tuple[list[dict[str, Any]], str]:
+    """
+    relayd's queue as L{relayd.ops.control.summarize} entries: through the
+    control socket when relayd runs, else read from the spool
+    (L{relayd.ops.control.readQueue}).
+
+    @return: the entries and where they came from (for the last line).
+    """
+    from relayd.ops.control import (
+        ControlClient,
+        ControlClientError,
+        NotRunning,
+        QueueList,
+        readQueue,
+    )
+
+    paths = _relaydPaths()
+    try:
+        client = ControlClient(paths.socket, 60.0)
+    except NotRunning:
+        client = None
+    except ControlClientError as e:
+        raise SendmailError(EX_TEMPFAIL, str(e)) from None
+    if client is None:
+        if not os.path.isdir(os.path.join(paths.spool, "incoming")):
+            raise SendmailError(
+                EX_TEMPFAIL, f"relayd is not running, and {paths.spool} holds no spool"
+            )
+        try:
+            return readQueue(paths.spool)[0], f"relayd is not running; read from {paths.spool}"
+        except OSError as e:
+            raise SendmailError(
+                EX_TEMPFAIL, f"cannot read the spool: {e.filename or paths.spool}: {e.strerror}"
+            ) from None
+    entries: list[dict[str, Any]] = []
+    with client:
+        after = ""
+        while True:
+            try:
+                page = client.call(QueueList, after=after, limit=2000)
+            except Exception as e:  # ControlError, ControlClientError: one line
+                raise SendmailError(EX_TEMPFAIL, str(e)) from None
+            entries += page["entries"]
+            if not page["more"] or not page["entries"]:
+                return entries, "from relayd"
+            after = page["entries"][-1]["queue_id"]
+
+
+def mailq(out: Any) -> int:
+    """
+    C{-bp} and C{mailq}: list relayd's queue the way Postfix's C{mailq}
+    does: queue id (C{*} being delivered, C{!} on hold), size, arrival
+    time, sender; then each recipient still to be delivered, after its
+    last reply in parentheses when it has one.
+    """
+    entries, source = _queueEntries()
+    _listEntries(out, entries, source)
+    # Mail relayd-sendmail kept while relayd was down is not in the queue
+    # yet; say so (when this user may list the maildrop).
+    from relayd.ops.maildrop import pending
+
+    directory = _relaydPaths().maildrop
+    try:
+        waiting = len(pending(directory))
+    except OSError:
+        waiting = 0
+    if waiting:
+        out.write(
+            f"-- {_count(waiting, 'message')} in the maildrop {directory}, "
+            "not yet picked up by relayd\n"
+        )
+    return EX_OK
+
+
+def _count(number: int, word: str) -> str:
+    return f"{number} {word}" + ("" if number == 1 else "s")
+
+
+def _listEntries(out: Any, entries: list[dict[str, Any]], source: str) -> None:
+    if not entries:
+        out.write("Mail queue is empty\n")
+        return
+    out.write(f"{'-Queue ID-':<20} {'--Size--':>8} {'----Arrival Time----':<20} ")
+    out.write("-Sender/Recipient-------\n")
+    octets = 0
+    for e in entries:
+        mark = "*" if e.get("delivering") else "!" if e["state"] == "hold" else " "
+        octets += e.get("size") or 0
+        if e.get("error"):
+            out.write(f"{e['queue_id'] + mark:<20} {'?':>8} {'-':<20} ({e['error']})\n\n")
+            continue
+        sender = e["sender"] or "MAILER-DAEMON"
+        when = _arrival(e["arrival"])
+        out.write(f"{e['queue_id'] + mark:<20} {e['size'] or 0:>8} {when:<20} {sender}\n")
+        for r in e["recipients"]:
+            if r["state"] in ("delivered", "failed"):
+                continue
+            if r.get("last_reply"):
+                out.write(f"{'':<51}({' '.join(str(r['last_reply']).split())})\n")
+            out.write(f"{'':<51}{r['address']}\n")
+        out.write("\n")
+    count = len(entries)
+    out.write(
+        f"-- {(octets + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}."
+        f" ({source})\n"
+    )
+
+
 # --- main ------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    stdin: BinaryIO | None = None,
+    program: str | None = None,
+) -> int:
     """
     Run C{relayd-sendmail}.
 
@@ -808,18 +1093,32 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
         when None.
     @param stdin: where the message is read from; C{sys.stdin.buffer} when
         None.
+    @param program: the name it was run as (C{sys.argv[0]} when None): as
+        C{mailq} it lists the queue.
     @return: the exit status (sysexits.h; see the module docstring).
     """
     args = sys.argv[1:] if argv is None else argv
+    name = os.path.basename(sys.argv[0] if program is None else program)
     try:
         arguments = parseArguments(args)
+        if name == "mailq":
+            arguments.listQueue = True  # mailq is sendmail -bp
         if arguments.help:
             print(USAGE)
             return EX_OK
+        if arguments.version:
+            from relayd.configfile import versionLine
+
+            print(versionLine(PROG))
+            return EX_OK
+        if arguments.listQueue:
+            return mailq(sys.stdout)
         config = loadConfig(arguments.configPath)
         if arguments.server is not None:
             host, port = arguments.server
             config = replace(config, host=host, port=port or config.port)
+        if arguments.flushQueue:
+            return flushMaildrop(config, arguments.verbose)
         if not arguments.recipients and not arguments.extract:
             _usage("no recipients given (name them, or use -t)")
         sender = envelopeSender(arguments, config, _login())
@@ -832,6 +1131,10 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
                 EX_TEMPFAIL,
                 f"{config.host}:{config.port}: gave up after {config.deadline:g} seconds",
             ) from None
+        except SendmailError as e:
+            if not e.unreachable:
+                raise
+            reply = _drop(config, e, sender, recipients, message)
     except SendmailError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.status

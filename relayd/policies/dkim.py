@@ -468,9 +468,23 @@ def _readKey(path: str, option: str) -> SigningKey:
     except OSError as e:
         raise PolicyOptionError(option, f"cannot read {path}: {e.strerror or e}") from None
     try:
-        return loadKey(data)
+        key = loadKey(data)
     except ValueError as e:
         raise PolicyOptionError(option, f"{path}: {e}") from None
+    if key.algorithm == b"ed25519-sha256" and not _haveEd25519Signing():
+        raise PolicyOptionError(
+            option,
+            f"{path}: an Ed25519 key needs dkimpy's ed25519 support (PyNaCl), "
+            'which is not installed: pip install "relayd[dkim-ed25519]"',
+        )
+    return key
+
+
+def _haveEd25519Signing() -> bool:
+    """dkimpy signs ed25519-sha256 (RFC 8463) with PyNaCl, an optional extra."""
+    import importlib.util
+
+    return importlib.util.find_spec("nacl") is not None
 
 
 def _signers(domains: Any, context: PolicyContext) -> tuple[_Signer, ...]:

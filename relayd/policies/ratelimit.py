@@ -332,6 +332,12 @@ class RateLimit:
         connection = _connectionOptions(options)
         store: Any
         if backend == "redis":
+            if not _haveRedis():
+                raise PolicyOptionError(
+                    "backend",
+                    '"redis" needs the redis package, which is not installed: '
+                    'pip install "relayd[redis]"',
+                )
             try:
                 store = RedisStore(url, float(timeout), threads, **connection)
             except ValueError as e:
@@ -747,3 +753,10 @@ def _parseRules(value: Any) -> list[Rule]:
             )
         )
     return rules
+
+
+def _haveRedis() -> bool:
+    """redis-py is an optional extra (C{relayd[redis]}): is it installed?"""
+    import importlib.util
+
+    return importlib.util.find_spec("redis") is not None

@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
-from tests.test_receivers import sendMany, tokensAt, waitFor
 
 from relayd.config import ConfigError, load
 from relayd.delivery.attempt import AttemptResult, RecipientResult
@@ -36,6 +34,8 @@ from relayd.delivery.routing import Destination, Hop
 from relayd.reply import Reply
 from relayd.smtp.dsn import DSNParameters, RecipientRequest
 from relayd.testing import PostfixSink, TestSetup
+from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from tests.test_receivers import sendMany, tokensAt, waitFor
 
 MESSAGE_ID = re.compile(rb"^Message-Id: <([^>]+)>$", re.M | re.I)
 SUBJECT = "deliveryprocs-load"

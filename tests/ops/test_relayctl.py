@@ -1187,3 +1187,98 @@ def test_offlineUnreadableEnvelope(tmp_path: Path) -> None:
     assert "reading the spool" in note
     assert error.startswith("relayctl: 0ABC: unreadable envelope: ")
     assert (tmp_path / "spool" / "hold" / "0ABC").read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+
+
+# --- RELAYD_CONFIG and --version -----------------------------------------------------
+
+RELAYCTL = os.path.join(os.path.dirname(sys.executable), "relayctl")
+
+
+def runScript(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The installed relayctl, with C{env} over an environment without RELAYD_CONFIG."""
+    environ = {k: v for k, v in os.environ.items() if k != "RELAYD_CONFIG"}
+    environ.update(env)
+    return subprocess.run(
+        [RELAYCTL, *args], capture_output=True, text=True, env=environ, timeout=120
+    )
+
+
+class ConfigVariableTests(RelayctlTestCase):
+    """The installed relayctl finds relayd's config through RELAYD_CONFIG."""
+
+    @defer.inlineCallbacks
+    def test_statusThroughVariable(self) -> Any:
+        env = {"RELAYD_CONFIG": self.setup.configPath}
+        result = yield deferToThread(runScript, ["status"], env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(f"config:      {self.setup.configPath}\n", result.stdout)
+        result = yield deferToThread(runScript, ["queue", "list"], env)
+        self.assertEqual((result.returncode, result.stdout), (0, "Mail queue is empty\n"))
+
+    @defer.inlineCallbacks
+    def test_configOptionWins(self) -> Any:
+        missing = os.path.join(self.directory, "missing.toml")
+        env = {"RELAYD_CONFIG": missing}
+        result = yield deferToThread(runScript, ["--config", self.setup.configPath, "status"], env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        result = yield deferToThread(runScript, ["status"], env)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(
+            result.stderr,
+            f"relayctl: config file not found: tried {missing} (RELAYD_CONFIG); "
+            "name one with --config FILE or RELAYD_CONFIG=FILE\n",
+        )
+
+
+def test_defaultConfigMissingSaysWhatWasTried() -> None:
+    """Without --config or RELAYD_CONFIG: the default, and how to name one."""
+    if os.path.exists("/etc/relayd/relayd.toml"):
+        pytest.skip("this machine has /etc/relayd/relayd.toml")
+    result = runScript(["status"], {})
+    assert result.returncode == 1
+    assert result.stderr == (
+        "relayctl: config file not found: tried /etc/relayd/relayd.toml "
+        "(the default; RELAYD_CONFIG is not set); "
+        "name one with --config FILE or RELAYD_CONFIG=FILE\n"
+    )
+
+
+def test_twistdHonoursVariable(tmp_path: Path) -> None:
+    """C{twistd relayd} without --config runs the config RELAYD_CONFIG names."""
+    setup = TestSetup(str(tmp_path / "relayd"), modes=("relay",), portZero=False)
+    environ = dict(os.environ, RELAYD_CONFIG=setup.configPath)
+    code = (
+        "import sys; from twisted.scripts.twistd import run; "
+        "sys.argv = ['twistd', '-n', '--pidfile=', 'relayd']; run()"
+    )
+    with open(tmp_path / "relayd.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code], env=environ, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, (tmp_path / "relayd.log").read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", setup.ports["relay"]), 1) as s:
+                    assert s.recv(512).startswith(b"220 ")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "relayd.log").read_text()
+                time.sleep(0.05)
+    finally:
+        process.terminate()
+        process.wait(30)
+    missing = str(tmp_path / "missing.toml")
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, RELAYD_CONFIG=missing),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert (
+        f"relayd: config file not found: tried {missing} (RELAYD_CONFIG); "
+        "name one with --config FILE or RELAYD_CONFIG=FILE" in result.stderr
+    ), result.stderr

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -48,6 +49,7 @@ def run(args, stdin=b"", config=None, env=None):
     assert os.path.exists(SCRIPT), f"{SCRIPT} missing: pip install -e . makes it"
     environ = dict(os.environ)
     environ.pop(sendmail.CONFIG_ENV, None)
+    environ.pop("RELAYD_CONFIG", None)
     if config is not None:
         environ[sendmail.CONFIG_ENV] = config
     environ.update(env or {})
@@ -414,9 +416,8 @@ class UsageTests(SendmailTestCase):
     def test_usage(self):
         for argv, text in [
             (["-X", "root"], "option -X not recognized"),
-            (["-bp"], "mode -bp not supported"),
             (["-bs", "root"], "mode -bs not supported"),
-            (["-q"], "option -q not recognized"),
+            (["-bi"], "mode -bi not supported"),
             (["-oQ/var/spool", "root"], "option -oQ/var/spool not supported"),
             (["-B", "BINARYMIME", "root"], "-B takes 7BIT or 8BITMIME"),
             (["--server", "::", "root"], "--server: expected HOST:PORT"),
@@ -737,6 +738,30 @@ class ScriptedServerTests(unittest.TestCase):
             self.assertFailed(result, status, f"refused the connection: {greeting}")
 
     @defer.inlineCallbacks
+    def test_maildropOnlyWhenNothingWasSent(self):
+        """
+        With a maildrop: a 421 greeting (relayd shutting down) keeps the
+        message there (0); a refusal once the transaction began (a 4xx to
+        the message) does not, since relayd may act on what it was sent:
+        75, the maildrop empty.
+        """
+        maildrop = os.path.join(self.directory, "maildrop")
+        os.mkdir(maildrop)
+        with open(self.config) as f:
+            text = f.read()
+        with open(self.config, "w") as f:
+            f.write(f'maildrop = "{maildrop}"\n' + text)
+        self.sink.greeting = "421 4.3.2 busy"
+        result = yield self.send(["a@example.org"])
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertEqual(len(maildropFiles(maildrop)), 1)
+        self.sink.greeting = None
+        self.sink.dataReply = (451, "4.3.0 spool trouble")
+        result = yield self.send(["b@example.org"])
+        self.assertFailed(result, 75, "refused the message: 451 4.3.0 spool trouble")
+        self.assertEqual(len(maildropFiles(maildrop)), 1)
+
+    @defer.inlineCallbacks
     def test_dataReplies(self):
         self.sink.dataReply = (451, "4.3.0 spool trouble")
         result = yield self.send(["a@example.org"])
@@ -856,3 +881,529 @@ class MessageTests(unittest.SynchronousTestCase):
                 (None, "127.0.0.1", 25, "none", None),
             )
             self.assertEqual(config.domain, socket.gethostname())
+
+
+# --- the maildrop, -q, mailq and -bp ------------------------------------------------
+
+
+def maildropFiles(directory):
+    """The maildrop's waiting files (not broken/ nor temp files)."""
+    from relayd.ops.maildrop import pending
+
+    return pending(directory) if os.path.isdir(directory) else []
+
+
+class MaildropTestCase(SendmailTestCase):
+    """relayd with its maildrop pickup looking every 0.2 s; RELAYD_CONFIG set."""
+
+    sections = {"maildrop": {"interval": 0.2}}
+
+    def setUp(self):
+        d = super().setUp()
+
+        def more(_):
+            self.env = {"RELAYD_CONFIG": self.setup.configPath}
+            self.maildrop = os.path.join(self.setup.spoolPath, "maildrop")
+
+        return d.addCallback(more)
+
+    def restart(self):
+        """relayd again, same config (its relay port changes: port 0)."""
+        d = InProcessRelayd.start(self.setup)
+
+        def started(relayd):
+            self.relayd = relayd
+            self.addCleanup(relayd.stop)
+            self.config = self.writeConfig(relayd.port("relay"))
+
+        return d.addCallback(started)
+
+    @defer.inlineCallbacks
+    def waitFor(self, condition, what, timeout=30.0):
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}")
+            yield deferLater(reactor, 0.05, lambda: None)
+
+
+class MaildropTests(MaildropTestCase):
+    """
+    relayd down: relayd-sendmail leaves the message in relayd's maildrop
+    (exit 0); relayd picks it up when it runs; -q flushes it.
+    """
+
+    @defer.inlineCallbacks
+    def test_downDroppedThenPickedUp(self):
+        """
+        relayd stopped: exit 0 (-v says where the message went), the file
+        is in the maildrop, nothing in the spool; relayd started again
+        picks it up through its relay listener and removes the file.
+        """
+        self.assertEqual(os.stat(self.maildrop).st_mode & 0o7777, 0o3730)
+        yield self.relayd.stop()
+        result = yield self.send(
+            ["-v", "-f", "cron@example.test", "ops@example.org"],
+            b"Subject: nightly\n\nall good\n",
+            env=self.env,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"cannot connect to 127.0.0.1", result.stderr)
+        self.assertIn(b"queued in the maildrop as " + self.maildrop.encode(), result.stderr)
+        [name] = maildropFiles(self.maildrop)
+        info = os.stat(os.path.join(self.maildrop, name))
+        self.assertEqual((info.st_uid, info.st_mode & 0o777), (os.getuid(), 0o640))
+        self.assertEqual(self.spooled(), [])
+        result = yield self.send(["-bp"], env=self.env)
+        self.assertEqual(
+            result.stdout.decode(),
+            "Mail queue is empty\n"
+            f"-- 1 message in the maildrop {self.maildrop}, not yet picked up by relayd\n",
+        )
+        yield self.restart()
+        yield self.waitFor(lambda: not maildropFiles(self.maildrop), "the pickup")
+        record, data = self.only()
+        self.assertEqual(record.sender, "cron@example.test")
+        self.assertEqual(recipients(record), ["ops@example.org"])
+        self.assertEqual(record.client, "127.0.0.1")  # the local submission path
+        self.assertIn(b"Subject: nightly\r\n", data)
+        self.assertTrue(data.endswith(b"\r\n\r\nall good\r\n"), data)
+        # Who dropped it, and when: a trace field as Postfix's pickup writes.
+        self.assertRegex(
+            data,
+            rb"\AReceived: by relayd\.test \(relayd maildrop, from userid "
+            + str(os.getuid()).encode()
+            + rb" \("
+            + LOGIN.encode()
+            + rb"\)\)\r\n\tid "
+            + name.encode()
+            + rb"; [^\r\n]+\r\n",
+        )
+
+    @defer.inlineCallbacks
+    def test_brokenMovedAsideRestDelivered(self):
+        """
+        A file that is no maildrop file, a truncated one and one claiming
+        another uid go to broken/; the good ones are submitted; relayd
+        keeps running.
+        """
+        yield self.relayd.stop()
+        for i in range(2):
+            result = yield self.send([f"ops{i}@example.org"], b"Subject: x\n\nhi\n", env=self.env)
+            self.assertEqual(result.returncode, 0, result.stderr)
+        good = maildropFiles(self.maildrop)
+        with open(os.path.join(self.maildrop, good[0]), "rb") as f:
+            content = f.read()
+        bad = {
+            "0-garbage": b"not a maildrop file\n",
+            "1-truncated": content[:-3],
+            "2-forged": content.replace(
+                f'"uid": {os.getuid()}'.encode(), f'"uid": {os.getuid() + 1}'.encode()
+            ),
+        }
+        for name, data in bad.items():
+            with open(os.path.join(self.maildrop, name), "wb") as f:
+                f.write(data)
+        os.symlink("/etc/passwd", os.path.join(self.maildrop, "3-link"))
+        # A writer that died before its rename: its temp file, a day old
+        # (removed), and one being written now (left alone).
+        for name, age in ((".old.tmp", 86400 + 60), (".new.tmp", 0)):
+            path = os.path.join(self.maildrop, name)
+            with open(path, "wb") as f:
+                f.write(content[:10])
+            os.utime(path, (time.time() - age, time.time() - age))
+        yield self.restart()
+        yield self.waitFor(lambda: not maildropFiles(self.maildrop), "the pickup")
+        self.assertEqual(
+            sorted(recipients(record)[0] for record, _ in self.spooled()),
+            ["ops0@example.org", "ops1@example.org"],
+        )
+        broken = os.path.join(self.maildrop, "broken")
+        self.assertEqual(sorted(os.listdir(broken)), sorted([*bad, "3-link"]))
+        self.assertEqual(
+            sorted(n for n in os.listdir(self.maildrop) if n.startswith(".")), [".new.tmp"]
+        )
+        self.assertTrue(self.relayd.service.running)
+
+    @defer.inlineCallbacks
+    def test_flushWithQ(self):
+        """
+        -q submits the maildrop to relayd at once; with relayd down it says
+        relayd is not running and leaves the files (75).  (sendmail.toml
+        names a maildrop of its own here, which relayd's pickup does not
+        look at, so that only -q can have submitted the message.)
+        """
+        own = os.path.join(self.directory, "own-maildrop")
+        os.mkdir(own)
+        with open(self.config) as f:
+            text = f.read()
+        with open(self.config, "w") as f:
+            f.write(f'maildrop = "{own}"\n' + text)
+        yield self.relayd.stop()
+        result = yield self.send(["ops@example.org"], b"Subject: x\n\nhi\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        result = yield self.send(["-q"])
+        self.assertEqual(result.returncode, 75, result.stderr)
+        self.assertIn(b"relayd is not running (cannot connect to", result.stderr)
+        self.assertIn(b"1 message left in the maildrop", result.stderr)
+        self.assertEqual(len(maildropFiles(own)), 1)
+        yield self.restart()
+        with open(self.config) as f:
+            text = f.read()
+        with open(self.config, "w") as f:
+            f.write(f'maildrop = "{own}"\n' + text)
+        result = yield self.send(["-q", "-v"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"maildrop flushed: 1 submitted", result.stderr)
+        self.assertEqual(maildropFiles(own), [])
+        self.assertEqual(recipients(self.only()[0]), ["ops@example.org"])
+        result = yield self.send(["-q"])
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+
+    @defer.inlineCallbacks
+    def test_noMaildrop(self):
+        """
+        relayd down and no maildrop to write to (relayd's config names
+        none that exists): 75 as before, saying both.
+        """
+        yield self.relayd.stop()
+        missing = os.path.join(self.directory, "nothing.toml")
+        result = yield self.send(["a@example.org"], b"hi\n", env={"RELAYD_CONFIG": missing})
+        self.assertFailed(
+            result,
+            75,
+            f"no maildrop either: relayd's config file not found: tried {missing} (RELAYD_CONFIG)",
+        )
+        with open(os.path.join(self.directory, "other.toml"), "w") as f:
+            f.write('[spool]\ndirectory = "nowhere"\n')
+        result = yield self.send(["a@example.org"], b"hi\n", env={"RELAYD_CONFIG": f.name})
+        self.assertFailed(
+            result, 75, f"cannot write to the maildrop {self.directory}/nowhere/maildrop"
+        )
+
+    @defer.inlineCallbacks
+    def test_sendmailTomlMaildrop(self):
+        """C{maildrop} in sendmail.toml names the folder without relayd's config."""
+        yield self.relayd.stop()
+        with open(self.config) as f:
+            text = f.read()
+        with open(self.config, "w") as f:
+            f.write(f'maildrop = "{self.maildrop}"\n' + text)
+        result = yield self.send(["a@example.org"], b"hi\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(maildropFiles(self.maildrop)), 1)
+
+
+class MaildropDeferredTests(MaildropTestCase):
+    """relayd answers the pickup with a 4xx: the file waits, not retried every round."""
+
+    sections = {"maildrop": {"interval": 0.1}}
+
+    @defer.inlineCallbacks
+    def test_deferredWaits(self):
+        from twisted.logger import globalLogPublisher
+
+        from relayd import pickup
+
+        yield self.relayd.stop()
+        result = yield self.send(["ops@example.org"], b"Subject: x\n\nhi\n", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        events = []
+
+        def observe(event):
+            if event.get("log_namespace") == "relayd.ops.maildrop":
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        # The spool below its free-space reserve: 452 4.3.1 at MAIL.
+        with open(self.setup.configPath) as f:
+            text = f.read()
+        with open(self.setup.configPath, "w") as f:
+            f.write(text.replace("reserve_bytes = 0", f"reserve_bytes = {2**62}"))
+        yield self.restart()
+        yield self.waitFor(lambda: events, "the first attempt")
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        yield deferLater(reactor, 1.0, lambda: None)  # ten rounds
+        deferred = [e for e in events if "deferred" in e["log_format"]]
+        self.assertEqual(len(deferred), 1, events)
+        self.assertIn("452 4.3.1", deferred[0]["reply"])
+        self.assertEqual(len(maildropFiles(self.maildrop)), 1)
+        self.assertEqual(self.spooled(), [])
+        self.assertEqual(pickup.DEFERRED_WAIT, 300.0)
+
+
+MAILQ_HEADING = "-Queue ID-           --Size-- ----Arrival Time---- -Sender/Recipient-------"
+
+
+class MailqTests(SendmailTestCase):
+    """
+    -bp, and the program run as mailq, list relayd's queue like Postfix's
+    mailq: through the control socket while relayd runs, from the spool
+    when it does not.
+    """
+
+    def mailq(self, args, program=None):
+        env = {"RELAYD_CONFIG": self.setup.configPath}
+        if program is None:
+            return self.send(args, env=env)
+        link = os.path.join(self.directory, program)
+        if not os.path.exists(link):
+            os.symlink(SCRIPT, link)
+        environ = dict(os.environ, **env)
+        environ.pop(sendmail.CONFIG_ENV, None)
+        return deferToThread(
+            subprocess.run, [link, *args], capture_output=True, env=environ, timeout=120
+        )
+
+    @defer.inlineCallbacks
+    def test_emptyQueue(self):
+        for result in [(yield self.mailq(["-bp"])), (yield self.mailq([], "mailq"))]:
+            self.assertEqual((result.returncode, result.stderr), (0, b""), result.stderr)
+            self.assertEqual(result.stdout, b"Mail queue is empty\n")
+
+    @defer.inlineCallbacks
+    def test_listRunningAndStopped(self):
+        result = yield self.send(
+            ["-f", "app@example.test", "a@example.org", "b@example.org"],
+            b"Subject: x\n\n" + b"y" * 50 + b"\n" * 40,
+        )
+        self.assertOk(result)
+        [(record, _)] = self.spooled()
+        outputs = []
+        for args, program in ((["-bp"], None), ([], "mailq")):
+            outputs.append((yield self.mailq(args, program)))
+        yield self.relayd.stop()
+        outputs.append((yield self.mailq(["-bp"])))
+        outputs.append((yield self.mailq([], "mailq")))
+        arrival = time.strftime("%a %b %e %H:%M:%S", time.localtime(record.arrival))
+        for i, result in enumerate(outputs):
+            self.assertEqual((result.returncode, result.stderr), (0, b""), result.stderr)
+            lines = result.stdout.decode().splitlines()
+            source = "from relayd" if i < 2 else "relayd is not running; read from"
+            self.assertEqual(lines[0], MAILQ_HEADING)
+            self.assertEqual(
+                lines[1],
+                f"{record.queueId:<20} {record.size:>8} {arrival:<20} app@example.test",
+            )
+            self.assertEqual(lines[2].strip(), "a@example.org")
+            self.assertEqual(lines[3].strip(), "b@example.org")
+            self.assertEqual(lines[4], "")
+            self.assertTrue(
+                lines[5].startswith(
+                    f"-- {(record.size + 1023) // 1024} Kbytes in 1 Request. ({source}"
+                ),
+                lines[5],
+            )
+
+    @defer.inlineCallbacks
+    def test_lastReplyShown(self):
+        """A deferred recipient's last reply is shown above its address."""
+        from relayd.queue.record import RecipientState
+
+        result = yield self.send(["a@example.org", "b@example.org"], b"Subject: x\n\nhi\n")
+        self.assertOk(result)
+        [(record, _)] = self.spooled()
+        from dataclasses import replace
+
+        changed = replace(
+            record,
+            recipients=(
+                replace(
+                    record.recipients[0],
+                    state=RecipientState.DEFERRED,
+                    lastReply="451 4.7.1 try again later",
+                ),
+                replace(record.recipients[1], state=RecipientState.DELIVERED),
+            ),
+        )
+        yield self.relayd.spool.update(record.queueId, "incoming", changed)
+        for stop in (False, True):
+            if stop:
+                yield self.relayd.stop()
+            result = yield self.mailq(["-bp"])
+            lines = result.stdout.decode().splitlines()
+            self.assertEqual(
+                [line.strip() for line in lines[2:4]],
+                ["(451 4.7.1 try again later)", "a@example.org"],
+            )
+            self.assertNotIn("b@example.org", result.stdout.decode())
+
+    @defer.inlineCallbacks
+    def test_noConfig(self):
+        missing = os.path.join(self.directory, "missing.toml")
+        result = yield self.send(["-bp"], env={"RELAYD_CONFIG": missing})
+        self.assertEqual(result.returncode, 78, result.stderr)
+        self.assertIn(
+            f"tried {missing} (RELAYD_CONFIG); name one with --config FILE or RELAYD_CONFIG=FILE",
+            result.stderr.decode(),
+        )
+
+
+class VersionTests(unittest.TestCase):
+    def test_version(self):
+        """--version: relayd's version, not a sendmail option error."""
+        import importlib.metadata
+
+        result = run(["--version"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(
+            result.stdout.decode().strip(),
+            f"relayd-sendmail (relayd) {importlib.metadata.version('relayd')}",
+        )
+
+
+class RelaydProcess:
+    """One C{twistd -n relayd} process, its output going to a log file."""
+
+    def __init__(self, setup, logPath):
+        self.port = setup.ports["relay"]
+        self.logPath = logPath
+        code = (
+            "import sys; from twisted.scripts.twistd import run; "
+            "sys.argv = ['twistd', '-n', '--pidfile=', 'relayd', '--config', "
+            f"{setup.configPath!r}]; run()"
+        )
+        with open(logPath, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self):
+        with open(self.logPath, encoding="utf-8", errors="replace") as f:
+            return f.read()[-6000:]
+
+    def waitListening(self, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, self.log()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                    if s.recv(512).startswith(b"220 "):
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
+
+    def terminate(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+
+    def wait(self, timeout=30.0):
+        return self.process.wait(timeout)
+
+    def reap(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def relaydProcesses():
+    """The twistd relayd processes a test starts; killed at teardown."""
+    processes = []
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            process.reap()
+
+
+def test_maildropThroughRealRelaydToSink(tmp_path, relaydProcesses):
+    """
+    End to end with a real twistd relayd and Postfix's smtp-sink as the
+    next hop: relayd down, relayd-sendmail exits 0 and the message waits in
+    the maildrop; relayd started picks it up and delivers it to the sink.
+    """
+    from relayd.testing import PostfixSink
+
+    # smtp-sink runs as nobody: its folder must not be under pytest's 0700 tmp_path.
+    sinkDirectory = tempfile.mkdtemp(prefix="relayd-sendmail-sink-")
+    sink = PostfixSink(sinkDirectory)
+    try:
+        setup = TestSetup(
+            str(tmp_path / "relayd"),
+            sections={"delivery": {"enabled": True}, "maildrop": {"interval": 0.5}},
+            modes=("relay",),
+            portZero=False,
+        )
+        setup.routeAllTo(sink.port)
+        config = tmp_path / "sendmail.toml"
+        config.write_text(
+            f'domain = "{DOMAIN}"\n[server]\nhost = "127.0.0.1"\nport = {setup.ports["relay"]}\n'
+        )
+        env = {"RELAYD_CONFIG": setup.configPath}
+        # Installed and run once (it makes the maildrop), then down.
+        first = RelaydProcess(setup, tmp_path / "relayd-1.log")
+        relaydProcesses.append(first)
+        first.waitListening()
+        first.terminate()
+        first.wait()  # stopped by SIGTERM (twistd exits by that signal)
+        result = run(
+            ["-f", "cron@example.test", "ops@example.org"],
+            b"Subject: cron\n\nout\n",
+            str(config),
+            env,
+        )
+        assert (result.returncode, result.stderr) == (0, b""), result.stderr
+        maildrop = os.path.join(setup.spoolPath, "maildrop")
+        assert len(maildropFiles(maildrop)) == 1
+        second = RelaydProcess(setup, tmp_path / "relayd-2.log")
+        relaydProcesses.append(second)
+        second.waitListening()
+        deadline = time.monotonic() + 30
+        # smtp-sink writes its dump while the session runs: wait for it whole.
+        while not any(m.rstrip().endswith(b"out") for m in sink.messages()) or maildropFiles(
+            maildrop
+        ):
+            assert time.monotonic() < deadline, second.log()
+            time.sleep(0.1)
+        [dump] = sink.messages()
+        assert b"Subject: cron" in dump
+        assert b"out" in dump
+        assert "maildrop " in second.log() and "submitted: 250" in second.log(), second.log()
+    finally:
+        sink.stop()
+        shutil.rmtree(sinkDirectory, True)
+
+
+def test_relaydConfigVariable(tmp_path):
+    """relayd-sendmail -bp finds relayd through RELAYD_CONFIG."""
+    setup = TestSetup(str(tmp_path / "relayd"), modes=("relay",))
+    os.makedirs(os.path.join(setup.spoolPath, "incoming"))
+    result = run(["-bp"], env={"RELAYD_CONFIG": setup.configPath})
+    assert (result.returncode, result.stdout) == (0, b"Mail queue is empty\n"), result.stderr
+
+
+def test_relaydPathsAsConfigLoads(tmp_path):
+    """
+    relayd-sendmail's light reading of relayd's config (no full check, no
+    Twisted) finds the spool, the control socket and the maildrop where
+    relayd itself puts them, by default and when set.
+    """
+    from relayd.config import load
+    from relayd.configfile import relaydPaths
+
+    setup = TestSetup(str(tmp_path / "default"), modes=("relay",))
+    custom = TestSetup(
+        str(tmp_path / "custom"),
+        modes=("relay",),
+        sections={"control": {"socket": "run/ctl.sock"}, "maildrop": {"directory": "drop"}},
+    )
+    for one in (setup, custom):
+        config, paths = load(one.configPath), relaydPaths(one.configPath)
+        assert (paths.spool, paths.socket, paths.maildrop) == (
+            config.spoolDirectory,
+            config.controlSocket,
+            config.maildropDirectory,
+        )
+    assert paths.maildrop == str(tmp_path / "custom" / "drop")
