@@ -1106,7 +1106,7 @@ class MaildropDeferredTests(MaildropTestCase):
     def test_deferredWaits(self):
         from twisted.logger import globalLogPublisher
 
-        from relayd import pickup
+        from relayd.ops import pickup
 
         yield self.relayd.stop()
         result = yield self.send(["ops@example.org"], b"Subject: x\n\nhi\n", env=self.env)
