@@ -116,7 +116,9 @@ def verifiedHop(hop: Hop) -> Hop | None:
     """
     if hop.tls == "none":
         return None
-    if hop.tls == "verify":
+    if hop.tls in ("verify", "dane"):
+        # "dane": the certificate must match the MX host's TLSA records
+        # (relayd.delivery.dane), verified TLS for RFC 8689 section 4.2.1.
         return hop
     return replace(hop, tls="verify")
 
