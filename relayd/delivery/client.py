@@ -415,9 +415,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         else:
             try:
                 chain = self.transport.getHandle().get_peer_cert_chain() or []
-                why = matchChain(
-                    self.dane, [c.to_cryptography() for c in chain], self.hop.host
-                )
+                why = matchChain(self.dane, [c.to_cryptography() for c in chain], self.hop.host)
             except Exception as e:
                 why = f"cannot read the certificate chain ({type(e).__name__})"
         if why is None:

@@ -46,7 +46,7 @@ import hashlib
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import dns.exception
@@ -64,7 +64,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -198,10 +198,10 @@ class _LenientTLSA(dns.rdtypes.ANY.TLSA.TLSA):
         self, rdclass: Any, rdtype: Any, usage: Any, selector: Any, mtype: Any, cert: Any
     ) -> None:
         dns.rdata.Rdata.__init__(self, rdclass, rdtype)
-        self.usage = self._as_uint8(usage)
-        self.selector = self._as_uint8(selector)
-        self.mtype = self._as_uint8(mtype)
-        self.cert = self._as_bytes(cert)
+        self.usage = int(usage) & 0xFF
+        self.selector = int(selector) & 0xFF
+        self.mtype = int(mtype) & 0xFF
+        self.cert = bytes(cert)
 
 
 # dnspython has no public hook to replace a known type's parser; this is
@@ -247,7 +247,7 @@ class DaneResolver:
             self._pool.start()
             self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
         if self._pool.joined:
-            return fail(dns.exception.DNSException("resolver stopped"))
+            return succeed(("error: resolver stopped", [], False))
         return deferToThreadPool(self._reactor, self._pool, self._query, rdtype, name)
 
     def _query(self, rdtype: str, name: str) -> tuple[str, list[Any], bool]:
@@ -291,7 +291,9 @@ class DaneResolver:
         def answered(result: tuple[str, list[Any], bool]) -> DanePolicy:
             outcome, rdatas, secure = result
             if outcome.startswith("error"):
-                return DanePolicy(tlsaBase=host, error=f"TLSA lookup for {name} failed: {outcome[7:]}")
+                return DanePolicy(
+                    tlsaBase=host, error=f"TLSA lookup for {name} failed: {outcome[7:]}"
+                )
             if outcome != "answer" or not secure:
                 return NO_DANE
             records = tuple(
@@ -385,7 +387,7 @@ def matchChain(policy: DanePolicy, chain: Sequence[x509.Certificate], host: str)
             continue
         if not all(_issued(chain[i], chain[i + 1]) for i in range(depth)):
             return f"chain does not lead to the DANE-TA trust anchor at depth {depth}"
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
             return "certificate is expired or not yet valid (DANE-TA)"
         names = [host.rstrip(".").lower()]
