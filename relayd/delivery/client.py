@@ -37,7 +37,11 @@ from typing import IO, Any
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.interfaces import IHandshakeListener, IPullProducer
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IPullProducer,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
@@ -698,6 +702,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             options: Any = optionsForClientTLS(
                 self.hop.host, trustRoot=trustRoot, extraCertificateOptions=extra
             )
+        elif self.hop.tls == "dane":
+            # The certificate is checked against the TLSA records once the
+            # handshake is done (_checkDane); SNI names the TLSA base
+            # domain, so that the server presents the right chain (RFC
+            # 7672 section 8.1).
+            options = _SNIClientOptions(CertificateOptions(**extra), self.hop.host)
         else:
             options = CertificateOptions(**extra)
         assert self.transport is not None
@@ -1030,6 +1040,26 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         """The spool file could not be read mid-message: never end the data."""
         self._producer = None
         self._abort(Reply.local(451, "4.3.0", f"error reading queue file: {error.strerror}"))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _SNIClientOptions:
+    """
+    Client TLS without PKIX verification, as L{CertificateOptions}, that
+    sends a server name (SNI, RFC 6066 section 3), which
+    L{CertificateOptions} alone does not.
+    """
+
+    def __init__(self, options: CertificateOptions, hostname: str) -> None:
+        self._options = options
+        self._hostname = hostname.rstrip(".").encode("ascii", "replace")
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_tlsext_host_name(self._hostname)
+        connection.set_connect_state()
+        return connection
 
 
 def _withCommands(transaction: Transaction) -> Transaction:

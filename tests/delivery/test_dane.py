@@ -34,6 +34,7 @@ from relayd.delivery.routing import MXResolver, Router
 from relayd.testing.dnsserver import DNSServer
 from relayd.testing.sink import SinkServer
 from tests.delivery.test_attempt import FAST
+from tests.delivery.test_attempt_e2e import DeliveryTestCase as E2ECase
 
 DOMAIN = "example.test"
 MX1 = "mx1.example.test"
@@ -164,6 +165,21 @@ class MatchingTests(DaneTestCase):
     def test_eeSpkiSha256(self):
         """3 1 1: the leaf's key, SHA-256."""
         return self.check(lambda cert: [(3, 1, 1, sha256(spki(cert)))])
+
+    @defer.inlineCallbacks
+    def test_sniNamesTheMXHost(self):
+        """The client sends SNI with the TLSA base domain (RFC 7672 section 8.1)."""
+        cert, options = self.certificate(MX1)
+        names = []
+        options.getContext().set_tlsext_servername_callback(
+            lambda connection: names.append(connection.get_servername())
+        )
+        self.sink("127.0.0.1", options)
+        self.mx(DOMAIN, (MX1, "127.0.0.1"))
+        self.tlsa(MX1, [(3, 1, 1, sha256(spki(cert)))])
+        result = yield self.deliver()
+        self.assertEqual(result.results[0].status, "delivered")
+        self.assertEqual(names, [MX1.encode("ascii")])
 
     def test_eeCertSha256(self):
         """3 0 1: the whole leaf certificate, SHA-256."""
@@ -499,3 +515,62 @@ def test_daneWithLoopbackResolver(tmp_path):
     assert load(str(path)).dane is True
     path.write_text(CONFIG.replace("dane = true", ""))
     assert load(str(path)).dane is False
+
+
+# --- the whole relayd ------------------------------------------------------------
+
+
+class WholeRelaydTests(E2ECase):
+    """
+    relayd in-process with C{[delivery] dane = true}: received over SMTP,
+    MX and TLSA from the DNS test server, delivered to a TLS sink; the
+    operator's delivery log line names the policy.
+    """
+
+    delivery = {"dane": True}
+    sinkAddresses = ("127.0.0.2", "127.0.0.5")
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.caCert, self.caKey = makeCA("DANE e2e CA")
+        self.certificates = {}
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        yield super().setUp()
+        self.dns.setSecure("example.test")
+        self.dns.setMX("example.test", [(10, MX1)])
+        self.dns.setA(MX1, ["127.0.0.2"])
+
+    def startSink(self, address, **options):
+        cert, key = issueCertificate(self.caCert, self.caKey, f"sink-{address}.test")
+        directory = tempfile.mkdtemp(prefix="relayd-dane-e2e-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        certPath, keyPath = os.path.join(directory, "c.pem"), os.path.join(directory, "k.pem")
+        writeKeyPair(certPath, keyPath, cert, key)
+        self.certificates[address] = cert
+        options["tlsOptions"] = loadServerOptions(certPath, keyPath)
+        return super().startSink(address, **options)
+
+    def deliveryLines(self):
+        return [formatEvent(e) for e in self.events if "to=<r@example.test>," in formatEvent(e)]
+
+    @defer.inlineCallbacks
+    def test_deliveredWithDane(self):
+        cert = self.certificates["127.0.0.2"]
+        self.dns.setTLSA(f"_{self.port}._tcp.{MX1}", [(3, 1, 1, sha256(spki(cert)))])
+        yield self.send(["r@example.test"])
+        yield self.waitFor(lambda: self.sinks["127.0.0.2"].messages)
+        yield self.waitFor(lambda: any("status=sent" in line for line in self.deliveryLines()))
+        [line] = [line for line in self.deliveryLines() if "status=sent" in line]
+        self.assertIn("(verified), policy=dane, status=sent", line)
+
+    @defer.inlineCallbacks
+    def test_mismatchDeferredNeverPlain(self):
+        self.dns.setTLSA(f"_{self.port}._tcp.{MX1}", [(3, 1, 1, sha256(b"not this key"))])
+        yield self.send(["r@example.test"])
+        yield self.waitFor(lambda: any("status=deferred" in line for line in self.deliveryLines()))
+        line = [line for line in self.deliveryLines() if "status=deferred" in line][0]
+        self.assertIn("policy=dane, status=deferred (451 4.7.5 DANE:", line)
+        self.assertIn("matches no TLSA record", line)
+        self.assertEqual(self.sinks["127.0.0.2"].messages, [])
