@@ -535,7 +535,13 @@ class Deliverer:
             return destination, None
         keys = sorted({(hop.host, hop.port) for hop in destination.hops})
         found = yield gatherResults([self.dane.lookupTLSA(host, port) for host, port in keys])
-        policies = dict(zip(keys, found, strict=True))
+        signed = yield gatherResults([self.dane.hostSecure(host) for host, _ in keys])
+        policies = {
+            # A host in an unsigned zone gets no DANE (RFC 7672 section
+            # 2.2.2), whatever its TLSA lookup said.
+            key: policy if secure else daneModule.NO_DANE
+            for key, policy, secure in zip(keys, found, signed, strict=True)
+        }
         hops: list[Hop] = []
         failure: tuple[Hop, HopFailure] | None = None
         for hop in destination.hops:

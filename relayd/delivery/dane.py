@@ -25,6 +25,8 @@ The rules (RFC 7672 section 2.2):
     MX RRset means no DANE for any of its hosts (section 2.2.1).  For a
     domain without MX records (the implicit MX), the security of the
     NODATA answer stands in for it.
+  - An MX host whose address records are not secure (an unsigned zone):
+    no DANE for that host (section 2.2.2); it keeps its usual TLS mode.
   - No TLSA records (NXDOMAIN or NODATA), or an answer without AD: no
     DANE for that host; the hop keeps its usual TLS mode.
   - A TLSA lookup that fails (SERVFAIL, timeout) for a host of a secure MX
@@ -278,6 +280,15 @@ class DaneResolver:
         lookups as well.
         """
         d = self._run("MX", domain)
+        return d.addCallback(lambda r: r[0] in ("answer", "nodata") and r[2])
+
+    def hostSecure(self, host: str) -> Deferred[bool]:
+        """
+        Whether C{host}'s address records are DNSSEC-validated (its A
+        RRset, or a secure NODATA for an IPv6-only host): DANE applies
+        only to an MX host in a signed zone (RFC 7672 section 2.2.2).
+        """
+        d = self._run("A", host)
         return d.addCallback(lambda r: r[0] in ("answer", "nodata") and r[2])
 
     def lookupTLSA(self, host: str, port: int = 25) -> Deferred[DanePolicy]:

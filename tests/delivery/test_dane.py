@@ -382,6 +382,21 @@ class NotAppliedTests(DaneTestCase):
         self.assertIsNone(result.policy)
 
     @defer.inlineCallbacks
+    def test_insecureHostNotApplied(self):
+        """
+        A secure MX RRset naming a host in an unsigned zone: no DANE for
+        that host (RFC 7672 section 2.2.2), even with secure TLSA records.
+        """
+        cert, options = self.certificate("mx.plain.test")
+        self.sink("127.0.0.1", options)
+        self.mx(DOMAIN, ("mx.plain.test", "127.0.0.1"))
+        self.dnsServer.setSecure(f"_{self.port}._tcp.mx.plain.test")
+        self.tlsa("mx.plain.test", [(3, 1, 1, sha256(b"other"))])
+        result = yield self.deliver()
+        self.assertEqual(result.results[0].status, "delivered")
+        self.assertIsNone(result.policy)
+
+    @defer.inlineCallbacks
     def test_noTLSARecords(self):
         """A secure zone without TLSA records: the hop's own TLS mode."""
         self.sink("127.0.0.1", None)
