@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import stat
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -24,7 +26,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from relayd.config import ConfigError, fromDict
+from relayd.config import _HOP, ConfigError, fromDict
 from relayd.delivery.oauth2 import OAuth2Config, TokenError, TokenSources, saslResponse
 from relayd.ops.relayctl import _checkUpstreams
 from tests.delivery.test_attempt import DeliveryTestCase, freePort
@@ -556,3 +558,10 @@ def test_configErrors(files: Any, case: str) -> None:
     assert caught.value.key == f"routes[0].hops[0].{key}"
     assert words in caught.value.problem
     assert SECRET not in str(caught.value)
+
+
+def test_sampleDescribesEveryHopKey() -> None:
+    """etc/relayd.toml describes every [[routes.hops]] key, the OAuth2 ones included."""
+    text = (Path(__file__).resolve().parents[2] / "etc" / "relayd.toml").read_text()
+    for key in _HOP:
+        assert re.search(rf"^#\s+{key}\s", text, re.M), f"hop key {key} not described"
