@@ -273,7 +273,8 @@ class TokenSource:
         self.clock = clock if clock is not None else reactor
         self.fetches = 0
         self._token: _Token | None = None
-        self._refreshToken: str | None = None
+        # A rotated refresh token that could not be written to its file.
+        self._unstored: str | None = None
         self._fetching: Deferred[str] | None = None
         self._waiting: list[Deferred[str]] = []
         self._pool = HTTPConnectionPool(reactor, persistent=False)
@@ -386,12 +387,16 @@ class TokenSource:
                     self.reactor, threads, _firstLine, config.clientSecretFile
                 )
             if config.grant == "refresh_token":
-                if self._refreshToken is None:
+                # Read each time (unless a rotated token could not be
+                # stored): every delivery process has its own source, and
+                # one of them may have stored a rotated token meanwhile.
+                refresh = self._unstored
+                if refresh is None:
                     assert config.refreshTokenFile is not None
-                    self._refreshToken = await deferToThreadPool(
+                    refresh = await deferToThreadPool(
                         self.reactor, threads, _firstLine, config.refreshTokenFile
                     )
-                form["refresh_token"] = self._refreshToken
+                form["refresh_token"] = refresh
         except OSError as e:
             raise TokenError(
                 454, "4.7.0", f"OAuth2 for {url}: cannot read {e.filename}: {e.strerror}"
@@ -425,7 +430,11 @@ class TokenSource:
             raise TokenError(
                 454, "4.7.0", f"OAuth2 token endpoint {url} sent more than {MAX_RESPONSE} octets"
             ) from None
-        except (TimeoutError, CancelledError):
+        except CancelledError:
+            raise TokenError(
+                451, "4.4.1", f"OAuth2 token fetch from {url} cancelled: relayd is stopping"
+            ) from None
+        except TimeoutError:
             raise TokenError(
                 451, "4.4.1", f"OAuth2 token endpoint {url} did not answer in {config.timeout:g}s"
             ) from None
@@ -433,9 +442,9 @@ class TokenSource:
             raise TokenError(
                 451, "4.4.1", f"OAuth2 token endpoint {url} unreachable: {_why(e)}"
             ) from None
-        return await self._accept(response.code, body, started)
+        return await self._accept(response.code, body, started, form.get("refresh_token"))
 
-    async def _accept(self, status: int, body: bytes, started: float) -> str:
+    async def _accept(self, status: int, body: bytes, started: float, sent: str | None) -> str:
         """Read a token response (RFC 6749 sections 5.1 and 5.2)."""
         url = self.config.tokenURL
         try:
@@ -476,7 +485,7 @@ class TokenSource:
             self.config.grant == "refresh_token"
             and isinstance(rotated, str)
             and rotated
-            and rotated != self._refreshToken
+            and rotated != sent
         ):
             await self._storeRefreshToken(rotated)
         self._token = _Token(value["access_token"], started, float(lifetime))
@@ -493,7 +502,7 @@ class TokenSource:
         revoked already), and on disk atomically with mode 0600 so that a
         restart uses it.  A failed write is logged; delivery goes on.
         """
-        self._refreshToken = token
+        self._unstored = token
         path = self.config.refreshTokenFile
         assert path is not None
         try:
@@ -514,6 +523,7 @@ class TokenSource:
                 why=e.strerror,
             )
             return
+        self._unstored = None
         log.info(
             "OAuth2 refresh token rotated by {url}: stored in {path}",
             url=self.config.tokenURL,

@@ -565,3 +565,21 @@ def test_sampleDescribesEveryHopKey() -> None:
     text = (Path(__file__).resolve().parents[2] / "etc" / "relayd.toml").read_text()
     for key in _HOP:
         assert re.search(rf"^#\s+{key}\s", text, re.M), f"hop key {key} not described"
+
+
+def test_codecCarriesOAuth2() -> None:
+    """
+    The queue manager hands hops to delivery processes as JSON lines: a
+    hop's OAuth2 settings (file names only) survive the trip.
+    """
+    from relayd.delivery.processes import DeliverRequest, decode, encode
+    from relayd.delivery.routing import Destination, Hop
+
+    oauth2 = OAuth2Config(
+        "oauthbearer", "client_credentials", "https://t.example/token", "cid", "/etc/s"
+    )
+    hop = Hop("smtp.example.net", "192.0.2.1", 587, "verify", USER, None, oauth2)
+    request = DeliverRequest(Destination("route:0", (hop,)), "s@x", ("r@y",), "/p", 1, "Q")
+    line = encode(3, request)
+    assert SECRET.encode() not in line
+    assert decode(line) == (3, request)
