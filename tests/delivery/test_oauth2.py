@@ -583,3 +583,96 @@ def test_codecCarriesOAuth2() -> None:
     line = encode(3, request)
     assert SECRET.encode() not in line
     assert decode(line) == (3, request)
+
+
+class RelaydTests(OAuth2TestCase):
+    """
+    The whole of relayd (in process): mail received over SMTP goes out
+    through an C{auth = "xoauth2"} route; a refused grant leaves it queued
+    with a log line that names its queue id and the reason.
+    """
+
+    @defer.inlineCallbacks
+    def startRelayd(self, sink):
+        from relayd.testing import InProcessRelayd, TestSetup
+
+        setup = TestSetup(
+            self.path("relayd"),
+            modes=("relay",),
+            sections={
+                "delivery": {
+                    "enabled": True,
+                    "retry_initial": 60,
+                    "connect_timeout": 5,
+                    "command_timeout": 5,
+                },
+            },
+        )
+        hop = {
+            "host": "127.0.0.1",
+            "port": sink.port,
+            "tls": "required",
+            "auth": "xoauth2",
+            "username": USER,
+            "oauth2_token_url": self.tokenURL,
+            "oauth2_client_id": CLIENT_ID,
+            "oauth2_client_secret_file": self.path("secret"),
+            "oauth2_refresh_token_file": self.path("refresh"),
+            "oauth2_ca_file": self.caPath,
+            "oauth2_timeout": 5,
+        }
+        with open(setup.configPath, "a") as f:
+            f.write('\n[[routes]]\ndomains = ["*"]\n[[routes.hops]]\n')
+            for key, value in hop.items():
+                f.write(f"{key} = {json.dumps(value)}\n")
+        relayd = yield InProcessRelayd.start(setup)
+        self.addCleanup(relayd.stop)
+        return relayd
+
+    def send(self, relayd):
+        import smtplib
+
+        from twisted.internet.threads import deferToThread
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", relayd.port("relay")) as s:
+                s.sendmail("a@example.org", ["b@example.net"], b"Subject: t\r\n\r\nhi\r\n")
+
+        return deferToThread(send)
+
+    @defer.inlineCallbacks
+    def waitFor(self, condition):
+        from twisted.internet.task import deferLater
+
+        for _ in range(400):
+            if condition():
+                return
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail("condition not met in time")
+
+    @defer.inlineCallbacks
+    def test_deliveredWithToken(self):
+        sink = self.oauthSink()
+        self.follow(sink)
+        self.endpoint.rotate = True
+        relayd = yield self.startRelayd(sink)
+        yield self.send(relayd)
+        yield self.waitFor(lambda: sink.messages)
+        self.assertEqual(sink.messages[0].user, USER)
+        [rotated] = self.endpoint.validRefresh
+        with open(self.path("refresh")) as f:
+            self.assertEqual(f.read().strip(), rotated)
+
+    @defer.inlineCallbacks
+    def test_invalidGrantQueued(self):
+        sink = self.oauthSink()
+        self.endpoint.refuse = "invalid_grant"
+        relayd = yield self.startRelayd(sink)
+        yield self.send(relayd)
+        yield self.waitFor(lambda: relayd.spool.entries("deferred"))
+        [queueId] = relayd.spool.entries("deferred")
+        lines = [line for line in self.logText().splitlines() if queueId in line]
+        self.assertTrue(
+            any("invalid_grant" in line and "454 4.7.0" in line for line in lines), lines
+        )
+        self.assertEqual(sink.oauthSeen, [])
