@@ -419,30 +419,41 @@ class TokenSource:
             ),
             _Body(urlencode(form).encode("ascii")),
         )
-        request.addTimeout(config.timeout, self.reactor)
+        timedOut: list[bool] = []
+
+        def onTimeout(result: object, timeout: float) -> object:
+            timedOut.append(True)
+            return result
+
+        request.addTimeout(config.timeout, self.reactor, onTimeoutCancel=onTimeout)
         try:
             response = await request
             finished: Deferred[bytes] = Deferred()
             response.deliverBody(_Reader(finished))
-            finished.addTimeout(config.timeout, self.reactor)
+            finished.addTimeout(config.timeout, self.reactor, onTimeoutCancel=onTimeout)
             body = await finished
-        except _TooLarge:
-            raise TokenError(
-                454, "4.7.0", f"OAuth2 token endpoint {url} sent more than {MAX_RESPONSE} octets"
-            ) from None
-        except CancelledError:
-            raise TokenError(
-                451, "4.4.1", f"OAuth2 token fetch from {url} cancelled: relayd is stopping"
-            ) from None
-        except TimeoutError:
-            raise TokenError(
-                451, "4.4.1", f"OAuth2 token endpoint {url} did not answer in {config.timeout:g}s"
-            ) from None
         except Exception as e:
-            raise TokenError(
-                451, "4.4.1", f"OAuth2 token endpoint {url} unreachable: {_why(e)}"
-            ) from None
+            raise self._requestError(e, bool(timedOut)) from None
         return await self._accept(response.code, body, started, form.get("refresh_token"))
+
+    def _requestError(self, e: Exception, timedOut: bool) -> TokenError:
+        """The L{TokenError} for a request that got no usable response."""
+        url = self.config.tokenURL
+        if isinstance(e, _TooLarge):
+            return TokenError(
+                454, "4.7.0", f"OAuth2 token endpoint {url} sent more than {MAX_RESPONSE} octets"
+            )
+        if timedOut or isinstance(e, TimeoutError):
+            return TokenError(
+                451,
+                "4.4.1",
+                f"OAuth2 token endpoint {url} did not answer in {self.config.timeout:g}s",
+            )
+        if isinstance(e, CancelledError):
+            return TokenError(
+                451, "4.4.1", f"OAuth2 token fetch from {url} cancelled: relayd is stopping"
+            )
+        return TokenError(451, "4.4.1", f"OAuth2 token endpoint {url} unreachable: {_why(e)}")
 
     async def _accept(self, status: int, body: bytes, started: float, sent: str | None) -> str:
         """Read a token response (RFC 6749 sections 5.1 and 5.2)."""
@@ -565,7 +576,9 @@ def _why(e: BaseException) -> str:
         return "host name lookup failed"
     reasons = getattr(e, "reasons", None)
     if reasons:
-        return "; ".join(r.getErrorMessage() for r in reasons if isinstance(r, Failure))
+        return "; ".join(
+            r.getErrorMessage() or type(r.value).__name__ for r in reasons if isinstance(r, Failure)
+        )
     return str(e) or type(e).__name__
 
 

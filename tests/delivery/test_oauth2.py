@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class TokenEndpoint(Resource):
         self.validRefresh = {REFRESH}
         self.rotate = False
         self.refuse: str | None = None
+        self.hang = False
         self.expiresIn = 3600
         self.issued: list[str] = []
         self.onIssue: Any = None
@@ -65,6 +67,10 @@ class TokenEndpoint(Resource):
         request.setHeader(b"content-type", b"application/json")
         form = {k: v[0] for k, v in parse_qs(request.content.read().decode()).items()}
         self.requests.append(form)
+        if self.hang:
+            from twisted.web.server import NOT_DONE_YET
+
+            return NOT_DONE_YET  # type: ignore[no-any-return]
 
         def error(code: str, status: int = 400) -> bytes:
             request.setResponseCode(status)
@@ -353,6 +359,40 @@ class DeliveryTests(OAuth2TestCase):
             yield source.token()
         self.assertEqual(caught.exception.enhanced, "4.4.1")
         self.assertEqual(self.endpoint.requests, [])
+
+    @defer.inlineCallbacks
+    def test_endpointSilentDefers(self):
+        """An endpoint that accepts the request and never answers: 451 4.4.1 after the timeout."""
+        self.endpoint.hang = True
+        source = TokenSources(reactor).source(self.config(timeout=0.5))
+        self.addCleanup(source.stop)
+        with self.assertRaises(TokenError) as caught:
+            yield source.token()
+        self.assertEqual((caught.exception.code, caught.exception.enhanced), (451, "4.4.1"))
+        self.assertIn("did not answer in 0.5s", caught.exception.text)
+
+    @defer.inlineCallbacks
+    def test_rotatedTokenKeptWhenFileCannotBeWritten(self):
+        """
+        The refresh token file cannot be replaced (its directory is gone):
+        the error is logged and the rotated token is used from memory.
+        """
+        directory = self.path("tokens")
+        os.mkdir(directory)
+        path = os.path.join(directory, "refresh")
+        with open(path, "w") as f:
+            f.write(REFRESH + "\n")
+        self.endpoint.rotate = True
+        self.endpoint.onIssue = lambda token: shutil.rmtree(directory)
+        source = TokenSources(reactor).source(self.config(refreshTokenFile=path))
+        self.addCleanup(source.stop)
+        yield source.token()
+        self.endpoint.onIssue = None
+        [rotated] = self.endpoint.validRefresh
+        token = yield source.refresh()
+        self.assertEqual(token, "access-2-DO-NOT-LOG")
+        self.assertEqual(self.endpoint.requests[1]["refresh_token"], rotated)
+        self.assertIn("the new token is only in memory", self.logText())
 
 
 class ExpiryTests(OAuth2TestCase):
