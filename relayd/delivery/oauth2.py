@@ -257,10 +257,17 @@ class TokenSource:
     """
     Access tokens for one L{OAuth2Config}.  See the module docstring.
 
+    A failed fetch is remembered for L{failureHold} seconds: callers in that
+    time get the same L{TokenError} at once, so that a queue of messages
+    does not hammer an endpoint that is down or refusing the grant (each
+    deferred message would otherwise ask again).
+
     @ivar fetches: completed fetches, successful or not (for tests and
         C{relayctl check-config --live}).
     @ivar expiresAt: when the cached token expires (clock seconds), or None.
     """
+
+    failureHold = 10.0
 
     def __init__(self, config: OAuth2Config, reactor: Any, clock: Any = None) -> None:
         """
@@ -277,6 +284,7 @@ class TokenSource:
         self._unstored: str | None = None
         self._fetching: Deferred[str] | None = None
         self._waiting: list[Deferred[str]] = []
+        self._failure: tuple[float, TokenError] | None = None
         self._pool = HTTPConnectionPool(reactor, persistent=False)
         self._agent: Agent | None = None
 
@@ -297,7 +305,7 @@ class TokenSource:
         now = self.clock.seconds()
         cached = self._token
         if cached is not None and cached.usable(now):
-            if cached.dueForRefresh(now) and self._fetching is None:
+            if cached.dueForRefresh(now) and self._fetching is None and not self._held(now):
                 log.info(
                     "OAuth2 access token from {url} expires in {seconds:.0f}s: "
                     "refreshing it in the background",
@@ -331,8 +339,18 @@ class TokenSource:
 
     # --- fetching --------------------------------------------------------
 
+    def _held(self, now: float) -> TokenError | None:
+        """The last fetch's error while it is still held, else None."""
+        if self._failure is not None and now < self._failure[0] + self.failureHold:
+            return self._failure[1]
+        return None
+
     def _wait(self) -> Deferred[str]:
         d: Deferred[str] = Deferred()
+        held = self._held(self.clock.seconds())
+        if held is not None and self._fetching is None:
+            d.errback(TokenError(held.code, held.enhanced, held.text))
+            return d
         self._waiting.append(d)
         if self._fetching is None:
             self._startFetch()
@@ -358,10 +376,12 @@ class TokenSource:
                     454, "4.7.0", f"OAuth2 token fetch from {self.config.tokenURL} failed"
                 )
             assert isinstance(error, TokenError)
+            self._failure = (self.clock.seconds(), error)
             log.warn("OAuth2 token fetch failed: {text}", text=error.text, url=self.config.tokenURL)
             for d in waiting:
                 d.errback(TokenError(error.code, error.enhanced, error.text))
             return
+        self._failure = None
         for d in waiting:
             d.callback(result)
 

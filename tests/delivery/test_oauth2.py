@@ -441,6 +441,26 @@ class ExpiryTests(OAuth2TestCase):
         return deferLater(reactor, 0.01, lambda: None)
 
     @defer.inlineCallbacks
+    def test_failureHeldBriefly(self):
+        """
+        After a refused grant, callers get the same error without a new
+        request for L{TokenSource.failureHold} seconds; then it is asked again.
+        """
+        clock = Clock()
+        self.endpoint.refuse = "invalid_grant"
+        source = TokenSources(reactor, clock).source(self.config())
+        self.addCleanup(source.stop)
+        for _ in range(3):
+            with self.assertRaises(TokenError) as caught:
+                yield source.token()
+            self.assertIn("invalid_grant", caught.exception.text)
+        self.assertEqual(len(self.endpoint.requests), 1)
+        self.endpoint.refuse = None
+        clock.advance(source.failureHold)
+        self.assertEqual((yield source.token()), "access-1-DO-NOT-LOG")
+        self.assertEqual(len(self.endpoint.requests), 2)
+
+    @defer.inlineCallbacks
     def test_concurrentCallersShareOneFetch(self):
         source = TokenSources(reactor).source(self.config())
         self.addCleanup(source.stop)
