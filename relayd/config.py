@@ -457,6 +457,16 @@ _HOP: dict[str, _Key] = {
     "username": _Key(str),
     "password": _Key(str),
     "password_file": _Key(str),
+    # SMTP AUTH with an OAuth2 access token (relayd.delivery.oauth2).
+    "auth": _Key(str, check=_oneOf("password", "xoauth2", "oauthbearer")),
+    "oauth2_grant": _Key(str, check=_oneOf("refresh_token", "client_credentials")),
+    "oauth2_token_url": _Key(str),
+    "oauth2_client_id": _Key(str),
+    "oauth2_client_secret_file": _Key(str),
+    "oauth2_refresh_token_file": _Key(str),
+    "oauth2_scope": _Key(str),
+    "oauth2_ca_file": _Key(str),
+    "oauth2_timeout": _Key(_NUMBER, 30, check=_positive),
 }
 
 _LISTENER: dict[str, _Key] = {
@@ -801,7 +811,21 @@ def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
             hprefix = f"{prefix}hops[{j}]."
             if not isinstance(hop, dict):
                 raise ConfigError(path, hprefix[:-1], "must be a table ([[routes.hops]])")
+            for inline in ("oauth2_client_secret", "oauth2_refresh_token"):
+                if inline in hop:
+                    raise ConfigError(
+                        path,
+                        hprefix + inline,
+                        f"never put the secret in the config: give {inline}_file, "
+                        "a file readable by relayd only",
+                    )
             h = _checkTable(path, hprefix, hop, _HOP)
+            oauth2 = _oauth2(path, base, hprefix, h)
+            if oauth2 is not None:
+                hops.append(
+                    NextHopConfig(h["host"], h["port"], h["tls"], h["username"], None, oauth2)
+                )
+                continue
             password = h["password"]
             if h["password_file"] is not None:
                 if password is not None:
@@ -812,6 +836,8 @@ def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
                 _readable(path, hprefix + "password_file", file)
                 with open(file, encoding="utf-8") as f:
                     password = f.read().strip("\r\n")
+            if h["auth"] == "password" and h["username"] is None:
+                raise ConfigError(path, hprefix + "username", 'required with auth = "password"')
             if (h["username"] is None) != (password is None):
                 raise ConfigError(path, hprefix + "username", "username and password go together")
             if h["username"] is not None and h["tls"] == "none":
@@ -823,6 +849,86 @@ def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
             hops.append(NextHopConfig(h["host"], h["port"], h["tls"], h["username"], password))
         routes.append(Route(tuple(d.lower() for d in values["domains"]), tuple(hops)))
     return tuple(routes)
+
+
+def _oauth2(path: str, base: str, prefix: str, h: dict[str, Any]) -> Any:
+    """
+    The L{relayd.delivery.oauth2.OAuth2Config} of a hop with C{auth =
+    "xoauth2"} or C{"oauthbearer"}, or None for a hop without (whose
+    C{oauth2_*} keys must then be absent).  Secrets are named by file only;
+    the files must be readable now.
+    """
+    from relayd.delivery.oauth2 import OAuth2Config, checkTokenURL
+
+    keys = [k for k in _HOP if k.startswith("oauth2_") and k != "oauth2_timeout"]
+    if h["auth"] not in ("xoauth2", "oauthbearer"):
+        for key in keys:
+            if h[key] is not None:
+                raise ConfigError(path, prefix + key, 'only with auth = "xoauth2" or "oauthbearer"')
+        return None
+    for key in ("password", "password_file"):
+        if h[key] is not None:
+            raise ConfigError(
+                path, prefix + key, f"auth = {h['auth']!r} uses OAuth2 tokens, not a password"
+            )
+    if h["username"] is None:
+        raise ConfigError(
+            path, prefix + "username", f"required with auth = {h['auth']!r} (the mailbox)"
+        )
+    if h["tls"] == "none":
+        raise ConfigError(
+            path, prefix + "tls", "AUTH needs TLS: tokens are never sent in plain text"
+        )
+    for key in ("oauth2_token_url", "oauth2_client_id"):
+        if h[key] is None:
+            raise ConfigError(path, prefix + key, f"required with auth = {h['auth']!r}")
+    problem = checkTokenURL(h["oauth2_token_url"])
+    if problem:
+        raise ConfigError(path, prefix + "oauth2_token_url", problem)
+    grant = h["oauth2_grant"] or (
+        "refresh_token" if h["oauth2_refresh_token_file"] is not None else "client_credentials"
+    )
+    if grant == "refresh_token" and h["oauth2_refresh_token_file"] is None:
+        raise ConfigError(
+            path, prefix + "oauth2_refresh_token_file", "required with the refresh_token grant"
+        )
+    if grant == "client_credentials":
+        if h["oauth2_refresh_token_file"] is not None:
+            raise ConfigError(
+                path,
+                prefix + "oauth2_refresh_token_file",
+                "not used by the client_credentials grant",
+            )
+        if h["oauth2_client_secret_file"] is None:
+            raise ConfigError(
+                path,
+                prefix + "oauth2_client_secret_file",
+                "required with the client_credentials grant",
+            )
+    files: dict[str, str | None] = {}
+    for key in ("oauth2_client_secret_file", "oauth2_refresh_token_file", "oauth2_ca_file"):
+        files[key] = _resolve(base, h[key])
+        if files[key] is not None:
+            _readable(path, prefix + key, files[key] or "")
+    refreshFile = files["oauth2_refresh_token_file"]
+    if refreshFile is not None and not os.access(os.path.dirname(refreshFile) or ".", os.W_OK):
+        raise ConfigError(
+            path,
+            prefix + "oauth2_refresh_token_file",
+            f"its directory {os.path.dirname(refreshFile)} is not writable "
+            "(a rotated refresh token is stored there)",
+        )
+    return OAuth2Config(
+        mechanism=h["auth"],
+        grant=grant,
+        tokenURL=h["oauth2_token_url"],
+        clientID=h["oauth2_client_id"],
+        clientSecretFile=files["oauth2_client_secret_file"],
+        refreshTokenFile=refreshFile,
+        scope=h["oauth2_scope"],
+        caFile=files["oauth2_ca_file"],
+        timeout=float(h["oauth2_timeout"]),
+    )
 
 
 def _endpointParts(description: str) -> list[str]:

@@ -69,6 +69,7 @@ from relayd.delivery.client import (
     SMTPClient,
     Transaction,
 )
+from relayd.delivery.oauth2 import TokenSources
 from relayd.delivery.routing import Destination, Hop
 from relayd.delivery.smtputf8 import needsSMTPUTF8
 from relayd.queue.record import openRegion
@@ -296,6 +297,9 @@ class Deliverer:
         self._clients: dict[SMTPClient, float] = {}
         self._connecting: set[Deferred[Any]] = set()
         self._stopping = False
+        # OAuth2 access tokens (auth = "xoauth2"/"oauthbearer" hops), shared
+        # by every connection.
+        self.tokens = TokenSources(reactor)
 
     # --- public ----------------------------------------------------------
 
@@ -369,6 +373,7 @@ class Deliverer:
                 self._dropIdle(entry)
         self._idle.clear()
         closing = [client.whenClosed() for client in list(self._clients)]
+        closing.append(self.tokens.stop())
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
     def abort(self) -> None:
@@ -616,6 +621,7 @@ class Deliverer:
             self.tlsProfile,
             self.opportunisticProfile,
             dane=self._danePolicies.get(hop),
+            tokens=self.tokens,
         )
         try:
             isV6 = ipaddress.ip_address(hop.address.split("%", 1)[0]).version == 6

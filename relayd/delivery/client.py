@@ -53,6 +53,7 @@ from zope.interface import implementer
 import relayd.reply
 from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
 from relayd.delivery.dane import DanePolicy, matchChain
+from relayd.delivery.oauth2 import TokenError, TokenSources, saslResponse
 from relayd.delivery.routing import Hop
 from relayd.queue.record import openRegion
 from relayd.smtp.dsn import DSNParameters
@@ -323,6 +324,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         tlsProfile: TLSProfile = INTERMEDIATE,
         opportunisticProfile: TLSProfile = OPPORTUNISTIC,
         dane: DanePolicy | None = None,
+        tokens: TokenSources | None = None,
     ) -> None:
         """
         @param heloName: the name relayd gives in EHLO/HELO.
@@ -336,8 +338,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         @param dane: the TLSA records of a hop whose TLS mode is C{"dane"}
             (L{relayd.delivery.dane}): the certificate must match one of
             them, checked as soon as the handshake completes.
+        @param tokens: the OAuth2 access tokens for hops with C{oauth2}
+            settings, shared between connections; None makes a private one
+            when such a hop needs it.
         """
         self.hop = hop
+        self.tokens = tokens
         self.dane = dane
         self.daneVerified = False
         self.heloName = heloName
@@ -728,6 +734,9 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                 )
             )
         mechanisms = self.extensions.get("AUTH", "").upper().split()
+        if self.hop.oauth2 is not None:
+            yield self._authenticateOAuth2(mechanisms)
+            return
         user = (self.hop.username or "").encode("utf-8")
         password = (self.hop.password or "").encode("utf-8")
         timeout = self.timeouts.helo
@@ -758,6 +767,98 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             raise _refused(
                 reply, self.peer, "refused authentication", "in reply to AUTH", AUTH_REFUSED
             )
+
+    @inlineCallbacks
+    def _authenticateOAuth2(self, mechanisms: list[str]) -> Generator[Deferred[Any], Any, None]:
+        """
+        AUTH XOAUTH2 or OAUTHBEARER (RFC 7628) with an access token from
+        the hop's L{TokenSource<relayd.delivery.oauth2.TokenSource>}.
+
+        When the server refuses the token (a C{334} error challenge, or
+        C{535}), the token is refreshed once and AUTH tried once more in
+        the same session: RFC 4954 section 4 lets a client try again after
+        a failed AUTH, and a new connection would only repeat the TLS
+        handshake.  No token (endpoint down, grant refused) defers the mail
+        with the L{TokenError}'s reply.
+        """
+        config = self.hop.oauth2
+        assert config is not None
+        mechanism = config.mechanism.upper()
+        if mechanism not in mechanisms:
+            offered = " ".join(mechanisms) or "none"
+            raise HopFailure(
+                Reply.local(
+                    451,
+                    "4.7.4",
+                    f"host {self.peer} does not offer AUTH {mechanism} (offered: {offered})",
+                )
+            )
+        if self.tokens is None:
+            self.tokens = TokenSources(self.clock)
+        source = self.tokens.source(config)
+        try:
+            token = yield source.token()
+        except TokenError as e:
+            raise HopFailure(Reply.local(e.code, e.enhanced, e.text)) from None
+        reply, challenged = yield self._saslOAuth2(config.mechanism, token)
+        context = f"in reply to AUTH {mechanism}"
+        if reply.code == 535 or (challenged and reply.code // 100 == 5):
+            log.info(
+                "{peer}: AUTH {mechanism} refused ({reply}): fetching a new access "
+                "token and trying once more",
+                peer=self.peer,
+                mechanism=mechanism,
+                reply=reply.quoted,
+            )
+            try:
+                token = yield source.refresh(stale=token)
+            except TokenError as e:
+                raise HopFailure(Reply.local(e.code, e.enhanced, e.text)) from None
+            reply, _ = yield self._saslOAuth2(config.mechanism, token)
+            context += " with a fresh token"
+        if reply.code != 235:
+            raise _refused(reply, self.peer, "refused authentication", context, AUTH_REFUSED)
+
+    @inlineCallbacks
+    def _saslOAuth2(
+        self, mechanism: str, token: str
+    ) -> Generator[Deferred[Any], Any, tuple[Reply, bool]]:
+        """
+        One AUTH exchange with an initial response.  A C{334} is the
+        server's error challenge (RFC 7628 section 3.2.2; XOAUTH2 does the
+        same): relayd answers as the mechanism says (OAUTHBEARER: a single
+        C{%x01}, section 3.2.3; XOAUTH2: an empty line).
+
+        @return: the server's final reply, and whether it came after an
+            error challenge (the token was refused, whatever the code).
+        """
+        assert self.hop.username is not None
+        response = saslResponse(mechanism, self.hop.username, token, self.hop.host, self.hop.port)
+        timeout = self.timeouts.helo
+        reply = yield self._command(
+            b"AUTH " + mechanism.upper().encode("ascii") + b" " + response,
+            "sending AUTH",
+            timeout,
+        )
+        if reply.code == 334:
+            challenge = reply.lines[0].strip() if reply.lines else ""
+            try:
+                detail = base64.b64decode(challenge, validate=True).decode("utf-8", "replace")
+            except ValueError:
+                detail = challenge
+            log.info(
+                "{peer}: AUTH {mechanism} error challenge: {detail}",
+                peer=self.peer,
+                mechanism=mechanism.upper(),
+                detail=detail[:300],
+            )
+            answer = base64.b64encode(b"\x01") if mechanism == "oauthbearer" else b""
+            reply = yield self._command(answer, "ending the AUTH error exchange", timeout)
+            if reply.code == 334:
+                # Not ended as the mechanism says: cancel (RFC 4954 section 4).
+                reply = yield self._command(b"*", "cancelling AUTH", timeout)
+            return reply, True
+        return reply, False
 
     # --- transactions ----------------------------------------------------
 
