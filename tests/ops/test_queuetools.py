@@ -470,3 +470,106 @@ def test_configPolicySecretsMasked(tmp_path: Path) -> None:
     assert _maskOption("redis_password", "p", str(tmp_path)) == MASK
     assert _maskOption("key_file", "k.pem", str(tmp_path)) == os.path.join(tmp_path, "k.pem")
     assert _maskOption("limit", 5, str(tmp_path)) == 5
+
+
+# --- a real twistd relayd, restarted ------------------------------------------------
+
+
+def test_twistdSuspensionSurvivesRestart(tmp_path: Path) -> None:
+    """
+    Against a real C{twistd -n relayd} and Postfix's C{smtp-sink} as the
+    next hop, with the installed command line (C{python -m
+    relayd.ops.relayctl}): a destination suspended before a SIGTERM is
+    still suspended after the restart; mail for it is accepted and waits
+    while mail for another domain in the same message is delivered;
+    C{destination resume} delivers it.
+    """
+    import shutil
+    import signal
+    import smtplib
+    import subprocess
+    import sys
+    import tempfile
+
+    from relayd.testing import PostfixSink, TestSetup
+    from tests.ops.test_relayctl import REPO, ctlProcess, waitUntil
+
+    hopPort = freePort()
+    setup = TestSetup(
+        str(tmp_path / "relayd"),
+        modes=("relay",),
+        portZero=False,
+        sections={"delivery": {"enabled": True, "retry_initial": 3600, "retry_max": 3600}},
+    )
+    with open(setup.configPath, "a") as f:
+        f.write(hopLines([{"host": "127.0.0.1", "port": hopPort, "tls": "none"}]))
+    code = (
+        "import sys; from twisted.scripts.twistd import run; "
+        "sys.argv = ['twistd', '-n', '--pidfile=', 'relayd', '--config', "
+        f"{setup.configPath!r}]; run()"
+    )
+    socketPath = os.path.join(setup.spoolPath, "control.sock")
+    logPath = tmp_path / "relayd.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        with open(logPath, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-c", code], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
+        waitUntil(lambda: os.path.exists(socketPath) or process.poll() is not None, "the socket")
+        assert process.poll() is None, logPath.read_text()
+        return process
+
+    def stop(process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        result = ctlProcess(setup.configPath, *args)
+        assert result.returncode == 0, result
+        return result
+
+    sinkDirectory = tempfile.mkdtemp(prefix="queuetools-sink-")
+    sink = None
+    process = start()
+    try:
+        assert "example.net: suspended" in ctl("destination", "suspend", "example.net").stdout
+        stop(process)
+        listed = ctl("destination", "list").stdout  # offline, from the spool
+        assert listed.startswith("example.net  suspended since "), listed
+        process = start()
+        sink = PostfixSink(sinkDirectory, port=hopPort)
+        with smtplib.SMTP("127.0.0.1", setup.ports["relay"], timeout=30) as s:
+            s.sendmail("app@sender.test", ["a@example.net", "b@example.org"], BODY)
+        waitUntil(lambda: len(sink.messages()) == 1, "delivery to example.org")
+        [dump] = sink.messages()
+        assert b"b@example.org" in dump and b"a@example.net" not in dump
+
+        def entries() -> list[dict[str, Any]]:
+            result: list[dict[str, Any]] = json.loads(ctl("queue", "list", "--json").stdout)
+            return result
+
+        waitUntil(lambda: [e["state"] for e in entries()] == ["deferred"], "the waiting message")
+        [entry] = entries()
+        assert {r["address"]: r["state"] for r in entry["recipients"]} == {
+            "a@example.net": "pending",
+            "b@example.org": "delivered",
+        }
+        summary = ctl("queue", "summary").stdout
+        assert "example.net (suspended)" in summary, summary
+        assert ctl("destination", "resume", "example.net").stdout == (
+            "example.net: resumed, 1 message to be attempted now\n"
+        )
+        waitUntil(lambda: entries() == [], "delivery to example.net")
+        assert any(b"a@example.net" in dump for dump in sink.messages())
+        assert "destination example.net resumed by relayctl" in logPath.read_text()
+    finally:
+        stop(process)
+        if sink is not None:
+            sink.stop()
+        shutil.rmtree(sinkDirectory, True)
