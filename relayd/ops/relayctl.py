@@ -652,9 +652,12 @@ def _requeue(ctx: _Context) -> None:
         line += f", {counts['delivering']} being delivered already"
     if counts.get("hold"):
         line += f", {counts['hold']} on hold (not requeued)"
-    if counts.get("unknown"):
-        line += f", {counts['unknown']} not in the queue"
     ctx.out.line(line)
+    for queueId, outcome in sorted(results.items()):
+        if outcome == "unknown":
+            ctx.out.error(f"{queueId}: no such message in the queue")
+    if counts.get("unknown"):
+        raise SystemExit(1)
 
 
 def _destinationDomain(ctx: _Context) -> str:

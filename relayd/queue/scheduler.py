@@ -844,7 +844,7 @@ class Scheduler(Service):
     @inlineCallbacks
     def _bounce(
         self, queueId: str, record: QueueRecord, recipients: list[RecipientRecord],
-        action: str, now: float,
+        action: str, now: float, diagnostic: str | None = None,
     ) -> Any:
         """
         Commit a DSN about C{recipients} to the sender (or the postmaster
@@ -900,6 +900,9 @@ class Scheduler(Service):
                     lastAttempt=r.lastAttempt,
                     command=r.command if reply is not None else None,
                     originalRecipient=r.orcpt,
+                    # relayd's own reason, when it has one worth quoting
+                    # (an administrative bounce); remote replies win.
+                    diagnostic=diagnostic if reply is None else None,
                 )
             )
         # Reads the original's headers from disk: not on the reactor thread.
@@ -993,7 +996,7 @@ class Scheduler(Service):
             )
             self.metrics.deliveryAttempt("bounced", None)
         if failed:
-            yield self._bounce(queueId, record, failed, "failed", now)
+            yield self._bounce(queueId, record, failed, "failed", now, str(ADMIN_BOUNCE))
         yield self.spool.remove(queueId, "active", durable=True)
         self._forget(queueId)
         log.info("{queue_id}: removed", queue_id=queueId)

@@ -293,6 +293,8 @@ class BounceRequeueTests(QueueToolsTestCase):
         self.assertEqual(dsn.recipients, ["app@sender.test"])
         text = dsn.data.decode("utf-8", "replace")
         self.assertIn("Status: 5.0.0", text)
+        self.assertIn("<a@example.net>: 550 5.0.0 message bounced by the administrator", text)
+        self.assertIn("Diagnostic-Code: smtp; 550 5.0.0 message bounced by the administrator", text)
         self.assertIn("Action: failed", text)
         self.assertIn("a@example.net", text)
         self.assertIn("b@example.net", text)
@@ -332,6 +334,9 @@ class BounceRequeueTests(QueueToolsTestCase):
         self.assertEqual(self.inState("hold"), [held])
         status, out, _, _ = yield self.ctl("queue", "requeue", "--domain", "example.org")
         self.assertEqual((status, out), (0, "no queued message matched\n"))
+        status, out, err, _ = yield self.ctl("queue", "requeue", one)
+        self.assertEqual(status, 1)
+        self.assertEqual(err, f"relayctl: {one}: no such message in the queue\n")
 
 
 class DestinationTests(QueueToolsTestCase):
