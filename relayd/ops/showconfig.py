@@ -10,9 +10,10 @@ Postfix's C{postconf} (docs/relayctl.md).
     C{postconf -n} lists it.
   - C{--defaults}: the built-in defaults only, like C{postconf -d}.
   - Secrets never show: a smart host's C{password} is masked, a
-    C{password_file} shows as its path, and a policy option whose name
-    looks secret (password, secret, token, api key, credential) is masked
-    unless it names a file (C{*_file}, shown as the path).
+    C{password_file} shows as its path, a policy option whose name looks
+    secret (password, secret, token, api key, credential) is masked unless
+    it names a file (C{*_file}, shown as the path), and so are the user
+    name and password in a URL (C{redis://user:secret@host}).
 
 The file is checked as startup checks it first (L{relayd.config.load}), so
 what is printed is what relayd would run with.
@@ -88,6 +89,25 @@ def _maskOption(key: str, value: Any, base: str) -> Any:
         return MASK
     if isinstance(value, dict):
         return {k: _maskOption(k, v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_maskOption(key, v, base) for v in value]
+    if isinstance(value, str):
+        return _maskURL(value)
+    return value
+
+
+_URL_SECRET = re.compile(r"^([a-z][a-z0-9+.-]*://)([^/@]*)@", re.IGNORECASE)
+_QUERY_SECRET = re.compile(r"([?&](?:password|username)=)[^&]*", re.IGNORECASE)
+
+
+def _maskURL(value: str) -> str:
+    """
+    A URL's credentials masked (C{redis://user:secret@host/0} and
+    C{?password=...}, as the Redis URLs of the rate policies may carry).
+    """
+    value = _URL_SECRET.sub(lambda m: f"{m.group(1)}{MASK}@", value)
+    if "://" in value:
+        value = _QUERY_SECRET.sub(lambda m: m.group(1) + MASK, value)
     return value
 
 

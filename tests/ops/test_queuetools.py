@@ -475,6 +475,15 @@ def test_configPolicySecretsMasked(tmp_path: Path) -> None:
     assert _maskOption("redis_password", "p", str(tmp_path)) == MASK
     assert _maskOption("key_file", "k.pem", str(tmp_path)) == os.path.join(tmp_path, "k.pem")
     assert _maskOption("limit", 5, str(tmp_path)) == 5
+    assert _maskOption("redis", "redis://u:s3cret@db:6379/0", "/") == "redis://********@db:6379/0"
+    assert _maskOption("redis", "rediss://db/0?password=s3cret&db=1", "/") == (
+        "rediss://db/0?password=********&db=1"
+    )
+    assert _maskOption("servers", ["redis://:pw@a", "redis://b"], "/") == [
+        "redis://********@a",
+        "redis://b",
+    ]
+    assert _maskOption("user@example", "a@b.test", "/") == "a@b.test"
 
 
 # --- a real twistd relayd, restarted ------------------------------------------------
