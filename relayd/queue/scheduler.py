@@ -537,6 +537,11 @@ class Scheduler(Service):
             except Exception as e:
                 self._spoolFailed(queueId, state, "read", f"cannot read its envelope in {state}", e)
                 return
+        if self._allSuspended(record):
+            # relayctl destination suspend: nothing to send, so nothing is
+            # moved or written; looked at again later, or at once on resume.
+            self._schedule(queueId, state, self.clock.seconds() + self.retryInitial)
+            return
         if state != "active":
             # Not fsync'd: after a crash, active/ goes back to incoming/ anyway.
             try:
@@ -1037,6 +1042,18 @@ class Scheduler(Service):
                 domains=" ".join(sorted(self.suspensions.domains)),
             )
 
+
+    def _allSuspended(self, record: QueueRecord) -> bool:
+        """Are all of the recipients still waiting at suspended destinations?"""
+        if self.suspensions is None or not self.suspensions.domains:
+            return False
+        waiting = record.waiting()
+        return bool(waiting) and all(
+            self.suspensions.isSuspended(
+                r.address.rpartition("@")[2].lower() or self.hostname.lower()
+            )
+            for r in waiting
+        )
 
 ADMIN_BOUNCE = Reply(550, "5.0.0", "message bounced by the administrator")
 """The reply an administrative bounce gives each recipient (in its DSN)."""

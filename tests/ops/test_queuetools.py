@@ -363,9 +363,16 @@ class DestinationTests(QueueToolsTestCase):
 
         status, out, _, _ = yield self.ctl("queue", "summary")
         self.assertIn("example.net (suspended)", out)
+        scheduler = self.relayd.service.scheduler
+        before = scheduler.attempts
         status, out, _, _ = yield self.ctl("queue", "flush")
+        self.assertEqual(out, "1 message to be attempted now\n")
         yield self.send(["c@example.net"])
-        yield self.waitFor(lambda: len(self.inState("deferred")) == 2)
+        # Both looked at; a message only for suspended destinations is not
+        # even moved (it stays in incoming/, nothing written).
+        yield self.waitFor(lambda: scheduler.attempts >= before + 2 and not scheduler.delivering())
+        [new] = self.inState("incoming")
+        self.assertEqual(self.inState("deferred"), [waiting])
         self.assertEqual(len(sink.messages), 1)
 
         # A restart: the same config and spool, a new service tree.
@@ -374,15 +381,18 @@ class DestinationTests(QueueToolsTestCase):
         self.assertEqual(status, 0)
         self.assertTrue(out.startswith("example.net  suspended since "), out)
         self.relayd = yield InProcessRelayd.start(self.setup)
-        yield self.relayd.service.scheduler.whenIndexed()
+        scheduler = self.relayd.service.scheduler
+        yield scheduler.whenIndexed()
+        before = scheduler.attempts
         status, out, _, _ = yield self.ctl("queue", "flush")
         self.assertEqual(out, "2 messages to be attempted now\n")
         status, out, _, _ = yield self.ctl("destination", "list", "--json")
         self.assertEqual(list(json.loads(out)), ["example.net"])
-        yield self.waitFor(
-            lambda: len(self.inState("deferred")) == 2 and not self.inState("active")
-        )
+        yield self.waitFor(lambda: scheduler.attempts >= before + 2 and not scheduler.delivering())
+        self.assertEqual((self.inState("deferred"), self.inState("incoming")), ([waiting], [new]))
         self.assertEqual(len(sink.messages), 1)
+        record = self.relayd.spool.load(new)[0]
+        self.assertEqual([(r.state.value, r.attempts) for r in record.recipients], [("pending", 0)])
 
         status, out, err, _ = yield self.ctl("destination", "resume", "example.net")
         self.assertEqual(
