@@ -180,8 +180,19 @@ class QueueToolsTestCase(RelayctlTestCase):
         )
         queueId = yield self.relayd.spool.submit(record, BODY)
         yield self.waitFor(lambda: queueId in self.inState("deferred"))
+        yield self.settled()
         self.assertNotIn(queueId, before)
         return queueId
+
+    def settled(self) -> defer.Deferred[Any]:
+        """
+        Wait until no attempt is under way: a queue file reaches deferred/
+        a moment before its attempt is over (and a message in delivery is
+        neither flushed nor changed).
+        """
+        scheduler = self.relayd.service.scheduler
+        d: defer.Deferred[Any] = self.waitFor(lambda: not scheduler.delivering())
+        return d
 
 
 class SummaryTests(QueueToolsTestCase):
@@ -235,6 +246,7 @@ class SelectorTests(QueueToolsTestCase):
         old = yield self.queueAged(3 * 3600, "app@sender.test", ["a@example.net"])
         net, org = yield self.deferred(["b@example.net"], ["c@example.org"])
         other = (yield self.deferred(["d@example.com"], sender="x@other.test"))[0]
+        yield self.settled()
 
         status, out, err, _ = yield self.ctl("queue", "hold", "--domain", "example.org")
         self.assertEqual((status, out, err), (0, f"{org}: on hold\n", ""))
@@ -247,6 +259,9 @@ class SelectorTests(QueueToolsTestCase):
             "queue", "release", "--domain", "example.net", "--older-than", "1h"
         )
         self.assertEqual((status, out), (0, f"{old}: released\n"))
+        # Released means attempted at once: wait until that attempt is over.
+        scheduler = self.relayd.service.scheduler
+        yield self.waitFor(lambda: old in self.inState("deferred") and not scheduler.delivering())
         status, out, _, _ = yield self.ctl("queue", "delete", "--sender", "other.test")
         self.assertEqual((status, out), (0, f"{other}: deleted\n"))
 
@@ -262,8 +277,8 @@ class SelectorTests(QueueToolsTestCase):
             sorted(r for m in sink.messages for r in m.recipients),
             ["a@example.net", "b@example.net"],
         )
+        yield self.waitFor(lambda: self.gone(net) and self.gone(old))
         self.assertEqual(self.inState("hold"), [org])
-        self.assertTrue(self.gone(net))
 
         status, _, err, _ = yield self.ctl("queue", "hold", org, "--domain", "example.org")
         self.assertEqual(status, 2)
@@ -283,11 +298,16 @@ class BounceRequeueTests(QueueToolsTestCase):
         DSN (RFC 3464) saying so, and the message leaves the queue.
         """
         queueId, keep = yield self.deferred(["a@example.net", "b@example.net"], ["c@example.org"])
+        yield self.settled()
         status, out, err, _ = yield self.ctl("queue", "bounce", "--domain", "example.net")
         self.assertEqual((status, out, err), (0, f"{queueId}: bounced (2 recipients)\n", ""))
         self.assertTrue(self.gone(queueId))
+        # The DSN's first attempt finds no next hop either: wait for it.
+        yield self.waitFor(lambda: len(self.inState("deferred")) == 2)
+        yield self.settled()
         sink = self.startSink()
         status, out, _, _ = yield self.ctl("queue", "flush")
+        self.assertEqual(out, "2 messages to be attempted now\n")
         yield self.waitFor(lambda: len(sink.messages) == 2)
         [dsn] = [m for m in sink.messages if m.sender == ""]
         self.assertEqual(dsn.recipients, ["app@sender.test"])
@@ -312,6 +332,7 @@ class BounceRequeueTests(QueueToolsTestCase):
         hour later.  Messages on hold stay held.
         """
         one, held = yield self.deferred(["a@example.net"], ["b@example.net"])
+        yield self.settled()
         yield self.ctl("queue", "hold", held)
         newPort = freePort()
         sink = SinkServer()
@@ -356,6 +377,7 @@ class DestinationTests(QueueToolsTestCase):
         yield self.waitFor(lambda: len(sink.messages) == 1)
         self.assertEqual(sink.messages[0].recipients, ["b@example.org"])
         yield self.waitFor(lambda: len(self.inState("deferred")) == 1)
+        yield self.settled()
         [waiting] = self.inState("deferred")
         record = self.relayd.spool.load(waiting)[0]
         states = {r.address: r.state.value for r in record.recipients}
@@ -383,6 +405,8 @@ class DestinationTests(QueueToolsTestCase):
         self.relayd = yield InProcessRelayd.start(self.setup)
         scheduler = self.relayd.service.scheduler
         yield scheduler.whenIndexed()
+        # The message in incoming/ is looked at as soon as relayd starts.
+        yield self.waitFor(lambda: scheduler.attempts >= 1 and not scheduler.delivering())
         before = scheduler.attempts
         status, out, _, _ = yield self.ctl("queue", "flush")
         self.assertEqual(out, "2 messages to be attempted now\n")
