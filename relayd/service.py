@@ -629,6 +629,7 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) 
     """Resolver, router, deliverer and scheduler (DESIGN sections 1 and 6)."""
     from relayd.delivery.routing import MXResolver, Router
     from relayd.queue.scheduler import Scheduler
+    from relayd.queue.suspend import Suspensions
 
     resolver = MXResolver(
         reactor,
@@ -675,6 +676,8 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) 
         postmaster=config.postmaster,
         metrics=top.metrics,
     )
+    # relayctl destination suspend|resume (read from the spool at start).
+    scheduler.suspensions = Suspensions(spool.directory)
     scheduler.setServiceParent(top)
     return scheduler
 

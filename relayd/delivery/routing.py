@@ -770,6 +770,16 @@ class Router:
         d = self._resolver.lookupAddresses(host)
         return d.addErrback(_errorValue)
 
+    def forgetLookups(self) -> None:
+        """
+        Drop the resolver's cached DNS answers (C{relayctl queue requeue}
+        after a route or DNS change), so the next route of every domain is
+        looked up afresh.  A resolver without a cache has nothing to drop.
+        """
+        clearCache = getattr(self._resolver, "clearCache", None)
+        if clearCache is not None:
+            clearCache()
+
 
 def _errorValue(failure: Failure) -> ResolverError:
     """Return the L{ResolverError} of C{failure}; pass anything else on."""

@@ -10,6 +10,14 @@ C{relayctl}: look at and steer a running relayd (docs/relayctl.md).
     queue hold    ID... | --all [--from ADDR] [--to DOMAIN]
     queue release ID... | --all [--from ADDR] [--to DOMAIN]
     queue delete  ID... | --all [--from ADDR] [--to DOMAIN]
+    queue summary [--by domain|sender] [--json]   counts by domain and age
+    queue bounce  ID... | --all | SELECTORS       bounce to the sender (5.0.0)
+    queue requeue ID... | --all | SELECTORS       route afresh now
+        SELECTORS (also for flush/hold/release/delete):
+        [--domain D] [--sender S] [--older-than 30m|2h|1d]
+    destination suspend|resume DOMAIN    hold / restart deliveries to DOMAIN
+    destination list [--json]            the suspended destinations
+    config [--defaults] [--json]         the effective config (secrets masked)
     reload                               re-read the config file
     check-config [PATH] [--live]         validate a config like startup does
     passwd [--stdin] [--rounds N] USER   set a user's password
@@ -54,11 +62,16 @@ from relayd.ops.control import (
     ControlClient,
     ControlClientError,
     ControlError,
+    DestinationList,
+    DestinationResume,
+    DestinationSuspend,
     MessageNotFound,
     NotRunning,
+    QueueBounce,
     QueueChange,
     QueueFlush,
     QueueList,
+    QueueRequeue,
     QueueShow,
     Reload,
     Status,
@@ -488,6 +501,233 @@ def _passwd(ctx: _Context) -> None:
     ctx.out.line(f"{options.user}: password set in {usersFile}")
 
 
+# --- the queue at scale: summary, selectors, bounce, requeue, destinations ------------
+
+
+def _suspended(ctx: _Context) -> dict[str, Any]:
+    """The suspended destinations: from the daemon, else from the spool."""
+    from relayd.queue.suspend import SuspensionsError, readSuspended
+
+    try:
+        client = ctx.connect()
+    except NotRunning:
+        try:
+            return readSuspended(ctx.paths.spool)
+        except SuspensionsError as e:
+            raise _Failure(str(e)) from None
+    with client:
+        domains: dict[str, Any] = client.call(DestinationList)["domains"]
+    return domains
+
+
+def _queueSummary(ctx: _Context) -> None:
+    """C{relayctl queue summary}: the queue's shape (L{relayd.ops.queuetools})."""
+    from relayd.ops.queuetools import queueShape, shapeLines
+
+    entries = _entries(ctx)
+    shape = queueShape(entries, time.time(), ctx.options.by, _suspended(ctx))
+    if ctx.options.json:
+        ctx.out.json(shape)
+        return
+    for line in shapeLines(shape):
+        ctx.out.line(line)
+
+
+def _hasSelectors(options: argparse.Namespace) -> bool:
+    return any(
+        getattr(options, name, None) is not None for name in ("domain", "fromSender", "olderThan")
+    )
+
+
+def _selectedIds(ctx: _Context, heldToo: bool = True) -> list[str]:
+    """
+    The queue ids C{--domain}, C{--sender} and C{--older-than} pick, from
+    the daemon's listing (L{relayd.ops.queuetools.selectEntries}).
+    """
+    from relayd.ops.queuetools import parseDuration, selectEntries
+
+    options = ctx.options
+    olderThan = None
+    if options.olderThan is not None:
+        try:
+            olderThan = parseDuration(options.olderThan)
+        except ValueError as e:
+            raise _Usage(f"--older-than: {e}") from None
+    ctx.daemon().close()  # changes need the daemon: say so before listing
+    chosen = selectEntries(
+        _entries(ctx), time.time(), options.domain, options.fromSender, olderThan
+    )
+    held = [e for e in chosen if e["state"] == "hold"]
+    if held and not heldToo:
+        ctx.out.line(f"{_plural(len(held), 'message')} on hold left alone (release them first)")
+        chosen = [e for e in chosen if e["state"] != "hold"]
+    return [e["queue_id"] for e in chosen]
+
+
+def _checkSelection(ctx: _Context, ids: list[str] | None) -> None:
+    options = ctx.options
+    if ids is not None and (_hasSelectors(options) or getattr(options, "all", False)):
+        raise _Usage("give queue ids, or --all and/or selectors, not both")
+    if getattr(options, "sender", None) is not None or getattr(options, "recipient", None):
+        if _hasSelectors(options):
+            raise _Usage("--from/--to go with --all; use --sender/--domain with the selectors")
+
+
+def _flushSelected(ctx: _Context) -> None:
+    """C{relayctl queue flush}: by ids, by selectors, or everything."""
+    ids = _ids(ctx)
+    _checkSelection(ctx, ids)
+    if not _hasSelectors(ctx.options):
+        _flush(ctx)
+        return
+    selected = _selectedIds(ctx, heldToo=False)
+    if not selected:
+        ctx.out.line("no queued message matched")
+        return
+    ctx.options.ids = selected
+    _flush(ctx)
+
+
+def _changeSelected(ctx: _Context) -> None:
+    """C{relayctl queue hold|release|delete} with the selectors as well."""
+    ids = _ids(ctx)
+    _checkSelection(ctx, ids)
+    if not _hasSelectors(ctx.options):
+        _change(ctx)
+        return
+    selected = _selectedIds(ctx)
+    if not selected:
+        ctx.out.line("no queued message matched")
+        return
+    ctx.options.ids = selected
+    ctx.options.all = False
+    _change(ctx)
+
+
+def _idsOrSelection(ctx: _Context, what: str) -> list[str] | None:
+    """Ids given, or picked by selectors; None for --all alone."""
+    ids = _ids(ctx)
+    _checkSelection(ctx, ids)
+    if ids is not None:
+        return ids
+    if _hasSelectors(ctx.options):
+        return _selectedIds(ctx)
+    if not ctx.options.all:
+        raise _Usage(f"queue {what}: give queue ids, --all, or --domain/--sender/--older-than")
+    return None
+
+
+def _bounce(ctx: _Context) -> None:
+    """C{relayctl queue bounce}: an administrative bounce (a DSN to the sender)."""
+    ids = _idsOrSelection(ctx, "bounce")
+    if ids is None:
+        ids = [e["queue_id"] for e in _entries(ctx)]
+    if not ids:
+        ctx.out.line("no queued message matched")
+        return
+    with ctx.daemon() as client:
+        results = client.call(QueueBounce, queueIds=ids)["results"]
+    failed = 0
+    for queueId, outcome, ok in results:
+        if ok:
+            ctx.out.line(f"{queueId}: {outcome}")
+        else:
+            failed += 1
+            ctx.out.error(f"{queueId}: {outcome}")
+    if failed:
+        raise SystemExit(1)
+
+
+def _requeue(ctx: _Context) -> None:
+    """C{relayctl queue requeue}: re-route after a route change."""
+    ids = _idsOrSelection(ctx, "requeue")
+    if ids is not None and not ids:
+        ctx.out.line("no queued message matched")
+        return
+    with ctx.daemon() as client:
+        results: dict[str, str] = client.call(QueueRequeue, queueIds=ids)["results"]
+    counts = {o: sum(1 for v in results.values() if v == o) for o in set(results.values())}
+    line = f"{_plural(counts.get('scheduled', 0), 'message')} requeued: routed afresh now"
+    if counts.get("delivering"):
+        line += f", {counts['delivering']} being delivered already"
+    if counts.get("hold"):
+        line += f", {counts['hold']} on hold (not requeued)"
+    ctx.out.line(line)
+    for queueId, outcome in sorted(results.items()):
+        if outcome == "unknown":
+            ctx.out.error(f"{queueId}: no such message in the queue")
+    if counts.get("unknown"):
+        raise SystemExit(1)
+
+
+def _destinationDomain(ctx: _Context) -> str:
+    from relayd.queue.suspend import normalDomain
+
+    try:
+        return normalDomain(ctx.options.domain)
+    except ValueError as e:
+        raise _Usage(str(e)) from None
+
+
+def _destinationSuspend(ctx: _Context) -> None:
+    domain = _destinationDomain(ctx)
+    with ctx.daemon() as client:
+        changed = client.call(DestinationSuspend, domain=domain)["changed"]
+    ctx.out.line(
+        f"{domain}: suspended: no delivery starts, mail for it is accepted and waits"
+        if changed
+        else f"{domain}: suspended already"
+    )
+
+
+def _destinationResume(ctx: _Context) -> None:
+    domain = _destinationDomain(ctx)
+    with ctx.daemon() as client:
+        answer = client.call(DestinationResume, domain=domain)
+    if answer["changed"]:
+        ctx.out.line(
+            f"{domain}: resumed, {_plural(answer['flushed'], 'message')} to be attempted now"
+        )
+    else:
+        ctx.out.line(f"{domain}: not suspended")
+
+
+def _destinationList(ctx: _Context) -> None:
+    domains = _suspended(ctx)
+    if ctx.options.json:
+        ctx.out.json(domains)
+        return
+    if not domains:
+        ctx.out.line("no destination is suspended")
+        return
+    for domain in sorted(domains):
+        ctx.out.line(f"{domain}  suspended since {_when(domains[domain].get('since'))}")
+
+
+# --- the effective config -------------------------------------------------------------
+
+
+def _config(ctx: _Context) -> None:
+    """C{relayctl config}: like C{postconf -n}/C{-d} (L{relayd.ops.showconfig})."""
+    from relayd.config import ConfigError
+    from relayd.ops.showconfig import defaultSettings, effectiveSettings, settingLines
+
+    if ctx.options.defaults:
+        settings = defaultSettings()
+    else:
+        try:
+            settings = effectiveSettings(ctx.options.config)
+        except ConfigError as e:
+            raise _Failure(f"config error: {e}") from None
+        except (OSError, ValueError) as e:
+            raise _Failure(f"config error: {ctx.options.config}: {e}") from None
+    if ctx.options.json:
+        ctx.out.json(settings)
+        return
+    for line in settingLines(settings, mark=not ctx.options.defaults):
+        ctx.out.line(line)
+
+
 # --- check-domain -------------------------------------------------------------------
 
 
@@ -836,14 +1076,16 @@ def _parser() -> _Parser:
     sub.add_argument("id", metavar="ID", help="the queue id")
     sub.add_argument("--body", action="store_true", help="print the whole message")
     sub.add_argument("--json", action="store_true", help="print JSON")
-    sub = add(queueCommands, "flush", _flush, "attempt deferred mail now")
+    sub = add(queueCommands, "flush", _flushSelected, "attempt deferred mail now")
     sub.add_argument("ids", metavar="ID", nargs="*", help="queue ids (default: all)")
+    _selectors(sub)
     for action, text in (
         ("hold", "put messages on hold: kept, never attempted"),
         ("release", "release held messages: attempted now"),
         ("delete", "delete messages, without a bounce"),
     ):
-        sub = add(queueCommands, action, _change, text)
+        sub = add(queueCommands, action, _changeSelected, text)
+        _selectors(sub)
         sub.set_defaults(action=action)
         sub.add_argument("ids", metavar="ID", nargs="*", help="queue ids")
         sub.add_argument("--all", action="store_true", help="every queued message")
@@ -856,6 +1098,46 @@ def _parser() -> _Parser:
             metavar="DOMAIN",
             help="with --all: only mail still to go to DOMAIN (or to an address)",
         )
+
+    sub = add(
+        queueCommands,
+        "summary",
+        _queueSummary,
+        "messages by domain (or sender) and age, like qshape",
+    )
+    sub.add_argument(
+        "--by", choices=("domain", "sender"), default="domain", help="rows by (default domain)"
+    )
+    sub.add_argument("--json", action="store_true", help="print JSON")
+    for action, run, text in (
+        ("bounce", _bounce, "bounce messages to their senders (5.0.0) and remove them"),
+        ("requeue", _requeue, "route messages afresh now, after a route change"),
+    ):
+        sub = add(queueCommands, action, run, text)
+        sub.set_defaults(action=action)
+        sub.add_argument("ids", metavar="ID", nargs="*", help="queue ids")
+        sub.add_argument("--all", action="store_true", help="every queued message")
+        _selectors(sub)
+
+    destination = commands.add_parser("destination", help="suspend and resume a destination")
+    destinationCommands = destination.add_subparsers(
+        dest="what", metavar="ACTION", parser_class=_Parser
+    )
+    destinationCommands.required = True
+    for action, run, text in (
+        ("suspend", _destinationSuspend, "hold deliveries to DOMAIN (mail is still accepted)"),
+        ("resume", _destinationResume, "deliver to DOMAIN again, starting now"),
+    ):
+        sub = add(destinationCommands, action, run, text)
+        sub.add_argument("domain", metavar="DOMAIN", help="the destination domain")
+    sub = add(destinationCommands, "list", _destinationList, "the suspended destinations")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = add(commands, "config", _config, "the effective config, like postconf")
+    sub.add_argument(
+        "--defaults", action="store_true", help="the built-in defaults (like postconf -d)"
+    )
+    sub.add_argument("--json", action="store_true", help="print JSON")
 
     add(commands, "reload", _reload, "make relayd re-read its config file")
 
@@ -893,6 +1175,25 @@ def _parser() -> _Parser:
         "--rounds", type=_rounds, default=DEFAULT_ROUNDS, metavar="N", help="bcrypt cost"
     )
     return parser
+
+
+def _selectors(sub: _Parser) -> None:
+    """C{--domain}, C{--sender}, C{--older-than} (L{relayd.ops.queuetools.selectEntries})."""
+    sub.add_argument(
+        "--domain", metavar="D", help="messages with recipients still to go to domain D"
+    )
+    sub.add_argument(
+        "--sender",
+        dest="fromSender",
+        metavar="S",
+        help="messages from S (an address, <> for the null sender, or a domain)",
+    )
+    sub.add_argument(
+        "--older-than",
+        dest="olderThan",
+        metavar="DURATION",
+        help="messages that arrived at least DURATION ago (90s, 30m, 2h, 1d)",
+    )
 
 
 def main(

@@ -51,6 +51,7 @@ from relayd.delivery.routing import RoutingError
 from relayd.queue.record import QueueRecord, QueueState, RecipientRecord, RecipientState
 from relayd.reply import Reply
 from relayd.queue.spool import arrivalFromQueueId, envelopeRecord
+from relayd.queue.suspend import Suspensions, SuspensionsError, readSuspended
 
 __all__ = ["Scheduler", "backoff"]
 
@@ -139,6 +140,9 @@ class Scheduler(Service):
         self._troubles: dict[str, int] = {}
         # Taken out of the schedule by an operator (withdraw) and not yet back.
         self._withdrawn: set[str] = set()
+        # Destinations an operator suspended (relayd.queue.suspend), if any:
+        # set by the service after construction.
+        self.suspensions: Suspensions | None = None
         # While a sweep's listing runs: the messages changed since it began,
         # whose state on disk the listing may no longer tell.
         self._touched: set[str] | None = None
@@ -149,6 +153,7 @@ class Scheduler(Service):
     def startService(self) -> None:
         super().startService()
         self._running = True
+        self._loadSuspensions()
         self.spool.addQueueObserver(self._queued)
         self._ready = self.spool.scan().addCallbacks(self._indexed, self._scanFailed)
         self._sweep = LoopingCall(self._sweepNow)
@@ -532,6 +537,11 @@ class Scheduler(Service):
             except Exception as e:
                 self._spoolFailed(queueId, state, "read", f"cannot read its envelope in {state}", e)
                 return
+        if self._allSuspended(record):
+            # relayctl destination suspend: nothing to send, so nothing is
+            # moved or written; looked at again later, or at once on resume.
+            self._schedule(queueId, state, self.clock.seconds() + self.retryInitial)
+            return
         if state != "active":
             # Not fsync'd: after a crash, active/ goes back to incoming/ anyway.
             try:
@@ -608,9 +618,24 @@ class Scheduler(Service):
         outcomes: dict[str, tuple[RecipientResult, Any]] = {}
 
         byDomain: dict[str, list[str]] = {}
+        held: set[str] = set()
         for r in waiting:
             domain = r.address.rpartition("@")[2].lower() or self.hostname.lower()
+            if self.suspensions is not None and self.suspensions.isSuspended(domain):
+                held.add(r.address)  # relayctl destination suspend: not attempted
+                continue
             byDomain.setdefault(domain, []).append(r.address)
+        if held:
+            log.info(
+                "{queue_id}: {count} recipients held: their destination is suspended",
+                queue_id=queueId,
+                count=len(held),
+            )
+            if len(held) == len(waiting):
+                # Nothing attempted: no attempt counted, looked at again
+                # after the first retry interval (or at once on resume).
+                now = self.clock.seconds()
+                return replace(record, nextAttempt=now + self.retryInitial)
 
         groups: dict[str, tuple[Any, list[str]]] = {}
         for domain, addresses in byDomain.items():
@@ -658,7 +683,7 @@ class Scheduler(Service):
         newlyFailed = []
         relayed = []
         for index, r in enumerate(recipients):
-            if r.state.final:
+            if r.state.final or r.address in held:
                 continue
             outcome = outcomes.get(r.address)
             if outcome is None:
@@ -829,7 +854,7 @@ class Scheduler(Service):
     @inlineCallbacks
     def _bounce(
         self, queueId: str, record: QueueRecord, recipients: list[RecipientRecord],
-        action: str, now: float,
+        action: str, now: float, diagnostic: str | None = None,
     ) -> Any:
         """
         Commit a DSN about C{recipients} to the sender (or the postmaster
@@ -885,6 +910,9 @@ class Scheduler(Service):
                     lastAttempt=r.lastAttempt,
                     command=r.command if reply is not None else None,
                     originalRecipient=r.orcpt,
+                    # relayd's own reason, when it has one worth quoting
+                    # (an administrative bounce); remote replies win.
+                    diagnostic=diagnostic if reply is None else None,
                 )
             )
         # Reads the original's headers from disk: not on the reactor thread.
@@ -930,3 +958,107 @@ class Scheduler(Service):
             action={"failed": "non-delivery", "delayed": "delay", "relayed": "success"}[action],
             bounce_id=bounceId,
         )
+
+    # --- operator control, continued (relayctl queue bounce/requeue) ---------
+
+    @inlineCallbacks
+    def administrativeBounce(self, queueId: str, state: str, now: float) -> Any:
+        """
+        Bounce a message on the operator's word (C{relayctl queue bounce}):
+        every recipient not yet delivered or failed fails with
+        L{ADMIN_BOUNCE} (RFC 3463 5.0.0: no more specific code applies), a
+        non-delivery DSN goes to the sender (RFC 3464; to the postmaster
+        for a null sender, as for any bounce), then the message leaves the
+        queue.  The DSN is durable before the message is removed, so a
+        crash can repeat it but not lose it.
+
+        The caller withdraws the message first (L{withdraw}); it is moved
+        to C{active/} (where L{_bounce} reads the original's headers).
+
+        @return: a Deferred firing with the number of recipients bounced.
+        """
+        record = yield self.spool.read(queueId, state)
+        if state != "active":
+            yield self.spool.move(queueId, state, "active", durable=False)
+        recipients = list(record.recipients)
+        failed = []
+        for index, r in enumerate(recipients):
+            if r.state.final:
+                continue
+            recipients[index] = replace(
+                r,
+                state=RecipientState.FAILED,
+                status=ADMIN_BOUNCE.enhanced,
+                lastReply=str(ADMIN_BOUNCE),
+                remote=None,
+                lastAttempt=now,
+                expired=False,
+                command=None,
+            )
+            failed.append(recipients[index])
+        record = record.withRecipients(recipients)
+        for r in failed:
+            log.info(
+                "{queue_id}: to=<{to}>, relay=none, status=bounced ({reply})",
+                queue_id=queueId,
+                to=r.address,
+                reply=r.lastReply,
+            )
+            self.metrics.deliveryAttempt("bounced", None)
+        if failed:
+            yield self._bounce(queueId, record, failed, "failed", now, str(ADMIN_BOUNCE))
+        yield self.spool.remove(queueId, "active", durable=True)
+        self._forget(queueId)
+        log.info("{queue_id}: removed", queue_id=queueId)
+        return len(failed)
+
+    def requeue(self, queueIds: list[str] | None = None) -> dict[str, str]:
+        """
+        Re-route messages after a route change (C{relayctl queue requeue},
+        Postfix's C{postsuper -r}): the router's cached DNS answers are
+        dropped, so that every next attempt resolves its destination
+        afresh, and the messages given are attempted now (see L{flush} for
+        the outcomes; messages on hold stay on hold).  relayd keeps no
+        routing decision in a queue file, so nothing on disk changes.
+        """
+        forget = getattr(self.router, "forgetLookups", None)
+        if forget is not None:  # a test's router may have no cache
+            forget()
+        for queueId in sorted(self._state) if queueIds is None else queueIds:
+            self._troubles.pop(queueId, None)
+        return self.flush(queueIds)
+
+    def _loadSuspensions(self) -> None:
+        """
+        Read the suspended destinations from the spool at startup (a small
+        file; startup may block).  An unreadable file is logged and leaves
+        the suspensions as they were, rather than stopping relayd.
+        """
+        if self.suspensions is None:
+            return
+        try:
+            self.suspensions.domains = readSuspended(self.suspensions.directory)
+        except SuspensionsError as e:
+            log.error("cannot read the suspended destinations: {error}", error=e)
+            return
+        if self.suspensions.domains:
+            log.info(
+                "suspended destinations (relayctl destination resume to deliver): {domains}",
+                domains=" ".join(sorted(self.suspensions.domains)),
+            )
+
+
+    def _allSuspended(self, record: QueueRecord) -> bool:
+        """Are all of the recipients still waiting at suspended destinations?"""
+        if self.suspensions is None or not self.suspensions.domains:
+            return False
+        waiting = record.waiting()
+        return bool(waiting) and all(
+            self.suspensions.isSuspended(
+                r.address.rpartition("@")[2].lower() or self.hostname.lower()
+            )
+            for r in waiting
+        )
+
+ADMIN_BOUNCE = Reply(550, "5.0.0", "message bounced by the administrator")
+"""The reply an administrative bounce gives each recipient (in its DSN)."""
