@@ -163,6 +163,10 @@ class Config:
     deliveryPort: int = 25
     mxTls: str = "opportunistic"
     caFile: str | None = None
+    mtaSts: bool = True
+    mtaStsCaFile: str | None = None
+    mtaStsPort: int = 443
+    mtaStsTimeout: float = 60.0
     resolvers: tuple[str, ...] = ()
     resolverPort: int = 53
     dnsTimeout: float = 5.0
@@ -388,6 +392,14 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "port": _Key(int, 25, check=_port),
         "mx_tls": _Key(str, "opportunistic", check=_oneOf(*TLS_MODES)),
         "ca_file": _Key(str),
+        # MTA-STS (RFC 8461, relayd.delivery.mtasts) for MX delivery, not
+        # routes: the policy host's CA file (default: ca_file, else the
+        # system's), its port (443; tests use another) and the fetch
+        # timeout (section 3.3: 60 s or less).
+        "mta_sts": _Key(bool, True),
+        "mta_sts_ca_file": _Key(str),
+        "mta_sts_port": _Key(int, 443, check=_port),
+        "mta_sts_timeout": _Key(_NUMBER, 60.0, check=_positive),
         "resolvers": _Key(list, [], check=_stringList),
         "resolver_port": _Key(int, 53, check=_port),
         "dns_timeout": _Key(_NUMBER, 5.0, check=_positive),
@@ -656,6 +668,9 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
     caFile = _resolve(base, delivery["ca_file"])
     if caFile is not None:
         _readable(path, "delivery.ca_file", caFile)
+    mtaStsCaFile = _resolve(base, delivery["mta_sts_ca_file"])
+    if mtaStsCaFile is not None:
+        _readable(path, "delivery.mta_sts_ca_file", mtaStsCaFile)
     if delivery["retry_max"] < delivery["retry_initial"]:
         raise ConfigError(
             path, "delivery.retry_max", "must not be less than delivery.retry_initial"
@@ -714,6 +729,10 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         deliveryPort=delivery["port"],
         mxTls=delivery["mx_tls"],
         caFile=caFile,
+        mtaSts=delivery["mta_sts"],
+        mtaStsCaFile=mtaStsCaFile,
+        mtaStsPort=delivery["mta_sts_port"],
+        mtaStsTimeout=min(60.0, float(delivery["mta_sts_timeout"])),
         resolvers=tuple(delivery["resolvers"]),
         resolverPort=delivery["resolver_port"],
         dnsTimeout=float(delivery["dns_timeout"]),
