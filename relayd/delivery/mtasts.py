@@ -436,6 +436,7 @@ class MTASTSPolicies:
         caFile: str | None = None,
         port: int = 443,
         timeout: float = FETCH_TIMEOUT,
+        persist: bool = True,
     ) -> None:
         """
         @param resolver: an L{relayd.delivery.routing.MXResolver} (its
@@ -443,11 +444,14 @@ class MTASTSPolicies:
         @param spoolDirectory: the spool; the cache is its C{mta-sts/}.
         @param caFile: PEM file of the CAs trusted for policy hosts; None
             for the system trust store.
+        @param persist: write fetched policies to the cache directory;
+            C{relayctl route} reads the cache but never writes the spool.
         @raise OSError: C{caFile} cannot be read.
         @raise ValueError: it holds no certificate.
         """
         from relayd.delivery.attempt import loadTrustRoot
 
+        self.persist = persist
         self.reactor = reactor
         self.resolver = resolver
         self.directory = os.path.join(spoolDirectory, CACHE_DIRECTORY)
@@ -674,5 +678,6 @@ class MTASTSPolicies:
             mx=" ".join(parsed.mx),
             max_age=parsed.maxAge,
         )
-        await self._store(policy)
+        if self.persist:
+            await self._store(policy)
         return policy

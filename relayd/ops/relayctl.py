@@ -740,6 +740,135 @@ async def _checkHop(
     return [report]
 
 
+# --- route ---------------------------------------------------------------------------
+
+
+def _route(ctx: _Context) -> None:
+    """
+    Where mail to ADDRESS would go and under which TLS policy, as delivery
+    decides it (L{relayd.delivery.routing.Router}, L{relayd.delivery.mtasts}):
+    offline, through C{[delivery] resolvers}; the MTA-STS policy from the
+    spool's cache or fetched now (not written back).  Credentials are named
+    by user name only.  Exit status 1 when there is no route.
+    """
+    from relayd.address import AddressError, asciiDomain
+    from relayd.config import ConfigError, load
+
+    address = ctx.options.address.strip()
+    local, at, domain = address.rpartition("@")
+    domain = domain.strip().rstrip(".")
+    if not at or not local or not domain:
+        raise _Usage(f"not a mail address: {ctx.options.address!r}")
+    if not (domain.startswith("[") and domain.endswith("]")):
+        try:
+            domain = asciiDomain(domain)
+        except AddressError:
+            raise _Usage(f"not a mail address: {ctx.options.address!r}") from None
+    try:
+        config = load(ctx.options.config)
+    except ConfigError as e:
+        raise _Failure(f"config error: {e}") from None
+    lines, ok = _inReactor(
+        lambda reactor: Deferred.fromCoroutine(_routeLines(config, reactor, address, domain))
+    )
+    if ctx.options.sender:
+        lines.insert(1, f"  sender: {ctx.options.sender} (routes depend on the recipient only)")
+    for line in lines:
+        ctx.out.line(line)
+    if not ok:
+        raise SystemExit(1)
+
+
+async def _routeLines(
+    config: Any, reactor: Any, address: str, domain: str
+) -> tuple[list[str], bool]:
+    """The lines C{relayctl route} prints, and whether there is a route."""
+    from relayd.delivery.mtasts import NO_POLICY, MTASTSPolicies, applyTLSPolicy
+    from relayd.delivery.routing import MXResolver, ResolverError, Router, RoutingError
+
+    resolver = MXResolver(
+        reactor,
+        list(config.resolvers) or None,
+        port=config.resolverPort,
+        timeout=min(config.dnsTimeout, LIVE_TIMEOUT),
+    )
+    resolver.start()
+    try:
+        router = Router(
+            resolver,
+            config.routes,
+            port=config.deliveryPort,
+            mxTls=config.mxTls,
+            localNames=(config.hostname,),
+        )
+        try:
+            destination = await router.route(domain)
+        except RoutingError as e:
+            kind = "bounce" if e.permanent else "defer"
+            return [f"{address}: no route: {e.enhanced} {e.text} (would {kind})"], False
+        lines: list[str] = []
+        if destination.key.startswith("route:"):
+            index = int(destination.key.split(":", 1)[1])
+            route = config.routes[index]
+            lines.append(f"{address}: route {index} (domains {' '.join(route.domains)})")
+            for hop in route.hops:
+                auth = f", auth as {hop.username}" if hop.username else ""
+                addresses = " ".join(
+                    h.address for h in destination.hops if h.host == hop.host.strip("[]")
+                )
+                lines.append(
+                    f"  hop: {hop.host}:{hop.port} {addresses or '(no address)'} "
+                    f"tls={hop.tls}{auth}"
+                )
+            lines.append("  policy: none (MTA-STS applies to MX delivery, not to routes)")
+            lines.append("  dane: not checked")
+            return lines, True
+        lines.append(f"{address}: MX delivery to {domain}")
+        try:
+            records = sorted(await resolver.lookupMX(domain))
+        except ResolverError:
+            records = [(0, domain)]  # implicit MX, or an address literal
+        for preference, host in records:
+            addresses = " ".join(h.address for h in destination.hops if h.host == host)
+            lines.append(f"  mx: {preference} {host} {addresses or '(not used)'}")
+        lines.append(f"  tls: mx_tls = {config.mxTls}")
+        policy = NO_POLICY
+        if not config.mtaSts:
+            lines.append("  policy: none ([delivery] mta_sts = false)")
+        else:
+            policies = MTASTSPolicies(
+                reactor,
+                resolver,
+                config.spoolDirectory,
+                caFile=config.mtaStsCaFile or config.caFile,
+                port=config.mtaStsPort,
+                timeout=config.mtaStsTimeout,
+                persist=False,
+            )
+            policies.loadCache()
+            policy = await policies.lookup(domain)
+            if policy.kind == "none":
+                lines.append(f"  policy: none ({policy.note})")
+            else:
+                lines.append(
+                    f"  policy: {policy.kind} {policy.mode} (id {policy.policyId}, "
+                    f"{policy.note}), mx {' '.join(policy.mxPatterns)}"
+                )
+        lines.append("  dane: not checked")
+        applied = applyTLSPolicy(destination, policy)
+        used = {hop.host: hop.tls for hop in applied.destination.hops}
+        for _, host in records:
+            if applied.refusal is None and host in used:
+                lines.append(f"  {host}: tls={used[host]}")
+            elif policy.kind == "mta-sts" and not policy.matches(host):
+                lines.append(f"  {host}: not used (does not match the policy)")
+        if applied.refusal is not None:
+            lines.append(f"  would defer: {applied.refusal.enhanced} {applied.refusal.text}")
+        return lines, True
+    finally:
+        resolver.stop()
+
+
 # --- the command line --------------------------------------------------------------
 
 
@@ -834,6 +963,15 @@ def _parser() -> _Parser:
         action="append",
         help="an address relayd sends from (repeatable; default: its host name's addresses)",
     )
+
+    sub = add(
+        commands,
+        "route",
+        _route,
+        "where mail to an address would go: route or MX list, TLS mode and policy",
+    )
+    sub.add_argument("address", metavar="ADDRESS", help="the recipient address")
+    sub.add_argument("--sender", metavar="S", help="the sender (shown; routes ignore it)")
 
     from relayd.ops.passwd import _rounds
     from relayd.smtp.auth import DEFAULT_ROUNDS

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import shutil
-import smtplib
 import tempfile
 
 from twisted.internet import defer, reactor
@@ -36,7 +35,10 @@ from relayd.ops import relayctl
 from relayd.testing import DNSServer
 from tests.delivery.test_attempt_e2e import BODY, DeliveryTestCase, afterReceived
 
-POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mx1.example.net\r\nmx: *.backup.example.net\r\nmax_age: 86400\r\n"
+POLICY = (
+    b"version: STSv1\r\nmode: enforce\r\nmx: mx1.example.net\r\n"
+    b"mx: *.backup.example.net\r\nmax_age: 86400\r\n"
+)
 
 
 # --- grammar -----------------------------------------------------------------------
@@ -242,7 +244,11 @@ class FetchTests(unittest.TestCase):
 
     def policies(self, timeout=5.0):
         return MTASTSPolicies(
-            reactor, self.resolver, self.spool, caFile=self.caPath, port=self.httpsPort,
+            reactor,
+            self.resolver,
+            self.spool,
+            caFile=self.caPath,
+            port=self.httpsPort,
             timeout=timeout,
         )
 
@@ -499,7 +505,8 @@ class MTASTSDeliveryTests(DeliveryTestCase):
         yield self.send(["b@example.net"])
         yield self.waitFor(lambda: self.deliveryLines("deferred"))
         line = self.deliveryLines("deferred")[0]
-        self.assertIn("policy=mta-sts:enforce, status=deferred (4", line)
+        self.assertIn("policy=mta-sts:enforce, status=deferred (451 4.7.5 TLS handshake", line)
+        self.assertIn("certificate verify failed", line)
         self.assertNotIn("MAIL", self.sinks[UNTRUSTED].verbs())
         self.assertEqual(self.sinks[UNTRUSTED].messages, [])
 
@@ -582,6 +589,12 @@ class MTASTSDeliveryTests(DeliveryTestCase):
         self.assertIn("b@example.net: MX delivery to example.net", text)
         self.assertIn("10 mx1.example.net 127.0.0.2", text)
         self.assertIn("20 mx.elsewhere.example 127.0.0.3", text)
-        self.assertIn("policy: mta-sts enforce (id one), mx mx1.example.net *.backup.example.net", text)
+        self.assertIn(
+            "policy: mta-sts enforce (id one, fetched), mx mx1.example.net *.backup.example.net",
+            text,
+        )
+        self.assertIn("dane: not checked", text)
+        # Fetched for the report, never written to the spool by relayctl.
+        self.assertFalse(os.path.exists(os.path.join(self.setup.spoolPath, "mta-sts")))
         self.assertIn("mx1.example.net: tls=verify", text)
         self.assertIn("mx.elsewhere.example: not used (does not match the policy)", text)
