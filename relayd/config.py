@@ -164,7 +164,6 @@ class Config:
     mxTls: str = "opportunistic"
     caFile: str | None = None
     mtaSts: bool = True
-    mtaStsCaFile: str | None = None
     mtaStsPort: int = 443
     mtaStsTimeout: float = 60.0
     resolvers: tuple[str, ...] = ()
@@ -393,11 +392,10 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "mx_tls": _Key(str, "opportunistic", check=_oneOf(*TLS_MODES)),
         "ca_file": _Key(str),
         # MTA-STS (RFC 8461, relayd.delivery.mtasts) for MX delivery, not
-        # routes: the policy host's CA file (default: ca_file, else the
-        # system's), its port (443; tests use another) and the fetch
-        # timeout (section 3.3: 60 s or less).
+        # routes: policy hosts are verified like "verify" hops (ca_file,
+        # else the system's trust store); their port (443; tests use
+        # another) and the fetch timeout (section 3.3: 60 s or less).
         "mta_sts": _Key(bool, True),
-        "mta_sts_ca_file": _Key(str),
         "mta_sts_port": _Key(int, 443, check=_port),
         "mta_sts_timeout": _Key(_NUMBER, 60.0, check=_positive),
         "resolvers": _Key(list, [], check=_stringList),
@@ -668,9 +666,6 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
     caFile = _resolve(base, delivery["ca_file"])
     if caFile is not None:
         _readable(path, "delivery.ca_file", caFile)
-    mtaStsCaFile = _resolve(base, delivery["mta_sts_ca_file"])
-    if mtaStsCaFile is not None:
-        _readable(path, "delivery.mta_sts_ca_file", mtaStsCaFile)
     if delivery["retry_max"] < delivery["retry_initial"]:
         raise ConfigError(
             path, "delivery.retry_max", "must not be less than delivery.retry_initial"
@@ -730,7 +725,6 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         mxTls=delivery["mx_tls"],
         caFile=caFile,
         mtaSts=delivery["mta_sts"],
-        mtaStsCaFile=mtaStsCaFile,
         mtaStsPort=delivery["mta_sts_port"],
         mtaStsTimeout=min(60.0, float(delivery["mta_sts_timeout"])),
         resolvers=tuple(delivery["resolvers"]),

@@ -694,7 +694,7 @@ class _PolicyCacheService(Service):
 def _mtaStsPolicies(config: Config, reactor: Any, resolver: Any, top: RelaydService) -> Any:
     """
     MTA-STS for MX delivery (RFC 8461, L{relayd.delivery.mtasts}), in the
-    queue manager: policy hosts verified with C{mta_sts_ca_file}, else
+    queue manager: policy hosts verified like C{verify} hops, with
     C{ca_file}, else the system's trust store; the cache in the spool.
 
     @raise OSError: the CA file cannot be read.
@@ -706,7 +706,7 @@ def _mtaStsPolicies(config: Config, reactor: Any, resolver: Any, top: RelaydServ
         reactor,
         resolver,
         config.spoolDirectory,
-        caFile=config.mtaStsCaFile or config.caFile,
+        caFile=config.caFile,
         port=config.mtaStsPort,
         timeout=config.mtaStsTimeout,
     )

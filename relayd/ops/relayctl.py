@@ -840,7 +840,7 @@ async def _routeLines(
                 reactor,
                 resolver,
                 config.spoolDirectory,
-                caFile=config.mtaStsCaFile or config.caFile,
+                caFile=config.caFile,
                 port=config.mtaStsPort,
                 timeout=config.mtaStsTimeout,
                 persist=False,

@@ -495,7 +495,8 @@ class MTASTSDeliveryTests(DeliveryTestCase):
         self.assertIn("policy=mta-sts:enforce, status=deferred (451 4.7.5 mta-sts: ", line)
         self.assertIn("no MX host of example.net matches the policy", line)
         self.assertEqual(self.sinks[OTHER].verbs(), [])
-        self.assertTrue(self.relayd.spool.entries("deferred"))
+        # Written to deferred/ just after the log line.
+        yield self.waitFor(lambda: self.relayd.spool.entries("deferred"))
         self.assertEqual(self.dsns(), [])
 
     @defer.inlineCallbacks
@@ -598,3 +599,61 @@ class MTASTSDeliveryTests(DeliveryTestCase):
         self.assertFalse(os.path.exists(os.path.join(self.setup.spoolPath, "mta-sts")))
         self.assertIn("mx1.example.net: tls=verify", text)
         self.assertIn("mx.elsewhere.example: not used (does not match the policy)", text)
+
+    @defer.inlineCallbacks
+    def test_relayctlRouteSmartHostNamesUserNeverSecret(self):
+        with open(self.setup.configPath, "a") as f:
+            f.write(
+                '\n[[routes]]\ndomains = ["example.org"]\n[[routes.hops]]\n'
+                'host = "mx1.example.net"\nport = 587\ntls = "verify"\n'
+                'username = "relay"\npassword = "upstream secret"\n'
+            )
+        out, err = io.StringIO(), io.StringIO()
+
+        def run():
+            argv = ["--config", self.setup.configPath, "route", "c@example.org"]
+            return relayctl.main(argv + ["--sender", "a@sender.test"], stdout=out, stderr=err)
+
+        status = yield deferToThread(run)
+        self.assertEqual((status, err.getvalue()), (0, ""))
+        text = out.getvalue()
+        self.assertIn("c@example.org: route 0 (domains example.org)", text)
+        self.assertIn("hop: mx1.example.net:587 127.0.0.2 tls=verify, auth as relay", text)
+        self.assertIn("sender: a@sender.test", text)
+        self.assertIn("policy: none (MTA-STS applies to MX delivery, not to routes)", text)
+        self.assertNotIn("upstream secret", text)
+
+    @defer.inlineCallbacks
+    def test_relayctlRouteNoRoute(self):
+        out, err = io.StringIO(), io.StringIO()
+
+        def run():
+            argv = ["--config", self.setup.configPath, "route", "c@nowhere.example"]
+            return relayctl.main(argv, stdout=out, stderr=err)
+
+        status = yield deferToThread(run)
+        self.assertEqual(status, 1)
+        self.assertIn("c@nowhere.example: no route: 5.1.2", out.getvalue())
+        self.assertIn("(would bounce)", out.getvalue())
+
+
+class ConfigTests(unittest.TestCase):
+    def load(self, delivery):
+        from relayd.testing import TestSetup
+
+        directory = tempfile.mkdtemp(prefix="relayd-mtasts-config-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        setup = TestSetup(directory, modes=("relay",), sections={"delivery": delivery})
+        from relayd.config import load
+
+        return load(setup.configPath)
+
+    def test_defaults(self):
+        config = self.load({})
+        self.assertTrue(config.mtaSts)
+        self.assertEqual((config.mtaStsPort, config.mtaStsTimeout), (443, 60.0))
+
+    def test_timeoutCappedAtSixty(self):
+        config = self.load({"mta_sts": False, "mta_sts_timeout": 120})
+        self.assertFalse(config.mtaSts)
+        self.assertEqual(config.mtaStsTimeout, 60.0)
