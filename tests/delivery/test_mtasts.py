@@ -280,6 +280,15 @@ class FetchTests(unittest.TestCase):
         self.assertEqual(len(self.server.resource.requests), 1)
 
     @defer.inlineCallbacks
+    def test_txtStringsJoined(self):
+        """A TXT record split into character-strings is read joined (RFC 8461 section 3.1)."""
+        self.dns.setTXT("_mta-sts.example.net", [["v=STSv1; ", "id=split1;"], "v=spf1 -all"])
+        records = yield self.resolver.lookupTXT("_mta-sts.example.net")
+        self.assertEqual(sorted(records), ["v=STSv1; id=split1;", "v=spf1 -all"])
+        policy = yield self.policies().lookup("example.net")
+        self.assertEqual(policy.policyId, "split1")
+
+    @defer.inlineCallbacks
     def test_cacheSurvivesRestart(self):
         yield self.policies().lookup("example.net")
         yield self.server.stop()
