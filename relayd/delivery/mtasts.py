@@ -426,7 +426,14 @@ class MTASTSPolicies:
 
     @ivar port: the HTTPS port of policy hosts (443; tests use another).
     @ivar timeout: seconds a whole fetch may take (section 3.3: 60 or less).
+    @cvar refreshBefore: a cached policy with less than this many seconds
+        left is fetched again in the background when a message needs it.
+    @cvar refreshInterval: at most one such early refresh per domain in
+        this many seconds.
     """
+
+    refreshBefore = 21600.0
+    refreshInterval = 3600.0
 
     def __init__(
         self,
@@ -460,6 +467,7 @@ class MTASTSPolicies:
         self._trustRoot = loadTrustRoot(caFile) if caFile is not None else platformTrust()
         self._cache: dict[str, TLSPolicy] = {}
         self._fetching: dict[str, list[Deferred[TLSPolicy | None]]] = {}
+        self._refreshed: dict[str, float] = {}
 
     # --- the cache on disk --------------------------------------------------
 
@@ -577,6 +585,16 @@ class MTASTSPolicies:
                 return fresh
             return replace(NO_POLICY, domain=domain, note=f"no MTA-STS TXT record ({why})")
         if fresh is not None and fresh.policyId == policyId:
+            now = self.reactor.seconds()
+            if (
+                fresh.expires - now < self.refreshBefore
+                and now - self._refreshed.get(domain, 0.0) >= self.refreshInterval
+            ):
+                # Section 5.1: a successful fetch renews max_age; fetch
+                # before it runs out rather than lose the policy for a
+                # moment when the policy host is briefly down.
+                self._refreshed[domain] = now
+                self.refresh(domain, policyId)
             return fresh
         if fresh is not None:
             log.info(

@@ -323,6 +323,19 @@ class FetchTests(unittest.TestCase):
             self.assertEqual(json.load(f)["id"], "two")
 
     @defer.inlineCallbacks
+    def test_nearExpiryRefreshedInBackground(self):
+        """Same id, less than 6 hours left: fetched again, at most once an hour."""
+        self.server.resource.body = POLICY.replace(b"max_age: 86400", b"max_age: 600")
+        policies = self.policies()
+        first = yield policies.lookup("example.net")
+        yield policies.lookup("example.net")
+        yield policies._fetching.get("example.net", [defer.succeed(None)])[0]
+        self.assertEqual(len(self.server.resource.requests), 2)
+        renewed = yield policies.lookup("example.net")
+        self.assertGreater(renewed.expires, first.expires)
+        self.assertEqual(len(self.server.resource.requests), 2)
+
+    @defer.inlineCallbacks
     def test_refreshFailureKeepsCachedPolicy(self):
         policies = self.policies()
         yield policies.lookup("example.net")
