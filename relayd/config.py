@@ -169,6 +169,7 @@ class Config:
     resolvers: tuple[str, ...] = ()
     resolverPort: int = 53
     dnsTimeout: float = 5.0
+    dane: bool = False
     deliveryConcurrency: int = 100
     perDestination: int = 20
     messagesPerConnection: int = 100
@@ -400,6 +401,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "mta_sts_timeout": _Key(_NUMBER, 60.0, check=_positive),
         "resolvers": _Key(list, [], check=_stringList),
         "resolver_port": _Key(int, 53, check=_port),
+        # DANE (RFC 7672): trusts the AD bit, so only with a validating
+        # resolver on this host (checked below; relayd.delivery.dane).
+        "dane": _Key(bool, False),
         "dns_timeout": _Key(_NUMBER, 5.0, check=_positive),
         # How much at once: Postfix's default_process_limit (100) and
         # default_destination_concurrency_limit (20); idle connections are
@@ -537,6 +541,34 @@ def _readable(path: str, key: str, file: str) -> None:
         raise ConfigError(path, key, f"cannot read {file}: {e.strerror}") from None
 
 
+def _checkDaneResolvers(path: str, resolvers: list[str]) -> None:
+    """
+    C{dane = true} needs C{resolvers} set, every one on a loopback address:
+    relayd trusts the AD bit of their answers (RFC 7672 section 2.1, as
+    Postfix does), which only a validating resolver on this host (unbound
+    on 127.0.0.1, docs/dane.md) makes trustworthy; the AD bit of a remote
+    resolver crosses the network unprotected and anyone on the path could
+    set it.  The system's resolv.conf is not taken on trust either.
+    """
+    from relayd.delivery.dane import isLoopbackResolver
+
+    if not resolvers:
+        raise ConfigError(
+            path,
+            "delivery.dane",
+            "needs delivery.resolvers set to a validating resolver on this host "
+            '(e.g. ["127.0.0.1"] with unbound)',
+        )
+    remote = [r for r in resolvers if not isLoopbackResolver(r)]
+    if remote:
+        raise ConfigError(
+            path,
+            "delivery.dane",
+            f"needs resolvers on a loopback address, whose AD bit can be trusted; "
+            f"not {', '.join(remote)}",
+        )
+
+
 def load(path: str) -> Config:
     """
     Read, check and freeze the configuration in C{path}.
@@ -670,6 +702,8 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         raise ConfigError(
             path, "delivery.retry_max", "must not be less than delivery.retry_initial"
         )
+    if delivery["dane"]:
+        _checkDaneResolvers(path, delivery["resolvers"])
     routes = _routes(path, base, raw.get("routes", []))
     _refuseRoutesToSelf(path, routes, listeners, hostname)
     spoolDirectory = _resolve(base, spool["directory"]) or ""
@@ -729,6 +763,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         mtaStsTimeout=min(60.0, float(delivery["mta_sts_timeout"])),
         resolvers=tuple(delivery["resolvers"]),
         resolverPort=delivery["resolver_port"],
+        dane=delivery["dane"],
         dnsTimeout=float(delivery["dns_timeout"]),
         deliveryConcurrency=delivery["concurrency"],
         perDestination=delivery["per_destination"],

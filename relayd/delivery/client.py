@@ -37,7 +37,11 @@ from typing import IO, Any
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.interfaces import IHandshakeListener, IPullProducer
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IPullProducer,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
@@ -48,6 +52,7 @@ from zope.interface import implementer
 
 import relayd.reply
 from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
+from relayd.delivery.dane import DanePolicy, matchChain
 from relayd.delivery.routing import Hop
 from relayd.queue.record import openRegion
 from relayd.smtp.dsn import DSNParameters
@@ -317,6 +322,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         trustRoot: Any = None,
         tlsProfile: TLSProfile = INTERMEDIATE,
         opportunisticProfile: TLSProfile = OPPORTUNISTIC,
+        dane: DanePolicy | None = None,
     ) -> None:
         """
         @param heloName: the name relayd gives in EHLO/HELO.
@@ -327,8 +333,13 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             C{verify} hops (C{[tls] ciphers}, C{min_version}).
         @param opportunisticProfile: the same for C{opportunistic} hops
             (C{[tls] opportunistic_ciphers}, C{min_version}).
+        @param dane: the TLSA records of a hop whose TLS mode is C{"dane"}
+            (L{relayd.delivery.dane}): the certificate must match one of
+            them, checked as soon as the handshake completes.
         """
         self.hop = hop
+        self.dane = dane
+        self.daneVerified = False
         self.heloName = heloName
         self.timeouts = timeouts
         self.clock = clock
@@ -391,6 +402,34 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             )
         except Exception:
             self._tlsInfo = "TLS"
+        if self.hop.tls == "dane":
+            self._checkDane()
+
+    def _checkDane(self) -> None:
+        """
+        DANE (RFC 7672 section 3): right after the handshake, before the
+        EHLO inside TLS is answered, match the chain the server presented
+        against the TLSA records; on a mismatch the connection is cut and
+        the hop fails with C{4.7.5}, so nothing of the message ever goes
+        to a server that failed the check.
+        """
+        why: str | None
+        if self.dane is None or not self.dane.usable:
+            why = "no usable TLSA record"
+        else:
+            try:
+                chain = self.transport.getHandle().get_peer_cert_chain() or []
+                why = matchChain(self.dane, [c.to_cryptography() for c in chain], self.hop.host)
+            except Exception as e:
+                why = f"cannot read the certificate chain ({type(e).__name__})"
+        if why is None:
+            self.daneVerified = True
+            return
+        reply = Reply.local(
+            451, "4.7.5", f"DANE: TLS certificate of {self.peer} not accepted: {why}"
+        )
+        log.warn("{peer}: {text}", peer=self.peer, text=reply.text)
+        self._abort(reply)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._setTimer(None)
@@ -663,6 +702,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             options: Any = optionsForClientTLS(
                 self.hop.host, trustRoot=trustRoot, extraCertificateOptions=extra
             )
+        elif self.hop.tls == "dane":
+            # The certificate is checked against the TLSA records once the
+            # handshake is done (_checkDane); SNI names the TLSA base
+            # domain, so that the server presents the right chain (RFC
+            # 7672 section 8.1).
+            options = _SNIClientOptions(CertificateOptions(**extra), self.hop.host)
         else:
             options = CertificateOptions(**extra)
         assert self.transport is not None
@@ -925,12 +970,14 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         Why this session may not carry a REQUIRETLS message (RFC 8689
         section 4.2.1), or None when it may: TLS must be up with the
         C{verify} mode (a certificate chained to the trust root and
-        matching the hop's host name; C{5.7.10} otherwise), and the EHLO
+        matching the hop's host name, or the C{dane} mode: a certificate
+        that matched the MX host's TLSA records, which RFC 8689 section
+        4.2.1 counts as verified; C{5.7.10} otherwise), and the EHLO
         inside TLS must offer C{REQUIRETLS} (C{5.7.30} otherwise, the code
         RFC 8689 registers: "REQUIRETLS support required").  Permanent:
         the same hop will answer the same.
         """
-        if self.tls is None or self.hop.tls != "verify":
+        if self.tls is None or self.hop.tls not in ("verify", "dane"):
             return Reply.local(
                 550,
                 "5.7.10",
@@ -993,6 +1040,26 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         """The spool file could not be read mid-message: never end the data."""
         self._producer = None
         self._abort(Reply.local(451, "4.3.0", f"error reading queue file: {error.strerror}"))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _SNIClientOptions:
+    """
+    Client TLS without PKIX verification, as L{CertificateOptions}, that
+    sends a server name (SNI, RFC 6066 section 3), which
+    L{CertificateOptions} alone does not.
+    """
+
+    def __init__(self, options: CertificateOptions, hostname: str) -> None:
+        self._options = options
+        self._hostname = hostname.rstrip(".").encode("ascii", "replace")
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_tlsext_host_name(self._hostname)
+        connection.set_connect_state()
+        return connection
 
 
 def _withCommands(transaction: Transaction) -> Transaction:

@@ -170,6 +170,7 @@ def encode(number: int, item: DeliverRequest | AttemptResult) -> bytes:
             "result": number,
             "hop": _hop(item.hop) if item.hop is not None else None,
             "tls": item.tls,
+            "policy": item.policy,
             "results": [
                 {
                     "recipient": r.recipient,
@@ -219,7 +220,7 @@ def decode(line: bytes) -> tuple[int, DeliverRequest | AttemptResult]:
         )
         for r in body["results"]
     ]
-    return int(body["result"]), AttemptResult(results, hop, body["tls"])
+    return int(body["result"]), AttemptResult(results, hop, body["tls"], body.get("policy"))
 
 
 def deferredResult(recipients: list[str] | tuple[str, ...], text: str) -> AttemptResult:

@@ -819,7 +819,14 @@ class Scheduler(Service):
         tls = getattr(attempt, "tls", None)
         # With the hop's TLS mode "verify" a session only gets this far
         # once the certificate matched the host name (relayd.delivery.client).
-        verified = tls is not None and getattr(hop, "tls", None) == "verify"
+        # With "dane" (relayd.delivery.dane) it matched a TLSA record.
+        verified = tls is not None and getattr(hop, "tls", None) in ("verify", "dane")
+        # The published policy applied (DANE, RFC 7672), when one was.
+        # The published TLS policy applied: DANE's (RFC 7672) when the
+        # attempt used it, as it wins over MTA-STS for its hosts (DESIGN
+        # section 6), else the recipient domain's MTA-STS policy (MX
+        # delivery with [delivery] mta_sts), e.g. mta-sts:enforce.
+        applied = getattr(attempt, "policy", None) or (None if policy is None else policy.label)
         log.info(
             "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, tls={tls}{tls_trust}, "
             "{policy_text}status={status} ({reply}){expired}",
@@ -833,10 +840,8 @@ class Scheduler(Service):
             tls=tls or "none",
             tls_verified=verified,
             tls_trust="" if tls is None else " (verified)" if verified else " (unverified)",
-            # MX delivery with [delivery] mta_sts: the recipient domain's
-            # TLS policy (relayd.delivery.mtasts), e.g. mta-sts:enforce.
-            policy=None if policy is None else policy.label,
-            policy_text="" if policy is None else f"policy={policy.label}, ",
+            policy=applied or "none",
+            policy_text=f"policy={applied}, " if applied else "",
             status=status,
             code=result.code,
             enhanced=result.enhanced,
@@ -900,7 +905,9 @@ class Scheduler(Service):
         no TLS, or TLS without a certificate verified for its name.
         """
         hop = result.hop
-        if hop is None or not result.results:
+        if hop is None or not result.results or getattr(result, "policy", None):
+            # DANE applied to the hop: it, not MTA-STS, decided (RFC 8461
+            # section 2).
             return
         domain = result.results[0].recipient.rpartition("@")[2].lower()
         policy = policies.get(domain)
