@@ -820,8 +820,7 @@ async def _routeLines(
                     f"  hop: {hop.host}:{hop.port} {addresses or '(no address)'} "
                     f"tls={hop.tls}{auth}"
                 )
-            lines.append("  policy: none (MTA-STS applies to MX delivery, not to routes)")
-            lines.append("  dane: not checked")
+            lines.append("  policy: none (MTA-STS and DANE apply to MX delivery, not to routes)")
             return lines, True
         lines.append(f"{address}: MX delivery to {domain}")
         try:
@@ -854,12 +853,20 @@ async def _routeLines(
                     f"  policy: {policy.kind} {policy.mode} (id {policy.policyId}, "
                     f"{policy.note}), mx {' '.join(policy.mxPatterns)}"
                 )
-        lines.append("  dane: not checked")
+        dane = await _routeDane(config, reactor, domain, destination, lines)
         applied = applyTLSPolicy(destination, policy)
         used = {hop.host: hop.tls for hop in applied.destination.hops}
         for _, host in records:
-            if applied.refusal is None and host in used:
-                lines.append(f"  {host}: tls={used[host]}")
+            mode = dane.get(host, "none")
+            if mode == "dane-error":
+                lines.append(f"  {host}: not used (TLSA lookup failed: deferred, DANE)")
+            elif mode == "dane":
+                lines.append(f"  {host}: tls=dane (certificate must match a TLSA record)")
+            elif applied.refusal is None and host in used:
+                tls = used[host]
+                if mode == "dane-unusable" and tls in ("none", "opportunistic"):
+                    tls = "required"
+                lines.append(f"  {host}: tls={tls}")
             elif policy.kind == "mta-sts" and not policy.matches(host):
                 lines.append(f"  {host}: not used (does not match the policy)")
         if applied.refusal is not None:
@@ -867,6 +874,51 @@ async def _routeLines(
         return lines, True
     finally:
         resolver.stop()
+
+
+async def _routeDane(
+    config: Any, reactor: Any, domain: str, destination: Any, lines: list[str]
+) -> dict[str, str]:
+    """
+    DANE (RFC 7672, L{relayd.delivery.dane}) for C{relayctl route}, as the
+    deliverer decides it: nothing unless C{[delivery] dane} is on and the
+    MX RRset is DNSSEC-validated; then each MX host's mode (C{"dane"},
+    C{"dane-unusable"}, C{"dane-error"} or C{"none"}), which wins over
+    MTA-STS for that host.  Adds the C{dane:} line(s) to C{lines}.
+    """
+    if not getattr(config, "dane", False):
+        lines.append("  dane: off ([delivery] dane = false)")
+        return {}
+    from twisted.internet.defer import gatherResults
+
+    from relayd.delivery.dane import NO_DANE, DaneResolver
+
+    resolver = DaneResolver(
+        reactor, list(config.resolvers), port=config.resolverPort, timeout=config.dnsTimeout
+    )
+    try:
+        if domain.startswith("[") or not await resolver.mxSecure(domain):
+            lines.append("  dane: none (MX records not DNSSEC-validated)")
+            return {}
+        hosts = sorted({hop.host for hop in destination.hops})
+        found = await gatherResults(
+            [resolver.lookupTLSA(host, config.deliveryPort) for host in hosts]
+        )
+        signed = await gatherResults([resolver.hostSecure(host) for host in hosts])
+    finally:
+        resolver.stop()
+    modes: dict[str, str] = {}
+    for host, policy, secure in zip(hosts, found, signed, strict=True):
+        policy = policy if secure else NO_DANE
+        modes[host] = policy.mode
+        detail = {
+            "dane": f"{len(policy.usable)} usable TLSA record(s)",
+            "dane-unusable": "TLSA records, none usable: TLS required, not authenticated",
+            "dane-error": policy.error or "TLSA lookup failed",
+            "none": "no TLSA records" if secure else "host not in a signed zone",
+        }[policy.mode]
+        lines.append(f"  dane: {host}: {policy.mode} ({detail})")
+    return modes
 
 
 # --- the command line --------------------------------------------------------------

@@ -446,14 +446,17 @@ class MTASTSDeliveryTests(DeliveryTestCase):
     """smtplib to relayd (in-process) to TLS sinks, with a policy served over HTTPS."""
 
     sinkAddresses = (GOOD, OTHER, UNTRUSTED, SENDER)
+    dane = False
 
     @defer.inlineCallbacks
     def setUp(self):
         self.tlsDir, ca, caPath = makeTLSDir(self)
         other = makeCA("a CA nobody trusts")
         self.options = {}
+        self.certificates = {}
         for address, name in NAMES.items():
             cert, key = issueCertificate(*(other if address == UNTRUSTED else ca), name)
+            self.certificates[address] = cert
             paths = [os.path.join(self.tlsDir, f"{address}.{kind}") for kind in ("crt", "key")]
             writeKeyPair(*paths, cert, key)
             self.options[address] = loadServerOptions(*paths)
@@ -465,6 +468,7 @@ class MTASTSDeliveryTests(DeliveryTestCase):
             "ca_file": caPath,
             "mta_sts_port": httpsPort,
             "mta_sts_timeout": 5,
+            "dane": self.dane,
         }
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
@@ -616,7 +620,10 @@ class MTASTSDeliveryTests(DeliveryTestCase):
             "policy: mta-sts enforce (id one, fetched), mx mx1.example.net *.backup.example.net",
             text,
         )
-        self.assertIn("dane: not checked", text)
+        if self.dane:
+            self.assertIn("dane: none (MX records not DNSSEC-validated)", text)
+        else:
+            self.assertIn("dane: off ([delivery] dane = false)", text)
         # Fetched for the report, never written to the spool by relayctl.
         self.assertFalse(os.path.exists(os.path.join(self.setup.spoolPath, "mta-sts")))
         self.assertIn("mx1.example.net: tls=verify", text)
@@ -642,7 +649,7 @@ class MTASTSDeliveryTests(DeliveryTestCase):
         self.assertIn("c@example.org: route 0 (domains example.org)", text)
         self.assertIn("hop: mx1.example.net:587 127.0.0.2 tls=verify, auth as relay", text)
         self.assertIn("sender: a@sender.test", text)
-        self.assertIn("policy: none (MTA-STS applies to MX delivery, not to routes)", text)
+        self.assertIn("policy: none (MTA-STS and DANE apply to MX delivery, not to routes)", text)
         self.assertNotIn("upstream secret", text)
 
     @defer.inlineCallbacks
@@ -657,6 +664,53 @@ class MTASTSDeliveryTests(DeliveryTestCase):
         self.assertEqual(status, 1)
         self.assertIn("c@nowhere.example: no route: 5.1.2", out.getvalue())
         self.assertIn("(would bounce)", out.getvalue())
+
+
+class MTASTSWithDANETests(MTASTSDeliveryTests):
+    """
+    The same with C{[delivery] dane = true}: unsigned zones change nothing;
+    where the MX is DNSSEC-validated and has TLSA records, DANE wins over
+    MTA-STS for that host (RFC 8461 section 2, DESIGN section 6).
+    """
+
+    dane = True
+
+    def publishDANE(self):
+        from tests.delivery.test_dane import sha256, spki
+
+        self.dns.setSecure("example.net")
+        self.dns.setTLSA(
+            f"_{self.port}._tcp.mx1.example.net",
+            [(3, 1, 1, sha256(spki(self.certificates[GOOD])))],
+        )
+
+    @defer.inlineCallbacks
+    def test_daneWinsOverMTASTS(self):
+        self.publishDANE()
+        self.mx("mx1.example.net")
+        yield self.send(["b@example.net"])
+        yield self.waitFor(lambda: self.sinks[GOOD].messages)
+        yield self.waitFor(lambda: self.deliveryLines("sent"))
+        [line] = self.deliveryLines("sent")
+        self.assertIn("(verified), policy=dane, status=sent", line)
+
+    @defer.inlineCallbacks
+    def test_relayctlRouteDANE(self):
+        self.publishDANE()
+        self.mx("mx1.example.net", "mx.elsewhere.example")
+        out, err = io.StringIO(), io.StringIO()
+
+        def run():
+            argv = ["--config", self.setup.configPath, "route", "b@example.net"]
+            return relayctl.main(argv, stdout=out, stderr=err)
+
+        status = yield deferToThread(run)
+        self.assertEqual((status, err.getvalue()), (0, ""))
+        text = out.getvalue()
+        self.assertIn("dane: mx1.example.net: dane (1 usable TLSA record(s))", text)
+        self.assertIn("dane: mx.elsewhere.example: none (host not in a signed zone)", text)
+        self.assertIn("mx1.example.net: tls=dane (certificate must match a TLSA record)", text)
+        self.assertIn("mx.elsewhere.example: not used (does not match the policy)", text)
 
 
 class ConfigTests(unittest.TestCase):
