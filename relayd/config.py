@@ -163,6 +163,9 @@ class Config:
     deliveryPort: int = 25
     mxTls: str = "opportunistic"
     caFile: str | None = None
+    mtaSts: bool = True
+    mtaStsPort: int = 443
+    mtaStsTimeout: float = 60.0
     resolvers: tuple[str, ...] = ()
     resolverPort: int = 53
     dnsTimeout: float = 5.0
@@ -389,6 +392,13 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "port": _Key(int, 25, check=_port),
         "mx_tls": _Key(str, "opportunistic", check=_oneOf(*TLS_MODES)),
         "ca_file": _Key(str),
+        # MTA-STS (RFC 8461, relayd.delivery.mtasts) for MX delivery, not
+        # routes: policy hosts are verified like "verify" hops (ca_file,
+        # else the system's trust store); their port (443; tests use
+        # another) and the fetch timeout (section 3.3: 60 s or less).
+        "mta_sts": _Key(bool, True),
+        "mta_sts_port": _Key(int, 443, check=_port),
+        "mta_sts_timeout": _Key(_NUMBER, 60.0, check=_positive),
         "resolvers": _Key(list, [], check=_stringList),
         "resolver_port": _Key(int, 53, check=_port),
         # DANE (RFC 7672): trusts the AD bit, so only with a validating
@@ -758,6 +768,9 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         deliveryPort=delivery["port"],
         mxTls=delivery["mx_tls"],
         caFile=caFile,
+        mtaSts=delivery["mta_sts"],
+        mtaStsPort=delivery["mta_sts_port"],
+        mtaStsTimeout=min(60.0, float(delivery["mta_sts_timeout"])),
         resolvers=tuple(delivery["resolvers"]),
         resolverPort=delivery["resolver_port"],
         dane=delivery["dane"],

@@ -678,8 +678,44 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) 
     )
     # relayctl destination suspend|resume (read from the spool at start).
     scheduler.suspensions = Suspensions(spool.directory)
+    if config.mtaSts:
+        scheduler.tlsPolicies = _mtaStsPolicies(config, reactor, resolver, top)
     scheduler.setServiceParent(top)
     return scheduler
+
+
+class _PolicyCacheService(Service):
+    """Reads the MTA-STS policy cache back from the spool at startup."""
+
+    def __init__(self, policies: Any) -> None:
+        self.policies = policies
+
+    def startService(self) -> None:
+        super().startService()
+        self.policies.loadCache()
+
+
+def _mtaStsPolicies(config: Config, reactor: Any, resolver: Any, top: RelaydService) -> Any:
+    """
+    MTA-STS for MX delivery (RFC 8461, L{relayd.delivery.mtasts}), in the
+    queue manager: policy hosts verified like C{verify} hops, with
+    C{ca_file}, else the system's trust store; the cache in the spool.
+
+    @raise OSError: the CA file cannot be read.
+    @raise ValueError: it holds no certificate.
+    """
+    from relayd.delivery.mtasts import MTASTSPolicies
+
+    policies = MTASTSPolicies(
+        reactor,
+        resolver,
+        config.spoolDirectory,
+        caFile=config.caFile,
+        port=config.mtaStsPort,
+        timeout=config.mtaStsTimeout,
+    )
+    _PolicyCacheService(policies).setServiceParent(top)
+    return policies
 
 
 def makeDeliverer(config: Config, reactor: Any) -> Deliverer:

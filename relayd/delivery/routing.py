@@ -336,6 +336,18 @@ class MXResolver:
         """
         return self._lookup("MX", domain)
 
+    def lookupTXT(self, name: str) -> Deferred[list[str]]:
+        """
+        Look up the TXT records of C{name} (e.g. C{_mta-sts.<domain>}, RFC
+        8461 section 3.1), cached like every other answer.
+
+        @return: a Deferred firing with one string per record, its
+            character-strings joined without a separator (RFC 7208 section
+            3.3, RFC 8461 section 3.1), decoded as UTF-8 with undecodable
+            octets replaced; it fails like L{lookupMX}.
+        """
+        return self._lookup("TXT", name)
+
     def lookupAddresses(self, host: str) -> Deferred[list[str]]:
         """
         Look up the A and AAAA records of C{host}, in parallel.
@@ -453,6 +465,8 @@ class MXResolver:
                 )
                 for rdata in answer
             ]
+        elif rdtype == "TXT":
+            records = [b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer]
         else:
             records = [str(rdata.address) for rdata in answer]
         return records, None, ttl

@@ -1028,6 +1028,187 @@ async def _checkToken(tokens: Any, oauth2: Any, reactor: Any) -> tuple[str, str,
     return ("token", "ok", f"{oauth2.grant} grant from {oauth2.tokenURL}{left}")
 
 
+# --- route ---------------------------------------------------------------------------
+
+
+def _route(ctx: _Context) -> None:
+    """
+    Where mail to ADDRESS would go and under which TLS policy, as delivery
+    decides it (L{relayd.delivery.routing.Router}, L{relayd.delivery.mtasts}):
+    offline, through C{[delivery] resolvers}; the MTA-STS policy from the
+    spool's cache or fetched now (not written back).  Credentials are named
+    by user name only.  Exit status 1 when there is no route.
+    """
+    from relayd.address import AddressError, asciiDomain
+    from relayd.config import ConfigError, load
+
+    address = ctx.options.address.strip()
+    local, at, domain = address.rpartition("@")
+    domain = domain.strip().rstrip(".")
+    if not at or not local or not domain:
+        raise _Usage(f"not a mail address: {ctx.options.address!r}")
+    if not (domain.startswith("[") and domain.endswith("]")):
+        try:
+            domain = asciiDomain(domain)
+        except AddressError:
+            raise _Usage(f"not a mail address: {ctx.options.address!r}") from None
+    try:
+        config = load(ctx.options.config)
+    except ConfigError as e:
+        raise _Failure(f"config error: {e}") from None
+    lines, ok = _inReactor(
+        lambda reactor: Deferred.fromCoroutine(_routeLines(config, reactor, address, domain))
+    )
+    if ctx.options.sender:
+        lines.insert(1, f"  sender: {ctx.options.sender} (routes depend on the recipient only)")
+    for line in lines:
+        ctx.out.line(line)
+    if not ok:
+        raise SystemExit(1)
+
+
+async def _routeLines(
+    config: Any, reactor: Any, address: str, domain: str
+) -> tuple[list[str], bool]:
+    """The lines C{relayctl route} prints, and whether there is a route."""
+    from relayd.delivery.mtasts import NO_POLICY, MTASTSPolicies, applyTLSPolicy
+    from relayd.delivery.routing import MXResolver, ResolverError, Router, RoutingError
+
+    resolver = MXResolver(
+        reactor,
+        list(config.resolvers) or None,
+        port=config.resolverPort,
+        timeout=min(config.dnsTimeout, LIVE_TIMEOUT),
+    )
+    resolver.start()
+    try:
+        router = Router(
+            resolver,
+            config.routes,
+            port=config.deliveryPort,
+            mxTls=config.mxTls,
+            localNames=(config.hostname,),
+        )
+        try:
+            destination = await router.route(domain)
+        except RoutingError as e:
+            kind = "bounce" if e.permanent else "defer"
+            return [f"{address}: no route: {e.enhanced} {e.text} (would {kind})"], False
+        lines: list[str] = []
+        if destination.key.startswith("route:"):
+            index = int(destination.key.split(":", 1)[1])
+            route = config.routes[index]
+            lines.append(f"{address}: route {index} (domains {' '.join(route.domains)})")
+            for hop in route.hops:
+                auth = f", auth as {hop.username}" if hop.username else ""
+                addresses = " ".join(
+                    h.address for h in destination.hops if h.host == hop.host.strip("[]")
+                )
+                lines.append(
+                    f"  hop: {hop.host}:{hop.port} {addresses or '(no address)'} "
+                    f"tls={hop.tls}{auth}"
+                )
+            lines.append("  policy: none (MTA-STS and DANE apply to MX delivery, not to routes)")
+            return lines, True
+        lines.append(f"{address}: MX delivery to {domain}")
+        try:
+            records = sorted(await resolver.lookupMX(domain))
+        except ResolverError:
+            records = [(0, domain)]  # implicit MX, or an address literal
+        for preference, host in records:
+            addresses = " ".join(h.address for h in destination.hops if h.host == host)
+            lines.append(f"  mx: {preference} {host} {addresses or '(not used)'}")
+        lines.append(f"  tls: mx_tls = {config.mxTls}")
+        policy = NO_POLICY
+        if not config.mtaSts:
+            lines.append("  policy: none ([delivery] mta_sts = false)")
+        else:
+            policies = MTASTSPolicies(
+                reactor,
+                resolver,
+                config.spoolDirectory,
+                caFile=config.caFile,
+                port=config.mtaStsPort,
+                timeout=config.mtaStsTimeout,
+                persist=False,
+            )
+            policies.loadCache()
+            policy = await policies.lookup(domain)
+            if policy.kind == "none":
+                lines.append(f"  policy: none ({policy.note})")
+            else:
+                lines.append(
+                    f"  policy: {policy.kind} {policy.mode} (id {policy.policyId}, "
+                    f"{policy.note}), mx {' '.join(policy.mxPatterns)}"
+                )
+        dane = await _routeDane(config, reactor, domain, destination, lines)
+        applied = applyTLSPolicy(destination, policy)
+        used = {hop.host: hop.tls for hop in applied.destination.hops}
+        for _, host in records:
+            mode = dane.get(host, "none")
+            if mode == "dane-error":
+                lines.append(f"  {host}: not used (TLSA lookup failed: deferred, DANE)")
+            elif mode == "dane":
+                lines.append(f"  {host}: tls=dane (certificate must match a TLSA record)")
+            elif applied.refusal is None and host in used:
+                tls = used[host]
+                if mode == "dane-unusable" and tls in ("none", "opportunistic"):
+                    tls = "required"
+                lines.append(f"  {host}: tls={tls}")
+            elif policy.kind == "mta-sts" and not policy.matches(host):
+                lines.append(f"  {host}: not used (does not match the policy)")
+        if applied.refusal is not None:
+            lines.append(f"  would defer: {applied.refusal.enhanced} {applied.refusal.text}")
+        return lines, True
+    finally:
+        resolver.stop()
+
+
+async def _routeDane(
+    config: Any, reactor: Any, domain: str, destination: Any, lines: list[str]
+) -> dict[str, str]:
+    """
+    DANE (RFC 7672, L{relayd.delivery.dane}) for C{relayctl route}, as the
+    deliverer decides it: nothing unless C{[delivery] dane} is on and the
+    MX RRset is DNSSEC-validated; then each MX host's mode (C{"dane"},
+    C{"dane-unusable"}, C{"dane-error"} or C{"none"}), which wins over
+    MTA-STS for that host.  Adds the C{dane:} line(s) to C{lines}.
+    """
+    if not getattr(config, "dane", False):
+        lines.append("  dane: off ([delivery] dane = false)")
+        return {}
+    from twisted.internet.defer import gatherResults
+
+    from relayd.delivery.dane import NO_DANE, DaneResolver
+
+    resolver = DaneResolver(
+        reactor, list(config.resolvers), port=config.resolverPort, timeout=config.dnsTimeout
+    )
+    try:
+        if domain.startswith("[") or not await resolver.mxSecure(domain):
+            lines.append("  dane: none (MX records not DNSSEC-validated)")
+            return {}
+        hosts = sorted({hop.host for hop in destination.hops})
+        found = await gatherResults(
+            [resolver.lookupTLSA(host, config.deliveryPort) for host in hosts]
+        )
+        signed = await gatherResults([resolver.hostSecure(host) for host in hosts])
+    finally:
+        resolver.stop()
+    modes: dict[str, str] = {}
+    for host, policy, secure in zip(hosts, found, signed, strict=True):
+        policy = policy if secure else NO_DANE
+        modes[host] = policy.mode
+        detail = {
+            "dane": f"{len(policy.usable)} usable TLSA record(s)",
+            "dane-unusable": "TLSA records, none usable: TLS required, not authenticated",
+            "dane-error": policy.error or "TLSA lookup failed",
+            "none": "no TLSA records" if secure else "host not in a signed zone",
+        }[policy.mode]
+        lines.append(f"  dane: {host}: {policy.mode} ({detail})")
+    return modes
+
+
 # --- the command line --------------------------------------------------------------
 
 
@@ -1164,6 +1345,15 @@ def _parser() -> _Parser:
         action="append",
         help="an address relayd sends from (repeatable; default: its host name's addresses)",
     )
+
+    sub = add(
+        commands,
+        "route",
+        _route,
+        "where mail to an address would go: route or MX list, TLS mode and policy",
+    )
+    sub.add_argument("address", metavar="ADDRESS", help="the recipient address")
+    sub.add_argument("--sender", metavar="S", help="the sender (shown; routes ignore it)")
 
     from relayd.ops.passwd import _rounds
     from relayd.smtp.auth import DEFAULT_ROUNDS

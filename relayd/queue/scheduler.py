@@ -87,6 +87,13 @@ class Scheduler(Service):
         by default nowhere.
     """
 
+    tlsPolicies: Any = None
+    """
+    The recipient domains' TLS policies for MX delivery: an
+    L{relayd.delivery.mtasts.MTASTSPolicies} (set by the service when
+    C{[delivery] mta_sts} is on), or None.
+    """
+
     def __init__(
         self,
         *,
@@ -638,6 +645,7 @@ class Scheduler(Service):
                 return replace(record, nextAttempt=now + self.retryInitial)
 
         groups: dict[str, tuple[Any, list[str]]] = {}
+        policies: dict[str, Any] = {}
         for domain, addresses in byDomain.items():
             try:
                 destination = yield self.router.route(domain)
@@ -648,6 +656,16 @@ class Scheduler(Service):
                     reply = RemoteReply.local(code, e.enhanced, e.text)
                     outcomes[address] = (RecipientResult(address, status, reply, None), None)
                 continue
+            if (
+                self.tlsPolicies is not None
+                and destination.key.startswith("mx:")
+                and not record.tlsOptional
+            ):
+                destination = yield self._applyTLSPolicy(
+                    queueId, domain, destination, addresses, outcomes, policies
+                )
+                if destination is None:
+                    continue
             groups.setdefault(destination.key, (destination, []))[1].extend(addresses)
 
         dsn = DSNParameters.fromRecord(record)
@@ -676,6 +694,7 @@ class Scheduler(Service):
                 continue
             for r in result.results:
                 outcomes[r.recipient] = (r, result)
+            self._policyTested(queueId, policies, result)
 
         now = self.clock.seconds()
         expired = now - record.arrival >= self.lifetime
@@ -705,7 +724,10 @@ class Scheduler(Service):
                 expired=expiring,
                 command=result.command,
             )
-            self._logRecipient(queueId, r, result, attempt, now - record.arrival, expired)
+            policy = policies.get(r.address.rpartition("@")[2].lower() or self.hostname.lower())
+            self._logRecipient(
+                queueId, r, result, attempt, now - record.arrival, expired, policy=policy
+            )
             if r.state == RecipientState.FAILED:
                 newlyFailed.append(index)
             elif (
@@ -810,7 +832,7 @@ class Scheduler(Service):
 
     def _logRecipient(
         self, queueId: str, r: RecipientRecord, result: RecipientResult, attempt: Any,
-        delay: float, expired: bool,
+        delay: float, expired: bool, policy: Any = None,
     ) -> None:
         hop = getattr(attempt, "hop", None)
         relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop is not None else "none"
@@ -825,7 +847,11 @@ class Scheduler(Service):
         # With "dane" (relayd.delivery.dane) it matched a TLSA record.
         verified = tls is not None and getattr(hop, "tls", None) in ("verify", "dane")
         # The published policy applied (DANE, RFC 7672), when one was.
-        policy = getattr(attempt, "policy", None)
+        # The published TLS policy applied: DANE's (RFC 7672) when the
+        # attempt used it, as it wins over MTA-STS for its hosts (DESIGN
+        # section 6), else the recipient domain's MTA-STS policy (MX
+        # delivery with [delivery] mta_sts), e.g. mta-sts:enforce.
+        applied = getattr(attempt, "policy", None) or (None if policy is None else policy.label)
         log.info(
             "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, tls={tls}{tls_trust}, "
             "{policy_text}status={status} ({reply}){expired}",
@@ -839,8 +865,8 @@ class Scheduler(Service):
             tls=tls or "none",
             tls_verified=verified,
             tls_trust="" if tls is None else " (verified)" if verified else " (unverified)",
-            policy=policy or "none",
-            policy_text=f"policy={policy}, " if policy else "",
+            policy=applied or "none",
+            policy_text=f"policy={applied}, " if applied else "",
             status=status,
             code=result.code,
             enhanced=result.enhanced,
@@ -850,6 +876,90 @@ class Scheduler(Service):
             expired=" (delivery time expired)" if expired and r.expired else "",
         )
         self.metrics.deliveryAttempt(status, delay if status == "sent" else None)
+
+    @inlineCallbacks
+    def _applyTLSPolicy(
+        self,
+        queueId: str,
+        domain: str,
+        destination: Any,
+        addresses: list[str],
+        outcomes: dict[str, tuple[RecipientResult, Any]],
+        policies: dict[str, Any],
+    ) -> Any:
+        """
+        Look up C{domain}'s MTA-STS policy and apply it to its MX
+        destination (L{relayd.delivery.mtasts.applyTLSPolicy}).
+
+        @return: a Deferred firing with the destination to use, or None
+            when the policy leaves no hop (the recipients are deferred,
+            with the reason logged and in their outcome).
+        """
+        from relayd.delivery.mtasts import applyTLSPolicy
+
+        # The key's domain: in A-labels, as DNS is asked (routing).
+        policy = yield self.tlsPolicies.lookup(destination.key[len("mx:") :])
+        policies[domain] = policy
+        applied = applyTLSPolicy(destination, policy)
+        for text in applied.wouldFail:
+            log.info(
+                "{queue_id}: mta-sts testing: {domain}: enforce would have failed: {why}",
+                queue_id=queueId,
+                domain=domain,
+                why=text,
+            )
+        if applied.refusal is None:
+            return applied.destination
+        log.info(
+            "{queue_id}: deferred by {policy}: {text}",
+            queue_id=queueId,
+            policy=policy.label,
+            text=applied.refusal.text,
+        )
+        for address in addresses:
+            outcomes[address] = (
+                RecipientResult(address, "deferred", applied.refusal, None),
+                None,
+            )
+        return None
+
+    def _policyTested(self, queueId: str, policies: dict[str, Any], result: Any) -> None:
+        """
+        Under an MTA-STS C{testing} policy (RFC 8461 section 5), log what
+        C{enforce} would have refused about the hop that took the session:
+        no TLS, or TLS without a certificate verified for its name.
+        """
+        hop = result.hop
+        if hop is None or not result.results or getattr(result, "policy", None):
+            # DANE applied to the hop: it, not MTA-STS, decided (RFC 8461
+            # section 2).
+            return
+        domain = result.results[0].recipient.rpartition("@")[2].lower()
+        policy = policies.get(domain)
+        if policy is None or policy.kind != "mta-sts" or policy.mode != "testing":
+            return
+        if not policy.matches(hop.host):
+            return  # logged before the attempt
+        lead = "enforce would have failed"
+        if result.tls is None:
+            why = f"no TLS with {hop.host}[{hop.address}]"
+        elif hop.tls != "verify":
+            # Testing mode delivers as without a policy, so the session
+            # did not check the certificate: say so rather than guess.
+            lead = "not checked"
+            why = (
+                f"TLS with {hop.host}[{hop.address}], its certificate unverified in testing "
+                "mode (enforce requires one valid for the MX name)"
+            )
+        else:
+            return
+        log.info(
+            "{queue_id}: mta-sts testing: {domain}: {lead}: {why}",
+            queue_id=queueId,
+            domain=domain,
+            lead=lead,
+            why=why,
+        )
 
     @inlineCallbacks
     def _bounce(
