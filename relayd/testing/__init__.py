@@ -16,7 +16,7 @@ Helpers for testing relayd and policies written for it, over real sockets.
     persistence off, that a test starts, stops and restarts; with TLS and
     ACL users when asked.  L{RedisSentinel} watches one as a Sentinel,
     L{RedisCluster} is a small real Redis Cluster.
-  - L{SMTPClient} is a small blocking line-level client for dialogues that
+  - L{WireClient} is a small blocking line-level client for dialogues that
     C{smtplib} refuses to have (bare LF, pipelining abuse, floods); run it
     in a thread (L{twisted.internet.threads.deferToThread}) next to an
     in-process server.
@@ -51,7 +51,7 @@ from relayd.testing.sink import SinkServer
 __all__ = [
     "TestSetup",
     "InProcessRelayd",
-    "SMTPClient",
+    "WireClient",
     "DNSServer",
     "SinkServer",
     "RedisCluster",
@@ -293,9 +293,14 @@ class InProcessRelayd:
         return stop()
 
 
-class SMTPClient:
+class WireClient:
     """
     A blocking SMTP client that sends exactly the bytes it is given.
+
+    Named for the wire, not for SMTP: relayd's own outbound client is
+    L{relayd.delivery.client.SMTPClient}, and this one is nothing like it
+    (no state machine, no pipelining rules, no checks): it is for
+    dialogues a real client refuses to have.
 
     Use from a thread.  L{reply} reads one whole (possibly multi-line)
     reply and returns C{(code, [lines])}.

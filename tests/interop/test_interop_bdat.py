@@ -24,7 +24,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from relayd.queue.record import readData
-from relayd.testing import InProcessRelayd, PostfixSink, SMTPClient, TestSetup
+from relayd.testing import InProcessRelayd, PostfixSink, TestSetup, WireClient
 
 # Lines that need stuffing as DATA: a lone dot would end the message at
 # the sink, a leading dot would lose itself, if relayd did not stuff them.
@@ -69,7 +69,7 @@ class BdatThroughRelaydToSmtpSinkTests(unittest.TestCase):
         chunks = [BODY[:lone], BODY[lone:long], BODY[long:]]
 
         def send():
-            c = SMTPClient(relayd.port("relay"))
+            c = WireClient(relayd.port("relay"))
             try:
                 replies = [c.reply(), c.command("EHLO client.test")]
                 c.send(

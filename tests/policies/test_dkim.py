@@ -40,8 +40,8 @@ from relayd.testing import (
     DNSServer,
     InProcessRelayd,
     SinkServer,
-    SMTPClient,
     TestSetup,
+    WireClient,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ def dotStuff(data):
 
 
 def sendRaw(port, data, sender="alice@example.com"):
-    c = SMTPClient(port)
+    c = WireClient(port)
     try:
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250
@@ -344,7 +344,7 @@ class LargeHeaderTests(DKIMTestCase):
         big = line * (1_100_000 // len(line) + 1) + MESSAGE
 
         def dialogue():
-            c = SMTPClient(self.relayd.port("relay"))
+            c = WireClient(self.relayd.port("relay"))
             try:
                 assert c.reply()[0] == 220
                 assert c.command("EHLO client.test")[0] == 250

@@ -1,6 +1,6 @@
 """
 The C{headers} policy over real sockets: messages go to an in-process
-relayd with L{relayd.testing.SMTPClient} (exact bytes on the wire) or
+relayd with L{relayd.testing.WireClient} (exact bytes on the wire) or
 smtplib (STARTTLS and AUTH), and the data file the spool stored is compared
 byte for byte with what the policy should have made of it.
 """
@@ -22,7 +22,7 @@ from relayd.envelope import Headers
 from relayd.policies.headers import HIDDEN_HOST, HeaderRewrite, addressDomains
 from relayd.policy import PolicyContext, PolicyOptionError, loadPolicies
 from relayd.service import buildService
-from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, TestSetup, WireClient
 
 CHAIN = ["mynetworks", "authenticated", "headers"]
 
@@ -37,7 +37,7 @@ def dotStuff(data: bytes) -> bytes:
 
 def sendRaw(port, data, sender="alice@example.org", recipients=("bob@example.net",)):
     """Send C{data} unchanged over a relay session; return the queue id."""
-    c = SMTPClient(port)
+    c = WireClient(port)
     try:
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250
@@ -176,7 +176,7 @@ def padded(size: int = 1_100_000) -> bytes:
 
 def sendTwo(port, first, second):
     """Two messages in one relay session: the replies to each end of DATA."""
-    c = SMTPClient(port)
+    c = WireClient(port)
     try:
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250

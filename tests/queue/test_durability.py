@@ -15,7 +15,7 @@ recovery).  Afterwards:
     truncated.
 
 A plain pytest test: there is no reactor in this process.  The clients are
-threads on blocking sockets (L{relayd.testing.SMTPClient}); every socket has
+threads on blocking sockets (L{relayd.testing.WireClient}); every socket has
 a timeout, every wait a deadline, and the relayd processes are killed in the
 fixture's teardown whatever happens.
 """
@@ -42,7 +42,7 @@ import pytest
 
 from relayd.queue.record import readData, readRecord
 from relayd.queue.spool import QUEUED_STATES
-from relayd.testing import SMTPClient, TestSetup
+from relayd.testing import TestSetup, WireClient
 
 QUEUE_ID = re.compile(r"^[0-9A-Z]{1,64}$")
 
@@ -364,9 +364,9 @@ def runClient(traffic: Traffic, number: int, trickle: bool) -> None:
     time in the middle of DATA.
     """
     rng = random.Random(f"{traffic.runId}-{number}")
-    client: SMTPClient | None = None
+    client: WireClient | None = None
     try:
-        client = SMTPClient(traffic.port, timeout=SOCKET_TIMEOUT)
+        client = WireClient(traffic.port, timeout=SOCKET_TIMEOUT)
         expect(client.reply(), 220, "greeting")
         expect(client.command(f"EHLO client{number}.durability.test"), 250, "EHLO")
         for index in itertools.count():

@@ -1,6 +1,6 @@
 """
 The ESMTP server over real sockets: relayd's service tree runs in the test
-process on 127.0.0.1, clients (smtplib and L{relayd.testing.SMTPClient})
+process on 127.0.0.1, clients (smtplib and L{relayd.testing.WireClient})
 run in threads.  One test per row of the issue's bad-input table, the rules
 of DESIGN section 4, and the good paths.
 """
@@ -31,8 +31,8 @@ from relayd.testing import (
     DEMO_USER,
     InProcessRelayd,
     RedisServer,
-    SMTPClient,
     TestSetup,
+    WireClient,
 )
 
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
@@ -67,7 +67,7 @@ class RelaydTestCase(unittest.TestCase):
 
     def connect(self, mode="relay", tls=False):
         context = self.setup.clientContext() if tls else None
-        client = SMTPClient(self.port(mode), context=context)
+        client = WireClient(self.port(mode), context=context)
         self.addCleanup(client.close)
         code, _ = client.reply()
         assert code == 220, code
@@ -725,7 +725,7 @@ class AuthLockoutTests(RelaydTestCase):
     }
 
     def client(self, source=None):
-        c = SMTPClient(self.port("submissions"), context=self.setup.clientContext(), source=source)
+        c = WireClient(self.port("submissions"), context=self.setup.clientContext(), source=source)
         self.addCleanup(c.close)
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250
@@ -812,7 +812,7 @@ class AuthLockoutSharedTests(unittest.TestCase):
 
     def client(self, index):
         setup, relayd = self.instances[index]
-        c = SMTPClient(relayd.port("submissions"), context=setup.clientContext())
+        c = WireClient(relayd.port("submissions"), context=setup.clientContext())
         self.addCleanup(c.close)
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250
@@ -1022,7 +1022,7 @@ class ConnectionLimitTests(RelaydTestCase):
     def test_perClientLimit(self):
         def dialogue():
             a, b = self.connect(), self.connect()
-            c = SMTPClient(self.port())
+            c = WireClient(self.port())
             self.addCleanup(c.close)
             refused = c.reply()
             a.command("QUIT")
