@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.config import ConfigError, load
 from relayd.testing import PostfixSink, TestSetup, freePort
-from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from relayd.testing.process import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 TOKEN = re.compile(rb"X-Token: ([0-9a-f-]+)")
 PROCESSES = 3

@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from relayd.certificates import issueCertificate, makeCA, writeKeyPair
 from relayd.smtp.auth import setPassword
 from relayd.testing import InProcessRelayd, TestSetup, WireClient
-from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from relayd.testing.process import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 OLD_CHAIN = 'chain = ["mynetworks", "authenticated"]'
 NEW_CHAIN = 'chain = ["authenticated"]'

@@ -26,7 +26,7 @@ from twisted.trial import unittest
 
 from relayd.queue.record import readData, readRecord
 from relayd.testing import InProcessRelayd, PostfixSink, TestSetup, WireClient
-from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from relayd.testing.process import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 
 def spooled(setup: TestSetup) -> list[str]:

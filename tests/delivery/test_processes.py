@@ -34,7 +34,7 @@ from relayd.delivery.routing import Destination, Hop
 from relayd.reply import Reply
 from relayd.smtp.dsn import DSNParameters, RecipientRequest
 from relayd.testing import PostfixSink, TestSetup
-from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from relayd.testing.process import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 from tests.test_receivers import sendMany, tokensAt, waitFor
 
 MESSAGE_ID = re.compile(rb"^Message-Id: <([^>]+)>$", re.M | re.I)

@@ -41,8 +41,8 @@ from relayd.testing import (
     TestSetup,
     freePort,
 )
+from relayd.testing.process import RelaydProcess
 from tests.interop.test_haproxy import HAProxy
-from tests.queue.test_durability import RelaydProcess
 
 TOKEN = re.compile(rb"X-Token: ([\w-]+)")
 USER_LIMIT = 4

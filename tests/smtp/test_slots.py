@@ -35,7 +35,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from relayd.testing import DEMO_USER, InProcessRelayd, TestSetup, WireClient, freePort
-from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from relayd.testing.process import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 PER_CLIENT = 4
 """A small per-client limit, so that a leak locks 127.0.0.1 out quickly."""
