@@ -60,6 +60,14 @@ __all__ = [
     "freePort",
 ]
 
+QUICK_DELIVERY: dict[str, Any] = {
+    "enabled": True,
+    "retry_initial": 1,
+    "retry_max": 1,
+    "idle_timeout": 0.2,
+}
+"""The C{[delivery]} settings of L{TestSetup.relayingTo}: deliver, retry soon."""
+
 DEMO_USER = "demo"
 DEMO_PASSWORD = "correct horse battery staple"
 
@@ -211,6 +219,33 @@ class TestSetup:
         with open(self.configPath, "w") as f:
             f.write("\n".join(lines))
         self.spoolPath = os.path.join(self.directory, "spool")
+
+    @classmethod
+    def relayingTo(
+        cls,
+        directory: str,
+        port: int,
+        *,
+        tls: str = "none",
+        modes: tuple[str, ...] = ("relay",),
+        sections: dict[str, dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> TestSetup:
+        """
+        A setup whose relayd delivers: everything goes to one next hop on
+        127.0.0.1:C{port} (L{routeAllTo}), tried at once, retried after a
+        second, and connections to it closed after 0.2s idle, so a test
+        of mail passing through relayd waits for nothing else.
+
+        @param sections: more config, merged over those delivery settings.
+        @param kwargs: the rest of L{TestSetup}'s keyword arguments.
+        """
+        merged: dict[str, dict[str, Any]] = {"delivery": dict(QUICK_DELIVERY)}
+        for name, values in (sections or {}).items():
+            merged.setdefault(name, {}).update(values)
+        setup = cls(directory, modes=modes, sections=merged, **kwargs)
+        setup.routeAllTo(port, tls=tls)
+        return setup
 
     def routeAllTo(self, port: int, host: str = "127.0.0.1", tls: str = "none") -> None:
         """Append a C{[[routes]]} table sending all mail to one next hop."""

@@ -46,19 +46,7 @@ class BdatThroughRelaydToSmtpSinkTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         sink = PostfixSink(directory)
         self.addCleanup(sink.stop)
-        setup = TestSetup(
-            directory + "/relayd",
-            modes=("relay",),
-            sections={
-                "delivery": {
-                    "enabled": True,
-                    "retry_initial": 1,
-                    "retry_max": 1,
-                    "idle_timeout": 0.2,
-                }
-            },
-        )
-        setup.routeAllTo(sink.port)
+        setup = TestSetup.relayingTo(directory + "/relayd", sink.port)
         relayd = yield InProcessRelayd.start(setup)
         self.addCleanup(relayd.stop)
 

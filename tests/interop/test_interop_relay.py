@@ -33,19 +33,9 @@ class SwaksThroughRelaydToSmtpSinkTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         sink = PostfixSink(directory)
         self.addCleanup(sink.stop)
-        setup = TestSetup(
-            directory + "/relayd",
-            modes=("submission",),
-            sections={
-                "delivery": {
-                    "enabled": True,
-                    "retry_initial": 1,
-                    "retry_max": 1,
-                    "idle_timeout": 0.2,
-                }
-            },
+        setup = TestSetup.relayingTo(
+            directory + "/relayd", sink.port, tls="opportunistic", modes=("submission",)
         )
-        setup.routeAllTo(sink.port, tls="opportunistic")
         relayd = yield InProcessRelayd.start(setup)
         self.addCleanup(relayd.stop)
 
