@@ -20,6 +20,23 @@ Helpers for testing relayd and policies written for it, over real sockets.
     C{smtplib} refuses to have (bare LF, pipelining abuse, floods); run it
     in a thread (L{twisted.internet.threads.deferToThread}) next to an
     in-process server.
+  - L{PostfixSink} is Postfix's C{smtp-sink} as an independent next hop.
+  - L{TestSetup.relayingTo} is a setup whose relayd delivers at once to
+    one next hop (L{QUICK_DELIVERY}); L{freePort} a port for a process the
+    test starts later.
+
+And in their own modules, imported by name:
+
+  - L{relayd.testing.certs}: a test CA and server certificates on disk
+    (C{makeCA}, C{makeServerCert}, C{writeRSASelfSigned}).
+  - L{relayd.testing.memoryqueue}: C{MemoryQueue}, what the queue manager
+    uses of the spool, in memory, for scheduler tests on a C{task.Clock}.
+  - L{relayd.testing.process}: C{RelaydProcess}, relayd as a separate
+    C{twistd} process (signals, SIGKILL, several processes), and the
+    pytest fixture C{relaydProcesses} that reaps them.
+  - L{relayd.testing.sink}, L{relayd.testing.dnsserver},
+    L{relayd.testing.redisserver}: the servers above, with their details
+    (C{SinkMessage}, C{SinkCommand}, C{DEFAULT_ADVERTISE}).
 
 Example for a policy author::
 
@@ -52,12 +69,16 @@ __all__ = [
     "TestSetup",
     "InProcessRelayd",
     "WireClient",
+    "PostfixSink",
     "DNSServer",
     "SinkServer",
     "RedisCluster",
     "RedisSentinel",
     "RedisServer",
     "freePort",
+    "DEMO_USER",
+    "DEMO_PASSWORD",
+    "QUICK_DELIVERY",
 ]
 
 QUICK_DELIVERY: dict[str, Any] = {
@@ -69,7 +90,9 @@ QUICK_DELIVERY: dict[str, Any] = {
 """The C{[delivery]} settings of L{TestSetup.relayingTo}: deliver, retry soon."""
 
 DEMO_USER = "demo"
+"""The user in L{TestSetup}'s users file."""
 DEMO_PASSWORD = "correct horse battery staple"
+"""L{DEMO_USER}'s password."""
 
 
 def _ephemeralLow() -> int:
