@@ -13,6 +13,9 @@ C{[delivery] processes}, a second relayd refused on a locked spool.
     greeting on the relay listener; L{RelaydProcess.kill},
     L{RelaydProcess.terminate}, L{RelaydProcess.wait} and
     L{RelaydProcess.reap} stop it.
+  - L{RelaydProcess.children} (and L{childPids}) find its receiving and
+    delivery processes; L{waitFor} polls for a condition, failing with a
+    log.
   - L{relaydProcesses} is a pytest fixture: a list the test appends its
     processes to, each killed at teardown, pass or fail.  A trial test
     calls L{RelaydProcess.reap} from C{addCleanup} instead.
@@ -34,18 +37,19 @@ Example::
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import relayd
 from relayd.testing import TestSetup
 
-__all__ = ["RelaydProcess", "RelaydProcessError", "relaydProcesses"]
+__all__ = ["RelaydProcess", "RelaydProcessError", "childPids", "relaydProcesses", "waitFor"]
 
 START_TIMEOUT = 20.0
 """Seconds L{RelaydProcess.waitListening} waits for the greeting by default."""
@@ -68,6 +72,50 @@ def _sourceRoot() -> Path:
 
 class RelaydProcessError(AssertionError):
     """A relayd process did not start, listen or exit as the test expected."""
+
+
+def waitFor(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str,
+    log: Callable[[], str] = lambda: "",
+) -> None:
+    """
+    Poll C{predicate} every 50ms until it is true.
+
+    @param what: what did not happen, for the failure: C{"{what} within
+        {timeout}s"}, followed by C{log()} (e.g. L{RelaydProcess.log}).
+    @raise RelaydProcessError: after C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RelaydProcessError(f"{what} within {timeout}s\n{log()}")
+        time.sleep(0.05)
+
+
+def childPids(parent: int, module: str) -> list[int]:
+    """
+    The pids of C{parent}'s children running C{python -m <module>}, e.g.
+    C{relayd.receivers} (C{[server] processes}) or
+    C{relayd.delivery.processes} (C{[delivery] processes}), from C{/proc}
+    (Linux), sorted.
+    """
+    wanted = module.encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and wanted in cmdline:
+            pids.append(int(entry))
+    return sorted(pids)
 
 
 class RelaydProcess:
@@ -142,6 +190,10 @@ class RelaydProcess:
                     f"relayd did not listen on {self.port} within {timeout}s\n{self.log()}"
                 )
             time.sleep(0.05)
+
+    def children(self, module: str) -> list[int]:
+        """The pids of this relayd's child processes running C{python -m <module>}."""
+        return childPids(self.process.pid, module)
 
     def kill(self) -> None:
         """SIGKILL, without waiting (call L{wait} for that)."""

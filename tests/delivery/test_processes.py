@@ -34,37 +34,24 @@ from relayd.delivery.routing import Destination, Hop
 from relayd.reply import Reply
 from relayd.smtp.dsn import DSNParameters, RecipientRequest
 from relayd.testing import PostfixSink, TestSetup
-from relayd.testing.process import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
-from tests.test_receivers import sendMany, tokensAt, waitFor
+from relayd.testing.process import (  # noqa: F401 (fixture)
+    RelaydProcess,
+    childPids,
+    relaydProcesses,
+    waitFor,
+)
+from tests.test_receivers import sendMany, tokensAt
 
 MESSAGE_ID = re.compile(rb"^Message-Id: <([^>]+)>$", re.M | re.I)
 SUBJECT = "deliveryprocs-load"
 
 
-def childPids(parent: int, module: bytes) -> list[int]:
-    """The pids of C{parent}'s children running C{python -m <module>}."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and module in cmdline:
-            pids.append(int(entry))
-    return sorted(pids)
-
-
 def deliveryPids(parent: int) -> list[int]:
-    return childPids(parent, b"relayd.delivery.processes")
+    return childPids(parent, "relayd.delivery.processes")
 
 
 def receiverPids(parent: int) -> list[int]:
-    return childPids(parent, b"relayd.receivers")
+    return childPids(parent, "relayd.receivers")
 
 
 def setupWith(tmp_path: Path, sinkPort: int, **delivery: object) -> TestSetup:
