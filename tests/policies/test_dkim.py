@@ -86,22 +86,12 @@ def writeFile(path, data):
         f.write(data)
 
 
-def dotStuff(data):
-    lines = data.split(b"\r\n")[:-1]
-    stuffed = [(b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines]
-    return b"".join(stuffed) + b".\r\n"
-
-
 def sendRaw(port, data, sender="alice@example.com"):
     c = WireClient(port)
     try:
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250
-        assert c.command(f"MAIL FROM:<{sender}>")[0] == 250
-        assert c.command("RCPT TO:<bob@example.net>")[0] == 250
-        assert c.command("DATA")[0] == 354
-        c.send(dotStuff(data))
-        code, lines = c.reply()
+        code, lines = c.sendMessage(sender, ["bob@example.net"], data)
         assert code == 250, (code, lines)
         return lines[0].rsplit(" ", 1)[1]
     finally:
@@ -350,11 +340,7 @@ class LargeHeaderTests(DKIMTestCase):
                 assert c.command("EHLO client.test")[0] == 250
                 replies = []
                 for data in (big, MESSAGE):
-                    assert c.command("MAIL FROM:<alice@example.com>")[0] == 250
-                    assert c.command("RCPT TO:<bob@example.net>")[0] == 250
-                    assert c.command("DATA")[0] == 354
-                    c.send(dotStuff(data))
-                    code, lines = c.reply()
+                    code, lines = c.sendMessage("alice@example.com", ["bob@example.net"], data)
                     replies.append((code, lines[0]))
                 return replies
             finally:
