@@ -5,31 +5,28 @@ Postfix's smtp-sink, which advertises DSN, and its dump shows the MAIL and
 RCPT arguments it was given.
 """
 
-import shutil
 import smtplib
-import tempfile
-import time
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from relayd.testing import InProcessRelayd, PostfixSink, SinkServer, TestSetup
+from relayd.testing import InProcessRelayd, SinkServer, TestSetup
 from relayd.testing.sink import DEFAULT_ADVERTISE
-from tests.interop.postfix import postfixDirectory, startPostfix, waitArrived
+from tests.interop.postfix import (
+    postfixDirectory,
+    relaydToSmtpSink,
+    startPostfix,
+    waitArrived,
+    waitDump,
+)
 
 
 class SmtplibThroughRelaydToPostfixTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_dsnParametersPassedOn(self):
-        directory = tempfile.mkdtemp(prefix="relayd-interop-dsn-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        sink = PostfixSink(directory)
-        self.addCleanup(sink.stop)
-        setup = TestSetup.relayingTo(directory + "/relayd", sink.port)
-        relayd = yield InProcessRelayd.start(setup)
-        self.addCleanup(relayd.stop)
+        relayd, sink = yield relaydToSmtpSink(self, "relayd-interop-dsn-")
 
         def send():
             with smtplib.SMTP("127.0.0.1", relayd.port("relay")) as s:
@@ -45,12 +42,7 @@ class SmtplibThroughRelaydToPostfixTests(unittest.TestCase):
 
         refused = yield deferToThread(send)
         self.assertEqual(refused, {})
-        deadline = time.monotonic() + 20
-        # smtp-sink writes a dump when the session ends (relayd's idle
-        # connection is closed after idle_timeout).
-        while not any(b"last line" in d for d in sink.messages()) and time.monotonic() < deadline:
-            yield deferLater(reactor, 0.05, lambda: None)
-        [dump] = sink.messages()
+        [dump] = yield waitDump(sink, b"last line")
         mailArgs = next(line for line in dump.splitlines() if line.startswith(b"X-Mail-Args:"))
         rcptArgs = next(line for line in dump.splitlines() if line.startswith(b"X-Rcpt-Args:"))
         self.assertIn(b"<alice@example.org>", mailArgs)
