@@ -16,16 +16,10 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from relayd.certificates import (
-    issueCertificate,
-    loadServerOptions,
-    makeCA,
-    writeKeyPair,
-)
 from relayd.delivery.attempt import Deliverer
 from relayd.delivery.client import ClientTimeouts
 from relayd.delivery.routing import Destination, Hop
-from relayd.testing import PostfixSink
+from relayd.testing import PostfixSink, certs
 from relayd.testing.sink import SinkServer
 
 FAST = ClientTimeouts(
@@ -124,15 +118,9 @@ class DeliveryTestCase(unittest.TestCase):
 
     def tls(self, hostname="localhost", otherCA=False):
         """Server TLS options from a test CA; returns (options, caPath)."""
-        caCert, caKey = makeCA("delivery test CA")
-        caPath = self.path("ca.pem")
-        with open(caPath, "wb") as f:
-            f.write(caCert)
-        if otherCA:
-            caCert, caKey = makeCA("some other CA")
-        cert, key = issueCertificate(caCert, caKey, hostname, ipAddresses=("127.0.0.1",))
-        writeKeyPair(self.path("cert.pem"), self.path("key.pem"), cert, key)
-        return loadServerOptions(self.path("cert.pem"), self.path("key.pem")), caPath
+        ca = certs.makeCA(self.directory, "delivery test CA")
+        issuer = certs.makeCA(self.directory, "some other CA") if otherCA else ca
+        return certs.makeServerCert(issuer, self.directory, hostname).serverOptions(), ca.path
 
 
 class DataTests(DeliveryTestCase):
