@@ -191,22 +191,14 @@ class TestSetup:
         @param portZero: listen on port 0 (the default), or on free ports
             chosen now (for a C{twistd} subprocess the test must reach).
         """
-        from relayd.certificates import issueCertificate, makeCA, writeKeyPair
         from relayd.smtp.auth import setPassword
+        from relayd.testing.certs import makeCA, makeServerCert
 
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
-        caCert, caKey = makeCA("relayd test CA")
-        self.caPath = os.path.join(self.directory, "ca.pem")
-        with open(self.caPath, "wb") as f:
-            f.write(caCert)
-        cert, key = issueCertificate(caCert, caKey, "localhost", ipAddresses=("127.0.0.1",))
-        writeKeyPair(
-            os.path.join(self.directory, "cert.pem"),
-            os.path.join(self.directory, "key.pem"),
-            cert,
-            key,
-        )
+        ca = makeCA(self.directory, "relayd test CA", fileName="ca.pem")
+        self.caPath = ca.path
+        makeServerCert(ca, self.directory, "localhost", fileNames=("cert.pem", "key.pem"))
         self.usersPath = os.path.join(self.directory, "users")
         setPassword(self.usersPath, DEMO_USER, DEMO_PASSWORD, rounds=4)
 

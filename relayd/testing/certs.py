@@ -125,6 +125,7 @@ def makeServerCert(
     hostname: str = "localhost",
     ipAddresses: Iterable[str] = ("127.0.0.1",),
     baseName: str | None = None,
+    fileNames: tuple[str, str] | None = None,
 ) -> ServerCert:
     """
     Issue a server certificate for C{hostname} (and C{ipAddresses}, as IP
@@ -134,13 +135,16 @@ def makeServerCert(
     @param baseName: the files are C{BASE.crt} and C{BASE.key}; by default
         C{BASE} is the host name followed by the CA's name, so certificates
         for one name from two CAs do not overwrite each other.
+    @param fileNames: the certificate's and the key's file names instead,
+        e.g. C{("cert.pem", "key.pem")}.
     """
     os.makedirs(directory, exist_ok=True)
     certificate, key = issueCertificate(*ca.pair, hostname, ipAddresses=tuple(ipAddresses))
     if baseName is None:
         baseName = f"{_fileName(hostname)}.{_fileName(os.path.basename(ca.path))}"
-    certPath = os.path.join(directory, f"{baseName}.crt")
-    keyPath = os.path.join(directory, f"{baseName}.key")
+    certName, keyName = fileNames or (f"{baseName}.crt", f"{baseName}.key")
+    certPath = os.path.join(directory, certName)
+    keyPath = os.path.join(directory, keyName)
     writeKeyPair(certPath, keyPath, certificate, key)
     return ServerCert(certificate, key, certPath, keyPath)
 
