@@ -128,3 +128,90 @@ class DocumentedPoliciesTests(unittest.TestCase):
         d.addCallback(lambda _: check(Address.null()))
         d.addCallback(self.assertIs, NAMESPACE["CONTINUE"])
         return d
+
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+MODULE_PATH = re.compile(r"`((?:relayd|twisted|tests)/[\w/]*?(?:\.py|/))`")
+
+
+def _testingSection():
+    """The text of docs/plugins.md from its Testing heading to the next one."""
+    text = DOC.read_text()
+    start = text.index("\n## Testing\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+class TestingHelpersDocumentedTests(unittest.TestCase):
+    """docs/plugins.md names every public helper of relayd.testing."""
+
+    def modules(self):
+        import importlib
+        import pkgutil
+
+        import relayd.testing
+
+        names = ["relayd.testing"] + [
+            f"relayd.testing.{info.name}"
+            for info in pkgutil.iter_modules(relayd.testing.__path__)
+            if not info.name.startswith("_")
+        ]
+        return [importlib.import_module(name) for name in names]
+
+    def test_modulesFound(self):
+        self.assertEqual(
+            sorted(m.__name__ for m in self.modules()),
+            [
+                "relayd.testing",
+                "relayd.testing.certs",
+                "relayd.testing.dnsserver",
+                "relayd.testing.memoryqueue",
+                "relayd.testing.process",
+                "relayd.testing.redisserver",
+                "relayd.testing.sink",
+            ],
+        )
+
+    def test_everyModuleSaysWhatItIsAndExports(self):
+        for module in self.modules():
+            self.assertTrue(module.__doc__ and module.__doc__.strip(), module.__name__)
+            self.assertTrue(module.__all__, module.__name__)
+            for name in module.__all__:
+                self.assertTrue(hasattr(module, name), f"{module.__name__}.{name}")
+
+    def test_everyPublicNameInTheTestingSection(self):
+        section = _testingSection()
+        missing = [
+            f"{module.__name__}.{name}"
+            for module in self.modules()
+            for name in module.__all__
+            if not re.search(rf"`[^`]*\b{name}\b[^`]*`", section)
+        ]
+        self.assertEqual(missing, [])
+        for module in self.modules()[1:]:
+            self.assertIn(f"`{module.__name__}", section)
+
+
+class ArchitectureDocTests(unittest.TestCase):
+    """docs/architecture.md, where a newcomer starts, names what exists."""
+
+    def test_namesModules(self):
+        paths = MODULE_PATH.findall(ARCHITECTURE.read_text())
+        self.assertGreaterEqual(len(paths), 30)
+        # The walk names every room.
+        for room in ("relayd/smtp/", "relayd/queue/", "relayd/delivery/", "relayd/ops/"):
+            self.assertIn(room, paths)
+
+    def test_everyModulePathExists(self):
+        missing = [
+            path
+            for path in MODULE_PATH.findall(ARCHITECTURE.read_text())
+            if not (ROOT / path).exists()
+        ]
+        self.assertEqual(missing, [])
+
+    def test_readmeStartsThere(self):
+        """The README links it in its first lines."""
+        head = "\n".join((ROOT / "README.md").read_text().splitlines()[:20])
+        self.assertIn("(docs/architecture.md)", head)

@@ -30,7 +30,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.config import ConfigError, load
 from relayd.testing import PostfixSink, TestSetup, freePort
-from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from relayd.testing.process import (  # noqa: F401 (fixture)
+    RelaydProcess,
+    childPids,
+    relaydProcesses,
+    waitFor,
+)
 
 TOKEN = re.compile(rb"X-Token: ([0-9a-f-]+)")
 PROCESSES = 3
@@ -38,28 +43,7 @@ PROCESSES = 3
 
 def receiverPids(parent: int) -> list[int]:
     """The pids of C{parent}'s children running C{relayd.receivers}."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and b"relayd.receivers" in cmdline:
-            pids.append(int(entry))
-    return sorted(pids)
-
-
-def waitFor(predicate, timeout: float, what: str, log=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout}s\n{log()}")
-        time.sleep(0.05)
+    return childPids(parent, "relayd.receivers")
 
 
 def waitReady(relayd: RelaydProcess) -> None:

@@ -22,8 +22,8 @@ from twisted.trial import unittest
 
 from relayd.certificates import issueCertificate, makeCA, writeKeyPair
 from relayd.smtp.auth import setPassword
-from relayd.testing import InProcessRelayd, SMTPClient, TestSetup
-from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from relayd.testing import InProcessRelayd, TestSetup, WireClient
+from relayd.testing.process import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 OLD_CHAIN = 'chain = ["mynetworks", "authenticated"]'
 NEW_CHAIN = 'chain = ["authenticated"]'
@@ -36,7 +36,7 @@ def rewrite(path: str, old: str, new: str) -> None:
 
 
 def peerSubject(port: int, context: ssl.SSLContext) -> str:
-    c = SMTPClient(port, context=context)
+    c = WireClient(port, context=context)
     try:
         der = c.sock.getpeercert(binary_form=True)
     finally:
@@ -71,7 +71,7 @@ class InProcessReloadTests(unittest.TestCase):
         port = self.relayd.port("relay")
 
         def before():
-            c = SMTPClient(port)
+            c = WireClient(port)
             c.reply()
             c.command("EHLO client.test")
             return c, c.command("MAIL FROM:<a@example.org>"), c.command("RCPT TO:<b@example.net>")
@@ -150,7 +150,7 @@ class InProcessReloadTests(unittest.TestCase):
         self.assertEqual(oldStill[0], 250)
 
     def openTLS(self, context):
-        c = SMTPClient(self.relayd.port("submissions"), context=context)
+        c = WireClient(self.relayd.port("submissions"), context=context)
         c.reply()
         c.command("EHLO client.test")
         return c
@@ -194,7 +194,7 @@ def test_sighupReloadsRealTwistd(tmp_path: Path, relaydProcesses) -> None:  # no
     process.waitListening()
 
     def rcpt() -> int:
-        c = SMTPClient(process.port)
+        c = WireClient(process.port)
         try:
             c.reply()
             c.command("EHLO client.test")

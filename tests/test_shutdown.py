@@ -25,8 +25,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from relayd.queue.record import readData, readRecord
-from relayd.testing import InProcessRelayd, PostfixSink, SMTPClient, TestSetup
-from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from relayd.testing import InProcessRelayd, PostfixSink, TestSetup, WireClient
+from relayd.testing.process import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 
 def spooled(setup: TestSetup) -> list[str]:
@@ -49,7 +49,7 @@ class ShutdownTestCase(unittest.TestCase):
         self.port = self.relayd.port("relay")
 
     def client(self):
-        c = SMTPClient(self.port)
+        c = WireClient(self.port)
         self.addCleanup(c.close)
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250

@@ -16,10 +16,27 @@ Helpers for testing relayd and policies written for it, over real sockets.
     persistence off, that a test starts, stops and restarts; with TLS and
     ACL users when asked.  L{RedisSentinel} watches one as a Sentinel,
     L{RedisCluster} is a small real Redis Cluster.
-  - L{SMTPClient} is a small blocking line-level client for dialogues that
+  - L{WireClient} is a small blocking line-level client for dialogues that
     C{smtplib} refuses to have (bare LF, pipelining abuse, floods); run it
     in a thread (L{twisted.internet.threads.deferToThread}) next to an
     in-process server.
+  - L{PostfixSink} is Postfix's C{smtp-sink} as an independent next hop.
+  - L{TestSetup.relayingTo} is a setup whose relayd delivers at once to
+    one next hop (L{QUICK_DELIVERY}); L{freePort} a port for a process the
+    test starts later.
+
+And in their own modules, imported by name:
+
+  - L{relayd.testing.certs}: a test CA and server certificates on disk
+    (C{makeCA}, C{makeServerCert}, C{writeRSASelfSigned}).
+  - L{relayd.testing.memoryqueue}: C{MemoryQueue}, what the queue manager
+    uses of the spool, in memory, for scheduler tests on a C{task.Clock}.
+  - L{relayd.testing.process}: C{RelaydProcess}, relayd as a separate
+    C{twistd} process (signals, SIGKILL, several processes), and the
+    pytest fixture C{relaydProcesses} that reaps them.
+  - L{relayd.testing.sink}, L{relayd.testing.dnsserver},
+    L{relayd.testing.redisserver}: the servers above, with their details
+    (C{SinkMessage}, C{SinkCommand}, C{DEFAULT_ADVERTISE}).
 
 Example for a policy author::
 
@@ -51,17 +68,32 @@ from relayd.testing.sink import SinkServer
 __all__ = [
     "TestSetup",
     "InProcessRelayd",
-    "SMTPClient",
+    "WireClient",
+    "PostfixSink",
     "DNSServer",
     "SinkServer",
     "RedisCluster",
     "RedisSentinel",
     "RedisServer",
     "freePort",
+    "dotStuff",
+    "DEMO_USER",
+    "DEMO_PASSWORD",
+    "QUICK_DELIVERY",
 ]
 
+QUICK_DELIVERY: dict[str, Any] = {
+    "enabled": True,
+    "retry_initial": 1,
+    "retry_max": 1,
+    "idle_timeout": 0.2,
+}
+"""The C{[delivery]} settings of L{TestSetup.relayingTo}: deliver, retry soon."""
+
 DEMO_USER = "demo"
+"""The user in L{TestSetup}'s users file."""
 DEMO_PASSWORD = "correct horse battery staple"
+"""L{DEMO_USER}'s password."""
 
 
 def _ephemeralLow() -> int:
@@ -159,22 +191,14 @@ class TestSetup:
         @param portZero: listen on port 0 (the default), or on free ports
             chosen now (for a C{twistd} subprocess the test must reach).
         """
-        from relayd.certificates import issueCertificate, makeCA, writeKeyPair
         from relayd.smtp.auth import setPassword
+        from relayd.testing.certs import makeCA, makeServerCert
 
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
-        caCert, caKey = makeCA("relayd test CA")
-        self.caPath = os.path.join(self.directory, "ca.pem")
-        with open(self.caPath, "wb") as f:
-            f.write(caCert)
-        cert, key = issueCertificate(caCert, caKey, "localhost", ipAddresses=("127.0.0.1",))
-        writeKeyPair(
-            os.path.join(self.directory, "cert.pem"),
-            os.path.join(self.directory, "key.pem"),
-            cert,
-            key,
-        )
+        ca = makeCA(self.directory, "relayd test CA", fileName="ca.pem")
+        self.caPath = ca.path
+        makeServerCert(ca, self.directory, "localhost", fileNames=("cert.pem", "key.pem"))
         self.usersPath = os.path.join(self.directory, "users")
         setPassword(self.usersPath, DEMO_USER, DEMO_PASSWORD, rounds=4)
 
@@ -211,6 +235,33 @@ class TestSetup:
         with open(self.configPath, "w") as f:
             f.write("\n".join(lines))
         self.spoolPath = os.path.join(self.directory, "spool")
+
+    @classmethod
+    def relayingTo(
+        cls,
+        directory: str,
+        port: int,
+        *,
+        tls: str = "none",
+        modes: tuple[str, ...] = ("relay",),
+        sections: dict[str, dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> TestSetup:
+        """
+        A setup whose relayd delivers: everything goes to one next hop on
+        127.0.0.1:C{port} (L{routeAllTo}), tried at once, retried after a
+        second, and connections to it closed after 0.2s idle, so a test
+        of mail passing through relayd waits for nothing else.
+
+        @param sections: more config, merged over those delivery settings.
+        @param kwargs: the rest of L{TestSetup}'s keyword arguments.
+        """
+        merged: dict[str, dict[str, Any]] = {"delivery": dict(QUICK_DELIVERY)}
+        for name, values in (sections or {}).items():
+            merged.setdefault(name, {}).update(values)
+        setup = cls(directory, modes=modes, sections=merged, **kwargs)
+        setup.routeAllTo(port, tls=tls)
+        return setup
 
     def routeAllTo(self, port: int, host: str = "127.0.0.1", tls: str = "none") -> None:
         """Append a C{[[routes]]} table sending all mail to one next hop."""
@@ -293,9 +344,29 @@ class InProcessRelayd:
         return stop()
 
 
-class SMTPClient:
+def dotStuff(data: bytes) -> bytes:
+    """
+    The DATA payload on the wire for a message C{data} whose lines end in
+    CRLF (RFC 5321 section 4.5.2): each line that starts with a dot gets
+    one more, and the line C{.} that ends the data is appended.  Written
+    here plainly, apart from L{relayd.smtp.wire.DotStuffer}, so that a test
+    does not check relayd against its own code.
+    """
+    if data and not data.endswith(b"\r\n"):
+        raise ValueError("the message must end with CRLF")
+    lines = data.split(b"\r\n")[:-1]
+    stuffed = [(b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines]
+    return b"".join(stuffed) + b".\r\n"
+
+
+class WireClient:
     """
     A blocking SMTP client that sends exactly the bytes it is given.
+
+    Named for the wire, not for SMTP: relayd's own outbound client is
+    L{relayd.delivery.client.SMTPClient}, and this one is nothing like it
+    (no state machine, no pipelining rules, no checks): it is for
+    dialogues a real client refuses to have.
 
     Use from a thread.  L{reply} reads one whole (possibly multi-line)
     reply and returns C{(code, [lines])}.
@@ -344,6 +415,27 @@ class SMTPClient:
         if isinstance(data, str):
             data = data.encode()
         self.send(data + b"\r\n")
+        return self.reply()
+
+    def sendMessage(
+        self, sender: str, recipients: list[str] | tuple[str, ...], data: bytes
+    ) -> tuple[int, list[str]]:
+        """
+        One transaction, after EHLO: MAIL, each RCPT and DATA, each of
+        which must be accepted (an C{AssertionError} with the reply if
+        not), then C{data} dot-stuffed (L{dotStuff}).
+
+        @return: the reply to the end of data.
+        """
+        for command, expected in (
+            (f"MAIL FROM:<{sender}>", 250),
+            *((f"RCPT TO:<{r}>", 250) for r in recipients),
+            ("DATA", 354),
+        ):
+            reply = self.command(command)
+            if reply[0] != expected:
+                raise AssertionError(f"{command}: {reply}")
+        self.send(dotStuff(data))
         return self.reply()
 
     def starttls(self, context: ssl.SSLContext) -> None:

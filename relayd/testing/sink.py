@@ -33,7 +33,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["SinkServer", "SinkMessage", "SinkCommand"]
+__all__ = ["SinkServer", "SinkMessage", "SinkCommand", "DEFAULT_ADVERTISE"]
 
 DEFAULT_ADVERTISE = (
     "PIPELINING",
@@ -43,6 +43,8 @@ DEFAULT_ADVERTISE = (
     "STARTTLS",
     "AUTH PLAIN LOGIN",
 )
+"""What L{SinkServer} offers in its EHLO reply unless told otherwise (its
+C{advertise}); add C{"DSN"}, C{"SMTPUTF8"}... for a next hop that has them."""
 
 
 @dataclass

@@ -16,16 +16,10 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from relayd.certificates import (
-    issueCertificate,
-    loadServerOptions,
-    makeCA,
-    writeKeyPair,
-)
 from relayd.delivery.attempt import Deliverer
 from relayd.delivery.client import ClientTimeouts
 from relayd.delivery.routing import Destination, Hop
-from relayd.testing import PostfixSink
+from relayd.testing import PostfixSink, certs
 from relayd.testing.sink import SinkServer
 
 FAST = ClientTimeouts(
@@ -124,15 +118,9 @@ class DeliveryTestCase(unittest.TestCase):
 
     def tls(self, hostname="localhost", otherCA=False):
         """Server TLS options from a test CA; returns (options, caPath)."""
-        caCert, caKey = makeCA("delivery test CA")
-        caPath = self.path("ca.pem")
-        with open(caPath, "wb") as f:
-            f.write(caCert)
-        if otherCA:
-            caCert, caKey = makeCA("some other CA")
-        cert, key = issueCertificate(caCert, caKey, hostname, ipAddresses=("127.0.0.1",))
-        writeKeyPair(self.path("cert.pem"), self.path("key.pem"), cert, key)
-        return loadServerOptions(self.path("cert.pem"), self.path("key.pem")), caPath
+        ca = certs.makeCA(self.directory, "delivery test CA")
+        issuer = certs.makeCA(self.directory, "some other CA") if otherCA else ca
+        return certs.makeServerCert(issuer, self.directory, hostname).serverOptions(), ca.path
 
 
 class DataTests(DeliveryTestCase):
@@ -630,6 +618,27 @@ class TimeoutTests(DeliveryTestCase):
 
 
 class TLSTests(DeliveryTestCase):
+    def tlsSink(self, auth=False, **tls):
+        """
+        A sink with a certificate from a test CA (L{tls} with C{tls}), and
+        with C{auth} the user C{relay}, password C{s3cret}; returns the
+        sink and the CA's file.
+        """
+        options, caPath = self.tls(**tls)
+        sink = self.sink(tlsOptions=options, **({"users": {"relay": "s3cret"}} if auth else {}))
+        return sink, caPath
+
+    def deliverVerified(self, sink, caPath, password=None, data=None, **hop):
+        """
+        Deliver to C{sink} with C{tls = "verify"} against C{caPath}, as user
+        C{relay} when a C{password} is given.
+        """
+        if password is not None:
+            hop.update(username="relay", password=password)
+        destination = self.destination(self.hop(sink.port, tls="verify", **hop))
+        more = () if data is None else (data,)
+        return self.deliver(self.deliverer(caFile=caPath), destination, ["a@example.net"], *more)
+
     @defer.inlineCallbacks
     def test_plaintextAfterStarttlsDiscarded(self):
         """
@@ -637,24 +646,16 @@ class TLSTests(DeliveryTestCase):
         away, never read as the reply to the EHLO inside TLS (RFC 3207
         section 4.2; CVE-2011-0411 from the client's side).
         """
-        options, caPath = self.tls()
-        sink = self.sink(tlsOptions=options, users={"relay": "s3cret"})
+        sink, caPath = self.tlsSink(auth=True)
         sink.starttlsReply = "220 2.0.0 go ahead\r\n250 injected"
-        hop = self.hop(sink.port, tls="verify", username="relay", password="s3cret")
-        result = yield self.deliver(
-            self.deliverer(caFile=caPath), self.destination(hop), ["a@example.net"]
-        )
+        result = yield self.deliverVerified(sink, caPath, password="s3cret")
         self.assertEqual(result.results[0].status, "delivered")
         self.assertEqual(sink.messages[0].user, "relay")
 
     @defer.inlineCallbacks
     def test_smartHostVerifyAuthPlain(self):
-        options, caPath = self.tls()
-        sink = self.sink(tlsOptions=options, users={"relay": "s3cret"})
-        hop = self.hop(sink.port, tls="verify", username="relay", password="s3cret")
-        result = yield self.deliver(
-            self.deliverer(caFile=caPath), self.destination(hop), ["a@example.net"]
-        )
+        sink, caPath = self.tlsSink(auth=True)
+        result = yield self.deliverVerified(sink, caPath, password="s3cret")
         self.assertEqual(result.results[0].status, "delivered")
         self.assertTrue(result.tls.startswith("TLSv1."), result.tls)
         [message] = sink.messages
@@ -665,40 +666,25 @@ class TLSTests(DeliveryTestCase):
     @defer.inlineCallbacks
     def test_largeMessageOverTLS(self):
         """The producer streams through the TLS layer too, byte-exact."""
-        options, caPath = self.tls()
-        sink = self.sink(tlsOptions=options)
+        sink, caPath = self.tlsSink()
         data = bigMessage() * 20  # about 2.6 MiB
-        hop = self.hop(sink.port, tls="verify")
-        result = yield self.deliver(
-            self.deliverer(caFile=caPath),
-            self.destination(hop),
-            ["a@example.net"],
-            data,
-        )
+        result = yield self.deliverVerified(sink, caPath, data=data)
         self.assertEqual(result.results[0].status, "delivered")
         self.assertTrue(sink.messages[0].data == data, "the message differs")
         self.assertIsNotNone(sink.messages[0].tls)
 
     @defer.inlineCallbacks
     def test_authLogin(self):
-        options, caPath = self.tls()
-        sink = self.sink(tlsOptions=options, users={"relay": "s3cret"})
+        sink, caPath = self.tlsSink(auth=True)
         sink.advertise = ["PIPELINING", "STARTTLS", "AUTH LOGIN"]
-        hop = self.hop(sink.port, tls="verify", username="relay", password="s3cret")
-        result = yield self.deliver(
-            self.deliverer(caFile=caPath), self.destination(hop), ["a@example.net"]
-        )
+        result = yield self.deliverVerified(sink, caPath, password="s3cret")
         self.assertEqual(result.results[0].status, "delivered")
         self.assertEqual(sink.messages[0].user, "relay")
 
     @defer.inlineCallbacks
     def test_authFailure(self):
-        options, caPath = self.tls()
-        sink = self.sink(tlsOptions=options, users={"relay": "s3cret"})
-        hop = self.hop(sink.port, tls="verify", username="relay", password="wrong")
-        result = yield self.deliver(
-            self.deliverer(caFile=caPath), self.destination(hop), ["a@example.net"]
-        )
+        sink, caPath = self.tlsSink(auth=True)
+        result = yield self.deliverVerified(sink, caPath, password="wrong")
         [r] = result.results
         # RFC 4954's temporary authentication failure; it was "435 4.7.8",
         # 535 - 100, a code that does not exist.
@@ -717,15 +703,11 @@ class TLSTests(DeliveryTestCase):
         A smart host that refuses AUTH inside TLS: the attempt says TLS was
         up, in its result and in its log line (it said tls=None).
         """
-        options, caPath = self.tls()
-        sink = self.sink(tlsOptions=options, users={"relay": "s3cret"})
-        hop = self.hop(sink.port, tls="verify", username="relay", password="wrong")
+        sink, caPath = self.tlsSink(auth=True)
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        result = yield self.deliver(
-            self.deliverer(caFile=caPath), self.destination(hop), ["a@example.net"]
-        )
+        result = yield self.deliverVerified(sink, caPath, password="wrong")
         self.assertEqual(result.results[0].code, 454)
         self.assertTrue((result.tls or "").startswith("TLSv1."), result.tls)
         logged = [e for e in events if e.get("recipient") == "a@example.net"]
@@ -735,13 +717,8 @@ class TLSTests(DeliveryTestCase):
     @defer.inlineCallbacks
     def test_verifyOtherCA(self):
         """A certificate from a CA we do not trust: deferred, and no plaintext fallback."""
-        options, caPath = self.tls(otherCA=True)
-        sink = self.sink(tlsOptions=options)
-        result = yield self.deliver(
-            self.deliverer(caFile=caPath),
-            self.destination(self.hop(sink.port, tls="verify")),
-            ["a@example.net"],
-        )
+        sink, caPath = self.tlsSink(otherCA=True)
+        result = yield self.deliverVerified(sink, caPath)
         [r] = result.results
         self.assertEqual((r.status, r.code, r.enhanced), ("deferred", 451, "4.7.5"))
         self.assertIn("TLS handshake with localhost[127.0.0.1] failed", r.text)
@@ -751,13 +728,8 @@ class TLSTests(DeliveryTestCase):
 
     @defer.inlineCallbacks
     def test_verifyWrongHostname(self):
-        options, caPath = self.tls(hostname="localhost")
-        sink = self.sink(tlsOptions=options)
-        result = yield self.deliver(
-            self.deliverer(caFile=caPath),
-            self.destination(self.hop(sink.port, tls="verify", host="smarthost.example")),
-            ["a@example.net"],
-        )
+        sink, caPath = self.tlsSink(hostname="localhost")
+        result = yield self.deliverVerified(sink, caPath, host="smarthost.example")
         [r] = result.results
         self.assertEqual((r.status, r.enhanced), ("deferred", "4.7.5"))
         self.assertIn("does not match", r.text)

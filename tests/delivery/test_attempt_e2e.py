@@ -7,7 +7,6 @@ retry times of about a second so whole schedules run in a test.
 
 import email
 import email.policy
-import os
 import shutil
 import smtplib
 import tempfile
@@ -18,9 +17,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from relayd.certificates import issueCertificate, loadServerOptions, makeCA, writeKeyPair
 from relayd.queue.spool import Spool, envelopeRecord
 from relayd.testing import DNSServer, InProcessRelayd, SinkServer, TestSetup, freePort
+from relayd.testing.certs import makeCA, makeServerCert
 
 BODY = (
     b"Subject: e2e\r\nFrom: a@sender.test\r\n\r\n"
@@ -361,21 +360,16 @@ class SmartHostTests(DeliveryTestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.port = None
-        ca = makeCA("upstream CA")
         self.tlsDir = tempfile.mkdtemp(prefix="relayd-up-")
         self.addCleanup(shutil.rmtree, self.tlsDir, True)
-        self.caPath = os.path.join(self.tlsDir, "ca.pem")
-        with open(self.caPath, "wb") as f:
-            f.write(ca[0])
-        cert, key = issueCertificate(*ca, "smarthost.test")
-        writeKeyPair(
-            os.path.join(self.tlsDir, "c.pem"), os.path.join(self.tlsDir, "k.pem"), cert, key
-        )
-        other = makeCA("someone else")
-        bad, badKey = issueCertificate(*other, "smarthost.test")
-        writeKeyPair(
-            os.path.join(self.tlsDir, "b.pem"), os.path.join(self.tlsDir, "bk.pem"), bad, badKey
-        )
+        ca = makeCA(self.tlsDir, "upstream CA")
+        self.caPath = ca.path
+        self.certs = {
+            True: makeServerCert(ca, self.tlsDir, "smarthost.test", ()),
+            False: makeServerCert(
+                makeCA(self.tlsDir, "someone else"), self.tlsDir, "smarthost.test", ()
+            ),
+        }
         self.upstreamPort = freePort()
         self.routes = [
             dict(self.routes[0], hops=[dict(self.routes[0]["hops"][0], port=self.upstreamPort)])
@@ -386,8 +380,7 @@ class SmartHostTests(DeliveryTestCase):
 
     def upstream(self, good=True):
         sink = SinkServer()
-        names = ("c.pem", "k.pem") if good else ("b.pem", "bk.pem")
-        options = loadServerOptions(*(os.path.join(self.tlsDir, n) for n in names))
+        options = self.certs[good].serverOptions()
         sink.start(
             reactor,
             interface="127.0.0.6",

@@ -13,6 +13,7 @@ with SIGKILL lose nothing that got a C{250}.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -34,37 +35,24 @@ from relayd.delivery.routing import Destination, Hop
 from relayd.reply import Reply
 from relayd.smtp.dsn import DSNParameters, RecipientRequest
 from relayd.testing import PostfixSink, TestSetup
-from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
-from tests.test_receivers import sendMany, tokensAt, waitFor
+from relayd.testing.process import (  # noqa: F401 (fixture)
+    RelaydProcess,
+    childPids,
+    relaydProcesses,
+    waitFor,
+)
+from tests.test_receivers import sendMany, tokensAt
 
 MESSAGE_ID = re.compile(rb"^Message-Id: <([^>]+)>$", re.M | re.I)
 SUBJECT = "deliveryprocs-load"
 
 
-def childPids(parent: int, module: bytes) -> list[int]:
-    """The pids of C{parent}'s children running C{python -m <module>}."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and module in cmdline:
-            pids.append(int(entry))
-    return sorted(pids)
-
-
 def deliveryPids(parent: int) -> list[int]:
-    return childPids(parent, b"relayd.delivery.processes")
+    return childPids(parent, "relayd.delivery.processes")
 
 
 def receiverPids(parent: int) -> list[int]:
-    return childPids(parent, b"relayd.receivers")
+    return childPids(parent, "relayd.receivers")
 
 
 def setupWith(tmp_path: Path, sinkPort: int, **delivery: object) -> TestSetup:
@@ -238,12 +226,13 @@ def test_deliveryProcessesDeliverAndFollowSignals(tmp_path, sink, relaydProcesse
         waitFor(lambda p=pid: not os.path.exists(f"/proc/{p}"), 10, f"child {pid} left over")
 
 
-def test_deliveryProcessKilledInFlightDefers(tmp_path, relaydProcesses) -> None:  # noqa: F811
+@contextlib.contextmanager
+def hangingAttempts(tmp_path: Path, relaydProcesses: list[RelaydProcess]):  # noqa: F811
     """
-    A next hop that accepts the connection and never greets: the attempt
-    is in flight in a delivery process when that process is killed.  The
-    message is deferred with 451 4.3.0 (not lost, not sent), and the
-    process is started again.
+    relayd with its delivery processes, and two messages whose attempts
+    hang in them: the next hop accepts the connection and never greets.
+    Yields the relayd and its setup once the attempts have reached the
+    delivery processes.
     """
     stalled = socket.socket()
     stalled.bind(("127.0.0.1", 0))
@@ -253,7 +242,6 @@ def test_deliveryProcessKilledInFlightDefers(tmp_path, relaydProcesses) -> None:
         relayd = RelaydProcess(setup, tmp_path / "relayd.log")
         relaydProcesses.append(relayd)
         relayd.waitListening()
-        parent = relayd.process.pid
         waitAllReady(relayd)
         accepted = sendMany(relayd.port, 2, clients=1)
         assert len(accepted) == 2, relayd.log()
@@ -264,6 +252,20 @@ def test_deliveryProcessKilledInFlightDefers(tmp_path, relaydProcesses) -> None:
             relayd.log,
         )
         time.sleep(0.5)  # the requests have reached the delivery processes
+        yield relayd, setup
+    finally:
+        stalled.close()
+
+
+def test_deliveryProcessKilledInFlightDefers(tmp_path, relaydProcesses) -> None:  # noqa: F811
+    """
+    A next hop that accepts the connection and never greets: the attempt
+    is in flight in a delivery process when that process is killed.  The
+    message is deferred with 451 4.3.0 (not lost, not sent), and the
+    process is started again.
+    """
+    with hangingAttempts(tmp_path, relaydProcesses) as (relayd, setup):
+        parent = relayd.process.pid
         before = deliveryPids(parent)
         for pid in before:
             os.kill(pid, signal.SIGKILL)
@@ -283,8 +285,6 @@ def test_deliveryProcessKilledInFlightDefers(tmp_path, relaydProcesses) -> None:
             "the killed delivery processes were not replaced",
             relayd.log,
         )
-    finally:
-        stalled.close()
 
 
 def smtpSource(port: int, messages: int, sessions: int) -> subprocess.Popen[bytes]:
@@ -387,25 +387,8 @@ def test_shutdownDeadlineAbortsDeliveryProcesses(tmp_path, relaydProcesses) -> N
     their connections; the attempts come back deferred, are recorded, and
     every process exits.
     """
-    stalled = socket.socket()
-    stalled.bind(("127.0.0.1", 0))
-    stalled.listen(50)
-    try:
-        setup = setupWith(tmp_path, stalled.getsockname()[1], retry_initial=300, retry_max=300)
-        relayd = RelaydProcess(setup, tmp_path / "relayd.log")
-        relaydProcesses.append(relayd)
-        relayd.waitListening()
+    with hangingAttempts(tmp_path, relaydProcesses) as (relayd, setup):
         parent = relayd.process.pid
-        waitAllReady(relayd)
-        accepted = sendMany(relayd.port, 2, clients=1)
-        assert len(accepted) == 2, relayd.log()
-        waitFor(
-            lambda: len(os.listdir(os.path.join(setup.spoolPath, "active"))) == 2,
-            20,
-            "not in delivery",
-            relayd.log,
-        )
-        time.sleep(0.5)
         children = deliveryPids(parent) + receiverPids(parent)
         started = time.monotonic()
         relayd.terminate()
@@ -419,8 +402,6 @@ def test_shutdownDeadlineAbortsDeliveryProcesses(tmp_path, relaydProcesses) -> N
         assert "status=sent" not in text
         for pid in children:
             waitFor(lambda p=pid: not os.path.exists(f"/proc/{p}"), 10, f"child {pid} left over")
-    finally:
-        stalled.close()
 
 
 def test_chooseKeepsADestinationToOneProcessWhileBalanced() -> None:

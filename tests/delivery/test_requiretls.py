@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import os
 import shutil
 import smtplib
 import tempfile
@@ -22,10 +21,10 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
-from relayd.certificates import issueCertificate, loadServerOptions, makeCA, writeKeyPair
 from relayd.queue.record import QueueRecord
 from relayd.smtp import extensions
 from relayd.testing import PostfixSink
+from relayd.testing.certs import makeCA, makeServerCert
 from tests.delivery.test_attempt import DeliveryTestCase as ClientTestCase
 from tests.delivery.test_attempt_e2e import BODY, DeliveryTestCase, afterReceived
 from tests.smtp.test_dialogue import DialogueTestCase
@@ -205,17 +204,14 @@ class TLSSinksTestCase(DeliveryTestCase):
     def setUp(self):
         self.tlsDir = tempfile.mkdtemp(prefix="relayd-requiretls-")
         self.addCleanup(shutil.rmtree, self.tlsDir, True)
-        ca = makeCA("trusted test CA")
-        caPath = os.path.join(self.tlsDir, "ca.pem")
-        with open(caPath, "wb") as f:
-            f.write(ca[0])
-        other = makeCA("a CA nobody trusts")
+        ca = makeCA(self.tlsDir, "trusted test CA")
+        caPath = ca.path
+        other = makeCA(self.tlsDir, "a CA nobody trusts")
         self.options = {}
         for address, name in NAMES.items():
-            cert, key = issueCertificate(*(other if address == UNTRUSTED else ca), name)
-            paths = [os.path.join(self.tlsDir, f"{address}.{kind}") for kind in ("crt", "key")]
-            writeKeyPair(*paths, cert, key)
-            self.options[address] = loadServerOptions(*paths)
+            issuer = other if address == UNTRUSTED else ca
+            cert = makeServerCert(issuer, self.tlsDir, name, (), baseName=address)
+            self.options[address] = cert.serverOptions()
         self.delivery = {**self.delivery, "ca_file": caPath}
         self.events = []
         globalLogPublisher.addObserver(self.events.append)

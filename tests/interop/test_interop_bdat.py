@@ -16,7 +16,6 @@ used here as an independent BDAT client.
 import shutil
 import subprocess
 import tempfile
-import time
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
@@ -24,7 +23,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from relayd.queue.record import readData
-from relayd.testing import InProcessRelayd, PostfixSink, SMTPClient, TestSetup
+from relayd.testing import InProcessRelayd, TestSetup, WireClient
+from tests.interop.postfix import relaydToSmtpSink, waitDump
 
 # Lines that need stuffing as DATA: a lone dot would end the message at
 # the sink, a leading dot would lose itself, if relayd did not stuff them.
@@ -42,25 +42,7 @@ BODY = (
 class BdatThroughRelaydToSmtpSinkTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_bdatRelayedAsDataByteExact(self):
-        directory = tempfile.mkdtemp(prefix="relayd-interop-bdat-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        sink = PostfixSink(directory)
-        self.addCleanup(sink.stop)
-        setup = TestSetup(
-            directory + "/relayd",
-            modes=("relay",),
-            sections={
-                "delivery": {
-                    "enabled": True,
-                    "retry_initial": 1,
-                    "retry_max": 1,
-                    "idle_timeout": 0.2,
-                }
-            },
-        )
-        setup.routeAllTo(sink.port)
-        relayd = yield InProcessRelayd.start(setup)
-        self.addCleanup(relayd.stop)
+        relayd, sink = yield relaydToSmtpSink(self, "relayd-interop-bdat-")
 
         # Cut inside the lone-dot line, between its dot and its CRLF, and
         # between the CR and LF of the long line.
@@ -69,7 +51,7 @@ class BdatThroughRelaydToSmtpSinkTests(unittest.TestCase):
         chunks = [BODY[:lone], BODY[lone:long], BODY[long:]]
 
         def send():
-            c = SMTPClient(relayd.port("relay"))
+            c = WireClient(relayd.port("relay"))
             try:
                 replies = [c.reply(), c.command("EHLO client.test")]
                 c.send(
@@ -89,12 +71,7 @@ class BdatThroughRelaydToSmtpSinkTests(unittest.TestCase):
         self.assertIn("CHUNKING", replies[1][1])
         self.assertEqual([code for code, _ in replies], [220, 250, 250, 250, 250, 250, 250, 221])
 
-        deadline = time.monotonic() + 20
-        # smtp-sink writes a dump when the session ends (relayd's idle
-        # connection is closed after idle_timeout).
-        while not any(b"last line" in d for d in sink.messages()) and time.monotonic() < deadline:
-            yield deferLater(reactor, 0.05, lambda: None)
-        [dump] = sink.messages()
+        [dump] = yield waitDump(sink, b"last line")
         self.assertIn(b"X-Mail-Args: <demo@example.org>", dump)
         self.assertIn(b"X-Rcpt-Args: <friend@example.net>", dump)
         self.assertIn(b"by relayd.test (relayd) with ESMTP id", dump)

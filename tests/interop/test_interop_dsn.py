@@ -5,44 +5,28 @@ Postfix's smtp-sink, which advertises DSN, and its dump shows the MAIL and
 RCPT arguments it was given.
 """
 
-import shutil
 import smtplib
-import tempfile
-import time
-from pathlib import Path
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from bench.systems import PrivatePostfix
-from relayd.testing import InProcessRelayd, PostfixSink, SinkServer, TestSetup
+from relayd.testing import InProcessRelayd, SinkServer, TestSetup
 from relayd.testing.sink import DEFAULT_ADVERTISE
+from tests.interop.postfix import (
+    postfixDirectory,
+    relaydToSmtpSink,
+    startPostfix,
+    waitArrived,
+    waitDump,
+)
 
 
 class SmtplibThroughRelaydToPostfixTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_dsnParametersPassedOn(self):
-        directory = tempfile.mkdtemp(prefix="relayd-interop-dsn-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        sink = PostfixSink(directory)
-        self.addCleanup(sink.stop)
-        setup = TestSetup(
-            directory + "/relayd",
-            modes=("relay",),
-            sections={
-                "delivery": {
-                    "enabled": True,
-                    "retry_initial": 1,
-                    "retry_max": 1,
-                    "idle_timeout": 0.2,
-                }
-            },
-        )
-        setup.routeAllTo(sink.port)
-        relayd = yield InProcessRelayd.start(setup)
-        self.addCleanup(relayd.stop)
+        relayd, sink = yield relaydToSmtpSink(self, "relayd-interop-dsn-")
 
         def send():
             with smtplib.SMTP("127.0.0.1", relayd.port("relay")) as s:
@@ -58,12 +42,7 @@ class SmtplibThroughRelaydToPostfixTests(unittest.TestCase):
 
         refused = yield deferToThread(send)
         self.assertEqual(refused, {})
-        deadline = time.monotonic() + 20
-        # smtp-sink writes a dump when the session ends (relayd's idle
-        # connection is closed after idle_timeout).
-        while not any(b"last line" in d for d in sink.messages()) and time.monotonic() < deadline:
-            yield deferLater(reactor, 0.05, lambda: None)
-        [dump] = sink.messages()
+        [dump] = yield waitDump(sink, b"last line")
         mailArgs = next(line for line in dump.splitlines() if line.startswith(b"X-Mail-Args:"))
         rcptArgs = next(line for line in dump.splitlines() if line.startswith(b"X-Rcpt-Args:"))
         self.assertIn(b"<alice@example.org>", mailArgs)
@@ -79,16 +58,6 @@ class SmtplibThroughRelaydToPostfixTests(unittest.TestCase):
         self.assertEqual(relayd.spool.entries("deferred"), [])
 
 
-def _privatePostfix(testCase, prefix):
-    """A folder for a private Postfix (its daemons run as user postfix)."""
-    if shutil.which("postfix") is None:
-        testCase.fail("Postfix is not installed; scripts/test installs it")
-    directory = Path(tempfile.mkdtemp(prefix=prefix))
-    testCase.addCleanup(shutil.rmtree, directory, True)
-    directory.chmod(0o755)
-    return directory
-
-
 def _dsnSink(testCase):
     sink = SinkServer()
     sink.advertise = [*DEFAULT_ADVERTISE, "DSN"]
@@ -98,24 +67,7 @@ def _dsnSink(testCase):
 
 
 def _relaydTo(directory, port):
-    setup = TestSetup(
-        str(directory / "relayd"),
-        modes=("relay",),
-        sections={"delivery": {"enabled": True, "retry_initial": 1, "retry_max": 1}},
-    )
-    setup.routeAllTo(port, tls="none")
-    return InProcessRelayd.start(setup)
-
-
-@defer.inlineCallbacks
-def _arrived(sink, postfix):
-    for _ in range(600):
-        if sink.messages:
-            break
-        yield deferLater(reactor, 0.05, lambda: None)
-    log = postfix.logPath.read_text(errors="replace") if postfix.logPath.exists() else ""
-    if not sink.messages:
-        raise AssertionError(f"nothing reached the sink; Postfix's log:\n{log}")
+    return InProcessRelayd.start(TestSetup.relayingTo(str(directory / "relayd"), port))
 
 
 def _send(port):
@@ -138,17 +90,15 @@ class PostfixAsNextHopTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_parametersThroughRelaydAndPostfix(self):
-        directory = _privatePostfix(self, "relayd-interop-dsn-hop-")
+        directory = postfixDirectory(self, "relayd-interop-dsn-hop-")
         sink, sinkPort = _dsnSink(self)
-        postfix = PrivatePostfix(directory / "postfix", sinkPort)
-        yield deferToThread(postfix.start)
-        self.addCleanup(deferToThread, postfix.stop)
+        postfix = yield startPostfix(self, directory, sinkPort)
         relayd = yield _relaydTo(directory, postfix.port)
         self.addCleanup(relayd.stop)
 
         refused = yield deferToThread(_send, relayd.port("relay"))
         self.assertEqual(refused, {})
-        yield _arrived(sink, postfix)
+        yield waitArrived(sink, postfix)
         lines = [c.line for c in sink.commands]
         [mail] = [line for line in lines if line.upper().startswith("MAIL FROM:")]
         [rcpt] = [line for line in lines if line.upper().startswith("RCPT TO:")]
@@ -174,17 +124,15 @@ class PostfixAsClientTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_postfixSendsParametersToRelayd(self):
-        directory = _privatePostfix(self, "relayd-interop-dsn-client-")
+        directory = postfixDirectory(self, "relayd-interop-dsn-client-")
         sink, sinkPort = _dsnSink(self)
         relayd = yield _relaydTo(directory, sinkPort)
         self.addCleanup(relayd.stop)
-        postfix = PrivatePostfix(directory / "postfix", relayd.port("relay"))
-        yield deferToThread(postfix.start)
-        self.addCleanup(deferToThread, postfix.stop)
+        postfix = yield startPostfix(self, directory, relayd.port("relay"))
 
         refused = yield deferToThread(_send, postfix.port)
         self.assertEqual(refused, {})
-        yield _arrived(sink, postfix)
+        yield waitArrived(sink, postfix)
         [message] = sink.messages
         self.assertEqual(
             (message.sender, message.recipients), ("alice@example.org", ["bob@example.net"])

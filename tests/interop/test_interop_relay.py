@@ -6,15 +6,14 @@ configured route to Postfix's smtp-sink, and the message arrives intact.
 
 import shutil
 import subprocess
-import tempfile
-import time
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, PostfixSink, TestSetup
+from relayd.testing import DEMO_PASSWORD, DEMO_USER
+from tests.interop.postfix import relaydToSmtpSink, waitDump
 
 BODY_LINES = [
     "Subject: swaks to smtp-sink",
@@ -29,25 +28,9 @@ BODY_LINES = [
 class SwaksThroughRelaydToSmtpSinkTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_byteExactThroughRelayd(self):
-        directory = tempfile.mkdtemp(prefix="relayd-interop-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        sink = PostfixSink(directory)
-        self.addCleanup(sink.stop)
-        setup = TestSetup(
-            directory + "/relayd",
-            modes=("submission",),
-            sections={
-                "delivery": {
-                    "enabled": True,
-                    "retry_initial": 1,
-                    "retry_max": 1,
-                    "idle_timeout": 0.2,
-                }
-            },
+        relayd, sink = yield relaydToSmtpSink(
+            self, "relayd-interop-", tls="opportunistic", modes=("submission",)
         )
-        setup.routeAllTo(sink.port, tls="opportunistic")
-        relayd = yield InProcessRelayd.start(setup)
-        self.addCleanup(relayd.stop)
 
         swaks = shutil.which("swaks")
         self.assertIsNotNone(swaks, "swaks is not installed; scripts/test installs it")
@@ -86,12 +69,7 @@ class SwaksThroughRelaydToSmtpSinkTests(unittest.TestCase):
         sent = [line[1:] if line.startswith(".") else line for line in onWire]
         self.assertEqual(sent[: len(BODY_LINES)], BODY_LINES)
 
-        deadline = time.monotonic() + 20
-        # smtp-sink writes a dump when the session ends (relayd's idle
-        # connection is closed after idle_timeout).
-        while not any(b"last line" in d for d in sink.messages()) and time.monotonic() < deadline:
-            yield deferLater(reactor, 0.05, lambda: None)
-        [dump] = sink.messages()
+        [dump] = yield waitDump(sink, b"last line")
         self.assertIn(b"X-Mail-Args: <demo@example.org>", dump)
         self.assertIn(b"X-Rcpt-Args: <friend@example.net>", dump)
         # The message after relayd's Received: header, as smtp-sink dumps

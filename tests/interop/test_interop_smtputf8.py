@@ -4,7 +4,8 @@ SMTPUTF8 with Postfix as relayd's next hop, and as its client.
 Next hop: Python's smtplib sends with
 C{SMTPUTF8} and UTF-8 addresses and header fields to relayd, which relays
 through a configured route to a private Postfix instance (C{postfix -c},
-L{bench.systems.PrivatePostfix}; Postfix 3.x with C{smtputf8_enable = yes},
+L{bench.systems.PrivatePostfix}, set up by L{tests.interop.postfix}; Postfix 3.x
+with C{smtputf8_enable = yes},
 the default at compatibility level 3.6), which relays on to an SMTP sink
 that offers SMTPUTF8.  Postfix takes the message only if relayd sent
 C{SMTPUTF8} on MAIL (it refuses a non-ASCII address without it), and it
@@ -15,19 +16,16 @@ is relayd, which delivers to the sink; relayd takes the message only with
 C{SMTPUTF8} on Postfix's MAIL, and passes it on.
 """
 
-import shutil
 import smtplib
-import tempfile
-from pathlib import Path
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from bench.systems import PrivatePostfix
 from relayd.testing import InProcessRelayd, SinkServer, TestSetup
 from relayd.testing.sink import DEFAULT_ADVERTISE
+from tests.interop.postfix import postfixDirectory, startPostfix, waitArrived
 
 SENDER = "jürgen@bücher.example"
 RECIPIENT = "用户@例え.テスト"
@@ -37,33 +35,15 @@ BODY = "From: Jürgen <jürgen@bücher.example>\r\nSubject: Grüße\r\n\r\nHallo
 class PostfixNextHopTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_throughRelaydAndPostfix(self):
-        if shutil.which("postfix") is None:
-            self.fail("Postfix is not installed; scripts/test installs it")
-        directory = Path(tempfile.mkdtemp(prefix="relayd-interop-utf8-"))
-        self.addCleanup(shutil.rmtree, directory, True)
-        directory.chmod(0o755)  # Postfix's daemons run as user postfix
+        directory = postfixDirectory(self, "relayd-interop-utf8-")
 
         sink = SinkServer()
         sink.advertise = [*DEFAULT_ADVERTISE, "SMTPUTF8"]
         sinkPort = sink.start(reactor)
         self.addCleanup(sink.stop)
-        postfix = PrivatePostfix(directory / "postfix", sinkPort)
-        yield deferToThread(postfix.start)
-        self.addCleanup(deferToThread, postfix.stop)
+        postfix = yield startPostfix(self, directory, sinkPort)
 
-        setup = TestSetup(
-            str(directory / "relayd"),
-            modes=("relay",),
-            sections={
-                "delivery": {
-                    "enabled": True,
-                    "retry_initial": 1,
-                    "retry_max": 1,
-                    "idle_timeout": 0.2,
-                }
-            },
-        )
-        setup.routeAllTo(postfix.port, tls="none")
+        setup = TestSetup.relayingTo(str(directory / "relayd"), postfix.port)
         relayd = yield InProcessRelayd.start(setup)
         self.addCleanup(relayd.stop)
 
@@ -73,12 +53,7 @@ class PostfixNextHopTests(unittest.TestCase):
 
         refused = yield deferToThread(send)
         self.assertEqual(refused, {})
-        for _ in range(600):
-            if sink.messages:
-                break
-            yield deferLater(reactor, 0.05, lambda: None)
-        log = postfix.logPath.read_text(errors="replace") if postfix.logPath.exists() else ""
-        self.assertTrue(sink.messages, f"nothing reached the sink through Postfix; log:\n{log}")
+        yield waitArrived(sink, postfix)
         [message] = sink.messages
         self.assertEqual((message.sender, message.recipients), (SENDER, [RECIPIENT]))
         self.assertIn("SMTPUTF8", message.mailParameters.split())
@@ -102,28 +77,17 @@ class PostfixNextHopTests(unittest.TestCase):
 class PostfixClientTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_postfixRelaysToRelayd(self):
-        if shutil.which("postfix") is None:
-            self.fail("Postfix is not installed; scripts/test installs it")
-        directory = Path(tempfile.mkdtemp(prefix="relayd-interop-utf8-"))
-        self.addCleanup(shutil.rmtree, directory, True)
-        directory.chmod(0o755)
+        directory = postfixDirectory(self, "relayd-interop-utf8-")
 
         sink = SinkServer()
         sink.advertise = [*DEFAULT_ADVERTISE, "SMTPUTF8"]
         sinkPort = sink.start(reactor)
         self.addCleanup(sink.stop)
-        setup = TestSetup(
-            str(directory / "relayd"),
-            modes=("relay",),
-            sections={"delivery": {"enabled": True, "retry_initial": 1, "retry_max": 1}},
-        )
-        setup.routeAllTo(sinkPort, tls="none")
+        setup = TestSetup.relayingTo(str(directory / "relayd"), sinkPort)
         relayd = yield InProcessRelayd.start(setup)
         self.addCleanup(relayd.stop)
         # Postfix's relayhost is relayd.
-        postfix = PrivatePostfix(directory / "postfix", relayd.port("relay"))
-        yield deferToThread(postfix.start)
-        self.addCleanup(deferToThread, postfix.stop)
+        postfix = yield startPostfix(self, directory, relayd.port("relay"))
 
         def send():
             with smtplib.SMTP("127.0.0.1", postfix.port, timeout=20) as s:
@@ -131,12 +95,7 @@ class PostfixClientTests(unittest.TestCase):
 
         refused = yield deferToThread(send)
         self.assertEqual(refused, {})
-        for _ in range(600):
-            if sink.messages:
-                break
-            yield deferLater(reactor, 0.05, lambda: None)
-        log = postfix.logPath.read_text(errors="replace") if postfix.logPath.exists() else ""
-        self.assertTrue(sink.messages, f"nothing reached the sink through relayd; log:\n{log}")
+        yield waitArrived(sink, postfix)
         [message] = sink.messages
         self.assertEqual((message.sender, message.recipients), (SENDER, [RECIPIENT]))
         self.assertIn("SMTPUTF8", message.mailParameters.split())

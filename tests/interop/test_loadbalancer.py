@@ -28,7 +28,6 @@ import smtplib
 import ssl
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -41,20 +40,12 @@ from relayd.testing import (
     TestSetup,
     freePort,
 )
+from relayd.testing.process import RelaydProcess, waitFor
 from tests.interop.test_haproxy import HAProxy
-from tests.queue.test_durability import RelaydProcess
 
 TOKEN = re.compile(rb"X-Token: ([\w-]+)")
 USER_LIMIT = 4
 CLIENT_LIMIT = 3
-
-
-def waitFor(predicate, timeout: float, what: str, log=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout}s\n{log()}")
-        time.sleep(0.05)
 
 
 class Instance:

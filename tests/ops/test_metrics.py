@@ -30,7 +30,6 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from relayd.certificates import issueCertificate, loadServerOptions, makeCA, writeKeyPair
 from relayd.config import ConfigError, load
 from relayd.ops.metrics import Metrics
 from relayd.queue.spool import arrivalFromQueueId
@@ -44,6 +43,7 @@ from relayd.testing import (
     TestSetup,
     freePort,
 )
+from relayd.testing.certs import makeCA, makeServerCert
 
 BODY = b"Subject: metrics\r\nFrom: a@sender.test\r\n\r\nhello\r\n"
 
@@ -82,16 +82,13 @@ class MetricsTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, directory, True)
 
         # The next hop: a sink on 127.0.0.6 with a certificate from its own CA.
-        ca = makeCA("sink CA")
-        caPath = os.path.join(directory, "sink-ca.pem")
-        with open(caPath, "wb") as f:
-            f.write(ca[0])
-        cert, key = issueCertificate(*ca, "sink.test")
-        certPath, keyPath = os.path.join(directory, "s.pem"), os.path.join(directory, "sk.pem")
-        writeKeyPair(certPath, keyPath, cert, key)
+        ca = makeCA(directory, "sink CA")
+        caPath = ca.path
         self.sink = SinkServer()
         self.sinkPort = self.sink.start(
-            reactor, interface="127.0.0.6", tlsOptions=loadServerOptions(certPath, keyPath)
+            reactor,
+            interface="127.0.0.6",
+            tlsOptions=makeServerCert(ca, directory, "sink.test", ()).serverOptions(),
         )
         self.addCleanup(self.sink.stop)
         self.sink.rcptReply = {

@@ -34,7 +34,6 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 import relayd.testing
-from relayd.certificates import issueCertificate, loadServerOptions, makeCA, writeKeyPair
 from relayd.ops import relayctl as ctl
 from relayd.ops.control import BUSY, ControlClient, Status
 from relayd.testing import (
@@ -46,6 +45,7 @@ from relayd.testing import (
     TestSetup,
     freePort,
 )
+from relayd.testing.certs import makeCA, makeServerCert
 
 REPO = Path(__file__).resolve().parents[2]
 CTL = [sys.executable, "-m", "relayd.ops.relayctl"]
@@ -812,17 +812,12 @@ class LiveCheckTests(unittest.TestCase):
         self.dns = DNSServer(ttl=1)
         self.dnsPort = self.dns.start(reactor)
         self.addCleanup(self.dns.stop)
-        ca = makeCA("upstream CA")
-        self.caPath = os.path.join(self.directory, "upstream-ca.pem")
-        with open(self.caPath, "wb") as f:
-            f.write(ca[0])
-        other = makeCA("someone else")
+        ca = makeCA(self.directory, "upstream CA")
+        self.caPath = ca.path
+        other = makeCA(self.directory, "someone else")
         self.options = {}
         for name, issuer in (("good.test", ca), ("bad.test", ca), ("fake.test", other)):
-            cert, key = issueCertificate(*issuer, name)
-            paths = [os.path.join(self.directory, f"{name}.{kind}.pem") for kind in ("c", "k")]
-            writeKeyPair(*paths, cert, key)
-            self.options[name] = loadServerOptions(*paths)
+            self.options[name] = makeServerCert(issuer, self.directory, name, ()).serverOptions()
             self.dns.setA(name, ["127.0.0.1"])
         self.sinks = {}
         for name in self.options:

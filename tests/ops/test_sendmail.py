@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 
-import pytest
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -35,6 +34,7 @@ from relayd.testing import (
     TestSetup,
     freePort,
 )
+from relayd.testing.process import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "relayd-sendmail")
 DOMAIN = "example.test"
@@ -1258,67 +1258,7 @@ class VersionTests(unittest.TestCase):
         )
 
 
-class RelaydProcess:
-    """One C{twistd -n relayd} process, its output going to a log file."""
-
-    def __init__(self, setup, logPath):
-        self.port = setup.ports["relay"]
-        self.logPath = logPath
-        code = (
-            "import sys; from twisted.scripts.twistd import run; "
-            "sys.argv = ['twistd', '-n', '--pidfile=', 'relayd', '--config', "
-            f"{setup.configPath!r}]; run()"
-        )
-        with open(logPath, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", code],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self):
-        with open(self.logPath, encoding="utf-8", errors="replace") as f:
-            return f.read()[-6000:]
-
-    def waitListening(self, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.process.poll() is None, self.log()
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
-                    if s.recv(512).startswith(b"220 "):
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, self.log()
-            time.sleep(0.05)
-
-    def terminate(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-
-    def wait(self, timeout=30.0):
-        return self.process.wait(timeout)
-
-    def reap(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-
-@pytest.fixture
-def relaydProcesses():
-    """The twistd relayd processes a test starts; killed at teardown."""
-    processes = []
-    try:
-        yield processes
-    finally:
-        for process in processes:
-            process.reap()
-
-
-def test_maildropThroughRealRelaydToSink(tmp_path, relaydProcesses):
+def test_maildropThroughRealRelaydToSink(tmp_path, relaydProcesses):  # noqa: F811
     """
     End to end with a real twistd relayd and Postfix's smtp-sink as the
     next hop: relayd down, relayd-sendmail exits 0 and the message waits in
@@ -1345,9 +1285,9 @@ def test_maildropThroughRealRelaydToSink(tmp_path, relaydProcesses):
         # Installed and run once (it makes the maildrop), then down.
         first = RelaydProcess(setup, tmp_path / "relayd-1.log")
         relaydProcesses.append(first)
-        first.waitListening()
+        first.waitListening(30.0)
         first.terminate()
-        first.wait()  # stopped by SIGTERM (twistd exits by that signal)
+        first.wait(30.0)  # stopped by SIGTERM (twistd exits by that signal)
         result = run(
             ["-f", "cron@example.test", "ops@example.org"],
             b"Subject: cron\n\nout\n",
@@ -1359,7 +1299,7 @@ def test_maildropThroughRealRelaydToSink(tmp_path, relaydProcesses):
         assert len(maildropFiles(maildrop)) == 1
         second = RelaydProcess(setup, tmp_path / "relayd-2.log")
         relaydProcesses.append(second)
-        second.waitListening()
+        second.waitListening(30.0)
         deadline = time.monotonic() + 30
         # smtp-sink writes its dump while the session runs: wait for it whole.
         while not any(m.rstrip().endswith(b"out") for m in sink.messages()) or maildropFiles(

@@ -1,6 +1,6 @@
 """
 The C{access} policy over real SMTP sessions: relayd's service tree runs in
-the test process on 127.0.0.1 and clients (L{relayd.testing.SMTPClient},
+the test process on 127.0.0.1 and clients (L{relayd.testing.WireClient},
 smtplib) run in threads.  Lists inline and in files, allow entries that
 exempt but never open the relay, reload through the running service and
 through a real SIGHUP to a real C{twistd relayd}, and config errors.
@@ -27,7 +27,7 @@ from relayd.envelope import Headers
 from relayd.policies.access import Access
 from relayd.policy import PolicyContext
 from relayd.service import buildService
-from relayd.testing import InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import InProcessRelayd, TestSetup, WireClient
 
 REPO = Path(__file__).resolve().parents[2]
 OUTSIDER = {"networks": ["192.0.2.0/24"]}
@@ -68,7 +68,7 @@ class AccessTestCase(unittest.TestCase):
         self.addCleanup(self.relayd.stop)
 
     def connect(self):
-        client = SMTPClient(self.relayd.port("relay"))
+        client = WireClient(self.relayd.port("relay"))
         self.addCleanup(client.close)
         return client
 
@@ -449,7 +449,7 @@ def startTwistd(setup: TestSetup, logPath: Path) -> subprocess.Popen[bytes]:
 
 
 def mailCode(port: int, sender: str) -> int:
-    client = SMTPClient(port, timeout=20)
+    client = WireClient(port, timeout=20)
     try:
         assert client.reply()[0] == 220
         client.command("EHLO client.test")

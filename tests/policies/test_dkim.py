@@ -40,8 +40,8 @@ from relayd.testing import (
     DNSServer,
     InProcessRelayd,
     SinkServer,
-    SMTPClient,
     TestSetup,
+    WireClient,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,22 +86,12 @@ def writeFile(path, data):
         f.write(data)
 
 
-def dotStuff(data):
-    lines = data.split(b"\r\n")[:-1]
-    stuffed = [(b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines]
-    return b"".join(stuffed) + b".\r\n"
-
-
 def sendRaw(port, data, sender="alice@example.com"):
-    c = SMTPClient(port)
+    c = WireClient(port)
     try:
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250
-        assert c.command(f"MAIL FROM:<{sender}>")[0] == 250
-        assert c.command("RCPT TO:<bob@example.net>")[0] == 250
-        assert c.command("DATA")[0] == 354
-        c.send(dotStuff(data))
-        code, lines = c.reply()
+        code, lines = c.sendMessage(sender, ["bob@example.net"], data)
         assert code == 250, (code, lines)
         return lines[0].rsplit(" ", 1)[1]
     finally:
@@ -344,17 +334,13 @@ class LargeHeaderTests(DKIMTestCase):
         big = line * (1_100_000 // len(line) + 1) + MESSAGE
 
         def dialogue():
-            c = SMTPClient(self.relayd.port("relay"))
+            c = WireClient(self.relayd.port("relay"))
             try:
                 assert c.reply()[0] == 220
                 assert c.command("EHLO client.test")[0] == 250
                 replies = []
                 for data in (big, MESSAGE):
-                    assert c.command("MAIL FROM:<alice@example.com>")[0] == 250
-                    assert c.command("RCPT TO:<bob@example.net>")[0] == 250
-                    assert c.command("DATA")[0] == 354
-                    c.send(dotStuff(data))
-                    code, lines = c.reply()
+                    code, lines = c.sendMessage("alice@example.com", ["bob@example.net"], data)
                     replies.append((code, lines[0]))
                 return replies
             finally:

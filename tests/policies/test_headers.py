@@ -1,6 +1,6 @@
 """
 The C{headers} policy over real sockets: messages go to an in-process
-relayd with L{relayd.testing.SMTPClient} (exact bytes on the wire) or
+relayd with L{relayd.testing.WireClient} (exact bytes on the wire) or
 smtplib (STARTTLS and AUTH), and the data file the spool stored is compared
 byte for byte with what the policy should have made of it.
 """
@@ -22,31 +22,18 @@ from relayd.envelope import Headers
 from relayd.policies.headers import HIDDEN_HOST, HeaderRewrite, addressDomains
 from relayd.policy import PolicyContext, PolicyOptionError, loadPolicies
 from relayd.service import buildService
-from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, TestSetup, WireClient
 
 CHAIN = ["mynetworks", "authenticated", "headers"]
 
 
-def dotStuff(data: bytes) -> bytes:
-    """The DATA payload on the wire for C{data} (CRLF line ends)."""
-    assert data == b"" or data.endswith(b"\r\n")
-    lines = data.split(b"\r\n")[:-1]
-    stuffed = [(b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines]
-    return b"".join(stuffed) + b".\r\n"
-
-
 def sendRaw(port, data, sender="alice@example.org", recipients=("bob@example.net",)):
     """Send C{data} unchanged over a relay session; return the queue id."""
-    c = SMTPClient(port)
+    c = WireClient(port)
     try:
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250
-        assert c.command(f"MAIL FROM:<{sender}>")[0] == 250
-        for r in recipients:
-            assert c.command(f"RCPT TO:<{r}>")[0] == 250
-        assert c.command("DATA")[0] == 354
-        c.send(dotStuff(data))
-        code, lines = c.reply()
+        code, lines = c.sendMessage(sender, recipients, data)
         assert code == 250, (code, lines)
         c.command("QUIT")
         return lines[0].rsplit(" ", 1)[1]
@@ -176,17 +163,13 @@ def padded(size: int = 1_100_000) -> bytes:
 
 def sendTwo(port, first, second):
     """Two messages in one relay session: the replies to each end of DATA."""
-    c = SMTPClient(port)
+    c = WireClient(port)
     try:
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250
         replies = []
         for data in (first, second):
-            assert c.command("MAIL FROM:<alice@example.org>")[0] == 250
-            assert c.command("RCPT TO:<bob@example.net>")[0] == 250
-            assert c.command("DATA")[0] == 354
-            c.send(dotStuff(data))
-            code, lines = c.reply()
+            code, lines = c.sendMessage("alice@example.org", ["bob@example.net"], data)
             replies.append((code, lines[0]))
         return replies
     finally:

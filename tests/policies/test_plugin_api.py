@@ -42,7 +42,7 @@ from relayd.interfaces import (
     IRecipientPolicy,
 )
 from relayd.policy import PolicyChain, PolicyContext, loadPolicies
-from relayd.testing import InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import InProcessRelayd, TestSetup, WireClient
 from relayd.verdict import CONTINUE, PHASE_DEFAULTS, Action, accept, reject, tempfail
 
 POLICYDIST = str(Path(__file__).resolve().parents[1] / "policydist")
@@ -231,7 +231,7 @@ class LegacyFromConfigTests(unittest.TestCase):
         self.addCleanup(relayd.stop)
 
         def dialogue():
-            c = SMTPClient(relayd.port("relay"))
+            c = WireClient(relayd.port("relay"))
             try:
                 c.reply()
                 c.command("EHLO client.test")
@@ -317,7 +317,7 @@ class PhaseDefaultsTests(unittest.TestCase):
         self.addCleanup(relayd.stop)
 
         def dialogue():
-            c = SMTPClient(relayd.port("relay"))
+            c = WireClient(relayd.port("relay"))
             try:
                 c.reply()
                 c.command("EHLO client.test")
@@ -445,7 +445,7 @@ class ModifierOverSMTPTests(unittest.TestCase):
         self.addCleanup(relayd.stop)
 
         def dialogue():
-            c = SMTPClient(relayd.port("relay"))
+            c = WireClient(relayd.port("relay"))
             try:
                 c.reply()
                 c.command("EHLO client.test")

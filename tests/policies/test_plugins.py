@@ -35,7 +35,7 @@ from twisted.trial import unittest
 
 from relayd.config import ConfigError, load
 from relayd.policy import PolicyChain, loadPolicies
-from relayd.testing import InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import InProcessRelayd, TestSetup, WireClient
 
 REPO = Path(__file__).resolve().parents[2]
 POLICYDIST = str(Path(__file__).resolve().parents[1] / "policydist")
@@ -105,7 +105,7 @@ class ExamplePackageTests(unittest.TestCase):
         self.assertEqual(type(policy).__module__, "relayd_policy_example")
 
         def dialogue():
-            c = SMTPClient(relayd.port("relay"))
+            c = WireClient(relayd.port("relay"))
             try:
                 c.reply()
                 c.command("EHLO client.test")
@@ -315,7 +315,7 @@ class HookTests(unittest.TestCase):
         """Run one SMTP session: each step is a command or raw bytes."""
 
         def dialogue():
-            c = SMTPClient(self.relayd.port("relay"))
+            c = WireClient(self.relayd.port("relay"))
             try:
                 c.reply()
                 replies = []
@@ -517,7 +517,7 @@ class SighupTests(unittest.TestCase):
         port = setup.ports["relay"]
 
         def codes():
-            c = SMTPClient(port)
+            c = WireClient(port)
             try:
                 c.reply()
                 c.command("EHLO client.test")
@@ -576,7 +576,7 @@ class FailingHookTests(unittest.TestCase):
         recorder = policyNamed(relayd, "recorder")
 
         def dialogue():
-            c = SMTPClient(relayd.port("relay"))
+            c = WireClient(relayd.port("relay"))
             try:
                 c.reply()
                 steps = ["EHLO client.test", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>"]

@@ -43,8 +43,8 @@ from relayd.testing import (
     DEMO_USER,
     InProcessRelayd,
     RedisServer,
-    SMTPClient,
     TestSetup,
+    WireClient,
     freePort,
 )
 from relayd.verdict import CONTINUE, reject
@@ -60,8 +60,8 @@ def plain(user=DEMO_USER, password=DEMO_PASSWORD):
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
 
-class SourceClient(SMTPClient):
-    """An L{SMTPClient} connecting from a chosen loopback address."""
+class SourceClient(WireClient):
+    """An L{WireClient} connecting from a chosen loopback address."""
 
     def __init__(self, port, source):
         self.sock = socket.create_connection(

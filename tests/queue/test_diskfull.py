@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from relayd.testing import InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import InProcessRelayd, TestSetup, WireClient
 
 
 def mountTmpfs(testCase, size):
@@ -46,7 +46,7 @@ class FullSpoolMixin:
         self.addCleanup(self.relayd.stop)
 
     def send(self, body):
-        c = SMTPClient(self.relayd.port("relay"))
+        c = WireClient(self.relayd.port("relay"))
         try:
             c.reply()
             c.command("EHLO client.test")

@@ -15,7 +15,7 @@ recovery).  Afterwards:
     truncated.
 
 A plain pytest test: there is no reactor in this process.  The clients are
-threads on blocking sockets (L{relayd.testing.SMTPClient}); every socket has
+threads on blocking sockets (L{relayd.testing.WireClient}); every socket has
 a timeout, every wait a deadline, and the relayd processes are killed in the
 fixture's teardown whatever happens.
 """
@@ -28,25 +28,18 @@ import random
 import re
 import secrets
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from relayd.queue.record import readData, readRecord
 from relayd.queue.spool import QUEUED_STATES
-from relayd.testing import SMTPClient, TestSetup
+from relayd.testing import TestSetup, WireClient
+from relayd.testing.process import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 QUEUE_ID = re.compile(r"^[0-9A-Z]{1,64}$")
-
-REPO = Path(__file__).resolve().parents[2]
 
 FAST_CLIENTS = 8
 """Clients sending one message after another as fast as relayd answers."""
@@ -59,8 +52,6 @@ MIN_QUEUED = 10
 TRICKLE_WAIT = 3.0
 """How long to wait past the above for the slow client to be mid-DATA."""
 SOCKET_TIMEOUT = 10.0
-START_TIMEOUT = 20.0
-EXIT_TIMEOUT = 10.0
 JOIN_TIMEOUT = 10.0
 
 QUEUED_AS = re.compile(r"\bqueued as ([0-9A-Z]+)$")
@@ -74,93 +65,6 @@ ENDED = "ended"  # the final "." is being or has been sent; no reply yet
 QUEUED = "queued"  # 250 received, queue id known
 REFUSED = "refused"  # another reply to the end of data
 IN_FLIGHT = (MAIL, DATA, ENDED)
-
-
-# --- relayd as a separate process ---------------------------------------
-
-
-class RelaydProcess:
-    """One C{twistd -n relayd} process, its output going to a log file."""
-
-    def __init__(self, setup: TestSetup, logPath: Path) -> None:
-        self.setup = setup
-        self.logPath = logPath
-        self.port = setup.ports["relay"]
-        code = (
-            "import sys; from twisted.scripts.twistd import run; "
-            "sys.argv = ['twistd', '-n', '--pidfile=', 'relayd', '--config', "
-            f"{setup.configPath!r}]; run()"
-        )
-        with open(logPath, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", code],
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self, tail: int = 6000) -> str:
-        try:
-            text = self.logPath.read_text("utf-8", "replace")
-        except OSError as e:
-            return f"(no log: {e})"
-        if len(text) > tail:
-            text = "[...]\n" + text[-tail:]
-        return f"--- {self.logPath.name} ---\n{text}"
-
-    def waitListening(self, timeout: float = START_TIMEOUT) -> None:
-        """Wait until relayd greets on its relay port; fail with the log if not."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.process.poll()
-            if status is not None:
-                pytest.fail(f"relayd exited with status {status} during startup\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
-                    greeting = s.recv(512)
-                if greeting.startswith(b"220 "):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"relayd did not listen on {self.port} within {timeout}s\n{self.log()}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL, without waiting (call L{wait} for that)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"relayd did not exit within {timeout}s\n{self.log()}")
-
-    def reap(self) -> None:
-        """Teardown: make sure the process is gone."""
-        if self.process.poll() is None:
-            self.process.kill()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-@pytest.fixture
-def relaydProcesses() -> Iterator[list[RelaydProcess]]:
-    """Every relayd started by the test; killed at teardown, pass or fail."""
-    processes: list[RelaydProcess] = []
-    try:
-        yield processes
-    finally:
-        for process in processes:
-            process.reap()
 
 
 # --- messages ------------------------------------------------------------
@@ -364,9 +268,9 @@ def runClient(traffic: Traffic, number: int, trickle: bool) -> None:
     time in the middle of DATA.
     """
     rng = random.Random(f"{traffic.runId}-{number}")
-    client: SMTPClient | None = None
+    client: WireClient | None = None
     try:
-        client = SMTPClient(traffic.port, timeout=SOCKET_TIMEOUT)
+        client = WireClient(traffic.port, timeout=SOCKET_TIMEOUT)
         expect(client.reply(), 220, "greeting")
         expect(client.command(f"EHLO client{number}.durability.test"), 250, "EHLO")
         for index in itertools.count():
@@ -536,7 +440,10 @@ def checkSpool(spool: Path, traffic: Traffic) -> tuple[list[str], dict[str, int]
 # --- the test --------------------------------------------------------------
 
 
-def test_killedRelaydKeepsEveryAcceptedMessage(tmp_path: Path, relaydProcesses: list) -> None:
+def test_killedRelaydKeepsEveryAcceptedMessage(
+    tmp_path: Path,
+    relaydProcesses: list,  # noqa: F811 (the fixture)
+) -> None:
     began = time.monotonic()
     setup = TestSetup(str(tmp_path / "relayd"), portZero=False, modes=("relay",))
     spool = Path(setup.spoolPath)

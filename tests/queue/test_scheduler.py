@@ -1,6 +1,8 @@
 """
-The scheduler as a unit: a real spool on disk, a L{task.Clock} driving the
-schedule, and a scripted deliverer standing in for the next hops (the
+The scheduler as a unit: a L{relayd.testing.memoryqueue.MemoryQueue} (a
+real spool on disk where the test is about the disk: L{SpoolTroubleCase}),
+a L{task.Clock} driving the schedule, and a scripted deliverer standing in
+for the next hops (the
 end-to-end tests in test_delivery_e2e.py use real DNS and real SMTP sinks).
 """
 
@@ -25,6 +27,7 @@ from relayd.queue.record import encodeTrailer, readData
 from relayd.queue.scheduler import Scheduler, backoff
 from relayd.queue.spool import Spool, envelopeRecord
 from relayd.reply import Reply
+from relayd.testing.memoryqueue import MemoryQueue
 from tests.queue.test_diskfull import mountTmpfs
 
 
@@ -86,12 +89,17 @@ class SchedulerTestCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.directory, True)
         self.clock = Clock()
         self.clock.advance(time.time())
-        self.spool = Spool(self.directory, 0, reactor)
-        self.spool.startService()
-        self.addCleanup(self.spool.stopService)
+        self.spool = self.makeQueue()
         self.router = ScriptedRouter()
         self.deliverer = ScriptedDeliverer()
         self.scheduler = None
+
+    def makeQueue(self):
+        """The queue the scheduler runs on: in memory; the spool's own tests cover the disk."""
+        return MemoryQueue(self.directory, reactor)
+
+    def queueBusy(self):
+        return self.spool.pending
 
     def start(self, **options):
         options.setdefault("retryInitial", 300)
@@ -118,9 +126,9 @@ class SchedulerTestCase(unittest.TestCase):
         """Let the spool's threads and the scheduler's callbacks run."""
         for _ in range(500):
             yield deferLater(reactor, 0.005, lambda: None)
-            if self.scheduler is not None and not self.scheduler._inFlight and not self.spool._busy:
+            if self.scheduler is not None and not self.scheduler._inFlight and not self.queueBusy():
                 yield deferLater(reactor, 0.01, lambda: None)
-                if not self.scheduler._inFlight and not self.spool._busy:
+                if not self.scheduler._inFlight and not self.queueBusy():
                     return
 
     def queued(self):
@@ -328,6 +336,16 @@ class SpoolTroubleCase(SchedulerTestCase):
     got its 250 is left behind, nothing delivered is sent twice, and each
     failure is one log line and a count, not a traceback.
     """
+
+    def makeQueue(self):
+        """A real spool: these tests break its directories and fill its disk."""
+        spool = Spool(self.directory, 0, reactor)
+        spool.startService()
+        self.addCleanup(spool.stopService)
+        return spool
+
+    def queueBusy(self):
+        return self.spool._busy
 
     def setUp(self):
         super().setUp()

@@ -25,7 +25,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from relayd.testing import InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import InProcessRelayd, TestSetup, WireClient
 
 TOO_MANY_HOPS = (554, "5.4.6 Error: too many hops")
 HEADER_TOO_LARGE = (552, "5.3.4 Error: message header section exceeds fixed limit")
@@ -65,7 +65,7 @@ class HeaderLimitsCase(unittest.TestCase):
         """
 
         def dialogue():
-            c = SMTPClient(self.relayd.port("relay"))
+            c = WireClient(self.relayd.port("relay"))
             try:
                 assert c.reply()[0] == 220
                 assert c.command("EHLO client.test")[0] == 250

@@ -33,7 +33,7 @@ from twisted.trial import unittest
 
 from relayd.config import ConfigError, load
 from relayd.smtp.proxy import V2_SIGNATURE, ProxyHeaderError, parseHeader
-from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import DEMO_PASSWORD, DEMO_USER, InProcessRelayd, TestSetup, WireClient
 
 # --- headers ---------------------------------------------------------------
 
@@ -154,9 +154,9 @@ def proxied(setup: TestSetup, networks: list[str]) -> None:
         f.write(text)
 
 
-def connect(port: int, header: bytes, context: ssl.SSLContext | None = None) -> SMTPClient:
+def connect(port: int, header: bytes, context: ssl.SSLContext | None = None) -> WireClient:
     """A client that sends C{header} first (as a load balancer would)."""
-    c = SMTPClient(port)
+    c = WireClient(port)
     c.send(header)
     if context is not None:
         c.starttls(context)
@@ -255,7 +255,7 @@ class RealClientAddressTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_nothingSentBeforeHeader(self):
         def dialogue():
-            c = SMTPClient(self.port())
+            c = WireClient(self.port())
             self.addCleanup(c.close)
             silent = nothingSent(c.sock)
             # The header one octet at a time, then a command in the same
@@ -343,7 +343,7 @@ class BadHeaderTests(ProxyTestCase):
         def dialogue():
             results = []
             for header in bad:
-                c = SMTPClient(self.port())
+                c = WireClient(self.port())
                 c.send(header)
                 results.append(closedWithoutGreeting(c.sock))
                 c.close()
@@ -361,7 +361,7 @@ class BadHeaderTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_noHeaderInTime(self):
         def dialogue():
-            c = SMTPClient(self.port())
+            c = WireClient(self.port())
             c.send(b"PROXY TCP4 ")  # and then nothing
             started = time.monotonic()
             closed = closedWithoutGreeting(c.sock)

@@ -23,7 +23,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from relayd.queue.record import readData
-from relayd.testing import InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import InProcessRelayd, TestSetup, WireClient
 
 ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
 DTEXT = re.compile(r"[!-Z^-~]*")
@@ -184,7 +184,7 @@ class ReceivedTests(unittest.TestCase):
         """
 
         def dialogue():
-            client = SMTPClient(self.relayd.port("relay"))
+            client = WireClient(self.relayd.port("relay"))
             try:
                 assert client.reply()[0] == 220
                 codes = []
@@ -235,7 +235,7 @@ class ReceivedTests(unittest.TestCase):
         """
 
         def dialogue():
-            client = SMTPClient(self.relayd.port("relay"))
+            client = WireClient(self.relayd.port("relay"))
             try:
                 client.reply()
                 for name in ["mail.example.org", "[192.0.2.1]", "[IPv6:2001:db8::1]"]:

@@ -1,6 +1,6 @@
 """
 The ESMTP server over real sockets: relayd's service tree runs in the test
-process on 127.0.0.1, clients (smtplib and L{relayd.testing.SMTPClient})
+process on 127.0.0.1, clients (smtplib and L{relayd.testing.WireClient})
 run in threads.  One test per row of the issue's bad-input table, the rules
 of DESIGN section 4, and the good paths.
 """
@@ -31,8 +31,8 @@ from relayd.testing import (
     DEMO_USER,
     InProcessRelayd,
     RedisServer,
-    SMTPClient,
     TestSetup,
+    WireClient,
 )
 
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
@@ -67,7 +67,7 @@ class RelaydTestCase(unittest.TestCase):
 
     def connect(self, mode="relay", tls=False):
         context = self.setup.clientContext() if tls else None
-        client = SMTPClient(self.port(mode), context=context)
+        client = WireClient(self.port(mode), context=context)
         self.addCleanup(client.close)
         code, _ = client.reply()
         assert code == 220, code
@@ -75,6 +75,24 @@ class RelaydTestCase(unittest.TestCase):
 
     def run_(self, f, *args):
         return deferToThread(f, *args)
+
+    def exchange(self, *commands, mode="relay", ehlo=True):
+        """
+        In a thread: connect, say EHLO (unless C{ehlo} is false) and send
+        each command; a Deferred of their replies, in order.
+        """
+
+        def dialogue():
+            c = self.connect(mode)
+            if ehlo:
+                c.command("EHLO client.test")
+            return [c.command(command) for command in commands]
+
+        return self.run_(dialogue)
+
+    def assertReply(self, reply, code, enhanced):
+        """C{reply}, a C{(code, lines)}, has this code and enhanced status code."""
+        self.assertEqual((reply[0], reply[1][0][:5]), (code, enhanced))
 
     def spooled(self):
         spool = self.relayd.spool
@@ -89,12 +107,8 @@ class CommandRulesTests(RelaydTestCase):
 
     @defer.inlineCallbacks
     def test_mailBeforeEhlo(self):
-        def dialogue():
-            c = self.connect()
-            return c.command("MAIL FROM:<a@example.org>")
-
-        code, lines = yield self.run_(dialogue)
-        self.assertEqual((code, lines[0][:5]), (503, "5.5.1"))
+        [reply] = yield self.exchange("MAIL FROM:<a@example.org>", ehlo=False)
+        self.assertReply(reply, 503, "5.5.1")
 
     @defer.inlineCallbacks
     def test_ehloWithoutArgument(self):
@@ -132,13 +146,10 @@ class CommandRulesTests(RelaydTestCase):
 
     @defer.inlineCallbacks
     def test_pathTooLong(self):
-        def dialogue():
-            c = self.connect()
-            c.command("EHLO client.test")
-            return c.command("MAIL FROM:<" + "a" * 60 + "@" + ("b" * 60 + ".") * 4 + "org>")
-
-        code, lines = yield self.run_(dialogue)
-        self.assertEqual((code, lines[0][:5]), (501, "5.1.7"))
+        [reply] = yield self.exchange(
+            "MAIL FROM:<" + "a" * 60 + "@" + ("b" * 60 + ".") * 4 + "org>"
+        )
+        self.assertReply(reply, 501, "5.1.7")
 
     @defer.inlineCallbacks
     def test_floodWithoutCRLF(self):
@@ -157,7 +168,7 @@ class CommandRulesTests(RelaydTestCase):
         reply, closed = yield self.run_(dialogue)
         self.assertTrue(closed)
         if reply is not None:
-            self.assertEqual((reply[0], reply[1][0][:5]), (500, "5.5.2"))
+            self.assertReply(reply, 500, "5.5.2")
         yield self.assertStillServing()
 
     def assertStillServing(self):
@@ -181,12 +192,8 @@ class CommandRulesTests(RelaydTestCase):
 
     @defer.inlineCallbacks
     def test_bareCRInCommand(self):
-        def dialogue():
-            c = self.connect()
-            return c.command("NOOP\rRSET")
-
-        code, lines = yield self.run_(dialogue)
-        self.assertEqual((code, lines[0][:5]), (500, "5.5.2"))
+        [reply] = yield self.exchange("NOOP\rRSET", ehlo=False)
+        self.assertReply(reply, 500, "5.5.2")
 
     @defer.inlineCallbacks
     def test_unknownVerbAndErrorLimit(self):
@@ -201,7 +208,7 @@ class CommandRulesTests(RelaydTestCase):
         replies, closed = yield self.run_(dialogue)
         for code, lines in replies[:20]:
             self.assertEqual((code, lines[0][:5]), (502, "5.5.2"))
-        self.assertEqual((replies[20][0], replies[20][1][0][:5]), (421, "4.7.0"))
+        self.assertReply(replies[20], 421, "4.7.0")
         self.assertTrue(closed)
         yield self.assertStillServing()
 
@@ -226,21 +233,17 @@ class CommandRulesTests(RelaydTestCase):
 
     @defer.inlineCallbacks
     def test_outOfOrder(self):
-        def dialogue():
-            c = self.connect()
-            c.command("EHLO client.test")
-            rcpt = c.command("RCPT TO:<b@example.org>")
-            data0 = c.command("DATA")
-            c.command("MAIL FROM:<a@example.org>")
-            nested = c.command("MAIL FROM:<a@example.org>")
-            data = c.command("DATA")
-            return rcpt, data0, nested, data
-
-        rcpt, data0, nested, data = yield self.run_(dialogue)
-        self.assertEqual((rcpt[0], rcpt[1][0][:5]), (503, "5.5.1"))
-        self.assertEqual((data0[0], data0[1][0][:5]), (503, "5.5.1"))
-        self.assertEqual((nested[0], nested[1][0][:5]), (503, "5.5.1"))
-        self.assertEqual((data[0], data[1][0][:5]), (554, "5.5.1"))
+        rcpt, data0, _, nested, data = yield self.exchange(
+            "RCPT TO:<b@example.org>",
+            "DATA",
+            "MAIL FROM:<a@example.org>",
+            "MAIL FROM:<a@example.org>",
+            "DATA",
+        )
+        self.assertReply(rcpt, 503, "5.5.1")
+        self.assertReply(data0, 503, "5.5.1")
+        self.assertReply(nested, 503, "5.5.1")
+        self.assertReply(data, 554, "5.5.1")
 
     @defer.inlineCallbacks
     def test_badAddressSyntax(self):
@@ -256,47 +259,34 @@ class CommandRulesTests(RelaydTestCase):
             return bad, badr, nonAscii
 
         bad, badr, nonAscii = yield self.run_(dialogue)
-        for code, lines in bad:
-            self.assertEqual((code, lines[0][:5]), (501, "5.1.7"))
-        for code, lines in badr:
-            self.assertEqual((code, lines[0][:5]), (501, "5.1.3"))
-        self.assertEqual((nonAscii[0], nonAscii[1][0][:5]), (553, "5.6.7"))
+        for reply in bad:
+            self.assertReply(reply, 501, "5.1.7")
+        for reply in badr:
+            self.assertReply(reply, 501, "5.1.3")
+        self.assertReply(nonAscii, 553, "5.6.7")
 
     @defer.inlineCallbacks
     def test_unknownParameters(self):
-        def dialogue():
-            c = self.connect()
-            c.command("EHLO client.test")
-            mail = c.command("MAIL FROM:<a@example.org> FOO=bar")
-            c.command("MAIL FROM:<a@example.org>")
-            rcpt = c.command("RCPT TO:<b@example.org> XNOTIFY=NEVER")
-            return mail, rcpt
-
-        mail, rcpt = yield self.run_(dialogue)
-        self.assertEqual((mail[0], mail[1][0][:5]), (555, "5.5.4"))
-        self.assertEqual((rcpt[0], rcpt[1][0][:5]), (555, "5.5.4"))
+        mail, _, rcpt = yield self.exchange(
+            "MAIL FROM:<a@example.org> FOO=bar",
+            "MAIL FROM:<a@example.org>",
+            "RCPT TO:<b@example.org> XNOTIFY=NEVER",
+        )
+        self.assertReply(mail, 555, "5.5.4")
+        self.assertReply(rcpt, 555, "5.5.4")
 
     @defer.inlineCallbacks
     def test_sizeOverLimit(self):
-        def dialogue():
-            c = self.connect()
-            c.command("EHLO client.test")
-            return c.command("MAIL FROM:<a@example.org> SIZE=20001")
-
-        code, lines = yield self.run_(dialogue)
-        self.assertEqual((code, lines[0][:5]), (552, "5.3.4"))
+        [reply] = yield self.exchange("MAIL FROM:<a@example.org> SIZE=20001")
+        self.assertReply(reply, 552, "5.3.4")
 
     @defer.inlineCallbacks
     def test_tooManyRecipients(self):
-        def dialogue():
-            c = self.connect()
-            c.command("EHLO client.test")
-            c.command("MAIL FROM:<a@example.org>")
-            return [c.command(f"RCPT TO:<r{i}@example.org>") for i in range(4)]
-
-        replies = yield self.run_(dialogue)
+        _, *replies = yield self.exchange(
+            "MAIL FROM:<a@example.org>", *[f"RCPT TO:<r{i}@example.org>" for i in range(4)]
+        )
         self.assertEqual([r[0] for r in replies[:3]], [250, 250, 250])
-        self.assertEqual((replies[3][0], replies[3][1][0][:5]), (452, "4.5.3"))
+        self.assertReply(replies[3], 452, "4.5.3")
 
     @defer.inlineCallbacks
     def test_vrfyHelpNoopRset(self):
@@ -599,7 +589,7 @@ class TLSTests(RelaydTestCase):
         self.assertEqual(code, 220)
         self.assertEqual(noop, (250, ["2.0.0 Ok"]))
         # MAIL after TLS without a new EHLO: 503.
-        self.assertEqual((mail[0], mail[1][0][:5]), (503, "5.5.1"))
+        self.assertReply(mail, 503, "5.5.1")
 
     @defer.inlineCallbacks
     def test_starttlsRules(self):
@@ -614,7 +604,7 @@ class TLSTests(RelaydTestCase):
             return withArg, again
 
         withArg, again = yield self.run_(dialogue)
-        self.assertEqual((withArg[0], withArg[1][0][:5]), (501, "5.5.4"))
+        self.assertReply(withArg, 501, "5.5.4")
         self.assertEqual(again[0], 503)
 
     @defer.inlineCallbacks
@@ -674,7 +664,7 @@ class AuthTests(RelaydTestCase):
         self.assertEqual((bad[0], bad[1][0][:2]), (501, "5."))
         self.assertEqual(challenge, (334, ["VXNlcm5hbWU6"]))
         self.assertEqual((cancelled[0], cancelled[1][0][:2]), (501, "5."))
-        self.assertEqual((good[0], good[1][0][:5]), (235, "2.7.0"))
+        self.assertReply(good, 235, "2.7.0")
 
     @defer.inlineCallbacks
     def test_wrongPasswordThenCutOff(self):
@@ -688,7 +678,7 @@ class AuthTests(RelaydTestCase):
         replies, closed, _ = yield self.run_(dialogue)
         for code, lines in replies[:3]:
             self.assertEqual((code, lines[0][:5]), (535, "5.7.8"))
-        self.assertEqual((replies[3][0], replies[3][1][0][:5]), (421, "4.7.0"))
+        self.assertReply(replies[3], 421, "4.7.0")
         self.assertTrue(closed)
         for event in self.events:
             self.assertNotIn("wrong", repr(event))
@@ -725,7 +715,7 @@ class AuthLockoutTests(RelaydTestCase):
     }
 
     def client(self, source=None):
-        c = SMTPClient(self.port("submissions"), context=self.setup.clientContext(), source=source)
+        c = WireClient(self.port("submissions"), context=self.setup.clientContext(), source=source)
         self.addCleanup(c.close)
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250
@@ -753,9 +743,9 @@ class AuthLockoutTests(RelaydTestCase):
 
         guesses, cut, locked, elsewhere = yield self.run_(dialogue)
         self.assertEqual([(c, lines[0][:5]) for c, lines in guesses], [(535, "5.7.8")] * 3)
-        self.assertEqual((cut[0], cut[1][0][:5]), (421, "4.7.0"))
+        self.assertReply(cut, 421, "4.7.0")
         self.assertEqual(locked, (454, ["4.7.0 Temporary authentication failure"]))
-        self.assertEqual((elsewhere[0], elsewhere[1][0][:5]), (235, "2.7.0"))
+        self.assertReply(elsewhere, 235, "2.7.0")
         self.assertEqual(self.lockouts("user"), 1)
         refusals = [e for e in self.events if "AUTH refused" in (e.get("log_format") or "")]
         self.assertEqual(len(refusals), 1)
@@ -812,7 +802,7 @@ class AuthLockoutSharedTests(unittest.TestCase):
 
     def client(self, index):
         setup, relayd = self.instances[index]
-        c = SMTPClient(relayd.port("submissions"), context=setup.clientContext())
+        c = WireClient(relayd.port("submissions"), context=setup.clientContext())
         self.addCleanup(c.close)
         assert c.reply()[0] == 220
         assert c.command("EHLO client.test")[0] == 250
@@ -898,8 +888,8 @@ class TimeoutTests(RelaydTestCase):
             c.send(b"Subject: slow\r\n")
             return c.reply()
 
-        code, lines = yield self.run_(dialogue)
-        self.assertEqual((code, lines[0][:5]), (421, "4.4.2"))
+        reply = yield self.run_(dialogue)
+        self.assertReply(reply, 421, "4.4.2")
         for _ in range(200):
             if not self.relayd.sessions:
                 break
@@ -961,7 +951,7 @@ class SlowClientTests(RelaydTestCase):
 
         reply, sent, closed = yield self.run_(dialogue)
         self.assertIsNotNone(reply, "still open after the whole line was trickled")
-        self.assertEqual((reply[0], reply[1][0][:5]), (421, "4.4.2"))
+        self.assertReply(reply, 421, "4.4.2")
         self.assertLess(sent, len(octets))
         self.assertTrue(closed)
         yield self.waitForNoSessions()
@@ -985,7 +975,7 @@ class SlowClientTests(RelaydTestCase):
 
         reply, sent, closed = yield self.run_(dialogue)
         self.assertIsNotNone(reply, "still open after the whole message was trickled")
-        self.assertEqual((reply[0], reply[1][0][:5]), (421, "4.4.2"))
+        self.assertReply(reply, 421, "4.4.2")
         self.assertLess(sent, len(octets))
         self.assertTrue(closed)
         yield self.waitForNoSessions()
@@ -1011,8 +1001,8 @@ class SlowClientTests(RelaydTestCase):
             c.send(b".\r\n")
             return c.reply()
 
-        code, lines = yield self.run_(dialogue)
-        self.assertEqual((code, lines[0][:5]), (250, "2.0.0"))
+        reply = yield self.run_(dialogue)
+        self.assertReply(reply, 250, "2.0.0")
 
 
 class ConnectionLimitTests(RelaydTestCase):
@@ -1022,7 +1012,7 @@ class ConnectionLimitTests(RelaydTestCase):
     def test_perClientLimit(self):
         def dialogue():
             a, b = self.connect(), self.connect()
-            c = SMTPClient(self.port())
+            c = WireClient(self.port())
             self.addCleanup(c.close)
             refused = c.reply()
             a.command("QUIT")
@@ -1065,8 +1055,8 @@ class BrokenPolicyTests(RelaydTestCase):
             c.command("MAIL FROM:<a@example.org>")
             return c.command("RCPT TO:<b@example.org>")
 
-        code, lines = yield self.run_(dialogue)
-        self.assertEqual((code, lines[0][:5]), (451, "4.3.0"))
+        reply = yield self.run_(dialogue)
+        self.assertReply(reply, 451, "4.3.0")
         failures = [e for e in self.events if e.get("policy") == "exploding"]
         self.assertTrue(failures)
         self.flushLoggedErrors(RuntimeError)
@@ -1081,8 +1071,8 @@ class BrokenPolicyTests(RelaydTestCase):
             c.command("MAIL FROM:<a@example.org>")
             return c.command("RCPT TO:<b@example.org>")
 
-        code, lines = yield self.run_(dialogue)
-        self.assertEqual((code, lines[0][:5]), (451, "4.3.0"))
+        reply = yield self.run_(dialogue)
+        self.assertReply(reply, 451, "4.3.0")
         self.assertTrue([e for e in self.events if e.get("policy") == "silent"])
         self.flushLoggedErrors(defer.TimeoutError)
 

@@ -34,8 +34,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from relayd.testing import DEMO_USER, InProcessRelayd, SMTPClient, TestSetup, freePort
-from tests.queue.test_durability import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
+from relayd.testing import DEMO_USER, InProcessRelayd, TestSetup, WireClient, freePort
+from relayd.testing.process import RelaydProcess, relaydProcesses  # noqa: F401 (fixture)
 
 PER_CLIENT = 4
 """A small per-client limit, so that a leak locks 127.0.0.1 out quickly."""
@@ -94,13 +94,13 @@ class Endings:
         self.ports = ports
         self.context = context
 
-    def connect(self, mode: str) -> SMTPClient:
-        c = SMTPClient(self.ports[mode], context=self.context if mode == "submissions" else None)
+    def connect(self, mode: str) -> WireClient:
+        c = WireClient(self.ports[mode], context=self.context if mode == "submissions" else None)
         code, _ = c.reply()
         assert code == 220, code
         return c
 
-    def starttls(self, mode: str = "relay") -> SMTPClient:
+    def starttls(self, mode: str = "relay") -> WireClient:
         c = self.connect(mode)
         c.command("EHLO client.test")
         assert c.command("STARTTLS")[0] == 220
@@ -127,7 +127,7 @@ class Endings:
         assert c.command("QUIT")[0] == 221
         c.close()
 
-    def _refusedRecipients(self, c: SMTPClient) -> None:
+    def _refusedRecipients(self, c: WireClient) -> None:
         assert c.command("MAIL FROM:<a@example.org>")[0] == 250
         code = 0
         for n in range(ERRORS):
@@ -182,7 +182,7 @@ class Endings:
         assert (code, lines[0][:5]) == (421, "4.4.2"), (code, lines)
         c.close()
 
-    def _reset(self, c: SMTPClient) -> None:
+    def _reset(self, c: WireClient) -> None:
         """Close with RST: SO_LINGER with a zero timeout."""
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
@@ -302,7 +302,7 @@ class SlotTests(unittest.TestCase):
         self.assertEqual((current, byClient, gauge), (0, {}, 0.0), ending.__name__)
 
         def greeted() -> int:
-            c = SMTPClient(self.relayd.port("relay"))
+            c = WireClient(self.relayd.port("relay"))
             try:
                 return c.reply()[0]
             finally:

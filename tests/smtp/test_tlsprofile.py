@@ -12,16 +12,11 @@ hop that only has a CBC suite with a SHA-1 MAC over TLS 1.2.
 
 from __future__ import annotations
 
-import datetime
 import os
 import shutil
 import tempfile
 import warnings
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from sslyze import (
     ProtocolWithOpportunisticTlsEnum,
@@ -42,6 +37,7 @@ from relayd.delivery.attempt import Deliverer
 from relayd.delivery.client import ClientTimeouts
 from relayd.delivery.routing import Destination, Hop
 from relayd.testing import InProcessRelayd, TestSetup
+from relayd.testing.certs import writeRSASelfSigned
 from relayd.testing.sink import SinkServer
 
 VERSIONS = {
@@ -108,30 +104,7 @@ def writeRSACertificate(directory: str) -> None:
     an RSA key can do static RSA key exchange (C{TLS_RSA_WITH_*}), so only
     then can a scan show that relayd refuses it.
     """
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    with open(os.path.join(directory, "cert.pem"), "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(os.path.join(directory, "key.pem"), "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+    writeRSASelfSigned(os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem"))
 
 
 class ListenerScanCase(unittest.TestCase):

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from relayd.config import ConfigError, load
 from relayd.service import buildService
-from relayd.testing import InProcessRelayd, SMTPClient, TestSetup
+from relayd.testing import InProcessRelayd, TestSetup, WireClient
 
 MESSAGE = (
     b"From: app@example.org\r\n"
@@ -64,7 +64,7 @@ class ExamplePolicyTests(unittest.TestCase):
         """MAIL, then one RCPT per recipient; the RCPT replies, timed."""
 
         def dialogue():
-            client = SMTPClient(self.relayd.port("relay"))
+            client = WireClient(self.relayd.port("relay"))
             try:
                 client.reply()
                 client.command("EHLO client.test")
@@ -106,7 +106,7 @@ class ExamplePolicyTests(unittest.TestCase):
         """The client's own field is replaced; the body is stored as sent."""
 
         def send():
-            client = SMTPClient(self.relayd.port("relay"))
+            client = WireClient(self.relayd.port("relay"))
             try:
                 client.reply()
                 client.command("EHLO client.test")
@@ -182,7 +182,7 @@ class RefuseFileTests(unittest.TestCase):
         self.assertEqual(after.refuseDomains, {"second.example"})
 
         def dialogue():
-            client = SMTPClient(relayd.port("relay"))
+            client = WireClient(relayd.port("relay"))
             try:
                 client.reply()
                 client.command("EHLO client.test")
