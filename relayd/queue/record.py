@@ -29,6 +29,7 @@ import enum
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
@@ -38,6 +39,8 @@ __all__ = [
     "QueueState",
     "QUEUED_STATES",
     "RecipientState",
+    "FINAL",
+    "QUEUE_ID",
     "BodyType",
     "RecipientRecord",
     "QueueRecord",
@@ -56,6 +59,9 @@ VERSION = 2
 _FOOTER_MAGIC = b"RQF2 "
 FOOTER_LENGTH = len(_FOOTER_MAGIC) + 16 + 1
 """Octets of the footer at the very end of a queue file."""
+
+QUEUE_ID = re.compile(r"^[0-9A-Z]{1,64}$")
+"""What a queue id (the queue file's name) looks like (L{relayd.queue.spool} makes them)."""
 
 
 class QueueState(enum.StrEnum):
@@ -90,7 +96,11 @@ class RecipientState(enum.StrEnum):
     @property
     def final(self) -> bool:
         """Whether nothing more is to be done for the recipient."""
-        return self in (RecipientState.DELIVERED, RecipientState.FAILED)
+        return self in FINAL
+
+
+FINAL = frozenset({RecipientState.DELIVERED, RecipientState.FAILED})
+"""The recipient states after which nothing more is to be done."""
 
 
 class BodyType(enum.StrEnum):

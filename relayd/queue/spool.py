@@ -66,7 +66,6 @@ import errno
 import fcntl
 import os
 import random
-import re
 import secrets
 import shutil
 import time
@@ -85,6 +84,7 @@ from zope.interface import implementer
 
 from relayd.interfaces import ISpool
 from relayd.queue.record import (
+    QUEUE_ID,
     QUEUED_STATES,
     CorruptRecord,
     QueueRecord,
@@ -112,7 +112,6 @@ STATES = tuple(QueueState)
 REFRESH_INTERVAL = 5.0
 """Seconds between two refreshes of the cached free-space figure."""
 
-_QUEUE_ID = re.compile(r"^[0-9A-Z]{1,64}$")
 _ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ID_SUFFIX_LENGTH = 5
 _FILE_MODE = 0o600
@@ -603,7 +602,7 @@ class Spool(Service):
         @raise OSError: when the file cannot be created (C{EEXIST} if the id
             is already in use).
         """
-        if not _QUEUE_ID.match(queueId):
+        if not QUEUE_ID.match(queueId):
             raise ValueError(f"not a queue id: {queueId!r}")
         path = os.path.join(self._tmp, queueId)
         fd = os.open(
@@ -863,7 +862,7 @@ class Spool(Service):
 
         active = self._stateDirectory(QueueState.ACTIVE)
         for name in sorted(os.listdir(active)):
-            if not _QUEUE_ID.match(name):
+            if not QUEUE_ID.match(name):
                 continue  # moved to corrupt below
             os.rename(os.path.join(active, name), os.path.join(self._incoming, name))
             self.log.info("{queue_id}: recovery: returned from active to incoming", queue_id=name)
@@ -911,7 +910,7 @@ class Spool(Service):
                     continue
                 queueId = name.removesuffix(".json")
                 path = os.path.join(directory, name)
-                if not _QUEUE_ID.match(queueId):
+                if not QUEUE_ID.match(queueId):
                     self._moveToCorrupt(state, name, "unexpected file name")
                     continue
                 done = [s for s in QUEUED_STATES if os.path.exists(self._queuePath(s, queueId))]
@@ -1012,7 +1011,7 @@ class Spool(Service):
 
         @return: None when it is sound, else what is wrong with it.
         """
-        if not _QUEUE_ID.match(name):
+        if not QUEUE_ID.match(name):
             return "unexpected file name"
         try:
             readRecord(path, name)
@@ -1048,7 +1047,7 @@ class Spool(Service):
         @return: its record and the path of its queue file.
         @raise KeyError: when no queued state holds C{queueId}.
         """
-        if not _QUEUE_ID.match(queueId):
+        if not QUEUE_ID.match(queueId):
             raise KeyError(queueId)
         for state in QUEUED_STATES:
             path = self._queuePath(state, queueId)
@@ -1078,7 +1077,7 @@ class Spool(Service):
         if state not in STATES:
             raise ValueError(f"unknown spool state {state!r}")
         return sorted(
-            name for name in os.listdir(self._stateDirectory(state)) if _QUEUE_ID.match(name)
+            name for name in os.listdir(self._stateDirectory(state)) if QUEUE_ID.match(name)
         )
 
     # The delivery side (DESIGN section 5): the scheduler's view of the spool.
@@ -1108,7 +1107,7 @@ class Spool(Service):
                 self.log.failure("{queue_id}: queue observer failed", queue_id=queueId)
 
     def _queuePath(self, state: str, queueId: str) -> str:
-        if state not in STATES or not _QUEUE_ID.match(queueId):
+        if state not in STATES or not QUEUE_ID.match(queueId):
             raise ValueError(f"bad spool entry {state}/{queueId}")
         return os.path.join(self.directory, state, queueId)
 
@@ -1155,7 +1154,7 @@ class Spool(Service):
             for state in QUEUED_STATES:
                 directory = self._stateDirectory(state)
                 for name in os.listdir(directory):
-                    if not _QUEUE_ID.match(name):
+                    if not QUEUE_ID.match(name):
                         continue
                     if state == QueueState.HOLD:
                         found.append((name, state.value, float("inf")))
@@ -1191,7 +1190,7 @@ class Spool(Service):
                     problems.append((state.value, str(e)))
                     continue
                 for name in names:
-                    if _QUEUE_ID.match(name):
+                    if QUEUE_ID.match(name):
                         found.setdefault(name, []).append(state.value)
             return found, problems
 
