@@ -214,7 +214,7 @@ class ProcessPool(Service):
     # The pool.
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self._terminated = False
         for index in range(1, self.count + 1):
             self._spawn(index)
@@ -294,7 +294,7 @@ class ProcessPool(Service):
         L{terminate}, and SIGKILL the children still running after the
         deadline; fires once every child has ended.
         """
-        super().stopService()
+        Service.stopService(self)
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()

@@ -55,6 +55,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import relayd.reply
 from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
@@ -69,6 +70,7 @@ from relayd.delivery.client import (
 )
 from relayd.delivery.routing import Destination, Hop
 from relayd.delivery.smtputf8 import needsSMTPUTF8
+from relayd.interfaces import IDeliverer
 from relayd.queue.record import openRegion
 from relayd.smtp.dsn import DSNParameters
 
@@ -225,6 +227,7 @@ class _Idle:
     timer: Any
 
 
+@implementer(IDeliverer)
 class Deliverer:
     """
     Delivers messages over SMTP, one attempt at a time, reusing idle

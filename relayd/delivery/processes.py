@@ -48,11 +48,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import relayd.reply
 from relayd.delivery.attempt import AttemptResult, Deliverer, RecipientResult
 from relayd.delivery.client import Reply as ClientReply
 from relayd.delivery.routing import Destination, Hop
+from relayd.interfaces import IDeliverer
 from relayd.receivers import ChildProcess, ProcessPool
 from relayd.smtp.dsn import DSNParameters, RecipientRequest
 
@@ -239,6 +241,7 @@ class _DeliveryProcess(ChildProcess):
         self.inFlight: dict[int, tuple[Deferred[AttemptResult], tuple[str, ...]]] = {}
 
 
+@implementer(IDeliverer)
 class DeliveryPool(ProcessPool):
     """
     The delivery processes, and the deliverer the scheduler uses in their

@@ -35,7 +35,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from relayd.address import AddressError, asciiDomain
-from relayd.interfaces import IMXResolver
+from relayd.interfaces import IMXResolver, IRouter
 
 __all__ = [
     "Hop",
@@ -554,6 +554,7 @@ def _addressLiteral(domain: str) -> str:
         raise RoutingError(True, "5.1.2", f"unusable address literal {domain}") from None
 
 
+@implementer(IRouter)
 class Router:
     """
     Decides where mail for a recipient domain goes (DESIGN section 6).

@@ -29,7 +29,7 @@ import os
 import socket
 import stat
 import struct
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
@@ -41,6 +41,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from relayd.config import CONTROL_SOCKET_NAME
+from relayd.interfaces import IQueue
 from relayd.ops.commands import (
     ACTIONS,
     ControlError,
@@ -64,6 +65,11 @@ from relayd.ops.queueview import (
     summarize,
 )
 from relayd.queue.record import QUEUE_ID
+
+if TYPE_CHECKING:
+    # relayd.service builds this service: only the annotations name it.
+    from relayd.queue.scheduler import Scheduler
+    from relayd.service import RelaydService
 
 __all__ = [
     "BUSY",
@@ -192,7 +198,7 @@ class ControlService(Service):
     @ivar connections: the relayctl connections open now.
     """
 
-    def __init__(self, top: Any, spool: Any, reactor: Any) -> None:
+    def __init__(self, top: RelaydService, spool: IQueue, reactor: Any) -> None:
         """
         @param top: the L{relayd.service.RelaydService}: its config,
             listeners, scheduler and C{reload}.
@@ -289,7 +295,7 @@ class ControlService(Service):
     # Commands
 
     @property
-    def scheduler(self) -> Any:
+    def scheduler(self) -> Scheduler | None:
         return self.top.scheduler
 
     def _indexed(self) -> Deferred[None]:
@@ -480,7 +486,7 @@ class ControlService(Service):
         return d.addCallback(reloaded)
 
 
-def _chain(top: Any) -> list[str]:
+def _chain(top: RelaydService) -> list[str]:
     if top.policies is None:
         return []
     # relayd's registry: chain names, whatever the policy objects carry.

@@ -36,6 +36,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -48,6 +49,7 @@ from relayd.delivery.attempt import RecipientResult
 from relayd.smtp.dsn import DSNParameters, wants
 from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.delivery.routing import RoutingError
+from relayd.interfaces import IDeliverer, IQueue, IRouter
 from relayd.queue.record import QueueRecord, QueueState, RecipientRecord, RecipientState
 from relayd.reply import Reply
 from relayd.queue.spool import arrivalFromQueueId, envelopeRecord
@@ -89,10 +91,10 @@ class Scheduler(Service):
     def __init__(
         self,
         *,
-        spool: Any,
-        router: Any,
-        deliverer: Any,
-        clock: Any,
+        spool: IQueue,
+        router: IRouter,
+        deliverer: IDeliverer,
+        clock: IReactorTime,
         hostname: str,
         concurrency: int = 100,
         perDestination: int = 20,
@@ -129,7 +131,7 @@ class Scheduler(Service):
         self._inFlight: dict[str, Deferred[None]] = {}
         self._semaphores: dict[str, DeferredSemaphore] = {}
         self._sequence = 0
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._sweep: LoopingCall | None = None
         self._running = False
         self._ready: Deferred[None] | None = None
@@ -147,7 +149,7 @@ class Scheduler(Service):
     # --- service -----------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self._running = True
         self.spool.addQueueObserver(self._queued)
         self._ready = self.spool.scan().addCallbacks(self._indexed, self._scanFailed)
@@ -161,7 +163,7 @@ class Scheduler(Service):
         L{stopDeadline} seconds, then cut their connections: their
         recipients are recorded as deferred and tried again after restart.
         """
-        super().stopService()
+        Service.stopService(self)
         self._running = False
         if self._sweep is not None and self._sweep.running:
             self._sweep.stop()
@@ -171,7 +173,7 @@ class Scheduler(Service):
         inFlight = list(self._inFlight.values())
         if not inFlight:
             self._warnUnrecorded()
-            return self.deliverer.stop().addCallback(lambda _: None)  # type: ignore[no-any-return]
+            return self.deliverer.stop()
         log.info(
             "shutdown: waiting up to {deadline}s for {count} deliveries in flight",
             deadline=self.stopDeadline,
@@ -214,7 +216,12 @@ class Scheduler(Service):
         """Fires once the startup index of the spool is built (for tests)."""
         assert self._ready is not None
         d: Deferred[None] = Deferred()
-        self._ready.addBoth(lambda r: (d.callback(None), r)[1])
+
+        def ready(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self._ready.addBoth(ready)
         return d
 
     def _indexed(self, entries: list[tuple[str, str, float]]) -> None:

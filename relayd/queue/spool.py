@@ -82,7 +82,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from relayd.interfaces import ISpool
+from relayd.interfaces import IIncomingSpool, IQueue, QueueObserver
 from relayd.queue.record import (
     QUEUE_ID,
     QUEUED_STATES,
@@ -379,7 +379,7 @@ class _PendingCommit:
         self.queuePath = os.path.join(spool._incoming, incoming.queueId)
 
 
-@implementer(ISpool)
+@implementer(IIncomingSpool, IQueue)
 class Spool(Service):
     """
     The on-disk queue: commit protocol, group commit, crash recovery and
@@ -431,7 +431,7 @@ class Spool(Service):
         self._busy = 0
         self._idleWaiters: list[Deferred[None]] = []
         self._lastIdTime = 0
-        self._observers: list[Any] = []
+        self._observers: list[QueueObserver] = []
         self.receiver = receiver
         self._random = random.Random(secrets.token_bytes(16))
 
@@ -1082,7 +1082,7 @@ class Spool(Service):
 
     # The delivery side (DESIGN section 5): the scheduler's view of the spool.
 
-    def addQueueObserver(self, observer: Any) -> None:
+    def addQueueObserver(self, observer: QueueObserver) -> None:
         """
         Call C{observer(queueId, record)} on the reactor thread each time a
         message has become durable in C{incoming/}, so the scheduler can
