@@ -14,14 +14,12 @@ from typing import Any
 
 from relayd.queue.record import (
     FINAL,
-    QUEUE_ID,
-    QUEUED_STATES,
     CorruptRecord,
     QueueRecord,
     openData,
     readRecord,
 )
-from relayd.queue.spool import STATES
+from relayd.queue.spool import STATES, currentState, findQueued, listQueue
 
 __all__ = [
     "HEADER_LIMIT",
@@ -83,43 +81,23 @@ def _queuedIds(directory: str) -> dict[str, str]:
     C{active/} and in another state (the listing raced with a move) is in
     the other one.
     """
-    found: dict[str, str] = {}
-    for state in QUEUED_STATES:
-        try:
-            names = os.listdir(os.path.join(directory, state))
-        except FileNotFoundError:
-            continue
-        for name in names:
-            if QUEUE_ID.match(name) and found.get(name) in (None, "active"):
-                found[name] = state
-    return found
+    listed, problems = listQueue(directory)
+    for _, error in problems:
+        if not isinstance(error, FileNotFoundError):
+            raise error
+    return {queueId: currentState(states) for queueId, states in listed.items()}
 
 
 def findMessage(directory: str, queueId: str) -> tuple[str, QueueRecord] | None:
     """
-    Find a queued message in the spool at C{directory}.  Blocking; reads
-    only.
+    Find a queued message in the spool at C{directory}
+    (L{relayd.queue.spool.findQueued}).  Blocking; reads only.
 
     @return: its state and record, or None when no queued state holds it.
     @raise OSError: when the queue file is there but cannot be read.
     @raise ValueError: (L{CorruptRecord}) when it is not a sound queue file.
     """
-    if not QUEUE_ID.match(queueId):
-        return None
-    for _ in range(3):
-        states = [
-            state
-            for state in QUEUED_STATES
-            if os.path.exists(os.path.join(directory, state, queueId))
-        ]
-        if not states:
-            return None
-        state = next((s for s in states if s != "active"), states[0])
-        try:
-            return state, readRecord(os.path.join(directory, state, queueId), queueId)
-        except FileNotFoundError:
-            continue  # moved on meanwhile: look again
-    return None
+    return findQueued(directory, queueId)
 
 
 def readQueue(

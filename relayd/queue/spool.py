@@ -104,6 +104,9 @@ __all__ = [
     "arrivalFromQueueId",
     "STATES",
     "QUEUED_STATES",
+    "listQueue",
+    "currentState",
+    "findQueued",
 ]
 
 STATES = tuple(QueueState)
@@ -117,6 +120,70 @@ _ID_SUFFIX_LENGTH = 5
 _FILE_MODE = 0o600
 _DIRECTORY_MODE = 0o700
 _WRITE_BUFFER = 64 * 1024
+
+
+def listQueue(directory: str) -> tuple[dict[str, list[str]], list[tuple[str, OSError]]]:
+    """
+    Which queued states of the spool at C{directory} hold a queue file of
+    which queue id, from a listing of the state directories (names only:
+    no file is opened).  Blocking; reads only, so it is safe beside a
+    running relayd (the spool's sweep, scan and the offline readers of
+    L{relayd.ops.queueview} all list the queue through it).
+
+    @return: the states of each queue id (two only when the listing raced
+        with a move: see L{currentState}), and C{(state, error)} for each
+        directory that could not be listed; the caller decides what a
+        missing one means.
+    """
+    found: dict[str, list[str]] = {}
+    problems: list[tuple[str, OSError]] = []
+    for state in QUEUED_STATES:
+        try:
+            names = os.listdir(os.path.join(directory, state))
+        except OSError as e:
+            problems.append((state.value, e))
+            continue
+        for name in names:
+            if QUEUE_ID.match(name):
+                found.setdefault(name, []).append(state.value)
+    return found, problems
+
+
+def currentState(states: list[str]) -> str:
+    """
+    The state that counts for a message a listing found in C{states}: a
+    message is moved out of C{active/} by one rename, so seen both there
+    and elsewhere, it is elsewhere.
+    """
+    return next((s for s in states if s != QueueState.ACTIVE), states[0])
+
+
+def findQueued(directory: str, queueId: str) -> tuple[str, QueueRecord] | None:
+    """
+    Find a queued message in the spool at C{directory}: its state and
+    record.  Blocking; reads only.  A message that moves while it is read
+    is looked for again (three times at most).
+
+    @return: None when no queued state holds it (or C{queueId} is not one).
+    @raise OSError: when the queue file is there but cannot be read.
+    @raise ValueError: (L{CorruptRecord}) when it is not a sound queue file.
+    """
+    if not QUEUE_ID.match(queueId):
+        return None
+    for _ in range(3):
+        states = [
+            state.value
+            for state in QUEUED_STATES
+            if os.path.exists(os.path.join(directory, state, queueId))
+        ]
+        if not states:
+            return None
+        state = currentState(states)
+        try:
+            return state, readRecord(os.path.join(directory, state, queueId), queueId)
+        except FileNotFoundError:
+            continue  # moved on meanwhile: look again
+    return None
 
 
 class SpoolStopped(OSError):
@@ -1047,15 +1114,11 @@ class Spool(Service):
         @return: its record and the path of its queue file.
         @raise KeyError: when no queued state holds C{queueId}.
         """
-        if not QUEUE_ID.match(queueId):
+        found = findQueued(self.directory, queueId)
+        if found is None:
             raise KeyError(queueId)
-        for state in QUEUED_STATES:
-            path = self._queuePath(state, queueId)
-            try:
-                return readRecord(path, queueId), path
-            except FileNotFoundError:
-                continue
-        raise KeyError(queueId)
+        state, record = found
+        return record, self._queuePath(state, queueId)
 
     def readData(self, queueId: str) -> bytes:
         """
@@ -1150,20 +1213,20 @@ class Spool(Service):
         """
 
         def scan() -> list[tuple[str, str, float]]:
+            listed, problems = listQueue(self.directory)
+            for _, error in problems:
+                raise error
             found = []
-            for state in QUEUED_STATES:
-                directory = self._stateDirectory(state)
-                for name in os.listdir(directory):
-                    if not QUEUE_ID.match(name):
-                        continue
+            for name in sorted(listed):
+                for state in listed[name]:
                     if state == QueueState.HOLD:
-                        found.append((name, state.value, float("inf")))
+                        found.append((name, state, float("inf")))
                         continue
                     try:
-                        record = readRecord(os.path.join(directory, name), name)
+                        record = readRecord(self._queuePath(state, name), name)
                     except (OSError, CorruptRecord):
                         continue
-                    found.append((name, state.value, float(record.nextAttempt or 0)))
+                    found.append((name, state, float(record.nextAttempt or 0)))
             return found
 
         return self._tracked(scan)
@@ -1181,18 +1244,8 @@ class Spool(Service):
         """
 
         def listQueued() -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
-            found: dict[str, list[str]] = {}
-            problems = []
-            for state in QUEUED_STATES:
-                try:
-                    names = os.listdir(self._stateDirectory(state))
-                except OSError as e:
-                    problems.append((state.value, str(e)))
-                    continue
-                for name in names:
-                    if QUEUE_ID.match(name):
-                        found.setdefault(name, []).append(state.value)
-            return found, problems
+            found, problems = listQueue(self.directory)
+            return found, [(state, str(error)) for state, error in problems]
 
         return self._tracked(listQueued)
 
