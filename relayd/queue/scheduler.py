@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.delivery import requiretls
+from relayd.delivery.endpoint import relayName
 from relayd.delivery.bounce import RecipientStatus, makeDSN, shouldBounce
 from relayd.delivery.client import Reply as RemoteReply
 from relayd.delivery.attempt import RecipientResult
@@ -795,7 +796,7 @@ class Scheduler(Service):
         delay: float, expired: bool,
     ) -> None:
         hop = getattr(attempt, "hop", None)
-        relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop is not None else "none"
+        relay = relayName(hop)
         status = {
             RecipientState.DELIVERED: "sent",
             RecipientState.FAILED: "bounced",
