@@ -503,8 +503,7 @@ class Deliverer:
             refusal = Reply.local(
                 550,
                 "5.7.10",
-                f"requiretls: next hop {relayName(hop)} is configured "
-                'with tls = "none"',
+                f'requiretls: next hop {relayName(hop)} is configured with tls = "none"',
             )
             unfit = unfit or self._unfit(queueId, hop, refusal)
         return replace(destination, hops=tuple(hops)), unfit
