@@ -52,7 +52,8 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -96,6 +97,10 @@ class ChildProcess(ProcessProtocol):
     (C{ready}, C{metrics N} snapshots, and lines for the pool).
     """
 
+    # Set by the reactor's spawnProcess before any event: the child's
+    # process, never None while the child runs.
+    transport: IProcessTransport
+
     def __init__(self, pool: ProcessPool, index: int) -> None:
         self.pool = pool
         self.index = index
@@ -112,7 +117,7 @@ class ChildProcess(ProcessProtocol):
         log.info(
             "{label} started (pid {pid})",
             label=self.label,
-            pid=self.transport.pid,  # type: ignore[union-attr]
+            pid=self.transport.pid,
         )
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -148,11 +153,11 @@ class ChildProcess(ProcessProtocol):
 
     def write(self, data: bytes) -> None:
         """To the child's standard input."""
-        self.transport.write(data)  # type: ignore[union-attr]
+        self.transport.write(data)
 
     def signal(self, name: str) -> None:
         try:
-            self.transport.signalProcess(name)  # type: ignore[union-attr]
+            self.transport.signalProcess(name)
         except Exception as e:  # already gone
             log.debug("{label}: {error}", label=self.label, error=e)
 
@@ -389,7 +394,7 @@ class _Lifeline(Protocol):
     def __init__(self, stop: Any) -> None:
         self.stop = stop
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.stop()
 
 

@@ -458,10 +458,10 @@ class QueueRecord:
 
 
 def _ret(data: dict[str, Any]) -> str | None:
-    value = _get(data, "ret", str, None)
+    value: str | None = _get(data, "ret", str, None)
     if value not in (None, "FULL", "HDRS"):
         raise _fail(f"'ret' is not FULL or HDRS: {value!r}")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def encodeTrailer(record: QueueRecord, offset: int) -> bytes:
