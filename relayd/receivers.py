@@ -455,6 +455,7 @@ def openLifeline(reactor: Any, protocol: Any) -> Any:
     """
     from twisted.internet import stdio
 
+    # mypy sees the Windows StandardIO, without the POSIX stdin/stdout keywords.
     return stdio.StandardIO(protocol, stdin=0, stdout=NOTICE_FD)  # type: ignore[call-arg]
 
 
@@ -511,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     pushMetrics(reactor, getattr(service.metrics, "registry", None), notices)
 
     def hup(signum: int, frame: Any) -> None:
+        # The global reactor is typed as a module; it provides IReactorFromThreads.
         reactor.callFromThread(service.reload)  # type: ignore[attr-defined]
 
     signal.signal(signal.SIGHUP, hup)

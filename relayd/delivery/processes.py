@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         reloadDeliverer(deliverer, args.config)
 
     def hup(signum: int, frame: Any) -> None:
+        # The global reactor is typed as a module; it provides IReactorFromThreads.
         reactor.callFromThread(reload)  # type: ignore[attr-defined]
 
     signal.signal(signal.SIGHUP, hup)

@@ -417,6 +417,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._reset()
         if self._counted:
             self._counted = False
+            # Counted only once connectionMade set self.session (Session | None).
             self.factory.limits.close(str(self.session.clientAddress))  # type: ignore[union-attr]
             self.factory.sessionGone(self)
         if self._metered:
@@ -684,6 +685,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 self._log(verb, verdict, helo=name)
                 self._answer(verdict)
                 return
+            # self.session is set while not closed; mypy does not narrow it in a callback.
             self.session.helo = name  # type: ignore[union-attr]
             self.session.esmtp = esmtp  # type: ignore[union-attr]
             self._reset()
@@ -827,6 +829,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 return
             _interface, avatar, logout = result
             name = avatar if isinstance(avatar, str) else user
+            # self.session is set while not closed; mypy does not narrow it in a callback.
             self.session.user = name  # type: ignore[union-attr]
             f.lockout.succeeded(f.chain, self.session.clientAddress, user, f.config)  # type: ignore[union-attr]
             log.info(
