@@ -508,7 +508,9 @@ def main(argv: list[str] | None = None) -> None:
     def tell(queueId: str, record: Any) -> None:
         notices.write(f"queued {queueId}\n".encode("ascii"))
 
-    service.spool.addQueueObserver(tell)
+    spool = service.spool
+    assert spool is not None, "buildService makes the spool"
+    spool.addQueueObserver(tell)
     pushMetrics(reactor, getattr(service.metrics, "registry", None), notices)
 
     def hup(signum: int, frame: Any) -> None:

@@ -35,8 +35,11 @@ if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
 
     from relayd.delivery.attempt import Deliverer
+    from relayd.delivery.processes import DeliveryPool
     from relayd.delivery.routing import Router
     from relayd.queue.scheduler import Scheduler
+    from relayd.queue.spool import Spool
+    from relayd.receivers import ReceiverPool
 
 log = Logger(namespace="relayd.service")
 
@@ -131,9 +134,9 @@ class RelaydService(MultiService):
         self.logObserver: Any = None
         self.installSignalHandlers = False
         self.reloadError: str | None = None
-        self.spool: Any = None
-        self.receivers: Any = None
-        self.deliveries: Any = None
+        self.spool: Spool | None = None
+        self.receivers: ReceiverPool | None = None
+        self.deliveries: DeliveryPool | None = None
 
     def setServiceParent(self, parent: Any) -> Any:
         """
