@@ -330,8 +330,18 @@ class QueueRecord:
         The record of a newly received message: every recipient pending,
         due at once.
 
-        @param ret: RET= (RFC 3461), or None.
-        @param envid: ENVID= decoded, or None.
+        @param queueId: the message's queue id.
+        @param sender: the reverse-path, C{""} for the null sender.
+        @param recipients: the accepted forward-paths, in RCPT order.
+        @param arrival: when the message was received (seconds since the epoch).
+        @param size: the message size in octets.
+        @param body: C{"7BIT"} or C{"8BITMIME"}.
+        @param client: the client's IP address.
+        @param helo: the EHLO/HELO name, or None.
+        @param user: the authenticated user, or None.
+        @param listener: the name of the listener that received the message.
+        @param ret: RET= (RFC 3461 section 4.3), or None.
+        @param envid: ENVID= decoded (RFC 3461 section 4.4), or None.
         @param notify: NOTIFY= of the recipients that gave one, by address.
         @param orcpt: ORCPT= of the recipients that gave one, by address.
         @raise ValueError: for an unknown C{body}.

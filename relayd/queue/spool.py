@@ -69,7 +69,6 @@ import random
 import secrets
 import shutil
 import time
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -226,58 +225,12 @@ def arrivalFromQueueId(queueId: str) -> float | None:
         return None
 
 
-def envelopeRecord(
-    queueId: str,
-    sender: str,
-    recipients: list[str],
-    arrival: float,
-    size: int,
-    body: str,
-    client: str,
-    helo: str | None,
-    user: str | None,
-    listener: str,
-    *,
-    ret: str | None = None,
-    envid: str | None = None,
-    notify: Mapping[str, tuple[str, ...]] | None = None,
-    orcpt: Mapping[str, str] | None = None,
-) -> QueueRecord:
-    """
-    Build the envelope record of a newly received message (see
-    L{QueueRecord.new}): every recipient pending, due at once.
-
-    @param queueId: the message's queue id.
-    @param sender: the reverse-path, C{""} for the null sender.
-    @param recipients: the accepted forward-paths, in RCPT order.
-    @param arrival: when the message was received (seconds since the epoch).
-    @param size: the message size in octets.
-    @param body: C{"7BIT"} or C{"8BITMIME"}.
-    @param client: the client's IP address.
-    @param helo: the EHLO/HELO name, or None.
-    @param user: the authenticated user, or None.
-    @param listener: the name of the listener that received the message.
-    @param ret: RET= (RFC 3461 section 4.3), or None.
-    @param envid: ENVID= decoded (RFC 3461 section 4.4), or None.
-    @param notify: NOTIFY= by recipient address, for those that gave one.
-    @param orcpt: ORCPT= by recipient address, for those that gave one.
-    """
-    return QueueRecord.new(
-        queueId,
-        sender,
-        recipients,
-        arrival,
-        size,
-        body,
-        client,
-        helo,
-        user,
-        listener,
-        ret=ret,
-        envid=envid,
-        notify=notify,
-        orcpt=orcpt,
-    )
+envelopeRecord = QueueRecord.new
+"""
+The envelope record of a newly received message, every recipient pending
+and due at once: L{QueueRecord.new}, under the name the session and the
+scheduler have long used.
+"""
 
 
 def _writeAll(fd: int, data: bytes) -> None:
