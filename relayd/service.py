@@ -455,6 +455,7 @@ _RESTART_FIELDS = {
     "deliveryEnabled": "delivery.enabled",
     "resolvers": "delivery.resolvers",
     "resolverPort": "delivery.resolver_port",
+    "dane": "delivery.dane",
     "caFile": "delivery.ca_file",
     "deliveryConcurrency": "delivery.concurrency",
     "deliveryProcesses": "delivery.processes",
@@ -698,9 +699,20 @@ def makeDeliverer(config: Config, reactor: Any) -> Deliverer:
     from relayd.delivery.attempt import Deliverer
     from relayd.delivery.client import ClientTimeouts
 
+    dane = None
+    if config.dane:
+        from relayd.delivery.dane import DaneResolver
+
+        dane = DaneResolver(
+            reactor,
+            list(config.resolvers),
+            port=config.resolverPort,
+            timeout=config.dnsTimeout,
+        )
     return Deliverer(
         reactor,
         config.hostname,
+        dane=dane,
         timeouts=_clientTimeouts(ClientTimeouts, config),
         caFile=config.caFile,
         maxMessagesPerConnection=config.messagesPerConnection,

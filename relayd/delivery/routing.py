@@ -21,7 +21,7 @@ import ipaddress
 import random as randomModule
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dns.exception
 import dns.name
@@ -36,6 +36,9 @@ from zope.interface import implementer
 
 from relayd.address import AddressError, asciiDomain
 from relayd.interfaces import IMXResolver, IRouter
+
+if TYPE_CHECKING:
+    from relayd.delivery.oauth2 import OAuth2Config
 
 __all__ = [
     "Hop",
@@ -64,6 +67,8 @@ class NextHopConfig:
     tls: str = "opportunistic"  # none | opportunistic | required | verify
     username: str | None = None
     password: str | None = None
+    # auth = "xoauth2"/"oauthbearer": where the access tokens come from.
+    oauth2: OAuth2Config | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class Hop:
     tls: str
     username: str | None = None
     password: str | None = None
+    oauth2: OAuth2Config | None = None
+    """AUTH with an OAuth2 token (XOAUTH2, OAUTHBEARER) instead of a password."""
 
 
 @dataclass(frozen=True)
@@ -671,6 +678,7 @@ class Router:
                         config.tls,
                         config.username,
                         config.password,
+                        config.oauth2,
                     )
                 )
         if not hops:

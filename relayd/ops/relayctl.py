@@ -639,8 +639,14 @@ async def _checkUpstreams(config: Any, reactor: Any) -> list[_Report]:
         for i, route in enumerate(config.routes):
             for j, hop in enumerate(route.hops):
                 name = f"route {i} hop {j} ({hop.host}:{hop.port})"
-                title = f"upstream {name}, for {' '.join(route.domains)}: tls={hop.tls}" + (
-                    f", auth as {hop.username}" if hop.username else ""
+                title = (
+                    f"upstream {name}, for {' '.join(route.domains)}: tls={hop.tls}"
+                    + (f", auth as {hop.username}" if hop.username else "")
+                    + (
+                        f" with {hop.oauth2.mechanism.upper()} ({hop.oauth2.grant} grant)"
+                        if getattr(hop, "oauth2", None) is not None
+                        else ""
+                    )
                 )
                 try:
                     addresses = await resolver.lookupAddresses(hop.host)
@@ -681,8 +687,27 @@ async def _checkHop(
     from relayd.delivery.routing import Hop
 
     host = hopConfig.host.strip("[]")
-    hop = Hop(host, address, hopConfig.port, hopConfig.tls, hopConfig.username, hopConfig.password)
+    oauth2 = getattr(hopConfig, "oauth2", None)
+    hop = Hop(
+        host,
+        address,
+        hopConfig.port,
+        hopConfig.tls,
+        hopConfig.username,
+        hopConfig.password,
+        oauth2,
+    )
     report = _Report(f"{name} [{address}]", f"{title} [{address}]", [])
+    tokens = None
+    if oauth2 is not None:
+        from relayd.delivery.oauth2 import TokenSources
+
+        tokens = TokenSources(reactor)
+        report.steps.append(await _checkToken(tokens, oauth2, reactor))
+        if report.steps[-1][1] != "ok":
+            await tokens.stop()
+            report.ok = False
+            return [report]
     client = SMTPClient(
         hop,
         config.hostname,
@@ -691,6 +716,7 @@ async def _checkHop(
         trustRoot,
         TLSProfile(config.tlsCiphers, config.tlsMinVersion),
         TLSProfile(config.tlsOpportunisticCiphers, config.tlsMinVersion),
+        tokens=tokens,
     )
     endpoint = hopEndpoint(reactor, address, hop.port, timeouts.connect)
     try:
@@ -708,6 +734,8 @@ async def _checkHop(
     except Exception as e:  # pragma: no cover - the client turns errors into HopFailure
         error = str(e)
     await client.quit()
+    if tokens is not None:
+        await tokens.stop()
     done = client.steps
     labels = (
         ("greeting", "greeting"),
@@ -722,6 +750,8 @@ async def _checkHop(
                 text = client.tls or ""
                 if hop.tls == "verify":
                     text += f", certificate verified for {hop.host}"
+            if step == "auth" and oauth2 is not None:
+                text = f"{oauth2.mechanism.upper()} as {hop.username}"
             report.steps.append((label, "ok", text))
         elif step == "starttls" and hop.tls == "none":
             report.steps.append((label, "-", "not used (tls = none)"))
@@ -734,6 +764,24 @@ async def _checkHop(
         elif step == "starttls":
             report.steps.append((label, "-", "not offered: mail goes unencrypted (opportunistic)"))
     return [report]
+
+
+async def _checkToken(tokens: Any, oauth2: Any, reactor: Any) -> tuple[str, str, str]:
+    """
+    Fetch an OAuth2 access token for a hop, as delivery would: the C{token}
+    step of C{check-config --live}, with its expiry or the error (never the
+    token itself).
+    """
+    from relayd.delivery.oauth2 import TokenError
+
+    source = tokens.source(oauth2)
+    try:
+        await source.token()
+    except TokenError as e:
+        return ("token", "FAILED", f"{e.code} {e.enhanced} {e.text}")
+    expires = source.expiresAt
+    left = "" if expires is None else f", expires in {_duration(expires - reactor.seconds())}"
+    return ("token", "ok", f"{oauth2.grant} grant from {oauth2.tokenURL}{left}")
 
 
 # --- the command line --------------------------------------------------------------

@@ -805,10 +805,13 @@ class Scheduler(Service):
         tls = getattr(attempt, "tls", None)
         # With the hop's TLS mode "verify" a session only gets this far
         # once the certificate matched the host name (relayd.delivery.client).
-        verified = tls is not None and getattr(hop, "tls", None) == "verify"
+        # With "dane" (relayd.delivery.dane) it matched a TLSA record.
+        verified = tls is not None and getattr(hop, "tls", None) in ("verify", "dane")
+        # The published policy applied (DANE, RFC 7672), when one was.
+        policy = getattr(attempt, "policy", None)
         log.info(
             "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, tls={tls}{tls_trust}, "
-            "status={status} ({reply}){expired}",
+            "{policy_text}status={status} ({reply}){expired}",
             queue_id=queueId,
             to=r.address,
             relay=relay,
@@ -819,6 +822,8 @@ class Scheduler(Service):
             tls=tls or "none",
             tls_verified=verified,
             tls_trust="" if tls is None else " (verified)" if verified else " (unverified)",
+            policy=policy or "none",
+            policy_text=f"policy={policy}, " if policy else "",
             status=status,
             code=result.code,
             enhanced=result.enhanced,
