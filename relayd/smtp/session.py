@@ -62,7 +62,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory, IReactorTime
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -147,7 +147,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         chain: PolicyChain,
         portal: Portal | None,
         avatarInterface: type[Interface],
-        tlsOptions: Any,
+        tlsOptions: IOpenSSLContextFactory | None,
         limits: ConnectionLimits,
         clock: IReactorTime,
         metrics: NoMetrics = NO_METRICS,
