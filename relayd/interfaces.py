@@ -1,6 +1,9 @@
 """
-The zope interfaces of relayd: policy phases, optional policy hooks, the
-spool and the resolvers.
+The zope interfaces of relayd: policy phases, optional policy hooks, and
+what each room offers the next (DESIGN sections 1 and 5): the spool to the
+SMTP session (L{IIncomingSpool}), the queue to the scheduler and the
+control service (L{IQueue}), routing (L{IRouter}, L{IMXResolver}) and
+delivery (L{IDeliverer}) to the scheduler.
 
 A policy is an object built by its class's C{fromConfig(options, context)}
 (L{relayd.policy.PolicyContext}) and declared with C{@implementer(...)} to
@@ -32,21 +35,28 @@ C{notes} dict for what a policy wants to remember between phases.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from twisted.internet.defer import Deferred
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
+from relayd.queue.record import QueueRecord
 from relayd.verdict import Verdict
 
 if TYPE_CHECKING:
+    # Only for the annotations: these modules import this one (they
+    # declare @implementer), so importing them here at run time would be
+    # a circle.  The queue's record types come from relayd.queue.record,
+    # which imports nothing of relayd.
     from twisted.internet.interfaces import IReactorTime
 
     from relayd.address import Address
+    from relayd.delivery.attempt import AttemptResult
+    from relayd.delivery.routing import Destination
     from relayd.envelope import Envelope, Message
-    from relayd.queue.record import QueueRecord
     from relayd.queue.spool import IncomingMessage
+    from relayd.smtp.dsn import DSNParameters
 
 __all__ = [
     "PolicyAnswer",
@@ -63,7 +73,12 @@ __all__ = [
     "IPolicyLifecycle",
     "IReloadable",
     "IRateCounterStore",
+    "IIncomingSpool",
     "ISpool",
+    "IQueue",
+    "QueueObserver",
+    "IRouter",
+    "IDeliverer",
     "IMXResolver",
 ]
 
@@ -431,8 +446,12 @@ class IRateCounterStore(Interface):
         """
 
 
-class ISpool(Interface):
-    """The durable queue between receiving and sending."""
+class IIncomingSpool(Interface):
+    """
+    What the SMTP session uses of the spool, the durable queue between
+    receiving and sending: room to accept, a queue id, a file to write the
+    message to, and the commit before C{250} (DESIGN section 5).
+    """
 
     def reserveOk(size: int) -> bool:
         """
@@ -457,6 +476,124 @@ class ISpool(Interface):
         Return a Deferred that fires with the queue id once it is durable,
         or fails (then nothing of the message is left in the queue).
         """
+
+
+ISpool = IIncomingSpool
+"""The former name of L{IIncomingSpool}."""
+
+
+QueueObserver: TypeAlias = "Callable[[str, QueueRecord | None], object]"
+"""
+Told of each message that has become durable in C{incoming/}: its queue id
+and record (None when another process committed it).
+"""
+
+
+class IQueue(Interface):
+    """
+    What the scheduler (L{relayd.queue.scheduler}) and the control service
+    (L{relayd.ops.control}) use of the spool: the queued messages by state
+    (C{incoming}, C{active}, C{deferred}, C{hold}; L{relayd.queue.record.QueueState}),
+    their records, and the moves between states.  The spool alone writes
+    the queue files (the one-owner rule, DESIGN section 1); every method
+    that touches the disk runs off the reactor thread and answers with a
+    Deferred, except those marked blocking (tools and tests).
+    """
+
+    directory = Attribute("The spool's directory (str): read-only tools read it directly.")
+
+    def addQueueObserver(observer: QueueObserver) -> None:
+        """
+        Call C{observer(queueId, record)} on the reactor thread each time a
+        message has become durable in C{incoming/}.
+        """
+
+    def scan() -> Deferred[list[tuple[str, str, float]]]:
+        """
+        List every queued message as C{(queueId, state, nextAttempt)}
+        (C{hold} with an infinite next attempt), for the scheduler's index.
+        """
+
+    def listQueued() -> Deferred[tuple[dict[str, list[str]], list[tuple[str, str]]]]:
+        """
+        The states holding a queue file of each queue id (names only, no
+        file opened), and C{(state, error)} per directory that could not
+        be listed.
+        """
+
+    def entries(state: str = "incoming") -> list[str]:
+        """The queue ids in one state, sorted (by arrival).  Blocking."""
+
+    def load(queueId: str) -> tuple[QueueRecord, str]:
+        """
+        A queued message's record and the path of its queue file.
+        Blocking.
+
+        @raise KeyError: no queued state holds it.
+        """
+
+    def read(queueId: str, state: str) -> Deferred[QueueRecord]:
+        """The record of C{queueId} in C{state}."""
+
+    def queueFile(queueId: str, state: str) -> str:
+        """The path of the queue file of C{queueId} in C{state}."""
+
+    def update(
+        queueId: str, state: str, record: QueueRecord, newState: str | None = None
+    ) -> Deferred[None]:
+        """Durably replace the record of C{queueId}, moving it to C{newState} if given."""
+
+    def move(queueId: str, state: str, newState: str, durable: bool = True) -> Deferred[None]:
+        """Move the queue file of C{queueId} from C{state} to C{newState}."""
+
+    def remove(queueId: str, state: str, durable: bool = False) -> Deferred[None]:
+        """Remove a message that has left the queue for good."""
+
+    def submit(record: QueueRecord, data: bytes) -> Deferred[str]:
+        """Queue a message relayd makes itself (a DSN); fires with its queue id."""
+
+
+class IRouter(Interface):
+    """Where a domain's mail goes next (L{relayd.delivery.routing.Router})."""
+
+    def route(domain: str) -> Deferred[Destination]:
+        """
+        Return a Deferred firing with the L{Destination} of C{domain} (its
+        hops, in order), or failing with
+        L{relayd.delivery.routing.RoutingError}.
+        """
+
+
+class IDeliverer(Interface):
+    """
+    Makes delivery attempts for the scheduler: in this process
+    (L{relayd.delivery.attempt.Deliverer}) or in the delivery processes
+    (L{relayd.delivery.processes.DeliveryPool}).
+    """
+
+    def deliver(
+        destination: Destination,
+        sender: str,
+        recipients: list[str],
+        dataPath: str,
+        size: int,
+        *,
+        queueId: str | None = None,
+        dsn: DSNParameters | None = None,
+        smtputf8: bool = False,
+        requireTLS: bool = False,
+    ) -> Deferred[AttemptResult]:
+        """
+        Make one attempt to deliver the first C{size} octets of the queue
+        file at C{dataPath} to C{recipients} at C{destination}.  The
+        Deferred always fires with an L{AttemptResult}, never an error.
+        """
+
+    def stop() -> Deferred[None]:
+        """Close idle connections and let busy ones finish; fires when all are gone."""
+
+    def abort() -> None:
+        """Cut every connection now (the shutdown deadline)."""
 
 
 class IMXResolver(Interface):

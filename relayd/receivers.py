@@ -52,7 +52,8 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -96,6 +97,10 @@ class ChildProcess(ProcessProtocol):
     (C{ready}, C{metrics N} snapshots, and lines for the pool).
     """
 
+    # Set by the reactor's spawnProcess before any event: the child's
+    # process, never None while the child runs.
+    transport: IProcessTransport
+
     def __init__(self, pool: ProcessPool, index: int) -> None:
         self.pool = pool
         self.index = index
@@ -112,7 +117,7 @@ class ChildProcess(ProcessProtocol):
         log.info(
             "{label} started (pid {pid})",
             label=self.label,
-            pid=self.transport.pid,  # type: ignore[union-attr]
+            pid=self.transport.pid,
         )
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -148,11 +153,11 @@ class ChildProcess(ProcessProtocol):
 
     def write(self, data: bytes) -> None:
         """To the child's standard input."""
-        self.transport.write(data)  # type: ignore[union-attr]
+        self.transport.write(data)
 
     def signal(self, name: str) -> None:
         try:
-            self.transport.signalProcess(name)  # type: ignore[union-attr]
+            self.transport.signalProcess(name)
         except Exception as e:  # already gone
             log.debug("{label}: {error}", label=self.label, error=e)
 
@@ -214,7 +219,7 @@ class ProcessPool(Service):
     # The pool.
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self._terminated = False
         for index in range(1, self.count + 1):
             self._spawn(index)
@@ -294,7 +299,7 @@ class ProcessPool(Service):
         L{terminate}, and SIGKILL the children still running after the
         deadline; fires once every child has ended.
         """
-        super().stopService()
+        Service.stopService(self)
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
@@ -389,7 +394,7 @@ class _Lifeline(Protocol):
     def __init__(self, stop: Any) -> None:
         self.stop = stop
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.stop()
 
 
@@ -450,6 +455,7 @@ def openLifeline(reactor: Any, protocol: Any) -> Any:
     """
     from twisted.internet import stdio
 
+    # mypy sees the Windows StandardIO, without the POSIX stdin/stdout keywords.
     return stdio.StandardIO(protocol, stdin=0, stdout=NOTICE_FD)  # type: ignore[call-arg]
 
 
@@ -502,10 +508,13 @@ def main(argv: list[str] | None = None) -> None:
     def tell(queueId: str, record: Any) -> None:
         notices.write(f"queued {queueId}\n".encode("ascii"))
 
-    service.spool.addQueueObserver(tell)
+    spool = service.spool
+    assert spool is not None, "buildService makes the spool"
+    spool.addQueueObserver(tell)
     pushMetrics(reactor, getattr(service.metrics, "registry", None), notices)
 
     def hup(signum: int, frame: Any) -> None:
+        # The global reactor is typed as a module; it provides IReactorFromThreads.
         reactor.callFromThread(service.reload)  # type: ignore[attr-defined]
 
     signal.signal(signal.SIGHUP, hup)

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relayd.config import Config, ConfigError
-from relayd.interfaces import IReloadable
+from relayd.interfaces import IDeliverer, IQueue, IReloadable
 from relayd.ops.control import ControlService, ControlSocketError
 from relayd.ops.metrics import NO_METRICS, Metrics, NoMetrics, SummedRegistry, metricsSite
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
@@ -35,6 +35,11 @@ if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
 
     from relayd.delivery.attempt import Deliverer
+    from relayd.delivery.processes import DeliveryPool
+    from relayd.delivery.routing import Router
+    from relayd.queue.scheduler import Scheduler
+    from relayd.queue.spool import Spool
+    from relayd.receivers import ReceiverPool
 
 log = Logger(namespace="relayd.service")
 
@@ -66,13 +71,13 @@ class ListenerService(Service):
         the reactor runs, which is after L{startService} of every service,
         spool recovery included.
         """
-        super().privilegedStartService()
+        Service.privilegedStartService(self)
         self._listen()
 
     def startService(self) -> None:
         if self.port is None:
             self._listen()
-        super().startService()
+        Service.startService(self)
 
     def _listen(self) -> None:
         outcome: list[Any] = []
@@ -84,7 +89,7 @@ class ListenerService(Service):
         self.port = outcome[0]
 
     def stopService(self) -> Any:
-        super().stopService()
+        Service.stopService(self)
         port, self.port = self.port, None
         if port is not None:
             return port.stopListening()
@@ -98,11 +103,11 @@ class ThreadPoolService(Service):
         self.pool = pool
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self.pool.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        Service.stopService(self)
         self.pool.stop()
 
 
@@ -113,10 +118,14 @@ class RelaydService(MultiService):
     """
 
     def __init__(self, config: Config) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.config = config
         self.factories: list[SMTPFactory] = []
-        self.scheduler: Any = None
+        self.scheduler: Scheduler | None = None
+        # Reconfigured on reload: the router, and the deliverer when it
+        # runs in this process (not in delivery processes).
+        self.router: Router | None = None
+        self.deliverer: Deliverer | None = None
         self.policies: PolicyService | None = None
         self.tls: Any = None
         self.checker: Any = None
@@ -125,9 +134,9 @@ class RelaydService(MultiService):
         self.logObserver: Any = None
         self.installSignalHandlers = False
         self.reloadError: str | None = None
-        self.spool: Any = None
-        self.receivers: Any = None
-        self.deliveries: Any = None
+        self.spool: Spool | None = None
+        self.receivers: ReceiverPool | None = None
+        self.deliveries: DeliveryPool | None = None
 
     def setServiceParent(self, parent: Any) -> Any:
         """
@@ -140,11 +149,11 @@ class RelaydService(MultiService):
             from twisted.logger import ILogObserver
 
             parent.setComponent(ILogObserver, self.logObserver)
-        return super().setServiceParent(parent)
+        return MultiService.setServiceParent(self, parent)
 
     def privilegedStartService(self) -> None:
         try:
-            super().privilegedStartService()
+            MultiService.privilegedStartService(self)
         except CannotListenError as e:
             # Children bind in order: the first without a port failed.
             failed = next(
@@ -212,7 +221,7 @@ class RelaydService(MultiService):
 
     def startService(self) -> None:
         try:
-            super().startService()
+            MultiService.startService(self)
         except SpoolLocked as e:
             self._fatal(f"spool.directory: {e}")
         except CannotListenError as e:
@@ -502,13 +511,11 @@ def _reload(top: RelaydService) -> Any:
         top.tls.current = tlsOptions
     if usersFile is not None and top.checker is not None:
         top.checker.usersFile = usersFile
-    if top.scheduler is not None and config.deliveryEnabled:
-        top.scheduler.router.reconfigure(
-            config.routes, config.deliveryPort, config.mxTls, (config.hostname,)
-        )
-        if top.deliveries is None:
+    if top.router is not None and config.deliveryEnabled:
+        top.router.reconfigure(config.routes, config.deliveryPort, config.mxTls, (config.hostname,))
+        if top.deliverer is not None:
             # Delivery processes read the file again themselves.
-            applyDeliveryConfig(top.scheduler.deliverer, config)
+            applyDeliveryConfig(top.deliverer, config)
     for factory in top.factories:
         factory.config = config
     top.config = config
@@ -537,7 +544,7 @@ class SessionsService(Service):
         self.deadline = deadline
 
     def stopService(self) -> Deferred[Any]:
-        super().stopService()
+        Service.stopService(self)
         from twisted.internet.defer import gatherResults
 
         count = sum(len(f.sessions) for f in self.factories)
@@ -572,11 +579,11 @@ class PolicyService(Service):
         self.reloadError: str | None = None
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         startPolicies(self.chain.names, self.reactor)
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        Service.stopService(self)
         return stopPolicies(self.chain.names)
 
     @inlineCallbacks
@@ -617,15 +624,15 @@ class ResolverService(Service):
         self.resolver = resolver
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self.resolver.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        Service.stopService(self)
         self.resolver.stop()
 
 
-def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) -> Any:
+def _deliverySide(config: Config, reactor: Any, spool: IQueue, top: RelaydService) -> Scheduler:
     """Resolver, router, deliverer and scheduler (DESIGN sections 1 and 6)."""
     from relayd.delivery.routing import MXResolver, Router
     from relayd.queue.scheduler import Scheduler
@@ -638,27 +645,28 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) 
         timeout=config.dnsTimeout,
     )
     ResolverService(resolver).setServiceParent(top)
-    router = Router(
+    router = top.router = Router(
         resolver,
         config.routes,
         port=config.deliveryPort,
         mxTls=config.mxTls,
         localNames=(config.hostname,),
     )
-    deliverer: Any
+    deliverer: IDeliverer
     if config.deliveryProcesses > 0:
         from relayd.delivery.processes import DeliveryPool
 
         # Before the scheduler: it stops after it (children stop in reverse).
-        deliverer = top.deliveries = DeliveryPool(
+        pool = top.deliveries = DeliveryPool(
             configPath=config.path,
             count=config.deliveryProcesses,
             reactor=reactor,
             stopDeadline=config.shutdownDeliveries + 10,
         )
-        deliverer.setServiceParent(top)
+        pool.setServiceParent(top)
+        deliverer = pool
     else:
-        deliverer = makeDeliverer(config, reactor)
+        deliverer = top.deliverer = makeDeliverer(config, reactor)
     scheduler = Scheduler(
         spool=spool,
         router=router,
@@ -691,7 +699,7 @@ class _PolicyCacheService(Service):
         self.policies = policies
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self.policies.loadCache()
 
 

@@ -5,10 +5,14 @@ C{twistd relayd}: command-line options and L{makeService}.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from twisted.python import usage
 
 from relayd.config import ConfigError, load
+
+if TYPE_CHECKING:
+    from relayd.service import RelaydService
 
 __all__ = ["Options", "makeService"]
 
@@ -61,7 +65,7 @@ class Options(usage.Options):
 _HEADINGS = ("NAME", "DISTRIBUTION", "VERSION", "OBJECT")
 
 
-def makeService(options: Options):  # type: ignore[no-untyped-def]
+def makeService(options: Options) -> RelaydService:
     """
     Read the config and build the service tree.  A bad config ends the
     process here with one line on stderr and exit status 1, no traceback.

@@ -29,7 +29,6 @@ connection happened to reach (issue 14).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,10 +39,6 @@ from twisted.internet.defer import (
     DeferredList,
     gatherResults,
     inlineCallbacks,
-)
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
 )
 from twisted.internet.error import (
     ConnectionRefusedError,
@@ -56,6 +51,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import relayd.reply
 from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
@@ -69,9 +65,11 @@ from relayd.delivery.client import (
     SMTPClient,
     Transaction,
 )
+from relayd.delivery.endpoint import hopEndpoint, relayName
 from relayd.delivery.oauth2 import TokenSources
 from relayd.delivery.routing import Destination, Hop
 from relayd.delivery.smtputf8 import needsSMTPUTF8
+from relayd.interfaces import IDeliverer
 from relayd.queue.record import openRegion
 from relayd.smtp.dsn import DSNParameters
 
@@ -209,7 +207,7 @@ def _connectError(hop: Hop, failure: Failure) -> Reply:
         why = "address lookup failed"
     else:
         why = failure.getErrorMessage()
-    return Reply.local(451, "4.4.1", f"connect to {hop.host}[{hop.address}]:{hop.port}: {why}")
+    return Reply.local(451, "4.4.1", f"connect to {relayName(hop)}: {why}")
 
 
 class _QuietFactory(Factory):
@@ -233,6 +231,7 @@ class _Idle:
     timer: Any
 
 
+@implementer(IDeliverer)
 class Deliverer:
     """
     Delivers messages over SMTP, one attempt at a time, reusing idle
@@ -458,7 +457,7 @@ class Deliverer:
                 log.info(
                     "{queue_id}: {hop}: {text}",
                     queue_id=queueId,
-                    hop=f"{hop.host}[{hop.address}]:{hop.port}",
+                    hop=relayName(hop),
                     text=str(e.reply),
                 )
                 self._markDown(hop)
@@ -594,8 +593,7 @@ class Deliverer:
             refusal = Reply.local(
                 550,
                 "5.7.10",
-                f"requiretls: next hop {hop.host}[{hop.address}]:{hop.port} is configured "
-                'with tls = "none"',
+                f'requiretls: next hop {relayName(hop)} is configured with tls = "none"',
             )
             unfit = unfit or self._unfit(queueId, hop, refusal)
         return replace(destination, hops=tuple(hops)), unfit
@@ -623,12 +621,7 @@ class Deliverer:
             dane=self._danePolicies.get(hop),
             tokens=self.tokens,
         )
-        try:
-            isV6 = ipaddress.ip_address(hop.address.split("%", 1)[0]).version == 6
-        except ValueError:
-            isV6 = False
-        endpointType = TCP6ClientEndpoint if isV6 else TCP4ClientEndpoint
-        endpoint = endpointType(self.reactor, hop.address, hop.port, timeout=self.timeouts.connect)
+        endpoint = hopEndpoint(self.reactor, hop.address, hop.port, self.timeouts.connect)
         started = self.reactor.seconds()
         connecting = endpoint.connect(_QuietFactory(client))
         self._connecting.add(connecting)
@@ -694,7 +687,7 @@ class Deliverer:
 
     def _log(self, queueId: str | None, result: AttemptResult, reused: bool = False) -> None:
         hop = result.hop
-        relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop is not None else "none"
+        relay = relayName(hop)
         # Debug level: the scheduler writes the operator's delivery log line
         # per recipient (with the delay since arrival); this one adds
         # whether the connection was reused.

@@ -379,11 +379,11 @@ class SMTPClient(LineReceiver, TimeoutMixin):
 
     def _setTimer(self, seconds: float | None) -> None:
         """Wait at most C{seconds} for the peer (None: no limit)."""
-        self.setTimeout(seconds)  # type: ignore[no-untyped-call]
+        self.setTimeout(seconds)
 
     def _restartTimer(self) -> None:
         """The peer made progress: the current wait starts over."""
-        self.resetTimeout()  # type: ignore[no-untyped-call]
+        self.resetTimeout()
 
     # --- connection ------------------------------------------------------
 
@@ -652,8 +652,8 @@ class SMTPClient(LineReceiver, TimeoutMixin):
 
     def _openFailed(self, failure: Failure) -> Failure:
         """Turn a failed set-up into L{HopFailure} and end the session."""
-        if failure.check(_SessionLost):
-            failure = Failure(HopFailure(failure.value.reply))  # type: ignore[union-attr]
+        if isinstance(failure.value, _SessionLost):
+            failure = Failure(HopFailure(failure.value.reply))
         elif not failure.check(HopFailure):
             log.failure("{peer}: session set-up failed", failure, peer=self.peer)
             failure = Failure(
@@ -697,7 +697,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         L{opportunisticProfile} (L{relayd.config.OPPORTUNISTIC_CIPHERS} says
         why).
         """
-        self.clearLineBuffer()  # type: ignore[no-untyped-call]
+        self.clearLineBuffer()
         self._lines = []
         self.extensions = {}
         self._tlsStarted = True
@@ -1234,7 +1234,9 @@ def _unexpected(reply: Reply, peer: str, command: str) -> Reply:
 
 def _lostAsValue(failure: Failure) -> _SessionLost:
     failure.trap(_SessionLost)
-    return failure.value  # type: ignore[return-value]
+    lost = failure.value
+    assert isinstance(lost, _SessionLost)  # trapped just above
+    return lost
 
 
 def _raiseLost(reply: Reply | _SessionLost) -> Reply:

@@ -45,11 +45,12 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode, urlsplit
 
 from twisted.internet import error as internetError
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.threads import deferToThreadPool
@@ -220,8 +221,9 @@ class _Reader(Protocol):
         if self.size > MAX_RESPONSE:
             if not self.finished.called:
                 self.finished.errback(_TooLarge())
-            assert self.transport is not None
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+            # Response.deliverBody gives the protocol an IPushProducer as
+            # its transport (twisted.web.iweb.IResponse.deliverBody).
+            cast(IPushProducer, self.transport).stopProducing()
             return
         self.chunks.append(data)
 

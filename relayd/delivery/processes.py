@@ -46,15 +46,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import relayd.reply
 from relayd.delivery.attempt import AttemptResult, Deliverer, RecipientResult
 from relayd.delivery.client import Reply as ClientReply
 from relayd.delivery.oauth2 import OAuth2Config
 from relayd.delivery.routing import Destination, Hop
+from relayd.interfaces import IDeliverer
 from relayd.receivers import ChildProcess, ProcessPool
 from relayd.smtp.dsn import DSNParameters, RecipientRequest
 
@@ -250,6 +252,7 @@ class _DeliveryProcess(ChildProcess):
         self.inFlight: dict[int, tuple[Deferred[AttemptResult], tuple[str, ...]]] = {}
 
 
+@implementer(IDeliverer)
 class DeliveryPool(ProcessPool):
     """
     The delivery processes, and the deliverer the scheduler uses in their
@@ -436,7 +439,7 @@ class _Requests(Protocol):
         )
         d.addCallback(lambda result: self.notices.write(encode(number, result)))
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.stop()
 
 
@@ -492,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         reloadDeliverer(deliverer, args.config)
 
     def hup(signum: int, frame: Any) -> None:
+        # The global reactor is typed as a module; it provides IReactorFromThreads.
         reactor.callFromThread(reload)  # type: ignore[attr-defined]
 
     signal.signal(signal.SIGHUP, hup)

@@ -35,7 +35,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from relayd.address import AddressError, asciiDomain
-from relayd.interfaces import IMXResolver
+from relayd.interfaces import IMXResolver, IRouter
 
 if TYPE_CHECKING:
     from relayd.delivery.oauth2 import OAuth2Config
@@ -575,6 +575,7 @@ def _addressLiteral(domain: str) -> str:
         raise RoutingError(True, "5.1.2", f"unusable address literal {domain}") from None
 
 
+@implementer(IRouter)
 class Router:
     """
     Decides where mail for a recipient domain goes (DESIGN section 6).

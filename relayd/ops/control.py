@@ -1,39 +1,35 @@
 """
-The control channel between C{relayctl} and the running relayd: Twisted AMP
-over a UNIX socket (C{[control] socket}, by default C{control.sock} in the
-spool directory).
+The control service: the running relayd's end of the control channel with
+C{relayctl}, Twisted AMP over a UNIX socket (C{[control] socket}, by
+default C{control.sock} in the spool directory).
 
   - The socket is created with mode 0600 under a umask of 0177, so it is
     never, even for a moment, open to anyone but the relayd user (root gets
     in anyway); on Linux the daemon also checks each client's credentials
     (C{SO_PEERCRED}) and hangs up on any other user.
-  - The commands (L{Status}, L{QueueList}, L{QueueShow}, L{QueueFlush},
-    L{QueueChange}, L{Reload}) carry their larger values as JSON split over
-    as many AMP values as needed (AMP values hold at most 65535 octets), so
-    a long queue or a big message never hits AMP's limit.
+  - The commands are in L{relayd.ops.commands}, the blocking client
+    C{relayctl} uses in L{relayd.ops.controlclient}.
   - Changes to the queue go through the daemon only: it takes a message
     out of the scheduler's index before it moves or removes its files, and
     refuses to touch a message while an attempt to deliver it is under way
     (its envelope is being rewritten by that attempt).  Reads work without
-    the daemon too, from the spool directly (L{readQueue}, L{findMessage}):
+    the daemon too, from the spool directly (L{relayd.ops.queueview}):
     they never write.
-  - L{ControlClient} is the blocking client C{relayctl} uses: a plain
-    socket speaking the AMP wire format, so the command line tool needs no
-    reactor and can run anywhere, a thread of a Twisted program included.
 
 Every event about a message is logged with its queue id, like the rest of
 relayd.
+
+The names of the other three modules stay importable from here, as they
+were before the split.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import socket
 import stat
 import struct
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
@@ -45,12 +41,46 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from relayd.config import CONTROL_SOCKET_NAME
-from relayd.queue.record import CorruptRecord, QueueRecord, openData, readRecord
-from relayd.queue.spool import QUEUED_STATES, STATES
+from relayd.interfaces import IQueue
+from relayd.ops.commands import (
+    ACTIONS,
+    ControlError,
+    DestinationList,
+    DestinationResume,
+    DestinationSuspend,
+    QueueBounce,
+    QueueChange,
+    QueueFlush,
+    QueueList,
+    QueueRequeue,
+    QueueShow,
+    Reload,
+    Status,
+    reachablePath,
+)
+from relayd.ops.controlclient import ControlClient, ControlClientError, NotRunning
+from relayd.ops.queueview import (
+    MessageNotFound,
+    countStates,
+    findMessage,
+    matches,
+    readMessage,
+    readQueue,
+    showMessage,
+    summarize,
+)
+from relayd.queue.record import QUEUE_ID
+
+if TYPE_CHECKING:
+    # relayd.service builds this service: only the annotations name it.
+    from relayd.queue.scheduler import Scheduler
+    from relayd.service import RelaydService
 
 __all__ = [
+    "BUSY",
     "ControlService",
     "ControlSocketError",
+    # Re-exported from relayd.ops.commands, controlclient and queueview:
     "ControlError",
     "ControlClient",
     "ControlClientError",
@@ -62,6 +92,7 @@ __all__ = [
     "QueueChange",
     "Reload",
     "ACTIONS",
+    "QUEUE_ID",
     "readQueue",
     "findMessage",
     "countStates",
@@ -79,461 +110,12 @@ __all__ = [
 
 log = Logger(namespace="relayd.ops.control")
 
-QUEUE_ID = re.compile(r"^[0-9A-Z]{1,64}$")
-"""What a queue id looks like (as L{relayd.queue.spool} makes them)."""
-
-ACTIONS = ("hold", "release", "delete")
-"""What L{QueueChange} can do to a message."""
-
 BUSY = "being delivered right now; not changed (try again once the attempt is over)"
 """The answer for a message an attempt is delivering (see the module docstring)."""
-
-FINAL = ("delivered", "failed")
-
-HEADER_LIMIT = 1024 * 1024
-"""The most octets of a message's header section that L{readMessage} returns."""
-
-_UNIX_PATH_MAX = 107
-"""The longest path C{bind}/C{connect} take for a UNIX socket on Linux."""
-
-
-# --- AMP commands ------------------------------------------------------------
-
-
-class _Chunked(amp.Argument):
-    """
-    Octets of any length: AMP values are limited to 65535 octets, so the
-    value goes as C{NAME} (the number of chunks) and C{NAME.0}, C{NAME.1},
-    ... each at most that long.
-    """
-
-    def __init__(self) -> None:
-        amp.Argument.__init__(self)
-
-    def encode(self, value: Any) -> bytes:
-        return bytes(value)
-
-    def decode(self, data: bytes) -> Any:
-        return data
-
-    def toBox(self, name: bytes, strings: Any, objects: dict[str, Any], proto: Any) -> None:
-        data = self.encode(objects.pop(name.decode("ascii")))
-        size = amp.MAX_VALUE_LENGTH
-        chunks = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
-        strings[name] = str(len(chunks)).encode("ascii")
-        for i, chunk in enumerate(chunks):
-            strings[name + b"." + str(i).encode("ascii")] = chunk
-
-    def fromBox(self, name: bytes, strings: Any, objects: dict[str, Any], proto: Any) -> None:
-        count = int(strings.pop(name))
-        data = b"".join(strings.pop(name + b"." + str(i).encode("ascii")) for i in range(count))
-        objects[name.decode("ascii")] = self.decode(data)
-
-
-class _JSON(_Chunked):
-    """Any JSON value, as UTF-8, chunked (see L{_Chunked})."""
-
-    def encode(self, value: Any) -> bytes:
-        return json.dumps(value, sort_keys=True).encode("utf-8")
-
-    def decode(self, data: bytes) -> Any:
-        return json.loads(data.decode("utf-8"))
-
-
-class ControlError(Exception):
-    """
-    The daemon refuses a control command, for a reason worth one line to the
-    operator (e.g. delivery is disabled, so there is nothing to flush).
-    """
-
-
-_ERRORS: dict[type[Exception], bytes] = {ControlError: b"CONTROL_ERROR"}
-
-
-class Status(amp.Command):
-    """
-    How relayd is doing: version, pid, start time, listeners with their
-    connections, queue counts by state, messages in delivery.
-    """
-
-    response = [(b"status", _JSON())]
-    errors = _ERRORS
-
-
-class QueueList(amp.Command):
-    """
-    One page of the queue: up to C{limit} messages whose queue ids sort
-    after C{after}, as L{summarize} describes them; C{more} is true when
-    there are others after them.  Queue ids sort by arrival, so paging by
-    the last id seen neither repeats nor skips a message.
-    """
-
-    arguments = [(b"after", amp.Unicode()), (b"limit", amp.Integer())]
-    response = [(b"entries", _JSON()), (b"more", amp.Boolean())]
-    errors = _ERRORS
-
-
-class QueueShow(amp.Command):
-    """
-    One message: its summary and whole envelope (C{message}: its header
-    section, or with C{body} the whole message, exactly as stored).
-    """
-
-    arguments = [(b"queueId", amp.Unicode()), (b"body", amp.Boolean())]
-    response = [(b"entry", _JSON()), (b"message", _Chunked())]
-    errors = _ERRORS
-
-
-class QueueFlush(amp.Command):
-    """
-    Attempt the given messages (C{queueIds}, a JSON list; null for every
-    queued message) now; see L{relayd.queue.scheduler.Scheduler.flush} for the
-    outcomes, given by queue id.
-    """
-
-    arguments = [(b"queueIds", _JSON())]
-    response = [(b"results", _JSON())]
-    errors = _ERRORS
-
-
-class QueueChange(amp.Command):
-    """
-    Put messages on hold, release them, or delete them (C{action}, one of
-    L{ACTIONS}): the C{queueIds} given (a JSON list), or with null every
-    queued message that L{matches} C{sender} and C{recipient}.
-    C{results} is a list of C{[queueId, outcome, ok]}.
-    """
-
-    arguments = [
-        (b"action", amp.Unicode()),
-        (b"queueIds", _JSON()),
-        (b"sender", amp.Unicode(optional=True)),
-        (b"recipient", amp.Unicode(optional=True)),
-    ]
-    response = [(b"results", _JSON())]
-    errors = _ERRORS
-
-
-class Reload(amp.Command):
-    """
-    Re-read the config file (L{relayd.service.RelaydService.reload}).
-    C{applied} says whether the new config is in force; if not, C{error}
-    says why and the old one stays.
-    """
-
-    response = [
-        (b"applied", amp.Boolean()),
-        (b"error", amp.Unicode(optional=True)),
-        (b"chain", _JSON()),
-    ]
-    errors = _ERRORS
-
-
-# --- AMP commands of the queue tools (relayctl queue bounce/requeue, destination) --
-
-
-class QueueBounce(amp.Command):
-    """
-    Bounce the given messages (C{queueIds}, a JSON list) on the operator's
-    word: L{relayd.queue.scheduler.Scheduler.administrativeBounce}.
-    C{results} is a list of C{[queueId, outcome, ok]}.
-    """
-
-    arguments = [(b"queueIds", _JSON())]
-    response = [(b"results", _JSON())]
-    errors = _ERRORS
-
-
-class QueueRequeue(amp.Command):
-    """
-    Re-route the given messages (C{queueIds}, a JSON list; null for every
-    queued message) after a route change: cached DNS answers dropped, the
-    messages attempted now (L{relayd.queue.scheduler.Scheduler.requeue});
-    outcomes by queue id as for L{QueueFlush}.
-    """
-
-    arguments = [(b"queueIds", _JSON())]
-    response = [(b"results", _JSON())]
-    errors = _ERRORS
-
-
-class DestinationSuspend(amp.Command):
-    """
-    Suspend deliveries to C{domain} (L{relayd.queue.suspend}); C{changed} is
-    false when it was suspended already.
-    """
-
-    arguments = [(b"domain", amp.Unicode())]
-    response = [(b"changed", amp.Boolean())]
-    errors = _ERRORS
-
-
-class DestinationResume(amp.Command):
-    """
-    Resume deliveries to C{domain}; C{changed} is false when it was not
-    suspended; C{flushed} messages with recipients there are attempted now.
-    """
-
-    arguments = [(b"domain", amp.Unicode())]
-    response = [(b"changed", amp.Boolean()), (b"flushed", amp.Integer())]
-    errors = _ERRORS
-
-
-class DestinationList(amp.Command):
-    """The suspended domains: C{domains}, domain -> C{{"since": seconds}}."""
-
-    response = [(b"domains", _JSON())]
-    errors = _ERRORS
-
-
-# --- reading the spool (blocking; safe with or without the daemon) -------------
-
-
-def summarize(queueId: str, state: str, record: QueueRecord | None) -> dict[str, Any]:
-    """
-    What C{relayctl queue list} shows of one message: the fields of its
-    record (L{relayd.queue.record.QueueRecord}) that tell where it stands,
-    as JSON for the control socket.  C{next_attempt} is None on hold;
-    C{delivering} is filled in by the daemon.  With no record (it could
-    not be read) the fields are empty.
-    """
-    if record is None:
-        record = QueueRecord(queueId=queueId, sender="", recipients=(), arrival=0.0, size=0)
-        arrival: float | None = None
-        size: int | None = None
-    else:
-        arrival, size = record.arrival, record.size
-    return {
-        "queue_id": queueId,
-        "state": state,
-        "delivering": False,
-        "size": size,
-        "arrival": arrival,
-        "sender": record.sender,
-        "attempts": record.attempts,
-        "next_attempt": None if state == "hold" else record.nextAttempt,
-        "user": record.user,
-        "client": record.client or None,
-        "listener": record.listener or None,
-        "recipients": [
-            {
-                "address": r.address,
-                "state": r.state.value,
-                "attempts": r.attempts,
-                "last_reply": r.lastReply,
-            }
-            for r in record.recipients
-        ],
-    }
-
-
-def _queuedIds(directory: str) -> dict[str, str]:
-    """
-    Every queued message's id and state.  A queue file listed in
-    C{active/} and in another state (the listing raced with a move) is in
-    the other one.
-    """
-    found: dict[str, str] = {}
-    for state in QUEUED_STATES:
-        try:
-            names = os.listdir(os.path.join(directory, state))
-        except FileNotFoundError:
-            continue
-        for name in names:
-            if QUEUE_ID.match(name) and found.get(name) in (None, "active"):
-                found[name] = state
-    return found
-
-
-def findMessage(directory: str, queueId: str) -> tuple[str, QueueRecord] | None:
-    """
-    Find a queued message in the spool at C{directory}.  Blocking; reads
-    only.
-
-    @return: its state and record, or None when no queued state holds it.
-    @raise OSError: when the queue file is there but cannot be read.
-    @raise ValueError: (L{CorruptRecord}) when it is not a sound queue file.
-    """
-    if not QUEUE_ID.match(queueId):
-        return None
-    for _ in range(3):
-        states = [
-            state
-            for state in QUEUED_STATES
-            if os.path.exists(os.path.join(directory, state, queueId))
-        ]
-        if not states:
-            return None
-        state = next((s for s in states if s != "active"), states[0])
-        try:
-            return state, readRecord(os.path.join(directory, state, queueId), queueId)
-        except FileNotFoundError:
-            continue  # moved on meanwhile: look again
-    return None
-
-
-def readQueue(
-    directory: str, after: str = "", limit: int | None = None
-) -> tuple[list[dict[str, Any]], bool]:
-    """
-    List the queued messages of the spool at C{directory} in queue id order
-    (that is, by arrival), as L{summarize} gives them.  Blocking; reads only.
-
-    The spool changes while it is read, so this is a snapshot of each
-    message, not of the whole queue at one instant.  A queue file that
-    cannot be read is listed with an C{error}.
-
-    @param after: only messages whose queue id sorts after this one.
-    @param limit: at most this many (None: all).
-    @return: the messages and whether more follow.
-    """
-    found = _queuedIds(directory)
-    ids = sorted(queueId for queueId in found if queueId > after)
-    more = limit is not None and len(ids) > limit
-    if limit is not None:
-        ids = ids[:limit]
-    entries = []
-    for queueId in ids:
-        state = found[queueId]
-        record: QueueRecord | None
-        try:
-            record = readRecord(os.path.join(directory, state, queueId), queueId)
-        except FileNotFoundError:
-            try:
-                moved = findMessage(directory, queueId)
-            except (OSError, ValueError):
-                moved = None
-            if moved is None:
-                continue  # delivered or deleted meanwhile
-            state, record = moved
-        except (OSError, ValueError) as e:
-            entry = summarize(queueId, state, None)
-            entry["error"] = f"unreadable envelope: {e}"
-            entries.append(entry)
-            continue
-        entries.append(summarize(queueId, state, record))
-    return entries, more
-
-
-def countStates(directory: str) -> dict[str, int]:
-    """How many queue files each state directory of the spool holds."""
-    counts: dict[str, int] = {}
-    for state in STATES:
-        try:
-            names = os.listdir(os.path.join(directory, state))
-        except FileNotFoundError:
-            names = []
-        counts[state.value] = len(names)
-    return counts
-
-
-def readMessage(path: str, body: bool) -> bytes:
-    """
-    A stored message as it is on disk (the message of the queue file at
-    C{path}, L{relayd.queue.record.openData}): the whole of it with C{body},
-    else its header section (up to and including the line end before the
-    empty line, at most L{HEADER_LIMIT} octets).
-    """
-    with openData(path) as f:
-        if body:
-            return f.read()
-        data = b""
-        while len(data) < HEADER_LIMIT:
-            chunk = f.read(65536)
-            if not chunk:
-                break
-            data += chunk
-            end = data.find(b"\r\n\r\n")
-            if end >= 0:
-                return data[: end + 2]
-            if data.startswith(b"\r\n"):
-                return b""
-        return data[:HEADER_LIMIT]
-
-
-class MessageNotFound(Exception):
-    """L{showMessage}: what is wrong, in one line for relayctl."""
-
-
-def showMessage(directory: str, queueId: str, body: bool) -> dict[str, Any]:
-    """
-    What C{relayctl queue show} prints of a queued message: its
-    L{summarize} entry with the whole record as C{envelope}
-    (L{QueueRecord.toJSON}), and the message.  Blocking; reads only.
-
-    @raise MessageNotFound: when it is not in the queue or unreadable.
-    """
-    for _ in range(3):
-        try:
-            found = findMessage(directory, queueId)
-        except (OSError, ValueError) as e:
-            raise MessageNotFound(f"{queueId}: unreadable envelope: {e}") from None
-        if found is None:
-            raise MessageNotFound(f"{queueId}: no such message in the queue")
-        state, record = found
-        entry = summarize(queueId, state, record)
-        entry["envelope"] = record.toJSON()
-        try:
-            message = readMessage(os.path.join(directory, state, queueId), body)
-        except FileNotFoundError:
-            continue  # moved on meanwhile: look again
-        except CorruptRecord as e:
-            raise MessageNotFound(f"{queueId}: unreadable queue file: {e}") from None
-        except OSError as e:
-            raise MessageNotFound(f"{queueId}: cannot read the message: {e.strerror}") from None
-        return {"entry": entry, "message": message}
-    raise MessageNotFound(f"{queueId}: no such message in the queue")
-
-
-def matches(entry: dict[str, Any], sender: str | None, recipient: str | None) -> bool:
-    """
-    Does a message (a L{summarize} entry) match C{relayctl queue ... --all
-    --from SENDER --to RECIPIENT}?
-
-    @param sender: the sender's address (case-insensitive; C{"<>"} or C{""}
-        for the null sender), or None for any.
-    @param recipient: an address, or a domain matching every address at
-        it (case-insensitive), that the message is still to be delivered to
-        (recipients already delivered or failed do not count); None for any.
-    """
-    if sender is not None:
-        wanted = "" if sender in ("<>", "") else sender.strip("<>").lower()
-        if str(entry.get("sender", "")).lower() != wanted:
-            return False
-    if recipient is not None:
-        wanted = recipient.strip("<>").lower()
-        pending = [
-            str(r["address"]).lower()
-            for r in entry.get("recipients", [])
-            if r.get("state") not in FINAL
-        ]
-        if "@" in wanted:
-            return wanted in pending
-        return any(address.rpartition("@")[2] == wanted for address in pending)
-    return True
-
-
-# --- the daemon side -----------------------------------------------------------
 
 
 class ControlSocketError(Exception):
     """The control socket cannot be set up: startup stops with one line."""
-
-
-def _bindable(path: str) -> tuple[str, int | None]:
-    """
-    A path C{bind}/C{connect} accept for the socket at C{path}: C{path}
-    itself, or when it is longer than a UNIX socket address can hold, the
-    same file reached through an open descriptor of its directory
-    (C{/proc/self/fd/N/NAME}, Linux).
-
-    @return: the path to use and the descriptor to close afterwards, if any.
-    """
-    if len(os.fsencode(path)) <= _UNIX_PATH_MAX or not os.path.isdir("/proc/self/fd"):
-        return path, None
-    directory, name = os.path.split(path)
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    return f"/proc/self/fd/{fd}/{name}", fd
 
 
 def _peerUid(transport: Any) -> int | None:
@@ -646,7 +228,7 @@ class ControlService(Service):
     @ivar connections: the relayctl connections open now.
     """
 
-    def __init__(self, top: Any, spool: Any, reactor: Any) -> None:
+    def __init__(self, top: RelaydService, spool: IQueue, reactor: Any) -> None:
         """
         @param top: the L{relayd.service.RelaydService}: its config,
             listeners, scheduler and C{reload}.
@@ -674,7 +256,7 @@ class ControlService(Service):
         @raise ControlSocketError: the path is not a socket, another process
             listens on it, or it cannot be bound.
         """
-        bindPath, self._fd = _bindable(self.path)
+        bindPath, self._fd = reachablePath(self.path)
         try:
             self._removeStale(bindPath)
             # bind() creates the file with the umask's permissions before
@@ -743,7 +325,7 @@ class ControlService(Service):
     # Commands
 
     @property
-    def scheduler(self) -> Any:
+    def scheduler(self) -> Scheduler | None:
         return self.top.scheduler
 
     def _indexed(self) -> Deferred[None]:
@@ -1073,7 +655,7 @@ class ControlService(Service):
         return self._lock.run(lambda: Deferred.fromCoroutine(resume()))
 
 
-def _chain(top: Any) -> list[str]:
+def _chain(top: RelaydService) -> list[str]:
     if top.policies is None:
         return []
     # relayd's registry: chain names, whatever the policy objects carry.
@@ -1087,112 +669,3 @@ def _version() -> str:
         return version("relayd")
     except PackageNotFoundError:
         return "unknown"
-
-
-# --- the client side --------------------------------------------------------------
-
-
-class ControlClientError(Exception):
-    """Talking to the daemon failed; C{str()} is the line to print."""
-
-
-class NotRunning(ControlClientError):
-    """Nothing listens on the control socket: relayd is not running."""
-
-
-class ControlClient:
-    """
-    A blocking AMP client for the control socket (no reactor needed).
-
-    Use as a context manager::
-
-        with ControlClient(path) as client:
-            answer = client.call(Status)
-    """
-
-    def __init__(self, path: str, timeout: float = 60.0) -> None:
-        """
-        @param path: the control socket.
-        @param timeout: seconds to wait for the connection and for each answer.
-        @raise NotRunning: nothing listens there.
-        @raise ControlClientError: it cannot be reached (e.g. permissions).
-        """
-        self.path = path
-        self.timeout = timeout
-        self._tag = 0
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        fd = None
-        try:
-            connectPath, fd = _bindable(path)
-            self._sock.connect(connectPath)
-        except (FileNotFoundError, ConnectionRefusedError):
-            self._sock.close()
-            raise NotRunning(f"relayd is not running (nothing listens on {path})") from None
-        except OSError as e:
-            self._sock.close()
-            raise ControlClientError(f"cannot connect to {path}: {e.strerror or e}") from None
-        finally:
-            if fd is not None:
-                os.close(fd)
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def call(self, command: type[amp.Command], **arguments: Any) -> dict[str, Any]:
-        """
-        Send one command and wait for its answer.
-
-        @return: the answer's values by name.
-        @raise ControlError: the daemon refused the command (its reason).
-        @raise ControlClientError: the connection failed or timed out, or the
-            daemon failed unexpectedly (its log says more).
-        """
-        self._tag += 1
-        box = command.makeArguments(arguments, None)
-        box[b"_command"] = command.commandName
-        box[b"_ask"] = str(self._tag).encode("ascii")
-        try:
-            self._sock.sendall(box.serialize())
-            answer = self._readBox()
-        except TimeoutError:
-            raise ControlClientError(
-                f"no answer from relayd within {self.timeout:g} seconds"
-            ) from None
-        except OSError as e:
-            raise ControlClientError(f"connection to relayd failed: {e.strerror or e}") from None
-        if b"_error" in answer:
-            description = answer.get(b"_error_description", b"").decode("utf-8", "replace")
-            if answer.get(b"_error_code") == b"CONTROL_ERROR":
-                raise ControlError(description)
-            raise ControlClientError(
-                f"relayd failed to answer {command.__name__} ({description}; see its log)"
-            )
-        result: dict[str, Any] = command.parseResponse(answer, None)
-        return result
-
-    def _read(self, count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = self._sock.recv(count - len(data))
-            if not chunk:
-                raise ControlClientError("relayd closed the control connection")
-            data += chunk
-        return data
-
-    def _readBox(self) -> dict[bytes, bytes]:
-        """One AMP box: (16-bit length, key, 16-bit length, value)... then an empty key."""
-        box: dict[bytes, bytes] = {}
-        while True:
-            (length,) = struct.unpack("!H", self._read(2))
-            if length == 0:
-                return box
-            key = self._read(length)
-            (length,) = struct.unpack("!H", self._read(2))
-            box[key] = self._read(length)

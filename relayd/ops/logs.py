@@ -232,6 +232,7 @@ def _rotatingFile(path: str) -> Any:
         def rotate(signum: int, frame: Any) -> None:
             from twisted.internet import reactor
 
+            # The global reactor is typed as a module; it provides IReactorFromThreads.
             reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
 
         signal.signal(signal.SIGUSR1, rotate)

@@ -70,7 +70,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.web.pages import notFound
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 __all__ = [
@@ -421,7 +421,7 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry | SummedRegistry) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
         self.registry = registry
 
     def render_GET(self, request: Request) -> bytes:
@@ -435,8 +435,8 @@ class MetricsResource(Resource):
 class _Root(Resource):
     """C{/metrics}, and 404 for everything else."""
 
-    def getChild(self, path: bytes, request: Any) -> Resource:
-        return notFound()  # type: ignore[return-value]
+    def getChild(self, path: bytes, request: Any) -> IResource:
+        return notFound()
 
 
 class _QuietSite(Site):
@@ -456,6 +456,6 @@ def metricsSite(
     anything else is 404.  An idle or slow client is dropped after
     C{timeout} seconds.
     """
-    root = _Root()  # type: ignore[no-untyped-call]
+    root = _Root()
     root.putChild(b"metrics", MetricsResource(registry))
-    return _QuietSite(root, timeout=timeout, reactor=reactor)  # type: ignore[no-untyped-call]
+    return _QuietSite(root, timeout=timeout, reactor=reactor)

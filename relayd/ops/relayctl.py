@@ -919,12 +919,11 @@ async def _checkHop(
     name: str,
     title: str,
 ) -> list[_Report]:
-    import ipaddress
-
-    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+    from twisted.internet.endpoints import connectProtocol
 
     from relayd.certificates import TLSProfile
     from relayd.delivery.client import HopFailure, SMTPClient
+    from relayd.delivery.endpoint import hopEndpoint
     from relayd.delivery.routing import Hop
 
     host = hopConfig.host.strip("[]")
@@ -959,10 +958,7 @@ async def _checkHop(
         TLSProfile(config.tlsOpportunisticCiphers, config.tlsMinVersion),
         tokens=tokens,
     )
-    isV6 = ipaddress.ip_address(address.split("%", 1)[0]).version == 6
-    endpoint = (TCP6ClientEndpoint if isV6 else TCP4ClientEndpoint)(
-        reactor, address, hop.port, timeout=timeouts.connect
-    )
+    endpoint = hopEndpoint(reactor, address, hop.port, timeouts.connect)
     try:
         await connectProtocol(endpoint, client)
     except Exception as e:

@@ -972,19 +972,15 @@ def _arrival(seconds: float | None) -> str:
 
 def _queueEntries() -> tuple[list[dict[str, Any]], str]:
     """
-    relayd's queue as L{relayd.ops.control.summarize} entries: through the
+    relayd's queue as L{relayd.ops.queueview.summarize} entries: through the
     control socket when relayd runs, else read from the spool
-    (L{relayd.ops.control.readQueue}).
+    (L{relayd.ops.queueview.readQueue}).
 
     @return: the entries and where they came from (for the last line).
     """
-    from relayd.ops.control import (
-        ControlClient,
-        ControlClientError,
-        NotRunning,
-        QueueList,
-        readQueue,
-    )
+    from relayd.ops.commands import QueueList
+    from relayd.ops.controlclient import ControlClient, ControlClientError, NotRunning
+    from relayd.ops.queueview import readQueue
 
     paths = _relaydPaths()
     try:

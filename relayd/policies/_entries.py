@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 _COMMENT = re.compile(r"(?:^|[ \t])#.*$")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -150,7 +151,7 @@ def inThread(reactor: Any, f: Callable[..., T], *args: Any) -> Deferred[T]:
     return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
 
-class FileBacked:
+class FileBacked(Generic[D]):
     """
     The reload plumbing shared by policies whose data comes from inline
     options plus files (C{access}, C{senderlogin}): the data is read at
@@ -161,8 +162,10 @@ class FileBacked:
 
     Subclasses set L{what} and implement L{_readData} and L{_describe}.
 
-    @ivar data: the data in force.
+    @ivar data: the data in force (of the type C{D} the subclass names).
     """
+
+    data: D
 
     what = "data"
     """How log lines name the data ("lists", "map")."""
@@ -183,7 +186,7 @@ class FileBacked:
         """Read the data (blocking); raise for a bad entry or file."""
         raise NotImplementedError
 
-    def _describe(self, data: Any) -> str:
+    def _describe(self, data: D) -> str:
         """A short summary of C{data} for log lines."""
         raise NotImplementedError
 
@@ -206,7 +209,7 @@ class FileBacked:
         def read() -> Deferred[Any]:
             return inThread(self._reactor, self._readData, self.inline, self.files)
 
-        def swap(data: Any) -> None:
+        def swap(data: D) -> None:
             self.data = data
             self._log.info(
                 "{policy}: {what} reloaded: {summary}",

@@ -226,7 +226,7 @@ def _read(inline: dict[str, list[Line]], files: dict[str, list[str]]) -> AccessL
 
 
 @implementer(IConnectionPolicy, ISenderPolicy, IRecipientPolicy, IReloadable, IPolicyLifecycle)
-class Access(FileBacked):
+class Access(FileBacked[AccessLists]):
     """
     The C{access} policy.  Build it with L{fromConfig}.  Reading and
     reloading the lists is L{FileBacked}'s.
@@ -255,7 +255,7 @@ class Access(FileBacked):
     @property
     def lists(self) -> AccessLists:
         """The L{AccessLists} in force."""
-        return self.data  # type: ignore[no-any-return]
+        return self.data
 
     @classmethod
     def fromConfig(cls, options: dict[str, Any], context: PolicyContext) -> Access:

@@ -50,6 +50,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+# dkimpy ships no type hints (no py.typed, no stubs package).
 import dkim  # type: ignore[import-untyped]
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization

@@ -278,6 +278,7 @@ def redisClient(
     from redis.retry import Retry
 
     # parse_url raises ValueError for a scheme it does not know.
+    # redis-py leaves this unannotated.
     parsed = parse_url(url)  # type: ignore[no-untyped-call]
     options: dict[str, Any] = {
         "socket_timeout": timeout,
@@ -316,6 +317,7 @@ def redisClient(
                 options[key] = parsed[key]
         if tls:
             options["ssl"] = True
+        # redis-py leaves this unannotated.
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             sentinels,
             sentinel_kwargs={
@@ -325,6 +327,7 @@ def redisClient(
             },
             **{k: v for k, v in options.items() if k != "maint_notifications_config"},
         )
+        # redis-py leaves this unannotated.
         return sentinel.master_for(sentinelService)  # type: ignore[no-untyped-call]
     return redis.Redis.from_url(url, **options)
 
@@ -384,6 +387,7 @@ class RedisStore:
         # Checked now, so that a bad URL stops startup with one line.
         from redis.connection import parse_url
 
+        # redis-py leaves this unannotated.
         parse_url(url)  # type: ignore[no-untyped-call]
         self._connection = connection
         self._client: Any = None

@@ -253,7 +253,7 @@ def parseFrom(values: list[str]) -> list[str] | None:
 
 
 @implementer(ISenderPolicy, IMessagePolicy, IReloadable, IPolicyLifecycle)
-class SenderLogin(FileBacked):
+class SenderLogin(FileBacked[SenderMap]):
     """
     The C{senderlogin} policy.  Build it with L{fromConfig}.  Reading and
     reloading the map is L{FileBacked}'s.
@@ -287,7 +287,7 @@ class SenderLogin(FileBacked):
     @property
     def senders(self) -> SenderMap:
         """The L{SenderMap} in force."""
-        return self.data  # type: ignore[no-any-return]
+        return self.data
 
     @classmethod
     def fromConfig(cls, options: dict[str, Any], context: PolicyContext) -> SenderLogin:

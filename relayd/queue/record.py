@@ -29,6 +29,7 @@ import enum
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
@@ -38,6 +39,8 @@ __all__ = [
     "QueueState",
     "QUEUED_STATES",
     "RecipientState",
+    "FINAL",
+    "QUEUE_ID",
     "BodyType",
     "RecipientRecord",
     "QueueRecord",
@@ -56,6 +59,9 @@ VERSION = 2
 _FOOTER_MAGIC = b"RQF2 "
 FOOTER_LENGTH = len(_FOOTER_MAGIC) + 16 + 1
 """Octets of the footer at the very end of a queue file."""
+
+QUEUE_ID = re.compile(r"^[0-9A-Z]{1,64}$")
+"""What a queue id (the queue file's name) looks like (L{relayd.queue.spool} makes them)."""
 
 
 class QueueState(enum.StrEnum):
@@ -90,7 +96,11 @@ class RecipientState(enum.StrEnum):
     @property
     def final(self) -> bool:
         """Whether nothing more is to be done for the recipient."""
-        return self in (RecipientState.DELIVERED, RecipientState.FAILED)
+        return self in FINAL
+
+
+FINAL = frozenset({RecipientState.DELIVERED, RecipientState.FAILED})
+"""The recipient states after which nothing more is to be done."""
 
 
 class BodyType(enum.StrEnum):
@@ -320,8 +330,18 @@ class QueueRecord:
         The record of a newly received message: every recipient pending,
         due at once.
 
-        @param ret: RET= (RFC 3461), or None.
-        @param envid: ENVID= decoded, or None.
+        @param queueId: the message's queue id.
+        @param sender: the reverse-path, C{""} for the null sender.
+        @param recipients: the accepted forward-paths, in RCPT order.
+        @param arrival: when the message was received (seconds since the epoch).
+        @param size: the message size in octets.
+        @param body: C{"7BIT"} or C{"8BITMIME"}.
+        @param client: the client's IP address.
+        @param helo: the EHLO/HELO name, or None.
+        @param user: the authenticated user, or None.
+        @param listener: the name of the listener that received the message.
+        @param ret: RET= (RFC 3461 section 4.3), or None.
+        @param envid: ENVID= decoded (RFC 3461 section 4.4), or None.
         @param notify: NOTIFY= of the recipients that gave one, by address.
         @param orcpt: ORCPT= of the recipients that gave one, by address.
         @raise ValueError: for an unknown C{body}.
@@ -448,10 +468,10 @@ class QueueRecord:
 
 
 def _ret(data: dict[str, Any]) -> str | None:
-    value = _get(data, "ret", str, None)
+    value: str | None = _get(data, "ret", str, None)
     if value not in (None, "FULL", "HDRS"):
         raise _fail(f"'ret' is not FULL or HDRS: {value!r}")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def encodeTrailer(record: QueueRecord, offset: int) -> bytes:

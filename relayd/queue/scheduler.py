@@ -36,18 +36,21 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.delivery import requiretls
+from relayd.delivery.endpoint import relayName
 from relayd.delivery.bounce import RecipientStatus, makeDSN, shouldBounce
 from relayd.delivery.client import Reply as RemoteReply
 from relayd.delivery.attempt import RecipientResult
 from relayd.smtp.dsn import DSNParameters, wants
 from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.delivery.routing import RoutingError
+from relayd.interfaces import IDeliverer, IQueue, IRouter
 from relayd.queue.record import QueueRecord, QueueState, RecipientRecord, RecipientState
 from relayd.reply import Reply
 from relayd.queue.spool import arrivalFromQueueId, envelopeRecord
@@ -97,10 +100,10 @@ class Scheduler(Service):
     def __init__(
         self,
         *,
-        spool: Any,
-        router: Any,
-        deliverer: Any,
-        clock: Any,
+        spool: IQueue,
+        router: IRouter,
+        deliverer: IDeliverer,
+        clock: IReactorTime,
         hostname: str,
         concurrency: int = 100,
         perDestination: int = 20,
@@ -137,7 +140,7 @@ class Scheduler(Service):
         self._inFlight: dict[str, Deferred[None]] = {}
         self._semaphores: dict[str, DeferredSemaphore] = {}
         self._sequence = 0
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._sweep: LoopingCall | None = None
         self._running = False
         self._ready: Deferred[None] | None = None
@@ -158,7 +161,7 @@ class Scheduler(Service):
     # --- service -----------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self._running = True
         self._loadSuspensions()
         self.spool.addQueueObserver(self._queued)
@@ -173,7 +176,7 @@ class Scheduler(Service):
         L{stopDeadline} seconds, then cut their connections: their
         recipients are recorded as deferred and tried again after restart.
         """
-        super().stopService()
+        Service.stopService(self)
         self._running = False
         if self._sweep is not None and self._sweep.running:
             self._sweep.stop()
@@ -183,7 +186,7 @@ class Scheduler(Service):
         inFlight = list(self._inFlight.values())
         if not inFlight:
             self._warnUnrecorded()
-            return self.deliverer.stop().addCallback(lambda _: None)  # type: ignore[no-any-return]
+            return self.deliverer.stop()
         log.info(
             "shutdown: waiting up to {deadline}s for {count} deliveries in flight",
             deadline=self.stopDeadline,
@@ -226,7 +229,12 @@ class Scheduler(Service):
         """Fires once the startup index of the spool is built (for tests)."""
         assert self._ready is not None
         d: Deferred[None] = Deferred()
-        self._ready.addBoth(lambda r: (d.callback(None), r)[1])
+
+        def ready(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self._ready.addBoth(ready)
         return d
 
     def _indexed(self, entries: list[tuple[str, str, float]]) -> None:
@@ -835,7 +843,7 @@ class Scheduler(Service):
         delay: float, expired: bool, policy: Any = None,
     ) -> None:
         hop = getattr(attempt, "hop", None)
-        relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop is not None else "none"
+        relay = relayName(hop)
         status = {
             RecipientState.DELIVERED: "sent",
             RecipientState.FAILED: "bounced",

@@ -66,11 +66,9 @@ import errno
 import fcntl
 import os
 import random
-import re
 import secrets
 import shutil
 import time
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -83,8 +81,9 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from relayd.interfaces import ISpool
+from relayd.interfaces import IIncomingSpool, IQueue, QueueObserver
 from relayd.queue.record import (
+    QUEUE_ID,
     QUEUED_STATES,
     CorruptRecord,
     QueueRecord,
@@ -104,6 +103,9 @@ __all__ = [
     "arrivalFromQueueId",
     "STATES",
     "QUEUED_STATES",
+    "listQueue",
+    "currentState",
+    "findQueued",
 ]
 
 STATES = tuple(QueueState)
@@ -112,12 +114,75 @@ STATES = tuple(QueueState)
 REFRESH_INTERVAL = 5.0
 """Seconds between two refreshes of the cached free-space figure."""
 
-_QUEUE_ID = re.compile(r"^[0-9A-Z]{1,64}$")
 _ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ID_SUFFIX_LENGTH = 5
 _FILE_MODE = 0o600
 _DIRECTORY_MODE = 0o700
 _WRITE_BUFFER = 64 * 1024
+
+
+def listQueue(directory: str) -> tuple[dict[str, list[str]], list[tuple[str, OSError]]]:
+    """
+    Which queued states of the spool at C{directory} hold a queue file of
+    which queue id, from a listing of the state directories (names only:
+    no file is opened).  Blocking; reads only, so it is safe beside a
+    running relayd (the spool's sweep, scan and the offline readers of
+    L{relayd.ops.queueview} all list the queue through it).
+
+    @return: the states of each queue id (two only when the listing raced
+        with a move: see L{currentState}), and C{(state, error)} for each
+        directory that could not be listed; the caller decides what a
+        missing one means.
+    """
+    found: dict[str, list[str]] = {}
+    problems: list[tuple[str, OSError]] = []
+    for state in QUEUED_STATES:
+        try:
+            names = os.listdir(os.path.join(directory, state))
+        except OSError as e:
+            problems.append((state.value, e))
+            continue
+        for name in names:
+            if QUEUE_ID.match(name):
+                found.setdefault(name, []).append(state.value)
+    return found, problems
+
+
+def currentState(states: list[str]) -> str:
+    """
+    The state that counts for a message a listing found in C{states}: a
+    message is moved out of C{active/} by one rename, so seen both there
+    and elsewhere, it is elsewhere.
+    """
+    return next((s for s in states if s != QueueState.ACTIVE), states[0])
+
+
+def findQueued(directory: str, queueId: str) -> tuple[str, QueueRecord] | None:
+    """
+    Find a queued message in the spool at C{directory}: its state and
+    record.  Blocking; reads only.  A message that moves while it is read
+    is looked for again (three times at most).
+
+    @return: None when no queued state holds it (or C{queueId} is not one).
+    @raise OSError: when the queue file is there but cannot be read.
+    @raise ValueError: (L{CorruptRecord}) when it is not a sound queue file.
+    """
+    if not QUEUE_ID.match(queueId):
+        return None
+    for _ in range(3):
+        states = [
+            state.value
+            for state in QUEUED_STATES
+            if os.path.exists(os.path.join(directory, state, queueId))
+        ]
+        if not states:
+            return None
+        state = currentState(states)
+        try:
+            return state, readRecord(os.path.join(directory, state, queueId), queueId)
+        except FileNotFoundError:
+            continue  # moved on meanwhile: look again
+    return None
 
 
 class SpoolStopped(OSError):
@@ -160,58 +225,12 @@ def arrivalFromQueueId(queueId: str) -> float | None:
         return None
 
 
-def envelopeRecord(
-    queueId: str,
-    sender: str,
-    recipients: list[str],
-    arrival: float,
-    size: int,
-    body: str,
-    client: str,
-    helo: str | None,
-    user: str | None,
-    listener: str,
-    *,
-    ret: str | None = None,
-    envid: str | None = None,
-    notify: Mapping[str, tuple[str, ...]] | None = None,
-    orcpt: Mapping[str, str] | None = None,
-) -> QueueRecord:
-    """
-    Build the envelope record of a newly received message (see
-    L{QueueRecord.new}): every recipient pending, due at once.
-
-    @param queueId: the message's queue id.
-    @param sender: the reverse-path, C{""} for the null sender.
-    @param recipients: the accepted forward-paths, in RCPT order.
-    @param arrival: when the message was received (seconds since the epoch).
-    @param size: the message size in octets.
-    @param body: C{"7BIT"} or C{"8BITMIME"}.
-    @param client: the client's IP address.
-    @param helo: the EHLO/HELO name, or None.
-    @param user: the authenticated user, or None.
-    @param listener: the name of the listener that received the message.
-    @param ret: RET= (RFC 3461 section 4.3), or None.
-    @param envid: ENVID= decoded (RFC 3461 section 4.4), or None.
-    @param notify: NOTIFY= by recipient address, for those that gave one.
-    @param orcpt: ORCPT= by recipient address, for those that gave one.
-    """
-    return QueueRecord.new(
-        queueId,
-        sender,
-        recipients,
-        arrival,
-        size,
-        body,
-        client,
-        helo,
-        user,
-        listener,
-        ret=ret,
-        envid=envid,
-        notify=notify,
-        orcpt=orcpt,
-    )
+envelopeRecord = QueueRecord.new
+"""
+The envelope record of a newly received message, every recipient pending
+and due at once: L{QueueRecord.new}, under the name the session and the
+scheduler have long used.
+"""
 
 
 def _writeAll(fd: int, data: bytes) -> None:
@@ -380,7 +399,7 @@ class _PendingCommit:
         self.queuePath = os.path.join(spool._incoming, incoming.queueId)
 
 
-@implementer(ISpool)
+@implementer(IIncomingSpool, IQueue)
 class Spool(Service):
     """
     The on-disk queue: commit protocol, group commit, crash recovery and
@@ -432,7 +451,7 @@ class Spool(Service):
         self._busy = 0
         self._idleWaiters: list[Deferred[None]] = []
         self._lastIdTime = 0
-        self._observers: list[Any] = []
+        self._observers: list[QueueObserver] = []
         self.receiver = receiver
         self._random = random.Random(secrets.token_bytes(16))
 
@@ -603,7 +622,7 @@ class Spool(Service):
         @raise OSError: when the file cannot be created (C{EEXIST} if the id
             is already in use).
         """
-        if not _QUEUE_ID.match(queueId):
+        if not QUEUE_ID.match(queueId):
             raise ValueError(f"not a queue id: {queueId!r}")
         path = os.path.join(self._tmp, queueId)
         fd = os.open(
@@ -863,7 +882,7 @@ class Spool(Service):
 
         active = self._stateDirectory(QueueState.ACTIVE)
         for name in sorted(os.listdir(active)):
-            if not _QUEUE_ID.match(name):
+            if not QUEUE_ID.match(name):
                 continue  # moved to corrupt below
             os.rename(os.path.join(active, name), os.path.join(self._incoming, name))
             self.log.info("{queue_id}: recovery: returned from active to incoming", queue_id=name)
@@ -911,7 +930,7 @@ class Spool(Service):
                     continue
                 queueId = name.removesuffix(".json")
                 path = os.path.join(directory, name)
-                if not _QUEUE_ID.match(queueId):
+                if not QUEUE_ID.match(queueId):
                     self._moveToCorrupt(state, name, "unexpected file name")
                     continue
                 done = [s for s in QUEUED_STATES if os.path.exists(self._queuePath(s, queueId))]
@@ -1012,7 +1031,7 @@ class Spool(Service):
 
         @return: None when it is sound, else what is wrong with it.
         """
-        if not _QUEUE_ID.match(name):
+        if not QUEUE_ID.match(name):
             return "unexpected file name"
         try:
             readRecord(path, name)
@@ -1048,15 +1067,11 @@ class Spool(Service):
         @return: its record and the path of its queue file.
         @raise KeyError: when no queued state holds C{queueId}.
         """
-        if not _QUEUE_ID.match(queueId):
+        found = findQueued(self.directory, queueId)
+        if found is None:
             raise KeyError(queueId)
-        for state in QUEUED_STATES:
-            path = self._queuePath(state, queueId)
-            try:
-                return readRecord(path, queueId), path
-            except FileNotFoundError:
-                continue
-        raise KeyError(queueId)
+        state, record = found
+        return record, self._queuePath(state, queueId)
 
     def readData(self, queueId: str) -> bytes:
         """
@@ -1078,12 +1093,12 @@ class Spool(Service):
         if state not in STATES:
             raise ValueError(f"unknown spool state {state!r}")
         return sorted(
-            name for name in os.listdir(self._stateDirectory(state)) if _QUEUE_ID.match(name)
+            name for name in os.listdir(self._stateDirectory(state)) if QUEUE_ID.match(name)
         )
 
     # The delivery side (DESIGN section 5): the scheduler's view of the spool.
 
-    def addQueueObserver(self, observer: Any) -> None:
+    def addQueueObserver(self, observer: QueueObserver) -> None:
         """
         Call C{observer(queueId, record)} on the reactor thread each time a
         message has become durable in C{incoming/}, so the scheduler can
@@ -1108,7 +1123,7 @@ class Spool(Service):
                 self.log.failure("{queue_id}: queue observer failed", queue_id=queueId)
 
     def _queuePath(self, state: str, queueId: str) -> str:
-        if state not in STATES or not _QUEUE_ID.match(queueId):
+        if state not in STATES or not QUEUE_ID.match(queueId):
             raise ValueError(f"bad spool entry {state}/{queueId}")
         return os.path.join(self.directory, state, queueId)
 
@@ -1151,20 +1166,20 @@ class Spool(Service):
         """
 
         def scan() -> list[tuple[str, str, float]]:
+            listed, problems = listQueue(self.directory)
+            for _, error in problems:
+                raise error
             found = []
-            for state in QUEUED_STATES:
-                directory = self._stateDirectory(state)
-                for name in os.listdir(directory):
-                    if not _QUEUE_ID.match(name):
-                        continue
+            for name in sorted(listed):
+                for state in listed[name]:
                     if state == QueueState.HOLD:
-                        found.append((name, state.value, float("inf")))
+                        found.append((name, state, float("inf")))
                         continue
                     try:
-                        record = readRecord(os.path.join(directory, name), name)
+                        record = readRecord(self._queuePath(state, name), name)
                     except (OSError, CorruptRecord):
                         continue
-                    found.append((name, state.value, float(record.nextAttempt or 0)))
+                    found.append((name, state, float(record.nextAttempt or 0)))
             return found
 
         return self._tracked(scan)
@@ -1182,18 +1197,8 @@ class Spool(Service):
         """
 
         def listQueued() -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
-            found: dict[str, list[str]] = {}
-            problems = []
-            for state in QUEUED_STATES:
-                try:
-                    names = os.listdir(self._stateDirectory(state))
-                except OSError as e:
-                    problems.append((state.value, str(e)))
-                    continue
-                for name in names:
-                    if _QUEUE_ID.match(name):
-                        found.setdefault(name, []).append(state.value)
-            return found, problems
+            found, problems = listQueue(self.directory)
+            return found, [(state, str(error)) for state, error in problems]
 
         return self._tracked(listQueued)
 

@@ -60,19 +60,23 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory, IReactorTime
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from relayd.address import AddressError, parseParameters, parsePath
+from relayd.config import Config
 from relayd.delivery import requiretls
 from relayd.envelope import Envelope, Message, Recipient, Session
+from relayd.interfaces import IIncomingSpool
 from relayd.ops.metrics import NO_METRICS, NoMetrics
+from relayd.policy import PolicyChain
 from relayd.queue.record import QueueRecord
 from relayd.reply import Reply
 from relayd.smtp import extensions, sasl
@@ -136,16 +140,16 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
     def __init__(
         self,
         *,
-        config: Any,
+        config: Config,
         listener: str,
         mode: str,
-        spool: Any,
-        chain: Any,
-        portal: Any,
-        avatarInterface: Any,
-        tlsOptions: Any,
+        spool: IIncomingSpool,
+        chain: PolicyChain,
+        portal: Portal | None,
+        avatarInterface: type[Interface],
+        tlsOptions: IOpenSSLContextFactory | None,
         limits: ConnectionLimits,
-        clock: Any,
+        clock: IReactorTime,
         metrics: NoMetrics = NO_METRICS,
         lockout: Lockout | None = None,
     ) -> None:
@@ -413,6 +417,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._reset()
         if self._counted:
             self._counted = False
+            # Counted only once connectionMade set self.session (Session | None).
             self.factory.limits.close(str(self.session.clientAddress))  # type: ignore[union-attr]
             self.factory.sessionGone(self)
         if self._metered:
@@ -543,7 +548,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         if self.state == "data" and data:
             self.resetTimeout()
-        super().dataReceived(data)
+        LineReceiver.dataReceived(self, data)
 
     # --- replies ---------------------------------------------------------
 
@@ -680,6 +685,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 self._log(verb, verdict, helo=name)
                 self._answer(verdict)
                 return
+            # self.session is set while not closed; mypy does not narrow it in a callback.
             self.session.helo = name  # type: ignore[union-attr]
             self.session.esmtp = esmtp  # type: ignore[union-attr]
             self._reset()
@@ -813,14 +819,17 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     def _checkPassword(self, user: str, password: str) -> Deferred[None]:
         f = self.factory
         credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        portal = f.portal
+        assert portal is not None, "AUTH is offered only with a portal"
         self._hold()
-        d: Deferred[Any] = f.portal.login(credentials, None, f.avatarInterface)
+        d: Deferred[Any] = portal.login(credentials, None, f.avatarInterface)
 
         def succeeded(result: Any) -> None:
             if self.state == "closed":
                 return
             _interface, avatar, logout = result
             name = avatar if isinstance(avatar, str) else user
+            # self.session is set while not closed; mypy does not narrow it in a callback.
             self.session.user = name  # type: ignore[union-attr]
             f.lockout.succeeded(f.chain, self.session.clientAddress, user, f.config)  # type: ignore[union-attr]
             log.info(

@@ -217,6 +217,7 @@ class RedisSentinel:
             )
             if self.password:
                 f.write(f"requirepass {self.password}\n")
+        # A sentinel is a RedisServer with another command line: _argv replaced on purpose.
         self.server._argv = lambda port, log: [  # type: ignore[method-assign]
             self.server.binary,
             config,

@@ -24,10 +24,16 @@ import base64
 import binascii
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IPushProducer,
+    ISystemHandle,
+    ITLSTransport,
+)
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -91,6 +97,10 @@ class SinkCommand:
 
 @implementer(IHandshakeListener)
 class _SinkSession(LineReceiver):
+    # Set by makeConnection before any other method runs: a TCP (or TLS)
+    # connection, never None while the session is in use.
+    transport: ITLSTransport
+
     delimiter = b"\r\n"
     MAX_LENGTH = 1 << 20
 
@@ -113,7 +123,7 @@ class _SinkSession(LineReceiver):
         self.lines: list[bytes] = []
 
     def reply(self, code: int, text: str) -> None:
-        self.transport.write(f"{code} {text}\r\n".encode())  # type: ignore[union-attr]
+        self.transport.write(f"{code} {text}\r\n".encode())
 
     def connectionMade(self) -> None:
         sink = self.sink
@@ -123,10 +133,10 @@ class _SinkSession(LineReceiver):
         if sink.hang:
             return
         greeting = sink.greeting or "220 sink.test ESMTP relayd test sink"
-        self.transport.write(greeting.encode() + b"\r\n")  # type: ignore[union-attr]
+        self.transport.write(greeting.encode() + b"\r\n")
         if not greeting.startswith("2"):
             if greeting.startswith("421"):
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                self.transport.loseConnection()
             else:
                 self.state = "refusing"
 
@@ -144,13 +154,14 @@ class _SinkSession(LineReceiver):
 
     def handshakeCompleted(self) -> None:
         try:
-            self.tls = self.transport.getHandle().get_protocol_version_name()  # type: ignore[union-attr]
+            handle = cast(ISystemHandle, self.transport).getHandle()
+            self.tls = cast(SSL.Connection, handle).get_protocol_version_name()
         except Exception:
             self.tls = "TLS"
 
     def dataReceived(self, data: bytes) -> None:
         self.reads += 1
-        super().dataReceived(data)  # type: ignore[no-untyped-call]
+        LineReceiver.dataReceived(self, data)
 
     def lineReceived(self, line: bytes) -> None:
         sink = self.sink
@@ -180,7 +191,7 @@ class _SinkSession(LineReceiver):
             sink.pipeliningViolations += 1
         if verb == "QUIT":
             self.reply(221, "2.0.0 Bye")
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.loseConnection()
             return
         if self.state == "refusing":
             self.reply(503, "5.5.1 Error: no service")
@@ -219,7 +230,7 @@ class _SinkSession(LineReceiver):
         self._resetTransaction()
         lines = ["sink.test", *self._advertised()]
         out = [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
-        self.transport.write("\r\n".join(out).encode() + b"\r\n")  # type: ignore[union-attr]
+        self.transport.write("\r\n".join(out).encode() + b"\r\n")
 
     def smtp_HELO(self, argument: str) -> None:
         if "HELO" in self.sink.refuse:
@@ -241,9 +252,9 @@ class _SinkSession(LineReceiver):
         if self.sink.tlsOptions is None or self.tls is not None:
             self.reply(502, "5.5.1 Error: STARTTLS not available")
             return
-        self.transport.write(self.sink.starttlsReply.encode() + b"\r\n")  # type: ignore[union-attr]
-        self.clearLineBuffer()  # type: ignore[no-untyped-call]
-        self.transport.startTLS(self.sink.tlsOptions)  # type: ignore[union-attr]
+        self.transport.write(self.sink.starttlsReply.encode() + b"\r\n")
+        self.clearLineBuffer()
+        self.transport.startTLS(self.sink.tlsOptions)
         self.tls = "pending"
         self.helo = None
         self._resetTransaction()
@@ -389,7 +400,7 @@ class _SinkSession(LineReceiver):
         self.lines = []
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
         if "BODY" in self.sink.stallOn:
-            self.transport.pauseProducing()  # type: ignore[union-attr]
+            cast(IPushProducer, self.transport).pauseProducing()
 
     def _dataLine(self, line: bytes) -> None:
         if line != b".":
@@ -421,11 +432,11 @@ class _SinkSession(LineReceiver):
         """A scripted reply; 421 also closes, as RFC 5321 section 3.8 says."""
         self.reply(code, text)
         if code == 421:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.reply(500, "5.5.2 Error: line too long")
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.loseConnection()
 
 
 def _decode(text: str) -> str:
@@ -556,5 +567,5 @@ class SinkServer:
             self._listening = None
         for session in list(self.sessions):
             waits.append(session.whenClosed())
-            session.transport.abortConnection()  # type: ignore[union-attr]
+            session.transport.abortConnection()
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)

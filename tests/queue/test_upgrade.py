@@ -20,7 +20,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from relayd.ops.control import readQueue, showMessage
+from relayd.ops.queueview import readQueue, showMessage
 from relayd.queue.record import QueueState, RecipientState, readData, readRecord
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import Spool
