@@ -31,6 +31,7 @@ JSON file.  Run it through C{scripts/bench}, which installs what it needs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -64,7 +65,7 @@ REPO = Path(__file__).resolve().parent.parent
 SENDER = "bench@relayd-bench.example"
 RECIPIENT = "sink@sink.example"
 
-# (key, label, unit, higher is better)
+# Each metric: its key, label, unit, and whether higher is better.
 METRICS = [
     ("accept", "accept, 1 msg/conn", "msg/s", True),
     ("e2e", "end to end, 1 msg/conn", "msg/s", True),
@@ -118,14 +119,12 @@ class Bench:
         )
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(AssertionError):  # relayd never started
             self.pids.extend(descendants(self.relayd.pid))
-        except AssertionError:
-            pass  # relayd never started
         for stop in (self.relayd.stop, self.postfix.stop, self.sink.stop):
             try:
                 stop()
-            except Exception as e:  # noqa: BLE001 - stop the others anyway
+            except Exception as e:
                 say(f"while stopping: {e}")
 
     def smtpSource(self, port: int, messages: int, many: bool) -> float:
@@ -378,10 +377,8 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     memory = ""
-    try:
+    with contextlib.suppress(OSError, IndexError):
         memory = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
-    except (OSError, IndexError):
-        pass
     return {
         "cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
@@ -440,13 +437,19 @@ def report(bench: Bench, args: argparse.Namespace, started: str, commit: str) ->
 def table(result: dict[str, Any]) -> str:
     p = result["parameters"]
     lines = [
-        f"relayd vs Postfix {result['versions']['postfix']}, commit {result['commit'][:12]}, "
-        f"{result['machine']['cpus_usable']} CPUs, {p['rounds']} round(s)",
-        f"load: smtp-source -s {p['sessions']} -m {p['messages']} -l {p['size']}; "
-        f"latency: {p['latency_messages']} messages at half of Postfix's accept rate",
+        (
+            f"relayd vs Postfix {result['versions']['postfix']}, commit {result['commit'][:12]}, "
+            f"{result['machine']['cpus_usable']} CPUs, {p['rounds']} round(s)"
+        ),
+        (
+            f"load: smtp-source -s {p['sessions']} -m {p['messages']} -l {p['size']}; "
+            f"latency: {p['latency_messages']} messages at half of Postfix's accept rate"
+        ),
         "",
-        f"{'metric':28} {'unit':5} {'round':>5} {'relayd':>9} {'postfix':>9} "
-        f"{'relayd/postfix':>15}",
+        (
+            f"{'metric':28} {'unit':5} {'round':>5} {'relayd':>9} {'postfix':>9} "
+            f"{'relayd/postfix':>15}"
+        ),
     ]
     for key, label, unit, higher in METRICS:
         for r in result["rounds"]:
@@ -493,10 +496,7 @@ def table(result: dict[str, Any]) -> str:
 
 def _searchableByOthers(path: Path) -> bool:
     """Whether every folder from / down to C{path} lets other users through."""
-    for folder in [path, *path.parents]:
-        if not os.stat(folder).st_mode & 0o001:
-            return False
-    return True
+    return all(os.stat(folder).st_mode & 1 for folder in [path, *path.parents])
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -13,6 +13,7 @@ never configured, started or stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -343,10 +344,8 @@ tls = "none"
         if self._process is not None:
             # Any receiver left behind: the process group is relayd's own
             # (start_new_session), its id the twistd process's.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class PrivatePostfix:
@@ -480,10 +479,8 @@ biff = no
             return
         self._started = False
         pid = self.masterPid()
-        try:
+        with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
             self._run("stop")
-        except (BenchError, subprocess.TimeoutExpired):
-            pass
         if pid is None:
             return
         deadline = time.monotonic() + 20
@@ -493,7 +490,5 @@ biff = no
             except ProcessLookupError:
                 return
             time.sleep(0.1)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import itertools
 import os
 import sys
 import warnings
@@ -374,7 +375,7 @@ def _loadChain(path: str) -> list[x509.Certificate]:
         chain = x509.load_pem_x509_certificates(data)
     except ValueError:
         raise CertificateError(path, "a PEM certificate in the file is corrupt") from None
-    for number, (cert, issuer) in enumerate(zip(chain[:-1], chain[1:], strict=True), start=1):
+    for number, (cert, issuer) in enumerate(itertools.pairwise(chain), start=1):
         try:
             cert.verify_directly_issued_by(issuer)
         except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):

@@ -1009,8 +1009,7 @@ def _reaches(
     stops the loops they make.
     """
     name = host.strip().strip("[]").rstrip(".").lower()
-    if name.startswith("ipv6:"):
-        name = name[5:]
+    name = name.removeprefix("ipv6:")
     everywhere = interface.is_unspecified
     try:
         address = ipaddress.ip_address(name)

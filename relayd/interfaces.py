@@ -89,7 +89,7 @@ What a check method returns: a verdict now, a Deferred firing with one, or
 (from an C{async def}) a coroutine returning one.
 """
 
-Modification: TypeAlias = "None | Deferred[None] | Awaitable[None]"
+Modification: TypeAlias = "Deferred[None] | Awaitable[None] | None"
 """
 What L{IMessageModifier.modifyMessage} returns: nothing when done, or a
 Deferred (or coroutine) that fires when done.

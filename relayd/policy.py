@@ -64,7 +64,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "relayd.policies"
 PHASES = (IConnectionPolicy, IHeloPolicy, ISenderPolicy, IRecipientPolicy, IMessagePolicy)
-ROLES = PHASES + (IMessageModifier, ITransactionObserver)
+ROLES = (*PHASES, IMessageModifier, ITransactionObserver)
 """What makes an object a policy: a check phase, the modifier phase, or
 observing transactions; it must provide at least one."""
 HOOKS = (ITransactionObserver, IPolicyLifecycle, IReloadable)

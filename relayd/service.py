@@ -10,6 +10,7 @@ flight before the process exits.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import TYPE_CHECKING, Any, cast
 
@@ -243,10 +244,8 @@ class RelaydService(MultiService):
         sys.stderr.flush()
         for child in reversed(list(self)):
             if child.running:
-                try:
+                with contextlib.suppress(Exception):
                     child.stopService()
-                except Exception:
-                    pass
         raise SystemExit(1)
 
 

@@ -28,16 +28,20 @@ class Options(usage.Options):
             "config",
             "c",
             None,
-            "Path to the TOML configuration file (default: $RELAYD_CONFIG, "
-            "else /etc/relayd/relayd.toml).",
+            (
+                "Path to the TOML configuration file (default: $RELAYD_CONFIG, "
+                "else /etc/relayd/relayd.toml)."
+            ),
         ],
     ]
     optFlags = [
         [
             "list-policies",
             None,
-            "Print the installed policies (entry points of group relayd.policies) "
-            "with their distribution and version, and exit.",
+            (
+                "Print the installed policies (entry points of group relayd.policies) "
+                "with their distribution and version, and exit."
+            ),
         ],
     ]
 

@@ -135,16 +135,21 @@ CASES: dict[str, tuple[dict[str, str], str, str, tuple[str, ...]]] = {
     ),
     "route-to-localhost": (
         {"listeners": '[[listeners]]\nname = "mx"\nendpoint = "tcp:25251"\nmode = "relay"\n'},
-        '[[routes]]\ndomains = ["example.org"]\n'
-        '[[routes.hops]]\nhost = "smart.example.net"\nport = 25251\n'
-        '[[routes.hops]]\nhost = "localhost"\nport = 25251\n',
+        (
+            '[[routes]]\ndomains = ["example.org"]\n'
+            '[[routes.hops]]\nhost = "smart.example.net"\nport = 25251\n'
+            '[[routes.hops]]\nhost = "localhost"\nport = 25251\n'
+        ),
         "routes[0].hops[1]",
         ("localhost:25251", "own listener 'mx'", "loop"),
     ),
     "route-to-own-hostname": (
         {"listeners": '[[listeners]]\nendpoint = "tcp:25252"\nmode = "relay"\n'},
-        '[server]\nhostname = "mx.example.test"\n'
-        '[[routes]]\ndomains = ["*"]\n[[routes.hops]]\nhost = "MX.example.test."\nport = 25252\n',
+        (
+            '[server]\nhostname = "mx.example.test"\n'
+            '[[routes]]\ndomains = ["*"]\n'
+            '[[routes.hops]]\nhost = "MX.example.test."\nport = 25252\n'
+        ),
         "routes[0].hops[0]",
         ("MX.example.test.:25252", "own listener 'relay0'", "loop"),
     ),
@@ -477,7 +482,7 @@ def test_sampleDocumentsEveryKey() -> None:
     for listener in raw["listeners"]:
         assert set(listener) == set(_LISTENER)
     for key in _LISTENER:
-        assert re.search(rf"^#\s+{key}\s", text, re.M), f"listener key {key} not described"
+        assert re.search(rf"^#\s+{key}\s", text, re.MULTILINE), f"listener key {key} not described"
 
 
 def test_sampleLoads(tmp_path: Path, material: dict[str, Path]) -> None:

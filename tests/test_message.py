@@ -114,7 +114,7 @@ class HeadersTests(unittest.TestCase):
         headers.addRaw(folded)
         self.assertEqual(headers.fields[-1].raw, folded)
         self.assertEqual(
-            [f.raw for f in headers if f.name == "X"][0], b"X: " + longest.encode() + b"\r\n"
+            next(f.raw for f in headers if f.name == "X"), b"X: " + longest.encode() + b"\r\n"
         )
 
     def test_addRawFolded(self):

@@ -249,7 +249,7 @@ def test_queueManagerKilledReceiversStop(tmp_path, sink, relaydProcesses) -> Non
     second = RelaydProcess(setup, tmp_path / "second.log")
     relaydProcesses.append(second)
     second.waitListening()
-    waitFor(lambda: tokensAt(sink) >= set(accepted), 60, "accepted mail lost", lambda: second.log())
+    waitFor(lambda: tokensAt(sink) >= set(accepted), 60, "accepted mail lost", second.log)
 
 
 def test_processesConfig(tmp_path) -> None:

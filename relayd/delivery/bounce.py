@@ -619,9 +619,11 @@ def _explanation(
     if forPostmaster and not sender:
         paragraphs.append(
             (
-                "This report goes to the postmaster: the message came from "
-                "the null sender <> (it is itself a delivery report), so no "
-                "report can go back to its sender.",
+                (
+                    "This report goes to the postmaster: the message came from "
+                    "the null sender <> (it is itself a delivery report), so no "
+                    "report can go back to its sender."
+                ),
                 False,
             )
         )
@@ -636,8 +638,10 @@ def _explanation(
     if failed:
         paragraphs.append(
             (
-                "It could not be delivered to the recipients listed below; "
-                "the mail system has given up on them.",
+                (
+                    "It could not be delivered to the recipients listed below; "
+                    "the mail system has given up on them."
+                ),
                 False,
             )
         )
@@ -646,9 +650,11 @@ def _explanation(
         until = f" until {_date(retryUntil)}" if retryUntil is not None else ""
         paragraphs.append(
             (
-                "Delivery to the recipients listed below has been delayed. "
-                f"The mail system will keep trying{until}; there is no need "
-                "to send the message again.",
+                (
+                    "Delivery to the recipients listed below has been delayed. "
+                    f"The mail system will keep trying{until}; there is no need "
+                    "to send the message again."
+                ),
                 False,
             )
         )
@@ -656,11 +662,13 @@ def _explanation(
     if relayed:
         paragraphs.append(
             (
-                "Your message was successfully delivered to the next mail "
-                "system for the recipients listed below, as you asked. That "
-                "system does not send delivery notifications, so you may "
-                "receive no further notice; you may still hear of errors "
-                "from other systems.",
+                (
+                    "Your message was successfully delivered to the next mail "
+                    "system for the recipients listed below, as you asked. That "
+                    "system does not send delivery notifications, so you may "
+                    "receive no further notice; you may still hear of errors "
+                    "from other systems."
+                ),
                 False,
             )
         )

@@ -210,7 +210,7 @@ def parsePolicy(body: bytes) -> MTASTSPolicy:
     if not _MAX_AGE.fullmatch(maxAge) or int(maxAge) > MAX_AGE:
         raise PolicyError(f"policy max_age {maxAge!r} is not 0 to {MAX_AGE}")
     for pattern in mx:
-        host = pattern[2:] if pattern.startswith("*.") else pattern
+        host = pattern.removeprefix("*.")
         if not _DOMAIN.fullmatch(host):
             raise PolicyError(f"policy mx {pattern!r} is not a host name or *.domain")
     if mode != "none" and not mx:

@@ -20,6 +20,7 @@ text lines are kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Mapping
@@ -194,10 +195,8 @@ class LazyFlushObserver:
 
     def flush(self) -> None:
         self._pending = False
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._outFile.flush()
-        except (OSError, ValueError):
-            pass
 
 
 FLUSH_INTERVAL = 0.2

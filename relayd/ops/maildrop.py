@@ -32,6 +32,7 @@ Everything here is blocking: relayd calls it from a thread
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -294,10 +295,8 @@ def moveAside(directory: str, name: str) -> str:
     @return: its new path.
     """
     broken = os.path.join(directory, BROKEN)
-    try:
+    with contextlib.suppress(FileExistsError):
         os.mkdir(broken, 0o700)
-    except FileExistsError:
-        pass
     target = os.path.join(broken, name)
     os.replace(os.path.join(directory, name), target)
     fsyncDirectory(broken)

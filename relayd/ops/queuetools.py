@@ -148,7 +148,7 @@ def shapeLines(shape: dict[str, Any]) -> list[str]:
     labels = shape["buckets"]
     rows = [shape["total"], *shape["rows"]]
     names = [row["name"] + (" (suspended)" if row.get("suspended") else "") for row in rows]
-    width = max(len(name) for name in names + [shape["by"].upper()])
+    width = max(len(name) for name in [*names, shape["by"].upper()])
     columns = ["TOTAL", *labels]
     widths = [
         max(len(columns[0]), *(len(str(row["total"])) for row in rows)),

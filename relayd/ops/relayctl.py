@@ -568,9 +568,9 @@ def _checkSelection(ctx: _Context, ids: list[str] | None) -> None:
     options = ctx.options
     if ids is not None and (_hasSelectors(options) or getattr(options, "all", False)):
         raise _Usage("give queue ids, or --all and/or selectors, not both")
-    if getattr(options, "sender", None) is not None or getattr(options, "recipient", None):
-        if _hasSelectors(options):
-            raise _Usage("--from/--to go with --all; use --sender/--domain with the selectors")
+    fromTo = getattr(options, "sender", None) is not None or getattr(options, "recipient", None)
+    if fromTo and _hasSelectors(options):
+        raise _Usage("--from/--to go with --all; use --sender/--domain with the selectors")
 
 
 def _flushSelected(ctx: _Context) -> None:

@@ -36,6 +36,7 @@ install it as C{/usr/sbin/sendmail}.
 
 from __future__ import annotations
 
+import contextlib
 import getopt
 import os
 import pwd
@@ -727,10 +728,8 @@ def submit(
 
 def _quit(smtp: smtplib.SMTP) -> None:
     """Say QUIT after a refusal, if the connection still works."""
-    try:
+    with contextlib.suppress(OSError, smtplib.SMTPException):
         smtp.quit()
-    except (OSError, smtplib.SMTPException):
-        pass
 
 
 def _why(e: BaseException) -> str:
@@ -790,10 +789,8 @@ def _transaction(
         # Nothing is sent unless everyone gets it: abort the transaction
         # (RSET, RFC 5321 section 4.1.1.5).  The error is the refusal even
         # if the connection is gone by now.
-        try:
+        with contextlib.suppress(OSError, smtplib.SMTPException):
             smtp.rset()
-        except (OSError, smtplib.SMTPException):
-            pass
         recipient, code, text = refused[0]
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
         raise SendmailError(

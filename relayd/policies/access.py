@@ -281,7 +281,7 @@ class Access(FileBacked[AccessLists]):
             files[name] = [context.resolvePath(p) for p in paths]
         if options:
             raise PolicyOptionError(
-                sorted(options)[0],
+                min(options),
                 f"unknown option (known: {', '.join(LISTS)}, each also with _files)",
             )
         return cls(inline, files, context.name)

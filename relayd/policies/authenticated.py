@@ -30,7 +30,7 @@ class Authenticated:
     @classmethod
     def fromConfig(cls, options: dict[str, Any], context: PolicyContext) -> Authenticated:
         if options:
-            raise PolicyOptionError(sorted(options)[0], "unknown option (this policy has none)")
+            raise PolicyOptionError(min(options), "unknown option (this policy has none)")
         return cls()
 
     def checkRecipient(

@@ -42,7 +42,7 @@ class MyNetworks:
     def fromConfig(cls, options: dict[str, Any], context: PolicyContext) -> MyNetworks:
         values = options.pop("networks", list(DEFAULT_NETWORKS))
         if options:
-            raise PolicyOptionError(sorted(options)[0], "unknown option (known: networks)")
+            raise PolicyOptionError(min(options), "unknown option (known: networks)")
         if not isinstance(values, list):
             raise PolicyOptionError("networks", 'must be a list like ["10.0.0.0/8"]')
         networks = []

@@ -313,9 +313,7 @@ class SenderLogin(FileBacked[SenderMap]):
         if not isinstance(check, bool):
             raise PolicyOptionError("check_header_from", "must be true or false")
         if options:
-            raise PolicyOptionError(
-                sorted(options)[0], f"unknown option (known: {', '.join(_KNOWN)})"
-            )
+            raise PolicyOptionError(min(options), f"unknown option (known: {', '.join(_KNOWN)})")
         return cls(inline, [context.resolvePath(p) for p in files], check, context.name)
 
     # --- lifecycle and reload ---------------------------------------------

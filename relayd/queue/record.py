@@ -558,7 +558,7 @@ def openRegion(path: str, length: int) -> IO[bytes]:
 
     @raise OSError: when the file cannot be opened.
     """
-    return io.BufferedReader(_Region(open(path, "rb"), length))  # noqa: SIM115
+    return io.BufferedReader(_Region(open(path, "rb"), length))
 
 
 def openData(path: str) -> IO[bytes]:

@@ -6,6 +6,7 @@ a thread, or at startup, or from command-line tools.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -51,18 +52,14 @@ def writeAtomically(
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode if like is None else stat.S_IMODE(like.st_mode))
             if like is not None and (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):
-                try:
+                with contextlib.suppress(PermissionError):
                     os.fchown(f.fileno(), like.st_uid, like.st_gid)
-                except PermissionError:
-                    pass
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tempPath, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tempPath)
-        except OSError:
-            pass
         raise
     fsyncDirectory(directory)

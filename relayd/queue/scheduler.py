@@ -43,18 +43,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.delivery import requiretls
-from relayd.delivery.endpoint import relayName
+from relayd.delivery.attempt import RecipientResult
 from relayd.delivery.bounce import RecipientStatus, makeDSN, shouldBounce
 from relayd.delivery.client import Reply as RemoteReply
-from relayd.delivery.attempt import RecipientResult
-from relayd.smtp.dsn import DSNParameters, wants
-from relayd.ops.metrics import NO_METRICS, NoMetrics
+from relayd.delivery.endpoint import relayName
 from relayd.delivery.routing import RoutingError
 from relayd.interfaces import IDeliverer, IQueue, IRouter
+from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.queue.record import QueueRecord, QueueState, RecipientRecord, RecipientState
-from relayd.reply import Reply
 from relayd.queue.spool import arrivalFromQueueId, envelopeRecord
 from relayd.queue.suspend import Suspensions, SuspensionsError, readSuspended
+from relayd.reply import Reply
+from relayd.smtp.dsn import DSNParameters, wants
 
 __all__ = ["Scheduler", "backoff"]
 
@@ -562,13 +562,20 @@ class Scheduler(Service):
             try:
                 yield self.spool.move(queueId, state, "active", durable=False)
             except Exception as e:
-                self._spoolFailed(queueId, state, "move", f"cannot move it from {state} to active", e)
+                self._spoolFailed(
+                    queueId, state, "move", f"cannot move it from {state} to active", e
+                )
                 return
             self._state[queueId] = "active"
         yield self._deliver(queueId, record)
 
     def _spoolFailed(
-        self, queueId: str, state: str, operation: str, what: str, error: Exception,
+        self,
+        queueId: str,
+        state: str,
+        operation: str,
+        what: str,
+        error: Exception,
     ) -> None:
         """
         A spool operation before delivery failed: nothing was sent, the
@@ -589,7 +596,12 @@ class Scheduler(Service):
         self._schedule(queueId, state, self.clock.seconds() + delay)
 
     def _unrecordable(
-        self, queueId: str, record: QueueRecord, operation: str, error: Exception, when: float,
+        self,
+        queueId: str,
+        record: QueueRecord,
+        operation: str,
+        error: Exception,
+        when: float,
     ) -> None:
         """
         The outcomes of an attempt could not be written (a full or
@@ -750,7 +762,9 @@ class Scheduler(Service):
 
         if relayed:
             try:
-                yield self._bounce(queueId, record, [recipients[i] for i in relayed], "relayed", now)
+                yield self._bounce(
+                    queueId, record, [recipients[i] for i in relayed], "relayed", now
+                )
             except Exception as e:
                 # The recipients are delivered whatever happens to the
                 # notice: delivering again to send it would duplicate mail.
@@ -763,7 +777,9 @@ class Scheduler(Service):
 
         if newlyFailed:
             try:
-                yield self._bounce(queueId, record, [recipients[i] for i in newlyFailed], "failed", now)
+                yield self._bounce(
+                    queueId, record, [recipients[i] for i in newlyFailed], "failed", now
+                )
             except Exception as e:
                 # Never final without a durable DSN: they stay queued, and
                 # the next attempt bounces them again.
@@ -839,8 +855,14 @@ class Scheduler(Service):
             log.info("{queue_id}: removed", queue_id=queueId)
 
     def _logRecipient(
-        self, queueId: str, r: RecipientRecord, result: RecipientResult, attempt: Any,
-        delay: float, expired: bool, policy: Any = None,
+        self,
+        queueId: str,
+        r: RecipientRecord,
+        result: RecipientResult,
+        attempt: Any,
+        delay: float,
+        expired: bool,
+        policy: Any = None,
     ) -> None:
         hop = getattr(attempt, "hop", None)
         relay = relayName(hop)
@@ -971,8 +993,13 @@ class Scheduler(Service):
 
     @inlineCallbacks
     def _bounce(
-        self, queueId: str, record: QueueRecord, recipients: list[RecipientRecord],
-        action: str, now: float, diagnostic: str | None = None,
+        self,
+        queueId: str,
+        record: QueueRecord,
+        recipients: list[RecipientRecord],
+        action: str,
+        now: float,
+        diagnostic: str | None = None,
     ) -> Any:
         """
         Commit a DSN about C{recipients} to the sender (or the postmaster
@@ -1165,7 +1192,6 @@ class Scheduler(Service):
                 domains=" ".join(sorted(self.suspensions.domains)),
             )
 
-
     def _allSuspended(self, record: QueueRecord) -> bool:
         """Are all of the recipients still waiting at suspended destinations?"""
         if self.suspensions is None or not self.suspensions.domains:
@@ -1177,6 +1203,7 @@ class Scheduler(Service):
             )
             for r in waiting
         )
+
 
 ADMIN_BOUNCE = Reply(550, "5.0.0", "message bounced by the administrator")
 """The reply an administrative bounce gives each recipient (in its DSN)."""

@@ -62,6 +62,7 @@ C{incoming} as always), keeping every recipient's state; see L{_recover}.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -368,10 +369,8 @@ class IncomingMessage:
         fails again when the disk is full.  The descriptor is released
         either way.
         """
-        try:
+        with contextlib.suppress(Exception):
             self._file.close()
-        except Exception:
-            pass
 
 
 class _PendingCommit:

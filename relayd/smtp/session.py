@@ -693,7 +693,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if not esmtp:
                 self.transport.write(f"250 {hostname}\r\n".encode())
                 return
-            lines = [hostname] + self._extensions()
+            lines = [hostname, *self._extensions()]
             out = [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
             self.transport.write("\r\n".join(out).encode() + b"\r\n")
 
@@ -827,7 +827,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         def succeeded(result: Any) -> None:
             if self.state == "closed":
                 return
-            _interface, avatar, logout = result
+            _interface, avatar, _logout = result
             name = avatar if isinstance(avatar, str) else user
             # self.session is set while not closed; mypy does not narrow it in a callback.
             self.session.user = name  # type: ignore[union-attr]
@@ -1379,7 +1379,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._release()
 
         d.addCallback(decided)
-        d.addErrback(lambda fl: failed(fl))
+        d.addErrback(failed)
         d.addBoth(done)
 
     def _refuseHeader(self, message: Message) -> bool:

@@ -53,6 +53,7 @@ Example for a policy author::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -455,10 +456,8 @@ class WireClient:
         return True
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 class PostfixSink:

@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -223,10 +224,8 @@ class RelaydProcess:
         """Teardown: make sure the process is gone, whatever state it is in."""
         if self.process.poll() is None:
             self.process.kill()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 try:

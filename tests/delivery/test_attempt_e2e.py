@@ -129,7 +129,7 @@ class DeliveryTestCase(unittest.TestCase):
         parsed = email.message_from_bytes(afterReceived(message.data), policy=email.policy.default)
         self.assertEqual(parsed.get_content_type(), "multipart/report")
         self.assertEqual(parsed.get_param("report-type"), "delivery-status")
-        text, report, original = parsed.get_payload()
+        _text, report, original = parsed.get_payload()
         self.assertEqual(report.get_content_type(), "message/delivery-status")
         perMessage, perRecipient = report.get_payload()[:2]
         self.assertEqual(perMessage["Reporting-MTA"], "dns; relayd.test")

@@ -85,15 +85,15 @@ def dsn(originalPath: Path, **kwargs: Any) -> bytes:
     must satisfy whatever its content: CRLF line endings only, no line
     over 998 octets (RFC 5322 section 2.1.1), 7-bit header fields.
     """
-    arguments: dict[str, Any] = dict(
-        reportingMTA="relay.example.org",
-        queueId="0A1B2C3D",
-        sender="alice@example.org",
-        arrival=ARRIVAL,
-        now=NOW,
-        recipients=[BOB],
-        originalPath=str(originalPath),
-    )
+    arguments: dict[str, Any] = {
+        "reportingMTA": "relay.example.org",
+        "queueId": "0A1B2C3D",
+        "sender": "alice@example.org",
+        "arrival": ARRIVAL,
+        "now": NOW,
+        "recipients": [BOB],
+        "originalPath": str(originalPath),
+    }
     arguments.update(kwargs)
     data = makeDSN(**arguments)
     assert isinstance(data, bytes)

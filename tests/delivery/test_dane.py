@@ -235,7 +235,7 @@ class EnforcementTests(DaneTestCase):
     @defer.inlineCallbacks
     def test_mismatchDeferred(self):
         """No record matches: deferred with 4.7.5, logged, nothing sent."""
-        cert, options = self.certificate(MX1)
+        _cert, options = self.certificate(MX1)
         sink = self.sink("127.0.0.1", options)
         self.mx(DOMAIN, (MX1, "127.0.0.1"))
         self.tlsa(MX1, [(3, 1, 1, sha256(b"another key"))])
@@ -252,7 +252,7 @@ class EnforcementTests(DaneTestCase):
     @defer.inlineCallbacks
     def test_mismatchThenNextMX(self):
         """The first MX host fails the check; the second matches and takes it."""
-        cert1, options1 = self.certificate(MX1)
+        _cert1, options1 = self.certificate(MX1)
         cert2, options2 = self.certificate(MX2)
         sink1 = self.sink("127.0.0.1", options1)
         sink2 = self.sink("127.0.0.2", options2)
@@ -268,7 +268,7 @@ class EnforcementTests(DaneTestCase):
     @defer.inlineCallbacks
     def test_taWrongNameDeferred(self):
         """DANE-TA checks the name: a certificate for another host fails."""
-        cert, options = self.certificate("elsewhere.test", chain=True)
+        _cert, options = self.certificate("elsewhere.test", chain=True)
         sink = self.sink("127.0.0.1", options)
         self.mx(DOMAIN, (MX1, "127.0.0.1"))
         self.tlsa(MX1, [(2, 1, 1, sha256(spki(self.caCert)))])
@@ -300,7 +300,7 @@ class EnforcementTests(DaneTestCase):
         SERVFAIL on the TLSA lookup of a secure MX host: not contacted at
         all (an attacker could cause the failure to strip DANE).
         """
-        cert, options = self.certificate(MX1)
+        _cert, options = self.certificate(MX1)
         sink = self.sink("127.0.0.1", options)
         self.mx(DOMAIN, (MX1, "127.0.0.1"))
         self.dnsServer.setServfail(f"_{self.port}._tcp.{MX1}")
@@ -332,7 +332,7 @@ class NotAppliedTests(DaneTestCase):
         Records, none usable (PKIX usages, a broken digest): TLS mandatory,
         the certificate not checked (RFC 7672 section 2.2).
         """
-        cert, options = self.certificate(MX1)
+        _cert, options = self.certificate(MX1)
         sink = self.sink("127.0.0.1", options)
         self.mx(DOMAIN, (MX1, "127.0.0.1"))
         self.tlsa(MX1, [(1, 1, 1, sha256(b"x")), (3, 1, 1, b"\x00" * 7)])
@@ -359,7 +359,7 @@ class NotAppliedTests(DaneTestCase):
         An MX RRset without AD (an unsigned zone): no DANE, even though a
         TLSA record that would not match is there (RFC 7672 section 2.2.1).
         """
-        cert, options = self.certificate("mx.insecure.test")
+        _cert, options = self.certificate("mx.insecure.test")
         sink = self.sink("127.0.0.1", options)
         self.mx("insecure.test", ("mx.insecure.test", "127.0.0.1"))
         self.tlsa("mx.insecure.test", [(3, 1, 1, sha256(b"other"))])
@@ -373,7 +373,7 @@ class NotAppliedTests(DaneTestCase):
     @defer.inlineCallbacks
     def test_insecureTLSAAnswerNotApplied(self):
         """A secure MX but a TLSA answer without AD: no DANE for that host."""
-        cert, options = self.certificate("mx.other.test")
+        _cert, options = self.certificate("mx.other.test")
         self.sink("127.0.0.1", options)
         self.mx(DOMAIN, ("mx.other.test", "127.0.0.1"))
         self.tlsa("mx.other.test", [(3, 1, 1, sha256(b"other"))])
@@ -387,7 +387,7 @@ class NotAppliedTests(DaneTestCase):
         A secure MX RRset naming a host in an unsigned zone: no DANE for
         that host (RFC 7672 section 2.2.2), even with secure TLSA records.
         """
-        cert, options = self.certificate("mx.plain.test")
+        _cert, options = self.certificate("mx.plain.test")
         self.sink("127.0.0.1", options)
         self.mx(DOMAIN, ("mx.plain.test", "127.0.0.1"))
         self.dnsServer.setSecure(f"_{self.port}._tcp.mx.plain.test")
@@ -467,7 +467,7 @@ def test_policyModes():
 
 def test_taChainMustLeadToAnchor():
     """DANE-TA: a matching anchor that did not issue the leaf is refused."""
-    ca, caKey = makeCA("anchor")
+    ca, _caKey = makeCA("anchor")
     other, otherKey = makeCA("not the issuer")
     leaf, _ = issueCertificate(other, otherKey, "mx.example.test")
     chain = [x509.load_pem_x509_certificate(p) for p in (leaf, ca)]
@@ -585,7 +585,7 @@ class WholeRelaydTests(E2ECase):
         self.dns.setTLSA(f"_{self.port}._tcp.{MX1}", [(3, 1, 1, sha256(b"not this key"))])
         yield self.send(["r@example.test"])
         yield self.waitFor(lambda: any("status=deferred" in line for line in self.deliveryLines()))
-        line = [line for line in self.deliveryLines() if "status=deferred" in line][0]
+        line = next(line for line in self.deliveryLines() if "status=deferred" in line)
         self.assertIn("policy=dane, status=deferred (451 4.7.5 DANE:", line)
         self.assertIn("matches no TLSA record", line)
         self.assertEqual(self.sinks["127.0.0.2"].messages, [])

@@ -73,7 +73,7 @@ class DSNEndToEndTests(DeliveryTestCase):
         self.assertEqual(notice.recipients, ["a@sender.test"])
         parsed = self.parse(notice)
         self.assertEqual(parsed["Subject"], "Successful Mail Delivery Report")
-        text, report, original = parsed.get_payload()
+        _text, report, original = parsed.get_payload()
         perMessage, perRecipient = report.get_payload()
         self.assertEqual(perMessage["Original-Envelope-Id"], "abc")
         self.assertEqual(perRecipient["Original-Recipient"], "rfc822;x@y")

@@ -235,7 +235,7 @@ class FetchTests(unittest.TestCase):
         os.mkdir(self.spool)
         self.server = PolicyServer(self.directory, self.ca, ["mta-sts.example.net"])
         self.httpsPort = self.server.start()
-        self.addCleanup(lambda: self.server.stop())
+        self.addCleanup(self.server.stop)
         self.dns.setTXT("_mta-sts.example.net", ["v=STSv1; id=one;"])
         self.dns.setA("mta-sts.example.net", ["127.0.0.1"])
         self.events = []
@@ -462,7 +462,7 @@ class MTASTSDeliveryTests(DeliveryTestCase):
             self.options[address] = loadServerOptions(*paths)
         self.server = PolicyServer(self.tlsDir, ca, ["mta-sts.example.net"])
         httpsPort = self.server.start()
-        self.addCleanup(lambda: self.server.stop())
+        self.addCleanup(self.server.stop)
         self.delivery = {
             **self.delivery,
             "ca_file": caPath,
@@ -641,7 +641,7 @@ class MTASTSDeliveryTests(DeliveryTestCase):
 
         def run():
             argv = ["--config", self.setup.configPath, "route", "c@example.org"]
-            return relayctl.main(argv + ["--sender", "a@sender.test"], stdout=out, stderr=err)
+            return relayctl.main([*argv, "--sender", "a@sender.test"], stdout=out, stderr=err)
 
         status = yield deferToThread(run)
         self.assertEqual((status, err.getvalue()), (0, ""))

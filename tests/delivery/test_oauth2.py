@@ -207,7 +207,7 @@ class DeliveryTests(OAuth2TestCase):
         self.assertEqual(request["grant_type"], "client_credentials")
         self.assertEqual(request["scope"], "https://outlook.office365.com/.default")
         self.assertNotIn("refresh_token", request)
-        [(mechanism, user, token, fields)] = sink.oauthSeen
+        [(mechanism, user, _token, fields)] = sink.oauthSeen
         self.assertEqual((mechanism, user), ("OAUTHBEARER", USER))
         self.assertEqual(fields["host"], "localhost")
         self.assertEqual(fields["port"], str(sink.port))
@@ -624,7 +624,7 @@ def test_sampleDescribesEveryHopKey() -> None:
     """etc/relayd.toml describes every [[routes.hops]] key, the OAuth2 ones included."""
     text = (Path(__file__).resolve().parents[2] / "etc" / "relayd.toml").read_text()
     for key in _HOP:
-        assert re.search(rf"^#\s+{key}\s", text, re.M), f"hop key {key} not described"
+        assert re.search(rf"^#\s+{key}\s", text, re.MULTILINE), f"hop key {key} not described"
 
 
 def test_codecCarriesOAuth2() -> None:
@@ -683,8 +683,7 @@ class RelaydTests(OAuth2TestCase):
         }
         with open(setup.configPath, "a") as f:
             f.write('\n[[routes]]\ndomains = ["*"]\n[[routes.hops]]\n')
-            for key, value in hop.items():
-                f.write(f"{key} = {json.dumps(value)}\n")
+            f.writelines(f"{key} = {json.dumps(value)}\n" for key, value in hop.items())
         relayd = yield InProcessRelayd.start(setup)
         self.addCleanup(relayd.stop)
         return relayd

@@ -43,7 +43,7 @@ from relayd.testing.process import (  # noqa: F401 (fixture)
 )
 from tests.test_receivers import sendMany, tokensAt
 
-MESSAGE_ID = re.compile(rb"^Message-Id: <([^>]+)>$", re.M | re.I)
+MESSAGE_ID = re.compile(rb"^Message-Id: <([^>]+)>$", re.MULTILINE | re.IGNORECASE)
 SUBJECT = "deliveryprocs-load"
 
 

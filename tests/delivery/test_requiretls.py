@@ -290,7 +290,7 @@ class RequireTLSDeliveryTests(TLSSinksTestCase):
         """(b) A next hop without STARTTLS: 5.7.10, never plain text."""
         self.mx("mx2.example.net")
         yield self.sendTLS(["b@example.net"])
-        yield self.waitFor(lambda: self.dsns())
+        yield self.waitFor(self.dsns)
         self.assertNotIn("MAIL", self.sinks[PLAIN].verbs())
         self.checkBounce(
             "5.7.10",
@@ -305,7 +305,7 @@ class RequireTLSDeliveryTests(TLSSinksTestCase):
         """(c) TLS, but a certificate from a CA relayd does not trust: 5.7.10."""
         self.mx("mx3.example.net")
         yield self.sendTLS(["b@example.net"])
-        yield self.waitFor(lambda: self.dsns())
+        yield self.waitFor(self.dsns)
         self.assertNotIn("MAIL", self.sinks[UNTRUSTED].verbs())
         self.checkBounce(
             "5.7.10",
@@ -319,7 +319,7 @@ class RequireTLSDeliveryTests(TLSSinksTestCase):
         """A trusted certificate, but not for the MX name: 5.7.10."""
         self.mx("wrong-name.example.net")
         yield self.sendTLS(["b@example.net"])
-        yield self.waitFor(lambda: self.dsns())
+        yield self.waitFor(self.dsns)
         self.assertEqual(self.sinks[GOOD].messages, [])
         self.assertNotIn("MAIL", self.sinks[GOOD].verbs())
         self.checkBounce(
@@ -337,7 +337,7 @@ class RequireTLSDeliveryTests(TLSSinksTestCase):
         """
         self.mx("mx4.example.net")
         yield self.sendTLS(["b@example.net"])
-        yield self.waitFor(lambda: self.dsns())
+        yield self.waitFor(self.dsns)
         sink = self.sinks[NO_KEYWORD]
         self.assertIn("STARTTLS", sink.verbs())
         self.assertNotIn("MAIL", sink.verbs())
@@ -428,7 +428,7 @@ class RouteTests(TLSSinksTestCase):
     @defer.inlineCallbacks
     def test_onlyNoneHopBounces(self):
         yield self.sendTLS(["b@example.com"])
-        yield self.waitFor(lambda: self.dsns())
+        yield self.waitFor(self.dsns)
         self.assertEqual(self.sinks[PLAIN].connections, 0)
         [dsn] = self.dsns()
         self.assertIn("Status: 5.7.10", dsn.data.decode())
@@ -444,7 +444,7 @@ class RouteTests(TLSSinksTestCase):
         yield self.sendTLS(["first@example.info"], requireTLS=False)
         yield self.waitFor(lambda: sink.messages)
         yield self.sendTLS(["b@example.info"])
-        yield self.waitFor(lambda: self.dsns())
+        yield self.waitFor(self.dsns)
         self.assertEqual(sink.connections, 1)
         self.assertEqual(len(sink.messages), 1)
         [dsn] = self.dsns()

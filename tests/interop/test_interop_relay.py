@@ -66,7 +66,7 @@ class SwaksThroughRelaydToSmtpSinkTests(unittest.TestCase):
         start = next(i for i, line in enumerate(transcript) if line.startswith("<~  354"))
         end = next(i for i in range(start, len(transcript)) if transcript[i] == " ~> .")
         onWire = [line[4:] for line in transcript[start + 1 : end]]
-        sent = [line[1:] if line.startswith(".") else line for line in onWire]
+        sent = [line.removeprefix(".") for line in onWire]
         self.assertEqual(sent[: len(BODY_LINES)], BODY_LINES)
 
         [dump] = yield waitDump(sink, b"last line")

@@ -134,20 +134,32 @@ class CheckDomainTests(unittest.TestCase):
         self.assertEqual(
             lines,
             [
-                "ok    spf: example.test authorises 192.0.2.10 (pass, by ip4:192.0.2.0/24 "
-                "(in the record of example.test); 0 of 10 DNS lookups)",
-                "ok    dkim: rsa1._domainkey.example.test matches relayd's rsa key "
-                "(d=example.test)",
-                "ok    dkim: ed1._domainkey.example.test matches relayd's ed25519 key "
-                "(d=example.test)",
-                "ok    dmarc: _dmarc.example.test (p=reject): relayd's mail aligns through "
-                "DKIM (d=example.test, adkim=s) and SPF (example.test, aspf=r) "
-                "(assuming From: and envelope sender domain example.test)",
-                "ok    mta-sts: _mta-sts.example.test is well formed "
-                "(v=STSv1; id=20260101T000000;); the policy at "
-                "https://mta-sts.example.test/.well-known/mta-sts.txt was not fetched",
-                "ok    tlsrpt: _smtp._tls.example.test is well formed "
-                "(v=TLSRPTv1; rua=mailto:tls@example.test)",
+                (
+                    "ok    spf: example.test authorises 192.0.2.10 (pass, by ip4:192.0.2.0/24 "
+                    "(in the record of example.test); 0 of 10 DNS lookups)"
+                ),
+                (
+                    "ok    dkim: rsa1._domainkey.example.test matches relayd's rsa key "
+                    "(d=example.test)"
+                ),
+                (
+                    "ok    dkim: ed1._domainkey.example.test matches relayd's ed25519 key "
+                    "(d=example.test)"
+                ),
+                (
+                    "ok    dmarc: _dmarc.example.test (p=reject): relayd's mail aligns through "
+                    "DKIM (d=example.test, adkim=s) and SPF (example.test, aspf=r) "
+                    "(assuming From: and envelope sender domain example.test)"
+                ),
+                (
+                    "ok    mta-sts: _mta-sts.example.test is well formed "
+                    "(v=STSv1; id=20260101T000000;); the policy at "
+                    "https://mta-sts.example.test/.well-known/mta-sts.txt was not fetched"
+                ),
+                (
+                    "ok    tlsrpt: _smtp._tls.example.test is well formed "
+                    "(v=TLSRPTv1; rua=mailto:tls@example.test)"
+                ),
             ],
         )
 
@@ -185,7 +197,7 @@ class CheckDomainTests(unittest.TestCase):
         DKIM.
         """
         self.dns.setTXT(DOMAIN, ["v=spf1 ip4:198.51.100.0/24 -all"])
-        status, out, err = yield self.check()
+        status, out, _err = yield self.check()
         self.assertEqual(status, 1)
         self.assertIn(
             "fail  spf: example.test does not authorise 192.0.2.10 (fail, by -all (in the "
@@ -392,12 +404,12 @@ class CheckDomainTests(unittest.TestCase):
         self.dns.setTXT(DOMAIN, ["v=spf1 -all"])
         self.dns.setTXT(f"rsa1._domainkey.{DOMAIN}", [publicRecord(_OTHER)])
         self.dns.remove(f"ed1._domainkey.{DOMAIN}")
-        status, findings = yield self.findings()
+        _, findings = yield self.findings()
         [dmarc] = self.only(findings, "dmarc")
         self.assertEqual(dmarc["status"], "fail")
         self.assertIn("relayd's mail would fail DMARC", dmarc["what"])
         self.dns.setTXT(f"_dmarc.{DOMAIN}", ["v=DMARC1; p=none"])
-        status, findings = yield self.findings()
+        _status, findings = yield self.findings()
         [dmarc] = self.only(findings, "dmarc")
         self.assertEqual(dmarc["status"], "warn")
 
@@ -410,7 +422,7 @@ class CheckDomainTests(unittest.TestCase):
         """
         self.dns.setTXT(f"_dmarc.{DOMAIN}", ["v=DMARC1; p=reject; sp=quarantine"])
         self.dns.setTXT("news.example.test", ["v=spf1 -all"])
-        status, out, err = yield deferToThread(
+        _status, out, _err = yield deferToThread(
             run,
             [
                 "--config",
@@ -503,7 +515,7 @@ class CheckDomainTests(unittest.TestCase):
             text = f.read()
         with open(self.setup.configPath, "w") as f:
             f.write(text.replace('chain = ["mynetworks", "dkim"]', 'chain = ["mynetworks"]'))
-        status, findings = yield self.findings()
+        _status, findings = yield self.findings()
         [dkim] = self.only(findings, "dkim")
         self.assertEqual(dkim["status"], "warn")
         self.assertIn("dkim is not in [policy] chain", dkim["what"])
@@ -515,7 +527,7 @@ class CheckDomainTests(unittest.TestCase):
     def test_internationalizedDomain(self) -> Any:
         """A domain given in Unicode is looked up by its A-labels."""
         self.dns.setTXT("xn--bcher-kva.test", ["v=spf1 ip4:192.0.2.10 -all"])
-        status, out, err = yield deferToThread(
+        _status, out, _err = yield deferToThread(
             run, ["--config", self.setup.configPath, "check-domain", "BÜCHER.test"]
         )
         self.assertIn("ok    spf: xn--bcher-kva.test authorises 192.0.2.10", out)
@@ -523,11 +535,11 @@ class CheckDomainTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_usage(self) -> Any:
         """A bad domain or address is a usage error (2)."""
-        status, out, err = yield deferToThread(
+        status, _, err = yield deferToThread(
             run, ["--config", self.setup.configPath, "check-domain", "not a domain"]
         )
         self.assertEqual(status, 2)
-        status, out, err = yield self.check("--address", "relay.example.test")
+        status, _out, err = yield self.check("--address", "relay.example.test")
         self.assertEqual(status, 2)
         self.assertIn("not an IP address", err)
 

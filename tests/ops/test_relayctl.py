@@ -374,7 +374,7 @@ class QueueTests(RelayctlTestCase):
         A held message moves to hold/ and is not delivered by a flush of
         everything; released, it is attempted at once.
         """
-        held, other = yield self.deferred(["a@example.net"], ["b@example.net"])
+        held, _other = yield self.deferred(["a@example.net"], ["b@example.net"])
         status, out, err, _ = yield self.ctl("queue", "hold", held)
         self.assertEqual((status, out, err), (0, f"{held}: on hold\n", ""))
         self.assertEqual(self.inState("hold"), [held])

@@ -40,8 +40,8 @@ SCRIPT = os.path.join(os.path.dirname(sys.executable), "relayd-sendmail")
 DOMAIN = "example.test"
 LOGIN = pwd.getpwuid(os.getuid()).pw_name
 RECEIVED = re.compile(rb"\AReceived: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
-DATE = re.compile(rb"^Date: (.*)\r\n", re.M)
-MESSAGE_ID = re.compile(rb"^Message-ID: <[^<>@\s]+@example\.test>\r\n", re.M)
+DATE = re.compile(rb"^Date: (.*)\r\n", re.MULTILINE)
+MESSAGE_ID = re.compile(rb"^Message-ID: <[^<>@\s]+@example\.test>\r\n", re.MULTILINE)
 
 
 def run(args, stdin=b"", config=None, env=None):
@@ -639,7 +639,7 @@ class SubmissionTests(SendmailTestCase):
     def test_starttlsAuth(self):
         result = yield self.send(["-f", "demo@example.org", "a@example.org"], b"Subject: x\n\nhi\n")
         self.assertOk(result)
-        record, data = self.only()
+        record, _data = self.only()
         self.assertEqual(record.user, DEMO_USER)
         self.assertEqual(record.listener, "submission")
         received = readData(os.path.join(self.setup.spoolPath, "incoming", record.queueId))

@@ -80,7 +80,7 @@ class AccessTestCase(unittest.TestCase):
             code, lines = c.reply()
             replies = [(code, lines[0])]
             if code != 220:
-                return replies + [("closed", c.closed())]
+                return [*replies, ("closed", c.closed())]
             c.command("EHLO client.test")
             for command in commands:
                 code, lines = c.command(command)
@@ -537,6 +537,8 @@ def test_configErrorRealTwistd(tmp_path: Path) -> None:
     assert "Traceback" not in output, output
     lines = [line for line in output.splitlines() if "relayd: " in line]
     assert lines == [
-        f"relayd: config error: {setup.configPath}: policies.access.client_deny_files: "
-        f"cannot read {tmp_path / 'nowhere.txt'}: No such file or directory"
+        (
+            f"relayd: config error: {setup.configPath}: policies.access.client_deny_files: "
+            f"cannot read {tmp_path / 'nowhere.txt'}: No such file or directory"
+        )
     ], output

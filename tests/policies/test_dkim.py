@@ -176,10 +176,10 @@ class DKIMTestCase(unittest.TestCase):
         result = []
         for f in headers:
             if f.name == "DKIM-Signature":
-                tags = dict(
-                    (k.strip(), re.sub(r"\s+", "", v))
+                tags = {
+                    k.strip(): re.sub(r"\s+", "", v)
                     for k, v in (t.split("=", 1) for t in f.value.split(";") if "=" in t)
-                )
+                }
                 result.append(tags)
         return result
 
@@ -393,8 +393,16 @@ class HeadersThenDKIMTests(DKIMTestCase):
         names = [f.name for f in headers]
         self.assertEqual(
             names,
-            ["DKIM-Signature", "DKIM-Signature", "Received", "From", "To", "Subject"]
-            + ["Date", "Message-ID"],
+            [
+                "DKIM-Signature",
+                "DKIM-Signature",
+                "Received",
+                "From",
+                "To",
+                "Subject",
+                "Date",
+                "Message-ID",
+            ],
         )
         self.assertIn(b"Received: from hidden.invalid (authenticated submission)", data)
         self.assertIn(b"From: Alice <alice@example.com>\r\n", data)
@@ -685,9 +693,11 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(
             lines,
             [
-                f"relayd: config error: {setup.configPath}: "
-                f'policies.dkim.domains."example.com".key: '
-                f"cannot read {path}: No such file or directory"
+                (
+                    f"relayd: config error: {setup.configPath}: "
+                    f'policies.dkim.domains."example.com".key: '
+                    f"cannot read {path}: No such file or directory"
+                )
             ],
         )
 

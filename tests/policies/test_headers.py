@@ -47,9 +47,9 @@ def sendAuthenticated(setup, port, data, sender="alice@example.org"):
         s.starttls(context=setup.clientContext())
         s.login(DEMO_USER, DEMO_PASSWORD)
         s.sendmail(sender, ["bob@example.net"], data)
-        code, text = s.noop()
+        code, _text = s.noop()
         assert code == 250
-    return None
+    return
 
 
 class HeadersTestCase(unittest.TestCase):
@@ -331,7 +331,7 @@ class MasqueradeTests(HeadersTestCase):
             (third, "alice@notexample.com"),
             (fourth, ""),
         ]:
-            data, record = self.stored(queueId)
+            _data, record = self.stored(queueId)
             self.assertEqual(record.sender, sender)
 
 

@@ -102,9 +102,22 @@ class TLSAndACLTests(PolicyCase):
                 f.write(data)
         self.redis = RedisServer(
             tls=(paths["cert"], paths["key"], paths["ca"]),
-            arguments=["--user", "default", "off"]
-            + ["--user", "relayd", "on", f">{PASSWORD}", *ACL]
-            + ["--user", "admin", "on", ">admin-pw", "~*", "+@all"],
+            arguments=[
+                "--user",
+                "default",
+                "off",
+                "--user",
+                "relayd",
+                "on",
+                f">{PASSWORD}",
+                *ACL,
+                "--user",
+                "admin",
+                "on",
+                ">admin-pw",
+                "~*",
+                "+@all",
+            ],
         )
         self.redis.start()
         self.addCleanup(self.redis.stop)
@@ -353,7 +366,8 @@ class HashSlotTests(unittest.TestCase):
         from relayd.address import Address
         from relayd.smtp.auth import LOCKOUT_KEY_PREFIX
 
-        rules = RULES + [
+        rules = [
+            *RULES,
             {
                 "name": "per-sender",
                 "key": "sender",

@@ -95,7 +95,7 @@ class SenderLoginTestCase(unittest.TestCase):
                     return replies
                 assert s.rcpt("b@example.net")[0] == 250
                 code, text = s.data(data)
-                return replies + [(code, text.decode())]
+                return [*replies, (code, text.decode())]
 
         return deferToThread(dialogue)
 

@@ -71,7 +71,7 @@ class SenderLoginUTF8Tests(SenderLoginTestCase):
                 s.starttls(context=self.setup.clientContext())
                 s.ehlo()
                 s.login("alice", PASSWORD)
-                code, text = s.mail(sender, ["SMTPUTF8"])
+                code, _text = s.mail(sender, ["SMTPUTF8"])
                 if code != 250:
                     return [code]
                 assert s.rcpt("b@example.net")[0] == 250

@@ -55,7 +55,7 @@ SOCKET_TIMEOUT = 10.0
 JOIN_TIMEOUT = 10.0
 
 QUEUED_AS = re.compile(r"\bqueued as ([0-9A-Z]+)$")
-TOKEN = re.compile(rb"^X-Durability-Token: (\S+)\r$", re.M)
+TOKEN = re.compile(rb"^X-Durability-Token: (\S+)\r$", re.MULTILINE)
 
 # The stages of a message, as far as its client knows.
 NEW = "new"  # not started
@@ -288,7 +288,7 @@ def runClient(traffic: Traffic, number: int, trickle: bool) -> None:
             if trickle:
                 # Cut at random octets: inside CRLFs, before and after dots.
                 cuts = sorted(rng.sample(range(1, len(stuffed)), k=min(40, len(stuffed) - 1)))
-                for start, end in zip([0] + cuts, cuts + [len(stuffed)], strict=False):
+                for start, end in zip([0, *cuts], [*cuts, len(stuffed)], strict=False):
                     if traffic.stopping.is_set():
                         return
                     client.send(stuffed[start:end])

@@ -56,8 +56,17 @@ class ScriptedDeliverer:
         self.dsn = []
         self.dsnPassed = False
 
-    def deliver(self, destination, sender, recipients, dataPath, size, queueId=None, dsn=None,
-                smtputf8=False):
+    def deliver(
+        self,
+        destination,
+        sender,
+        recipients,
+        dataPath,
+        size,
+        queueId=None,
+        dsn=None,
+        smtputf8=False,
+    ):
         self.calls.append((destination.key, sender, list(recipients)))
         self.dsn.append(dsn)
         self.smtputf8 = smtputf8
@@ -65,11 +74,17 @@ class ScriptedDeliverer:
         for address in recipients:
             steps = self.script.get(address, ["delivered"])
             status = steps.pop(0) if len(steps) > 1 else steps[0]
-            code, enhanced = {"delivered": (250, "2.0.0"), "deferred": (451, "4.7.1"),
-                              "failed": (550, "5.1.1")}[status]
+            code, enhanced = {
+                "delivered": (250, "2.0.0"),
+                "deferred": (451, "4.7.1"),
+                "failed": (550, "5.1.1"),
+            }[status]
             reply = Reply(code, enhanced, "scripted")
-            results.append(RecipientResult(address, status, reply, destination.hops[0].host,
-                                           "end of DATA", self.dsnPassed))
+            results.append(
+                RecipientResult(
+                    address, status, reply, destination.hops[0].host, "end of DATA", self.dsnPassed
+                )
+            )
         result = AttemptResult(results=results, hop=destination.hops[0], tls=None)
         if self.hold:
             d = defer.Deferred()
@@ -107,8 +122,13 @@ class SchedulerTestCase(unittest.TestCase):
         options.setdefault("lifetime", 5 * 86400)
         options.setdefault("delayWarning", 0)
         self.scheduler = Scheduler(
-            spool=self.spool, router=self.router, deliverer=self.deliverer, clock=self.clock,
-            hostname="relayd.test", random=random.Random(1), **options,
+            spool=self.spool,
+            router=self.router,
+            deliverer=self.deliverer,
+            clock=self.clock,
+            hostname="relayd.test",
+            random=random.Random(1),
+            **options,
         )
         self.scheduler.startService()
         self.addCleanup(self.scheduler.stopService)
@@ -116,8 +136,16 @@ class SchedulerTestCase(unittest.TestCase):
 
     def submit(self, sender="a@example.org", recipients=("b@example.org",)):
         record = envelopeRecord(
-            queueId="", sender=sender, recipients=list(recipients), arrival=self.clock.seconds(),
-            size=40, body="7BIT", client="127.0.0.1", helo="h", user=None, listener="relay",
+            queueId="",
+            sender=sender,
+            recipients=list(recipients),
+            arrival=self.clock.seconds(),
+            size=40,
+            body="7BIT",
+            client="127.0.0.1",
+            helo="h",
+            user=None,
+            listener="relay",
         )
         return self.spool.submit(record, b"Subject: test\r\nFrom: a@example.org\r\n\r\nbody\r\n")
 
@@ -141,7 +169,9 @@ class SchedulerTests(SchedulerTestCase):
         yield self.start()
         yield self.submit()
         yield self.settle()
-        self.assertEqual(self.deliverer.calls, [("mx:example.org", "a@example.org", ["b@example.org"])])
+        self.assertEqual(
+            self.deliverer.calls, [("mx:example.org", "a@example.org", ["b@example.org"])]
+        )
         self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
 
     @defer.inlineCallbacks
@@ -150,8 +180,13 @@ class SchedulerTests(SchedulerTestCase):
         yield self.submit(recipients=("x@a.test", "y@b.test", "z@a.test"))
         yield self.settle()
         calls = sorted(self.deliverer.calls)
-        self.assertEqual(calls, [("mx:a.test", "a@example.org", ["x@a.test", "z@a.test"]),
-                                 ("mx:b.test", "a@example.org", ["y@b.test"])])
+        self.assertEqual(
+            calls,
+            [
+                ("mx:a.test", "a@example.org", ["x@a.test", "z@a.test"]),
+                ("mx:b.test", "a@example.org", ["y@b.test"]),
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_deferredThenRetriedWithBackoff(self):
@@ -182,15 +217,19 @@ class SchedulerTests(SchedulerTestCase):
     @defer.inlineCallbacks
     def test_mixedOutcome(self):
         """250 / 451 / 550 in one transaction: each handled on its own."""
-        self.deliverer.script = {"ok@x.test": ["delivered"], "later@x.test": ["deferred", "delivered"],
-                                 "no@x.test": ["failed"]}
+        self.deliverer.script = {
+            "ok@x.test": ["delivered"],
+            "later@x.test": ["deferred", "delivered"],
+            "no@x.test": ["failed"],
+        }
         yield self.start()
         queueId = yield self.submit(recipients=("ok@x.test", "later@x.test", "no@x.test"))
         yield self.settle()
         record, _ = self.spool.load(queueId)
         states = {r.address: r.state for r in record.recipients}
-        self.assertEqual(states, {"ok@x.test": "delivered", "later@x.test": "deferred",
-                                  "no@x.test": "failed"})
+        self.assertEqual(
+            states, {"ok@x.test": "delivered", "later@x.test": "deferred", "no@x.test": "failed"}
+        )
         # The DSN went out at once, to the sender, from <>.
         dsnCalls = [c for c in self.deliverer.calls if c[1] == ""]
         self.assertEqual(dsnCalls, [("mx:example.org", "", ["a@example.org"])])
@@ -208,10 +247,13 @@ class SchedulerTests(SchedulerTestCase):
         yield self.settle()
         [dsnId] = self.spool.entries("deferred")
         record, path = self.spool.load(dsnId)
-        self.assertEqual((record.sender, [r.address for r in record.recipients]),
-                         ("", ["a@example.org"]))
+        self.assertEqual(
+            (record.sender, [r.address for r in record.recipients]), ("", ["a@example.org"])
+        )
         data = readData(path)
-        message = email.message_from_bytes(data[data.index(b"From: "):], policy=email.policy.default)
+        message = email.message_from_bytes(
+            data[data.index(b"From: ") :], policy=email.policy.default
+        )
         self.assertEqual(message.get_content_type(), "multipart/report")
         self.assertEqual(message.get_param("report-type"), "delivery-status")
         status = message.get_payload()[1]
@@ -223,15 +265,18 @@ class SchedulerTests(SchedulerTestCase):
 
     @defer.inlineCallbacks
     def test_permanentRoutingErrorBounces(self):
-        self.router.errors["gone.test"] = RoutingError(True, "5.1.2", "Host or domain name not found")
+        self.router.errors["gone.test"] = RoutingError(
+            True, "5.1.2", "Host or domain name not found"
+        )
         self.router.errors["flaky.test"] = RoutingError(False, "4.4.3", "DNS lookup failed")
         yield self.start()
         queueId = yield self.submit(recipients=("x@gone.test", "y@flaky.test"))
         yield self.settle()
         record, _ = self.spool.load(queueId)
         states = {r.address: (r.state, r.status) for r in record.recipients}
-        self.assertEqual(states, {"x@gone.test": ("failed", "5.1.2"),
-                                  "y@flaky.test": ("deferred", "4.4.3")})
+        self.assertEqual(
+            states, {"x@gone.test": ("failed", "5.1.2"), "y@flaky.test": ("deferred", "4.4.3")}
+        )
 
     @defer.inlineCallbacks
     def test_lifetimeExpiry(self):
@@ -246,7 +291,7 @@ class SchedulerTests(SchedulerTestCase):
         with self.assertRaises(KeyError):
             self.spool.load(queueId)
         [dsnId] = self.spool.entries("deferred")
-        record, path = self.spool.load(dsnId)
+        _record, path = self.spool.load(dsnId)
         self.assertIn(b"Status: 4.4.7", readData(path))
 
     @defer.inlineCallbacks
@@ -277,7 +322,10 @@ class SchedulerTests(SchedulerTestCase):
 
     @defer.inlineCallbacks
     def test_restartRepeatsNothingDeliveredForgetsNothingPending(self):
-        self.deliverer.script = {"ok@x.test": ["delivered"], "later@x.test": ["deferred", "delivered"]}
+        self.deliverer.script = {
+            "ok@x.test": ["delivered"],
+            "later@x.test": ["deferred", "delivered"],
+        }
         yield self.start()
         queueId = yield self.submit(recipients=("ok@x.test", "later@x.test"))
         yield self.settle()
@@ -369,8 +417,11 @@ class SpoolTroubleCase(SchedulerTestCase):
             os.rename(path + ".away", path)
 
     def errors(self, queueId):
-        return [e for e in self.events
-                if e.get("queue_id") == queueId and e["log_level"] >= LogLevel.error]
+        return [
+            e
+            for e in self.events
+            if e.get("queue_id") == queueId and e["log_level"] >= LogLevel.error
+        ]
 
     def count(self, name, **labels):
         return self.metrics.registry.get_sample_value(name, labels) or 0
@@ -408,7 +459,9 @@ class SpoolTroubleTests(SpoolTroubleCase):
         self.repairDirectory("active")
         self.clock.advance(200)
         yield self.settle()
-        self.assertEqual(self.deliverer.calls, [("mx:example.org", "a@example.org", ["b@example.org"])])
+        self.assertEqual(
+            self.deliverer.calls, [("mx:example.org", "a@example.org", ["b@example.org"])]
+        )
         self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
         self.assertEqual(self.count("relayd_spool_errors_total", operation="move"), 2)
         self.assertEqual(self.count("relayd_queue_stuck_messages"), 0)
@@ -449,9 +502,16 @@ class SpoolTroubleTests(SpoolTroubleCase):
         yield self.start(metrics=self.metrics, sweepInterval=60)
         queueId = self.spool.newQueueId()
         record = envelopeRecord(
-            queueId=queueId, sender="a@example.org", recipients=["b@example.org"],
-            arrival=self.clock.seconds(), size=8, body="7BIT", client="127.0.0.1", helo="h",
-            user=None, listener="relay",
+            queueId=queueId,
+            sender="a@example.org",
+            recipients=["b@example.org"],
+            arrival=self.clock.seconds(),
+            size=8,
+            body="7BIT",
+            client="127.0.0.1",
+            helo="h",
+            user=None,
+            listener="relay",
         )
         with open(os.path.join(self.directory, "incoming", queueId), "wb") as f:
             f.write(b"\r\nbody\r\n" + encodeTrailer(record, 8))
@@ -460,11 +520,16 @@ class SpoolTroubleTests(SpoolTroubleCase):
         self.assertEqual(self.deliverer.calls, [])
         self.clock.advance(30)
         yield self.settle()
-        self.assertEqual(self.deliverer.calls, [("mx:example.org", "a@example.org", ["b@example.org"])])
+        self.assertEqual(
+            self.deliverer.calls, [("mx:example.org", "a@example.org", ["b@example.org"])]
+        )
         self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
         self.assertEqual(self.count("relayd_queue_stuck_total"), 1)
-        [warning] = [e for e in self.events
-                     if e.get("queue_id") == queueId and e["log_level"] == LogLevel.warn]
+        [warning] = [
+            e
+            for e in self.events
+            if e.get("queue_id") == queueId and e["log_level"] == LogLevel.warn
+        ]
         self.assertIn("not in the schedule", formatEvent(warning))
 
 
@@ -529,8 +594,7 @@ class FullSpoolTests(SpoolTroubleCase):
         for error in errors:
             self.assertNotIn("log_failure", error)
             self.assertIn("No space left on device", formatEvent(error))
-        self.assertEqual(self.count("relayd_delivery_outcomes_unrecorded_total"),
-                         len(errors))
+        self.assertEqual(self.count("relayd_delivery_outcomes_unrecorded_total"), len(errors))
         self.assertEqual(self.count("relayd_queue_stuck_messages"), 1)
         # Space again: the deferred recipient goes, the message leaves.
         self.free()
@@ -562,8 +626,11 @@ class FullSpoolTests(SpoolTroubleCase):
         yield self.settle()
         self.assertEqual(self.count("relayd_delivery_outcomes_unrecorded_total"), 1)
         yield self.scheduler.stopService()
-        [warning] = [e for e in self.events
-                     if e.get("queue_id") == queueId and e["log_level"] == LogLevel.warn]
+        [warning] = [
+            e
+            for e in self.events
+            if e.get("queue_id") == queueId and e["log_level"] == LogLevel.warn
+        ]
         self.assertIn("outcomes the spool did not record", formatEvent(warning))
 
     @defer.inlineCallbacks
@@ -610,4 +677,3 @@ def test_backoff():
         nominal = min(300 * 2 ** (n - 1), 4200)
         assert 0.9 * nominal <= delay <= 1.1 * nominal
     assert delays[-1] <= 4200 * 1.1
-

@@ -852,9 +852,11 @@ class LockTests(unittest.TestCase):
             [
                 sys.executable,
                 "-c",
-                "import fcntl, os, sys, time\n"
-                f"fd = os.open({os.path.join(directory, 'lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-                "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(30)\n",
+                (
+                    "import fcntl, os, sys, time\n"
+                    f"fd = os.open({os.path.join(directory, 'lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                    "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(30)\n"
+                ),
             ],
             stdout=subprocess.PIPE,
             text=True,

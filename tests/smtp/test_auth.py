@@ -339,7 +339,7 @@ class SetPasswordTests(SynchronousTestCase):
             f.write(before)
         setPassword(self.path, "alice", "new", ROUNDS)
         after = readBytes(self.path)
-        head, sep, tail = after.partition(b"alice:")
+        head, _sep, tail = after.partition(b"alice:")
         self.assertEqual(head, before.partition(b"alice:")[0])
         self.assertEqual(
             tail.partition(b"\n")[2], before.partition(b"alice:")[2].partition(b"\n")[2]

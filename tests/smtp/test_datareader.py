@@ -40,7 +40,7 @@ def test_unstuffing_any_chunking(chunk):
 
 
 def test_dot_on_first_line():
-    reader, out, rest = feedAll(b"..hello\r\n.\r\n", 1)
+    _reader, out, rest = feedAll(b"..hello\r\n.\r\n", 1)
     assert out == b".hello\r\n"
     assert rest == b""
 
@@ -81,24 +81,24 @@ def test_smuggling_variants_are_not_an_end(variant, chunk):
     """
     smuggled = b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nforged\r\n"
     wire = b"Subject: a\r\n\r\nhello" + variant + smuggled + b".\r\nQUIT\r\n"
-    reader, out, rest = feedAll(wire, chunk)
+    reader, _out, rest = feedAll(wire, chunk)
     assert reader.problem in ("bare", "nul")
     assert rest == b"QUIT\r\n"
 
 
 def test_bare_lf_inside_body_refused():
-    reader, out, rest = feedAll(b"line one\nline two\r\n.\r\n", 1024)
+    reader, _out, rest = feedAll(b"line one\nline two\r\n.\r\n", 1024)
     assert reader.problem == "bare"
     assert rest == b""
 
 
 def test_bare_cr_at_chunk_edge():
-    reader, out, rest = feedAll(b"abc\rdef\r\n.\r\n", 4)
+    reader, _out, _rest = feedAll(b"abc\rdef\r\n.\r\n", 4)
     assert reader.problem == "bare"
 
 
 def test_cr_lf_split_over_chunks_is_fine():
-    reader, out, rest = feedAll(b"abc\r\ndef\r\n.\r\n", 4)
+    reader, out, _rest = feedAll(b"abc\r\ndef\r\n.\r\n", 4)
     assert reader.problem is None
     assert out == b"abc\r\ndef\r\n"
 
@@ -132,7 +132,7 @@ def test_huge_line_bounded_and_read_to_end():
 
 def test_size_limit_read_to_end():
     body = (b"z" * 98 + b"\r\n") * 20
-    reader, out, rest = feedAll(body + b".\r\nRSET\r\n", 256, maxSize=1000)
+    reader, _out, rest = feedAll(body + b".\r\nRSET\r\n", 256, maxSize=1000)
     assert reader.problem == "size"
     assert rest == b"RSET\r\n"
     assert reader.size > 1000
@@ -155,7 +155,7 @@ def splitFeeds(wire: bytes, cuts):
     reader = DataReader(out.append, 10**9)
     rest = None
     start = 0
-    for cut in list(cuts) + [len(wire)]:
+    for cut in [*list(cuts), len(wire)]:
         if cut <= start:
             continue
         rest = reader.feed(wire[start:cut])

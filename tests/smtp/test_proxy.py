@@ -17,6 +17,7 @@ tests/interop/test_haproxy.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -389,10 +390,8 @@ class UnauthorisedPeerTests(ProxyTestCase):
             except ConnectionResetError:
                 return True
             with s:
-                try:
+                with contextlib.suppress(OSError):
                     s.sendall(v1("127.0.0.1"))
-                except OSError:
-                    pass
                 return closedWithoutGreeting(s)
 
         self.assertTrue((yield deferToThread(dialogue)))
