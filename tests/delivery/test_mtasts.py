@@ -235,7 +235,7 @@ class FetchTests(unittest.TestCase):
         os.mkdir(self.spool)
         self.server = PolicyServer(self.directory, self.ca, ["mta-sts.example.net"])
         self.httpsPort = self.server.start()
-        self.addCleanup(self.server.stop)
+        self.addCleanup(lambda: self.server.stop())  # noqa: PLW0108 (the test replaces self.server)
         self.dns.setTXT("_mta-sts.example.net", ["v=STSv1; id=one;"])
         self.dns.setA("mta-sts.example.net", ["127.0.0.1"])
         self.events = []
@@ -462,7 +462,7 @@ class MTASTSDeliveryTests(DeliveryTestCase):
             self.options[address] = loadServerOptions(*paths)
         self.server = PolicyServer(self.tlsDir, ca, ["mta-sts.example.net"])
         httpsPort = self.server.start()
-        self.addCleanup(self.server.stop)
+        self.addCleanup(lambda: self.server.stop())  # noqa: PLW0108 (the test replaces self.server)
         self.delivery = {
             **self.delivery,
             "ca_file": caPath,
