@@ -26,6 +26,7 @@ from relayd.config import Config, ConfigError
 from relayd.interfaces import IReloadable
 from relayd.ops.control import ControlService, ControlSocketError
 from relayd.ops.metrics import NO_METRICS, Metrics, NoMetrics, SummedRegistry, metricsSite
+from relayd.ops.sdnotify import SystemdNotifier
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
 from relayd.queue.spool import SpoolLocked
 from relayd.smtp.proxy import ProxyFactory
@@ -128,6 +129,9 @@ class RelaydService(MultiService):
         self.spool: Any = None
         self.receivers: Any = None
         self.deliveries: Any = None
+        # systemd's Type=notify (relayd.ops.sdnotify): the queue manager's
+        # tree only, never a receiver's or a config check's.
+        self.systemd: SystemdNotifier | None = None
 
     def setServiceParent(self, parent: Any) -> Any:
         """
@@ -183,7 +187,16 @@ class RelaydService(MultiService):
             self.receivers.reload()
         if self.deliveries is not None:
             self.deliveries.reload()
-        return _reload(self)
+        if self.systemd is not None:
+            self.systemd.reloading()
+
+        def done(ok: bool) -> bool:
+            self.metrics.reloaded(bool(ok))
+            if self.systemd is not None:
+                self.systemd.reloaded("" if ok else f"reload refused: {self.reloadError}")
+            return ok
+
+        return _reload(self).addCallback(done)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -193,6 +206,8 @@ class RelaydService(MultiService):
         finishes its commits, then the thread pools stop.
         """
         Service.stopService(self)
+        if self.systemd is not None:
+            self.systemd.stopping()
         children = list(self)
         if self.receivers is not None:
             # They stop in parallel with this process's own sessions; the
@@ -224,6 +239,13 @@ class RelaydService(MultiService):
             self._fatal(f"{key}: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
         except ControlSocketError as e:
             self._fatal(f"control.socket: {e}")
+        if self.systemd is not None:
+            # Listeners bound, spool recovered; ready once the reactor runs
+            # and so answers the connections waiting in the backlog.
+            systemd = self.systemd
+            cast(Any, self.reactor).callWhenRunning(
+                systemd.ready, f"relaying; config {self.config.path}"
+            )
 
     def _fatal(self, problem: str) -> None:
         """
@@ -349,6 +371,8 @@ def buildService(
     if config.deliveryEnabled and receiver is None:
         top.scheduler = _deliverySide(config, reactor, spool, top)
         top.metrics.watchQueue(top.scheduler)
+    if receiver is None:
+        top.metrics.watchSpool(spool)
     metricsService = None
     if metricsEndpoint is not None:
         assert isinstance(top.metrics, Metrics)
@@ -435,6 +459,8 @@ def buildService(
     MaildropService(top, reactor).setServiceParent(top)
     # Last: it starts once the spool holds its lock, and stops first.
     ControlService(top, spool, reactor).setServiceParent(top)
+    if not checkOnly:
+        top.systemd = SystemdNotifier(reactor)
     return top
 
 

@@ -239,6 +239,19 @@ class Scheduler(Service):
         oldest = min(self._state) if self._state else None
         return counts, arrivalFromQueueId(oldest) if oldest is not None else None
 
+    def oldestByState(self) -> dict[str, float]:
+        """
+        From the in-memory index (for L{relayd.ops.metrics}): when the
+        oldest message in each spool state arrived (epoch, from its queue
+        id); states without messages are left out.
+        """
+        oldest: dict[str, str] = {}
+        for queueId, state in self._state.items():
+            if state not in oldest or queueId < oldest[state]:
+                oldest[state] = queueId
+        arrivals = {state: arrivalFromQueueId(queueId) for state, queueId in oldest.items()}
+        return {state: when for state, when in arrivals.items() if when is not None}
+
     def stuckMessages(self) -> int:
         """
         How many queued messages had their last spool operation fail (a
@@ -613,6 +626,8 @@ class Scheduler(Service):
             byDomain.setdefault(domain, []).append(r.address)
 
         groups: dict[str, tuple[Any, list[str]]] = {}
+        # Each recipient's destination class, for the per-class metrics.
+        classes: dict[str, str] = {}
         for domain, addresses in byDomain.items():
             try:
                 destination = yield self.router.route(domain)
@@ -624,6 +639,8 @@ class Scheduler(Service):
                     outcomes[address] = (RecipientResult(address, status, reply, None), None)
                 continue
             groups.setdefault(destination.key, (destination, []))[1].extend(addresses)
+            destinationClass = destinationClassOf(destination.key)
+            classes.update((address, destinationClass) for address in addresses)
 
         dsn = DSNParameters.fromRecord(record)
         calls = []
@@ -681,6 +698,7 @@ class Scheduler(Service):
                 command=result.command,
             )
             self._logRecipient(queueId, r, result, attempt, now - record.arrival, expired)
+            self._countDestination(r, attempt, classes.get(r.address, "none"), now - record.arrival)
             if r.state == RecipientState.FAILED:
                 newlyFailed.append(index)
             elif (
@@ -821,6 +839,25 @@ class Scheduler(Service):
         )
         self.metrics.deliveryAttempt(status, delay if status == "sent" else None)
 
+    def _countDestination(
+        self, r: RecipientRecord, attempt: Any, destinationClass: str, delay: float
+    ) -> None:
+        """Count one recipient's attempt by destination class and outbound TLS."""
+        status = {
+            RecipientState.DELIVERED: "sent",
+            RecipientState.FAILED: "bounced",
+            RecipientState.DEFERRED: "deferred",
+        }[r.state]
+        self.metrics.destinationDelivery(
+            destinationClass, status, delay if status == "sent" else None
+        )
+        hop = getattr(attempt, "hop", None)
+        if hop is None:
+            return
+        tls = getattr(attempt, "tls", None)
+        got = "none" if tls is None else "verified" if hop.tls == "verify" else "unverified"
+        self.metrics.deliveryTLS(str(hop.tls), got)
+
     @inlineCallbacks
     def _bounce(
         self, queueId: str, record: QueueRecord, recipients: list[RecipientRecord],
@@ -925,3 +962,12 @@ class Scheduler(Service):
             action={"failed": "non-delivery", "delayed": "delay", "relayed": "success"}[action],
             bounce_id=bounceId,
         )
+
+
+def destinationClassOf(key: str) -> str:
+    """
+    The metrics' destination class of a L{relayd.delivery.routing.Destination}
+    key: C{mx} for MX delivery (whatever the domain: one label value, not
+    one per domain), C{route:N} for the N-th configured route.
+    """
+    return "mx" if key.startswith("mx:") else key

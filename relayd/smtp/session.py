@@ -230,6 +230,27 @@ def _utf8(argument: str) -> str:
     return argument.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
+_COUNTED_COMMANDS = frozenset(
+    {
+        "HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY",
+        "EXPN", "HELP", "STARTTLS", "AUTH", "ETRN", "TURN", "ATRN", "XCLIENT", "XFORWARD",
+    }
+)  # fmt: skip
+"""The command label values of C{relayd_smtp_replies_total}: the SMTP
+verbs (RFC 5321 section 4.1, and extensions); any other line counts as
+C{UNKNOWN}, so a client cannot make up label values."""
+
+_REFUSAL_STAGES = {"MAIL": "mail", "RCPT": "rcpt"}
+"""Commands whose refusal is a rejected message (L{SMTPServer.failWith})."""
+
+
+def _tlsFailed(reason: Failure) -> bool:
+    """Whether a connection ended for a TLS error (a failed handshake, before any version)."""
+    from OpenSSL import SSL
+
+    return reason.check(SSL.Error) is not None
+
+
 def _escaped(argument: str) -> str:
     """A command argument (latin-1 decoded octets) for a log line: non-ASCII octets as C{\\xNN}."""
     return argument.encode("latin-1").decode("ascii", "backslashreplace")
@@ -316,6 +337,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._dataStarted = 0.0
         self._dataOctets = 0
         self._dataTimer: Any = None
+        # The command the next reply answers, for the replies metric:
+        # GREETING until the first command line.
+        self._command = "GREETING"
 
     # --- connection ----------------------------------------------------
 
@@ -393,6 +417,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             bits = conn.get_cipher_bits()
         except Exception:
             bits = None
+        self.factory.metrics.tlsHandshake(self.factory.listener, self.session.tlsVersion)
         log.info(
             "{session_id}: TLS established {tls_version} {tls_cipher} ({bits} bits)",
             session_id=self.session.sessionId,
@@ -418,6 +443,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if self._metered:
             self._metered = False
             self.factory.metrics.connectionClosed(self.factory.listener)
+            if _tlsFailed(reason) and self.session is not None and not self.session.tlsVersion:
+                self.factory.metrics.tlsHandshakeFailed(self.factory.listener)
         if self.session is not None:
             log.info(
                 "{session_id}: disconnect from [{client}] in state {state}",
@@ -548,8 +575,14 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     # --- replies ---------------------------------------------------------
 
     def sendReply(self, reply: Reply) -> None:
-        """Send a one-line L{Reply}."""
+        """
+        Send a one-line L{Reply}.  A refusal (4xx, 5xx) is counted by the
+        command it answers (L{relayd.ops.metrics}: every refusal, whichever
+        path sent it).
+        """
         self.transport.write(str(reply).encode("utf-8") + b"\r\n")
+        if reply.code >= 400:
+            self.factory.metrics.smtpReply(self._command, reply.code, reply.enhanced)
 
     def reply(self, code: int, enhanced: str | None, text: str) -> None:
         """
@@ -562,9 +595,17 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         """Send an error reply; too many of them end the session."""
         self.failWith(Reply(code, enhanced, text))
 
-    def failWith(self, reply: Reply) -> None:
-        """L{fail} with a L{Reply}."""
+    def failWith(self, reply: Reply, stage: str | None = None) -> None:
+        """
+        L{fail} with a L{Reply}.  A refused MAIL or RCPT (syntax, 530,
+        555, parameters, ...) is counted as a rejected message at its
+        C{stage} (C{relayd_messages_rejected_total}), as are the refusals
+        that name their C{stage} (L{_refuseWith}).
+        """
         self.sendReply(reply)
+        stage = stage or _REFUSAL_STAGES.get(self._command)
+        if stage is not None:
+            self.factory.metrics.messageRejected(stage, reply.code)
         self._errors += 1
         if self._errors >= self.factory.config.maxErrors and self.state != "closed":
             assert self.session is not None
@@ -582,8 +623,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     def _refuseWith(self, stage: str, reply: Reply) -> None:
         """L{_refuse} with a L{Reply}."""
-        self.factory.metrics.messageRejected(stage, reply.code)
-        self.failWith(reply)
+        self.failWith(reply, stage)
 
     def _answer(self, verdict: Verdict) -> None:
         self.sendReply(verdict.reply)
@@ -621,10 +661,12 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         line = raw.decode("latin-1")
         if self.state == "auth":
+            self._command = "AUTH"
             self._authContinue(line)
             return
         verb, _, argument = line.partition(" ")
         verb = verb.upper()
+        self._command = verb if verb in _COUNTED_COMMANDS else "UNKNOWN"
         limit = COMMAND_LINE + (extensions.MAIL_ALLOWANCE if verb == "MAIL" else 0)
         limit += extensions.RCPT_ALLOWANCE if verb == "RCPT" else 0
         if len(raw) + 2 > limit:
