@@ -826,7 +826,7 @@ class Scheduler(Service):
             relay_address=getattr(hop, "address", None),
             relay_port=getattr(hop, "port", None),
             delay=delay,
-            tls=tls or "none",
+            tls=tls,
             tls_verified=verified,
             tls_trust="" if tls is None else " (verified)" if verified else " (unverified)",
             status=status,

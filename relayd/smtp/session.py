@@ -72,6 +72,7 @@ from zope.interface import implementer
 from relayd.address import AddressError, parseParameters, parsePath
 from relayd.delivery import requiretls
 from relayd.envelope import Envelope, Message, Recipient, Session
+from relayd.ops.logs import ABSENT, idFields
 from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.queue.record import QueueRecord
 from relayd.reply import Reply
@@ -242,6 +243,13 @@ C{UNKNOWN}, so a client cannot make up label values."""
 
 _REFUSAL_STAGES = {"MAIL": "mail", "RCPT": "rcpt"}
 """Commands whose refusal is a rejected message (L{SMTPServer.failWith})."""
+
+
+def _shown(key: str, value: Any) -> str:
+    """A field in a line's text: an address in angle brackets, no value as C{none}."""
+    if value is None:
+        return ABSENT
+    return f"<{value}>" if key in ("sender", "to") else str(value)
 
 
 def _tlsFailed(reason: Failure) -> bool:
@@ -631,15 +639,19 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._close()
 
     def _log(self, what: str, verdict: Verdict, **extra: Any) -> None:
+        """
+        One line per decided command, led by the queue id (the session id
+        before MAIL was accepted).  The fields are as everywhere
+        (docs/observability.md): addresses without angle brackets and
+        absent values as None (null in JSON); the text shows addresses in
+        brackets and absent values as C{none}.
+        """
         assert self.session is not None
-        queueId = self.envelope.queueId if self.envelope else None
         log.info(
             "{prefix}: {what} {detail}-> {action} {code} {enhanced} session={session_id}",
-            prefix=queueId or self.session.sessionId,
-            session_id=self.session.sessionId,
-            queue_id=queueId,
+            **idFields(self.session, self.envelope),
             what=what,
-            detail="".join(f"{k}={v} " for k, v in extra.items()),
+            detail="".join(f"{k}={_shown(k, v)} " for k, v in extra.items()),
             action=verdict.action.value,
             code=verdict.code,
             enhanced=verdict.enhanced,
@@ -981,7 +993,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if self.state == "closed":
                 return
             if verdict.action in (Action.REJECT, Action.TEMPFAIL):
-                self._log("MAIL", verdict, sender=f"<{sender}>")
+                self._log("MAIL", verdict, sender=str(sender))
                 f.metrics.messageRejected("mail", verdict.reply.code)
                 self._answer(verdict)
                 return
@@ -994,11 +1006,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._log(
                 "MAIL",
                 verdict if verdict.final else _OK_SENDER,
-                sender=f"<{sender}>",
+                sender=str(sender),
                 client=str(session.clientAddress),
                 helo=session.helo,
-                tls=session.tlsVersion if session.tls else "none",
-                user=session.user or "none",
+                tls=session.tlsVersion if session.tls else None,
+                user=session.user,
             )
             self.reply(250, "2.1.0", "Ok")
 
@@ -1046,7 +1058,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if verdict.action is Action.CONTINUE:
                 # Relaying is denied by default (DESIGN section 3).
                 verdict = _RELAY_DENIED
-            self._log("RCPT", verdict, to=f"<{recipient}>", sender=f"<{envelope.sender}>")
+            self._log("RCPT", verdict, to=str(recipient), sender=str(envelope.sender))
             if verdict.action is Action.ACCEPT:
                 if recipient not in envelope.recipients:
                     envelope.recipients.append(recipient)
