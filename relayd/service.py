@@ -270,6 +270,17 @@ def _serverEndpoint(reactor: Any, text: str, path: str, key: str, checkOnly: boo
     (C{LISTEN_FDS}, a C{.socket} unit); when only checking the config
     (C{relayctl check-config}), its syntax is all there is to check.
     """
+    import os
+
+    from relayd.endpoints import endpointProblem, explainError, resolvePaths
+
+    written = text
+    # Relative file names (unix: sockets, ssl: keys) are the config
+    # folder's, as every other path in the config file.
+    text = resolvePaths(text, os.path.dirname(os.path.abspath(path)))
+    problem = endpointProblem(text)
+    if problem is not None:
+        raise ConfigError(path, key, f"bad endpoint {written!r}: {problem}")
     try:
         return serverFromString(reactor, text)
     except (IndexError, KeyError) as e:
@@ -282,9 +293,9 @@ def _serverEndpoint(reactor: Any, text: str, path: str, key: str, checkOnly: boo
                 f"{text!r}: systemd passed no such socket (LISTEN_FDS, LISTEN_FDNAMES); "
                 "start relayd from its .socket unit (etc/relayd.socket), or listen with tcp:",
             ) from None
-        raise ConfigError(path, key, f"bad endpoint {text!r}: {e}") from None
+        raise ConfigError(path, key, f"bad endpoint {written!r}: {explainError(e)}") from None
     except (ValueError, TypeError) as e:
-        raise ConfigError(path, key, f"bad endpoint {text!r}: {e}") from None
+        raise ConfigError(path, key, f"bad endpoint {written!r}: {explainError(e)}") from None
 
 
 def buildService(
