@@ -56,7 +56,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayd.ops.logs import idFields
 from relayd.plugin import (
     CONTINUE,
     Address,
@@ -76,6 +75,18 @@ from relayd.plugin import (
 from relayd.policies.ratecounter import MemoryStore, RedisStore, WallClock, withoutPassword
 
 __all__ = ["RateLimit", "Rule", "Limit", "parseLimit"]
+
+
+def _ids(session: Any, envelope: Any) -> dict[str, Any]:
+    """
+    A log line's ids (as L{relayd.ops.logs.idFields}, which a built-in
+    policy does not import: only L{relayd.plugin}): C{prefix} is the
+    queue id, or before MAIL was accepted the session id, never None.
+    """
+    queueId = getattr(envelope, "queueId", None)
+    sessionId = getattr(session, "sessionId", None)
+    return {"prefix": queueId or sessionId or "-", "session_id": sessionId, "queue_id": queueId}
+
 
 log = Logger(namespace="relayd.policies.ratelimit")
 
@@ -469,7 +480,7 @@ class RateLimit:
             phase=phase,
             action=action,
             error=failure.getErrorMessage(),
-            **idFields(session, envelope),
+            **_ids(session, envelope),
         )
         return CONTINUE if self.onError == "accept" else STORE_FAILED
 
@@ -485,7 +496,7 @@ class RateLimit:
         log.warn(
             "{prefix}: rate limit exceeded at {phase}: {rule} {limit} {kind} for "
             "{what} {value} client=[{client}] session={session_id}",
-            **idFields(session, envelope),
+            **_ids(session, envelope),
             phase=phase,
             rule=counter.rule.name,
             limit=counter.limit.spec,
