@@ -30,8 +30,10 @@ Metric names, all prefixed C{relayd_} (see also README.md):
     is C{none} and C{action} C{continue} (at RCPT that means relay denied).
   - C{relayd_messages_accepted_total{listener}}: messages queued (250 sent).
   - C{relayd_messages_rejected_total{stage,code}}: MAIL, RCPT and end of
-    DATA refused by a policy, a limit, the message's content or the spool;
-    C{stage} is C{mail}, C{rcpt} or C{data}, C{code} the reply code.
+    DATA refused by a policy, a limit, the message's content or the spool,
+    and every other refused MAIL or RCPT (530 without AUTH, 555, 501
+    syntax, 503 sequence); C{stage} is C{mail}, C{rcpt} or C{data}, C{code}
+    the reply code.
   - C{relayd_received_bytes_total{listener}}: octets of the messages
     queued, as stored (with relayd's Received: header).
   - C{relayd_commit_latency_seconds}: histogram, end of DATA to 250
@@ -519,6 +521,12 @@ class QueueCollector:
         return [size, oldestAge, stuckNow, ages]
 
 
+PER_PROCESS = frozenset(
+    {"relayd_build_info", "relayd_reload_success", "relayd_reload_timestamp_seconds"}
+)
+"""Families (with C{process_*}) that are the serving process's own: never
+added up with other processes' samples (a version, a time, a state)."""
+
 Samples = dict[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]
 """Sample values by family name, then by (sample name, labels)."""
 
@@ -526,13 +534,16 @@ Samples = dict[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]
 def parseSamples(text: str, gauges: bool = True) -> Samples:
     """
     The samples of a scrape page (another process's, L{relayd.receivers}),
-    without C{_created} timestamps (which do not add up) and, unless
+    without C{_created} timestamps and L{PER_PROCESS} families (which do
+    not add up) and, unless
     C{gauges}, without gauges (a gone process's open connections are not
     open any more; its counts stay counted).
     """
     found: Samples = {}
     for family in text_string_to_metric_families(text):
         if family.type == "gauge" and not gauges:
+            continue
+        if family.name in PER_PROCESS or family.name.startswith("process_"):
             continue
         into = found.setdefault(family.name, {})
         for sample in family.samples:

@@ -475,3 +475,33 @@ def test_arrivalFromQueueId(tmp_path: Path) -> None:
     assert made is not None and before - 0.001 <= made <= time.time() + 0.001
     assert arrivalFromQueueId("SHORT") is None
     assert arrivalFromQueueId("ZZZZZZZZZZZZZZZZZZ") is None
+
+
+def test_perProcessFamiliesNotSummed() -> None:
+    """
+    A receiver's scrape page, added into the queue manager's: its counts
+    are, its version, reload state and process_* figures are not (one
+    relayd_build_info of 1, the queue manager's own process).
+    """
+    from prometheus_client import generate_latest
+
+    from relayd.ops.metrics import SummedRegistry, parseSamples
+
+    receiver = Metrics()
+    receiver.messageRejected("mail", 530)
+    samples = parseSamples(generate_latest(receiver.registry).decode())
+    assert not [name for name in samples if name.startswith("process_")]
+    assert "relayd_build_info" not in samples and "relayd_reload_success" not in samples
+    main = Metrics()
+    main.messageRejected("mail", 530)
+    text = generate_latest(SummedRegistry(main.registry, lambda: [samples, samples])).decode()  # type: ignore[arg-type]
+    found = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert value(found, "relayd_messages_rejected_total", stage="mail", code="530") == 3
+    [(_, labels)] = [k for k in found if k[0] == "relayd_build_info"]
+    assert found[("relayd_build_info", labels)] == 1
+    assert value(found, "relayd_reload_success") == 1
+    assert value(found, "process_start_time_seconds") > 0
