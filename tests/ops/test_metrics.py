@@ -494,7 +494,7 @@ def test_perProcessFamiliesNotSummed() -> None:
     assert "relayd_build_info" not in samples and "relayd_reload_success" not in samples
     main = Metrics()
     main.messageRejected("mail", 530)
-    text = generate_latest(SummedRegistry(main.registry, lambda: [samples, samples])).decode()  # type: ignore[arg-type]
+    text = generate_latest(SummedRegistry(main.registry, lambda: [samples, samples])).decode()
     found = {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
