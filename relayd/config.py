@@ -163,9 +163,13 @@ class Config:
     deliveryPort: int = 25
     mxTls: str = "opportunistic"
     caFile: str | None = None
+    mtaSts: bool = True
+    mtaStsPort: int = 443
+    mtaStsTimeout: float = 60.0
     resolvers: tuple[str, ...] = ()
     resolverPort: int = 53
     dnsTimeout: float = 5.0
+    dane: bool = False
     deliveryConcurrency: int = 100
     perDestination: int = 20
     messagesPerConnection: int = 100
@@ -388,8 +392,18 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "port": _Key(int, 25, check=_port),
         "mx_tls": _Key(str, "opportunistic", check=_oneOf(*TLS_MODES)),
         "ca_file": _Key(str),
+        # MTA-STS (RFC 8461, relayd.delivery.mtasts) for MX delivery, not
+        # routes: policy hosts are verified like "verify" hops (ca_file,
+        # else the system's trust store); their port (443; tests use
+        # another) and the fetch timeout (section 3.3: 60 s or less).
+        "mta_sts": _Key(bool, True),
+        "mta_sts_port": _Key(int, 443, check=_port),
+        "mta_sts_timeout": _Key(_NUMBER, 60.0, check=_positive),
         "resolvers": _Key(list, [], check=_stringList),
         "resolver_port": _Key(int, 53, check=_port),
+        # DANE (RFC 7672): trusts the AD bit, so only with a validating
+        # resolver on this host (checked below; relayd.delivery.dane).
+        "dane": _Key(bool, False),
         "dns_timeout": _Key(_NUMBER, 5.0, check=_positive),
         # How much at once: Postfix's default_process_limit (100) and
         # default_destination_concurrency_limit (20); idle connections are
@@ -453,6 +467,16 @@ _HOP: dict[str, _Key] = {
     "username": _Key(str),
     "password": _Key(str),
     "password_file": _Key(str),
+    # SMTP AUTH with an OAuth2 access token (relayd.delivery.oauth2).
+    "auth": _Key(str, check=_oneOf("password", "xoauth2", "oauthbearer")),
+    "oauth2_grant": _Key(str, check=_oneOf("refresh_token", "client_credentials")),
+    "oauth2_token_url": _Key(str),
+    "oauth2_client_id": _Key(str),
+    "oauth2_client_secret_file": _Key(str),
+    "oauth2_refresh_token_file": _Key(str),
+    "oauth2_scope": _Key(str),
+    "oauth2_ca_file": _Key(str),
+    "oauth2_timeout": _Key(_NUMBER, 30, check=_positive),
 }
 
 _LISTENER: dict[str, _Key] = {
@@ -525,6 +549,34 @@ def _readable(path: str, key: str, file: str) -> None:
         raise ConfigError(path, key, f"file not found: {file}") from None
     except OSError as e:
         raise ConfigError(path, key, f"cannot read {file}: {e.strerror}") from None
+
+
+def _checkDaneResolvers(path: str, resolvers: list[str]) -> None:
+    """
+    C{dane = true} needs C{resolvers} set, every one on a loopback address:
+    relayd trusts the AD bit of their answers (RFC 7672 section 2.1, as
+    Postfix does), which only a validating resolver on this host (unbound
+    on 127.0.0.1, docs/dane.md) makes trustworthy; the AD bit of a remote
+    resolver crosses the network unprotected and anyone on the path could
+    set it.  The system's resolv.conf is not taken on trust either.
+    """
+    from relayd.delivery.dane import isLoopbackResolver
+
+    if not resolvers:
+        raise ConfigError(
+            path,
+            "delivery.dane",
+            "needs delivery.resolvers set to a validating resolver on this host "
+            '(e.g. ["127.0.0.1"] with unbound)',
+        )
+    remote = [r for r in resolvers if not isLoopbackResolver(r)]
+    if remote:
+        raise ConfigError(
+            path,
+            "delivery.dane",
+            f"needs resolvers on a loopback address, whose AD bit can be trusted; "
+            f"not {', '.join(remote)}",
+        )
 
 
 def load(path: str) -> Config:
@@ -660,6 +712,8 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         raise ConfigError(
             path, "delivery.retry_max", "must not be less than delivery.retry_initial"
         )
+    if delivery["dane"]:
+        _checkDaneResolvers(path, delivery["resolvers"])
     routes = _routes(path, base, raw.get("routes", []))
     _refuseRoutesToSelf(path, routes, listeners, hostname)
     spoolDirectory = _resolve(base, spool["directory"]) or ""
@@ -714,8 +768,12 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         deliveryPort=delivery["port"],
         mxTls=delivery["mx_tls"],
         caFile=caFile,
+        mtaSts=delivery["mta_sts"],
+        mtaStsPort=delivery["mta_sts_port"],
+        mtaStsTimeout=min(60.0, float(delivery["mta_sts_timeout"])),
         resolvers=tuple(delivery["resolvers"]),
         resolverPort=delivery["resolver_port"],
+        dane=delivery["dane"],
         dnsTimeout=float(delivery["dns_timeout"]),
         deliveryConcurrency=delivery["concurrency"],
         perDestination=delivery["per_destination"],
@@ -766,7 +824,21 @@ def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
             hprefix = f"{prefix}hops[{j}]."
             if not isinstance(hop, dict):
                 raise ConfigError(path, hprefix[:-1], "must be a table ([[routes.hops]])")
+            for inline in ("oauth2_client_secret", "oauth2_refresh_token"):
+                if inline in hop:
+                    raise ConfigError(
+                        path,
+                        hprefix + inline,
+                        f"never put the secret in the config: give {inline}_file, "
+                        "a file readable by relayd only",
+                    )
             h = _checkTable(path, hprefix, hop, _HOP)
+            oauth2 = _oauth2(path, base, hprefix, h)
+            if oauth2 is not None:
+                hops.append(
+                    NextHopConfig(h["host"], h["port"], h["tls"], h["username"], None, oauth2)
+                )
+                continue
             password = h["password"]
             if h["password_file"] is not None:
                 if password is not None:
@@ -777,6 +849,8 @@ def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
                 _readable(path, hprefix + "password_file", file)
                 with open(file, encoding="utf-8") as f:
                     password = f.read().strip("\r\n")
+            if h["auth"] == "password" and h["username"] is None:
+                raise ConfigError(path, hprefix + "username", 'required with auth = "password"')
             if (h["username"] is None) != (password is None):
                 raise ConfigError(path, hprefix + "username", "username and password go together")
             if h["username"] is not None and h["tls"] == "none":
@@ -788,6 +862,86 @@ def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
             hops.append(NextHopConfig(h["host"], h["port"], h["tls"], h["username"], password))
         routes.append(Route(tuple(d.lower() for d in values["domains"]), tuple(hops)))
     return tuple(routes)
+
+
+def _oauth2(path: str, base: str, prefix: str, h: dict[str, Any]) -> Any:
+    """
+    The L{relayd.delivery.oauth2.OAuth2Config} of a hop with C{auth =
+    "xoauth2"} or C{"oauthbearer"}, or None for a hop without (whose
+    C{oauth2_*} keys must then be absent).  Secrets are named by file only;
+    the files must be readable now.
+    """
+    from relayd.delivery.oauth2 import OAuth2Config, checkTokenURL
+
+    keys = [k for k in _HOP if k.startswith("oauth2_") and k != "oauth2_timeout"]
+    if h["auth"] not in ("xoauth2", "oauthbearer"):
+        for key in keys:
+            if h[key] is not None:
+                raise ConfigError(path, prefix + key, 'only with auth = "xoauth2" or "oauthbearer"')
+        return None
+    for key in ("password", "password_file"):
+        if h[key] is not None:
+            raise ConfigError(
+                path, prefix + key, f"auth = {h['auth']!r} uses OAuth2 tokens, not a password"
+            )
+    if h["username"] is None:
+        raise ConfigError(
+            path, prefix + "username", f"required with auth = {h['auth']!r} (the mailbox)"
+        )
+    if h["tls"] == "none":
+        raise ConfigError(
+            path, prefix + "tls", "AUTH needs TLS: tokens are never sent in plain text"
+        )
+    for key in ("oauth2_token_url", "oauth2_client_id"):
+        if h[key] is None:
+            raise ConfigError(path, prefix + key, f"required with auth = {h['auth']!r}")
+    problem = checkTokenURL(h["oauth2_token_url"])
+    if problem:
+        raise ConfigError(path, prefix + "oauth2_token_url", problem)
+    grant = h["oauth2_grant"] or (
+        "refresh_token" if h["oauth2_refresh_token_file"] is not None else "client_credentials"
+    )
+    if grant == "refresh_token" and h["oauth2_refresh_token_file"] is None:
+        raise ConfigError(
+            path, prefix + "oauth2_refresh_token_file", "required with the refresh_token grant"
+        )
+    if grant == "client_credentials":
+        if h["oauth2_refresh_token_file"] is not None:
+            raise ConfigError(
+                path,
+                prefix + "oauth2_refresh_token_file",
+                "not used by the client_credentials grant",
+            )
+        if h["oauth2_client_secret_file"] is None:
+            raise ConfigError(
+                path,
+                prefix + "oauth2_client_secret_file",
+                "required with the client_credentials grant",
+            )
+    files: dict[str, str | None] = {}
+    for key in ("oauth2_client_secret_file", "oauth2_refresh_token_file", "oauth2_ca_file"):
+        files[key] = _resolve(base, h[key])
+        if files[key] is not None:
+            _readable(path, prefix + key, files[key] or "")
+    refreshFile = files["oauth2_refresh_token_file"]
+    if refreshFile is not None and not os.access(os.path.dirname(refreshFile) or ".", os.W_OK):
+        raise ConfigError(
+            path,
+            prefix + "oauth2_refresh_token_file",
+            f"its directory {os.path.dirname(refreshFile)} is not writable "
+            "(a rotated refresh token is stored there)",
+        )
+    return OAuth2Config(
+        mechanism=h["auth"],
+        grant=grant,
+        tokenURL=h["oauth2_token_url"],
+        clientID=h["oauth2_client_id"],
+        clientSecretFile=files["oauth2_client_secret_file"],
+        refreshTokenFile=refreshFile,
+        scope=h["oauth2_scope"],
+        caFile=files["oauth2_ca_file"],
+        timeout=float(h["oauth2_timeout"]),
+    )
 
 
 def _endpointParts(description: str) -> list[str]:

@@ -483,6 +483,7 @@ _RESTART_FIELDS = {
     "deliveryEnabled": "delivery.enabled",
     "resolvers": "delivery.resolvers",
     "resolverPort": "delivery.resolver_port",
+    "dane": "delivery.dane",
     "caFile": "delivery.ca_file",
     "deliveryConcurrency": "delivery.concurrency",
     "deliveryProcesses": "delivery.processes",
@@ -665,6 +666,7 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) 
     """Resolver, router, deliverer and scheduler (DESIGN sections 1 and 6)."""
     from relayd.delivery.routing import MXResolver, Router
     from relayd.queue.scheduler import Scheduler
+    from relayd.queue.suspend import Suspensions
 
     resolver = MXResolver(
         reactor,
@@ -711,8 +713,46 @@ def _deliverySide(config: Config, reactor: Any, spool: Any, top: RelaydService) 
         postmaster=config.postmaster,
         metrics=top.metrics,
     )
+    # relayctl destination suspend|resume (read from the spool at start).
+    scheduler.suspensions = Suspensions(spool.directory)
+    if config.mtaSts:
+        scheduler.tlsPolicies = _mtaStsPolicies(config, reactor, resolver, top)
     scheduler.setServiceParent(top)
     return scheduler
+
+
+class _PolicyCacheService(Service):
+    """Reads the MTA-STS policy cache back from the spool at startup."""
+
+    def __init__(self, policies: Any) -> None:
+        self.policies = policies
+
+    def startService(self) -> None:
+        super().startService()
+        self.policies.loadCache()
+
+
+def _mtaStsPolicies(config: Config, reactor: Any, resolver: Any, top: RelaydService) -> Any:
+    """
+    MTA-STS for MX delivery (RFC 8461, L{relayd.delivery.mtasts}), in the
+    queue manager: policy hosts verified like C{verify} hops, with
+    C{ca_file}, else the system's trust store; the cache in the spool.
+
+    @raise OSError: the CA file cannot be read.
+    @raise ValueError: it holds no certificate.
+    """
+    from relayd.delivery.mtasts import MTASTSPolicies
+
+    policies = MTASTSPolicies(
+        reactor,
+        resolver,
+        config.spoolDirectory,
+        caFile=config.caFile,
+        port=config.mtaStsPort,
+        timeout=config.mtaStsTimeout,
+    )
+    _PolicyCacheService(policies).setServiceParent(top)
+    return policies
 
 
 def makeDeliverer(config: Config, reactor: Any) -> Deliverer:
@@ -727,9 +767,20 @@ def makeDeliverer(config: Config, reactor: Any) -> Deliverer:
     from relayd.delivery.attempt import Deliverer
     from relayd.delivery.client import ClientTimeouts
 
+    dane = None
+    if config.dane:
+        from relayd.delivery.dane import DaneResolver
+
+        dane = DaneResolver(
+            reactor,
+            list(config.resolvers),
+            port=config.resolverPort,
+            timeout=config.dnsTimeout,
+        )
     return Deliverer(
         reactor,
         config.hostname,
+        dane=dane,
         timeouts=_clientTimeouts(ClientTimeouts, config),
         caFile=config.caFile,
         maxMessagesPerConnection=config.messagesPerConnection,

@@ -38,6 +38,7 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredList,
+    gatherResults,
     inlineCallbacks,
 )
 from twisted.internet.endpoints import (
@@ -58,6 +59,7 @@ from twisted.python.failure import Failure
 
 import relayd.reply
 from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
+from relayd.delivery import dane as daneModule
 from relayd.delivery import requiretls
 from relayd.delivery.client import (
     CHUNK_SIZE,
@@ -67,6 +69,7 @@ from relayd.delivery.client import (
     SMTPClient,
     Transaction,
 )
+from relayd.delivery.oauth2 import TokenSources
 from relayd.delivery.routing import Destination, Hop
 from relayd.delivery.smtputf8 import needsSMTPUTF8
 from relayd.queue.record import openRegion
@@ -139,11 +142,16 @@ class AttemptResult:
         failed, the hop whose failure is reported; None only for a
         destination without hops.
     @ivar tls: C{"<version> <cipher>"} when the session used TLS.
+    @ivar policy: the TLS policy the destination published and relayd
+        applied to the hop, for the delivery log line: C{"dane"} (the
+        certificate matched a TLSA record), C{"dane-unusable"} (TLSA
+        records, none usable: TLS without authentication), or None.
     """
 
     results: list[RecipientResult]
     hop: Hop | None
     tls: str | None
+    policy: str | None = None
 
 
 def loadTrustRoot(caFile: str) -> Any:
@@ -258,6 +266,7 @@ class Deliverer:
         reuseTimeLimit: float = 300.0,
         tlsProfile: TLSProfile = INTERMEDIATE,
         opportunisticProfile: TLSProfile = OPPORTUNISTIC,
+        dane: daneModule.DaneResolver | None = None,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
@@ -266,6 +275,8 @@ class Deliverer:
         @param tlsProfile: TLS versions and suites for C{required} and
             C{verify} hops; L{opportunisticProfile} for C{opportunistic}
             ones (L{relayd.delivery.client.SMTPClient}).
+        @param dane: looks up MX security and TLSA records for MX
+            destinations (C{[delivery] dane = true}); None: no DANE.
         @raise OSError: C{caFile} cannot be read.
         @raise ValueError: C{caFile} holds no certificate.
         """
@@ -278,12 +289,17 @@ class Deliverer:
         self.tlsProfile = tlsProfile
         self.opportunisticProfile = opportunisticProfile
         self._trustRoot = loadTrustRoot(caFile) if caFile is not None else None
+        self.dane = dane
+        self._danePolicies: dict[Hop, daneModule.DanePolicy] = {}
         self._idle: dict[Hop, list[_Idle]] = {}
         self._downUntil: dict[Hop, float] = {}
         self._downPurgeAt = 64
         self._clients: dict[SMTPClient, float] = {}
         self._connecting: set[Deferred[Any]] = set()
         self._stopping = False
+        # OAuth2 access tokens (auth = "xoauth2"/"oauthbearer" hops), shared
+        # by every connection.
+        self.tokens = TokenSources(reactor)
 
     # --- public ----------------------------------------------------------
 
@@ -348,6 +364,8 @@ class Deliverer:
         connection is gone.
         """
         self._stopping = True
+        if self.dane is not None:
+            self.dane.stop()
         for d in list(self._connecting):
             d.cancel()
         for entries in list(self._idle.values()):
@@ -355,6 +373,7 @@ class Deliverer:
                 self._dropIdle(entry)
         self._idle.clear()
         closing = [client.whenClosed() for client in list(self._clients)]
+        closing.append(self.tokens.stop())
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
     def abort(self) -> None:
@@ -398,6 +417,10 @@ class Deliverer:
             return self._result(recipients, reply, None, None)
 
         failure: tuple[Hop, HopFailure] | None = None
+        # DANE (RFC 7672) first: it decides the TLS mode of each MX hop,
+        # over MTA-STS and the configured mode (DESIGN section 6).
+        if self.dane is not None and destination.key.startswith("mx:"):
+            destination, failure = yield self._applyDane(destination, queueId)
         # REQUIRETLS: the first hop that was reached and did not qualify.
         unfit: tuple[Hop, Reply] | None = None
         if requireTLS:
@@ -483,8 +506,75 @@ class Deliverer:
             return self._result(recipients, Reply.local(451, "4.4.1", text), None, None)
         hop, error = failure
         result = self._result(recipients, error.reply, hop, error.tls)
+        result.policy = self._policyName(hop)
         self._log(queueId, result)
         return result
+
+    # --- DANE (RFC 7672) ---------------------------------------------------
+
+    @inlineCallbacks
+    def _applyDane(
+        self, destination: Destination, queueId: str | None
+    ) -> Generator[Deferred[Any], Any, tuple[Destination, tuple[Hop, HopFailure] | None]]:
+        """
+        The MX destination as DANE has it (L{relayd.delivery.dane}): when
+        the MX RRset is secure, each host's TLSA records decide its hops'
+        TLS mode: C{"dane"} with usable records (TLS and a matching
+        certificate, checked by the client), C{"required"} when all are
+        unusable (RFC 7672 section 2.2: encryption still mandatory), the
+        configured mode without records.  A host whose TLSA lookup failed
+        is left out, and its failure (C{4.7.5}) is what the attempt
+        reports if no other hop does better: never plain text to it.
+        """
+        assert self.dane is not None
+        domain = destination.key[3:]
+        if domain.startswith("["):
+            return destination, None
+        secure = yield self.dane.mxSecure(domain)
+        if not secure:
+            log.debug(
+                "{queue_id}: MX of {domain} not DNSSEC-validated: no DANE",
+                queue_id=queueId,
+                domain=domain,
+            )
+            return destination, None
+        keys = sorted({(hop.host, hop.port) for hop in destination.hops})
+        found = yield gatherResults([self.dane.lookupTLSA(host, port) for host, port in keys])
+        signed = yield gatherResults([self.dane.hostSecure(host) for host, _ in keys])
+        policies = {
+            # A host in an unsigned zone gets no DANE (RFC 7672 section
+            # 2.2.2), whatever its TLSA lookup said.
+            key: policy if secure else daneModule.NO_DANE
+            for key, policy, secure in zip(keys, found, signed, strict=True)
+        }
+        hops: list[Hop] = []
+        failure: tuple[Hop, HopFailure] | None = None
+        for hop in destination.hops:
+            policy = policies[(hop.host, hop.port)]
+            mode = policy.mode
+            if mode == "dane-error":
+                reply = Reply.local(
+                    451, "4.7.5", f"DANE: {policy.error}; not delivering to {hop.host}"
+                )
+                log.info("{queue_id}: {text}", queue_id=queueId, text=reply.text)
+                failure = failure or (hop, HopFailure(reply, connected=False))
+                continue
+            if mode == "dane":
+                hop = replace(hop, tls="dane")
+            elif mode == "dane-unusable" and hop.tls in ("none", "opportunistic"):
+                hop = replace(hop, tls="required")
+            if mode != "none":
+                self._danePolicies[hop] = policy
+            hops.append(hop)
+        if len(self._danePolicies) > 4096:
+            # Policies of hops no longer mailed: looked up afresh anyway.
+            self._danePolicies = {h: p for h, p in self._danePolicies.items() if h in hops}
+        return replace(destination, hops=tuple(hops)), failure
+
+    def _policyName(self, hop: Hop | None) -> str | None:
+        """The published TLS policy applied to C{hop}, for the log line."""
+        policy = self._danePolicies.get(hop) if hop is not None else None
+        return policy.mode if policy is not None else None
 
     def _requireTLSHops(
         self, destination: Destination, queueId: str | None
@@ -530,6 +620,8 @@ class Deliverer:
             self._trustRoot,
             self.tlsProfile,
             self.opportunisticProfile,
+            dane=self._danePolicies.get(hop),
+            tokens=self.tokens,
         )
         try:
             isV6 = ipaddress.ip_address(hop.address.split("%", 1)[0]).version == 6
@@ -574,7 +666,7 @@ class Deliverer:
                 recipients, transaction.replies, transaction.commands, strict=True
             )
         ]
-        result = AttemptResult(results, hop, client.tls)
+        result = AttemptResult(results, hop, client.tls, self._policyName(hop))
         self._log(queueId, result, reused)
         started = self._clients.get(client)
         if (
@@ -609,7 +701,7 @@ class Deliverer:
         for r in result.results:
             log.debug(
                 "{queue_id}: to=<{recipient}> relay={relay} status={status} "
-                "({code} {enhanced} {text}) tls={tls} reused={reused}",
+                "({code} {enhanced} {text}) tls={tls} policy={policy} reused={reused}",
                 queue_id=queueId,
                 recipient=r.recipient,
                 relay=relay,
@@ -618,6 +710,7 @@ class Deliverer:
                 enhanced=r.enhanced,
                 text=r.text,
                 tls=result.tls,
+                policy=result.policy or "none",
                 reused=reused,
             )
 

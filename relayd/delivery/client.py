@@ -37,7 +37,11 @@ from typing import IO, Any
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.interfaces import IHandshakeListener, IPullProducer
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IPullProducer,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
@@ -48,6 +52,8 @@ from zope.interface import implementer
 
 import relayd.reply
 from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
+from relayd.delivery.dane import DanePolicy, matchChain
+from relayd.delivery.oauth2 import TokenError, TokenSources, saslResponse
 from relayd.delivery.routing import Hop
 from relayd.queue.record import openRegion
 from relayd.smtp.dsn import DSNParameters
@@ -317,6 +323,8 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         trustRoot: Any = None,
         tlsProfile: TLSProfile = INTERMEDIATE,
         opportunisticProfile: TLSProfile = OPPORTUNISTIC,
+        dane: DanePolicy | None = None,
+        tokens: TokenSources | None = None,
     ) -> None:
         """
         @param heloName: the name relayd gives in EHLO/HELO.
@@ -327,8 +335,17 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             C{verify} hops (C{[tls] ciphers}, C{min_version}).
         @param opportunisticProfile: the same for C{opportunistic} hops
             (C{[tls] opportunistic_ciphers}, C{min_version}).
+        @param dane: the TLSA records of a hop whose TLS mode is C{"dane"}
+            (L{relayd.delivery.dane}): the certificate must match one of
+            them, checked as soon as the handshake completes.
+        @param tokens: the OAuth2 access tokens for hops with C{oauth2}
+            settings, shared between connections; None makes a private one
+            when such a hop needs it.
         """
         self.hop = hop
+        self.tokens = tokens
+        self.dane = dane
+        self.daneVerified = False
         self.heloName = heloName
         self.timeouts = timeouts
         self.clock = clock
@@ -391,6 +408,34 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             )
         except Exception:
             self._tlsInfo = "TLS"
+        if self.hop.tls == "dane":
+            self._checkDane()
+
+    def _checkDane(self) -> None:
+        """
+        DANE (RFC 7672 section 3): right after the handshake, before the
+        EHLO inside TLS is answered, match the chain the server presented
+        against the TLSA records; on a mismatch the connection is cut and
+        the hop fails with C{4.7.5}, so nothing of the message ever goes
+        to a server that failed the check.
+        """
+        why: str | None
+        if self.dane is None or not self.dane.usable:
+            why = "no usable TLSA record"
+        else:
+            try:
+                chain = self.transport.getHandle().get_peer_cert_chain() or []
+                why = matchChain(self.dane, [c.to_cryptography() for c in chain], self.hop.host)
+            except Exception as e:
+                why = f"cannot read the certificate chain ({type(e).__name__})"
+        if why is None:
+            self.daneVerified = True
+            return
+        reply = Reply.local(
+            451, "4.7.5", f"DANE: TLS certificate of {self.peer} not accepted: {why}"
+        )
+        log.warn("{peer}: {text}", peer=self.peer, text=reply.text)
+        self._abort(reply)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._setTimer(None)
@@ -663,6 +708,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             options: Any = optionsForClientTLS(
                 self.hop.host, trustRoot=trustRoot, extraCertificateOptions=extra
             )
+        elif self.hop.tls == "dane":
+            # The certificate is checked against the TLSA records once the
+            # handshake is done (_checkDane); SNI names the TLSA base
+            # domain, so that the server presents the right chain (RFC
+            # 7672 section 8.1).
+            options = _SNIClientOptions(CertificateOptions(**extra), self.hop.host)
         else:
             options = CertificateOptions(**extra)
         assert self.transport is not None
@@ -683,6 +734,9 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                 )
             )
         mechanisms = self.extensions.get("AUTH", "").upper().split()
+        if self.hop.oauth2 is not None:
+            yield self._authenticateOAuth2(mechanisms)
+            return
         user = (self.hop.username or "").encode("utf-8")
         password = (self.hop.password or "").encode("utf-8")
         timeout = self.timeouts.helo
@@ -713,6 +767,98 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             raise _refused(
                 reply, self.peer, "refused authentication", "in reply to AUTH", AUTH_REFUSED
             )
+
+    @inlineCallbacks
+    def _authenticateOAuth2(self, mechanisms: list[str]) -> Generator[Deferred[Any], Any, None]:
+        """
+        AUTH XOAUTH2 or OAUTHBEARER (RFC 7628) with an access token from
+        the hop's L{TokenSource<relayd.delivery.oauth2.TokenSource>}.
+
+        When the server refuses the token (a C{334} error challenge, or
+        C{535}), the token is refreshed once and AUTH tried once more in
+        the same session: RFC 4954 section 4 lets a client try again after
+        a failed AUTH, and a new connection would only repeat the TLS
+        handshake.  No token (endpoint down, grant refused) defers the mail
+        with the L{TokenError}'s reply.
+        """
+        config = self.hop.oauth2
+        assert config is not None
+        mechanism = config.mechanism.upper()
+        if mechanism not in mechanisms:
+            offered = " ".join(mechanisms) or "none"
+            raise HopFailure(
+                Reply.local(
+                    451,
+                    "4.7.4",
+                    f"host {self.peer} does not offer AUTH {mechanism} (offered: {offered})",
+                )
+            )
+        if self.tokens is None:
+            self.tokens = TokenSources(self.clock)
+        source = self.tokens.source(config)
+        try:
+            token = yield source.token()
+        except TokenError as e:
+            raise HopFailure(Reply.local(e.code, e.enhanced, e.text)) from None
+        reply, challenged = yield self._saslOAuth2(config.mechanism, token)
+        context = f"in reply to AUTH {mechanism}"
+        if reply.code == 535 or (challenged and reply.code // 100 == 5):
+            log.info(
+                "{peer}: AUTH {mechanism} refused ({reply}): fetching a new access "
+                "token and trying once more",
+                peer=self.peer,
+                mechanism=mechanism,
+                reply=reply.quoted,
+            )
+            try:
+                token = yield source.refresh(stale=token)
+            except TokenError as e:
+                raise HopFailure(Reply.local(e.code, e.enhanced, e.text)) from None
+            reply, _ = yield self._saslOAuth2(config.mechanism, token)
+            context += " with a fresh token"
+        if reply.code != 235:
+            raise _refused(reply, self.peer, "refused authentication", context, AUTH_REFUSED)
+
+    @inlineCallbacks
+    def _saslOAuth2(
+        self, mechanism: str, token: str
+    ) -> Generator[Deferred[Any], Any, tuple[Reply, bool]]:
+        """
+        One AUTH exchange with an initial response.  A C{334} is the
+        server's error challenge (RFC 7628 section 3.2.2; XOAUTH2 does the
+        same): relayd answers as the mechanism says (OAUTHBEARER: a single
+        C{%x01}, section 3.2.3; XOAUTH2: an empty line).
+
+        @return: the server's final reply, and whether it came after an
+            error challenge (the token was refused, whatever the code).
+        """
+        assert self.hop.username is not None
+        response = saslResponse(mechanism, self.hop.username, token, self.hop.host, self.hop.port)
+        timeout = self.timeouts.helo
+        reply = yield self._command(
+            b"AUTH " + mechanism.upper().encode("ascii") + b" " + response,
+            "sending AUTH",
+            timeout,
+        )
+        if reply.code == 334:
+            challenge = reply.lines[0].strip() if reply.lines else ""
+            try:
+                detail = base64.b64decode(challenge, validate=True).decode("utf-8", "replace")
+            except ValueError:
+                detail = challenge
+            log.info(
+                "{peer}: AUTH {mechanism} error challenge: {detail}",
+                peer=self.peer,
+                mechanism=mechanism.upper(),
+                detail=detail[:300],
+            )
+            answer = base64.b64encode(b"\x01") if mechanism == "oauthbearer" else b""
+            reply = yield self._command(answer, "ending the AUTH error exchange", timeout)
+            if reply.code == 334:
+                # Not ended as the mechanism says: cancel (RFC 4954 section 4).
+                reply = yield self._command(b"*", "cancelling AUTH", timeout)
+            return reply, True
+        return reply, False
 
     # --- transactions ----------------------------------------------------
 
@@ -925,12 +1071,14 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         Why this session may not carry a REQUIRETLS message (RFC 8689
         section 4.2.1), or None when it may: TLS must be up with the
         C{verify} mode (a certificate chained to the trust root and
-        matching the hop's host name; C{5.7.10} otherwise), and the EHLO
+        matching the hop's host name, or the C{dane} mode: a certificate
+        that matched the MX host's TLSA records, which RFC 8689 section
+        4.2.1 counts as verified; C{5.7.10} otherwise), and the EHLO
         inside TLS must offer C{REQUIRETLS} (C{5.7.30} otherwise, the code
         RFC 8689 registers: "REQUIRETLS support required").  Permanent:
         the same hop will answer the same.
         """
-        if self.tls is None or self.hop.tls != "verify":
+        if self.tls is None or self.hop.tls not in ("verify", "dane"):
             return Reply.local(
                 550,
                 "5.7.10",
@@ -993,6 +1141,26 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         """The spool file could not be read mid-message: never end the data."""
         self._producer = None
         self._abort(Reply.local(451, "4.3.0", f"error reading queue file: {error.strerror}"))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _SNIClientOptions:
+    """
+    Client TLS without PKIX verification, as L{CertificateOptions}, that
+    sends a server name (SNI, RFC 6066 section 3), which
+    L{CertificateOptions} alone does not.
+    """
+
+    def __init__(self, options: CertificateOptions, hostname: str) -> None:
+        self._options = options
+        self._hostname = hostname.rstrip(".").encode("ascii", "replace")
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_tlsext_host_name(self._hostname)
+        connection.set_connect_state()
+        return connection
 
 
 def _withCommands(transaction: Transaction) -> Transaction:

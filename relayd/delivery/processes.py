@@ -36,6 +36,7 @@ settings; routes are the queue manager's, each request carries its hops).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -52,6 +53,7 @@ from twisted.python.failure import Failure
 import relayd.reply
 from relayd.delivery.attempt import AttemptResult, Deliverer, RecipientResult
 from relayd.delivery.client import Reply as ClientReply
+from relayd.delivery.oauth2 import OAuth2Config
 from relayd.delivery.routing import Destination, Hop
 from relayd.receivers import ChildProcess, ProcessPool
 from relayd.smtp.dsn import DSNParameters, RecipientRequest
@@ -91,7 +93,15 @@ def _hop(hop: Hop) -> dict[str, Any]:
         "tls": hop.tls,
         "username": hop.username,
         "password": hop.password,
+        # OAuth2 settings (file names, no secret), only when there are some.
+        **({"oauth2": dataclasses.asdict(hop.oauth2)} if hop.oauth2 is not None else {}),
     }
+
+
+def _loadHop(body: dict[str, Any]) -> Hop:
+    """The L{Hop} of a line made by L{_hop}."""
+    oauth2 = body.pop("oauth2", None)
+    return Hop(**body, oauth2=OAuth2Config(**oauth2) if oauth2 is not None else None)
 
 
 def _dsn(dsn: DSNParameters | None) -> dict[str, Any] | None:
@@ -170,6 +180,7 @@ def encode(number: int, item: DeliverRequest | AttemptResult) -> bytes:
             "result": number,
             "hop": _hop(item.hop) if item.hop is not None else None,
             "tls": item.tls,
+            "policy": item.policy,
             "results": [
                 {
                     "recipient": r.recipient,
@@ -194,7 +205,7 @@ def decode(line: bytes) -> tuple[int, DeliverRequest | AttemptResult]:
     """
     body = json.loads(line)
     if "request" in body:
-        destination = Destination(body["key"], tuple(Hop(**h) for h in body["hops"]))
+        destination = Destination(body["key"], tuple(_loadHop(h) for h in body["hops"]))
         request = DeliverRequest(
             destination,
             body["sender"],
@@ -207,7 +218,7 @@ def decode(line: bytes) -> tuple[int, DeliverRequest | AttemptResult]:
             bool(body["requireTLS"]),
         )
         return int(body["request"]), request
-    hop = Hop(**body["hop"]) if body["hop"] is not None else None
+    hop = _loadHop(body["hop"]) if body["hop"] is not None else None
     results = [
         RecipientResult(
             r["recipient"],
@@ -219,7 +230,7 @@ def decode(line: bytes) -> tuple[int, DeliverRequest | AttemptResult]:
         )
         for r in body["results"]
     ]
-    return int(body["result"]), AttemptResult(results, hop, body["tls"])
+    return int(body["result"]), AttemptResult(results, hop, body["tls"], body.get("policy"))
 
 
 def deferredResult(recipients: list[str] | tuple[str, ...], text: str) -> AttemptResult:

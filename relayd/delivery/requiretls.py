@@ -14,8 +14,9 @@ Outbound (section 4.2.1), for a C{requireTLS} message, every next hop is
 held to what relayd's C{verify} TLS mode already checks (L{verifiedHop}):
 STARTTLS, then a certificate that chains to the trust store (C{[delivery]
 ca_file}, else the system's) and matches the hop's host name (the MX
-name, or the host a route names).  MTA-STS and DANE do not exist in
-relayd yet, so this is the RFC's "otherwise" case.  A route hop set to
+name, or the host a route names): the RFC's "otherwise" case.  A hop
+DANE decided (L{relayd.delivery.dane}, TLS mode C{"dane"}) qualifies by
+its TLSA match instead, which section 4.2.1 counts as verified.  A route hop set to
 C{tls = "none"} does not qualify: the operator said no TLS there, and the
 message may not go in plain text.  The hop must also advertise
 C{REQUIRETLS} in its EHLO inside TLS (L{relayd.delivery.client.SMTPClient.requireTLSRefusal}),
@@ -116,7 +117,9 @@ def verifiedHop(hop: Hop) -> Hop | None:
     """
     if hop.tls == "none":
         return None
-    if hop.tls == "verify":
+    if hop.tls in ("verify", "dane"):
+        # "dane": the certificate must match the MX host's TLSA records
+        # (relayd.delivery.dane), verified TLS for RFC 8689 section 4.2.1.
         return hop
     return replace(hop, tls="verify")
 

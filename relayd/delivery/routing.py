@@ -21,7 +21,7 @@ import ipaddress
 import random as randomModule
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dns.exception
 import dns.name
@@ -36,6 +36,9 @@ from zope.interface import implementer
 
 from relayd.address import AddressError, asciiDomain
 from relayd.interfaces import IMXResolver
+
+if TYPE_CHECKING:
+    from relayd.delivery.oauth2 import OAuth2Config
 
 __all__ = [
     "Hop",
@@ -64,6 +67,8 @@ class NextHopConfig:
     tls: str = "opportunistic"  # none | opportunistic | required | verify
     username: str | None = None
     password: str | None = None
+    # auth = "xoauth2"/"oauthbearer": where the access tokens come from.
+    oauth2: OAuth2Config | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class Hop:
     tls: str
     username: str | None = None
     password: str | None = None
+    oauth2: OAuth2Config | None = None
+    """AUTH with an OAuth2 token (XOAUTH2, OAUTHBEARER) instead of a password."""
 
 
 @dataclass(frozen=True)
@@ -329,6 +336,18 @@ class MXResolver:
         """
         return self._lookup("MX", domain)
 
+    def lookupTXT(self, name: str) -> Deferred[list[str]]:
+        """
+        Look up the TXT records of C{name} (e.g. C{_mta-sts.<domain>}, RFC
+        8461 section 3.1), cached like every other answer.
+
+        @return: a Deferred firing with one string per record, its
+            character-strings joined without a separator (RFC 7208 section
+            3.3, RFC 8461 section 3.1), decoded as UTF-8 with undecodable
+            octets replaced; it fails like L{lookupMX}.
+        """
+        return self._lookup("TXT", name)
+
     def lookupAddresses(self, host: str) -> Deferred[list[str]]:
         """
         Look up the A and AAAA records of C{host}, in parallel.
@@ -446,6 +465,8 @@ class MXResolver:
                 )
                 for rdata in answer
             ]
+        elif rdtype == "TXT":
+            records = [b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer]
         else:
             records = [str(rdata.address) for rdata in answer]
         return records, None, ttl
@@ -670,6 +691,7 @@ class Router:
                         config.tls,
                         config.username,
                         config.password,
+                        config.oauth2,
                     )
                 )
         if not hops:
@@ -761,6 +783,16 @@ class Router:
         """
         d = self._resolver.lookupAddresses(host)
         return d.addErrback(_errorValue)
+
+    def forgetLookups(self) -> None:
+        """
+        Drop the resolver's cached DNS answers (C{relayctl queue requeue}
+        after a route or DNS change), so the next route of every domain is
+        looked up afresh.  A resolver without a cache has nothing to drop.
+        """
+        clearCache = getattr(self._resolver, "clearCache", None)
+        if clearCache is not None:
+            clearCache()
 
 
 def _errorValue(failure: Failure) -> ResolverError:

@@ -70,6 +70,11 @@ __all__ = [
     "MessageNotFound",
     "matches",
     "summarize",
+    "QueueBounce",
+    "QueueRequeue",
+    "DestinationSuspend",
+    "DestinationResume",
+    "DestinationList",
 ]
 
 log = Logger(namespace="relayd.ops.control")
@@ -221,6 +226,63 @@ class Reload(amp.Command):
         (b"error", amp.Unicode(optional=True)),
         (b"chain", _JSON()),
     ]
+    errors = _ERRORS
+
+
+# --- AMP commands of the queue tools (relayctl queue bounce/requeue, destination) --
+
+
+class QueueBounce(amp.Command):
+    """
+    Bounce the given messages (C{queueIds}, a JSON list) on the operator's
+    word: L{relayd.queue.scheduler.Scheduler.administrativeBounce}.
+    C{results} is a list of C{[queueId, outcome, ok]}.
+    """
+
+    arguments = [(b"queueIds", _JSON())]
+    response = [(b"results", _JSON())]
+    errors = _ERRORS
+
+
+class QueueRequeue(amp.Command):
+    """
+    Re-route the given messages (C{queueIds}, a JSON list; null for every
+    queued message) after a route change: cached DNS answers dropped, the
+    messages attempted now (L{relayd.queue.scheduler.Scheduler.requeue});
+    outcomes by queue id as for L{QueueFlush}.
+    """
+
+    arguments = [(b"queueIds", _JSON())]
+    response = [(b"results", _JSON())]
+    errors = _ERRORS
+
+
+class DestinationSuspend(amp.Command):
+    """
+    Suspend deliveries to C{domain} (L{relayd.queue.suspend}); C{changed} is
+    false when it was suspended already.
+    """
+
+    arguments = [(b"domain", amp.Unicode())]
+    response = [(b"changed", amp.Boolean())]
+    errors = _ERRORS
+
+
+class DestinationResume(amp.Command):
+    """
+    Resume deliveries to C{domain}; C{changed} is false when it was not
+    suspended; C{flushed} messages with recipients there are attempted now.
+    """
+
+    arguments = [(b"domain", amp.Unicode())]
+    response = [(b"changed", amp.Boolean()), (b"flushed", amp.Integer())]
+    errors = _ERRORS
+
+
+class DestinationList(amp.Command):
+    """The suspended domains: C{domains}, domain -> C{{"since": seconds}}."""
+
+    response = [(b"domains", _JSON())]
     errors = _ERRORS
 
 
@@ -539,6 +601,26 @@ class ControlProtocol(amp.AMP):
     def reload(self) -> Deferred[dict[str, Any]]:
         return self.service.reload()
 
+    @QueueBounce.responder
+    def queueBounce(self, queueIds: list[str]) -> Deferred[dict[str, Any]]:
+        return self.service.bounce(queueIds).addCallback(lambda results: {"results": results})
+
+    @QueueRequeue.responder
+    def queueRequeue(self, queueIds: list[str] | None) -> Deferred[dict[str, Any]]:
+        return self.service.requeue(queueIds).addCallback(lambda results: {"results": results})
+
+    @DestinationSuspend.responder
+    def destinationSuspend(self, domain: str) -> Deferred[dict[str, Any]]:
+        return self.service.suspend(domain).addCallback(lambda changed: {"changed": changed})
+
+    @DestinationResume.responder
+    def destinationResume(self, domain: str) -> Deferred[dict[str, Any]]:
+        return self.service.resume(domain)
+
+    @DestinationList.responder
+    def destinationList(self) -> dict[str, Any]:
+        return {"domains": self.service.suspendedDomains()}
+
 
 class _ControlFactory(ServerFactory):
     noisy = False
@@ -850,6 +932,145 @@ class ControlService(Service):
 
         d: Deferred[bool] = top.reload()
         return d.addCallback(reloaded)
+
+    # Commands of the queue tools (relayctl queue bounce/requeue, destination)
+
+    def _needScheduler(self, what: str) -> Any:
+        if self.scheduler is None:
+            raise ControlError(f"delivery is disabled ([delivery] enabled = false): {what}")
+        return self.scheduler
+
+    def bounce(self, queueIds: list[str]) -> Deferred[list[list[Any]]]:
+        """See L{QueueBounce}.  One change at a time, message after message."""
+        scheduler = self._needScheduler("no bounce can be sent")
+        if not isinstance(queueIds, list):
+            raise ControlError("give the queue ids to bounce")
+        return self._lock.run(lambda: Deferred.fromCoroutine(self._bounceAll(scheduler, queueIds)))
+
+    async def _bounceAll(self, scheduler: Any, queueIds: list[str]) -> list[list[Any]]:
+        await self._indexed()
+        results = []
+        for queueId in queueIds:
+            outcome, ok = await Deferred.fromCoroutine(self._bounceOne(scheduler, queueId))
+            results.append([queueId, outcome, ok])
+        return results
+
+    async def _bounceOne(self, scheduler: Any, queueId: str) -> tuple[str, bool]:
+        """
+        Bounce one message: withdrawn from the schedule first (as in
+        L{_changeOne}); if the bounce fails half-way the message is put
+        back wherever it is now, and the next attempt carries on.
+        """
+        if not QUEUE_ID.match(queueId):
+            return "not a queue id", False
+        if scheduler.isDelivering(queueId):
+            return BUSY, False
+        indexed = scheduler.withdraw(queueId)
+        try:
+            found = await deferToThread(findMessage, self.spool.directory, queueId)
+        except Exception as e:
+            if indexed is not None:
+                scheduler.reschedule(queueId, indexed[0], indexed[1])
+            return f"bounce failed: {e}", False
+        if found is None:
+            if indexed is not None:
+                scheduler.reschedule(queueId, indexed[0], indexed[1])
+            return "no such message in the queue", False
+        state = found[0]
+        try:
+            count = await scheduler.administrativeBounce(queueId, state, self.reactor.seconds())
+        except Exception as e:
+            log.failure("{queue_id}: relayctl bounce failed", queue_id=queueId)
+            again = await deferToThread(findMessage, self.spool.directory, queueId)
+            if again is not None:
+                scheduler.reschedule(queueId, again[0], None)
+            return f"bounce failed: {e}", False
+        log.info(
+            "{queue_id}: bounced by relayctl (was {state}, {count} recipients)",
+            queue_id=queueId,
+            state=state,
+            count=count,
+        )
+        return f"bounced ({count} recipients)", True
+
+    def requeue(self, queueIds: list[str] | None) -> Deferred[dict[str, str]]:
+        """See L{QueueRequeue}."""
+        scheduler = self._needScheduler("nothing to requeue")
+
+        def requeue(_: object) -> dict[str, str]:
+            results: dict[str, str] = scheduler.requeue(queueIds)
+            for queueId, outcome in results.items():
+                if outcome == "scheduled":
+                    log.info("{queue_id}: requeued by relayctl", queue_id=queueId)
+            return results
+
+        return self._indexed().addCallback(requeue)
+
+    def _suspensions(self) -> Any:
+        from relayd.queue.suspend import Suspensions
+
+        if self.scheduler is not None and self.scheduler.suspensions is not None:
+            return self.scheduler.suspensions
+        if getattr(self, "_ownSuspensions", None) is None:
+            # Delivery disabled: the state is still kept for the next start.
+            # A small file, read once (like at startup).
+            self._ownSuspensions = Suspensions.load(self.spool.directory)
+        return self._ownSuspensions
+
+    def suspendedDomains(self) -> dict[str, Any]:
+        """See L{DestinationList}."""
+        return dict(self._suspensions().domains)
+
+    def suspend(self, domain: str) -> Deferred[bool]:
+        """See L{DestinationSuspend}: written durably (in a thread) before it holds."""
+        from relayd.queue.suspend import normalDomain
+
+        try:
+            domain = normalDomain(domain)
+        except ValueError as e:
+            raise ControlError(str(e)) from None
+        suspensions = self._suspensions()
+
+        async def suspend() -> bool:
+            try:
+                changed: bool = await deferToThread(
+                    suspensions.suspend, domain, self.reactor.seconds()
+                )
+            except OSError as e:
+                raise ControlError(f"cannot record the suspension: {e}") from None
+            if changed:
+                log.info("destination {domain} suspended by relayctl", domain=domain)
+            return changed
+
+        return self._lock.run(lambda: Deferred.fromCoroutine(suspend()))
+
+    def resume(self, domain: str) -> Deferred[dict[str, Any]]:
+        """See L{DestinationResume}: the waiting mail for the domain is flushed."""
+        from relayd.queue.suspend import normalDomain
+
+        try:
+            domain = normalDomain(domain)
+        except ValueError as e:
+            raise ControlError(str(e)) from None
+        suspensions = self._suspensions()
+
+        async def resume() -> dict[str, Any]:
+            try:
+                changed: bool = await deferToThread(suspensions.resume, domain)
+            except OSError as e:
+                raise ControlError(f"cannot record the resumption: {e}") from None
+            flushed = 0
+            if changed:
+                log.info("destination {domain} resumed by relayctl", domain=domain)
+            if self.scheduler is not None:
+                await self._indexed()
+                entries, _ = await deferToThread(readQueue, self.spool.directory)
+                ids = [e["queue_id"] for e in entries if matches(e, None, domain)]
+                results = self.scheduler.flush(ids) if ids else {}
+                flushed = sum(1 for outcome in results.values() if outcome == "scheduled")
+            return {"changed": changed, "flushed": flushed}
+
+        return self._lock.run(lambda: Deferred.fromCoroutine(resume()))
 
 
 def _chain(top: Any) -> list[str]:

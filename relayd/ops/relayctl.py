@@ -10,6 +10,14 @@ C{relayctl}: look at and steer a running relayd (docs/relayctl.md).
     queue hold    ID... | --all [--from ADDR] [--to DOMAIN]
     queue release ID... | --all [--from ADDR] [--to DOMAIN]
     queue delete  ID... | --all [--from ADDR] [--to DOMAIN]
+    queue summary [--by domain|sender] [--json]   counts by domain and age
+    queue bounce  ID... | --all | SELECTORS       bounce to the sender (5.0.0)
+    queue requeue ID... | --all | SELECTORS       route afresh now
+        SELECTORS (also for flush/hold/release/delete):
+        [--domain D] [--sender S] [--older-than 30m|2h|1d]
+    destination suspend|resume DOMAIN    hold / restart deliveries to DOMAIN
+    destination list [--json]            the suspended destinations
+    config [--defaults] [--json]         the effective config (secrets masked)
     reload                               re-read the config file
     check-config [PATH] [--live]         validate a config like startup does
     passwd [--stdin] [--rounds N] USER   set a user's password
@@ -54,11 +62,16 @@ from relayd.ops.control import (
     ControlClient,
     ControlClientError,
     ControlError,
+    DestinationList,
+    DestinationResume,
+    DestinationSuspend,
     MessageNotFound,
     NotRunning,
+    QueueBounce,
     QueueChange,
     QueueFlush,
     QueueList,
+    QueueRequeue,
     QueueShow,
     Reload,
     Status,
@@ -488,6 +501,233 @@ def _passwd(ctx: _Context) -> None:
     ctx.out.line(f"{options.user}: password set in {usersFile}")
 
 
+# --- the queue at scale: summary, selectors, bounce, requeue, destinations ------------
+
+
+def _suspended(ctx: _Context) -> dict[str, Any]:
+    """The suspended destinations: from the daemon, else from the spool."""
+    from relayd.queue.suspend import SuspensionsError, readSuspended
+
+    try:
+        client = ctx.connect()
+    except NotRunning:
+        try:
+            return readSuspended(ctx.paths.spool)
+        except SuspensionsError as e:
+            raise _Failure(str(e)) from None
+    with client:
+        domains: dict[str, Any] = client.call(DestinationList)["domains"]
+    return domains
+
+
+def _queueSummary(ctx: _Context) -> None:
+    """C{relayctl queue summary}: the queue's shape (L{relayd.ops.queuetools})."""
+    from relayd.ops.queuetools import queueShape, shapeLines
+
+    entries = _entries(ctx)
+    shape = queueShape(entries, time.time(), ctx.options.by, _suspended(ctx))
+    if ctx.options.json:
+        ctx.out.json(shape)
+        return
+    for line in shapeLines(shape):
+        ctx.out.line(line)
+
+
+def _hasSelectors(options: argparse.Namespace) -> bool:
+    return any(
+        getattr(options, name, None) is not None for name in ("domain", "fromSender", "olderThan")
+    )
+
+
+def _selectedIds(ctx: _Context, heldToo: bool = True) -> list[str]:
+    """
+    The queue ids C{--domain}, C{--sender} and C{--older-than} pick, from
+    the daemon's listing (L{relayd.ops.queuetools.selectEntries}).
+    """
+    from relayd.ops.queuetools import parseDuration, selectEntries
+
+    options = ctx.options
+    olderThan = None
+    if options.olderThan is not None:
+        try:
+            olderThan = parseDuration(options.olderThan)
+        except ValueError as e:
+            raise _Usage(f"--older-than: {e}") from None
+    ctx.daemon().close()  # changes need the daemon: say so before listing
+    chosen = selectEntries(
+        _entries(ctx), time.time(), options.domain, options.fromSender, olderThan
+    )
+    held = [e for e in chosen if e["state"] == "hold"]
+    if held and not heldToo:
+        ctx.out.line(f"{_plural(len(held), 'message')} on hold left alone (release them first)")
+        chosen = [e for e in chosen if e["state"] != "hold"]
+    return [e["queue_id"] for e in chosen]
+
+
+def _checkSelection(ctx: _Context, ids: list[str] | None) -> None:
+    options = ctx.options
+    if ids is not None and (_hasSelectors(options) or getattr(options, "all", False)):
+        raise _Usage("give queue ids, or --all and/or selectors, not both")
+    if getattr(options, "sender", None) is not None or getattr(options, "recipient", None):
+        if _hasSelectors(options):
+            raise _Usage("--from/--to go with --all; use --sender/--domain with the selectors")
+
+
+def _flushSelected(ctx: _Context) -> None:
+    """C{relayctl queue flush}: by ids, by selectors, or everything."""
+    ids = _ids(ctx)
+    _checkSelection(ctx, ids)
+    if not _hasSelectors(ctx.options):
+        _flush(ctx)
+        return
+    selected = _selectedIds(ctx, heldToo=False)
+    if not selected:
+        ctx.out.line("no queued message matched")
+        return
+    ctx.options.ids = selected
+    _flush(ctx)
+
+
+def _changeSelected(ctx: _Context) -> None:
+    """C{relayctl queue hold|release|delete} with the selectors as well."""
+    ids = _ids(ctx)
+    _checkSelection(ctx, ids)
+    if not _hasSelectors(ctx.options):
+        _change(ctx)
+        return
+    selected = _selectedIds(ctx)
+    if not selected:
+        ctx.out.line("no queued message matched")
+        return
+    ctx.options.ids = selected
+    ctx.options.all = False
+    _change(ctx)
+
+
+def _idsOrSelection(ctx: _Context, what: str) -> list[str] | None:
+    """Ids given, or picked by selectors; None for --all alone."""
+    ids = _ids(ctx)
+    _checkSelection(ctx, ids)
+    if ids is not None:
+        return ids
+    if _hasSelectors(ctx.options):
+        return _selectedIds(ctx)
+    if not ctx.options.all:
+        raise _Usage(f"queue {what}: give queue ids, --all, or --domain/--sender/--older-than")
+    return None
+
+
+def _bounce(ctx: _Context) -> None:
+    """C{relayctl queue bounce}: an administrative bounce (a DSN to the sender)."""
+    ids = _idsOrSelection(ctx, "bounce")
+    if ids is None:
+        ids = [e["queue_id"] for e in _entries(ctx)]
+    if not ids:
+        ctx.out.line("no queued message matched")
+        return
+    with ctx.daemon() as client:
+        results = client.call(QueueBounce, queueIds=ids)["results"]
+    failed = 0
+    for queueId, outcome, ok in results:
+        if ok:
+            ctx.out.line(f"{queueId}: {outcome}")
+        else:
+            failed += 1
+            ctx.out.error(f"{queueId}: {outcome}")
+    if failed:
+        raise SystemExit(1)
+
+
+def _requeue(ctx: _Context) -> None:
+    """C{relayctl queue requeue}: re-route after a route change."""
+    ids = _idsOrSelection(ctx, "requeue")
+    if ids is not None and not ids:
+        ctx.out.line("no queued message matched")
+        return
+    with ctx.daemon() as client:
+        results: dict[str, str] = client.call(QueueRequeue, queueIds=ids)["results"]
+    counts = {o: sum(1 for v in results.values() if v == o) for o in set(results.values())}
+    line = f"{_plural(counts.get('scheduled', 0), 'message')} requeued: routed afresh now"
+    if counts.get("delivering"):
+        line += f", {counts['delivering']} being delivered already"
+    if counts.get("hold"):
+        line += f", {counts['hold']} on hold (not requeued)"
+    ctx.out.line(line)
+    for queueId, outcome in sorted(results.items()):
+        if outcome == "unknown":
+            ctx.out.error(f"{queueId}: no such message in the queue")
+    if counts.get("unknown"):
+        raise SystemExit(1)
+
+
+def _destinationDomain(ctx: _Context) -> str:
+    from relayd.queue.suspend import normalDomain
+
+    try:
+        return normalDomain(ctx.options.domain)
+    except ValueError as e:
+        raise _Usage(str(e)) from None
+
+
+def _destinationSuspend(ctx: _Context) -> None:
+    domain = _destinationDomain(ctx)
+    with ctx.daemon() as client:
+        changed = client.call(DestinationSuspend, domain=domain)["changed"]
+    ctx.out.line(
+        f"{domain}: suspended: no delivery starts, mail for it is accepted and waits"
+        if changed
+        else f"{domain}: suspended already"
+    )
+
+
+def _destinationResume(ctx: _Context) -> None:
+    domain = _destinationDomain(ctx)
+    with ctx.daemon() as client:
+        answer = client.call(DestinationResume, domain=domain)
+    if answer["changed"]:
+        ctx.out.line(
+            f"{domain}: resumed, {_plural(answer['flushed'], 'message')} to be attempted now"
+        )
+    else:
+        ctx.out.line(f"{domain}: not suspended")
+
+
+def _destinationList(ctx: _Context) -> None:
+    domains = _suspended(ctx)
+    if ctx.options.json:
+        ctx.out.json(domains)
+        return
+    if not domains:
+        ctx.out.line("no destination is suspended")
+        return
+    for domain in sorted(domains):
+        ctx.out.line(f"{domain}  suspended since {_when(domains[domain].get('since'))}")
+
+
+# --- the effective config -------------------------------------------------------------
+
+
+def _config(ctx: _Context) -> None:
+    """C{relayctl config}: like C{postconf -n}/C{-d} (L{relayd.ops.showconfig})."""
+    from relayd.config import ConfigError
+    from relayd.ops.showconfig import defaultSettings, effectiveSettings, settingLines
+
+    if ctx.options.defaults:
+        settings = defaultSettings()
+    else:
+        try:
+            settings = effectiveSettings(ctx.options.config)
+        except ConfigError as e:
+            raise _Failure(f"config error: {e}") from None
+        except (OSError, ValueError) as e:
+            raise _Failure(f"config error: {ctx.options.config}: {e}") from None
+    if ctx.options.json:
+        ctx.out.json(settings)
+        return
+    for line in settingLines(settings, mark=not ctx.options.defaults):
+        ctx.out.line(line)
+
+
 # --- check-domain -------------------------------------------------------------------
 
 
@@ -639,8 +879,14 @@ async def _checkUpstreams(config: Any, reactor: Any) -> list[_Report]:
         for i, route in enumerate(config.routes):
             for j, hop in enumerate(route.hops):
                 name = f"route {i} hop {j} ({hop.host}:{hop.port})"
-                title = f"upstream {name}, for {' '.join(route.domains)}: tls={hop.tls}" + (
-                    f", auth as {hop.username}" if hop.username else ""
+                title = (
+                    f"upstream {name}, for {' '.join(route.domains)}: tls={hop.tls}"
+                    + (f", auth as {hop.username}" if hop.username else "")
+                    + (
+                        f" with {hop.oauth2.mechanism.upper()} ({hop.oauth2.grant} grant)"
+                        if getattr(hop, "oauth2", None) is not None
+                        else ""
+                    )
                 )
                 try:
                     addresses = await resolver.lookupAddresses(hop.host)
@@ -682,8 +928,27 @@ async def _checkHop(
     from relayd.delivery.routing import Hop
 
     host = hopConfig.host.strip("[]")
-    hop = Hop(host, address, hopConfig.port, hopConfig.tls, hopConfig.username, hopConfig.password)
+    oauth2 = getattr(hopConfig, "oauth2", None)
+    hop = Hop(
+        host,
+        address,
+        hopConfig.port,
+        hopConfig.tls,
+        hopConfig.username,
+        hopConfig.password,
+        oauth2,
+    )
     report = _Report(f"{name} [{address}]", f"{title} [{address}]", [])
+    tokens = None
+    if oauth2 is not None:
+        from relayd.delivery.oauth2 import TokenSources
+
+        tokens = TokenSources(reactor)
+        report.steps.append(await _checkToken(tokens, oauth2, reactor))
+        if report.steps[-1][1] != "ok":
+            await tokens.stop()
+            report.ok = False
+            return [report]
     client = SMTPClient(
         hop,
         config.hostname,
@@ -692,6 +957,7 @@ async def _checkHop(
         trustRoot,
         TLSProfile(config.tlsCiphers, config.tlsMinVersion),
         TLSProfile(config.tlsOpportunisticCiphers, config.tlsMinVersion),
+        tokens=tokens,
     )
     isV6 = ipaddress.ip_address(address.split("%", 1)[0]).version == 6
     endpoint = (TCP6ClientEndpoint if isV6 else TCP4ClientEndpoint)(
@@ -712,6 +978,8 @@ async def _checkHop(
     except Exception as e:  # pragma: no cover - the client turns errors into HopFailure
         error = str(e)
     await client.quit()
+    if tokens is not None:
+        await tokens.stop()
     done = client.steps
     labels = (
         ("greeting", "greeting"),
@@ -726,6 +994,8 @@ async def _checkHop(
                 text = client.tls or ""
                 if hop.tls == "verify":
                     text += f", certificate verified for {hop.host}"
+            if step == "auth" and oauth2 is not None:
+                text = f"{oauth2.mechanism.upper()} as {hop.username}"
             report.steps.append((label, "ok", text))
         elif step == "starttls" and hop.tls == "none":
             report.steps.append((label, "-", "not used (tls = none)"))
@@ -738,6 +1008,205 @@ async def _checkHop(
         elif step == "starttls":
             report.steps.append((label, "-", "not offered: mail goes unencrypted (opportunistic)"))
     return [report]
+
+
+async def _checkToken(tokens: Any, oauth2: Any, reactor: Any) -> tuple[str, str, str]:
+    """
+    Fetch an OAuth2 access token for a hop, as delivery would: the C{token}
+    step of C{check-config --live}, with its expiry or the error (never the
+    token itself).
+    """
+    from relayd.delivery.oauth2 import TokenError
+
+    source = tokens.source(oauth2)
+    try:
+        await source.token()
+    except TokenError as e:
+        return ("token", "FAILED", f"{e.code} {e.enhanced} {e.text}")
+    expires = source.expiresAt
+    left = "" if expires is None else f", expires in {_duration(expires - reactor.seconds())}"
+    return ("token", "ok", f"{oauth2.grant} grant from {oauth2.tokenURL}{left}")
+
+
+# --- route ---------------------------------------------------------------------------
+
+
+def _route(ctx: _Context) -> None:
+    """
+    Where mail to ADDRESS would go and under which TLS policy, as delivery
+    decides it (L{relayd.delivery.routing.Router}, L{relayd.delivery.mtasts}):
+    offline, through C{[delivery] resolvers}; the MTA-STS policy from the
+    spool's cache or fetched now (not written back).  Credentials are named
+    by user name only.  Exit status 1 when there is no route.
+    """
+    from relayd.address import AddressError, asciiDomain
+    from relayd.config import ConfigError, load
+
+    address = ctx.options.address.strip()
+    local, at, domain = address.rpartition("@")
+    domain = domain.strip().rstrip(".")
+    if not at or not local or not domain:
+        raise _Usage(f"not a mail address: {ctx.options.address!r}")
+    if not (domain.startswith("[") and domain.endswith("]")):
+        try:
+            domain = asciiDomain(domain)
+        except AddressError:
+            raise _Usage(f"not a mail address: {ctx.options.address!r}") from None
+    try:
+        config = load(ctx.options.config)
+    except ConfigError as e:
+        raise _Failure(f"config error: {e}") from None
+    lines, ok = _inReactor(
+        lambda reactor: Deferred.fromCoroutine(_routeLines(config, reactor, address, domain))
+    )
+    if ctx.options.sender:
+        lines.insert(1, f"  sender: {ctx.options.sender} (routes depend on the recipient only)")
+    for line in lines:
+        ctx.out.line(line)
+    if not ok:
+        raise SystemExit(1)
+
+
+async def _routeLines(
+    config: Any, reactor: Any, address: str, domain: str
+) -> tuple[list[str], bool]:
+    """The lines C{relayctl route} prints, and whether there is a route."""
+    from relayd.delivery.mtasts import NO_POLICY, MTASTSPolicies, applyTLSPolicy
+    from relayd.delivery.routing import MXResolver, ResolverError, Router, RoutingError
+
+    resolver = MXResolver(
+        reactor,
+        list(config.resolvers) or None,
+        port=config.resolverPort,
+        timeout=min(config.dnsTimeout, LIVE_TIMEOUT),
+    )
+    resolver.start()
+    try:
+        router = Router(
+            resolver,
+            config.routes,
+            port=config.deliveryPort,
+            mxTls=config.mxTls,
+            localNames=(config.hostname,),
+        )
+        try:
+            destination = await router.route(domain)
+        except RoutingError as e:
+            kind = "bounce" if e.permanent else "defer"
+            return [f"{address}: no route: {e.enhanced} {e.text} (would {kind})"], False
+        lines: list[str] = []
+        if destination.key.startswith("route:"):
+            index = int(destination.key.split(":", 1)[1])
+            route = config.routes[index]
+            lines.append(f"{address}: route {index} (domains {' '.join(route.domains)})")
+            for hop in route.hops:
+                auth = f", auth as {hop.username}" if hop.username else ""
+                addresses = " ".join(
+                    h.address for h in destination.hops if h.host == hop.host.strip("[]")
+                )
+                lines.append(
+                    f"  hop: {hop.host}:{hop.port} {addresses or '(no address)'} "
+                    f"tls={hop.tls}{auth}"
+                )
+            lines.append("  policy: none (MTA-STS and DANE apply to MX delivery, not to routes)")
+            return lines, True
+        lines.append(f"{address}: MX delivery to {domain}")
+        try:
+            records = sorted(await resolver.lookupMX(domain))
+        except ResolverError:
+            records = [(0, domain)]  # implicit MX, or an address literal
+        for preference, host in records:
+            addresses = " ".join(h.address for h in destination.hops if h.host == host)
+            lines.append(f"  mx: {preference} {host} {addresses or '(not used)'}")
+        lines.append(f"  tls: mx_tls = {config.mxTls}")
+        policy = NO_POLICY
+        if not config.mtaSts:
+            lines.append("  policy: none ([delivery] mta_sts = false)")
+        else:
+            policies = MTASTSPolicies(
+                reactor,
+                resolver,
+                config.spoolDirectory,
+                caFile=config.caFile,
+                port=config.mtaStsPort,
+                timeout=config.mtaStsTimeout,
+                persist=False,
+            )
+            policies.loadCache()
+            policy = await policies.lookup(domain)
+            if policy.kind == "none":
+                lines.append(f"  policy: none ({policy.note})")
+            else:
+                lines.append(
+                    f"  policy: {policy.kind} {policy.mode} (id {policy.policyId}, "
+                    f"{policy.note}), mx {' '.join(policy.mxPatterns)}"
+                )
+        dane = await _routeDane(config, reactor, domain, destination, lines)
+        applied = applyTLSPolicy(destination, policy)
+        used = {hop.host: hop.tls for hop in applied.destination.hops}
+        for _, host in records:
+            mode = dane.get(host, "none")
+            if mode == "dane-error":
+                lines.append(f"  {host}: not used (TLSA lookup failed: deferred, DANE)")
+            elif mode == "dane":
+                lines.append(f"  {host}: tls=dane (certificate must match a TLSA record)")
+            elif applied.refusal is None and host in used:
+                tls = used[host]
+                if mode == "dane-unusable" and tls in ("none", "opportunistic"):
+                    tls = "required"
+                lines.append(f"  {host}: tls={tls}")
+            elif policy.kind == "mta-sts" and not policy.matches(host):
+                lines.append(f"  {host}: not used (does not match the policy)")
+        if applied.refusal is not None:
+            lines.append(f"  would defer: {applied.refusal.enhanced} {applied.refusal.text}")
+        return lines, True
+    finally:
+        resolver.stop()
+
+
+async def _routeDane(
+    config: Any, reactor: Any, domain: str, destination: Any, lines: list[str]
+) -> dict[str, str]:
+    """
+    DANE (RFC 7672, L{relayd.delivery.dane}) for C{relayctl route}, as the
+    deliverer decides it: nothing unless C{[delivery] dane} is on and the
+    MX RRset is DNSSEC-validated; then each MX host's mode (C{"dane"},
+    C{"dane-unusable"}, C{"dane-error"} or C{"none"}), which wins over
+    MTA-STS for that host.  Adds the C{dane:} line(s) to C{lines}.
+    """
+    if not getattr(config, "dane", False):
+        lines.append("  dane: off ([delivery] dane = false)")
+        return {}
+    from twisted.internet.defer import gatherResults
+
+    from relayd.delivery.dane import NO_DANE, DaneResolver
+
+    resolver = DaneResolver(
+        reactor, list(config.resolvers), port=config.resolverPort, timeout=config.dnsTimeout
+    )
+    try:
+        if domain.startswith("[") or not await resolver.mxSecure(domain):
+            lines.append("  dane: none (MX records not DNSSEC-validated)")
+            return {}
+        hosts = sorted({hop.host for hop in destination.hops})
+        found = await gatherResults(
+            [resolver.lookupTLSA(host, config.deliveryPort) for host in hosts]
+        )
+        signed = await gatherResults([resolver.hostSecure(host) for host in hosts])
+    finally:
+        resolver.stop()
+    modes: dict[str, str] = {}
+    for host, policy, secure in zip(hosts, found, signed, strict=True):
+        policy = policy if secure else NO_DANE
+        modes[host] = policy.mode
+        detail = {
+            "dane": f"{len(policy.usable)} usable TLSA record(s)",
+            "dane-unusable": "TLSA records, none usable: TLS required, not authenticated",
+            "dane-error": policy.error or "TLSA lookup failed",
+            "none": "no TLSA records" if secure else "host not in a signed zone",
+        }[policy.mode]
+        lines.append(f"  dane: {host}: {policy.mode} ({detail})")
+    return modes
 
 
 # --- the command line --------------------------------------------------------------
@@ -788,14 +1257,16 @@ def _parser() -> _Parser:
     sub.add_argument("id", metavar="ID", help="the queue id")
     sub.add_argument("--body", action="store_true", help="print the whole message")
     sub.add_argument("--json", action="store_true", help="print JSON")
-    sub = add(queueCommands, "flush", _flush, "attempt deferred mail now")
+    sub = add(queueCommands, "flush", _flushSelected, "attempt deferred mail now")
     sub.add_argument("ids", metavar="ID", nargs="*", help="queue ids (default: all)")
+    _selectors(sub)
     for action, text in (
         ("hold", "put messages on hold: kept, never attempted"),
         ("release", "release held messages: attempted now"),
         ("delete", "delete messages, without a bounce"),
     ):
-        sub = add(queueCommands, action, _change, text)
+        sub = add(queueCommands, action, _changeSelected, text)
+        _selectors(sub)
         sub.set_defaults(action=action)
         sub.add_argument("ids", metavar="ID", nargs="*", help="queue ids")
         sub.add_argument("--all", action="store_true", help="every queued message")
@@ -808,6 +1279,46 @@ def _parser() -> _Parser:
             metavar="DOMAIN",
             help="with --all: only mail still to go to DOMAIN (or to an address)",
         )
+
+    sub = add(
+        queueCommands,
+        "summary",
+        _queueSummary,
+        "messages by domain (or sender) and age, like qshape",
+    )
+    sub.add_argument(
+        "--by", choices=("domain", "sender"), default="domain", help="rows by (default domain)"
+    )
+    sub.add_argument("--json", action="store_true", help="print JSON")
+    for action, run, text in (
+        ("bounce", _bounce, "bounce messages to their senders (5.0.0) and remove them"),
+        ("requeue", _requeue, "route messages afresh now, after a route change"),
+    ):
+        sub = add(queueCommands, action, run, text)
+        sub.set_defaults(action=action)
+        sub.add_argument("ids", metavar="ID", nargs="*", help="queue ids")
+        sub.add_argument("--all", action="store_true", help="every queued message")
+        _selectors(sub)
+
+    destination = commands.add_parser("destination", help="suspend and resume a destination")
+    destinationCommands = destination.add_subparsers(
+        dest="what", metavar="ACTION", parser_class=_Parser
+    )
+    destinationCommands.required = True
+    for action, run, text in (
+        ("suspend", _destinationSuspend, "hold deliveries to DOMAIN (mail is still accepted)"),
+        ("resume", _destinationResume, "deliver to DOMAIN again, starting now"),
+    ):
+        sub = add(destinationCommands, action, run, text)
+        sub.add_argument("domain", metavar="DOMAIN", help="the destination domain")
+    sub = add(destinationCommands, "list", _destinationList, "the suspended destinations")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = add(commands, "config", _config, "the effective config, like postconf")
+    sub.add_argument(
+        "--defaults", action="store_true", help="the built-in defaults (like postconf -d)"
+    )
+    sub.add_argument("--json", action="store_true", help="print JSON")
 
     add(commands, "reload", _reload, "make relayd re-read its config file")
 
@@ -835,6 +1346,15 @@ def _parser() -> _Parser:
         help="an address relayd sends from (repeatable; default: its host name's addresses)",
     )
 
+    sub = add(
+        commands,
+        "route",
+        _route,
+        "where mail to an address would go: route or MX list, TLS mode and policy",
+    )
+    sub.add_argument("address", metavar="ADDRESS", help="the recipient address")
+    sub.add_argument("--sender", metavar="S", help="the sender (shown; routes ignore it)")
+
     from relayd.ops.passwd import _rounds
     from relayd.smtp.auth import DEFAULT_ROUNDS
 
@@ -845,6 +1365,25 @@ def _parser() -> _Parser:
         "--rounds", type=_rounds, default=DEFAULT_ROUNDS, metavar="N", help="bcrypt cost"
     )
     return parser
+
+
+def _selectors(sub: _Parser) -> None:
+    """C{--domain}, C{--sender}, C{--older-than} (L{relayd.ops.queuetools.selectEntries})."""
+    sub.add_argument(
+        "--domain", metavar="D", help="messages with recipients still to go to domain D"
+    )
+    sub.add_argument(
+        "--sender",
+        dest="fromSender",
+        metavar="S",
+        help="messages from S (an address, <> for the null sender, or a domain)",
+    )
+    sub.add_argument(
+        "--older-than",
+        dest="olderThan",
+        metavar="DURATION",
+        help="messages that arrived at least DURATION ago (90s, 30m, 2h, 1d)",
+    )
 
 
 def main(

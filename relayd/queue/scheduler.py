@@ -51,6 +51,7 @@ from relayd.delivery.routing import RoutingError
 from relayd.queue.record import QueueRecord, QueueState, RecipientRecord, RecipientState
 from relayd.reply import Reply
 from relayd.queue.spool import arrivalFromQueueId, envelopeRecord
+from relayd.queue.suspend import Suspensions, SuspensionsError, readSuspended
 
 __all__ = ["Scheduler", "backoff"]
 
@@ -84,6 +85,13 @@ class Scheduler(Service):
     @ivar attempts: number of delivery attempts started (for tests).
     @ivar metrics: where delivery outcomes are counted (L{relayd.ops.metrics});
         by default nowhere.
+    """
+
+    tlsPolicies: Any = None
+    """
+    The recipient domains' TLS policies for MX delivery: an
+    L{relayd.delivery.mtasts.MTASTSPolicies} (set by the service when
+    C{[delivery] mta_sts} is on), or None.
     """
 
     def __init__(
@@ -139,6 +147,9 @@ class Scheduler(Service):
         self._troubles: dict[str, int] = {}
         # Taken out of the schedule by an operator (withdraw) and not yet back.
         self._withdrawn: set[str] = set()
+        # Destinations an operator suspended (relayd.queue.suspend), if any:
+        # set by the service after construction.
+        self.suspensions: Suspensions | None = None
         # While a sweep's listing runs: the messages changed since it began,
         # whose state on disk the listing may no longer tell.
         self._touched: set[str] | None = None
@@ -149,6 +160,7 @@ class Scheduler(Service):
     def startService(self) -> None:
         super().startService()
         self._running = True
+        self._loadSuspensions()
         self.spool.addQueueObserver(self._queued)
         self._ready = self.spool.scan().addCallbacks(self._indexed, self._scanFailed)
         self._sweep = LoopingCall(self._sweepNow)
@@ -545,6 +557,11 @@ class Scheduler(Service):
             except Exception as e:
                 self._spoolFailed(queueId, state, "read", f"cannot read its envelope in {state}", e)
                 return
+        if self._allSuspended(record):
+            # relayctl destination suspend: nothing to send, so nothing is
+            # moved or written; looked at again later, or at once on resume.
+            self._schedule(queueId, state, self.clock.seconds() + self.retryInitial)
+            return
         if state != "active":
             # Not fsync'd: after a crash, active/ goes back to incoming/ anyway.
             try:
@@ -621,11 +638,27 @@ class Scheduler(Service):
         outcomes: dict[str, tuple[RecipientResult, Any]] = {}
 
         byDomain: dict[str, list[str]] = {}
+        held: set[str] = set()
         for r in waiting:
             domain = r.address.rpartition("@")[2].lower() or self.hostname.lower()
+            if self.suspensions is not None and self.suspensions.isSuspended(domain):
+                held.add(r.address)  # relayctl destination suspend: not attempted
+                continue
             byDomain.setdefault(domain, []).append(r.address)
+        if held:
+            log.info(
+                "{queue_id}: {count} recipients held: their destination is suspended",
+                queue_id=queueId,
+                count=len(held),
+            )
+            if len(held) == len(waiting):
+                # Nothing attempted: no attempt counted, looked at again
+                # after the first retry interval (or at once on resume).
+                now = self.clock.seconds()
+                return replace(record, nextAttempt=now + self.retryInitial)
 
         groups: dict[str, tuple[Any, list[str]]] = {}
+        policies: dict[str, Any] = {}
         # Each recipient's destination class, for the per-class metrics.
         classes: dict[str, str] = {}
         for domain, addresses in byDomain.items():
@@ -638,6 +671,16 @@ class Scheduler(Service):
                     reply = RemoteReply.local(code, e.enhanced, e.text)
                     outcomes[address] = (RecipientResult(address, status, reply, None), None)
                 continue
+            if (
+                self.tlsPolicies is not None
+                and destination.key.startswith("mx:")
+                and not record.tlsOptional
+            ):
+                destination = yield self._applyTLSPolicy(
+                    queueId, domain, destination, addresses, outcomes, policies
+                )
+                if destination is None:
+                    continue
             groups.setdefault(destination.key, (destination, []))[1].extend(addresses)
             destinationClass = destinationClassOf(destination.key)
             classes.update((address, destinationClass) for address in addresses)
@@ -668,6 +711,7 @@ class Scheduler(Service):
                 continue
             for r in result.results:
                 outcomes[r.recipient] = (r, result)
+            self._policyTested(queueId, policies, result)
 
         now = self.clock.seconds()
         expired = now - record.arrival >= self.lifetime
@@ -675,7 +719,7 @@ class Scheduler(Service):
         newlyFailed = []
         relayed = []
         for index, r in enumerate(recipients):
-            if r.state.final:
+            if r.state.final or r.address in held:
                 continue
             outcome = outcomes.get(r.address)
             if outcome is None:
@@ -697,7 +741,10 @@ class Scheduler(Service):
                 expired=expiring,
                 command=result.command,
             )
-            self._logRecipient(queueId, r, result, attempt, now - record.arrival, expired)
+            policy = policies.get(r.address.rpartition("@")[2].lower() or self.hostname.lower())
+            self._logRecipient(
+                queueId, r, result, attempt, now - record.arrival, expired, policy=policy
+            )
             self._countDestination(r, attempt, classes.get(r.address, "none"), now - record.arrival)
             if r.state == RecipientState.FAILED:
                 newlyFailed.append(index)
@@ -803,7 +850,7 @@ class Scheduler(Service):
 
     def _logRecipient(
         self, queueId: str, r: RecipientRecord, result: RecipientResult, attempt: Any,
-        delay: float, expired: bool,
+        delay: float, expired: bool, policy: Any = None,
     ) -> None:
         hop = getattr(attempt, "hop", None)
         relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop is not None else "none"
@@ -815,10 +862,17 @@ class Scheduler(Service):
         tls = getattr(attempt, "tls", None)
         # With the hop's TLS mode "verify" a session only gets this far
         # once the certificate matched the host name (relayd.delivery.client).
-        verified = tls is not None and getattr(hop, "tls", None) == "verify"
+        # With "dane" (relayd.delivery.dane) it matched a TLSA record.
+        verified = tls is not None and getattr(hop, "tls", None) in ("verify", "dane")
+        # The published policy applied (DANE, RFC 7672), when one was.
+        # The published TLS policy applied: DANE's (RFC 7672) when the
+        # attempt used it, as it wins over MTA-STS for its hosts (DESIGN
+        # section 6), else the recipient domain's MTA-STS policy (MX
+        # delivery with [delivery] mta_sts), e.g. mta-sts:enforce.
+        applied = getattr(attempt, "policy", None) or (None if policy is None else policy.label)
         log.info(
             "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, tls={tls}{tls_trust}, "
-            "status={status} ({reply}){expired}",
+            "{policy_text}status={status} ({reply}){expired}",
             queue_id=queueId,
             to=r.address,
             relay=relay,
@@ -829,6 +883,8 @@ class Scheduler(Service):
             tls=tls,
             tls_verified=verified,
             tls_trust="" if tls is None else " (verified)" if verified else " (unverified)",
+            policy=applied or "none",
+            policy_text=f"policy={applied}, " if applied else "",
             status=status,
             code=result.code,
             enhanced=result.enhanced,
@@ -855,13 +911,99 @@ class Scheduler(Service):
         if hop is None:
             return
         tls = getattr(attempt, "tls", None)
-        got = "none" if tls is None else "verified" if hop.tls == "verify" else "unverified"
+        # As the delivery line: "verify" matched the host name, "dane" a TLSA record.
+        verified = hop.tls in ("verify", "dane")
+        got = "none" if tls is None else "verified" if verified else "unverified"
         self.metrics.deliveryTLS(str(hop.tls), got)
+
+    @inlineCallbacks
+    def _applyTLSPolicy(
+        self,
+        queueId: str,
+        domain: str,
+        destination: Any,
+        addresses: list[str],
+        outcomes: dict[str, tuple[RecipientResult, Any]],
+        policies: dict[str, Any],
+    ) -> Any:
+        """
+        Look up C{domain}'s MTA-STS policy and apply it to its MX
+        destination (L{relayd.delivery.mtasts.applyTLSPolicy}).
+
+        @return: a Deferred firing with the destination to use, or None
+            when the policy leaves no hop (the recipients are deferred,
+            with the reason logged and in their outcome).
+        """
+        from relayd.delivery.mtasts import applyTLSPolicy
+
+        # The key's domain: in A-labels, as DNS is asked (routing).
+        policy = yield self.tlsPolicies.lookup(destination.key[len("mx:") :])
+        policies[domain] = policy
+        applied = applyTLSPolicy(destination, policy)
+        for text in applied.wouldFail:
+            log.info(
+                "{queue_id}: mta-sts testing: {domain}: enforce would have failed: {why}",
+                queue_id=queueId,
+                domain=domain,
+                why=text,
+            )
+        if applied.refusal is None:
+            return applied.destination
+        log.info(
+            "{queue_id}: deferred by {policy}: {text}",
+            queue_id=queueId,
+            policy=policy.label,
+            text=applied.refusal.text,
+        )
+        for address in addresses:
+            outcomes[address] = (
+                RecipientResult(address, "deferred", applied.refusal, None),
+                None,
+            )
+        return None
+
+    def _policyTested(self, queueId: str, policies: dict[str, Any], result: Any) -> None:
+        """
+        Under an MTA-STS C{testing} policy (RFC 8461 section 5), log what
+        C{enforce} would have refused about the hop that took the session:
+        no TLS, or TLS without a certificate verified for its name.
+        """
+        hop = result.hop
+        if hop is None or not result.results or getattr(result, "policy", None):
+            # DANE applied to the hop: it, not MTA-STS, decided (RFC 8461
+            # section 2).
+            return
+        domain = result.results[0].recipient.rpartition("@")[2].lower()
+        policy = policies.get(domain)
+        if policy is None or policy.kind != "mta-sts" or policy.mode != "testing":
+            return
+        if not policy.matches(hop.host):
+            return  # logged before the attempt
+        lead = "enforce would have failed"
+        if result.tls is None:
+            why = f"no TLS with {hop.host}[{hop.address}]"
+        elif hop.tls != "verify":
+            # Testing mode delivers as without a policy, so the session
+            # did not check the certificate: say so rather than guess.
+            lead = "not checked"
+            why = (
+                f"TLS with {hop.host}[{hop.address}], its certificate unverified in testing "
+                "mode (enforce requires one valid for the MX name)"
+            )
+        else:
+            return
+        log.info(
+            "{queue_id}: mta-sts testing: {domain}: {lead}: {why}",
+            queue_id=queueId,
+            domain=domain,
+            lead=lead,
+            why=why,
+        )
 
     @inlineCallbacks
     def _bounce(
         self, queueId: str, record: QueueRecord, recipients: list[RecipientRecord],
-        action: str, now: float,
+        action: str, now: float, diagnostic: str | None = None,
     ) -> Any:
         """
         Commit a DSN about C{recipients} to the sender (or the postmaster
@@ -917,6 +1059,9 @@ class Scheduler(Service):
                     lastAttempt=r.lastAttempt,
                     command=r.command if reply is not None else None,
                     originalRecipient=r.orcpt,
+                    # relayd's own reason, when it has one worth quoting
+                    # (an administrative bounce); remote replies win.
+                    diagnostic=diagnostic if reply is None else None,
                 )
             )
         # Reads the original's headers from disk: not on the reactor thread.
@@ -962,6 +1107,110 @@ class Scheduler(Service):
             action={"failed": "non-delivery", "delayed": "delay", "relayed": "success"}[action],
             bounce_id=bounceId,
         )
+
+    # --- operator control, continued (relayctl queue bounce/requeue) ---------
+
+    @inlineCallbacks
+    def administrativeBounce(self, queueId: str, state: str, now: float) -> Any:
+        """
+        Bounce a message on the operator's word (C{relayctl queue bounce}):
+        every recipient not yet delivered or failed fails with
+        L{ADMIN_BOUNCE} (RFC 3463 5.0.0: no more specific code applies), a
+        non-delivery DSN goes to the sender (RFC 3464; to the postmaster
+        for a null sender, as for any bounce), then the message leaves the
+        queue.  The DSN is durable before the message is removed, so a
+        crash can repeat it but not lose it.
+
+        The caller withdraws the message first (L{withdraw}); it is moved
+        to C{active/} (where L{_bounce} reads the original's headers).
+
+        @return: a Deferred firing with the number of recipients bounced.
+        """
+        record = yield self.spool.read(queueId, state)
+        if state != "active":
+            yield self.spool.move(queueId, state, "active", durable=False)
+        recipients = list(record.recipients)
+        failed = []
+        for index, r in enumerate(recipients):
+            if r.state.final:
+                continue
+            recipients[index] = replace(
+                r,
+                state=RecipientState.FAILED,
+                status=ADMIN_BOUNCE.enhanced,
+                lastReply=str(ADMIN_BOUNCE),
+                remote=None,
+                lastAttempt=now,
+                expired=False,
+                command=None,
+            )
+            failed.append(recipients[index])
+        record = record.withRecipients(recipients)
+        for r in failed:
+            log.info(
+                "{queue_id}: to=<{to}>, relay=none, status=bounced ({reply})",
+                queue_id=queueId,
+                to=r.address,
+                reply=r.lastReply,
+            )
+            self.metrics.deliveryAttempt("bounced", None)
+        if failed:
+            yield self._bounce(queueId, record, failed, "failed", now, str(ADMIN_BOUNCE))
+        yield self.spool.remove(queueId, "active", durable=True)
+        self._forget(queueId)
+        log.info("{queue_id}: removed", queue_id=queueId)
+        return len(failed)
+
+    def requeue(self, queueIds: list[str] | None = None) -> dict[str, str]:
+        """
+        Re-route messages after a route change (C{relayctl queue requeue},
+        Postfix's C{postsuper -r}): the router's cached DNS answers are
+        dropped, so that every next attempt resolves its destination
+        afresh, and the messages given are attempted now (see L{flush} for
+        the outcomes; messages on hold stay on hold).  relayd keeps no
+        routing decision in a queue file, so nothing on disk changes.
+        """
+        forget = getattr(self.router, "forgetLookups", None)
+        if forget is not None:  # a test's router may have no cache
+            forget()
+        for queueId in sorted(self._state) if queueIds is None else queueIds:
+            self._troubles.pop(queueId, None)
+        return self.flush(queueIds)
+
+    def _loadSuspensions(self) -> None:
+        """
+        Read the suspended destinations from the spool at startup (a small
+        file; startup may block).  An unreadable file is logged and leaves
+        the suspensions as they were, rather than stopping relayd.
+        """
+        if self.suspensions is None:
+            return
+        try:
+            self.suspensions.domains = readSuspended(self.suspensions.directory)
+        except SuspensionsError as e:
+            log.error("cannot read the suspended destinations: {error}", error=e)
+            return
+        if self.suspensions.domains:
+            log.info(
+                "suspended destinations (relayctl destination resume to deliver): {domains}",
+                domains=" ".join(sorted(self.suspensions.domains)),
+            )
+
+
+    def _allSuspended(self, record: QueueRecord) -> bool:
+        """Are all of the recipients still waiting at suspended destinations?"""
+        if self.suspensions is None or not self.suspensions.domains:
+            return False
+        waiting = record.waiting()
+        return bool(waiting) and all(
+            self.suspensions.isSuspended(
+                r.address.rpartition("@")[2].lower() or self.hostname.lower()
+            )
+            for r in waiting
+        )
+
+ADMIN_BOUNCE = Reply(550, "5.0.0", "message bounced by the administrator")
+"""The reply an administrative bounce gives each recipient (in its DSN)."""
 
 
 def destinationClassOf(key: str) -> str:

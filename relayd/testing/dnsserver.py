@@ -15,6 +15,12 @@ answers from records held in memory, on UDP and TCP on the same port of
   - any other name: NXDOMAIN with an SOA in the authority section;
   - a name marked with L{DNSServer.setServfail}: SERVFAIL.
 
+Zones marked with L{DNSServer.setSecure} answer with the AD bit set (RFC
+4035 section 3.2.3), to a query that sets AD or DO (RFC 6840 section 5.7),
+as a validating resolver on the host would for a signed zone: what DANE
+(RFC 7672, L{relayd.delivery.dane}) trusts.  L{DNSServer.setTLSA} publishes
+TLSA records (RFC 6698).
+
 L{relayd.testing} re-exports it for plugin authors (a policy checking SPF or
 DNSBLs can be tested against it with L{DNSServer.setTXT} and
 L{DNSServer.setA}).
@@ -31,7 +37,10 @@ from twisted.internet.error import CannotListenError
 from twisted.names import dns
 from twisted.names.server import DNSServerFactory
 
-__all__ = ["DNSServer"]
+__all__ = ["DNSServer", "TLSA"]
+
+TLSA = 52
+"""The TLSA record type (RFC 6698 section 7.1), unknown to twisted.names."""
 
 
 def _normalize(name: str) -> str:
@@ -56,6 +65,11 @@ class _Zone:
         self.negativeTTL = negativeTTL
         self.records: dict[str, dict[int, tuple[int | None, list[Any]]]] = {}
         self.servfail: set[str] = set()
+        self.secure: set[str] = set()
+
+    def isSecure(self, name: str) -> bool:
+        """Whether C{name} is in a zone marked secure (it or a parent)."""
+        return any(name == zone or name.endswith("." + zone) for zone in self.secure)
 
     def exists(self, name: str) -> bool:
         """
@@ -159,6 +173,12 @@ class _AuthorityFactory(DNSServerFactory):
             rCode = dns.EREFUSED
         else:
             rCode, answers, authority = self.zone.answer(name, query.type)
+        # AD only to a query asking for it (AD, or DO in its OPT record:
+        # RFC 6840 section 5.7) about a name of a secure zone.
+        wantsAD = bool(message.authenticData) or any(
+            r.type == dns.OPT and r.ttl & 0x8000 for r in message.additional
+        )
+        secure = wantsAD and rCode in (dns.OK, dns.ENAME) and self.zone.isSecure(name)
         response = dns.Message(
             id=message.id,
             answer=1,
@@ -167,6 +187,7 @@ class _AuthorityFactory(DNSServerFactory):
             recAv=False,
             auth=rCode in (dns.OK, dns.ENAME),
             rCode=rCode,
+            authenticData=int(secure),
             # Over UDP, truncate past 512 octets and set TC so the client
             # asks again over TCP (RFC 1035 section 4.2.1, RFC 7766 section
             # 5); over TCP there is no limit but the 16-bit length.
@@ -365,6 +386,36 @@ class DNSServer:
                     raise ValueError("a TXT record holds 1 or more strings of at most 255 octets")
             records.append(dns.Record_TXT(*chunks))
         self._set(name, dns.TXT, records, ttl)
+
+    def setTLSA(
+        self,
+        name: str,
+        records: Sequence[tuple[int, int, int, bytes]],
+        ttl: int | None = None,
+    ) -> None:
+        """
+        Replace the TLSA records of C{name} (e.g. C{_25._tcp.mx.example.test})
+        with C{(usage, selector, matching type, data)} tuples (RFC 6698
+        section 2.1); an empty list removes them.  The data is sent as
+        given, so a test can publish a digest of the wrong length.
+        """
+        payloads = [
+            dns.UnknownRecord(bytes([usage, selector, mtype]) + data)
+            for usage, selector, mtype, data in records
+        ]
+        self._set(name, TLSA, payloads, ttl)
+
+    def setSecure(self, zone: str, secure: bool = True) -> None:
+        """
+        Mark C{zone} and every name below it as DNSSEC-validated: answers
+        about them carry the AD bit (when the query asks for it), as from
+        a validating resolver; or stop doing so.
+        """
+        zone = _normalize(zone)
+        if secure:
+            self._zone.secure.add(zone)
+        else:
+            self._zone.secure.discard(zone)
 
     def setServfail(self, name: str, servfail: bool = True) -> None:
         """

@@ -200,7 +200,7 @@ class _SinkSession(LineReceiver):
                 # RFC 8689 section 2: only offered under TLS.
                 continue
             if name == "AUTH" and (
-                sink.users is None
+                (sink.users is None and sink.oauthTokens is None)
                 or self.user is not None
                 or (self.tls is None and not sink.authWithoutTLS)
             ):
@@ -265,8 +265,57 @@ class _SinkSession(LineReceiver):
                 ),
                 "VXNlcm5hbWU6",
             )
+        elif mechanism in ("XOAUTH2", "OAUTHBEARER") and self.sink.oauthTokens is not None:
+            if initial:
+                self._oauth2(mechanism, initial)
+            else:
+                self._expect(lambda text: self._oauth2(mechanism, text), "")
         else:
             self.reply(504, "5.5.4 Error: unrecognized authentication type")
+
+    def _oauth2(self, mechanism: str, text: str) -> None:
+        """
+        Check an XOAUTH2 or OAUTHBEARER (RFC 7628 section 3.1) client
+        response against C{sink.oauthTokens}.  A wrong token gets the
+        error challenge (a 334 with base64 JSON, section 3.2.2), then 535
+        after the client's answer; or 535 at once when C{sink.oauthRefusal}
+        is C{"535"}.
+        """
+        sink = self.sink
+        raw = _decode(text)
+        fields: dict[str, str] = {}
+        user = ""
+        if mechanism == "OAUTHBEARER":
+            header, _, raw = raw.partition("\x01")
+            for part in header.split(","):
+                if part.startswith("a="):
+                    user = part[2:].replace("=2C", ",").replace("=3D", "=")
+        for item in raw.split("\x01"):
+            key, sep, value = item.partition("=")
+            if sep:
+                fields[key] = value
+        if mechanism == "XOAUTH2":
+            user = fields.get("user", "")
+        auth = fields.get("auth", "")
+        token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+        sink.oauthSeen.append((mechanism, user, token, dict(fields)))
+        expected = (sink.oauthTokens or {}).get(user)
+        if expected is not None and token == expected:
+            self.user = user
+            self.reply(235, "2.7.0 Authentication successful")
+            return
+        if sink.oauthRefusal == "535":
+            self.reply(535, "5.7.8 Username and Password not accepted")
+            return
+        error = base64.b64encode(
+            b'{"status":"401","schemes":"bearer","scope":"https://mail.example/"}'
+        ).decode("ascii")
+
+        def ended(answer: str) -> None:
+            sink.oauthChallengeAnswers.append(answer)
+            self.reply(535, "5.7.8 Username and Password not accepted")
+
+        self._expect(ended, error)
 
     def _expect(self, step: Callable[[str], None], challenge: str) -> None:
         self.state = "auth"
@@ -422,6 +471,15 @@ class SinkServer:
         C{tlsOptions} and before TLS; AUTH only with C{users}, inside TLS
         (unless C{authWithoutTLS}) and before a successful AUTH; REQUIRETLS
         (not offered unless added) only inside TLS.
+    @ivar oauthTokens: mailbox to the access token AUTH XOAUTH2 and
+        OAUTHBEARER accept (add them to the AUTH keyword of C{advertise});
+        AUTH is offered with these even without C{users}.
+    @ivar oauthRefusal: how a wrong token is refused: C{"334"} (the error
+        challenge, then 535) or C{"535"} at once.
+    @ivar oauthSeen: C{(mechanism, user, token, fields)} of each OAuth2
+        AUTH attempt.
+    @ivar oauthChallengeAnswers: what the client answered to each error
+        challenge (base64 text; empty for XOAUTH2's empty line).
     @ivar messages: the L{SinkMessage}s received.
     @ivar commands: every L{SinkCommand} received (not DATA lines nor AUTH
         responses).
@@ -444,6 +502,10 @@ class SinkServer:
         self.authWithoutTLS = False
         self.tlsOptions: Any = None
         self.users: dict[str, str] | None = None
+        self.oauthTokens: dict[str, str] | None = None
+        self.oauthRefusal = "334"
+        self.oauthSeen: list[tuple[str, str, str, dict[str, str]]] = []
+        self.oauthChallengeAnswers: list[str] = []
         self.messages: list[SinkMessage] = []
         self.commands: list[SinkCommand] = []
         self.connections = 0

@@ -1,0 +1,410 @@
+"""
+DANE for SMTP (RFC 7672): TLSA records, published in DNSSEC-signed zones,
+say which certificate or key an MX host must present, so that a man in
+the middle can neither strip STARTTLS nor present a certificate of his own.
+
+Three pieces:
+
+  - L{DaneResolver} asks the configured resolver (C{[delivery] resolvers})
+    whether a domain's MX RRset is secure and for the TLSA RRset
+    C{_25._tcp.<mx host>}, from a thread pool of its own (dnspython is
+    blocking).  relayd validates no signature itself: like Postfix, it
+    sets the DO bit and trusts the AD bit of the answer, which is only
+    sound when that resolver is a validating one on the same machine
+    (unbound on 127.0.0.1; L{relayd.config} refuses C{dane = true} with a
+    resolver elsewhere, whose AD bit any on-path attacker could set).
+  - L{DanePolicy}: what the lookups came to for one MX host, a small frozen
+    value the deliverer applies (L{relayd.delivery.attempt}).
+  - L{matchChain}: checks the certificate chain a server presented after
+    the TLS handshake against the usable records (RFC 7672 section 3,
+    RFC 6698 section 2.1, RFC 7218 acronyms).
+
+The rules (RFC 7672 section 2.2):
+
+  - DANE applies only when the MX RRset is secure (AD set); an insecure
+    MX RRset means no DANE for any of its hosts (section 2.2.1).  For a
+    domain without MX records (the implicit MX), the security of the
+    NODATA answer stands in for it.
+  - An MX host whose address records are not secure (an unsigned zone):
+    no DANE for that host (section 2.2.2); it keeps its usual TLS mode.
+  - No TLSA records (NXDOMAIN or NODATA), or an answer without AD: no
+    DANE for that host; the hop keeps its usual TLS mode.
+  - A TLSA lookup that fails (SERVFAIL, timeout) for a host of a secure MX
+    RRset: the host is not used now (deferred, never delivered in plain
+    text), as an attacker could make the lookup fail to strip DANE.
+  - Usable records: TLS is mandatory and the certificate must match one
+    of them (L{matchChain}); no STARTTLS or no match defers that hop and
+    the next MX host is tried, never plain text.
+  - Records present but none usable (PKIX-TA(0) and PKIX-EE(1) are
+    unusable for SMTP, section 3.1.3; unknown usages, selectors or
+    matching types; a digest of the wrong length): TLS is still mandatory
+    but the certificate is not checked (section 2.2, "mandatory
+    unauthenticated TLS").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import dns.exception
+import dns.flags
+import dns.immutable
+import dns.message
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.ANY.TLSA
+import dns.resolver
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from service_identity import VerificationError
+from service_identity.cryptography import verify_certificate_hostname
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from relayd.delivery.routing import newResolver
+
+__all__ = [
+    "DANE_EE",
+    "DANE_TA",
+    "DanePolicy",
+    "DaneResolver",
+    "NO_DANE",
+    "TLSARecord",
+    "isLoopbackResolver",
+    "matchChain",
+    "tlsaName",
+]
+
+DANE_TA = 2
+"""Certificate usage DANE-TA(2): a trust anchor of the server's chain."""
+
+DANE_EE = 3
+"""Certificate usage DANE-EE(3): the server's own certificate or key."""
+
+_SELECTORS = (0, 1)
+"""Cert(0): the whole certificate, DER; SPKI(1): its SubjectPublicKeyInfo."""
+
+_DIGEST_LENGTHS = {1: 32, 2: 64}
+"""Matching types SHA2-256(1) and SHA2-512(2) and their digest lengths."""
+
+
+@dataclass(frozen=True)
+class TLSARecord:
+    """
+    One TLSA record (RFC 6698 section 2.1).
+
+    @ivar usage: certificate usage (2 DANE-TA, 3 DANE-EE; 0 and 1 are
+        unusable for SMTP).
+    @ivar selector: 0 full certificate, 1 SubjectPublicKeyInfo.
+    @ivar mtype: matching type: 0 exact, 1 SHA-256, 2 SHA-512.
+    @ivar data: the certificate association data.
+    """
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+    @property
+    def usable(self) -> bool:
+        """
+        Whether relayd can use this record (RFC 7672 section 3.1.3:
+        PKIX-TA(0) and PKIX-EE(1) are unusable for SMTP; RFC 6698 section
+        4.1: records with unknown parameters are unusable; a digest of the
+        wrong length can match nothing and is unusable too).
+        """
+        if self.usage not in (DANE_TA, DANE_EE) or self.selector not in _SELECTORS:
+            return False
+        if self.mtype == 0:
+            return bool(self.data)
+        return _DIGEST_LENGTHS.get(self.mtype) == len(self.data)
+
+    def __str__(self) -> str:
+        return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()[:16]}"
+
+
+@dataclass(frozen=True)
+class DanePolicy:
+    """
+    What DANE asks of one MX host, from L{DaneResolver.policy}.
+
+    @ivar records: every TLSA record found in a secure answer (empty: no
+        DANE for this host).
+    @ivar usable: those of them relayd can match against (a subset).
+    @ivar tlsaBase: the name the records were found for (the MX host
+        name), a name the certificate may carry under DANE-TA.
+    @ivar error: the TLSA lookup failed for a host of a secure MX RRset:
+        the host must not be used now (RFC 7672 section 2.2).
+    """
+
+    records: tuple[TLSARecord, ...] = ()
+    usable: tuple[TLSARecord, ...] = ()
+    tlsaBase: str = ""
+    error: str | None = None
+
+    @property
+    def mode(self) -> str:
+        """
+        C{"dane"} (usable records: TLS with a matching certificate),
+        C{"dane-unusable"} (records, none usable: TLS mandatory, not
+        authenticated), C{"dane-error"} (lookup failed: do not use the
+        host) or C{"none"}.
+        """
+        if self.error is not None:
+            return "dane-error"
+        if self.usable:
+            return "dane"
+        if self.records:
+            return "dane-unusable"
+        return "none"
+
+
+NO_DANE = DanePolicy()
+"""No DANE: the hop's own TLS mode applies."""
+
+
+def tlsaName(host: str, port: int = 25) -> str:
+    """The TLSA owner name of C{host} (RFC 6698 section 3, RFC 7672 section 2.2.3)."""
+    return f"_{port}._tcp.{host.rstrip('.').lower()}"
+
+
+def isLoopbackResolver(address: str) -> bool:
+    """Whether C{address} is a loopback address (a resolver on this host)."""
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@dns.immutable.immutable
+class _LenientTLSA(dns.rdtypes.ANY.TLSA.TLSA):
+    """
+    A TLSA rdata that keeps a digest of the wrong length instead of
+    refusing it.  dnspython (2.8 and later) raises on such a record while
+    parsing the response, which throws the whole answer away: one broken
+    record would then look like a failed lookup and defer the mail to
+    that host for good, where RFC 6698 section 4.1 and RFC 7672 section
+    3.1.3 make only that record unusable (L{TLSARecord.usable}).
+    """
+
+    def __init__(
+        self, rdclass: Any, rdtype: Any, usage: Any, selector: Any, mtype: Any, cert: Any
+    ) -> None:
+        dns.rdata.Rdata.__init__(self, rdclass, rdtype)
+        self.usage = int(usage) & 0xFF
+        self.selector = int(selector) & 0xFF
+        self.mtype = int(mtype) & 0xFF
+        self.cert = bytes(cert)
+
+
+# dnspython has no public hook to replace a known type's parser; this is
+# its registry (dns.rdata.get_rdata_class reads it first).
+dns.rdata._rdata_classes[(dns.rdataclass.IN, dns.rdatatype.TLSA)] = _LenientTLSA
+
+
+class DaneResolver:
+    """
+    MX security and TLSA lookups with the DO bit, in a thread pool of its
+    own (started on first use, stopped at reactor shutdown or L{stop}).
+
+    relayd trusts the AD bit of the answers (RFC 4035 section 3.2.3, RFC
+    6840 section 5.7 asks for it by setting AD in the query), as Postfix
+    does with C{smtp_dns_support_level = dnssec}: only safe with a
+    validating resolver on this host.  No cache here: that resolver
+    caches, and a delivery asks once per MX host tried.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        nameservers: Sequence[str] | None = None,
+        port: int = 53,
+        timeout: float = 5.0,
+        threads: int = 2,
+    ) -> None:
+        self._reactor = reactor
+        self._resolver = newResolver(nameservers, port, timeout)
+        self._resolver.use_edns(0, dns.flags.DO, 1232)
+        self._resolver.flags = dns.flags.RD | dns.flags.AD
+        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="relayd-dane")
+        self._started = False
+
+    def stop(self) -> None:
+        """Stop the thread pool; lookups after this fail (as temporary errors)."""
+        if self._started and not self._pool.joined:
+            self._pool.stop()
+
+    def _run(self, rdtype: str, name: str) -> Deferred[tuple[str, list[Any], bool]]:
+        if not self._started:
+            self._started = True
+            self._pool.start()
+            self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        if self._pool.joined:
+            return succeed(("error: resolver stopped", [], False))
+        return deferToThreadPool(self._reactor, self._pool, self._query, rdtype, name)
+
+    def _query(self, rdtype: str, name: str) -> tuple[str, list[Any], bool]:
+        """
+        In a pool thread: C{(outcome, rdatas, secure)} where outcome is
+        C{"answer"}, C{"nodata"}, C{"nxdomain"} or C{"error: ..."}, and
+        secure says whether the answer came with AD.
+        """
+        qname = dns.name.from_text(name.rstrip(".") + ".")
+        try:
+            answer = self._resolver.resolve(qname, rdtype, search=False)
+        except dns.resolver.NXDOMAIN as e:
+            responses = list(e.kwargs.get("responses", {}).values())
+            return "nxdomain", [], bool(responses) and _secure(responses[0])
+        except dns.resolver.NoAnswer as e:
+            return "nodata", [], _secure(e.kwargs.get("response"))
+        except (dns.exception.DNSException, OSError) as e:
+            text = (str(e).strip() or type(e).__name__).splitlines()[0]
+            return f"error: {text}", [], False
+        return "answer", list(answer), _secure(answer.response)
+
+    def mxSecure(self, domain: str) -> Deferred[bool]:
+        """
+        Whether C{domain}'s MX RRset (or its NODATA answer: the implicit
+        MX) is DNSSEC-validated (RFC 7672 section 2.2.1).  A failed lookup
+        counts as not secure: routing already asked for the MX records
+        and got an answer, and a resolver that fails now fails the TLSA
+        lookups as well.
+        """
+        d = self._run("MX", domain)
+        return d.addCallback(lambda r: r[0] in ("answer", "nodata") and r[2])
+
+    def hostSecure(self, host: str) -> Deferred[bool]:
+        """
+        Whether C{host}'s address records are DNSSEC-validated (its A
+        RRset, or a secure NODATA for an IPv6-only host): DANE applies
+        only to an MX host in a signed zone (RFC 7672 section 2.2.2).
+        """
+        d = self._run("A", host)
+        return d.addCallback(lambda r: r[0] in ("answer", "nodata") and r[2])
+
+    def lookupTLSA(self, host: str, port: int = 25) -> Deferred[DanePolicy]:
+        """
+        The TLSA records of C{host}'s SMTP port, as a L{DanePolicy}: no
+        records, or an insecure answer, is L{NO_DANE}; a failed lookup
+        is a policy with C{error} set.
+        """
+        name = tlsaName(host, port)
+
+        def answered(result: tuple[str, list[Any], bool]) -> DanePolicy:
+            outcome, rdatas, secure = result
+            if outcome.startswith("error"):
+                return DanePolicy(
+                    tlsaBase=host, error=f"TLSA lookup for {name} failed: {outcome[7:]}"
+                )
+            if outcome != "answer" or not secure:
+                return NO_DANE
+            records = tuple(
+                TLSARecord(int(r.usage), int(r.selector), int(r.mtype), bytes(r.cert))
+                for r in rdatas
+                if r.rdtype == dns.rdatatype.TLSA
+            )
+            usable = tuple(r for r in records if r.usable)
+            return DanePolicy(records, usable, host.rstrip(".").lower())
+
+        def failed(failure: Any) -> DanePolicy:
+            return DanePolicy(
+                tlsaBase=host, error=f"TLSA lookup for {name} failed ({failure.getErrorMessage()})"
+            )
+
+        return self._run("TLSA", name).addCallbacks(answered, failed)
+
+
+def _secure(response: dns.message.Message | None) -> bool:
+    """Whether C{response} carries the AD bit (RFC 4035 section 3.2.3)."""
+    return response is not None and bool(response.flags & dns.flags.AD)
+
+
+# --- matching ----------------------------------------------------------------
+
+
+def _selected(certificate: x509.Certificate, selector: int) -> bytes:
+    """The octets a record's selector names: the DER certificate or its SPKI."""
+    if selector == 0:
+        return certificate.public_bytes(serialization.Encoding.DER)
+    return certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _matches(record: TLSARecord, certificate: x509.Certificate) -> bool:
+    """Whether C{certificate} matches C{record} (RFC 6698 section 2.1.3)."""
+    data = _selected(certificate, record.selector)
+    if record.mtype == 1:
+        data = hashlib.sha256(data).digest()
+    elif record.mtype == 2:
+        data = hashlib.sha512(data).digest()
+    return data == record.data
+
+
+def _issued(child: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether C{issuer} signed C{child} (names chain and signature holds)."""
+    try:
+        child.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _nameMatches(certificate: x509.Certificate, names: Sequence[str]) -> bool:
+    """Whether the certificate is valid for one of C{names} (RFC 6125, RFC 7672 section 3.2.2)."""
+    for name in names:
+        try:
+            verify_certificate_hostname(certificate, name)
+        except (VerificationError, ValueError):
+            continue
+        return True
+    return False
+
+
+def matchChain(policy: DanePolicy, chain: Sequence[x509.Certificate], host: str) -> str | None:
+    """
+    Check the chain a server presented (leaf first) against the usable
+    records of C{policy}.
+
+    DANE-EE(3): the leaf must match; neither its names nor its dates are
+    checked (RFC 7672 section 3.1.1).  DANE-TA(2): some certificate of the
+    chain must match, every certificate from the leaf up to it must be
+    issued by the next, the leaf must be within its validity dates and
+    carry the MX host name or the TLSA base domain (section 3.1.2, 3.2.2).
+
+    @return: None when a record matches, else why not (for the log and the
+        deferral text).
+    """
+    if not chain:
+        return "no certificate presented"
+    leaf = chain[0]
+    for record in policy.usable:
+        if record.usage == DANE_EE and _matches(record, leaf):
+            return None
+    taRecords = [r for r in policy.usable if r.usage == DANE_TA]
+    if not taRecords:
+        return "certificate matches no TLSA record"
+    for depth, certificate in enumerate(chain):
+        if not any(_matches(r, certificate) for r in taRecords):
+            continue
+        if not all(_issued(chain[i], chain[i + 1]) for i in range(depth)):
+            return f"chain does not lead to the DANE-TA trust anchor at depth {depth}"
+        now = datetime.now(UTC)
+        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+            return "certificate is expired or not yet valid (DANE-TA)"
+        names = [host.rstrip(".").lower()]
+        if policy.tlsaBase and policy.tlsaBase not in names:
+            names.append(policy.tlsaBase)
+        if not _nameMatches(leaf, names):
+            return f"certificate name does not match {' or '.join(names)} (DANE-TA)"
+        return None
+    return "certificate chain matches no TLSA record"
