@@ -49,6 +49,7 @@ from relayd.interfaces import (
     ITransactionObserver,
     SessionView,
 )
+from relayd.ops.logs import idFields
 from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.verdict import CONTINUE, Phase, Verdict, tempfail
 
@@ -280,9 +281,9 @@ class PolicyChain:
                 policy.transactionEnded(session, envelope, queued)
             except Exception:
                 log.failure(
-                    "policy {policy} failed in transactionEnded",
+                    "{prefix}: policy {policy} failed in transactionEnded",
                     policy=self.nameOf(policy),
-                    queue_id=getattr(envelope, "queueId", None),
+                    **idFields(session, envelope),
                 )
 
     def checkConnection(self, session: SessionView) -> Deferred[Verdict]:
@@ -343,9 +344,9 @@ class PolicyChain:
             def done(answer: object) -> None:
                 if answer is not None:
                     log.warn(
-                        "{queue_id}: policy {policy}: modifyMessage returned {answer!r}, "
+                        "{prefix}: policy {policy}: modifyMessage returned {answer!r}, "
                         "not None; ignored",
-                        queue_id=getattr(envelope, "queueId", None),
+                        **idFields(session, envelope),
                         policy=self.nameOf(policy),
                         answer=answer,
                     )
@@ -354,9 +355,9 @@ class PolicyChain:
             def failed(failure: Failure) -> None:
                 name = self.nameOf(policy)
                 log.failure(
-                    "{queue_id}: policy {policy} failed in {method}; answering 451 4.3.0",
+                    "{prefix}: policy {policy} failed in {method}; answering 451 4.3.0",
                     failure,
-                    queue_id=getattr(envelope, "queueId", None),
+                    **idFields(session, envelope),
                     policy=name,
                     method="modifyMessage",
                 )
@@ -424,10 +425,12 @@ class PolicyChain:
 
         def failed(failure: Failure) -> Verdict:
             log.failure(
-                "policy {policy} failed in {method}; answering 451 4.3.0",
+                "{prefix}: policy {policy} failed in {method}; answering 451 4.3.0 "
+                "session={session_id}",
                 failure,
                 policy=name,
                 method=method,
+                **idFields(args[0] if args else None, args[1] if len(args) > 1 else None),
             )
             return POLICY_FAILED
 

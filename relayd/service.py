@@ -27,6 +27,7 @@ from relayd.config import Config, ConfigError
 from relayd.interfaces import IDeliverer, IQueue, IReloadable
 from relayd.ops.control import ControlService, ControlSocketError
 from relayd.ops.metrics import NO_METRICS, Metrics, NoMetrics, SummedRegistry, metricsSite
+from relayd.ops.sdnotify import SystemdNotifier
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
 from relayd.queue.spool import SpoolLocked
 from relayd.smtp.proxy import ProxyFactory
@@ -138,6 +139,9 @@ class RelaydService(MultiService):
         self.spool: Spool | None = None
         self.receivers: ReceiverPool | None = None
         self.deliveries: DeliveryPool | None = None
+        # systemd's Type=notify (relayd.ops.sdnotify): the queue manager's
+        # tree only, never a receiver's or a config check's.
+        self.systemd: SystemdNotifier | None = None
 
     def setServiceParent(self, parent: Any) -> Any:
         """
@@ -193,7 +197,16 @@ class RelaydService(MultiService):
             self.receivers.reload()
         if self.deliveries is not None:
             self.deliveries.reload()
-        return _reload(self)
+        if self.systemd is not None:
+            self.systemd.reloading()
+
+        def done(ok: bool) -> bool:
+            self.metrics.reloaded(bool(ok))
+            if self.systemd is not None:
+                self.systemd.reloaded("" if ok else f"reload refused: {self.reloadError}")
+            return ok
+
+        return _reload(self).addCallback(done)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -203,6 +216,8 @@ class RelaydService(MultiService):
         finishes its commits, then the thread pools stop.
         """
         Service.stopService(self)
+        if self.systemd is not None:
+            self.systemd.stopping()
         children = list(self)
         if self.receivers is not None:
             # They stop in parallel with this process's own sessions; the
@@ -234,6 +249,13 @@ class RelaydService(MultiService):
             self._fatal(f"{key}: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
         except ControlSocketError as e:
             self._fatal(f"control.socket: {e}")
+        if self.systemd is not None:
+            # Listeners bound, spool recovered; ready once the reactor runs
+            # and so answers the connections waiting in the backlog.
+            systemd = self.systemd
+            cast(Any, self.reactor).callWhenRunning(
+                systemd.ready, f"relaying; config {self.config.path}"
+            )
 
     def _fatal(self, problem: str) -> None:
         """
@@ -256,6 +278,17 @@ def _serverEndpoint(reactor: Any, text: str, path: str, key: str, checkOnly: boo
     (C{LISTEN_FDS}, a C{.socket} unit); when only checking the config
     (C{relayctl check-config}), its syntax is all there is to check.
     """
+    import os
+
+    from relayd.endpoints import endpointProblem, explainError, resolvePaths
+
+    written = text
+    # Relative file names (unix: sockets, ssl: keys) are the config
+    # folder's, as every other path in the config file.
+    text = resolvePaths(text, os.path.dirname(os.path.abspath(path)))
+    problem = endpointProblem(text)
+    if problem is not None:
+        raise ConfigError(path, key, f"bad endpoint {written!r}: {problem}")
     try:
         return serverFromString(reactor, text)
     except (IndexError, KeyError) as e:
@@ -268,9 +301,9 @@ def _serverEndpoint(reactor: Any, text: str, path: str, key: str, checkOnly: boo
                 f"{text!r}: systemd passed no such socket (LISTEN_FDS, LISTEN_FDNAMES); "
                 "start relayd from its .socket unit (etc/relayd.socket), or listen with tcp:",
             ) from None
-        raise ConfigError(path, key, f"bad endpoint {text!r}: {e}") from None
+        raise ConfigError(path, key, f"bad endpoint {written!r}: {explainError(e)}") from None
     except (ValueError, TypeError) as e:
-        raise ConfigError(path, key, f"bad endpoint {text!r}: {e}") from None
+        raise ConfigError(path, key, f"bad endpoint {written!r}: {explainError(e)}") from None
 
 
 def buildService(
@@ -357,6 +390,8 @@ def buildService(
     if config.deliveryEnabled and receiver is None:
         top.scheduler = _deliverySide(config, reactor, spool, top)
         top.metrics.watchQueue(top.scheduler)
+    if receiver is None:
+        top.metrics.watchSpool(spool)
     metricsService = None
     if metricsEndpoint is not None:
         assert isinstance(top.metrics, Metrics)
@@ -443,6 +478,8 @@ def buildService(
     MaildropService(top, reactor).setServiceParent(top)
     # Last: it starts once the spool holds its lock, and stops first.
     ControlService(top, spool, reactor).setServiceParent(top)
+    if not checkOnly:
+        top.systemd = SystemdNotifier(reactor)
     return top
 
 

@@ -40,7 +40,7 @@ def lowPort() -> int:
 def test_unitFileDropsPrivileges() -> None:
     unit = (REPO / "etc" / "relayd.service").read_text()
     assert "--uid=relayd --gid=relayd" in unit
-    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    assert "ExecReload=/opt/relayd/bin/relayctl --config /etc/relayd/relayd.toml reload" in unit
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="binding below 1024 then dropping needs root")

@@ -41,7 +41,45 @@ from twisted.logger import (
 from twisted.python.compat import ioType
 from zope.interface import implementer, provider
 
-__all__ = ["eventAsJSON", "jsonFileLogObserver", "observerFor", "formatObserver", "levelFiltered"]
+__all__ = [
+    "eventAsJSON",
+    "jsonFileLogObserver",
+    "observerFor",
+    "formatObserver",
+    "levelFiltered",
+    "idFields",
+    "ABSENT",
+]
+
+ABSENT = "none"
+"""How the text format (and the JSON C{message}) shows a field that has no
+value (None: no TLS, no AUTH user, no queue id yet); the JSON field itself
+is null.  One spelling for every field, in every line."""
+
+
+def idFields(session: Any, envelope: Any = None) -> dict[str, Any]:
+    """
+    The id fields of a log event about a session or its transaction:
+    C{prefix} (the queue id once MAIL was accepted, else the session id:
+    what a line starts with, so that no line starts with C{None:}),
+    C{session_id} and C{queue_id} (None before MAIL).  Either argument may
+    be None.
+    """
+    queueId = getattr(envelope, "queueId", None)
+    sessionId = getattr(session, "sessionId", None)
+    return {"prefix": queueId or sessionId or "-", "session_id": sessionId, "queue_id": queueId}
+
+
+def _present(event: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    C{event} for formatting its text: fields without a value (None) shown
+    as L{ABSENT}, the same in every line (the JSON fields stay null).
+    """
+    return {
+        key: ABSENT if value is None and not key.startswith("log_") else value
+        for key, value in event.items()
+    }
+
 
 _RESERVED = ("time", "level", "namespace", "message")
 # Keys that the legacy twisted.python.log API (twistd's own messages, parts
@@ -69,7 +107,7 @@ def eventAsJSON(event: Mapping[str, Any]) -> str:
         ),
         "level": getattr(level, "name", None),
         "namespace": event.get("log_namespace"),
-        "message": formatEvent(dict(event)),
+        "message": formatEvent(_present(event)),
     }
     for key, value in event.items():
         if key.startswith("log_") or key in _LEGACY:
@@ -135,7 +173,7 @@ def formatObserver(logFormat: str, out: IO[Any]) -> ILogObserver:
 
 def _classicText(event: Mapping[str, Any]) -> str | None:
     """twistd's text line: time, [namespace#level] or [system], message."""
-    return formatEventAsClassicLogText(dict(event), formatTime=_formatTime)
+    return formatEventAsClassicLogText(_present(event), formatTime=_formatTime)
 
 
 _lastSecond: list[Any] = [None, ""]

@@ -30,8 +30,10 @@ Metric names, all prefixed C{relayd_} (see also README.md):
     is C{none} and C{action} C{continue} (at RCPT that means relay denied).
   - C{relayd_messages_accepted_total{listener}}: messages queued (250 sent).
   - C{relayd_messages_rejected_total{stage,code}}: MAIL, RCPT and end of
-    DATA refused by a policy, a limit, the message's content or the spool;
-    C{stage} is C{mail}, C{rcpt} or C{data}, C{code} the reply code.
+    DATA refused by a policy, a limit, the message's content or the spool,
+    and every other refused MAIL or RCPT (530 without AUTH, 555, 501
+    syntax, 503 sequence); C{stage} is C{mail}, C{rcpt} or C{data}, C{code}
+    the reply code.
   - C{relayd_received_bytes_total{listener}}: octets of the messages
     queued, as stored (with relayd's Received: header).
   - C{relayd_commit_latency_seconds}: histogram, end of DATA to 250
@@ -57,6 +59,36 @@ Metric names, all prefixed C{relayd_} (see also README.md):
   - C{relayd_queue_stuck_messages}: queued messages whose last spool
     operation failed (a read, a move, writing their outcome), waiting for
     their retry: mail stuck now.  0 once the spool works again.
+  - C{relayd_queue_oldest_age_seconds{state}}: age of the oldest queued
+    message in each spool state, 0 when that state is empty.
+  - C{relayd_smtp_replies_total{command,code,enhanced}}: every reply relayd
+    sent that refused something (4xx and 5xx), by the command it answered
+    (C{GREETING} for the greeting, C{DATA} for the end of data, C{AUTH}
+    for AUTH's continuation lines, C{UNKNOWN} for unrecognised verbs).
+  - C{relayd_build_info{version}}: 1, the running relayd's version.
+  - C{relayd_reload_success}: 1 when the last reload (or the start) put
+    its config in force, 0 when it was refused.
+  - C{relayd_reload_timestamp_seconds}: when that last reload (or the
+    start) happened, epoch seconds.
+  - C{relayd_tls_handshakes_total{listener,version}}: inbound TLS sessions
+    established (STARTTLS or implicit), by TLS version.
+  - C{relayd_tls_handshake_failures_total{listener}}: inbound TLS
+    handshakes that failed.
+  - C{relayd_delivery_tls_total{policy,tls}}: outbound sessions' recipients
+    by the hop's TLS policy (C{none}, C{may}, C{encrypt}, C{verify}, ...)
+    and what the session got: C{none}, C{unverified} or C{verified}.
+  - C{relayd_spool_free_bytes}: free octets on the spool's file system
+    (the figure the free-space reserve is checked against).
+  - C{relayd_destination_deliveries_total{destination,outcome}} and
+    C{relayd_destination_delivery_latency_seconds{destination}}: per
+    destination class, C{mx} for MX delivery, C{route:N} for the N-th
+    configured route, C{none} when routing failed.
+  - C{process_*}: prometheus_client's process collector (CPU, memory,
+    open files, start time) for the queue manager's process.
+
+C{_created} series are off (prometheus_client's
+C{disable_created_metrics}): they double the page and no dashboard or
+alert uses them.
 """
 
 from __future__ import annotations
@@ -65,7 +97,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -117,6 +156,13 @@ class QueueSource(Protocol):
         """Queued messages whose last spool operation failed (waiting for the disk)."""
 
 
+class SpoolSource(Protocol):
+    """What L{Metrics.watchSpool} reads: the spool's cached free-space figure."""
+
+    def freeBytes(self) -> int | None:
+        """Free octets last measured (no disk access), None before the first measure."""
+
+
 class NoMetrics:
     """
     Counts nothing.  The methods are the counting API of L{Metrics}; parts
@@ -162,6 +208,32 @@ class NoMetrics:
     def watchQueue(self, source: QueueSource) -> None:
         """Report the queue from C{source} at each scrape."""
 
+    def smtpReply(self, command: str, code: int, enhanced: str | None) -> None:
+        """relayd refused C{command} with C{code} (4xx or 5xx) and C{enhanced}."""
+
+    def reloaded(self, success: bool, when: float | None = None) -> None:
+        """A reload (or the start) was done at C{when}: in force, or refused."""
+
+    def tlsHandshake(self, listener: str, version: str | None) -> None:
+        """An inbound TLS session was established on C{listener} with C{version}."""
+
+    def tlsHandshakeFailed(self, listener: str) -> None:
+        """An inbound TLS handshake on C{listener} failed."""
+
+    def deliveryTLS(self, policy: str, tls: str) -> None:
+        """
+        A recipient's delivery attempt ran under the hop's TLS C{policy};
+        C{tls} is C{none}, C{unverified} or C{verified}.
+        """
+
+    def destinationDelivery(
+        self, destination: str, outcome: str, latency: float | None = None
+    ) -> None:
+        """One recipient's attempt to C{destination} (a class) ended with C{outcome}."""
+
+    def watchSpool(self, source: SpoolSource) -> None:
+        """Report the spool's free space from C{source} at each scrape."""
+
 
 NO_METRICS = NoMetrics()
 """The shared do-nothing default."""
@@ -179,9 +251,65 @@ class Metrics(NoMetrics):
         @param now: the wall clock, for the oldest message's age (queue ids
             and arrival times are wall-clock times).
         """
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self._now = now
         r = self.registry
+        ProcessCollector(registry=r)
+        from relayd.configfile import version
+
+        self.buildInfo = Gauge(
+            "relayd_build_info", "The running relayd's version; always 1.", ["version"], registry=r
+        )
+        self.buildInfo.labels(version()).set(1)
+        self.reloadSuccess = Gauge(
+            "relayd_reload_success",
+            "1 when the last reload (or the start) put its config in force, 0 when refused.",
+            registry=r,
+        )
+        self.reloadTime = Gauge(
+            "relayd_reload_timestamp_seconds",
+            "When the last reload (or the start) was done, epoch seconds.",
+            registry=r,
+        )
+        self.reloaded(True, now())
+        self.replies = Counter(
+            "relayd_smtp_replies",
+            "Refusing SMTP replies (4xx, 5xx) by command, code and enhanced code.",
+            ["command", "code", "enhanced"],
+            registry=r,
+        )
+        self.tlsHandshakes = Counter(
+            "relayd_tls_handshakes",
+            "Inbound TLS sessions established, by listener and TLS version.",
+            ["listener", "version"],
+            registry=r,
+        )
+        self.tlsFailures = Counter(
+            "relayd_tls_handshake_failures",
+            "Inbound TLS handshakes that failed, by listener.",
+            ["listener"],
+            registry=r,
+        )
+        self.deliveryTls = Counter(
+            "relayd_delivery_tls",
+            "Recipients' delivery attempts by the hop's TLS policy and what the session got.",
+            ["policy", "tls"],
+            registry=r,
+        )
+        self.destinationDeliveries = Counter(
+            "relayd_destination_deliveries",
+            "Delivery attempts per recipient by destination class (mx, route:N, none) and outcome.",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.destinationLatency = Histogram(
+            "relayd_destination_delivery_latency_seconds",
+            "Seconds from arrival to delivery per recipient delivered, by destination class.",
+            ["destination"],
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
         self.connectionsOpen = Gauge(
             "relayd_connections_open", "SMTP connections open now.", ["listener"], registry=r
         )
@@ -301,6 +429,40 @@ class Metrics(NoMetrics):
     def watchQueue(self, source: QueueSource) -> None:
         self.registry.register(QueueCollector(source, self._now))
 
+    def smtpReply(self, command: str, code: int, enhanced: str | None) -> None:
+        self.replies.labels(command, str(code), enhanced or "").inc()
+
+    def reloaded(self, success: bool, when: float | None = None) -> None:
+        self.reloadSuccess.set(1 if success else 0)
+        self.reloadTime.set(self._now() if when is None else when)
+
+    def tlsHandshake(self, listener: str, version: str | None) -> None:
+        self.tlsHandshakes.labels(listener, version or "unknown").inc()
+
+    def tlsHandshakeFailed(self, listener: str) -> None:
+        self.tlsFailures.labels(listener).inc()
+
+    def deliveryTLS(self, policy: str, tls: str) -> None:
+        self.deliveryTls.labels(policy, tls).inc()
+
+    def destinationDelivery(
+        self, destination: str, outcome: str, latency: float | None = None
+    ) -> None:
+        self.destinationDeliveries.labels(destination, outcome).inc()
+        if latency is not None:
+            self.destinationLatency.labels(destination).observe(max(latency, 0.0))
+
+    def watchSpool(self, source: SpoolSource) -> None:
+        def free() -> float:
+            value = source.freeBytes()
+            return float("nan") if value is None else float(value)
+
+        Gauge(
+            "relayd_spool_free_bytes",
+            "Free octets on the spool's file system, as last measured (every few seconds).",
+            registry=self.registry,
+        ).set_function(free)
+
 
 class QueueCollector:
     """
@@ -318,9 +480,19 @@ class QueueCollector:
 
     def collect(self) -> Iterable[Metric]:
         counts, oldest = self.source.queueSummary()
-        return self._families(counts, oldest, self.source.stuckMessages())
+        # A source without per-state ages (an older or a test's) reports none.
+        byState: Callable[[], dict[str, float]] | None = getattr(self.source, "oldestByState", None)
+        return self._families(
+            counts, oldest, self.source.stuckMessages(), byState() if byState else {}
+        )
 
-    def _families(self, counts: dict[str, int], oldest: float | None, stuck: int) -> list[Metric]:
+    def _families(
+        self,
+        counts: dict[str, int],
+        oldest: float | None,
+        stuck: int,
+        oldestByState: dict[str, float] | None = None,
+    ) -> list[Metric]:
         size = GaugeMetricFamily(
             "relayd_queue_messages", "Queued messages by spool state.", labels=["state"]
         )
@@ -337,8 +509,23 @@ class QueueCollector:
             "Queued messages whose last spool operation failed; retried with backoff.",
             value=stuck,
         )
-        return [size, oldestAge, stuckNow]
+        now = self.now()
+        ages = GaugeMetricFamily(
+            "relayd_queue_oldest_age_seconds",
+            "Age of the oldest queued message by spool state; 0 when the state is empty.",
+            labels=["state"],
+        )
+        for state in QUEUE_STATES:
+            arrival = (oldestByState or {}).get(state)
+            ages.add_metric([state], 0.0 if arrival is None else max(now - arrival, 0.0))
+        return [size, oldestAge, stuckNow, ages]
 
+
+PER_PROCESS = frozenset(
+    {"relayd_build_info", "relayd_reload_success", "relayd_reload_timestamp_seconds"}
+)
+"""Families (with C{process_*}) that are the serving process's own: never
+added up with other processes' samples (a version, a time, a state)."""
 
 Samples = dict[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]
 """Sample values by family name, then by (sample name, labels)."""
@@ -347,13 +534,16 @@ Samples = dict[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]
 def parseSamples(text: str, gauges: bool = True) -> Samples:
     """
     The samples of a scrape page (another process's, L{relayd.receivers}),
-    without C{_created} timestamps (which do not add up) and, unless
+    without C{_created} timestamps and L{PER_PROCESS} families (which do
+    not add up) and, unless
     C{gauges}, without gauges (a gone process's open connections are not
     open any more; its counts stay counted).
     """
     found: Samples = {}
     for family in text_string_to_metric_families(text):
         if family.type == "gauge" and not gauges:
+            continue
+        if family.name in PER_PROCESS or family.name.startswith("process_"):
             continue
         into = found.setdefault(family.name, {})
         for sample in family.samples:

@@ -76,6 +76,18 @@ from relayd.policies.ratecounter import MemoryStore, RedisStore, WallClock, with
 
 __all__ = ["RateLimit", "Rule", "Limit", "parseLimit"]
 
+
+def _ids(session: Any, envelope: Any) -> dict[str, Any]:
+    """
+    A log line's ids (as L{relayd.ops.logs.idFields}, which a built-in
+    policy does not import: only L{relayd.plugin}): C{prefix} is the
+    queue id, or before MAIL was accepted the session id, never None.
+    """
+    queueId = getattr(envelope, "queueId", None)
+    sessionId = getattr(session, "sessionId", None)
+    return {"prefix": queueId or sessionId or "-", "session_id": sessionId, "queue_id": queueId}
+
+
 log = Logger(namespace="relayd.policies.ratelimit")
 
 KEYS = ("client", "user", "sender", "sender_domain")
@@ -461,14 +473,14 @@ class RateLimit:
                 self._release(charge, envelope.queueId)
         state.recipients = kept
 
-    def _failed(self, failure: Failure, phase: str, envelope: Any) -> Verdict:
+    def _failed(self, failure: Failure, phase: str, envelope: Any, session: Any = None) -> Verdict:
         action = "accepting" if self.onError == "accept" else "answering 451 4.3.0"
         log.error(
-            "{queue_id}: ratelimit store failed at {phase}, {action}: {error}",
-            queue_id=getattr(envelope, "queueId", None),
+            "{prefix}: ratelimit store failed at {phase}, {action}: {error} session={session_id}",
             phase=phase,
             action=action,
             error=failure.getErrorMessage(),
+            **_ids(session, envelope),
         )
         return CONTINUE if self.onError == "accept" else STORE_FAILED
 
@@ -480,10 +492,11 @@ class RateLimit:
         phase: str,
         verdict: Verdict,
     ) -> Verdict:
+        # At MAIL the transaction has no queue id yet: the session's id leads.
         log.warn(
-            "{queue_id}: rate limit exceeded at {phase}: {rule} {limit} {kind} for "
+            "{prefix}: rate limit exceeded at {phase}: {rule} {limit} {kind} for "
             "{what} {value} client=[{client}] session={session_id}",
-            queue_id=envelope.queueId,
+            **_ids(session, envelope),
             phase=phase,
             rule=counter.rule.name,
             limit=counter.limit.spec,
@@ -491,7 +504,6 @@ class RateLimit:
             what=counter.what,
             value=counter.value,
             client=str(session.clientAddress),
-            session_id=session.sessionId,
         )
         return verdict
 
@@ -503,6 +515,7 @@ class RateLimit:
         envelope: Any,
         onRoom: Callable[[], None],
         onFull: Callable[[_Counter], Verdict],
+        session: Any = None,
     ) -> Deferred[Verdict]:
         """
         Ask the store; C{onRoom} runs as soon as the store answers (even if
@@ -520,7 +533,7 @@ class RateLimit:
                 answer.callback(verdict)
 
         def failed(failure: Failure) -> None:
-            verdict = self._failed(failure, phase, envelope)
+            verdict = self._failed(failure, phase, envelope, session)
             if not answer.called:
                 answer.callback(verdict)
 
@@ -542,7 +555,7 @@ class RateLimit:
             text = f"Rate limit exceeded: {counter.describe()}"
             return self._exceeded(counter, session, envelope, "MAIL", tempfail(450, "4.7.1", text))
 
-        return self._ask(self.store.peek, counters, "MAIL", envelope, lambda: None, full)
+        return self._ask(self.store.peek, counters, "MAIL", envelope, lambda: None, full, session)
 
     def checkRecipient(
         self, session: SessionView, envelope: Envelope, recipient: Address
@@ -567,7 +580,7 @@ class RateLimit:
             text = f"Too many recipients: {counter.describe()}"
             return self._exceeded(counter, session, envelope, "RCPT", tempfail(452, "4.5.3", text))
 
-        return self._ask(self.store.reserve, counters, "RCPT", envelope, reserved, full)
+        return self._ask(self.store.reserve, counters, "RCPT", envelope, reserved, full, session)
 
     def checkMessage(
         self, session: SessionView, envelope: Envelope, message: Message
@@ -590,7 +603,7 @@ class RateLimit:
             text = f"Rate limit exceeded: {counter.describe()}"
             return self._exceeded(counter, session, envelope, "DATA", tempfail(450, "4.7.1", text))
 
-        return self._ask(self.store.reserve, counters, "DATA", envelope, reserved, full)
+        return self._ask(self.store.reserve, counters, "DATA", envelope, reserved, full, session)
 
     def transactionEnded(self, session: SessionView, envelope: Envelope, queued: bool) -> None:
         """

@@ -259,6 +259,19 @@ class Scheduler(Service):
         oldest = min(self._state) if self._state else None
         return counts, arrivalFromQueueId(oldest) if oldest is not None else None
 
+    def oldestByState(self) -> dict[str, float]:
+        """
+        From the in-memory index (for L{relayd.ops.metrics}): when the
+        oldest message in each spool state arrived (epoch, from its queue
+        id); states without messages are left out.
+        """
+        oldest: dict[str, str] = {}
+        for queueId, state in self._state.items():
+            if state not in oldest or queueId < oldest[state]:
+                oldest[state] = queueId
+        arrivals = {state: arrivalFromQueueId(queueId) for state, queueId in oldest.items()}
+        return {state: when for state, when in arrivals.items() if when is not None}
+
     def stuckMessages(self) -> int:
         """
         How many queued messages had their last spool operation fail (a
@@ -666,6 +679,8 @@ class Scheduler(Service):
 
         groups: dict[str, tuple[Any, list[str]]] = {}
         policies: dict[str, Any] = {}
+        # Each recipient's destination class, for the per-class metrics.
+        classes: dict[str, str] = {}
         for domain, addresses in byDomain.items():
             try:
                 destination = yield self.router.route(domain)
@@ -687,6 +702,8 @@ class Scheduler(Service):
                 if destination is None:
                     continue
             groups.setdefault(destination.key, (destination, []))[1].extend(addresses)
+            destinationClass = destinationClassOf(destination.key)
+            classes.update((address, destinationClass) for address in addresses)
 
         dsn = DSNParameters.fromRecord(record)
         calls = []
@@ -748,6 +765,7 @@ class Scheduler(Service):
             self._logRecipient(
                 queueId, r, result, attempt, now - record.arrival, expired, policy=policy
             )
+            self._countDestination(r, attempt, classes.get(r.address, "none"), now - record.arrival)
             if r.state == RecipientState.FAILED:
                 newlyFailed.append(index)
             elif (
@@ -892,7 +910,7 @@ class Scheduler(Service):
             relay_address=getattr(hop, "address", None),
             relay_port=getattr(hop, "port", None),
             delay=delay,
-            tls=tls or "none",
+            tls=tls,
             tls_verified=verified,
             tls_trust="" if tls is None else " (verified)" if verified else " (unverified)",
             policy=applied or "none",
@@ -906,6 +924,27 @@ class Scheduler(Service):
             expired=" (delivery time expired)" if expired and r.expired else "",
         )
         self.metrics.deliveryAttempt(status, delay if status == "sent" else None)
+
+    def _countDestination(
+        self, r: RecipientRecord, attempt: Any, destinationClass: str, delay: float
+    ) -> None:
+        """Count one recipient's attempt by destination class and outbound TLS."""
+        status = {
+            RecipientState.DELIVERED: "sent",
+            RecipientState.FAILED: "bounced",
+            RecipientState.DEFERRED: "deferred",
+        }[r.state]
+        self.metrics.destinationDelivery(
+            destinationClass, status, delay if status == "sent" else None
+        )
+        hop = getattr(attempt, "hop", None)
+        if hop is None:
+            return
+        tls = getattr(attempt, "tls", None)
+        # As the delivery line: "verify" matched the host name, "dane" a TLSA record.
+        verified = hop.tls in ("verify", "dane")
+        got = "none" if tls is None else "verified" if verified else "unverified"
+        self.metrics.deliveryTLS(str(hop.tls), got)
 
     @inlineCallbacks
     def _applyTLSPolicy(
@@ -1207,3 +1246,12 @@ class Scheduler(Service):
 
 ADMIN_BOUNCE = Reply(550, "5.0.0", "message bounced by the administrator")
 """The reply an administrative bounce gives each recipient (in its DSN)."""
+
+
+def destinationClassOf(key: str) -> str:
+    """
+    The metrics' destination class of a L{relayd.delivery.routing.Destination}
+    key: C{mx} for MX delivery (whatever the domain: one label value, not
+    one per domain), C{route:N} for the N-th configured route.
+    """
+    return "mx" if key.startswith("mx:") else key

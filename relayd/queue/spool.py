@@ -567,6 +567,14 @@ class Spool(Service):
             return False
         return self._freeBytes - size >= self.reserveBytes
 
+    def freeBytes(self) -> int | None:
+        """
+        Free octets as last measured (L{refreshFreeSpace}, lowered by each
+        commit since), for the metrics; None before the first measure.
+        Never touches the disk.
+        """
+        return self._freeBytes
+
     def _statFreeBytes(self) -> int:
         """Free octets available to unprivileged users.  Blocking."""
         st = os.statvfs(self.directory)

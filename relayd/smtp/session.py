@@ -75,6 +75,7 @@ from relayd.config import Config
 from relayd.delivery import requiretls
 from relayd.envelope import Envelope, Message, Recipient, Session
 from relayd.interfaces import IIncomingSpool
+from relayd.ops.logs import ABSENT, idFields
 from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.policy import PolicyChain
 from relayd.queue.record import QueueRecord
@@ -234,6 +235,34 @@ def _utf8(argument: str) -> str:
     return argument.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
+_COUNTED_COMMANDS = frozenset(
+    {
+        "HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY",
+        "EXPN", "HELP", "STARTTLS", "AUTH", "ETRN", "TURN", "ATRN", "XCLIENT", "XFORWARD",
+    }
+)  # fmt: skip
+"""The command label values of C{relayd_smtp_replies_total}: the SMTP
+verbs (RFC 5321 section 4.1, and extensions); any other line counts as
+C{UNKNOWN}, so a client cannot make up label values."""
+
+_REFUSAL_STAGES = {"MAIL": "mail", "RCPT": "rcpt"}
+"""Commands whose refusal is a rejected message (L{SMTPServer.failWith})."""
+
+
+def _shown(key: str, value: Any) -> str:
+    """A field in a line's text: an address in angle brackets, no value as C{none}."""
+    if value is None:
+        return ABSENT
+    return f"<{value}>" if key in ("sender", "to") else str(value)
+
+
+def _tlsFailed(reason: Failure) -> bool:
+    """Whether a connection ended for a TLS error (a failed handshake, before any version)."""
+    from OpenSSL import SSL
+
+    return reason.check(SSL.Error) is not None
+
+
 def _escaped(argument: str) -> str:
     """A command argument (latin-1 decoded octets) for a log line: non-ASCII octets as C{\\xNN}."""
     return argument.encode("latin-1").decode("ascii", "backslashreplace")
@@ -320,6 +349,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._dataStarted = 0.0
         self._dataOctets = 0
         self._dataTimer: Any = None
+        # The command the next reply answers, for the replies metric:
+        # GREETING until the first command line.
+        self._command = "GREETING"
 
     # --- connection ----------------------------------------------------
 
@@ -397,6 +429,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             bits = conn.get_cipher_bits()
         except Exception:
             bits = None
+        self.factory.metrics.tlsHandshake(self.factory.listener, self.session.tlsVersion)
         log.info(
             "{session_id}: TLS established {tls_version} {tls_cipher} ({bits} bits)",
             session_id=self.session.sessionId,
@@ -423,6 +456,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if self._metered:
             self._metered = False
             self.factory.metrics.connectionClosed(self.factory.listener)
+            if _tlsFailed(reason) and self.session is not None and not self.session.tlsVersion:
+                self.factory.metrics.tlsHandshakeFailed(self.factory.listener)
         if self.session is not None:
             log.info(
                 "{session_id}: disconnect from [{client}] in state {state}",
@@ -553,8 +588,14 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     # --- replies ---------------------------------------------------------
 
     def sendReply(self, reply: Reply) -> None:
-        """Send a one-line L{Reply}."""
+        """
+        Send a one-line L{Reply}.  A refusal (4xx, 5xx) is counted by the
+        command it answers (L{relayd.ops.metrics}: every refusal, whichever
+        path sent it).
+        """
         self.transport.write(str(reply).encode("utf-8") + b"\r\n")
+        if reply.code >= 400:
+            self.factory.metrics.smtpReply(self._command, reply.code, reply.enhanced)
 
     def reply(self, code: int, enhanced: str | None, text: str) -> None:
         """
@@ -567,9 +608,17 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         """Send an error reply; too many of them end the session."""
         self.failWith(Reply(code, enhanced, text))
 
-    def failWith(self, reply: Reply) -> None:
-        """L{fail} with a L{Reply}."""
+    def failWith(self, reply: Reply, stage: str | None = None) -> None:
+        """
+        L{fail} with a L{Reply}.  A refused MAIL or RCPT (syntax, 530,
+        555, parameters, ...) is counted as a rejected message at its
+        C{stage} (C{relayd_messages_rejected_total}), as are the refusals
+        that name their C{stage} (L{_refuseWith}).
+        """
         self.sendReply(reply)
+        stage = stage or _REFUSAL_STAGES.get(self._command)
+        if stage is not None:
+            self.factory.metrics.messageRejected(stage, reply.code)
         self._errors += 1
         if self._errors >= self.factory.config.maxErrors and self.state != "closed":
             assert self.session is not None
@@ -587,8 +636,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     def _refuseWith(self, stage: str, reply: Reply) -> None:
         """L{_refuse} with a L{Reply}."""
-        self.factory.metrics.messageRejected(stage, reply.code)
-        self.failWith(reply)
+        self.failWith(reply, stage)
 
     def _answer(self, verdict: Verdict) -> None:
         self.sendReply(verdict.reply)
@@ -596,15 +644,19 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._close()
 
     def _log(self, what: str, verdict: Verdict, **extra: Any) -> None:
+        """
+        One line per decided command, led by the queue id (the session id
+        before MAIL was accepted).  The fields are as everywhere
+        (docs/observability.md): addresses without angle brackets and
+        absent values as None (null in JSON); the text shows addresses in
+        brackets and absent values as C{none}.
+        """
         assert self.session is not None
-        queueId = self.envelope.queueId if self.envelope else None
         log.info(
             "{prefix}: {what} {detail}-> {action} {code} {enhanced} session={session_id}",
-            prefix=queueId or self.session.sessionId,
-            session_id=self.session.sessionId,
-            queue_id=queueId,
+            **idFields(self.session, self.envelope),
             what=what,
-            detail="".join(f"{k}={v} " for k, v in extra.items()),
+            detail="".join(f"{k}={_shown(k, v)} " for k, v in extra.items()),
             action=verdict.action.value,
             code=verdict.code,
             enhanced=verdict.enhanced,
@@ -626,10 +678,12 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         line = raw.decode("latin-1")
         if self.state == "auth":
+            self._command = "AUTH"
             self._authContinue(line)
             return
         verb, _, argument = line.partition(" ")
         verb = verb.upper()
+        self._command = verb if verb in _COUNTED_COMMANDS else "UNKNOWN"
         limit = COMMAND_LINE + (extensions.MAIL_ALLOWANCE if verb == "MAIL" else 0)
         limit += extensions.RCPT_ALLOWANCE if verb == "RCPT" else 0
         if len(raw) + 2 > limit:
@@ -948,7 +1002,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if self.state == "closed":
                 return
             if verdict.action in (Action.REJECT, Action.TEMPFAIL):
-                self._log("MAIL", verdict, sender=f"<{sender}>")
+                self._log("MAIL", verdict, sender=str(sender))
                 f.metrics.messageRejected("mail", verdict.reply.code)
                 self._answer(verdict)
                 return
@@ -961,11 +1015,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._log(
                 "MAIL",
                 verdict if verdict.final else _OK_SENDER,
-                sender=f"<{sender}>",
+                sender=str(sender),
                 client=str(session.clientAddress),
                 helo=session.helo,
-                tls=session.tlsVersion if session.tls else "none",
-                user=session.user or "none",
+                tls=session.tlsVersion if session.tls else None,
+                user=session.user,
             )
             self.reply(250, "2.1.0", "Ok")
 
@@ -1013,7 +1067,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if verdict.action is Action.CONTINUE:
                 # Relaying is denied by default (DESIGN section 3).
                 verdict = _RELAY_DENIED
-            self._log("RCPT", verdict, to=f"<{recipient}>", sender=f"<{envelope.sender}>")
+            self._log("RCPT", verdict, to=str(recipient), sender=str(envelope.sender))
             if verdict.action is Action.ACCEPT:
                 if recipient not in envelope.recipients:
                     envelope.recipients.append(recipient)

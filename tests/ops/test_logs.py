@@ -308,10 +308,13 @@ def runTwistd(tmp_path: Path, sink: PostfixSink) -> None:
     positions = [next(i for i, m in enumerate(said) if step in m) for step in steps]
     assert positions == sorted(positions), said
     assert said[-1] == f"{queueId}: removed"
-    [delivery] = [r for r in story if r.get("to") == "b@example.org"]
+    # One spelling per field: the RCPT line's "to" is the delivery line's.
+    [rcpt, delivery] = [r for r in story if r.get("to") == "b@example.org"]
+    assert rcpt["message"].startswith(f"{queueId}: RCPT to=<b@example.org> sender=<a@sender.test>")
+    assert rcpt["sender"] == "a@sender.test"
     assert delivery["status"] == "sent"
     assert delivery["relay_address"] == "127.0.0.1"
     assert delivery["relay_port"] == sink.port
     assert delivery["reply"].startswith("250 ")
-    assert delivery["tls"] == "none" and delivery["tls_verified"] is False
+    assert delivery["tls"] is None and delivery["tls_verified"] is False
     assert os.path.exists(setup.spoolPath)

@@ -262,6 +262,119 @@ class MetricsTests(unittest.TestCase):
         gone = byRecipient["gone@example.org"]
         self.assertEqual((gone["status"], gone["code"]), ("bounced", 550))
 
+    def refusals(self):
+        """530, 555 and 501 at MAIL (another path than the policies' refusals)."""
+        replies = []
+        with smtplib.SMTP("127.0.0.1", self.relayd.port("submission"), timeout=30) as s:
+            s.ehlo()
+            replies.append(s.docmd("MAIL", "FROM:<a@sender.test>")[0])  # 530: no AUTH
+        with smtplib.SMTP("127.0.0.1", self.relayd.port("relay"), timeout=30) as s:
+            s.helo()
+            replies.append(s.docmd("MAIL", "FROM:<a@sender.test> SIZE=10")[0])  # 555
+            replies.append(s.docmd("MAIL", "FROM:<a@@>")[0])  # 501
+            replies.append(s.docmd("XYZZY")[0])  # 502, UNKNOWN
+        return replies
+
+    def badHandshake(self):
+        """STARTTLS, then octets that are no TLS ClientHello."""
+        import socket
+
+        with socket.create_connection(("127.0.0.1", self.relayd.port("submission")), 30) as c:
+            f = c.makefile("rb")
+            f.readline()
+            c.sendall(b"EHLO x\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+            c.sendall(b"STARTTLS\r\n")
+            assert f.readline().startswith(b"220")
+            c.sendall(b"\x16\x03\x01\x00\x10" + b"\x00" * 16)
+            c.settimeout(10)
+            try:
+                while c.recv(4096):
+                    pass
+            except OSError:
+                pass
+
+    @defer.inlineCallbacks
+    def test_scrapeIssue15(self):
+        """
+        The metrics issue 15 asked for: every refusal by command and code
+        (530, 555, 501 counted as rejected too), build info, reload, TLS in
+        and out, spool free space, queue age by state, deliveries per
+        destination class, process_*, and no _created series.
+        """
+        yield deferToThread(self.submit)
+        codes = yield deferToThread(self.refusals)
+        self.assertEqual(codes, [530, 555, 501, 502])
+        yield deferToThread(self.badHandshake)
+        yield self.waitFor(lambda: len(self.deliveryEvents()) == 4)
+        yield self.waitFor(lambda: not self.relayd.sessions)
+        yield self.waitFor(lambda: len(self.relayd.spool.entries("deferred")) == 1)
+        before = time.time()
+        Path(self.setup.configPath).write_text(
+            Path(self.setup.configPath).read_text() + "\n[nonsense]\n"
+        )
+        ok = yield self.relayd.service.reload()
+        self.assertFalse(ok)
+
+        status, _, text = yield deferToThread(scrape, self.relayd.metricsPort())
+        self.assertEqual(status, 200)
+        self.assertNotIn("_created", text)
+        found = samples(text)
+        rejected = "relayd_messages_rejected_total"
+        self.assertEqual(value(found, rejected, stage="mail", code="530"), 1)
+        self.assertEqual(value(found, rejected, stage="mail", code="555"), 1)
+        self.assertEqual(value(found, rejected, stage="mail", code="501"), 1)
+        replies = "relayd_smtp_replies_total"
+        self.assertEqual(value(found, replies, command="MAIL", code="530", enhanced="5.7.0"), 1)
+        self.assertEqual(value(found, replies, command="MAIL", code="555", enhanced="5.5.4"), 1)
+        self.assertEqual(value(found, replies, command="MAIL", code="501", enhanced="5.1.7"), 1)
+        self.assertEqual(value(found, replies, command="UNKNOWN", code="502", enhanced="5.5.2"), 1)
+        self.assertEqual(value(found, replies, command="AUTH", code="535", enhanced="5.7.8"), 1)
+        # No reply below 400 is counted.
+        self.assertFalse([k for k in found if k[0] == replies and dict(k[1])["code"] < "4"])
+
+        [(_, labels)] = [k for k in found if k[0] == "relayd_build_info"]
+        self.assertEqual(found[("relayd_build_info", labels)], 1)
+        self.assertTrue(dict(labels)["version"])
+        self.assertEqual(value(found, "relayd_reload_success"), 0)
+        self.assertGreaterEqual(value(found, "relayd_reload_timestamp_seconds"), before)
+
+        handshakes = [k for k in found if k[0] == "relayd_tls_handshakes_total"]
+        self.assertEqual(len(handshakes), 1, handshakes)
+        self.assertRegex(dict(handshakes[0][1])["version"], r"^TLSv1\.[23]$")
+        self.assertEqual(found[handshakes[0]], 1)
+        self.assertEqual(
+            value(found, "relayd_tls_handshake_failures_total", listener="submission"), 1
+        )
+        # Outbound: the route's TLS policy is verify; every attempt got it.
+        self.assertEqual(
+            value(found, "relayd_delivery_tls_total", policy="verify", tls="verified"), 4
+        )
+
+        self.assertGreater(value(found, "relayd_spool_free_bytes"), 0)
+        st = os.statvfs(self.setup.spoolPath)
+        self.assertLessEqual(value(found, "relayd_spool_free_bytes"), st.f_bavail * st.f_frsize * 2)
+
+        ages = "relayd_queue_oldest_age_seconds"
+        [deferredId] = self.relayd.spool.entries("deferred")
+        self.assertGreater(value(found, ages, state="deferred"), 0)
+        self.assertLessEqual(
+            value(found, ages, state="deferred"), time.time() - arrivalFromQueueId(deferredId) + 1
+        )
+        for state in ("incoming", "active", "hold"):
+            self.assertEqual(value(found, ages, state=state), 0)
+
+        perClass = "relayd_destination_deliveries_total"
+        self.assertEqual(value(found, perClass, destination="route:0", outcome="sent"), 2)
+        self.assertEqual(value(found, perClass, destination="route:0", outcome="deferred"), 1)
+        self.assertEqual(value(found, perClass, destination="route:0", outcome="bounced"), 1)
+        latency = "relayd_destination_delivery_latency_seconds"
+        self.assertEqual(value(found, latency + "_count", destination="route:0"), 2)
+
+        self.assertGreater(value(found, "process_start_time_seconds"), 0)
+        self.assertGreater(value(found, "process_open_fds"), 0)
+
 
 class TwoRelaydsTests(unittest.TestCase):
     def test_registriesApart(self):
@@ -359,3 +472,33 @@ def test_arrivalFromQueueId(tmp_path: Path) -> None:
     assert made is not None and before - 0.001 <= made <= time.time() + 0.001
     assert arrivalFromQueueId("SHORT") is None
     assert arrivalFromQueueId("ZZZZZZZZZZZZZZZZZZ") is None
+
+
+def test_perProcessFamiliesNotSummed() -> None:
+    """
+    A receiver's scrape page, added into the queue manager's: its counts
+    are, its version, reload state and process_* figures are not (one
+    relayd_build_info of 1, the queue manager's own process).
+    """
+    from prometheus_client import generate_latest
+
+    from relayd.ops.metrics import SummedRegistry, parseSamples
+
+    receiver = Metrics()
+    receiver.messageRejected("mail", 530)
+    samples = parseSamples(generate_latest(receiver.registry).decode())
+    assert not [name for name in samples if name.startswith("process_")]
+    assert "relayd_build_info" not in samples and "relayd_reload_success" not in samples
+    main = Metrics()
+    main.messageRejected("mail", 530)
+    text = generate_latest(SummedRegistry(main.registry, lambda: [samples, samples])).decode()
+    found = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert value(found, "relayd_messages_rejected_total", stage="mail", code="530") == 3
+    [(_, labels)] = [k for k in found if k[0] == "relayd_build_info"]
+    assert found[("relayd_build_info", labels)] == 1
+    assert value(found, "relayd_reload_success") == 1
+    assert value(found, "process_start_time_seconds") > 0

@@ -603,9 +603,9 @@ class FailingHookTests(unittest.TestCase):
             sorted(e.get("method") or e["log_format"] for e in failures),
             [
                 "policy {policy} could not reload; it keeps its old data",
-                "policy {policy} failed in transactionEnded",
                 "startPolicy",
                 "stopPolicy",
+                "{prefix}: policy {policy} failed in transactionEnded",
             ],
         )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 4)
