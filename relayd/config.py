@@ -946,22 +946,9 @@ def _oauth2(path: str, base: str, prefix: str, h: dict[str, Any]) -> Any:
 
 def _endpointParts(description: str) -> list[str]:
     """Split a Twisted endpoint string at its colons (backslash escapes one)."""
-    parts: list[str] = []
-    current: list[str] = []
-    escaped = False
-    for ch in description:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return parts
+    from relayd.endpoints import splitEndpoint
+
+    return splitEndpoint(description, keepEscapes=False)
 
 
 _UNSPECIFIED = {

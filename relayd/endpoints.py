@@ -18,20 +18,24 @@ import ipaddress
 import os
 import re
 
-__all__ = ["resolvePaths", "endpointProblem", "explainError"]
+__all__ = ["resolvePaths", "endpointProblem", "explainError", "splitEndpoint"]
 
 _SSL_PATHS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "caCertsDir")
 _TCP_KINDS = ("tcp", "tcp6", "ssl")
 
 
-def _split(description: str) -> list[str]:
-    """Split at the colons that are not escaped; escapes are kept (C{\\:})."""
+def splitEndpoint(description: str, keepEscapes: bool = True) -> list[str]:
+    """
+    Split a Twisted endpoint string at the colons that are not escaped
+    (C{\\:}); with C{keepEscapes} the escapes stay in the parts, so that
+    they can be joined again, else they are removed.
+    """
     parts: list[str] = []
     current: list[str] = []
     escaped = False
     for ch in description:
         if escaped:
-            current.append("\\" + ch)
+            current.append("\\" + ch if keepEscapes else ch)
             escaped = False
         elif ch == "\\":
             escaped = True
@@ -65,7 +69,7 @@ def resolvePaths(description: str, base: str) -> str:
     C{description} with its relative file names joined to C{base} (the
     config file's folder).  Anything else is left exactly as written.
     """
-    parts = _split(description)
+    parts = splitEndpoint(description)
     kind = _unescape(parts[0]).strip().lower()
     if kind not in ("unix", "ssl"):
         return description
@@ -97,7 +101,7 @@ def endpointProblem(description: str) -> str | None:
     string, in words; None when nothing this check knows of (Twisted's
     parser has the last word, L{explainError}).
     """
-    parts = _split(description)
+    parts = splitEndpoint(description)
     kind = _unescape(parts[0]).strip().lower()
     if not kind:
         return "no endpoint type (tcp:PORT, tcp6:PORT, ssl:PORT, unix:PATH or systemd:...)"
