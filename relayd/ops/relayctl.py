@@ -456,6 +456,14 @@ def _change(ctx: _Context) -> None:
         )["results"]
     if not results:
         ctx.out.line("no queued message matched")
+    _report(ctx, results)
+
+
+def _report(ctx: _Context, results: list[list[Any]]) -> None:
+    """
+    Print the daemon's C{[queueId, outcome, ok]} results, failures on
+    standard error; exit status 1 when one failed.
+    """
     failed = 0
     for queueId, outcome, ok in results:
         if ok:
@@ -627,15 +635,7 @@ def _bounce(ctx: _Context) -> None:
         return
     with ctx.daemon() as client:
         results = client.call(QueueBounce, queueIds=ids)["results"]
-    failed = 0
-    for queueId, outcome, ok in results:
-        if ok:
-            ctx.out.line(f"{queueId}: {outcome}")
-        else:
-            failed += 1
-            ctx.out.error(f"{queueId}: {outcome}")
-    if failed:
-        raise SystemExit(1)
+    _report(ctx, results)
 
 
 def _requeue(ctx: _Context) -> None:
