@@ -34,7 +34,9 @@ The rules (RFC 7672 section 2.2):
     text), as an attacker could make the lookup fail to strip DANE.
   - Usable records: TLS is mandatory and the certificate must match one
     of them (L{matchChain}); no STARTTLS or no match defers that hop and
-    the next MX host is tried, never plain text.
+    the next MX host is tried, never plain text.  A DANE-TA(2) record that
+    publishes the trust anchor in full ("2 0 0", "2 1 0") also serves when
+    the server leaves the anchor out of its chain (RFC 7671 section 5.2.2).
   - Records present but none usable (PKIX-TA(0) and PKIX-EE(1) are
     unusable for SMTP, section 3.1.3; unknown usages, selectors or
     matching types; a digest of the wrong length): TLS is still mandatory
@@ -62,8 +64,11 @@ import dns.rdatatype
 import dns.rdtypes.ANY.TLSA
 import dns.resolver
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet.defer import Deferred, succeed
@@ -370,6 +375,77 @@ def _nameMatches(certificate: x509.Certificate, names: Sequence[str]) -> bool:
     return False
 
 
+def _anchorOf(record: TLSARecord) -> x509.Certificate | PublicKeyTypes | None:
+    """
+    The trust anchor a DANE-TA(2) record with matching type Full(0) carries
+    in full: the certificate (selector Cert(0)) or the public key (selector
+    SPKI(1)); None for a digest record or data that does not parse (that
+    record then matches only a certificate of the chain, or nothing).
+    """
+    if record.usage != DANE_TA or record.mtype != 0:
+        return None
+    try:
+        if record.selector == 0:
+            return x509.load_der_x509_certificate(record.data)
+        return serialization.load_der_public_key(record.data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+
+
+def _signedByKey(certificate: x509.Certificate, key: PublicKeyTypes) -> bool:
+    """
+    Whether C{key} made C{certificate}'s signature.  A bare key has no name
+    to compare with the certificate's issuer: the signature is the whole
+    check, as RFC 7671 section 5.2.2 has it for a TA published as a key.
+    """
+    data, signature = certificate.tbs_certificate_bytes, certificate.signature
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            padding = certificate.signature_algorithm_parameters
+            algorithm = certificate.signature_hash_algorithm
+            if not isinstance(padding, AsymmetricPadding) or algorithm is None:
+                return False
+            key.verify(signature, data, padding, algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            algorithm = certificate.signature_hash_algorithm
+            if algorithm is None:
+                return False
+            key.verify(signature, data, ec.ECDSA(algorithm))
+        elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            key.verify(signature, data)
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _issuedByAnchor(
+    certificate: x509.Certificate, anchor: x509.Certificate | PublicKeyTypes
+) -> bool:
+    """Whether the trust anchor of a Full(0) DANE-TA record issued C{certificate}."""
+    if isinstance(anchor, x509.Certificate):
+        return _issued(certificate, anchor)
+    return _signedByKey(certificate, anchor)
+
+
+def _checkLeaf(policy: DanePolicy, leaf: x509.Certificate, host: str) -> str | None:
+    """
+    What DANE-TA(2) asks of the leaf once its chain leads to a trust anchor
+    (RFC 7672 section 3.1.2, 3.2.2): within its validity dates, and a name
+    that is the MX host name or the TLSA base domain.
+    """
+    now = datetime.now(UTC)
+    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+        return "certificate is expired or not yet valid (DANE-TA)"
+    names = [host.rstrip(".").lower()]
+    if policy.tlsaBase and policy.tlsaBase not in names:
+        names.append(policy.tlsaBase)
+    if not _nameMatches(leaf, names):
+        return f"certificate name does not match {' or '.join(names)} (DANE-TA)"
+    return None
+
+
 def matchChain(policy: DanePolicy, chain: Sequence[x509.Certificate], host: str) -> str | None:
     """
     Check the chain a server presented (leaf first) against the usable
@@ -380,6 +456,16 @@ def matchChain(policy: DanePolicy, chain: Sequence[x509.Certificate], host: str)
     chain must match, every certificate from the leaf up to it must be
     issued by the next, the leaf must be within its validity dates and
     carry the MX host name or the TLSA base domain (section 3.1.2, 3.2.2).
+
+    A DANE-TA(2) record that publishes the trust anchor in full ("2 0 0",
+    the certificate; "2 1 0", its public key) serves even when the server
+    leaves the anchor out of its chain (RFC 7671 section 5.2.2, which RFC
+    7672 section 3.1.2 defers to): then some certificate of the chain, with
+    every one below it issued by the next, must be signed by that
+    certificate (names and signature) or that key (signature), and the same
+    date and name checks apply to the leaf.  A digest record ("2 x 1",
+    "2 x 2") cannot stand in for a missing anchor: there is nothing to
+    check a signature with.
 
     @return: None when a record matches, else why not (for the log and the
         deferral text).
@@ -398,13 +484,15 @@ def matchChain(policy: DanePolicy, chain: Sequence[x509.Certificate], host: str)
             continue
         if not all(_issued(chain[i], chain[i + 1]) for i in range(depth)):
             return f"chain does not lead to the DANE-TA trust anchor at depth {depth}"
-        now = datetime.now(UTC)
-        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-            return "certificate is expired or not yet valid (DANE-TA)"
-        names = [host.rstrip(".").lower()]
-        if policy.tlsaBase and policy.tlsaBase not in names:
-            names.append(policy.tlsaBase)
-        if not _nameMatches(leaf, names):
-            return f"certificate name does not match {' or '.join(names)} (DANE-TA)"
-        return None
+        return _checkLeaf(policy, leaf, host)
+    # The anchor is not in the chain: a Full(0) record may still carry it.
+    anchors = [a for a in (_anchorOf(r) for r in taRecords) if a is not None]
+    for anchor in anchors:
+        for depth, certificate in enumerate(chain):
+            if not all(_issued(chain[i], chain[i + 1]) for i in range(depth)):
+                break
+            if _issuedByAnchor(certificate, anchor):
+                return _checkLeaf(policy, leaf, host)
+    if anchors:
+        return "certificate chain is not signed by the DANE-TA trust anchor published in full"
     return "certificate chain matches no TLSA record"

@@ -197,6 +197,18 @@ class MatchingTests(DaneTestCase):
         """2 1 1: the test CA's key as trust anchor, sent in the chain."""
         return self.check(lambda cert: [(2, 1, 1, sha256(spki(self.caCert)))], chain=True)
 
+    def test_taFullKeyNotInChain(self):
+        """
+        2 1 0: the CA's public key published in full, the server sends only
+        its leaf; the key verifies the leaf's signature (RFC 7671 section
+        5.2.2).
+        """
+        return self.check(lambda cert: [(2, 1, 0, spki(self.caCert))])
+
+    def test_taFullCertNotInChain(self):
+        """2 0 0: the CA certificate published in full, left out of the chain."""
+        return self.check(lambda cert: [(2, 0, 0, der(self.caCert))])
+
     @defer.inlineCallbacks
     def test_eeNameNotChecked(self):
         """
@@ -277,6 +289,49 @@ class EnforcementTests(DaneTestCase):
         self.assertEqual((r.status, r.enhanced), ("deferred", "4.7.5"))
         self.assertIn("name does not match", r.text)
         self.assertEqual(sink.messages, [])
+
+    @defer.inlineCallbacks
+    def deferredWithout(self, records, why, host=MX1):
+        """The leaf alone (no CA in the chain) against C{records}: deferred."""
+        _cert, options = self.certificate(host)
+        sink = self.sink("127.0.0.1", options)
+        self.mx(DOMAIN, (MX1, "127.0.0.1"))
+        self.tlsa(MX1, records)
+        result = yield self.deliver()
+        [r] = result.results
+        self.assertEqual((r.status, r.code, r.enhanced), ("deferred", 451, "4.7.5"), r.text)
+        self.assertIn(why, r.text)
+        self.assertEqual(sink.messages, [])
+        self.assertNotIn("MAIL", sink.verbs())
+
+    def test_taFullKeyOfAnotherCADeferred(self):
+        """2 1 0 with a key that did not sign the leaf: deferred."""
+        other, _ = makeCA("not the issuer")
+        return self.deferredWithout(
+            [(2, 1, 0, spki(other))], "not signed by the DANE-TA trust anchor"
+        )
+
+    def test_taFullCertOfAnotherCADeferred(self):
+        """2 0 0 with a certificate that did not sign the leaf: deferred."""
+        other, _ = makeCA("not the issuer")
+        return self.deferredWithout(
+            [(2, 0, 0, der(other))], "not signed by the DANE-TA trust anchor"
+        )
+
+    def test_taFullKeyWrongNameDeferred(self):
+        """The key verifies the leaf, but DANE-TA still checks its name."""
+        return self.deferredWithout(
+            [(2, 1, 0, spki(self.caCert))], "name does not match", host="elsewhere.test"
+        )
+
+    def test_taDigestNotInChainDeferred(self):
+        """
+        2 1 1: a digest cannot stand in for an anchor the server left out
+        (nothing to check the leaf's signature with).
+        """
+        return self.deferredWithout(
+            [(2, 1, 1, sha256(spki(self.caCert)))], "chain matches no TLSA record"
+        )
 
     @defer.inlineCallbacks
     def test_noSTARTTLSDeferred(self):
@@ -480,6 +535,39 @@ def test_taChainMustLeadToAnchor():
         matchChain(DanePolicy((record,), (record,), "mx.example.test"), good, "mx.example.test")
         is None
     )
+
+
+def test_taFullAnchorAboveIntermediate():
+    """
+    A root published in full ("2 1 0", "2 0 0") and left out of a chain of
+    leaf and intermediate: the intermediate must be signed by it and must
+    have issued the leaf (RFC 7671 section 5.2.2).
+    """
+    root, rootKey = makeCA("root")
+    intermediate, intermediateKey = makeCA("intermediate", signedBy=(root, rootKey))
+    leaf, _ = issueCertificate(intermediate, intermediateKey, "mx.example.test")
+    chain = [x509.load_pem_x509_certificate(p) for p in (leaf, intermediate)]
+    stranger, strangerKey = makeCA("stranger")
+    strayLeaf, _ = issueCertificate(stranger, strangerKey, "mx.example.test")
+    for record in (TLSARecord(2, 1, 0, spki(root)), TLSARecord(2, 0, 0, der(root))):
+        policy = DanePolicy((record,), (record,), "mx.example.test")
+        assert matchChain(policy, chain, "mx.example.test") is None
+        # The leaf alone: the root did not sign it.
+        why = matchChain(policy, chain[:1], "mx.example.test")
+        assert why is not None and "not signed by the DANE-TA" in why
+        # An intermediate that did not issue the leaf breaks the path.
+        broken = [x509.load_pem_x509_certificate(strayLeaf), chain[1]]
+        why = matchChain(policy, broken, "mx.example.test")
+        assert why is not None and "not signed by the DANE-TA" in why
+
+
+def test_taFullAnchorGarbage():
+    """Full(0) data that is neither a certificate nor a key matches nothing."""
+    leaf, _ = makeCA("self-signed")
+    chain = [x509.load_pem_x509_certificate(leaf)]
+    for record in (TLSARecord(2, 1, 0, b"not a key"), TLSARecord(2, 0, 0, b"not a cert")):
+        why = matchChain(DanePolicy((record,), (record,), "mx.example.test"), chain, "mx")
+        assert why == "certificate chain matches no TLSA record"
 
 
 def test_resultPolicyCrossesThePipe():
