@@ -10,9 +10,11 @@ those of the certificates the sinks present.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 
 import dns.flags
 import dns.message
@@ -29,8 +31,9 @@ from relayd.config import ConfigError, load
 from relayd.delivery.attempt import AttemptResult, Deliverer, RecipientResult
 from relayd.delivery.client import Reply
 from relayd.delivery.dane import DanePolicy, DaneResolver, TLSARecord, matchChain
-from relayd.delivery.processes import decode, encode
-from relayd.delivery.routing import MXResolver, Router
+from relayd.delivery.processes import DeliverRequest, decode, encode
+from relayd.delivery.requiretls import POLICY_WAIVED
+from relayd.delivery.routing import Destination, Hop, MXResolver, Router
 from relayd.testing.dnsserver import DNSServer
 from relayd.testing.sink import SinkServer
 from tests.delivery.test_attempt import FAST
@@ -124,7 +127,7 @@ class DaneTestCase(unittest.TestCase):
         return deliverer
 
     @defer.inlineCallbacks
-    def deliver(self, domain=DOMAIN, requireTLS=False, dane=True):
+    def deliver(self, domain=DOMAIN, requireTLS=False, dane=True, **options):
         router = Router(self.resolver, port=self.port)
         destination = yield router.route(domain)
         path = self.path("message")
@@ -138,6 +141,7 @@ class DaneTestCase(unittest.TestCase):
             os.path.getsize(path),
             queueId="DANE1",
             requireTLS=requireTLS,
+            **options,
         )
         return result
 
@@ -462,6 +466,45 @@ class NotAppliedTests(DaneTestCase):
         self.assertIsNone(result.tls)
 
     @defer.inlineCallbacks
+    def test_tlsRequiredNoIgnoresDane(self):
+        """
+        C{TLS-Required: No} (RFC 8689 section 4.2.2): the sender waives the
+        recipient domain's policies, DANE among them.  TLSA records that the
+        certificate does not match: no TLSA lookup at all, delivered with
+        opportunistic TLS, and the result says why no policy applied.
+        """
+        _cert, options = self.certificate(MX1)
+        sink = self.sink("127.0.0.1", options)
+        self.mx(DOMAIN, (MX1, "127.0.0.1"))
+        self.tlsa(MX1, [(3, 1, 1, sha256(b"not this key"))])
+        result = yield self.deliver(tlsOptional=True)
+        self.assertEqual(result.results[0].status, "delivered", result.results[0].reply)
+        self.assertEqual(result.policy, POLICY_WAIVED)
+        self.assertEqual(result.policy, "none (TLS-Required: No)")
+        self.assertEqual(result.hop.tls, "opportunistic")
+        self.assertIsNotNone(result.tls)
+        self.assertEqual(len(sink.messages), 1)
+        self.assertEqual(self.dnsServer.queryCount(type="52"), 0)
+        self.assertIn("DANE1: TLS-Required: No: DANE not applied to mx:example.test", self.logged())
+        # The same message without the header field is held to DANE.
+        again = yield self.deliver()
+        self.assertEqual(again.results[0].status, "deferred")
+        self.assertEqual(again.policy, "dane")
+        self.assertEqual(len(sink.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_tlsRequiredNoWithoutStartTLS(self):
+        """... and a host with usable TLSA records but no STARTTLS gets it in plain text."""
+        sink = self.sink("127.0.0.1", None)
+        self.mx(DOMAIN, (MX1, "127.0.0.1"))
+        self.tlsa(MX1, [(3, 1, 1, sha256(b"key"))])
+        result = yield self.deliver(tlsOptional=True)
+        self.assertEqual(result.results[0].status, "delivered")
+        self.assertIsNone(result.tls)
+        self.assertEqual(result.policy, POLICY_WAIVED)
+        self.assertEqual(len(sink.messages), 1)
+
+    @defer.inlineCallbacks
     def test_daneOffByDefault(self):
         """Without a DANE resolver the deliverer never asks for TLSA."""
         self.sink("127.0.0.1", None)
@@ -581,6 +624,27 @@ def test_resultPolicyCrossesThePipe():
     assert decoded.policy == "dane"
 
 
+def test_tlsOptionalCrossesThePipe():
+    """
+    A delivery process gets C{tlsOptional} from the queue manager; a line
+    without it (an older queue manager's) reads as False.
+    """
+    hop = Hop("mx1.example.test", "127.0.0.1", 25, "opportunistic")
+    request = DeliverRequest(
+        Destination("mx:example.test", (hop,)), "a@b.test", ("c@example.test",), "/q", 10, "Q1"
+    )
+    for value in (True, False):
+        _, decoded = decode(encode(1, replace(request, tlsOptional=value)))
+        assert isinstance(decoded, DeliverRequest) and decoded.tlsOptional is value
+    body = json.loads(encode(1, request))
+    del body["tlsOptional"]
+    _, decoded = decode(json.dumps(body).encode())
+    assert isinstance(decoded, DeliverRequest) and decoded.tlsOptional is False
+    result = AttemptResult([], hop, "TLSv1.3", POLICY_WAIVED)
+    _, decoded = decode(encode(2, result))
+    assert isinstance(decoded, AttemptResult) and decoded.policy == POLICY_WAIVED
+
+
 CONFIG = """
 [server]
 hostname = "relay.test"
@@ -667,6 +731,23 @@ class WholeRelaydTests(E2ECase):
         yield self.waitFor(lambda: any("status=sent" in line for line in self.deliveryLines()))
         [line] = [line for line in self.deliveryLines() if "status=sent" in line]
         self.assertIn("(verified), policy=dane, status=sent", line)
+
+    @defer.inlineCallbacks
+    def test_tlsRequiredNoIgnoresDane(self):
+        """
+        Received over SMTP with C{TLS-Required: No}: the record says
+        C{tlsOptional}, the scheduler passes it on, and the message goes to
+        the MX host whose TLSA record does not match (RFC 8689 section
+        4.2.2), the delivery line saying why no policy applied.
+        """
+        self.dns.setTLSA(f"_{self.port}._tcp.{MX1}", [(3, 1, 1, sha256(b"not this key"))])
+        body = b"Subject: not secret\r\nTLS-Required: No\r\n\r\nhello\r\n"
+        yield self.send(["r@example.test"], body=body)
+        yield self.waitFor(lambda: self.sinks["127.0.0.2"].messages)
+        yield self.waitFor(lambda: any("status=sent" in line for line in self.deliveryLines()))
+        [line] = [line for line in self.deliveryLines() if "status=sent" in line]
+        self.assertIn("(unverified), policy=none (TLS-Required: No), status=sent", line)
+        self.assertEqual(self.dns.queryCount(type="52"), 0)
 
     @defer.inlineCallbacks
     def test_mismatchDeferredNeverPlain(self):
