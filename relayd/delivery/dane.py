@@ -48,6 +48,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
+import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,14 +58,14 @@ from typing import Any
 
 import dns.exception
 import dns.flags
-import dns.immutable
 import dns.message
 import dns.name
-import dns.rdata
+import dns.nameserver
+import dns.query
 import dns.rdataclass
 import dns.rdatatype
-import dns.rdtypes.ANY.TLSA
 import dns.resolver
+import dns.wire
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -190,30 +193,131 @@ def isLoopbackResolver(address: str) -> bool:
         return False
 
 
-@dns.immutable.immutable
-class _LenientTLSA(dns.rdtypes.ANY.TLSA.TLSA):
+def _exchange(address: str, port: int, wire: bytes, timeout: float, tcp: bool) -> bytes:
     """
-    A TLSA rdata that keeps a digest of the wrong length instead of
-    refusing it.  dnspython (2.8 and later) raises on such a record while
-    parsing the response, which throws the whole answer away: one broken
-    record would then look like a failed lookup and defer the mail to
-    that host for good, where RFC 6698 section 4.1 and RFC 7672 section
-    3.1.3 make only that record unusable (L{TLSARecord.usable}).
+    Send one query to C{address} and return the response's octets as they
+    came: over UDP, the first datagram from that address and port whose ID
+    is the query's (others are ignored, as dnspython's own UDP query does);
+    over TCP, the one length-prefixed message (RFC 1035 section 4.2.2).
+
+    @raise OSError: (C{TimeoutError} among them) when no answer came in time.
+    @raise EOFError: when the server closed the TCP connection early.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    deadline = time.monotonic() + timeout
+    kind = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
+    with socket.socket(family, kind) as sock:
+        sock.settimeout(timeout)
+        if tcp:
+            sock.connect((address, port))
+            sock.sendall(struct.pack("!H", len(wire)) + wire)
+            (length,) = struct.unpack("!H", _receive(sock, 2, deadline))
+            return _receive(sock, length, deadline)
+        sock.sendto(wire, (address, port))
+        while True:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            data, peer = sock.recvfrom(65535)
+            if peer[:2] == (address, port) and data[:2] == wire[:2]:
+                return data
+
+
+def _receive(sock: socket.socket, count: int, deadline: float) -> bytes:
+    """Exactly C{count} octets from a TCP socket, before C{deadline}."""
+    data = b""
+    while len(data) < count:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise EOFError("connection closed by the name server")
+        data += chunk
+    return data
+
+
+class _TolerantNameserver(dns.nameserver.Do53Nameserver):
+    """
+    A name server (DNS over UDP, then TCP when the answer is truncated) whose
+    answers dnspython parses with C{continue_on_error}: a record it refuses
+    (dnspython 2.8 and later refuse a TLSA digest of the wrong length) is
+    left out of the parsed answer instead of throwing the whole answer away.
+    One broken record would otherwise look like a failed lookup and defer
+    the mail to that host for good, where RFC 6698 section 4.1 and RFC 7672
+    section 3.1.3 make only that record unusable.  L{_tlsaRecords} reads
+    the TLSA records from the response's octets (C{Message.wire}), the
+    broken ones among them, so that L{TLSARecord.usable} judges each.
+
+    Only dnspython's public interface is used (a resolver takes
+    L{dns.nameserver.Nameserver} objects); the response is still checked to
+    answer the query (ID and question, L{dns.message.Message.is_response}).
     """
 
-    def __init__(
-        self, rdclass: Any, rdtype: Any, usage: Any, selector: Any, mtype: Any, cert: Any
-    ) -> None:
-        dns.rdata.Rdata.__init__(self, rdclass, rdtype)
-        self.usage = int(usage) & 0xFF
-        self.selector = int(selector) & 0xFF
-        self.mtype = int(mtype) & 0xFF
-        self.cert = bytes(cert)
+    def query(
+        self,
+        request: dns.message.QueryMessage,
+        timeout: float,
+        source: str | None,
+        source_port: int,
+        max_size: bool,
+        one_rr_per_rrset: bool = False,
+        ignore_trailing: bool = False,
+    ) -> dns.message.Message:
+        data = _exchange(self.address, self.port, request.to_wire(), timeout, max_size)
+        response = dns.message.from_wire(
+            data,
+            keyring=request.keyring,
+            request_mac=request.mac,
+            one_rr_per_rrset=one_rr_per_rrset,
+            ignore_trailing=ignore_trailing,
+            continue_on_error=True,
+        )
+        if not request.is_response(response):
+            raise dns.query.BadResponse
+        if not max_size and response.flags & dns.flags.TC:
+            raise dns.message.Truncated(message=response)  # type: ignore[no-untyped-call]
+        return response
 
 
-# dnspython has no public hook to replace a known type's parser; this is
-# its registry (dns.rdata.get_rdata_class reads it first).
-dns.rdata._rdata_classes[(dns.rdataclass.IN, dns.rdatatype.TLSA)] = _LenientTLSA
+def _tolerant(resolver: dns.resolver.Resolver) -> dns.resolver.Resolver:
+    """C{resolver} asking its name servers through L{_TolerantNameserver}s."""
+    servers: list[dns.nameserver.Nameserver] = []
+    for server in resolver.nameservers:
+        if isinstance(server, str):
+            servers.append(_TolerantNameserver(server, resolver.port))
+        elif isinstance(server, dns.nameserver.Do53Nameserver):
+            servers.append(_TolerantNameserver(server.address, server.port))
+        else:
+            servers.append(server)
+    resolver.nameservers = servers
+    return resolver
+
+
+def _tlsaRecords(response: dns.message.Message | None) -> tuple[TLSARecord, ...]:
+    """
+    The TLSA records of the answer section of C{response}, read from its
+    octets as sent (RFC 1035 section 4.1; RFC 6698 section 2.1 for the
+    rdata: usage, selector, matching type, then the association data), so
+    that none is refused for its content here.  An answer that does not
+    parse as far as the TLSA records gives what was read up to there.
+    """
+    wire = response.wire if response is not None else None
+    if not wire:
+        return ()
+    parser = dns.wire.Parser(wire)
+    records: list[TLSARecord] = []
+    try:
+        _id, _flags, questions, answers = parser.get_struct("!HHHH")
+        parser.seek(12)
+        for _ in range(questions):
+            dns.name.from_wire_parser(parser)
+            parser.get_struct("!HH")
+        for _ in range(answers):
+            dns.name.from_wire_parser(parser)
+            rdtype, rdclass, _ttl, length = parser.get_struct("!HHIH")
+            rdata = parser.get_bytes(length)
+            if rdtype == dns.rdatatype.TLSA and rdclass == dns.rdataclass.IN and length >= 3:
+                records.append(TLSARecord(rdata[0], rdata[1], rdata[2], rdata[3:]))
+    except dns.exception.DNSException:
+        pass
+    return tuple(records)
 
 
 class DaneResolver:
@@ -237,7 +341,7 @@ class DaneResolver:
         threads: int = 2,
     ) -> None:
         self._reactor = reactor
-        self._resolver = newResolver(nameservers, port, timeout)
+        self._resolver = _tolerant(newResolver(nameservers, port, timeout))
         self._resolver.use_edns(0, dns.flags.DO, 1232)
         self._resolver.flags = dns.flags.RD | dns.flags.AD
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="relayd-dane")
@@ -261,7 +365,10 @@ class DaneResolver:
         """
         In a pool thread: C{(outcome, rdatas, secure)} where outcome is
         C{"answer"}, C{"nodata"}, C{"nxdomain"} or C{"error: ..."}, and
-        secure says whether the answer came with AD.
+        secure says whether the answer came with AD.  For C{TLSA} the
+        rdatas are L{TLSARecord}s read from the response's octets
+        (L{_tlsaRecords}): an answer whose only records dnspython refused
+        is still an answer.
         """
         qname = dns.name.from_text(name.rstrip(".") + ".")
         try:
@@ -270,10 +377,15 @@ class DaneResolver:
             responses = list(e.kwargs.get("responses", {}).values())
             return "nxdomain", [], bool(responses) and _secure(responses[0])
         except dns.resolver.NoAnswer as e:
-            return "nodata", [], _secure(e.kwargs.get("response"))
+            response = e.kwargs.get("response")
+            if rdtype == "TLSA" and (records := _tlsaRecords(response)):
+                return "answer", list(records), _secure(response)
+            return "nodata", [], _secure(response)
         except (dns.exception.DNSException, OSError) as e:
             text = (str(e).strip() or type(e).__name__).splitlines()[0]
             return f"error: {text}", [], False
+        if rdtype == "TLSA":
+            return "answer", list(_tlsaRecords(answer.response)), _secure(answer.response)
         return "answer", list(answer), _secure(answer.response)
 
     def mxSecure(self, domain: str) -> Deferred[bool]:
@@ -312,11 +424,7 @@ class DaneResolver:
                 )
             if outcome != "answer" or not secure:
                 return NO_DANE
-            records = tuple(
-                TLSARecord(int(r.usage), int(r.selector), int(r.mtype), bytes(r.cert))
-                for r in rdatas
-                if r.rdtype == dns.rdatatype.TLSA
-            )
+            records = tuple(r for r in rdatas if isinstance(r, TLSARecord))
             usable = tuple(r for r in records if r.usable)
             return DanePolicy(records, usable, host.rstrip(".").lower())
 

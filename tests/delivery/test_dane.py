@@ -16,9 +16,13 @@ import shutil
 import tempfile
 from dataclasses import replace
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.query
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -513,6 +517,82 @@ class NotAppliedTests(DaneTestCase):
         result = yield self.deliver(dane=False)
         self.assertEqual(result.results[0].status, "delivered")
         self.assertEqual(self.dnsServer.queryCount(type="52"), 0)
+
+
+class TolerantTLSAParsingTests(unittest.TestCase):
+    """
+    L{DaneResolver.lookupTLSA} against the DNS test server: records that
+    dnspython refuses to parse (a digest of the wrong length) are read as
+    they came and judged unusable one by one, over UDP and, for an answer
+    too long for UDP, over TCP; dnspython's own registry is left alone.
+    """
+
+    def setUp(self):
+        self.server = DNSServer()
+        self.port = self.server.start(reactor)
+        self.addCleanup(self.server.stop)
+        self.server.setSecure(DOMAIN)
+        self.resolver = DaneResolver(reactor, ["127.0.0.1"], port=self.port, timeout=2)
+        self.addCleanup(self.resolver.stop)
+
+    def test_dnspythonRefusesTheRecord(self):
+        """The premise: dnspython will not parse a 5-octet SHA-256 digest."""
+        with pytest.raises(dns.exception.FormError):
+            dns.rdata.from_wire("IN", "TLSA", b"\x03\x01\x01" + b"\x01" * 5, 0, 8)
+
+    def test_registryUntouched(self):
+        """relayd replaces no dnspython parser (no private registry edit)."""
+        import dns.rdtypes.ANY.TLSA
+
+        cls = dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.TLSA)
+        self.assertIs(cls, dns.rdtypes.ANY.TLSA.TLSA)
+
+    @defer.inlineCallbacks
+    def test_onlyBrokenRecords(self):
+        """
+        An RRset of broken records only: records present, none usable, so
+        TLS stays mandatory (RFC 7672 section 2.2), not "no DANE".
+        """
+        self.server.setTLSA(f"_25._tcp.{MX1}", [(3, 1, 1, b"\x01" * 5), (2, 0, 2, b"\x02" * 3)])
+        policy = yield self.resolver.lookupTLSA(MX1)
+        self.assertEqual(policy.mode, "dane-unusable")
+        self.assertEqual(
+            sorted((r.usage, r.selector, r.mtype, r.data) for r in policy.records),
+            [(2, 0, 2, b"\x02" * 3), (3, 1, 1, b"\x01" * 5)],
+        )
+        self.assertEqual(policy.usable, ())
+
+    @defer.inlineCallbacks
+    def test_brokenBesideGoodOverTCP(self):
+        """
+        A long RRset (truncated over UDP, asked again over TCP) with a broken
+        record among full-certificate ones: every record read, the good
+        ones usable.
+        """
+        anchors = [makeCA(f"big anchor {i}")[0] for i in range(2)]
+        good = [(2, 0, 0, der(ca)) for ca in anchors] + [(3, 1, 1, sha256(b"k"))]
+        self.server.setTLSA(f"_25._tcp.{MX1}", [*good, (3, 1, 1, b"\x01" * 5)])
+        policy = yield self.resolver.lookupTLSA(MX1)
+        self.assertEqual(policy.mode, "dane")
+        self.assertEqual(len(policy.records), 4)
+        self.assertEqual(
+            sorted((r.usage, r.selector, r.mtype, r.data) for r in policy.usable), sorted(good)
+        )
+        # Too long for UDP: the resolver asked again over TCP.
+        self.assertGreater(sum(len(der(ca)) for ca in anchors), 512)
+        self.assertGreaterEqual(self.server.queryCount(type="52"), 2)
+
+    @defer.inlineCallbacks
+    def test_insecureAndMissing(self):
+        """No AD, or no records: no DANE; a name server that is down: an error."""
+        self.server.setTLSA("_25._tcp.mx.other.test", [(3, 1, 1, sha256(b"k"))])
+        policy = yield self.resolver.lookupTLSA("mx.other.test")
+        self.assertEqual(policy.mode, "none")
+        policy = yield self.resolver.lookupTLSA(MX2)
+        self.assertEqual(policy.mode, "none")
+        yield self.server.stop()
+        policy = yield self.resolver.lookupTLSA(MX1)
+        self.assertEqual(policy.mode, "dane-error")
 
 
 class DNSServerADTests(unittest.TestCase):
