@@ -399,6 +399,17 @@ class DaneResolver:
         d = self._run("MX", domain)
         return d.addCallback(lambda r: r[0] in ("answer", "nodata") and r[2])
 
+    def validates(self) -> Deferred[bool]:
+        """
+        Whether the resolver looks like a validating one: the root zone is
+        signed, so a validating resolver answers a question about it with
+        AD (RFC 4035 section 3.2.3); one that does not validate never sets
+        AD, and DANE would then never apply.  For C{relayctl route}, to
+        tell "the domain is not signed" from "DANE cannot be checked here".
+        """
+        d = self._run("SOA", ".")
+        return d.addCallback(lambda r: r[0] in ("answer", "nodata", "nxdomain") and r[2])
+
     def hostSecure(self, host: str) -> Deferred[bool]:
         """
         Whether C{host}'s address records are DNSSEC-validated (its A

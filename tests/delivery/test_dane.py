@@ -10,6 +10,7 @@ those of the certificates the sinks present.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from relayd.delivery.dane import DanePolicy, DaneResolver, TLSARecord, matchChai
 from relayd.delivery.processes import DeliverRequest, decode, encode
 from relayd.delivery.requiretls import POLICY_WAIVED
 from relayd.delivery.routing import Destination, Hop, MXResolver, Router
+from relayd.ops import relayctl
 from relayd.testing.dnsserver import DNSServer
 from relayd.testing.sink import SinkServer
 from tests.delivery.test_attempt import FAST
@@ -828,6 +830,41 @@ class WholeRelaydTests(E2ECase):
         [line] = [line for line in self.deliveryLines() if "status=sent" in line]
         self.assertIn("(unverified), policy=none (TLS-Required: No), status=sent", line)
         self.assertEqual(self.dns.queryCount(type="52"), 0)
+
+    def route(self, address):
+        """C{relayctl route ADDRESS} against this relayd's configuration: its output."""
+        out, err = io.StringIO(), io.StringIO()
+
+        def run():
+            argv = ["--config", self.setup.configPath, "route", address]
+            return relayctl.main(argv, stdout=out, stderr=err)
+
+        d = threads.deferToThread(run)
+        d.addCallback(lambda status: self.assertEqual((status, err.getvalue()), (0, "")))
+        return d.addCallback(lambda _: out.getvalue())
+
+    @defer.inlineCallbacks
+    def test_relayctlRouteUnsignedOrNotValidating(self):
+        """
+        C{relayctl route} on an unsigned domain: "none" when the resolver
+        validates (it sets AD for the signed root), "not checked" and why
+        when it does not, since DANE then never applies.
+        """
+        self.dns.setMX("plain.test", [(10, "mx.plain.test")])
+        self.dns.setA("mx.plain.test", ["127.0.0.2"])
+        text = yield self.route("r@plain.test")
+        self.assertIn("dane: none (MX records not DNSSEC-validated)", text)
+        self.dns.setSecure(".", False)
+        text = yield self.route("r@plain.test")
+        self.assertIn(
+            "dane: not checked (resolver 127.0.0.1 set no AD bit for the signed root zone: "
+            "not a validating resolver, see docs/dane.md)",
+            text,
+        )
+        self.assertNotIn("dane: none", text)
+        # A signed domain is still checked as before.
+        text = yield self.route("r@example.test")
+        self.assertIn(f"dane: {MX1}: none (no TLSA records)", text)
 
     @defer.inlineCallbacks
     def test_mismatchDeferredNeverPlain(self):
