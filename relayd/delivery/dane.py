@@ -217,8 +217,18 @@ def _exchange(address: str, port: int, wire: bytes, timeout: float, tcp: bool) -
         while True:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             data, peer = sock.recvfrom(65535)
-            if peer[:2] == (address, port) and data[:2] == wire[:2]:
+            if _samePeer(peer, address, port) and data[:2] == wire[:2]:
                 return data
+
+
+def _samePeer(peer: Sequence[object], address: str, port: int) -> bool:
+    """Whether a datagram came from C{address} and C{port} (any spelling of the address)."""
+    try:
+        return peer[1] == port and ipaddress.ip_address(str(peer[0])) == ipaddress.ip_address(
+            address
+        )
+    except (ValueError, IndexError, TypeError):
+        return False
 
 
 def _receive(sock: socket.socket, count: int, deadline: float) -> bytes:
