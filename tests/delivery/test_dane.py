@@ -538,7 +538,12 @@ class TolerantTLSAParsingTests(unittest.TestCase):
         self.addCleanup(self.resolver.stop)
 
     def test_dnspythonRefusesTheRecord(self):
-        """The premise: dnspython will not parse a 5-octet SHA-256 digest."""
+        """
+        The premise: dnspython will not parse a 5-octet SHA-256 digest (if
+        this fails after an upgrade, dnspython takes such records again and
+        the tolerant name server of L{relayd.delivery.dane} is no longer
+        needed for them).
+        """
         with pytest.raises(dns.exception.FormError):
             dns.rdata.from_wire("IN", "TLSA", b"\x03\x01\x01" + b"\x01" * 5, 0, 8)
 
@@ -684,6 +689,75 @@ def test_taFullAnchorAboveIntermediate():
         broken = [x509.load_pem_x509_certificate(strayLeaf), chain[1]]
         why = matchChain(policy, broken, "mx.example.test")
         assert why is not None and "not signed by the DANE-TA" in why
+
+
+def _chainWith(caKey, leafName="mx.example.test", pss=False):
+    """A CA of key C{caKey} and a leaf it signed, built here: (CA, leaf)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+    now = dt.datetime.now(dt.UTC)
+    caName = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "anchor")])
+    algorithm = (
+        None
+        if not isinstance(caKey, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+        else hashes.SHA256()
+    )
+    extra = {}
+    if pss:
+        extra["rsa_padding"] = padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH)
+
+    def build(subject, key, ca):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(caName)
+            .public_key(key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(leafName)]), critical=False
+            )
+        return builder.sign(caKey, algorithm, **extra)
+
+    leafKey = ec.generate_private_key(ec.SECP256R1())
+    ca = build(caName, caKey.public_key(), True)
+    leafSubject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, leafName)])
+    return ca, build(leafSubject, leafKey.public_key(), False)
+
+
+@pytest.mark.parametrize("kind", ["rsa", "rsa-pss", "ed25519", "ed448"])
+def test_taFullKeyOtherAlgorithms(kind):
+    """
+    "2 1 0" verifies the leaf's signature whatever the anchor's algorithm
+    (RSA PKCS#1 v1.5 and PSS, Ed25519, Ed448; ECDSA in the tests above),
+    and a leaf signed by another key of the same kind fails.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, rsa
+
+    def newKey():
+        if kind.startswith("rsa"):
+            return rsa.generate_private_key(65537, 2048)
+        return (
+            ed25519.Ed25519PrivateKey if kind == "ed25519" else ed448.Ed448PrivateKey
+        ).generate()
+
+    ca, leaf = _chainWith(newKey(), pss=kind == "rsa-pss")
+    key = ca.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    record = TLSARecord(2, 1, 0, key)
+    policy = DanePolicy((record,), (record,), "mx.example.test")
+    assert matchChain(policy, [leaf], "mx.example.test") is None
+    _otherCA, stray = _chainWith(newKey(), pss=kind == "rsa-pss")
+    why = matchChain(policy, [stray], "mx.example.test")
+    assert why is not None and "not signed by the DANE-TA" in why
 
 
 def test_taFullAnchorGarbage():
