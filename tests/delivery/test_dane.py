@@ -28,6 +28,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor, threads
+from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -48,6 +49,16 @@ from tests.delivery.test_attempt_e2e import DeliveryTestCase as E2ECase
 DOMAIN = "example.test"
 MX1 = "mx1.example.test"
 MX2 = "mx2.example.test"
+
+
+@defer.inlineCallbacks
+def waitUntil(condition, timeout=10.0):
+    """Let the reactor run until C{condition()} is true."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError("timed out")
+        yield deferLater(reactor, 0.02, lambda: None)
 
 
 def der(pem: bytes) -> bytes:
@@ -496,6 +507,41 @@ class NotAppliedTests(DaneTestCase):
         again = yield self.deliver()
         self.assertEqual(again.results[0].status, "deferred")
         self.assertEqual(again.policy, "dane")
+        self.assertEqual(len(sink.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_tlsRequiredNoInADeliveryProcess(self):
+        """
+        The delivery process's side of the pipe: a request line with
+        C{tlsOptional} reaches its (real) deliverer, which skips DANE.
+        """
+        from relayd.delivery.processes import _Requests
+
+        _cert, options = self.certificate(MX1)
+        sink = self.sink("127.0.0.1", options)
+        self.mx(DOMAIN, (MX1, "127.0.0.1"))
+        self.tlsa(MX1, [(3, 1, 1, sha256(b"not this key"))])
+        destination = yield Router(self.resolver, port=self.port).route(DOMAIN)
+        path = self.path("message")
+        with open(path, "wb") as f:
+            f.write(b"Subject: dane\r\n\r\nbody\r\n")
+        notices = io.BytesIO()
+        requests = _Requests(self.deliverer(), lambda: None)
+        requests.notices = notices
+        request = DeliverRequest(
+            destination,
+            "from@relay.test",
+            (f"to@{DOMAIN}",),
+            path,
+            os.path.getsize(path),
+            "DANE2",
+            tlsOptional=True,
+        )
+        requests.dataReceived(encode(7, request))
+        yield waitUntil(notices.getvalue)
+        number, result = decode(notices.getvalue())
+        self.assertEqual(number, 7)
+        self.assertEqual((result.results[0].status, result.policy), ("delivered", POLICY_WAIVED))
         self.assertEqual(len(sink.messages), 1)
 
     @defer.inlineCallbacks
