@@ -309,15 +309,13 @@ class GroupCommitTests(SpoolTestMixin, TestCase):
         The spool keeps working once fsync works again.
         """
         spool = self.startSpool()
-        incomingDirectory = os.path.join(spool.directory, "incoming")
-        real = spoolModule.fsyncDirectory
+        sync = spool._incomingSync
+        real = sync._fsync
 
         def failing(path):
-            if path == incomingDirectory:
-                raise OSError(errno.EIO, "injected fsync failure", path)
-            return real(path)
+            raise OSError(errno.EIO, "injected fsync failure", path)
 
-        self.patch(spoolModule, "fsyncDirectory", failing)
+        sync._fsync = failing
         messages = [self.receive(spool) for _ in range(8)]
         results = yield DeferredList(
             [spool.commit(m, record(m.queueId)) for m in messages], consumeErrors=True
@@ -329,7 +327,7 @@ class GroupCommitTests(SpoolTestMixin, TestCase):
         self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
         self.assertEqual(spool._incomingSync._failed, [])
 
-        self.patch(spoolModule, "fsyncDirectory", real)
+        sync._fsync = real
         incoming = self.receive(spool)
         queueId = yield spool.commit(incoming, record(incoming.queueId))
         self.assertEqual(spool.entries("incoming"), [queueId])
