@@ -23,7 +23,7 @@ import io
 from collections.abc import Generator
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -33,7 +33,6 @@ from relayd.delivery.client import ClientTimeouts, HopFailure, Reply, SMTPClient
 from relayd.delivery.endpoint import hopEndpoint, relayName
 from relayd.delivery.oauth2 import TokenSources
 from relayd.delivery.routing import Hop, Route, _ipLiteral
-from relayd.queue.record import openRegion
 
 __all__ = ["Connector", "Upstream", "messageFile"]
 
@@ -116,13 +115,21 @@ class Upstream(SMTPClient):
 
     def close(self) -> Deferred[None]:
         """
-        End the session: QUIT when it is in step (RFC 5321 section 4.1.1.10
-        lets QUIT end an open transaction), else cut it.  While the message
+        End the session: RSET when a transaction is open, then QUIT, when
+        it is in step; else cut it.  While the message
         is being written the connection is aborted, so the final dot is
         never sent and the next hop takes nothing.
         """
         if self.sending and self.transport is not None:
             self._abort(Reply.local(451, "4.4.2", f"passthrough to {self.relay} abandoned"))
+            return self.quit()
+        if self._needReset and self.inStep and not self._waiting:
+            # The client's RSET (or its leaving) as the upstream sees it:
+            # the transaction ends, then the session.
+            self._needReset = False
+            reset = self.command(b"RSET", "sending RSET", self.timeouts.rset)
+            reset.addCallback(lambda _: self.quit())
+            return self.whenClosed()
         return self.quit()
 
 
@@ -135,8 +142,9 @@ class _Parts(io.RawIOBase):
     def __init__(self, header: bytes, path: str, offset: int, end: int) -> None:
         super().__init__()
         self._header = header
-        self._file = openRegion(path, end)
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close)
         self._file.seek(offset)
+        self._left = max(end - offset, 0)
 
     def readable(self) -> bool:
         return True
@@ -148,7 +156,8 @@ class _Parts(io.RawIOBase):
             view[:n] = self._header[:n]
             self._header = self._header[n:]
             return n
-        data = self._file.read(len(view))
+        data = self._file.read(min(len(view), self._left))
+        self._left -= len(data)
         view[: len(data)] = data
         return len(data)
 
@@ -218,6 +227,7 @@ class Connector:
         self.tlsProfile = tlsProfile
         self.opportunisticProfile = opportunisticProfile
         self.tokens = TokenSources(reactor)
+        self.clients: set[Upstream] = set()
 
     @inlineCallbacks
     def open(self, route: Route) -> Generator[Deferred[Any], Any, Upstream]:
@@ -263,9 +273,32 @@ class Connector:
             yield endpoint.connect(_QuietFactory(client))
         except Exception:
             raise HopFailure(_connectError(hop, Failure()), connected=False) from None
+        self.clients.add(client)
+        client.whenClosed().addCallback(lambda _: self.clients.discard(client))
         yield client.ready
         return client
 
-    def stop(self) -> Deferred[None]:
-        """Stop refreshing OAuth2 tokens."""
-        return self.tokens.stop()
+    def stop(self, deadline: float = 5.0) -> Deferred[None]:
+        """
+        End every upstream session still open (relayd is stopping, its
+        client sessions gone): QUIT, and after C{deadline} seconds cut
+        those still there.  Fires once they are all closed.
+        """
+        clients = list(self.clients)
+        for client in clients:
+            client.close()
+
+        def late() -> None:
+            for client in list(self.clients):
+                if client.transport is not None:
+                    client.transport.abortConnection()
+
+        timer = self.reactor.callLater(deadline, late)
+
+        def finished(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+
+        closing = [client.whenClosed() for client in clients]
+        closing.append(self.tokens.stop())
+        return DeferredList(closing, consumeErrors=True).addCallback(finished)

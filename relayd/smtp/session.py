@@ -205,7 +205,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         for session in list(self.sessions):
             session.shutdown()
         if not self.sessions:
-            return succeed(None)
+            return self._stopConnector(None)
         done: Deferred[None] = Deferred()
         self._emptyWaiters.append(done)
 
@@ -220,7 +220,13 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
                 timer.cancel()
             return result
 
-        return done.addCallback(finished)
+        return done.addCallback(finished).addCallback(self._stopConnector)
+
+    def _stopConnector(self, _: None) -> Deferred[None]:
+        """Once the sessions are gone, end their upstream sessions (passthrough routes)."""
+        if self.connector is None:
+            return succeed(None)
+        return self.connector.stop()
 
 
 def _clientAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -1,0 +1,530 @@
+"""
+Relaying in session (C{mode = "passthrough"} routes, L{relayd.smtp.passthrough}),
+over real sockets: relayd in process, clients in threads (smtplib and
+L{WireClient}), and as the next hop Postfix's C{smtp-sink}, relayd's
+L{SinkServer} or a small scripted server of this module for the faults
+the others cannot make (a connection dropped in the middle of the message,
+multi-line replies).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import tempfile
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.protocols.basic import LineReceiver
+from twisted.trial import unittest
+
+from relayd.testing import (
+    QUICK_DELIVERY,
+    InProcessRelayd,
+    PostfixSink,
+    SinkServer,
+    TestSetup,
+    WireClient,
+    dotStuff,
+    freePort,
+)
+
+MESSAGE = (
+    b"From: app@example.org\r\n"
+    b"To: friend@example.net\r\n"
+    b"Subject: passthrough\r\n"
+    b"\r\n"
+    b".a line with a leading dot\r\n"
+    b"..and two\r\n"
+    b".\r\n"
+    b"last line\r\n"
+)
+
+
+def addRoute(
+    setup: TestSetup,
+    port: int,
+    *,
+    domains: tuple[str, ...] = ("*",),
+    mode: str = "passthrough",
+    fallback: str | None = None,
+) -> None:
+    """Append a C{[[routes]]} table with one hop on 127.0.0.1:C{port}."""
+    quoted = ", ".join(f'"{d}"' for d in domains)
+    lines = ["", "[[routes]]", f"domains = [{quoted}]", f'mode = "{mode}"']
+    if fallback is not None:
+        lines.append(f'fallback = "{fallback}"')
+    lines += ["[[routes.hops]]", 'host = "127.0.0.1"', f"port = {port}", 'tls = "none"', ""]
+    with open(setup.configPath, "a") as f:
+        f.write("\n".join(lines))
+
+
+def spoolFiles(relayd: InProcessRelayd, setup: TestSetup) -> list[str]:
+    """Every file in the spool's queue folders and in C{tmp/}."""
+    found = []
+    for state in ("tmp", "incoming", "active", "deferred", "hold"):
+        folder = os.path.join(setup.spoolPath, state)
+        if os.path.isdir(folder):
+            found += [f"{state}/{name}" for name in os.listdir(folder)]
+    return found
+
+
+def session(port: int, steps: list[bytes | str], data: bytes | None = None) -> list[Any]:
+    """
+    EHLO, then each of C{steps} (a command, or C{data} dot-stuffed after a
+    354 when the step is C{DATA}), then QUIT: every reply C{(code, lines)}.
+    """
+    client = WireClient(port)
+    try:
+        replies = [client.reply(), client.command("EHLO client.example")]
+        for step in steps:
+            reply = client.command(step)
+            replies.append(reply)
+            if step == "DATA" and reply[0] == 354:
+                assert data is not None
+                client.send(dotStuff(data))
+                replies.append(client.reply())
+        replies.append(client.command("QUIT"))
+        return replies
+    finally:
+        client.close()
+
+
+class Script:
+    """What L{ScriptedUpstream} answers and what it saw."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, bytes] = {}
+        self.dropAfterDataLines: int | None = None
+        self.connections = 0
+        self.commands: list[bytes] = []
+        self.dataLines: list[bytes] = []
+        self.ended = False
+
+
+class ScriptedUpstream(LineReceiver):
+    """A next hop that answers as its L{Script} says, raw lines and all."""
+
+    delimiter = b"\r\n"
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.inData = False
+
+    def connectionMade(self) -> None:
+        self.script.connections += 1
+        self.transport.write(b"220 scripted.test ESMTP\r\n")
+
+    def lineReceived(self, line: bytes) -> None:
+        script = self.script
+        if self.inData:
+            if line == b".":
+                self.inData = False
+                script.ended = True
+                self.transport.write(script.replies.get("END", b"250 2.0.0 Ok: queued\r\n"))
+                return
+            script.dataLines.append(line)
+            if (
+                script.dropAfterDataLines is not None
+                and len(script.dataLines) >= script.dropAfterDataLines
+            ):
+                self.transport.abortConnection()
+            return
+        script.commands.append(line)
+        verb = line.split(b" ", 1)[0].upper().decode()
+        if line.decode() in script.replies:
+            verb = line.decode()
+        if verb == "EHLO":
+            self.transport.write(b"250-scripted.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            return
+        if verb == "QUIT":
+            self.transport.write(b"221 2.0.0 Bye\r\n")
+            self.transport.loseConnection()
+            return
+        reply = script.replies.get(verb)
+        if reply is None:
+            reply = b"354 go ahead\r\n" if verb == "DATA" else b"250 2.0.0 Ok\r\n"
+        if verb == "DATA" and reply.startswith(b"354"):
+            self.inData = True
+        self.transport.write(reply)
+
+
+class ScriptedFactory(ServerFactory):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    def buildProtocol(self, addr: Any) -> ScriptedUpstream:
+        return ScriptedUpstream(self.script)
+
+
+class PassthroughTests(unittest.TestCase):
+    """A passthrough route, end to end."""
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="relayd-passthrough-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        # smtp-sink runs as nobody and writes its dumps below this folder.
+        os.chmod(self.directory, 0o755)
+
+    @defer.inlineCallbacks
+    def relayd(
+        self,
+        port: int,
+        *,
+        fallback: str | None = None,
+        chain: list[str] | None = None,
+        policies: dict[str, dict[str, Any]] | None = None,
+        delivery: bool = False,
+        routes: list[tuple[int, tuple[str, ...], str]] = (),
+        sections: dict[str, dict[str, Any]] | None = None,
+    ) -> Any:
+        """relayd with a passthrough route for C{*} to 127.0.0.1:C{port}, after C{routes}."""
+        merged: dict[str, dict[str, Any]] = {
+            "delivery": dict(QUICK_DELIVERY) if delivery else {"enabled": False}
+        }
+        for name, values in (sections or {}).items():
+            merged.setdefault(name, {}).update(values)
+        setup = TestSetup(
+            os.path.join(self.directory, "relayd"),
+            modes=("relay",),
+            chain=chain if chain is not None else ["mynetworks"],
+            policies=policies,
+            sections=merged,
+        )
+        for otherPort, domains, mode in routes:
+            addRoute(setup, otherPort, domains=domains, mode=mode)
+        addRoute(setup, port, fallback=fallback)
+        self.setup = setup
+        relayd = yield InProcessRelayd.start(setup)
+        self.addCleanup(relayd.stop)
+        return relayd
+
+    def sink(self) -> SinkServer:
+        sink = SinkServer()
+        sink.start(reactor)
+        self.addCleanup(sink.stop)
+        return sink
+
+    def scripted(self, script: Script) -> int:
+        listening = reactor.listenTCP(0, ScriptedFactory(script), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        return int(listening.getHost().port)
+
+    @defer.inlineCallbacks
+    def settled(self, sink: SinkServer | None = None) -> Any:
+        """Wait until relayd's upstream sessions are closed."""
+        for _ in range(200):
+            if sink is None or sink.openConnections == 0:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_postfixSinkAccepts(self) -> Any:
+        """
+        Postfix's smtp-sink takes the message: the client's reply to the
+        end of data is smtp-sink's own, and relayd's spool holds nothing.
+        """
+        sink = PostfixSink(self.directory)
+        self.addCleanup(sink.stop)
+        relayd = yield self.relayd(sink.port)
+        replies = yield deferToThread(
+            session,
+            relayd.port("relay"),
+            ["MAIL FROM:<app@example.org>", "RCPT TO:<friend@example.net>", "DATA"],
+            MESSAGE,
+        )
+        code, lines = replies[5]
+        self.assertEqual(code, 250)
+        # smtp-sink's end-of-data reply, not relayd's "Ok: queued as".
+        self.assertNotIn("queued as", lines[0])
+        self.assertEqual(lines, ["2.0.0 Ok"])
+        self.assertEqual(spoolFiles(relayd, self.setup), [])
+        for _ in range(200):
+            dumps = sink.messages()
+            if dumps:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        [dump] = sink.messages()
+        self.assertIn(b"X-Rcpt-Args: <friend@example.net>", dump)
+        self.assertIn(b"by relayd.test (relayd) with ESMTP id", dump)
+        # The body as sent, dot-stuffing undone (smtp-sink dumps with LF).
+        self.assertIn(MESSAGE.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n"), dump)
+
+    @defer.inlineCallbacks
+    def test_postfixSinkRefusals(self) -> Any:
+        """
+        smtp-sink told to refuse RCPT for good (550 5.1.1), then for now
+        (452): each refusal reaches the client as smtp-sink said it.
+        """
+        os.makedirs(os.path.join(self.directory, "hard"))
+        hard = PostfixSink(
+            os.path.join(self.directory, "hard"),
+            extra=("-f", "RCPT", "-B", "550 5.1.1 Recipient address rejected: User unknown"),
+        )
+        os.makedirs(os.path.join(self.directory, "soft"))
+        soft = PostfixSink(
+            os.path.join(self.directory, "soft"),
+            extra=("-r", "RCPT", "-b", "452 4.2.2 Mailbox full"),
+        )
+        self.addCleanup(hard.stop)
+        self.addCleanup(soft.stop)
+        relayd = yield self.relayd(
+            hard.port, routes=[(soft.port, ("soft.example",), "passthrough")]
+        )
+        steps = ["MAIL FROM:<app@example.org>", "RCPT TO:<nobody@example.net>"]
+        replies = yield deferToThread(session, relayd.port("relay"), steps)
+        self.assertEqual(replies[3], (550, ["5.1.1 Recipient address rejected: User unknown"]))
+        steps = ["MAIL FROM:<app@example.org>", "RCPT TO:<full@soft.example>"]
+        replies = yield deferToThread(session, relayd.port("relay"), steps)
+        self.assertEqual(replies[3], (452, ["4.2.2 Mailbox full"]))
+        self.assertEqual(spoolFiles(relayd, self.setup), [])
+
+    @defer.inlineCallbacks
+    def test_multiLineReplyKept(self) -> Any:
+        """
+        A multi-line refusal keeps its lines; a 421 reaches the client as
+        451 with the same text (relayd is not the one closing); a line
+        without an enhanced code gets the class's X.0.0.
+        """
+        script = Script()
+        script.replies["RCPT"] = (
+            b"550-5.7.1 first line of the refusal\r\n550 5.7.1 see https://help.example\r\n"
+        )
+        relayd = yield self.relayd(self.scripted(script))
+        steps = ["MAIL FROM:<app@example.org>", "RCPT TO:<a@example.net>"]
+        replies = yield deferToThread(session, relayd.port("relay"), steps)
+        self.assertEqual(
+            replies[3],
+            (550, ["5.7.1 first line of the refusal", "5.7.1 see https://help.example"]),
+        )
+        del script.replies["RCPT"]
+        script.replies["RCPT TO:<b@example.net>"] = b"421 4.3.2 closing for maintenance\r\n"
+        replies = yield deferToThread(
+            session, relayd.port("relay"), [*steps, "RCPT TO:<b@example.net>", "DATA"], MESSAGE
+        )
+        self.assertEqual(replies[3], (250, ["2.0.0 Ok"]))
+        self.assertEqual(replies[4], (451, ["4.3.2 closing for maintenance"]))
+        # The upstream is gone: the message cannot be relayed, and is not queued.
+        self.assertEqual(replies[5][0], 354)
+        self.assertEqual(replies[6][0], 451)
+        self.assertEqual(spoolFiles(relayd, self.setup), [])
+        script.replies["RCPT"] = b"450 mailbox busy\r\n"
+        replies = yield deferToThread(session, relayd.port("relay"), steps)
+        self.assertEqual(replies[3], (450, ["4.0.0 mailbox busy"]))
+
+    @defer.inlineCallbacks
+    def test_upstreamDropsMidData(self) -> Any:
+        """
+        The next hop drops the connection in the middle of the message:
+        the client gets 451 4.4.2, nothing is in the spool (the client's
+        retry will be the only copy), and the next hop never saw the end.
+        """
+        script = Script()
+        script.dropAfterDataLines = 2
+        relayd = yield self.relayd(self.scripted(script))
+        replies = yield deferToThread(
+            session,
+            relayd.port("relay"),
+            ["MAIL FROM:<app@example.org>", "RCPT TO:<friend@example.net>", "DATA"],
+            MESSAGE,
+        )
+        self.assertEqual(replies[3][0], 250)
+        self.assertEqual(replies[4][0], 354)
+        code, [line] = replies[5]
+        self.assertEqual((code, line[:6]), (451, "4.4.2 "))
+        self.assertFalse(script.ended)
+        self.assertEqual(spoolFiles(relayd, self.setup), [])
+
+    @defer.inlineCallbacks
+    def test_upstreamTimesOutAfterData(self) -> Any:
+        """
+        The next hop never answers the end of data: after
+        C{delivery.data_timeout} the client gets 451 4.4.2, nothing spooled.
+        """
+        sink = self.sink()
+        sink.stallOn = {"."}
+        relayd = yield self.relayd(sink.port, sections={"delivery": {"data_timeout": 1}})
+        replies = yield deferToThread(
+            session,
+            relayd.port("relay"),
+            ["MAIL FROM:<app@example.org>", "RCPT TO:<friend@example.net>", "DATA"],
+            MESSAGE,
+        )
+        code, [line] = replies[5]
+        self.assertEqual((code, line[:6]), (451, "4.4.2 "))
+        self.assertEqual(spoolFiles(relayd, self.setup), [])
+
+    @defer.inlineCallbacks
+    def test_fallbackSpool(self) -> Any:
+        """
+        No next hop listening, C{fallback = "spool"}: relayd's own replies,
+        the message queued; once a sink comes up there, it is delivered.
+        """
+        port = freePort()
+        relayd = yield self.relayd(port, fallback="spool", delivery=True)
+        replies = yield deferToThread(
+            session,
+            relayd.port("relay"),
+            ["MAIL FROM:<app@example.org>", "RCPT TO:<friend@example.net>", "DATA"],
+            MESSAGE,
+        )
+        self.assertEqual(replies[3], (250, ["2.1.5 Ok"]))
+        code, [line] = replies[5]
+        self.assertEqual(code, 250)
+        self.assertIn("queued as", line)
+        os.makedirs(os.path.join(self.directory, "late"))
+        sink = PostfixSink(os.path.join(self.directory, "late"), port=port)
+        self.addCleanup(sink.stop)
+        for _ in range(400):
+            if any(b"last line" in dump for dump in sink.messages()):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        [dump] = sink.messages()
+        self.assertIn(b"X-Rcpt-Args: <friend@example.net>", dump)
+
+    @defer.inlineCallbacks
+    def test_fallbackTempfail(self) -> Any:
+        """No next hop listening, C{fallback = "tempfail"}: 451 4.4.1 to RCPT, nothing queued."""
+        relayd = yield self.relayd(freePort(), fallback="tempfail")
+        steps = ["MAIL FROM:<app@example.org>", "RCPT TO:<friend@example.net>", "DATA"]
+        replies = yield deferToThread(session, relayd.port("relay"), steps)
+        self.assertEqual(replies[3][0], 451)
+        self.assertTrue(replies[3][1][0].startswith("4.4.1 "))
+        # The transaction is as it was: still no recipient.
+        self.assertEqual(replies[4][0], 554)
+        self.assertEqual(spoolFiles(relayd, self.setup), [])
+
+    @defer.inlineCallbacks
+    def test_smtplibEndToEnd(self) -> Any:
+        """
+        smtplib's sendmail with one recipient the next hop refuses: it
+        learns of that refusal as the next hop said it, the others get the
+        message, with relayd's Received: field and the policies' header
+        changes, byte for byte otherwise.
+        """
+        sink = self.sink()
+        sink.rcptReply = {"nobody@example.net": (550, "5.1.1 <nobody@example.net>: unknown")}
+        relayd = yield self.relayd(
+            sink.port,
+            chain=["mynetworks", "headers"],
+            policies={"headers": {"add": {"X-Relayed": "in session"}, "add_missing": False}},
+        )
+
+        def send() -> Any:
+            with smtplib.SMTP("127.0.0.1", relayd.port("relay"), timeout=30) as client:
+                return client.sendmail(
+                    "app@example.org",
+                    ["friend@example.net", "nobody@example.net", "other@example.net"],
+                    MESSAGE,
+                )
+
+        refused = yield deferToThread(send)
+        self.assertEqual(
+            refused, {"nobody@example.net": (550, b"5.1.1 <nobody@example.net>: unknown")}
+        )
+        [message] = sink.messages
+        self.assertEqual(message.recipients, ["friend@example.net", "other@example.net"])
+        self.assertTrue(message.data.startswith(b"Received: from "))
+        self.assertIn(b"by relayd.test (relayd) with ESMTP id", message.data)
+        header, body = message.data.split(b"\r\n\r\n", 1)
+        self.assertIn(b"\r\nX-Relayed: in session", header)
+        self.assertEqual(body, MESSAGE.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(spoolFiles(relayd, self.setup), [])
+
+    @defer.inlineCallbacks
+    def test_policyFirst(self) -> Any:
+        """
+        The policy chain runs first: a denied sender gets relayd's 550
+        5.7.1 and a recipient relaying is denied for gets 554 5.7.1; the
+        next hop is never contacted.
+        """
+        sink = self.sink()
+        relayd = yield self.relayd(
+            sink.port,
+            chain=["access"],
+            policies={"access": {"sender_deny": ["bad@example.org"]}},
+        )
+        steps = [
+            "MAIL FROM:<bad@example.org>",
+            "MAIL FROM:<app@example.org>",
+            "RCPT TO:<a@b.example>",
+        ]
+        replies = yield deferToThread(session, relayd.port("relay"), steps)
+        self.assertEqual(replies[2][0], 550)
+        self.assertEqual(replies[3][0], 250)
+        self.assertEqual(replies[4], (554, ["5.7.1 Relay access denied"]))
+        self.assertEqual(sink.connections, 0)
+
+    @defer.inlineCallbacks
+    def test_anotherRoute(self) -> Any:
+        """
+        A recipient whose route is not the transaction's gets 452 4.5.3
+        (the client sends it in another transaction), either way round.
+        """
+        sink = self.sink()
+        spooled = self.sink()
+        relayd = yield self.relayd(
+            sink.port, routes=[(spooled.port, ("spooled.example",), "spool")]
+        )
+        steps = [
+            "MAIL FROM:<app@example.org>",
+            "RCPT TO:<a@example.net>",
+            "RCPT TO:<b@spooled.example>",
+            "RSET",
+            "MAIL FROM:<app@example.org>",
+            "RCPT TO:<b@spooled.example>",
+            "RCPT TO:<a@example.net>",
+        ]
+        replies = yield deferToThread(session, relayd.port("relay"), steps)
+        self.assertEqual(replies[3], (250, ["2.1.5 Ok"]))
+        self.assertEqual(replies[4][0], 452)
+        self.assertTrue(replies[4][1][0].startswith("4.5.3 "))
+        self.assertEqual(replies[7][0], 250)
+        self.assertEqual(replies[8][0], 452)
+        self.assertEqual(sink.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_rsetAndQuit(self) -> Any:
+        """The client's RSET ends the upstream transaction (RSET, QUIT) and its session."""
+        sink = self.sink()
+        relayd = yield self.relayd(sink.port)
+        steps = ["MAIL FROM:<app@example.org>", "RCPT TO:<a@example.net>", "RSET"]
+        replies = yield deferToThread(session, relayd.port("relay"), steps)
+        self.assertEqual(replies[4], (250, ["2.0.0 Ok"]))
+        yield self.settled(sink)
+        self.assertEqual(sink.verbs(), ["EHLO", "MAIL", "RCPT", "RSET", "QUIT"])
+        self.assertEqual(sink.openConnections, 0)
+
+    @defer.inlineCallbacks
+    def test_clientLeavesMidData(self) -> Any:
+        """
+        The client disconnects in the middle of its message: the upstream
+        session ends without DATA ever being sent, and nothing is kept.
+        """
+        sink = self.sink()
+        relayd = yield self.relayd(sink.port)
+
+        def leave() -> None:
+            client = WireClient(relayd.port("relay"))
+            client.reply()
+            client.command("EHLO client.example")
+            client.command("MAIL FROM:<app@example.org>")
+            assert client.command("RCPT TO:<a@example.net>")[0] == 250
+            assert client.command("DATA")[0] == 354
+            client.send(b"Subject: cut\r\n\r\nhalf a mess")
+            client.close()
+
+        yield deferToThread(leave)
+        yield self.settled(sink)
+        for _ in range(200):
+            if not relayd.sessions:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(sink.openConnections, 0)
+        self.assertNotIn("DATA", sink.verbs())
+        self.assertEqual(sink.messages, [])
+        self.assertEqual(spoolFiles(relayd, self.setup), [])
