@@ -13,6 +13,7 @@ import os
 import shutil
 import smtplib
 import tempfile
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -22,6 +23,10 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
+from relayd.delivery.client import Reply
+from relayd.delivery.passthrough import messageFile
+from relayd.delivery.routing import NextHopConfig, Route, matchRoute
+from relayd.smtp.passthrough import clientReply, replyBytes
 from relayd.testing import (
     QUICK_DELIVERY,
     InProcessRelayd,
@@ -32,6 +37,7 @@ from relayd.testing import (
     dotStuff,
     freePort,
 )
+from tests.smtp.test_dialogue import DialogueTestCase
 
 MESSAGE = (
     b"From: app@example.org\r\n"
@@ -528,3 +534,96 @@ class PassthroughTests(unittest.TestCase):
         self.assertNotIn("DATA", sink.verbs())
         self.assertEqual(sink.messages, [])
         self.assertEqual(spoolFiles(relayd, self.setup), [])
+
+
+class AnotherRouteDialogueTests(DialogueTestCase):
+    """
+    Over a L{StringTransport}: a recipient for a passthrough route in a
+    transaction whose first recipient is spooled gets C{452 4.5.3}, and the
+    transaction stays as it was (no next hop is contacted for it).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        route = Route(
+            ("passthrough.example",),
+            (NextHopConfig("192.0.2.1", 25, "none"),),
+            mode="passthrough",
+        )
+        self.factory.config = replace(self.config, routes=(route,))
+
+    def test_otherRouteRefused(self) -> None:
+        self.ehlo()
+        self.assertEqual(self.talk("MAIL FROM:<a@example.com>\r\n"), ["250 2.1.0 Ok"])
+        self.assertEqual(self.talk("RCPT TO:<b@example.net>\r\n"), ["250 2.1.5 Ok"])
+        [line] = self.talk("RCPT TO:<c@passthrough.example>\r\n")
+        self.assertTrue(line.startswith("452 4.5.3 "), line)
+        envelope = self.server.envelope
+        assert envelope is not None
+        self.assertEqual([str(r) for r in envelope.recipients], ["b@example.net"])
+        self.assertIsNone(self.factory.connector)
+        self.assertEqual(self.talk("DATA\r\n"), ["354 End data with <CR><LF>.<CR><LF>"])
+        [line] = self.talk("Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.assertTrue(line.startswith("250 2.0.0 Ok: queued as "), line)
+
+
+class ReplyTests(unittest.TestCase):
+    """How an upstream reply reaches the client (L{replyBytes}, L{clientReply})."""
+
+    def test_linesKept(self) -> None:
+        reply = Reply.parse(["550-5.7.1 one", "550-5.7.1 two", "550 5.7.1 three"])
+        self.assertEqual(
+            replyBytes(clientReply(reply)),
+            b"550-5.7.1 one\r\n550-5.7.1 two\r\n550 5.7.1 three\r\n",
+        )
+
+    def test_enhancedCodeAdded(self) -> None:
+        """RFC 2034: with ENHANCEDSTATUSCODES every line has one."""
+        reply = Reply.parse(["250-fine", "250 2.1.5 also fine"])
+        self.assertEqual(replyBytes(reply), b"250-2.0.0 fine\r\n250 2.1.5 also fine\r\n")
+
+    def test_closingIsNotRelayds(self) -> None:
+        reply = clientReply(Reply.parse(["421 4.3.2 going down"]))
+        self.assertEqual(replyBytes(reply), b"451 4.3.2 going down\r\n")
+
+    def test_outOfPlaceCode(self) -> None:
+        reply = clientReply(Reply.parse(["354 more please"]))
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.5.0"))
+
+    def test_controlCharactersNeutered(self) -> None:
+        reply = Reply.parse(["550 5.1.1 bad\x1b[31m"])
+        self.assertEqual(replyBytes(reply), b"550 5.1.1 bad?[31m\r\n")
+
+
+class MessageFileTests(unittest.TestCase):
+    """L{messageFile}: the received file, with the header policies rewrote."""
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        with open(self.path, "wb") as f:
+            f.write(b"A: 1\r\nB: 2\r\n\r\nbody\r\ntrailing record")
+
+    def test_unchanged(self) -> None:
+        with messageFile(b"", self.path, 0, 20) as f:
+            self.assertEqual(f.read(), b"A: 1\r\nB: 2\r\n\r\nbody\r\n")
+
+    def test_newHeader(self) -> None:
+        with messageFile(b"C: 3\r\n\r\n", self.path, 14, 20) as f:
+            self.assertEqual(f.read(), b"C: 3\r\n\r\nbody\r\n")
+
+
+class MatchRouteTests(unittest.TestCase):
+    """L{matchRoute}: the route a recipient domain takes, as L{Router} picks it."""
+
+    def test_firstMatch(self) -> None:
+        hop = (NextHopConfig("192.0.2.1"),)
+        routes = [Route(("a.example",), hop), Route(("*.example",), hop), Route(("*",), hop)]
+        self.assertEqual(matchRoute(routes, "A.Example."), 0)
+        self.assertEqual(matchRoute(routes, "b.example"), 1)
+        self.assertEqual(matchRoute(routes, "example"), 2)
+        self.assertIsNone(matchRoute(routes[:2], "example.net"))
+
+    def test_defaults(self) -> None:
+        """A route without C{mode} is spooled, as before."""
+        route = Route(("*",), (NextHopConfig("192.0.2.1"),))
+        self.assertEqual((route.mode, route.fallback), ("spool", "spool"))
