@@ -170,15 +170,19 @@ CASES: dict[str, tuple[dict[str, str], str, str, tuple[str, ...]]] = {
     ),
     "route-fallback-without-passthrough": (
         {},
-        '[[routes]]\ndomains = ["*"]\nfallback = "tempfail"\n'
-        '[[routes.hops]]\nhost = "192.0.2.1"\n',
+        (
+            '[[routes]]\ndomains = ["*"]\nfallback = "tempfail"\n'
+            '[[routes.hops]]\nhost = "192.0.2.1"\n'
+        ),
         "routes[0].fallback",
         ('mode = "passthrough"',),
     ),
     "route-fallback-unknown": (
         {},
-        '[[routes]]\ndomains = ["*"]\nmode = "passthrough"\nfallback = "bounce"\n'
-        '[[routes.hops]]\nhost = "192.0.2.1"\n',
+        (
+            '[[routes]]\ndomains = ["*"]\nmode = "passthrough"\nfallback = "bounce"\n'
+            '[[routes.hops]]\nhost = "192.0.2.1"\n'
+        ),
         "routes[0].fallback",
         ("must be one of", "spool", "tempfail"),
     ),
