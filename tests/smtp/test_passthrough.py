@@ -13,6 +13,7 @@ import os
 import shutil
 import smtplib
 import tempfile
+import urllib.request
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +21,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
@@ -533,6 +535,60 @@ class PassthroughTests(unittest.TestCase):
         self.assertEqual(sink.openConnections, 0)
         self.assertNotIn("DATA", sink.verbs())
         self.assertEqual(sink.messages, [])
+        self.assertEqual(spoolFiles(relayd, self.setup), [])
+
+    @defer.inlineCallbacks
+    def test_bdatLogAndMetrics(self) -> Any:
+        """
+        A message sent with BDAT is relayed as DATA, dot-stuffed; the log
+        has the upstream's replies and a delivery line per recipient; the
+        metrics count the message and the delivery.
+        """
+        sink = self.sink()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        relayd = yield self.relayd(
+            sink.port, sections={"metrics": {"endpoint": "tcp:0:interface=127.0.0.1"}}
+        )
+
+        def send() -> Any:
+            client = WireClient(relayd.port("relay"))
+            try:
+                client.reply()
+                client.command("EHLO client.example")
+                client.command("MAIL FROM:<app@example.org>")
+                client.command("RCPT TO:<friend@example.net>")
+                client.send(b"BDAT %d LAST\r\n" % len(MESSAGE) + MESSAGE)
+                return client.reply()
+            finally:
+                client.close()
+
+        code, [line] = yield deferToThread(send)
+        self.assertEqual((code, line), (250, "2.0.0 Ok: queued as S1"))
+        [message] = sink.messages
+        self.assertTrue(message.data.endswith(MESSAGE))
+        texts = [formatEvent(e) for e in events]
+        relay = f"127.0.0.1[127.0.0.1]:{sink.port}"
+        self.assertTrue(
+            any(f"passthrough to {relay}: 250 2.0.0 Ok: queued as S1" in t for t in texts), texts
+        )
+        self.assertTrue(
+            any(
+                f"to=<friend@example.net>, relay={relay}," in t and "status=sent" in t
+                for t in texts
+            ),
+            texts,
+        )
+
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{relayd.metricsPort()}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return str(r.read().decode())
+
+        text = yield deferToThread(scrape)
+        self.assertIn('relayd_delivery_attempts_total{outcome="sent"} 1.0', text)
+        self.assertIn('relayd_messages_accepted_total{listener="relay"} 1.0', text)
         self.assertEqual(spoolFiles(relayd, self.setup), [])
 
 
