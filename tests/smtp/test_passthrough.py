@@ -25,6 +25,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
+from relayd.certificates import loadServerOptions
 from relayd.delivery.client import Reply
 from relayd.delivery.passthrough import messageFile
 from relayd.delivery.routing import NextHopConfig, Route, matchRoute
@@ -39,6 +40,7 @@ from relayd.testing import (
     dotStuff,
     freePort,
 )
+from relayd.testing.certs import makeCA, makeServerCert
 from tests.smtp.test_dialogue import DialogueTestCase
 
 MESSAGE = (
@@ -60,13 +62,14 @@ def addRoute(
     domains: tuple[str, ...] = ("*",),
     mode: str = "passthrough",
     fallback: str | None = None,
+    hopLines: tuple[str, ...] = ('tls = "none"',),
 ) -> None:
     """Append a C{[[routes]]} table with one hop on 127.0.0.1:C{port}."""
     quoted = ", ".join(f'"{d}"' for d in domains)
     lines = ["", "[[routes]]", f"domains = [{quoted}]", f'mode = "{mode}"']
     if fallback is not None:
         lines.append(f'fallback = "{fallback}"')
-    lines += ["[[routes.hops]]", 'host = "127.0.0.1"', f"port = {port}", 'tls = "none"', ""]
+    lines += ["[[routes.hops]]", 'host = "127.0.0.1"', f"port = {port}", *hopLines, ""]
     with open(setup.configPath, "a") as f:
         f.write("\n".join(lines))
 
@@ -189,6 +192,7 @@ class PassthroughTests(unittest.TestCase):
         delivery: bool = False,
         routes: list[tuple[int, tuple[str, ...], str]] = (),
         sections: dict[str, dict[str, Any]] | None = None,
+        hopLines: tuple[str, ...] = ('tls = "none"',),
     ) -> Any:
         """relayd with a passthrough route for C{*} to 127.0.0.1:C{port}, after C{routes}."""
         merged: dict[str, dict[str, Any]] = {
@@ -205,7 +209,7 @@ class PassthroughTests(unittest.TestCase):
         )
         for otherPort, domains, mode in routes:
             addRoute(setup, otherPort, domains=domains, mode=mode)
-        addRoute(setup, port, fallback=fallback)
+        addRoute(setup, port, fallback=fallback, hopLines=hopLines)
         self.setup = setup
         relayd = yield InProcessRelayd.start(setup)
         self.addCleanup(relayd.stop)
@@ -442,6 +446,55 @@ class PassthroughTests(unittest.TestCase):
         self.assertIn(b"\r\nX-Relayed: in session", header)
         self.assertEqual(body, MESSAGE.split(b"\r\n\r\n", 1)[1])
         self.assertEqual(spoolFiles(relayd, self.setup), [])
+
+    @defer.inlineCallbacks
+    def test_twoTransactionsOneSession(self) -> Any:
+        """
+        Each transaction of a client session has its own upstream session,
+        ended (QUIT) once the transaction is.
+        """
+        sink = self.sink()
+        relayd = yield self.relayd(sink.port)
+
+        def send() -> Any:
+            with smtplib.SMTP("127.0.0.1", relayd.port("relay"), timeout=30) as client:
+                first = client.sendmail("app@example.org", ["a@example.net"], MESSAGE)
+                second = client.sendmail("app@example.org", ["b@example.net"], MESSAGE)
+                return first, second
+
+        self.assertEqual((yield deferToThread(send)), ({}, {}))
+        yield self.settled(sink)
+        self.assertEqual(
+            [m.recipients for m in sink.messages], [["a@example.net"], ["b@example.net"]]
+        )
+        self.assertEqual([m.connection for m in sink.messages], [1, 2])
+        self.assertEqual(sink.openConnections, 0)
+
+    @defer.inlineCallbacks
+    def test_tlsAndAuthAsTheHopSays(self) -> Any:
+        """
+        A hop with C{tls = "required"} and a user name: the upstream
+        session is encrypted and authenticated before MAIL goes out.
+        """
+        sink = SinkServer()
+        ca = makeCA(self.directory, "upstream CA")
+        cert = makeServerCert(ca, self.directory, "upstream.example")
+        options = loadServerOptions(cert.certPath, cert.keyPath)
+        sink.start(reactor, tlsOptions=options, users={"relay": "upstream secret"})
+        self.addCleanup(sink.stop)
+        relayd = yield self.relayd(
+            sink.port,
+            hopLines=('tls = "required"', 'username = "relay"', 'password = "upstream secret"'),
+        )
+
+        def send() -> Any:
+            with smtplib.SMTP("127.0.0.1", relayd.port("relay"), timeout=30) as client:
+                return client.sendmail("app@example.org", ["a@example.net"], MESSAGE)
+
+        self.assertEqual((yield deferToThread(send)), {})
+        [message] = sink.messages
+        self.assertEqual(message.user, "relay")
+        self.assertIsNotNone(message.tls)
 
     @defer.inlineCallbacks
     def test_policyFirst(self) -> Any:
