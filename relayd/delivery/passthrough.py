@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.certificates import TLSProfile
+from relayd.config import Config
 from relayd.delivery.attempt import _QuietFactory, loadTrustRoot
 from relayd.delivery.client import ClientTimeouts, HopFailure, Reply, SMTPClient, _unexpected
 from relayd.delivery.endpoint import hopEndpoint, relayName
@@ -207,27 +208,33 @@ class Connector:
     profiles, OAuth2 tokens shared by the sessions of one listener).
     """
 
-    def __init__(
-        self,
-        reactor: Any,
-        heloName: str,
-        timeouts: ClientTimeouts,
-        caFile: str | None = None,
-        tlsProfile: TLSProfile | None = None,
-        opportunisticProfile: TLSProfile | None = None,
-    ) -> None:
+    def __init__(self, reactor: Any, config: Config) -> None:
         """
-        @raise OSError: C{caFile} cannot be read.
+        @raise OSError: C{delivery.ca_file} cannot be read.
         @raise ValueError: it holds no certificate.
         """
         self.reactor = reactor
-        self.heloName = heloName
-        self.timeouts = timeouts
-        self.trustRoot = loadTrustRoot(caFile) if caFile is not None else None
-        self.tlsProfile = tlsProfile
-        self.opportunisticProfile = opportunisticProfile
         self.tokens = TokenSources(reactor)
         self.clients: set[Upstream] = set()
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """
+        Take the outbound settings of C{config} (at start and after a
+        reload): EHLO name, the delivery timeouts, C{ca_file}, the TLS
+        profiles.  Open sessions keep theirs.
+
+        @raise OSError: C{delivery.ca_file} cannot be read.
+        @raise ValueError: it holds no certificate.
+        """
+        from relayd.service import _clientTimeouts
+
+        self.config = config
+        self.heloName = config.hostname
+        self.timeouts: ClientTimeouts = _clientTimeouts(ClientTimeouts, config)
+        self.trustRoot = loadTrustRoot(config.caFile) if config.caFile is not None else None
+        self.tlsProfile = TLSProfile(config.tlsCiphers, config.tlsMinVersion)
+        self.opportunisticProfile = TLSProfile(config.tlsOpportunisticCiphers, config.tlsMinVersion)
 
     @inlineCallbacks
     def open(self, route: Route) -> Generator[Deferred[Any], Any, Upstream]:
@@ -254,19 +261,15 @@ class Connector:
     def _connect(self, hop: Hop) -> Generator[Deferred[Any], Any, Upstream]:
         from relayd.delivery.attempt import _connectError
 
-        extra: dict[str, Any] = {}
-        if self.tlsProfile is not None:
-            extra["tlsProfile"] = self.tlsProfile
-        if self.opportunisticProfile is not None:
-            extra["opportunisticProfile"] = self.opportunisticProfile
         client = Upstream(
             hop,
             self.heloName,
             self.timeouts,
             self.reactor,
             self.trustRoot,
+            self.tlsProfile,
+            self.opportunisticProfile,
             tokens=self.tokens,
-            **extra,
         )
         endpoint = hopEndpoint(self.reactor, hop.address, hop.port, self.timeouts.connect)
         try:

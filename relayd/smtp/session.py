@@ -1186,23 +1186,21 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         return done
 
     def _connector(self) -> Connector:
-        """The listener's L{relayd.delivery.passthrough.Connector}, made on first use."""
+        """
+        The listener's L{relayd.delivery.passthrough.Connector}, made on
+        first use.
+
+        @raise OSError: C{delivery.ca_file} cannot be read.
+        @raise ValueError: it holds no certificate.
+        """
+        from relayd.delivery.passthrough import Connector
+
         f = self.factory
         if f.connector is None:
-            from relayd.certificates import TLSProfile
-            from relayd.delivery.client import ClientTimeouts
-            from relayd.delivery.passthrough import Connector
-            from relayd.service import _clientTimeouts
-
-            cfg = f.config
-            f.connector = Connector(
-                f.clock,
-                cfg.hostname,
-                _clientTimeouts(ClientTimeouts, cfg),
-                cfg.caFile,
-                TLSProfile(cfg.tlsCiphers, cfg.tlsMinVersion),
-                TLSProfile(cfg.tlsOpportunisticCiphers, cfg.tlsMinVersion),
-            )
+            f.connector = Connector(f.clock, f.config)
+        elif f.connector.config is not f.config:
+            # Reloaded: new upstream sessions take the new outbound settings.
+            f.connector.configure(f.config)
         return f.connector
 
     def _relayRecipient(
@@ -1329,6 +1327,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 queue_id=envelope.queueId,
                 to=address,
                 relay=relayed.relay,
+                relay_host=relayed.upstream.hop.host,
+                relay_address=relayed.upstream.hop.address,
+                relay_port=relayed.upstream.hop.port,
                 delay=delay,
                 tls=relayed.upstream.tls,
                 status=status,
@@ -1376,6 +1377,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         if not envelope.recipients:
             self.fail(554, "5.5.1", "Error: no valid recipients")
+            return
+        if self._relayed is not None and not self._relayed.upstream.inStep:
+            # The next hop is gone since it took the recipients: say so
+            # now rather than after the whole message.
+            self._refuse("data", 451, "4.4.2", "Error: lost connection with the next hop")
             return
         assert envelope.queueId is not None
         try:

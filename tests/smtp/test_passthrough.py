@@ -20,14 +20,16 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
 from relayd.certificates import loadServerOptions
+from relayd.config import load
 from relayd.delivery.client import Reply
-from relayd.delivery.passthrough import messageFile
+from relayd.delivery.passthrough import Connector, messageFile
 from relayd.delivery.routing import NextHopConfig, Route, matchRoute
 from relayd.smtp.passthrough import clientReply, replyBytes
 from relayd.testing import (
@@ -320,9 +322,8 @@ class PassthroughTests(unittest.TestCase):
         )
         self.assertEqual(replies[3], (250, ["2.0.0 Ok"]))
         self.assertEqual(replies[4], (451, ["4.3.2 closing for maintenance"]))
-        # The upstream is gone: the message cannot be relayed, and is not queued.
-        self.assertEqual(replies[5][0], 354)
-        self.assertEqual(replies[6][0], 451)
+        # The upstream is gone: DATA is refused at once, nothing is queued.
+        self.assertEqual(replies[5], (451, ["4.4.2 Error: lost connection with the next hop"]))
         self.assertEqual(spoolFiles(relayd, self.setup), [])
         script.replies["RCPT"] = b"450 mailbox busy\r\n"
         replies = yield deferToThread(session, relayd.port("relay"), steps)
@@ -736,3 +737,19 @@ class MatchRouteTests(unittest.TestCase):
         """A route without C{mode} is spooled, as before."""
         route = Route(("*",), (NextHopConfig("192.0.2.1"),))
         self.assertEqual((route.mode, route.fallback), ("spool", "spool"))
+
+
+class ConnectorConfigTests(unittest.TestCase):
+    """L{Connector.configure}: a reload reaches new upstream sessions."""
+
+    def test_reloadedSettings(self) -> None:
+        setup = TestSetup(self.mktemp(), modes=("relay",))
+        config = load(setup.configPath)
+        connector = Connector(MemoryReactorClock(), config)
+        self.assertEqual((connector.heloName, connector.timeouts.mail), ("relayd.test", 300.0))
+        self.assertIsNone(connector.trustRoot)
+        reloaded = replace(config, hostname="new.test", commandTimeout=7.0, caFile=setup.caPath)
+        connector.configure(reloaded)
+        self.assertEqual((connector.heloName, connector.timeouts.mail), ("new.test", 7.0))
+        self.assertIsNotNone(connector.trustRoot)
+        self.assertIs(connector.config, reloaded)
