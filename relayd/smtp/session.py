@@ -1103,7 +1103,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return None
 
         d.addCallback(decided)
-        d.addErrback(self._relayFailed, envelope)
+        d.addErrback(self._recipientFailed, envelope)
         d.addBoth(lambda _: self._release())
 
     def _acceptRecipient(self, envelope: Envelope, added: Recipient, verdict: Verdict) -> None:
@@ -1267,9 +1267,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self.factory.metrics.smtpReply(self._command, reply.code, reply.enhanced)
             self.factory.metrics.messageRejected(stage, reply.code)
 
-    def _relayFailed(self, failure: Failure, envelope: Envelope) -> None:
-        """A bug while relaying in session: C{451 4.3.0}, never silence."""
-        log.failure("{queue_id}: passthrough failed", failure, queue_id=envelope.queueId)
+    def _recipientFailed(self, failure: Failure, envelope: Envelope) -> None:
+        """A bug while deciding a RCPT (relaying it, say): C{451 4.3.0}, never silence."""
+        log.failure("{queue_id}: RCPT failed", failure, queue_id=envelope.queueId)
         if self.state != "closed":
             self.fail(451, "4.3.0", "Error: local error in processing")
 
