@@ -87,6 +87,7 @@ from relayd.smtp.wire import COMMAND_LINE, ChunkReader, DataReader
 from relayd.verdict import Action, Verdict
 
 if TYPE_CHECKING:
+    from relayd.delivery.client import Reply as UpstreamReply
     from relayd.delivery.passthrough import Connector, Upstream
 
 __all__ = ["SMTPServer", "SMTPFactory", "ConnectionLimits"]
@@ -1210,7 +1211,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         relayed = self._relayed
         assert relayed is not None
 
-        def answered(reply: Any) -> None:
+        def answered(reply: UpstreamReply) -> None:
             if self.state == "closed" or self.envelope is not envelope:
                 return
             if not relayed.upstream.inStep and not relayed.accepted:
@@ -1257,7 +1258,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         self._acceptRecipient(envelope, added, verdict)
 
-    def _sendRelayed(self, reply: Any, stage: str) -> None:
+    def _sendRelayed(self, reply: UpstreamReply, stage: str) -> None:
         """
         Send an upstream's reply as it came (L{passthrough.replyBytes}); a
         refusal is counted like relayd's own, but not as the client's error.
@@ -1304,7 +1305,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._spoolFailed(e, "read")
             return None
 
-        def answered(reply: Any) -> None:
+        def answered(reply: UpstreamReply) -> None:
             incoming.discard()
             self._logRelayed(envelope, relayed, reply, f.clock.seconds() - started)
             if reply.code // 100 == 2:
@@ -1316,10 +1317,19 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         return relayed.message(envelope, file).addCallback(answered)
 
     def _logRelayed(
-        self, envelope: Envelope, relayed: passthrough.RelayedTransaction, reply: Any, delay: float
+        self,
+        envelope: Envelope,
+        relayed: passthrough.RelayedTransaction,
+        reply: UpstreamReply,
+        delay: float,
     ) -> None:
-        """One line per recipient, as the delivery log writes them, and the delivery counter."""
-        status = {2: "sent", 5: "bounced"}.get(reply.code // 100, "deferred")
+        """
+        One line per recipient, as the delivery log writes them: C{sent},
+        C{deferred} (4xx) or C{refused} (5xx: the client has the refusal,
+        relayd sends no bounce); counted as delivery attempts, a refusal
+        as C{bounced}.
+        """
+        status = {2: "sent", 5: "refused"}.get(reply.code // 100, "deferred")
         for address in relayed.accepted:
             log.info(
                 "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, tls={tls}, "
@@ -1338,7 +1348,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 enhanced=reply.enhanced,
                 session_id=relayed.session.sessionId,
             )
-            self.factory.metrics.deliveryAttempt(status, delay if status == "sent" else None)
+            outcome = "bounced" if status == "refused" else status
+            self.factory.metrics.deliveryAttempt(outcome, delay if status == "sent" else None)
 
     def _refuseNonAscii(self, stage: str, what: str, argument: str) -> None:
         """

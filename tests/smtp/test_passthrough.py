@@ -498,6 +498,32 @@ class PassthroughTests(unittest.TestCase):
         self.assertIsNotNone(message.tls)
 
     @defer.inlineCallbacks
+    def test_refusedAfterData(self) -> Any:
+        """
+        The next hop refuses the message at the end of data: the client
+        gets that refusal as it came, relayd queues nothing (no bounce of
+        its own), and logs the recipient as refused.
+        """
+        sink = self.sink()
+        sink.dataReply = (554, "5.7.1 Message rejected as spam")
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        relayd = yield self.relayd(sink.port)
+        replies = yield deferToThread(
+            session,
+            relayd.port("relay"),
+            ["MAIL FROM:<app@example.org>", "RCPT TO:<friend@example.net>", "DATA"],
+            MESSAGE,
+        )
+        self.assertEqual(replies[5], (554, ["5.7.1 Message rejected as spam"]))
+        self.assertEqual(spoolFiles(relayd, self.setup), [])
+        texts = [formatEvent(e) for e in events]
+        self.assertTrue(
+            any("to=<friend@example.net>" in t and "status=refused" in t for t in texts), texts
+        )
+
+    @defer.inlineCallbacks
     def test_policyFirst(self) -> Any:
         """
         The policy chain runs first: a denied sender gets relayd's 550
