@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor
 
     from relayd.receivers import openLifeline, pushMetrics, startChild
-    from relayd.service import makeDeliverer, reloadDeliverer
+    from relayd.service import freezeStartupHeap, makeDeliverer, reloadDeliverer
 
     label = f"delivery-{args.index}"
     config = startChild(label, args.config)
@@ -501,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGHUP, hup)
     log.info("{label} delivering (pid {pid})", label=label, pid=os.getpid())
     notices.write(b"ready\n")
+    reactor.callWhenRunning(freezeStartupHeap)
     reactor.run()
 
 
