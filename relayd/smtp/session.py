@@ -1305,7 +1305,15 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._spoolFailed(e, "read")
             return None
 
+        # The next hop's own timeouts bound the wait (10 minutes for the
+        # reply to the final dot, RFC 5321 section 4.5.3.2.6, which the
+        # client waits too): relayd's command timeout must not cut the
+        # session first, while the next hop may be taking the message.
+        self.setTimeout(None)
+
         def answered(reply: UpstreamReply) -> None:
+            if self.state != "closed":
+                self.setTimeout(f.config.timeoutCommand)
             incoming.discard()
             self._logRelayed(envelope, relayed, reply, f.clock.seconds() - started)
             if reply.code // 100 == 2:

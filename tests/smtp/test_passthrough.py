@@ -113,6 +113,7 @@ class Script:
     def __init__(self) -> None:
         self.replies: dict[str, bytes] = {}
         self.dropAfterDataLines: int | None = None
+        self.finalDelay = 0.0
         self.connections = 0
         self.commands: list[bytes] = []
         self.dataLines: list[bytes] = []
@@ -138,7 +139,11 @@ class ScriptedUpstream(LineReceiver):
             if line == b".":
                 self.inData = False
                 script.ended = True
-                self.transport.write(script.replies.get("END", b"250 2.0.0 Ok: queued\r\n"))
+                final = script.replies.get("END", b"250 2.0.0 Ok: queued\r\n")
+                if script.finalDelay:
+                    reactor.callLater(script.finalDelay, self.transport.write, final)
+                else:
+                    self.transport.write(final)
                 return
             script.dataLines.append(line)
             if (
@@ -370,6 +375,30 @@ class PassthroughTests(unittest.TestCase):
         code, [line] = replies[5]
         self.assertEqual((code, line[:6]), (451, "4.4.2 "))
         self.assertEqual(spoolFiles(relayd, self.setup), [])
+
+    @defer.inlineCallbacks
+    def test_slowFinalReply(self) -> Any:
+        """
+        The next hop takes longer to answer the end of data than relayd's
+        own command timeout: the client still gets its reply, since only
+        the next hop's timeouts bound that wait.
+        """
+        script = Script()
+        script.finalDelay = 2.0
+        relayd = yield self.relayd(self.scripted(script), sections={"timeouts": {"command": 1}})
+        client = yield deferToThread(WireClient, relayd.port("relay"))
+        self.addCleanup(client.close)
+
+        def talk() -> Any:
+            client.reply()
+            client.command("EHLO client.example")
+            client.command("MAIL FROM:<app@example.org>")
+            client.command("RCPT TO:<friend@example.net>")
+            client.command("DATA")
+            client.send(dotStuff(MESSAGE))
+            return client.reply()
+
+        self.assertEqual((yield deferToThread(talk)), (250, ["2.0.0 Ok: queued"]))
 
     @defer.inlineCallbacks
     def test_fallbackSpool(self) -> Any:
