@@ -9,6 +9,7 @@ multi-line replies).
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import smtplib
@@ -31,6 +32,7 @@ from relayd.config import load
 from relayd.delivery.client import Reply
 from relayd.delivery.passthrough import Connector, messageFile
 from relayd.delivery.routing import NextHopConfig, Route, matchRoute
+from relayd.ops import relayctl
 from relayd.smtp.passthrough import clientReply, replyBytes
 from relayd.testing import (
     QUICK_DELIVERY,
@@ -550,6 +552,23 @@ class PassthroughTests(unittest.TestCase):
         texts = [formatEvent(e) for e in events]
         self.assertTrue(
             any("to=<friend@example.net>" in t and "status=refused" in t for t in texts), texts
+        )
+
+    @defer.inlineCallbacks
+    def test_relayctlRoute(self) -> Any:
+        """C{relayctl route} says that the route relays in session, and its fallback."""
+        setup = TestSetup(os.path.join(self.directory, "relayd"), modes=("relay",))
+        addRoute(setup, 2525, fallback="tempfail")
+        out, err = io.StringIO(), io.StringIO()
+
+        def run() -> int:
+            argv = ["--config", setup.configPath, "route", "c@example.org"]
+            return relayctl.main(argv, stdout=out, stderr=err)
+
+        status = yield deferToThread(run)
+        self.assertEqual((status, err.getvalue()), (0, ""))
+        self.assertIn(
+            "  mode: passthrough (relayed in session; fallback tempfail)\n", out.getvalue()
         )
 
     @defer.inlineCallbacks
