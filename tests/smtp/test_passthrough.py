@@ -827,3 +827,21 @@ class ConnectorConfigTests(unittest.TestCase):
         self.assertEqual((connector.heloName, connector.timeouts.mail), ("new.test", 7.0))
         self.assertIsNotNone(connector.trustRoot)
         self.assertIs(connector.config, reloaded)
+
+
+class RelayctlConfigTests(unittest.TestCase):
+    """C{relayctl config} shows a route's C{mode} and C{fallback}."""
+
+    def test_modeAndFallback(self) -> None:
+        setup = TestSetup(self.mktemp(), modes=("relay",))
+        addRoute(setup, 2525)
+        out, err = io.StringIO(), io.StringIO()
+        status = relayctl.main(["--config", setup.configPath, "config"], stdout=out, stderr=err)
+        self.assertEqual((status, err.getvalue()), (0, ""))
+        lines = out.getvalue().splitlines()
+        self.assertIn('* routes[0].mode = "passthrough"', lines)
+        self.assertIn('  routes[0].fallback = "spool"', lines)
+        out = io.StringIO()
+        argv = ["--config", setup.configPath, "config", "--defaults"]
+        self.assertEqual(relayctl.main(argv, stdout=out, stderr=err), 0)
+        self.assertIn('routes[].mode = "spool"', out.getvalue().splitlines())
