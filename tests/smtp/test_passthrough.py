@@ -572,6 +572,38 @@ class PassthroughTests(unittest.TestCase):
         )
 
     @defer.inlineCallbacks
+    def test_pipelined(self) -> Any:
+        """
+        A client that pipelines MAIL, its RCPTs and DATA (RFC 2920) gets
+        the replies in order, each RCPT's the next hop's own.
+        """
+        sink = self.sink()
+        sink.rcptReply = {"busy@example.net": (450, "4.2.1 try later")}
+        relayd = yield self.relayd(sink.port)
+
+        def talk() -> Any:
+            client = WireClient(relayd.port("relay"))
+            try:
+                client.reply()
+                client.command("EHLO client.example")
+                client.send(
+                    b"MAIL FROM:<app@example.org>\r\nRCPT TO:<a@example.net>\r\n"
+                    b"RCPT TO:<busy@example.net>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+                )
+                replies = [client.reply() for _ in range(5)]
+                client.send(dotStuff(MESSAGE))
+                replies.append(client.reply())
+                return replies
+            finally:
+                client.close()
+
+        replies = yield deferToThread(talk)
+        self.assertEqual([code for code, _ in replies], [250, 250, 450, 250, 354, 250], replies)
+        self.assertEqual(replies[2], (450, ["4.2.1 try later"]))
+        [message] = sink.messages
+        self.assertEqual(message.recipients, ["a@example.net", "b@example.net"])
+
+    @defer.inlineCallbacks
     def test_policyFirst(self) -> Any:
         """
         The policy chain runs first: a denied sender gets relayd's 550
