@@ -604,6 +604,62 @@ class PassthroughTests(unittest.TestCase):
         self.assertEqual(message.recipients, ["a@example.net", "b@example.net"])
 
     @defer.inlineCallbacks
+    def test_parametersPassedOn(self) -> Any:
+        """
+        MAIL and RCPT parameters go to a next hop that offers them: SIZE,
+        BODY=8BITMIME, and the DSN ones (RFC 3461 section 4: passed on).
+        """
+        sink = self.sink()
+        sink.advertise = [*sink.advertise, "DSN"]
+        relayd = yield self.relayd(sink.port)
+        steps = [
+            "MAIL FROM:<app@example.org> SIZE=300 BODY=8BITMIME RET=HDRS ENVID=id+2B1",
+            "RCPT TO:<a@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@example.net",
+            "DATA",
+        ]
+        replies = yield deferToThread(session, relayd.port("relay"), steps, MESSAGE)
+        self.assertEqual(replies[5][0], 250, replies)
+        lines = [c.line for c in sink.commands]
+        self.assertIn(
+            "MAIL FROM:<app@example.org> SIZE=300 BODY=8BITMIME RET=HDRS ENVID=id+2B1", lines
+        )
+        self.assertIn(
+            "RCPT TO:<a@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@example.net", lines
+        )
+
+    @defer.inlineCallbacks
+    def test_smtputf8NotOffered(self) -> Any:
+        """
+        An SMTPUTF8 transaction and a next hop without SMTPUTF8: the RCPT
+        gets 553 5.6.7 (RFC 6531 section 3.2: never a downgrade), and the
+        next hop no MAIL.
+        """
+        sink = self.sink()
+        relayd = yield self.relayd(sink.port)
+        steps = ["MAIL FROM:<app@example.org> SMTPUTF8", "RCPT TO:<a@example.net>"]
+        replies = yield deferToThread(session, relayd.port("relay"), steps)
+        self.assertEqual(replies[3][0], 553)
+        self.assertTrue(replies[3][1][0].startswith("5.6.7 "), replies[3])
+        yield self.settled(sink)
+        self.assertNotIn("MAIL", sink.verbs())
+
+    @defer.inlineCallbacks
+    def test_dataAnsweredWith250(self) -> Any:
+        """A next hop that answers DATA with 250 (not 354): relayd's 451 4.5.0, nothing queued."""
+        script = Script()
+        script.replies["DATA"] = b"250 2.0.0 sure\r\n"
+        relayd = yield self.relayd(self.scripted(script))
+        replies = yield deferToThread(
+            session,
+            relayd.port("relay"),
+            ["MAIL FROM:<app@example.org>", "RCPT TO:<a@example.net>", "DATA"],
+            MESSAGE,
+        )
+        code, [line] = replies[5]
+        self.assertEqual((code, line[:6]), (451, "4.5.0 "))
+        self.assertEqual(spoolFiles(relayd, self.setup), [])
+
+    @defer.inlineCallbacks
     def test_policyFirst(self) -> Any:
         """
         The policy chain runs first: a denied sender gets relayd's 550
