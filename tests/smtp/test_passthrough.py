@@ -78,6 +78,13 @@ def addRoute(
         f.write("\n".join(lines))
 
 
+def scratch(testCase: unittest.TestCase) -> str:
+    """A temporary folder removed at cleanup (not under the current directory)."""
+    directory = tempfile.mkdtemp(prefix="relayd-passthrough-")
+    testCase.addCleanup(shutil.rmtree, directory, True)
+    return directory
+
+
 def spoolFiles(relayd: InProcessRelayd, setup: TestSetup) -> list[str]:
     """Every file in the spool's queue folders and in C{tmp/}."""
     found = []
@@ -871,7 +878,7 @@ class MessageFileTests(unittest.TestCase):
     """L{messageFile}: the received file, with the header policies rewrote."""
 
     def setUp(self) -> None:
-        self.path = self.mktemp()
+        self.path = os.path.join(scratch(self), "message")
         with open(self.path, "wb") as f:
             f.write(b"A: 1\r\nB: 2\r\n\r\nbody\r\ntrailing record")
 
@@ -905,7 +912,7 @@ class ConnectorConfigTests(unittest.TestCase):
     """L{Connector.configure}: a reload reaches new upstream sessions."""
 
     def test_reloadedSettings(self) -> None:
-        setup = TestSetup(self.mktemp(), modes=("relay",))
+        setup = TestSetup(scratch(self), modes=("relay",))
         config = load(setup.configPath)
         connector = Connector(MemoryReactorClock(), config)
         self.assertEqual((connector.heloName, connector.timeouts.mail), ("relayd.test", 300.0))
@@ -921,7 +928,7 @@ class RelayctlConfigTests(unittest.TestCase):
     """C{relayctl config} shows a route's C{mode} and C{fallback}."""
 
     def test_modeAndFallback(self) -> None:
-        setup = TestSetup(self.mktemp(), modes=("relay",))
+        setup = TestSetup(scratch(self), modes=("relay",))
         addRoute(setup, 2525)
         out, err = io.StringIO(), io.StringIO()
         status = relayctl.main(["--config", setup.configPath, "config"], stdout=out, stderr=err)
