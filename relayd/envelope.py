@@ -583,6 +583,23 @@ class Message:
             raise HeaderSectionTooLarge(self.maxHeaderSize)
         return self._hops
 
+    def mayHaveField(self, name: str) -> bool:
+        """
+        False when no field called C{name} can be in the header section:
+        the name appears nowhere in the raw section (case-insensitively).
+        A quick test before L{headers} parses every field, for a check
+        that looks for one rare field (C{TLS-Required}) on every message.
+        True means "maybe": ask L{headers}.
+
+        @raise HeaderSectionTooLarge: see L{headers}.
+        """
+        if self._headers is not None:
+            return bool(self._headers.getAll(name))
+        self._read()
+        if self._tooLarge:
+            raise HeaderSectionTooLarge(self.maxHeaderSize)
+        return name.lower().encode("ascii") in self._section.lower()
+
     @property
     def headers(self) -> Headers:
         """

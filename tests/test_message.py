@@ -175,6 +175,24 @@ class MessageTests(unittest.TestCase):
             m.headers.add("X", "1")
             self.assertEqual(m.hasSeparator, expected, raw)
 
+    def test_mayHaveField(self):
+        """
+        L{Message.mayHaveField} is False only when the field cannot be in
+        the header section (its name is nowhere in it, any case), never
+        for a field that is there, and follows edits once parsed.
+        """
+        raw = b"Subject: hi\r\ntls-required: No\r\n\r\nTLS-Required: in the body\r\n"
+        m = self.message(raw)
+        self.assertTrue(m.mayHaveField("TLS-Required"))
+        self.assertFalse(m.mayHaveField("X-Absent"))
+        m = self.message(b"Subject: hi\r\n\r\nTLS-Required: No\r\n")
+        self.assertFalse(m.mayHaveField("TLS-Required"))
+        m.headers.add("TLS-Required", "No")
+        self.assertTrue(m.mayHaveField("TLS-Required"))
+        m = self.message(b"Subject: TLS-Required talk\r\n\r\n")
+        self.assertTrue(m.mayHaveField("TLS-Required"))  # maybe: ask headers
+        self.assertEqual(m.headers.getAll("TLS-Required"), [])
+
     def test_hopCount(self):
         """Received: fields of the header section, in any case; not the body's."""
         raw = b"Received: a\r\nreceived : b\r\n\tfolded\r\nX: 1\r\n\r\nReceived: body\r\n"

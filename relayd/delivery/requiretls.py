@@ -121,7 +121,7 @@ def markRecord(record: QueueRecord, envelope: Envelope, message: Message) -> Que
     """
     if envelope.requireTLS:
         return replace(record, requireTLS=True)
-    if tlsRequiredNo(message.headers):
+    if message.mayHaveField(HEADER) and tlsRequiredNo(message.headers):
         return replace(record, tlsOptional=True)
     return record
 

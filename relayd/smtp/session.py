@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import functools
 import ipaddress
 import re
 import secrets
@@ -292,6 +293,15 @@ _ATEXT = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~"
 )
 _ADDRESS_LITERAL = re.compile(r"\[[!-Z^-~]+\]")
+
+
+@functools.lru_cache(maxsize=2)
+def _receivedDate(second: int) -> str:
+    """
+    The date of a C{Received:} field for C{second} (RFC 5322 section 3.3),
+    made once per second, not per message.
+    """
+    return format_datetime(datetime.datetime.fromtimestamp(second, datetime.UTC))
 
 
 def _receivedName(helo: str) -> str:
@@ -1597,7 +1607,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         )
         # RFC 5322 section 3.3: "+0000" is UTC; "-0000" would say that
         # the local time zone is unknown, which is not relayd's case.
-        stamp = format_datetime(datetime.datetime.now(datetime.UTC))
+        stamp = _receivedDate(int(time.time()))
         if len(envelope.recipients) == 1:
             lines.append(f"\tfor <{envelope.recipients[0]}>; {stamp}")
         else:
