@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -198,3 +199,75 @@ class MaildropBounceTests(unittest.TestCase):
         self.assertIn("550 5.7.1", line["why"])
         yield deferLater(reactor, 0.5, lambda: None)
         self.assertEqual(self.sink.messages, [])
+
+
+# --- flush's choices, with its two callables written here ---------------------
+
+
+def dropOne(directory: str, recipients: list[str], sender: str = SENDER) -> str:
+    from relayd.ops.maildrop import drop
+
+    return os.path.basename(drop(directory, sender, recipients, b"Subject: x\r\n\r\nhi\r\n"))
+
+
+def refusing(replies: dict[str, tuple[int, str]]) -> Any:
+    """A submit that refuses the listed recipients at RCPT, all or nothing."""
+    from relayd.ops.maildrop import Refused
+
+    calls: list[tuple[str, ...]] = []
+
+    def submit(dropped: Any) -> str:
+        calls.append(dropped.recipients)
+        refused = [(r, *replies[r]) for r in dropped.recipients if r in replies]
+        if refused:
+            permanent = any(code >= 500 for _, code, _ in refused)
+            raise Refused("refused", permanent=permanent, replies=tuple(refused))
+        return "250 2.0.0 Ok: queued as X"
+
+    submit.calls = calls  # type: ignore[attr-defined]
+    return submit
+
+
+def test_flushFourXXWithFiveXXWaits(tmp_path: Path) -> None:
+    """A 4xx for one recipient beside a 5xx for another: the file waits, nothing bounced."""
+    from relayd.ops.maildrop import flush
+
+    name = dropOne(str(tmp_path), ["a@x.test", "b@x.test"])
+    bounced: list[Any] = []
+    submit = refusing({"a@x.test": (550, "5.7.1 no"), "b@x.test": (451, "4.3.0 later")})
+    result = flush(str(tmp_path), submit, bounce=lambda d, r: bounced.append(r) or "B")
+    assert (result.left, result.bounced, bounced) == ([name], [], [])
+    assert pending(str(tmp_path)) == [name]
+
+
+def test_flushReportNotQueued(tmp_path: Path) -> None:
+    """
+    The report cannot be queued: with nothing sent yet the file waits for
+    a later round; after the accepted recipients got it, it is moved aside
+    (trying again would send it to them twice).
+    """
+    from relayd.ops.maildrop import flush
+
+    def failing(dropped: Any, refused: Any) -> str:
+        raise OSError("spool full")
+
+    one = dropOne(str(tmp_path), ["a@x.test"])
+    result = flush(str(tmp_path), refusing({"a@x.test": (550, "5.7.1 no")}), bounce=failing)
+    assert result.left == [one] and pending(str(tmp_path)) == [one]
+    os.unlink(tmp_path / one)
+    two = dropOne(str(tmp_path), ["a@x.test", "ok@x.test"])
+    submit = refusing({"a@x.test": (550, "5.7.1 no")})
+    result = flush(str(tmp_path), submit, bounce=failing)
+    assert submit.calls == [("a@x.test", "ok@x.test"), ("ok@x.test",)]
+    assert [n for n, _ in result.broken] == [two]
+    assert "report not queued: spool full" in result.broken[0][1]
+    assert pending(str(tmp_path)) == []
+
+
+def test_flushWithoutBounceMovesAside(tmp_path: Path) -> None:
+    """Without a bounce (relayd-sendmail -q) a 5xx moves the file aside, as before."""
+    from relayd.ops.maildrop import flush
+
+    name = dropOne(str(tmp_path), ["a@x.test"])
+    result = flush(str(tmp_path), refusing({"a@x.test": (550, "5.7.1 no")}))
+    assert [n for n, _ in result.broken] == [name] and result.bounced == []
