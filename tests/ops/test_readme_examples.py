@@ -27,6 +27,7 @@ import re
 import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from relayd.testing import QUICK_DELIVERY, TestSetup, freePort
@@ -159,6 +160,30 @@ def startRelayd(tmp_path: Path, processes: list[RelaydProcess]) -> tuple[TestSet
     return setup, str(checkout)
 
 
+CHANGES = re.compile(r"relayctl queue (hold|release|delete|bounce|flush|requeue)\b")
+"""The commands that change a message: never while an attempt is under way."""
+
+
+def waitIdle(configPath: str, timeout: float = 30.0) -> None:
+    """
+    Until no delivery attempt is under way, as docs/operations.md tells an
+    operator to wait: relayctl leaves a message being delivered alone.
+    (A command just before, e.g. C{release}, starts one at once.)
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = subprocess.run(
+            [str(BIN / "relayctl"), "--config", configPath, "status", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        if json.loads(result.stdout)["delivering"] == 0:
+            return
+        assert time.monotonic() < deadline, "an attempt stays under way"
+        time.sleep(0.1)
+
+
 def runExamples(
     document: Path,
     setup: TestSetup,
@@ -186,6 +211,8 @@ def runExamples(
         script = "\n".join([*exports, line]) + "\n"
         for pattern, replacement in substitutions.items():
             script = re.sub(pattern, replacement, script)
+        if CHANGES.search(line):
+            waitIdle(setup.configPath)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
         env["PATH"] = os.defpath
         env.update(environ or {})
