@@ -57,7 +57,7 @@ from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayd.ops.metrics import Samples, addSamples, parseSamples
+from relayd.ops.metrics import Samples, addSamples, parseProcessSamples, parseSamples
 
 __all__ = ["ProcessPool", "ChildProcess", "ReceiverPool", "AdoptedEndpoint", "main"]
 
@@ -112,6 +112,8 @@ class ChildProcess(ProcessProtocol):
         self.generation = pool.generation
         self._pendingMetrics = 0
         self.metrics: Samples = {}
+        self.processMetrics: Samples = {}
+        """Its latest C{process_*} figures, labelled with its L{label}."""
 
     def connectionMade(self) -> None:
         log.info(
@@ -131,7 +133,9 @@ class ChildProcess(ProcessProtocol):
                 text = buffer[: self._pendingMetrics]
                 buffer = buffer[self._pendingMetrics :]
                 self._pendingMetrics = 0
-                self.metrics = parseSamples(text.decode("utf-8", "replace"))
+                page = text.decode("utf-8", "replace")
+                self.metrics = parseSamples(page)
+                self.processMetrics = parseProcessSamples(page, self.label)
                 continue
             line, found, buffer = buffer.partition(b"\n")
             if not found:
@@ -249,9 +253,16 @@ class ProcessPool(Service):
         """
         What the children counted (their latest snapshots, a few seconds
         old at most) and what those that have ended had counted, for the
-        queue manager's metrics page to add to its own.
+        queue manager's metrics page to add to its own; and each running
+        child's C{process_*} figures under its own C{process} label.
         """
-        return [self.retired] + [c.metrics for c in self.children.values()]
+        # A child's process_* series (its own CPU, memory, fds, labelled
+        # process=<kind>-N) are served while it runs; never retired.
+        return (
+            [self.retired]
+            + [c.metrics for c in self.children.values()]
+            + [c.processMetrics for c in self.children.values()]
+        )
 
     def ended(self, child: ChildProcess, reason: Failure) -> None:
         if self.children.get(child.index) is child:

@@ -41,10 +41,12 @@ The evaluator is RFC 7208 section 4 and 5 (with macros, section 7) within
 the section 4.6.4 limits: 10 DNS-querying terms, 2 void lookups, 10 MX or
 PTR names per term.
 
-The organisational domain (RFC 7489 section 3.2) is taken as the last two
-labels of a name: relayd has no public suffix list, and for a domain under
-a multi-label suffix (C{example.co.uk}) this only means the fallback
-record looked for at C{_dmarc.co.uk} is missing, as it should be.
+The organisational domain (RFC 7489 section 3.2) is the public suffix
+plus one label, by the Public Suffix List that Debian's C{publicsuffix}
+package installs (L{relayd.ops.publicsuffix}): C{example.co.uk} for
+C{mail.example.co.uk}.  Without that file it is the last two labels, and
+a warning line says so (for C{mail.example.co.uk} the record would then
+be looked for at C{_dmarc.co.uk}, where it is not).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relayd.delivery.routing import NXDOMAIN, NoData, ResolverError, TemporaryDNSError
+from relayd.ops import publicsuffix
 
 __all__ = [
     "Finding",
@@ -578,8 +581,29 @@ def _sameKey(published: bytes, keyType: str, configured: str) -> bool:
 
 
 def organizationalDomain(domain: str) -> str:
-    """The last two labels of C{domain} (see the module docstring)."""
-    return ".".join(domain.lower().rstrip(".").split(".")[-2:])
+    """
+    RFC 7489 section 3.2 by the Public Suffix List; the last two labels of
+    C{domain} when the list is not installed (see the module docstring).
+    """
+    suffixes = publicsuffix.default()
+    if suffixes is None:
+        return ".".join(domain.lower().rstrip(".").split(".")[-2:])
+    return suffixes.organizationalDomain(domain)
+
+
+def _suffixListFindings() -> list[Finding]:
+    """A warning when the Public Suffix List is missing (the fallback is used)."""
+    if publicsuffix.default() is not None:
+        return []
+    return [
+        Finding(
+            WARN,
+            "dmarc",
+            f"no Public Suffix List at {publicsuffix.DEFAULT_PATH}: the organisational "
+            "domain is taken as the last two labels (wrong under e.g. co.uk)",
+            "install Debian's publicsuffix package",
+        )
+    ]
 
 
 def _txtFix(name: str, text: str) -> str:
@@ -1156,7 +1180,7 @@ def checkDomain(
     domain = domain.strip().rstrip(".").lower()
     spf, spfPass = _spfFindings(lookup, domain, setup)
     dkim, dkimDomains = _dkimFindings(lookup, domain, setup, selector)
-    dmarc = _dmarcFindings(lookup, domain, dkimDomains, spfPass)
+    dmarc = _suffixListFindings() + _dmarcFindings(lookup, domain, dkimDomains, spfPass)
     return (
         list(setup.notes)
         + spf

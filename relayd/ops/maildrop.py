@@ -21,9 +21,11 @@ and C{relayd-sendmail -q} never submit the same file at once.
 
 A file that cannot be a maildrop file (a bad magic word, bad JSON, a size
 that does not match, a link, not a regular file, an envelope claiming
-another uid than the file's owner) or that relayd refuses for good (5xx)
-is moved into C{broken/} beside it, never retried and never fatal; the log
-says why.  A temporary failure (4xx, no connection) leaves it for the next
+another uid than the file's owner) is moved into C{broken/} beside it,
+never retried and never fatal; the log says why.  One relayd refuses for
+good (5xx) is bounced to its sender by relayd's pickup (L{flush}'s
+C{bounce}), or moved into C{broken/} when it cannot be (C{relayd-sendmail
+-q}, a null sender).  A temporary failure (4xx, no connection) leaves it for the next
 round.
 
 Everything here is blocking: relayd calls it from a thread
@@ -43,7 +45,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relayd.queue.safeio import fsyncDirectory, writeAtomically
@@ -65,6 +67,8 @@ __all__ = [
     "removeStale",
     "ensureDirectory",
     "receivedField",
+    "refusals",
+    "Bounce",
 ]
 
 MAGIC = b"RELAYD-MAILDROP 1 "
@@ -127,9 +131,29 @@ class Refused(Exception):
     @ivar permanent: a 5xx reply: retrying cannot help.
     """
 
-    def __init__(self, message: str, permanent: bool) -> None:
+    def __init__(
+        self,
+        message: str,
+        permanent: bool,
+        replies: tuple[tuple[str | None, int, str], ...] = (),
+    ) -> None:
+        """
+        @param replies: the refusing replies as C{(recipient, code, text)},
+            C{None} as the recipient of a reply to MAIL or DATA that
+            refuses them all (L{relayd.ops.sendmail.SendmailError}).
+        """
         super().__init__(message)
         self.permanent = permanent
+        self.replies = replies
+
+
+Bounce = Callable[["Dropped", list[tuple[str, int, str]]], str]
+"""
+Queues a non-delivery report to a maildrop file's sender about the
+recipients relayd refused for good, given as C{(recipient, code, text)};
+returns the report's queue id once it is durable in relayd's spool, or
+raises.  L{relayd.ops.pickup} makes one.
+"""
 
 
 def _loginOf(uid: int) -> str | None:
@@ -322,6 +346,9 @@ class FlushResult:
     broken: list[tuple[str, str]]
     left: list[str]
     unreachable: str | None = None
+    bounced: list[tuple[str, str]] = field(default_factory=list)
+    """(file name, the report's queue id) of each file relayd refused for
+    good and bounced to its sender (with a C{bounce}), the file removed."""
 
 
 @dataclass
@@ -373,6 +400,7 @@ def flush(
     submit: Callable[[Dropped], str],
     log: Callable[..., Any] | None = None,
     names: list[str] | None = None,
+    bounce: Bounce | None = None,
 ) -> FlushResult:
     """
     Submit every maildrop file in C{directory}, oldest first.
@@ -383,6 +411,12 @@ def flush(
     @param log: called as C{log(event, name=..., **details)} for each file
         done, broken or refused, for the caller's logger.
     @param names: the files to try (default: L{pending}).
+    @param bounce: when given (relayd's own pickup), a file relayd refuses
+        for good (5xx) is reported to its sender by a DSN (L{Bounce}) and
+        removed, as Postfix returns such mail; the recipients relayd
+        accepted get the message first (a second transaction without the
+        refused ones).  Without it (C{relayd-sendmail -q}, which cannot
+        queue a report), and for the null sender, the file is moved aside.
     """
     note = log or (lambda *a, **k: None)
     result = FlushResult([], [], [])
@@ -410,7 +444,14 @@ def flush(
                 result.left += [name, *todo[index + 1 :]]
                 return result
             except Refused as e:
-                if e.permanent:
+                if e.permanent and bounce is not None:
+                    try:
+                        _bounceOne(directory, dropped, e, submit, bounce, result, note)
+                    except Unreachable as again:
+                        result.unreachable = str(again)
+                        result.left += [name, *todo[index + 1 :]]
+                        return result
+                elif e.permanent:
                     _brokenOne(directory, name, f"refused: {e}", result, note)
                 else:
                     result.left.append(name)
@@ -424,6 +465,89 @@ def flush(
         finally:
             os.close(claimed.fd)
     return result
+
+
+def refusals(
+    recipients: tuple[str, ...], replies: tuple[tuple[str | None, int, str], ...]
+) -> tuple[list[tuple[str, int, str]], list[str]]:
+    """
+    Which recipients a refusal refused, with their reply, and which it
+    did not: a reply without a recipient (to MAIL or DATA) refuses all.
+
+    @return: C{(refused, others)}.
+    """
+    general = [(code, text) for who, code, text in replies if who is None]
+    own = {who: (code, text) for who, code, text in replies if who is not None}
+    refused: list[tuple[str, int, str]] = []
+    others: list[str] = []
+    for recipient in recipients:
+        reply = general[0] if general else own.get(recipient)
+        if reply is None:
+            others.append(recipient)
+        else:
+            refused.append((recipient, *reply))
+    return refused, others
+
+
+def _bounceOne(
+    directory: str,
+    dropped: Dropped,
+    refusal: Refused,
+    submit: Callable[[Dropped], str],
+    bounce: Bounce,
+    result: FlushResult,
+    note: Callable[..., Any],
+) -> None:
+    """
+    A file relayd refused for good (5xx): the recipients it did not refuse
+    get the message in a transaction of their own, then the sender gets a
+    non-delivery report about the refused ones and the file goes (the
+    report durable first: a crash can repeat it, not lose it).  A 4xx
+    for any recipient leaves the whole file for a later round instead.
+    A null sender gets no report (RFC 5321 section 4.5.5): moved aside.
+
+    @raise Unreachable: relayd went away during the second transaction.
+    """
+    name = dropped.name
+    refused, others = refusals(dropped.recipients, refusal.replies)
+    if not refused:  # a 5xx without its reply: every recipient
+        refused = [(r, 554, str(refusal)) for r in dropped.recipients]
+        others = []
+    if any(code < 500 for _, code, _ in refused):
+        result.left.append(name)
+        note("deferred", name=name, reply=str(refusal), dropped=dropped)
+        return
+    partly = None
+    if others:
+        try:
+            partly = submit(replace(dropped, recipients=tuple(others)))
+        except Refused as again:
+            if not again.permanent:
+                result.left.append(name)
+                note("deferred", name=name, reply=str(again), dropped=dropped)
+                return
+            more, _ = refusals(tuple(others), again.replies)
+            refused += more or [(r, 554, str(again)) for r in others]
+        else:
+            note("submitted", name=name, reply=partly, dropped=dropped, recipients=others)
+    if not dropped.sender:
+        _brokenOne(directory, name, f"refused: {refusal}; null sender, no report", result, note)
+        return
+    try:
+        bounceId = bounce(dropped, refused)
+    except Exception as e:  # the report could not be queued
+        why = f"refused: {refusal}; report not queued: {e}"
+        if partly is None:
+            # Nothing went out yet: a later round tries it all again.
+            result.left.append(name)
+            note("deferred", name=name, reply=why, dropped=dropped)
+        else:
+            _brokenOne(directory, name, why, result, note)
+        return
+    os.unlink(os.path.join(directory, name))
+    fsyncDirectory(directory)
+    result.bounced.append((name, bounceId))
+    note("bounced", name=name, dropped=dropped, refused=refused, bounce_id=bounceId)
 
 
 def _brokenOne(

@@ -84,7 +84,10 @@ Metric names, all prefixed C{relayd_} (see also README.md):
     destination class, C{mx} for MX delivery, C{route:N} for the N-th
     configured route, C{none} when routing failed.
   - C{process_*}: prometheus_client's process collector (CPU, memory,
-    open files, start time) for the queue manager's process.
+    open files, start time) for the queue manager's process, and for each
+    child process (receivers, delivery processes) the same series from its
+    own collector with C{process="receiver-N"} or C{process="delivery-N"}
+    (L{parseProcessSamples}).
 
 C{_created} series are off (prometheus_client's
 C{disable_created_metrics}): they double the page and no dashboard or
@@ -551,6 +554,35 @@ def parseSamples(text: str, gauges: bool = True) -> Samples:
                 continue
             key = (sample.name, frozenset(sample.labels.items()))
             into[key] = into.get(key, 0.0) + sample.value
+    return found
+
+
+PROCESS_LABEL = "process"
+"""
+The label a child process's C{process_*} series carry on the queue
+manager's page: C{receiver-N} (L{relayd.receivers}) or C{delivery-N}
+(L{relayd.delivery.processes}).  The queue manager's own series have no
+such label, as with one process, so existing queries keep their meaning.
+"""
+
+
+def parseProcessSamples(text: str, label: str) -> Samples:
+    """
+    The C{process_*} samples of a child's scrape page (its own CPU, memory,
+    open files, start time: prometheus_client's process collector in the
+    child), each with L{PROCESS_LABEL} set to C{label}.  They are the
+    child's own and never added up: a distinct label per child, and gone
+    from the page when the child ends (L{relayd.receivers.ProcessPool}).
+    """
+    found: Samples = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("process_"):
+            continue
+        into = found.setdefault(family.name, {})
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            labels[PROCESS_LABEL] = label
+            into[(sample.name, frozenset(labels.items()))] = sample.value
     return found
 
 

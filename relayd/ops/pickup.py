@@ -7,22 +7,31 @@ submitted, one SMTP transaction each, to relayd's own relay listener over
 loopback: the same path as any local submission (the policy chain, the
 Received: field, the spool's commit before the 250 reply), nothing
 special-cased.  A file is removed only after that 250, so a crash in
-between submits it again: at least once, never lost.  The blocking work
+between submits it again: at least once, never lost.  A file relayd
+refuses for good (5xx, e.g. a policy refusal) is returned to its sender,
+the local user who ran C{relayd-sendmail}, as Postfix does: a DSN
+(L{bounceToSpool}) in relayd's own queue, then the file goes; with a
+null sender it is moved aside with a log line.  The blocking work
 (listing, reading, smtplib) runs in a thread, never in the reactor.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import tempfile
+import time
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.ops.maildrop import (
+    Bounce,
     Dropped,
     FlushResult,
     Refused,
@@ -34,7 +43,7 @@ from relayd.ops.maildrop import (
     removeStale,
 )
 
-__all__ = ["MaildropService", "submitOverSMTP"]
+__all__ = ["MaildropService", "bounceToSpool", "submitOverSMTP"]
 
 log = Logger(namespace="relayd.ops.maildrop")
 
@@ -66,10 +75,81 @@ def submitOverSMTP(host: str, port: int, helo: str, timeout: float = SUBMIT_TIME
         except SendmailError as e:
             if getattr(e, "unreachable", False):
                 raise Unreachable(e.message) from None
-            raise Refused(e.message, permanent=e.status == EX_UNAVAILABLE) from None
+            raise Refused(
+                e.message, permanent=e.status == EX_UNAVAILABLE, replies=e.replies
+            ) from None
         return reply
 
     return submitOne
+
+
+def bounceToSpool(spool: Any, hostname: str, reactor: Any) -> Bounce:
+    """
+    A L{relayd.ops.maildrop.Bounce} for the pickup thread: a non-delivery
+    report (RFC 3464, L{relayd.delivery.bounce.makeDSN}, the same report
+    as for mail that fails in delivery) to a maildrop file's sender about
+    the recipients relayd refused, queued in relayd's own spool
+    (L{relayd.queue.spool.Spool.submit}, durable before it returns) as
+    relayd queues every DSN: from C{<>}, delivered by the scheduler along
+    the sender's route.  Postfix likewise returns mail its cleanup
+    refuses for a local sender.
+
+    It runs in a pool thread (makeDSN reads a file); the spool is called
+    on the reactor thread (C{blockingCallFromThread}).
+    """
+    from relayd.delivery.bounce import RecipientStatus, makeDSN
+    from relayd.queue.spool import envelopeRecord
+
+    def bounceOne(dropped: Dropped, refused: list[tuple[str, int, str]]) -> str:
+        now = time.time()
+        statuses = [
+            RecipientStatus(
+                address=recipient,
+                action="failed",
+                status=_enhanced(text),
+                diagnostic=f"{code} {text}",
+                lastAttempt=now,
+            )
+            for recipient, code, text in refused
+        ]
+        # The report returns the original's headers as relayd saw them
+        # (with pickup's Received: field); makeDSN reads them from a file.
+        with tempfile.NamedTemporaryFile(prefix="relayd-maildrop-") as original:
+            original.write(receivedField(dropped, hostname) + dropped.message)
+            original.flush()
+            dsn = makeDSN(
+                reportingMTA=hostname,
+                queueId=dropped.name.replace(".", "-"),
+                sender=dropped.sender,
+                arrival=dropped.time,
+                now=now,
+                recipients=statuses,
+                originalPath=original.name,
+            )
+        record = envelopeRecord(
+            queueId="",
+            sender="",
+            recipients=[dropped.sender],
+            arrival=now,
+            size=len(dsn),
+            body="8BITMIME" if any(b > 127 for b in dsn) else "7BIT",
+            client="127.0.0.1",
+            helo=None,
+            user=None,
+            listener="bounce",
+        )
+        if not dropped.sender.isascii():
+            record = dataclasses.replace(record, smtputf8=True)  # RFC 6531
+        bounceId: str = blockingCallFromThread(reactor, spool.submit, record, dsn)
+        return bounceId
+
+    return bounceOne
+
+
+def _enhanced(text: str) -> str:
+    """The RFC 3463 code a refusal's text starts with, as a failure (5.X.X)."""
+    m = re.match(r"([45])\.(\d{1,3})\.(\d{1,3})(?:\s|$)", text)
+    return f"5.{m.group(2)}.{m.group(3)}" if m else "5.0.0"
 
 
 class MaildropService(Service):
@@ -154,6 +234,7 @@ class MaildropService(Service):
             )
             return succeed(None)
         submitOne = submitOverSMTP(target[0], target[1], self.top.config.hostname)
+        bounceOne = bounceToSpool(self.top.spool, self.top.config.hostname, self.reactor)
         events: list[tuple[str, dict[str, Any]]] = []
 
         def note(event: str, **details: Any) -> None:
@@ -166,7 +247,7 @@ class MaildropService(Service):
             for name in removeStale(self.directory):
                 note("stale", name=name)
             names = [name for name in pending(self.directory) if name not in waiting]
-            return flush(self.directory, submitOne, note, names)
+            return flush(self.directory, submitOne, note, names, bounce=bounceOne)
 
         running = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
         self._running = running
@@ -218,6 +299,17 @@ class MaildropService(Service):
                 name=details["name"],
                 who=who,
                 reply=details["reply"],
+            )
+        elif event == "bounced":
+            refused = details["refused"]
+            log.warn(
+                "maildrop {name}: {who} from=<{sender}> refused: {refused}; "
+                "non-delivery report {bounce_id} to the sender, file removed",
+                name=details["name"],
+                who=who,
+                sender=dropped.sender if dropped else "",
+                refused="; ".join(f"<{r}> {code} {text}" for r, code, text in refused),
+                bounce_id=details["bounce_id"],
             )
         elif event == "stale":
             log.warn(

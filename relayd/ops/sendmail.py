@@ -144,16 +144,28 @@ class SendmailError(Exception):
     @ivar status: a C{sysexits.h} code.
     """
 
-    def __init__(self, status: int, message: str, unreachable: bool = False) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        unreachable: bool = False,
+        replies: tuple[tuple[str | None, int, str], ...] = (),
+    ) -> None:
         """
         @param unreachable: relayd could not be reached at all (no
             connection, a 421 greeting): nothing of the message was sent,
             so it may go into the maildrop without risk of a duplicate.
+        @param replies: the refusals behind the error, as C{(recipient,
+            code, text)}: a recipient's own for a refused RCPT, C{None} for
+            one that applies to every recipient (MAIL, DATA); empty when
+            no reply refused (a lost connection).  relayd's maildrop
+            pickup reports them in its bounce (L{relayd.ops.pickup}).
         """
         super().__init__(status, message)
         self.status = status
         self.message = message
         self.unreachable = unreachable
+        self.replies = replies
 
     def __str__(self) -> str:
         return self.message
@@ -653,6 +665,13 @@ def _reply(code: int, text: bytes | str) -> str:
     return " ".join(f"{code} {text}".split())
 
 
+def _text(text: bytes | str) -> str:
+    """A reply's text on one line, without its code."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return " ".join(text.split())
+
+
 def _status(code: int) -> int:
     """RFC 5321 section 4.2.1: 5yz is permanent, anything else retryable."""
     return EX_UNAVAILABLE if 500 <= code <= 599 else EX_TEMPFAIL
@@ -718,7 +737,9 @@ def submit(
     except smtplib.SMTPResponseException as e:
         _quit(smtp)
         raise SendmailError(
-            _status(e.smtp_code), f"{where} said: {_reply(e.smtp_code, e.smtp_error)}"
+            _status(e.smtp_code),
+            f"{where} said: {_reply(e.smtp_code, e.smtp_error)}",
+            replies=((None, e.smtp_code, _text(e.smtp_error)),),
         ) from None
     except (OSError, smtplib.SMTPException) as e:
         raise SendmailError(EX_TEMPFAIL, f"lost {where}: {_why(e)}") from None
@@ -778,7 +799,9 @@ def _transaction(
     code, text = smtp.docmd("MAIL", f"FROM:<{sender}>{parameters}")
     if not 200 <= code <= 299:
         raise SendmailError(
-            _status(code), f"{where} refused sender <{sender}>: {_reply(code, text)}"
+            _status(code),
+            f"{where} refused sender <{sender}>: {_reply(code, text)}",
+            replies=((None, code, _text(text)),),
         )
     refused = []
     for recipient in recipients:
@@ -796,6 +819,7 @@ def _transaction(
         raise SendmailError(
             _worst(refused),
             f"{where} refused recipient <{recipient}>: {_reply(code, text)}{more}; nothing sent",
+            replies=tuple((r, c, _text(t)) for r, c, t in refused),
         )
     final: bytes | str
     try:
@@ -803,7 +827,11 @@ def _transaction(
     except smtplib.SMTPDataError as e:  # DATA itself refused
         code, final = e.smtp_code, e.smtp_error
     if not 200 <= code <= 299:
-        raise SendmailError(_status(code), f"{where} refused the message: {_reply(code, final)}")
+        raise SendmailError(
+            _status(code),
+            f"{where} refused the message: {_reply(code, final)}",
+            replies=((None, code, _text(final)),),
+        )
     _quit(smtp)  # the message is queued: a lost QUIT changes nothing
     return _reply(code, final)
 

@@ -443,6 +443,51 @@ class CheckDomainTests(unittest.TestCase):
         )
 
     @defer.inlineCallbacks
+    def test_dmarcPublicSuffix(self) -> Any:
+        """
+        Under a multi-label public suffix the organisational domain comes
+        from the Public Suffix List: mail.example.co.uk inherits
+        _dmarc.example.co.uk, never _dmarc.co.uk ("the last two labels").
+        """
+        self.dns.setTXT("_dmarc.co.uk", ["v=DMARC1; p=none"])
+        self.dns.setTXT("_dmarc.example.co.uk", ["v=DMARC1; p=reject; sp=quarantine"])
+        self.dns.setTXT("mail.example.co.uk", ["v=spf1 -all"])
+        _status, out, _err = yield deferToThread(
+            run,
+            ["--config", self.setup.configPath, "check-domain", "mail.example.co.uk", "--json"],
+        )
+        [dmarc] = self.only(json.loads(out), "dmarc")
+        self.assertIn(
+            "_dmarc.example.co.uk (p=quarantine, inherited from the organisational domain)",
+            dmarc["what"],
+        )
+
+    @defer.inlineCallbacks
+    def test_dmarcWithoutPublicSuffixList(self) -> Any:
+        """
+        Without the list file: the last two labels, and a warning line
+        that says so and what to install.
+        """
+        from relayd.ops import publicsuffix
+
+        self.patch(publicsuffix, "DEFAULT_PATH", os.path.join(self.directory, "absent.dat"))
+        publicsuffix.default.cache_clear()
+        self.addCleanup(publicsuffix.default.cache_clear)
+        self.dns.setTXT("_dmarc.co.uk", ["v=DMARC1; p=none"])
+        self.dns.setTXT("mail.example.co.uk", ["v=spf1 -all"])
+        _status, out, _err = yield deferToThread(
+            run, ["--config", self.setup.configPath, "check-domain", "mail.example.co.uk"]
+        )
+        self.assertIn(
+            "warn  dmarc: no Public Suffix List at "
+            f"{publicsuffix.DEFAULT_PATH}: the organisational domain is taken as the last "
+            "two labels",
+            out,
+        )
+        self.assertIn("[fix: install Debian's publicsuffix package]", out)
+        self.assertIn("_dmarc.co.uk (p=none, inherited from the organisational domain)", out)
+
+    @defer.inlineCallbacks
     def test_dmarcMalformed(self) -> Any:
         self.dns.setTXT(f"_dmarc.{DOMAIN}", ["v=DMARC1; p=block"])
         status, findings = yield self.findings()

@@ -502,3 +502,30 @@ def test_perProcessFamiliesNotSummed() -> None:
     assert found[("relayd_build_info", labels)] == 1
     assert value(found, "relayd_reload_success") == 1
     assert value(found, "process_start_time_seconds") > 0
+
+
+def test_childProcessSeriesLabelled() -> None:
+    """
+    A child's process_* figures join the queue manager's page with its own
+    process label, beside (not added into) the queue manager's unlabelled
+    series; nothing else of the page is taken from them.
+    """
+    from prometheus_client import generate_latest
+
+    from relayd.ops.metrics import SummedRegistry, parseProcessSamples
+
+    child = Metrics()
+    child.messageRejected("mail", 530)
+    processes = parseProcessSamples(generate_latest(child.registry).decode(), "delivery-2")
+    assert processes and all(name.startswith("process_") for name in processes)
+    main = Metrics()
+    text = generate_latest(SummedRegistry(main.registry, lambda: [processes])).decode()
+    found = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    rss = "process_resident_memory_bytes"
+    assert value(found, rss) > 0
+    assert value(found, rss, process="delivery-2") > 0
+    assert not [k for k in found if k[0] == "relayd_messages_rejected_total"]
