@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -132,6 +132,28 @@ NO_POLICY = TLSPolicy("none", "none")
 
 class PolicyError(Exception):
     """A TXT record or policy that cannot be used, or a failed fetch; the text says why."""
+
+
+class PolicyInvalid(PolicyError):
+    """A fetched policy that does not parse (TLSRPT's C{sts-policy-invalid})."""
+
+
+def fetchResultType(failure: Failure) -> str:
+    """
+    The TLSRPT result type (RFC 8460 section 4.3.2.2) of a failed policy
+    fetch: C{sts-policy-invalid} for a policy that does not parse,
+    C{sts-webpki-invalid} for a policy host whose certificate failed
+    (PKIX), else C{sts-policy-fetch-error}.
+    """
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    if failure.check(PolicyInvalid):
+        return "sts-policy-invalid"
+    inner = [failure, *(getattr(failure.value, "reasons", None) or [])]
+    if any(f.check(SSL.Error, VerificationError) for f in inner):
+        return "sts-webpki-invalid"
+    return "sts-policy-fetch-error"
 
 
 @dataclass(frozen=True)
@@ -262,8 +284,10 @@ def applyTLSPolicy(destination: Destination, policy: TLSPolicy) -> AppliedPolicy
         (L{relayd.delivery.client}), never falls back to plain text.  When
         no hop matches: a 451 4.7.5 deferral; the message bounces when its
         lifetime runs out.
-      - C{testing}: the destination as it is; the hops that C{enforce}
-        would drop are listed in C{wouldFail} for the log (section 5).
+      - C{testing}: the destination's hops, those matching a C{mx}
+        pattern with C{tlsCheck} (their certificate is checked as under
+        C{enforce}, never refused); the hops that C{enforce} would drop
+        are listed in C{wouldFail} for the log (section 5).
       - C{none}, or a policy of another kind: the destination as it is
         (a DANE policy is the DANE module's to apply).
     """
@@ -273,8 +297,15 @@ def applyTLSPolicy(destination: Destination, policy: TLSPolicy) -> AppliedPolicy
     others = sorted({hop.host for hop in destination.hops if not policy.matches(hop.host)})
     patterns = " ".join(policy.mxPatterns)
     if policy.mode == "testing":
+        # The matching hops check the certificate as enforce would, without
+        # refusing (RFC 8461 section 5): what fails is logged and counted
+        # for TLSRPT (relayd.delivery.tlsrpt).
+        checked = tuple(
+            replace(hop, tlsCheck=True) if policy.matches(hop.host) else hop
+            for hop in destination.hops
+        )
         return AppliedPolicy(
-            destination,
+            replace(destination, hops=checked),
             wouldFail=tuple(f"MX host {host} does not match mx {patterns}" for host in others),
         )
     if not matching:
@@ -468,6 +499,9 @@ class MTASTSPolicies:
         self._cache: dict[str, TLSPolicy] = {}
         self._fetching: dict[str, list[Deferred[TLSPolicy | None]]] = {}
         self._refreshed: dict[str, float] = {}
+        # TLSRPT (relayd.delivery.tlsrpt): told of every failed fetch, with
+        # the domain, the RFC 8460 result type and why.
+        self.fetchFailed: Callable[[str, str, str], None] | None = None
 
     # --- the cache on disk --------------------------------------------------
 
@@ -628,11 +662,10 @@ class MTASTSPolicies:
 
         def done(outcome: Any) -> None:
             if isinstance(outcome, Failure):
-                log.warn(
-                    "mta-sts: {domain}: policy fetch failed: {why}",
-                    domain=domain,
-                    why=_describe(outcome),
-                )
+                why = _describe(outcome)
+                log.warn("mta-sts: {domain}: policy fetch failed: {why}", domain=domain, why=why)
+                if self.fetchFailed is not None:
+                    self.fetchFailed(domain, fetchResultType(outcome), why)
                 outcome = None
             for d in self._fetching.pop(domain, []):
                 d.callback(outcome)
@@ -677,7 +710,10 @@ class MTASTSPolicies:
                 f"policy Content-Type is {contentType.decode('latin-1')!r}, not text/plain"
             )
         data = await body.done
-        parsed = parsePolicy(data)
+        try:
+            parsed = parsePolicy(data)
+        except PolicyError as e:
+            raise PolicyInvalid(str(e)) from None
         policy = TLSPolicy(
             "mta-sts",
             parsed.mode,

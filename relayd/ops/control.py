@@ -56,6 +56,7 @@ from relayd.ops.commands import (
     QueueShow,
     Reload,
     Status,
+    TLSReport,
     reachablePath,
 )
 from relayd.ops.controlclient import ControlClient, ControlClientError, NotRunning
@@ -106,6 +107,7 @@ __all__ = [
     "DestinationSuspend",
     "DestinationResume",
     "DestinationList",
+    "TLSReport",
 ]
 
 log = Logger(namespace="relayd.ops.control")
@@ -202,6 +204,10 @@ class ControlProtocol(amp.AMP):
     @DestinationList.responder
     def destinationList(self) -> dict[str, Any]:
         return {"domains": self.service.suspendedDomains()}
+
+    @TLSReport.responder
+    def tlsReport(self, domain: str) -> dict[str, Any]:
+        return {"counts": self.service.tlsReport(domain)}
 
 
 class _ControlFactory(ServerFactory):
@@ -598,6 +604,13 @@ class ControlService(Service):
             # A small file, read once (like at startup).
             self._ownSuspensions = Suspensions.load(self.spool.directory)
         return self._ownSuspensions
+
+    def tlsReport(self, domain: str) -> list[dict[str, Any]]:
+        """See L{TLSReport}."""
+        counts = getattr(self.top, "tlsReports", None)
+        if counts is None:
+            raise ControlError("no TLSRPT counts: MTA-STS and DANE are off or delivery is disabled")
+        return list(counts.summary(domain))
 
     def suspendedDomains(self) -> dict[str, Any]:
         """See L{DestinationList}."""

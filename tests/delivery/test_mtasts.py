@@ -132,7 +132,16 @@ class ApplyTests(unittest.TestCase):
 
     def test_testingAndNoneChangeNothing(self):
         applied = applyTLSPolicy(self.destination, self.policy("testing"))
-        self.assertEqual(applied.destination, self.destination)
+        # Testing: every hop kept with its TLS mode; the matching ones
+        # check the certificate without refusing (relayd.delivery.tlsrpt).
+        self.assertEqual(
+            [(h.host, h.tls, h.tlsCheck) for h in applied.destination.hops],
+            [
+                ("mx1.example.net", "opportunistic", True),
+                ("evil.example.org", "opportunistic", False),
+                ("b.backup.example.net", "none", True),
+            ],
+        )
         [why] = applied.wouldFail
         self.assertIn("evil.example.org does not match", why)
         for policy in (self.policy("none"), NO_POLICY, TLSPolicy("dane", "enforce")):
