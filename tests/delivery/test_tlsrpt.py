@@ -414,15 +414,54 @@ class ConfigTests(unittest.TestCase):
 GOOD = "127.0.0.2"  # mx1.example.net (also mx3.example.net): trusted, for mx1 only
 UNTRUSTED = "127.0.0.4"  # mx2.example.net: certificate from a CA nobody trusts
 REPORTS = "127.0.0.5"  # mx.sender.test: the sender's MX and the rua mailbox's
+EXPIRED = "127.0.0.6"  # mx4.example.net: trusted CA, expired yesterday
 
-NAMES = {GOOD: "mx1.example.net", UNTRUSTED: "mx2.example.net", REPORTS: "mx.sender.test"}
+NAMES = {
+    GOOD: "mx1.example.net",
+    UNTRUSTED: "mx2.example.net",
+    REPORTS: "mx.sender.test",
+    EXPIRED: "mx4.example.net",
+}
+
+
+def expiredCertificate(ca, hostname):
+    """A certificate for C{hostname} from C{ca} that expired yesterday (PEM cert and key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    caCert = x509.load_pem_x509_certificate(ca[0])
+    caKey = serialization.load_pem_private_key(ca[1], None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+        .issuer_name(caCert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=10))
+        .not_valid_after(now - timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(caKey, hashes.SHA256())
+    )
+    return (
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
 
 
 class _TLSRPTCase(DeliveryTestCase):
     """smtplib to relayd to TLS sinks, MTA-STS over HTTPS, DANE on the DNS test server."""
 
-    sinkAddresses = (GOOD, UNTRUSTED, REPORTS)
+    sinkAddresses = (GOOD, UNTRUSTED, REPORTS, EXPIRED)
     tlsrpt = True
+    processes = 0
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -431,7 +470,10 @@ class _TLSRPTCase(DeliveryTestCase):
         self.options = {}
         self.certificates = {}
         for address, name in NAMES.items():
-            cert, key = issueCertificate(*(other if address == UNTRUSTED else ca), name)
+            if address == EXPIRED:
+                cert, key = expiredCertificate(ca, name)
+            else:
+                cert, key = issueCertificate(*(other if address == UNTRUSTED else ca), name)
             self.certificates[address] = cert
             paths = [os.path.join(self.tlsDir, f"{address}.{kind}") for kind in ("crt", "key")]
             writeKeyPair(*paths, cert, key)
@@ -447,6 +489,7 @@ class _TLSRPTCase(DeliveryTestCase):
             "tlsrpt": self.tlsrpt,
             "tlsrpt_organization": "Relayd Test Org",
             "tlsrpt_contact": "postmaster@relayd.test",
+            "processes": self.processes,
         }
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
@@ -569,6 +612,15 @@ class TLSRPTDeliveryTests(_TLSRPTCase):
         yield self.waitForCount("sts", "certificate-host-mismatch")
         yield self.waitFor(lambda: self.deliveryLines("deferred"))
         self.assertEqual(self.sinks[GOOD].messages, [])
+
+    @defer.inlineCallbacks
+    def test_enforceExpiredCertificateCounted(self):
+        self.policy(mx=b"mx: mx4.example.net\r\n")
+        self.mx("mx4.example.net")
+        yield self.send(["b@example.net"])
+        yield self.waitForCount("sts", "certificate-expired")
+        yield self.waitFor(lambda: self.deliveryLines("deferred"))
+        self.assertEqual(self.sinks[EXPIRED].messages, [])
 
     @defer.inlineCallbacks
     def test_testingFailureDeliveredCountedAndLogged(self):
@@ -712,3 +764,20 @@ class TLSRPTOffTests(_TLSRPTCase):
         self.assertEqual(self.reports(), [])
         with open(path) as f:
             self.assertEqual(json.load(f)["sent"], [])
+
+
+class TLSRPTDeliveryProcessesTests(_TLSRPTCase):
+    """
+    With a delivery process (C{[delivery] processes = 1}): the sessions come
+    back over its pipe, and the queue manager counts them.
+    """
+
+    processes = 1
+
+    @defer.inlineCallbacks
+    def test_countedFromTheDeliveryProcess(self):
+        self.assertIsNotNone(self.relayd.service.deliveries)
+        self.assertIsNone(self.relayd.service.deliverer)
+        yield self.countTestingFailure()
+        [entry] = self.counts.summary("example.net")
+        self.assertEqual((entry["success"], entry["failure"]), (0, 1))
