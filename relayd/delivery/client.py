@@ -1285,9 +1285,11 @@ def _verifyResult(transport: Any) -> list[int]:
 
 def _verifyProblem(error: int) -> tuple[str, str]:
     """The RFC 8460 result type of an OpenSSL verify error code."""
-    text = SSL._ffi.string(SSL._lib.X509_verify_cert_error_string(error)).decode(  # type: ignore[attr-defined]
-        "ascii", "replace"
-    )
+    try:
+        raw = SSL._lib.X509_verify_cert_error_string(error)  # type: ignore[attr-defined]
+        text = SSL._ffi.string(raw).decode("ascii", "replace")  # type: ignore[attr-defined]
+    except Exception:
+        text = f"certificate verify error {error}"
     if error in (_X509_V_ERR_CERT_HAS_EXPIRED, _X509_V_ERR_CERT_NOT_YET_VALID):
         return "certificate-expired", text
     if error == _X509_V_ERR_HOSTNAME_MISMATCH:

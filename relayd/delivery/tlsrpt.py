@@ -87,6 +87,9 @@ RESULT_TYPES = (
 KEEP_DAYS = 8
 """Day files older than this many days are removed once sent (or never to be sent)."""
 
+SEND_DAYS = 2
+"""Reports are sent for at most this many past days (a daemon down over midnight)."""
+
 
 @dataclass(frozen=True)
 class TLSSession:
@@ -234,8 +237,8 @@ class TLSReportCounts:
         mxPatterns: Sequence[str] = (),
     ) -> None:
         """
-        Count one session of C{domain}'s policy (C{policyType} C{sts},
-        C{tlsa} or C{no-policy-found}) today.
+        Count one session of C{domain}'s policy (C{policyType} C{sts} or
+        C{tlsa}) today.
         """
         today = utcDay(self.clock.seconds())
         counts = self.day(today)
@@ -283,6 +286,18 @@ class TLSReportCounts:
             names = []
         found = {n[:-5] for n in names if _DAY_FILE.fullmatch(n)}
         return sorted(found | set(self._days))
+
+    def load(self, day: str) -> Deferred[dict[str, Any]]:
+        """L{day}, with the file read in a thread when not in memory yet."""
+        if day in self._days:
+            return succeed(self._days[day])
+
+        def loaded(stored: dict[str, Any] | None) -> dict[str, Any]:
+            if day not in self._days:
+                self._days[day] = stored or {"day": day, "sent": [], "policies": {}}
+            return self._days[day]
+
+        return deferToThread(self.read, day).addCallback(loaded)
 
     def markSent(self, day: str, domain: str) -> None:
         counts = self.day(day)
@@ -402,11 +417,7 @@ def mxMismatch(host: str, policy: Any, address: str = "") -> TLSSession:
 
 
 def countAttempt(
-    counts: TLSReportCounts,
-    domain: str,
-    policy: Any,
-    sessions: Iterable[TLSSession],
-    tls: str | None,
+    counts: TLSReportCounts, domain: str, policy: Any, sessions: Iterable[TLSSession]
 ) -> None:
     """
     Count the sessions of one delivery attempt to C{domain}'s MX hosts.
@@ -416,15 +427,16 @@ def countAttempt(
     @param sessions: what the deliverer reported: sessions with hops under
         DANE count under C{tlsa}, the others under C{sts} when an MTA-STS
         policy in C{enforce} or C{testing} applied.
-    @param tls: the attempt's TLS, for C{no-policy-found} (counted only
-        as successful TLS sessions, without failure details).
+
+    Domains without a policy (C{no-policy-found}) are not counted: that
+    would be an entry, a rewrite of the day file and a TXT lookup a day
+    for every domain relayd mails, for domains that mostly publish no
+    TLSRPT record either.
     """
     sts = policy is not None and policy.kind == "mta-sts" and policy.mode != "none"
-    counted = False
     for session in sessions:
         if session.dane:
             counts.add("tlsa", domain, session, policyString=session.tlsa)
-            counted = True
         elif sts:
             counts.add(
                 "sts",
@@ -433,9 +445,6 @@ def countAttempt(
                 policyString=stsPolicyString(policy),
                 mxPatterns=policy.mxPatterns,
             )
-            counted = True
-    if not counted and not sts and tls is not None:
-        counts.add("no-policy-found", domain, TLSSession("", ""))
 
 
 # --- the TXT record ------------------------------------------------------------------
@@ -681,38 +690,59 @@ class TLSReporter(Service):
         now = self.clock.seconds()
         today = utcDay(now)
         oldest = utcDay(now - KEEP_DAYS * 86400)
-        for day in self.counts.days():
+        # Yesterday's, and the day before's for a daemon that was down over
+        # a whole day; older days were missed, not sent late in a burst.
+        earliest = utcDay(now - SEND_DAYS * 86400)
+        days = yield deferToThread(self.counts.days)
+        for day in days:
             if day >= today:
                 continue
             if day < oldest:
-                self.counts.remove(day)
+                yield deferToThread(self.counts.remove, day)
                 continue
-            if not self.send:
+            if not self.send or day < earliest:
                 continue
-            counts = self.counts.day(day)
+            counts = yield self.counts.load(day)
             domains = sorted({p["policy-domain"] for p in counts["policies"].values()})
             for domain in domains:
                 if domain in counts["sent"]:
                     continue
-                yield self.sendOne(day, domain, now)
-                self.counts.markSent(day, domain)
+                done = yield self.sendOne(day, domain, now)
+                if done:
+                    self.counts.markSent(day, domain)
         yield self.counts.flush()
 
     @inlineCallbacks
     def sendOne(self, day: str, domain: str, now: float) -> Any:
-        """Look up C{domain}'s rua and queue its report of C{day}; log why not."""
+        """
+        Look up C{domain}'s rua and queue its report of C{day}; log why not.
+
+        @return: a Deferred firing with True when done with the domain (the
+            report queued, or the domain wants none), False to try again
+            at the next check (a temporary DNS failure).
+        """
+        from relayd.delivery.routing import ResolverError, TemporaryDNSError
+
         try:
             records = yield self.resolver.lookupTXT(f"_smtp._tls.{domain}")
             uris = parseTLSRPT(records)
         except TLSRPTError as e:
             log.info("tlsrpt: {domain}: no report sent: {why}", domain=domain, why=e)
-            return None
-        except Exception as e:
-            why = getattr(e, "reason", None) or str(e) or type(e).__name__
+            return True
+        except TemporaryDNSError as e:
             log.info(
-                "tlsrpt: {domain}: no report sent: no TLSRPT record ({why})", domain=domain, why=why
+                "tlsrpt: {domain}: TLSRPT record lookup failed ({why}); trying again later",
+                domain=domain,
+                why=e.reason,
             )
-            return None
+            return False
+        except ResolverError as e:
+            log.info(
+                "tlsrpt: {domain}: no report sent: no TLSRPT record ({why})",
+                domain=domain,
+                why=e.reason,
+            )
+            return True
         for uri in uris:
             if uri.lower().startswith("https:"):
                 log.info(
@@ -723,10 +753,9 @@ class TLSReporter(Service):
         addresses = [a for a in (mailtoAddress(u) for u in uris) if a is not None]
         if not addresses:
             log.info("tlsrpt: {domain}: no report sent: no usable mailto: rua", domain=domain)
-            return None
-        report = buildReport(
-            self.counts.day(day), domain, self.organization, self.contact, self.submitter
-        )
+            return True
+        counts = yield self.counts.load(day)
+        report = buildReport(counts, domain, self.organization, self.contact, self.submitter)
         data = reportMessage(report, domain, self.submitter, addresses, now)
         record = self._record(addresses, now, data)
         queueId = yield self.spool.submit(record, data)
@@ -737,7 +766,7 @@ class TLSReporter(Service):
             queue_id=queueId,
             rua=", ".join(addresses),
         )
-        return queueId
+        return True
 
     def _record(self, addresses: list[str], now: float, data: bytes) -> Any:
         from relayd.queue.spool import envelopeRecord

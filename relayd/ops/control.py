@@ -206,8 +206,8 @@ class ControlProtocol(amp.AMP):
         return {"domains": self.service.suspendedDomains()}
 
     @TLSReport.responder
-    def tlsReport(self, domain: str) -> dict[str, Any]:
-        return {"counts": self.service.tlsReport(domain)}
+    def tlsReport(self, domain: str) -> Deferred[dict[str, Any]]:
+        return self.service.tlsReport(domain).addCallback(lambda counts: {"counts": counts})
 
 
 class _ControlFactory(ServerFactory):
@@ -605,12 +605,18 @@ class ControlService(Service):
             self._ownSuspensions = Suspensions.load(self.spool.directory)
         return self._ownSuspensions
 
-    def tlsReport(self, domain: str) -> list[dict[str, Any]]:
-        """See L{TLSReport}."""
-        counts = getattr(self.top, "tlsReports", None)
+    def tlsReport(self, domain: str) -> Deferred[list[dict[str, Any]]]:
+        """See L{TLSReport}: today's counts, read from the spool in a thread if not in memory."""
+        from relayd.delivery.tlsrpt import summarize, utcDay
+
+        counts = self.top.tlsReports
         if counts is None:
             raise ControlError("no TLSRPT counts: MTA-STS and DANE are off or delivery is disabled")
-        return list(counts.summary(domain))
+        today = utcDay(self.reactor.seconds())
+        d: Deferred[list[dict[str, Any]]] = counts.load(today).addCallback(
+            lambda day: summarize(day, domain)
+        )
+        return d
 
     def suspendedDomains(self) -> dict[str, Any]:
         """See L{DestinationList}."""

@@ -992,7 +992,7 @@ class Scheduler(Service):
             from relayd.delivery.tlsrpt import countAttempt, mxMismatch
 
             sessions = [mxMismatch(hop.host, policy) for hop in destination.hops]
-            countAttempt(self.tlsReports, policy.domain or domain, policy, sessions, None)
+            countAttempt(self.tlsReports, policy.domain or domain, policy, sessions)
         log.info(
             "{queue_id}: deferred by {policy}: {text}",
             queue_id=queueId,
@@ -1030,10 +1030,10 @@ class Scheduler(Service):
             and not any(s.dane for s in sessions)
         ):
             sessions.append(mxMismatch(hop.host, policy, hop.address))
-        if policy is None and not sessions:
-            return  # not MX delivery, or MTA-STS off: no policy domain to count for
+        if not sessions:
+            return
         name = policy.domain if policy is not None and policy.domain else domain
-        countAttempt(self.tlsReports, name, policy, sessions, result.tls)
+        countAttempt(self.tlsReports, name, policy, sessions)
 
     def _policyTested(self, queueId: str, policies: dict[str, Any], result: Any) -> None:
         """
