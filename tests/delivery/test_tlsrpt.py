@@ -781,3 +781,44 @@ class TLSRPTDeliveryProcessesTests(_TLSRPTCase):
         yield self.countTestingFailure()
         [entry] = self.counts.summary("example.net")
         self.assertEqual((entry["success"], entry["failure"]), (0, 1))
+
+
+class TLSRPTRecordTests(_TLSRPTCase):
+    """What the reporter does with the domain's C{_smtp._tls} record."""
+
+    @defer.inlineCallbacks
+    def test_temporaryDNSFailureRetriedLater(self):
+        yield self.countTestingFailure()
+        self.dns.setServfail("_smtp._tls.example.net")
+        path = yield self.restartOnTheNextDay()
+        reporter = yield self.reporterIdle()
+        self.assertTrue(self.logged("tlsrpt: example.net: TLSRPT record lookup failed"))
+        with open(path) as f:
+            self.assertEqual(json.load(f)["sent"], [])
+        self.assertEqual(self.reports(), [])
+        self.dns.setServfail("_smtp._tls.example.net", False)
+        yield reporter.check()
+        yield self.waitFor(self.reports)
+        with open(path) as f:
+            self.assertEqual(json.load(f)["sent"], ["example.net"])
+
+    @defer.inlineCallbacks
+    def test_noRecordNothingSent(self):
+        yield self.countTestingFailure()
+        self.dns.setTXT("_smtp._tls.example.net", ["v=spf1 -all"])
+        path = yield self.restartOnTheNextDay()
+        yield self.reporterIdle()
+        self.assertTrue(self.logged("tlsrpt: example.net: no report sent: "))
+        self.assertEqual(self.spoolCount(), 0)
+        with open(path) as f:
+            self.assertEqual(json.load(f)["sent"], ["example.net"])
+
+    @defer.inlineCallbacks
+    def test_daneLookupFailureCountedAsDnssecInvalid(self):
+        self.policy()
+        self.dns.setSecure("example.net")
+        self.dns.setServfail(f"_{self.port}._tcp.mx1.example.net")
+        self.mx("mx1.example.net")
+        yield self.send(["b@example.net"])
+        yield self.waitForCount("tlsa", "dnssec-invalid")
+        self.assertEqual(self.sinks[GOOD].messages, [])
