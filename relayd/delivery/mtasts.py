@@ -106,6 +106,8 @@ class TLSPolicy:
         C{max_age}), on the clock of the L{MTASTSPolicies}.
     @ivar note: why there is no policy, or where this one came from
         (C{"fetched"}, C{"cached"}), for log lines and C{relayctl route}.
+    @ivar maxAge: the policy's C{max_age}, for the policy text of TLSRPT
+        reports (0 in caches written before relayd kept it).
     """
 
     kind: str
@@ -115,6 +117,7 @@ class TLSPolicy:
     policyId: str | None = None
     expires: float = 0.0
     note: str = ""
+    maxAge: int = 0
 
     @property
     def label(self) -> str:
@@ -538,6 +541,7 @@ class MTASTSPolicies:
                     str(data["id"]),
                     float(data["expires"]),
                     "cached",
+                    int(data.get("max_age", 0)),
                 )
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warn("mta-sts: ignoring cache file {path}: {error}", path=path, error=e)
@@ -554,6 +558,7 @@ class MTASTSPolicies:
                 "mode": policy.mode,
                 "mx": list(policy.mxPatterns),
                 "expires": policy.expires,
+                "max_age": policy.maxAge,
             },
             sort_keys=True,
         ).encode("ascii")
@@ -722,6 +727,7 @@ class MTASTSPolicies:
             policyId,
             started + parsed.maxAge,
             "fetched",
+            parsed.maxAge,
         )
         self._cache[domain] = policy
         log.info(

@@ -398,13 +398,14 @@ def summarize(counts: dict[str, Any], domain: str) -> list[dict[str, Any]]:
 def stsPolicyString(policy: Any) -> list[str]:
     """
     The policy text as RFC 8460 section 4.4 wants it (one string per
-    line), from a L{relayd.delivery.mtasts.TLSPolicy}; C{max_age} is not
-    kept by relayd and left out.
+    line), from a L{relayd.delivery.mtasts.TLSPolicy}: the fields relayd
+    keeps, in the order of RFC 8461 section 3.2's example.
     """
     return [
         "version: STSv1",
         f"mode: {policy.mode}",
         *(f"mx: {pattern}" for pattern in policy.mxPatterns),
+        f"max_age: {policy.maxAge}",
     ]
 
 

@@ -730,7 +730,10 @@ class TLSRPTDeliveryTests(_TLSRPTCase):
         self.assertEqual(report["contact-info"], "postmaster@relayd.test")
         [policy] = report["policies"]
         self.assertEqual(policy["policy"]["policy-type"], "sts")
-        self.assertIn("mode: testing", policy["policy"]["policy-string"])
+        self.assertEqual(
+            policy["policy"]["policy-string"],
+            ["version: STSv1", "mode: testing", "mx: mx2.example.net", "max_age: 86400"],
+        )
         self.assertEqual(policy["summary"]["total-failure-session-count"], 1)
         [detail] = policy["failure-details"]
         self.assertEqual(detail["result-type"], "certificate-not-trusted")
