@@ -745,10 +745,12 @@ def _tlsReports(
     C{[delivery] tlsrpt = true}.  Before the scheduler in the service tree,
     so that it stops after it and writes the last counts.
     """
+    from relayd.delivery.attempt import loadTrustRoot
     from relayd.delivery.tlsrpt import TLSReportCounts, TLSReporter
 
     counts = top.tlsReports = TLSReportCounts(reactor, config.spoolDirectory)
     TLSReporter(
+        trustRoot=loadTrustRoot(config.caFile) if config.caFile is not None else None,
         counts=counts,
         resolver=resolver,
         spool=spool,

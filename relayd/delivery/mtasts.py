@@ -428,6 +428,18 @@ class _LimitedBody(Protocol):
             self.done.errback(PolicyError(f"policy body cut short: {reason.getErrorMessage()}"))
 
 
+def httpsAgent(reactor: Any, resolver: Any, trustRoot: Any, timeout: float) -> Agent:
+    """
+    An HTTPS L{Agent} as the policy fetch uses it: names resolved through
+    relayd's resolver, certificates verified against C{trustRoot}, no
+    redirects followed (also for TLSRPT's C{https:} rua, RFC 8460 5.4).
+    """
+    agent: Agent = Agent.usingEndpointFactory(
+        reactor, _Endpoints(reactor, resolver, trustRoot, timeout)
+    )
+    return agent
+
+
 def _drop(d: Deferred[Any]) -> None:
     """Stop reading a body no longer wanted, without an unhandled error."""
     d.addErrback(lambda _: None)

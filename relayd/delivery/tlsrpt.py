@@ -25,6 +25,7 @@ The pieces:
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -612,6 +614,13 @@ def reportMessage(
 # --- the daily sender ---------------------------------------------------------------
 
 
+class _Discard(Protocol):
+    """Read a response body away (a rua server's answer is not used)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
 class TLSReporter(Service):
     """
     Sends the reports of past days (C{[delivery] tlsrpt = true}): checks
@@ -628,6 +637,7 @@ class TLSReporter(Service):
     """
 
     interval = 300.0
+    postTimeout = 60.0
 
     def __init__(
         self,
@@ -641,7 +651,12 @@ class TLSReporter(Service):
         contact: str | None = None,
         send: bool = True,
         makeRecord: Callable[..., Any] | None = None,
+        trustRoot: Any = None,
     ) -> None:
+        """
+        @param trustRoot: the CAs trusted for C{https:} rua servers (as for
+            MTA-STS policy hosts: C{ca_file}, else the system's).
+        """
         self.counts = counts
         self.resolver = resolver
         self.spool = spool
@@ -651,6 +666,11 @@ class TLSReporter(Service):
         self.contact = contact
         self.send = send
         self._makeRecord = makeRecord
+        if trustRoot is None:
+            from twisted.internet.ssl import platformTrust
+
+            trustRoot = platformTrust()
+        self.trustRoot = trustRoot
         self._loop: LoopingCall | None = None
         self._running: Deferred[None] | None = None
 
@@ -744,19 +764,16 @@ class TLSReporter(Service):
                 why=e.reason,
             )
             return True
-        for uri in uris:
-            if uri.lower().startswith("https:"):
-                log.info(
-                    "tlsrpt: {domain}: rua {uri} ignored: relayd sends reports by mail only",
-                    domain=domain,
-                    uri=uri,
-                )
-        addresses = [a for a in (mailtoAddress(u) for u in uris) if a is not None]
-        if not addresses:
-            log.info("tlsrpt: {domain}: no report sent: no usable mailto: rua", domain=domain)
-            return True
         counts = yield self.counts.load(day)
         report = buildReport(counts, domain, self.organization, self.contact, self.submitter)
+        for uri in uris:
+            if uri.lower().startswith("https:"):
+                yield self.post(domain, uri, report)
+        addresses = [a for a in (mailtoAddress(u) for u in uris) if a is not None]
+        if not addresses:
+            if not any(u.lower().startswith("https:") for u in uris):
+                log.info("tlsrpt: {domain}: no report sent: no usable mailto: rua", domain=domain)
+            return True
         data = reportMessage(report, domain, self.submitter, addresses, now)
         record = self._record(addresses, now, data)
         queueId = yield self.spool.submit(record, data)
@@ -768,6 +785,54 @@ class TLSReporter(Service):
             rua=", ".join(addresses),
         )
         return True
+
+    @inlineCallbacks
+    def post(self, domain: str, uri: str, report: dict[str, Any]) -> Any:
+        """
+        POST the gzipped report to an C{https:} rua (RFC 8460 section 5.4):
+        C{Content-Type: application/tlsrpt+gzip}, the certificate verified
+        like a policy host's, no redirect followed; a 2xx answer is
+        success.  A failure is logged and not retried (the section allows,
+        not requires, retries).
+
+        @return: a Deferred firing with True when the server took it.
+        """
+        from twisted.web.client import FileBodyProducer
+        from twisted.web.http_headers import Headers
+
+        from relayd.delivery.mtasts import httpsAgent
+
+        body = gzip.compress(json.dumps(report, indent=1).encode("utf-8"), mtime=0)
+        agent = httpsAgent(self.clock, self.resolver, self.trustRoot, self.postTimeout)
+        headers = Headers({b"content-type": [b"application/tlsrpt+gzip"]})
+        try:
+            d = agent.request(
+                b"POST", uri.encode("ascii"), headers, FileBodyProducer(io.BytesIO(body))
+            )
+            d.addTimeout(self.postTimeout, self.clock)
+            response = yield d
+            code = response.code
+            response.deliverBody(_Discard())
+        except Exception as e:
+            reasons = getattr(e, "reasons", None)
+            why = reasons[0].getErrorMessage() if reasons else str(e) or type(e).__name__
+            log.info(
+                "tlsrpt: {domain}: report POST to {uri} failed: {why}",
+                domain=domain,
+                uri=uri,
+                why=why,
+            )
+            return False
+        if 200 <= code < 300:
+            log.info("tlsrpt: {domain}: report posted to {uri}", domain=domain, uri=uri)
+            return True
+        log.info(
+            "tlsrpt: {domain}: report POST to {uri} answered HTTP {code}",
+            domain=domain,
+            uri=uri,
+            code=code,
+        )
+        return False
 
     def _record(self, addresses: list[str], now: float, data: bytes) -> Any:
         from relayd.queue.spool import envelopeRecord

@@ -26,6 +26,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from relayd.certificates import issueCertificate, loadServerOptions, makeCA, writeKeyPair
 from relayd.config import ConfigError
@@ -466,6 +468,7 @@ class _TLSRPTCase(DeliveryTestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.tlsDir, ca, caPath = makeTLSDir(self)
+        self.ca = ca
         other = makeCA("a CA nobody trusts")
         self.options = {}
         self.certificates = {}
@@ -786,6 +789,22 @@ class TLSRPTDeliveryProcessesTests(_TLSRPTCase):
         self.assertEqual((entry["success"], entry["failure"]), (0, 1))
 
 
+class RuaResource(Resource):
+    """An C{https:} rua (RFC 8460 section 5.4): records the POSTs, answers C{code}."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.posts = []
+        self.code = 200
+
+    def render_POST(self, request):
+        self.posts.append((request.path, request.getHeader("content-type"), request.content.read()))
+        request.setResponseCode(self.code)
+        return b"thanks"
+
+
 class TLSRPTRecordTests(_TLSRPTCase):
     """What the reporter does with the domain's C{_smtp._tls} record."""
 
@@ -825,3 +844,52 @@ class TLSRPTRecordTests(_TLSRPTCase):
         yield self.send(["b@example.net"])
         yield self.waitForCount("tlsa", "dnssec-invalid")
         self.assertEqual(self.sinks[GOOD].messages, [])
+
+    @defer.inlineCallbacks
+    def test_httpsRuaPosted(self):
+        resource = RuaResource()
+        cert, key = issueCertificate(*self.ca, "tlsrpt.reports.test")
+        paths = [os.path.join(self.tlsDir, f"rua.{kind}") for kind in ("crt", "key")]
+        writeKeyPair(*paths, cert, key)
+        site = Site(resource)
+        site.noisy = False
+        port = reactor.listenSSL(0, site, loadServerOptions(*paths), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.dns.setA("tlsrpt.reports.test", ["127.0.0.1"])
+        uri = f"https://tlsrpt.reports.test:{port.getHost().port}/v1/tlsrpt"
+        self.dns.setTXT(
+            "_smtp._tls.example.net",
+            [f"v=TLSRPTv1; rua={uri},mailto:tls-reports@reports.test"],
+        )
+        yield self.countTestingFailure()
+        yield self.restartOnTheNextDay()
+        yield self.waitFor(lambda: resource.posts)
+        [(path, contentType, body)] = resource.posts
+        self.assertEqual((path, contentType), (b"/v1/tlsrpt", "application/tlsrpt+gzip"))
+        report = json.loads(gzip.decompress(body))
+        validateReport(report)
+        self.assertEqual(report["policies"][0]["policy"]["policy-domain"], "example.net")
+        # And by mail to the mailto: rua beside it.
+        yield self.waitFor(self.reports)
+        self.assertTrue(self.logged(f"tlsrpt: example.net: report posted to {uri}"))
+
+    @defer.inlineCallbacks
+    def test_httpsRuaUntrustedNotPosted(self):
+        resource = RuaResource()
+        cert, key = issueCertificate(*makeCA("nobody trusts me"), "tlsrpt.reports.test")
+        paths = [os.path.join(self.tlsDir, f"rua.{kind}") for kind in ("crt", "key")]
+        writeKeyPair(*paths, cert, key)
+        site = Site(resource)
+        site.noisy = False
+        port = reactor.listenSSL(0, site, loadServerOptions(*paths), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.dns.setA("tlsrpt.reports.test", ["127.0.0.1"])
+        uri = f"https://tlsrpt.reports.test:{port.getHost().port}/v1/tlsrpt"
+        self.dns.setTXT("_smtp._tls.example.net", [f"v=TLSRPTv1; rua={uri}"])
+        yield self.countTestingFailure()
+        path = yield self.restartOnTheNextDay()
+        yield self.reporterIdle()
+        self.assertEqual(resource.posts, [])
+        self.assertTrue(self.logged(f"tlsrpt: example.net: report POST to {uri} failed"))
+        with open(path) as f:
+            self.assertEqual(json.load(f)["sent"], ["example.net"])
