@@ -4,7 +4,7 @@ sessions relayd had with MX hosts under a published TLS policy (MTA-STS,
 RFC 8461; DANE, RFC 7672) and how they failed, and once a day send each
 domain that asks for it (C{_smtp._tls.<domain>} TXT, section 3) the JSON
 report of the day before (section 4), gzipped, by mail through relayd's
-own queue (section 5.3).
+own queue (section 5.3) or by HTTPS POST (section 5.4).
 
 The pieces:
 
@@ -175,7 +175,7 @@ class TLSReportCounts:
     L{flushInterval} seconds and at shutdown: never an fsync per message.
     A crash loses the counts of the last few seconds at most, which a
     statistical report can afford (RFC 8460 asks for no exact count);
-    a restart keeps the rest, read back by L{load}.
+    a restart keeps the rest, read back by L{start}.
 
     A day's file::
 
@@ -224,11 +224,14 @@ class TLSReportCounts:
         if counts is None:
             counts = self.read(day) or {"day": day, "sent": [], "policies": {}}
             self._days[day] = counts
-            # Only today and the days being reported stay in memory.
-            for old in sorted(self._days)[:-3]:
-                if old not in self._dirty:
-                    del self._days[old]
+            self._evict()
         return counts
+
+    def _evict(self) -> None:
+        """Only the last three days stay in memory (today, and those being reported)."""
+        for old in sorted(self._days)[:-3]:
+            if old not in self._dirty:
+                del self._days[old]
 
     def add(
         self,
@@ -243,7 +246,12 @@ class TLSReportCounts:
         C{tlsa}) today.
         """
         today = utcDay(self.clock.seconds())
-        counts = self.day(today)
+        counts = self._days.get(today)
+        if counts is None:
+            # A new day (its file, if any, was read by start): never a
+            # disk read on the reactor thread here.
+            counts = self._days[today] = {"day": today, "sent": [], "policies": {}}
+            self._evict()
         key = f"{policyType} {domain}"
         policy = counts["policies"].setdefault(key, _emptyPolicy(policyType, domain))
         if policyString:
@@ -295,9 +303,11 @@ class TLSReportCounts:
             return succeed(self._days[day])
 
         def loaded(stored: dict[str, Any] | None) -> dict[str, Any]:
-            if day not in self._days:
-                self._days[day] = stored or {"day": day, "sent": [], "policies": {}}
-            return self._days[day]
+            counts = self._days.get(day)
+            if counts is None:
+                counts = self._days[day] = stored or {"day": day, "sent": [], "policies": {}}
+                self._evict()
+            return counts
 
         return deferToThread(self.read, day).addCallback(loaded)
 
