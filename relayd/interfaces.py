@@ -582,6 +582,7 @@ class IDeliverer(Interface):
         dsn: DSNParameters | None = None,
         smtputf8: bool = False,
         requireTLS: bool = False,
+        tlsOptional: bool = False,
     ) -> Deferred[AttemptResult]:
         """
         Make one attempt to deliver the first C{size} octets of the queue

@@ -518,6 +518,7 @@ def main(argv: list[str] | None = None) -> None:
         reactor.callFromThread(service.reload)  # type: ignore[attr-defined]
 
     signal.signal(signal.SIGHUP, hup)
+    service.freezeHeap = True
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

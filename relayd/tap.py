@@ -87,6 +87,7 @@ def makeService(options: Options) -> RelaydService:
         config = load(configPath(explicit, mustExist=explicit is None))
         service = buildService(config, reactor)
         service.installSignalHandlers = True
+        service.freezeHeap = True
         # [logging] format: twistd's text, or relayd's JSON lines.
         service.logObserver = observerFor(config, options.parent)
         return service

@@ -320,6 +320,7 @@ class Deliverer:
         dsn: DSNParameters | None = None,
         smtputf8: bool = False,
         requireTLS: bool = False,
+        tlsOptional: bool = False,
     ) -> Deferred[AttemptResult]:
         """
         Make one attempt to deliver the message in C{dataPath}: its first
@@ -340,6 +341,9 @@ class Deliverer:
         @param smtputf8: the message came with C{SMTPUTF8} (its record
             says so); whether the transaction needs it at the next hop is
             L{relayd.delivery.smtputf8.needsSMTPUTF8}'s rule.
+        @param tlsOptional: the message has C{TLS-Required: No} (RFC 8689
+            section 4.2.2): DANE is not applied, as the scheduler does not
+            apply MTA-STS (L{requiretls.POLICY_WAIVED}).
         @return: a Deferred that always fires with an L{AttemptResult},
             never an error.
         """
@@ -353,7 +357,10 @@ class Deliverer:
             dsn,
             smtputf8,
             requireTLS,
+            tlsOptional,
         )
+        if tlsOptional and self._daneApplies(destination):
+            d.addCallback(requiretls.markWaived)
 
         def unexpected(failure: Failure) -> AttemptResult:
             log.failure("{queue_id}: delivery attempt failed", failure, queue_id=queueId)
@@ -411,6 +418,7 @@ class Deliverer:
         dsn: DSNParameters | None = None,
         smtputf8: bool = False,
         requireTLS: bool = False,
+        tlsOptional: bool = False,
     ) -> Generator[Deferred[Any], Any, AttemptResult]:
         if not recipients:
             return AttemptResult([], None, None)
@@ -425,7 +433,15 @@ class Deliverer:
         sessions: list[TLSSession] = []
         # DANE (RFC 7672) first: it decides the TLS mode of each MX hop,
         # over MTA-STS and the configured mode (DESIGN section 6).
-        if self.dane is not None and destination.key.startswith("mx:"):
+        if tlsOptional and self._daneApplies(destination):
+            # TLS-Required: No (RFC 8689 section 4.2.2): the sender waives
+            # the policies the recipient domain publishes, DANE among them.
+            log.info(
+                "{queue_id}: TLS-Required: No: DANE not applied to {key}",
+                queue_id=queueId,
+                key=destination.key,
+            )
+        elif self._daneApplies(destination):
             destination, failure = yield self._applyDane(destination, queueId, sessions)
         # REQUIRETLS: the first hop that was reached and did not qualify.
         unfit: tuple[Hop, Reply] | None = None
@@ -633,6 +649,14 @@ class Deliverer:
             problem[1] if problem is not None else "",
             tlsa,
             dane=policy is not None,
+        )
+
+    def _daneApplies(self, destination: Destination) -> bool:
+        """Whether DANE is on and C{destination} is a domain's MX hosts (not a route)."""
+        return (
+            self.dane is not None
+            and destination.key.startswith("mx:")
+            and not destination.key.startswith("mx:[")
         )
 
     def _policyName(self, hop: Hop | None) -> str | None:

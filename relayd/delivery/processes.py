@@ -83,6 +83,7 @@ class DeliverRequest:
     dsn: DSNParameters | None = None
     smtputf8: bool = False
     requireTLS: bool = False
+    tlsOptional: bool = False
 
 
 # --- the wire ------------------------------------------------------------------
@@ -179,6 +180,7 @@ def encode(number: int, item: DeliverRequest | AttemptResult) -> bytes:
             "dsn": _dsn(item.dsn),
             "smtputf8": item.smtputf8,
             "requireTLS": item.requireTLS,
+            "tlsOptional": item.tlsOptional,
         }
     else:
         body = {
@@ -222,6 +224,8 @@ def decode(line: bytes) -> tuple[int, DeliverRequest | AttemptResult]:
             _loadDSN(body["dsn"]),
             bool(body["smtputf8"]),
             bool(body["requireTLS"]),
+            # Absent from a line of an older relayd's queue manager.
+            bool(body.get("tlsOptional", False)),
         )
         return int(body["request"]), request
     hop = _loadHop(body["hop"]) if body["hop"] is not None else None
@@ -295,6 +299,7 @@ class DeliveryPool(ProcessPool):
         dsn: DSNParameters | None = None,
         smtputf8: bool = False,
         requireTLS: bool = False,
+        tlsOptional: bool = False,
     ) -> Deferred[AttemptResult]:
         """
         L{relayd.delivery.attempt.Deliverer.deliver}, in a delivery process.  Never
@@ -311,6 +316,7 @@ class DeliveryPool(ProcessPool):
             dsn,
             smtputf8,
             requireTLS,
+            tlsOptional,
         )
         d: Deferred[AttemptResult] = Deferred()
         child = self._choose(destination.key)
@@ -442,6 +448,7 @@ class _Requests(Protocol):
             dsn=request.dsn,
             smtputf8=request.smtputf8,
             requireTLS=request.requireTLS,
+            tlsOptional=request.tlsOptional,
         )
         d.addCallback(lambda result: self.notices.write(encode(number, result)))
 
@@ -459,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor
 
     from relayd.receivers import openLifeline, pushMetrics, startChild
-    from relayd.service import makeDeliverer, reloadDeliverer
+    from relayd.service import freezeStartupHeap, makeDeliverer, reloadDeliverer
 
     label = f"delivery-{args.index}"
     config = startChild(label, args.config)
@@ -507,6 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGHUP, hup)
     log.info("{label} delivering (pid {pid})", label=label, pid=os.getpid())
     notices.write(b"ready\n")
+    reactor.callWhenRunning(freezeStartupHeap)
     reactor.run()
 
 

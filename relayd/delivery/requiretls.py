@@ -31,10 +31,12 @@ later: then the message is deferred as any other.  It never falls back to
 plain text.
 
 What C{TLS-Required: No} overrides (section 4.2.2): only TLS policies the
-recipient domain publishes (MTA-STS, DANE), which relayd does not have
-yet; the C{tls} mode of a route or of C{[delivery] mx_tls} is the
-operator's and stays.  So today it changes nothing on the wire; the
-record keeps it for when those policies arrive.
+recipient domain publishes: MTA-STS (the scheduler does not look the
+policy up for a C{tlsOptional} record) and DANE (the deliverer, asked with
+C{tlsOptional=True}, looks up no TLSA record and delivers as without DANE;
+the delivery log line says C{policy=none (TLS-Required: No)},
+L{POLICY_WAIVED}).  The C{tls} mode of a route or of C{[delivery] mx_tls}
+is the operator's and stays.
 
 Non-delivery reports (section 5): a report about a C{requireTLS} message
 carries the original's header section only, never its body (relayd's
@@ -49,6 +51,7 @@ C{<>} it is dropped (logged).
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from relayd.delivery.client import HopFailure
 from relayd.delivery.routing import Hop
@@ -56,13 +59,19 @@ from relayd.envelope import Envelope, Headers, Message, Session
 from relayd.queue.record import QueueRecord
 from relayd.reply import Reply
 
+if TYPE_CHECKING:
+    # The deliverer imports this module: the result type only for the annotation.
+    from relayd.delivery.attempt import AttemptResult
+
 __all__ = [
     "HEADER",
     "KEYWORD",
+    "POLICY_WAIVED",
     "bounceRecord",
     "checkMail",
     "isTLSFailure",
     "markRecord",
+    "markWaived",
     "tlsRequiredNo",
     "verifiedHop",
 ]
@@ -72,6 +81,14 @@ KEYWORD = "REQUIRETLS"
 
 HEADER = "TLS-Required"
 """The header field of RFC 8689 section 3."""
+
+POLICY_WAIVED = "none (TLS-Required: No)"
+"""
+The policy of an attempt whose recipient-domain TLS policies (DANE) were
+not applied because the message has C{TLS-Required: No} (section 4.2.2):
+the C{policy} of its L{relayd.delivery.attempt.AttemptResult}, so that the
+delivery log line says why no published policy was applied.
+"""
 
 
 def checkMail(session: Session, envelope: Envelope) -> Reply | None:
@@ -139,6 +156,16 @@ def isTLSFailure(error: HopFailure) -> bool:
         and not reply.remote
         and reply.enhanced in ("4.7.4", "4.7.5")
     )
+
+
+def markWaived(result: AttemptResult) -> AttemptResult:
+    """
+    C{result} labelled with L{POLICY_WAIVED} (when a hop was tried at all):
+    the domain's published policies were waived, not absent.
+    """
+    if result.hop is not None:
+        result.policy = POLICY_WAIVED
+    return result
 
 
 def bounceRecord(dsn: QueueRecord, original: QueueRecord) -> QueueRecord:

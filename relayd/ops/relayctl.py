@@ -1222,7 +1222,16 @@ async def _routeDane(
     )
     try:
         if domain.startswith("[") or not await resolver.mxSecure(domain):
-            lines.append("  dane: none (MX records not DNSSEC-validated)")
+            if domain.startswith("[") or await resolver.validates():
+                lines.append("  dane: none (MX records not DNSSEC-validated)")
+            else:
+                # No AD even for the signed root: the resolver does not
+                # validate (or is down), so DANE never applies (docs/dane.md).
+                servers = ", ".join(config.resolvers)
+                lines.append(
+                    f"  dane: not checked (resolver {servers} set no AD bit for the signed "
+                    "root zone: not a validating resolver, see docs/dane.md)"
+                )
             return {}
         hosts = sorted({hop.host for hop in destination.hops})
         found = await gatherResults(

@@ -728,6 +728,8 @@ class Scheduler(Service):
                 # Only when set, so that a deliverer without the keyword
                 # (a test's) still serves every other message.
                 **({"requireTLS": True} if record.requireTLS else {}),
+                # TLS-Required: No: the deliverer skips DANE (RFC 8689 4.2.2).
+                **({"tlsOptional": True} if record.tlsOptional else {}),
                 smtputf8=record.smtputf8,
             )
             calls.append(d)

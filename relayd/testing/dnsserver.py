@@ -229,6 +229,11 @@ class DNSServer:
         self._factory = _AuthorityFactory(self._zone)
         self._listening: list[Any] = []
         self.port: int | None = None
+        # The root zone is signed, so a validating resolver answers for
+        # "." itself with AD (C{relayctl route} asks, to tell a validating
+        # resolver from one that is not); names below it only when marked.
+        # setSecure(".", False) plays a resolver that does not validate.
+        self.setSecure(".")
 
     @property
     def ttl(self) -> int:

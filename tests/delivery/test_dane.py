@@ -10,17 +10,25 @@ those of the certificates the sinks present.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.query
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor, threads
+from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -29,8 +37,10 @@ from relayd.config import ConfigError, load
 from relayd.delivery.attempt import AttemptResult, Deliverer, RecipientResult
 from relayd.delivery.client import Reply
 from relayd.delivery.dane import DanePolicy, DaneResolver, TLSARecord, matchChain
-from relayd.delivery.processes import decode, encode
-from relayd.delivery.routing import MXResolver, Router
+from relayd.delivery.processes import DeliverRequest, decode, encode
+from relayd.delivery.requiretls import POLICY_WAIVED
+from relayd.delivery.routing import Destination, Hop, MXResolver, Router
+from relayd.ops import relayctl
 from relayd.testing.dnsserver import DNSServer
 from relayd.testing.sink import SinkServer
 from tests.delivery.test_attempt import FAST
@@ -39,6 +49,16 @@ from tests.delivery.test_attempt_e2e import DeliveryTestCase as E2ECase
 DOMAIN = "example.test"
 MX1 = "mx1.example.test"
 MX2 = "mx2.example.test"
+
+
+@defer.inlineCallbacks
+def waitUntil(condition, timeout=10.0):
+    """Let the reactor run until C{condition()} is true."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError("timed out")
+        yield deferLater(reactor, 0.02, lambda: None)
 
 
 def der(pem: bytes) -> bytes:
@@ -124,7 +144,7 @@ class DaneTestCase(unittest.TestCase):
         return deliverer
 
     @defer.inlineCallbacks
-    def deliver(self, domain=DOMAIN, requireTLS=False, dane=True):
+    def deliver(self, domain=DOMAIN, requireTLS=False, dane=True, **options):
         router = Router(self.resolver, port=self.port)
         destination = yield router.route(domain)
         path = self.path("message")
@@ -138,6 +158,7 @@ class DaneTestCase(unittest.TestCase):
             os.path.getsize(path),
             queueId="DANE1",
             requireTLS=requireTLS,
+            **options,
         )
         return result
 
@@ -196,6 +217,18 @@ class MatchingTests(DaneTestCase):
     def test_taSpkiSha256(self):
         """2 1 1: the test CA's key as trust anchor, sent in the chain."""
         return self.check(lambda cert: [(2, 1, 1, sha256(spki(self.caCert)))], chain=True)
+
+    def test_taFullKeyNotInChain(self):
+        """
+        2 1 0: the CA's public key published in full, the server sends only
+        its leaf; the key verifies the leaf's signature (RFC 7671 section
+        5.2.2).
+        """
+        return self.check(lambda cert: [(2, 1, 0, spki(self.caCert))])
+
+    def test_taFullCertNotInChain(self):
+        """2 0 0: the CA certificate published in full, left out of the chain."""
+        return self.check(lambda cert: [(2, 0, 0, der(self.caCert))])
 
     @defer.inlineCallbacks
     def test_eeNameNotChecked(self):
@@ -277,6 +310,49 @@ class EnforcementTests(DaneTestCase):
         self.assertEqual((r.status, r.enhanced), ("deferred", "4.7.5"))
         self.assertIn("name does not match", r.text)
         self.assertEqual(sink.messages, [])
+
+    @defer.inlineCallbacks
+    def deferredWithout(self, records, why, host=MX1):
+        """The leaf alone (no CA in the chain) against C{records}: deferred."""
+        _cert, options = self.certificate(host)
+        sink = self.sink("127.0.0.1", options)
+        self.mx(DOMAIN, (MX1, "127.0.0.1"))
+        self.tlsa(MX1, records)
+        result = yield self.deliver()
+        [r] = result.results
+        self.assertEqual((r.status, r.code, r.enhanced), ("deferred", 451, "4.7.5"), r.text)
+        self.assertIn(why, r.text)
+        self.assertEqual(sink.messages, [])
+        self.assertNotIn("MAIL", sink.verbs())
+
+    def test_taFullKeyOfAnotherCADeferred(self):
+        """2 1 0 with a key that did not sign the leaf: deferred."""
+        other, _ = makeCA("not the issuer")
+        return self.deferredWithout(
+            [(2, 1, 0, spki(other))], "not signed by the DANE-TA trust anchor"
+        )
+
+    def test_taFullCertOfAnotherCADeferred(self):
+        """2 0 0 with a certificate that did not sign the leaf: deferred."""
+        other, _ = makeCA("not the issuer")
+        return self.deferredWithout(
+            [(2, 0, 0, der(other))], "not signed by the DANE-TA trust anchor"
+        )
+
+    def test_taFullKeyWrongNameDeferred(self):
+        """The key verifies the leaf, but DANE-TA still checks its name."""
+        return self.deferredWithout(
+            [(2, 1, 0, spki(self.caCert))], "name does not match", host="elsewhere.test"
+        )
+
+    def test_taDigestNotInChainDeferred(self):
+        """
+        2 1 1: a digest cannot stand in for an anchor the server left out
+        (nothing to check the leaf's signature with).
+        """
+        return self.deferredWithout(
+            [(2, 1, 1, sha256(spki(self.caCert)))], "chain matches no TLSA record"
+        )
 
     @defer.inlineCallbacks
     def test_noSTARTTLSDeferred(self):
@@ -407,6 +483,80 @@ class NotAppliedTests(DaneTestCase):
         self.assertIsNone(result.tls)
 
     @defer.inlineCallbacks
+    def test_tlsRequiredNoIgnoresDane(self):
+        """
+        C{TLS-Required: No} (RFC 8689 section 4.2.2): the sender waives the
+        recipient domain's policies, DANE among them.  TLSA records that the
+        certificate does not match: no TLSA lookup at all, delivered with
+        opportunistic TLS, and the result says why no policy applied.
+        """
+        _cert, options = self.certificate(MX1)
+        sink = self.sink("127.0.0.1", options)
+        self.mx(DOMAIN, (MX1, "127.0.0.1"))
+        self.tlsa(MX1, [(3, 1, 1, sha256(b"not this key"))])
+        result = yield self.deliver(tlsOptional=True)
+        self.assertEqual(result.results[0].status, "delivered", result.results[0].reply)
+        self.assertEqual(result.policy, POLICY_WAIVED)
+        self.assertEqual(result.policy, "none (TLS-Required: No)")
+        self.assertEqual(result.hop.tls, "opportunistic")
+        self.assertIsNotNone(result.tls)
+        self.assertEqual(len(sink.messages), 1)
+        self.assertEqual(self.dnsServer.queryCount(type="52"), 0)
+        self.assertIn("DANE1: TLS-Required: No: DANE not applied to mx:example.test", self.logged())
+        # The same message without the header field is held to DANE.
+        again = yield self.deliver()
+        self.assertEqual(again.results[0].status, "deferred")
+        self.assertEqual(again.policy, "dane")
+        self.assertEqual(len(sink.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_tlsRequiredNoInADeliveryProcess(self):
+        """
+        The delivery process's side of the pipe: a request line with
+        C{tlsOptional} reaches its (real) deliverer, which skips DANE.
+        """
+        from relayd.delivery.processes import _Requests
+
+        _cert, options = self.certificate(MX1)
+        sink = self.sink("127.0.0.1", options)
+        self.mx(DOMAIN, (MX1, "127.0.0.1"))
+        self.tlsa(MX1, [(3, 1, 1, sha256(b"not this key"))])
+        destination = yield Router(self.resolver, port=self.port).route(DOMAIN)
+        path = self.path("message")
+        with open(path, "wb") as f:
+            f.write(b"Subject: dane\r\n\r\nbody\r\n")
+        notices = io.BytesIO()
+        requests = _Requests(self.deliverer(), lambda: None)
+        requests.notices = notices
+        request = DeliverRequest(
+            destination,
+            "from@relay.test",
+            (f"to@{DOMAIN}",),
+            path,
+            os.path.getsize(path),
+            "DANE2",
+            tlsOptional=True,
+        )
+        requests.dataReceived(encode(7, request))
+        yield waitUntil(notices.getvalue)
+        number, result = decode(notices.getvalue())
+        self.assertEqual(number, 7)
+        self.assertEqual((result.results[0].status, result.policy), ("delivered", POLICY_WAIVED))
+        self.assertEqual(len(sink.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_tlsRequiredNoWithoutStartTLS(self):
+        """... and a host with usable TLSA records but no STARTTLS gets it in plain text."""
+        sink = self.sink("127.0.0.1", None)
+        self.mx(DOMAIN, (MX1, "127.0.0.1"))
+        self.tlsa(MX1, [(3, 1, 1, sha256(b"key"))])
+        result = yield self.deliver(tlsOptional=True)
+        self.assertEqual(result.results[0].status, "delivered")
+        self.assertIsNone(result.tls)
+        self.assertEqual(result.policy, POLICY_WAIVED)
+        self.assertEqual(len(sink.messages), 1)
+
+    @defer.inlineCallbacks
     def test_daneOffByDefault(self):
         """Without a DANE resolver the deliverer never asks for TLSA."""
         self.sink("127.0.0.1", None)
@@ -415,6 +565,87 @@ class NotAppliedTests(DaneTestCase):
         result = yield self.deliver(dane=False)
         self.assertEqual(result.results[0].status, "delivered")
         self.assertEqual(self.dnsServer.queryCount(type="52"), 0)
+
+
+class TolerantTLSAParsingTests(unittest.TestCase):
+    """
+    L{DaneResolver.lookupTLSA} against the DNS test server: records that
+    dnspython refuses to parse (a digest of the wrong length) are read as
+    they came and judged unusable one by one, over UDP and, for an answer
+    too long for UDP, over TCP; dnspython's own registry is left alone.
+    """
+
+    def setUp(self):
+        self.server = DNSServer()
+        self.port = self.server.start(reactor)
+        self.addCleanup(self.server.stop)
+        self.server.setSecure(DOMAIN)
+        self.resolver = DaneResolver(reactor, ["127.0.0.1"], port=self.port, timeout=2)
+        self.addCleanup(self.resolver.stop)
+
+    def test_dnspythonRefusesTheRecord(self):
+        """
+        The premise: dnspython will not parse a 5-octet SHA-256 digest (if
+        this fails after an upgrade, dnspython takes such records again and
+        the tolerant name server of L{relayd.delivery.dane} is no longer
+        needed for them).
+        """
+        with pytest.raises(dns.exception.FormError):
+            dns.rdata.from_wire("IN", "TLSA", b"\x03\x01\x01" + b"\x01" * 5, 0, 8)
+
+    def test_registryUntouched(self):
+        """relayd replaces no dnspython parser (no private registry edit)."""
+        import dns.rdtypes.ANY.TLSA
+
+        cls = dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.TLSA)
+        self.assertIs(cls, dns.rdtypes.ANY.TLSA.TLSA)
+
+    @defer.inlineCallbacks
+    def test_onlyBrokenRecords(self):
+        """
+        An RRset of broken records only: records present, none usable, so
+        TLS stays mandatory (RFC 7672 section 2.2), not "no DANE".
+        """
+        self.server.setTLSA(f"_25._tcp.{MX1}", [(3, 1, 1, b"\x01" * 5), (2, 0, 2, b"\x02" * 3)])
+        policy = yield self.resolver.lookupTLSA(MX1)
+        self.assertEqual(policy.mode, "dane-unusable")
+        self.assertEqual(
+            sorted((r.usage, r.selector, r.mtype, r.data) for r in policy.records),
+            [(2, 0, 2, b"\x02" * 3), (3, 1, 1, b"\x01" * 5)],
+        )
+        self.assertEqual(policy.usable, ())
+
+    @defer.inlineCallbacks
+    def test_brokenBesideGoodOverTCP(self):
+        """
+        A long RRset (truncated over UDP, asked again over TCP) with a broken
+        record among full-certificate ones: every record read, the good
+        ones usable.
+        """
+        anchors = [makeCA(f"big anchor {i}")[0] for i in range(2)]
+        good = [(2, 0, 0, der(ca)) for ca in anchors] + [(3, 1, 1, sha256(b"k"))]
+        self.server.setTLSA(f"_25._tcp.{MX1}", [*good, (3, 1, 1, b"\x01" * 5)])
+        policy = yield self.resolver.lookupTLSA(MX1)
+        self.assertEqual(policy.mode, "dane")
+        self.assertEqual(len(policy.records), 4)
+        self.assertEqual(
+            sorted((r.usage, r.selector, r.mtype, r.data) for r in policy.usable), sorted(good)
+        )
+        # Too long for UDP: the resolver asked again over TCP.
+        self.assertGreater(sum(len(der(ca)) for ca in anchors), 512)
+        self.assertGreaterEqual(self.server.queryCount(type="52"), 2)
+
+    @defer.inlineCallbacks
+    def test_insecureAndMissing(self):
+        """No AD, or no records: no DANE; a name server that is down: an error."""
+        self.server.setTLSA("_25._tcp.mx.other.test", [(3, 1, 1, sha256(b"k"))])
+        policy = yield self.resolver.lookupTLSA("mx.other.test")
+        self.assertEqual(policy.mode, "none")
+        policy = yield self.resolver.lookupTLSA(MX2)
+        self.assertEqual(policy.mode, "none")
+        yield self.server.stop()
+        policy = yield self.resolver.lookupTLSA(MX1)
+        self.assertEqual(policy.mode, "dane-error")
 
 
 class DNSServerADTests(unittest.TestCase):
@@ -482,6 +713,108 @@ def test_taChainMustLeadToAnchor():
     )
 
 
+def test_taFullAnchorAboveIntermediate():
+    """
+    A root published in full ("2 1 0", "2 0 0") and left out of a chain of
+    leaf and intermediate: the intermediate must be signed by it and must
+    have issued the leaf (RFC 7671 section 5.2.2).
+    """
+    root, rootKey = makeCA("root")
+    intermediate, intermediateKey = makeCA("intermediate", signedBy=(root, rootKey))
+    leaf, _ = issueCertificate(intermediate, intermediateKey, "mx.example.test")
+    chain = [x509.load_pem_x509_certificate(p) for p in (leaf, intermediate)]
+    stranger, strangerKey = makeCA("stranger")
+    strayLeaf, _ = issueCertificate(stranger, strangerKey, "mx.example.test")
+    for record in (TLSARecord(2, 1, 0, spki(root)), TLSARecord(2, 0, 0, der(root))):
+        policy = DanePolicy((record,), (record,), "mx.example.test")
+        assert matchChain(policy, chain, "mx.example.test") is None
+        # The leaf alone: the root did not sign it.
+        why = matchChain(policy, chain[:1], "mx.example.test")
+        assert why is not None and "not signed by the DANE-TA" in why
+        # An intermediate that did not issue the leaf breaks the path.
+        broken = [x509.load_pem_x509_certificate(strayLeaf), chain[1]]
+        why = matchChain(policy, broken, "mx.example.test")
+        assert why is not None and "not signed by the DANE-TA" in why
+
+
+def _chainWith(caKey, leafName="mx.example.test", pss=False):
+    """A CA of key C{caKey} and a leaf it signed, built here: (CA, leaf)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+    now = dt.datetime.now(dt.UTC)
+    caName = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "anchor")])
+    algorithm = (
+        None
+        if not isinstance(caKey, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+        else hashes.SHA256()
+    )
+    extra = {}
+    if pss:
+        extra["rsa_padding"] = padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH)
+
+    def build(subject, key, ca):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(caName)
+            .public_key(key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(leafName)]), critical=False
+            )
+        return builder.sign(caKey, algorithm, **extra)
+
+    leafKey = ec.generate_private_key(ec.SECP256R1())
+    ca = build(caName, caKey.public_key(), True)
+    leafSubject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, leafName)])
+    return ca, build(leafSubject, leafKey.public_key(), False)
+
+
+@pytest.mark.parametrize("kind", ["rsa", "rsa-pss", "ed25519", "ed448"])
+def test_taFullKeyOtherAlgorithms(kind):
+    """
+    "2 1 0" verifies the leaf's signature whatever the anchor's algorithm
+    (RSA PKCS#1 v1.5 and PSS, Ed25519, Ed448; ECDSA in the tests above),
+    and a leaf signed by another key of the same kind fails.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, rsa
+
+    def newKey():
+        if kind.startswith("rsa"):
+            return rsa.generate_private_key(65537, 2048)
+        return (
+            ed25519.Ed25519PrivateKey if kind == "ed25519" else ed448.Ed448PrivateKey
+        ).generate()
+
+    ca, leaf = _chainWith(newKey(), pss=kind == "rsa-pss")
+    key = ca.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    record = TLSARecord(2, 1, 0, key)
+    policy = DanePolicy((record,), (record,), "mx.example.test")
+    assert matchChain(policy, [leaf], "mx.example.test") is None
+    _otherCA, stray = _chainWith(newKey(), pss=kind == "rsa-pss")
+    why = matchChain(policy, [stray], "mx.example.test")
+    assert why is not None and "not signed by the DANE-TA" in why
+
+
+def test_taFullAnchorGarbage():
+    """Full(0) data that is neither a certificate nor a key matches nothing."""
+    leaf, _ = makeCA("self-signed")
+    chain = [x509.load_pem_x509_certificate(leaf)]
+    for record in (TLSARecord(2, 1, 0, b"not a key"), TLSARecord(2, 0, 0, b"not a cert")):
+        why = matchChain(DanePolicy((record,), (record,), "mx.example.test"), chain, "mx")
+        assert why == "certificate chain matches no TLSA record"
+
+
 def test_resultPolicyCrossesThePipe():
     """A delivery process hands the applied policy to the queue manager."""
     reply = Reply.local(250, "2.0.0", "ok")
@@ -491,6 +824,27 @@ def test_resultPolicyCrossesThePipe():
     number, decoded = decode(encode(3, result))
     assert number == 3 and isinstance(decoded, AttemptResult)
     assert decoded.policy == "dane"
+
+
+def test_tlsOptionalCrossesThePipe():
+    """
+    A delivery process gets C{tlsOptional} from the queue manager; a line
+    without it (an older queue manager's) reads as False.
+    """
+    hop = Hop("mx1.example.test", "127.0.0.1", 25, "opportunistic")
+    request = DeliverRequest(
+        Destination("mx:example.test", (hop,)), "a@b.test", ("c@example.test",), "/q", 10, "Q1"
+    )
+    for value in (True, False):
+        _, decoded = decode(encode(1, replace(request, tlsOptional=value)))
+        assert isinstance(decoded, DeliverRequest) and decoded.tlsOptional is value
+    body = json.loads(encode(1, request))
+    del body["tlsOptional"]
+    _, decoded = decode(json.dumps(body).encode())
+    assert isinstance(decoded, DeliverRequest) and decoded.tlsOptional is False
+    result = AttemptResult([], hop, "TLSv1.3", POLICY_WAIVED)
+    _, decoded = decode(encode(2, result))
+    assert isinstance(decoded, AttemptResult) and decoded.policy == POLICY_WAIVED
 
 
 CONFIG = """
@@ -579,6 +933,58 @@ class WholeRelaydTests(E2ECase):
         yield self.waitFor(lambda: any("status=sent" in line for line in self.deliveryLines()))
         [line] = [line for line in self.deliveryLines() if "status=sent" in line]
         self.assertIn("(verified), policy=dane, status=sent", line)
+
+    @defer.inlineCallbacks
+    def test_tlsRequiredNoIgnoresDane(self):
+        """
+        Received over SMTP with C{TLS-Required: No}: the record says
+        C{tlsOptional}, the scheduler passes it on, and the message goes to
+        the MX host whose TLSA record does not match (RFC 8689 section
+        4.2.2), the delivery line saying why no policy applied.
+        """
+        self.dns.setTLSA(f"_{self.port}._tcp.{MX1}", [(3, 1, 1, sha256(b"not this key"))])
+        body = b"Subject: not secret\r\nTLS-Required: No\r\n\r\nhello\r\n"
+        yield self.send(["r@example.test"], body=body)
+        yield self.waitFor(lambda: self.sinks["127.0.0.2"].messages)
+        yield self.waitFor(lambda: any("status=sent" in line for line in self.deliveryLines()))
+        [line] = [line for line in self.deliveryLines() if "status=sent" in line]
+        self.assertIn("(unverified), policy=none (TLS-Required: No), status=sent", line)
+        self.assertEqual(self.dns.queryCount(type="52"), 0)
+
+    def route(self, address):
+        """C{relayctl route ADDRESS} against this relayd's configuration: its output."""
+        out, err = io.StringIO(), io.StringIO()
+
+        def run():
+            argv = ["--config", self.setup.configPath, "route", address]
+            return relayctl.main(argv, stdout=out, stderr=err)
+
+        d = threads.deferToThread(run)
+        d.addCallback(lambda status: self.assertEqual((status, err.getvalue()), (0, "")))
+        return d.addCallback(lambda _: out.getvalue())
+
+    @defer.inlineCallbacks
+    def test_relayctlRouteUnsignedOrNotValidating(self):
+        """
+        C{relayctl route} on an unsigned domain: "none" when the resolver
+        validates (it sets AD for the signed root), "not checked" and why
+        when it does not, since DANE then never applies.
+        """
+        self.dns.setMX("plain.test", [(10, "mx.plain.test")])
+        self.dns.setA("mx.plain.test", ["127.0.0.2"])
+        text = yield self.route("r@plain.test")
+        self.assertIn("dane: none (MX records not DNSSEC-validated)", text)
+        self.dns.setSecure(".", False)
+        text = yield self.route("r@plain.test")
+        self.assertIn(
+            "dane: not checked (resolver 127.0.0.1 set no AD bit for the signed root zone: "
+            "not a validating resolver, see docs/dane.md)",
+            text,
+        )
+        self.assertNotIn("dane: none", text)
+        # A signed domain is still checked as before.
+        text = yield self.route("r@example.test")
+        self.assertIn(f"dane: {MX1}: none (no TLSA records)", text)
 
     @defer.inlineCallbacks
     def test_mismatchDeferredNeverPlain(self):

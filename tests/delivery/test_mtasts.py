@@ -722,6 +722,21 @@ class MTASTSWithDANETests(MTASTSDeliveryTests):
         self.assertIn("(verified), policy=dane, status=sent", line)
 
     @defer.inlineCallbacks
+    def test_tlsRequiredNoIgnoresPolicy(self):
+        """
+        RFC 8689 section 4.2.2: C{TLS-Required: No} waives MTA-STS and DANE
+        both; with DANE on, the delivery line says so (the base class's
+        test, without DANE, has no policy in the line at all).
+        """
+        self.publishDANE()
+        self.mx("mx.elsewhere.example")
+        yield self.send(["b@example.net"], body=b"TLS-Required: No\r\n" + BODY)
+        yield self.waitFor(lambda: self.sinks[OTHER].messages)
+        yield self.waitFor(lambda: self.deliveryLines("sent"))
+        self.assertIn("policy=none (TLS-Required: No), status=sent", self.deliveryLines("sent")[0])
+        self.assertEqual(self.server.resource.requests, [])
+
+    @defer.inlineCallbacks
     def test_relayctlRouteDANE(self):
         self.publishDANE()
         self.mx("mx1.example.net", "mx.elsewhere.example")

@@ -21,6 +21,10 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
+from relayd.delivery.attempt import AttemptResult, RecipientResult
+from relayd.delivery.client import Reply as RemoteReply
+from relayd.delivery.requiretls import POLICY_WAIVED, markWaived
+from relayd.delivery.routing import Hop
 from relayd.queue.record import QueueRecord
 from relayd.smtp import extensions
 from relayd.testing import PostfixSink
@@ -465,9 +469,9 @@ class RouteTests(TLSSinksTestCase):
 
 class TLSRequiredNoTests(DeliveryTestCase):
     """
-    C{TLS-Required: No} waives recipient-domain policies only (MTA-STS,
-    DANE: not in relayd yet); the operator's C{mx_tls = "verify"} still
-    holds.
+    C{TLS-Required: No} waives recipient-domain policies only (MTA-STS:
+    tests/delivery/test_mtasts.py; DANE: tests/delivery/test_dane.py); the
+    operator's C{mx_tls = "verify"} still holds.
     """
 
     delivery = {"mx_tls": "verify"}
@@ -550,3 +554,16 @@ class DelivererTests(ClientTestCase):
         first, second = sink.messages
         self.assertNotIn("REQUIRETLS", first.mailParameters)
         self.assertIn("REQUIRETLS", second.mailParameters.split())
+
+
+def test_markWaived():
+    """
+    An attempt for a C{TLS-Required: No} message is labelled with why no
+    published policy applied (the delivery log line's C{policy=}); one that
+    tried no hop at all is left unlabelled.
+    """
+    reply = RemoteReply.local(250, "2.0.0", "ok")
+    recipients = [RecipientResult("a@example.org", "delivered", reply, None)]
+    hop = Hop("mx.example.org", "127.0.0.1", 25, "opportunistic")
+    assert markWaived(AttemptResult(recipients, hop, None)).policy == POLICY_WAIVED
+    assert markWaived(AttemptResult(recipients, None, None)).policy is None

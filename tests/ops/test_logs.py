@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEvent, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
 from relayd.config import load
-from relayd.ops.logs import eventAsJSON, observerFor
+from relayd.ops.logs import _classicText, _formatTime, _present, eventAsJSON, observerFor
 from relayd.testing import PostfixSink, TestSetup, freePort
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +40,61 @@ TWISTD = [
     "-c",
     "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
 ]
+
+
+# --- the quick formatter agrees with Twisted's ------------------------------------
+
+
+class _Named:
+    name = "a name"
+
+    def __str__(self) -> str:
+        return "as text"
+
+    def method(self) -> str:
+        return "called"
+
+
+_AGREEMENT_EVENTS: list[dict[str, Any]] = [
+    {"log_format": "plain text"},
+    {
+        "log_format": "{queue_id}: to={to}, delay={delay:.1f}",
+        "queue_id": "Q1",
+        "to": "a@b",
+        "delay": 0.25,
+    },
+    {"log_format": "{what!r} and {what!s}", "what": "x'y"},
+    {
+        "log_format": "{obj.name} {obj} {items[1]} {table[k]}",
+        "obj": _Named(),
+        "items": [1, 2],
+        "table": {"k": "v"},
+    },
+    {"log_format": "{obj.method()} via a call", "obj": _Named()},
+    {"log_format": "missing {field} here"},
+    {"log_format": "{value}", "value": None},
+    {"log_format": "two\nlines {n}", "n": 2},
+    {"log_format": "{{braces}} {n:>5}", "n": 3},
+    {"log_format": "unbalanced {", "n": 3},
+    {"log_format": "a system line", "log_system": "receiver-1"},
+    {"log_format": "{level} {data}", "level": LogLevel.warn, "data": b"\xff"},
+    {"log_format": ""},
+    {},
+]
+
+
+@pytest.mark.parametrize("event", _AGREEMENT_EVENTS)
+def test_quickFormatAgreesWithTwisted(event: dict[str, Any]) -> None:
+    """
+    The text lines relayd writes are exactly Twisted's, whichever path
+    formatted them (str.format_map for plain fields, Twisted's formatter
+    for calls and what cannot be formatted).
+    """
+    event = dict(event, log_time=1764763200.5, log_namespace="relayd.test", log_level=LogLevel.info)
+    expected = formatEventAsClassicLogText(_present(event), formatTime=_formatTime)
+    assert _classicText(event) == expected
+    line = eventAsJSON(event)
+    assert json.loads(line)["message"] == formatEvent(_present(event))
 
 
 # --- the JSON object ------------------------------------------------------------

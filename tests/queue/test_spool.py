@@ -7,17 +7,19 @@ when running as root, a real full file system).
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import replace
 
 from twisted.internet import defer, reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
 from twisted.logger import Logger
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -26,6 +28,7 @@ from relayd.interfaces import ISpool
 from relayd.queue import spool as spoolModule
 from relayd.queue.record import QueueRecord, RecipientState, readData, readRecord
 from relayd.queue.spool import IncomingMessage, Spool, SpoolStopped, envelopeRecord
+from relayd.queue.workers import GroupSync
 
 MESSAGE = (
     b"Received: from client.example (client.example [192.0.2.1])\r\n"
@@ -240,13 +243,13 @@ class CommitTests(SpoolTestMixin, TestCase):
 
 
 class GroupCommitTests(SpoolTestMixin, TestCase):
-    """Messages that finish together share a batch, and its fsyncs."""
+    """Commits that finish together share the fsync of C{incoming/}."""
 
     @inlineCallbacks
     def test_concurrentCommits(self):
         """
-        Fifty concurrent commits all succeed, byte-exact, in fewer batches
-        than messages.
+        Fifty concurrent commits all succeed, byte-exact, with fewer
+        directory fsyncs than messages.
         """
         spool = self.startSpool()
         messages = []
@@ -264,27 +267,15 @@ class GroupCommitTests(SpoolTestMixin, TestCase):
         for incoming, data in messages:
             self.assertEqual(spool.readData(incoming.queueId), data)
         self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
-
-        batches = [e for e in self.events if "count" in e and "queue_ids" in e]
-        self.assertEqual(len(batches), spool.batchCount)
-        self.assertEqual(sum(e["count"] for e in batches), 50)
+        self.assertGreaterEqual(spool.batchCount, 1)
         self.assertLess(spool.batchCount, 50)
 
     @inlineCallbacks
-    def waitForReady(self, spool, count):
-        """Wait until C{count} messages are prepared and waiting for a batch."""
-        for _ in range(1000):
-            if len(spool._ready) >= count:
-                return
-            yield deferLater(reactor, 0.01, lambda: None)
-        self.fail(f"only {len(spool._ready)} of {count} messages got ready")
-
-    @inlineCallbacks
-    def test_failureIsolatedInBatch(self):
+    def test_failureIsolated(self):
         """
-        When one message of a batch fails (here: renaming its queue file
-        into C{incoming/}), only its Deferred fails, its file is removed
-        again, and the others of the same batch are committed.
+        When one commit fails (here: renaming its queue file into
+        C{incoming/}), only its Deferred fails, its file is removed again,
+        and the others committed at the same time are durable.
         """
         spool = self.startSpool()
         messages = [self.receive(spool) for _ in range(5)]
@@ -298,23 +289,132 @@ class GroupCommitTests(SpoolTestMixin, TestCase):
             return realRename(source, destination)
 
         self.patch(spoolModule.os, "rename", rename)
-
-        # Hold the batch back until all five are ready, so they share it.
-        spool._batchRunning = True
         ds = [spool.commit(m, record(m.queueId)) for m in messages]
-        yield self.waitForReady(spool, 5)
-        spool._batchRunning = False
-        spool._maybeStartBatch()
 
         failure = yield self.assertFailure(ds[2], OSError)
         self.assertEqual(failure.errno, errno.EIO)
         others = yield gatherResults(ds[:2] + ds[3:])
-        self.assertEqual(spool.batchCount, 1)
         self.assertEqual(sorted(others), spool.entries("incoming"))
         self.assertNotIn(victim.queueId, spool.entries("incoming"))
         self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
         self.assertEqual(listing(os.path.join(spool.directory, "incoming")), sorted(others))
         self.assertRaises(KeyError, spool.load, victim.queueId)
+
+    @inlineCallbacks
+    def test_directoryFsyncFails(self):
+        """
+        When the fsync of C{incoming/} fails, every commit it covered fails
+        (the client gets a temporary failure) and its queue file is taken
+        out again: nothing the client was not told is durable stays queued.
+        The spool keeps working once fsync works again.
+        """
+        spool = self.startSpool()
+        sync = spool._incomingSync
+        real = sync._fsync
+
+        def failing(path):
+            raise OSError(errno.EIO, "injected fsync failure", path)
+
+        sync._fsync = failing
+        messages = [self.receive(spool) for _ in range(8)]
+        results = yield DeferredList(
+            [spool.commit(m, record(m.queueId)) for m in messages], consumeErrors=True
+        )
+        for ok, result in results:
+            self.assertFalse(ok)
+            self.assertEqual(result.value.errno, errno.EIO)
+        self.assertEqual(spool.entries("incoming"), [])
+        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+        self.assertEqual(spool._incomingSync._failed, [])
+
+        sync._fsync = real
+        incoming = self.receive(spool)
+        queueId = yield spool.commit(incoming, record(incoming.queueId))
+        self.assertEqual(spool.entries("incoming"), [queueId])
+
+
+class GroupSyncTests(TestCase):
+    """L{GroupSync} directly, with threads that rename at the same time."""
+
+    def test_sharedAndOrdered(self):
+        """
+        Every caller returns only after an fsync that began after it
+        called; callers arriving during one fsync share the next.
+        """
+        events = []
+        lock = threading.Lock()
+        clock = itertools.count()
+
+        def fsync(path):
+            with lock:
+                began = next(clock)
+            time.sleep(0.01)
+            events.append(("fsync", began))
+
+        sync = GroupSync("/nowhere", fsync)
+        calledAt = {}
+
+        def caller(n):
+            with lock:
+                calledAt[n] = next(clock)
+            sync.sync()
+            with lock:
+                finishedFsyncs = [began for kind, began in events if kind == "fsync"]
+            # An fsync that began after this call has finished.
+            self.assertTrue(any(began > calledAt[n] for began in finishedFsyncs))
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(len(calledAt), 20)
+        self.assertLess(sync.count, 20)
+        self.assertGreaterEqual(sync.count, 1)
+
+    def test_failureReachesEveryCoveredCaller(self):
+        """An fsync that fails raises in every thread it covered, each its own copy."""
+        gate = threading.Event()
+        first = [True]
+
+        def fsync(path):
+            if first[0]:
+                first[0] = False
+                gate.wait(5)  # the others queue up behind this one
+                return
+            raise OSError(errno.EIO, "injected", path)
+
+        sync = GroupSync("/dir", fsync)
+        errors = {}
+
+        def caller(n):
+            try:
+                sync.sync()
+            except OSError as e:
+                errors[n] = e
+
+        runner = threading.Thread(target=caller, args=("runner",))
+        runner.start()
+        for _ in range(500):
+            if sync._running:
+                break
+            time.sleep(0.001)
+        waiting = [threading.Thread(target=caller, args=(n,)) for n in range(5)]
+        for t in waiting:
+            t.start()
+        for _ in range(500):
+            if sync._issued == 6:
+                break
+            time.sleep(0.001)
+        gate.set()
+        for t in [runner, *waiting]:
+            t.join()
+        self.assertNotIn("runner", errors)
+        self.assertEqual(sorted(errors), list(range(5)))
+        self.assertEqual({e.errno for e in errors.values()}, {errno.EIO})
+        self.assertEqual(len({id(e) for e in errors.values()}), 5)
+        self.assertEqual(sync._failed, [])
+        self.assertEqual(sync.count, 2)
 
 
 class RecoveryTests(SpoolTestMixin, TestCase):
