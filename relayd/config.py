@@ -471,6 +471,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
 _ROUTE: dict[str, _Key] = {
     "domains": _Key(list, required=True, check=_stringList),
     "hops": _Key(list, required=True),
+    # "passthrough": relay in the client's session (relayd.smtp.passthrough);
+    # "spool": queue, then deliver (the default).
+    "mode": _Key(str, "spool", check=_oneOf("spool", "passthrough")),
+    # What a passthrough route does when no hop can be reached at RCPT time.
+    "fallback": _Key(str, "spool", check=_oneOf("spool", "tempfail")),
 }
 
 _HOP: dict[str, _Key] = {
@@ -876,7 +881,18 @@ def _routes(path: str, base: str, raw: Any) -> tuple[Any, ...]:
                     "AUTH needs TLS: credentials are never sent in plain text",
                 )
             hops.append(NextHopConfig(h["host"], h["port"], h["tls"], h["username"], password))
-        routes.append(Route(tuple(d.lower() for d in values["domains"]), tuple(hops)))
+        if values["mode"] != "passthrough" and "fallback" in table:
+            raise ConfigError(
+                path, prefix + "fallback", 'only a route with mode = "passthrough" has a fallback'
+            )
+        routes.append(
+            Route(
+                tuple(d.lower() for d in values["domains"]),
+                tuple(hops),
+                mode=values["mode"],
+                fallback=values["fallback"],
+            )
+        )
     return tuple(routes)
 
 

@@ -162,6 +162,30 @@ CASES: dict[str, tuple[dict[str, str], str, str, tuple[str, ...]]] = {
         "routes[0].hops[0]",
         ("[::1]:25253", "own listener 'relay0'", "loop"),
     ),
+    "route-mode-unknown": (
+        {},
+        '[[routes]]\ndomains = ["*"]\nmode = "proxy"\n[[routes.hops]]\nhost = "192.0.2.1"\n',
+        "routes[0].mode",
+        ("must be one of", "passthrough", "spool"),
+    ),
+    "route-fallback-without-passthrough": (
+        {},
+        (
+            '[[routes]]\ndomains = ["*"]\nfallback = "tempfail"\n'
+            '[[routes.hops]]\nhost = "192.0.2.1"\n'
+        ),
+        "routes[0].fallback",
+        ('mode = "passthrough"',),
+    ),
+    "route-fallback-unknown": (
+        {},
+        (
+            '[[routes]]\ndomains = ["*"]\nmode = "passthrough"\nfallback = "bounce"\n'
+            '[[routes.hops]]\nhost = "192.0.2.1"\n'
+        ),
+        "routes[0].fallback",
+        ("must be one of", "spool", "tempfail"),
+    ),
     "boolean-for-number": (
         {},
         "[timeouts]\ncommand = true\n",

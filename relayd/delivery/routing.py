@@ -47,6 +47,7 @@ __all__ = [
     "RoutingError",
     "Route",
     "NextHopConfig",
+    "matchRoute",
     "MXResolver",
     "newResolver",
     "Router",
@@ -82,6 +83,12 @@ class Route:
 
     domains: tuple[str, ...]
     hops: tuple[NextHopConfig, ...]
+    mode: str = "spool"
+    """C{"spool"}: queue, then deliver; C{"passthrough"}: relay MAIL, RCPT
+    and DATA while the client is connected (L{relayd.smtp.passthrough})."""
+    fallback: str = "spool"
+    """For a passthrough route whose hops cannot be reached: C{"spool"}
+    (queue the message as any other) or C{"tempfail"} (C{451 4.4.1})."""
 
 
 @dataclass(frozen=True)
@@ -567,6 +574,20 @@ def _domainMatches(pattern: str, domain: str) -> bool:
     if pattern.startswith("*."):
         return domain.endswith(pattern[1:])
     return pattern == domain
+
+
+def matchRoute(routes: Sequence[Route], domain: str) -> int | None:
+    """
+    The index of the first of C{routes} whose domain patterns cover
+    C{domain}, as L{Router.route} picks it, or None when mail for it goes
+    by MX.  For the SMTP session, which decides at RCPT whether a
+    recipient's route is relayed in session (L{relayd.smtp.passthrough}).
+    """
+    domain = _normalizeDomain(domain)
+    for index, route in enumerate(routes):
+        if any(_domainMatches(_normalizeDomain(p), domain) for p in route.domains):
+            return index
+    return None
 
 
 def _addressLiteral(domain: str) -> str:

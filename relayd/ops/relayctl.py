@@ -1135,6 +1135,8 @@ async def _routeLines(
             index = int(destination.key.split(":", 1)[1])
             route = config.routes[index]
             lines.append(f"{address}: route {index} (domains {' '.join(route.domains)})")
+            if route.mode == "passthrough":
+                lines.append(f"  mode: passthrough (relayed in session; fallback {route.fallback})")
             for hop in route.hops:
                 auth = f", auth as {hop.username}" if hop.username else ""
                 addresses = " ".join(

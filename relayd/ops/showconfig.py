@@ -30,6 +30,7 @@ from typing import Any
 from relayd.config import (
     _HOP,
     _LISTENER,
+    _ROUTE,
     _SCHEMA,
     CONTROL_SOCKET_NAME,
     MAILDROP_NAME,
@@ -76,6 +77,9 @@ def defaultSettings() -> list[dict[str, Any]]:
     for key, spec in _LISTENER.items():
         settings.append(_setting(f"listeners[].{key}", spec.default, spec.default, False))
     settings.append(_setting("routes[].domains", None, None, False))
+    for key in ("mode", "fallback"):
+        default = _ROUTE[key].default
+        settings.append(_setting(f"routes[].{key}", default, default, False))
     for key, spec in _HOP.items():
         settings.append(_setting(f"routes[].hops[].{key}", spec.default, spec.default, False))
     return settings
@@ -149,6 +153,10 @@ def effectiveSettings(path: str) -> list[dict[str, Any]]:
             settings.append(_setting(f"listeners[{i}].{key}", value, spec.default, True))
     for i, route in enumerate(raw.get("routes", [])):
         settings.append(_setting(f"routes[{i}].domains", route.get("domains"), None, True))
+        for key in ("mode", "fallback"):
+            default = _ROUTE[key].default
+            value = route.get(key, default)
+            settings.append(_setting(f"routes[{i}].{key}", value, default, value != default))
         for j, hop in enumerate(route.get("hops", [])):
             for key, spec in _HOP.items():
                 value = hop.get(key, spec.default)

@@ -56,12 +56,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from email.utils import format_datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory, IReactorTime
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
@@ -73,6 +73,7 @@ from zope.interface import Interface, implementer
 from relayd.address import AddressError, parseParameters, parsePath
 from relayd.config import Config
 from relayd.delivery import requiretls
+from relayd.delivery.routing import matchRoute
 from relayd.envelope import Envelope, Message, Recipient, Session
 from relayd.interfaces import IIncomingSpool
 from relayd.ops.logs import ABSENT, idFields
@@ -80,10 +81,14 @@ from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.policy import PolicyChain
 from relayd.queue.record import QueueRecord
 from relayd.reply import Reply
-from relayd.smtp import extensions, sasl
+from relayd.smtp import extensions, passthrough, sasl
 from relayd.smtp.auth import Lockout
 from relayd.smtp.wire import COMMAND_LINE, ChunkReader, DataReader
 from relayd.verdict import Action, Verdict
+
+if TYPE_CHECKING:
+    from relayd.delivery.client import Reply as UpstreamReply
+    from relayd.delivery.passthrough import Connector, Upstream
 
 __all__ = ["SMTPServer", "SMTPFactory", "ConnectionLimits"]
 
@@ -167,6 +172,9 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         self.clock = clock
         self.metrics = metrics
         self.lockout = Lockout(clock) if lockout is None else lockout
+        # Opens upstream sessions for passthrough routes, made when first
+        # needed (relayd.smtp.passthrough).
+        self.connector: Connector | None = None
         self.sessions: set[SMTPServer] = set()
         self.shuttingDown = False
         self._emptyWaiters: list[Deferred[None]] = []
@@ -198,7 +206,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         for session in list(self.sessions):
             session.shutdown()
         if not self.sessions:
-            return succeed(None)
+            return self._stopConnector(None)
         done: Deferred[None] = Deferred()
         self._emptyWaiters.append(done)
 
@@ -213,7 +221,13 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
                 timer.cancel()
             return result
 
-        return done.addCallback(finished)
+        return done.addCallback(finished).addCallback(self._stopConnector)
+
+    def _stopConnector(self, _: None) -> Deferred[None]:
+        """Once the sessions are gone, end their upstream sessions (passthrough routes)."""
+        if self.connector is None:
+            return succeed(None)
+        return self.connector.stop()
 
 
 def _clientAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -340,6 +354,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._chunkFeed: Callable[[bytes], None] | None = None
         self._incoming: Any = None
         self._committing = False
+        # Relaying in session (relayd.smtp.passthrough): the upstream
+        # transaction, and the passthrough route of the transaction's first
+        # recipient (None: spooled).
+        self._relayed: passthrough.RelayedTransaction | None = None
+        self._routeKey: int | None = None
         self._counted = False
         self._metered = False
         self._client = ""
@@ -442,6 +461,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self.setTimeout(None)
         self._stopDataDeadline()
         previous, self.state = self.state, "closed"
+        if self._committing and self._relayed is not None and self._relayed.upstream.sending:
+            # The client left while its message was being relayed: cut the
+            # upstream before the final dot, so that it takes nothing.
+            self._relayed.close()
         if self._incoming is not None and not self._committing:
             self._incoming.discard()
             self._incoming = None
@@ -1061,26 +1084,280 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._hold()
         d = f.chain.checkRecipient(session, envelope, recipient)
 
-        def decided(verdict: Verdict) -> None:
+        def decided(verdict: Verdict) -> Deferred[None] | None:
             if self.state == "closed" or self.envelope is not envelope:
-                return
+                return None
             if verdict.action is Action.CONTINUE:
                 # Relaying is denied by default (DESIGN section 3).
                 verdict = _RELAY_DENIED
             self._log("RCPT", verdict, to=str(recipient), sender=str(envelope.sender))
             if verdict.action is Action.ACCEPT:
                 if recipient not in envelope.recipients:
-                    envelope.recipients.append(recipient)
-                    if added.given:
-                        envelope.parameters[recipient] = added
-                self._answer(verdict)
+                    relaying = self._routeRecipient(envelope, added, verdict)
+                    if relaying is not None:
+                        return relaying
+                self._acceptRecipient(envelope, added, verdict)
             else:
                 self._refuseWith("rcpt", verdict.reply)
                 if verdict.disconnect and self.state != "closed":
                     self._close()
+            return None
 
         d.addCallback(decided)
+        d.addErrback(self._recipientFailed, envelope)
         d.addBoth(lambda _: self._release())
+
+    def _acceptRecipient(self, envelope: Envelope, added: Recipient, verdict: Verdict) -> None:
+        """Add an accepted recipient to the transaction and answer with the policy's reply."""
+        if added.address not in envelope.recipients:
+            envelope.recipients.append(added.address)
+            if added.given:
+                envelope.parameters[added.address] = added
+        self._answer(verdict)
+
+    # --- relaying in session (relayd.smtp.passthrough) -------------------
+
+    def _routeRecipient(
+        self, envelope: Envelope, added: Recipient, verdict: Verdict
+    ) -> Deferred[None] | None:
+        """
+        A recipient the policies accepted, whose route may be relayed in
+        session (C{mode = "passthrough"}): relay it and answer with the
+        upstream's reply.  The first recipient's route is the
+        transaction's; one for another route gets C{452 4.5.3} (RFC 5321
+        section 4.5.3.1.10: the client sends it in a new transaction).
+
+        @return: None when the recipient is the spool's (answer as always),
+            else a Deferred that fires once the client has its answer.
+        """
+        routes = self.factory.config.routes
+        index = matchRoute(routes, added.address.domain) if routes else None
+        key = index if index is not None and routes[index].mode == "passthrough" else None
+        if envelope.recipients:
+            if key != self._routeKey:
+                self._refuse(
+                    "rcpt",
+                    452,
+                    "4.5.3",
+                    "Error: too many recipients for this transaction (another route); "
+                    "send them in a new one",
+                )
+                return succeed(None)
+            if self._relayed is None:
+                return None
+            return self._relayRecipient(envelope, added, verdict)
+        relayed = self._relayed
+        if relayed is not None and relayed.key != key:
+            self._relayed = None
+            relayed.close()
+        self._routeKey = key
+        if key is None:
+            return None
+        if self._relayed is not None:
+            return self._relayRecipient(envelope, added, verdict)
+        route = routes[key]
+        session = self.session
+        assert session is not None
+        d: Deferred[Any]
+        try:
+            d = self._connector().open(route)
+        except (OSError, ValueError) as e:
+            from relayd.delivery.client import HopFailure, Reply
+
+            d = fail(HopFailure(Reply.local(451, "4.3.0", f"cannot set up outbound TLS: {e}")))
+
+        def opened(upstream: Upstream) -> Deferred[None] | None:
+            if self.state == "closed" or self.envelope is not envelope:
+                upstream.close()
+                return None
+            self._relayed = passthrough.RelayedTransaction(key, upstream, session)
+            return self._relayRecipient(envelope, added, verdict)
+
+        def unreachable(failure: Failure) -> None:
+            from relayd.delivery.client import HopFailure
+
+            failure.trap(HopFailure)
+            if self.state == "closed" or self.envelope is not envelope:
+                return
+            error = failure.value
+            assert isinstance(error, HopFailure)
+            self._fallback(envelope, added, verdict, key, str(error.reply))
+
+        done: Deferred[None] = d.addCallbacks(opened, unreachable)
+        return done
+
+    def _connector(self) -> Connector:
+        """
+        The listener's L{relayd.delivery.passthrough.Connector}, made on
+        first use.
+
+        @raise OSError: C{delivery.ca_file} cannot be read.
+        @raise ValueError: it holds no certificate.
+        """
+        from relayd.delivery.passthrough import Connector
+
+        f = self.factory
+        if f.connector is None:
+            f.connector = Connector(f.clock, f.config)
+        elif f.connector.config is not f.config:
+            # Reloaded: new upstream sessions take the new outbound settings.
+            f.connector.configure(f.config)
+        return f.connector
+
+    def _relayRecipient(
+        self, envelope: Envelope, added: Recipient, verdict: Verdict
+    ) -> Deferred[None]:
+        """Relay one RCPT (and MAIL before the first) and answer with the upstream's reply."""
+        relayed = self._relayed
+        assert relayed is not None
+
+        def answered(reply: UpstreamReply) -> None:
+            if self.state == "closed" or self.envelope is not envelope:
+                return
+            if not relayed.upstream.inStep and not relayed.accepted:
+                # Lost before the upstream took anything: as unreachable.
+                if self._relayed is relayed:
+                    self._relayed = None
+                relayed.close()
+                assert relayed.key is not None
+                self._fallback(envelope, added, verdict, relayed.key, str(reply))
+                return
+            if reply.code // 100 == 2 and added.address not in envelope.recipients:
+                envelope.recipients.append(added.address)
+                if added.given:
+                    envelope.parameters[added.address] = added
+            self._sendRelayed(reply, "rcpt")
+
+        return relayed.recipient(envelope, added).addCallback(answered)
+
+    def _fallback(
+        self, envelope: Envelope, added: Recipient, verdict: Verdict, key: int, why: str
+    ) -> None:
+        """
+        No next hop of passthrough route C{key} can be reached: the route's
+        C{fallback} decides.  C{"spool"}: the transaction goes on as an
+        ordinary one (relayd's own reply, the message queued);
+        C{"tempfail"}: C{451 4.4.1} to this RCPT, the transaction as it was.
+        """
+        route = self.factory.config.routes[key]
+        session = self.session
+        assert session is not None
+        log.warn(
+            "{queue_id}: passthrough route {route}: no next hop reachable ({why}); "
+            "fallback {fallback} session={session_id}",
+            queue_id=envelope.queueId,
+            route=key,
+            why=why,
+            fallback=route.fallback,
+            session_id=session.sessionId,
+        )
+        if route.fallback == "tempfail":
+            if not envelope.recipients:
+                self._routeKey = None
+            self._refuse("rcpt", 451, "4.4.1", "Error: next hop not reachable; try again later")
+            return
+        self._acceptRecipient(envelope, added, verdict)
+
+    def _sendRelayed(self, reply: UpstreamReply, stage: str) -> None:
+        """
+        Send an upstream's reply as it came (L{passthrough.replyBytes}); a
+        refusal is counted like relayd's own, but not as the client's error.
+        """
+        self.transport.write(passthrough.replyBytes(reply))
+        if reply.code >= 400:
+            self.factory.metrics.smtpReply(self._command, reply.code, reply.enhanced)
+            self.factory.metrics.messageRejected(stage, reply.code)
+
+    def _recipientFailed(self, failure: Failure, envelope: Envelope) -> None:
+        """A bug while deciding a RCPT (relaying it, say): C{451 4.3.0}, never silence."""
+        log.failure("{queue_id}: RCPT failed", failure, queue_id=envelope.queueId)
+        if self.state != "closed":
+            self.fail(451, "4.3.0", "Error: local error in processing")
+
+    def _relayMessage(
+        self,
+        envelope: Envelope,
+        incoming: Any,
+        message: Message,
+        started: float,
+        outcome: dict[str, bool],
+    ) -> Deferred[None] | None:
+        """
+        The checks and modifiers accepted the message of a relayed
+        transaction: send it upstream (as L{commit<relayd.queue.spool.Spool.commit>}
+        would store it, with the modifiers' header) and answer the client
+        with the upstream's reply.  The file under C{tmp/} is never
+        committed: it is discarded whatever the outcome.
+        """
+        from relayd.delivery.passthrough import messageFile
+
+        f = self.factory
+        relayed, session = self._relayed, self.session
+        assert relayed is not None and session is not None
+        header, offset = b"", 0
+        if message.changed:
+            header, offset = message.headerBytes(), message.bodyOffset
+        size = len(header) + incoming.size - offset
+        try:
+            file = messageFile(header, incoming.path, offset, incoming.size)
+        except OSError as e:
+            incoming.discard()
+            self._spoolFailed(e, "read")
+            return None
+
+        # The next hop's own timeouts bound the wait (10 minutes for the
+        # reply to the final dot, RFC 5321 section 4.5.3.2.6, which the
+        # client waits too): relayd's command timeout must not cut the
+        # session first, while the next hop may be taking the message.
+        self.setTimeout(None)
+
+        def answered(reply: UpstreamReply) -> None:
+            if self.state != "closed":
+                self.setTimeout(f.config.timeoutCommand)
+            incoming.discard()
+            self._logRelayed(envelope, relayed, reply, f.clock.seconds() - started)
+            if reply.code // 100 == 2:
+                outcome["queued"] = True
+                f.metrics.messageAccepted(session.listener, size, f.clock.seconds() - started)
+            if self.state != "closed":
+                self._sendRelayed(reply, "data")
+
+        return relayed.message(envelope, file).addCallback(answered)
+
+    def _logRelayed(
+        self,
+        envelope: Envelope,
+        relayed: passthrough.RelayedTransaction,
+        reply: UpstreamReply,
+        delay: float,
+    ) -> None:
+        """
+        One line per recipient, as the delivery log writes them: C{sent},
+        C{deferred} (4xx) or C{refused} (5xx: the client has the refusal,
+        relayd sends no bounce); counted as delivery attempts, a refusal
+        as C{bounced}.
+        """
+        status = {2: "sent", 5: "refused"}.get(reply.code // 100, "deferred")
+        for address in relayed.accepted:
+            log.info(
+                "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, tls={tls}, "
+                "status={status} ({reply}) passthrough session={session_id}",
+                queue_id=envelope.queueId,
+                to=address,
+                relay=relayed.relay,
+                relay_host=relayed.upstream.hop.host,
+                relay_address=relayed.upstream.hop.address,
+                relay_port=relayed.upstream.hop.port,
+                delay=delay,
+                tls=relayed.upstream.tls,
+                status=status,
+                reply=reply.quoted,
+                code=reply.code,
+                enhanced=reply.enhanced,
+                session_id=relayed.session.sessionId,
+            )
+            outcome = "bounced" if status == "refused" else status
+            self.factory.metrics.deliveryAttempt(outcome, delay if status == "sent" else None)
 
     def _refuseNonAscii(self, stage: str, what: str, argument: str) -> None:
         """
@@ -1119,6 +1396,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         if not envelope.recipients:
             self.fail(554, "5.5.1", "Error: no valid recipients")
+            return
+        if self._relayed is not None and not self._relayed.upstream.inStep:
+            # The next hop is gone since it took the recipients: say so
+            # now rather than after the whole message.
+            self._refuse("data", 451, "4.4.2", "Error: lost connection with the next hop")
             return
         assert envelope.queueId is not None
         try:
@@ -1395,6 +1677,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         def modified(verdict: Verdict) -> Any:
             if refuse(verdict):
                 return None
+            if self._relayed is not None:
+                return self._relayMessage(envelope, incoming, message, started, outcome)
             if message.changed:
                 incoming.replaceHeader(message.headerBytes(), message.bodyOffset)
             record = self._record(envelope, incoming.size)
@@ -1549,6 +1833,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     def _reset(self, queued: bool = False) -> None:
         """End the transaction in progress, if any, and tell the observers."""
         envelope, self.envelope = self.envelope, None
+        relayed, self._relayed = self._relayed, None
+        self._routeKey = None
+        if relayed is not None:
+            relayed.close()
         if self._chunks is not None:
             # A BDAT message left before its LAST chunk.
             self._chunks = None
