@@ -567,7 +567,8 @@ def buildReport(
     report: dict[str, Any] = {
         "organization-name": organization,
         "date-range": {"start-datetime": _stamp(start), "end-datetime": _stamp(end)},
-        "report-id": f"{counts['day']}T00:00:00Z_{domain}@{submitter}",
+        # A msg-id (RFC 5322 3.6.4): the Subject carries it in <> (section 5.3).
+        "report-id": f"{counts['day']}_{domain}@{submitter}",
         "policies": sorted(policies, key=lambda p: str(p["policy"]["policy-type"])),
     }
     if contact:

@@ -294,6 +294,8 @@ class ReportTests(unittest.TestCase):
         )
         self.assertEqual(report["organization-name"], "Example Org")
         self.assertEqual(report["contact-info"], "tls@relayd.test")
+        # A msg-id, as the Subject carries it (RFC 8460 section 5.3).
+        self.assertEqual(report["report-id"], "2026-12-02_example.net@relayd.test")
         [policy] = report["policies"]
         self.assertEqual(policy["policy"]["policy-type"], "sts")
         self.assertEqual(policy["policy"]["mx-host"], ["mx1.example.net"])
