@@ -166,6 +166,9 @@ class Config:
     mtaSts: bool = True
     mtaStsPort: int = 443
     mtaStsTimeout: float = 60.0
+    tlsrpt: bool = False
+    tlsrptOrganization: str | None = None
+    tlsrptContact: str | None = None
     resolvers: tuple[str, ...] = ()
     resolverPort: int = 53
     dnsTimeout: float = 5.0
@@ -240,6 +243,10 @@ def _oneOf(*choices: str) -> Callable[[Any], str | None]:
         return f"must be one of {', '.join(choices)} (got {value!r})"
 
     return check
+
+
+def _nonEmpty(value: Any) -> str | None:
+    return None if str(value).strip() else "must not be empty"
 
 
 def _stringList(value: Any) -> str | None:
@@ -399,6 +406,12 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "mta_sts": _Key(bool, True),
         "mta_sts_port": _Key(int, 443, check=_port),
         "mta_sts_timeout": _Key(_NUMBER, 60.0, check=_positive),
+        # TLSRPT (RFC 8460, relayd.delivery.tlsrpt): send the daily report
+        # of MTA-STS/DANE outcomes to each policy domain's rua; the
+        # organization-name (default: the hostname) and contact-info.
+        "tlsrpt": _Key(bool, False),
+        "tlsrpt_organization": _Key(str, check=_nonEmpty),
+        "tlsrpt_contact": _Key(str, check=_nonEmpty),
         "resolvers": _Key(list, [], check=_stringList),
         "resolver_port": _Key(int, 53, check=_port),
         # DANE (RFC 7672): trusts the AD bit, so only with a validating
@@ -776,6 +789,9 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         mtaSts=delivery["mta_sts"],
         mtaStsPort=delivery["mta_sts_port"],
         mtaStsTimeout=min(60.0, float(delivery["mta_sts_timeout"])),
+        tlsrpt=delivery["tlsrpt"],
+        tlsrptOrganization=delivery["tlsrpt_organization"],
+        tlsrptContact=delivery["tlsrpt_contact"],
         resolvers=tuple(delivery["resolvers"]),
         resolverPort=delivery["resolver_port"],
         dane=delivery["dane"],

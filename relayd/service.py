@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService, Service
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from relayd.delivery.attempt import Deliverer
     from relayd.delivery.processes import DeliveryPool
     from relayd.delivery.routing import Router
+    from relayd.delivery.tlsrpt import TLSReportCounts
     from relayd.queue.scheduler import Scheduler
     from relayd.queue.spool import Spool
     from relayd.receivers import ReceiverPool
@@ -143,6 +145,8 @@ class RelaydService(MultiService):
         self.spool: Spool | None = None
         self.receivers: ReceiverPool | None = None
         self.deliveries: DeliveryPool | None = None
+        # TLSRPT counts (relayd.delivery.tlsrpt), when MTA-STS or DANE is on.
+        self.tlsReports: TLSReportCounts | None = None
         # systemd's Type=notify (relayd.ops.sdnotify): the queue manager's
         # tree only, never a receiver's or a config check's.
         self.systemd: SystemdNotifier | None = None
@@ -748,8 +752,49 @@ def _deliverySide(config: Config, reactor: Any, spool: IQueue, top: RelaydServic
     scheduler.suspensions = Suspensions(spool.directory)
     if config.mtaSts:
         scheduler.tlsPolicies = _mtaStsPolicies(config, reactor, resolver, top)
+    if config.mtaSts or config.dane:
+        scheduler.tlsReports = _tlsReports(config, reactor, resolver, spool, top)
+        if scheduler.tlsPolicies is not None:
+            scheduler.tlsPolicies.fetchFailed = _countFetchFailure(scheduler.tlsReports)
     scheduler.setServiceParent(top)
     return scheduler
+
+
+def _tlsReports(
+    config: Config, reactor: Any, resolver: Any, spool: IQueue, top: RelaydService
+) -> TLSReportCounts:
+    """
+    TLSRPT (RFC 8460, L{relayd.delivery.tlsrpt}) in the queue manager: the
+    counts in C{<spool>/tlsrpt/}, and the daily reports, sent only with
+    C{[delivery] tlsrpt = true}.  Before the scheduler in the service tree,
+    so that it stops after it and writes the last counts.
+    """
+    from relayd.delivery.attempt import loadTrustRoot
+    from relayd.delivery.tlsrpt import TLSReportCounts, TLSReporter
+
+    counts = top.tlsReports = TLSReportCounts(reactor, config.spoolDirectory)
+    TLSReporter(
+        trustRoot=loadTrustRoot(config.caFile) if config.caFile is not None else None,
+        counts=counts,
+        resolver=resolver,
+        spool=spool,
+        clock=reactor,
+        submitter=config.hostname,
+        organization=config.tlsrptOrganization,
+        contact=config.tlsrptContact,
+        send=config.tlsrpt,
+    ).setServiceParent(top)
+    return counts
+
+
+def _countFetchFailure(counts: TLSReportCounts) -> Callable[[str, str, str], None]:
+    """An MTA-STS policy fetch that failed, counted as a failed C{sts} session."""
+    from relayd.delivery.tlsrpt import TLSSession
+
+    def count(domain: str, resultType: str, why: str) -> None:
+        counts.add("sts", domain, TLSSession("", "", "", resultType, why))
+
+    return count
 
 
 class _PolicyCacheService(Service):

@@ -30,7 +30,7 @@ connection happened to reach (issue 14).
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import (
@@ -69,6 +69,7 @@ from relayd.delivery.endpoint import hopEndpoint, relayName
 from relayd.delivery.oauth2 import TokenSources
 from relayd.delivery.routing import Destination, Hop
 from relayd.delivery.smtputf8 import needsSMTPUTF8
+from relayd.delivery.tlsrpt import TLSSession
 from relayd.interfaces import IDeliverer
 from relayd.queue.record import openRegion
 from relayd.smtp.dsn import DSNParameters
@@ -144,12 +145,17 @@ class AttemptResult:
         applied to the hop, for the delivery log line: C{"dane"} (the
         certificate matched a TLSA record), C{"dane-unusable"} (TLSA
         records, none usable: TLS without authentication), or None.
+    @ivar sessions: for TLSRPT (RFC 8460, L{relayd.delivery.tlsrpt}): the
+        new sessions of this attempt with hops under a published policy
+        (C{verify} or C{dane} TLS, or MTA-STS testing's check), each with
+        its failure type if it failed; the queue manager counts them.
     """
 
     results: list[RecipientResult]
     hop: Hop | None
     tls: str | None
     policy: str | None = None
+    sessions: list[TLSSession] = field(default_factory=list)
 
 
 def loadTrustRoot(caFile: str) -> Any:
@@ -424,6 +430,7 @@ class Deliverer:
             return self._result(recipients, reply, None, None)
 
         failure: tuple[Hop, HopFailure] | None = None
+        sessions: list[TLSSession] = []
         # DANE (RFC 7672) first: it decides the TLS mode of each MX hop,
         # over MTA-STS and the configured mode (DESIGN section 6).
         if tlsOptional and self._daneApplies(destination):
@@ -435,7 +442,7 @@ class Deliverer:
                 key=destination.key,
             )
         elif self._daneApplies(destination):
-            destination, failure = yield self._applyDane(destination, queueId)
+            destination, failure = yield self._applyDane(destination, queueId, sessions)
         # REQUIRETLS: the first hop that was reached and did not qualify.
         unfit: tuple[Hop, Reply] | None = None
         if requireTLS:
@@ -476,6 +483,8 @@ class Deliverer:
                     hop=relayName(hop),
                     text=str(e.reply),
                 )
+                if e.tlsProblem is not None and self._underPolicy(hop):
+                    sessions.append(self._session(hop, e.sendingAddress, e.tlsProblem))
                 self._markDown(hop)
                 if requireTLS and requiretls.isTLSFailure(e):
                     refusal = Reply.local(
@@ -492,6 +501,18 @@ class Deliverer:
                     failure = (hop, e)
                 continue
             self._downUntil.pop(hop, None)
+            if self._underPolicy(hop):
+                sessions.append(self._session(hop, client.sendingAddress, client.tlsProblem))
+                if hop.tlsCheck and client.tlsProblem is not None:
+                    log.info(
+                        "{queue_id}: mta-sts testing: would have failed: {host}[{address}]: "
+                        "{result}: {why}",
+                        queue_id=queueId,
+                        host=hop.host,
+                        address=hop.address,
+                        result=client.tlsProblem[0],
+                        why=client.tlsProblem[1],
+                    )
             if requireTLS:
                 refusal = client.requireTLSRefusal()
                 if refusal is not None:
@@ -501,7 +522,9 @@ class Deliverer:
             transaction = yield client.send(
                 sender, recipients, dataPath, size, eightBit, dsn, utf8, requireTLS=requireTLS
             )
-            return self._finished(client, hop, recipients, transaction, queueId, False)
+            done = self._finished(client, hop, recipients, transaction, queueId, False)
+            done.sessions = sessions
+            return done
 
         if unfit is not None and failure is None and not self._stopping:
             # Every hop was reached and none may take a REQUIRETLS
@@ -509,6 +532,7 @@ class Deliverer:
             # section 4.2.1), and the sender hears so now.
             hop, refusal = unfit
             result = self._result(recipients, refusal, hop, None)
+            result.sessions = sessions
             self._log(queueId, result)
             return result
 
@@ -522,6 +546,7 @@ class Deliverer:
         hop, error = failure
         result = self._result(recipients, error.reply, hop, error.tls)
         result.policy = self._policyName(hop)
+        result.sessions = sessions
         self._log(queueId, result)
         return result
 
@@ -529,7 +554,10 @@ class Deliverer:
 
     @inlineCallbacks
     def _applyDane(
-        self, destination: Destination, queueId: str | None
+        self,
+        destination: Destination,
+        queueId: str | None,
+        sessions: list[TLSSession] | None = None,
     ) -> Generator[Deferred[Any], Any, tuple[Destination, tuple[Hop, HopFailure] | None]]:
         """
         The MX destination as DANE has it (L{relayd.delivery.dane}): when
@@ -573,6 +601,11 @@ class Deliverer:
                 )
                 log.info("{queue_id}: {text}", queue_id=queueId, text=reply.text)
                 failure = failure or (hop, HopFailure(reply, connected=False))
+                if sessions is not None:
+                    # RFC 8460 section 4.3.2.1: no valid answer from the
+                    # resolver for a host of a signed MX RRset.
+                    problem = ("dnssec-invalid", str(policy.error))
+                    sessions.append(replace(self._session(hop, "", problem), dane=True))
                 continue
             if mode == "dane":
                 hop = replace(hop, tls="dane")
@@ -585,6 +618,38 @@ class Deliverer:
             # Policies of hops no longer mailed: looked up afresh anyway.
             self._danePolicies = {h: p for h, p in self._danePolicies.items() if h in hops}
         return replace(destination, hops=tuple(hops)), failure
+
+    def _underPolicy(self, hop: Hop) -> bool:
+        """
+        Whether a session with C{hop} counts for TLSRPT: its TLS is
+        C{verify} (MTA-STS enforce, or configured so), C{dane}, or checked
+        for MTA-STS testing.  The queue manager, which knows the policy,
+        decides which policy type, if any, the session counts under.
+        """
+        return hop.tls in ("verify", "dane") or hop.tlsCheck or hop in self._danePolicies
+
+    def _session(
+        self, hop: Hop, sendingAddress: str, problem: tuple[str, str] | None
+    ) -> TLSSession:
+        """One session with C{hop} for TLSRPT; C{problem} None: a success."""
+        policy = self._danePolicies.get(hop)
+        if problem is None and policy is not None and policy.mode == "dane-unusable":
+            # RFC 8460 section 4.3.2.1: TLSA records, none valid (the
+            # session went ahead with unauthenticated TLS, RFC 7672 2.2).
+            problem = ("tlsa-invalid", "no usable TLSA record")
+        tlsa = tuple(
+            f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}"
+            for r in (policy.records if policy is not None else ())
+        )
+        return TLSSession(
+            hop.host,
+            hop.address,
+            sendingAddress,
+            problem[0] if problem is not None else None,
+            problem[1] if problem is not None else "",
+            tlsa,
+            dane=policy is not None,
+        )
 
     def _daneApplies(self, destination: Destination) -> bool:
         """Whether DANE is on and C{destination} is a domain's MX hosts (not a route)."""

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from OpenSSL import SSL
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -199,6 +200,8 @@ class HopFailure(Exception):
     @ivar tls: the session's C{"<version> <cipher>"} when TLS was up at the
         time (e.g. a smart host refusing AUTH inside TLS), else None; for
         the log line of the attempt.
+    @ivar tlsProblem: the session's L{SMTPClient.tlsProblem} (TLSRPT).
+    @ivar sendingAddress: relayd's address of the connection, if made.
     """
 
     def __init__(self, reply: Reply, connected: bool = True, tls: str | None = None) -> None:
@@ -206,6 +209,8 @@ class HopFailure(Exception):
         self.reply = reply
         self.connected = connected
         self.tls = tls
+        self.tlsProblem: tuple[str, str] | None = None
+        self.sendingAddress = ""
 
 
 class _SessionLost(Exception):
@@ -359,6 +364,12 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         self.messages = 0
         self.steps: list[str] = []
         self.peer = f"{hop.host}[{hop.address}]"
+        # TLSRPT (RFC 8460 section 4.3): the result type and reason of this
+        # session's TLS failure, or of the check a C{tlsCheck} hop makes
+        # without refusing (MTA-STS testing); None while all is well.
+        self.tlsProblem: tuple[str, str] | None = None
+        self.sendingAddress = ""
+        self._verifyErrors: list[int] = []
         self._lines: list[str] = []
         self._waiting: deque[_Waiter] = deque()
         self._stage = "receiving the initial server greeting"
@@ -389,6 +400,10 @@ class SMTPClient(LineReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self._connected = True
+        try:
+            self.sendingAddress = str(self.transport.getHost().host)
+        except Exception:
+            self.sendingAddress = ""
         greeting = self._expect(self._stage, self.timeouts.greeting)
         d = self._open(greeting)
         d.addErrback(self._openFailed)
@@ -410,6 +425,34 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             self._tlsInfo = "TLS"
         if self.hop.tls == "dane":
             self._checkDane()
+        elif self.hop.tlsCheck and self.hop.tls != "verify":
+            self._checkCertificate()
+
+    def _checkCertificate(self) -> None:
+        """
+        MTA-STS C{testing} (RFC 8461 section 5): check the certificate as
+        C{verify} would (chained to the trust store, valid for the MX name:
+        section 4.2), and note what failed in L{tlsProblem}, without
+        refusing the session.
+        """
+        try:
+            chain = self.transport.getHandle().get_peer_cert_chain() or []
+            leaf = chain[0].to_cryptography() if chain else None
+        except Exception as e:
+            self.tlsProblem = ("validation-failure", f"cannot read the certificate ({e})")
+            return
+        if self._verifyErrors:
+            self.tlsProblem = _verifyProblem(self._verifyErrors[0])
+        elif leaf is None:
+            self.tlsProblem = ("validation-failure", "no certificate presented")
+        else:
+            try:
+                verify_certificate_hostname(leaf, self.hop.host.rstrip("."))
+            except (VerificationError, CertificateError, ValueError):
+                self.tlsProblem = (
+                    "certificate-host-mismatch",
+                    f"certificate not valid for {self.hop.host}",
+                )
 
     def _checkDane(self) -> None:
         """
@@ -422,6 +465,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         why: str | None
         if self.dane is None or not self.dane.usable:
             why = "no usable TLSA record"
+            self.tlsProblem = ("tlsa-invalid", why)
         else:
             try:
                 chain = self.transport.getHandle().get_peer_cert_chain() or []
@@ -431,6 +475,8 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         if why is None:
             self.daneVerified = True
             return
+        if self.tlsProblem is None:
+            self.tlsProblem = ("validation-failure", why)
         reply = Reply.local(
             451, "4.7.5", f"DANE: TLS certificate of {self.peer} not accepted: {why}"
         )
@@ -461,6 +507,9 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         if (self._tlsStarted and self._tlsInfo is None) or reason.check(
             SSL.Error, VerificationError
         ):
+            if self.tlsProblem is None:
+                errors = self._verifyErrors or _verifyResult(self.transport)
+                self.tlsProblem = _handshakeProblem(reason, errors)
             return Reply.local(
                 451,
                 "4.7.5",
@@ -630,14 +679,18 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                     self.steps.append("starttls")
                     log.info("{peer}: TLS established: {tls}", peer=self.peer, tls=self.tls)
                 elif mode != "opportunistic":
+                    self.tlsProblem = ("starttls-not-supported", f"STARTTLS refused: {reply}")
                     raise _refused(reply, self.peer, "refused STARTTLS")
                 else:
+                    if self.hop.tlsCheck:
+                        self.tlsProblem = ("starttls-not-supported", f"STARTTLS refused: {reply}")
                     log.info(
                         "{peer}: STARTTLS refused ({reply}); continuing without TLS",
                         peer=self.peer,
                         reply=reply.quoted,
                     )
             elif mode != "opportunistic":
+                self.tlsProblem = ("starttls-not-supported", "STARTTLS not offered")
                 raise HopFailure(
                     Reply.local(
                         451,
@@ -645,6 +698,10 @@ class SMTPClient(LineReceiver, TimeoutMixin):
                         f"TLS is required, but was not offered by host {self.peer}",
                     )
                 )
+        elif self.hop.tlsCheck:
+            self.tlsProblem = ("starttls-not-supported", "tls = none for this hop")
+        if self.hop.tlsCheck and self.tls is None and self.tlsProblem is None:
+            self.tlsProblem = ("starttls-not-supported", "STARTTLS not offered")
         if self.hop.username is not None:
             yield self._authenticate()
             self.steps.append("auth")
@@ -665,6 +722,8 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             # Set here, where the session knows, not where it is raised:
             # every refusal after STARTTLS (AUTH, a later EHLO) carries it.
             hopFailure.tls = self.tls
+        hopFailure.tlsProblem = hopFailure.tlsProblem or self.tlsProblem
+        hopFailure.sendingAddress = self.sendingAddress
         self.quit()
         return failure
 
@@ -707,6 +766,13 @@ class SMTPClient(LineReceiver, TimeoutMixin):
             trustRoot = self.trustRoot if self.trustRoot is not None else platformTrust()
             options: Any = optionsForClientTLS(
                 self.hop.host, trustRoot=trustRoot, extraCertificateOptions=extra
+            )
+        elif self.hop.tlsCheck and self.hop.tls != "dane":
+            # MTA-STS testing: the certificate is checked after the
+            # handshake (_checkCertificate), never refused.
+            trustRoot = self.trustRoot if self.trustRoot is not None else platformTrust()
+            options = _CheckingClientOptions(
+                CertificateOptions(**extra), self.hop.host, trustRoot, self._verifyErrors
             )
         elif self.hop.tls == "dane":
             # The certificate is checked against the TLSA records once the
@@ -1161,6 +1227,83 @@ class _SNIClientOptions:
         connection.set_tlsext_host_name(self._hostname)
         connection.set_connect_state()
         return connection
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _CheckingClientOptions:
+    """
+    Client TLS that verifies the chain against C{trustRoot} and notes the
+    errors in C{errors} but never fails the handshake on them (MTA-STS
+    testing); sends the MX name as SNI.
+    """
+
+    def __init__(
+        self, options: CertificateOptions, hostname: str, trustRoot: Any, errors: list[int]
+    ) -> None:
+        self._options = options
+        self._hostname = hostname.rstrip(".").encode("ascii", "replace")
+        self._trustRoot = trustRoot
+        self._errors = errors
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        context = self._options.getContext()
+        self._trustRoot._addCACertsToContext(context)
+        errors = self._errors
+
+        def note(conn: Any, cert: Any, err: int, depth: int, ok: int) -> bool:
+            if not ok and err:
+                errors.append(err)
+            return True
+
+        context.set_verify(SSL.VERIFY_PEER, note)
+        connection = SSL.Connection(context, None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_tlsext_host_name(self._hostname)
+        connection.set_connect_state()
+        return connection
+
+
+_X509_V_ERR_CERT_NOT_YET_VALID = 9
+_X509_V_ERR_CERT_HAS_EXPIRED = 10
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
+
+
+def _verifyResult(transport: Any) -> list[int]:
+    """
+    The certificate verify error OpenSSL noted for the session (its
+    C{SSL_get_verify_result}), as a one-element list, or empty: the one
+    place relayd reads it, for TLSRPT's result type of a failed C{verify}
+    handshake (the error queue only says "certificate verify failed").
+    """
+    try:
+        connection = transport.getHandle()
+        error = int(SSL._lib.SSL_get_verify_result(connection._ssl))  # type: ignore[attr-defined]
+    except Exception:
+        return []
+    return [error] if error else []
+
+
+def _verifyProblem(error: int) -> tuple[str, str]:
+    """The RFC 8460 result type of an OpenSSL verify error code."""
+    try:
+        raw = SSL._lib.X509_verify_cert_error_string(error)  # type: ignore[attr-defined]
+        text = SSL._ffi.string(raw).decode("ascii", "replace")  # type: ignore[attr-defined]
+    except Exception:
+        text = f"certificate verify error {error}"
+    if error in (_X509_V_ERR_CERT_HAS_EXPIRED, _X509_V_ERR_CERT_NOT_YET_VALID):
+        return "certificate-expired", text
+    if error == _X509_V_ERR_HOSTNAME_MISMATCH:
+        return "certificate-host-mismatch", text
+    return "certificate-not-trusted", text
+
+
+def _handshakeProblem(reason: Failure, errors: list[int]) -> tuple[str, str]:
+    """The RFC 8460 result type of a failed handshake (section 4.3.1)."""
+    if reason.check(VerificationError):
+        return "certificate-host-mismatch", "certificate does not match the host name"
+    if errors:
+        return _verifyProblem(errors[0])
+    return "validation-failure", _tlsError(reason)
 
 
 def _withCommands(transaction: Transaction) -> Transaction:

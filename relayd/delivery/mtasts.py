@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -106,6 +106,8 @@ class TLSPolicy:
         C{max_age}), on the clock of the L{MTASTSPolicies}.
     @ivar note: why there is no policy, or where this one came from
         (C{"fetched"}, C{"cached"}), for log lines and C{relayctl route}.
+    @ivar maxAge: the policy's C{max_age}, for the policy text of TLSRPT
+        reports (0 in caches written before relayd kept it).
     """
 
     kind: str
@@ -115,6 +117,7 @@ class TLSPolicy:
     policyId: str | None = None
     expires: float = 0.0
     note: str = ""
+    maxAge: int = 0
 
     @property
     def label(self) -> str:
@@ -132,6 +135,28 @@ NO_POLICY = TLSPolicy("none", "none")
 
 class PolicyError(Exception):
     """A TXT record or policy that cannot be used, or a failed fetch; the text says why."""
+
+
+class PolicyInvalid(PolicyError):
+    """A fetched policy that does not parse (TLSRPT's C{sts-policy-invalid})."""
+
+
+def fetchResultType(failure: Failure) -> str:
+    """
+    The TLSRPT result type (RFC 8460 section 4.3.2.2) of a failed policy
+    fetch: C{sts-policy-invalid} for a policy that does not parse,
+    C{sts-webpki-invalid} for a policy host whose certificate failed
+    (PKIX), else C{sts-policy-fetch-error}.
+    """
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    if failure.check(PolicyInvalid):
+        return "sts-policy-invalid"
+    inner = [failure, *(getattr(failure.value, "reasons", None) or [])]
+    if any(f.check(SSL.Error, VerificationError) for f in inner):
+        return "sts-webpki-invalid"
+    return "sts-policy-fetch-error"
 
 
 @dataclass(frozen=True)
@@ -262,8 +287,10 @@ def applyTLSPolicy(destination: Destination, policy: TLSPolicy) -> AppliedPolicy
         (L{relayd.delivery.client}), never falls back to plain text.  When
         no hop matches: a 451 4.7.5 deferral; the message bounces when its
         lifetime runs out.
-      - C{testing}: the destination as it is; the hops that C{enforce}
-        would drop are listed in C{wouldFail} for the log (section 5).
+      - C{testing}: the destination's hops, those matching a C{mx}
+        pattern with C{tlsCheck} (their certificate is checked as under
+        C{enforce}, never refused); the hops that C{enforce} would drop
+        are listed in C{wouldFail} for the log (section 5).
       - C{none}, or a policy of another kind: the destination as it is
         (a DANE policy is the DANE module's to apply).
     """
@@ -273,8 +300,15 @@ def applyTLSPolicy(destination: Destination, policy: TLSPolicy) -> AppliedPolicy
     others = sorted({hop.host for hop in destination.hops if not policy.matches(hop.host)})
     patterns = " ".join(policy.mxPatterns)
     if policy.mode == "testing":
+        # The matching hops check the certificate as enforce would, without
+        # refusing (RFC 8461 section 5): what fails is logged and counted
+        # for TLSRPT (relayd.delivery.tlsrpt).
+        checked = tuple(
+            replace(hop, tlsCheck=True) if policy.matches(hop.host) else hop
+            for hop in destination.hops
+        )
         return AppliedPolicy(
-            destination,
+            replace(destination, hops=checked),
             wouldFail=tuple(f"MX host {host} does not match mx {patterns}" for host in others),
         )
     if not matching:
@@ -394,6 +428,18 @@ class _LimitedBody(Protocol):
             self.done.errback(PolicyError(f"policy body cut short: {reason.getErrorMessage()}"))
 
 
+def httpsAgent(reactor: Any, resolver: Any, trustRoot: Any, timeout: float) -> Agent:
+    """
+    An HTTPS L{Agent} as the policy fetch uses it: names resolved through
+    relayd's resolver, certificates verified against C{trustRoot}, no
+    redirects followed (also for TLSRPT's C{https:} rua, RFC 8460 5.4).
+    """
+    agent: Agent = Agent.usingEndpointFactory(
+        reactor, _Endpoints(reactor, resolver, trustRoot, timeout)
+    )
+    return agent
+
+
 def _drop(d: Deferred[Any]) -> None:
     """Stop reading a body no longer wanted, without an unhandled error."""
     d.addErrback(lambda _: None)
@@ -468,6 +514,9 @@ class MTASTSPolicies:
         self._cache: dict[str, TLSPolicy] = {}
         self._fetching: dict[str, list[Deferred[TLSPolicy | None]]] = {}
         self._refreshed: dict[str, float] = {}
+        # TLSRPT (relayd.delivery.tlsrpt): told of every failed fetch, with
+        # the domain, the RFC 8460 result type and why.
+        self.fetchFailed: Callable[[str, str, str], None] | None = None
 
     # --- the cache on disk --------------------------------------------------
 
@@ -504,6 +553,7 @@ class MTASTSPolicies:
                     str(data["id"]),
                     float(data["expires"]),
                     "cached",
+                    int(data.get("max_age", 0)),
                 )
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warn("mta-sts: ignoring cache file {path}: {error}", path=path, error=e)
@@ -520,6 +570,7 @@ class MTASTSPolicies:
                 "mode": policy.mode,
                 "mx": list(policy.mxPatterns),
                 "expires": policy.expires,
+                "max_age": policy.maxAge,
             },
             sort_keys=True,
         ).encode("ascii")
@@ -628,11 +679,10 @@ class MTASTSPolicies:
 
         def done(outcome: Any) -> None:
             if isinstance(outcome, Failure):
-                log.warn(
-                    "mta-sts: {domain}: policy fetch failed: {why}",
-                    domain=domain,
-                    why=_describe(outcome),
-                )
+                why = _describe(outcome)
+                log.warn("mta-sts: {domain}: policy fetch failed: {why}", domain=domain, why=why)
+                if self.fetchFailed is not None:
+                    self.fetchFailed(domain, fetchResultType(outcome), why)
                 outcome = None
             for d in self._fetching.pop(domain, []):
                 d.callback(outcome)
@@ -677,7 +727,10 @@ class MTASTSPolicies:
                 f"policy Content-Type is {contentType.decode('latin-1')!r}, not text/plain"
             )
         data = await body.done
-        parsed = parsePolicy(data)
+        try:
+            parsed = parsePolicy(data)
+        except PolicyError as e:
+            raise PolicyInvalid(str(e)) from None
         policy = TLSPolicy(
             "mta-sts",
             parsed.mode,
@@ -686,6 +739,7 @@ class MTASTSPolicies:
             policyId,
             started + parsed.maxAge,
             "fetched",
+            parsed.maxAge,
         )
         self._cache[domain] = policy
         log.info(

@@ -56,6 +56,7 @@ from relayd.delivery.attempt import AttemptResult, Deliverer, RecipientResult
 from relayd.delivery.client import Reply as ClientReply
 from relayd.delivery.oauth2 import OAuth2Config
 from relayd.delivery.routing import Destination, Hop
+from relayd.delivery.tlsrpt import sessionFromJSON, sessionToJSON
 from relayd.interfaces import IDeliverer
 from relayd.receivers import ChildProcess, ProcessPool
 from relayd.smtp.dsn import DSNParameters, RecipientRequest
@@ -98,6 +99,8 @@ def _hop(hop: Hop) -> dict[str, Any]:
         "password": hop.password,
         # OAuth2 settings (file names, no secret), only when there are some.
         **({"oauth2": dataclasses.asdict(hop.oauth2)} if hop.oauth2 is not None else {}),
+        # MTA-STS testing's certificate check, only when asked for.
+        **({"tlsCheck": True} if hop.tlsCheck else {}),
     }
 
 
@@ -185,6 +188,7 @@ def encode(number: int, item: DeliverRequest | AttemptResult) -> bytes:
             "hop": _hop(item.hop) if item.hop is not None else None,
             "tls": item.tls,
             "policy": item.policy,
+            "sessions": [sessionToJSON(s) for s in item.sessions],
             "results": [
                 {
                     "recipient": r.recipient,
@@ -236,7 +240,9 @@ def decode(line: bytes) -> tuple[int, DeliverRequest | AttemptResult]:
         )
         for r in body["results"]
     ]
-    return int(body["result"]), AttemptResult(results, hop, body["tls"], body.get("policy"))
+    sessions = [sessionFromJSON(s) for s in body.get("sessions", ())]
+    result = AttemptResult(results, hop, body["tls"], body.get("policy"), sessions)
+    return int(body["result"]), result
 
 
 def deferredResult(recipients: list[str] | tuple[str, ...], text: str) -> AttemptResult:

@@ -106,6 +106,12 @@ class Hop:
     password: str | None = None
     oauth2: OAuth2Config | None = None
     """AUTH with an OAuth2 token (XOAUTH2, OAUTHBEARER) instead of a password."""
+    tlsCheck: bool = False
+    """
+    Check the certificate as C{verify} would, without refusing the session
+    (an MTA-STS C{testing} policy, L{relayd.delivery.mtasts.applyTLSPolicy}):
+    what would have failed is logged and counted for TLSRPT.
+    """
 
 
 @dataclass(frozen=True)

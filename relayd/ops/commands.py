@@ -32,6 +32,7 @@ __all__ = [
     "QueueShow",
     "Reload",
     "Status",
+    "TLSReport",
     "reachablePath",
 ]
 
@@ -234,6 +235,19 @@ class DestinationResume(amp.Command):
 
     arguments = [(b"domain", amp.Unicode())]
     response = [(b"changed", amp.Boolean()), (b"flushed", amp.Integer())]
+    errors = _ERRORS
+
+
+class TLSReport(amp.Command):
+    """
+    Today's TLSRPT counts (RFC 8460, L{relayd.delivery.tlsrpt}) for
+    C{domain}: C{counts}, one entry per policy type (C{sts}, C{tlsa},
+    C{no-policy-found}) with C{success}, C{failure} and C{failures} by
+    result type; empty when nothing was counted.
+    """
+
+    arguments = [(b"domain", amp.Unicode())]
+    response = [(b"counts", _JSON())]
     errors = _ERRORS
 
 

@@ -56,6 +56,7 @@ from relayd.ops.commands import (
     QueueShow,
     Reload,
     Status,
+    TLSReport,
     reachablePath,
 )
 from relayd.ops.controlclient import ControlClient, ControlClientError, NotRunning
@@ -106,6 +107,7 @@ __all__ = [
     "DestinationSuspend",
     "DestinationResume",
     "DestinationList",
+    "TLSReport",
 ]
 
 log = Logger(namespace="relayd.ops.control")
@@ -202,6 +204,10 @@ class ControlProtocol(amp.AMP):
     @DestinationList.responder
     def destinationList(self) -> dict[str, Any]:
         return {"domains": self.service.suspendedDomains()}
+
+    @TLSReport.responder
+    def tlsReport(self, domain: str) -> Deferred[dict[str, Any]]:
+        return self.service.tlsReport(domain).addCallback(lambda counts: {"counts": counts})
 
 
 class _ControlFactory(ServerFactory):
@@ -598,6 +604,19 @@ class ControlService(Service):
             # A small file, read once (like at startup).
             self._ownSuspensions = Suspensions.load(self.spool.directory)
         return self._ownSuspensions
+
+    def tlsReport(self, domain: str) -> Deferred[list[dict[str, Any]]]:
+        """See L{TLSReport}: today's counts, read from the spool in a thread if not in memory."""
+        from relayd.delivery.tlsrpt import summarize, utcDay
+
+        counts = self.top.tlsReports
+        if counts is None:
+            raise ControlError("no TLSRPT counts: MTA-STS and DANE are off or delivery is disabled")
+        today = utcDay(self.reactor.seconds())
+        d: Deferred[list[dict[str, Any]]] = counts.load(today).addCallback(
+            lambda day: summarize(day, domain)
+        )
+        return d
 
     def suspendedDomains(self) -> dict[str, Any]:
         """See L{DestinationList}."""

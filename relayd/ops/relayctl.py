@@ -17,6 +17,7 @@ C{relayctl}: look at and steer a running relayd (docs/relayctl.md).
         [--domain D] [--sender S] [--older-than 30m|2h|1d]
     destination suspend|resume DOMAIN    hold / restart deliveries to DOMAIN
     destination list [--json]            the suspended destinations
+    tls report DOMAIN [--json]           today's TLSRPT counts (RFC 8460) for DOMAIN
     config [--defaults] [--json]         the effective config (secrets masked)
     reload                               re-read the config file
     check-config [PATH] [--live]         validate a config like startup does
@@ -75,6 +76,7 @@ from relayd.ops.control import (
     QueueShow,
     Reload,
     Status,
+    TLSReport,
     readQueue,
     showMessage,
 )
@@ -704,6 +706,44 @@ def _destinationList(ctx: _Context) -> None:
         ctx.out.line(f"{domain}  suspended since {_when(domains[domain].get('since'))}")
 
 
+# --- TLSRPT ---------------------------------------------------------------------------
+
+
+def _tlsReport(ctx: _Context) -> None:
+    """
+    C{relayctl tls report DOMAIN}: today's TLSRPT counts of DOMAIN
+    (L{relayd.delivery.tlsrpt}), from the running daemon, else from the
+    day's file in the spool (which lags the daemon by a few seconds).
+    """
+    import datetime
+
+    from relayd.delivery.tlsrpt import DIRECTORY, readDay, summarize
+
+    domain = _destinationDomain(ctx)
+    try:
+        client = ctx.connect()
+    except NotRunning:
+        day = datetime.datetime.now(datetime.UTC).date().isoformat()
+        stored = readDay(os.path.join(ctx.paths.spool, DIRECTORY, f"{day}.json"))
+        counts = summarize(stored, domain) if stored is not None else []
+    else:
+        with client:
+            counts = client.call(TLSReport, domain=domain)["counts"]
+    if ctx.options.json:
+        ctx.out.json(counts)
+        return
+    if not counts:
+        ctx.out.line(f"{domain}: no TLS sessions under a policy counted today")
+        return
+    for entry in counts:
+        ctx.out.line(
+            f"{domain} {entry['day']} policy-type={entry['policy-type']} "
+            f"successful={entry['success']} failed={entry['failure']}"
+        )
+        for kind, count in sorted(entry["failures"].items()):
+            ctx.out.line(f"  {kind}: {count}")
+
+
 # --- the effective config -------------------------------------------------------------
 
 
@@ -1319,6 +1359,13 @@ def _parser() -> _Parser:
         sub = add(destinationCommands, action, run, text)
         sub.add_argument("domain", metavar="DOMAIN", help="the destination domain")
     sub = add(destinationCommands, "list", _destinationList, "the suspended destinations")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    tls = commands.add_parser("tls", help="outbound TLS reporting (TLSRPT)")
+    tlsCommands = tls.add_subparsers(dest="what", metavar="ACTION", parser_class=_Parser)
+    tlsCommands.required = True
+    sub = add(tlsCommands, "report", _tlsReport, "today's TLSRPT counts for DOMAIN")
+    sub.add_argument("domain", metavar="DOMAIN", help="the policy domain")
     sub.add_argument("--json", action="store_true", help="print JSON")
 
     sub = add(commands, "config", _config, "the effective config, like postconf")

@@ -97,6 +97,13 @@ class Scheduler(Service):
     C{[delivery] mta_sts} is on), or None.
     """
 
+    tlsReports: Any = None
+    """
+    Where the TLS sessions of MX deliveries are counted for TLSRPT (RFC
+    8460): a L{relayd.delivery.tlsrpt.TLSReportCounts} (set by the
+    service when MTA-STS or DANE is on), or None.
+    """
+
     def __init__(
         self,
         *,
@@ -734,6 +741,8 @@ class Scheduler(Service):
             for r in result.results:
                 outcomes[r.recipient] = (r, result)
             self._policyTested(queueId, policies, result)
+            if self.tlsReports is not None:
+                self._countTLS(policies, result)
 
         now = self.clock.seconds()
         expired = now - record.arrival >= self.lifetime
@@ -981,6 +990,11 @@ class Scheduler(Service):
             )
         if applied.refusal is None:
             return applied.destination
+        if self.tlsReports is not None:
+            from relayd.delivery.tlsrpt import countAttempt, mxMismatch
+
+            sessions = [mxMismatch(hop.host, policy) for hop in destination.hops]
+            countAttempt(self.tlsReports, policy.domain or domain, policy, sessions)
         log.info(
             "{queue_id}: deferred by {policy}: {text}",
             queue_id=queueId,
@@ -993,6 +1007,35 @@ class Scheduler(Service):
                 None,
             )
         return None
+
+    def _countTLS(self, policies: dict[str, Any], result: Any) -> None:
+        """
+        Count the attempt's sessions for TLSRPT (L{relayd.delivery.tlsrpt}):
+        those the deliverer reported (in this process or a delivery
+        process, whose results carry them here), and under an MTA-STS
+        C{testing} policy a session with an MX host the policy does not
+        list, as the C{validation-failure} C{enforce} would have made it.
+        """
+        from relayd.delivery.tlsrpt import countAttempt, mxMismatch
+
+        hop = result.hop
+        if not result.results or hop is None:
+            return
+        domain = result.results[0].recipient.rpartition("@")[2].lower()
+        policy = policies.get(domain)
+        sessions = list(getattr(result, "sessions", ()))
+        if (
+            policy is not None
+            and policy.kind == "mta-sts"
+            and policy.mode == "testing"
+            and not policy.matches(hop.host)
+            and not any(s.dane for s in sessions)
+        ):
+            sessions.append(mxMismatch(hop.host, policy, hop.address))
+        if not sessions:
+            return
+        name = policy.domain if policy is not None and policy.domain else domain
+        countAttempt(self.tlsReports, name, policy, sessions)
 
     def _policyTested(self, queueId: str, policies: dict[str, Any], result: Any) -> None:
         """
@@ -1011,6 +1054,8 @@ class Scheduler(Service):
             return
         if not policy.matches(hop.host):
             return  # logged before the attempt
+        if getattr(hop, "tlsCheck", False):
+            return  # the deliverer checked and logged (mta-sts testing: would have failed)
         lead = "enforce would have failed"
         if result.tls is None:
             why = f"no TLS with {hop.host}[{hop.address}]"

@@ -132,7 +132,16 @@ class ApplyTests(unittest.TestCase):
 
     def test_testingAndNoneChangeNothing(self):
         applied = applyTLSPolicy(self.destination, self.policy("testing"))
-        self.assertEqual(applied.destination, self.destination)
+        # Testing: every hop kept with its TLS mode; the matching ones
+        # check the certificate without refusing (relayd.delivery.tlsrpt).
+        self.assertEqual(
+            [(h.host, h.tls, h.tlsCheck) for h in applied.destination.hops],
+            [
+                ("mx1.example.net", "opportunistic", True),
+                ("evil.example.org", "opportunistic", False),
+                ("b.backup.example.net", "none", True),
+            ],
+        )
         [why] = applied.wouldFail
         self.assertIn("evil.example.org does not match", why)
         for policy in (self.policy("none"), NO_POLICY, TLSPolicy("dane", "enforce")):
@@ -296,6 +305,24 @@ class FetchTests(unittest.TestCase):
         restarted.loadCache()
         policy = yield restarted.lookup("example.net")
         self.assertEqual((policy.label, policy.note), ("mta-sts:enforce", "cached"))
+        self.assertEqual(policy.maxAge, 86400)
+
+    @defer.inlineCallbacks
+    def test_cacheWithoutMaxAgeReads(self):
+        """A cache file written before relayd kept max_age (for TLSRPT) still reads."""
+        yield self.policies().lookup("example.net")
+        yield self.server.stop()
+        with open(self.cacheFile()) as f:
+            stored = json.load(f)
+        del stored["max_age"]
+        with open(self.cacheFile(), "w") as f:
+            json.dump(stored, f)
+        restarted = self.policies()
+        restarted.loadCache()
+        policy = yield restarted.lookup("example.net")
+        self.assertEqual(
+            (policy.label, policy.note, policy.maxAge), ("mta-sts:enforce", "cached", 0)
+        )
 
     @defer.inlineCallbacks
     def test_expiredCacheIgnored(self):
