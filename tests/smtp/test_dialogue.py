@@ -20,7 +20,7 @@ from typing import Any
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -591,3 +591,53 @@ class ReceivedTests(DialogueTestCase):
     def test_controlCharactersReplaced(self) -> None:
         field = self.received("bad\x01\x7fname")
         self.assertIn("from bad??name ([127.0.0.1])", field)
+
+
+class FlowControlTests(DialogueTestCase):
+    """
+    Pipelined input waits while a decision is pending, in order; the
+    socket stops being read only when the client pushes on meanwhile.
+    """
+
+    def test_decidedAtOnceNeverPausesTheSocket(self) -> None:
+        """Commands decided before control returns leave reading alone."""
+        pauses: list[None] = []
+        original = self.transport.pauseProducing
+
+        def counted() -> None:
+            pauses.append(None)
+            original()
+
+        self.transport.pauseProducing = counted  # type: ignore[method-assign]
+        self.ehlo()
+        self.transaction()
+        self.assertEqual(self.talk("Subject: x\r\n\r\nhi\r\n.\r\n")[0][:3], "250")
+        self.assertEqual(pauses, [])
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_pipelinedWhileCommitting(self) -> None:
+        """
+        While the commit is under way, a pipelined QUIT is neither
+        answered nor lost: reading stops when it arrives, and once the
+        message is durable the 250 comes first, then the 221.
+        """
+        pending: Deferred[str] = Deferred()
+        commit = self.spool.commit
+
+        def slow(incoming: Any, record: Any) -> Deferred[str]:
+            d = commit(incoming, record)
+            d.addCallback(lambda queueId: pending.addCallback(lambda _: queueId))
+            return d
+
+        self.spool.commit = slow  # type: ignore[method-assign]
+        self.ehlo()
+        self.transaction()
+        self.assertEqual(self.talk("Subject: x\r\n\r\nhi\r\n.\r\n"), [])
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.talk("QUIT\r\n"), [])
+        self.assertEqual(self.transport.producerState, "paused")
+        pending.callback(None)
+        replies = self.read()
+        self.assertEqual(len(replies), 2, replies)
+        self.assertTrue(replies[0].startswith("250 2.0.0 Ok: queued as "), replies)
+        self.assertTrue(replies[1].startswith("221 2.0.0"), replies)
