@@ -24,6 +24,7 @@ The pieces:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -849,7 +850,7 @@ class TLSReporter(Service):
         from relayd.queue.spool import envelopeRecord
 
         make = self._makeRecord or envelopeRecord
-        return make(
+        record = make(
             queueId="",
             # The null reverse-path: a report that cannot be delivered
             # must not come back as a bounce (no loop between reporters).
@@ -863,3 +864,8 @@ class TLSReporter(Service):
             user=None,
             listener="tlsrpt",
         )
+        # RFC 8460 section 5.3: "when sending failure reports via SMTP,
+        # sending MTAs MUST NOT honor MTA-STS or DANE TLSA failures" (the
+        # report may be about exactly those): the waiver TLS-Required: No
+        # gives (RFC 8689), so the report goes out over opportunistic TLS.
+        return dataclasses.replace(record, tlsOptional=True)

@@ -37,6 +37,7 @@ from relayd.delivery.processes import decode, encode
 from relayd.delivery.routing import Hop
 from relayd.delivery.tlsrpt import (
     TLSReportCounts,
+    TLSReporter,
     TLSRPTError,
     TLSSession,
     buildReport,
@@ -895,3 +896,25 @@ class TLSRPTRecordTests(_TLSRPTCase):
         self.assertTrue(self.logged(f"tlsrpt: example.net: report POST to {uri} failed"))
         with open(path) as f:
             self.assertEqual(json.load(f)["sent"], ["example.net"])
+
+
+def test_reportIgnoresTheRecipientsTLSPolicies() -> None:
+    """
+    RFC 8460 section 5.3: a report mailed over SMTP must not be held back
+    by the MTA-STS or DANE failures it may be reporting: its queue record
+    carries the TLS-Required: No waiver (RFC 8689), which delivery honours
+    by skipping both, and the null sender.
+    """
+    reporter = TLSReporter(
+        counts=None,  # type: ignore[arg-type]
+        resolver=None,
+        spool=None,
+        clock=None,
+        submitter="relayd.test",
+        trustRoot=object(),
+    )
+    record = reporter._record(["tlsrpt@example.net"], 1764720000.0, b"report\r\n")
+    assert record.tlsOptional is True
+    assert record.requireTLS is False
+    assert record.sender == ""
+    assert [r.address for r in record.recipients] == ["tlsrpt@example.net"]
