@@ -5,11 +5,12 @@ parsing and EHLO keywords.  Sessions over real sockets are in
 test_delivery.py.
 """
 
+import io
 import random
 
 from twisted.trial import unittest
 
-from relayd.delivery.client import CHUNK_SIZE, DotStuffer, Reply, _extensions
+from relayd.delivery.client import CHUNK_SIZE, DotStuffer, Reply, _extensions, _MessageProducer
 
 
 def reference(message: bytes) -> bytes:
@@ -219,3 +220,68 @@ class ReplyQuotingTests(unittest.TestCase):
     def test_localOutcome(self):
         reply = Reply.local(451, "4.4.1", "connect to x[192.0.2.1]:25: Connection refused")
         self.assertEqual(reply.quoted, str(reply))
+
+
+class _RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.producer = True
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def unregisterProducer(self) -> None:
+        self.producer = False
+
+
+class _Client:
+    """What L{_MessageProducer} asks of its L{SMTPClient}."""
+
+    def __init__(self) -> None:
+        self.transport = _RecordingTransport()
+        self.sent = False
+
+    def _restartTimer(self) -> None:
+        pass
+
+    def _dataSent(self) -> None:
+        self.sent = True
+
+    def _readFailed(self, error: OSError) -> None:
+        raise AssertionError(error)
+
+
+class MessageProducerTests(unittest.TestCase):
+    """
+    L{_MessageProducer} writes the message dot-stuffed, and the last chunk
+    together with the final dot: two writes let Nagle's algorithm hold the
+    dot until the next hop acknowledged the chunk (its delayed ACK), tens
+    of milliseconds per message.
+    """
+
+    def produce(self, message: bytes) -> _Client:
+        client = _Client()
+        producer = _MessageProducer(client, io.BufferedReader(io.BytesIO(message)))  # type: ignore[arg-type]
+        for _ in range(len(message) // CHUNK_SIZE + 3):
+            if not client.transport.producer:
+                break
+            producer.resumeProducing()
+        self.assertTrue(client.sent)
+        self.assertEqual(b"".join(client.transport.writes), reference(message))
+        return client
+
+    def test_smallMessageOneWrite(self) -> None:
+        message = b"Subject: x\r\n\r\n.dot\r\nbody\r\n"
+        self.assertEqual(self.produce(message).transport.writes, [reference(message)])
+
+    def test_lastChunkCarriesTheDot(self) -> None:
+        for size in (CHUNK_SIZE - 1, CHUNK_SIZE + 1, 2 * CHUNK_SIZE + 100):
+            message = (b"x" * 98 + b"\r\n") * (size // 100) + b"y" * (size % 100)
+            writes = self.produce(message).transport.writes
+            self.assertGreater(len(writes[-1]), len(b"\r\n.\r\n"), size)
+            self.assertTrue(writes[-1].endswith(b"\r\n.\r\n"), size)
+
+    def test_edgeCases(self) -> None:
+        """Empty, exactly one chunk, a dot line at the very end."""
+        for message in (b"", b"z" * CHUNK_SIZE, b"a\r\n.\r\n", b"a\r\n."):
+            self.produce(message)

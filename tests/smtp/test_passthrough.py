@@ -137,6 +137,7 @@ class ScriptedUpstream(LineReceiver):
     def __init__(self, script: Script) -> None:
         self.script = script
         self.inData = False
+        self.aborted = False
 
     def connectionMade(self) -> None:
         self.script.connections += 1
@@ -144,6 +145,11 @@ class ScriptedUpstream(LineReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         script = self.script
+        if self.aborted:
+            # abortConnection does not stop LineReceiver from handing on
+            # the lines already read (the end of a message that arrived
+            # in the same segment): a dropped peer reads nothing more.
+            return
         if self.inData:
             if line == b".":
                 self.inData = False
@@ -159,6 +165,7 @@ class ScriptedUpstream(LineReceiver):
                 script.dropAfterDataLines is not None
                 and len(script.dataLines) >= script.dropAfterDataLines
             ):
+                self.aborted = True
                 self.transport.abortConnection()
             return
         script.commands.append(line)
