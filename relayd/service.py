@@ -294,9 +294,21 @@ def freezeStartupHeap() -> None:
     full collections only see what was allocated since; what is frozen is
     never collected, which costs nothing for objects that live as long as
     the process.  Every relayd process calls this as its reactor starts.
+
+    It also shortens the interpreter's switch interval from 5 ms to 1 ms:
+    a spool thread whose fsync returned waits that long for the GIL while
+    the reactor thread is busy, and that wait was part of every commit's
+    time to the C{250} (p99 14 ms at 5 ms, 8-11 ms at 1 ms, 250 messages a
+    second on 2 cores).  relayd's threads only wait for the disk, DNS or a
+    password hash, so the shorter interval adds few switches.
     """
     gc.collect()
     gc.freeze()
+    sys.setswitchinterval(SWITCH_INTERVAL)
+
+
+SWITCH_INTERVAL = 0.001
+"""Seconds a thread waiting for the GIL lets the running one keep it (see L{freezeStartupHeap})."""
 
 
 def _serverEndpoint(reactor: Any, text: str, path: str, key: str, checkOnly: bool) -> Any:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from relayd.config import load
@@ -29,7 +30,8 @@ def test_freezes() -> None:
                 "import gc, relayd.service\n"
                 "before = gc.get_freeze_count()\n"
                 "relayd.service.freezeStartupHeap()\n"
-                "print(before, gc.get_freeze_count())"
+                "import sys\n"
+                "print(before, gc.get_freeze_count(), sys.getswitchinterval())"
             ),
         ],
         capture_output=True,
@@ -40,6 +42,7 @@ def test_freezes() -> None:
     before, after = int(out[0]), int(out[1])
     assert before == 0
     assert after > 10000
+    assert float(out[2]) == pytest.approx(0.001)
 
 
 def test_onlyRealProcessesFreeze() -> None:
