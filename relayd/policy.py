@@ -411,7 +411,10 @@ class PolicyChain:
             return answer
 
         d = maybeDeferred(call)
-        d.addTimeout(self.timeout, self.clock)
+        if not d.called:
+            # An answer given at once needs no timer (most of them: the
+            # callLater and its cancel were a per-command cost).
+            d.addTimeout(self.timeout, self.clock)
         return d
 
     def _ask(self, policy: Any, method: str, args: tuple[Any, ...]) -> Deferred[Verdict]:

@@ -414,6 +414,31 @@ class ModifierPhaseTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d).reply.enhanced, "4.3.0")
         self.flushLoggedErrors(defer.TimeoutError)
 
+    def test_immediateAnswerNoTimer(self):
+        """
+        A modifier that answers at once leaves no timer behind (the
+        timeout is for answers still to come).
+        """
+
+        @implementer(IMessageModifier)
+        class AtOnce:
+            def modifyMessage(self, session, envelope, message):
+                return CONTINUE
+
+        clock = Clock()
+        calls = []
+        original = clock.callLater
+
+        def callLater(*args, **kwargs):
+            calls.append(args[0])
+            return original(*args, **kwargs)
+
+        clock.callLater = callLater
+        chain = PolicyChain([AtOnce()], 5.0, clock, {"atonce": {}})
+        d = chain.modifyMessage(session(), self.envelope(), None)
+        self.assertEqual(self.successResultOf(d), CONTINUE)
+        self.assertEqual(calls, [])
+
     def test_notAModifierNotRun(self):
         """Checks are not modifiers: modifyMessage asks only IMessageModifier providers."""
 
