@@ -168,6 +168,26 @@ class MTASTSPolicy:
     maxAge: int
 
 
+def txtFields(record: str, error: Callable[[str], Exception]) -> dict[str, str]:
+    """
+    The fields of an MTA-STS or TLSRPT TXT record (RFC 8461 section 3.1,
+    RFC 8460 section 3: C{name=value} fields separated by C{;} and
+    optional spaces or tabs); the first of a repeated name wins.
+
+    @param error: makes the exception raised for a field without C{=}.
+    """
+    fields: dict[str, str] = {}
+    for part in record.split(";"):
+        part = part.strip(" \t")
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise error(f"malformed TXT field {part[:40]!r}")
+        fields.setdefault(key.strip(" \t"), value.strip(" \t"))
+    return fields
+
+
 def parseTXT(records: Sequence[str]) -> str:
     """
     The C{id} of the domain's MTA-STS TXT record (RFC 8461 section 3.1):
@@ -182,15 +202,7 @@ def parseTXT(records: Sequence[str]) -> str:
         raise PolicyError("no TXT record starting with v=STSv1")
     if len(candidates) > 1:
         raise PolicyError("more than one v=STSv1 TXT record")
-    fields: dict[str, str] = {}
-    for part in candidates[0].split(";"):
-        part = part.strip(" \t")
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise PolicyError(f"malformed TXT field {part!r}")
-        fields.setdefault(key, value)
+    fields = txtFields(candidates[0], PolicyError)
     if fields.get("v") != "STSv1":
         raise PolicyError("TXT record version is not STSv1")
     policyId = fields.get("id", "")

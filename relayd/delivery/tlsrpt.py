@@ -46,6 +46,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd.delivery.mtasts import txtFields
 from relayd.queue.safeio import writeAtomically
 
 __all__ = [
@@ -480,15 +481,7 @@ def parseTLSRPT(records: Sequence[str]) -> list[str]:
     candidates = [r for r in records if r.startswith("v=TLSRPTv1")]
     if len(candidates) != 1:
         raise TLSRPTError(f"{len(candidates)} TXT records starting with v=TLSRPTv1, not one")
-    fields: dict[str, str] = {}
-    for part in candidates[0].split(";"):
-        part = part.strip(" \t")
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise TLSRPTError(f"malformed field {part[:40]!r}")
-        fields.setdefault(key.strip(), value.strip(" \t"))
+    fields = txtFields(candidates[0], TLSRPTError)
     if fields.get("v") != "TLSRPTv1":
         raise TLSRPTError("version is not TLSRPTv1")
     uris = [u.strip(" \t") for u in fields.get("rua", "").split(",") if u.strip(" \t")]
