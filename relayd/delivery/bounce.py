@@ -63,16 +63,17 @@ import re
 import secrets
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from relayd.queue.record import openRegion
+from relayd.queue.record import QueueRecord, openRegion
 from relayd.reply import Reply
 from relayd.smtp.dsn import originalRecipient
 
 __all__ = [
     "RecipientStatus",
+    "noticeRecord",
     "makeDSN",
     "shouldBounce",
     "FAILED_SUBJECT",
@@ -776,3 +777,32 @@ def _boundary(queueId: str, bodies: Sequence[bytes]) -> str:
         needle = b"--" + boundary.encode("ascii")
         if not any(needle in body for body in bodies):
             return boundary
+
+
+def noticeRecord(recipients: Sequence[str], data: bytes, now: float, listener: str) -> QueueRecord:
+    """
+    The envelope of a message relayd writes itself (a DSN, a TLSRPT
+    report) for L{relayd.queue.spool.Spool.submit}: from the null
+    reverse-path, so that a notice that cannot be delivered never comes
+    back as another (RFC 5321 section 4.5.5); C{8BITMIME} when C{data} has
+    8-bit octets; C{SMTPUTF8} when a recipient's address needs it (RFC
+    6531).
+
+    @param listener: what the queue shows it came from (C{bounce},
+        C{tlsrpt}).
+    """
+    record = QueueRecord.new(
+        queueId="",
+        sender="",
+        recipients=list(recipients),
+        arrival=now,
+        size=len(data),
+        body="8BITMIME" if any(b > 127 for b in data) else "7BIT",
+        client="127.0.0.1",
+        helo=None,
+        user=None,
+        listener=listener,
+    )
+    if not all(address.isascii() for address in recipients):
+        record = replace(record, smtputf8=True)
+    return record

@@ -31,7 +31,7 @@ import json
 import os
 import re
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage
@@ -655,7 +655,6 @@ class TLSReporter(Service):
         organization: str | None = None,
         contact: str | None = None,
         send: bool = True,
-        makeRecord: Callable[..., Any] | None = None,
         trustRoot: Any = None,
     ) -> None:
         """
@@ -670,7 +669,6 @@ class TLSReporter(Service):
         self.organization = organization or submitter
         self.contact = contact
         self.send = send
-        self._makeRecord = makeRecord
         if trustRoot is None:
             from twisted.internet.ssl import platformTrust
 
@@ -840,23 +838,11 @@ class TLSReporter(Service):
         return False
 
     def _record(self, addresses: list[str], now: float, data: bytes) -> Any:
-        from relayd.queue.spool import envelopeRecord
+        from relayd.delivery.bounce import noticeRecord
 
-        make = self._makeRecord or envelopeRecord
-        record = make(
-            queueId="",
-            # The null reverse-path: a report that cannot be delivered
-            # must not come back as a bounce (no loop between reporters).
-            sender="",
-            recipients=addresses,
-            arrival=now,
-            size=len(data),
-            body="7BIT",
-            client="127.0.0.1",
-            helo=None,
-            user=None,
-            listener="tlsrpt",
-        )
+        # The null reverse-path: a report that cannot be delivered must
+        # not come back as a bounce (no loop between reporters).
+        record = noticeRecord(addresses, data, now, "tlsrpt")
         # RFC 8460 section 5.3: "when sending failure reports via SMTP,
         # sending MTAs MUST NOT honor MTA-STS or DANE TLSA failures" (the
         # report may be about exactly those): the waiver TLS-Required: No

@@ -17,7 +17,6 @@ null sender it is moved aside with a log line.  The blocking work
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import tempfile
 import time
@@ -97,8 +96,7 @@ def bounceToSpool(spool: Any, hostname: str, reactor: Any) -> Bounce:
     It runs in a pool thread (makeDSN reads a file); the spool is called
     on the reactor thread (C{blockingCallFromThread}).
     """
-    from relayd.delivery.bounce import RecipientStatus, makeDSN
-    from relayd.queue.spool import envelopeRecord
+    from relayd.delivery.bounce import RecipientStatus, makeDSN, noticeRecord
 
     def bounceOne(dropped: Dropped, refused: list[tuple[str, int, str]]) -> str:
         now = time.time()
@@ -126,20 +124,7 @@ def bounceToSpool(spool: Any, hostname: str, reactor: Any) -> Bounce:
                 recipients=statuses,
                 originalPath=original.name,
             )
-        record = envelopeRecord(
-            queueId="",
-            sender="",
-            recipients=[dropped.sender],
-            arrival=now,
-            size=len(dsn),
-            body="8BITMIME" if any(b > 127 for b in dsn) else "7BIT",
-            client="127.0.0.1",
-            helo=None,
-            user=None,
-            listener="bounce",
-        )
-        if not dropped.sender.isascii():
-            record = dataclasses.replace(record, smtputf8=True)  # RFC 6531
+        record = noticeRecord([dropped.sender], dsn, now, "bounce")
         bounceId: str = blockingCallFromThread(reactor, spool.submit, record, dsn)
         return bounceId
 

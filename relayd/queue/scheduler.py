@@ -44,14 +44,14 @@ from twisted.python.failure import Failure
 
 from relayd.delivery import requiretls
 from relayd.delivery.attempt import RecipientResult
-from relayd.delivery.bounce import RecipientStatus, makeDSN, shouldBounce
+from relayd.delivery.bounce import RecipientStatus, makeDSN, noticeRecord, shouldBounce
 from relayd.delivery.client import Reply as RemoteReply
 from relayd.delivery.endpoint import relayName
 from relayd.delivery.routing import RoutingError
 from relayd.interfaces import IDeliverer, IQueue, IRouter
 from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.queue.record import QueueRecord, QueueState, RecipientRecord, RecipientState
-from relayd.queue.spool import arrivalFromQueueId, envelopeRecord
+from relayd.queue.spool import arrivalFromQueueId
 from relayd.queue.suspend import Suspensions, SuspensionsError, readSuspended
 from relayd.reply import Reply
 from relayd.smtp.dsn import DSNParameters, wants
@@ -1166,22 +1166,9 @@ class Scheduler(Service):
             returnFull=action == "failed" and record.ret == "FULL" and not record.requireTLS,
             envid=record.envid,
         )
-        dsnRecord = envelopeRecord(
-            queueId="",
-            sender="",
-            recipients=[target],
-            arrival=now,
-            size=len(dsn),
-            body="8BITMIME" if any(b > 127 for b in dsn) else "7BIT",
-            client="127.0.0.1",
-            helo=None,
-            user=None,
-            listener="bounce",
-        )
+        # To an internationalized sender only over SMTPUTF8 (RFC 6531).
+        dsnRecord = noticeRecord([target], dsn, now, "bounce")
         dsnRecord = requiretls.bounceRecord(dsnRecord, record)
-        if not target.isascii():
-            # To an internationalized sender: only over SMTPUTF8 (RFC 6531).
-            dsnRecord = replace(dsnRecord, smtputf8=True)
         bounceId = yield self.spool.submit(dsnRecord, dsn)
         log.info(
             "{queue_id}: sender {action} notification: {bounce_id}",

@@ -738,3 +738,25 @@ def test_badReportingMTA(original: Path, reportingMTA: str) -> None:
     """
     with pytest.raises(ValueError):
         dsn(original, reportingMTA=reportingMTA)
+
+
+def test_noticeRecord() -> None:
+    """
+    The envelope of a notice relayd writes itself: null sender, 8BITMIME
+    only for 8-bit data, SMTPUTF8 only for an internationalized recipient.
+    """
+    from relayd.delivery.bounce import noticeRecord
+
+    plain = noticeRecord(["a@example.net"], b"Subject: x\r\n\r\nhi\r\n", 100.0, "bounce")
+    assert (plain.sender, plain.body, plain.smtputf8, plain.listener) == (
+        "",
+        "7BIT",
+        False,
+        "bounce",
+    )
+    assert [r.address for r in plain.recipients] == ["a@example.net"]
+    assert plain.size == len(b"Subject: x\r\n\r\nhi\r\n")
+    eight = noticeRecord(["a@example.net"], "Subject: é\r\n\r\n".encode(), 100.0, "tlsrpt")
+    assert (eight.body, eight.smtputf8, eight.listener) == ("8BITMIME", False, "tlsrpt")
+    utf8 = noticeRecord(["jörg@example.net"], b"x\r\n", 100.0, "bounce")
+    assert utf8.smtputf8 is True
