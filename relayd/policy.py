@@ -212,6 +212,10 @@ _PHASE_NAMES: dict[str, Phase] = {
 """The C{phase} label of L{relayd.ops.metrics}' policy verdict counter."""
 
 
+_UNASKED: Any = object()
+"""No answer yet: L{PolicyChain._call} asks the policy itself."""
+
+
 class PolicyChain:
     """
     The ordered policies, one method per SMTP phase, and the modifiers.
@@ -370,75 +374,116 @@ class PolicyChain:
         return result
 
     def _run(self, phase: Any, method: str, *args: Any) -> Deferred[Verdict]:
+        """
+        Ask the policies of C{phase} in order until one answers finally.
+        Verdicts given at once (most of them: the built-in checks answer
+        from memory) are taken on the spot; the first Deferred or
+        coroutine continues the walk when it fires.  Either way the
+        result is one Deferred, and the same verdicts, logs and metrics.
+        """
         policies = self._byPhase[phase]
+        label = _PHASE_NAMES[method]
         result: Deferred[Verdict] = Deferred()
 
-        label = _PHASE_NAMES[method]
+        def decided(index: int, verdict: Verdict) -> bool:
+            """Whether C{verdict} of policy C{index} ends the walk (and fires C{result})."""
+            if not verdict.final:
+                return False
+            verdict = verdict.forPhase(label)
+            self.metrics.policyVerdict(label, self.nameOf(policies[index]), verdict.action.value)
+            result.callback(verdict)
+            return True
+
+        def later(verdict: Verdict, index: int) -> None:
+            if not decided(index, verdict):
+                step(index + 1)
 
         def step(index: int) -> None:
-            if index == len(policies):
-                self.metrics.policyVerdict(label, "none", CONTINUE.action.value)
-                result.callback(CONTINUE)
-                return
-            policy = policies[index]
-            d = self._ask(policy, method, args)
-
-            def answered(verdict: Verdict) -> None:
-                if verdict.final:
-                    verdict = verdict.forPhase(label)
-                    self.metrics.policyVerdict(label, self.nameOf(policy), verdict.action.value)
-                    result.callback(verdict)
-                else:
-                    step(index + 1)
-
-            d.addCallback(answered)
+            while index < len(policies):
+                answer = self._answer(policies[index], method, args)
+                if isinstance(answer, Deferred):
+                    answer.addCallback(later, index)
+                    return
+                if decided(index, answer):
+                    return
+                index += 1
+            self.metrics.policyVerdict(label, "none", CONTINUE.action.value)
+            result.callback(CONTINUE)
 
         step(0)
         return result
 
-    def _call(self, policy: Any, method: str, args: tuple[Any, ...]) -> Deferred[Any]:
+    def _answer(
+        self, policy: Any, method: str, args: tuple[Any, ...]
+    ) -> Verdict | Deferred[Verdict]:
         """
-        Call C{policy.method(*args)}: its answer, a Deferred or a coroutine,
-        as a Deferred bounded by the timeout (then cancelled).
+        C{policy.method(*args)} as a L{Verdict} when it answered at once,
+        else as a Deferred bounded by the timeout.  What it raised, or an
+        answer that is not a Verdict, counts as L{POLICY_FAILED} (logged),
+        the same at once or later.
+        """
+        try:
+            answer = getattr(policy, method)(*args)
+        except Exception:
+            return self._failed(Failure(), policy, method, args)
+        if isinstance(answer, Verdict):
+            return answer
+        if not isinstance(answer, Deferred) and not inspect.isawaitable(answer):
+            return self._failed(
+                Failure(TypeError(f"{method} returned {answer!r}, not a Verdict")),
+                policy,
+                method,
+                args,
+            )
+        return self._ask(policy, method, args, answer)
+
+    def _failed(self, failure: Failure, policy: Any, method: str, args: tuple[Any, ...]) -> Verdict:
+        log.failure(
+            "{prefix}: policy {policy} failed in {method}; answering 451 4.3.0 "
+            "session={session_id}",
+            failure,
+            policy=self.nameOf(policy),
+            method=method,
+            **idFields(args[0] if args else None, args[1] if len(args) > 1 else None),
+        )
+        return POLICY_FAILED
+
+    def _call(
+        self, policy: Any, method: str, args: tuple[Any, ...], answer: Any = _UNASKED
+    ) -> Deferred[Any]:
+        """
+        Call C{policy.method(*args)} (or take its C{answer}, when it was
+        already called): its answer, a Deferred or a coroutine, as a
+        Deferred bounded by the timeout (then cancelled).
         """
 
         def call() -> Any:
-            answer = getattr(policy, method)(*args)
-            if not isinstance(answer, Deferred) and inspect.isawaitable(answer):
+            given = getattr(policy, method)(*args) if answer is _UNASKED else answer
+            if not isinstance(given, Deferred) and inspect.isawaitable(given):
                 # Any: ensureDeferred takes coroutines only; another awaitable
                 # makes it raise, which counts as a policy failure.
-                return ensureDeferred(cast(Any, answer))
-            return answer
+                return ensureDeferred(cast(Any, given))
+            return given
 
         d = maybeDeferred(call)
         if not d.called:
-            # An answer given at once needs no timer (most of them: the
-            # callLater and its cancel were a per-command cost).
+            # An answer given at once needs no timer (the callLater and
+            # its cancel were a per-command cost).
             d.addTimeout(self.timeout, self.clock)
         return d
 
-    def _ask(self, policy: Any, method: str, args: tuple[Any, ...]) -> Deferred[Verdict]:
-        name = self.nameOf(policy)
-        d = self._call(policy, method, args)
+    def _ask(
+        self, policy: Any, method: str, args: tuple[Any, ...], answer: Any = _UNASKED
+    ) -> Deferred[Verdict]:
+        d = self._call(policy, method, args, answer)
 
         def check(verdict: Any) -> Verdict:
             if not isinstance(verdict, Verdict):
                 raise TypeError(f"{method} returned {verdict!r}, not a Verdict")
             return verdict
 
-        def failed(failure: Failure) -> Verdict:
-            log.failure(
-                "{prefix}: policy {policy} failed in {method}; answering 451 4.3.0 "
-                "session={session_id}",
-                failure,
-                policy=name,
-                method=method,
-                **idFields(args[0] if args else None, args[1] if len(args) > 1 else None),
-            )
-            return POLICY_FAILED
-
         d.addCallback(check)
-        d.addErrback(failed)
+        d.addErrback(self._failed, policy, method, args)
         return d
 
 
