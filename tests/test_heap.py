@@ -16,6 +16,7 @@ from twisted.internet.testing import MemoryReactorClock
 from relayd.config import load
 from relayd.service import buildService
 from relayd.tap import Options, makeService
+from relayd.testing import TestSetup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,13 +46,13 @@ def test_freezes() -> None:
     assert float(out[2]) == pytest.approx(0.001)
 
 
-def test_onlyRealProcessesFreeze() -> None:
+def test_onlyRealProcessesFreeze(tmp_path: Path) -> None:
     """
     twistd's service (and a receiver's) freezes its heap once the reactor
     runs; a service built inside another program (a test, relayctl's
     config check) leaves that program's heap alone.
     """
-    config = REPO / "etc" / "dev.toml"
+    config = TestSetup(str(tmp_path / "relayd"), modes=("relay",)).configPath
     options = Options()
     options.parseOptions(["--config", str(config)])
     assert makeService(options).freezeHeap is True
