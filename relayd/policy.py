@@ -473,8 +473,9 @@ class PolicyChain:
         return d
 
     def _ask(
-        self, policy: Any, method: str, args: tuple[Any, ...], answer: Any = _UNASKED
+        self, policy: Any, method: str, args: tuple[Any, ...], answer: Any
     ) -> Deferred[Verdict]:
+        """C{answer}, a Deferred or an awaitable, checked as L{_answer} checks a verdict."""
         d = self._call(policy, method, args, answer)
 
         def check(verdict: Any) -> Verdict:
