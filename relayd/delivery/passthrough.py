@@ -184,21 +184,7 @@ def _hops(route: Route) -> list[Hop]:
     endpoint resolves it (L{hopEndpoint}); the session has no MX resolver
     of its own.
     """
-    hops = []
-    for config in route.hops:
-        address = _ipLiteral(config.host) or config.host
-        hops.append(
-            Hop(
-                config.host.strip("[]"),
-                address,
-                config.port,
-                config.tls,
-                config.username,
-                config.password,
-                config.oauth2,
-            )
-        )
-    return hops
+    return [config.hop(_ipLiteral(config.host) or config.host) for config in route.hops]
 
 
 class Connector:

@@ -72,6 +72,18 @@ class NextHopConfig:
     # auth = "xoauth2"/"oauthbearer": where the access tokens come from.
     oauth2: OAuth2Config | None = None
 
+    def hop(self, address: str) -> Hop:
+        """This next hop at C{address} (its host name without brackets)."""
+        return Hop(
+            self.host.strip("[]"),
+            address,
+            self.port,
+            self.tls,
+            self.username,
+            self.password,
+            self.oauth2,
+        )
+
 
 @dataclass(frozen=True)
 class Route:
@@ -713,19 +725,7 @@ class Router:
             if isinstance(result, ResolverError):
                 problems.append(f"{config.host}: {result.reason}")
                 continue
-            host = config.host.strip("[]")
-            for address in result:
-                hops.append(
-                    Hop(
-                        host,
-                        address,
-                        config.port,
-                        config.tls,
-                        config.username,
-                        config.password,
-                        config.oauth2,
-                    )
-                )
+            hops.extend(config.hop(address) for address in result)
         if not hops:
             raise RoutingError(
                 False,
