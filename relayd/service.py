@@ -59,10 +59,15 @@ class ListenerService(Service):
     port in L{port}, so tests can listen on port 0 and ask which it got.
     """
 
-    def __init__(self, endpoint: Any, factory: Any, configKey: str = "listeners") -> None:
+    def __init__(
+        self, endpoint: Any, factory: Any, configKey: str = "listeners", sendAtOnce: bool = False
+    ) -> None:
         """
         @param configKey: the config key named when binding fails.
+        @param sendAtOnce: a TCP port's connections send what is written
+            at once when nothing is queued (L{relayd.smtp.transport}).
         """
+        self.sendAtOnce = sendAtOnce
         self.endpoint = endpoint
         self.factory = factory
         self.configKey = configKey
@@ -92,6 +97,10 @@ class ListenerService(Service):
         if isinstance(outcome[0], Failure):
             outcome[0].raiseException()
         self.port = outcome[0]
+        if self.sendAtOnce:
+            from relayd.smtp.transport import writeThrough
+
+            writeThrough(self.port)
 
     def stopService(self) -> Any:
         Service.stopService(self)
@@ -484,7 +493,7 @@ def buildService(
             endpoint = _serverEndpoint(
                 reactor, listener.endpoint, config.path, f"listeners[{i}].endpoint", checkOnly
             )
-        svc = ListenerService(endpoint, wrapped)
+        svc = ListenerService(endpoint, wrapped, sendAtOnce=True)
         svc.setName(f"listener:{listener.name}")
         svc.listenerName = listener.name
         svc.setServiceParent(top)

@@ -84,6 +84,7 @@ from relayd.queue.record import QueueRecord
 from relayd.reply import Reply
 from relayd.smtp import extensions, passthrough, sasl
 from relayd.smtp.auth import Lockout
+from relayd.smtp.transport import allSent
 from relayd.smtp.wire import COMMAND_LINE, ChunkReader, DataReader
 from relayd.verdict import Action, Verdict
 
@@ -369,7 +370,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         # recipient (None: spooled).
         self._relayed: passthrough.RelayedTransaction | None = None
         self._routeKey: int | None = None
+        # Counted in the connection limits (until given back) and known to
+        # the factory (until connectionLost).
         self._counted = False
+        self._tracked = False
         self._metered = False
         self._client = ""
         self._paused = 0
@@ -430,7 +434,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self.reply(421, "4.3.2", f"{f.config.hostname} Service shutting down")
             self._close()
             return
-        self._counted = True
+        self._counted = self._tracked = True
         f.sessions.add(self)
         self.setTimeout(f.config.timeoutCommand)
         self._hold()
@@ -482,10 +486,9 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if not self._committing:
             # A commit in flight ends its transaction itself when it fires.
             self._reset()
-        if self._counted:
-            self._counted = False
-            # Counted only once connectionMade set self.session (Session | None).
-            self.factory.limits.close(str(self.session.clientAddress))  # type: ignore[union-attr]
+        if self._tracked:
+            self._tracked = False
+            self._giveSlotBack()
             self.factory.sessionGone(self)
         if self._metered:
             self._metered = False
@@ -1881,6 +1884,20 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     def smtp_QUIT(self, argument: str) -> None:
         self.reply(221, "2.0.0", "Bye")
         self._close()
+        if allSent(self.transport):
+            # The 221 is on its way and the session is over: the slot is
+            # free now, as Postfix's smtpd tells anvil after flushing its
+            # 221, not one reactor turn later when the socket is closed.
+            # A client that reconnects the moment it reads the 221 (as
+            # smtp-source does) must not find its own old session counted.
+            self._giveSlotBack()
+
+    def _giveSlotBack(self) -> None:
+        """Give the connection's slot back to the limits, once."""
+        if self._counted:
+            self._counted = False
+            # Counted only once connectionMade set self.session (Session | None).
+            self.factory.limits.close(str(self.session.clientAddress))  # type: ignore[union-attr]
 
     def smtp_VRFY(self, argument: str) -> None:
         if not argument:

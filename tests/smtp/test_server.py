@@ -15,6 +15,7 @@ import smtplib
 import socket
 import ssl
 import tempfile
+import threading
 import time
 
 from twisted.internet import defer, reactor
@@ -1021,6 +1022,60 @@ class ConnectionLimitTests(RelaydTestCase):
         (code, lines), noop = yield self.run_(dialogue)
         self.assertEqual((code, lines[0][:5]), (421, "4.7.0"))
         self.assertEqual(noop, 250)
+
+
+class QuitGivesSlotBackTests(RelaydTestCase):
+    """
+    The slot of a session that ended with QUIT is free as soon as the 221
+    is sent, as Postfix's smtpd gives it back to anvil after flushing its
+    221: a client that reconnects the moment it reads the 221 (smtp-source
+    does) is not refused for its own finished session.
+    """
+
+    sections = {"limits": {"connections_per_client": 1}}
+
+    @defer.inlineCallbacks
+    def test_reconnectRightAfterQuit(self):
+        """
+        The QUIT and the next connection reach relayd in the same reactor
+        turn (the reactor is kept busy while both arrive): the QUIT is
+        answered first, and the new connection is greeted, not refused.
+        """
+
+        def dialogue():
+            a = self.connect()
+            a.command("EHLO client.test")
+            busy = threading.Event()
+
+            def hold():
+                busy.set()
+                time.sleep(0.5)
+
+            reactor.callFromThread(hold)
+            busy.wait(5)
+            a.send(b"QUIT\r\n")
+            time.sleep(0.05)
+            b = WireClient(self.port())
+            self.addCleanup(b.close)
+            return a.reply()[0], b.reply()
+
+        quit, (code, lines) = yield self.run_(dialogue)
+        self.assertEqual(quit, 221)
+        self.assertEqual(code, 220, lines)
+
+    @defer.inlineCallbacks
+    def test_limitStillHolds(self):
+        """A live session still takes the client's only slot."""
+
+        def dialogue():
+            a = self.connect()
+            a.command("EHLO client.test")
+            b = WireClient(self.port())
+            self.addCleanup(b.close)
+            return b.reply()
+
+        code, lines = yield self.run_(dialogue)
+        self.assertEqual((code, lines[0][:5]), (421, "4.7.0"))
 
 
 @implementer(IRecipientPolicy)

@@ -1,0 +1,83 @@
+"""
+A TCP server transport that sends a reply at once when nothing is queued
+before it (write-through), for relayd's listeners.
+
+Twisted's TCP transport never sends from C{write()}: it queues the octets,
+asks the reactor to watch the socket for writability (an C{epoll_ctl}),
+and sends on the next reactor turn, then stops watching (another
+C{epoll_ctl}).  An SMTP session is a string of short replies, each
+answering one command, so that is two system calls and one reactor turn
+for every reply.  asyncio, Postfix's smtpd and most servers try the socket
+first; so does this: when nothing is queued, C{write()} sends right away,
+and only what the socket does not take is queued, the Twisted way.
+Ordering is kept (nothing is sent ahead of queued octets) and so are
+errors (a failed send queues the data, and the reactor's next write
+reports the lost connection as usual).
+
+Octets of a STARTTLS session go through Twisted's TLS layer, which writes
+to the base transport directly: they are queued as before.  An implicit
+TLS listener (C{ssl:}) writes its encrypted records through here.
+
+L{Port.transport} is the documented way to choose the transport a port
+builds (L{twisted.internet.tcp.Port}); L{writeThrough} sets it on a bound
+port.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+
+__all__ = ["WriteThroughServer", "writeThrough", "allSent"]
+
+
+class WriteThroughServer(tcp.Server):
+    """A L{tcp.Server} whose C{write} tries the socket first."""
+
+    def write(self, data: bytes) -> None:
+        if (
+            type(data) is bytes
+            and data
+            and not self.TLS
+            and self.connected
+            and not self._writeDisconnected
+            and not self._tempDataLen
+            and self.offset == len(self.dataBuffer)
+        ):
+            try:
+                sent = self.socket.send(data)
+            except OSError:
+                # EAGAIN, or a broken connection: queued, and the reactor's
+                # next write finds out which.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        super().write(data)  # type: ignore[no-untyped-call]
+
+    def allSent(self) -> bool:
+        """
+        Whether everything written so far is in the kernel's hands (never
+        said of a STARTTLS session, whose octets the TLS layer queues).
+        """
+        return not self.TLS and not self._tempDataLen and self.offset == len(self.dataBuffer)
+
+
+def writeThrough(port: Any) -> Any:
+    """
+    C{port} (a listening port), made to build L{WriteThroughServer}s if it
+    is a plain TCP port; any other port (UNIX sockets) as it is.
+    """
+    if isinstance(port, tcp.Port) and port.transport is tcp.Server:
+        port.transport = WriteThroughServer
+    return port
+
+
+def allSent(transport: Any) -> bool:
+    """
+    Whether C{transport} says that everything written to it was sent;
+    False when it cannot say (a TLS transport, a test's fake).
+    """
+    check = getattr(transport, "allSent", None)
+    return bool(check()) if callable(check) else False
