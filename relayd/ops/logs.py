@@ -20,9 +20,12 @@ text lines are kept.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -231,12 +234,17 @@ def _formatTime(when: float | None) -> str:
 @implementer(ILogObserver)
 class LazyFlushObserver:
     """
-    Like Twisted's C{FileLogObserver}, but the file is flushed at most every
-    L{FLUSH_INTERVAL} seconds (and at once for warnings and worse) instead
-    of after every line: on a busy relay a flush per line, a C{write}
-    system call each, took a fifth of the reactor thread.  What a crash
-    can lose is the last fraction of a second of informational lines;
-    relayd's own state is on disk either way.
+    Like Twisted's C{FileLogObserver}, but lines are written in batches:
+    kept in memory and written with one C{write} at most every
+    L{FLUSH_INTERVAL} seconds (at once for warnings and worse, past
+    L{BATCH_LIMIT} characters, and when the reactor is not running).  On a
+    busy relay a C{write} system call per line took a fifth of the reactor
+    thread: twistd's log file is unbuffered, and so is standard output
+    under C{PYTHONUNBUFFERED} (common in containers), so batching at the
+    file does not happen by itself.  What a crash can lose is the last
+    fraction of a second of informational lines; relayd's own state is on
+    disk either way.  Lines still waiting are written when the process
+    exits normally.
     """
 
     def __init__(self, outFile: IO[Any], format: Callable[[Mapping[str, Any]], str | None]) -> None:
@@ -244,18 +252,23 @@ class LazyFlushObserver:
         self._outFile = outFile
         self._format = format
         self._pending = False
+        self._lines: list[str] = []
+        self._size = 0
+        self._lock = threading.Lock()  # lines can come from threads
+        _unflushed.add(self)
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         text = self._format(event)
         if not text:
             return
-        self._outFile.write(text.encode("utf-8") if self._binary else text)
-        if event.get("log_level") in _SEVERE:
+        with self._lock:
+            self._lines.append(text)
+            self._size += len(text)
+            full = self._size >= BATCH_LIMIT
+        if full or event.get("log_level") in _SEVERE:
             self.flush()
             return
-        from twisted.internet import reactor
-
-        running: Any = reactor
+        running = _reactor()
         if not running.running:  # before start or after stop: nothing would flush
             self.flush()
         elif not self._pending:
@@ -269,13 +282,42 @@ class LazyFlushObserver:
         reactor.callLater(FLUSH_INTERVAL, self.flush)
 
     def flush(self) -> None:
+        """Write the lines kept so far, and flush the file."""
         self._pending = False
+        with self._lock:
+            lines, self._lines, self._size = self._lines, [], 0
+        if lines:
+            text = "".join(lines)
+            with contextlib.suppress(OSError, ValueError):
+                self._outFile.write(text.encode("utf-8") if self._binary else text)
         with contextlib.suppress(OSError, ValueError):
             self._outFile.flush()
 
 
+def _reactor() -> Any:
+    """The global reactor, imported once it is installed (twistd chooses it)."""
+    global _theReactor
+    if _theReactor is None:
+        from twisted.internet import reactor
+
+        _theReactor = reactor
+    return _theReactor
+
+
+_theReactor: Any = None
+_unflushed: weakref.WeakSet[LazyFlushObserver] = weakref.WeakSet()
+
+
+@atexit.register
+def _flushAtExit() -> None:
+    for observer in list(_unflushed):
+        observer.flush()
+
+
 FLUSH_INTERVAL = 0.2
 """Seconds an informational log line may wait in the buffer."""
+BATCH_LIMIT = 64 * 1024
+"""Characters of log lines kept before they are written regardless."""
 
 
 def levelFiltered(observer: ILogObserver, level: str) -> ILogObserver:

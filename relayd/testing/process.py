@@ -165,6 +165,24 @@ class RelaydProcess:
             text = "[...]\n" + text[-tail:]
         return f"--- {self.logPath.name} ---\n{text}"
 
+    def waitLog(self, *needles: str, timeout: float = 10.0) -> str:
+        """
+        Wait until every one of C{needles} is in the log, and return it
+        whole.  relayd writes informational lines in batches, up to
+        L{relayd.ops.logs.FLUSH_INTERVAL} seconds after the event.
+        """
+        text: list[str] = [""]
+
+        def found() -> bool:
+            try:
+                text[0] = self.logPath.read_text("utf-8", "replace")
+            except OSError:
+                return False
+            return all(needle in text[0] for needle in needles)
+
+        waitFor(found, timeout, f"log lines {needles!r}", self.log)
+        return text[0]
+
     def waitListening(self, timeout: float = START_TIMEOUT) -> None:
         """
         Wait until relayd greets (C{220}) on its port.

@@ -1310,7 +1310,7 @@ def test_maildropThroughRealRelaydToSink(tmp_path, relaydProcesses):  # noqa: F8
         [dump] = sink.messages()
         assert b"Subject: cron" in dump
         assert b"out" in dump
-        assert "maildrop " in second.log() and "submitted: 250" in second.log(), second.log()
+        second.waitLog("maildrop ", "submitted: 250")
     finally:
         sink.stop()
         shutil.rmtree(sinkDirectory, True)
