@@ -808,7 +808,8 @@ class Spool(Service):
             if failure is None:
                 if self._freeBytes is not None:
                     self._freeBytes -= pending.incoming.size + len(pending.trailer)
-                self.log.info(
+                # The receiving session's "queued" line follows at info.
+                self.log.debug(
                     "{queue_id}: durable in incoming ({size} octets)",
                     queue_id=pending.queueId,
                     size=pending.incoming.size,

@@ -697,16 +697,18 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if verdict.disconnect:
             self._close()
 
-    def _log(self, what: str, verdict: Verdict, **extra: Any) -> None:
+    def _log(self, what: str, verdict: Verdict, quiet: bool = False, **extra: Any) -> None:
         """
         One line per decided command, led by the queue id (the session id
         before MAIL was accepted).  The fields are as everywhere
         (docs/observability.md): addresses without angle brackets and
         absent values as None (null in JSON); the text shows addresses in
-        brackets and absent values as C{none}.
+        brackets and absent values as C{none}.  A C{quiet} line is logged
+        at debug level (an accepted recipient: Postfix does not log those
+        either; the delivery lines name every recipient).
         """
         assert self.session is not None
-        log.info(
+        (log.debug if quiet else log.info)(
             "{prefix}: {what} {detail}-> {action} {code} {enhanced} session={session_id}",
             **idFields(self.session, self.envelope),
             what=what,
@@ -1121,7 +1123,13 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             if verdict.action is Action.CONTINUE:
                 # Relaying is denied by default (DESIGN section 3).
                 verdict = _RELAY_DENIED
-            self._log("RCPT", verdict, to=str(recipient), sender=str(envelope.sender))
+            self._log(
+                "RCPT",
+                verdict,
+                quiet=verdict.action is Action.ACCEPT,
+                to=str(recipient),
+                sender=str(envelope.sender),
+            )
             if verdict.action is Action.ACCEPT:
                 if recipient not in envelope.recipients:
                     relaying = self._routeRecipient(envelope, added, verdict)

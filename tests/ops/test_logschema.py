@@ -111,7 +111,9 @@ def relaydRun(tmp_path: Path, sinks: list[PostfixSink], fmt: str) -> tuple[str, 
         portZero=False,
         chain=["ratelimit", "mynetworks", "authenticated"],
         sections={
-            "logging": {"format": fmt},
+            # Debug: every line relayd can write about a message, the
+            # accepted RCPTs and the spool's "durable" included.
+            "logging": {"format": fmt, "level": "debug"},
             "delivery": {
                 "enabled": True,
                 "connect_timeout": 10,

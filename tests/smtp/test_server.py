@@ -342,6 +342,17 @@ class DataTests(RelaydTestCase):
         self.assertIn("MAIL sender=<a@example.org>", story[0])
         self.assertIn("RCPT to=<b@example.org>", story[1])
         self.assertTrue(any("durable in incoming" in line for line in story), story)
+        # The accepted RCPT and the spool's "durable" are debug lines (at
+        # info, Postfix's set: client, queued, each delivery, removed).
+        levels = {
+            formatEvent(e).split(" ", 2)[1]: e["log_level"].name
+            for e in self.events
+            if e.get("queue_id") == queueId
+        }
+        self.assertEqual(
+            (levels["MAIL"], levels["RCPT"], levels["durable"], levels["queued"]),
+            ("info", "debug", "debug", "info"),
+        )
         self.assertIn("queued from=<a@example.org> nrcpt=1", story[-1])
 
     @defer.inlineCallbacks
