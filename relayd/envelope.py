@@ -177,7 +177,7 @@ header_size}): what L{Message} reads and parses.  relayd refuses a message
 whose header section is larger, so that no policy decides on part of it.
 """
 
-_FIRST_READ = 1 << 16
+FIRST_READ = 1 << 16
 """Octets read first: the whole header section of nearly every message."""
 
 
@@ -508,7 +508,20 @@ class Message:
     @ivar maxHeaderSize: the bound on the header section, in octets.
     """
 
-    def __init__(self, path: str, size: int, maxHeaderSize: int = DEFAULT_HEADER_SIZE) -> None:
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        maxHeaderSize: int = DEFAULT_HEADER_SIZE,
+        head: bytes | None = None,
+    ) -> None:
+        """
+        @param head: the first octets of the file (at least
+            C{min(size, FIRST_READ)} of them, as the receiving session
+            kept them while writing), so that the header section is not
+            read back from the disk; None to read it from C{path}.
+        """
+        self._head = head
         self.path = path
         self.receivedSize = size
         self.maxHeaderSize = maxHeaderSize
@@ -534,12 +547,22 @@ class Message:
         self._readDone = True
         limit = self.maxHeaderSize
         want = limit + MAX_LINE + 2
-        with open(self.path, "rb") as f:
-            data = f.read(min(want, _FIRST_READ))
+        first = min(want, FIRST_READ)
+        head, self._head = self._head, None
+        if head is not None and len(head) >= min(first, self.receivedSize):
+            data = head[:first]
             offset, ended = _sectionEnd(data)
-            if not ended and len(data) < want and len(data) == _FIRST_READ:
-                data += f.read(want - len(data))
+            if not ended and len(data) < want and len(data) == FIRST_READ:
+                with open(self.path, "rb") as f:
+                    data = f.read(want)
                 offset, ended = _sectionEnd(data)
+        else:
+            with open(self.path, "rb") as f:
+                data = f.read(first)
+                offset, ended = _sectionEnd(data)
+                if not ended and len(data) < want and len(data) == FIRST_READ:
+                    data += f.read(want - len(data))
+                    offset, ended = _sectionEnd(data)
         if offset > limit or (not ended and len(data) >= want):
             self._tooLarge = True
             return

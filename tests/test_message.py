@@ -15,6 +15,7 @@ from twisted.trial import unittest
 
 from relayd.envelope import (
     DEFAULT_HEADER_SIZE,
+    FIRST_READ,
     Headers,
     HeaderSectionTooLarge,
     Message,
@@ -331,6 +332,53 @@ class HeaderBoundTests(unittest.TestCase):
         os.close(fd)
         self.addCleanup(os.unlink, path)
         self.assertRefused(Message(path, len(raw)))
+
+
+def messageWithHead(self, raw, maxHeaderSize=DEFAULT_HEADER_SIZE):
+    """L{Message} given the first octets, as the receiving session gives them."""
+    fd, path = tempfile.mkstemp()
+    os.write(fd, raw)
+    os.close(fd)
+    self.addCleanup(os.unlink, path)
+    return Message(path, len(raw), maxHeaderSize, raw[:FIRST_READ])
+
+
+class HeaderBoundFromHeadTests(HeaderBoundTests):
+    """The same bounds when the header section comes from the kept head."""
+
+    message = messageWithHead
+
+
+class HeadTests(unittest.TestCase):
+    def test_headIsNotReadBack(self):
+        """With the head given, a header section within it needs no file."""
+        m = Message("/nonexistent/relayd-test", len(RAW), head=RAW)
+        self.assertEqual(m.headers.get("From"), "Alice <alice@example.org>")
+        self.assertEqual(m.hopCount, 1)
+        self.assertFalse(m.headerTooLarge)
+
+    def test_sameAsFromTheFile(self):
+        for raw in (RAW, b"\r\nbody\r\n", PAD * 2000 + b"\r\nbody\r\n", PAD * 20):
+            fromFile = MessageTests.message(self, raw)
+            fromHead = messageWithHead(self, raw)
+            self.assertEqual(
+                (fromFile.bodyOffset, fromFile.hopCount, fromFile.headerBytes()),
+                (fromHead.bodyOffset, fromHead.hopCount, fromHead.headerBytes()),
+            )
+
+    def test_incomingKeepsTheHead(self):
+        """The spool's incoming message keeps its first FIRST_READ octets."""
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        spool = Spool(directory, 0, reactor, threads=1)
+        spool.startService()
+        self.addCleanup(spool.stopService)
+        incoming = spool.openMessage(spool.newQueueId())
+        self.addCleanup(incoming.discard)
+        chunks = [bytes([65 + i % 26]) * 1000 for i in range(100)]
+        for chunk in chunks:
+            incoming.write(chunk)
+        self.assertEqual(incoming.head, b"".join(chunks)[:FIRST_READ])
 
 
 class SpoolRewriteTests(unittest.TestCase):

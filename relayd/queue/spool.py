@@ -83,6 +83,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayd.envelope import FIRST_READ
 from relayd.interfaces import IIncomingSpool, IQueue, QueueObserver
 from relayd.queue.record import (
     QUEUE_ID,
@@ -310,6 +311,15 @@ class IncomingMessage:
         self._committing = False
         self._discarded = False
         self._header: tuple[bytes, int] | None = None
+        self._head = bytearray()
+
+    @property
+    def head(self) -> bytes:
+        """
+        The first octets written, up to L{FIRST_READ}: what L{Message}
+        reads first, kept so that it need not read them back from the file.
+        """
+        return bytes(self._head)
 
     def replaceHeader(self, header: bytes, bodyOffset: int) -> None:
         """
@@ -337,6 +347,9 @@ class IncomingMessage:
             raise ValueError(f"message {self.queueId} is no longer writable")
         self._file.write(data)
         self.size += len(data)
+        room = FIRST_READ - len(self._head)
+        if room > 0:
+            self._head += data[:room]
 
     def flush(self) -> None:
         """

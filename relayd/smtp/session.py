@@ -1678,7 +1678,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._spoolFailed(e, "write")
             self._release()
             return
-        message = Message(incoming.path, incoming.size, f.config.maxHeaderSize)
+        message = Message(incoming.path, incoming.size, f.config.maxHeaderSize, incoming.head)
         try:
             refused = self._refuseHeader(message)
         except OSError as e:
