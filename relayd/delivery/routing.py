@@ -671,6 +671,14 @@ class Router:
         self._port = port
         self._mxTls = mxTls
         self._localNames = frozenset(_normalizeDomain(n) for n in localNames)
+        # Routes whose next hops are all IP addresses need no lookup: their
+        # destination is the same for every message, made once here.
+        self._fixed: dict[int, Destination] = {}
+        for index, route in enumerate(self.routes):
+            literals = [_ipLiteral(config.host) for config in route.hops]
+            if route.hops and None not in literals:
+                hops = [config.hop(str(a)) for config, a in zip(route.hops, literals, strict=True)]
+                self._fixed[index] = Destination(f"route:{index}", _unique(hops))
 
     def route(self, domain: str) -> Deferred[Destination]:
         """
@@ -686,7 +694,28 @@ class Router:
               - temporary 4.4.3 when DNS fails now (SERVFAIL, timeout) or no
                 next host has an address.
         """
+        fixed = self._fixedRoute(domain) if self._fixed else None
+        if fixed is not None:
+            return succeed(fixed)
         return Deferred.fromCoroutine(self._route(domain))
+
+    def _fixedRoute(self, domain: str) -> Destination | None:
+        """
+        The destination of C{domain} when a route with only IP-address
+        hops (L{reconfigure}) takes it, found without a coroutine, the
+        same one L{_route} would give; None for everything else (and for
+        any doubt: L{_route} then decides, errors included).
+        """
+        try:
+            domain = _normalizeDomain(domain)
+            if not domain or not domain.isascii():
+                return None
+            for index, patterns in enumerate(self._patterns):
+                if any(_domainMatches(p, domain) for p in patterns):
+                    return self._fixed.get(index)
+        except Exception:
+            return None
+        return None
 
     async def _route(self, domain: str) -> Destination:
         domain = _normalizeDomain(domain)

@@ -428,6 +428,41 @@ class RouteTests(DNSTestCase):
         )
 
     @inlineCallbacks
+    def test_addressHopsAreMadeOnce(self):
+        """
+        A route whose hops are all IP addresses gives its destination at
+        once (a fired Deferred, no lookup), the same object every time;
+        an empty domain is still refused, and a reload puts new hops in force.
+        """
+
+        class NoLookups:
+            def lookupAddresses(self, host):
+                raise AssertionError(f"looked up {host}")
+
+            lookupMX = lookupAddresses
+
+        routes = [Route(("*",), (NextHopConfig("[127.0.0.51]", 2526), NextHopConfig("::1")))]
+        router = self.router(routes, resolver=NoLookups())
+        first, second = router.route("a.example"), router.route("B.Example.")
+        self.assertTrue(first.called and second.called)
+        destination = self.successResultOf(first)
+        self.assertIs(self.successResultOf(second), destination)
+        self.assertEqual(
+            destination,
+            Destination(
+                "route:0",
+                (
+                    Hop("127.0.0.51", "127.0.0.51", 2526, "opportunistic"),
+                    Hop("::1", "::1", 25, "opportunistic"),
+                ),
+            ),
+        )
+        yield self.assertRoutingError(router.route(""), True, "5.1.2")
+        router.reconfigure([Route(("*",), (NextHopConfig("127.0.0.52"),))], 2525, "none", ())
+        destination = yield router.route("a.example")
+        self.assertEqual(destination.hops, (Hop("127.0.0.52", "127.0.0.52", 25, "opportunistic"),))
+
+    @inlineCallbacks
     def test_noHopResolves(self):
         """
         When no next hop of the route has an address, routing fails
