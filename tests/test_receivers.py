@@ -153,10 +153,17 @@ def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesse
     waitFor(lambda: tokensAt(sink) >= set(accepted), 60, "not all delivered", relayd.log)
     assert tokensAt(sink) == set(accepted)
 
+    def connects() -> tuple[int, int]:
+        text = relayd.log(10**7)
+        byReceivers = len(re.findall(r"\[receiver-\d relayd\.smtpd#info\] \w+: connect from", text))
+        byManager = len(re.findall(r"\[relayd\.smtpd#info\] \w+: connect from", text))
+        return byManager, byReceivers
+
+    # Log lines are written in batches (relayd.ops.logs): wait for them all.
+    waitFor(lambda: sum(connects()) >= 240, 10, "connect lines missing", relayd.log)
+    byManager, byReceivers = connects()
+    assert byReceivers > 0, (byManager, byReceivers)
     text = relayd.log(10**7)
-    byReceivers = len(re.findall(r"\[receiver-\d relayd\.smtpd#info\] \w+: connect from", text))
-    byManager = len(re.findall(r"\[relayd\.smtpd#info\] \w+: connect from", text))
-    assert byReceivers > 0 and byManager + byReceivers >= 240, (byManager, byReceivers)
     # The receivers' messages were attempted at once (the notice pipe),
     # not found by a sweep minutes later; every one was removed.
     assert "could not" not in text, text[-5000:]
