@@ -271,6 +271,15 @@ class PolicyChain:
             phase: [p for p in self.policies if phase.providedBy(p)] for phase in ROLES
         }
 
+    @property
+    def readsMessages(self) -> bool:
+        """
+        Whether a policy of this chain looks at messages (an
+        L{IMessagePolicy} or L{IMessageModifier}): they may read the file
+        at C{message.path} before the commit.
+        """
+        return bool(self._byPhase[IMessagePolicy] or self._byPhase[IMessageModifier])
+
     def nameOf(self, policy: Any) -> str:
         """The name C{policy} has in this chain (its registry entry)."""
         return self._nameOf.get(id(policy)) or _ownName(policy)

@@ -75,7 +75,7 @@ from relayd.address import AddressError, parseParameters, parsePath
 from relayd.config import Config
 from relayd.delivery import requiretls
 from relayd.delivery.routing import matchRoute
-from relayd.envelope import Envelope, Message, Recipient, Session
+from relayd.envelope import FIRST_READ, Envelope, Message, Recipient, Session
 from relayd.interfaces import IIncomingSpool
 from relayd.ops.logs import ABSENT, idFields
 from relayd.ops.metrics import NO_METRICS, NoMetrics
@@ -1672,12 +1672,18 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._reset()
             self._release()
             return
-        try:
-            incoming.flush()
-        except OSError as e:
-            self._spoolFailed(e, "write")
-            self._release()
-            return
+        # The octets still in the file's buffer go to the file now only if
+        # something will read it before the commit: a message policy (it
+        # may open message.path), relaying in session, or a header section
+        # past the kept head.  Otherwise the commit writes them with the
+        # record, one write system call instead of two.
+        if f.chain.readsMessages or self._relayed is not None or incoming.size > FIRST_READ:
+            try:
+                incoming.flush()
+            except OSError as e:
+                self._spoolFailed(e, "write")
+                self._release()
+                return
         message = Message(incoming.path, incoming.size, f.config.maxHeaderSize, incoming.head)
         try:
             refused = self._refuseHeader(message)
