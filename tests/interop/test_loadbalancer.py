@@ -241,7 +241,13 @@ def test_limitsHeldAcrossInstancesOnRealAddresses(farm, sinkDirectory) -> None:
 
         # Both instances took part, and Redis holds one count for each key.
         for instance in instances:
-            assert "connect from [127.0.0.4" in instance.log(), instance.log()
+            # Log lines are written in batches (relayd.ops.logs): wait.
+            waitFor(
+                lambda i=instance: "connect from [127.0.0.4" in i.log(),
+                10,
+                f"no connection to {instance.name}",
+                instance.log,
+            )
         client = farm["redis"].client()
         try:
             keys = sorted(k.decode() for k in client.keys("*"))
@@ -281,7 +287,12 @@ def test_limitsHeldAcrossInstancesOnRealAddresses(farm, sinkDirectory) -> None:
         up = [send(haproxy.ports["relay"], "127.0.0.23", f"up-{i}") for i in range(2)]
         assert [code for code, _ in up] == [250, 250], up
         for instance in instances:
-            assert "ratelimit store failed at MAIL, answering 451 4.3.0" in instance.log()
+            waitFor(
+                lambda i=instance: "ratelimit store failed at MAIL, answering 451 4.3.0" in i.log(),
+                10,
+                f"no store failure logged by {instance.name}",
+                instance.log,
+            )
             assert "Traceback" not in instance.log()
         waitFor(lambda: {"up-0", "up-1"} <= set(tokensAt(sink)), 30, "not delivered after Redis")
         assert not {"down-0", "down-1"} & set(tokensAt(sink))

@@ -620,7 +620,11 @@ def test_twistdSuspensionSurvivesRestart(tmp_path: Path) -> None:
         waitUntil(
             lambda: any(b"a@example.net" in d for d in sink.messages()), "the dump of example.net"
         )
-        assert "destination example.net resumed by relayctl" in logPath.read_text()
+        # Log lines are written in batches (relayd.ops.logs).
+        waitUntil(
+            lambda: "destination example.net resumed by relayctl" in logPath.read_text(),
+            "the resume log line",
+        )
     finally:
         stop(process)
         if sink is not None:
