@@ -860,6 +860,32 @@ class DeliverySideTests(unittest.TestCase):
         yield self.assertFailure(self.spool.remove(queueId, "incoming"), FileNotFoundError)
 
     @defer.inlineCallbacks
+    def test_removesOfOneTurnShareAHandOff(self):
+        """
+        The removals asked for in one reactor turn are done by one spool
+        thread hand-off; each gets its own outcome (a missing file fails
+        only its own); stopping the spool waits for a batch in flight.
+        """
+        ids = []
+        for _ in range(5):
+            ids.append((yield self.spool.submit(self.record("X"), b"hi\r\n")))
+        handOffs = []
+        inPool = self.spool._inPool
+        self.patch(self.spool, "_inPool", lambda f, *a: handOffs.append(f) or inPool(f, *a))
+        removals = [self.spool.remove(q, "incoming") for q in ids]
+        missing = self.spool.remove(ids[0], "incoming")  # the same file twice
+        results = yield defer.DeferredList(removals, consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True] * 5)
+        yield self.assertFailure(missing, FileNotFoundError)
+        self.assertEqual(len(handOffs), 1)
+        self.assertEqual(self.spool.entries("incoming"), [])
+        last = yield self.spool.submit(self.record("X"), b"hi\r\n")
+        removal = self.spool.remove(last, "incoming")
+        yield self.spool.stopService()
+        self.assertTrue(removal.called)
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "incoming", last)))
+
+    @defer.inlineCallbacks
     def test_removeDurable(self):
         """
         An operator's delete (C{durable=True}) fsyncs the directory: mail
