@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from relayd.address import Address
 from relayd.envelope import Envelope, Session
-from relayd.interfaces import IRecipientPolicy
+from relayd.interfaces import IMessageModifier, IMessagePolicy, IRecipientPolicy
 from relayd.policy import PolicyChain
 from relayd.verdict import CONTINUE, Action, reject
 
@@ -138,3 +138,31 @@ class WalkTests(unittest.TestCase):
         self.clock.advance(5)
         self.assertEqual(self.successResultOf(d).reply.enhanced, "4.3.0")
         self.flushLoggedErrors(defer.TimeoutError)
+
+
+@implementer(IMessageModifier)
+class Modifier:
+    name = "modifier"
+
+    def modifyMessage(self, session: Any, envelope: Any, message: Any) -> None:
+        return None
+
+
+@implementer(IMessagePolicy)
+class Checker:
+    name = "checker"
+
+    def checkMessage(self, session: Any, envelope: Any, message: Any) -> Any:
+        return CONTINUE
+
+
+def test_readsMessages() -> None:
+    """
+    Whether a policy may read the message file before the commit (the
+    server then writes it out first; otherwise the commit writes it with
+    its record in one go).
+    """
+    clock = Clock()
+    assert not PolicyChain([Answers(lambda: CONTINUE)], 5.0, clock).readsMessages
+    assert PolicyChain([Answers(lambda: CONTINUE), Modifier()], 5.0, clock).readsMessages
+    assert PolicyChain([Checker()], 5.0, clock).readsMessages
