@@ -25,7 +25,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from relayd.interfaces import IRecipientPolicy
+from relayd.interfaces import IMessagePolicy, IRecipientPolicy
 from relayd.policy import PolicyChain
 from relayd.queue.record import readData
 from relayd.testing import (
@@ -36,6 +36,7 @@ from relayd.testing import (
     TestSetup,
     WireClient,
 )
+from relayd.verdict import CONTINUE, accept
 
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
 
@@ -1140,6 +1141,61 @@ class BrokenPolicyTests(RelaydTestCase):
         self.assertReply(reply, 451, "4.3.0")
         self.assertTrue([e for e in self.events if e.get("policy") == "silent"])
         self.flushLoggedErrors(defer.TimeoutError)
+
+
+@implementer(IRecipientPolicy)
+class AcceptAll:
+    name = "acceptall"
+
+    def checkRecipient(self, session, envelope, recipient):
+        return accept()
+
+
+@implementer(IMessagePolicy)
+class FileReader:
+    """A message policy that reads the file at message.path, as plugins may."""
+
+    name = "filereader"
+
+    def __init__(self):
+        self.seen = []
+
+    def checkMessage(self, session, envelope, message):
+        with open(message.path, "rb") as f:
+            self.seen.append(f.read())
+        return CONTINUE
+
+
+class MessageFileTests(RelaydTestCase):
+    """
+    A message policy finds the whole message at C{message.path}: the
+    server writes it out before asking (when no policy reads messages, it
+    leaves it to the commit, which writes message and record at once).
+    """
+
+    @defer.inlineCallbacks
+    def test_policyReadsTheWholeFile(self):
+        reader = FileReader()
+        for factory in self.relayd.service.factories:
+            factory.chain = PolicyChain([AcceptAll(), reader], 30.0, reactor)
+        body = b"Subject: read me\r\n\r\n" + b"line of the body\r\n" * 200
+
+        def dialogue():
+            c = self.connect()
+            c.command("EHLO client.test")
+            assert c.command("MAIL FROM:<a@example.org>")[0] == 250
+            assert c.command("RCPT TO:<b@example.org>")[0] == 250
+            assert c.command("DATA")[0] == 354
+            c.send(body + b".\r\n")
+            return c.reply()
+
+        code, lines = yield self.run_(dialogue)
+        self.assertEqual(code, 250, lines)
+        [seen] = reader.seen
+        self.assertTrue(seen.endswith(body), seen[-100:])
+        [(_record, path)] = self.spooled()
+        self.assertTrue(readData(path).endswith(body))
+        self.assertFalse(PolicyChain([AcceptAll()], 30.0, reactor).readsMessages)
 
 
 class EnhancedCodeTests(RelaydTestCase):
