@@ -549,20 +549,15 @@ class Message:
         want = limit + MAX_LINE + 2
         first = min(want, FIRST_READ)
         head, self._head = self._head, None
-        if head is not None and len(head) >= min(first, self.receivedSize):
-            data = head[:first]
-            offset, ended = _sectionEnd(data)
-            if not ended and len(data) < want and len(data) == FIRST_READ:
-                with open(self.path, "rb") as f:
-                    data = f.read(want)
-                offset, ended = _sectionEnd(data)
-        else:
+        if head is None or len(head) < min(first, self.receivedSize):
             with open(self.path, "rb") as f:
-                data = f.read(first)
-                offset, ended = _sectionEnd(data)
-                if not ended and len(data) < want and len(data) == FIRST_READ:
-                    data += f.read(want - len(data))
-                    offset, ended = _sectionEnd(data)
+                head = f.read(first)
+        data = head[:first]
+        offset, ended = _sectionEnd(data)
+        if not ended and len(data) < want and len(data) == FIRST_READ:
+            with open(self.path, "rb") as f:
+                data = f.read(want)
+            offset, ended = _sectionEnd(data)
         if offset > limit or (not ended and len(data) >= want):
             self._tooLarge = True
             return
