@@ -59,6 +59,27 @@ def waitReady(relayd: RelaydProcess) -> None:
         )
 
 
+def startWithReceivers(
+    setup: TestSetup, logPath: Path, started: list[RelaydProcess]
+) -> RelaydProcess:
+    """
+    Start C{twistd relayd} on C{setup} (added to C{started}, the
+    C{relaydProcesses} fixture), and wait until it listens and each of its
+    C{PROCESSES - 1} receivers has said it is receiving.
+    """
+    relayd = RelaydProcess(setup, logPath)
+    started.append(relayd)
+    relayd.waitListening()
+    waitFor(
+        lambda: len(receiverPids(relayd.process.pid)) == PROCESSES - 1,
+        20,
+        "receivers did not start",
+        relayd.log,
+    )
+    waitReady(relayd)
+    return relayd
+
+
 def tokensAt(sink: PostfixSink) -> set[str]:
     found: set[str] = set()
     for text in sink.messages():
@@ -137,16 +158,7 @@ def relaydWith(
 def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
     metricsPort = freePort()
     setup = relaydWith(tmp_path, sink.port, metricsPort=metricsPort)
-    relayd = RelaydProcess(setup, tmp_path / "relayd.log")
-    relaydProcesses.append(relayd)
-    relayd.waitListening()
-    waitFor(
-        lambda: len(receiverPids(relayd.process.pid)) == PROCESSES - 1,
-        20,
-        "receivers did not start",
-        relayd.log,
-    )
-    waitReady(relayd)
+    relayd = startWithReceivers(setup, tmp_path / "relayd.log", relaydProcesses)
 
     accepted = sendMany(relayd.port, 240)
     assert len(accepted) == 240, relayd.log()
@@ -181,12 +193,8 @@ def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesse
 
 def test_signalsReachReceivers(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
     setup = relaydWith(tmp_path, sink.port)
-    relayd = RelaydProcess(setup, tmp_path / "relayd.log")
-    relaydProcesses.append(relayd)
-    relayd.waitListening()
+    relayd = startWithReceivers(setup, tmp_path / "relayd.log", relaydProcesses)
     parent = relayd.process.pid
-    waitFor(lambda: len(receiverPids(parent)) == PROCESSES - 1, 20, "no receivers", relayd.log)
-    waitReady(relayd)
 
     os.kill(parent, signal.SIGHUP)
     for index in range(1, PROCESSES):
@@ -229,12 +237,8 @@ def test_queueManagerKilledReceiversStop(tmp_path, sink, relaydProcesses) -> Non
     the next start delivers it.
     """
     setup = relaydWith(tmp_path, sink.port)
-    first = RelaydProcess(setup, tmp_path / "first.log")
-    relaydProcesses.append(first)
-    first.waitListening()
+    first = startWithReceivers(setup, tmp_path / "first.log", relaydProcesses)
     parent = first.process.pid
-    waitFor(lambda: len(receiverPids(parent)) == PROCESSES - 1, 20, "no receivers", first.log)
-    waitReady(first)
     children = receiverPids(parent)
 
     accepted: list[str] = []

@@ -17,11 +17,10 @@ from relayd.testing.process import (  # noqa: F401 (fixture)
 )
 from tests.test_receivers import (  # noqa: F401 (fixture)
     PROCESSES,
-    receiverPids,
     sendMany,
     sink,
+    startWithReceivers,
     tokensAt,
-    waitReady,
 )
 
 
@@ -41,16 +40,7 @@ def test_receiversRelayInSession(tmp_path, sink, relaydProcesses) -> None:  # no
             '\n[[routes]]\ndomains = ["*"]\nmode = "passthrough"\nfallback = "tempfail"\n'
             f'[[routes.hops]]\nhost = "127.0.0.1"\nport = {sink.port}\ntls = "none"\n'
         )
-    relayd = RelaydProcess(setup, tmp_path / "relayd.log")
-    relaydProcesses.append(relayd)
-    relayd.waitListening()
-    waitFor(
-        lambda: len(receiverPids(relayd.process.pid)) == PROCESSES - 1,
-        20,
-        "receivers did not start",
-        relayd.log,
-    )
-    waitReady(relayd)
+    relayd = startWithReceivers(setup, tmp_path / "relayd.log", relaydProcesses)
 
     accepted = sendMany(relayd.port, 60)
     assert len(accepted) == 60, relayd.log()
