@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -211,6 +211,15 @@ _PHASE_NAMES: dict[str, Phase] = {
 }
 """The C{phase} label of L{relayd.ops.metrics}' policy verdict counter."""
 
+_PHASE_OF: dict[str, Any] = {
+    "checkConnection": IConnectionPolicy,
+    "checkHelo": IHeloPolicy,
+    "checkSender": ISenderPolicy,
+    "checkRecipient": IRecipientPolicy,
+    "checkMessage": IMessagePolicy,
+}
+"""The phase (the interface) each check method of L{PolicyChain} asks."""
+
 
 _UNASKED: Any = object()
 """No answer yet: L{PolicyChain._call} asks the policy itself."""
@@ -331,6 +340,14 @@ class PolicyChain:
         """
         return self._run(IMessagePolicy, "checkMessage", session, envelope, message)
 
+    def modify(
+        self, session: SessionView, envelope: Envelope, message: Message
+    ) -> Verdict | Deferred[Verdict]:
+        """L{modifyMessage}, but C{CONTINUE} itself when there is no modifier to run."""
+        if not self._byPhase[IMessageModifier]:
+            return CONTINUE
+        return self.modifyMessage(session, envelope, message)
+
     def modifyMessage(
         self, session: SessionView, envelope: Envelope, message: Message
     ) -> Deferred[Verdict]:
@@ -383,44 +400,71 @@ class PolicyChain:
         return result
 
     def _run(self, phase: Any, method: str, *args: Any) -> Deferred[Verdict]:
+        """L{walk} as a Deferred, for callers that want one."""
+        answer = self._walk(phase, method, args)
+        return succeed(answer) if isinstance(answer, Verdict) else answer
+
+    def walk(self, method: str, *args: Any) -> Verdict | Deferred[Verdict]:
+        """
+        Like the check method named C{method} (C{"checkSender"}, ...), but
+        a verdict the policies gave at once comes back as it is, not
+        wrapped in a Deferred: the session takes most verdicts on the
+        spot, without the callbacks a Deferred costs per command.  The
+        verdicts, logs and metrics are the same either way.
+        """
+        return self._walk(_PHASE_OF[method], method, args)
+
+    def _walk(
+        self, phase: Any, method: str, args: tuple[Any, ...], start: int = 0
+    ) -> Verdict | Deferred[Verdict]:
         """
         Ask the policies of C{phase} in order until one answers finally.
         Verdicts given at once (most of them: the built-in checks answer
-        from memory) are taken on the spot; the first Deferred or
-        coroutine continues the walk when it fires.  Either way the
-        result is one Deferred, and the same verdicts, logs and metrics.
+        from memory) are taken on the spot, and when all were, the result
+        is the verdict itself; the first Deferred or coroutine makes it a
+        Deferred, and the walk continues when it fires.
         """
         policies = self._byPhase[phase]
         label = _PHASE_NAMES[method]
-        result: Deferred[Verdict] = Deferred()
+        index = start
+        while index < len(policies):
+            answer = self._answer(policies[index], method, args)
+            if isinstance(answer, Deferred):
+                result: Deferred[Verdict] = Deferred()
+                answer.addCallback(self._later, phase, index, method, args, result)
+                return result
+            if answer.final:
+                return self._decided(label, policies[index], answer)
+            index += 1
+        self.metrics.policyVerdict(label, "none", "continue")
+        return CONTINUE
 
-        def decided(index: int, verdict: Verdict) -> bool:
-            """Whether C{verdict} of policy C{index} ends the walk (and fires C{result})."""
-            if not verdict.final:
-                return False
-            verdict = verdict.forPhase(label)
-            self.metrics.policyVerdict(label, self.nameOf(policies[index]), verdict.action.value)
-            result.callback(verdict)
-            return True
+    def _decided(self, label: Phase, policy: Any, verdict: Verdict) -> Verdict:
+        """The final C{verdict} of C{policy}, counted, with its phase's defaults."""
+        verdict = verdict.forPhase(label)
+        # _value_, not .value: Enum's value property is a Python-level call.
+        self.metrics.policyVerdict(label, self.nameOf(policy), verdict.action._value_)
+        return verdict
 
-        def later(verdict: Verdict, index: int) -> None:
-            if not decided(index, verdict):
-                step(index + 1)
-
-        def step(index: int) -> None:
-            while index < len(policies):
-                answer = self._answer(policies[index], method, args)
-                if isinstance(answer, Deferred):
-                    answer.addCallback(later, index)
-                    return
-                if decided(index, answer):
-                    return
-                index += 1
-            self.metrics.policyVerdict(label, "none", CONTINUE.action.value)
-            result.callback(CONTINUE)
-
-        step(0)
-        return result
+    def _later(
+        self,
+        verdict: Verdict,
+        phase: Any,
+        index: int,
+        method: str,
+        args: tuple[Any, ...],
+        result: Deferred[Verdict],
+    ) -> None:
+        """A policy's late answer: decide on it, or walk on from the next policy."""
+        if verdict.final:
+            policy = self._byPhase[phase][index]
+            result.callback(self._decided(_PHASE_NAMES[method], policy, verdict))
+            return
+        rest = self._walk(phase, method, args, index + 1)
+        if isinstance(rest, Deferred):
+            rest.chainDeferred(result)
+        else:
+            result.callback(rest)
 
     def _answer(
         self, policy: Any, method: str, args: tuple[Any, ...]

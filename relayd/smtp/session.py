@@ -284,6 +284,11 @@ def _escaped(argument: str) -> str:
     return argument.encode("latin-1").decode("ascii", "backslashreplace")
 
 
+def _same(result: Any) -> Any:
+    """Pass a result (or a failure, still unhandled) on unchanged."""
+    return result
+
+
 def _printable(text: str, limit: int = 255) -> str:
     """What of a client-supplied name may go into a log line."""
     clean = "".join(c if "!" <= c <= "~" else "?" for c in text[:limit])
@@ -438,7 +443,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         f.sessions.add(self)
         self.setTimeout(f.config.timeoutCommand)
         self._hold()
-        f.chain.checkConnection(self.session).addCallback(self._greet)
+        self._whenDecided(f.chain.walk("checkConnection", self.session), self._greet, done=_same)
 
     def _greet(self, verdict: Verdict) -> None:
         if self.state == "closed":
@@ -608,6 +613,42 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._paused += 1
         if self._paused == 1:
             self.paused = True
+
+    def _whenDecided(
+        self,
+        answer: Verdict | Deferred[Verdict],
+        decided: Callable[[Verdict], Any],
+        failed: Callable[[Failure], Any] | None = None,
+        done: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """
+        C{decided(verdict)}, then C{failed} if that or the verdict failed,
+        then C{done} (by default L{_release}): as Deferred callbacks when
+        the verdict is still to come, but called on the spot when the
+        chain answered at once (L{PolicyChain.walk}), which is most
+        commands.  An exception in C{decided}, or a Deferred it returns,
+        goes the Deferred way from there, so the outcome is the same.
+        """
+        if done is None:
+            done = self._releaseAfter
+        if isinstance(answer, Deferred):
+            d = answer.addCallback(decided)
+        else:
+            try:
+                result = decided(answer)
+            except Exception:
+                d = fail()
+            else:
+                if not isinstance(result, Deferred):
+                    done(result)
+                    return
+                d = result
+        if failed is not None:
+            d.addErrback(failed)
+        d.addBoth(done)
+
+    def _releaseAfter(self, _: Any) -> None:
+        self._release()
 
     def _release(self) -> None:
         self._paused -= 1
@@ -786,7 +827,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         name = _printable(argument.split(" ", 1)[0])
         self._hold()
-        d = self.factory.chain.checkHelo(self.session, name)
+        answer = self.factory.chain.walk("checkHelo", self.session, name)
 
         def decided(verdict: Verdict) -> None:
             if self.state == "closed":
@@ -807,8 +848,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             out = [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
             self.transport.write("\r\n".join(out).encode() + b"\r\n")
 
-        d.addCallback(decided)
-        d.addBoth(lambda _: self._release())
+        self._whenDecided(answer, decided)
 
     def _extensions(self) -> list[str]:
         f = self.factory
@@ -1052,7 +1092,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._refuse("mail", 452, "4.3.1", "Error: insufficient system storage")
             return
         self._hold()
-        d = f.chain.checkSender(session, envelope, sender)
+        answer = f.chain.walk("checkSender", session, envelope, sender)
 
         def decided(verdict: Verdict) -> None:
             if self.state == "closed":
@@ -1079,8 +1119,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             )
             self.reply(250, "2.1.0", "Ok")
 
-        d.addCallback(decided)
-        d.addBoth(lambda _: self._release())
+        self._whenDecided(answer, decided)
 
     def smtp_RCPT(self, argument: str) -> None:
         f = self.factory
@@ -1115,7 +1154,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._refuse("rcpt", 452, "4.5.3", "Error: too many recipients")
             return
         self._hold()
-        d = f.chain.checkRecipient(session, envelope, recipient)
+        answer = f.chain.walk("checkRecipient", session, envelope, recipient)
 
         def decided(verdict: Verdict) -> Deferred[None] | None:
             if self.state == "closed" or self.envelope is not envelope:
@@ -1142,9 +1181,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                     self._close()
             return None
 
-        d.addCallback(decided)
-        d.addErrback(self._recipientFailed, envelope)
-        d.addBoth(lambda _: self._release())
+        self._whenDecided(answer, decided, lambda f: self._recipientFailed(f, envelope))
 
     def _acceptRecipient(self, envelope: Envelope, added: Recipient, verdict: Verdict) -> None:
         """Add an accepted recipient to the transaction and answer with the policy's reply."""
@@ -1699,7 +1736,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         self._committing = True
         started = f.clock.seconds()
-        d = f.chain.checkMessage(session, envelope, message)
+        answer = f.chain.walk("checkMessage", session, envelope, message)
         outcome = {"queued": False}
 
         def refuse(verdict: Verdict) -> bool:
@@ -1717,7 +1754,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 return None
             # The checks let it through (CONTINUE or ACCEPT): every
             # modifier runs now, so no check's answer can skip one.
-            return f.chain.modifyMessage(session, envelope, message).addCallback(modified)
+            changes = f.chain.modify(session, envelope, message)
+            if isinstance(changes, Deferred):
+                return changes.addCallback(modified)
+            return modified(changes)
 
         def modified(verdict: Verdict) -> Any:
             if refuse(verdict):
@@ -1761,9 +1801,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 self._reset(outcome["queued"])
             self._release()
 
-        d.addCallback(decided)
-        d.addErrback(failed)
-        d.addBoth(done)
+        self._whenDecided(answer, decided, failed, done)
 
     def _refuseHeader(self, message: Message) -> bool:
         """

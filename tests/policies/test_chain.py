@@ -130,6 +130,56 @@ class WalkTests(unittest.TestCase):
             self.assertEqual(failed["queue_id"], "Q1")
             self.flushLoggedErrors(RuntimeError, TypeError)
 
+    def walk(self, chain: PolicyChain) -> Any:
+        session = Session(ipaddress.ip_address("192.0.2.1"), 50000, "relay", "relay", "S1")
+        envelope = Envelope(Address("a", "example.org"), queueId="Q1")
+        return chain.walk("checkRecipient", session, envelope, Address("b", "example.net"))
+
+    def test_walkAtOnceIsTheVerdict(self) -> None:
+        """
+        walk() gives the verdict itself when every policy answered at
+        once (the session then takes it on the spot), with the same
+        metric as the Deferred form.
+        """
+        verdict = self.walk(self.chain(Answers(lambda: CONTINUE), Answers(reject)))
+        self.assertNotIsInstance(verdict, defer.Deferred)
+        self.assertEqual(verdict.action, Action.REJECT)
+        self.assertEqual(verdict.reply.enhanced, "5.7.1")  # the rcpt phase's default
+        self.assertEqual(self.recorder.verdicts, [("rcpt", "p1", "reject")])
+        self.assertIs(self.walk(self.chain(Answers(lambda: CONTINUE))), CONTINUE)
+        self.assertEqual(self.recorder.verdicts, [("rcpt", "none", "continue")])
+
+    def test_walkLaterIsADeferred(self) -> None:
+        """
+        One late answer makes walk() a Deferred; the policies after it are
+        asked when it fires, at once ones included, and the verdict and
+        metric are those of the at-once walk.
+        """
+        pending: defer.Deferred[Any] = defer.Deferred()
+        first, second, third = (
+            Answers(lambda: CONTINUE),
+            Answers(lambda: pending),
+            Answers(reject),
+        )
+        d = self.walk(self.chain(first, second, third))
+        self.assertIsInstance(d, defer.Deferred)
+        self.assertNoResult(d)
+        self.assertEqual(third.asked, 0)
+        pending.callback(CONTINUE)
+        self.assertEqual(self.successResultOf(d).action, Action.REJECT)
+        self.assertEqual(self.recorder.verdicts, [("rcpt", "p2", "reject")])
+
+    def test_walkTwoLate(self) -> None:
+        """A late answer after a late answer: the walk goes on from each."""
+        answers = [defer.Deferred(), defer.Deferred()]
+        first, second = Answers(lambda: answers[0]), Answers(lambda: answers[1])
+        d = self.walk(self.chain(first, second))
+        answers[0].callback(CONTINUE)
+        self.assertNoResult(d)
+        answers[1].callback(reject())
+        self.assertEqual(self.successResultOf(d).action, Action.REJECT)
+        self.assertEqual(self.recorder.verdicts, [("rcpt", "p1", "reject")])
+
     def test_timeout(self) -> None:
         """No answer within the timeout: 451 4.3.0; only pending answers get a timer."""
         d = self.ask(self.chain(Answers(lambda: CONTINUE), Answers(defer.Deferred)))
@@ -154,6 +204,15 @@ class Checker:
 
     def checkMessage(self, session: Any, envelope: Any, message: Any) -> Any:
         return CONTINUE
+
+
+def test_modifyWithoutModifiers() -> None:
+    """modify() is CONTINUE itself with no modifier, and modifyMessage's Deferred with one."""
+    clock = Clock()
+    assert PolicyChain([Checker()], 5.0, clock).modify(None, None, None) is CONTINUE  # type: ignore[arg-type]
+    d = PolicyChain([Modifier()], 5.0, clock).modify(None, None, None)  # type: ignore[arg-type]
+    assert isinstance(d, defer.Deferred)
+    assert d.result is CONTINUE
 
 
 def test_readsMessages() -> None:

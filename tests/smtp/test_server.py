@@ -28,6 +28,7 @@ from zope.interface import implementer
 from relayd.interfaces import IMessagePolicy, IRecipientPolicy
 from relayd.policy import PolicyChain
 from relayd.queue.record import readData
+from relayd.smtp.session import SMTPServer
 from relayd.testing import (
     DEMO_PASSWORD,
     DEMO_USER,
@@ -1141,6 +1142,47 @@ class BrokenPolicyTests(RelaydTestCase):
         self.assertReply(reply, 451, "4.3.0")
         self.assertTrue([e for e in self.events if e.get("policy") == "silent"])
         self.flushLoggedErrors(defer.TimeoutError)
+
+
+@implementer(IRecipientPolicy)
+class AcceptLater:
+    """Accepts every recipient, on the next reactor turn."""
+
+    name = "acceptlater"
+
+    def checkRecipient(self, session, envelope, recipient):
+        return deferLater(reactor, 0, accept)
+
+
+class BugAfterVerdictTests(RelaydTestCase):
+    """
+    A bug in the server's own handling of a verdict (here: adding the
+    accepted recipient) is C{451 4.3.0} and logged, and the session goes
+    on, whether the chain answered at once (taken on the spot, no
+    Deferred) or later.
+    """
+
+    @defer.inlineCallbacks
+    def check(self, *policies):
+        for factory in self.relayd.service.factories:
+            factory.chain = PolicyChain(policies, 30.0, reactor)
+
+        def broken(*args):
+            raise RuntimeError("bug after the verdict")
+
+        self.patch(SMTPServer, "_acceptRecipient", broken)
+        replies = yield self.exchange(
+            "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.org>", "RSET"
+        )
+        self.assertEqual([code for code, _ in replies], [250, 451, 250])
+        self.assertReply(replies[1], 451, "4.3.0")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_atOnce(self):
+        return self.check(AcceptAll())
+
+    def test_later(self):
+        return self.check(AcceptLater())
 
 
 @implementer(IRecipientPolicy)
