@@ -28,7 +28,6 @@ from typing import Any, cast
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import providedBy
 from zope.interface.exceptions import Invalid
@@ -49,7 +48,7 @@ from relayd.interfaces import (
     ITransactionObserver,
     SessionView,
 )
-from relayd.ops.logs import idFields
+from relayd.ops.logs import Logger, idFields
 from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.verdict import CONTINUE, Phase, Verdict, tempfail
 

@@ -54,9 +54,9 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd.ops.logs import Logger
 from relayd.ops.metrics import Samples, addSamples, parseProcessSamples, parseSamples
 
 __all__ = ["ProcessPool", "ChildProcess", "ReceiverPool", "AdoptedEndpoint", "main"]

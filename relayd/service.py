@@ -20,7 +20,6 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -28,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 from relayd.config import Config, ConfigError
 from relayd.interfaces import IDeliverer, IQueue, IReloadable
 from relayd.ops.control import ControlService, ControlSocketError
+from relayd.ops.logs import Logger
 from relayd.ops.metrics import NO_METRICS, Metrics, NoMetrics, SummedRegistry, metricsSite
 from relayd.ops.sdnotify import SystemdNotifier
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies

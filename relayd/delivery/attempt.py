@@ -49,7 +49,6 @@ from twisted.internet.error import (
 )
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -71,6 +70,7 @@ from relayd.delivery.routing import Destination, Hop
 from relayd.delivery.smtputf8 import needsSMTPUTF8
 from relayd.delivery.tlsrpt import TLSSession
 from relayd.interfaces import IDeliverer
+from relayd.ops.logs import Logger
 from relayd.queue.record import openRegion
 from relayd.smtp.dsn import DSNParameters
 

@@ -45,7 +45,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
-from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -56,6 +55,7 @@ from relayd.certificates import INTERMEDIATE, OPPORTUNISTIC, TLSProfile
 from relayd.delivery.dane import DanePolicy, matchChain
 from relayd.delivery.oauth2 import TokenError, TokenSources, saslResponse
 from relayd.delivery.routing import Hop
+from relayd.ops.logs import Logger
 from relayd.queue.record import openRegion
 from relayd.smtp.dsn import DSNParameters
 from relayd.smtp.wire import DotStuffer

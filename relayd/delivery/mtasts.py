@@ -42,7 +42,6 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -51,6 +50,7 @@ from zope.interface import implementer
 
 from relayd.delivery.client import Reply
 from relayd.delivery.routing import Destination, Hop, ResolverError
+from relayd.ops.logs import Logger
 from relayd.queue.safeio import writeAtomically
 
 __all__ = [

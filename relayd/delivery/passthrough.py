@@ -24,7 +24,6 @@ from collections.abc import Generator
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.certificates import TLSProfile
@@ -34,6 +33,7 @@ from relayd.delivery.client import ClientTimeouts, HopFailure, Reply, SMTPClient
 from relayd.delivery.endpoint import hopEndpoint, relayName
 from relayd.delivery.oauth2 import TokenSources
 from relayd.delivery.routing import Hop, Route, _ipLiteral
+from relayd.ops.logs import Logger
 
 __all__ = ["Connector", "Upstream", "messageFile"]
 

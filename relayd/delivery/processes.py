@@ -47,7 +47,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -58,6 +57,7 @@ from relayd.delivery.oauth2 import OAuth2Config
 from relayd.delivery.routing import Destination, Hop
 from relayd.delivery.tlsrpt import sessionFromJSON, sessionToJSON
 from relayd.interfaces import IDeliverer
+from relayd.ops.logs import Logger
 from relayd.receivers import ChildProcess, ProcessPool
 from relayd.smtp.dsn import DSNParameters, RecipientRequest
 

@@ -30,13 +30,13 @@ import dns.rdatatype
 import dns.resolver
 from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from relayd.address import AddressError, asciiDomain
 from relayd.interfaces import IMXResolver, IRouter
+from relayd.ops.logs import Logger
 
 if TYPE_CHECKING:
     from relayd.delivery.oauth2 import OAuth2Config

@@ -43,10 +43,10 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.delivery.mtasts import txtFields
+from relayd.ops.logs import Logger
 from relayd.queue.safeio import writeAtomically
 
 __all__ = [

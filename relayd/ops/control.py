@@ -36,7 +36,6 @@ from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
@@ -60,6 +59,7 @@ from relayd.ops.commands import (
     reachablePath,
 )
 from relayd.ops.controlclient import ControlClient, ControlClientError, NotRunning
+from relayd.ops.logs import Logger
 from relayd.ops.queueview import (
     MessageNotFound,
     countStates,

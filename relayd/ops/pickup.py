@@ -26,9 +26,9 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd.ops.logs import Logger
 from relayd.ops.maildrop import (
     Bounce,
     Dropped,

@@ -30,7 +30,8 @@ import socket
 from typing import Any
 
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+
+from relayd.ops.logs import Logger
 
 __all__ = ["notify", "watchdogInterval", "SystemdNotifier"]
 

@@ -39,7 +39,6 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, in
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.delivery import requiretls
@@ -49,6 +48,7 @@ from relayd.delivery.client import Reply as RemoteReply
 from relayd.delivery.endpoint import relayName
 from relayd.delivery.routing import RoutingError
 from relayd.interfaces import IDeliverer, IQueue, IRouter
+from relayd.ops.logs import Logger
 from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.queue.record import QueueRecord, QueueState, RecipientRecord, RecipientState
 from relayd.queue.spool import arrivalFromQueueId

@@ -80,12 +80,12 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.envelope import FIRST_READ
 from relayd.interfaces import IIncomingSpool, IQueue, QueueObserver
+from relayd.ops.logs import Logger
 from relayd.queue.record import (
     QUEUE_ID,
     QUEUED_STATES,

@@ -41,9 +41,9 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from relayd.ops.logs import Logger
 from relayd.policies.ratecounter import MemoryStore, RedisStore
 from relayd.queue.safeio import writeAtomically
 

@@ -55,9 +55,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.logger import Logger
 
 from relayd.delivery.client import _ENHANCED, Reply
+from relayd.ops.logs import Logger
 from relayd.smtp.dsn import encodeXtext
 
 if TYPE_CHECKING:

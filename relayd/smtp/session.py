@@ -65,7 +65,6 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory, IReactorTime
 from twisted.internet.protocol import ServerFactory, connectionDone
-from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -77,7 +76,7 @@ from relayd.delivery import requiretls
 from relayd.delivery.routing import matchRoute
 from relayd.envelope import FIRST_READ, Envelope, Message, Recipient, Session
 from relayd.interfaces import IIncomingSpool
-from relayd.ops.logs import ABSENT, idFields
+from relayd.ops.logs import ABSENT, Logger, idFields
 from relayd.ops.metrics import NO_METRICS, NoMetrics
 from relayd.policy import PolicyChain
 from relayd.queue.record import QueueRecord
@@ -381,6 +380,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._tracked = False
         self._metered = False
         self._client = ""
+        self._clientText = "0.0.0.0"  # str(session.clientAddress), made once
         self._paused = 0
         self._transportPaused = False
         self._shuttingDown = False
@@ -402,6 +402,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             address = _clientAddress(self._client)
         except ValueError:
             address = ipaddress.ip_address("0.0.0.0")
+        self._clientText = str(address)
         self.session = Session(
             clientAddress=address,
             clientPort=getattr(peer, "port", 0),
@@ -416,7 +417,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         log.info(
             "{session_id}: connect from [{client}]:{port} on {listener}{via}",
             session_id=self.session.sessionId,
-            client=str(address),
+            client=self._clientText,
             port=self.session.clientPort,
             listener=f.listener,
             via=f" via proxy [{proxy.host}]" if proxy is not None else "",
@@ -424,12 +425,12 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         )
         self._metered = True
         f.metrics.connectionOpened(f.listener)
-        refusal = f.limits.open(str(address))
+        refusal = f.limits.open(self._clientText)
         if refusal is not None:
             log.warn(
                 "{session_id}: refused [{client}]: {reason}",
                 session_id=self.session.sessionId,
-                client=str(address),
+                client=self._clientText,
                 reason=refusal,
             )
             self.reply(421, "4.7.0", f"{f.config.hostname} Error: {refusal}")
@@ -504,7 +505,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             log.info(
                 "{session_id}: disconnect from [{client}] in state {state}",
                 session_id=self.session.sessionId,
-                client=str(self.session.clientAddress),
+                client=self._clientText,
                 state=previous,
             )
 
@@ -516,7 +517,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             log.info(
                 "{session_id}: close timed out; aborting connection with [{client}]",
                 session_id=self.session.sessionId,
-                client=str(self.session.clientAddress),
+                client=self._clientText,
             )
             self.transport.abortConnection()
             return
@@ -527,14 +528,14 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 session_id=self.session.sessionId,
                 seconds=self.factory.config.timeoutCommand,
                 octets=len(self._buffer),
-                client=str(self.session.clientAddress),
+                client=self._clientText,
             )
         else:
             log.info(
                 "{session_id}: timeout in state {state} from [{client}]",
                 session_id=self.session.sessionId,
                 state=self.state,
-                client=str(self.session.clientAddress),
+                client=self._clientText,
             )
         self.reply(421, "4.4.2", f"{self.factory.config.hostname} Error: timeout exceeded")
         self._close()
@@ -555,7 +556,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         log.info(
             "{session_id}: shutting down; closing session with [{client}] in state {state}",
             session_id=self.session.sessionId,
-            client=str(self.session.clientAddress),
+            client=self._clientText,
             state=self.state,
         )
         self.reply(421, "4.3.2", f"{self.factory.config.hostname} Service shutting down")
@@ -720,7 +721,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             log.warn(
                 "{session_id}: too many errors from [{client}]",
                 session_id=self.session.sessionId,
-                client=str(self.session.clientAddress),
+                client=self._clientText,
             )
             self.reply(421, "4.7.0", f"{self.factory.config.hostname} Error: too many errors")
             self._close()
@@ -754,7 +755,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             **idFields(self.session, self.envelope),
             what=what,
             detail="".join(f"{k}={_shown(k, v)} " for k, v in extra.items()),
-            action=verdict.action.value,
+            action=verdict.action._value_,
             code=verdict.code,
             enhanced=verdict.enhanced,
             **extra,
@@ -792,7 +793,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 "{session_id}: HTTP command {verb} from [{client}]; closing",
                 session_id=self.session.sessionId,
                 verb=verb,
-                client=str(self.session.clientAddress),
+                client=self._clientText,
             )
             self.reply(521, "5.7.0", "Error: this is an SMTP server")
             self._close()
@@ -954,7 +955,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 "{session_id}: AUTH refused for [{client}] user={user}: too many failures "
                 "from this {scope} within {window} s",
                 session_id=session.sessionId,
-                client=str(session.clientAddress),
+                client=self._clientText,
                 user=_printable(user, 64),
                 scope="address" if scope == "client" else "user at this address",
                 window=f.config.authFailureWindow,
@@ -1021,7 +1022,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             "{session_id}: AUTH failure {count} from [{client}]: {why}",
             session_id=self.session.sessionId,
             count=self._authFailures,
-            client=str(self.session.clientAddress),
+            client=self._clientText,
             why=why,
         )
         self._hold()
@@ -1112,7 +1113,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 "MAIL",
                 verdict if verdict.final else _OK_SENDER,
                 sender=str(sender),
-                client=str(session.clientAddress),
+                client=self._clientText,
                 helo=session.helo,
                 tls=session.tlsVersion if session.tls else None,
                 user=session.user,
@@ -1521,7 +1522,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             seconds=now - self._dataStarted,
             deadline=cfg.dataDeadline,
             rate=cfg.dataMinRate,
-            client=str(session.clientAddress),
+            client=self._clientText,
             session_id=session.sessionId,
         )
         self.reply(421, "4.4.2", f"{cfg.hostname} Error: timeout exceeded")
@@ -1780,7 +1781,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 nrcpt=len(envelope.recipients),
                 size=incoming.size,
                 user=session.user,
-                client=str(session.clientAddress),
+                client=self._clientText,
                 session_id=session.sessionId,
             )
             f.metrics.messageAccepted(session.listener, incoming.size, f.clock.seconds() - started)
@@ -1832,7 +1833,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             "{queue_id}: message refused: {problem} from [{client}] session={session_id}",
             queue_id=envelope.queueId,
             problem=problem,
-            client=str(session.clientAddress),
+            client=self._clientText,
             session_id=session.sessionId,
         )
         self._refuseWith("data", reply)
@@ -1850,7 +1851,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             arrival=time.time(),
             size=size,
             body=envelope.body,
-            client=str(session.clientAddress),
+            client=self._clientText,
             helo=session.helo,
             user=session.user,
             listener=session.listener,
@@ -1869,7 +1870,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             "{queue_id}: message refused: {problem} from [{client}] session={session_id}",
             queue_id=envelope.queueId,
             problem=problem,
-            client=str(session.clientAddress),
+            client=self._clientText,
             session_id=session.sessionId,
         )
         if problem == "size":
@@ -1948,8 +1949,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         """Give the connection's slot back to the limits, once."""
         if self._counted:
             self._counted = False
-            # Counted only once connectionMade set self.session (Session | None).
-            self.factory.limits.close(str(self.session.clientAddress))  # type: ignore[union-attr]
+            # Counted only after connectionMade set _clientText.
+            self.factory.limits.close(self._clientText)
 
     def smtp_VRFY(self, argument: str) -> None:
         if not argument:

@@ -36,8 +36,8 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
+from relayd.ops.logs import Logger
 from relayd.queue.record import QUEUED_STATES, QueueRecord, encodeTrailer
 
 __all__ = ["MemoryQueue"]

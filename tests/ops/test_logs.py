@@ -100,6 +100,33 @@ def test_quickFormatAgreesWithTwisted(event: dict[str, Any]) -> None:
 # --- the JSON object ------------------------------------------------------------
 
 
+def test_loggerEventsAreTwisted() -> None:
+    """
+    relayd's Logger (a cheaper level check) emits the event Twisted's
+    does, key for key, at every level; an invalid level is Twisted's
+    failure event, not a line at that level.
+    """
+    from twisted.logger import Logger as TwistedLogger
+
+    from relayd.ops.logs import Logger
+
+    for level in LogLevel.iterconstants():
+        ours: list[dict[str, Any]] = []
+        theirs: list[dict[str, Any]] = []
+        Logger(namespace="n", observer=ours.append).emit(level, "x {a}", a=1, log_trace=[])
+        TwistedLogger(namespace="n", observer=theirs.append).emit(level, "x {a}", a=1, log_trace=[])
+        [event], [expected] = ours, theirs
+        assert event.keys() == expected.keys()
+        for key in ("log_level", "log_namespace", "log_format", "a"):
+            assert event[key] == expected[key]
+        assert event["log_trace"] == [(event["log_logger"], ours.append)]
+    bad: list[dict[str, Any]] = []
+    Logger(namespace="n", observer=bad.append).emit("loud", "x")  # type: ignore[arg-type]
+    [event] = bad
+    assert event["log_level"] is LogLevel.critical
+    assert event["invalidLevel"] == "loud"
+
+
 def test_eventAsJSON() -> None:
     """One flat object: time, level, namespace, message, then the fields."""
 
