@@ -304,11 +304,16 @@ class IncomingMessage:
     @ivar size: how many octets have been written so far.
     """
 
-    def __init__(self, queueId: str, path: str, file: Any) -> None:
+    def __init__(self, queueId: str, path: str, fd: int) -> None:
         self.queueId = queueId
         self.path = path
         self.size = 0
-        self._file = file
+        # A descriptor and a list of chunks, not a buffered file object:
+        # that one probes the descriptor (fstat, lseek) when made, and the
+        # commit writes the chunks and the record in one go.
+        self._fd = fd
+        self._chunks: list[bytes] = []
+        self._buffered = 0
         self._committing = False
         self._discarded = False
         self._header: tuple[bytes, int] | None = None
@@ -346,7 +351,11 @@ class IncomingMessage:
         """
         if self._committing or self._discarded:
             raise ValueError(f"message {self.queueId} is no longer writable")
-        self._file.write(data)
+        data = bytes(data)
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered >= _WRITE_BUFFER:
+            self._writeOut()
         self.size += len(data)
         room = FIRST_READ - len(self._head)
         if room > 0:
@@ -362,7 +371,15 @@ class IncomingMessage:
         """
         if self._committing or self._discarded:
             raise ValueError(f"message {self.queueId} is no longer writable")
-        self._file.flush()
+        self._writeOut()
+
+    def _writeOut(self, last: bytes = b"") -> None:
+        """Write the chunks kept so far, and C{last}, with one system call."""
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        if last:
+            chunks.append(last)
+        if chunks:
+            _writeAll(self._fd, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def discard(self) -> None:
         """
@@ -381,12 +398,14 @@ class IncomingMessage:
 
     def _closeQuietly(self) -> None:
         """
-        Close the file, ignoring errors: closing flushes the buffer, which
-        fails again when the disk is full.  The descriptor is released
-        either way.
+        Close the descriptor (once: a closed number may be reused by then),
+        ignoring errors; what was not written yet is dropped.
         """
-        with contextlib.suppress(Exception):
-            self._file.close()
+        fd, self._fd = self._fd, -1
+        self._chunks, self._buffered = [], 0
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class _PendingCommit:
@@ -668,13 +687,7 @@ class Spool(Service):
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
             _FILE_MODE,
         )
-        try:
-            file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
-        except BaseException:
-            os.close(fd)
-            _unlinkQuietly(path)
-            raise
-        return IncomingMessage(queueId, path, file)
+        return IncomingMessage(queueId, path, fd)
 
     # Commit
 
@@ -713,8 +726,7 @@ class Spool(Service):
             # The record goes to the page cache here, like the message
             # before it; the thread only waits for the disk.
             try:
-                incoming._file.write(trailer)
-                incoming._file.flush()
+                incoming._writeOut(trailer)
             except Exception as e:
                 incoming.discard()
                 self.log.warn(
@@ -752,10 +764,11 @@ class Spool(Service):
         incoming = pending.incoming
         try:
             if incoming._header is not None:
-                incoming._file.close()
+                incoming._writeOut()
+                incoming._closeQuietly()
                 self._rewriteHeader(pending.tmpPath, *incoming._header, pending.trailer)
             else:
-                os.fsync(incoming._file.fileno())
+                os.fsync(incoming._fd)
         except BaseException:
             incoming._closeQuietly()
             self._removeFromThread(pending, pending.tmpPath)

@@ -232,6 +232,34 @@ def test_emptyMessage(tmp_path: Path) -> None:
     assert readRecord(str(path)).size == 0
 
 
+@pytest.mark.parametrize("recipients", [1, 2, 300])
+@pytest.mark.parametrize("size", [0, 10, 5000, 70000])
+def test_recordLongerOrShorterThanOneRead(tmp_path: Path, recipients: int, size: int) -> None:
+    """
+    readRecord reads the end of the file once and takes the record from
+    it; a record longer than that read (many recipients), or a file
+    shorter than it, reads right too.
+    """
+    data = (b"x" * 99 + b"\n") * (size // 100) + b"y" * (size % 100)
+    r = QueueRecord.new(
+        "0LONG",
+        "s@example.org",
+        [f"rcpt{i}@example.com" for i in range(recipients)],
+        1700000000.5,
+        len(data),
+        "7BIT",
+        "192.0.2.1",
+        None,
+        None,
+        "relay",
+    )
+    path = queueFile(tmp_path, r, data)
+    assert readRecord(str(path), "0LONG") == r
+    assert readData(str(path)) == data
+    with openRegion(str(path), len(data)) as f:
+        assert f.read() == data
+
+
 def test_trailerChecksSize() -> None:
     """The footer and the record must agree on where the message ends."""
     with pytest.raises(ValueError):

@@ -765,11 +765,47 @@ class IncomingMessageTests(TestCase):
     def test_size(self):
         """C{size} is the number of octets written so far."""
         path = self.mktemp()
-        incoming = IncomingMessage("0ABC", path, open(path, "wb"))
+        incoming = IncomingMessage("0ABC", path, os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         incoming.write(b"abc")
         incoming.write(b"de")
         self.assertEqual(incoming.size, 5)
         incoming.discard()
+        self.assertFalse(os.path.exists(path))
+
+    def test_keptUntilFlushOrFull(self):
+        """
+        Small writes are kept in memory (the commit writes them with the
+        record); L{flush} writes them out, and so does a write that fills
+        the buffer.
+        """
+        from relayd.queue.spool import _WRITE_BUFFER
+
+        path = self.mktemp()
+        incoming = IncomingMessage("0ABC", path, os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self.addCleanup(incoming.discard)
+        incoming.write(b"abc")
+        incoming.write(bytearray(b"de"))
+        self.assertEqual(os.path.getsize(path), 0)
+        incoming.flush()
+        self.assertEqual(_content(path), b"abcde")
+        big = b"x" * _WRITE_BUFFER
+        incoming.write(big)
+        self.assertEqual(_content(path), b"abcde" + big)
+        self.assertEqual(incoming.size, 5 + len(big))
+
+    def test_closedOnce(self):
+        """
+        Closing twice does not close a descriptor the number was given to
+        since (the commit's thread and the reactor both close).
+        """
+        path = self.mktemp()
+        incoming = IncomingMessage("0ABC", path, os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        incoming._closeQuietly()
+        other = os.open(path, os.O_RDONLY)
+        self.addCleanup(os.close, other)
+        incoming._closeQuietly()
+        incoming.discard()
+        os.fstat(other)  # still open
         self.assertFalse(os.path.exists(path))
 
 
@@ -993,3 +1029,8 @@ class LockTests(unittest.TestCase):
         with self.assertRaises(SpoolLocked):
             Spool(directory, 0, reactor).startService()
         holder.stdout.close()
+
+
+def _content(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

@@ -62,11 +62,12 @@ class MemorySpool:
         if self.openError is not None:
             raise self.openError
         path = os.path.join(self.directory, queueId)
-        return IncomingMessage(queueId, path, open(path, "wb"))
+        return IncomingMessage(queueId, path, os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
 
     def commit(self, incoming: IncomingMessage, record: dict[str, Any]) -> Any:
         if self.commitError is not None:
             return fail(self.commitError)
+        incoming.flush()
         incoming._closeQuietly()
         with open(incoming.path, "rb") as f:
             self.messages[incoming.queueId] = f.read()
