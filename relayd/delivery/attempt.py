@@ -29,6 +29,7 @@ connection happened to reach (issue 14).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -71,7 +72,6 @@ from relayd.delivery.smtputf8 import needsSMTPUTF8
 from relayd.delivery.tlsrpt import TLSSession
 from relayd.interfaces import IDeliverer
 from relayd.ops.logs import Logger
-from relayd.queue.record import openRegion
 from relayd.smtp.dsn import DSNParameters
 
 __all__ = ["RecipientResult", "AttemptResult", "Deliverer", "loadTrustRoot"]
@@ -192,10 +192,18 @@ def _hasEightBit(path: str, size: int) -> bool:
     True when the message (the first C{size} octets of C{path}) has an
     octet above 127 (RFC 6152 8BITMIME).
     """
-    with openRegion(path, size) as f:
-        while chunk := f.read(CHUNK_SIZE):
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, min(CHUNK_SIZE, size - offset), offset)
+            if not chunk:
+                break
             if not chunk.isascii():
                 return True
+            offset += len(chunk)
+    finally:
+        os.close(fd)
     return False
 
 

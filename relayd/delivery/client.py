@@ -46,7 +46,6 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -301,7 +300,7 @@ class _MessageProducer:
 
 
 @implementer(IHandshakeListener)
-class SMTPClient(LineReceiver, TimeoutMixin):
+class SMTPClient(LineReceiver):
     """
     One ESMTP session with one next hop.  See the module docstring.
 
@@ -391,18 +390,54 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         self._serverClosing: Reply | None = None
         self._producer: _MessageProducer | None = None
         self._whenClosed: list[Deferred[None]] = []
-
-    def callLater(self, period: float, func: Any) -> Any:
-        """L{TimeoutMixin}'s timer, on the reactor we were given."""
-        return self.clock.callLater(period, func)
+        self._timer: Any = None  # the one DelayedCall (see _setTimer)
+        self._deadline: float | None = None
+        self._period = 0.0
 
     def _setTimer(self, seconds: float | None) -> None:
-        """Wait at most C{seconds} for the peer (None: no limit)."""
-        self.setTimeout(seconds)
+        """
+        Wait at most C{seconds} for the peer (None: no limit).
+
+        A deadline, checked when the one timer fires, rather than
+        Twisted's C{TimeoutMixin}: that one cancels its timer when a reply
+        comes and makes a new one for the next command, a heap insertion
+        and a cancellation per reply.  Here a later deadline leaves the
+        timer alone (it fires, finds time left, and waits the rest), and
+        no limit leaves it to fire once for nothing.
+        """
+        if seconds is None:
+            self._deadline = None
+            return
+        self._period = seconds
+        self._deadline = deadline = self.clock.seconds() + seconds
+        timer = self._timer
+        if timer is None:
+            self._timer = self.clock.callLater(seconds, self._timerFired)
+        elif timer.getTime() > deadline:
+            timer.reset(seconds)
 
     def _restartTimer(self) -> None:
         """The peer made progress: the current wait starts over."""
-        self.resetTimeout()
+        if self._deadline is not None:
+            self._deadline = self.clock.seconds() + self._period
+
+    def _timerFired(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return
+        left = self._deadline - self.clock.seconds()
+        if left > 0:
+            self._timer = self.clock.callLater(left, self._timerFired)
+            return
+        self._deadline = None
+        self.timeoutConnection()
+
+    def _stopTimer(self) -> None:
+        """No more waiting, and no timer left holding this client."""
+        self._deadline = None
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     # --- connection ------------------------------------------------------
 
@@ -492,7 +527,7 @@ class SMTPClient(LineReceiver, TimeoutMixin):
         self._abort(reply)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._setTimer(None)
+        self._stopTimer()
         self._connected = False
         self._broken = True
         if self._producer is not None:

@@ -1062,3 +1062,21 @@ class PostfixSinkInteropTests(DeliveryTestCase):
         message = dump[len(head) :].split(b"\n", 3)[3]
         expected = body.replace(b"\r\n", b"\n") + b"\n"
         self.assertTrue(message == expected, "the message in the dump differs")
+
+
+def test_hasEightBit(tmp_path):
+    """
+    An octet above 127 anywhere in the message counts, past the first
+    chunk read too; one after the message (in the queue file's record)
+    does not.
+    """
+    from relayd.delivery.attempt import _hasEightBit
+    from relayd.delivery.client import CHUNK_SIZE
+
+    path = tmp_path / "q"
+    message = b"a" * (CHUNK_SIZE + 10)
+    path.write_bytes(message + b"\xe9 record")
+    assert not _hasEightBit(str(path), len(message))
+    path.write_bytes(message[:-1] + b"\xe9 record")
+    assert _hasEightBit(str(path), len(message))
+    assert not _hasEightBit(str(path), 0)
