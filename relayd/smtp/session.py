@@ -50,8 +50,8 @@ import datetime
 import errno
 import functools
 import ipaddress
+import random
 import re
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -231,11 +231,25 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
         return self.connector.stop()
 
 
+@functools.lru_cache(maxsize=4096)
 def _clientAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """
+    The client's address from the peer's host text (an IPv4-mapped IPv6
+    address as IPv4); cached, since ipaddress parses in Python and
+    clients come back from the same addresses.
+    """
     address = ipaddress.ip_address(host.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+_sessionIds = random.Random()
+"""
+Session ids: 8 hex digits that tell one session's log lines from the
+others'.  Not secrets (every log line shows them), so a generator seeded
+once from the system's randomness, not a getrandom() call per connection.
+"""
 
 
 def _utf8(argument: str) -> str:
@@ -408,7 +422,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             clientPort=getattr(peer, "port", 0),
             listener=f.listener,
             mode=f.mode,
-            sessionId=secrets.token_hex(4).upper(),
+            sessionId=f"{_sessionIds.getrandbits(32):08X}",
             tls=f.implicitTLS,
         )
         # Behind a load balancer (relayd.smtp.proxy), getPeer() is the client
@@ -499,7 +513,15 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         if self._metered:
             self._metered = False
             self.factory.metrics.connectionClosed(self.factory.listener)
-            if _tlsFailed(reason) and self.session is not None and not self.session.tlsVersion:
+            session = self.session
+            # A TLS session (implicit, or after STARTTLS) that never got a
+            # version: its handshake failed.  Cheap checks first.
+            if (
+                session is not None
+                and session.tls
+                and not session.tlsVersion
+                and _tlsFailed(reason)
+            ):
                 self.factory.metrics.tlsHandshakeFailed(self.factory.listener)
         if self.session is not None:
             log.info(
