@@ -60,5 +60,9 @@ class MyNetworks:
         self, session: SessionView, envelope: Envelope, recipient: Address
     ) -> Verdict:
         if self.trusts(session.clientAddress):
-            return accept(250, "2.1.5", "Ok")
+            return _TRUSTED
         return CONTINUE
+
+
+_TRUSTED = accept(250, "2.1.5", "Ok")
+"""The answer for a trusted client, made once (verdicts are immutable)."""

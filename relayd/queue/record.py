@@ -325,6 +325,7 @@ class QueueRecord:
         envid: str | None = None,
         notify: Mapping[str, tuple[str, ...]] | None = None,
         orcpt: Mapping[str, str] | None = None,
+        smtputf8: bool = False,
     ) -> QueueRecord:
         """
         The record of a newly received message: every recipient pending,
@@ -344,6 +345,7 @@ class QueueRecord:
         @param envid: ENVID= decoded (RFC 3461 section 4.4), or None.
         @param notify: NOTIFY= of the recipients that gave one, by address.
         @param orcpt: ORCPT= of the recipients that gave one, by address.
+        @param smtputf8: the message came with C{SMTPUTF8} on MAIL.
         @raise ValueError: for an unknown C{body}.
         """
         notify = notify or {}
@@ -369,6 +371,7 @@ class QueueRecord:
             nextAttempt=arrival,
             ret=ret,
             envid=envid,
+            smtputf8=smtputf8,
         )
 
     def waiting(self) -> list[RecipientRecord]:

@@ -54,7 +54,6 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from email.utils import format_datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -1140,7 +1139,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 tls=session.tlsVersion if session.tls else None,
                 user=session.user,
             )
-            self.reply(250, "2.1.0", "Ok")
+            self.sendReply(_OK_SENDER.reply)
 
         self._whenDecided(answer, decided)
 
@@ -1514,7 +1513,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._dataStarted = f.clock.seconds()
         self._dataOctets = 0
         self._dataTimer = f.clock.callLater(f.config.dataDeadline, self._dataDeadline)
-        self.reply(354, None, "End data with <CR><LF>.<CR><LF>")
+        self.sendReply(_GO_AHEAD)
         self.setRawMode()
 
     def _dataDeadline(self) -> None:
@@ -1866,7 +1865,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
         session = self.session
         assert session is not None and envelope.queueId is not None
-        record = envelopeRecord(
+        return envelopeRecord(
             queueId=envelope.queueId,
             sender=str(envelope.sender),
             recipients=[str(r) for r in envelope.recipients],
@@ -1881,8 +1880,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             envid=envelope.envid,
             notify={str(a): p.notify for a, p in envelope.parameters.items() if p.notify},
             orcpt={str(a): p.orcpt for a, p in envelope.parameters.items() if p.orcpt},
+            smtputf8=envelope.smtputf8,
         )
-        return replace(record, smtputf8=envelope.smtputf8)
 
     def _refuseData(self, reader: DataReader | ChunkReader) -> None:
         envelope, session = self.envelope, self.session
@@ -1934,7 +1933,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self.fail(501, "5.5.4", "Syntax: RSET")
             return
         self._reset()
-        self.reply(250, "2.0.0", "Ok")
+        self.sendReply(_OK)
 
     def _reset(self, queued: bool = False) -> None:
         """End the transaction in progress, if any, and tell the observers."""
@@ -1954,10 +1953,10 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self.factory.chain.transactionEnded(self.session, envelope, queued)
 
     def smtp_NOOP(self, argument: str) -> None:
-        self.reply(250, "2.0.0", "Ok")
+        self.sendReply(_OK)
 
     def smtp_QUIT(self, argument: str) -> None:
-        self.reply(221, "2.0.0", "Bye")
+        self.sendReply(_BYE)
         self._close()
         if allSent(self.transport):
             # The 221 is on its way and the session is over: the slot is
@@ -1993,3 +1992,8 @@ _COUNT = re.compile(r"[0-9]{1,20}")
 """A BDAT chunk size: ASCII digits only, bounded like SIZE's."""
 _RELAY_DENIED = Verdict(Action.REJECT, 554, "5.7.1", "Relay access denied")
 _OK_SENDER = Verdict(Action.ACCEPT, 250, "2.1.0", "Ok")
+
+# Replies sent on every transaction, made (and checked) once.
+_GO_AHEAD = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+_OK = Reply(250, "2.0.0", "Ok")
+_BYE = Reply(221, "2.0.0", "Bye")

@@ -96,6 +96,12 @@ def test_new() -> None:
     assert r.nextAttempt == r.arrival
     assert r.toJSON()["version"] == 2
     assert r.waiting() == list(r.recipients)
+    assert not r.smtputf8
+    utf8 = QueueRecord.new(
+        "0A", "", ["x@y"], 0.0, 0, "8BITMIME", "", None, None, "relay", smtputf8=True
+    )
+    assert utf8.smtputf8
+    assert QueueRecord.decode(utf8.encode()).smtputf8
     with pytest.raises(ValueError):
         QueueRecord.new("0A", "", ["x@y"], 0.0, 0, "BINARYMIME", "", None, None, "relay")
 
