@@ -476,6 +476,12 @@ class Spool(Service):
         self._threads = threads
         self._tmp = os.path.join(self.directory, "tmp")
         self._incoming = os.path.join(self.directory, "incoming")
+        # Each state's directory with its separator: a queue file's path is
+        # one concatenation (os.path.join is Python code, several times
+        # per delivered message).
+        self._prefixes: dict[str, str] = {
+            str(state): os.path.join(self.directory, state, "") for state in STATES
+        }
         self._pool: SpoolThreads | None = None
         self._refreshLoop: LoopingCall | None = None
         self._freeBytes: int | None = None
@@ -1134,9 +1140,10 @@ class Spool(Service):
                 self.log.failure("{queue_id}: queue observer failed", queue_id=queueId)
 
     def _queuePath(self, state: str, queueId: str) -> str:
-        if state not in STATES or not QUEUE_ID.match(queueId):
+        prefix = self._prefixes.get(state)
+        if prefix is None or not QUEUE_ID.match(queueId):
             raise ValueError(f"bad spool entry {state}/{queueId}")
-        return os.path.join(self.directory, state, queueId)
+        return prefix + queueId
 
     def queueFile(self, queueId: str, state: str) -> str:
         """
