@@ -771,6 +771,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         either; the delivery lines name every recipient).
         """
         assert self.session is not None
+        if quiet and self.factory.config.logLevel != "debug":
+            return  # dropped by the level filter anyway: not built at all
         (log.debug if quiet else log.info)(
             "{prefix}: {what} {detail}-> {action} {code} {enhanced} session={session_id}",
             **idFields(self.session, self.envelope),

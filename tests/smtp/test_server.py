@@ -304,7 +304,9 @@ class CommandRulesTests(RelaydTestCase):
 
 
 class DataTests(RelaydTestCase):
-    sections = {"limits": {"message_size": 20000}}
+    # At debug, so that the story below has every line (at info the
+    # accepted RCPT line is not even made: QuietAtInfoTests).
+    sections = {"limits": {"message_size": 20000}, "logging": {"level": "debug"}}
 
     def transaction(self, c, body: bytes):
         c.command("EHLO client.test")
@@ -1142,6 +1144,21 @@ class BrokenPolicyTests(RelaydTestCase):
         self.assertReply(reply, 451, "4.3.0")
         self.assertTrue([e for e in self.events if e.get("policy") == "silent"])
         self.flushLoggedErrors(defer.TimeoutError)
+
+
+class QuietAtInfoTests(RelaydTestCase):
+    """
+    At C{[logging] level = "info"} (the default) the accepted RCPT's debug
+    line is not made at all, not only filtered out by the observer (the
+    log-schema test shows it at debug, and a refused RCPT at info).
+    """
+
+    @defer.inlineCallbacks
+    def test_acceptedRecipientNotLogged(self):
+        replies = yield self.exchange("MAIL FROM:<a@example.org>", "RCPT TO:<b@example.org>")
+        self.assertEqual([code for code, _ in replies], [250, 250])
+        self.assertEqual([e for e in self.events if e.get("what") == "RCPT"], [])
+        self.assertEqual(len([e for e in self.events if e.get("what") == "MAIL"]), 1)
 
 
 @implementer(IRecipientPolicy)
