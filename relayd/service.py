@@ -434,6 +434,7 @@ def buildService(
         threads=config.spoolThreads,
         receiver=receiver is not None,
     )
+    spool.logDurable = config.logLevel == "debug"
     spool.setServiceParent(top)
     top.spool = spool
     if config.deliveryEnabled and receiver is None:

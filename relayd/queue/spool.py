@@ -479,6 +479,9 @@ class Spool(Service):
         # Each state's directory with its separator: a queue file's path is
         # one concatenation (os.path.join is Python code, several times
         # per delivered message).
+        # Whether each commit logs its debug line (the service turns it off
+        # below [logging] level debug: the line would be made to be dropped).
+        self.logDurable = True
         self._prefixes: dict[str, str] = {
             str(state): os.path.join(self.directory, state, "") for state in STATES
         }
@@ -843,11 +846,12 @@ class Spool(Service):
                 if self._freeBytes is not None:
                     self._freeBytes -= pending.incoming.size + len(pending.trailer)
                 # The receiving session's "queued" line follows at info.
-                self.log.debug(
-                    "{queue_id}: durable in incoming ({size} octets)",
-                    queue_id=pending.queueId,
-                    size=pending.incoming.size,
-                )
+                if self.logDurable:
+                    self.log.debug(
+                        "{queue_id}: durable in incoming ({size} octets)",
+                        queue_id=pending.queueId,
+                        size=pending.incoming.size,
+                    )
                 self._notifyQueued(pending.queueId, pending.record)
                 pending.deferred.callback(pending.queueId)
             else:

@@ -1160,6 +1160,25 @@ class QuietAtInfoTests(RelaydTestCase):
         self.assertEqual([e for e in self.events if e.get("what") == "RCPT"], [])
         self.assertEqual(len([e for e in self.events if e.get("what") == "MAIL"]), 1)
 
+    @defer.inlineCallbacks
+    def test_durableNotLogged(self):
+        """Nor is the spool's "durable in incoming" line; the "queued" one is."""
+
+        def dialogue():
+            c = self.connect()
+            c.command("EHLO client.test")
+            c.command("MAIL FROM:<a@example.org>")
+            c.command("RCPT TO:<b@example.org>")
+            c.command("DATA")
+            c.send(b"Subject: x\r\n\r\nhello\r\n.\r\n")
+            return c.reply()
+
+        code, _ = yield self.run_(dialogue)
+        self.assertEqual(code, 250)
+        formats = [e.get("log_format") or "" for e in self.events]
+        self.assertFalse([f for f in formats if "durable in incoming" in f])
+        self.assertTrue([f for f in formats if "queued from=" in f])
+
 
 @implementer(IRecipientPolicy)
 class AcceptLater:
