@@ -94,6 +94,15 @@ class RelaydTestCase(unittest.TestCase):
 
         return self.run_(dialogue)
 
+    def transaction(self, c, body: bytes):
+        """On client C{c}: EHLO, one message from a@ to b@example.org, and its reply."""
+        c.command("EHLO client.test")
+        assert c.command("MAIL FROM:<a@example.org>")[0] == 250
+        assert c.command("RCPT TO:<b@example.org>")[0] == 250
+        assert c.command("DATA")[0] == 354
+        c.send(body)
+        return c.reply()
+
     def assertReply(self, reply, code, enhanced):
         """C{reply}, a C{(code, lines)}, has this code and enhanced status code."""
         self.assertEqual((reply[0], reply[1][0][:5]), (code, enhanced))
@@ -307,14 +316,6 @@ class DataTests(RelaydTestCase):
     # At debug, so that the story below has every line (at info the
     # accepted RCPT line is not even made: QuietAtInfoTests).
     sections = {"limits": {"message_size": 20000}, "logging": {"level": "debug"}}
-
-    def transaction(self, c, body: bytes):
-        c.command("EHLO client.test")
-        assert c.command("MAIL FROM:<a@example.org>")[0] == 250
-        assert c.command("RCPT TO:<b@example.org>")[0] == 250
-        assert c.command("DATA")[0] == 354
-        c.send(body)
-        return c.reply()
 
     @defer.inlineCallbacks
     def test_messageAcceptedByteExact(self):
@@ -1163,17 +1164,9 @@ class QuietAtInfoTests(RelaydTestCase):
     @defer.inlineCallbacks
     def test_durableNotLogged(self):
         """Nor is the spool's "durable in incoming" line; the "queued" one is."""
-
-        def dialogue():
-            c = self.connect()
-            c.command("EHLO client.test")
-            c.command("MAIL FROM:<a@example.org>")
-            c.command("RCPT TO:<b@example.org>")
-            c.command("DATA")
-            c.send(b"Subject: x\r\n\r\nhello\r\n.\r\n")
-            return c.reply()
-
-        code, _ = yield self.run_(dialogue)
+        code, _ = yield self.run_(
+            lambda: self.transaction(self.connect(), b"Subject: x\r\n\r\nhello\r\n.\r\n")
+        )
         self.assertEqual(code, 250)
         formats = [e.get("log_format") or "" for e in self.events]
         self.assertFalse([f for f in formats if "durable in incoming" in f])
