@@ -608,9 +608,7 @@ def openData(path: str) -> IO[bytes]:
     """
     f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by the region)
     try:
-        fd = f.fileno()
-        length = os.fstat(fd).st_size
-        offset = _footerAt(_preadAll(fd, FOOTER_LENGTH, max(length - FOOTER_LENGTH, 0)), length)
+        offset = _footerAt(*_tail(f.fileno(), FOOTER_LENGTH))
     except BaseException:
         f.close()
         raise

@@ -476,12 +476,12 @@ class Spool(Service):
         self._threads = threads
         self._tmp = os.path.join(self.directory, "tmp")
         self._incoming = os.path.join(self.directory, "incoming")
-        # Each state's directory with its separator: a queue file's path is
-        # one concatenation (os.path.join is Python code, several times
-        # per delivered message).
         # Whether each commit logs its debug line (the service turns it off
         # below [logging] level debug: the line would be made to be dropped).
         self.logDurable = True
+        # Each state's directory with its separator: a queue file's path is
+        # one concatenation (os.path.join is Python code, several times
+        # per delivered message).
         self._prefixes: dict[str, str] = {
             str(state): os.path.join(self.directory, state, "") for state in STATES
         }

@@ -39,11 +39,9 @@ class WriteThroughServer(tcp.Server):
         if (
             type(data) is bytes
             and data
-            and not self.TLS
             and self.connected
             and not self._writeDisconnected
-            and not self._tempDataLen
-            and self.offset == len(self.dataBuffer)
+            and self.allSent()
         ):
             try:
                 sent = self.socket.send(data)
