@@ -19,6 +19,13 @@ always favour the same one):
     at a fixed offered load of half of Postfix's accept rate of step 1 in
     this round (L{bench.latency}), p50 and p99.
 
+Steps 1 and 2 also report the CPU time, user and system, that the SUT's
+processes (relayd's twistd and its children; Postfix's master and the
+daemons it runs) used from the start of smtp-source until the sink held
+every message, per message.  On a shared machine the rates move with what
+else runs; CPU per message moves much less, and it is what the rates on a
+saturated machine depend on.
+
 Then, in the full run, a fresh relayd takes a run of 20 000 messages while
 the VmRSS of its processes (the queue manager and its receivers, summed) is
 sampled: the RSS after the first 2 000 messages against over all of them
@@ -55,6 +62,7 @@ from bench.systems import (
     Relayd,
     Sink,
     descendants,
+    treeCpu,
     treeRss,
     which,
 )
@@ -73,6 +81,8 @@ METRICS = [
     ("e2e_d", "end to end, many msg/conn", "msg/s", True),
     ("latency_p50", "latency dot->250 p50", "ms", False),
     ("latency_p99", "latency dot->250 p99", "ms", False),
+    ("cpu", "CPU per message, 1 msg/conn", "ms/msg", False),
+    ("cpu_d", "CPU per message, many", "ms/msg", False),
 ]
 
 
@@ -184,17 +194,33 @@ class Bench:
                 f"{self.expected} expected (a duplicate or a late delivery)"
             )
 
-    def throughput(self, name: str, port: int, many: bool) -> tuple[float, float]:
+    def cpuRoot(self, name: str) -> int:
         """
-        Accept and end-to-end rates (msg/s) of one smtp-source run.
+        The process whose tree is SUT C{name}: twistd, or Postfix's master.
+        """
+        if name == "relayd":
+            return self.relayd.pid
+        master = self.postfix.masterPid()
+        if master is None:
+            raise BenchError("the private Postfix's master.pid is gone")
+        return master
+
+    def throughput(self, name: str, port: int, many: bool) -> tuple[float, float, float]:
+        """
+        Accept and end-to-end rates (msg/s) of one smtp-source run, and the
+        CPU the SUT's processes used for it, in milliseconds per message:
+        receiving and delivering, until the sink held every message.
         """
         what = f"{name}, {'many messages' if many else 'one message'} per connection"
         self.checkSink(what)
         messages = self.args.messages
+        root = self.cpuRoot(name)
+        cpu = treeCpu(root)
         start = time.monotonic()
         accepted = self.smtpSource(port, messages, many)
         endToEnd = self.delivered(what, messages, start)
-        return messages / accepted, messages / endToEnd
+        cpu = treeCpu(root) - cpu
+        return messages / accepted, messages / endToEnd, cpu * 1000 / messages
 
     def latency(self, name: str, port: int, rate: float) -> dict[str, Any]:
         what = f"{name}, latency at {rate:.0f} msg/s"
@@ -240,13 +266,15 @@ class Bench:
         figures: dict[str, dict[str, Any]] = {name: {} for name, _ in suts}
         for name, sut in suts:
             for many in (False, True):
-                accept, e2e = self.throughput(name, sut.port, many)
+                accept, e2e, cpu = self.throughput(name, sut.port, many)
                 suffix = "_d" if many else ""
                 figures[name]["accept" + suffix] = accept
                 figures[name]["e2e" + suffix] = e2e
+                figures[name]["cpu" + suffix] = cpu
                 say(
                     f"round {number}: {name:7} {'-d' if many else '  '} "
-                    f"accept {accept:7.1f} msg/s, end to end {e2e:7.1f} msg/s"
+                    f"accept {accept:7.1f} msg/s, end to end {e2e:7.1f} msg/s, "
+                    f"CPU {cpu:.2f} ms/msg"
                 )
         rate = figures["postfix"]["accept"] / 2
         for name, sut in suts:
@@ -447,19 +475,20 @@ def table(result: dict[str, Any]) -> str:
         ),
         "",
         (
-            f"{'metric':28} {'unit':5} {'round':>5} {'relayd':>9} {'postfix':>9} "
+            f"{'metric':28} {'unit':6} {'round':>5} {'relayd':>9} {'postfix':>9} "
             f"{'relayd/postfix':>15}"
         ),
     ]
     for key, label, unit, higher in METRICS:
+        digits = 2 if unit == "ms/msg" else 1
         for r in result["rounds"]:
             lines.append(
-                f"{label:28} {unit:5} {r['round']:>5} {r['relayd'][key]:9.1f} "
-                f"{r['postfix'][key]:9.1f} {r['ratio'].get(key, float('nan')):15.2f}"
+                f"{label:28} {unit:6} {r['round']:>5} {r['relayd'][key]:9.{digits}f} "
+                f"{r['postfix'][key]:9.{digits}f} {r['ratio'].get(key, float('nan')):15.2f}"
             )
         better = "higher" if higher else "lower"
         lines.append(
-            f"{'':28} {'':5} {'median':>5} {'':9} {'':9} "
+            f"{'':28} {'':6} {'median':>5} {'':9} {'':9} "
             f"{result['median_ratio'][key]:15.2f}  ({better} is better for relayd)"
         )
     lines.append("")

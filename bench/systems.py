@@ -137,6 +137,29 @@ def treeRss(pid: int) -> dict[str, int]:
     return total
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def treeCpu(pid: int) -> float:
+    """
+    CPU seconds, user and system, used so far by process C{pid} and its
+    descendants, with the children each of them has reaped (Postfix's
+    master restarts its smtpd and smtp processes after max_use): the
+    difference of two calls is the tree's CPU between them, a process that
+    exited meanwhile included once its parent reaped it.
+    """
+    total = 0
+    for one in [pid, *descendants(pid)]:
+        try:
+            text = Path(f"/proc/{one}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile: its parent's reaped children count it
+        # After "pid (comm) ": state is field 3, utime..cstime fields 14-17.
+        fields = text[text.rfind(")") + 2 :].split()
+        total += sum(int(ticks) for ticks in fields[11:15])
+    return total / CLOCK_TICKS
+
+
 def which(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
     if path is None:

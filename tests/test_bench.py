@@ -22,8 +22,10 @@ LABELS = [
     "end to end, many msg/conn",
     "latency dot->250 p50",
     "latency dot->250 p99",
+    "CPU per message, 1 msg/conn",
+    "CPU per message, many",
 ]
-KEYS = ["accept", "e2e", "accept_d", "e2e_d", "latency_p50", "latency_p99"]
+KEYS = ["accept", "e2e", "accept_d", "e2e_d", "latency_p50", "latency_p99", "cpu", "cpu_d"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the private Postfix instance needs root")
