@@ -58,6 +58,7 @@ from relayd.ops.logs import Logger
 from relayd.queue.record import openRegion
 from relayd.smtp.dsn import DSNParameters
 from relayd.smtp.wire import DotStuffer
+from relayd.timeouts import IdleTimer
 
 __all__ = [
     "CHUNK_SIZE",
@@ -284,7 +285,7 @@ class _MessageProducer:
             return
         transport = self._client.transport
         assert transport is not None
-        self._client._restartTimer()
+        self._client._idle.restart()
         if not ended:
             if len(chunk) < CHUNK_SIZE:
                 chunk += more
@@ -390,54 +391,8 @@ class SMTPClient(LineReceiver):
         self._serverClosing: Reply | None = None
         self._producer: _MessageProducer | None = None
         self._whenClosed: list[Deferred[None]] = []
-        self._timer: Any = None  # the one DelayedCall (see _setTimer)
-        self._deadline: float | None = None
-        self._period = 0.0
-
-    def _setTimer(self, seconds: float | None) -> None:
-        """
-        Wait at most C{seconds} for the peer (None: no limit).
-
-        A deadline, checked when the one timer fires, rather than
-        Twisted's C{TimeoutMixin}: that one cancels its timer when a reply
-        comes and makes a new one for the next command, a heap insertion
-        and a cancellation per reply.  Here a later deadline leaves the
-        timer alone (it fires, finds time left, and waits the rest), and
-        no limit leaves it to fire once for nothing.
-        """
-        if seconds is None:
-            self._deadline = None
-            return
-        self._period = seconds
-        self._deadline = deadline = self.clock.seconds() + seconds
-        timer = self._timer
-        if timer is None:
-            self._timer = self.clock.callLater(seconds, self._timerFired)
-        elif timer.getTime() > deadline:
-            timer.reset(seconds)
-
-    def _restartTimer(self) -> None:
-        """The peer made progress: the current wait starts over."""
-        if self._deadline is not None:
-            self._deadline = self.clock.seconds() + self._period
-
-    def _timerFired(self) -> None:
-        self._timer = None
-        if self._deadline is None:
-            return
-        left = self._deadline - self.clock.seconds()
-        if left > 0:
-            self._timer = self.clock.callLater(left, self._timerFired)
-            return
-        self._deadline = None
-        self.timeoutConnection()
-
-    def _stopTimer(self) -> None:
-        """No more waiting, and no timer left holding this client."""
-        self._deadline = None
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        # How long the peer may keep us waiting (L{relayd.timeouts}).
+        self._idle = IdleTimer(clock, self.timeoutConnection)
 
     # --- connection ------------------------------------------------------
 
@@ -527,7 +482,7 @@ class SMTPClient(LineReceiver):
         self._abort(reply)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._stopTimer()
+        self._idle.stop()
         self._connected = False
         self._broken = True
         if self._producer is not None:
@@ -662,9 +617,9 @@ class SMTPClient(LineReceiver):
         waiter = self._waiting.popleft()
         if self._waiting:
             self._stage = self._waiting[0].stage
-            self._setTimer(self._waiting[0].timeout)
+            self._idle.start(self._waiting[0].timeout)
         else:
-            self._setTimer(None)
+            self._idle.start(None)
         if self._serverClosing is not None:
             assert self.transport is not None
             self.transport.loseConnection()
@@ -677,7 +632,7 @@ class SMTPClient(LineReceiver):
         waiter = _Waiter(stage, timeout, Deferred())
         if not self._waiting:
             self._stage = stage
-            self._setTimer(timeout)
+            self._idle.start(timeout)
         self._waiting.append(waiter)
         return waiter.deferred
 
@@ -1222,7 +1177,7 @@ class SMTPClient(LineReceiver):
             self.timeouts.dataDone,
         )
         self._stage = "sending message body"
-        self._setTimer(self.timeouts.dataBlock)
+        self._idle.start(self.timeouts.dataBlock)
         producer = _MessageProducer(self, file)
         self._producer = producer
 
@@ -1244,7 +1199,7 @@ class SMTPClient(LineReceiver):
         self._producer = None
         if self._waiting:
             self._stage = self._waiting[0].stage
-        self._setTimer(self.timeouts.dataDone)
+        self._idle.start(self.timeouts.dataDone)
 
     def _readFailed(self, error: OSError) -> None:
         """The spool file could not be read mid-message: never end the data."""

@@ -65,7 +65,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory, IReactorTime
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
@@ -84,6 +83,7 @@ from relayd.smtp import extensions, passthrough, sasl
 from relayd.smtp.auth import Lockout
 from relayd.smtp.transport import allSent
 from relayd.smtp.wire import COMMAND_LINE, ChunkReader, DataReader
+from relayd.timeouts import IdleTimer
 from relayd.verdict import Action, Verdict
 
 if TYPE_CHECKING:
@@ -349,7 +349,7 @@ def _receivedName(helo: str) -> str:
 
 
 @implementer(IHandshakeListener)
-class SMTPServer(LineReceiver, TimeoutMixin):
+class SMTPServer(LineReceiver):
     """
     One SMTP session.  See the module docstring for the rules it keeps.
 
@@ -409,6 +409,8 @@ class SMTPServer(LineReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         f = self.factory
+        # The command, data and close timeouts (L{relayd.timeouts}).
+        self._idle = IdleTimer(f.clock, self.timeoutConnection)
         peer = self.transport.getPeer()
         self._client = getattr(peer, "host", "0.0.0.0")
         try:
@@ -455,7 +457,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         self._counted = self._tracked = True
         f.sessions.add(self)
-        self.setTimeout(f.config.timeoutCommand)
+        self._idle.start(f.config.timeoutCommand)
         self._hold()
         self._whenDecided(f.chain.walk("checkConnection", self.session), self._greet, done=_same)
 
@@ -492,7 +494,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         )
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.setTimeout(None)
+        self._idle.stop()
         self._stopDataDeadline()
         previous, self.state = self.state, "closed"
         if self._committing and self._relayed is not None and self._relayed.upstream.sending:
@@ -617,7 +619,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self.transport.loseConnection()
         self._transportPaused = False
         self.transport.resumeProducing()
-        self.setTimeout(self.factory.config.timeoutClose)
+        self._idle.start(self.factory.config.timeoutClose)
 
     # --- flow control ----------------------------------------------------
 
@@ -679,7 +681,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
                 self._goodbye()
                 return
             # Ready for the next command: its time starts now.
-            self.resetTimeout()
+            self._idle.restart()
             self.paused = False
             if self._transportPaused:
                 self._transportPaused = False
@@ -699,7 +701,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             self._transportPaused = True
             self.transport.pauseProducing()
         if self.state == "data" and data:
-            self.resetTimeout()
+            self._idle.restart()
         LineReceiver.dataReceived(self, data)
 
     # --- replies ---------------------------------------------------------
@@ -789,7 +791,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
     def lineReceived(self, raw: bytes) -> None:
         if self.state == "closed":
             return
-        self.resetTimeout()
+        self._idle.restart()
         if not raw.endswith(b"\r"):
             self.fail(500, "5.5.2", "Error: bare LF received; lines must end with CRLF")
             return
@@ -1409,11 +1411,11 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         # reply to the final dot, RFC 5321 section 4.5.3.2.6, which the
         # client waits too): relayd's command timeout must not cut the
         # session first, while the next hop may be taking the message.
-        self.setTimeout(None)
+        self._idle.start(None)
 
         def answered(reply: UpstreamReply) -> None:
             if self.state != "closed":
-                self.setTimeout(f.config.timeoutCommand)
+                self._idle.start(f.config.timeoutCommand)
             incoming.discard()
             self._logRelayed(envelope, relayed, reply, f.clock.seconds() - started)
             if reply.code // 100 == 2:
@@ -1511,7 +1513,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
             return
         self.state = "data"
         self._reader = DataReader(self._incoming.write, f.config.messageSize)
-        self.setTimeout(f.config.timeoutData)
+        self._idle.start(f.config.timeoutData)
         self._dataStarted = f.clock.seconds()
         self._dataOctets = 0
         self._dataTimer = f.clock.callLater(f.config.dataDeadline, self._dataDeadline)
@@ -1641,7 +1643,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._chunkLeft = size
         self._chunkDone = done
         self._chunkFeed = feed
-        self.setTimeout(f.config.timeoutData)
+        self._idle.start(f.config.timeoutData)
         self.setRawMode()
 
     def _chunkReceived(self, data: bytes) -> None:
@@ -1656,7 +1658,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         done, self._chunkDone, self._chunkFeed = self._chunkDone, None, None
         assert done is not None
         self.state = "command"
-        self.setTimeout(self.factory.config.timeoutCommand)
+        self._idle.start(self.factory.config.timeoutCommand)
         self._hold()
         self.setLineMode(rest)
         self._chunkEnded(done)
@@ -1717,7 +1719,7 @@ class SMTPServer(LineReceiver, TimeoutMixin):
         self._stopDataDeadline()
         self._hold()
         self.state = "command"
-        self.setTimeout(self.factory.config.timeoutCommand)
+        self._idle.start(self.factory.config.timeoutCommand)
         self.setLineMode(rest)
         self._endOfData()
 

@@ -8,9 +8,11 @@ test_delivery.py.
 import io
 import random
 
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from relayd.delivery.client import CHUNK_SIZE, DotStuffer, Reply, _extensions, _MessageProducer
+from relayd.timeouts import IdleTimer
 
 
 def reference(message: bytes) -> bytes:
@@ -240,9 +242,7 @@ class _Client:
     def __init__(self) -> None:
         self.transport = _RecordingTransport()
         self.sent = False
-
-    def _restartTimer(self) -> None:
-        pass
+        self._idle = IdleTimer(Clock(), lambda: None)
 
     def _dataSent(self) -> None:
         self.sent = True
@@ -285,77 +285,3 @@ class MessageProducerTests(unittest.TestCase):
         """Empty, exactly one chunk, a dot line at the very end."""
         for message in (b"", b"z" * CHUNK_SIZE, b"a\r\n.\r\n", b"a\r\n."):
             self.produce(message)
-
-
-class DeadlineTests(unittest.TestCase):
-    """
-    The client's wait for its peer: one timer and a deadline, so a reply
-    neither cancels a timer nor makes a new one (L{SMTPClient._setTimer}).
-    """
-
-    def client(self):
-        from twisted.internet.task import Clock
-
-        from relayd.delivery.client import ClientTimeouts, SMTPClient
-        from relayd.delivery.routing import Hop
-
-        self.clock = Clock()
-        client = SMTPClient(
-            Hop("mx.example", "192.0.2.1", 25, "none"), "relay.test", ClientTimeouts(), self.clock
-        )
-        self.timedOut = []
-        client.timeoutConnection = lambda: self.timedOut.append(self.clock.seconds())
-        return client
-
-    def test_laterDeadlineKeepsTheTimer(self):
-        """A longer wait keeps the timer; it fires, finds time left, and waits the rest."""
-        client = self.client()
-        client._setTimer(10)
-        [timer] = self.clock.getDelayedCalls()
-        self.clock.advance(5)
-        client._setTimer(10)  # now due at 15
-        self.assertEqual(self.clock.getDelayedCalls(), [timer])
-        self.clock.advance(5)
-        self.assertEqual(self.timedOut, [])
-        self.clock.advance(4.9)
-        self.assertEqual(self.timedOut, [])
-        self.clock.advance(0.1)
-        self.assertEqual(self.timedOut, [15])
-
-    def test_earlierDeadlineMovesTheTimer(self):
-        client = self.client()
-        client._setTimer(300)
-        client._setTimer(2)
-        self.clock.advance(2)
-        self.assertEqual(self.timedOut, [2])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_noLimit(self):
-        """No limit: the timer fires once for nothing; a new wait starts afresh."""
-        client = self.client()
-        client._setTimer(3)
-        client._setTimer(None)
-        self.clock.advance(3)
-        self.assertEqual((self.timedOut, self.clock.getDelayedCalls()), ([], []))
-        client._setTimer(1)
-        self.clock.advance(1)
-        self.assertEqual(self.timedOut, [4])
-
-    def test_progressRestartsTheWait(self):
-        client = self.client()
-        client._setTimer(10)
-        self.clock.advance(8)
-        client._restartTimer()
-        self.clock.advance(9)
-        self.assertEqual(self.timedOut, [])
-        self.clock.advance(1)
-        self.assertEqual(self.timedOut, [18])
-
-    def test_stopLeavesNoTimer(self):
-        """Once the connection is gone, no timer holds the client."""
-        client = self.client()
-        client._setTimer(10)
-        client._stopTimer()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.clock.advance(20)
-        self.assertEqual(self.timedOut, [])

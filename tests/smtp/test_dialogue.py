@@ -124,7 +124,6 @@ class DialogueTestCase(unittest.TestCase):
         )
         self.transport = Transport()
         self.server: SMTPServer = self.factory.buildProtocol(None)
-        self.server.callLater = self.clock.callLater  # TimeoutMixin's timers
         self.server.makeConnection(self.transport)
         self.greeting = self.read()
 
@@ -541,7 +540,6 @@ class LimitTests(DialogueTestCase):
         self.factory.limits.perClient = 1
         transport = Transport()
         second = self.factory.buildProtocol(None)
-        second.callLater = self.clock.callLater
         second.makeConnection(transport)
         self.assertEqual(
             transport.value(),
