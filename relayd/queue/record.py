@@ -31,8 +31,8 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import IO, Any
+from dataclasses import dataclass, field, fields
+from typing import IO, Any, TypeVar
 
 __all__ = [
     "VERSION",
@@ -45,6 +45,7 @@ __all__ = [
     "RecipientRecord",
     "QueueRecord",
     "CorruptRecord",
+    "evolve",
     "FOOTER_LENGTH",
     "encodeTrailer",
     "readRecord",
@@ -123,14 +124,17 @@ _REQUIRED: Any = object()
 
 def _get(data: dict[str, Any], key: str, kinds: Any, default: Any = _REQUIRED) -> Any:
     """
-    C{data[key]}, checked to be of C{kinds}; C{default} when it is absent
-    or null, if there is one.
+    C{data[key]}, checked to be of C{kinds} (a type or a tuple of types);
+    C{default} when it is absent or null, if there is one.
     """
     value = data.get(key)
     if value is None:
         if default is _REQUIRED:
             raise _fail(f"missing {key!r}")
         return default
+    kind = type(value)
+    if kind is kinds or (kinds.__class__ is tuple and kind in kinds):
+        return value  # what json.loads makes: exactly one of the types
     allowed = kinds if isinstance(kinds, tuple) else (kinds,)
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
         raise _fail(f"{key!r} has the wrong type: {value!r}")
@@ -150,6 +154,34 @@ def _enum(
         return kind(value)
     except ValueError:
         raise _fail(f"{key!r} is not one of {[m.value for m in kind]}: {value!r}") from None
+
+
+_Record = TypeVar("_Record", "RecipientRecord", "QueueRecord")
+_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def evolve(record: _Record, **changes: Any) -> _Record:
+    """
+    C{dataclasses.replace(record, **changes)} for the two records of this
+    module, made without their C{__init__}: a frozen dataclass's sets
+    every field through C{object.__setattr__}, and C{replace} reads every
+    unchanged one by name first, which made it most of the queue
+    manager's work for a delivered message.  The records validate nothing
+    on creation (no C{__post_init__}), so the copy is the same record.
+
+    @raise TypeError: for a name that is not a field, as C{replace} does.
+    """
+    cls = type(record)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = frozenset(f.name for f in fields(cls))
+    if not names.issuperset(changes):
+        raise TypeError(f"{cls.__name__} has no field {sorted(set(changes) - names)}")
+    copy = object.__new__(cls)
+    state = copy.__dict__
+    state.update(record.__dict__)
+    state.update(changes)
+    return copy
 
 
 @dataclass(frozen=True)
@@ -252,7 +284,7 @@ class QueueRecord:
     """
     The envelope of a queued message: how it arrived and where its
     delivery stands.  Immutable: the scheduler makes a new one with
-    L{dataclasses.replace} after each attempt and hands it to
+    L{evolve} after each attempt and hands it to
     L{relayd.queue.spool.Spool.update}.
 
     @ivar queueId: the message's queue id.
@@ -467,7 +499,7 @@ class QueueRecord:
 
     def withRecipients(self, recipients: Iterable[RecipientRecord]) -> QueueRecord:
         """A copy with C{recipients} instead."""
-        return replace(self, recipients=tuple(recipients))
+        return evolve(self, recipients=tuple(recipients))
 
 
 def _ret(data: dict[str, Any]) -> str | None:

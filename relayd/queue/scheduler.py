@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import heapq
 import random as randomModule
-from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -50,7 +49,7 @@ from relayd.delivery.routing import RoutingError
 from relayd.interfaces import IDeliverer, IQueue, IRouter
 from relayd.ops.logs import Logger
 from relayd.ops.metrics import NO_METRICS, NoMetrics
-from relayd.queue.record import QueueRecord, QueueState, RecipientRecord, RecipientState
+from relayd.queue.record import QueueRecord, QueueState, RecipientRecord, RecipientState, evolve
 from relayd.queue.spool import arrivalFromQueueId
 from relayd.queue.suspend import Suspensions, SuspensionsError, readSuspended
 from relayd.reply import Reply
@@ -682,7 +681,7 @@ class Scheduler(Service):
                 # Nothing attempted: no attempt counted, looked at again
                 # after the first retry interval (or at once on resume).
                 now = self.clock.seconds()
-                return replace(record, nextAttempt=now + self.retryInitial)
+                return evolve(record, nextAttempt=now + self.retryInitial)
 
         groups: dict[str, tuple[Any, list[str]]] = {}
         policies: dict[str, Any] = {}
@@ -761,7 +760,7 @@ class Scheduler(Service):
             else:
                 result, attempt = outcome
             expiring = result.status == "deferred" and expired
-            r = recipients[index] = replace(
+            r = recipients[index] = evolve(
                 r,
                 lastReply=f"{result.code} {result.enhanced} {result.text}".strip(),
                 status=result.enhanced,
@@ -787,7 +786,7 @@ class Scheduler(Service):
                 # RFC 3461 section 6.2.3: a next hop without DSN took it,
                 # so relayd reports "relayed" itself.
                 relayed.append(index)
-        record = replace(record, attempts=record.attempts + 1, recipients=tuple(recipients))
+        record = evolve(record, attempts=record.attempts + 1, recipients=tuple(recipients))
 
         if relayed:
             try:
@@ -813,7 +812,7 @@ class Scheduler(Service):
                 # Never final without a durable DSN: they stay queued, and
                 # the next attempt bounces them again.
                 for i in newlyFailed:
-                    recipients[i] = replace(
+                    recipients[i] = evolve(
                         recipients[i], state=RecipientState.DEFERRED, expired=False
                     )
                 record = record.withRecipients(recipients)
@@ -842,11 +841,11 @@ class Scheduler(Service):
                     error=e,
                 )
             else:
-                record = replace(record, delayWarned=True)
+                record = evolve(record, delayWarned=True)
         if stillWaiting:
             when = now + backoff(record.attempts, self.retryInitial, self.retryMax, self.random)
             when = min(when, record.arrival + self.lifetime) if not expired else when
-            record = replace(record, nextAttempt=when)
+            record = evolve(record, nextAttempt=when)
         return record
 
     @inlineCallbacks
@@ -1203,7 +1202,7 @@ class Scheduler(Service):
         for index, r in enumerate(recipients):
             if r.state.final:
                 continue
-            recipients[index] = replace(
+            recipients[index] = evolve(
                 r,
                 state=RecipientState.FAILED,
                 status=ADMIN_BOUNCE.enhanced,

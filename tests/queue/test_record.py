@@ -19,6 +19,7 @@ from relayd.queue.record import (
     RecipientRecord,
     RecipientState,
     encodeTrailer,
+    evolve,
     openData,
     openRegion,
     readData,
@@ -115,6 +116,46 @@ def test_frozen() -> None:
         r.recipients[0].state = RecipientState.DELIVERED  # type: ignore[misc]
 
 
+# A value unlike record()'s for each field type (as the module spells it).
+OTHER_VALUES = {
+    "str": "other",
+    "int": 7,
+    "float": 9.5,
+    "bool": True,
+    "str | None": "set",
+    "float | None": 3.25,
+    "tuple[str, ...] | None": ("SUCCESS",),
+    "RecipientState": RecipientState.DEFERRED,
+    "BodyType": BodyType.SEVEN_BIT,
+}
+
+
+@pytest.mark.parametrize("cls", [QueueRecord, RecipientRecord])
+def test_evolve(cls) -> None:
+    """
+    L{evolve} makes what C{dataclasses.replace} makes, field by field,
+    leaves the original alone, and refuses a name that is not a field.
+    """
+    original = record() if cls is QueueRecord else record().recipients[0]
+    for f in dataclasses.fields(cls):
+        if f.name == "recipients":
+            value = (RecipientRecord("c@example.com"),)
+        else:
+            value = OTHER_VALUES[f.type]
+        assert getattr(original, f.name) != value, f.name
+        made = evolve(original, **{f.name: value})
+        assert made == dataclasses.replace(original, **{f.name: value}), f.name
+        assert getattr(made, f.name) == value
+        assert made.__dict__ == {**original.__dict__, f.name: value}
+        assert type(made) is cls
+    assert evolve(original) == original
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evolve(original).attempts = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        evolve(original, nextattempt=1.0)
+    assert original == (record() if cls is QueueRecord else record().recipients[0])
+
+
 def test_finalStates() -> None:
     """Delivered and failed are final; pending and deferred wait."""
     assert [s for s in RecipientState if s.final] == [
@@ -197,6 +238,12 @@ def test_readsVersion1() -> None:
         lambda d: d["recipients"][0].pop("address"),
         lambda d: d["recipients"][0].update(attempts=1.5),
         lambda d: d.update(delay_warned="yes"),
+        lambda d: d.update(delay_warned=1),
+        lambda d: d.update(arrival=True),
+        lambda d: d.update(attempts=1.0),
+        lambda d: d.update(client=5),
+        lambda d: d["recipients"][0].update(attempts=True),
+        lambda d: d["recipients"][0].update(last_attempt=False),
     ],
 )
 def test_corrupt(change) -> None:
