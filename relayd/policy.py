@@ -428,7 +428,9 @@ class PolicyChain:
         index = start
         while index < len(policies):
             answer = self._answer(policies[index], method, args)
-            if isinstance(answer, Deferred):
+            # Not isinstance(answer, Deferred): Deferred's ABCMeta makes
+            # that check two calls dearer, on every policy of every command.
+            if not isinstance(answer, Verdict):
                 result: Deferred[Verdict] = Deferred()
                 answer.addCallback(self._later, phase, index, method, args, result)
                 return result
@@ -460,10 +462,10 @@ class PolicyChain:
             result.callback(self._decided(_PHASE_NAMES[method], policy, verdict))
             return
         rest = self._walk(phase, method, args, index + 1)
-        if isinstance(rest, Deferred):
-            rest.chainDeferred(result)
-        else:
+        if isinstance(rest, Verdict):
             result.callback(rest)
+        else:
+            rest.chainDeferred(result)
 
     def _answer(
         self, policy: Any, method: str, args: tuple[Any, ...]
