@@ -59,6 +59,11 @@ __all__ = ["Scheduler", "backoff"]
 
 log = Logger(namespace="relayd.qmgr")
 
+_COMMITTED_KEPT = 10000
+"""At most this many envelopes of this process's own commits are kept for
+their first attempt (L{Scheduler._committed}); past it, a burst's messages
+are read back from disk like a receiver's."""
+
 
 def backoff(attempts: int, initial: float, maximum: float, rng: randomModule.Random) -> float:
     """
@@ -152,6 +157,10 @@ class Scheduler(Service):
         self._ready: Deferred[None] | None = None
         # Envelopes newer than their copy on disk: outcomes not yet durable.
         self._unrecorded: dict[str, QueueRecord] = {}
+        # Envelopes this process committed to incoming/ and has not yet
+        # attempted: the first attempt takes them instead of reading the
+        # file back (a receiver process's messages are read as before).
+        self._committed: dict[str, QueueRecord] = {}
         # Spool failures in a row, per message: how far the next try backs off.
         self._troubles: dict[str, int] = {}
         # Taken out of the schedule by an operator (withdraw) and not yet back.
@@ -288,6 +297,8 @@ class Scheduler(Service):
 
     def _queued(self, queueId: str, record: QueueRecord | None) -> None:
         """The spool committed a new message: attempt it now."""
+        if record is not None and len(self._committed) < _COMMITTED_KEPT:
+            self._committed[queueId] = record
         self._schedule(queueId, "incoming", self.clock.seconds())
         self._kick()
 
@@ -307,6 +318,7 @@ class Scheduler(Service):
         self._state.pop(queueId, None)
         self._when.pop(queueId, None)
         self._unrecorded.pop(queueId, None)
+        self._committed.pop(queueId, None)
         self._troubles.pop(queueId, None)
 
     def _touch(self, queueId: str) -> None:
@@ -433,7 +445,7 @@ class Scheduler(Service):
                 when = self._when.get(queueId, now)
                 self._schedule(queueId, state, float("inf") if state == "hold" else when)
         # Forget what is kept in memory about messages that are gone.
-        for queueId in list(self._unrecorded) + list(self._troubles):
+        for queueId in list(self._unrecorded) + list(self._troubles) + list(self._committed):
             if queueId not in found and queueId not in touched and queueId not in self._state:
                 self._forget(queueId)
         self._withdrawn -= {q for q in self._withdrawn if q not in found and q not in touched}
@@ -502,6 +514,8 @@ class Scheduler(Service):
         # Until it is rescheduled, the sweep leaves it alone too.
         self._withdrawn.add(queueId)
         self._touch(queueId)
+        # The operator may change its files: read them when it comes back.
+        self._committed.pop(queueId, None)
         if queueId not in self._state:
             return None
         return self._state.pop(queueId), self._when.pop(queueId, float("inf"))
@@ -557,8 +571,12 @@ class Scheduler(Service):
         """
         state = self._state[queueId]
         self._when.pop(queueId, None)
-        # Outcomes that could not be written are newer than the disk's copy.
+        # Outcomes that could not be written are newer than the disk's copy;
+        # a message committed here and untouched since is what was written.
         record = self._unrecorded.get(queueId)
+        committed = self._committed.pop(queueId, None)
+        if record is None and state == "incoming":
+            record = committed
         if record is None:
             try:
                 record = yield self.spool.read(queueId, state)

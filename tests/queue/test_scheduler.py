@@ -533,6 +533,110 @@ class SpoolTroubleTests(SpoolTroubleCase):
         self.assertIn("not in the schedule", formatEvent(warning))
 
 
+class OwnCommitTests(SpoolTroubleCase):
+    """
+    A message this process committed is attempted with the envelope it
+    committed, not read back from its queue file; a receiver process's, or
+    one an operator withdrew meanwhile, is read from disk.
+    """
+
+    def spyOnReads(self):
+        reads = []
+        read = self.spool.read
+
+        def spy(queueId, state):
+            reads.append((queueId, state))
+            return read(queueId, state)
+
+        self.spool.read = spy
+        return reads
+
+    @defer.inlineCallbacks
+    def test_ownCommitNotReadBack(self):
+        yield self.start()
+        reads = self.spyOnReads()
+        yield self.submit(recipients=("b@example.org", "c@example.net"))
+        yield self.settle()
+        self.assertEqual(reads, [])
+        self.assertEqual(
+            sorted(self.deliverer.calls),
+            [
+                ("mx:example.net", "a@example.org", ["c@example.net"]),
+                ("mx:example.org", "a@example.org", ["b@example.org"]),
+            ],
+        )
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+        self.assertEqual(self.scheduler._committed, {})
+
+    @defer.inlineCallbacks
+    def test_retryReadsFromDisk(self):
+        """Only the first attempt takes the committed envelope."""
+        self.deliverer.script["b@example.org"] = ["deferred", "delivered"]
+        yield self.start()
+        reads = self.spyOnReads()
+        queueId = yield self.submit()
+        yield self.settle()
+        self.assertEqual((reads, self.spool.entries("deferred")), ([], [queueId]))
+        self.clock.advance(331)
+        yield self.settle()
+        self.assertEqual(reads, [(queueId, "deferred")])
+        self.assertEqual(len(self.deliverer.calls), 2)
+        self.assertEqual(self.queued(), {"incoming": [], "active": [], "deferred": []})
+
+    @defer.inlineCallbacks
+    def test_receiversMessageRead(self):
+        """A message another process committed (announced) is read from disk."""
+        yield self.start()
+        reads = self.spyOnReads()
+        queueId = self.spool.newQueueId()
+        record = envelopeRecord(
+            queueId=queueId,
+            sender="r@example.org",
+            recipients=["b@example.org"],
+            arrival=self.clock.seconds(),
+            size=8,
+            body="7BIT",
+            client="127.0.0.1",
+            helo="h",
+            user=None,
+            listener="relay",
+        )
+        with open(os.path.join(self.directory, "incoming", queueId), "wb") as f:
+            f.write(b"\r\nbody\r\n" + encodeTrailer(record, 8))
+        self.spool.announce(queueId)
+        yield self.settle()
+        self.assertEqual(reads, [(queueId, "incoming")])
+        self.assertEqual(
+            self.deliverer.calls, [("mx:example.org", "r@example.org", ["b@example.org"])]
+        )
+
+    @defer.inlineCallbacks
+    def test_withdrawnReadFromDisk(self):
+        """
+        An operator withdrew the message before its first attempt (to move
+        or change its files): when it is back, its envelope comes from disk.
+        """
+        yield self.start(concurrency=1)
+        self.deliverer.hold = True
+        yield self.submit(recipients=("first@example.org",))
+        yield self.settle()
+        reads = self.spyOnReads()
+        queueId = yield self.submit(recipients=("second@example.org",))
+        self.assertIn(queueId, self.scheduler._committed)
+        self.assertEqual(self.scheduler.withdraw(queueId)[0], "incoming")
+        self.assertEqual(self.scheduler._committed, {})
+        self.scheduler.reschedule(queueId, "incoming")
+        self.deliverer.hold = False
+        held, result = self.deliverer.held.pop()
+        held.callback(result)
+        yield self.settle()
+        self.assertEqual(reads, [(queueId, "incoming")])
+        self.assertEqual(
+            [recipients for _, _, recipients in self.deliverer.calls],
+            [["first@example.org"], ["second@example.org"]],
+        )
+
+
 class FullSpoolTests(SpoolTroubleCase):
     """The scheduler's spool on a tiny tmpfs that the test fills up."""
 
