@@ -135,19 +135,23 @@ class SchedulerTestCase(unittest.TestCase):
         return self.scheduler.whenIndexed()
 
     def submit(self, sender="a@example.org", recipients=("b@example.org",)):
-        record = envelopeRecord(
-            queueId="",
+        record = self.envelope("", sender, recipients, 40)
+        return self.spool.submit(record, b"Subject: test\r\nFrom: a@example.org\r\n\r\nbody\r\n")
+
+    def envelope(self, queueId, sender, recipients, size):
+        """The envelope of a test message that arrives now."""
+        return envelopeRecord(
+            queueId=queueId,
             sender=sender,
             recipients=list(recipients),
             arrival=self.clock.seconds(),
-            size=40,
+            size=size,
             body="7BIT",
             client="127.0.0.1",
             helo="h",
             user=None,
             listener="relay",
         )
-        return self.spool.submit(record, b"Subject: test\r\nFrom: a@example.org\r\n\r\nbody\r\n")
 
     @defer.inlineCallbacks
     def settle(self):
@@ -426,6 +430,18 @@ class SpoolTroubleCase(SchedulerTestCase):
     def count(self, name, **labels):
         return self.metrics.registry.get_sample_value(name, labels) or 0
 
+    def placeByHand(self, sender):
+        """
+        Write a queue file for C{sender} to b@example.org into incoming/
+        behind the spool's back (as a restore, or another process, would);
+        its queue id.
+        """
+        queueId = self.spool.newQueueId()
+        record = self.envelope(queueId, sender, ["b@example.org"], 8)
+        with open(os.path.join(self.directory, "incoming", queueId), "wb") as f:
+            f.write(b"\r\nbody\r\n" + encodeTrailer(record, 8))
+        return queueId
+
 
 class SpoolTroubleTests(SpoolTroubleCase):
     @defer.inlineCallbacks
@@ -500,21 +516,7 @@ class SpoolTroubleTests(SpoolTroubleCase):
         the sweep's directory listing, counted as stuck, logged and sent.
         """
         yield self.start(metrics=self.metrics, sweepInterval=60)
-        queueId = self.spool.newQueueId()
-        record = envelopeRecord(
-            queueId=queueId,
-            sender="a@example.org",
-            recipients=["b@example.org"],
-            arrival=self.clock.seconds(),
-            size=8,
-            body="7BIT",
-            client="127.0.0.1",
-            helo="h",
-            user=None,
-            listener="relay",
-        )
-        with open(os.path.join(self.directory, "incoming", queueId), "wb") as f:
-            f.write(b"\r\nbody\r\n" + encodeTrailer(record, 8))
+        queueId = self.placeByHand("a@example.org")
         self.clock.advance(30)
         yield self.settle()
         self.assertEqual(self.deliverer.calls, [])
@@ -588,21 +590,7 @@ class OwnCommitTests(SpoolTroubleCase):
         """A message another process committed (announced) is read from disk."""
         yield self.start()
         reads = self.spyOnReads()
-        queueId = self.spool.newQueueId()
-        record = envelopeRecord(
-            queueId=queueId,
-            sender="r@example.org",
-            recipients=["b@example.org"],
-            arrival=self.clock.seconds(),
-            size=8,
-            body="7BIT",
-            client="127.0.0.1",
-            helo="h",
-            user=None,
-            listener="relay",
-        )
-        with open(os.path.join(self.directory, "incoming", queueId), "wb") as f:
-            f.write(b"\r\nbody\r\n" + encodeTrailer(record, 8))
+        queueId = self.placeByHand("r@example.org")
         self.spool.announce(queueId)
         yield self.settle()
         self.assertEqual(reads, [(queueId, "incoming")])
