@@ -165,9 +165,10 @@ def evolve(record: _Record, **changes: Any) -> _Record:
     C{dataclasses.replace(record, **changes)} for the two records of this
     module, made without their C{__init__}: a frozen dataclass's sets
     every field through C{object.__setattr__}, and C{replace} reads every
-    unchanged one by name first, which made it most of the queue
-    manager's work for a delivered message.  The records validate nothing
-    on creation (no C{__post_init__}), so the copy is the same record.
+    unchanged one by name first: about 35 calls for each of the two
+    copies the queue manager makes for a delivered message.  The records
+    validate nothing on creation (no C{__post_init__}), so the copy is the
+    same record.
 
     @raise TypeError: for a name that is not a field, as C{replace} does.
     """
