@@ -22,9 +22,10 @@ always favour the same one):
 Steps 1 and 2 also report the CPU time, user and system, that the SUT's
 processes (relayd's twistd and its children; Postfix's master and the
 daemons it runs) used from the start of smtp-source until the sink held
-every message, per message.  On a shared machine the rates move with what
-else runs; CPU per message moves much less, and it is what the rates on a
-saturated machine depend on.
+every message, per message: the work each does for a message, which the
+rates of a saturated machine depend on.  It moves with the machine too (on
+a shared 2-core VM, Postfix's from 2.5 to 4.4 ms a message between runs of
+one evening), so it is a ratio per round like the rates.
 
 Then, in the full run, a fresh relayd takes a run of 20 000 messages while
 the VmRSS of its processes (the queue manager and its receivers, summed) is
