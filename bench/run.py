@@ -195,18 +195,9 @@ class Bench:
                 f"{self.expected} expected (a duplicate or a late delivery)"
             )
 
-    def cpuRoot(self, name: str) -> int:
-        """
-        The process whose tree is SUT C{name}: twistd, or Postfix's master.
-        """
-        if name == "relayd":
-            return self.relayd.pid
-        master = self.postfix.masterPid()
-        if master is None:
-            raise BenchError("the private Postfix's master.pid is gone")
-        return master
-
-    def throughput(self, name: str, port: int, many: bool) -> tuple[float, float, float]:
+    def throughput(
+        self, name: str, sut: Relayd | PrivatePostfix, many: bool
+    ) -> tuple[float, float, float]:
         """
         Accept and end-to-end rates (msg/s) of one smtp-source run, and the
         CPU the SUT's processes used for it, in milliseconds per message:
@@ -215,10 +206,10 @@ class Bench:
         what = f"{name}, {'many messages' if many else 'one message'} per connection"
         self.checkSink(what)
         messages = self.args.messages
-        root = self.cpuRoot(name)
+        root = sut.rootPid()
         cpu = treeCpu(root)
         start = time.monotonic()
-        accepted = self.smtpSource(port, messages, many)
+        accepted = self.smtpSource(sut.port, messages, many)
         endToEnd = self.delivered(what, messages, start)
         cpu = treeCpu(root) - cpu
         return messages / accepted, messages / endToEnd, cpu * 1000 / messages
@@ -267,7 +258,7 @@ class Bench:
         figures: dict[str, dict[str, Any]] = {name: {} for name, _ in suts}
         for name, sut in suts:
             for many in (False, True):
-                accept, e2e, cpu = self.throughput(name, sut.port, many)
+                accept, e2e, cpu = self.throughput(name, sut, many)
                 suffix = "_d" if many else ""
                 figures[name]["accept" + suffix] = accept
                 figures[name]["e2e" + suffix] = e2e

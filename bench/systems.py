@@ -330,6 +330,10 @@ tls = "none"
         assert self._process is not None
         return self._process.pid
 
+    def rootPid(self) -> int:
+        """twistd: the process whose tree is this relayd (L{treeCpu})."""
+        return self.pid
+
     def start(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         self.configPath.write_text(self.config())
@@ -496,6 +500,13 @@ biff = no
             return int((self.queue / "pid" / "master.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
+
+    def rootPid(self) -> int:
+        """The master: the process whose tree is this Postfix (L{treeCpu})."""
+        master = self.masterPid()
+        if master is None:
+            raise BenchError("the private Postfix's master.pid is gone")
+        return master
 
     def stop(self) -> None:
         if not self._started:
