@@ -458,6 +458,11 @@ def startChild(label: str, configPath: str) -> Any:
     return config
 
 
+def reactorName(reactor: Any) -> str:
+    """The reactor's class, as twistd logs its own: C{relayd.reactor.EPollReactor}."""
+    return f"{type(reactor).__module__}.{type(reactor).__qualname__}"
+
+
 def openLifeline(reactor: Any, protocol: Any) -> Any:
     """
     C{protocol} on the child's standard input (from the queue manager; end
@@ -499,6 +504,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listener", action="append", default=[])
     args = parser.parse_args(argv)
 
+    from relayd.reactor import install
+
+    install()
     from twisted.internet import reactor
 
     from relayd.service import buildService
@@ -533,7 +541,12 @@ def main(argv: list[str] | None = None) -> None:
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    log.info("{label} receiving (pid {pid})", label=label, pid=os.getpid())
+    log.info(
+        "{label} receiving (pid {pid}, reactor {reactor})",
+        label=label,
+        pid=os.getpid(),
+        reactor=reactorName(reactor),
+    )
     notices.write(b"ready\n")
     reactor.run()
 

@@ -73,7 +73,13 @@ def makeService(options: Options) -> RelaydService:
     """
     Read the config and build the service tree.  A bad config ends the
     process here with one line on stderr and exit status 1, no traceback.
+
+    twistd has not installed a reactor yet unless C{--reactor} chose one:
+    relayd's is installed first (L{relayd.reactor.install}).
     """
+    from relayd.reactor import install
+
+    install()
     from twisted.internet import reactor
 
     from relayd.configfile import ConfigNotFound, configPath

@@ -463,9 +463,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args(argv)
 
+    from relayd.reactor import install
+
+    install()
     from twisted.internet import reactor
 
-    from relayd.receivers import openLifeline, pushMetrics, startChild
+    from relayd.receivers import openLifeline, pushMetrics, reactorName, startChild
     from relayd.service import freezeStartupHeap, makeDeliverer, reloadDeliverer
 
     label = f"delivery-{args.index}"
@@ -512,7 +515,12 @@ def main(argv: list[str] | None = None) -> None:
         reactor.callFromThread(reload)  # type: ignore[attr-defined]
 
     signal.signal(signal.SIGHUP, hup)
-    log.info("{label} delivering (pid {pid})", label=label, pid=os.getpid())
+    log.info(
+        "{label} delivering (pid {pid}, reactor {reactor})",
+        label=label,
+        pid=os.getpid(),
+        reactor=reactorName(reactor),
+    )
     notices.write(b"ready\n")
     reactor.callWhenRunning(freezeStartupHeap)
     reactor.run()

@@ -192,6 +192,11 @@ def test_deliveryProcessesDeliverAndFollowSignals(tmp_path, sink, relaydProcesse
     parent = relayd.process.pid
     waitAllReady(relayd)
     assert len(deliveryPids(parent)) == 2
+    # Every process runs on relayd's reactor (relayd.reactor).
+    text = relayd.log(10**7)
+    assert "reactor class: relayd.reactor.EPollReactor." in text, text
+    for label in ("receiver-1 receiving", "delivery-1 delivering", "delivery-2 delivering"):
+        assert re.search(label + r" \(pid \d+, reactor relayd\.reactor\.EPollReactor\)", text), text
 
     accepted = sendMany(relayd.port, 60)
     assert len(accepted) == 60, relayd.log()
