@@ -755,7 +755,15 @@ class Scheduler(Service):
                 smtputf8=record.smtputf8,
             )
             calls.append(d)
-        results = yield DeferredList(calls, consumeErrors=True)
+        results: list[tuple[bool, Any]]
+        if len(calls) == 1:
+            # One destination, the usual case: no DeferredList around it.
+            try:
+                results = [(True, (yield calls[0]))]
+            except Exception:
+                results = [(False, Failure())]
+        else:
+            results = yield DeferredList(calls, consumeErrors=True)
         for ok, result in results:
             if not ok:
                 log.failure("{queue_id}: deliverer failed", result, queue_id=queueId)

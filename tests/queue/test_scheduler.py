@@ -55,6 +55,7 @@ class ScriptedDeliverer:
         self.held = []
         self.dsn = []
         self.dsnPassed = False
+        self.broken = set()  # destination keys whose attempt fails (a bug)
 
     def deliver(
         self,
@@ -68,6 +69,8 @@ class ScriptedDeliverer:
         smtputf8=False,
     ):
         self.calls.append((destination.key, sender, list(recipients)))
+        if destination.key in self.broken:
+            return defer.fail(RuntimeError(f"bug delivering to {destination.key}"))
         self.dsn.append(dsn)
         self.smtputf8 = smtputf8
         results = []
@@ -191,6 +194,33 @@ class SchedulerTests(SchedulerTestCase):
                 ("mx:b.test", "a@example.org", ["y@b.test"]),
             ],
         )
+
+    @defer.inlineCallbacks
+    def assertBugDefers(self, recipients, broken):
+        """
+        The deliverer fails (a bug) for the C{broken} destinations: their
+        recipients are deferred with an internal error and the others
+        delivered, whether the message had one destination or several.
+        """
+        self.deliverer.broken = set(broken)
+        yield self.start()
+        queueId = yield self.submit(recipients=recipients)
+        yield self.settle()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), len(broken))
+        self.assertEqual(self.queued()["deferred"], [queueId])
+        record, _ = self.spool.load(queueId)
+        states = {r.address: (str(r.state), r.lastReply) for r in record.recipients}
+        for address in recipients:
+            if "mx:" + address.rpartition("@")[2] in broken:
+                self.assertEqual(states[address], ("deferred", "451 4.3.0 internal error"))
+            else:
+                self.assertEqual(states[address][0], "delivered")
+
+    def test_delivererBugOneDestination(self):
+        return self.assertBugDefers(("x@a.test",), {"mx:a.test"})
+
+    def test_delivererBugOneOfTwoDestinations(self):
+        return self.assertBugDefers(("x@a.test", "y@b.test"), {"mx:a.test"})
 
     @defer.inlineCallbacks
     def test_deferredThenRetriedWithBackoff(self):
