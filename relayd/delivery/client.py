@@ -57,6 +57,7 @@ from relayd.delivery.routing import Hop
 from relayd.ops.logs import Logger
 from relayd.queue.record import openRegion
 from relayd.smtp.dsn import DSNParameters
+from relayd.smtp.transport import writeSoon
 from relayd.smtp.wire import DotStuffer
 from relayd.timeouts import IdleTimer
 
@@ -289,11 +290,13 @@ class _MessageProducer:
         if not ended:
             if len(chunk) < CHUNK_SIZE:
                 chunk += more
+            # Queued, not sent at once: the transport asks for the next
+            # chunk once it has sent what it holds.
             transport.write(self._stuffer.encode(chunk))
             return
         self._file = None
         transport.unregisterProducer()
-        transport.write(self._stuffer.encode(chunk) + self._stuffer.finish())
+        writeSoon(transport, self._stuffer.encode(chunk) + self._stuffer.finish())
         self._client._dataSent()
 
     def stopProducing(self) -> None:
@@ -646,7 +649,7 @@ class SMTPClient(LineReceiver):
             return [_failed(lost) for _ in commands]
         replies = [self._expect(stage, timeout) for _, stage, timeout in commands]
         assert self.transport is not None
-        self.transport.write(b"".join(line + b"\r\n" for line, _, _ in commands))
+        writeSoon(self.transport, b"".join(line + b"\r\n" for line, _, _ in commands))
         return replies
 
     def _command(self, line: bytes, stage: str, timeout: float) -> Deferred[Reply]:

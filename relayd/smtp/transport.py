@@ -20,7 +20,9 @@ TLS listener (C{ssl:}) writes its encrypted records through here.
 
 L{Port.transport} is the documented way to choose the transport a port
 builds (L{twisted.internet.tcp.Port}); L{writeThrough} sets it on a bound
-port.
+port.  The delivery client's connections are Twisted's own
+L{tcp.Client}s, built by its endpoints; it writes through
+L{writeSoon}, the same rule applied from outside.
 """
 
 from __future__ import annotations
@@ -29,30 +31,43 @@ from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["WriteThroughServer", "writeThrough", "allSent"]
+__all__ = ["WriteThroughServer", "allSent", "writeSoon", "writeThrough"]
+
+
+def _sendFirst(connection: tcp.Connection, data: bytes) -> bytes:
+    """
+    Send what the socket takes of C{data} now, if nothing written to
+    C{connection} before is still queued (and it is no TLS session).
+
+    @return: what is left to queue with the transport's own C{write}:
+        C{b""} when all was sent, all of C{data} when nothing could be.
+    """
+    if (
+        type(data) is bytes
+        and data
+        and connection.connected
+        and not connection._writeDisconnected
+        and not connection.TLS
+        and not connection._tempDataLen
+        and connection.offset == len(connection.dataBuffer)
+    ):
+        try:
+            sent = connection.socket.send(data)
+        except OSError:
+            # EAGAIN, or a broken connection: queued, and the reactor's
+            # next write finds out which.
+            sent = 0
+        return data[sent:] if sent else data
+    return data
 
 
 class WriteThroughServer(tcp.Server):
     """A L{tcp.Server} whose C{write} tries the socket first."""
 
     def write(self, data: bytes) -> None:
-        if (
-            type(data) is bytes
-            and data
-            and self.connected
-            and not self._writeDisconnected
-            and self.allSent()
-        ):
-            try:
-                sent = self.socket.send(data)
-            except OSError:
-                # EAGAIN, or a broken connection: queued, and the reactor's
-                # next write finds out which.
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        super().write(data)  # type: ignore[no-untyped-call]
+        rest = _sendFirst(self, data)
+        if rest or not data:
+            super().write(rest)  # type: ignore[no-untyped-call]
 
     def allSent(self) -> bool:
         """
@@ -60,6 +75,21 @@ class WriteThroughServer(tcp.Server):
         said of a STARTTLS session, whose octets the TLS layer queues).
         """
         return not self.TLS and not self._tempDataLen and self.offset == len(self.dataBuffer)
+
+
+def writeSoon(transport: Any, data: bytes) -> None:
+    """
+    C{transport.write(data)}, sending at once what the socket takes when
+    C{transport} is a plain TCP client connection with nothing queued:
+    the delivery client's commands and message, which otherwise each
+    wait a reactor turn and cost two C{epoll_ctl}.  Any other transport
+    (TLS, a test's) is written to as usual.
+    """
+    if type(transport) is tcp.Client:
+        data = _sendFirst(transport, data)
+        if not data:
+            return
+    transport.write(data)
 
 
 def writeThrough(port: Any) -> Any:

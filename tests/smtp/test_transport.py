@@ -10,12 +10,13 @@ import struct
 import tempfile
 
 from twisted.internet import defer, error, reactor, tcp
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from relayd.smtp.transport import WriteThroughServer, allSent, writeThrough
+from relayd.smtp.transport import WriteThroughServer, allSent, writeSoon, writeThrough
 
 
 class Writer(Protocol):
@@ -125,3 +126,74 @@ class WriteThroughTests(unittest.TestCase):
         """A transport that cannot say (TLS, a fake) never claims all sent."""
         self.assertFalse(allSent(object()))
         self.assertFalse(allSent(tcp.Server.__new__(tcp.Server)))
+
+
+class Quiet(Protocol):
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
+class WriteSoonTests(unittest.TestCase):
+    """
+    L{writeSoon}, the delivery client's way to write to Twisted's own
+    TCP client connections: octets leave before the reactor turns, unless
+    something written before them is still queued.
+    """
+
+    @defer.inlineCallbacks
+    def connected(self):
+        """A Twisted client connection and the plain socket it reached."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getsockname()[1])
+        client = yield connectProtocol(endpoint, Quiet())
+        self.addCleanup(client.transport.abortConnection)
+        peer, _ = listener.accept()
+        self.addCleanup(peer.close)
+        peer.settimeout(2)
+        return client.transport, peer
+
+    @defer.inlineCallbacks
+    def test_leavesAtOnce(self):
+        transport, peer = yield self.connected()
+        self.assertIs(type(transport), tcp.Client)
+        writeSoon(transport, b"MAIL FROM:<a@example.org>\r\n")
+        # No reactor turn in between: the peer reads it already.
+        self.assertEqual(peer.recv(100), b"MAIL FROM:<a@example.org>\r\n")
+
+    @defer.inlineCallbacks
+    def test_waitsBehindQueuedOctets(self):
+        """
+        Octets written behind queued ones are queued too: the peer gets
+        every octet, in order.
+        """
+        transport, peer = yield self.connected()
+        big = bytes(range(256)) * (64 * 1024)  # 16 MiB, more than any socket buffer
+        writeSoon(transport, big)
+        writeSoon(transport, b"tail")
+        self.assertTrue(transport.dataBuffer or transport._tempDataBuffer)
+
+        def readAll():
+            parts, size = [], 0
+            while size < len(big) + 4:
+                part = peer.recv(1 << 20)
+                if not part:
+                    break
+                parts.append(part)
+                size += len(part)
+            return b"".join(parts)
+
+        data = yield deferToThread(readAll)
+        self.assertEqual(len(data), len(big) + 4)
+        self.assertTrue(data == big + b"tail")
+
+    def test_otherTransportsWrittenToAsUsual(self):
+        """A transport that is no plain TCP client (TLS, a test's) gets write()."""
+        written = []
+
+        class Fake:
+            def write(self, data):
+                written.append(data)
+
+        writeSoon(Fake(), b"RSET\r\n")
+        self.assertEqual(written, [b"RSET\r\n"])
