@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
+from twisted.python.failure import Failure
 
 __all__ = ["WriteThroughServer", "allSent", "writeSoon", "writeThrough"]
 
@@ -75,6 +76,43 @@ class WriteThroughServer(tcp.Server):
         said of a STARTTLS session, whose octets the TLS layer queues).
         """
         return not self.TLS and not self._tempDataLen and self.offset == len(self.dataBuffer)
+
+    def loseConnection(self) -> None:
+        """
+        Close the connection once what was written is sent.
+
+        Twisted's way stops reading and watches the socket for
+        writability, only to find on the next turn that nothing is left
+        to write: three C{epoll_ctl} and a poll event for every session's
+        end.  When everything is sent already (and no producer is
+        registered), the connection is closed on the next reactor turn by
+        a timed call instead, as Twisted would have closed it: reading
+        stopped at once, C{connectionLost} with C{ConnectionDone} later,
+        never from inside this call.  Anything written in between is still
+        sent first, the Twisted way.
+        """
+        if (
+            self.connected
+            and not self.disconnecting
+            and not self._writeDisconnected
+            and self.producer is None
+            and self.allSent()
+        ):
+            self.stopReading()
+            self.disconnecting = True
+            reactor: Any = self.reactor  # typed as IReactorFDSet; it is the whole reactor
+            reactor.callLater(0, self._closeSent)
+            return
+        super().loseConnection()  # type: ignore[no-untyped-call]
+
+    def _closeSent(self) -> None:
+        """The turn after L{loseConnection}: close, unless more was written meanwhile."""
+        if not self.connected or self.disconnected or self._aborting:
+            return  # lost meanwhile, or aborted: the abort's own timed call ends it
+        if not self.allSent() or self.producer is not None:
+            self.startWriting()  # doWrite sends it, then closes (disconnecting is set)
+            return
+        self.connectionLost(Failure(main.CONNECTION_DONE))
 
 
 def writeSoon(transport: Any, data: bytes) -> None:

@@ -5,6 +5,7 @@ The write-through TCP transport of relayd's listeners
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import tempfile
@@ -121,6 +122,87 @@ class WriteThroughTests(unittest.TestCase):
         # connectionLost runs, the reactor's way; nothing raised from write().
         why = yield factory.lost
         self.assertIn(why, (error.ConnectionLost, error.ConnectionDone))
+
+    @defer.inlineCallbacks
+    def test_closedWithoutWatchingForWritability(self):
+        """
+        loseConnection with everything sent: reading stops, the socket is
+        not watched for writability, and connectionLost comes on a later
+        turn with ConnectionDone, after the peer got every octet.
+        """
+        seen = {}
+
+        class Closer(Writer):
+            def connectionMade(self):
+                self.factory.protocols.append(self)
+                self.transport.write(b"221 bye\r\n")
+                self.lostYet = False
+                self.transport.loseConnection()
+                seen["writing"] = self.transport in reactor.getWriters()
+                seen["reading"] = self.transport in reactor.getReaders()
+                seen["lostDuringCall"] = self.lostYet
+
+            def connectionLost(self, reason):
+                self.lostYet = True
+                Writer.connectionLost(self, reason)
+
+        factory = WriterFactory([])
+        factory.protocol = Closer
+        port = self.listen(factory)
+        data = yield deferToThread(readAll, port.getHost().port)
+        self.assertEqual(data, b"221 bye\r\n")
+        why = yield factory.lost
+        self.assertIs(why, error.ConnectionDone)
+        self.assertEqual(seen, {"writing": False, "reading": False, "lostDuringCall": False})
+
+    @defer.inlineCallbacks
+    def test_writtenAfterLoseConnectionStillSent(self):
+        """What is written between loseConnection and the close is sent first."""
+        big = bytes(range(256)) * (64 * 1024)  # 16 MiB, more than any socket buffer
+
+        class Late(Writer):
+            def connectionMade(self):
+                self.factory.protocols.append(self)
+                self.transport.write(b"221 bye\r\n")
+                self.transport.loseConnection()
+                self.transport.write(big)
+
+        factory = WriterFactory([])
+        factory.protocol = Late
+        port = self.listen(factory)
+        data = yield deferToThread(readAll, port.getHost().port, 0.2)
+        self.assertEqual(len(data), len(big) + 9)
+        self.assertTrue(data == b"221 bye\r\n" + big)
+        why = yield factory.lost
+        self.assertIs(why, error.ConnectionDone)
+
+    @defer.inlineCallbacks
+    def test_abortAfterLoseConnection(self):
+        """An abort before the close's turn ends it once, as an abort."""
+        reasons = []
+
+        class Aborter(Writer):
+            def connectionMade(self):
+                self.factory.protocols.append(self)
+                self.transport.loseConnection()
+                self.transport.abortConnection()
+
+            def connectionLost(self, reason):
+                reasons.append(reason.type)
+                Writer.connectionLost(self, reason)
+
+        factory = WriterFactory([])
+        factory.protocol = Aborter
+        port = self.listen(factory)
+
+        def readUntilReset():
+            with contextlib.suppress(ConnectionResetError):  # an abort resets it
+                readAll(port.getHost().port)
+
+        yield deferToThread(readUntilReset)
+        yield factory.lost
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(reasons, [error.ConnectionAborted])
 
     def test_allSentUnknownTransports(self):
         """A transport that cannot say (TLS, a fake) never claims all sent."""
