@@ -35,6 +35,19 @@ from twisted.python.failure import Failure
 __all__ = ["WriteThroughServer", "allSent", "writeSoon", "writeThrough"]
 
 
+def _nothingQueued(connection: tcp.Connection) -> bool:
+    """
+    Whether everything written to C{connection} so far is in the kernel's
+    hands (never said of a STARTTLS session, whose octets the TLS layer
+    queues).
+    """
+    return (
+        not connection.TLS
+        and not connection._tempDataLen
+        and connection.offset == len(connection.dataBuffer)
+    )
+
+
 def _sendFirst(connection: tcp.Connection, data: bytes) -> bytes:
     """
     Send what the socket takes of C{data} now, if nothing written to
@@ -48,9 +61,7 @@ def _sendFirst(connection: tcp.Connection, data: bytes) -> bytes:
         and data
         and connection.connected
         and not connection._writeDisconnected
-        and not connection.TLS
-        and not connection._tempDataLen
-        and connection.offset == len(connection.dataBuffer)
+        and _nothingQueued(connection)
     ):
         try:
             sent = connection.socket.send(data)
@@ -75,7 +86,7 @@ class WriteThroughServer(tcp.Server):
         Whether everything written so far is in the kernel's hands (never
         said of a STARTTLS session, whose octets the TLS layer queues).
         """
-        return not self.TLS and not self._tempDataLen and self.offset == len(self.dataBuffer)
+        return _nothingQueued(self)
 
     def loseConnection(self) -> None:
         """
