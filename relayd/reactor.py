@@ -43,7 +43,7 @@ from typing import Any
 from twisted.internet import epollreactor
 from twisted.python import context, log
 
-__all__ = ["EPollReactor", "install", "matchesTwisted"]
+__all__ = ["EPollReactor", "globalReactor", "install", "matchesTwisted", "reactorName"]
 
 _TWISTED_DOPOLL = "09b62ae68ef01b4bc5eaa170827e2baf0a2a5098e7e7ce7b5e1c80cda187c827"
 """SHA-256 of the source of the C{EPollReactor.doPoll} that L{EPollReactor} replaces."""
@@ -125,3 +125,19 @@ def install() -> bool:
 
     installReactor(EPollReactor())
     return True
+
+
+def globalReactor() -> Any:
+    """
+    The global reactor, relayd's if none was installed before
+    (L{install}): what a relayd process's C{main} runs on.
+    """
+    install()
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def reactorName(reactor: Any) -> str:
+    """The reactor's class, as twistd logs its own: C{relayd.reactor.EPollReactor}."""
+    return f"{type(reactor).__module__}.{type(reactor).__qualname__}"

@@ -458,11 +458,6 @@ def startChild(label: str, configPath: str) -> Any:
     return config
 
 
-def reactorName(reactor: Any) -> str:
-    """The reactor's class, as twistd logs its own: C{relayd.reactor.EPollReactor}."""
-    return f"{type(reactor).__module__}.{type(reactor).__qualname__}"
-
-
 def openLifeline(reactor: Any, protocol: Any) -> Any:
     """
     C{protocol} on the child's standard input (from the queue manager; end
@@ -504,12 +499,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listener", action="append", default=[])
     args = parser.parse_args(argv)
 
-    from relayd.reactor import install
-
-    install()
-    from twisted.internet import reactor
-
+    from relayd.reactor import globalReactor, reactorName
     from relayd.service import buildService
+
+    reactor = globalReactor()
 
     label = f"receiver-{args.index}"
     config = startChild(label, args.config)
@@ -533,8 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     pushMetrics(reactor, getattr(service.metrics, "registry", None), notices)
 
     def hup(signum: int, frame: Any) -> None:
-        # The global reactor is typed as a module; it provides IReactorFromThreads.
-        reactor.callFromThread(service.reload)  # type: ignore[attr-defined]
+        reactor.callFromThread(service.reload)
 
     signal.signal(signal.SIGHUP, hup)
     service.freezeHeap = True

@@ -75,16 +75,14 @@ def makeService(options: Options) -> RelaydService:
     process here with one line on stderr and exit status 1, no traceback.
 
     twistd has not installed a reactor yet unless C{--reactor} chose one:
-    relayd's is installed first (L{relayd.reactor.install}).
+    relayd's is installed first (L{relayd.reactor.globalReactor}).
     """
-    from relayd.reactor import install
-
-    install()
-    from twisted.internet import reactor
-
     from relayd.configfile import ConfigNotFound, configPath
     from relayd.ops.logs import observerFor
+    from relayd.reactor import globalReactor
     from relayd.service import buildService
+
+    reactor = globalReactor()
 
     try:
         # An explicit --config that is missing is load()'s usual config

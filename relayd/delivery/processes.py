@@ -463,13 +463,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args(argv)
 
-    from relayd.reactor import install
-
-    install()
-    from twisted.internet import reactor
-
-    from relayd.receivers import openLifeline, pushMetrics, reactorName, startChild
+    from relayd.reactor import globalReactor, reactorName
+    from relayd.receivers import openLifeline, pushMetrics, startChild
     from relayd.service import freezeStartupHeap, makeDeliverer, reloadDeliverer
+
+    reactor = globalReactor()
 
     label = f"delivery-{args.index}"
     config = startChild(label, args.config)
@@ -511,8 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         reloadDeliverer(deliverer, args.config)
 
     def hup(signum: int, frame: Any) -> None:
-        # The global reactor is typed as a module; it provides IReactorFromThreads.
-        reactor.callFromThread(reload)  # type: ignore[attr-defined]
+        reactor.callFromThread(reload)
 
     signal.signal(signal.SIGHUP, hup)
     log.info(
