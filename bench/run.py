@@ -62,6 +62,7 @@ from bench.systems import (
     PrivatePostfix,
     Relayd,
     Sink,
+    commitOf,
     descendants,
     treeCpu,
     treeRss,
@@ -372,21 +373,6 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def commitOf() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return head + ("+dirty" if dirty else "") if head else "unknown"
-
-
 def machine() -> dict[str, Any]:
     model = ""
     try:
@@ -526,6 +512,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         description="relayd and a private Postfix, alternately, same load and sink.",
     )
     parser.add_argument("--quick", action="store_true", help="one short round: a smoke run")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead: count relayd's instructions per relayed message under callgrind "
+        "(bench/instructions.py; --messages N: runs of N and 2N, default 200, --quick 10)",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="with --instructions: count git revision REV too, from a temporary worktree",
+    )
     parser.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
     parser.add_argument("--messages", type=int, help="smtp-source -m (default 2000, --quick 300)")
     parser.add_argument("--sessions", type=int, default=20, help="smtp-source -s (default 20)")
@@ -566,8 +563,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
+    if args.against and not args.instructions:
+        parser.error("--against goes with --instructions")
     if args.messages is None:
-        args.messages = 300 if args.quick else 2000
+        if args.instructions:
+            args.messages = 10 if args.quick else 200
+        else:
+            args.messages = 300 if args.quick else 2000
     if args.latency_messages is None:
         # 1000 gives a p99 from its 10 slowest, and keeps the full run near
         # ten minutes on two cores.
@@ -586,6 +588,10 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.instructions:
+        from bench import instructions
+
+        return instructions.main(args)
     if os.geteuid() != 0:
         say("must run as root: the private Postfix instance's master runs as root")
         return 1

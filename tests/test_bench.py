@@ -73,3 +73,58 @@ def test_quickRunPrintsTheFigures(tmp_path: Path) -> None:
     for port in started["ports"]:
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect(("127.0.0.1", port))
+
+
+def test_instructionsCountsThisCheckoutAndAnother(tmp_path: Path) -> None:
+    """
+    C{scripts/bench --instructions --against HEAD}: relayd relays its
+    messages under callgrind, twice per tree (N and 2N messages), and the
+    figure per message is the difference of the two totals over N, for
+    this checkout and for a worktree of HEAD, which is removed afterwards.
+    Both run the same code here, so their figures differ only by what a
+    run varies (under 1% with 50 and 100 messages, a few percent with
+    these 20 and 40); a count that included start-up (about 1.8 billion)
+    or missed the messages would not be near 3 million.
+    """
+    out = tmp_path / "instructions.json"
+    result = subprocess.run(
+        [
+            str(REPO / "scripts" / "bench"),
+            "--instructions",
+            "--messages",
+            "20",
+            "--against",
+            "HEAD",
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["failure"] is None
+    for key in ("this", "against"):
+        run = figures[key]
+        assert run["messages"] == [20, 40]
+        small, large = run["instructions"]
+        assert run["per_message"] == round((large - small) / 20)
+        # relayd's start-up alone is over a billion instructions; a message
+        # costs a few million (2.9 million at c282c74 with 200 and 400).
+        assert small > 10**9
+        assert 10**6 < run["per_message"] < 10**7, run
+    assert figures["against"]["revision"] == "HEAD"
+    assert 0.9 < figures["ratio"] < 1.1, figures
+    lines = result.stdout.splitlines()
+    assert lines[0] == "instructions per relayed message (callgrind, one relayd process)"
+    assert lines[3].split()[:3] == ["ratio", "this/against", f"{figures['ratio']:.4f}"]
+    # The worktree is gone, and git no longer lists it.
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True
+    ).stdout
+    assert str(tmp_path) not in listed
+    assert not any((tmp_path / "work").glob("*/against"))
