@@ -81,8 +81,10 @@ def prepare(code: Path | None = None) -> None:
         [
             sys.executable,
             "-c",
-            "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; "
-            "list(getPlugins(IPlugin, twisted.plugins))",
+            (
+                "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; "
+                "list(getPlugins(IPlugin, twisted.plugins))"
+            ),
         ],
         env=env,
         check=True,
