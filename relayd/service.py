@@ -545,6 +545,7 @@ _RESTART_FIELDS = {
     "caFile": "delivery.ca_file",
     "deliveryConcurrency": "delivery.concurrency",
     "deliveryProcesses": "delivery.processes",
+    "deliveryNice": "delivery.nice",
     "maildropDirectory": "maildrop.directory",
     "maildropInterval": "maildrop.interval",
 }
