@@ -197,9 +197,6 @@ class Config:
     deliveryProcesses: int = 0
     """Delivery processes around the queue manager (L{relayd.delivery.processes});
     0: the queue manager delivers itself."""
-    deliveryNice: int = 5
-    """How much lower the delivery processes' CPU priority is than the
-    queue manager's and the receivers' (a C{nice(2)} increment)."""
     maildropDirectory: str = ""
     maildropInterval: float = 5.0
     maildropListener: str | None = None
@@ -302,12 +299,6 @@ def _autoOrCount(value: Any) -> str | None:
     if value == "auto" or (isinstance(value, int) and value >= 0):
         return None
     return 'must be "auto" or a number, 0 or more'
-
-
-def _niceIncrement(value: Any) -> str | None:
-    if isinstance(value, int) and 0 <= value <= 19:
-        return None
-    return "must be a number from 0 to 19"
 
 
 def _deliveryProcesses(value: int | str, processes: int) -> int:
@@ -451,11 +442,6 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         # queue manager itself; "auto": as many as [server] processes when
         # that is above 1 (one per core by default), else 0.
         "processes": _Key((int, str), "auto", check=_autoOrCount),
-        # The delivery processes run this much nicer than the receiving ones
-        # (nice(2)), so that under a burst the CPU goes first to the clients
-        # waiting for their 250 and the queue is delivered as the load
-        # allows, rather than both at half speed.
-        "nice": _Key(int, 5, check=_niceIncrement),
     },
     "metrics": {
         # A Twisted server endpoint string for the Prometheus scrape page
@@ -829,7 +815,6 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         logLevel=sections["logging"]["level"],
         controlSocket=controlSocket or os.path.join(spoolDirectory, CONTROL_SOCKET_NAME),
         deliveryProcesses=_deliveryProcesses(delivery["processes"], processes),
-        deliveryNice=delivery["nice"],
         maildropDirectory=_resolve(base, maildrop["directory"])
         or os.path.join(spoolDirectory, MAILDROP_NAME),
         maildropInterval=float(maildrop["interval"]),

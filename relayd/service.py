@@ -545,7 +545,6 @@ _RESTART_FIELDS = {
     "caFile": "delivery.ca_file",
     "deliveryConcurrency": "delivery.concurrency",
     "deliveryProcesses": "delivery.processes",
-    "deliveryNice": "delivery.nice",
     "maildropDirectory": "maildrop.directory",
     "maildropInterval": "maildrop.interval",
 }

@@ -456,31 +456,6 @@ class _Requests(Protocol):
         self.stop()
 
 
-def lowerPriority(label: str, increment: int) -> int:
-    """
-    Lower this process's CPU priority by C{increment} (C{[delivery] nice}),
-    and return its niceness.  Receiving comes first: a client waits for its
-    C{250} while the messages already queued can wait a few milliseconds
-    more, and the processes that receive keep the priority relayd was
-    started with.  Under a burst the CPU the delivery processes would take
-    goes to the receivers, and the queue is delivered as they leave time
-    (Postfix's queue manager and smtp processes lag behind its smtpd the
-    same way); when the machine is not saturated, priority changes nothing.
-    A failure (a seccomp filter, say) is logged, and the process delivers
-    at the priority it has.
-    """
-    try:
-        return os.nice(increment)
-    except OSError as e:
-        log.warn(
-            "{label}: cannot lower the CPU priority by {increment} ([delivery] nice): {error}",
-            label=label,
-            increment=increment,
-            error=e,
-        )
-        return os.nice(0)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run one delivery process: C{python -m relayd.delivery.processes --config ... --index N}."""
     parser = argparse.ArgumentParser(prog="relayd delivery")
@@ -496,7 +471,6 @@ def main(argv: list[str] | None = None) -> None:
 
     label = f"delivery-{args.index}"
     config = startChild(label, args.config)
-    nice = lowerPriority(label, config.deliveryNice)
     try:
         deliverer = makeDeliverer(config, reactor)
     except (OSError, ValueError) as e:
@@ -539,11 +513,10 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGHUP, hup)
     log.info(
-        "{label} delivering (pid {pid}, reactor {reactor}, nice {nice})",
+        "{label} delivering (pid {pid}, reactor {reactor})",
         label=label,
         pid=os.getpid(),
         reactor=reactorName(reactor),
-        nice=nice,
     )
     notices.write(b"ready\n")
     reactor.callWhenRunning(freezeStartupHeap)

@@ -117,28 +117,6 @@ def test_processesConfig(tmp_path) -> None:
         assert caught.value.key == "delivery.processes"
 
 
-def test_niceConfig(tmp_path) -> None:
-    """
-    C{[delivery] nice}: 5 unless set; a number from 0 to 19 is taken as it
-    is; anything else is refused, naming the key.
-    """
-
-    def loaded(name: str, nice: object = None) -> int:
-        sections: dict[str, dict[str, object]] = {"server": {"processes": 2}}
-        if nice is not None:
-            sections["delivery"] = {"nice": nice}
-        setup = TestSetup(str(tmp_path / name), modes=("relay",), sections=sections)
-        return load(setup.configPath).deliveryNice
-
-    assert loaded("default") == 5
-    assert loaded("zero", 0) == 0
-    assert loaded("most", 19) == 19
-    for n, bad in enumerate((-1, 20, "low", 2.5, True)):
-        with pytest.raises(ConfigError) as caught:
-            loaded(f"bad{n}", bad)
-        assert caught.value.key == "delivery.nice"
-
-
 def test_codecRoundTrip() -> None:
     """
     L{encode} and L{decode} carry a request (with its DSN parameters,
@@ -218,17 +196,7 @@ def test_deliveryProcessesDeliverAndFollowSignals(tmp_path, sink, relaydProcesse
     text = relayd.log(10**7)
     assert "reactor class: relayd.reactor.EPollReactor." in text, text
     for label in ("receiver-1 receiving", "delivery-1 delivering", "delivery-2 delivering"):
-        assert re.search(label + r" \(pid \d+, reactor relayd\.reactor\.EPollReactor\b", text), text
-    # The delivery processes run [delivery] nice (default 5) nicer than the
-    # queue manager and the receiver, which keep the priority relayd had.
-    niceness = os.getpriority(os.PRIO_PROCESS, parent)
-    nicer = min(niceness + 5, 19)
-    for pid in receiverPids(parent):
-        assert os.getpriority(os.PRIO_PROCESS, pid) == niceness
-    for pid in deliveryPids(parent):
-        assert os.getpriority(os.PRIO_PROCESS, pid) == nicer
-        started = f"delivering (pid {pid}, reactor relayd.reactor.EPollReactor, nice {nicer})"
-        assert started in text, text
+        assert re.search(label + r" \(pid \d+, reactor relayd\.reactor\.EPollReactor\)", text), text
 
     accepted = sendMany(relayd.port, 60)
     assert len(accepted) == 60, relayd.log()
@@ -275,18 +243,11 @@ def hangingAttempts(tmp_path: Path, relaydProcesses: list[RelaydProcess]):  # no
     stalled.bind(("127.0.0.1", 0))
     stalled.listen(50)
     try:
-        setup = setupWith(
-            tmp_path, stalled.getsockname()[1], retry_initial=300, retry_max=300, nice=0
-        )
+        setup = setupWith(tmp_path, stalled.getsockname()[1], retry_initial=300, retry_max=300)
         relayd = RelaydProcess(setup, tmp_path / "relayd.log")
         relaydProcesses.append(relayd)
         relayd.waitListening()
         waitAllReady(relayd)
-        # nice = 0: the delivery processes keep relayd's priority.
-        parent = relayd.process.pid
-        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in deliveryPids(parent)} == {
-            os.getpriority(os.PRIO_PROCESS, parent)
-        }
         accepted = sendMany(relayd.port, 2, clients=1)
         assert len(accepted) == 2, relayd.log()
         waitFor(
