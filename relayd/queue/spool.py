@@ -852,8 +852,14 @@ class Spool(Service):
                         queue_id=pending.queueId,
                         size=pending.incoming.size,
                     )
-                self._notifyQueued(pending.queueId, pending.record)
+                # The committer first: its client is waiting for the 250,
+                # which is sent from this callback.  The observers (the
+                # queue manager starting the message's first attempt: a
+                # rename, a read of the file, a connection; or a
+                # receiver's notice to it over a pipe) come after it, not
+                # on the way to the 250.
                 pending.deferred.callback(pending.queueId)
+                self._notifyQueued(pending.queueId, pending.record)
             else:
                 self.log.warn(
                     "{queue_id}: could not queue message: {error}",

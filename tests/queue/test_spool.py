@@ -20,6 +20,7 @@ from dataclasses import replace
 
 from twisted.internet import defer, reactor
 from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -840,6 +841,10 @@ class DeliverySideTests(unittest.TestCase):
         seen = []
         self.spool.addQueueObserver(lambda q, r: seen.append((q, r.sender)))
         queueId = yield self.spool.submit(self.record("X"), b"hi\r\n")
+        # The committer's callback comes first (a session sends its 250
+        # from it), the observers just after it, in the same turn.
+        self.assertEqual(seen, [])
+        yield deferLater(reactor, 0, lambda: None)
         self.assertEqual(seen, [(queueId, "a@example.org")])
         scanned = yield self.spool.scan()
         self.assertEqual(scanned, [(queueId, "incoming", 1000.0)])
