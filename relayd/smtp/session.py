@@ -1802,6 +1802,11 @@ class SMTPServer(LineReceiver):
 
         def committed(queueId: str) -> None:
             outcome["queued"] = True
+            elapsed = f.clock.seconds() - started
+            # The client is waiting: its 250 first, then the log line and
+            # the metrics.
+            if self.state != "closed":
+                self.reply(250, "2.0.0", f"Ok: queued as {queueId}")
             log.info(
                 "{queue_id}: queued from=<{sender}> nrcpt={nrcpt} size={size} user={user} "
                 "client=[{client}] session={session_id}",
@@ -1813,9 +1818,7 @@ class SMTPServer(LineReceiver):
                 client=self._clientText,
                 session_id=session.sessionId,
             )
-            f.metrics.messageAccepted(session.listener, incoming.size, f.clock.seconds() - started)
-            if self.state != "closed":
-                self.reply(250, "2.0.0", f"Ok: queued as {queueId}")
+            f.metrics.messageAccepted(session.listener, incoming.size, elapsed)
 
         def failed(failure: Failure) -> None:
             incoming.discard()

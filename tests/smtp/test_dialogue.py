@@ -640,3 +640,29 @@ class FlowControlTests(DialogueTestCase):
         self.assertEqual(len(replies), 2, replies)
         self.assertTrue(replies[0].startswith("250 2.0.0 Ok: queued as "), replies)
         self.assertTrue(replies[1].startswith("221 2.0.0"), replies)
+
+
+class CommittedTests(DialogueTestCase):
+    """What happens once the message is durable."""
+
+    def test_replyBeforeTheQueuedLine(self) -> None:
+        """
+        The client's C{250} is written before the C{queued} log line is
+        made: the line and the metrics are not on the way to the reply.
+        """
+        from twisted.logger import globalLogPublisher
+
+        written: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if "queued from=" in (event.get("log_format") or ""):
+                written.append(self.transport.value().decode("utf-8"))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.ehlo()
+        self.transaction()
+        replies = self.talk("Subject: x\r\n\r\nhi\r\n.\r\n")
+        self.assertEqual(len(written), 1)
+        self.assertTrue(written[0].startswith("250 2.0.0 Ok: queued as Q0001"), written)
+        self.assertEqual(replies, ["250 2.0.0 Ok: queued as Q0001"])
