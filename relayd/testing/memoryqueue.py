@@ -234,27 +234,42 @@ class MemoryQueue:
     def submit(self, record: QueueRecord, data: bytes) -> Deferred[str]:
         """
         Queue a message in C{incoming}: the record's C{queueId} and C{size}
-        are filled in; the queue observers are told before the result
-        fires, as the spool tells them once the message is durable.
+        are filled in.  As the spool does once the message is durable, the
+        result fires first and the queue observers are told right after it,
+        in the same turn; with C{reactor=None} (the result fires before the
+        caller can add to it) they are told before it is returned.
         """
         queueId = self.newQueueId()
         record = replace(record, queueId=queueId, size=len(data))
         self.calls.append(("submit", queueId))
 
-        def commit() -> str:
+        def store() -> None:
             self._state[queueId] = "incoming"
             self._records[queueId] = record
             self._data[queueId] = bytes(data)
+
+        def tell() -> None:
             for observer in list(self._observers):
                 try:
                     observer(queueId, record)
                 except Exception:
                     log.failure("{queue_id}: queue observer failed", queue_id=queueId)
-            return queueId
 
         if self._reactor is None:
-            return succeed(commit())
-        return self._later(lambda: succeed(commit()))
+            store()
+            tell()
+            return succeed(queueId)
+        self.pending += 1
+        result: Deferred[str] = Deferred()
+
+        def fire() -> None:
+            self.pending -= 1
+            store()
+            result.callback(queueId)
+            tell()
+
+        self._reactor.callLater(0, fire)
+        return result
 
     def __repr__(self) -> str:
         counts: dict[str, Any] = {s: len(self.entries(s)) for s in _QUEUED}
