@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -33,7 +32,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.systems import LOOPBACK, BenchError, Relayd, Sink, commitOf, which
+from bench.systems import (
+    LOOPBACK,
+    BenchError,
+    Relayd,
+    Sink,
+    commitOf,
+    pythonEnvironment,
+    which,
+)
 
 __all__ = ["count", "perMessage", "main"]
 
@@ -42,6 +49,10 @@ SENDER = "bench@relayd-bench.example"
 RECIPIENT = "sink@sink.example"
 SESSIONS = 5
 SIZE = 4096
+
+# The same hash seed in every run: dict and set layouts, and with them
+# the instructions, do not vary from run to run.
+_SEED = {"PYTHONHASHSEED": "0"}
 
 _TOTAL = re.compile(rb"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
 
@@ -68,28 +79,18 @@ def prepare(code: Path | None = None) -> None:
     cache (C{dropin.cache}), with the interpreter and path the counts use.
     """
     tree = code or REPO
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    if code is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
-    subprocess.run(
+    env = pythonEnvironment(code, _SEED)
+    loadPlugins = (
+        "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; "
+        "list(getPlugins(IPlugin, twisted.plugins))"
+    )
+    for command in (
         [sys.executable, "-m", "compileall", "-q", str(tree / "relayd"), str(tree / "twisted")],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            (
-                "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; "
-                "list(getPlugins(IPlugin, twisted.plugins))"
-            ),
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+        [sys.executable, "-c", loadPlugins],
+    ):
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BenchError(f"preparing {tree}: {done.stderr.strip()[-500:]}")
 
 
 def count(workdir: Path, messages: int, code: Path | None = None) -> int:
@@ -118,11 +119,8 @@ def count(workdir: Path, messages: int, code: Path | None = None) -> int:
         ],
         code=code,
         startTimeout=300,
+        environment=_SEED,
     )
-    # The same hash seed each time: dict and set layouts, and with them
-    # the instructions, do not vary from run to run.
-    previous = os.environ.get("PYTHONHASHSEED")
-    os.environ["PYTHONHASHSEED"] = "0"
     try:
         sink.start()
         relayd.start()
@@ -147,12 +145,8 @@ def count(workdir: Path, messages: int, code: Path | None = None) -> int:
             raise BenchError(f"smtp-source failed ({result.returncode}): {result.stderr[:500]}")
         if sink.waitFor(messages, stall=120) is None:
             raise BenchError(f"{messages - sink.delivered} of {messages} messages missing")
-        relayd.stop(grace=300)
     finally:
-        if previous is None:
-            os.environ.pop("PYTHONHASHSEED", None)
-        else:
-            os.environ["PYTHONHASHSEED"] = previous
+        # SIGTERM, then valgrind writes its totals as relayd exits.
         relayd.stop(grace=300)
         sink.stop()
     if not out.exists():
@@ -179,11 +173,14 @@ def perMessage(workdir: Path, messages: int, code: Path | None = None) -> dict[s
 def _worktree(revision: str, parent: Path) -> Any:
     """A detached git worktree of C{revision}, removed afterwards."""
     path = parent / "against"
-    subprocess.run(
+    added = subprocess.run(
         ["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(path), revision],
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if added.returncode != 0:
+        said = added.stderr.strip() or "git worktree add failed"
+        raise BenchError(f"--against {revision}: {said}")
     try:
         yield path
     finally:
@@ -196,8 +193,9 @@ def _worktree(revision: str, parent: Path) -> Any:
 def main(args: argparse.Namespace) -> int:
     """
     C{scripts/bench --instructions}: count this checkout, and with
-    C{--against REV} that revision too; print both and their ratio, and
-    write them to the JSON file.
+    C{--against REV} that revision too (its worktree is made first, so a
+    bad revision fails at once); print both and their ratio, and write
+    them to the JSON file.
     """
     messages = args.messages
     parent = args.workdir or Path(tempfile.gettempdir()) / "relayd-bench"
@@ -205,17 +203,19 @@ def main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="instructions-", dir=parent))
     result: dict[str, Any] = {"sessions": SESSIONS, "size": SIZE, "failure": None}
     try:
-        say(f"counting {REPO} under callgrind: {messages} and {2 * messages} messages")
-        result["this"] = {"commit": commitOf(REPO), **perMessage(workdir / "this", messages)}
-        if args.against:
-            with _worktree(args.against, workdir) as tree:
+        with contextlib.ExitStack() as stack:
+            tree = stack.enter_context(_worktree(args.against, workdir)) if args.against else None
+            say(f"counting {REPO} under callgrind: {messages} and {2 * messages} messages")
+            result["this"] = {"commit": commitOf(REPO), **perMessage(workdir / "this", messages)}
+            if tree is not None:
                 say(f"counting {args.against} the same way")
                 result["against"] = {
                     "revision": args.against,
                     "commit": commitOf(tree),
                     **perMessage(workdir / "against-run", messages, tree),
                 }
-    except (BenchError, subprocess.CalledProcessError) as e:
+                result["ratio"] = result["this"]["per_message"] / result["against"]["per_message"]
+    except BenchError as e:
         result["failure"] = str(e)
     finally:
         if not args.keep:
@@ -230,10 +230,7 @@ def main(args: argparse.Namespace) -> int:
     for key in ("against", "this"):
         if key in result:
             lines.append(f"  {result[key]['commit'][:12]:<18} {result[key]['per_message']:>12,}")
-    if "against" in result:
-        ratio = result["this"]["per_message"] / result["against"]["per_message"]
-        result["ratio"] = ratio
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        lines.append(f"  {'ratio this/against':<18} {ratio:>12.4f}")
+    if "ratio" in result:
+        lines.append(f"  {'ratio this/against':<18} {result['ratio']:>12.4f}")
     sys.stdout.write("\n".join(lines) + f"\nJSON: {path}\n")
     return 0

@@ -33,6 +33,7 @@ __all__ = [
     "Relayd",
     "Sink",
     "freePort",
+    "pythonEnvironment",
     "rss",
     "treeRss",
     "waitForGreeting",
@@ -178,6 +179,19 @@ def commitOf(tree: Path = REPO) -> str:
     return head + ("+dirty" if dirty else "") if head else "unknown"
 
 
+def pythonEnvironment(code: Path | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """
+    This process's environment with C{extra} set, and with the checkout
+    C{code} first on C{PYTHONPATH} when given: a Python started with it
+    imports relayd (and finds its twistd plugin) from C{code}.
+    """
+    env = dict(os.environ)
+    env.update(extra or {})
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 def which(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
     if path is None:
@@ -294,6 +308,7 @@ class Relayd:
         L{bench.instructions}), or empty.
     @ivar code: a checkout of other relayd code to run instead of this
         one's (put first on C{PYTHONPATH}), or C{None}.
+    @ivar environment: variables set for twistd on top of this process's.
     """
 
     def __init__(
@@ -306,6 +321,7 @@ class Relayd:
         wrapper: list[str] | None = None,
         code: Path | None = None,
         startTimeout: float = 30,
+        environment: dict[str, str] | None = None,
     ) -> None:
         self.base = base
         self.port = freePort()
@@ -316,6 +332,7 @@ class Relayd:
         self.wrapper = wrapper or []
         self.code = code
         self.startTimeout = startTimeout
+        self.environment = environment or {}
         self.configPath = base / "relayd.toml"
         self.logPath = base / "relayd.log"
         self.outputPath = base / "relayd.out"
@@ -373,11 +390,7 @@ tls = "none"
         self.base.mkdir(parents=True, exist_ok=True)
         self.configPath.write_text(self.config())
         twistd = Path(sys.executable).with_name("twistd")
-        env = dict(os.environ)
-        if self.code is not None:
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(self.code), *filter(None, [env.get("PYTHONPATH")])]
-            )
+        env = pythonEnvironment(self.code, self.environment)
         with self.outputPath.open("wb") as output:
             self._process = subprocess.Popen(
                 [

@@ -128,3 +128,34 @@ def test_instructionsCountsThisCheckoutAndAnother(tmp_path: Path) -> None:
     ).stdout
     assert str(tmp_path) not in listed
     assert not any((tmp_path / "work").glob("*/against"))
+
+
+def test_instructionsRefusesAnUnknownRevisionAtOnce(tmp_path: Path) -> None:
+    """
+    C{--against} a revision git does not know fails before anything is
+    counted (its worktree is made first), with git's words, exit status 1
+    and the failure in the JSON file.
+    """
+    out = tmp_path / "instructions.json"
+    result = subprocess.run(
+        [
+            str(REPO / "scripts" / "bench"),
+            "--instructions",
+            "--against",
+            "no-such-revision-of-relayd",
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED: --against no-such-revision-of-relayd: " in result.stderr, result.stderr
+    assert "counting" not in result.stderr, result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["failure"].startswith("--against no-such-revision-of-relayd: ")
+    assert "this" not in figures
