@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,6 +76,27 @@ def test_quickRunPrintsTheFigures(tmp_path: Path) -> None:
             s.connect(("127.0.0.1", port))
 
 
+def instructions(tmp_path: Path, *arguments: str) -> tuple[Any, dict[str, Any]]:
+    """Run C{scripts/bench --instructions} with C{arguments}; its result and its JSON."""
+    out = tmp_path / "instructions.json"
+    result = subprocess.run(
+        [
+            str(REPO / "scripts" / "bench"),
+            "--instructions",
+            *arguments,
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    return result, json.loads(out.read_text())
+
+
 def test_instructionsCountsThisCheckoutAndAnother(tmp_path: Path) -> None:
     """
     C{scripts/bench --instructions --against HEAD}: relayd relays its
@@ -86,27 +108,8 @@ def test_instructionsCountsThisCheckoutAndAnother(tmp_path: Path) -> None:
     these 20 and 40); a count that included start-up (about 1.8 billion)
     or missed the messages would not be near 3 million.
     """
-    out = tmp_path / "instructions.json"
-    result = subprocess.run(
-        [
-            str(REPO / "scripts" / "bench"),
-            "--instructions",
-            "--messages",
-            "20",
-            "--against",
-            "HEAD",
-            "--json",
-            str(out),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    result, figures = instructions(tmp_path, "--messages", "20", "--against", "HEAD")
     assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(out.read_text())
     assert figures["failure"] is None
     for key in ("this", "against"):
         run = figures[key]
@@ -136,26 +139,9 @@ def test_instructionsRefusesAnUnknownRevisionAtOnce(tmp_path: Path) -> None:
     counted (its worktree is made first), with git's words, exit status 1
     and the failure in the JSON file.
     """
-    out = tmp_path / "instructions.json"
-    result = subprocess.run(
-        [
-            str(REPO / "scripts" / "bench"),
-            "--instructions",
-            "--against",
-            "no-such-revision-of-relayd",
-            "--json",
-            str(out),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result, figures = instructions(tmp_path, "--against", "no-such-revision-of-relayd")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED: --against no-such-revision-of-relayd: " in result.stderr, result.stderr
     assert "counting" not in result.stderr, result.stderr
-    figures = json.loads(out.read_text())
     assert figures["failure"].startswith("--against no-such-revision-of-relayd: ")
     assert "this" not in figures
