@@ -96,7 +96,13 @@ class MemoryQueue:
             return succeed(result)
         return self._later(lambda: succeed(result))
 
-    def _later(self, make: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+    def _later(
+        self, make: Callable[[], Deferred[_T]], then: Callable[[], object] | None = None
+    ) -> Deferred[_T]:
+        """
+        The answer C{make} gives, on a later turn; C{then}, if given, runs
+        right after the answer has fired, in the same turn.
+        """
         assert self._reactor is not None
         self.pending += 1
 
@@ -105,6 +111,8 @@ class MemoryQueue:
         def fire() -> None:
             self.pending -= 1
             make().chainDeferred(result)
+            if then is not None:
+                then()
 
         self._reactor.callLater(0, fire)
         return result
@@ -255,21 +263,15 @@ class MemoryQueue:
                 except Exception:
                     log.failure("{queue_id}: queue observer failed", queue_id=queueId)
 
+        def stored() -> Deferred[str]:
+            store()
+            return succeed(queueId)
+
         if self._reactor is None:
             store()
             tell()
             return succeed(queueId)
-        self.pending += 1
-        result: Deferred[str] = Deferred()
-
-        def fire() -> None:
-            self.pending -= 1
-            store()
-            result.callback(queueId)
-            tell()
-
-        self._reactor.callLater(0, fire)
-        return result
+        return self._later(stored, then=tell)
 
     def __repr__(self) -> str:
         counts: dict[str, Any] = {s: len(self.entries(s)) for s in _QUEUED}
