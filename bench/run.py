@@ -64,16 +64,14 @@ from bench.systems import (
     Sink,
     commitOf,
     descendants,
+    runSmtpSource,
     treeCpu,
     treeRss,
-    which,
 )
 
 __all__ = ["main"]
 
 REPO = Path(__file__).resolve().parent.parent
-SENDER = "bench@relayd-bench.example"
-RECIPIENT = "sink@sink.example"
 
 # Each metric: its key, label, unit, and whether higher is better.
 METRICS = [
@@ -144,35 +142,7 @@ class Bench:
         Run smtp-source against C{port}; the seconds until it exited, that
         is until every message had its reply to the end of data.
         """
-        command = [
-            which("smtp-source"),
-            "-s",
-            str(self.args.sessions),
-            "-m",
-            str(messages),
-            "-l",
-            str(self.args.size),
-            "-f",
-            SENDER,
-            "-t",
-            RECIPIENT,
-            "-M",
-            "source.relayd-bench.example",
-        ]
-        if many:
-            command.append("-d")
-        command.append(f"{LOOPBACK}:{port}")
-        start = time.monotonic()
-        result = subprocess.run(
-            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=3600
-        )
-        elapsed = time.monotonic() - start
-        if result.returncode != 0 or result.stderr.strip():
-            raise BenchError(
-                f"smtp-source {' '.join(command[1:])} failed ({result.returncode}): "
-                f"{result.stderr.strip()[:500]}"
-            )
-        return elapsed
+        return runSmtpSource(port, messages, self.args.sessions, self.args.size, many)
 
     def delivered(self, what: str, count: int, start: float) -> float:
         """

@@ -34,6 +34,7 @@ __all__ = [
     "Sink",
     "freePort",
     "pythonEnvironment",
+    "runSmtpSource",
     "rss",
     "treeRss",
     "waitForGreeting",
@@ -42,6 +43,8 @@ __all__ = [
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
+SENDER = "bench@relayd-bench.example"
+RECIPIENT = "sink@sink.example"
 
 
 class BenchError(Exception):
@@ -190,6 +193,45 @@ def pythonEnvironment(code: Path | None, extra: dict[str, str] | None = None) ->
     if code is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def runSmtpSource(port: int, messages: int, sessions: int, size: int, many: bool = False) -> float:
+    """
+    Run C{smtp-source -s SESSIONS -m MESSAGES -l SIZE} (C{-d}: many messages
+    per connection) against C{port} on the loopback; the seconds until it
+    exited, that is until every message had its reply to the end of data.
+
+    @raise BenchError: when it fails or says anything on its error output.
+    """
+    command = [
+        which("smtp-source"),
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-f",
+        SENDER,
+        "-t",
+        RECIPIENT,
+        "-M",
+        "source.relayd-bench.example",
+    ]
+    if many:
+        command.append("-d")
+    command.append(f"{LOOPBACK}:{port}")
+    start = time.monotonic()
+    result = subprocess.run(
+        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=3600
+    )
+    elapsed = time.monotonic() - start
+    if result.returncode != 0 or result.stderr.strip():
+        raise BenchError(
+            f"smtp-source {' '.join(command[1:])} failed ({result.returncode}): "
+            f"{result.stderr.strip()[:500]}"
+        )
+    return elapsed
 
 
 def which(name: str) -> str:
