@@ -14,8 +14,8 @@ The spool is the only hand-off, and its one-owner rule becomes one owner
 per directory:
 
   - a receiver creates files in C{tmp/} under names of its own (queue ids
-    carry 5 random characters), renames them into C{data/} and
-    C{incoming/} with the same commit protocol and fsyncs as ever, and
+    carry 5 random characters), renames them into C{incoming/} with the
+    same commit protocol and fsyncs as ever (L{relayd.queue.spool}), and
     touches nothing else; it neither takes the spool's lock nor recovers;
   - the queue manager alone moves, updates and removes; startup recovery
     runs before any receiver exists.
