@@ -2,13 +2,20 @@
 Several receiving processes around one queue manager (DESIGN section 1,
 issue 14): Postfix's split of many C{smtpd} processes and one C{qmgr}.
 
-One Twisted process uses one core.  With C{[server] processes = N} (by
-default one per core) the process that C{twistd} starts, the I{queue
+One Twisted process uses one core.  With C{[server] processes = N} above 1
+(by default one per core) the process that C{twistd} starts, the I{queue
 manager}, binds the listening sockets, recovers the spool and runs the
-scheduler and deliveries as before, and also receives mail itself; it then
-starts N-1 I{receivers} (C{python -m relayd.receivers}), each handed the
-same listening sockets, so the kernel spreads new connections over all of
-them.
+scheduler and deliveries as before; it starts N I{receivers} (C{python -m
+relayd.receivers}), each handed the same listening sockets, and the kernel
+gives each new connection to one of them.
+
+The queue manager accepts connections only while no receiver is ready:
+until the first one has started, and whenever they have all died (until
+one is back), so that mail is received all along.  Otherwise it leaves
+them to the receivers, as Postfix's C{qmgr} leaves them to C{smtpd}: its
+scheduling, the deliveries' outcomes and the receivers' notices then
+never wait behind a client's commands, nor a client behind them
+(measured in C{docs/performance.md}).
 
 The spool is the only hand-off, and its one-owner rule becomes one owner
 per directory:
@@ -359,7 +366,7 @@ class ReceiverPool(ProcessPool):
         stopDeadline: float,
     ) -> None:
         """
-        @param count: receivers to run besides this process.
+        @param count: receivers to run.
         @param listeners: the L{relayd.service.ListenerService}s to share.
         @param stopDeadline: seconds a receiver may take to stop gracefully
             before it is killed.
@@ -387,6 +394,25 @@ class ReceiverPool(ProcessPool):
     def notice(self, child: ChildProcess, word: str, argument: bytes) -> None:
         if word == "queued" and argument:
             self.queued(argument.decode("ascii", "replace"))
+
+    def childReady(self, child: ChildProcess) -> None:
+        """A receiver accepts connections: the queue manager leaves them to it."""
+        if self.running and any(one.accepting for one in self.listeners):
+            for listener in self.listeners:
+                listener.stopAccepting()
+            log.info("{label} ready: new connections are the receivers'", label=child.label)
+
+    def childEnded(self, child: ChildProcess) -> None:
+        """
+        A receiver is gone: when none that is ready is left, the queue
+        manager accepts connections itself until one is back.
+        """
+        if not self.running or any(one.ready for one in self.children.values()):
+            return
+        if not all(one.accepting for one in self.listeners):
+            for listener in self.listeners:
+                listener.startAccepting()
+            log.warn("no receiver is running: the queue manager accepts connections until one is")
 
     def queued(self, queueId: str) -> None:
         """A receiver committed C{queueId}: tell the scheduler at once."""

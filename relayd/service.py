@@ -73,6 +73,7 @@ class ListenerService(Service):
         self.configKey = configKey
         self.port: Any = None
         self.listenerName = ""
+        self.accepting = True
 
     def privilegedStartService(self) -> None:
         """
@@ -101,6 +102,22 @@ class ListenerService(Service):
             from relayd.smtp.transport import writeThrough
 
             writeThrough(self.port)
+
+    def stopAccepting(self) -> None:
+        """
+        Leave new connections to the other processes that accept on this
+        socket (the receivers): it stays bound and open, and the
+        connections already accepted go on.
+        """
+        if self.accepting and self.port is not None and hasattr(self.port, "stopReading"):
+            self.accepting = False
+            self.port.stopReading()
+
+    def startAccepting(self) -> None:
+        """Accept new connections again (after L{stopAccepting})."""
+        if not self.accepting and self.port is not None:
+            self.accepting = True
+            self.port.startReading()
 
     def stopService(self) -> Any:
         Service.stopService(self)
@@ -366,7 +383,8 @@ def buildService(
     before listening: certificates, users file, policies, endpoint strings.
 
     @param receiver: None for the queue manager (the process twistd runs,
-        which starts C{config.processes - 1} receivers beside itself); in a
+        which starts C{config.processes} receivers when that is above 1,
+        L{relayd.receivers.ReceiverPool}); in a
         receiver process (L{relayd.receivers}), the endpoints of the
         inherited listening sockets by listener name: that tree only
         receives (no delivery, control socket or metrics) and its spool
@@ -506,7 +524,7 @@ def buildService(
 
         top.receivers = ReceiverPool(
             configPath=config.path,
-            count=config.processes - 1,
+            count=config.processes,
             listeners=listeners,
             spool=spool,
             reactor=reactor,

@@ -1,14 +1,15 @@
 """
 Several receiving processes around one queue manager (L{relayd.receivers},
-issue 14): a real C{twistd relayd} with C{[server] processes = 3} shares
-its listening socket with two receiver processes.
+issue 14): a real C{twistd relayd} with C{[server] processes = 2} shares
+its listening socket with two receiver processes, and leaves the
+connections to them while one is ready.
 
 Mail accepted by any process is delivered (to Postfix's smtp-sink) by the
-queue manager, promptly and completely; more than one process takes
-connections; SIGHUP and SIGTERM reach the receivers; a receiver that dies
-is started again; when the queue manager is killed with SIGKILL the
-receivers stop by themselves, and a restart delivers everything that got a
-C{250}.
+queue manager, promptly and completely; the receivers take the
+connections, and the queue manager only while none is running; SIGHUP and
+SIGTERM reach the receivers; a receiver that dies is started again; when
+the queue manager is killed with SIGKILL the receivers stop by themselves,
+and a restart delivers everything that got a C{250}.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from relayd.testing.process import (  # noqa: F401 (fixture)
 )
 
 TOKEN = re.compile(rb"X-Token: ([0-9a-f-]+)")
-PROCESSES = 3
+HANDED_OVER = "ready: new connections are the receivers'"
+TAKEN_BACK = "no receiver is running: the queue manager accepts connections"
+PROCESSES = 2
 
 
 def receiverPids(parent: int) -> list[int]:
@@ -48,7 +51,7 @@ def receiverPids(parent: int) -> list[int]:
 
 def waitReady(relayd: RelaydProcess) -> None:
     """Until every receiver has said it is receiving."""
-    for index in range(1, PROCESSES):
+    for index in range(1, PROCESSES + 1):
         waitFor(
             lambda i=index: (
                 f"[receiver-{i} relayd.receivers#info] receiver-{i} receiving" in relayd.log(10**7)
@@ -57,6 +60,10 @@ def waitReady(relayd: RelaydProcess) -> None:
             f"receiver-{index} not ready",
             relayd.log,
         )
+    # ... and the queue manager has left new connections to them.
+    waitFor(
+        lambda: HANDED_OVER in relayd.log(10**7), 10, "the queue manager still accepts", relayd.log
+    )
 
 
 def startWithReceivers(
@@ -65,13 +72,13 @@ def startWithReceivers(
     """
     Start C{twistd relayd} on C{setup} (added to C{started}, the
     C{relaydProcesses} fixture), and wait until it listens and each of its
-    C{PROCESSES - 1} receivers has said it is receiving.
+    C{PROCESSES} receivers has said it is receiving.
     """
     relayd = RelaydProcess(setup, logPath)
     started.append(relayd)
     relayd.waitListening()
     waitFor(
-        lambda: len(receiverPids(relayd.process.pid)) == PROCESSES - 1,
+        lambda: len(receiverPids(relayd.process.pid)) == PROCESSES,
         20,
         "receivers did not start",
         relayd.log,
@@ -166,7 +173,8 @@ def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesse
     assert tokensAt(sink) == set(accepted)
 
     def connects() -> tuple[int, int]:
-        text = relayd.log(10**7)
+        """Connections each side accepted since the receivers took over."""
+        text = relayd.log(10**7).split(HANDED_OVER, 1)[1]
         byReceivers = len(re.findall(r"\[receiver-\d relayd\.smtpd#info\] \w+: connect from", text))
         byManager = len(re.findall(r"\[relayd\.smtpd#info\] \w+: connect from", text))
         return byManager, byReceivers
@@ -174,7 +182,9 @@ def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesse
     # Log lines are written in batches (relayd.ops.logs): wait for them all.
     waitFor(lambda: sum(connects()) >= 240, 10, "connect lines missing", relayd.log)
     byManager, byReceivers = connects()
-    assert byReceivers > 0, (byManager, byReceivers)
+    # Every connection went to a receiver: the queue manager had left them
+    # to the receivers before the first one came.
+    assert (byManager, byReceivers) == (0, 240)
     text = relayd.log(10**7)
     # The receivers' messages were attempted at once (the notice pipe),
     # not found by a sweep minutes later; every one was removed.
@@ -184,11 +194,24 @@ def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesse
     # One metrics page counts every process (receivers send snapshots
     # every few seconds); the sum never goes down when a receiver ends.
     waitFor(lambda: acceptedTotal(metricsPort) == 240, 30, "metrics do not add up", relayd.log)
-    victim = receiverPids(relayd.process.pid)[0]
-    os.kill(victim, signal.SIGKILL)
-    waitFor(lambda: victim not in receiverPids(relayd.process.pid), 20, "not reaped")
+    victims = receiverPids(relayd.process.pid)
+    os.kill(victims[0], signal.SIGKILL)
+    waitFor(lambda: victims[0] not in receiverPids(relayd.process.pid), 20, "not reaped")
     waitFor(lambda: "exited (" in relayd.log(10**7), 20, "no exit line", relayd.log)
     assert acceptedTotal(metricsPort) == 240
+    # One receiver left: the queue manager still leaves connections to it.
+    assert TAKEN_BACK not in relayd.log(10**7)
+
+    # With every receiver gone, the queue manager accepts until one is
+    # back (a receiver killed is started again a second later).
+    for victim in receiverPids(relayd.process.pid):
+        os.kill(victim, signal.SIGKILL)
+    waitFor(lambda: TAKEN_BACK in relayd.log(10**7), 20, "nobody accepts", relayd.log)
+    assert sendMany(relayd.port, 1, clients=1) != []
+    waitFor(lambda: connects()[0] == 1, 10, "not the queue manager's", relayd.log)
+    # A receiver is back, and takes the connections again.
+    waitFor(lambda: relayd.log(10**7).count(HANDED_OVER) == 2, 30, "not handed over", relayd.log)
+    waitFor(lambda: acceptedTotal(metricsPort) == 241, 30, "metrics do not add up", relayd.log)
 
 
 def test_signalsReachReceivers(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
@@ -197,7 +220,7 @@ def test_signalsReachReceivers(tmp_path, sink, relaydProcesses) -> None:  # noqa
     parent = relayd.process.pid
 
     os.kill(parent, signal.SIGHUP)
-    for index in range(1, PROCESSES):
+    for index in range(1, PROCESSES + 1):
         waitFor(
             lambda i=index: (
                 f"[receiver-{i} relayd.service#info] reload: new config in force"
@@ -214,7 +237,7 @@ def test_signalsReachReceivers(tmp_path, sink, relaydProcesses) -> None:  # noqa
     waitFor(
         lambda: (
             "exited (" in relayd.log(10**7)
-            and len(receiverPids(parent)) == PROCESSES - 1
+            and len(receiverPids(parent)) == PROCESSES
             and victim not in receiverPids(parent)
         ),
         20,

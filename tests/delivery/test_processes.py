@@ -2,7 +2,7 @@
 Delivery processes around the queue manager (L{relayd.delivery.processes},
 issue 14), and the durability test under load.
 
-A real C{twistd relayd} with C{[server] processes = 2} (one receiver
+A real C{twistd relayd} with C{[server] processes = 2} (two receivers
 beside the queue manager) and C{[delivery] processes = 2}: mail gets to
 Postfix's smtp-sink through the delivery processes; a delivery process
 killed with attempts in flight defers them (never lost, never counted
@@ -77,8 +77,13 @@ def setupWith(tmp_path: Path, sinkPort: int, **delivery: object) -> TestSetup:
 
 
 def waitAllReady(relayd: RelaydProcess) -> None:
-    """Until the receiver and both delivery processes have said they run."""
-    for line in ("receiver-1 receiving", "delivery-1 delivering", "delivery-2 delivering"):
+    """Until both receivers and both delivery processes have said they run."""
+    for line in (
+        "receiver-1 receiving",
+        "receiver-2 receiving",
+        "delivery-1 delivering",
+        "delivery-2 delivering",
+    ):
         waitFor(lambda t=line: t in relayd.log(10**7), 30, f"no {line!r}", relayd.log)
 
 
@@ -195,7 +200,12 @@ def test_deliveryProcessesDeliverAndFollowSignals(tmp_path, sink, relaydProcesse
     # Every process runs on relayd's reactor (relayd.reactor).
     text = relayd.log(10**7)
     assert "reactor class: relayd.reactor.EPollReactor." in text, text
-    for label in ("receiver-1 receiving", "delivery-1 delivering", "delivery-2 delivering"):
+    for label in (
+        "receiver-1 receiving",
+        "receiver-2 receiving",
+        "delivery-1 delivering",
+        "delivery-2 delivering",
+    ):
         assert re.search(label + r" \(pid \d+, reactor relayd\.reactor\.EPollReactor\)", text), text
 
     accepted = sendMany(relayd.port, 60)
@@ -325,7 +335,7 @@ def test_killedUnderLoadLosesNothing(tmp_path, sink, relaydProcesses) -> None:  
     """
     The durability test under load (issue 14): smtp-source load plus
     clients of our own that record which of their messages got a 250, to
-    relayd with a receiver and two delivery processes; SIGKILL to a
+    relayd with two receivers and two delivery processes; SIGKILL to a
     delivery process, then to the queue manager, mid-run; a restart on the
     same spool delivers every message that got a 250.
     """

@@ -109,7 +109,8 @@ class Instance:
                 return False
 
         waitFor(greets, 30, f"relayd {self.name} not listening", self.log)
-        for index in range(1, self.processes):
+        receivers = self.processes if self.processes > 1 else 0
+        for index in range(1, receivers + 1):
             line = f"[receiver-{index} relayd.receivers#info] receiver-{index} receiving"
             waitFor(lambda line=line: line in self.log(), 30, f"{self.name} receiver", self.log)
 

@@ -1,10 +1,10 @@
 """
 C{process_*} metrics of every process: a real C{twistd relayd} with
-C{[server] processes = 2} (one receiver beside the queue manager) and, by
+C{[server] processes = 2} (two receivers beside the queue manager) and, by
 C{[delivery] processes = "auto"}, two delivery processes.  Each child sends
 its own process collector's figures with its metrics snapshots; one
 scrape of the queue manager's page shows them under C{process="receiver-1"},
-C{"delivery-1"}, C{"delivery-2"} beside the queue manager's own
+C{"receiver-2"}, C{"delivery-1"}, C{"delivery-2"} beside the queue manager's own
 (unlabelled) series.
 """
 
@@ -21,7 +21,7 @@ from relayd.testing import freePort
 from relayd.testing.process import RelaydProcess, relaydProcesses, waitFor  # noqa: F401
 from tests.test_receivers import relaydWith, sink  # noqa: F401 (fixture)
 
-CHILDREN = ("receiver-1", "delivery-1", "delivery-2")
+CHILDREN = ("receiver-1", "receiver-2", "delivery-1", "delivery-2")
 
 
 def scrape(port: int) -> dict[tuple[str, str], float]:
