@@ -14,12 +14,16 @@ and a restart delivers everything that got a C{250}.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 import shutil
 import signal
 import smtplib
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -142,6 +146,25 @@ def acceptedTotal(metricsPort: int) -> float:
     )
 
 
+def statusConnections(setup: TestSetup) -> int:
+    """The connections C{relayctl status --json} counts."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relayd.ops.relayctl",
+            "--config",
+            setup.configPath,
+            "status",
+            "--json",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    return int(json.loads(done.stdout)["connections"])
+
+
 def relaydWith(
     tmp_path: Path, sinkPort: int, processes: int = PROCESSES, metricsPort: int = 0
 ) -> TestSetup:
@@ -194,6 +217,13 @@ def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesse
     # One metrics page counts every process (receivers send snapshots
     # every few seconds); the sum never goes down when a receiver ends.
     waitFor(lambda: acceptedTotal(metricsPort) == 240, 30, "metrics do not add up", relayd.log)
+
+    # relayctl status counts the receivers' open connections.
+    assert statusConnections(setup) == 0
+    with socket.create_connection(("127.0.0.1", relayd.port), timeout=10) as held:
+        assert held.recv(512).startswith(b"220 ")
+        waitFor(lambda: statusConnections(setup) == 1, 20, "not counted", relayd.log)
+
     victims = receiverPids(relayd.process.pid)
     os.kill(victims[0], signal.SIGKILL)
     waitFor(lambda: victims[0] not in receiverPids(relayd.process.pid), 20, "not reaped")

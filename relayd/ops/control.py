@@ -345,7 +345,7 @@ class ControlService(Service):
         """See L{Status}."""
         top = self.top
         config = top.config
-        listeners = []
+        listeners: list[dict[str, Any]] = []
         for factory, listener in zip(top.factories, config.listeners, strict=False):
             address = None
             try:
@@ -362,6 +362,15 @@ class ControlService(Service):
                     "connections": len(factory.sessions),
                 }
             )
+        # With receivers, the connections are theirs: each one's count as of
+        # its latest metrics snapshot (a few seconds old at most).
+        pool = getattr(top, "receivers", None)
+        for child in pool.children.values() if pool is not None else ():
+            for (_, labels), value in child.metrics.get("relayd_connections_open", {}).items():
+                name = dict(labels).get("listener")
+                for one in listeners:
+                    if one["name"] == name:
+                        one["connections"] += int(value)
         status: dict[str, Any] = {
             "version": _version(),
             "pid": os.getpid(),
