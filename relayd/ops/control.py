@@ -365,12 +365,12 @@ class ControlService(Service):
         # With receivers, the connections are theirs: each one's count as of
         # its latest metrics snapshot (a few seconds old at most).
         pool = getattr(top, "receivers", None)
+        byName = {one["name"]: one for one in listeners}
         for child in pool.children.values() if pool is not None else ():
             for (_, labels), value in child.metrics.get("relayd_connections_open", {}).items():
-                name = dict(labels).get("listener")
-                for one in listeners:
-                    if one["name"] == name:
-                        one["connections"] += int(value)
+                one = byName.get(dict(labels).get("listener"))
+                if one is not None:
+                    one["connections"] += int(value)
         status: dict[str, Any] = {
             "version": _version(),
             "pid": os.getpid(),
