@@ -170,6 +170,8 @@ class RelaydService(MultiService):
         self.reloadError: str | None = None
         self.spool: Spool | None = None
         self.receivers: ReceiverPool | None = None
+        # The connection limits of [limits], shared by the listeners.
+        self.limits: ConnectionLimits | None = None
         self.deliveries: DeliveryPool | None = None
         # TLSRPT counts (relayd.delivery.tlsrpt), when MTA-STS or DANE is on.
         self.tlsReports: TLSReportCounts | None = None
@@ -472,6 +474,7 @@ def buildService(
     SessionsService(top.factories, config.shutdownSessions).setServiceParent(top)
 
     limits = ConnectionLimits(config.maxConnections, config.maxConnectionsPerClient)
+    top.limits = limits
     listeners: list[ListenerService] = []
     lockout = Lockout(reactor)
     for i, listener in enumerate(config.listeners):
@@ -622,6 +625,9 @@ def _reload(top: RelaydService) -> Any:
             applyDeliveryConfig(top.deliverer, config)
     for factory in top.factories:
         factory.config = config
+    if top.limits is not None:
+        top.limits.total = config.maxConnections
+        top.limits.perClient = config.maxConnectionsPerClient
     top.config = config
     changed = [
         key

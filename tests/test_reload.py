@@ -92,6 +92,35 @@ class InProcessReloadTests(unittest.TestCase):
         self.assertEqual(data[0], 354, "the recipient accepted before the reload stays")
 
     @defer.inlineCallbacks
+    def test_connectionLimitsChange(self):
+        """
+        C{[limits] connections_per_client} and C{connections} are put in
+        force by a reload: connections already counted stay counted, new
+        ones are held to the new numbers.
+        """
+        port = self.relayd.port("relay")
+
+        def greeting():
+            c = WireClient(port)
+            return c, c.reply()
+
+        held = []
+        for _ in range(2):
+            client, reply = yield deferToThread(greeting)
+            self.addCleanup(client.close)
+            held.append(client)
+            self.assertEqual(reply[0], 220)
+        with open(self.setup.configPath, "a") as f:
+            f.write("\n[limits]\nconnections_per_client = 2\n")
+        ok = yield self.relayd.service.reload()
+        self.assertTrue(ok, self.logText())
+        client, reply = yield deferToThread(greeting)
+        self.addCleanup(client.close)
+        self.assertEqual(reply[0], 421)
+        self.assertIn("4.7.0", reply[1][0])
+        self.assertIn("too many connections from your address", reply[1][0])
+
+    @defer.inlineCallbacks
     def test_invalidConfigRefused(self):
         rewrite(self.setup.configPath, "[spool]", "[spool\n")
         ok = yield self.relayd.service.reload()
