@@ -39,9 +39,11 @@ reach every receiver.  A receiver that dies is started again, with a
 growing delay if it keeps dying.  Each receiver logs to the queue manager's
 standard output and error, its lines marked C{receiver-N}.
 
-What is per process: the connection counts of C{[limits]} and in-memory
-counters (so a C{ratelimit} policy with the memory backend needs
-C{processes = 1}, see L{relayd.config}).  The metrics endpoint is the queue
+The connection counts of C{[limits]} are the whole relayd's: the queue
+manager counts every process's connections, and a receiver asks it before
+it greets a client (L{SharedLimits}, Postfix's C{anvil}).  What is per
+process: in-memory counters (so a C{ratelimit} policy with the memory
+backend needs C{processes = 1}, see L{relayd.config}).  The metrics endpoint is the queue
 manager's, and it adds up everything: each receiver counts in a registry
 of its own and sends a snapshot every L{METRICS_INTERVAL} seconds (and as
 it stops) on the notice pipe; what a receiver that ended had counted stays
@@ -65,8 +67,16 @@ from twisted.python.failure import Failure
 
 from relayd.ops.logs import Logger
 from relayd.ops.metrics import Samples, addSamples, parseProcessSamples, parseSamples
+from relayd.smtp.session import ConnectionLimits
 
-__all__ = ["ProcessPool", "ChildProcess", "ReceiverPool", "AdoptedEndpoint", "main"]
+__all__ = [
+    "ProcessPool",
+    "ChildProcess",
+    "ReceiverPool",
+    "SharedLimits",
+    "AdoptedEndpoint",
+    "main",
+]
 
 log = Logger(namespace="relayd.receivers")
 
@@ -76,6 +86,8 @@ NOTICE_FD = 3
 """The receiver's end of the pipe for C{queued <id>} notices."""
 METRICS_INTERVAL = 5.0
 """Seconds between two snapshots of a receiver's metrics to the queue manager."""
+ASK_TIMEOUT = 5.0
+"""Seconds a receiver waits for the queue manager to count a connection."""
 RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
 
@@ -364,10 +376,14 @@ class ReceiverPool(ProcessPool):
         spool: Any,
         reactor: Any,
         stopDeadline: float,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         """
         @param count: receivers to run.
         @param listeners: the L{relayd.service.ListenerService}s to share.
+        @param limits: the queue manager's connection limits, which count
+            every process's connections (L{SharedLimits}); None counts
+            none (each receiver then only counts its own).
         @param stopDeadline: seconds a receiver may take to stop gracefully
             before it is killed.
         """
@@ -376,6 +392,9 @@ class ReceiverPool(ProcessPool):
         )
         self.listeners = listeners
         self.spool = spool
+        self.limits = limits
+        self.connections: dict[ChildProcess, dict[str, int]] = {}
+        """Each receiver's open connections that L{limits} counts, by client."""
 
     @property
     def receivers(self) -> dict[int, ChildProcess]:
@@ -394,6 +413,40 @@ class ReceiverPool(ProcessPool):
     def notice(self, child: ChildProcess, word: str, argument: bytes) -> None:
         if word == "queued" and argument:
             self.queued(argument.decode("ascii", "replace"))
+        elif word == "open":
+            token, _, client = argument.partition(b" ")
+            self.opened(child, token, client.decode("ascii", "replace"))
+        elif word == "close":
+            self.closed(child, argument.decode("ascii", "replace"))
+
+    def opened(self, child: ChildProcess, token: bytes, client: str) -> None:
+        """
+        C{child} has a new connection from C{client}: count it against the
+        limits of the whole relayd and answer C{admit <token>}, or
+        C{refuse <token> <reason>} on its standard input.
+        """
+        if self.limits is None:
+            child.write(b"admit %s\n" % token)
+            return
+        refusal = self.limits.admit(client)
+        if refusal is not None:
+            child.write(b"refuse %s %s\n" % (token, refusal.encode("ascii")))
+            return
+        counts = self.connections.setdefault(child, {})
+        counts[client] = counts.get(client, 0) + 1
+        child.write(b"admit %s\n" % token)
+
+    def closed(self, child: ChildProcess, client: str) -> None:
+        """A connection from C{client} that C{child} had counted is over."""
+        counts = self.connections.get(child)
+        left = counts.get(client, 0) if counts is not None else 0
+        if counts is None or not left or self.limits is None:
+            return  # never counted here (admitted while the answer was late)
+        if left > 1:
+            counts[client] = left - 1
+        else:
+            del counts[client]
+        self.limits.close(client)
 
     def childReady(self, child: ChildProcess) -> None:
         """A receiver accepts connections: the queue manager leaves them to it."""
@@ -404,9 +457,15 @@ class ReceiverPool(ProcessPool):
 
     def childEnded(self, child: ChildProcess) -> None:
         """
-        A receiver is gone: when none that is ready is left, the queue
+        A receiver is gone, and its connections with it: their slots are
+        given back.  When no receiver that is ready is left, the queue
         manager accepts connections itself until one is back.
         """
+        counts = self.connections.pop(child, {})
+        if self.limits is not None:
+            for client, count in counts.items():
+                for _ in range(count):
+                    self.limits.close(client)
         if not self.running or any(one.ready for one in self.children.values()):
             return
         if not all(one.accepting for one in self.listeners):
@@ -426,13 +485,91 @@ class _Lifeline(Protocol):
     """
     A child's standard input (from the queue manager) and its notice
     pipe: end of file on standard input means the queue manager is gone.
+    A receiver also reads the queue manager's answers there (L{SharedLimits}).
     """
 
-    def __init__(self, stop: Any) -> None:
+    def __init__(self, stop: Any, answer: Any = None) -> None:
         self.stop = stop
+        self.answer = answer
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        lines = (self._buffer + data).split(b"\n")
+        self._buffer = lines.pop()
+        if self.answer is not None:
+            for line in lines:
+                self.answer(line)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.stop()
+
+
+class SharedLimits(ConnectionLimits):
+    """
+    A receiver's connection limits.  The C{[limits]} connection counts
+    are the whole relayd's, not each process's, so the queue manager
+    counts every process's connections (L{ReceiverPool.opened}), as
+    Postfix's C{smtpd} processes ask C{anvil}.
+
+    A new connection is counted here first (this process's own connections
+    are some of the whole, so a refusal here is right), then the queue
+    manager is asked on the notice pipe (C{open <token> <client>}) and
+    answers on standard input (C{admit <token>} or C{refuse <token>
+    <reason>}); the session greets nobody and reads nothing until then.
+    Each end is told (C{close <client>}).
+
+    A queue manager that does not answer within L{ASK_TIMEOUT} seconds
+    (busy or stuck) does not keep clients out: the connection is let in
+    on this process's counts alone, with a warning.
+    """
+
+    def __init__(self, total: int, perClient: int, reactor: Any, notices: Any) -> None:
+        super().__init__(total, perClient)
+        self.reactor = reactor
+        self.notices = notices
+        self._tokens = 0
+        self._waiting: dict[bytes, tuple[Deferred[str | None], str, Any]] = {}
+
+    def open(self, client: str) -> str | Deferred[str | None] | None:
+        refusal = self.admit(client)
+        if refusal is not None:
+            return refusal
+        self._tokens += 1
+        token = b"%d" % self._tokens
+        answered: Deferred[str | None] = Deferred()
+        timer = self.reactor.callLater(ASK_TIMEOUT, self._late, token)
+        self._waiting[token] = (answered, client, timer)
+        self.notices.write(b"open %s %s\n" % (token, client.encode("ascii")))
+        return answered
+
+    def close(self, client: str) -> None:
+        super().close(client)
+        self.notices.write(b"close %s\n" % client.encode("ascii"))
+
+    def answer(self, line: bytes) -> None:
+        """A line from the queue manager on standard input."""
+        word, _, rest = line.partition(b" ")
+        token, _, reason = rest.partition(b" ")
+        waiting = self._waiting.pop(token, None)
+        if waiting is None or word not in (b"admit", b"refuse"):
+            return  # answered too late: L{_late} let it in already
+        answered, client, timer = waiting
+        timer.cancel()
+        if word == b"admit":
+            answered.callback(None)
+            return
+        super().close(client)
+        answered.callback(reason.decode("ascii", "replace") or "too many connections")
+
+    def _late(self, token: bytes) -> None:
+        answered, client, _ = self._waiting.pop(token)
+        log.warn(
+            "the queue manager did not answer within {timeout:g}s: [{client}] let in on "
+            "this process's connection counts alone",
+            timeout=ASK_TIMEOUT,
+            client=client,
+        )
+        answered.callback(None)
 
 
 def _withoutGauges(samples: Samples) -> Samples:
@@ -539,9 +676,12 @@ def main(argv: list[str] | None = None) -> None:
         fd, _, family = where.partition(":")
         endpoints[name] = AdoptedEndpoint(reactor, int(fd), int(family or socket.AF_INET))
 
-    service = buildService(config, reactor, receiver=endpoints)
+    lifeline = _Lifeline(lambda: _stop(reactor))
+    notices = openLifeline(reactor, lifeline)
+    limits = SharedLimits(config.maxConnections, config.maxConnectionsPerClient, reactor, notices)
+    lifeline.answer = limits.answer
 
-    notices = openLifeline(reactor, _Lifeline(lambda: _stop(reactor)))
+    service = buildService(config, reactor, receiver=endpoints, limits=limits)
 
     def tell(queueId: str, record: Any) -> None:
         notices.write(f"queued {queueId}\n".encode("ascii"))

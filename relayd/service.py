@@ -379,6 +379,7 @@ def buildService(
     reactor: Any,
     receiver: dict[str, Any] | None = None,
     checkOnly: bool = False,
+    limits: ConnectionLimits | None = None,
 ) -> RelaydService:
     """
     Make the whole service tree, checking everything that can be checked
@@ -394,6 +395,9 @@ def buildService(
     @param checkOnly: the tree is built to check the config, never started
         (C{relayctl check-config}): sockets systemd would pass are not
         required.
+    @param limits: the connection limits to count in; by default new
+        ones from C{config} (a receiver's are
+        L{relayd.receivers.SharedLimits}).
     @raise ConfigError: on any of those problems.
     """
     from relayd.certificates import (
@@ -473,7 +477,8 @@ def buildService(
     # before the scheduler and the spool: the sessions in DATA still commit.
     SessionsService(top.factories, config.shutdownSessions).setServiceParent(top)
 
-    limits = ConnectionLimits(config.maxConnections, config.maxConnectionsPerClient)
+    if limits is None:
+        limits = ConnectionLimits(config.maxConnections, config.maxConnectionsPerClient)
     top.limits = limits
     listeners: list[ListenerService] = []
     lockout = Lockout(reactor)
@@ -532,6 +537,7 @@ def buildService(
             spool=spool,
             reactor=reactor,
             stopDeadline=config.shutdownSessions + 10,
+            limits=limits,
         )
         top.receivers.setServiceParent(top)
     if metricsService is not None:

@@ -244,6 +244,78 @@ def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesse
     waitFor(lambda: acceptedTotal(metricsPort) == 241, 30, "metrics do not add up", relayd.log)
 
 
+def greeting(port: int, source: str) -> tuple[socket.socket, bytes]:
+    """A connection from C{source} (a loopback address) and its first reply line."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        reply += chunk
+    return sock, reply
+
+
+def test_limitsCountEveryProcess(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
+    """
+    C{[limits] connections} and C{connections_per_client} hold for the
+    whole relayd, not each process: the queue manager counts the
+    receivers' connections (L{relayd.receivers.SharedLimits}), gives a
+    slot back when its connection ends, and every slot of a receiver that
+    died.
+    """
+    setup = relaydWith(tmp_path, sink.port)
+    with open(setup.configPath, "a") as f:
+        f.write("\n[limits]\nconnections = 5\nconnections_per_client = 3\n")
+    relayd = startWithReceivers(setup, tmp_path / "relayd.log", relaydProcesses)
+    held: list[socket.socket] = []
+    try:
+        replies = []
+        for _ in range(8):
+            sock, reply = greeting(relayd.port, "127.0.0.1")
+            held.append(sock)
+            replies.append(reply[:3])
+        # Whichever receiver took each: three in, the rest refused.
+        assert replies == [b"220"] * 3 + [b"421"] * 5, (replies, relayd.log())
+        refused = relayd.log().count("refused [127.0.0.1]: too many connections from your address")
+        assert refused == 5, relayd.log()
+        # Two more from another address, then the total is reached.
+        for expected in (b"220", b"220", b"421"):
+            sock, reply = greeting(relayd.port, "127.0.0.2")
+            held.append(sock)
+            assert reply[:3] == expected, (reply, relayd.log())
+        assert reply.startswith(b"421 4.7.0 ") and b"too many connections" in reply
+        for sock in held[3:]:
+            sock.close()
+
+        # A session that ends gives its slot back to every process.
+        held[0].sendall(b"QUIT\r\n")
+        assert held[0].recv(512).startswith(b"221 ")
+        held[0].close()
+
+        def again() -> bool:
+            sock, reply = greeting(relayd.port, "127.0.0.1")
+            held.append(sock)
+            return reply.startswith(b"220 ")
+
+        waitFor(again, 10, "the slot was not given back", relayd.log)
+
+        # Every receiver killed (their connections die with them): the
+        # queue manager, accepting until one is back, has all their slots.
+        for victim in receiverPids(relayd.process.pid):
+            os.kill(victim, signal.SIGKILL)
+        waitFor(lambda: TAKEN_BACK in relayd.log(10**7), 20, "nobody accepts", relayd.log)
+        replies = []
+        for _ in range(4):
+            sock, reply = greeting(relayd.port, "127.0.0.1")
+            held.append(sock)
+            replies.append(reply[:3])
+        assert replies == [b"220"] * 3 + [b"421"], (replies, relayd.log())
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_signalsReachReceivers(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
     setup = relaydWith(tmp_path, sink.port)
     relayd = startWithReceivers(setup, tmp_path / "relayd.log", relaydProcesses)
@@ -340,3 +412,67 @@ def test_processesConfig(tmp_path) -> None:
         load(setup.configPath)
     assert caught.value.key == "server.processes"
     assert 'backend = "redis"' in caught.value.problem
+
+
+class _Pipe:
+    """The notice pipe's write end, as a receiver's L{SharedLimits} sees it."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.lines += data.splitlines()
+
+
+def test_sharedLimitsAnswers() -> None:
+    """
+    A receiver's limits ask the queue manager and take its answer; a
+    refusal gives the local slot back too; each end is told.
+    """
+    from twisted.internet.task import Clock
+
+    from relayd.receivers import SharedLimits
+
+    pipe = _Pipe()
+    limits = SharedLimits(10, 2, Clock(), pipe)
+    answers: list[str | None] = []
+    first = limits.open("192.0.2.1")
+    second = limits.open("192.0.2.1")
+    assert not isinstance(first, (str, type(None))) and not isinstance(second, (str, type(None)))
+    first.addCallback(answers.append)
+    second.addCallback(answers.append)
+    assert pipe.lines == [b"open 1 192.0.2.1", b"open 2 192.0.2.1"]
+    # Over the limit here already: refused without asking.
+    assert limits.open("192.0.2.1") == "too many connections from your address"
+    limits.answer(b"refuse 2 too many connections")
+    limits.answer(b"admit 1")
+    assert answers == ["too many connections", None]
+    assert limits.byClient == {"192.0.2.1": 1}
+    limits.close("192.0.2.1")
+    assert pipe.lines[-1] == b"close 192.0.2.1"
+    assert limits.current == 0
+
+
+def test_sharedLimitsQueueManagerSilent() -> None:
+    """
+    A queue manager that does not answer within ASK_TIMEOUT does not keep
+    the client out: it is let in on this process's counts, and a late
+    answer changes nothing.
+    """
+    from twisted.internet.task import Clock
+
+    from relayd.receivers import ASK_TIMEOUT, SharedLimits
+
+    clock = Clock()
+    limits = SharedLimits(10, 2, clock, _Pipe())
+    answers: list[str | None] = []
+    waiting = limits.open("192.0.2.1")
+    assert not isinstance(waiting, (str, type(None)))
+    waiting.addCallback(answers.append)
+    clock.advance(ASK_TIMEOUT - 0.1)
+    assert answers == []
+    clock.advance(0.1)
+    assert answers == [None]
+    limits.answer(b"refuse 1 too many connections")
+    assert answers == [None] and limits.byClient == {"192.0.2.1": 1}
+    assert not clock.getDelayedCalls()

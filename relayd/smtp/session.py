@@ -109,8 +109,16 @@ class ConnectionLimits:
         self.current = 0
         self.byClient: dict[str, int] = {}
 
-    def open(self, client: str) -> str | None:
-        """Count a new connection; return the reason when over a limit."""
+    def open(self, client: str) -> str | Deferred[str | None] | None:
+        """
+        Count a new connection; return the reason when over a limit, or
+        None.  A receiver's limits answer later (a Deferred), once the
+        queue manager has counted (L{relayd.receivers.SharedLimits}).
+        """
+        return self.admit(client)
+
+    def admit(self, client: str) -> str | None:
+        """Count a new connection here; return the reason when over a limit."""
         if self.current >= self.total:
             return "too many connections"
         if self.byClient.get(client, 0) >= self.perClient:
@@ -120,6 +128,7 @@ class ConnectionLimits:
         return None
 
     def close(self, client: str) -> None:
+        """Give back a slot counted by L{open} (or L{admit})."""
         self.current -= 1
         left = self.byClient.get(client, 1) - 1
         if left:
@@ -440,7 +449,26 @@ class SMTPServer(LineReceiver):
         )
         self._metered = True
         f.metrics.connectionOpened(f.listener)
-        refusal = f.limits.open(self._clientText)
+        decided = f.limits.open(self._clientText)
+        if isinstance(decided, Deferred):
+            # A receiver asks the queue manager, which counts every
+            # process's connections (L{relayd.receivers.SharedLimits}):
+            # nothing is read or answered until it has.
+            self._hold()
+            decided.addCallback(self._admit)
+            decided.addBoth(self._releaseAfter)
+            return
+        self._admit(decided)
+
+    def _admit(self, refusal: str | None) -> None:
+        """The connection limits answered: C{refusal} says why not, or None."""
+        f = self.factory
+        assert self.session is not None
+        if self.state == "closed":
+            # The client left while the queue manager was asked.
+            if refusal is None:
+                f.limits.close(self._clientText)
+            return
         if refusal is not None:
             log.warn(
                 "{session_id}: refused [{client}]: {reason}",
