@@ -274,25 +274,14 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 """The least severe level logged, see L{relayd.ops.logs}."""
 
 
-def _processes(path: str, value: int, chain: list[str], policies: dict[str, Any]) -> int:
+def _processes(value: int) -> int:
     """
     How many processes receive mail (C{[server] processes}): 0 means one
-    per CPU core.  Rate counters kept in memory are one process's own, so a
-    C{ratelimit} policy with the memory backend needs a single process: the
-    automatic choice is then 1, and an explicit number above 1 is refused.
+    per CPU core.  Whatever the number, connection limits and rate
+    counters kept in memory are the whole relayd's: the queue manager
+    keeps them for every process (L{relayd.receivers}).
     """
-    options = policies.get("ratelimit", {})
-    local = "ratelimit" in chain and options.get("backend", "memory") == "memory"
-    if value == 0:
-        return 1 if local else max(1, os.cpu_count() or 1)
-    if value > 1 and local:
-        raise ConfigError(
-            path,
-            "server.processes",
-            f"{value} processes would each count rate limits on their own: use "
-            'policies.ratelimit.backend = "redis" or processes = 1',
-        )
-    return value
+    return max(1, os.cpu_count() or 1) if value == 0 else value
 
 
 def _autoOrCount(value: Any) -> str | None:
@@ -736,7 +725,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
     _refuseRoutesToSelf(path, routes, listeners, hostname)
     spoolDirectory = _resolve(base, spool["directory"]) or ""
     controlSocket = _resolve(base, sections["control"]["socket"])
-    processes = _processes(path, server["processes"], policy["chain"], policies)
+    processes = _processes(server["processes"])
     maildrop = sections["maildrop"]
     if maildrop["listener"] is not None and not any(
         lc.name == maildrop["listener"] and lc.mode == "relay" for lc in listeners

@@ -39,11 +39,13 @@ reach every receiver.  A receiver that dies is started again, with a
 growing delay if it keeps dying.  Each receiver logs to the queue manager's
 standard output and error, its lines marked C{receiver-N}.
 
-The connection counts of C{[limits]} are the whole relayd's: the queue
-manager counts every process's connections, and a receiver asks it before
-it greets a client (L{SharedLimits}, Postfix's C{anvil}).  What is per
-process: in-memory counters (so a C{ratelimit} policy with the memory
-backend needs C{processes = 1}, see L{relayd.config}).  The metrics endpoint is the queue
+What relayd counts is the whole relayd's, not each process's: the queue
+manager keeps the counts for every process, and a receiver asks it
+(L{QueueManagerLink}), as Postfix's C{smtpd} asks C{anvil}: the
+connection counts of C{[limits]}, before it greets a client
+(L{SharedLimits}), and the rate counters kept in memory, the AUTH
+lockout's and a C{ratelimit} policy's with the memory backend
+(L{QueueManagerStore}).  The metrics endpoint is the queue
 manager's, and it adds up everything: each receiver counts in a registry
 of its own and sends a snapshot every L{METRICS_INTERVAL} seconds (and as
 it stops) on the notice pipe; what a receiver that ended had counted stays
@@ -53,6 +55,7 @@ in the totals, so no counter ever goes down.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -64,7 +67,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from relayd.interfaces import IRateCounterStore
 from relayd.ops.logs import Logger
 from relayd.ops.metrics import Samples, addSamples, parseProcessSamples, parseSamples
 from relayd.smtp.session import ConnectionLimits
@@ -74,6 +79,9 @@ __all__ = [
     "ChildProcess",
     "ReceiverPool",
     "SharedLimits",
+    "QueueManagerLink",
+    "QueueManagerStore",
+    "QueueManagerSilent",
     "AdoptedEndpoint",
     "main",
 ]
@@ -88,6 +96,8 @@ METRICS_INTERVAL = 5.0
 """Seconds between two snapshots of a receiver's metrics to the queue manager."""
 ASK_TIMEOUT = 5.0
 """Seconds a receiver waits for the queue manager to count a connection."""
+REFUSAL_GRACE = 0.05
+"""Seconds the queue manager waits for slots given back before it refuses a connection."""
 RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
 
@@ -107,6 +117,46 @@ class AdoptedEndpoint:
         port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
         os.close(self.fd)  # the reactor has its own duplicate
         return succeed(port)
+
+
+def writeAtOnce(writer: Any, data: bytes) -> None:
+    """
+    C{writer.write(data)} for a pipe's Twisted writer (a
+    C{twisted.internet.process.ProcessWriter}: a child's standard input,
+    a child's notice pipe), but sending at once what the pipe takes when
+    nothing written before is still queued, as L{relayd.smtp.transport}
+    does for the listeners' sockets.  Twisted's writer would send on the
+    next reactor turn: a connection would wait two more turns before its
+    greeting (L{SharedLimits}), and a slot given back as a session's 221
+    is sent could reach the queue manager after the client's next
+    connection, on another receiver, asked for it.  What the pipe does
+    not take (full, or closed) is queued the Twisted way, in order.
+    """
+    if (
+        data
+        and writer.connected
+        and not writer.disconnecting
+        and not writer._tempDataLen
+        and writer.offset == len(writer.dataBuffer)
+    ):
+        try:
+            sent = os.write(writer.fd, data)
+        except OSError:
+            sent = 0  # full (EAGAIN), or gone: the writer finds out which
+        data = data[sent:]
+        if not data:
+            return
+    writer.write(data)
+
+
+class NoticePipe:
+    """A child's end of its notice pipe: L{writeAtOnce} to fd L{NOTICE_FD}."""
+
+    def __init__(self, stdio: Any) -> None:
+        self.stdio = stdio
+
+    def write(self, data: bytes) -> None:
+        writeAtOnce(self.stdio._writer, data)
 
 
 class ChildProcess(ProcessProtocol):
@@ -175,8 +225,12 @@ class ChildProcess(ProcessProtocol):
         self._notices = buffer
 
     def write(self, data: bytes) -> None:
-        """To the child's standard input."""
-        self.transport.write(data)
+        """To the child's standard input (L{writeAtOnce})."""
+        pipes = getattr(self.transport, "pipes", {})
+        if 0 in pipes:
+            writeAtOnce(pipes[0], data)
+        else:
+            self.transport.write(data)
 
     def signal(self, name: str) -> None:
         try:
@@ -377,6 +431,7 @@ class ReceiverPool(ProcessPool):
         reactor: Any,
         stopDeadline: float,
         limits: ConnectionLimits | None = None,
+        counters: IRateCounterStore | None = None,
     ) -> None:
         """
         @param count: receivers to run.
@@ -384,6 +439,8 @@ class ReceiverPool(ProcessPool):
         @param limits: the queue manager's connection limits, which count
             every process's connections (L{SharedLimits}); None counts
             none (each receiver then only counts its own).
+        @param counters: the queue manager's rate counters, in which the
+            receivers count too (L{QueueManagerStore}).
         @param stopDeadline: seconds a receiver may take to stop gracefully
             before it is killed.
         """
@@ -393,6 +450,7 @@ class ReceiverPool(ProcessPool):
         self.listeners = listeners
         self.spool = spool
         self.limits = limits
+        self.counters = counters
         self.connections: dict[ChildProcess, dict[str, int]] = {}
         """Each receiver's open connections that L{limits} counts, by client."""
 
@@ -415,26 +473,62 @@ class ReceiverPool(ProcessPool):
             self.queued(argument.decode("ascii", "replace"))
         elif word == "open":
             token, _, client = argument.partition(b" ")
-            self.opened(child, token, client.decode("ascii", "replace"))
+            self.admitOrWait(child, token, client.decode("ascii", "replace"))
         elif word == "close":
             self.closed(child, argument.decode("ascii", "replace"))
+        elif word == "count":
+            token, _, question = argument.partition(b" ")
+            self.counted(question).addCallback(
+                lambda payload: child.write(b"answer %s %s\n" % (token, payload))
+            )
 
-    def opened(self, child: ChildProcess, token: bytes, client: str) -> None:
+    def admitOrWait(
+        self, child: ChildProcess, token: bytes, client: str, waited: bool = False
+    ) -> None:
+        """
+        Answer C{child}'s C{open <token> <client>}: admitted, or the reason
+        for a refusal.  A refusal waits L{REFUSAL_GRACE} seconds and counts
+        again first: a client that reconnects the moment it reads a 221
+        (as smtp-source does) must not be refused because its old
+        session's C{close}, on another receiver's pipe, is read after its
+        new C{open} in the same reactor turn.
+        """
+        if self.children.get(child.index) is not child:
+            return  # ended meanwhile: its connections are gone
+        refusal = self.opened(child, client)
+        if refusal is not None and not waited:
+            self.reactor.callLater(REFUSAL_GRACE, self.admitOrWait, child, token, client, True)
+            return
+        child.write(b"answer %s %s\n" % (token, (refusal or "").encode("ascii")))
+
+    def opened(self, child: ChildProcess, client: str) -> str | None:
         """
         C{child} has a new connection from C{client}: count it against the
-        limits of the whole relayd and answer C{admit <token>}, or
-        C{refuse <token> <reason>} on its standard input.
+        limits of the whole relayd, or return the reason it is refused.
         """
         if self.limits is None:
-            child.write(b"admit %s\n" % token)
-            return
+            return None
         refusal = self.limits.admit(client)
-        if refusal is not None:
-            child.write(b"refuse %s %s\n" % (token, refusal.encode("ascii")))
-            return
-        counts = self.connections.setdefault(child, {})
-        counts[client] = counts.get(client, 0) + 1
-        child.write(b"admit %s\n" % token)
+        if refusal is None:
+            counts = self.connections.setdefault(child, {})
+            counts[client] = counts.get(client, 0) + 1
+        return refusal
+
+    def counted(self, question: bytes) -> Deferred[bytes]:
+        """
+        A receiver's L{QueueManagerStore} call, C{<op> <counters as JSON>},
+        made on L{counters}: its result as JSON, or C{!<problem>}.
+        """
+        op, _, text = question.partition(b" ")
+        try:
+            if self.counters is None or op not in (b"reserve", b"peek", b"release"):
+                raise ValueError(f"no such question: count {op.decode('ascii', 'replace')}")
+            counters = [tuple(c) for c in json.loads(text)]
+            d: Deferred[Any] = getattr(self.counters, op.decode("ascii"))(counters)
+        except (ValueError, TypeError, IndexError) as e:
+            log.warn("a receiver's count was refused: {error}", error=str(e))
+            return succeed(b"!" + str(e).encode("utf-8", "replace"))
+        return d.addCallback(lambda result: json.dumps(result).encode("ascii"))
 
     def closed(self, child: ChildProcess, client: str) -> None:
         """A connection from C{client} that C{child} had counted is over."""
@@ -504,6 +598,56 @@ class _Lifeline(Protocol):
         self.stop()
 
 
+class QueueManagerSilent(Exception):
+    """The queue manager did not answer a receiver's question in time."""
+
+
+class QueueManagerLink:
+    """
+    A receiver's questions to the queue manager, about what the whole
+    relayd counts (L{SharedLimits}, L{QueueManagerStore}): each is a line
+    on the notice pipe, C{<word> <token> <argument>}, answered by a line
+    C{answer <token> <payload>} on standard input (L{ReceiverPool.asked}).
+    A question not answered within L{ASK_TIMEOUT} seconds fails with
+    L{QueueManagerSilent}; a late answer is dropped.
+    """
+
+    def __init__(self, reactor: Any, notices: Any) -> None:
+        self.reactor = reactor
+        self.notices = notices
+        self._tokens = 0
+        self._waiting: dict[bytes, tuple[Deferred[bytes], Any]] = {}
+
+    def ask(self, word: bytes, argument: bytes) -> Deferred[bytes]:
+        """Ask; the Deferred fires with the answer's payload."""
+        self._tokens += 1
+        token = b"%d" % self._tokens
+        answered: Deferred[bytes] = Deferred()
+        timer = self.reactor.callLater(ASK_TIMEOUT, self._late, token)
+        self._waiting[token] = (answered, timer)
+        self.notices.write(b"%s %s %s\n" % (word, token, argument))
+        return answered
+
+    def tell(self, word: bytes, argument: bytes) -> None:
+        """A line that needs no answer."""
+        self.notices.write(b"%s %s\n" % (word, argument))
+
+    def answer(self, line: bytes) -> None:
+        """A line from the queue manager on standard input."""
+        word, _, rest = line.partition(b" ")
+        token, _, payload = rest.partition(b" ")
+        waiting = self._waiting.pop(token, None) if word == b"answer" else None
+        if waiting is None:
+            return  # too late: the question failed already
+        answered, timer = waiting
+        timer.cancel()
+        answered.callback(payload)
+
+    def _late(self, token: bytes) -> None:
+        answered, _ = self._waiting.pop(token)
+        answered.errback(QueueManagerSilent(f"no answer within {ASK_TIMEOUT:g}s"))
+
+
 class SharedLimits(ConnectionLimits):
     """
     A receiver's connection limits.  The C{[limits]} connection counts
@@ -513,63 +657,82 @@ class SharedLimits(ConnectionLimits):
 
     A new connection is counted here first (this process's own connections
     are some of the whole, so a refusal here is right), then the queue
-    manager is asked on the notice pipe (C{open <token> <client>}) and
-    answers on standard input (C{admit <token>} or C{refuse <token>
-    <reason>}); the session greets nobody and reads nothing until then.
-    Each end is told (C{close <client>}).
+    manager is asked (C{open <token> <client>}, answered with nothing or
+    the reason for a refusal); the session greets nobody and reads nothing
+    until then.  Each end is told (C{close <client>}).
 
     A queue manager that does not answer within L{ASK_TIMEOUT} seconds
     (busy or stuck) does not keep clients out: the connection is let in
     on this process's counts alone, with a warning.
     """
 
-    def __init__(self, total: int, perClient: int, reactor: Any, notices: Any) -> None:
+    def __init__(self, total: int, perClient: int, link: QueueManagerLink) -> None:
         super().__init__(total, perClient)
-        self.reactor = reactor
-        self.notices = notices
-        self._tokens = 0
-        self._waiting: dict[bytes, tuple[Deferred[str | None], str, Any]] = {}
+        self.link = link
 
     def open(self, client: str) -> str | Deferred[str | None] | None:
         refusal = self.admit(client)
         if refusal is not None:
             return refusal
-        self._tokens += 1
-        token = b"%d" % self._tokens
-        answered: Deferred[str | None] = Deferred()
-        timer = self.reactor.callLater(ASK_TIMEOUT, self._late, token)
-        self._waiting[token] = (answered, client, timer)
-        self.notices.write(b"open %s %s\n" % (token, client.encode("ascii")))
-        return answered
+
+        def answered(payload: bytes) -> str | None:
+            if not payload:
+                return None
+            ConnectionLimits.close(self, client)
+            return payload.decode("ascii", "replace")
+
+        def silent(failure: Failure) -> None:
+            failure.trap(QueueManagerSilent)
+            log.warn(
+                "the queue manager did not answer within {timeout:g}s: [{client}] let in "
+                "on this process's connection counts alone",
+                timeout=ASK_TIMEOUT,
+                client=client,
+            )
+
+        return self.link.ask(b"open", client.encode("ascii")).addCallbacks(answered, silent)
 
     def close(self, client: str) -> None:
         super().close(client)
-        self.notices.write(b"close %s\n" % client.encode("ascii"))
+        self.link.tell(b"close", client.encode("ascii"))
 
-    def answer(self, line: bytes) -> None:
-        """A line from the queue manager on standard input."""
-        word, _, rest = line.partition(b" ")
-        token, _, reason = rest.partition(b" ")
-        waiting = self._waiting.pop(token, None)
-        if waiting is None or word not in (b"admit", b"refuse"):
-            return  # answered too late: L{_late} let it in already
-        answered, client, timer = waiting
-        timer.cancel()
-        if word == b"admit":
-            answered.callback(None)
-            return
-        super().close(client)
-        answered.callback(reason.decode("ascii", "replace") or "too many connections")
 
-    def _late(self, token: bytes) -> None:
-        answered, client, _ = self._waiting.pop(token)
-        log.warn(
-            "the queue manager did not answer within {timeout:g}s: [{client}] let in on "
-            "this process's connection counts alone",
-            timeout=ASK_TIMEOUT,
-            client=client,
-        )
-        answered.callback(None)
+@implementer(IRateCounterStore)
+class QueueManagerStore:
+    """
+    Rate counters kept in the queue manager's memory, for every process
+    (L{relayd.interfaces.IRateCounterStore}): what a receiver's
+    C{ratelimit} policy with the memory backend and its AUTH lockout
+    (L{relayd.smtp.auth.Lockout}) count in, so that their limits are the
+    whole relayd's.  Each call is one question, C{count <token> <op>
+    <counters as JSON>}, answered with the queue manager's
+    L{relayd.policies.ratecounter.MemoryStore}'s result as JSON; one the
+    queue manager does not answer in time fails (L{QueueManagerSilent}),
+    as a Redis store's does when Redis cannot answer.
+    """
+
+    def __init__(self, link: QueueManagerLink) -> None:
+        self.link = link
+
+    def _ask(self, op: bytes, counters: list[tuple[Any, ...]]) -> Deferred[Any]:
+        question = json.dumps([list(c) for c in counters], separators=(",", ":"))
+        d = self.link.ask(b"count", op + b" " + question.encode("utf-8"))
+        return d.addCallback(_counted)
+
+    def reserve(self, counters: list[tuple[Any, ...]]) -> Deferred[Any]:
+        return self._ask(b"reserve", counters)
+
+    def peek(self, counters: list[tuple[Any, ...]]) -> Deferred[Any]:
+        return self._ask(b"peek", counters)
+
+    def release(self, counters: list[tuple[Any, ...]]) -> Deferred[None]:
+        return self._ask(b"release", counters).addCallback(lambda _: None)
+
+
+def _counted(payload: bytes) -> Any:
+    if payload.startswith(b"!"):
+        raise ValueError(f"the queue manager refused: {payload[1:].decode('utf-8', 'replace')}")
+    return json.loads(payload)
 
 
 def _withoutGauges(samples: Samples) -> Samples:
@@ -677,11 +840,14 @@ def main(argv: list[str] | None = None) -> None:
         endpoints[name] = AdoptedEndpoint(reactor, int(fd), int(family or socket.AF_INET))
 
     lifeline = _Lifeline(lambda: _stop(reactor))
-    notices = openLifeline(reactor, lifeline)
-    limits = SharedLimits(config.maxConnections, config.maxConnectionsPerClient, reactor, notices)
-    lifeline.answer = limits.answer
+    notices = NoticePipe(openLifeline(reactor, lifeline))
+    link = QueueManagerLink(reactor, notices)
+    lifeline.answer = link.answer
+    limits = SharedLimits(config.maxConnections, config.maxConnectionsPerClient, link)
 
-    service = buildService(config, reactor, receiver=endpoints, limits=limits)
+    service = buildService(
+        config, reactor, receiver=endpoints, limits=limits, counters=QueueManagerStore(link)
+    )
 
     def tell(queueId: str, record: Any) -> None:
         notices.write(f"queued {queueId}\n".encode("ascii"))

@@ -25,11 +25,12 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relayd.config import Config, ConfigError
-from relayd.interfaces import IDeliverer, IQueue, IReloadable
+from relayd.interfaces import IDeliverer, IQueue, IRateCounterStore, IReloadable
 from relayd.ops.control import ControlService, ControlSocketError
 from relayd.ops.logs import Logger
 from relayd.ops.metrics import NO_METRICS, Metrics, NoMetrics, SummedRegistry, metricsSite
 from relayd.ops.sdnotify import SystemdNotifier
+from relayd.policies.ratecounter import MemoryStore
 from relayd.policy import PolicyChain, loadPolicies, startPolicies, stopPolicies
 from relayd.queue.spool import SpoolLocked
 from relayd.smtp.proxy import ProxyFactory
@@ -380,6 +381,7 @@ def buildService(
     receiver: dict[str, Any] | None = None,
     checkOnly: bool = False,
     limits: ConnectionLimits | None = None,
+    counters: IRateCounterStore | None = None,
 ) -> RelaydService:
     """
     Make the whole service tree, checking everything that can be checked
@@ -398,6 +400,9 @@ def buildService(
     @param limits: the connection limits to count in; by default new
         ones from C{config} (a receiver's are
         L{relayd.receivers.SharedLimits}).
+    @param counters: in a receiver, the queue manager's rate counters
+        (L{relayd.receivers.QueueManagerStore}), where its AUTH lockout
+        and its C{ratelimit} policy with the memory backend count.
     @raise ConfigError: on any of those problems.
     """
     from relayd.certificates import (
@@ -446,9 +451,16 @@ def buildService(
         portal = makePortal(checker)
         top.checker = checker
 
+    # With receivers, rate counters kept in memory are the queue manager's,
+    # for every process (relayd.receivers.QueueManagerStore).
+    queueManagerCounters: MemoryStore | None = None
+    if receiver is None and config.processes > 1:
+        queueManagerCounters = MemoryStore(reactor)
+        counters = queueManagerCounters
     policies, options = loadPolicies(config, reactor=reactor)
+    shareCounters(policies, counters)
     chain = PolicyChain(policies, config.policyTimeout, reactor, options, top.metrics)
-    top.policies = PolicyService(chain, reactor, top.factories, top.metrics)
+    top.policies = PolicyService(chain, reactor, top.factories, top.metrics, counters)
     top.policies.setServiceParent(top)
 
     spool = Spool(
@@ -481,7 +493,10 @@ def buildService(
         limits = ConnectionLimits(config.maxConnections, config.maxConnectionsPerClient)
     top.limits = limits
     listeners: list[ListenerService] = []
-    lockout = Lockout(reactor)
+    if receiver is not None:
+        lockout = Lockout(reactor, queueManager=counters)
+    else:
+        lockout = Lockout(reactor, memory=queueManagerCounters)
     for i, listener in enumerate(config.listeners):
         factory = SMTPFactory(
             config=config,
@@ -538,6 +553,7 @@ def buildService(
             reactor=reactor,
             stopDeadline=config.shutdownSessions + 10,
             limits=limits,
+            counters=queueManagerCounters,
         )
         top.receivers.setServiceParent(top)
     if metricsService is not None:
@@ -673,6 +689,20 @@ class SessionsService(Service):
         return gatherResults([f.shutdown(self.deadline) for f in self.factories])
 
 
+def shareCounters(policies: list[Any], counters: IRateCounterStore | None) -> None:
+    """
+    Give the policies that count in a memory store of their own (the
+    C{ratelimit} policy with the memory backend) C{counters} instead: the
+    queue manager's, where every receiving process counts, so that their
+    limits are the whole relayd's.  None (one process) changes nothing.
+    """
+    if counters is None:
+        return
+    for policy in policies:
+        if isinstance(getattr(policy, "store", None), MemoryStore):
+            policy.store = counters
+
+
 class PolicyService(Service):
     """
     Owns the policy chain: starts and stops the policies that have a
@@ -687,11 +717,17 @@ class PolicyService(Service):
         reactor: Any,
         factories: list[Any],
         metrics: NoMetrics = NO_METRICS,
+        counters: IRateCounterStore | None = None,
     ) -> None:
+        """
+        @param counters: where the policies' rate counters kept in memory
+            are, when several processes receive (L{shareCounters}).
+        """
         self.chain = chain
         self.reactor = reactor
         self.factories = factories
         self.metrics = metrics
+        self.counters = counters
         self.reloadError: str | None = None
 
     def startService(self) -> None:
@@ -712,6 +748,7 @@ class PolicyService(Service):
             log.error("reload refused, the old config stays in force: {error}", error=str(e))
             self.reloadError = str(e)
             return False
+        shareCounters(policies, self.counters)
         chain = PolicyChain(policies, config.policyTimeout, self.reactor, options, self.metrics)
         kept = {n: p for n, p in chain.names.items() if any(p is q for q in old.policies)}
         added = {n: p for n, p in chain.names.items() if n not in kept}

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
 
-from relayd.config import ConfigError, load
-from relayd.testing import PostfixSink, TestSetup, freePort
+from relayd.config import load
+from relayd.testing import DEMO_USER, PostfixSink, TestSetup, freePort
 from relayd.testing.process import (  # noqa: F401 (fixture)
     RelaydProcess,
     childPids,
@@ -316,6 +317,88 @@ def test_limitsCountEveryProcess(tmp_path, sink, relaydProcesses) -> None:  # no
             sock.close()
 
 
+def test_limitsReconnectAtOnce(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
+    """
+    Clients at exactly C{connections_per_client} that reconnect the moment
+    they read the 221 (as smtp-source does) are never refused: the slot a
+    session gives back reaches the queue manager before the new
+    connection is counted, whichever receivers the two land on.
+    """
+    setup = relaydWith(tmp_path, sink.port)
+    with open(setup.configPath, "a") as f:
+        f.write("\n[limits]\nconnections_per_client = 6\n")
+    relayd = startWithReceivers(setup, tmp_path / "relayd.log", relaydProcesses)
+    refused: list[bytes] = []
+
+    def client() -> None:
+        for _ in range(40):
+            sock, reply = greeting(relayd.port, "127.0.0.1")
+            with sock:
+                if not reply.startswith(b"220 "):
+                    refused.append(reply)
+                    continue
+                sock.sendall(b"QUIT\r\n")
+                sock.recv(512)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert refused == [], (len(refused), refused[:3])
+
+
+def test_countersCountEveryProcess(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
+    """
+    Rate counters kept in memory are the whole relayd's: a C{ratelimit}
+    policy with the memory backend and the AUTH lockout count every
+    process's messages and failures in the queue manager
+    (L{relayd.receivers.QueueManagerStore}), whichever receiver each
+    connection lands on.
+    """
+    setup = TestSetup(
+        str(tmp_path / "relayd"),
+        modes=("relay", "submission"),
+        portZero=False,
+        chain=["ratelimit", "mynetworks", "authenticated"],
+        policies={
+            "ratelimit": {
+                "rules": [{"name": "per-client", "key": "client", "messages": ["4/hour"]}]
+            }
+        },
+        sections={
+            "server": {"processes": PROCESSES},
+            "auth": {"client_failure_limit": 3, "user_failure_limit": 0},
+        },
+    )
+    relayd = startWithReceivers(setup, tmp_path / "relayd.log", relaydProcesses)
+
+    codes = []
+    for n in range(8):
+        with smtplib.SMTP("127.0.0.1", relayd.port, timeout=30) as s:
+            try:
+                s.sendmail("app@example.org", ["r@example.net"], b"Subject: %d\r\n\r\nhi\r\n" % n)
+                codes.append(250)
+            except smtplib.SMTPResponseException as e:
+                codes.append(e.smtp_code)
+            except smtplib.SMTPRecipientsRefused as e:
+                codes.append(e.recipients["r@example.net"][0])
+    assert codes == [250] * 4 + [450] * 4, (codes, relayd.log())
+
+    def login() -> int:
+        with smtplib.SMTP("127.0.0.1", setup.ports["submission"], timeout=30) as s:
+            s.starttls(context=setup.clientContext())
+            s.ehlo()
+            s.user, s.password = DEMO_USER, "not the password"
+            try:
+                s.auth("PLAIN", s.auth_plain)
+            except smtplib.SMTPAuthenticationError as e:
+                return e.smtp_code
+            return 235
+
+    assert [login() for _ in range(6)] == [535] * 3 + [454] * 3, relayd.log()
+
+
 def test_signalsReachReceivers(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
     setup = relaydWith(tmp_path, sink.port)
     relayd = startWithReceivers(setup, tmp_path / "relayd.log", relaydProcesses)
@@ -391,8 +474,8 @@ def test_queueManagerKilledReceiversStop(tmp_path, sink, relaydProcesses) -> Non
 def test_processesConfig(tmp_path) -> None:
     setup = TestSetup(str(tmp_path / "a"), modes=("relay",), sections={"server": {"processes": 0}})
     assert load(setup.configPath).processes == max(1, os.cpu_count() or 1)
-    # Memory rate counters are one process's own: automatic means 1,
-    # an explicit number above 1 is refused.
+    # Memory rate counters are the queue manager's, for every process:
+    # they no longer bring the automatic choice down to 1.
     setup = TestSetup(
         str(tmp_path / "b"),
         modes=("relay",),
@@ -400,18 +483,7 @@ def test_processesConfig(tmp_path) -> None:
         sections={"server": {"processes": 0}},
         policies={"ratelimit": {"rules": []}},
     )
-    assert load(setup.configPath).processes == 1
-    setup = TestSetup(
-        str(tmp_path / "c"),
-        modes=("relay",),
-        chain=["ratelimit", "mynetworks"],
-        sections={"server": {"processes": 2}},
-        policies={"ratelimit": {"rules": []}},
-    )
-    with pytest.raises(ConfigError) as caught:
-        load(setup.configPath)
-    assert caught.value.key == "server.processes"
-    assert 'backend = "redis"' in caught.value.problem
+    assert load(setup.configPath).processes == max(1, os.cpu_count() or 1)
 
 
 class _Pipe:
@@ -431,21 +503,22 @@ def test_sharedLimitsAnswers() -> None:
     """
     from twisted.internet.task import Clock
 
-    from relayd.receivers import SharedLimits
+    from relayd.receivers import QueueManagerLink, SharedLimits
 
     pipe = _Pipe()
-    limits = SharedLimits(10, 2, Clock(), pipe)
+    link = QueueManagerLink(Clock(), pipe)
+    limits = SharedLimits(10, 2, link)
     answers: list[str | None] = []
     first = limits.open("192.0.2.1")
     second = limits.open("192.0.2.1")
-    assert not isinstance(first, (str, type(None))) and not isinstance(second, (str, type(None)))
+    assert isinstance(first, Deferred) and isinstance(second, Deferred)
     first.addCallback(answers.append)
     second.addCallback(answers.append)
     assert pipe.lines == [b"open 1 192.0.2.1", b"open 2 192.0.2.1"]
     # Over the limit here already: refused without asking.
     assert limits.open("192.0.2.1") == "too many connections from your address"
-    limits.answer(b"refuse 2 too many connections")
-    limits.answer(b"admit 1")
+    link.answer(b"answer 2 too many connections")
+    link.answer(b"answer 1 ")
     assert answers == ["too many connections", None]
     assert limits.byClient == {"192.0.2.1": 1}
     limits.close("192.0.2.1")
@@ -461,18 +534,83 @@ def test_sharedLimitsQueueManagerSilent() -> None:
     """
     from twisted.internet.task import Clock
 
-    from relayd.receivers import ASK_TIMEOUT, SharedLimits
+    from relayd.receivers import ASK_TIMEOUT, QueueManagerLink, SharedLimits
 
     clock = Clock()
-    limits = SharedLimits(10, 2, clock, _Pipe())
+    link = QueueManagerLink(clock, _Pipe())
+    limits = SharedLimits(10, 2, link)
     answers: list[str | None] = []
     waiting = limits.open("192.0.2.1")
-    assert not isinstance(waiting, (str, type(None)))
+    assert isinstance(waiting, Deferred)
     waiting.addCallback(answers.append)
     clock.advance(ASK_TIMEOUT - 0.1)
     assert answers == []
     clock.advance(0.1)
     assert answers == [None]
-    limits.answer(b"refuse 1 too many connections")
+    link.answer(b"answer 1 too many connections")
     assert answers == [None] and limits.byClient == {"192.0.2.1": 1}
     assert not clock.getDelayedCalls()
+
+
+def test_queueManagerStore() -> None:
+    """
+    A receiver's rate counters are the queue manager's: each call is a
+    question on the pipe, answered by the queue manager's MemoryStore
+    (L{ReceiverPool.counted}); a silent queue manager fails the call.
+    """
+    from twisted.internet.task import Clock
+
+    from relayd.policies.ratecounter import MemoryStore
+    from relayd.receivers import (
+        ASK_TIMEOUT,
+        QueueManagerLink,
+        QueueManagerSilent,
+        QueueManagerStore,
+        ReceiverPool,
+    )
+
+    clock = Clock()
+    pipe = _Pipe()
+    link = QueueManagerLink(clock, pipe)
+    store = QueueManagerStore(link)
+    pool = ReceiverPool(
+        configPath="-",
+        count=1,
+        listeners=[],
+        spool=None,
+        reactor=clock,
+        stopDeadline=1,
+        counters=MemoryStore(clock),
+    )
+
+    def serve() -> None:
+        """What the queue manager answers to the last question."""
+        word, _, argument = pipe.lines[-1].partition(b" ")
+        assert word == b"count"
+        token, _, question = argument.partition(b" ")
+        pool.counted(question).addCallback(
+            lambda payload: link.answer(b"answer %s %s" % (token, payload))
+        )
+
+    results: list[object] = []
+    counter = ("relayd:rl:test", 1, 2, 60)
+    for _ in range(3):
+        store.reserve([counter]).addCallback(results.append)
+        serve()
+    store.peek([counter]).addCallback(results.append)
+    serve()
+    assert results == [None, None, 0, 0]
+    store.release([counter]).addCallback(results.append)
+    serve()
+    store.reserve([counter]).addCallback(results.append)
+    serve()
+    assert results[4:] == [None, None]
+    # A question the queue manager does not know is refused, not crashed on.
+    refused = []
+    pool.counted(b"drop []").addCallback(refused.append)
+    assert refused[0].startswith(b"!no such question")
+
+    failures = []
+    store.peek([counter]).addErrback(failures.append)
+    clock.advance(ASK_TIMEOUT)
+    assert failures and failures[0].check(QueueManagerSilent)

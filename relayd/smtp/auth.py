@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import Interface, implementer
 
+from relayd.interfaces import IRateCounterStore
 from relayd.ops.logs import Logger
 from relayd.policies.ratecounter import MemoryStore, RedisStore
 from relayd.queue.safeio import writeAtomically
@@ -601,19 +602,35 @@ class Lockout:
     is per user name alone, so guessing from one address never locks the
     real user out of the addresses they use.
 
-    The counts are kept in this process's memory, and also in the Redis of
-    the C{ratelimit} policy when the chain has one (L{sharedStore}), so
-    instances share them; when Redis cannot answer, this instance's counts
-    still apply.  Nothing here blocks: memory answers at once, Redis in
-    its own threads.
+    The counts are kept in this process's memory; in a receiver (C{[server]
+    processes} above 1) also in the queue manager's, where every process
+    counts (L{relayd.receivers.QueueManagerStore}), so the limits are the
+    whole relayd's; and in the Redis of the C{ratelimit} policy when the
+    chain has one (L{sharedStore}), so instances share them.  When the
+    queue manager or Redis cannot answer, the counts nearer still apply.
+    Nothing here blocks: memory answers at once, the queue manager over
+    its pipe, Redis in its own threads.
 
     @ivar memory: the in-process L{MemoryStore}.
+    @ivar queueManager: in a receiver, the queue manager's counts; None
+        elsewhere.
     """
 
-    def __init__(self, clock: Any) -> None:
-        """@param clock: provides C{seconds()} (the reactor)."""
+    def __init__(
+        self,
+        clock: Any,
+        memory: MemoryStore | None = None,
+        queueManager: IRateCounterStore | None = None,
+    ) -> None:
+        """
+        @param clock: provides C{seconds()} (the reactor).
+        @param memory: the store to count in; by default one of its own
+            (the queue manager's is the one its receivers count in too).
+        @param queueManager: a receiver's L{relayd.receivers.QueueManagerStore}.
+        """
         self.clock = clock
-        self.memory = MemoryStore(clock)
+        self.memory = MemoryStore(clock) if memory is None else memory
+        self.queueManager = queueManager
 
     def _counters(
         self, client: ipaddress.IPv4Address | ipaddress.IPv6Address, user: str, config: Any
@@ -654,7 +671,7 @@ class Lockout:
         def scope(index: int | None) -> str | None:
             return None if index is None else named[index][0]
 
-        def local(index: int | None) -> Any:
+        def shared(index: int | None) -> Any:
             if index is not None:
                 return scope(index)
             store = sharedStore(chain)
@@ -664,6 +681,13 @@ class Lockout:
             d.addCallback(scope)
             d.addErrback(_storeFailed, "check")
             return d
+
+        def local(index: int | None) -> Any:
+            if index is not None or self.queueManager is None:
+                return shared(index)
+            d = self.queueManager.peek(counters)
+            d.addErrback(_queueManagerFailed, "check")
+            return d.addCallback(shared)
 
         return self.memory.peek(counters).addCallback(local)
 
@@ -681,6 +705,8 @@ class Lockout:
         store = sharedStore(chain)
         for _, counter in self._counters(client, user, config):
             self.memory.reserve([counter])
+            if self.queueManager is not None:
+                self.queueManager.reserve([counter]).addErrback(_queueManagerFailed, "count")
             if store is not None:
                 store.reserve([counter]).addErrback(_storeFailed, "count")
 
@@ -706,9 +732,20 @@ class Lockout:
         if not counters:
             return
         self.memory.release(counters)
+        if self.queueManager is not None:
+            self.queueManager.release(counters).addErrback(_queueManagerFailed, "reset")
         store = sharedStore(chain)
         if store is not None:
             store.release(counters).addErrback(_storeFailed, "reset")
+
+
+def _queueManagerFailed(failure: Any, what: str) -> None:
+    _log.warn(
+        "AUTH failure counts: the queue manager could not {what} them, using this "
+        "process's counts: {error}",
+        what=what,
+        error=failure.getErrorMessage(),
+    )
 
 
 def _storeFailed(failure: Any, what: str) -> None:
