@@ -451,6 +451,7 @@ class ReceiverPool(ProcessPool):
         self.spool = spool
         self.limits = limits
         self.counters = counters
+        self._draining = False
         self.connections: dict[ChildProcess, dict[str, int]] = {}
         """Each receiver's open connections that L{limits} counts, by client."""
 
@@ -487,19 +488,54 @@ class ReceiverPool(ProcessPool):
     ) -> None:
         """
         Answer C{child}'s C{open <token> <client>}: admitted, or the reason
-        for a refusal.  A refusal waits L{REFUSAL_GRACE} seconds and counts
-        again first: a client that reconnects the moment it reads a 221
-        (as smtp-source does) must not be refused because its old
-        session's C{close}, on another receiver's pipe, is read after its
-        new C{open} in the same reactor turn.
+        for a refusal.
+
+        A client that reconnects the moment it reads a 221 (as smtp-source
+        does) must not be refused because its old session's C{close},
+        written on another receiver's pipe before that 221 went out, is
+        still unread there: before a refusal every other pipe is read
+        (L{_drainNotices}) and the connection counted again.  A C{close}
+        that a receiver could not write at once (its pipe full) is waited
+        for L{REFUSAL_GRACE} seconds more.
         """
         if self.children.get(child.index) is not child:
             return  # ended meanwhile: its connections are gone
         refusal = self.opened(child, client)
+        if refusal is not None and not self._draining:
+            # The client's previous session may have ended on another
+            # receiver, whose close is in its pipe, unread (a receiver
+            # writes it as the 221 goes out, before the client can
+            # reconnect): read every other pipe first, then count again.
+            self._drainNotices(child)
+            refusal = self.opened(child, client)
         if refusal is not None and not waited:
             self.reactor.callLater(REFUSAL_GRACE, self.admitOrWait, child, token, client, True)
             return
         child.write(b"answer %s %s\n" % (token, (refusal or "").encode("ascii")))
+
+    def _drainNotices(self, busy: ChildProcess) -> None:
+        """
+        Read now what every receiver but C{busy} (whose lines are being
+        read) has written on its notice pipe, as the reactor would on a
+        later turn; end of file is left for the reactor to find.
+        """
+        self._draining = True
+        try:
+            for other in list(self.children.values()):
+                reader = getattr(other.transport, "pipes", {}).get(NOTICE_FD)
+                if other is busy or reader is None:
+                    continue
+                while True:
+                    try:
+                        data = os.read(reader.fileno(), 65536)
+                    except OSError:
+                        break  # nothing there (EAGAIN), or closed
+                    if data:
+                        other.childDataReceived(NOTICE_FD, data)
+                    if len(data) < 65536:
+                        break
+        finally:
+            self._draining = False
 
     def opened(self, child: ChildProcess, client: str) -> str | None:
         """

@@ -33,8 +33,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
 from relayd.config import load
+from relayd.receivers import REFUSAL_GRACE
 from relayd.testing import DEMO_USER, PostfixSink, TestSetup, freePort
 from relayd.testing.process import (  # noqa: F401 (fixture)
     RelaydProcess,
@@ -319,33 +321,35 @@ def test_limitsCountEveryProcess(tmp_path, sink, relaydProcesses) -> None:  # no
 
 def test_limitsReconnectAtOnce(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
     """
-    Clients at exactly C{connections_per_client} that reconnect the moment
-    they read the 221 (as smtp-source does) are never refused: the slot a
-    session gives back reaches the queue manager before the new
-    connection is counted, whichever receivers the two land on.
+    A client at exactly C{connections_per_client} that reconnects the
+    moment it reads the 221 is never refused: smtp-source with 20 sessions
+    of one message each at the default limit of 20 (it stops at the first
+    421), whichever receivers each session's end and the next connection
+    land on.  The queue manager reads every receiver's pipe before it
+    refuses (L{relayd.receivers.ReceiverPool.admitOrWait}).
     """
     setup = relaydWith(tmp_path, sink.port)
-    with open(setup.configPath, "a") as f:
-        f.write("\n[limits]\nconnections_per_client = 6\n")
     relayd = startWithReceivers(setup, tmp_path / "relayd.log", relaydProcesses)
-    refused: list[bytes] = []
-
-    def client() -> None:
-        for _ in range(40):
-            sock, reply = greeting(relayd.port, "127.0.0.1")
-            with sock:
-                if not reply.startswith(b"220 "):
-                    refused.append(reply)
-                    continue
-                sock.sendall(b"QUIT\r\n")
-                sock.recv(512)
-
-    threads = [threading.Thread(target=client) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert refused == [], (len(refused), refused[:3])
+    source = subprocess.run(
+        [
+            shutil.which("smtp-source") or "/usr/sbin/smtp-source",
+            "-s",
+            "20",
+            "-m",
+            "4000",
+            "-l",
+            "4096",
+            "-f",
+            "load@example.org",
+            "-t",
+            "sink@example.net",
+            f"127.0.0.1:{relayd.port}",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert source.returncode == 0, (source.stderr, relayd.log())
+    assert "too many connections" not in relayd.log(10**7)
 
 
 def test_countersCountEveryProcess(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
@@ -614,3 +618,70 @@ def test_queueManagerStore() -> None:
     store.peek([counter]).addErrback(failures.append)
     clock.advance(ASK_TIMEOUT)
     assert failures and failures[0].check(QueueManagerSilent)
+
+
+def test_refusalReadsTheOtherPipesFirst() -> None:
+    """
+    The queue manager reads every other receiver's notice pipe before it
+    refuses a connection: a client's session that ended on receiver 1
+    (its close written, not yet read) and its next connection on receiver
+    2 at the per-client limit is admitted at once, with no grace.
+    """
+    from relayd.receivers import NOTICE_FD, ChildProcess, ReceiverPool
+    from relayd.smtp.session import ConnectionLimits
+
+    class Reader:
+        def __init__(self, fd: int) -> None:
+            self.fd = fd
+
+        def fileno(self) -> int:
+            return self.fd
+
+    class Transport:
+        def __init__(self) -> None:
+            self.read, self.writeEnd = os.pipe()
+            os.set_blocking(self.read, False)
+            self.pipes = {NOTICE_FD: Reader(self.read)}
+            self.written: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+    clock = Clock()
+    limits = ConnectionLimits(10, 1)
+    pool = ReceiverPool(
+        configPath="-",
+        count=2,
+        listeners=[],
+        spool=None,
+        reactor=clock,
+        stopDeadline=1,
+        limits=limits,
+    )
+    children = []
+    for index in (1, 2):
+        child = ChildProcess(pool, index)
+        child.transport = Transport()  # type: ignore[assignment]
+        pool.children[index] = child
+        children.append(child)
+    first, second = children
+    try:
+        first.childDataReceived(NOTICE_FD, b"open 1 192.0.2.1\n")
+        assert first.transport.written == [b"answer 1 \n"]
+        # The session on receiver 1 ends: its close is in the pipe, unread;
+        # the client's next connection is on receiver 2.
+        os.write(first.transport.writeEnd, b"close 192.0.2.1\n")
+        second.childDataReceived(NOTICE_FD, b"open 1 192.0.2.1\n")
+        assert second.transport.written == [b"answer 1 \n"]
+        assert not clock.getDelayedCalls()
+        assert pool.connections[second] == {"192.0.2.1": 1}
+        assert pool.connections[first] == {}
+        # Over the limit for real: refused after the grace.
+        first.childDataReceived(NOTICE_FD, b"open 2 192.0.2.1\n")
+        assert first.transport.written == [b"answer 1 \n"]
+        clock.advance(REFUSAL_GRACE)
+        assert first.transport.written[-1] == b"answer 2 too many connections from your address\n"
+    finally:
+        for child in children:
+            os.close(child.transport.read)
+            os.close(child.transport.writeEnd)
