@@ -451,7 +451,6 @@ class ReceiverPool(ProcessPool):
         self.spool = spool
         self.limits = limits
         self.counters = counters
-        self._draining = False
         self.connections: dict[ChildProcess, dict[str, int]] = {}
         """Each receiver's open connections that L{limits} counts, by client."""
 
@@ -483,59 +482,57 @@ class ReceiverPool(ProcessPool):
                 lambda payload: child.write(b"answer %s %s\n" % (token, payload))
             )
 
-    def admitOrWait(
-        self, child: ChildProcess, token: bytes, client: str, waited: bool = False
-    ) -> None:
+    def admitOrWait(self, child: ChildProcess, token: bytes, client: str, attempt: int = 0) -> None:
         """
         Answer C{child}'s C{open <token> <client>}: admitted, or the reason
         for a refusal.
 
         A client that reconnects the moment it reads a 221 (as smtp-source
         does) must not be refused because its old session's C{close},
-        written on another receiver's pipe before that 221 went out, is
-        still unread there: before a refusal every other pipe is read
-        (L{_drainNotices}) and the connection counted again.  A C{close}
-        that a receiver could not write at once (its pipe full) is waited
-        for L{REFUSAL_GRACE} seconds more.
+        written on another receiver's pipe before that 221 went out
+        (L{relayd.smtp.session.SMTPServer.smtp_QUIT}), is still unread
+        there.  So a refusal is decided on a later reactor turn, once every
+        receiver's pipe has been read to its end (L{_drainNotices}): then
+        every session that ended before this connection was made has been
+        counted out, and whatever the count says is what the client holds.
+        Reading the pipes in the middle of one receiver's lines would not
+        do: the lines it wrote after this C{open} (closes of sessions that
+        ended since) would be counted after the other pipes' newer
+        connections.  A C{close} that a receiver could not write at once
+        (its pipe full) is waited for L{REFUSAL_GRACE} seconds more.
+
+        @param attempt: 0 as the line is read, 1 on the next turn after the
+            pipes are read, 2 after the grace.
         """
         if self.children.get(child.index) is not child:
             return  # ended meanwhile: its connections are gone
+        if attempt == 1:
+            self._drainNotices()
         refusal = self.opened(child, client)
-        if refusal is not None and not self._draining:
-            # The client's previous session may have ended on another
-            # receiver, whose close is in its pipe, unread (a receiver
-            # writes it as the 221 goes out, before the client can
-            # reconnect): read every other pipe first, then count again.
-            self._drainNotices(child)
-            refusal = self.opened(child, client)
-        if refusal is not None and not waited:
-            self.reactor.callLater(REFUSAL_GRACE, self.admitOrWait, child, token, client, True)
+        if refusal is not None and attempt < 2:
+            delay = 0 if attempt == 0 else REFUSAL_GRACE
+            self.reactor.callLater(delay, self.admitOrWait, child, token, client, attempt + 1)
             return
         child.write(b"answer %s %s\n" % (token, (refusal or "").encode("ascii")))
 
-    def _drainNotices(self, busy: ChildProcess) -> None:
+    def _drainNotices(self) -> None:
         """
-        Read now what every receiver but C{busy} (whose lines are being
-        read) has written on its notice pipe, as the reactor would on a
-        later turn; end of file is left for the reactor to find.
+        Read now, to its end, what every receiver has written on its notice
+        pipe, as the reactor would on this turn or a later one (never
+        called while a receiver's lines are being read: L{admitOrWait}
+        calls it from a timed call).  End of file is left for the reactor.
         """
-        self._draining = True
-        try:
-            for other in list(self.children.values()):
-                reader = getattr(other.transport, "pipes", {}).get(NOTICE_FD)
-                if other is busy or reader is None:
-                    continue
-                while True:
-                    try:
-                        data = os.read(reader.fileno(), 65536)
-                    except OSError:
-                        break  # nothing there (EAGAIN), or closed
-                    if data:
-                        other.childDataReceived(NOTICE_FD, data)
-                    if len(data) < 65536:
-                        break
-        finally:
-            self._draining = False
+        for child in list(self.children.values()):
+            reader = getattr(child.transport, "pipes", {}).get(NOTICE_FD)
+            while reader is not None:
+                try:
+                    data = os.read(reader.fileno(), 65536)
+                except OSError:
+                    break  # nothing there (EAGAIN), or closed
+                if data:
+                    child.childDataReceived(NOTICE_FD, data)
+                if len(data) < 65536:
+                    break
 
     def opened(self, child: ChildProcess, client: str) -> str | None:
         """

@@ -36,7 +36,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from relayd.config import load
-from relayd.receivers import REFUSAL_GRACE
+from relayd.receivers import NOTICE_FD, REFUSAL_GRACE, ChildProcess, ReceiverPool
+from relayd.smtp.session import ConnectionLimits
 from relayd.testing import DEMO_USER, PostfixSink, TestSetup, freePort
 from relayd.testing.process import (  # noqa: F401 (fixture)
     RelaydProcess,
@@ -620,35 +621,33 @@ def test_queueManagerStore() -> None:
     assert failures and failures[0].check(QueueManagerSilent)
 
 
-def test_refusalReadsTheOtherPipesFirst() -> None:
-    """
-    The queue manager reads every other receiver's notice pipe before it
-    refuses a connection: a client's session that ended on receiver 1
-    (its close written, not yet read) and its next connection on receiver
-    2 at the per-client limit is admitted at once, with no grace.
-    """
-    from relayd.receivers import NOTICE_FD, ChildProcess, ReceiverPool
-    from relayd.smtp.session import ConnectionLimits
+class _Reader:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
 
-    class Reader:
-        def __init__(self, fd: int) -> None:
-            self.fd = fd
+    def fileno(self) -> int:
+        return self.fd
 
-        def fileno(self) -> int:
-            return self.fd
 
-    class Transport:
-        def __init__(self) -> None:
-            self.read, self.writeEnd = os.pipe()
-            os.set_blocking(self.read, False)
-            self.pipes = {NOTICE_FD: Reader(self.read)}
-            self.written: list[bytes] = []
+class _ChildTransport:
+    """A receiver as the queue manager sees it: a real notice pipe, and what it is told."""
 
-        def write(self, data: bytes) -> None:
-            self.written.append(data)
+    def __init__(self) -> None:
+        self.read, self.writeEnd = os.pipe()
+        os.set_blocking(self.read, False)
+        self.pipes = {NOTICE_FD: _Reader(self.read)}
+        self.written: list[bytes] = []
 
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        os.close(self.read)
+        os.close(self.writeEnd)
+
+
+def _poolWithTwoReceivers(perClient: int) -> tuple[Clock, ReceiverPool, list[ChildProcess]]:
     clock = Clock()
-    limits = ConnectionLimits(10, 1)
     pool = ReceiverPool(
         configPath="-",
         count=2,
@@ -656,32 +655,66 @@ def test_refusalReadsTheOtherPipesFirst() -> None:
         spool=None,
         reactor=clock,
         stopDeadline=1,
-        limits=limits,
+        limits=ConnectionLimits(10, perClient),
     )
     children = []
     for index in (1, 2):
         child = ChildProcess(pool, index)
-        child.transport = Transport()  # type: ignore[assignment]
+        child.transport = _ChildTransport()  # type: ignore[assignment]
         pool.children[index] = child
         children.append(child)
-    first, second = children
+    return clock, pool, children
+
+
+def test_refusalReadsEveryPipeFirst() -> None:
+    """
+    Before it refuses a connection the queue manager reads every receiver's
+    pipe to its end, on the next reactor turn: a client's session that
+    ended on receiver 1 (its close written, not yet read) and its next
+    connection on receiver 2 at the per-client limit is admitted.
+    """
+    clock, pool, (first, second) = _poolWithTwoReceivers(1)
     try:
         first.childDataReceived(NOTICE_FD, b"open 1 192.0.2.1\n")
         assert first.transport.written == [b"answer 1 \n"]
-        # The session on receiver 1 ends: its close is in the pipe, unread;
-        # the client's next connection is on receiver 2.
         os.write(first.transport.writeEnd, b"close 192.0.2.1\n")
         second.childDataReceived(NOTICE_FD, b"open 1 192.0.2.1\n")
+        clock.advance(0)
         assert second.transport.written == [b"answer 1 \n"]
-        assert not clock.getDelayedCalls()
         assert pool.connections[second] == {"192.0.2.1": 1}
         assert pool.connections[first] == {}
         # Over the limit for real: refused after the grace.
         first.childDataReceived(NOTICE_FD, b"open 2 192.0.2.1\n")
+        clock.advance(0)
         assert first.transport.written == [b"answer 1 \n"]
         clock.advance(REFUSAL_GRACE)
         assert first.transport.written[-1] == b"answer 2 too many connections from your address\n"
     finally:
-        for child in children:
-            os.close(child.transport.read)
-            os.close(child.transport.writeEnd)
+        first.transport.close()
+        second.transport.close()
+
+
+def test_refusalAfterTheBusyReceiversLines() -> None:
+    """
+    The lines a receiver wrote after a connection's C{open} count before
+    the refusal is decided, and only then the other pipes: with two slots,
+    sessions W (receiver 1) and Y (receiver 2) open, W ends and X opens on
+    receiver 2, then Y ends and Z opens on receiver 1.  Read receiver 2
+    first: X waits, Y's close is counted, then receiver 1's lines; X and Z
+    are both admitted (reading receiver 1 in the middle of receiver 2's
+    lines would have counted Z before Y's close and refused X).
+    """
+    clock, pool, (first, second) = _poolWithTwoReceivers(2)
+    try:
+        first.childDataReceived(NOTICE_FD, b"open 1 192.0.2.1\n")  # W
+        second.childDataReceived(NOTICE_FD, b"open 1 192.0.2.1\n")  # Y
+        os.write(first.transport.writeEnd, b"close 192.0.2.1\nopen 2 192.0.2.1\n")  # W ends, Z
+        second.childDataReceived(NOTICE_FD, b"open 2 192.0.2.1\nclose 192.0.2.1\n")  # X, Y ends
+        clock.advance(0)
+        assert first.transport.written == [b"answer 1 \n", b"answer 2 \n"]
+        assert second.transport.written == [b"answer 1 \n", b"answer 2 \n"]
+        assert not clock.getDelayedCalls()
+        assert pool.limits is not None and pool.limits.current == 2
+    finally:
+        first.transport.close()
+        second.transport.close()

@@ -1995,15 +1995,22 @@ class SMTPServer(LineReceiver):
         self.sendReply(_OK)
 
     def smtp_QUIT(self, argument: str) -> None:
+        if allSent(self.transport):
+            # Nothing is queued, so the 221 goes out at once
+            # (relayd.smtp.transport), and the session is over: the slot
+            # is free now, as Postfix's smtpd tells anvil after flushing
+            # its 221, not a reactor turn later when the socket is closed.
+            # A client that reconnects the moment it reads the 221 (as
+            # smtp-source does) must not find its old session counted: in
+            # a receiver the slot is given back to the queue manager
+            # before the 221 is written, so the process cannot be
+            # preempted between the two with the client already back
+            # (relayd.receivers.SharedLimits).  Should the kernel not take
+            # even the 221, the close still ends the connection within
+            # timeouts.close.
+            self._giveSlotBack()
         self.sendReply(_BYE)
         self._close()
-        if allSent(self.transport):
-            # The 221 is on its way and the session is over: the slot is
-            # free now, as Postfix's smtpd tells anvil after flushing its
-            # 221, not one reactor turn later when the socket is closed.
-            # A client that reconnects the moment it reads the 221 (as
-            # smtp-source does) must not find its own old session counted.
-            self._giveSlotBack()
 
     def _giveSlotBack(self) -> None:
         """Give the connection's slot back to the limits, once."""
