@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -96,7 +97,7 @@ METRICS_INTERVAL = 5.0
 """Seconds between two snapshots of a receiver's metrics to the queue manager."""
 ASK_TIMEOUT = 5.0
 """Seconds a receiver waits for the queue manager to count a connection."""
-REFUSAL_GRACE = 0.05
+REFUSAL_GRACE = 0.25
 """Seconds the queue manager waits for slots given back before it refuses a connection."""
 RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
@@ -119,44 +120,53 @@ class AdoptedEndpoint:
         return succeed(port)
 
 
-def writeAtOnce(writer: Any, data: bytes) -> None:
+def writeLineNow(writer: Any, line: bytes) -> None:
     """
-    C{writer.write(data)} for a pipe's Twisted writer (a
-    C{twisted.internet.process.ProcessWriter}: a child's standard input,
-    a child's notice pipe), but sending at once what the pipe takes when
-    nothing written before is still queued, as L{relayd.smtp.transport}
-    does for the listeners' sockets.  Twisted's writer would send on the
-    next reactor turn: a connection would wait two more turns before its
-    greeting (L{SharedLimits}), and a slot given back as a session's 221
-    is sent could reach the queue manager after the client's next
-    connection, on another receiver, asked for it.  What the pipe does
-    not take (full, or closed) is queued the Twisted way, in order.
+    Write one whole C{line} to a pipe now, ahead of what C{writer} (a
+    C{twisted.internet.process.ProcessWriter}: a child's standard input, a
+    child's notice pipe) still holds for its next turn, so that it reaches
+    the other end at once: a receiver's questions to the queue manager and
+    its closes (L{QueueManagerLink}), and the answers.  Twisted's writer
+    would send on the next reactor turn: a connection would wait two more
+    turns before its greeting (L{SharedLimits}), and a slot given back
+    as a session ends could reach the queue manager after the client's
+    next connection, on another receiver, asked for one.
+
+    Other lines (the C{queued} notices, metrics, delivery requests) keep
+    Twisted's way: several of them in one system call, one reactor turn
+    later.  Going ahead of them is safe while none is partly sent (the
+    writer's offset is 0, so the pipe holds whole lines) and C{line} is no
+    longer than C{PIPE_BUF}, which a pipe writes whole or not at all;
+    otherwise, or when the pipe is full, C{line} is queued behind them.
     """
     if (
-        data
-        and writer.connected
+        writer.connected
         and not writer.disconnecting
-        and not writer._tempDataLen
-        and writer.offset == len(writer.dataBuffer)
+        and writer.offset == 0
+        and len(line) <= select.PIPE_BUF
     ):
         try:
-            sent = os.write(writer.fd, data)
+            if os.write(writer.fd, line) == len(line):
+                return
         except OSError:
-            sent = 0  # full (EAGAIN), or gone: the writer finds out which
-        data = data[sent:]
-        if not data:
-            return
-    writer.write(data)
+            pass  # full (EAGAIN), or gone: the writer finds out which
+    writer.write(line)
 
 
 class NoticePipe:
-    """A child's end of its notice pipe: L{writeAtOnce} to fd L{NOTICE_FD}."""
+    """
+    A child's end of its notice pipe (fd L{NOTICE_FD}): C{write} the
+    Twisted way, C{writeNow} at once (L{writeLineNow}).
+    """
 
     def __init__(self, stdio: Any) -> None:
         self.stdio = stdio
 
     def write(self, data: bytes) -> None:
-        writeAtOnce(self.stdio._writer, data)
+        self.stdio.write(data)
+
+    def writeNow(self, line: bytes) -> None:
+        writeLineNow(self.stdio._writer, line)
 
 
 class ChildProcess(ProcessProtocol):
@@ -225,12 +235,16 @@ class ChildProcess(ProcessProtocol):
         self._notices = buffer
 
     def write(self, data: bytes) -> None:
-        """To the child's standard input (L{writeAtOnce})."""
+        """To the child's standard input."""
+        self.transport.write(data)
+
+    def writeNow(self, line: bytes) -> None:
+        """One line to the child's standard input, at once (L{writeLineNow})."""
         pipes = getattr(self.transport, "pipes", {})
         if 0 in pipes:
-            writeAtOnce(pipes[0], data)
+            writeLineNow(pipes[0], line)
         else:
-            self.transport.write(data)
+            self.transport.write(line)
 
     def signal(self, name: str) -> None:
         try:
@@ -479,7 +493,7 @@ class ReceiverPool(ProcessPool):
         elif word == "count":
             token, _, question = argument.partition(b" ")
             self.counted(question).addCallback(
-                lambda payload: child.write(b"answer %s %s\n" % (token, payload))
+                lambda payload: child.writeNow(b"answer %s %s\n" % (token, payload))
             )
 
     def admitOrWait(self, child: ChildProcess, token: bytes, client: str, attempt: int = 0) -> None:
@@ -513,7 +527,7 @@ class ReceiverPool(ProcessPool):
             delay = 0 if attempt == 0 else REFUSAL_GRACE
             self.reactor.callLater(delay, self.admitOrWait, child, token, client, attempt + 1)
             return
-        child.write(b"answer %s %s\n" % (token, (refusal or "").encode("ascii")))
+        child.writeNow(b"answer %s %s\n" % (token, (refusal or "").encode("ascii")))
 
     def _drainNotices(self) -> None:
         """
@@ -658,12 +672,12 @@ class QueueManagerLink:
         answered: Deferred[bytes] = Deferred()
         timer = self.reactor.callLater(ASK_TIMEOUT, self._late, token)
         self._waiting[token] = (answered, timer)
-        self.notices.write(b"%s %s %s\n" % (word, token, argument))
+        self.notices.writeNow(b"%s %s %s\n" % (word, token, argument))
         return answered
 
     def tell(self, word: bytes, argument: bytes) -> None:
         """A line that needs no answer."""
-        self.notices.write(b"%s %s\n" % (word, argument))
+        self.notices.writeNow(b"%s %s\n" % (word, argument))
 
     def answer(self, line: bytes) -> None:
         """A line from the queue manager on standard input."""

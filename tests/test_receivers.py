@@ -500,6 +500,8 @@ class _Pipe:
     def write(self, data: bytes) -> None:
         self.lines += data.splitlines()
 
+    writeNow = write
+
 
 def test_sharedLimitsAnswers() -> None:
     """
