@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -491,6 +492,19 @@ def test_processesConfig(tmp_path) -> None:
     assert load(setup.configPath).processes == max(1, os.cpu_count() or 1)
 
 
+def _pool(clock: Clock, count: int, **kwargs: Any) -> ReceiverPool:
+    """A queue manager's L{ReceiverPool} of C{count}, on C{clock}, with no process started."""
+    return ReceiverPool(
+        configPath="-",
+        count=count,
+        listeners=[],
+        spool=None,
+        reactor=clock,
+        stopDeadline=1,
+        **kwargs,
+    )
+
+
 class _Pipe:
     """The notice pipe's write end, as a receiver's L{SharedLimits} sees it."""
 
@@ -573,22 +587,13 @@ def test_queueManagerStore() -> None:
         QueueManagerLink,
         QueueManagerSilent,
         QueueManagerStore,
-        ReceiverPool,
     )
 
     clock = Clock()
     pipe = _Pipe()
     link = QueueManagerLink(clock, pipe)
     store = QueueManagerStore(link)
-    pool = ReceiverPool(
-        configPath="-",
-        count=1,
-        listeners=[],
-        spool=None,
-        reactor=clock,
-        stopDeadline=1,
-        counters=MemoryStore(clock),
-    )
+    pool = _pool(clock, 1, counters=MemoryStore(clock))
 
     def serve() -> None:
         """What the queue manager answers to the last question."""
@@ -650,15 +655,7 @@ class _ChildTransport:
 
 def _poolWithTwoReceivers(perClient: int) -> tuple[Clock, ReceiverPool, list[ChildProcess]]:
     clock = Clock()
-    pool = ReceiverPool(
-        configPath="-",
-        count=2,
-        listeners=[],
-        spool=None,
-        reactor=clock,
-        stopDeadline=1,
-        limits=ConnectionLimits(10, perClient),
-    )
+    pool = _pool(clock, 2, limits=ConnectionLimits(10, perClient))
     children = []
     for index in (1, 2):
         child = ChildProcess(pool, index)
