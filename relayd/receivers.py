@@ -66,7 +66,8 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProcessTransport
-from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
+from twisted.internet.protocol import ProcessProtocol, connectionDone
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -579,9 +580,9 @@ class ReceiverPool(ProcessPool):
 
     def closed(self, child: ChildProcess, client: str) -> None:
         """A connection from C{client} that C{child} had counted is over."""
-        counts = self.connections.get(child)
-        left = counts.get(client, 0) if counts is not None else 0
-        if counts is None or not left or self.limits is None:
+        counts = self.connections.get(child, {})
+        left = counts.get(client, 0)
+        if not left or self.limits is None:
             return  # never counted here (admitted while the answer was late)
         if left > 1:
             counts[client] = left - 1
@@ -622,24 +623,23 @@ class ReceiverPool(ProcessPool):
 # --- the receiver process -------------------------------------------------------
 
 
-class _Lifeline(Protocol):
+class _Lifeline(LineOnlyReceiver):
     """
     A child's standard input (from the queue manager) and its notice
     pipe: end of file on standard input means the queue manager is gone.
-    A receiver also reads the queue manager's answers there (L{SharedLimits}).
+    A receiver also reads the queue manager's answers there, one per line
+    (L{QueueManagerLink.answer}, set as L{answer}).
     """
 
-    def __init__(self, stop: Any, answer: Any = None) -> None:
-        self.stop = stop
-        self.answer = answer
-        self._buffer = b""
+    delimiter = b"\n"
 
-    def dataReceived(self, data: bytes) -> None:
-        lines = (self._buffer + data).split(b"\n")
-        self._buffer = lines.pop()
+    def __init__(self, stop: Any) -> None:
+        self.stop = stop
+        self.answer: Any = None
+
+    def lineReceived(self, line: bytes) -> None:
         if self.answer is not None:
-            for line in lines:
-                self.answer(line)
+            self.answer(line)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.stop()
@@ -654,7 +654,7 @@ class QueueManagerLink:
     A receiver's questions to the queue manager, about what the whole
     relayd counts (L{SharedLimits}, L{QueueManagerStore}): each is a line
     on the notice pipe, C{<word> <token> <argument>}, answered by a line
-    C{answer <token> <payload>} on standard input (L{ReceiverPool.asked}).
+    C{answer <token> <payload>} on standard input (L{ReceiverPool.notice}).
     A question not answered within L{ASK_TIMEOUT} seconds fails with
     L{QueueManagerSilent}; a late answer is dropped.
     """
@@ -725,6 +725,8 @@ class SharedLimits(ConnectionLimits):
         def answered(payload: bytes) -> str | None:
             if not payload:
                 return None
+            # Refused: give the local slot back; the queue manager never
+            # counted it, so it is not told.
             ConnectionLimits.close(self, client)
             return payload.decode("ascii", "replace")
 
