@@ -456,9 +456,24 @@ class SMTPServer(LineReceiver):
             # nothing is read or answered until it has.
             self._hold()
             decided.addCallback(self._admit)
+            decided.addErrback(self._admitFailed)
             decided.addBoth(self._releaseAfter)
             return
         self._admit(decided)
+
+    def _admitFailed(self, failure: Failure) -> None:
+        """
+        Admitting the connection raised: log it and cut the connection, as
+        Twisted does when C{connectionMade} raises, rather than leave it
+        open with no timeout running.
+        """
+        assert self.session is not None
+        log.failure(
+            "{session_id}: admitting the connection failed",
+            failure,
+            session_id=self.session.sessionId,
+        )
+        self.transport.abortConnection()
 
     def _admit(self, refusal: str | None) -> None:
         """The connection limits answered: C{refusal} says why not, or None."""

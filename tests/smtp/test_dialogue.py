@@ -548,6 +548,39 @@ class LimitTests(DialogueTestCase):
         self.assertTrue(transport.disconnecting)
         second.connectionLost()
 
+    def test_limitsAnswerLater(self) -> None:
+        """
+        Limits that answer later (a receiver's, which ask the queue
+        manager): nothing is greeted or read until they have; then the
+        session goes on as usual.
+        """
+        answer: Deferred[str | None] = Deferred()
+        self.factory.limits.open = lambda client: answer  # type: ignore[method-assign]
+        transport = Transport()
+        second = self.factory.buildProtocol(None)
+        second.makeConnection(transport)
+        second.dataReceived(b"EHLO client.example\r\n")
+        self.assertEqual(transport.value(), b"")
+        answer.callback(None)
+        lines = transport.value().decode().split("\r\n")
+        self.assertTrue(lines[0].startswith("220 relayd.test "), lines)
+        self.assertEqual(lines[1], "250-relayd.test")
+        second.connectionLost()
+
+    def test_limitsAnswerFails(self) -> None:
+        """
+        Limits whose answer fails: the failure is logged and the
+        connection cut, not left open with no timeout running.
+        """
+        self.factory.limits.open = lambda client: fail(RuntimeError("no answer"))  # type: ignore[method-assign]
+        transport = Transport()
+        second = self.factory.buildProtocol(None)
+        second.makeConnection(transport)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        second.connectionLost()
+
 
 class SpoolFailureTests(DialogueTestCase):
     """Rule 8: a spool failure is temporary, never 250 or 5xx."""
