@@ -9,6 +9,7 @@ queue file holds envelope and content together::
     <spool>/tmp/<id>       message being received (records follow at commit)
     <spool>/<state>/<id>   the queue file; <state> is one of incoming,
                            active, deferred, hold, corrupt
+    <spool>/journal/<pid>.<n>  a process's commit journal segment
 
 A message moves between the state directories by a single C{rename} of its
 one file, so it is always in exactly one state and a crash can never leave
@@ -36,6 +37,19 @@ rename, fsync the directory.
 
 The previous layout (version 1: C{data/<id>} plus C{<state>/<id>.json})
 needed two file fsyncs and two directory fsyncs per message.
+
+With the journal (L{relayd.queue.journal}, Linux, the default), a message
+whose whole queue file is still in memory at step 2 (smaller than the
+write buffer, header not rewritten: nearly all mail) skips the fsyncs of
+steps 2 and 4: its file is renamed into C{incoming/} and a copy of its
+octets is appended to this process's journal segment, and the commit
+fires once one C{fdatasync} of the segment, shared by every commit
+waiting for one, has covered it.  The queue file reaches the disk later:
+a segment is retired (its messages' queue files and the state
+directories fsync'd, then the segment deleted) every few seconds, and a
+segment found at startup is retired, or replayed when it was written
+before a reboot (a power loss).  See that module for why no C{250} is
+lost.
 
 Delivery (L{Spool.update}): after an attempt that leaves recipients to try
 again, the queue file is written anew with the new record (the message
@@ -86,6 +100,19 @@ from zope.interface import implementer
 from relayd.envelope import FIRST_READ
 from relayd.interfaces import IIncomingSpool, IQueue, QueueObserver
 from relayd.ops.logs import Logger
+from relayd.queue.journal import (
+    DIRECTORY as JOURNAL,
+)
+from relayd.queue.journal import (
+    SEGMENT_AGE,
+    Journal,
+    Segment,
+    bootId,
+    encodeRecord,
+    recoverJournal,
+    retireSegment,
+    segmentsOf,
+)
 from relayd.queue.record import (
     QUEUE_ID,
     QUEUED_STATES,
@@ -124,6 +151,10 @@ _ID_SUFFIX_LENGTH = 5
 _FILE_MODE = 0o600
 _DIRECTORY_MODE = 0o700
 _WRITE_BUFFER = 64 * 1024
+JOURNAL_MESSAGE_LIMIT = 1024 * 1024
+"""Queue files up to this many octets commit through the journal; a
+larger one is fsync'd on its own (its copy would hold up the commits
+sharing its segment's sync)."""
 
 
 def listQueue(directory: str) -> tuple[dict[str, list[str]], list[tuple[str, OSError]]]:
@@ -244,6 +275,17 @@ def _writeAll(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _readBack(fd: int, length: int) -> bytes:
+    """The first C{length} octets of C{fd} (fewer if it is shorter)."""
+    data = os.pread(fd, length, 0)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def _copy(source: int, target: int, length: int) -> None:
@@ -431,6 +473,10 @@ class _PendingCommit:
         self.deferred: Deferred[str] = Deferred()
         self.tmpPath = incoming.path
         self.queuePath = os.path.join(spool._incoming, incoming.queueId)
+        # With the journal (L{relayd.queue.journal}): the queue file's
+        # octets, and the segment they go to.
+        self.payload: bytes | None = None
+        self.segment: Segment | None = None
 
 
 @implementer(IIncomingSpool, IQueue)
@@ -456,6 +502,7 @@ class Spool(Service):
         threads: int = 4,
         log: Logger | None = None,
         receiver: bool = False,
+        journal: bool = True,
     ) -> None:
         """
         @param directory: the spool's root directory, created if missing.
@@ -468,6 +515,9 @@ class Spool(Service):
             C{incoming/}, each under its own name, and leaves the lock and
             startup recovery to the queue manager, which owns the spool and
             alone moves, updates and removes what is in it.
+        @param journal: commit small messages through the journal
+            (L{relayd.queue.journal}) where the kernel has a boot id;
+            without it each message's queue file is fsync'd on its own.
         """
         self.directory = os.path.abspath(directory)
         self.reserveBytes = reserveBytes
@@ -497,6 +547,9 @@ class Spool(Service):
         self._lastIdTime = 0
         self._observers: list[QueueObserver] = []
         self.receiver = receiver
+        self._boot = bootId() if journal else None
+        self._journal: Journal | None = None
+        self._rotateLoop: LoopingCall | None = None
         self._random = random.Random(secrets.token_bytes(16))
 
     # Service
@@ -512,10 +565,12 @@ class Spool(Service):
         os.makedirs(self.directory, mode=_DIRECTORY_MODE, exist_ok=True)
         if not self.receiver:
             self._lock()
-            for name in ("tmp", *STATES):
+            for name in ("tmp", JOURNAL, *STATES):
                 os.makedirs(os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True)
             fsyncDirectory(self.directory)
             self._recover()
+        if self._boot is not None and os.path.isdir(os.path.join(self.directory, JOURNAL)):
+            self._journal = Journal(self.directory, self._boot)
         self._freeBytes = self._statFreeBytes()
         Service.startService(self)
         self._incomingFd = os.open(self._incoming, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -527,6 +582,12 @@ class Spool(Service):
         self._refreshLoop.start(REFRESH_INTERVAL, now=False).addErrback(
             lambda f: self.log.failure("free-space refresh stopped", f)
         )
+        if self._journal is not None:
+            self._rotateLoop = LoopingCall(self._rotateIdle)
+            self._rotateLoop.clock = self._reactor
+            self._rotateLoop.start(SEGMENT_AGE, now=False).addErrback(
+                lambda f: self.log.failure("journal rotation stopped", f)
+            )
 
     def stopService(self) -> Deferred[None]:
         """
@@ -541,6 +602,15 @@ class Spool(Service):
         if self._refreshLoop is not None and self._refreshLoop.running:
             self._refreshLoop.stop()
         self._refreshLoop = None
+        if self._rotateLoop is not None and self._rotateLoop.running:
+            self._rotateLoop.stop()
+        self._rotateLoop = None
+        if self._journal is not None:
+            # Retired once its last commit is done: a graceful stop leaves
+            # no segment behind.
+            segment = self._journal.rotate()
+            if segment is not None:
+                self._segmentDone(segment, started=False)
         return self._whenIdle().addCallback(lambda _: self._stopPool())
 
     def _stopPool(self) -> None:
@@ -691,9 +761,10 @@ class Spool(Service):
         if not QUEUE_ID.match(queueId):
             raise ValueError(f"not a queue id: {queueId!r}")
         path = os.path.join(self._tmp, queueId)
+        # Read and write: the journal reads a flushed message back.
         fd = os.open(
             path,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
             _FILE_MODE,
         )
         return IncomingMessage(queueId, path, fd)
@@ -731,19 +802,32 @@ class Spool(Service):
         except Exception:
             incoming.discard()
             return fail()
+        payload: bytes | None = None
+        journaled = (
+            self._journal is not None and incoming.size + len(trailer) <= JOURNAL_MESSAGE_LIMIT
+        )
         if incoming._header is None:
             # The record goes to the page cache here, like the message
             # before it; the thread only waits for the disk.
             try:
-                incoming._writeOut(trailer)
+                if journaled and incoming._buffered == incoming.size:
+                    # The whole queue file is in memory: one write, and
+                    # the same octets go to the journal.
+                    payload = b"".join([*incoming._chunks, trailer])
+                    incoming._chunks, incoming._buffered = [], 0
+                    _writeAll(incoming._fd, payload)
+                else:
+                    incoming._writeOut(trailer)
             except Exception as e:
                 incoming.discard()
                 self.log.warn(
                     "{queue_id}: could not queue message: {error}", queue_id=queueId, error=e
                 )
                 return fail()
+        segment = self._segmentFor(queueId, incoming.size + len(trailer)) if journaled else None
         incoming._committing = True
         pending = _PendingCommit(self, incoming, record, trailer)
+        pending.payload, pending.segment = payload, segment
         self._busy += 1
         d = self._inPool(self._commitInThread, pending)
         d.addBoth(self._finish, pending)
@@ -771,6 +855,9 @@ class Spool(Service):
         out of the time to the C{250}.
         """
         incoming = pending.incoming
+        if pending.segment is not None:
+            self._journalInThread(pending, pending.segment)
+            return
         try:
             if incoming._header is not None:
                 incoming._writeOut()
@@ -797,13 +884,57 @@ class Spool(Service):
             self._removeFromThread(pending, pending.queuePath)
             raise
 
+    def _journalInThread(self, pending: _PendingCommit, segment: Segment) -> None:
+        """
+        In a spool thread, the commit of a message through the journal:
+        its queue file's octets (kept from the commit, or read back from
+        the page cache, or written anew with the edited header, none of
+        them fsync'd), the rename into C{incoming/}, then its record
+        appended to the segment and the wait for the segment's group
+        C{fdatasync} (L{relayd.queue.journal.GroupAppend}).  On failure
+        its file is removed and the error raised.
+        """
+        incoming = pending.incoming
+        payload = pending.payload
+        try:
+            if incoming._header is not None:
+                incoming._writeOut()
+                incoming._closeQuietly()
+                self._rewriteHeader(pending.tmpPath, *incoming._header, pending.trailer, sync=False)
+                with open(pending.tmpPath, "rb") as f:
+                    payload = f.read()
+            elif payload is None:
+                length = incoming.size + len(pending.trailer)
+                payload = _readBack(incoming._fd, length)
+                if len(payload) != length:
+                    raise OSError(errno.EIO, "queue file shorter than written", pending.tmpPath)
+        except BaseException:
+            incoming._closeQuietly()
+            self._removeFromThread(pending, pending.tmpPath)
+            raise
+        try:
+            os.rename(pending.tmpPath, pending.queuePath)
+        except BaseException:
+            pending.incoming._closeQuietly()
+            self._removeFromThread(pending, pending.tmpPath)
+            raise
+        try:
+            segment.writer.append(encodeRecord(pending.queueId, payload))
+        except BaseException:
+            pending.incoming._closeQuietly()
+            self._removeFromThread(pending, pending.queuePath)
+            raise
+
     @staticmethod
-    def _rewriteHeader(path: str, header: bytes, bodyOffset: int, trailer: bytes) -> None:
+    def _rewriteHeader(
+        path: str, header: bytes, bodyOffset: int, trailer: bytes, sync: bool = True
+    ) -> None:
         """
         In the pool: write C{header}, the body of C{path} (from
-        C{bodyOffset}) and C{trailer} to a new file, fsync it and rename it
-        over C{path}.  The directory is fsync'd by the commit that renames
-        the file into C{incoming/}.
+        C{bodyOffset}) and C{trailer} to a new file, fsync it (unless
+        C{sync} is false: the journal keeps a copy) and rename it over
+        C{path}.  The directory is fsync'd by the commit that renames the
+        file into C{incoming/}.
         """
         new = path + ".rw"
         fd = os.open(
@@ -816,7 +947,8 @@ class Spool(Service):
                 while chunk := old.read(_WRITE_BUFFER):
                     _writeAll(fd, chunk)
             _writeAll(fd, trailer)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             _unlinkQuietly(new)
@@ -842,6 +974,8 @@ class Spool(Service):
         failure = result if isinstance(result, Failure) else None
         pending.incoming._closeQuietly()  # durable (or removed) by now
         try:
+            if pending.segment is not None:
+                self._segmentDone(pending.segment)
             if failure is None:
                 if self._freeBytes is not None:
                     self._freeBytes -= pending.incoming.size + len(pending.trailer)
@@ -869,6 +1003,98 @@ class Spool(Service):
                 pending.deferred.errback(failure)
         finally:
             self._release()
+
+    # The journal
+
+    def _segmentDone(self, segment: Segment, started: bool = True) -> None:
+        """
+        One commit with a record in C{segment} finished (C{started}), or
+        the segment was rotated: once it is rotated and none of its
+        commits is left, retire it in a spool thread
+        (L{relayd.queue.journal.retireSegment}).
+        """
+        if started:
+            segment.pending -= 1
+        if not segment.rotated or segment.pending:
+            return
+        segment.pending = -1  # retired once only
+        self._busy += 1
+
+        def retire() -> None:
+            try:
+                retireSegment(self.directory, segment.path, segment.queueIds)
+            finally:
+                segment.close()
+
+        def failed(f: Failure) -> None:
+            self.log.error(
+                "could not retire journal segment {path}: {error}; "
+                "it stays, and is retired again at the next start",
+                path=segment.path,
+                error=f.value,
+            )
+
+        self._inPool(retire).addErrback(failed).addBoth(lambda _: self._release())
+
+    def _segmentFor(self, queueId: str, length: int) -> Segment | None:
+        """
+        The journal segment for a record of C{length} octets, or None when
+        no new segment can be made (the message is then fsync'd on its
+        own; logged).
+        """
+        assert self._journal is not None
+        try:
+            segment, rotated = self._journal.segmentFor(queueId, length)
+        except OSError as e:
+            self.log.error(
+                "{queue_id}: no journal segment ({error}): committed without the journal",
+                queue_id=queueId,
+                error=e,
+            )
+            return None
+        if rotated is not None:
+            self._segmentDone(rotated, started=False)
+        return segment
+
+    def _rotateIdle(self) -> None:
+        """
+        Every L{SEGMENT_AGE} seconds: rotate a segment that holds records
+        and is that old, so that no record stays un-retired for long when
+        no message commits.
+        """
+        journal = self._journal
+        current = journal.current if journal is not None else None
+        if journal is None or current is None or not current.queueIds:
+            return
+        if time.monotonic() - current.started < SEGMENT_AGE / 2:
+            return  # rotated at its next commit, or at the next turn
+        segment = journal.rotate()
+        if segment is not None:
+            self._segmentDone(segment, started=False)
+
+    def retireSegmentsOf(self, pid: int) -> Deferred[None]:
+        """
+        In a spool thread: retire the journal segments of process C{pid}, a
+        receiver that ended (it can no longer retire them itself).  Errors
+        are logged; the segments then wait for the next start.
+        """
+        if self._pool is None or self.receiver:
+            return succeed(None)
+
+        def retireAll() -> int:
+            paths = segmentsOf(self.directory, pid)
+            for path in paths:
+                retireSegment(self.directory, path)
+            return len(paths)
+
+        def failed(f: Failure) -> None:
+            self.log.error(
+                "could not retire the journal of process {pid}: {error}",
+                pid=pid,
+                error=f.value,
+            )
+
+        return self._tracked(retireAll).addCallbacks(lambda _: None, failed)
 
     # Recovery
 
@@ -906,6 +1132,21 @@ class Spool(Service):
                 )
 
         self._convert()
+
+        for path, seen, restored in recoverJournal(
+            self.directory,
+            self._boot,
+            lambda queueId, what: self.log.warn(
+                "{queue_id}: recovery: {what}", queue_id=queueId, what=what
+            ),
+        ):
+            self.log.warn(
+                "recovery: journal segment {path} from before a reboot: "
+                "{restored} of its {seen} messages written back",
+                path=path,
+                seen=seen,
+                restored=restored,
+            )
 
         active = self._stateDirectory(QueueState.ACTIVE)
         for name in sorted(os.listdir(active)):
@@ -1315,6 +1556,14 @@ class Spool(Service):
 
         def move() -> None:
             os.rename(old, new)
+            # The file too: one committed through the journal may not be
+            # on disk yet, and its segment's retirement looks for it in
+            # the states a message moves on to, not back.
+            fd = os.open(new, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             fsyncDirectory(os.path.dirname(new))
             fsyncDirectory(os.path.dirname(old))
 

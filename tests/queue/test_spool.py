@@ -79,6 +79,8 @@ class TestCase(unittest.TestCase):
 class SpoolTestMixin:
     """Start spools on a temporary directory and stop them after the test."""
 
+    journal = True
+
     def startSpool(self, directory=None, reserveBytes=0):
         """
         Start a L{Spool} whose log events are collected in C{self.events}.
@@ -89,7 +91,7 @@ class SpoolTestMixin:
             directory = self.mktemp()
         self.events = []
         log = Logger(namespace="relayd.queue.spool", observer=self.events.append)
-        spool = Spool(directory, reserveBytes, reactor, threads=4, log=log)
+        spool = Spool(directory, reserveBytes, reactor, threads=4, log=log, journal=self.journal)
         spool.startService()
         self.addCleanup(spool.stopService)
         return spool
@@ -118,7 +120,7 @@ class CommitTests(SpoolTestMixin, TestCase):
         spool = self.startSpool()
         self.assertEqual(
             listing(spool.directory),
-            sorted(["tmp", "incoming", "active", "deferred", "hold", "corrupt", "lock"]),
+            sorted(["tmp", "journal", "incoming", "active", "deferred", "hold", "corrupt", "lock"]),
         )
 
     @inlineCallbacks
@@ -244,7 +246,13 @@ class CommitTests(SpoolTestMixin, TestCase):
 
 
 class GroupCommitTests(SpoolTestMixin, TestCase):
-    """Commits that finish together share the fsync of C{incoming/}."""
+    """
+    Commits that finish together share the fsync of C{incoming/}: the
+    protocol without the journal (a message too large for it, or no boot
+    id); L{tests.queue.test_journal} tests the journal's.
+    """
+
+    journal = False
 
     @inlineCallbacks
     def test_concurrentCommits(self):

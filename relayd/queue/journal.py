@@ -1,0 +1,486 @@
+"""
+The commit journal: one C{fdatasync} for every small message that commits
+at the same moment (issue 14; DESIGN section 5, "one fsync per message
+... or a journal").
+
+Without it, a message's commit costs an fsync of its queue file and a
+share of an fsync of C{incoming/} (L{relayd.queue.spool}).  With it, each
+process that commits writes a copy of every small queue file to its own
+append-only I{segment} under C{<spool>/journal/}, and the C{250} waits
+for one C{fdatasync} of that segment, shared by every commit waiting for
+one (L{GroupAppend}: the first thread writes everybody's records with one
+C{pwrite}, then syncs).  The queue file itself is renamed into
+C{incoming/} as before, but neither it nor the directory is fsync'd
+before the C{250}.
+
+Why nothing that got a C{250} is lost:
+
+  - While the machine stays up, the kernel keeps what was written and
+    renamed, whatever happens to relayd (C{kill -9} included): the queue
+    file is in C{incoming/} (or wherever the queue manager moved it).
+  - Before a segment is deleted it is I{retired} (L{retireSegment}):
+    every queue file it names that is still in the spool is fsync'd, then
+    the state directories are; from then on the spool alone keeps them.
+  - A segment still there at startup was written either since the
+    machine booted (its header holds the kernel's boot id): then the spool
+    holds whatever the kernel did, and the segment is retired; or before a
+    reboot, a power loss or a kernel crash: then each message it holds
+    whose queue file is missing or damaged is written back into
+    C{incoming/} from the segment (L{replaySegment}).
+
+What a reboot may bring back: a message of a segment still live (rotated
+every L{SEGMENT_AGE} seconds or L{SEGMENT_SIZE} octets) that was delivered
+or deleted before a power loss is restored and delivered again.  A
+delivered message whose unlink was lost comes back without a journal too
+(removals are not fsync'd: at-least-once); a message an operator deleted
+in the last seconds before a power loss is the new case.
+
+Only messages whose whole queue file is still in memory at the commit
+(smaller than the spool's write buffer, and not rewritten by a message
+policy) go through the journal; a larger one is fsync'd on its own as
+before.  Linux only: the boot id comes from C{/proc}; elsewhere the spool
+commits without a journal.
+
+Segment format: a header line C{relayd-journal 1 <boot id>\\n}, then
+records, each C{Q}, the 18-character queue id, the payload's length and
+its CRC-32 as 8 hex digits each, then the payload: the queue file's
+octets.  Records are only ever appended, and a record is acknowledged
+only once an C{fdatasync} that began after it was written has returned,
+so a crash can only leave a torn I{tail}; reading stops at the first
+record that is incomplete or does not match its CRC.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+
+from relayd.queue.record import QUEUE_ID, QUEUED_STATES, CorruptRecord, readRecord
+from relayd.queue.safeio import fsyncDirectory
+
+__all__ = [
+    "DIRECTORY",
+    "SEGMENT_AGE",
+    "SEGMENT_SIZE",
+    "GroupAppend",
+    "Journal",
+    "Segment",
+    "bootId",
+    "encodeRecord",
+    "readSegment",
+    "recoverJournal",
+    "replaySegment",
+    "retireSegment",
+    "segmentsOf",
+]
+
+DIRECTORY = "journal"
+"""The journal's directory under the spool's root."""
+
+SEGMENT_SIZE = 16 * 1024 * 1024
+"""A segment takes no new record once it holds this many octets."""
+
+SEGMENT_AGE = 2.0
+"""Seconds after which a segment that holds records is rotated (and then
+retired once its commits have finished): how long a segment lives, and so
+how far back a replay after a power loss reaches."""
+
+_MAGIC = b"relayd-journal 1 "
+_RECORD_HEAD = 1 + 18 + 8 + 8
+_HEAD = re.compile(rb"Q([0-9A-Z]{18})([0-9A-F]{8})([0-9A-F]{8})")
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+_BOOT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_FILE_MODE = 0o600
+
+
+def bootId() -> str | None:
+    """
+    The kernel's id for this boot (Linux), or None where there is none:
+    the spool then commits without a journal.
+    """
+    try:
+        with open(_BOOT_ID_PATH, encoding="ascii") as f:
+            value = f.read().strip()
+    except OSError:
+        return None
+    return value if _BOOT_ID.fullmatch(value) else None
+
+
+def encodeRecord(queueId: str, payload: bytes) -> bytes:
+    """One journal record: C{Q}, the queue id, length, CRC-32, payload."""
+    return b"Q%s%08X%08X" % (queueId.encode("ascii"), len(payload), zlib.crc32(payload)) + payload
+
+
+def _header(boot: str) -> bytes:
+    return _MAGIC + boot.encode("ascii") + b"\n"
+
+
+def readSegment(path: str) -> tuple[str | None, Iterator[tuple[str, bytes]]]:
+    """
+    Read a segment.  Blocking.
+
+    @return: the boot id of its header (None when the header is missing
+        or damaged: then no record is trusted) and its sound records, in
+        order, up to the first one that is incomplete or damaged.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.find(b"\n")
+    boot = data[len(_MAGIC) : end].decode("ascii", "replace") if end > 0 else ""
+    if not data.startswith(_MAGIC) or not _BOOT_ID.fullmatch(boot):
+        return None, iter(())
+
+    def records() -> Iterator[tuple[str, bytes]]:
+        offset = end + 1
+        while True:
+            match = _HEAD.match(data, offset)
+            if match is None:
+                return
+            length = int(match.group(2), 16)
+            start = offset + _RECORD_HEAD
+            payload = data[start : start + length]
+            if len(payload) != length or zlib.crc32(payload) != int(match.group(3), 16):
+                return
+            yield match.group(1).decode("ascii"), payload
+            offset = start + length
+
+    return boot, records()
+
+
+def segmentsOf(directory: str, pid: int | None = None) -> list[str]:
+    """
+    The segments under C{<directory>/journal/}, oldest first; only those
+    of process C{pid} when given.
+    """
+    journal = os.path.join(directory, DIRECTORY)
+    try:
+        names = os.listdir(journal)
+    except FileNotFoundError:
+        return []
+    prefix = f"{pid}." if pid is not None else ""
+    return [
+        os.path.join(journal, name)
+        for name in sorted(names, key=lambda n: n.partition(".")[2])
+        if name.startswith(prefix) and not name.startswith(".")
+    ]
+
+
+def _queueFileToRestore(directory: str, queueId: str) -> str | None:
+    """
+    Where a message of the journal is to be written back: None when a
+    queued state holds a sound queue file of it; else the path of its
+    damaged one (replaced in place, so that recovery does not later move
+    the damaged one over the copy), or its path in C{incoming/}.
+    """
+    damaged = None
+    for state in QUEUED_STATES:
+        path = os.path.join(directory, state, queueId)
+        try:
+            readRecord(path, queueId)
+        except FileNotFoundError:
+            continue
+        except (OSError, CorruptRecord):
+            damaged = damaged or path
+            continue
+        return None
+    return damaged or os.path.join(directory, "incoming", queueId)
+
+
+def retireSegment(directory: str, path: str, queueIds: list[str] | None = None) -> None:
+    """
+    Hand the messages of segment C{path} over to the spool for good, then
+    delete the segment: fsync each of their queue files still in a queued
+    state, then the state directories, then remove the segment and fsync
+    the journal's directory.  Blocking: a spool thread, or startup.
+
+    @param queueIds: the queue ids it holds, when the caller knows them;
+        else the segment is read.
+    """
+    if queueIds is None:
+        _, records = readSegment(path)
+        queueIds = [queueId for queueId, _ in records]
+    for queueId in queueIds:
+        # Looked for in the order a message moves on (incoming, active,
+        # deferred, hold), once: most are delivered and gone by now.  One
+        # that moves back meanwhile (a retry from deferred/, a release
+        # from hold/) was fsync'd when it got there: an attempt's record
+        # is written anew and fsync'd, and a durable move (to and from
+        # hold/) fsyncs the file too (L{relayd.queue.spool.Spool.move}).
+        _fsyncQueueFile(directory, queueId)
+    for state in QUEUED_STATES:
+        fsyncDirectory(os.path.join(directory, state))
+    os.unlink(path)
+    fsyncDirectory(os.path.dirname(path))
+
+
+def _fsyncQueueFile(directory: str, queueId: str) -> bool:
+    """Fsync the queue file of C{queueId}; False when no queued state has it."""
+    for state in QUEUED_STATES:
+        try:
+            fd = os.open(os.path.join(directory, state, queueId), os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+    return False
+
+
+def replaySegment(directory: str, path: str, log: Callable[[str, str], None]) -> tuple[int, int]:
+    """
+    After a reboot: write back each message of segment C{path} whose
+    queue file is missing (into C{incoming/}) or damaged (in its place),
+    each durably (write, fsync, rename, fsync the directory).  Blocking,
+    at startup.
+
+    @param log: called with a queue id and what was done to it.
+    @return: how many records the segment held, and how many were written
+        back.
+    """
+    _, records = readSegment(path)
+    seen = restored = 0
+    for queueId, payload in records:
+        seen += 1
+        if not QUEUE_ID.match(queueId):
+            continue
+        target = _queueFileToRestore(directory, queueId)
+        if target is None:
+            continue
+        tmp = os.path.join(directory, "tmp", queueId + ".journal")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        fsyncDirectory(os.path.dirname(target))
+        restored += 1
+        state = os.path.basename(os.path.dirname(target))
+        log(queueId, f"restored from the journal into {state}")
+    return seen, restored
+
+
+def recoverJournal(
+    directory: str, boot: str | None, log: Callable[[str, str], None]
+) -> list[tuple[str, int, int]]:
+    """
+    At startup, before anything commits: retire every segment written
+    since this boot, replay every other one, and delete them all.
+    Blocking.
+
+    @return: for each segment replayed, its path, how many records it held
+        and how many were written back.
+    """
+    replayed = []
+    for path in segmentsOf(directory):
+        segmentBoot, _ = readSegment(path)
+        if boot is not None and segmentBoot == boot:
+            retireSegment(directory, path)
+            continue
+        seen, restored = replaySegment(directory, path, log)
+        replayed.append((path, seen, restored))
+        for state in QUEUED_STATES:
+            fsyncDirectory(os.path.join(directory, state))
+        os.unlink(path)
+        fsyncDirectory(os.path.dirname(path))
+    return replayed
+
+
+class GroupAppend:
+    """
+    Group commit of records to one file: each thread calls L{append},
+    which returns once its record is written and an C{fdatasync} that
+    began after the write has returned.  The first thread to arrive while
+    none is writing writes the records of every thread waiting (one
+    C{pwrite}) and syncs; those arriving meanwhile wait and share the next.
+
+    A failed write or sync fails the records it covered and breaks the
+    file: every later L{append} fails at once (the caller starts a new
+    file), so that no record ever follows a gap.
+
+    @ivar count: how many syncs ran (for tests and statistics).
+    @ivar end: the file's length once the records written so far are in.
+    """
+
+    def __init__(self, fd: int, end: int, beforeFirstSync: Callable[[], None]) -> None:
+        self.fd = fd
+        self.end = end
+        self.count = 0
+        self.broken: OSError | None = None
+        self._beforeFirstSync: Callable[[], None] | None = beforeFirstSync
+        self._cond = threading.Condition()
+        self._queue: list[bytes] = []
+        self._issued = 0
+        self._done = 0
+        self._running = False
+        self._failedFrom = 0
+
+    def append(self, record: bytes) -> None:
+        """
+        Write C{record} and make it durable.  Blocking: a spool thread.
+
+        @raise OSError: when the write or the sync that covered it failed,
+            or the file is broken.
+        """
+        with self._cond:
+            if self.broken is not None:
+                raise OSError(self.broken.errno, self.broken.strerror, self.broken.filename)
+            self._queue.append(record)
+            self._issued += 1
+            ticket = self._issued
+            while self._done < ticket and self._running:
+                self._cond.wait()
+            if self._done >= ticket:
+                self._raiseIfBroken(ticket)
+                return
+            batch, self._queue = self._queue, []
+            last = self._issued
+            if self.broken is not None:
+                # Queued before an earlier batch failed: never written
+                # after the gap that batch may have left.
+                self._done = last
+                self._cond.notify_all()
+                raise OSError(self.broken.errno, self.broken.strerror, self.broken.filename)
+            self._running = True
+        error: OSError | None = None
+        try:
+            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            view = memoryview(data)
+            offset = self.end
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                offset += written
+                view = view[written:]
+            if self._beforeFirstSync is not None:
+                self._beforeFirstSync()
+                self._beforeFirstSync = None
+            os.fdatasync(self.fd)
+            self.end = offset
+        except OSError as e:
+            error = e
+        with self._cond:
+            self.count += 1
+            self._running = False
+            self._done = last
+            if error is not None:
+                self.broken = error
+                self._failedFrom = last - len(batch) + 1
+            self._cond.notify_all()
+        if error is not None:
+            raise error
+
+    def _raiseIfBroken(self, ticket: int) -> None:
+        """Under the lock: raise when the batch of C{ticket} failed, or came after it."""
+        error = self.broken
+        if error is not None and ticket >= self._failedFrom:
+            raise OSError(error.errno, error.strerror, error.filename)
+
+
+class Segment:
+    """
+    The journal file a process is writing, as the reactor thread sees it.
+
+    @ivar path: its path.
+    @ivar queueIds: the queue ids given a record in it.
+    @ivar pending: commits with a record in it that have not finished.
+    @ivar rotated: no new record goes to it; retired once C{pending} is 0.
+    @ivar started: when it was made (C{time.monotonic}).
+    """
+
+    def __init__(self, path: str, fd: int, end: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.queueIds: list[str] = []
+        self.octets = end
+        self.pending = 0
+        self.rotated = False
+        self.started = time.monotonic()
+        self.writer = GroupAppend(fd, end, lambda: fsyncDirectory(os.path.dirname(path)))
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class Journal:
+    """
+    A process's journal: which segment the next record goes to.  Used on
+    the reactor thread; the records are written by L{GroupAppend} in the
+    spool's threads.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        boot: str,
+        segmentSize: int = SEGMENT_SIZE,
+        segmentAge: float = SEGMENT_AGE,
+    ) -> None:
+        self.directory = os.path.join(directory, DIRECTORY)
+        self.boot = boot
+        self.segmentSize = segmentSize
+        self.segmentAge = segmentAge
+        self.current: Segment | None = None
+
+    def segmentFor(self, queueId: str, length: int) -> tuple[Segment, Segment | None]:
+        """
+        The segment a record of C{length} octets for C{queueId} goes to
+        (counted in it now), and the segment this rotated away from, if
+        any.
+
+        @raise OSError: when a new segment cannot be made.
+        """
+        old = self.current
+        if (
+            old is not None
+            and old.queueIds
+            and (
+                old.octets + _RECORD_HEAD + length > self.segmentSize
+                or old.writer.broken is not None
+                or time.monotonic() - old.started > self.segmentAge
+            )
+        ):
+            old.rotated = True
+            self.current = None
+        else:
+            old = None
+        if self.current is None:
+            self.current = self._newSegment()
+        segment = self.current
+        segment.queueIds.append(queueId)
+        segment.octets += _RECORD_HEAD + length
+        segment.pending += 1
+        return segment, old
+
+    def rotate(self) -> Segment | None:
+        """Take no new record into the current segment; return it."""
+        segment, self.current = self.current, None
+        if segment is not None:
+            segment.rotated = True
+        return segment
+
+    def _newSegment(self) -> Segment:
+        path = os.path.join(self.directory, f"{os.getpid()}.{time.time_ns():016x}")
+        fd = os.open(
+            path,
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+            _FILE_MODE,
+        )
+        header = _header(self.boot)
+        try:
+            os.write(fd, header)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return Segment(path, fd, len(header))

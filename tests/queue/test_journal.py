@@ -1,0 +1,353 @@
+"""
+Tests for L{relayd.queue.journal}: commits through the journal, segment
+rotation and retirement, and recovery at startup, on real directories.
+
+A reboot cannot be made in a test; it is what a segment whose header holds
+another boot id means to the spool, so the tests write such a segment (a
+copy of a real one with its boot id changed) and take away or damage the
+queue files a power loss could have taken.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import uuid
+
+from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
+
+from relayd.queue import journal as journalModule
+from relayd.queue.journal import (
+    GroupAppend,
+    bootId,
+    encodeRecord,
+    readSegment,
+    segmentsOf,
+)
+from relayd.queue.record import readRecord
+from relayd.queue.spool import JOURNAL_MESSAGE_LIMIT
+from tests.queue.test_spool import MESSAGE, SpoolTestMixin, TestCase, listing, record
+
+BIG = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n" + (b"y" * 998 + b"\r\n") * 100
+
+
+class JournalCommitTests(SpoolTestMixin, TestCase):
+    """Small messages commit through the journal; large ones do not."""
+
+    def setUp(self):
+        if bootId() is None:
+            self.skipTest("no boot id on this system: the spool commits without a journal")
+
+    def segments(self, spool):
+        return segmentsOf(spool.directory)
+
+    @inlineCallbacks
+    def test_commitThroughJournal(self):
+        """
+        Twenty concurrent commits are all durable and byte-exact in
+        C{incoming/}; the one segment holds each queue file's octets, in
+        fewer syncs than messages, and no fsync of C{incoming/} ran.
+        """
+        spool = self.startSpool()
+        messages = [self.receive(spool, MESSAGE + b"%d\r\n" % i) for i in range(20)]
+        ids = yield gatherResults([spool.commit(m, record(m.queueId, m.size)) for m in messages])
+        self.assertEqual(sorted(ids), spool.entries("incoming"))
+        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+        [path] = self.segments(spool)
+        boot, records = readSegment(path)
+        self.assertEqual(boot, bootId())
+        found = dict(records)
+        self.assertEqual(sorted(found), sorted(ids))
+        for queueId in ids:
+            with open(os.path.join(spool.directory, "incoming", queueId), "rb") as f:
+                self.assertEqual(found[queueId], f.read())
+        self.assertEqual(spool.readData(ids[3]), MESSAGE + b"3\r\n")
+        self.assertLessEqual(spool._journal.current.writer.count, 20)
+        self.assertEqual(spool.batchCount, 0)
+
+    @inlineCallbacks
+    def test_writtenOutEditedAndLarge(self):
+        """
+        A message partly written out before its commit (larger than the
+        write buffer) or flushed for a policy to read, and one whose header
+        a modifier edited, commit through the journal too, byte-exact; one
+        larger than L{JOURNAL_MESSAGE_LIMIT} is fsync'd on its own (a
+        directory fsync of C{incoming/}) and has no record in the journal.
+        """
+        self.assertLess(len(BIG), JOURNAL_MESSAGE_LIMIT)
+        self.assertGreater(len(BIG) * 11, JOURNAL_MESSAGE_LIMIT)
+        spool = self.startSpool()
+        written = self.receive(spool, BIG)
+        flushed = self.receive(spool)
+        flushed.flush()
+        edited = self.receive(spool)
+        edited.replaceHeader(
+            b"X-Edited: yes\r\nSubject: test\r\n\r\n", MESSAGE.index(b"\r\n\r\n") + 4
+        )
+        huge = self.receive(spool, BIG * 11)
+        for m in (written, flushed, edited, huge):
+            yield spool.commit(m, record(m.queueId, m.size))
+        self.assertEqual(spool.batchCount, 1)
+        [path] = self.segments(spool)
+        found = dict(readSegment(path)[1])
+        self.assertEqual(sorted(found), sorted([written.queueId, flushed.queueId, edited.queueId]))
+        for queueId in found:
+            with open(os.path.join(spool.directory, "incoming", queueId), "rb") as f:
+                self.assertEqual(found[queueId], f.read())
+        self.assertEqual(spool.readData(written.queueId), BIG)
+        self.assertEqual(spool.readData(flushed.queueId), MESSAGE)
+        self.assertTrue(spool.readData(edited.queueId).startswith(b"X-Edited: yes\r\n"))
+        self.assertEqual(spool.readData(huge.queueId), BIG * 11)
+        self.assertEqual(
+            spool.entries("incoming"),
+            sorted(m.queueId for m in (written, flushed, edited, huge)),
+        )
+
+    @inlineCallbacks
+    def test_rotationRetires(self):
+        """
+        A full segment is rotated; once its commits have finished it is
+        retired (deleted), its messages staying in the spool.  Stopping
+        the spool retires the last one: no segment is left.
+        """
+        spool = self.startSpool()
+        spool._journal.segmentSize = 3 * len(MESSAGE) + 2048
+        ids = []
+        for _ in range(4):
+            batch = [self.receive(spool) for _ in range(3)]
+            ids += yield gatherResults([spool.commit(m, record(m.queueId)) for m in batch])
+        yield spool._whenIdle()
+        self.assertEqual(len(self.segments(spool)), 1)
+        self.assertEqual(spool.entries("incoming"), sorted(ids))
+        yield spool.stopService()
+        self.assertEqual(self.segments(spool), [])
+        self.assertEqual(spool.entries("incoming"), sorted(ids))
+
+    @inlineCallbacks
+    def test_idleSegmentRotated(self):
+        """
+        A segment that stops receiving records is rotated and retired by
+        the timer, so that none lingers while no mail comes.
+        """
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        yield spool.commit(incoming, record(incoming.queueId))
+        self.assertEqual(len(self.segments(spool)), 1)
+        spool._journal.current.started -= journalModule.SEGMENT_AGE
+        spool._rotateIdle()
+        yield spool._whenIdle()
+        self.assertEqual(self.segments(spool), [])
+        self.assertIsNone(spool._journal.current)
+
+    @inlineCallbacks
+    def test_syncFails(self):
+        """
+        When the segment's sync fails, every commit it covered fails and
+        its queue file is taken out again; the segment is not written to
+        again, and the next commit goes to a new one and succeeds.
+        """
+        spool = self.startSpool()
+        realSync = journalModule.os.fdatasync
+
+        def failing(fd):
+            raise OSError(errno.EIO, "injected fdatasync failure")
+
+        self.patch(journalModule.os, "fdatasync", failing)
+        messages = [self.receive(spool) for _ in range(6)]
+        results = yield DeferredList(
+            [spool.commit(m, record(m.queueId)) for m in messages], consumeErrors=True
+        )
+        for ok, result in results:
+            self.assertFalse(ok)
+            self.assertEqual(result.value.errno, errno.EIO)
+        self.assertEqual(spool.entries("incoming"), [])
+        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+        broken = spool._journal.current
+        self.assertIsNotNone(broken.writer.broken)
+
+        self.patch(journalModule.os, "fdatasync", realSync)
+        incoming = self.receive(spool)
+        queueId = yield spool.commit(incoming, record(incoming.queueId))
+        self.assertEqual(spool.entries("incoming"), [queueId])
+        self.assertIsNot(spool._journal.current, broken)
+
+
+class GroupAppendTests(TestCase):
+    """L{GroupAppend} directly, with threads appending at the same time."""
+
+    def test_appendsInOrderAndShareSyncs(self):
+        """
+        Records appended by many threads are all in the file, each whole,
+        and fewer syncs than records ran when they came together.
+        """
+        path = self.mktemp()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        writer = GroupAppend(fd, 0, lambda: None)
+        gate = threading.Barrier(16)
+
+        def append(i):
+            gate.wait()
+            writer.append(encodeRecord(f"{i:018d}", b"payload %d" % i))
+
+        threads = [threading.Thread(target=append, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertEqual(writer.end, len(data))
+        self.assertLess(writer.count, 16)
+        offset, found = 0, []
+        while offset < len(data):
+            length = int(data[offset + 19 : offset + 27], 16)
+            found.append(data[offset + 35 : offset + 35 + length])
+            offset += 35 + length
+        self.assertEqual(sorted(found), sorted(b"payload %d" % i for i in range(16)))
+
+    def test_brokenAfterFailure(self):
+        """After a failed write, every later append fails at once."""
+        path = self.mktemp()
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)  # writes fail: EBADF
+        self.addCleanup(os.close, fd)
+        writer = GroupAppend(fd, 0, lambda: None)
+        self.assertRaises(OSError, writer.append, b"x")
+        self.assertIsNotNone(writer.broken)
+        error = self.assertRaises(OSError, writer.append, b"y")
+        self.assertEqual(error.errno, errno.EBADF)
+
+
+class RecoveryTests(SpoolTestMixin, TestCase):
+    """What startup does with the segments a previous run left."""
+
+    def setUp(self):
+        if bootId() is None:
+            self.skipTest("no boot id on this system: the spool commits without a journal")
+
+    @inlineCallbacks
+    def committedSegment(self, count=3):
+        """
+        Commit C{count} messages, keep a copy of the segment as it was
+        before the spool retired it at its stop (what a C{kill -9} leaves),
+        and stop the spool.
+
+        @return: the spool's directory, the queue ids and the segment's
+            name and octets.
+        """
+        spool = self.startSpool()
+        messages = [self.receive(spool, MESSAGE + b"%d\r\n" % i) for i in range(count)]
+        ids = yield gatherResults([spool.commit(m, record(m.queueId, m.size)) for m in messages])
+        [path] = segmentsOf(spool.directory)
+        with open(path, "rb") as f:
+            octets = f.read()
+        yield spool.stopService()
+        self.assertEqual(segmentsOf(spool.directory), [])
+        return spool.directory, ids, os.path.basename(path), octets
+
+    def leave(self, directory, name, octets):
+        with open(os.path.join(directory, "journal", name), "wb") as f:
+            f.write(octets)
+
+    def rebooted(self, octets):
+        """The segment as if written before a reboot: another boot id."""
+        other = str(uuid.uuid4()).encode("ascii")
+        return octets.replace(bootId().encode("ascii"), other, 1)
+
+    @inlineCallbacks
+    def test_replayAfterReboot(self):
+        """
+        After a reboot, a message whose queue file was lost or damaged is
+        written back into C{incoming/} from the segment, byte-exact; a
+        sound one is left alone; a torn record at the end is ignored; the
+        segment is deleted.
+        """
+        directory, ids, name, octets = yield self.committedSegment(3)
+        lost, damaged, _sound = ids
+        original = {}
+        for queueId in ids:
+            with open(os.path.join(directory, "incoming", queueId), "rb") as f:
+                original[queueId] = f.read()
+        os.unlink(os.path.join(directory, "incoming", lost))
+        # The damaged one had been moved to active/ for its attempt: the
+        # copy must take its place, or recovery would move the damaged
+        # file back over it.
+        os.rename(
+            os.path.join(directory, "incoming", damaged),
+            os.path.join(directory, "active", damaged),
+        )
+        with open(os.path.join(directory, "active", damaged), "r+b") as f:
+            f.truncate(100)
+        torn = encodeRecord("0" * 13 + "TORNX", b"half of a record")[:-5]
+        self.leave(directory, name, self.rebooted(octets) + torn)
+
+        spool = self.startSpool(directory)
+        self.assertEqual(spool.entries("incoming"), sorted(ids))
+        for queueId in ids:
+            with open(os.path.join(directory, "incoming", queueId), "rb") as f:
+                self.assertEqual(f.read(), original[queueId])
+            readRecord(os.path.join(directory, "incoming", queueId), queueId)
+        self.assertEqual(spool.entries("corrupt"), [])
+        self.assertEqual(segmentsOf(directory), [])
+        restored = {e["queue_id"] for e in self.events if "journal" in e.get("what", "")}
+        self.assertEqual(restored, {lost, damaged})
+
+    @inlineCallbacks
+    def test_sameBootRetires(self):
+        """
+        A segment written since this boot is retired, not replayed: a
+        message delivered (removed) before the restart does not come back.
+        """
+        directory, ids, name, octets = yield self.committedSegment(2)
+        delivered, kept = ids
+        os.unlink(os.path.join(directory, "incoming", delivered))
+        self.leave(directory, name, octets)
+
+        spool = self.startSpool(directory)
+        self.assertEqual(spool.entries("incoming"), [kept])
+        self.assertEqual(segmentsOf(directory), [])
+
+    @inlineCallbacks
+    def test_damagedHeaderReplaysNothing(self):
+        """A segment whose header is damaged is trusted for nothing."""
+        directory, ids, name, octets = yield self.committedSegment(1)
+        os.unlink(os.path.join(directory, "incoming", ids[0]))
+        self.leave(directory, name, b"X" + octets[1:])
+
+        spool = self.startSpool(directory)
+        self.assertEqual(spool.entries("incoming"), [])
+        self.assertEqual(segmentsOf(directory), [])
+
+    @inlineCallbacks
+    def test_retireSegmentsOf(self):
+        """
+        L{Spool.retireSegmentsOf} retires the segments a dead process left,
+        and only its own.
+        """
+        directory, ids, name, octets = yield self.committedSegment(1)
+        spool = self.startSpool(directory)
+        pid = name.partition(".")[0]
+        self.leave(directory, name, octets)
+        self.leave(directory, "1." + name.partition(".")[2], octets)
+        yield spool.retireSegmentsOf(int(pid))
+        self.assertEqual(
+            [os.path.basename(p) for p in segmentsOf(directory)],
+            ["1." + name.partition(".")[2]],
+        )
+        self.assertEqual(spool.entries("incoming"), ids)
+
+    @inlineCallbacks
+    def test_spoolWithoutJournal(self):
+        """
+        A spool left by the code before the journal (no C{journal/}) keeps
+        its messages; the directory is made and new mail goes through it.
+        """
+        directory, ids, _, _ = yield self.committedSegment(2)
+        os.rmdir(os.path.join(directory, "journal"))
+        spool = self.startSpool(directory)
+        self.assertEqual(spool.entries("incoming"), sorted(ids))
+        incoming = self.receive(spool)
+        queueId = yield spool.commit(incoming, record(incoming.queueId))
+        [path] = segmentsOf(directory)
+        self.assertEqual([q for q, _ in readSegment(path)[1]], [queueId])
