@@ -196,6 +196,7 @@ class ChildProcess(ProcessProtocol):
         """Its latest C{process_*} figures, labelled with its L{label}."""
 
     def connectionMade(self) -> None:
+        self.pid: int | None = self.transport.pid
         log.info(
             "{label} started (pid {pid})",
             label=self.label,
@@ -604,6 +605,10 @@ class ReceiverPool(ProcessPool):
         manager accepts connections itself until one is back.
         """
         counts = self.connections.pop(child, {})
+        pid = getattr(child, "pid", None)
+        if pid is not None and hasattr(self.spool, "retireSegmentsOf"):
+            # Its journal: what it committed is the spool's for good.
+            self.spool.retireSegmentsOf(pid)
         if self.limits is not None:
             for client, count in counts.items():
                 for _ in range(count):

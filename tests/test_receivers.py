@@ -238,9 +238,20 @@ def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesse
     assert TAKEN_BACK not in relayd.log(10**7)
 
     # With every receiver gone, the queue manager accepts until one is
-    # back (a receiver killed is started again a second later).
-    for victim in receiverPids(relayd.process.pid):
+    # back (a receiver killed is started again a second later).  Mail
+    # just committed leaves the receivers' journal segments live.
+    assert len(sendMany(relayd.port, 18)) == 18
+    dead = receiverPids(relayd.process.pid)
+    for victim in dead:
         os.kill(victim, signal.SIGKILL)
+    # The queue manager retires the segments the dead receivers left.
+    journal = os.path.join(setup.spoolPath, "journal")
+    waitFor(
+        lambda: not [n for n in os.listdir(journal) if int(n.partition(".")[0]) in dead],
+        20,
+        "dead receivers' journal segments left",
+        relayd.log,
+    )
     waitFor(lambda: TAKEN_BACK in relayd.log(10**7), 20, "nobody accepts", relayd.log)
     assert sendMany(relayd.port, 1, clients=1) != []
     waitFor(lambda: connects()[0] == 1, 10, "not the queue manager's", relayd.log)
@@ -651,6 +662,32 @@ class _ChildTransport:
     def close(self) -> None:
         os.close(self.read)
         os.close(self.writeEnd)
+
+
+class _RetiringSpool:
+    """Records which processes' journal segments the pool retires."""
+
+    def __init__(self) -> None:
+        self.retired: list[int] = []
+
+    def retireSegmentsOf(self, pid: int) -> None:
+        self.retired.append(pid)
+
+
+def test_endedReceiversJournalRetired() -> None:
+    """
+    When a receiver ends, the queue manager has the spool retire the
+    journal segments of its pid (L{relayd.queue.spool.Spool.retireSegmentsOf},
+    tested on real segments in L{tests.queue.test_journal}).
+    """
+    spool = _RetiringSpool()
+    pool = _pool(Clock(), 1)
+    pool.spool = spool
+    child = ChildProcess(pool, 1)
+    child.pid = 4242
+    pool.children[1] = child
+    pool.childEnded(child)
+    assert spool.retired == [4242]
 
 
 def _poolWithTwoReceivers(perClient: int) -> tuple[Clock, ReceiverPool, list[ChildProcess]]:
