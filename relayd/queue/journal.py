@@ -21,12 +21,11 @@ Why nothing that got a C{250} is lost:
   - Before a segment is deleted it is I{retired} (L{retireSegment}):
     every queue file it names that is still in the spool is fsync'd, then
     the state directories are; from then on the spool alone keeps them.
-  - A segment still there at startup was written either since the
-    machine booted (its header holds the kernel's boot id): then the spool
-    holds whatever the kernel did, and the segment is retired; or before a
-    reboot, a power loss or a kernel crash: then each message it holds
-    whose queue file is missing or damaged is written back into
-    C{incoming/} from the segment (L{replaySegment}).
+  - A segment still there at startup is replayed (L{recoverJournal}):
+    each message it holds whose queue file is damaged is written back from
+    it; so is each one whose queue file is missing when the segment was
+    written before a reboot (its header holds the kernel's boot id), a
+    power loss or a kernel crash.  Then it is retired.
 
 What a reboot may bring back: a message of a segment still live (rotated
 every L{SEGMENT_AGE} seconds or L{SEGMENT_SIZE} octets) that was delivered
@@ -169,12 +168,13 @@ def segmentsOf(directory: str, pid: int | None = None) -> list[str]:
     ]
 
 
-def _queueFileToRestore(directory: str, queueId: str) -> str | None:
+def _queueFileToRestore(directory: str, queueId: str) -> tuple[str, bool] | None:
     """
-    Where a message of the journal is to be written back: None when a
+    Where a message of the journal would be written back: None when a
     queued state holds a sound queue file of it; else the path of its
     damaged one (replaced in place, so that recovery does not later move
-    the damaged one over the copy), or its path in C{incoming/}.
+    the damaged one over the copy) and True, or its path in C{incoming/}
+    and False when no queued state holds it.
     """
     damaged = None
     for state in QUEUED_STATES:
@@ -187,7 +187,9 @@ def _queueFileToRestore(directory: str, queueId: str) -> str | None:
             damaged = damaged or path
             continue
         return None
-    return damaged or os.path.join(directory, "incoming", queueId)
+    if damaged is not None:
+        return damaged, True
+    return os.path.join(directory, "incoming", queueId), False
 
 
 def retireSegment(directory: str, path: str, queueIds: list[str] | None = None) -> None:
@@ -232,13 +234,17 @@ def _fsyncQueueFile(directory: str, queueId: str) -> bool:
     return False
 
 
-def replaySegment(directory: str, path: str, log: Callable[[str, str], None]) -> tuple[int, int]:
+def replaySegment(
+    directory: str, path: str, log: Callable[[str, str], None], missing: bool = True
+) -> tuple[int, int]:
     """
-    After a reboot: write back each message of segment C{path} whose
-    queue file is missing (into C{incoming/}) or damaged (in its place),
-    each durably (write, fsync, rename, fsync the directory).  Blocking,
-    at startup.
+    Write back each message of segment C{path} whose queue file is damaged
+    (in its place) or, with C{missing}, gone (into C{incoming/}), each
+    durably (write, fsync, rename, fsync the directory).  Blocking, at
+    startup.
 
+    @param missing: whether a message that no queued state holds is
+        written back (see L{recoverJournal}).
     @param log: called with a queue id and what was done to it.
     @return: how many records the segment held, and how many were written
         back.
@@ -249,9 +255,10 @@ def replaySegment(directory: str, path: str, log: Callable[[str, str], None]) ->
         seen += 1
         if not QUEUE_ID.match(queueId):
             continue
-        target = _queueFileToRestore(directory, queueId)
-        if target is None:
+        found = _queueFileToRestore(directory, queueId)
+        if found is None or not (found[1] or missing):
             continue
+        target = found[0]
         tmp = os.path.join(directory, "tmp", queueId + ".journal")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
         try:
@@ -271,27 +278,29 @@ def replaySegment(directory: str, path: str, log: Callable[[str, str], None]) ->
 
 def recoverJournal(
     directory: str, boot: str | None, log: Callable[[str, str], None]
-) -> list[tuple[str, int, int]]:
+) -> list[tuple[str, int, int, bool]]:
     """
-    At startup, before anything commits: retire every segment written
-    since this boot, replay every other one, and delete them all.
-    Blocking.
+    At startup, before anything commits: replay every segment, retire it
+    (L{retireSegment}), and so delete it.  Blocking.
 
-    @return: for each segment replayed, its path, how many records it held
-        and how many were written back.
+    A segment written since this boot restores only damaged queue files:
+    in normal operation a queue file is never damaged (it is written under
+    C{tmp/} and renamed whole), only by the loss of pages never written,
+    which a file system can suffer without a reboot (shut down after an
+    I/O error, then mounted again); and a message that the spool no longer
+    holds was delivered.  A segment from before a reboot also restores
+    missing ones: the power loss may have taken them, entries and all.
+
+    @return: for each segment, its path, how many records it held, how
+        many were written back, and whether it was written since this boot.
     """
     replayed = []
     for path in segmentsOf(directory):
         segmentBoot, _ = readSegment(path)
-        if boot is not None and segmentBoot == boot:
-            retireSegment(directory, path)
-            continue
-        seen, restored = replaySegment(directory, path, log)
-        replayed.append((path, seen, restored))
-        for state in QUEUED_STATES:
-            fsyncDirectory(os.path.join(directory, state))
-        os.unlink(path)
-        fsyncDirectory(os.path.dirname(path))
+        thisBoot = boot is not None and segmentBoot == boot
+        seen, restored = replaySegment(directory, path, log, missing=not thisBoot)
+        replayed.append((path, seen, restored, thisBoot))
+        retireSegment(directory, path)
     return replayed
 
 

@@ -94,6 +94,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -1133,17 +1134,19 @@ class Spool(Service):
 
         self._convert()
 
-        for path, seen, restored in recoverJournal(
+        for path, seen, restored, thisBoot in recoverJournal(
             self.directory,
             self._boot,
             lambda queueId, what: self.log.warn(
                 "{queue_id}: recovery: {what}", queue_id=queueId, what=what
             ),
         ):
-            self.log.warn(
-                "recovery: journal segment {path} from before a reboot: "
+            self.log.emit(
+                LogLevel.warn if restored else LogLevel.info,
+                "recovery: journal segment {path} ({when}): "
                 "{restored} of its {seen} messages written back",
                 path=path,
+                when="this boot" if thisBoot else "before a reboot",
                 seen=seen,
                 restored=restored,
             )
