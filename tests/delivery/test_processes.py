@@ -35,6 +35,7 @@ from relayd.delivery.routing import Destination, Hop
 from relayd.reply import Reply
 from relayd.smtp.dsn import DSNParameters, RecipientRequest
 from relayd.testing import PostfixSink, TestSetup
+from relayd.testing.powercut import LoopFileSystem
 from relayd.testing.process import (  # noqa: F401 (fixture)
     RelaydProcess,
     childPids,
@@ -450,3 +451,75 @@ def test_chooseKeepsADestinationToOneProcessWhileBalanced() -> None:
     first.inFlight.clear()
     homes = {pool._choose(f"mx:domain{n}.example") for n in range(40)}
     assert len(homes) == 4
+
+
+def test_powerCutUnderLoadLosesNothing(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
+    """
+    A power cut under load: relayd with two receivers, its spool on a file
+    system of its own (L{LoopFileSystem}) that loses everything not yet on
+    its disk mid-run; then relayd is killed, the file system mounted again
+    and relayd started on it with delivery on: every message that got a
+    250 reaches the sink.  Delivery is off before the cut, so that what
+    got a 250 is still in the spool, and the journals must bring back the
+    queue files the cut took.
+    """
+    why = LoopFileSystem.available()
+    if why is not None:
+        pytest.skip(why)
+    setup = setupWith(tmp_path, sink.port, enabled=False)
+    fileSystem = LoopFileSystem(setup.spoolPath)
+    try:
+        first = RelaydProcess(setup, tmp_path / "first.log")
+        relaydProcesses.append(first)
+        first.waitListening()
+        parent = first.process.pid
+        for line in ("receiver-1 receiving", "receiver-2 receiving"):
+            waitFor(lambda text=line: text in first.log(10**7), 30, f"no {line!r}", first.log)
+        children = receiverPids(parent)
+
+        load = smtpSource(first.port, 400, 8)
+        accepted: list[str] = []
+
+        def recorded() -> None:
+            accepted.extend(sendMany(first.port, 200, clients=4))
+
+        client = threading.Thread(target=recorded)
+        client.start()
+        try:
+            time.sleep(1.0)
+            fileSystem.cut()
+            client.join(60)
+            first.kill()
+            first.wait(10)
+            for pid in children:
+                waitFor(
+                    lambda p=pid: not os.path.exists(f"/proc/{p}"),
+                    20,
+                    "a child outlived its manager",
+                )
+        finally:
+            if load.poll() is None:
+                load.kill()
+            load.wait(10)
+        assert accepted, first.log()
+        fileSystem.remount()
+        with open(setup.configPath) as f:
+            config = f.read()
+        with open(setup.configPath, "w") as f:
+            f.write(config.replace("enabled = false", "enabled = true", 1))
+
+        second = RelaydProcess(setup, tmp_path / "second.log")
+        relaydProcesses.append(second)
+        second.waitListening()
+        waitFor(
+            lambda: tokensAt(sink) >= set(accepted),
+            60,
+            f"accepted mail lost: {len(set(accepted) - tokensAt(sink))} of {len(accepted)}",
+            lambda: first.log() + second.log(),
+        )
+        text = second.log(10**7)
+        assert "restored from the journal" in text, text[-5000:]
+        second.terminate()
+        second.wait(30)
+    finally:
+        fileSystem.remove()

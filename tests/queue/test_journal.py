@@ -11,11 +11,8 @@ queue files a power loss could have taken.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shutil
-import struct
-import subprocess
 import tempfile
 import threading
 import uuid
@@ -34,6 +31,7 @@ from relayd.queue.journal import (
 )
 from relayd.queue.record import readRecord
 from relayd.queue.spool import JOURNAL_MESSAGE_LIMIT, Spool
+from relayd.testing.powercut import LoopFileSystem
 from tests.queue.test_spool import MESSAGE, SpoolTestMixin, TestCase, listing, record
 
 BIG = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n" + (b"y" * 998 + b"\r\n") * 100
@@ -368,38 +366,24 @@ class RecoveryTests(SpoolTestMixin, TestCase):
         self.assertEqual([q for q, _ in readSegment(path)[1]], [queueId])
 
 
-EXT4_IOC_SHUTDOWN = 0x8004587D
-"""C{_IOR('X', 125, __u32)}: shut an ext4 file system down (xfstests'
-C{godown}); with L{NOLOGFLUSH} nothing more reaches the disk, neither
-data nor journal: what a power cut does."""
-NOLOGFLUSH = 2
-
-
 class PowerLossTests(TestCase):
     """
     A real loss of everything not yet on disk: the spool on a small ext4
-    file system (a loop device) that is shut down without flushing, then
-    mounted again.  Root only.
+    file system (L{LoopFileSystem}) cut without a flush, then mounted
+    again.  Root only.
     """
 
     def setUp(self):
-        if os.geteuid() != 0:
-            self.skipTest("mounting a file system needs root")
+        why = LoopFileSystem.available()
+        if why is not None:
+            self.skipTest(why)
         if bootId() is None:
             self.skipTest("no boot id on this system: the spool commits without a journal")
         base = tempfile.mkdtemp(prefix="relayd-powerloss-")
         self.addCleanup(shutil.rmtree, base, True)
-        self.image = os.path.join(base, "image")
         self.mountPoint = os.path.join(base, "mnt")
-        os.mkdir(self.mountPoint)
-        with open(self.image, "wb") as f:
-            f.truncate(64 * 1024 * 1024)
-        subprocess.run(["mkfs.ext4", "-q", "-F", self.image], check=True)
-        self.mount()
-
-    def mount(self):
-        subprocess.run(["mount", "-o", "loop", self.image, self.mountPoint], check=True)
-        self.addCleanup(subprocess.run, ["umount", "-l", self.mountPoint], capture_output=True)
+        self.fileSystem = LoopFileSystem(self.mountPoint)
+        self.addCleanup(self.fileSystem.remove)
 
     def spool(self):
         events = []
@@ -431,14 +415,9 @@ class PowerLossTests(TestCase):
         expected = {m.queueId: data for m, data in messages}
         self.assertEqual(sorted(ids), sorted(expected))
 
-        fd = os.open(self.mountPoint, os.O_RDONLY)
-        try:
-            fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", NOLOGFLUSH))
-        finally:
-            os.close(fd)
+        self.fileSystem.cut()
         yield spool.stopService()
-        subprocess.run(["umount", self.mountPoint], check=True)
-        self.mount()
+        self.fileSystem.remount()
 
         directory = os.path.join(self.mountPoint, "spool")
         lost = 0
