@@ -140,6 +140,7 @@ class Config:
     spoolDirectory: str
     spoolReserveBytes: int
     spoolThreads: int
+    spoolJournal: bool
     messageSize: int
     maxHeaderSize: int
     maxHops: int
@@ -339,6 +340,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "directory": _Key(str, required=True),
         "reserve_bytes": _Key(int, 100 * 1024 * 1024, check=_nonNegative),
         "threads": _Key(int, 4, check=_positive),
+        "journal": _Key(bool, True),
     },
     "limits": {
         "message_size": _Key(int, 35 * 1024 * 1024, check=_positive),
@@ -752,6 +754,7 @@ def fromDict(raw: dict[str, Any], path: str = "<config>") -> Config:
         spoolDirectory=spoolDirectory,
         spoolReserveBytes=spool["reserve_bytes"],
         spoolThreads=spool["threads"],
+        spoolJournal=spool["journal"],
         messageSize=limits["message_size"],
         maxHeaderSize=limits["header_size"],
         maxHops=limits["hops"],

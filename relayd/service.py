@@ -469,6 +469,7 @@ def buildService(
         reactor,
         threads=config.spoolThreads,
         receiver=receiver is not None,
+        journal=config.spoolJournal,
     )
     spool.logDurable = config.logLevel == "debug"
     spool.setServiceParent(top)
@@ -580,6 +581,7 @@ _RESTART_FIELDS = {
     "listeners": "listeners",
     "spoolDirectory": "spool.directory",
     "spoolThreads": "spool.threads",
+    "spoolJournal": "spool.journal",
     "authThreads": "auth.threads",
     "deliveryEnabled": "delivery.enabled",
     "resolvers": "delivery.resolvers",

@@ -630,3 +630,24 @@ def test_maildropListenerMustBeRelay(tmp_path: Path) -> None:
         str(Path(setup.spoolPath) / "maildrop"),
         5.0,
     )
+
+
+def test_spoolJournal(tmp_path: Path, material: dict[str, Path]) -> None:
+    """
+    C{[spool] journal} is on by default; C{false} turns it off; anything
+    but a boolean is one clear error naming the key.
+    """
+    raw = tomllib.loads(SAMPLE.read_text())
+    raw["tls"]["certificate"] = str(material["cert"])
+    raw["tls"]["key"] = str(material["key"])
+    raw["auth"]["users_file"] = str(material["users"])
+    raw["spool"]["directory"] = str(tmp_path / "spool")
+    raw["delivery"]["ca_file"] = str(material["cert"])
+    path = str(tmp_path / "relayd.toml")
+    assert fromDict(raw, path).spoolJournal is True
+    raw["spool"]["journal"] = False
+    assert fromDict(raw, path).spoolJournal is False
+    raw["spool"]["journal"] = "yes"
+    with pytest.raises(ConfigError) as error:
+        fromDict(raw, path)
+    assert "spool.journal" in str(error.value), error.value

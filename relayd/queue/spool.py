@@ -548,7 +548,9 @@ class Spool(Service):
         self._lastIdTime = 0
         self._observers: list[QueueObserver] = []
         self.receiver = receiver
-        self._boot = bootId() if journal else None
+        # The boot id recovery compares segments with, journal or not.
+        self._boot = bootId()
+        self._journalWanted = journal
         self._journal: Journal | None = None
         self._rotateLoop: LoopingCall | None = None
         self._random = random.Random(secrets.token_bytes(16))
@@ -570,7 +572,11 @@ class Spool(Service):
                 os.makedirs(os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True)
             fsyncDirectory(self.directory)
             self._recover()
-        if self._boot is not None and os.path.isdir(os.path.join(self.directory, JOURNAL)):
+        if (
+            self._journalWanted
+            and self._boot is not None
+            and os.path.isdir(os.path.join(self.directory, JOURNAL))
+        ):
             self._journal = Journal(self.directory, self._boot)
         self._freeBytes = self._statFreeBytes()
         Service.startService(self)

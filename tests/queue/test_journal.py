@@ -436,3 +436,50 @@ class PowerLossTests(TestCase):
         self.assertEqual(spool.entries("corrupt"), [])
         restored = [e for e in events if "journal" in e.get("what", "")]
         self.assertEqual(len(restored), lost)
+
+
+class JournalOffTests(SpoolTestMixin, TestCase):
+    """C{[spool] journal = false}: L{Spool} with C{journal=False}."""
+
+    journal = False
+
+    @inlineCallbacks
+    def test_noSegment(self):
+        """Every message is fsync'd on its own; no segment is written."""
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        queueId = yield spool.commit(incoming, record(incoming.queueId))
+        self.assertEqual(spool.entries("incoming"), [queueId])
+        self.assertEqual(spool.batchCount, 1)
+        self.assertEqual(segmentsOf(spool.directory), [])
+
+    @inlineCallbacks
+    def test_leftSegmentsStillRecovered(self):
+        """
+        Segments a run with the journal left are still replayed as such:
+        one of this boot brings back what is damaged, not what was
+        delivered.
+        """
+        if bootId() is None:
+            self.skipTest("no boot id on this system")
+        self.journal = True
+        spool = self.startSpool()
+        messages = [self.receive(spool) for _ in range(2)]
+        delivered, damaged = yield gatherResults(
+            [spool.commit(m, record(m.queueId)) for m in messages]
+        )
+        [path] = segmentsOf(spool.directory)
+        with open(path, "rb") as f:
+            octets = f.read()
+        yield spool.stopService()
+        os.unlink(os.path.join(spool.directory, "incoming", delivered))
+        with open(os.path.join(spool.directory, "incoming", damaged), "r+b") as f:
+            f.truncate(10)
+        with open(path, "wb") as f:
+            f.write(octets)
+
+        self.journal = False
+        spool = self.startSpool(spool.directory)
+        self.assertEqual(spool.entries("incoming"), [damaged])
+        self.assertEqual(spool.readData(damaged), MESSAGE)
+        self.assertEqual(segmentsOf(spool.directory), [])
