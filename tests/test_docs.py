@@ -167,6 +167,7 @@ class TestingHelpersDocumentedTests(unittest.TestCase):
                 "relayd.testing.certs",
                 "relayd.testing.dnsserver",
                 "relayd.testing.memoryqueue",
+                "relayd.testing.powercut",
                 "relayd.testing.process",
                 "relayd.testing.redisserver",
                 "relayd.testing.sink",
