@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterator
 
 from relayd.queue.record import QUEUE_ID, QUEUED_STATES, CorruptRecord, readRecord
 from relayd.queue.safeio import fsyncDirectory
+from relayd.queue.workers import GroupSync, freshError
 
 __all__ = [
     "DIRECTORY",
@@ -307,31 +308,33 @@ def recoverJournal(
 class GroupAppend:
     """
     Group commit of records to one file: each thread calls L{append},
-    which returns once its record is written and an C{fdatasync} that
-    began after the write has returned.  The first thread to arrive while
-    none is writing writes the records of every thread waiting (one
-    C{pwrite}) and syncs; those arriving meanwhile wait and share the next.
+    which returns once its record is written and an C{fdatasync} after the
+    write has returned.  The threads arriving together share one write
+    (one C{pwrite} of all their records) and one sync: the group commit of
+    L{relayd.queue.workers.GroupSync}, whose one fsync at a time is here
+    "write what is queued, then sync".
 
     A failed write or sync fails the records it covered and breaks the
-    file: every later L{append} fails at once (the caller starts a new
-    file), so that no record ever follows a gap.
+    file: every later L{append} fails (the caller starts a new file), so
+    that no record ever follows a gap.
 
-    @ivar count: how many syncs ran (for tests and statistics).
     @ivar end: the file's length once the records written so far are in.
+    @ivar broken: the error that broke the file, or None.
     """
 
     def __init__(self, fd: int, end: int, beforeFirstSync: Callable[[], None]) -> None:
         self.fd = fd
         self.end = end
-        self.count = 0
         self.broken: OSError | None = None
         self._beforeFirstSync: Callable[[], None] | None = beforeFirstSync
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: list[bytes] = []
-        self._issued = 0
-        self._done = 0
-        self._running = False
-        self._failedFrom = 0
+        self._group = GroupSync("journal segment", self._writeAndSync)
+
+    @property
+    def count(self) -> int:
+        """How many writes and syncs ran (for tests and statistics)."""
+        return self._group.count
 
     def append(self, record: bytes) -> None:
         """
@@ -340,30 +343,26 @@ class GroupAppend:
         @raise OSError: when the write or the sync that covered it failed,
             or the file is broken.
         """
-        with self._cond:
+        with self._lock:
             if self.broken is not None:
-                raise OSError(self.broken.errno, self.broken.strerror, self.broken.filename)
+                raise freshError(self.broken)
             self._queue.append(record)
-            self._issued += 1
-            ticket = self._issued
-            while self._done < ticket and self._running:
-                self._cond.wait()
-            if self._done >= ticket:
-                self._raiseIfBroken(ticket)
-                return
+        self._group.sync()
+
+    def _writeAndSync(self, _: str) -> None:
+        """
+        One at a time (L{GroupSync}): write every record queued so far at
+        the end of the file, then C{fdatasync} it.  With none queued, an
+        earlier run wrote and synced them already.
+        """
+        with self._lock:
             batch, self._queue = self._queue, []
-            last = self._issued
             if self.broken is not None:
-                # Queued before an earlier batch failed: never written
-                # after the gap that batch may have left.
-                self._done = last
-                self._cond.notify_all()
-                raise OSError(self.broken.errno, self.broken.strerror, self.broken.filename)
-            self._running = True
-        error: OSError | None = None
+                raise freshError(self.broken)
+        if not batch:
+            return
         try:
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
-            view = memoryview(data)
+            view = memoryview(batch[0] if len(batch) == 1 else b"".join(batch))
             offset = self.end
             while view:
                 written = os.pwrite(self.fd, view, offset)
@@ -373,25 +372,11 @@ class GroupAppend:
                 self._beforeFirstSync()
                 self._beforeFirstSync = None
             os.fdatasync(self.fd)
-            self.end = offset
         except OSError as e:
-            error = e
-        with self._cond:
-            self.count += 1
-            self._running = False
-            self._done = last
-            if error is not None:
-                self.broken = error
-                self._failedFrom = last - len(batch) + 1
-            self._cond.notify_all()
-        if error is not None:
-            raise error
-
-    def _raiseIfBroken(self, ticket: int) -> None:
-        """Under the lock: raise when the batch of C{ticket} failed, or came after it."""
-        error = self.broken
-        if error is not None and ticket >= self._failedFrom:
-            raise OSError(error.errno, error.strerror, error.filename)
+            with self._lock:
+                self.broken = e
+            raise
+        self.end = offset
 
 
 class Segment:

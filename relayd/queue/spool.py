@@ -876,12 +876,7 @@ class Spool(Service):
             incoming._closeQuietly()
             self._removeFromThread(pending, pending.tmpPath)
             raise
-        try:
-            os.rename(pending.tmpPath, pending.queuePath)
-        except BaseException:
-            incoming._closeQuietly()
-            self._removeFromThread(pending, pending.tmpPath)
-            raise
+        self._renameIntoIncoming(pending)
         try:
             self._incomingSync.sync()
         except BaseException:
@@ -889,6 +884,15 @@ class Spool(Service):
             # temporary failure, so take it out again.
             incoming._closeQuietly()
             self._removeFromThread(pending, pending.queuePath)
+            raise
+
+    def _renameIntoIncoming(self, pending: _PendingCommit) -> None:
+        """In a spool thread: C{tmp/<id>} to C{incoming/<id>}, or no trace of it."""
+        try:
+            os.rename(pending.tmpPath, pending.queuePath)
+        except BaseException:
+            pending.incoming._closeQuietly()
+            self._removeFromThread(pending, pending.tmpPath)
             raise
 
     def _journalInThread(self, pending: _PendingCommit, segment: Segment) -> None:
@@ -919,12 +923,7 @@ class Spool(Service):
             incoming._closeQuietly()
             self._removeFromThread(pending, pending.tmpPath)
             raise
-        try:
-            os.rename(pending.tmpPath, pending.queuePath)
-        except BaseException:
-            pending.incoming._closeQuietly()
-            self._removeFromThread(pending, pending.tmpPath)
-            raise
+        self._renameIntoIncoming(pending)
         try:
             segment.writer.append(encodeRecord(pending.queueId, payload))
         except BaseException:

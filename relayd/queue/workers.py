@@ -30,9 +30,17 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-__all__ = ["GroupSync", "SpoolThreads"]
+__all__ = ["GroupSync", "SpoolThreads", "freshError"]
 
 _STOP = None
+
+
+def freshError(error: OSError) -> OSError:
+    """
+    A copy of C{error} for one more thread to raise: threads raising one
+    instance would share (and rewrite) its traceback.
+    """
+    return OSError(error.errno, error.strerror, error.filename)
 
 
 class SpoolThreads:
@@ -202,6 +210,4 @@ class GroupSync:
                 entry[3] -= 1
                 if not entry[3]:
                     self._failed.remove(entry)
-                # A copy each: threads raising one instance would share
-                # (and rewrite) its traceback.
-                raise OSError(error.errno, error.strerror, error.filename)
+                raise freshError(error)

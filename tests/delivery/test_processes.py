@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -332,6 +333,32 @@ def smtpSource(port: int, messages: int, sessions: int) -> subprocess.Popen[byte
     )
 
 
+@contextlib.contextmanager
+def underLoad(port: int) -> Iterator[tuple[list[str], threading.Thread]]:
+    """
+    smtp-source's load (400 messages, 8 sessions) and 200 messages from
+    four clients of our own to C{port}: yields the tokens of theirs that
+    got a 250 (filled in as they do) and their thread; smtp-source is
+    stopped on leaving.
+    """
+    load = smtpSource(port, 400, 8)
+    accepted: list[str] = []
+    client = threading.Thread(target=lambda: accepted.extend(sendMany(port, 200, clients=4)))
+    client.start()
+    try:
+        yield accepted, client
+    finally:
+        if load.poll() is None:
+            load.kill()
+        load.wait(10)
+
+
+def waitGone(pids: list[int]) -> None:
+    """Until none of C{pids} runs: a killed queue manager's children stop by themselves."""
+    for pid in pids:
+        waitFor(lambda p=pid: not os.path.exists(f"/proc/{p}"), 20, "a child outlived its manager")
+
+
 def test_killedUnderLoadLosesNothing(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
     """
     The durability test under load (issue 14): smtp-source load plus
@@ -348,29 +375,14 @@ def test_killedUnderLoadLosesNothing(tmp_path, sink, relaydProcesses) -> None:  
     waitAllReady(first)
     children = deliveryPids(parent) + receiverPids(parent)
 
-    load = smtpSource(first.port, 400, 8)
-    accepted: list[str] = []
-
-    def recorded() -> None:
-        accepted.extend(sendMany(first.port, 200, clients=4))
-
-    client = threading.Thread(target=recorded)
-    client.start()
-    try:
+    with underLoad(first.port) as (accepted, client):
         time.sleep(1.0)
         os.kill(deliveryPids(parent)[0], signal.SIGKILL)
         time.sleep(1.0)
         first.kill()
         first.wait(10)
-        for pid in children:
-            waitFor(
-                lambda p=pid: not os.path.exists(f"/proc/{p}"), 20, "a child outlived its manager"
-            )
+        waitGone(children)
         client.join(60)
-    finally:
-        if load.poll() is None:
-            load.kill()
-        load.wait(10)
     assert accepted, first.log()
     assert re.search(r"delivery-\d exited \(", first.log(10**7)), first.log()
     deliveredBefore = len(tokensAt(sink))
@@ -477,30 +489,13 @@ def test_powerCutUnderLoadLosesNothing(tmp_path, sink, relaydProcesses) -> None:
             waitFor(lambda text=line: text in first.log(10**7), 30, f"no {line!r}", first.log)
         children = receiverPids(parent)
 
-        load = smtpSource(first.port, 400, 8)
-        accepted: list[str] = []
-
-        def recorded() -> None:
-            accepted.extend(sendMany(first.port, 200, clients=4))
-
-        client = threading.Thread(target=recorded)
-        client.start()
-        try:
+        with underLoad(first.port) as (accepted, client):
             time.sleep(1.0)
             fileSystem.cut()
             client.join(60)
             first.kill()
             first.wait(10)
-            for pid in children:
-                waitFor(
-                    lambda p=pid: not os.path.exists(f"/proc/{p}"),
-                    20,
-                    "a child outlived its manager",
-                )
-        finally:
-            if load.poll() is None:
-                load.kill()
-            load.wait(10)
+            waitGone(children)
         assert accepted, first.log()
         fileSystem.remount()
         with open(setup.configPath) as f:
