@@ -359,6 +359,33 @@ def waitGone(pids: list[int]) -> None:
         waitFor(lambda p=pid: not os.path.exists(f"/proc/{p}"), 20, "a child outlived its manager")
 
 
+def restartedDelivers(
+    setup: TestSetup,
+    tmp_path: Path,
+    processes: list[RelaydProcess],
+    first: RelaydProcess,
+    sink: PostfixSink,
+    accepted: list[str],
+    before: str = "",
+) -> RelaydProcess:
+    """
+    Start relayd again on C{setup} after C{first} was killed, and wait
+    until the sink holds every message of C{accepted} (C{before} says what
+    it held before, in the failure).
+    """
+    second = RelaydProcess(setup, tmp_path / "second.log")
+    processes.append(second)
+    second.waitListening()
+    waitFor(
+        lambda: tokensAt(sink) >= set(accepted),
+        60,
+        f"accepted mail lost: {len(set(accepted) - tokensAt(sink))} of {len(accepted)}"
+        + (f" ({before} the restart)" if before else ""),
+        lambda: first.log() + second.log(),
+    )
+    return second
+
+
 def test_killedUnderLoadLosesNothing(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
     """
     The durability test under load (issue 14): smtp-source load plus
@@ -387,14 +414,8 @@ def test_killedUnderLoadLosesNothing(tmp_path, sink, relaydProcesses) -> None:  
     assert re.search(r"delivery-\d exited \(", first.log(10**7)), first.log()
     deliveredBefore = len(tokensAt(sink))
 
-    second = RelaydProcess(setup, tmp_path / "second.log")
-    relaydProcesses.append(second)
-    second.waitListening()
-    waitFor(
-        lambda: tokensAt(sink) >= set(accepted),
-        60,
-        f"accepted mail lost ({len(accepted)} accepted, {deliveredBefore} before the restart)",
-        lambda: first.log() + second.log(),
+    second = restartedDelivers(
+        setup, tmp_path, relaydProcesses, first, sink, accepted, f"{deliveredBefore} before"
     )
     # What smtp-source got a 250 for is in the spool or at the sink: the
     # spool drains (retries every second) and nothing is left behind.
@@ -503,15 +524,7 @@ def test_powerCutUnderLoadLosesNothing(tmp_path, sink, relaydProcesses) -> None:
         with open(setup.configPath, "w") as f:
             f.write(config.replace("enabled = false", "enabled = true", 1))
 
-        second = RelaydProcess(setup, tmp_path / "second.log")
-        relaydProcesses.append(second)
-        second.waitListening()
-        waitFor(
-            lambda: tokensAt(sink) >= set(accepted),
-            60,
-            f"accepted mail lost: {len(set(accepted) - tokensAt(sink))} of {len(accepted)}",
-            lambda: first.log() + second.log(),
-        )
+        second = restartedDelivers(setup, tmp_path, relaydProcesses, first, sink, accepted)
         text = second.log(10**7)
         assert "restored from the journal" in text, text[-5000:]
         second.terminate()
