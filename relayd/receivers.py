@@ -189,6 +189,7 @@ class ChildProcess(ProcessProtocol):
         self._notices = b""
         self.ended: Deferred[None] = Deferred()
         self.ready = False
+        self.pid: int | None = None
         self.generation = pool.generation
         self._pendingMetrics = 0
         self.metrics: Samples = {}
@@ -196,7 +197,7 @@ class ChildProcess(ProcessProtocol):
         """Its latest C{process_*} figures, labelled with its L{label}."""
 
     def connectionMade(self) -> None:
-        self.pid: int | None = self.transport.pid
+        self.pid = self.transport.pid
         log.info(
             "{label} started (pid {pid})",
             label=self.label,
@@ -605,10 +606,9 @@ class ReceiverPool(ProcessPool):
         manager accepts connections itself until one is back.
         """
         counts = self.connections.pop(child, {})
-        pid = getattr(child, "pid", None)
-        if pid is not None and hasattr(self.spool, "retireSegmentsOf"):
+        if child.pid is not None and self.spool is not None:
             # Its journal: what it committed is the spool's for good.
-            self.spool.retireSegmentsOf(pid)
+            self.spool.retireSegmentsOf(child.pid)
         if self.limits is not None:
             for client, count in counts.items():
                 for _ in range(count):

@@ -63,7 +63,7 @@ from relayd.queue.safeio import fsyncDirectory
 from relayd.queue.workers import GroupSync, freshError
 
 __all__ = [
-    "DIRECTORY",
+    "JOURNAL_DIRECTORY",
     "SEGMENT_AGE",
     "SEGMENT_SIZE",
     "GroupAppend",
@@ -78,7 +78,7 @@ __all__ = [
     "segmentsOf",
 ]
 
-DIRECTORY = "journal"
+JOURNAL_DIRECTORY = "journal"
 """The journal's directory under the spool's root."""
 
 SEGMENT_SIZE = 16 * 1024 * 1024
@@ -156,7 +156,7 @@ def segmentsOf(directory: str, pid: int | None = None) -> list[str]:
     The segments under C{<directory>/journal/}, oldest first; only those
     of process C{pid} when given.
     """
-    journal = os.path.join(directory, DIRECTORY)
+    journal = os.path.join(directory, JOURNAL_DIRECTORY)
     try:
         names = os.listdir(journal)
     except FileNotFoundError:
@@ -236,10 +236,13 @@ def _fsyncQueueFile(directory: str, queueId: str) -> bool:
 
 
 def replaySegment(
-    directory: str, path: str, log: Callable[[str, str], None], missing: bool = True
-) -> tuple[int, int]:
+    directory: str,
+    records: list[tuple[str, bytes]],
+    log: Callable[[str, str], None],
+    missing: bool = True,
+) -> int:
     """
-    Write back each message of segment C{path} whose queue file is damaged
+    Write back each message of a segment's C{records} whose queue file is damaged
     (in its place) or, with C{missing}, gone (into C{incoming/}), each
     durably (write, fsync, rename, fsync the directory).  Blocking, at
     startup.
@@ -247,13 +250,10 @@ def replaySegment(
     @param missing: whether a message that no queued state holds is
         written back (see L{recoverJournal}).
     @param log: called with a queue id and what was done to it.
-    @return: how many records the segment held, and how many were written
-        back.
+    @return: how many were written back.
     """
-    _, records = readSegment(path)
-    seen = restored = 0
+    restored = 0
     for queueId, payload in records:
-        seen += 1
         if not QUEUE_ID.match(queueId):
             continue
         found = _queueFileToRestore(directory, queueId)
@@ -274,7 +274,7 @@ def replaySegment(
         restored += 1
         state = os.path.basename(os.path.dirname(target))
         log(queueId, f"restored from the journal into {state}")
-    return seen, restored
+    return restored
 
 
 def recoverJournal(
@@ -297,11 +297,12 @@ def recoverJournal(
     """
     replayed = []
     for path in segmentsOf(directory):
-        segmentBoot, _ = readSegment(path)
+        segmentBoot, read = readSegment(path)
+        records = list(read)
         thisBoot = boot is not None and segmentBoot == boot
-        seen, restored = replaySegment(directory, path, log, missing=not thisBoot)
-        replayed.append((path, seen, restored, thisBoot))
-        retireSegment(directory, path)
+        restored = replaySegment(directory, records, log, missing=not thisBoot)
+        replayed.append((path, len(records), restored, thisBoot))
+        retireSegment(directory, path, [queueId for queueId, _ in records])
     return replayed
 
 
@@ -420,7 +421,7 @@ class Journal:
         segmentSize: int = SEGMENT_SIZE,
         segmentAge: float = SEGMENT_AGE,
     ) -> None:
-        self.directory = os.path.join(directory, DIRECTORY)
+        self.directory = os.path.join(directory, JOURNAL_DIRECTORY)
         self.boot = boot
         self.segmentSize = segmentSize
         self.segmentAge = segmentAge

@@ -102,9 +102,7 @@ from relayd.envelope import FIRST_READ
 from relayd.interfaces import IIncomingSpool, IQueue, QueueObserver
 from relayd.ops.logs import Logger
 from relayd.queue.journal import (
-    DIRECTORY as JOURNAL,
-)
-from relayd.queue.journal import (
+    JOURNAL_DIRECTORY,
     SEGMENT_AGE,
     Journal,
     Segment,
@@ -568,14 +566,14 @@ class Spool(Service):
         os.makedirs(self.directory, mode=_DIRECTORY_MODE, exist_ok=True)
         if not self.receiver:
             self._lock()
-            for name in ("tmp", JOURNAL, *STATES):
+            for name in ("tmp", JOURNAL_DIRECTORY, *STATES):
                 os.makedirs(os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True)
             fsyncDirectory(self.directory)
             self._recover()
         if (
             self._journalWanted
             and self._boot is not None
-            and os.path.isdir(os.path.join(self.directory, JOURNAL))
+            and os.path.isdir(os.path.join(self.directory, JOURNAL_DIRECTORY))
         ):
             self._journal = Journal(self.directory, self._boot)
         self._freeBytes = self._statFreeBytes()

@@ -18,7 +18,7 @@ import threading
 import uuid
 
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 
 from relayd.ops.logs import Logger
 from relayd.queue import journal as journalModule
@@ -159,15 +159,7 @@ class JournalCommitTests(SpoolTestMixin, TestCase):
             raise OSError(errno.EIO, "injected fdatasync failure")
 
         self.patch(journalModule.os, "fdatasync", failing)
-        messages = [self.receive(spool) for _ in range(6)]
-        results = yield DeferredList(
-            [spool.commit(m, record(m.queueId)) for m in messages], consumeErrors=True
-        )
-        for ok, result in results:
-            self.assertFalse(ok)
-            self.assertEqual(result.value.errno, errno.EIO)
-        self.assertEqual(spool.entries("incoming"), [])
-        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+        yield self.assertAllFailLeavingNothing(spool, 6, errno.EIO)
         broken = spool._journal.current
         self.assertIsNotNone(broken.writer.broken)
 

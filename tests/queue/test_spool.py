@@ -102,6 +102,22 @@ class SpoolTestMixin:
         incoming.write(data)
         return incoming
 
+    @inlineCallbacks
+    def assertAllFailLeavingNothing(self, spool, count, code):
+        """
+        Commit C{count} messages at once: each fails with C{code}, and
+        neither C{incoming/} nor C{tmp/} keeps anything of them.
+        """
+        messages = [self.receive(spool) for _ in range(count)]
+        results = yield DeferredList(
+            [spool.commit(m, record(m.queueId)) for m in messages], consumeErrors=True
+        )
+        for ok, result in results:
+            self.assertFalse(ok)
+            self.assertEqual(result.value.errno, code)
+        self.assertEqual(spool.entries("incoming"), [])
+        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+
     def eventsAbout(self, queueId):
         """The collected log events that carry C{queue_id=queueId}."""
         return [e for e in self.events if e.get("queue_id") == queueId]
@@ -325,15 +341,7 @@ class GroupCommitTests(SpoolTestMixin, TestCase):
             raise OSError(errno.EIO, "injected fsync failure", path)
 
         sync._fsync = failing
-        messages = [self.receive(spool) for _ in range(8)]
-        results = yield DeferredList(
-            [spool.commit(m, record(m.queueId)) for m in messages], consumeErrors=True
-        )
-        for ok, result in results:
-            self.assertFalse(ok)
-            self.assertEqual(result.value.errno, errno.EIO)
-        self.assertEqual(spool.entries("incoming"), [])
-        self.assertEqual(listing(os.path.join(spool.directory, "tmp")), [])
+        yield self.assertAllFailLeavingNothing(spool, 8, errno.EIO)
         self.assertEqual(spool._incomingSync._failed, [])
 
         sync._fsync = real
