@@ -29,10 +29,12 @@ Why nothing that got a C{250} is lost:
 
 What a reboot may bring back: a message of a segment still live (rotated
 every L{SEGMENT_AGE} seconds or L{SEGMENT_SIZE} octets) that was delivered
-or deleted before a power loss is restored and delivered again.  A
-delivered message whose unlink was lost comes back without a journal too
-(removals are not fsync'd: at-least-once); a message an operator deleted
-in the last seconds before a power loss is the new case.
+before a power loss is restored and delivered again.  A delivered message
+whose unlink was lost comes back without a journal too (removals are not
+fsync'd: at-least-once).  A message removed on purpose (an operator's
+delete, or a bounce by C{relayctl}) does not come back: its durable
+removal first writes its queue id to L{TOMBSTONES} when a segment that may
+hold it is still there (L{Tombstones}), and replay skips it.
 
 Only messages whose whole queue file is still in memory at the commit
 (smaller than the spool's write buffer, and not rewritten by a message
@@ -47,10 +49,16 @@ octets.  Records are only ever appended, and a record is acknowledged
 only once an C{fdatasync} that began after it was written has returned,
 so a crash can only leave a torn I{tail}; reading stops at the first
 record that is incomplete or does not match its CRC.
+
+Tombstones file (L{TOMBSTONES}): lines C{D} and a queue id, each
+C{fdatasync}'d before the removal it stands for; a torn last line is
+ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import threading
@@ -59,19 +67,22 @@ import zlib
 from collections.abc import Callable, Iterator
 
 from relayd.queue.record import QUEUE_ID, QUEUED_STATES, CorruptRecord, readRecord
-from relayd.queue.safeio import fsyncDirectory
+from relayd.queue.safeio import fsyncDirectory, writeAtomically
 from relayd.queue.workers import GroupSync, freshError
 
 __all__ = [
     "JOURNAL_DIRECTORY",
     "SEGMENT_AGE",
     "SEGMENT_SIZE",
+    "TOMBSTONES",
     "GroupAppend",
     "Journal",
     "Segment",
+    "Tombstones",
     "bootId",
     "encodeRecord",
     "readSegment",
+    "readTombstones",
     "recoverJournal",
     "replaySegment",
     "retireSegment",
@@ -89,9 +100,19 @@ SEGMENT_AGE = 2.0
 retired once its commits have finished): how long a segment lives, and so
 how far back a replay after a power loss reaches."""
 
+TOMBSTONES = "deleted"
+"""The file under C{journal/} that holds the queue ids removed on purpose
+while a segment that may hold them was still there (L{Tombstones})."""
+
+TOMBSTONE_REWRITE = 4096
+"""L{Tombstones} rewrites its file once it holds this many lines of which
+more than half are no longer needed."""
+
 _MAGIC = b"relayd-journal 1 "
 _RECORD_HEAD = 1 + 18 + 8 + 8
 _HEAD = re.compile(rb"Q([0-9A-Z]{18})([0-9A-F]{8})([0-9A-F]{8})")
+_SEGMENT_NAME = re.compile(r"[0-9]+\.[0-9a-f]+")
+_TOMBSTONE = re.compile(rb"D([0-9A-Z]{18})\n")
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 _BOOT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _FILE_MODE = 0o600
@@ -165,8 +186,114 @@ def segmentsOf(directory: str, pid: int | None = None) -> list[str]:
     return [
         os.path.join(journal, name)
         for name in sorted(names, key=lambda n: n.partition(".")[2])
-        if name.startswith(prefix) and not name.startswith(".")
+        if name.startswith(prefix) and _SEGMENT_NAME.fullmatch(name)
     ]
+
+
+def readTombstones(directory: str) -> frozenset[str]:
+    """
+    The queue ids in the tombstones file under C{<directory>/journal/}
+    (L{Tombstones}); none when there is no such file.  Blocking.
+    """
+    try:
+        with open(os.path.join(directory, JOURNAL_DIRECTORY, TOMBSTONES), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return frozenset()
+    return frozenset(m.group(1).decode("ascii") for m in _TOMBSTONE.finditer(data))
+
+
+class Tombstones:
+    """
+    The messages removed on purpose (an operator's delete, a bounce by
+    C{relayctl}) that a replay must not write back: a segment still there
+    may hold a copy of one, and after a reboot replay restores a message
+    whose queue file is missing (L{recoverJournal}).
+
+    Before such a removal, L{add} appends its queue id to the tombstones
+    file (L{TOMBSTONES}) and C{fdatasync}s it, when a segment is there at
+    all; only the segments there at that moment can hold the message.
+    Once every one of them is gone (retired), the tombstone is no longer
+    needed (L{prune}); when none is needed the file is deleted.  The queue
+    manager's spool alone writes it; used from its spool threads.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.journal = os.path.join(directory, JOURNAL_DIRECTORY)
+        self.path = os.path.join(self.journal, TOMBSTONES)
+        self._lock = threading.Lock()
+        self._needed: list[tuple[str, frozenset[str]]] = []
+        self._lines = 0
+
+    @property
+    def needed(self) -> int:
+        """How many tombstones are still needed."""
+        return len(self._needed)
+
+    def _segmentNames(self) -> frozenset[str]:
+        return frozenset(os.path.basename(path) for path in segmentsOf(self.directory))
+
+    def add(self, queueId: str) -> bool:
+        """
+        Before removing C{queueId} on purpose: make its tombstone durable
+        if a segment may hold it.  Blocking.
+
+        @return: whether a tombstone was written.
+        @raise OSError: when it could not be (the removal must not go on).
+        """
+        with self._lock:
+            segments = self._segmentNames()
+            if not segments:
+                return False
+            new = not os.path.exists(self.path)
+            fd = os.open(
+                self.path,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                _FILE_MODE,
+            )
+            line = b"D%s\n" % queueId.encode("ascii")
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(errno.ENOSPC, "short write", self.path)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            if new:
+                fsyncDirectory(self.journal)
+            self._needed.append((queueId, segments))
+            self._lines += 1
+            return True
+
+    def prune(self) -> int:
+        """
+        Forget the tombstones whose segments are all gone; delete the file
+        when none is left (or rewrite it when it is mostly dead lines).
+        Blocking.
+
+        @return: how many tombstones are still needed.
+        """
+        with self._lock:
+            if not self._needed:
+                return 0
+            present = self._segmentNames()
+            needed = [(queueId, seen) for queueId, seen in self._needed if seen & present]
+            if len(needed) == len(self._needed):
+                return len(needed)
+            # The retirements seen here are on disk before the tombstones
+            # that covered them go.
+            fsyncDirectory(self.journal)
+            if not needed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                self._lines = 0
+            elif self._lines >= TOMBSTONE_REWRITE and len(needed) * 2 < self._lines:
+                writeAtomically(
+                    self.path, b"".join(b"D%s\n" % q.encode("ascii") for q, _ in needed)
+                )
+                self._lines = len(needed)
+            self._needed = needed
+            return len(needed)
 
 
 def _queueFileToRestore(directory: str, queueId: str) -> tuple[str, bool] | None:
@@ -240,6 +367,7 @@ def replaySegment(
     records: list[tuple[str, bytes]],
     log: Callable[[str, str], None],
     missing: bool = True,
+    deleted: frozenset[str] = frozenset(),
 ) -> int:
     """
     Write back each message of a segment's C{records} whose queue file is damaged
@@ -249,12 +377,17 @@ def replaySegment(
 
     @param missing: whether a message that no queued state holds is
         written back (see L{recoverJournal}).
+    @param deleted: queue ids removed on purpose (L{readTombstones}):
+        never written back.
     @param log: called with a queue id and what was done to it.
     @return: how many were written back.
     """
     restored = 0
     for queueId, payload in records:
         if not QUEUE_ID.match(queueId):
+            continue
+        if queueId in deleted:
+            log(queueId, "removed on purpose before the restart: not written back")
             continue
         found = _queueFileToRestore(directory, queueId)
         if found is None or not (found[1] or missing):
@@ -291,18 +424,25 @@ def recoverJournal(
     I/O error, then mounted again); and a message that the spool no longer
     holds was delivered.  A segment from before a reboot also restores
     missing ones: the power loss may have taken them, entries and all.
+    Neither restores a message removed on purpose (L{Tombstones}); once
+    every segment is retired, the tombstones file is deleted.
 
     @return: for each segment, its path, how many records it held, how
         many were written back, and whether it was written since this boot.
     """
     replayed = []
+    deleted = readTombstones(directory)
     for path in segmentsOf(directory):
         segmentBoot, read = readSegment(path)
         records = list(read)
         thisBoot = boot is not None and segmentBoot == boot
-        restored = replaySegment(directory, records, log, missing=not thisBoot)
+        restored = replaySegment(directory, records, log, missing=not thisBoot, deleted=deleted)
         replayed.append((path, len(records), restored, thisBoot))
         retireSegment(directory, path, [queueId for queueId, _ in records])
+    tombstones = os.path.join(directory, JOURNAL_DIRECTORY, TOMBSTONES)
+    if os.path.exists(tombstones):
+        os.unlink(tombstones)
+        fsyncDirectory(os.path.dirname(tombstones))
     return replayed
 
 

@@ -106,6 +106,7 @@ from relayd.queue.journal import (
     SEGMENT_AGE,
     Journal,
     Segment,
+    Tombstones,
     bootId,
     encodeRecord,
     recoverJournal,
@@ -551,6 +552,8 @@ class Spool(Service):
         self._journalWanted = journal
         self._journal: Journal | None = None
         self._rotateLoop: LoopingCall | None = None
+        self._tombstones = Tombstones(self.directory)
+        self._pruneCall: Any = None
         self._random = random.Random(secrets.token_bytes(16))
 
     # Service
@@ -610,6 +613,11 @@ class Spool(Service):
         if self._rotateLoop is not None and self._rotateLoop.running:
             self._rotateLoop.stop()
         self._rotateLoop = None
+        if self._pruneCall is not None:
+            # Tombstones left in the file are read and deleted by the
+            # next start's recovery.
+            self._pruneCall.cancel()
+            self._pruneCall = None
         if self._journal is not None:
             # Retired once its last commit is done: a graceful stop leaves
             # no segment behind.
@@ -1585,7 +1593,9 @@ class Spool(Service):
             delivered again, a duplicate, which at-least-once delivery
             allows (DESIGN section 5; Postfix does not fsync removals
             either).  An operator's delete is durable: mail deleted on
-            purpose must not come back.
+            purpose must not come back, neither by a lost unlink nor by a
+            replay of the journal after a reboot (its tombstone is written
+            first, L{relayd.queue.journal.Tombstones}).
         """
         path = self._queuePath(state, queueId)
         if not durable:
@@ -1596,11 +1606,48 @@ class Spool(Service):
             # unlinks asked for in one reactor turn go in one hand-off.
             return self._unlinkSoon(path)
 
-        def remove() -> None:
+        def remove() -> bool:
+            try:
+                marked = self._tombstones.add(queueId)
+            except OSError as e:
+                # A full disk is when an operator deletes mail to make
+                # room: the delete goes on.
+                marked = False
+                self._logFromThread(
+                    "warn",
+                    "{queue_id}: could not write its tombstone ({error}): deleted, but a "
+                    "reboot in the next seconds may write it back from the journal",
+                    queue_id=queueId,
+                    error=e,
+                )
             os.unlink(path)
             fsyncDirectory(os.path.dirname(path))
+            return marked
 
-        return self._tracked(remove)
+        return self._tracked(remove).addCallback(self._tombstoned)
+
+    def _tombstoned(self, marked: bool) -> None:
+        """After a durable removal: prune its tombstone once it may be."""
+        if marked and self._pruneCall is None and self._pool is not None:
+            self._pruneCall = self._reactor.callLater(SEGMENT_AGE, self._pruneTombstones)
+
+    def _pruneTombstones(self) -> None:
+        """
+        Every L{SEGMENT_AGE} seconds while tombstones are needed: forget
+        those whose segments were all retired
+        (L{relayd.queue.journal.Tombstones.prune}).
+        """
+        self._pruneCall = None
+
+        def failed(f: Failure) -> None:
+            if f.check(SpoolStopped):
+                return
+            self.log.error("could not prune the journal's tombstones: {error}", error=f.value)
+            self._tombstoned(True)
+
+        self._tracked(self._tombstones.prune).addCallbacks(
+            lambda needed: self._tombstoned(needed > 0), failed
+        )
 
     def _unlinkSoon(self, path: str) -> Deferred[None]:
         """

@@ -23,10 +23,13 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from relayd.ops.logs import Logger
 from relayd.queue import journal as journalModule
 from relayd.queue.journal import (
+    TOMBSTONES,
     GroupAppend,
+    Tombstones,
     bootId,
     encodeRecord,
     readSegment,
+    readTombstones,
     segmentsOf,
 )
 from relayd.queue.record import readRecord
@@ -314,6 +317,76 @@ class RecoveryTests(SpoolTestMixin, TestCase):
         self.assertEqual(segmentsOf(directory), [])
 
     @inlineCallbacks
+    def test_deletedNotWrittenBack(self):
+        """
+        A message an operator deleted while its segment was live is not
+        written back after a reboot: its durable removal wrote its
+        tombstone first.  A lost one of the same segment is; the
+        tombstones file is deleted with the segments.
+        """
+        spool = self.startSpool()
+        directory = spool.directory
+        messages = [self.receive(spool, MESSAGE + b"%d\r\n" % i) for i in range(3)]
+        ids = yield gatherResults([spool.commit(m, record(m.queueId, m.size)) for m in messages])
+        deleted, lost, sound = ids
+        [path] = segmentsOf(directory)
+        yield spool.remove(deleted, "incoming", durable=True)
+        self.assertEqual(readTombstones(directory), {deleted})
+        tombstones = os.path.join(directory, "journal", TOMBSTONES)
+        with open(tombstones, "rb") as f:
+            marks = f.read()
+        with open(path, "rb") as f:
+            octets = f.read()
+        yield spool.stopService()
+        # What a power loss leaves: the segment, the tombstones, and the
+        # queue files as far as they reached the disk.
+        os.unlink(os.path.join(directory, "incoming", lost))
+        self.leave(directory, os.path.basename(path), self.rebooted(octets))
+        with open(tombstones, "wb") as f:
+            f.write(marks)
+
+        spool = self.startSpool(directory)
+        self.assertEqual(spool.entries("incoming"), sorted([lost, sound]))
+        self.assertFalse(os.path.exists(tombstones))
+        self.assertEqual(segmentsOf(directory), [])
+        said = {e["queue_id"]: e["what"] for e in self.events if "what" in e}
+        self.assertIn("removed on purpose", said[deleted])
+        self.assertIn("restored from the journal", said[lost])
+
+    @inlineCallbacks
+    def test_tombstonePruned(self):
+        """
+        A tombstone is kept while a segment that was there at the delete
+        is; once that one is retired, the tombstones file goes.  A delete
+        while no segment is there writes none.
+        """
+        spool = self.startSpool()
+        tombstones = os.path.join(spool.directory, "journal", TOMBSTONES)
+        first, second = [self.receive(spool) for _ in range(2)]
+        yield spool.commit(first, record(first.queueId))
+        yield spool.remove(first.queueId, "incoming", durable=True)
+        self.assertEqual(readTombstones(spool.directory), {first.queueId})
+        spool._journal.current.started -= journalModule.SEGMENT_AGE
+        spool._rotateIdle()
+        yield spool._whenIdle()
+        self.assertEqual(segmentsOf(spool.directory), [])
+        self.assertTrue(os.path.exists(tombstones))
+        spool._pruneCall.cancel()
+        spool._pruneTombstones()
+        yield spool._whenIdle()
+        self.assertFalse(os.path.exists(tombstones))
+        self.assertIsNone(spool._pruneCall)
+
+        yield spool.commit(second, record(second.queueId))
+        spool._journal.current.started -= journalModule.SEGMENT_AGE
+        spool._rotateIdle()
+        yield spool._whenIdle()
+        yield spool.remove(second.queueId, "incoming", durable=True)
+        self.assertFalse(os.path.exists(tombstones))
+        self.assertIsNone(spool._pruneCall)
+        self.assertEqual(spool.entries("incoming"), [])
+
+    @inlineCallbacks
     def test_damagedHeaderReplaysNothing(self):
         """A segment whose header is damaged is trusted for nothing."""
         directory, ids, name, octets = yield self.committedSegment(1)
@@ -358,6 +431,72 @@ class RecoveryTests(SpoolTestMixin, TestCase):
         self.assertEqual([q for q, _ in readSegment(path)[1]], [queueId])
 
 
+class TombstonesTests(TestCase):
+    """L{Tombstones} on a real journal directory."""
+
+    def setUp(self):
+        self.directory = self.mktemp()
+        os.makedirs(os.path.join(self.directory, "journal"))
+        self.tombstones = Tombstones(self.directory)
+
+    def segment(self, name):
+        path = os.path.join(self.directory, "journal", name)
+        with open(path, "wb"):
+            pass
+        return path
+
+    def test_keptWhileItsSegmentsAre(self):
+        """
+        Without a segment no tombstone is written; one is needed until
+        every segment there at its delete is gone; a later segment does
+        not keep it.
+        """
+        self.assertFalse(self.tombstones.add("A" * 18))
+        self.assertFalse(os.path.exists(self.tombstones.path))
+        a = self.segment("10.00000000000000a1")
+        self.assertTrue(self.tombstones.add("B" * 18))
+        b = self.segment("11.00000000000000b1")
+        self.assertTrue(self.tombstones.add("C" * 18))
+        self.assertEqual(readTombstones(self.directory), {"B" * 18, "C" * 18})
+        self.assertEqual(self.tombstones.prune(), 2)
+        os.unlink(a)
+        self.segment("12.00000000000000c1")
+        self.assertEqual(self.tombstones.prune(), 1)
+        self.assertTrue(os.path.exists(self.tombstones.path))
+        os.unlink(b)
+        self.assertEqual(self.tombstones.prune(), 0)
+        self.assertFalse(os.path.exists(self.tombstones.path))
+        self.assertEqual(readTombstones(self.directory), frozenset())
+
+    def test_rewrittenWhenMostlyDead(self):
+        """A file of mostly unneeded lines is rewritten with the needed ones."""
+        self.patch(journalModule, "TOMBSTONE_REWRITE", 4)
+        a = self.segment("10.00000000000000a1")
+        for letter in "DEFG":
+            self.tombstones.add(letter * 18)
+        self.segment("11.00000000000000b1")
+        self.tombstones.add("H" * 18)
+        os.unlink(a)
+        self.assertEqual(self.tombstones.prune(), 1)
+        with open(self.tombstones.path, "rb") as f:
+            self.assertEqual(f.read(), b"D" + b"H" * 18 + b"\n")
+
+    def test_tornLineIgnored(self):
+        """A line torn by a crash is no tombstone; the lines around it are."""
+        with open(os.path.join(self.directory, "journal", TOMBSTONES), "wb") as f:
+            f.write(b"D" + b"J" * 18 + b"\nD0123" + b"D" + b"K" * 18 + b"\nD" + b"L" * 10)
+        self.assertEqual(readTombstones(self.directory), {"J" * 18, "K" * 18})
+
+    def test_notASegment(self):
+        """The tombstones file, and other names, are not taken for segments."""
+        self.segment("10.00000000000000a1")
+        self.segment(TOMBSTONES)
+        self.segment(".deleted.x.tmp")
+        self.assertEqual(
+            [os.path.basename(p) for p in segmentsOf(self.directory)], ["10.00000000000000a1"]
+        )
+
+
 class PowerLossTests(TestCase):
     """
     A real loss of everything not yet on disk: the spool on a small ext4
@@ -377,7 +516,11 @@ class PowerLossTests(TestCase):
         self.fileSystem = LoopFileSystem(self.mountPoint)
         self.addCleanup(self.fileSystem.remove)
 
-    def spool(self):
+    def spool(self, boot=None):
+        """
+        A started spool on the loop file system; with C{boot}, as if the
+        machine had rebooted (the boot id it compares segments with).
+        """
         events = []
         spool = Spool(
             os.path.join(self.mountPoint, "spool"),
@@ -386,6 +529,8 @@ class PowerLossTests(TestCase):
             threads=4,
             log=Logger(namespace="relayd.queue.spool", observer=events.append),
         )
+        if boot is not None:
+            spool._boot = boot
         spool.startService()
         return spool, events
 
@@ -428,6 +573,36 @@ class PowerLossTests(TestCase):
         self.assertEqual(spool.entries("corrupt"), [])
         restored = [e for e in events if "journal" in e.get("what", "")]
         self.assertEqual(len(restored), lost)
+
+    @inlineCallbacks
+    def test_deletesSurviveAPowerCut(self):
+        """
+        Ten of forty messages are deleted durably (as by C{relayctl
+        delete}) while their segment is live; then the power is cut and the
+        machine "reboots" (another boot id), so replay writes back every
+        message of the segment whose queue file is missing.  The thirty
+        come back or stay; the ten deleted do not.
+        """
+        spool, _ = self.spool()
+        messages = [
+            (spool.openMessage(spool.newQueueId()), MESSAGE + b"%d\r\n" % i) for i in range(40)
+        ]
+        for incoming, data in messages:
+            incoming.write(data)
+        ids = yield gatherResults([spool.commit(m, record(m.queueId, m.size)) for m, _ in messages])
+        deleted, kept = sorted(ids)[:10], sorted(ids)[10:]
+        for queueId in deleted:
+            yield spool.remove(queueId, "incoming", durable=True)
+
+        self.fileSystem.cut()
+        yield spool.stopService()
+        self.fileSystem.remount()
+
+        spool, events = self.spool(boot=str(uuid.uuid4()))
+        self.addCleanup(spool.stopService)
+        self.assertEqual(spool.entries("incoming"), kept)
+        skipped = {e["queue_id"] for e in events if "on purpose" in e.get("what", "")}
+        self.assertEqual(skipped, set(deleted))
 
 
 class JournalOffTests(SpoolTestMixin, TestCase):
