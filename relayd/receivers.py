@@ -167,7 +167,12 @@ class NoticePipe:
         self.stdio.write(data)
 
     def writeNow(self, line: bytes) -> None:
-        writeLineNow(self.stdio._writer, line)
+        writer = self.stdio._writer
+        if writer is None:
+            # The pipe is gone with the queue manager: nobody to tell, and
+            # the lifeline's end is stopping this process.
+            return
+        writeLineNow(writer, line)
 
 
 class ChildProcess(ProcessProtocol):

@@ -37,7 +37,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from relayd.config import load
-from relayd.receivers import NOTICE_FD, REFUSAL_GRACE, ChildProcess, ReceiverPool
+from relayd.receivers import NOTICE_FD, REFUSAL_GRACE, ChildProcess, NoticePipe, ReceiverPool
 from relayd.smtp.session import ConnectionLimits
 from relayd.testing import DEMO_USER, PostfixSink, TestSetup, freePort
 from relayd.testing.process import (  # noqa: F401 (fixture)
@@ -672,6 +672,18 @@ class _RetiringSpool:
 
     def retireSegmentsOf(self, pid: int) -> None:
         self.retired.append(pid)
+
+
+def test_noticesAfterTheQueueManagerIsGone() -> None:
+    """
+    Once the pipe to the queue manager is gone (its writer dropped), a
+    line to it is dropped, not an error in the session that sends it.
+    """
+
+    class Stdio:
+        _writer = None
+
+    NoticePipe(Stdio()).writeNow(b"close 127.0.0.1\n")
 
 
 def test_endedReceiversJournalRetired() -> None:

@@ -552,8 +552,12 @@ class SMTPServer(LineReceiver):
             self._reset()
         if self._tracked:
             self._tracked = False
-            self._giveSlotBack()
-            self.factory.sessionGone(self)
+            try:
+                self._giveSlotBack()
+            finally:
+                # Whatever happened to the slot, the session is gone: a
+                # graceful stop waits for every session to be.
+                self.factory.sessionGone(self)
         if self._metered:
             self._metered = False
             self.factory.metrics.connectionClosed(self.factory.listener)

@@ -581,6 +581,23 @@ class LimitTests(DialogueTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         second.connectionLost()
 
+    def test_sessionGoneWhenGivingBackFails(self) -> None:
+        """
+        Limits whose C{close} raises (a receiver's, telling a queue manager
+        that is gone): the session still leaves the factory's sessions, so
+        a graceful stop, which waits for every session, ends.
+        """
+
+        def broken(client: str) -> None:
+            raise RuntimeError("the queue manager is gone")
+
+        self.factory.limits.close = broken  # type: ignore[method-assign]
+        stopped = self.factory.shutdown(30)
+        self.assertEqual(self.read()[-1], "421 4.3.2 relayd.test Service shutting down")
+        self.assertRaises(RuntimeError, self.server.connectionLost)
+        self.assertEqual(self.factory.sessions, set())
+        self.assertIsNone(self.successResultOf(stopped))
+
 
 class SpoolFailureTests(DialogueTestCase):
     """Rule 8: a spool failure is temporary, never 250 or 5xx."""
