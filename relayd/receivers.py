@@ -23,9 +23,15 @@ per directory:
   - a receiver creates files in C{tmp/} under names of its own (queue ids
     carry 5 random characters), renames them into C{incoming/} with the
     same commit protocol and fsyncs as ever (L{relayd.queue.spool}), and
-    touches nothing else; it neither takes the spool's lock nor recovers;
+    touches nothing else; it neither takes the spool's lock (it only
+    holds the queue manager's, below) nor recovers;
   - the queue manager alone moves, updates and removes; startup recovery
-    runs before any receiver exists.
+    runs before any receiver exists, not even one of a previous run: each
+    receiver holds the spool's lock with the queue manager (it inherits
+    the locked file on its fd L{SPOOL_LOCK_FD}), so that a queue manager
+    started after one that was killed waits until the old receivers,
+    which may still be committing, have stopped (L{relayd.queue.spool.Spool}
+    C{lockWait}).
 
 After each commit a receiver writes C{queued <id>} on a pipe (its fd 3) to
 the queue manager, which attempts the message at once; a notice lost on
@@ -94,6 +100,9 @@ LISTENER_FD_BASE = 10
 """A receiver gets listener number n on this fd + n."""
 NOTICE_FD = 3
 """The receiver's end of the pipe for C{queued <id>} notices."""
+SPOOL_LOCK_FD = 4
+"""The spool's lock file, locked by the queue manager, held by the receiver
+until it exits (never used there otherwise)."""
 METRICS_INTERVAL = 5.0
 """Seconds between two snapshots of a receiver's metrics to the queue manager."""
 ASK_TIMEOUT = 5.0
@@ -483,6 +492,10 @@ class ReceiverPool(ProcessPool):
 
     def extraArguments(self, index: int, childFDs: dict[int, Any]) -> list[str]:
         args = []
+        if self.spool is not None and self.spool.lockFd is not None:
+            # A receiver commits into the spool: the next queue manager
+            # must not recover it while this one runs (module docstring).
+            childFDs[SPOOL_LOCK_FD] = self.spool.lockFd
         for n, listener in enumerate(self.listeners):
             sock = listener.port.socket
             childFDs[LISTENER_FD_BASE + n] = sock.fileno()

@@ -470,6 +470,9 @@ def buildService(
         threads=config.spoolThreads,
         receiver=receiver is not None,
         journal=config.spoolJournal,
+        # As long as the receivers of a queue manager that was killed may
+        # take to stop (they hold the lock: relayd.receivers).
+        lockWait=config.shutdownSessions + 10,
     )
     spool.logDurable = config.logLevel == "debug"
     spool.setServiceParent(top)

@@ -488,6 +488,46 @@ def test_queueManagerKilledReceiversStop(tmp_path, sink, relaydProcesses) -> Non
     waitFor(lambda: tokensAt(sink) >= set(accepted), 60, "accepted mail lost", second.log)
 
 
+def test_restartWaitsForTheOldReceivers(tmp_path, sink, relaydProcesses) -> None:  # noqa: F811
+    """
+    SIGKILL to the queue manager while a client is in DATA with a
+    receiver: a relayd started at once on the same spool waits for that
+    receiver, which holds the spool's lock, instead of recovering the
+    spool under it (recovery removes what is in C{tmp/}, the message the
+    client is sending).  The client's message gets its 250 from the old
+    receiver, and the new relayd delivers it.
+    """
+    setup = relaydWith(tmp_path, sink.port)
+    first = startWithReceivers(setup, tmp_path / "first.log", relaydProcesses)
+    token = secrets.token_hex(8)
+    client = smtplib.SMTP("127.0.0.1", first.port, timeout=30)
+    client.ehlo("held.example")
+    client.mail("held@example.org")
+    client.rcpt("held@example.net")
+    code, reply = client.docmd("DATA")
+    assert code == 354, reply
+    client.send(f"Subject: held\r\nX-Token: {token}\r\n\r\nhello\r\n".encode())
+
+    first.kill()
+    first.wait(10)
+    second = RelaydProcess(setup, tmp_path / "second.log")
+    relaydProcesses.append(second)
+    waitFor(
+        lambda: "waiting up to 15s for its receivers to stop" in second.log(),
+        30,
+        "the new relayd did not wait for the old receivers",
+        second.log,
+    )
+    client.send(b".\r\n")
+    code, reply = client.getreply()
+    assert code == 250, reply
+    client.close()
+    second.waitListening()
+    assert "spool lock taken after" in second.log(10**7), second.log()
+    assert "Traceback" not in first.log(10**7), first.log()
+    waitFor(lambda: token in tokensAt(sink), 60, "the held message was lost", second.log)
+
+
 def test_processesConfig(tmp_path) -> None:
     setup = TestSetup(str(tmp_path / "a"), modes=("relay",), sections={"server": {"processes": 0}})
     assert load(setup.configPath).processes == max(1, os.cpu_count() or 1)

@@ -232,6 +232,32 @@ class SpoolStopped(OSError):
         super().__init__(errno.ESHUTDOWN, "spool is not running")
 
 
+_LOCK_POLL = 0.1
+"""Seconds between two tries at a spool lock held by another process."""
+
+
+def _endedHolder(fd: int) -> int | None:
+    """
+    The pid written in the spool's lock file (open on C{fd}) when that
+    process has ended; None when it runs, or when no pid is written (a
+    spool locked by some other program, or by relayd before it wrote it).
+    """
+    try:
+        text = os.pread(fd, 32, 0)
+        pid = int(text.strip() or b"0")
+    except (OSError, ValueError):
+        return None
+    if pid <= 1:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return pid
+    except OSError:
+        return None  # it runs, as another user
+    return None
+
+
 class SpoolLocked(Exception):
     """
     Another process holds the spool's lock: two relayd instances must never
@@ -503,6 +529,7 @@ class Spool(Service):
         log: Logger | None = None,
         receiver: bool = False,
         journal: bool = True,
+        lockWait: float = 0.0,
     ) -> None:
         """
         @param directory: the spool's root directory, created if missing.
@@ -518,6 +545,8 @@ class Spool(Service):
         @param journal: commit small messages through the journal
             (L{relayd.queue.journal}) where the kernel has a boot id;
             without it each message's queue file is fsync'd on its own.
+        @param lockWait: seconds to wait for the spool's lock at startup
+            (see L{_lock}) before giving up with L{SpoolLocked}.
         """
         self.directory = os.path.abspath(directory)
         self.reserveBytes = reserveBytes
@@ -547,6 +576,8 @@ class Spool(Service):
         self._lastIdTime = 0
         self._observers: list[QueueObserver] = []
         self.receiver = receiver
+        self.lockWait = lockWait
+        self._lockFd: int | None = None
         # The boot id recovery compares segments with, journal or not.
         self._boot = bootId()
         self._journalWanted = journal
@@ -649,25 +680,66 @@ class Spool(Service):
     def _lock(self) -> None:
         """
         Take an exclusive C{flock} on C{<spool>/lock} for as long as this
-        spool runs; the kernel drops it when the process dies, even by
-        C{kill -9}, so a restart is never locked out.
+        spool runs, and write this process's pid into the file; the kernel
+        drops the lock when the last process holding the locked file ends,
+        even by C{kill -9}: this one, and the receivers it hands the file
+        to (L{lockFd}), so that no queue manager recovers the spool while a
+        receiver of a killed one still commits into it.
 
-        @raise SpoolLocked: when another process holds it.
+        When the lock is held and the pid in the file is of a process that
+        has ended, what holds it is that queue manager's receivers, which
+        stop by themselves within their graceful stop's deadline: wait up
+        to L{lockWait} seconds (blocking: startup), logged once.
+
+        @raise SpoolLocked: at once when the process named in the file runs
+            (another relayd on this spool) or none is named; after
+            L{lockWait} seconds when the lock is still held.
         """
         fd = os.open(
             os.path.join(self.directory, "lock"),
             os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
             _FILE_MODE,
         )
+        started = time.monotonic()
+        ended: int | None = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            if ended is None:
+                ended = _endedHolder(fd)
+                if ended is not None:
+                    self.log.warn(
+                        "spool {directory} is locked, but the relayd that locked it "
+                        "(pid {pid}) has ended: waiting up to {wait:g}s for its "
+                        "receivers to stop",
+                        directory=self.directory,
+                        pid=ended,
+                        wait=self.lockWait,
+                    )
+            if ended is None or time.monotonic() - started >= self.lockWait:
+                os.close(fd)
+                raise SpoolLocked(self.directory)
+            time.sleep(_LOCK_POLL)
+        if ended is not None:
+            self.log.info("spool lock taken after {waited:.1f}s", waited=time.monotonic() - started)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        except OSError:
             os.close(fd)
-            raise SpoolLocked(self.directory) from None
-        self._lockFd: int | None = fd
+            raise
+        self._lockFd = fd
+
+    @property
+    def lockFd(self) -> int | None:
+        """The locked file's descriptor while this spool holds the lock."""
+        return self._lockFd
 
     def _unlock(self) -> None:
-        fd, self._lockFd = getattr(self, "_lockFd", None), None
+        fd, self._lockFd = self._lockFd, None
         if fd is not None:
             os.close(fd)
 

@@ -21,7 +21,7 @@ from dataclasses import replace
 from twisted.internet import defer, reactor
 from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -1050,6 +1050,87 @@ class LockTests(unittest.TestCase):
         with self.assertRaises(SpoolLocked):
             Spool(directory, 0, reactor).startService()
         holder.stdout.close()
+
+    def holdLock(self, directory, pid, seconds):
+        """
+        A process that locks C{directory}'s spool lock with C{pid} written
+        in it (as a receiver holds the lock of its queue manager) for
+        C{seconds}; returned once it holds it.
+        """
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import fcntl, os, sys, time\n"
+                    f"fd = os.open({os.path.join(directory, 'lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                    f"os.write(fd, b'{pid}\\n')\n"
+                    f"print('locked', flush=True)\ntime.sleep({seconds})\n"
+                ),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.kill)
+        self.addCleanup(holder.stdout.close)
+        self.assertEqual(holder.stdout.readline().strip(), "locked")
+        return holder
+
+    def endedPid(self):
+        """The pid of a process that has ended (and been reaped)."""
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        return ended.pid
+
+    def test_waitsForTheReceiversOfAnEndedRelayd(self):
+        """
+        The lock is held, but the relayd whose pid the file names has
+        ended: its receivers still hold it while they stop.  The spool
+        waits (one warning), and takes the lock once they are gone.
+        """
+        directory = tempfile.mkdtemp(prefix="relayd-lock-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        pid = self.endedPid()
+        self.holdLock(directory, pid, 1)
+        events = []
+        spool = Spool(directory, 0, reactor, lockWait=30, log=Logger(observer=events.append))
+        started = time.monotonic()
+        spool.startService()
+        self.assertGreater(time.monotonic() - started, 0.5)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["pid"], pid)
+        with open(os.path.join(directory, "lock"), "rb") as f:
+            self.assertEqual(f.read(), b"%d\n" % os.getpid())
+        return spool.stopService()
+
+    def test_endedRelaydsReceiversTooSlow(self):
+        """Still held after C{lockWait} seconds: refused."""
+        from relayd.queue.spool import SpoolLocked
+
+        directory = tempfile.mkdtemp(prefix="relayd-lock-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.holdLock(directory, self.endedPid(), 30)
+        started = time.monotonic()
+        with self.assertRaises(SpoolLocked):
+            Spool(directory, 0, reactor, lockWait=0.5).startService()
+        self.assertGreater(time.monotonic() - started, 0.4)
+
+    def test_runningHolderRefusedAtOnce(self):
+        """A lock held by a running process named in the file: no wait."""
+        from relayd.queue.spool import SpoolLocked
+
+        directory = tempfile.mkdtemp(prefix="relayd-lock-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        holder = self.holdLock(directory, 0, 30)
+        with open(os.path.join(directory, "lock"), "r+b") as f:
+            f.write(b"%d\n" % holder.pid)
+        started = time.monotonic()
+        with self.assertRaises(SpoolLocked):
+            Spool(directory, 0, reactor, lockWait=30).startService()
+        self.assertLess(time.monotonic() - started, 5)
 
 
 def _content(path: str) -> bytes:
