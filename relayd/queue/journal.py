@@ -8,10 +8,13 @@ share of an fsync of C{incoming/} (L{relayd.queue.spool}).  With it, each
 process that commits writes a copy of every small queue file to its own
 append-only I{segment} under C{<spool>/journal/}, and the C{250} waits
 for one C{fdatasync} of that segment, shared by every commit waiting for
-one (L{GroupAppend}: the first thread writes everybody's records with one
-C{pwrite}, then syncs).  The queue file itself is renamed into
-C{incoming/} as before, but neither it nor the directory is fsync'd
-before the C{250}.
+one.  Where Linux AIO can sync a file (L{relayd.queue.aio}), the record
+is written on the reactor thread and the sync submitted to the kernel
+from there, its end coming back on an C{eventfd} (L{AsyncAppend});
+elsewhere the spool's threads write and sync (L{GroupAppend}: the first
+thread writes everybody's records with one C{pwrite}, then syncs).  The
+queue file itself is renamed into C{incoming/} as before, but neither it
+nor the directory is fsync'd before the C{250}.
 
 Why nothing that got a C{250} is lost:
 
@@ -66,6 +69,10 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults
+from twisted.python.failure import Failure
+
+from relayd.queue.aio import AsyncSync
 from relayd.queue.record import QUEUE_ID, QUEUED_STATES, CorruptRecord, readRecord
 from relayd.queue.safeio import fsyncDirectory, writeAtomically
 from relayd.queue.workers import GroupSync, freshError
@@ -75,6 +82,7 @@ __all__ = [
     "SEGMENT_AGE",
     "SEGMENT_SIZE",
     "TOMBSTONES",
+    "AsyncAppend",
     "GroupAppend",
     "Journal",
     "Segment",
@@ -520,6 +528,102 @@ class GroupAppend:
         self.end = offset
 
 
+class AsyncAppend:
+    """
+    Group commit of records to one file from the reactor thread, the file
+    synced through Linux AIO (L{relayd.queue.aio.AsyncSync}): L{append}
+    writes the record at once (the page cache) and returns a Deferred that
+    fires once an C{fdatasync} submitted after the write has ended.  The
+    records appended while one sync runs share the next one.  The first
+    sync also syncs the file's directory, so the file is found after a
+    power loss.
+
+    As with L{GroupAppend}, a failed write or sync fails the records it
+    covered, and the records waiting for the next sync, and breaks the
+    file: every later L{append} fails.
+
+    @ivar end: the file's length once the records written so far are in.
+    @ivar broken: the error that broke the file, or None.
+    @ivar count: how many syncs ran (for tests and statistics).
+    """
+
+    def __init__(self, fd: int, end: int, directory: str, sync: AsyncSync) -> None:
+        self.fd = fd
+        self.end = end
+        self.broken: OSError | None = None
+        self.count = 0
+        self._directory: str | None = directory
+        self._sync = sync
+        self._running: list[Deferred[None]] | None = None
+        self._next: list[Deferred[None]] = []
+
+    def append(self, record: bytes) -> Deferred[None]:
+        """Write C{record} now; the Deferred fires once it is durable."""
+        if self.broken is not None:
+            return fail(freshError(self.broken))
+        try:
+            view = memoryview(record)
+            offset = self.end
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                offset += written
+                view = view[written:]
+        except OSError as e:
+            self._break(e)
+            return fail()
+        self.end = offset
+        d: Deferred[None] = Deferred()
+        if self._running is None:
+            self._start([d])
+        else:
+            self._next.append(d)
+        return d
+
+    def _start(self, batch: list[Deferred[None]]) -> None:
+        self._running = batch
+        self.count += 1
+        syncs = [self._sync.fdatasync(self.fd)]
+        if self._directory is not None:
+            try:
+                directory = os.open(
+                    self._directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC
+                )
+            except OSError:
+                syncs.append(fail())
+            else:
+                syncs.append(self._sync.fsync(directory))
+                syncs[-1].addBoth(_closing, directory)
+        gatherResults(syncs, consumeErrors=True).addCallbacks(self._synced, self._failed)
+
+    def _synced(self, _: object) -> None:
+        self._directory = None
+        batch, self._running = self._running or [], None
+        if self._next:
+            waiting, self._next = self._next, []
+            self._start(waiting)
+        for d in batch:
+            d.callback(None)
+
+    def _failed(self, failure: Failure) -> None:
+        error = failure.value
+        if isinstance(error, FirstError):
+            error = error.subFailure.value
+        self._break(error if isinstance(error, OSError) else OSError(0, str(error)))
+
+    def _break(self, error: OSError) -> None:
+        """Fail what is running and waiting; refuse what comes."""
+        self.broken = error
+        batch, self._running = self._running or [], None
+        waiting, self._next = self._next, []
+        for d in batch + waiting:
+            d.errback(Failure(freshError(error)))
+
+
+def _closing(result: object, fd: int) -> object:
+    os.close(fd)
+    return result
+
+
 class Segment:
     """
     The journal file a process is writing, as the reactor thread sees it.
@@ -531,7 +635,7 @@ class Segment:
     @ivar started: when it was made (C{time.monotonic}).
     """
 
-    def __init__(self, path: str, fd: int, end: int) -> None:
+    def __init__(self, path: str, fd: int, end: int, sync: AsyncSync | None = None) -> None:
         self.path = path
         self.fd = fd
         self.queueIds: list[str] = []
@@ -539,7 +643,11 @@ class Segment:
         self.pending = 0
         self.rotated = False
         self.started = time.monotonic()
-        self.writer = GroupAppend(fd, end, lambda: fsyncDirectory(os.path.dirname(path)))
+        self.writer: GroupAppend | AsyncAppend
+        if sync is None:
+            self.writer = GroupAppend(fd, end, lambda: fsyncDirectory(os.path.dirname(path)))
+        else:
+            self.writer = AsyncAppend(fd, end, os.path.dirname(path), sync)
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -550,8 +658,9 @@ class Segment:
 class Journal:
     """
     A process's journal: which segment the next record goes to.  Used on
-    the reactor thread; the records are written by L{GroupAppend} in the
-    spool's threads.
+    the reactor thread; the records are written there and synced through
+    Linux AIO (L{AsyncAppend}), or, where that is not to be had, written
+    and synced in the spool's threads (L{GroupAppend}).
     """
 
     def __init__(
@@ -560,9 +669,15 @@ class Journal:
         boot: str,
         segmentSize: int = SEGMENT_SIZE,
         segmentAge: float = SEGMENT_AGE,
+        sync: AsyncSync | None = None,
     ) -> None:
+        """
+        @param sync: sync the segments from the reactor thread through it
+            (L{AsyncAppend}); None: in the spool's threads (L{GroupAppend}).
+        """
         self.directory = os.path.join(directory, JOURNAL_DIRECTORY)
         self.boot = boot
+        self.sync = sync
         self.segmentSize = segmentSize
         self.segmentAge = segmentAge
         self.current: Segment | None = None
@@ -618,4 +733,4 @@ class Journal:
             os.close(fd)
             os.unlink(path)
             raise
-        return Segment(path, fd, len(header))
+        return Segment(path, fd, len(header), self.sync)

@@ -49,7 +49,11 @@ a segment is retired (its messages' queue files and the state
 directories fsync'd, then the segment deleted) every few seconds, and a
 segment found at startup is retired, or replayed when it was written
 before a reboot (a power loss).  See that module for why no C{250} is
-lost.
+lost.  Where Linux AIO can sync a file (L{relayd.queue.aio}), such a
+commit involves no thread at all: the rename, the append and the
+submission of the sync run on the reactor thread, and the kernel's
+completion comes back on an C{eventfd} the reactor watches; otherwise
+the append and the sync run in a spool thread.
 
 Delivery (L{Spool.update}): after an attempt that leaves recipients to try
 again, the queue file is written anew with the new record (the message
@@ -66,10 +70,11 @@ message back, to be delivered once more, which at-least-once delivery
 allows (Postfix does the same).  Only an operator's delete is fsync'd.
 
 Everything that waits for the disk (each fsync) runs in the spool's own
-threads (L{relayd.queue.workers.SpoolThreads}), never on the reactor
-thread, and so does an unlink (on ext4 it waits for the journal while
-fsyncs commit it); the queue manager's bare renames and trailer reads
-do not wait for the disk and run inline (L{Spool._now}).  Receiving processes
+threads (L{relayd.queue.workers.SpoolThreads}) or in the kernel's (the
+journal's AIO syncs), never on the reactor thread, and so does an
+unlink (on ext4 it waits for the journal while fsyncs commit it); the
+queue manager's bare renames and trailer reads do not wait for the disk
+and run inline (L{Spool._now}).  Receiving processes
 (L{relayd.receivers}) only create files in C{tmp/} and rename them into
 C{incoming/}; the queue manager alone moves, rewrites and removes.
 
@@ -101,9 +106,12 @@ from zope.interface import implementer
 from relayd.envelope import FIRST_READ
 from relayd.interfaces import IIncomingSpool, IQueue, QueueObserver
 from relayd.ops.logs import Logger
+from relayd.queue.aio import AsyncSync
 from relayd.queue.journal import (
     JOURNAL_DIRECTORY,
     SEGMENT_AGE,
+    AsyncAppend,
+    GroupAppend,
     Journal,
     Segment,
     Tombstones,
@@ -577,6 +585,9 @@ class Spool(Service):
         self._observers: list[QueueObserver] = []
         self.receiver = receiver
         self.lockWait = lockWait
+        self.asyncSync = True
+        """Sync the journal through Linux AIO where the kernel has it
+        (L{relayd.queue.aio}); tests turn it off to test the threads."""
         self._lockFd: int | None = None
         # The boot id recovery compares segments with, journal or not.
         self._boot = bootId()
@@ -604,12 +615,17 @@ class Spool(Service):
                 os.makedirs(os.path.join(self.directory, name), mode=_DIRECTORY_MODE, exist_ok=True)
             fsyncDirectory(self.directory)
             self._recover()
-        if (
-            self._journalWanted
-            and self._boot is not None
-            and os.path.isdir(os.path.join(self.directory, JOURNAL_DIRECTORY))
-        ):
-            self._journal = Journal(self.directory, self._boot)
+        journal = os.path.join(self.directory, JOURNAL_DIRECTORY)
+        if self._journalWanted and self._boot is not None and os.path.isdir(journal):
+            sync = None
+            if self.asyncSync:
+                try:
+                    sync = AsyncSync(self._reactor, journal)
+                except OSError as e:
+                    self.log.info(
+                        "journal synced in the spool's threads (no AIO fsync: {error})", error=e
+                    )
+            self._journal = Journal(self.directory, self._boot, sync=sync)
         self._freeBytes = self._statFreeBytes()
         Service.startService(self)
         self._incomingFd = os.open(self._incoming, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -662,6 +678,8 @@ class Spool(Service):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.stop()
+        if self._journal is not None and self._journal.sync is not None:
+            self._journal.sync.close()
         fd, self._incomingFd = self._incomingFd, None
         if fd is not None:
             os.close(fd)
@@ -914,7 +932,10 @@ class Spool(Service):
         pending = _PendingCommit(self, incoming, record, trailer)
         pending.payload, pending.segment = payload, segment
         self._busy += 1
-        d = self._inPool(self._commitInThread, pending)
+        if segment is not None and isinstance(segment.writer, AsyncAppend):
+            d = self._commitAsync(pending, segment.writer)
+        else:
+            d = self._inPool(self._commitInThread, pending)
         d.addBoth(self._finish, pending)
         return pending.deferred
 
@@ -973,15 +994,61 @@ class Spool(Service):
             self._removeFromThread(pending, pending.tmpPath)
             raise
 
+    def _commitAsync(self, pending: _PendingCommit, writer: AsyncAppend) -> Deferred[None]:
+        """
+        The commit of a message through a journal synced from the reactor
+        thread (L{relayd.queue.journal.AsyncAppend}).  A message whose
+        queue file is in memory (the usual case) is renamed into
+        C{incoming/} and its record appended here, at once, and no thread
+        is involved: the C{250} waits only for the kernel's sync.  Else
+        its octets are made ready in a spool thread first
+        (L{_journalPayloadInThread}).  On failure its file is removed.
+        """
+        if pending.payload is not None:
+            try:
+                self._renameIntoIncoming(pending)
+            except Exception:
+                return fail()
+            ready: Deferred[bytes] = succeed(pending.payload)
+        else:
+            ready = self._inPool(self._journalPayloadInThread, pending)
+
+        def append(payload: bytes) -> Deferred[None]:
+            return writer.append(encodeRecord(pending.queueId, payload)).addErrback(failed)
+
+        def failed(failure: Failure) -> Failure:
+            pending.incoming._closeQuietly()
+            self._removeFromThread(pending, pending.queuePath)
+            return failure
+
+        return ready.addCallback(append)
+
     def _journalInThread(self, pending: _PendingCommit, segment: Segment) -> None:
         """
-        In a spool thread, the commit of a message through the journal:
-        its queue file's octets (kept from the commit, or read back from
-        the page cache, or written anew with the edited header, none of
-        them fsync'd), the rename into C{incoming/}, then its record
-        appended to the segment and the wait for the segment's group
-        C{fdatasync} (L{relayd.queue.journal.GroupAppend}).  On failure
-        its file is removed and the error raised.
+        In a spool thread, the commit of a message through the journal
+        synced in threads: its octets made ready and the file renamed
+        (L{_journalPayloadInThread}), then its record appended to the
+        segment and the wait for the segment's group C{fdatasync}
+        (L{relayd.queue.journal.GroupAppend}).  On failure its file is
+        removed and the error raised.
+        """
+        payload = self._journalPayloadInThread(pending)
+        writer = segment.writer
+        assert isinstance(writer, GroupAppend)
+        try:
+            writer.append(encodeRecord(pending.queueId, payload))
+        except BaseException:
+            pending.incoming._closeQuietly()
+            self._removeFromThread(pending, pending.queuePath)
+            raise
+
+    def _journalPayloadInThread(self, pending: _PendingCommit) -> bytes:
+        """
+        In a spool thread: the octets of a message's queue file for its
+        journal record (kept from the commit, or read back from the page
+        cache, or written anew with the edited header, none of them
+        fsync'd), and the file renamed into C{incoming/}.  On failure its
+        file is removed and the error raised.
         """
         incoming = pending.incoming
         payload = pending.payload
@@ -1002,12 +1069,7 @@ class Spool(Service):
             self._removeFromThread(pending, pending.tmpPath)
             raise
         self._renameIntoIncoming(pending)
-        try:
-            segment.writer.append(encodeRecord(pending.queueId, payload))
-        except BaseException:
-            pending.incoming._closeQuietly()
-            self._removeFromThread(pending, pending.queuePath)
-            raise
+        return payload
 
     @staticmethod
     def _rewriteHeader(

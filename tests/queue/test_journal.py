@@ -18,12 +18,15 @@ import threading
 import uuid
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import DeferredList, fail, gatherResults, inlineCallbacks
 
 from relayd.ops.logs import Logger
 from relayd.queue import journal as journalModule
+from relayd.queue import spool as spoolModule
+from relayd.queue.aio import AsyncSync
 from relayd.queue.journal import (
     TOMBSTONES,
+    AsyncAppend,
     GroupAppend,
     Tombstones,
     bootId,
@@ -73,6 +76,20 @@ class JournalCommitTests(SpoolTestMixin, TestCase):
         self.assertEqual(spool.readData(ids[3]), MESSAGE + b"3\r\n")
         self.assertLessEqual(spool._journal.current.writer.count, 20)
         self.assertEqual(spool.batchCount, 0)
+
+    @inlineCallbacks
+    def test_syncedWhere(self):
+        """
+        The segments are synced through Linux AIO from the reactor thread
+        (L{AsyncAppend}), or, with that turned off, in the spool's threads
+        (L{GroupAppend}).
+        """
+        spool = self.startSpool()
+        incoming = self.receive(spool)
+        yield spool.commit(incoming, record(incoming.queueId))
+        writer = spool._journal.current.writer
+        self.assertIsInstance(writer, AsyncAppend if self.asyncSync else GroupAppend)
+        self.assertEqual(spool._journal.sync is not None, self.asyncSync)
 
     @inlineCallbacks
     def test_writtenOutEditedAndLarge(self):
@@ -156,21 +173,33 @@ class JournalCommitTests(SpoolTestMixin, TestCase):
         again, and the next commit goes to a new one and succeeds.
         """
         spool = self.startSpool()
-        realSync = journalModule.os.fdatasync
+        sync = spool._journal.sync
+        # Where the spool's threads sync, or the kernel through AIO.
+        where, name = (journalModule.os, "fdatasync") if sync is None else (sync, "fdatasync")
+        realSync = getattr(where, name)
 
         def failing(fd):
-            raise OSError(errno.EIO, "injected fdatasync failure")
+            error = OSError(errno.EIO, "injected fdatasync failure")
+            if sync is None:
+                raise error
+            return fail(error)
 
-        self.patch(journalModule.os, "fdatasync", failing)
+        self.patch(where, name, failing)
         yield self.assertAllFailLeavingNothing(spool, 6, errno.EIO)
         broken = spool._journal.current
         self.assertIsNotNone(broken.writer.broken)
 
-        self.patch(journalModule.os, "fdatasync", realSync)
+        self.patch(where, name, realSync)
         incoming = self.receive(spool)
         queueId = yield spool.commit(incoming, record(incoming.queueId))
         self.assertEqual(spool.entries("incoming"), [queueId])
         self.assertIsNot(spool._journal.current, broken)
+
+
+class ThreadedJournalCommitTests(JournalCommitTests):
+    """The same, with the journal synced in the spool's threads (no AIO)."""
+
+    asyncSync = False
 
 
 class GroupAppendTests(TestCase):
@@ -217,6 +246,86 @@ class GroupAppendTests(TestCase):
         self.assertIsNotNone(writer.broken)
         error = self.assertRaises(OSError, writer.append, b"y")
         self.assertEqual(error.errno, errno.EBADF)
+
+
+class AsyncAppendTests(TestCase):
+    """L{AsyncAppend} directly, on a real file synced through Linux AIO."""
+
+    def setUp(self):
+        self.directory = os.path.dirname(self.mktemp())
+        self.path = os.path.join(self.directory, "segment")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, self.fd)
+        self.sync = AsyncSync(reactor, self.directory)
+        self.addCleanup(self.sync.close)
+
+    @inlineCallbacks
+    def test_appendsInOrderAndShareSyncs(self):
+        """
+        Sixteen records appended in one reactor turn are in the file in
+        that order, each whole; the first one's sync starts at once, the
+        fifteen others share the next one.
+        """
+        writer = AsyncAppend(self.fd, 0, self.directory, self.sync)
+        records = [encodeRecord(f"{i:018d}", b"payload %d" % i) for i in range(16)]
+        yield gatherResults([writer.append(r) for r in records])
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), b"".join(records))
+        self.assertEqual(writer.end, len(b"".join(records)))
+        self.assertEqual(writer.count, 2)
+        yield writer.append(b"more")
+        self.assertEqual(writer.count, 3)
+
+    @inlineCallbacks
+    def test_brokenAfterFailure(self):
+        """
+        A failed sync fails the records it covered and those waiting for
+        the next one; every later append fails at once.
+        """
+        writer = AsyncAppend(self.fd, 0, self.directory, self.sync)
+        self.patch(
+            self.sync, "fdatasync", lambda fd: fail(OSError(errno.EIO, "injected sync failure"))
+        )
+        results = yield DeferredList(
+            [writer.append(b"r%d" % i) for i in range(3)], consumeErrors=True
+        )
+        self.assertEqual([ok for ok, _ in results], [False] * 3)
+        self.assertEqual({f.value.errno for _, f in results}, {errno.EIO})
+        self.assertIsNotNone(writer.broken)
+        error = yield self.assertFailure(writer.append(b"later"), OSError)
+        self.assertEqual(error.errno, errno.EIO)
+
+    @inlineCallbacks
+    def test_failedWrite(self):
+        """A write that fails (a read-only descriptor) breaks the file."""
+        fd = os.open(self.path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        writer = AsyncAppend(fd, 0, self.directory, self.sync)
+        error = yield self.assertFailure(writer.append(b"x"), OSError)
+        self.assertEqual(error.errno, errno.EBADF)
+        self.assertIsNotNone(writer.broken)
+
+
+class NoAsyncSyncTests(SpoolTestMixin, TestCase):
+    """A system without AIO fsync: the spool syncs the journal in threads."""
+
+    @inlineCallbacks
+    def test_fallsBackToThreads(self):
+        if bootId() is None:
+            self.skipTest("no boot id on this system: the spool commits without a journal")
+
+        def unavailable(reactor, directory):
+            raise OSError(errno.ENOSYS, "io_setup: Function not implemented")
+
+        self.patch(spoolModule, "AsyncSync", unavailable)
+        spool = self.startSpool()
+        self.assertIsNone(spool._journal.sync)
+        said = [e for e in self.events if "AIO" in e.get("log_format", "")]
+        self.assertEqual(len(said), 1)
+        incoming = self.receive(spool)
+        queueId = yield spool.commit(incoming, record(incoming.queueId))
+        self.assertEqual(spool.entries("incoming"), [queueId])
+        self.assertIsInstance(spool._journal.current.writer, GroupAppend)
 
 
 class RecoveryTests(SpoolTestMixin, TestCase):
@@ -504,6 +613,8 @@ class PowerLossTests(TestCase):
     again.  Root only.
     """
 
+    asyncSync = True
+
     def setUp(self):
         why = LoopFileSystem.available()
         if why is not None:
@@ -531,6 +642,7 @@ class PowerLossTests(TestCase):
         )
         if boot is not None:
             spool._boot = boot
+        spool.asyncSync = self.asyncSync
         spool.startService()
         return spool, events
 
@@ -603,6 +715,12 @@ class PowerLossTests(TestCase):
         self.assertEqual(spool.entries("incoming"), kept)
         skipped = {e["queue_id"] for e in events if "on purpose" in e.get("what", "")}
         self.assertEqual(skipped, set(deleted))
+
+
+class ThreadedPowerLossTests(PowerLossTests):
+    """The same, with the journal synced in the spool's threads (no AIO)."""
+
+    asyncSync = False
 
 
 class JournalOffTests(SpoolTestMixin, TestCase):

@@ -80,6 +80,7 @@ class SpoolTestMixin:
     """Start spools on a temporary directory and stop them after the test."""
 
     journal = True
+    asyncSync = True
 
     def startSpool(self, directory=None, reserveBytes=0):
         """
@@ -92,6 +93,7 @@ class SpoolTestMixin:
         self.events = []
         log = Logger(namespace="relayd.queue.spool", observer=self.events.append)
         spool = Spool(directory, reserveBytes, reactor, threads=4, log=log, journal=self.journal)
+        spool.asyncSync = self.asyncSync
         spool.startService()
         self.addCleanup(spool.stopService)
         return spool
