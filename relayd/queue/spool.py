@@ -538,6 +538,7 @@ class Spool(Service):
         receiver: bool = False,
         journal: bool = True,
         lockWait: float = 0.0,
+        asyncSync: bool = True,
     ) -> None:
         """
         @param directory: the spool's root directory, created if missing.
@@ -555,6 +556,9 @@ class Spool(Service):
             without it each message's queue file is fsync'd on its own.
         @param lockWait: seconds to wait for the spool's lock at startup
             (see L{_lock}) before giving up with L{SpoolLocked}.
+        @param asyncSync: sync the journal through Linux AIO where the
+            kernel has it (L{relayd.queue.aio}); False syncs it in the
+            spool's threads, as happens anyway where AIO is missing.
         """
         self.directory = os.path.abspath(directory)
         self.reserveBytes = reserveBytes
@@ -585,9 +589,7 @@ class Spool(Service):
         self._observers: list[QueueObserver] = []
         self.receiver = receiver
         self.lockWait = lockWait
-        self.asyncSync = True
-        """Sync the journal through Linux AIO where the kernel has it
-        (L{relayd.queue.aio}); tests turn it off to test the threads."""
+        self._asyncSync = asyncSync
         self._lockFd: int | None = None
         # The boot id recovery compares segments with, journal or not.
         self._boot = bootId()
@@ -618,7 +620,7 @@ class Spool(Service):
         journal = os.path.join(self.directory, JOURNAL_DIRECTORY)
         if self._journalWanted and self._boot is not None and os.path.isdir(journal):
             sync = None
-            if self.asyncSync:
+            if self._asyncSync:
                 try:
                     sync = AsyncSync(self._reactor, journal)
                 except OSError as e:

@@ -639,10 +639,10 @@ class PowerLossTests(TestCase):
             reactor,
             threads=4,
             log=Logger(namespace="relayd.queue.spool", observer=events.append),
+            asyncSync=self.asyncSync,
         )
         if boot is not None:
             spool._boot = boot
-        spool.asyncSync = self.asyncSync
         spool.startService()
         return spool, events
 

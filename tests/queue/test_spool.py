@@ -92,8 +92,15 @@ class SpoolTestMixin:
             directory = self.mktemp()
         self.events = []
         log = Logger(namespace="relayd.queue.spool", observer=self.events.append)
-        spool = Spool(directory, reserveBytes, reactor, threads=4, log=log, journal=self.journal)
-        spool.asyncSync = self.asyncSync
+        spool = Spool(
+            directory,
+            reserveBytes,
+            reactor,
+            threads=4,
+            log=log,
+            journal=self.journal,
+            asyncSync=self.asyncSync,
+        )
         spool.startService()
         self.addCleanup(spool.stopService)
         return spool
