@@ -501,6 +501,10 @@ class IQueue(Interface):
     """
 
     directory = Attribute("The spool's directory (str): read-only tools read it directly.")
+    journalMode = Attribute(
+        "How commits are made durable (str): C{aio} or C{threads} (through the commit "
+        "journal, synced by Linux AIO or in threads), or C{off} (each message fsync'd)."
+    )
 
     def addQueueObserver(observer: QueueObserver) -> None:
         """

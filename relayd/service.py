@@ -482,6 +482,7 @@ def buildService(
         top.metrics.watchQueue(top.scheduler)
     if receiver is None:
         top.metrics.watchSpool(spool)
+    top.metrics.watchJournal(spool)
     metricsService = None
     if metricsEndpoint is not None:
         assert isinstance(top.metrics, Metrics)

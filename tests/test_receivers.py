@@ -139,16 +139,21 @@ def sink():
     shutil.rmtree(directory, True)
 
 
-def acceptedTotal(metricsPort: int) -> float:
-    """relayd_messages_accepted_total over every listener, from one scrape."""
+def metricTotal(metricsPort: int, name: str) -> float:
+    """The samples of C{name} added up over every label, from one scrape."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10) as r:
         text = r.read().decode()
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "relayd_messages_accepted_total"
+        if sample.name == name
     )
+
+
+def acceptedTotal(metricsPort: int) -> float:
+    """relayd_messages_accepted_total over every listener, from one scrape."""
+    return metricTotal(metricsPort, "relayd_messages_accepted_total")
 
 
 def statusConnections(setup: TestSetup) -> int:
@@ -222,6 +227,13 @@ def test_receiversTakeMailTheQueueManagerDelivers(tmp_path, sink, relaydProcesse
     # One metrics page counts every process (receivers send snapshots
     # every few seconds); the sum never goes down when a receiver ends.
     waitFor(lambda: acceptedTotal(metricsPort) == 240, 30, "metrics do not add up", relayd.log)
+    # The receivers' journal counts are added up too.
+    waitFor(
+        lambda: metricTotal(metricsPort, "relayd_journal_commits_total") >= 240,
+        30,
+        "journal commits not added up",
+        relayd.log,
+    )
 
     # relayctl status counts the receivers' open connections.
     assert statusConnections(setup) == 0

@@ -384,6 +384,7 @@ class ControlService(Service):
             "delivering": len(self.scheduler.delivering()) if self.scheduler else 0,
             "policies": _chain(top),
             "spool": self.spool.directory,
+            "journal": self.spool.journalMode,
         }
 
         def counted(counts: dict[str, int]) -> dict[str, Any]:

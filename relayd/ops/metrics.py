@@ -109,7 +109,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
@@ -164,6 +164,22 @@ class SpoolSource(Protocol):
 
     def freeBytes(self) -> int | None:
         """Free octets last measured (no disk access), None before the first measure."""
+
+
+class JournalSource(Protocol):
+    """What L{Metrics.watchJournal} reads: the spool's journal counts."""
+
+    @property
+    def journalMode(self) -> str:
+        """C{aio}, C{threads} (how the journal is synced) or C{off}."""
+
+    @property
+    def journalCommits(self) -> int:
+        """Messages committed through the journal by this process."""
+
+    @property
+    def journalSyncs(self) -> int:
+        """Syncs of this process's journal segments."""
 
 
 class NoMetrics:
@@ -236,6 +252,9 @@ class NoMetrics:
 
     def watchSpool(self, source: SpoolSource) -> None:
         """Report the spool's free space from C{source} at each scrape."""
+
+    def watchJournal(self, source: JournalSource) -> None:
+        """Report this process's journal counts from C{source} at each scrape."""
 
 
 NO_METRICS = NoMetrics()
@@ -432,6 +451,9 @@ class Metrics(NoMetrics):
     def watchQueue(self, source: QueueSource) -> None:
         self.registry.register(QueueCollector(source, self._now))
 
+    def watchJournal(self, source: JournalSource) -> None:
+        self.registry.register(JournalCollector(source))
+
     def smtpReply(self, command: str, code: int, enhanced: str | None) -> None:
         self.replies.labels(command, str(code), enhanced or "").inc()
 
@@ -465,6 +487,43 @@ class Metrics(NoMetrics):
             "Free octets on the spool's file system, as last measured (every few seconds).",
             registry=self.registry,
         ).set_function(free)
+
+
+class JournalCollector:
+    """
+    The commit journal's counters, read from the spool at scrape time:
+    how many messages it took, and in how many syncs (their ratio is how
+    well commits share a sync), labelled with how it is synced.  Every
+    process that commits has one; the queue manager's scrape adds them up.
+    """
+
+    def __init__(self, source: JournalSource) -> None:
+        self.source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families("off", 0, 0)
+
+    def collect(self) -> Iterable[Metric]:
+        source = self.source
+        return self._families(source.journalMode, source.journalCommits, source.journalSyncs)
+
+    @staticmethod
+    def _families(mode: str, commits: int, syncs: int) -> list[Metric]:
+        committed = CounterMetricFamily(
+            "relayd_journal_commits",
+            "Messages whose commit went through the journal (one fdatasync shared by "
+            "those that finish together), by how the journal is synced.",
+            labels=["sync"],
+        )
+        synced = CounterMetricFamily(
+            "relayd_journal_syncs",
+            "Syncs of journal segments, each covering one or more commits.",
+            labels=["sync"],
+        )
+        if mode != "off":
+            committed.add_metric([mode], commits)
+            synced.add_metric([mode], syncs)
+        return [committed, synced]
 
 
 class QueueCollector:

@@ -257,7 +257,8 @@ def _status(ctx: _Context) -> None:
         f"up {_duration(status['now'] - started)} (since {_when(started)})"
     )
     out.line(f"config:      {status['config']}")
-    out.line(f"spool:       {status['spool']}")
+    journal = status.get("journal")
+    out.line(f"spool:       {status['spool']}" + (f" (journal: {journal})" if journal else ""))
     out.line("listeners:")
     for one in status["listeners"]:
         where = one["address"] or one["endpoint"]

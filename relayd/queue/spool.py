@@ -597,6 +597,10 @@ class Spool(Service):
         self._journal: Journal | None = None
         self._rotateLoop: LoopingCall | None = None
         self._tombstones = Tombstones(self.directory)
+        self.journalCommits = 0
+        """Messages committed through the journal (for metrics)."""
+        self._segments: set[Segment] = set()
+        self._retiredSyncs = 0
         self._pruneCall: Any = None
         self._random = random.Random(secrets.token_bytes(16))
 
@@ -942,6 +946,22 @@ class Spool(Service):
         return pending.deferred
 
     @property
+    def journalMode(self) -> str:
+        """
+        How this process's commits go: C{aio} (through the journal, synced
+        by Linux AIO), C{threads} (through the journal, synced in the
+        spool's threads) or C{off} (each message fsync'd on its own).
+        """
+        if self._journal is None:
+            return "off"
+        return "threads" if self._journal.sync is None else "aio"
+
+    @property
+    def journalSyncs(self) -> int:
+        """Syncs of this process's journal segments so far (for metrics)."""
+        return self._retiredSyncs + sum(segment.writer.count for segment in self._segments)
+
+    @property
     def batchCount(self) -> int:
         """How many fsyncs of C{incoming/} the commits shared so far."""
         return self._incomingSync.count
@@ -1124,6 +1144,8 @@ class Spool(Service):
         try:
             if pending.segment is not None:
                 self._segmentDone(pending.segment)
+                if failure is None:
+                    self.journalCommits += 1
             if failure is None:
                 if self._freeBytes is not None:
                     self._freeBytes -= pending.incoming.size + len(pending.trailer)
@@ -1166,6 +1188,9 @@ class Spool(Service):
         if not segment.rotated or segment.pending:
             return
         segment.pending = -1  # retired once only
+        # No sync of it is left to run: its count moves to the total.
+        self._segments.discard(segment)
+        self._retiredSyncs += segment.writer.count
         self._busy += 1
 
         def retire() -> None:
@@ -1200,6 +1225,7 @@ class Spool(Service):
                 error=e,
             )
             return None
+        self._segments.add(segment)
         if rotated is not None:
             self._segmentDone(rotated, started=False)
         return segment

@@ -209,6 +209,12 @@ class MetricsTests(unittest.TestCase):
             value(found, "relayd_received_bytes_total", listener="submission"), sum(queued)
         )
         self.assertEqual(value(found, "relayd_commit_latency_seconds_count"), 3)
+        # The three went through the commit journal (and any notice relayd
+        # queued itself), synced through Linux AIO, one sync for one or more.
+        commits = value(found, "relayd_journal_commits_total", sync="aio")
+        self.assertGreaterEqual(commits, 3)
+        self.assertGreaterEqual(value(found, "relayd_journal_syncs_total", sync="aio"), 1)
+        self.assertLessEqual(value(found, "relayd_journal_syncs_total", sync="aio"), commits)
         self.assertGreater(value(found, "relayd_commit_latency_seconds_sum"), 0)
         self.assertEqual(value(found, "relayd_commit_latency_seconds_bucket", le="+Inf"), 3)
 

@@ -580,8 +580,11 @@ class StatusReloadTests(RelayctlTestCase):
         self.assertIn("connections: 1 (limit 1000)", out)
         self.assertIn("queue:       incoming 0, active 0, deferred 1, hold 0, corrupt 0", out)
         self.assertIn("delivery:    on, 0 being delivered now", out)
+        # The commit journal, synced through Linux AIO here (relayd.queue.aio).
+        self.assertIn(f"spool:       {self.relayd.spool.directory} (journal: aio)", out)
         status, out, _, _ = yield self.ctl("status", "--json")
         data = json.loads(out)
+        self.assertEqual(data["journal"], "aio")
         self.assertEqual(data["queue"]["deferred"], 1)
         self.assertEqual(data["connections"], 1)
         self.assertLessEqual(data["started"], data["now"])

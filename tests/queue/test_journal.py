@@ -76,6 +76,15 @@ class JournalCommitTests(SpoolTestMixin, TestCase):
         self.assertEqual(spool.readData(ids[3]), MESSAGE + b"3\r\n")
         self.assertLessEqual(spool._journal.current.writer.count, 20)
         self.assertEqual(spool.batchCount, 0)
+        # What the metrics report (relayd.ops.metrics.JournalCollector),
+        # and the same after the segment is retired by the stop.
+        self.assertEqual(spool.journalMode, "aio" if self.asyncSync else "threads")
+        self.assertEqual(spool.journalCommits, 20)
+        syncs = spool.journalSyncs
+        self.assertTrue(1 <= syncs <= 20, syncs)
+        yield spool.stopService()
+        self.assertEqual(segmentsOf(spool.directory), [])
+        self.assertEqual((spool.journalCommits, spool.journalSyncs), (20, syncs))
 
     @inlineCallbacks
     def test_syncedWhere(self):
@@ -727,6 +736,12 @@ class JournalOffTests(SpoolTestMixin, TestCase):
     """C{[spool] journal = false}: L{Spool} with C{journal=False}."""
 
     journal = False
+
+    def test_modeOff(self):
+        """No journal: the metrics and relayctl say C{off}."""
+        spool = self.startSpool()
+        self.assertEqual(spool.journalMode, "off")
+        self.assertEqual((spool.journalCommits, spool.journalSyncs), (0, 0))
 
     @inlineCallbacks
     def test_noSegment(self):
