@@ -656,6 +656,23 @@ class PowerLossTests(TestCase):
         return spool, events
 
     @inlineCallbacks
+    def committed(self, spool, count):
+        """
+        Commit C{count} messages at once, each with a body of its own.
+
+        @return: their octets by queue id, once every one got its C{250}.
+        """
+        messages = [
+            (spool.openMessage(spool.newQueueId()), MESSAGE + b"%d\r\n" % i) for i in range(count)
+        ]
+        for incoming, data in messages:
+            incoming.write(data)
+        ids = yield gatherResults([spool.commit(m, record(m.queueId, m.size)) for m, _ in messages])
+        expected = {m.queueId: data for m, data in messages}
+        self.assertEqual(sorted(ids), sorted(expected))
+        return expected
+
+    @inlineCallbacks
     def test_powerCutAfterThe250(self):
         """
         Forty messages get their C{250}; then the file system loses all
@@ -664,14 +681,7 @@ class PowerLossTests(TestCase):
         starts with all forty, byte-exact, from the journal.
         """
         spool, _ = self.spool()
-        messages = [
-            (spool.openMessage(spool.newQueueId()), MESSAGE + b"%d\r\n" % i) for i in range(40)
-        ]
-        for incoming, data in messages:
-            incoming.write(data)
-        ids = yield gatherResults([spool.commit(m, record(m.queueId, m.size)) for m, _ in messages])
-        expected = {m.queueId: data for m, data in messages}
-        self.assertEqual(sorted(ids), sorted(expected))
+        expected = yield self.committed(spool, 40)
 
         self.fileSystem.cut()
         yield spool.stopService()
@@ -705,13 +715,8 @@ class PowerLossTests(TestCase):
         come back or stay; the ten deleted do not.
         """
         spool, _ = self.spool()
-        messages = [
-            (spool.openMessage(spool.newQueueId()), MESSAGE + b"%d\r\n" % i) for i in range(40)
-        ]
-        for incoming, data in messages:
-            incoming.write(data)
-        ids = yield gatherResults([spool.commit(m, record(m.queueId, m.size)) for m, _ in messages])
-        deleted, kept = sorted(ids)[:10], sorted(ids)[10:]
+        ids = sorted((yield self.committed(spool, 40)))
+        deleted, kept = ids[:10], ids[10:]
         for queueId in deleted:
             yield spool.remove(queueId, "incoming", durable=True)
 
