@@ -994,8 +994,7 @@ class Spool(Service):
             else:
                 os.fsync(incoming._fd)
         except BaseException:
-            incoming._closeQuietly()
-            self._removeFromThread(pending, pending.tmpPath)
+            self._abandon(pending, pending.tmpPath)
             raise
         self._renameIntoIncoming(pending)
         try:
@@ -1003,17 +1002,15 @@ class Spool(Service):
         except BaseException:
             # The entry may or may not be on disk; the client gets a
             # temporary failure, so take it out again.
-            incoming._closeQuietly()
-            self._removeFromThread(pending, pending.queuePath)
+            self._abandon(pending, pending.queuePath)
             raise
 
     def _renameIntoIncoming(self, pending: _PendingCommit) -> None:
-        """In a spool thread: C{tmp/<id>} to C{incoming/<id>}, or no trace of it."""
+        """C{tmp/<id>} to C{incoming/<id>}, or no trace of it (a spool thread, or the reactor's)."""
         try:
             os.rename(pending.tmpPath, pending.queuePath)
         except BaseException:
-            pending.incoming._closeQuietly()
-            self._removeFromThread(pending, pending.tmpPath)
+            self._abandon(pending, pending.tmpPath)
             raise
 
     def _commitAsync(self, pending: _PendingCommit, writer: AsyncAppend) -> Deferred[None]:
@@ -1039,8 +1036,7 @@ class Spool(Service):
             return writer.append(encodeRecord(pending.queueId, payload)).addErrback(failed)
 
         def failed(failure: Failure) -> Failure:
-            pending.incoming._closeQuietly()
-            self._removeFromThread(pending, pending.queuePath)
+            self._abandon(pending, pending.queuePath)
             return failure
 
         return ready.addCallback(append)
@@ -1060,8 +1056,7 @@ class Spool(Service):
         try:
             writer.append(encodeRecord(pending.queueId, payload))
         except BaseException:
-            pending.incoming._closeQuietly()
-            self._removeFromThread(pending, pending.queuePath)
+            self._abandon(pending, pending.queuePath)
             raise
 
     def _journalPayloadInThread(self, pending: _PendingCommit) -> bytes:
@@ -1087,8 +1082,7 @@ class Spool(Service):
                 if len(payload) != length:
                     raise OSError(errno.EIO, "queue file shorter than written", pending.tmpPath)
         except BaseException:
-            incoming._closeQuietly()
-            self._removeFromThread(pending, pending.tmpPath)
+            self._abandon(pending, pending.tmpPath)
             raise
         self._renameIntoIncoming(pending)
         return payload
@@ -1124,8 +1118,13 @@ class Spool(Service):
         os.close(fd)
         os.replace(new, path)
 
-    def _removeFromThread(self, pending: _PendingCommit, *paths: str) -> None:
-        """In the pool: remove C{paths} of a failed commit, in that order."""
+    def _abandon(self, pending: _PendingCommit, *paths: str) -> None:
+        """
+        A commit failed: close its file and remove C{paths}, in that order.
+        In a spool thread or on the reactor thread (the log line is handed
+        to the reactor either way).
+        """
+        pending.incoming._closeQuietly()
         for path in paths:
             error = _unlinkQuietly(path)
             if error is not None:
